@@ -1,0 +1,88 @@
+"""Who may become a member: the one admission decision of the join path (pure).
+
+A member of the site (the verifier) hands a joiner a fresh challenge; the joiner answers with
+a join request. `decide()` turns (site state, challenge, request, now) into a verdict with
+reasons. The site then commits the admission through Raft, where the token is re-checked
+and consumed atomically (see meshd.sitestate), so two members cannot admit on one token.
+
+Invariants:
+- Every refusal carries reasons the joiner and the operator can read.
+- No I/O, no clock: `now` is passed in. The challenge's nonce is single-use: the caller
+  discards a challenge after one decision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from meshd import tokens
+from meshd.sitestate import check_token
+from meshd.state import ADMIN_REVOKED, SiteState
+
+# A challenge answered later than this is stale: long enough for a slow device over a
+# lossy link, short enough that a captured challenge is useless soon after.
+CHALLENGE_TTL = 30.0
+
+
+@dataclass(frozen=True)
+class Challenge:
+    nonce: bytes
+    member_eph: bytes  # the verifier's X25519 public key for this handshake
+    issued_at: float
+
+    def fresh(self, now: float) -> bool:
+        return self.issued_at <= now <= self.issued_at + CHALLENGE_TTL
+
+
+@dataclass(frozen=True)
+class JoinRequest:
+    token_id: str
+    node: dict  # the NodeRecord fields the joiner claims (see sitestate.node_to_plain)
+    joiner_eph: bytes
+    proof: str  # HMAC of the transcript with the token secret
+    signature: str  # Ed25519 signature of the transcript with the node key
+
+
+@dataclass(frozen=True)
+class Verdict:
+    admit: bool
+    reasons: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.reasons) if self.reasons else "admitted"
+
+
+def transcript_for(challenge: Challenge, request: JoinRequest) -> bytes:
+    return tokens.join_transcript(challenge.nonce, request.joiner_eph, challenge.member_eph, request.token_id,
+                                  request.node)
+
+
+def decide(state: SiteState, challenge: Challenge, request: JoinRequest, now: float) -> Verdict:
+    reasons: list[str] = []
+    if not challenge.fresh(now):
+        reasons.append("challenge expired; start the join again")
+    node = request.node
+    try:
+        public_key = bytes.fromhex(node["public_key"])
+        claimed_id = node["node_id"]
+    except (KeyError, TypeError, ValueError):
+        return Verdict(False, ("join request lacks a valid public key and node id",))
+    if len(public_key) != 32 or tokens.node_id_for(public_key) != claimed_id:
+        reasons.append("node id does not derive from the node's public key")
+    transcript = transcript_for(challenge, request)
+    if not tokens.signature_matches(public_key, transcript, request.signature):
+        reasons.append("signature over the join transcript does not verify with the node key")
+    existing = state.nodes.get(claimed_id)
+    if existing is not None and existing.admin == ADMIN_REVOKED:
+        reasons.append("node was revoked and may never be admitted again")
+    if node.get("site") != state.site:
+        reasons.append(f"node asks for site {node.get('site')!r}, this is site {state.site!r}")
+    token_problem = check_token(state, request.token_id, claimed_id, now)
+    if token_problem:
+        reasons.append(token_problem)
+    else:
+        secret = bytes.fromhex(state.tokens[request.token_id].secret)
+        if not tokens.proof_matches(secret, transcript, request.proof):
+            reasons.append("token proof does not match: the joiner does not hold this token")
+    return Verdict(not reasons, tuple(reasons))

@@ -1,0 +1,1 @@
+"""Command-line entry points: `meshctl` for operators and `meshd` for the daemon."""

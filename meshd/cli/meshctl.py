@@ -1,0 +1,480 @@
+"""`meshctl`: the operator's command line, a client of the local daemon's admin socket.
+
+Invariants:
+- Each invocation sends exactly one admin request (`cmd`, `args`) and renders its answer.
+  Local problems (an unreadable spec file, bad options) are reported before the daemon is
+  contacted.
+- With `--json`, stdout carries one JSON document (the final result) and nothing else;
+  `--follow` streams are the exception by nature: one JSON document per line.
+- Errors are one line `error: <reason>` on stderr with exit status 1; usage errors exit 2
+  (argparse); Ctrl-C exits 130 without a traceback.
+- Progress (`deploy --wait`) goes to stderr, never stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from meshd.cli import render
+from meshd.io.admin import AdminError, AdminUnavailable, admin_call_sync
+
+DEFAULT_SOCKET = "/var/lib/meshd/admin.sock"
+SOCKET_ENV = "MESHD_SOCKET"
+
+# A one-shot request the daemon has not answered in this time will not be answered: say so
+# rather than hang. Streams (--follow, --wait without --timeout) have no client deadline.
+ONE_SHOT_TIMEOUT_S = 60.0
+# With `deploy --wait --timeout S` the daemon reports the timeout itself; the client waits
+# this much longer so that report, not a bare client timeout, is what the operator sees.
+WAIT_GRACE_S = 10.0
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as for `meshctl logs ... | head`
+
+
+class CliError(Exception):
+    """A problem found before or after talking to the daemon; shown as `error: ...`."""
+
+
+@dataclass
+class Request:
+    cmd: str
+    args: dict
+    timeout: float | None = ONE_SHOT_TIMEOUT_S
+    follow: bool = False
+
+
+@dataclass
+class Output:
+    """Where results go; stdout/stderr are looked up at call time so callers may swap them."""
+
+    json_mode: bool
+    progress_line: str | None = None
+    progress_on_tty: bool = False
+
+    @property
+    def out(self):
+        return sys.stdout
+
+    @property
+    def err(self):
+        return sys.stderr
+
+    def write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+    def json_line(self, value: Any) -> None:
+        self.write(json.dumps(value, separators=(",", ":")) + "\n")
+
+    def document(self, value: Any) -> None:
+        self.write(json.dumps(value, indent=2) + "\n")
+
+    def progress(self, line: str) -> None:
+        """Show a progress line on stderr: rewritten in place on a TTY, one per change else."""
+        if line == self.progress_line:
+            return
+        self.progress_line = line
+        err = self.err
+        on_tty = _isatty(err)
+        if self.json_mode and not on_tty:
+            return  # scripts read stderr for the one error line; keep it clean
+        if on_tty:
+            err.write("\r" + line + "\x1b[K")
+            self.progress_on_tty = True
+        else:
+            err.write(line + "\n")
+        err.flush()
+
+    def end_progress(self) -> None:
+        if self.progress_on_tty:
+            self.err.write("\n")
+            self.err.flush()
+            self.progress_on_tty = False
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+# --- argument parsing ----------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshctl",
+        description="Operate a meshd mesh through the local daemon's admin socket.",
+    )
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        help=f"admin socket (default: ${SOCKET_ENV}, then {DEFAULT_SOCKET})",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the result as one JSON document"
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str, build: Callable, show: Callable, parent=commands):
+        sub = parent.add_parser(name, help=help_text, description=help_text)
+        # Operators type --json anywhere; a separate dest keeps argparse from resetting
+        # the global flag when the subcommand's default is applied.
+        sub.add_argument("--json", dest="json_after", action="store_true", help=argparse.SUPPRESS)
+        sub.set_defaults(build=build, show=show)
+        return sub
+
+    command("status", "this node: role, leader, term, quorum", _build_status, _show_status)
+
+    sub = command("nodes", "members known to this node", _build_nodes, _show_nodes)
+    sub.add_argument("--site", metavar="S", help="only members of site S")
+
+    command("sites", "every site known through cross-site sync", _build_sites, _show_sites)
+
+    token = commands.add_parser("token", help="join tokens", description="join tokens")
+    token_commands = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
+    sub = command(
+        "create", "create a single-use join token", _build_token_create, _show_object,
+        parent=token_commands,
+    )
+    sub.add_argument("--site", metavar="S", help="site the token admits to (default: this one)")
+    sub.add_argument("--ttl", metavar="SECONDS", type=_positive_int, help="lifetime in seconds")
+
+    sub = command("deploy", "submit or update an app (TOML)", _build_deploy, _show_deploy)
+    sub.add_argument("file", metavar="FILE", help="app spec; - reads stdin")
+    sub.add_argument("--wait", action="store_true", help="show progress until all replicas run")
+    sub.add_argument(
+        "--timeout", metavar="S", type=_positive_seconds, help="give up waiting after S seconds"
+    )
+
+    sub = command("plan", "dry run: where deploy would place an app", _build_plan, _show_plan)
+    sub.add_argument("file", metavar="FILE", help="app spec; - reads stdin")
+
+    command("apps", "every app, desired vs running", _build_apps, _show_apps)
+
+    sub = command("allocs", "workload instances", _build_allocs, _show_allocs)
+    sub.add_argument("--app", metavar="A", help="only allocations of app A")
+    sub.add_argument("--node", metavar="N", help="only allocations on node N")
+
+    sub = command("stop", "remove an app", _build_stop, _show_object)
+    sub.add_argument("app", metavar="APP")
+    for name, help_text in (
+        ("drain", "move work off a node"),
+        ("undrain", "allow work back onto a node"),
+        ("revoke", "expel a member everywhere, for good"),
+    ):
+        sub = command(name, help_text, _build_node_action(name), _show_object)
+        sub.add_argument("node", metavar="NODE")
+
+    sub = command("logs", "workload output", _build_logs, _show_logs)
+    sub.add_argument("alloc", metavar="ALLOC")
+    sub.add_argument("--follow", "-f", action="store_true", help="keep printing new output")
+    sub.add_argument("--tail", metavar="BYTES", type=_non_negative_int, help="last BYTES only")
+
+    sub = command("events", "placement, membership, attestation, sync events",
+                  _build_events, _show_events)
+    sub.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+
+    command("audit", "who did what, where, when", _build_audit, _show_audit)
+    return parser
+
+
+# --- requests ----------------------------------------------------------------------
+
+
+def _build_status(opts: argparse.Namespace) -> Request:
+    return Request("status", {})
+
+
+def _build_nodes(opts: argparse.Namespace) -> Request:
+    return Request("nodes", {"site": opts.site})
+
+
+def _build_sites(opts: argparse.Namespace) -> Request:
+    return Request("sites", {})
+
+
+def _build_token_create(opts: argparse.Namespace) -> Request:
+    return Request("token_create", {"site": opts.site, "ttl": opts.ttl})
+
+
+def _read_text(path: str) -> str:
+    try:
+        if path == "-":
+            return sys.stdin.read()
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise CliError(f"cannot read {path}: not UTF-8 text (byte {exc.start})") from None
+
+
+def _build_deploy(opts: argparse.Namespace) -> Request:
+    args = {"spec_toml": _read_text(opts.file), "wait": opts.wait, "timeout": opts.timeout}
+    if not opts.wait:
+        timeout: float | None = ONE_SHOT_TIMEOUT_S
+    elif opts.timeout is not None:
+        timeout = opts.timeout + WAIT_GRACE_S
+    else:
+        timeout = None
+    return Request("deploy", args, timeout=timeout, follow=opts.wait)
+
+
+def _build_plan(opts: argparse.Namespace) -> Request:
+    return Request("plan", {"spec_toml": _read_text(opts.file)})
+
+
+def _build_apps(opts: argparse.Namespace) -> Request:
+    return Request("apps", {})
+
+
+def _build_allocs(opts: argparse.Namespace) -> Request:
+    return Request("allocs", {"app": opts.app, "node": opts.node})
+
+
+def _build_stop(opts: argparse.Namespace) -> Request:
+    return Request("stop", {"app": opts.app})
+
+
+def _build_node_action(cmd: str) -> Callable[[argparse.Namespace], Request]:
+    def build(opts: argparse.Namespace) -> Request:
+        return Request(cmd, {"node": opts.node})
+
+    return build
+
+
+def _build_logs(opts: argparse.Namespace) -> Request:
+    args = {"alloc": opts.alloc, "follow": opts.follow, "tail": opts.tail}
+    return Request("logs", args, timeout=None if opts.follow else ONE_SHOT_TIMEOUT_S,
+                   follow=opts.follow)
+
+
+def _build_events(opts: argparse.Namespace) -> Request:
+    return Request("events", {"follow": opts.follow},
+                   timeout=None if opts.follow else ONE_SHOT_TIMEOUT_S, follow=opts.follow)
+
+
+def _build_audit(opts: argparse.Namespace) -> Request:
+    return Request("audit", {})
+
+
+# --- stream items --------------------------------------------------------------------
+
+
+def _stream_handler(command: str, out: Output) -> Callable[[Any], None]:
+    if command == "deploy":
+
+        def on_item(item: Any) -> None:
+            if isinstance(item, Mapping):
+                out.progress(render.deploy_progress(item))
+
+    elif command == "logs":
+
+        def on_item(item: Any) -> None:
+            if out.json_mode:
+                out.json_line(item)
+            elif isinstance(item, Mapping) and isinstance(item.get("data"), str):
+                out.write(item["data"])
+
+    elif command == "events":
+
+        def on_item(item: Any) -> None:
+            if out.json_mode:
+                out.json_line(item)
+            elif isinstance(item, Mapping):
+                out.write(render.event_line(item) + "\n")
+
+    else:
+
+        def on_item(item: Any) -> None:
+            return None  # this command streams nothing the operator needs
+
+    return on_item
+
+
+# --- final results -------------------------------------------------------------------
+
+
+def _generic(result: Any) -> str:
+    if result is None:
+        return ""
+    if isinstance(result, Mapping):
+        return render.key_values(result)
+    if isinstance(result, str):
+        return result
+    return json.dumps(result, indent=2)
+
+
+def _rows(result: Any) -> list[Mapping[str, Any]] | None:
+    if isinstance(result, list) and all(isinstance(r, Mapping) for r in result):
+        return result
+    return None
+
+
+def _listing(columns: list) -> Callable[[Any, argparse.Namespace], str]:
+    def show(result: Any, opts: argparse.Namespace) -> str:
+        rows = _rows(result)
+        return _generic(result) if rows is None else render.table(rows, columns)
+
+    return show
+
+
+_show_nodes = _listing(render.NODE_COLUMNS)
+_show_sites = _listing(render.SITE_COLUMNS)
+_show_apps = _listing(render.APP_COLUMNS)
+_show_allocs = _listing(render.ALLOC_COLUMNS)
+_show_audit = _listing(render.AUDIT_COLUMNS)
+_show_event_table = _listing(render.EVENT_COLUMNS)
+
+
+def _show_object(result: Any, opts: argparse.Namespace) -> str:
+    if isinstance(result, Mapping) and "expires_at" in result:
+        result = {**result, "expires_at": render.local_time(result["expires_at"])}
+    return _generic(result)
+
+
+def _show_status(result: Any, opts: argparse.Namespace) -> str:
+    if isinstance(result, Mapping):
+        return render.key_values(result, order=render.STATUS_ORDER)
+    return _generic(result)
+
+
+def _show_deploy(result: Any, opts: argparse.Namespace) -> str:
+    if isinstance(result, Mapping):
+        return render.key_values(result, order=render.DEPLOY_ORDER)
+    return _generic(result)
+
+
+def _show_plan(result: Any, opts: argparse.Namespace) -> str:
+    if isinstance(result, Mapping):
+        return render.plan(result)
+    return _generic(result)
+
+
+def _show_logs(result: Any, opts: argparse.Namespace) -> str:
+    """Workload output exactly as the daemon sent it (the caller adds no newline)."""
+    data = result.get("data") if isinstance(result, Mapping) else result
+    return data if isinstance(data, str) else ""
+
+
+def _show_events(result: Any, opts: argparse.Namespace) -> str:
+    if opts.follow and _rows(result) is not None:
+        return "\n".join(render.event_line(event) for event in result)
+    return _show_event_table(result, opts)
+
+
+def _emit_result(opts: argparse.Namespace, request: Request, result: Any, out: Output) -> None:
+    if out.json_mode:
+        if request.follow and request.cmd == "events" and isinstance(result, list):
+            for event in result:  # a follow stream stays one document per line
+                out.json_line(event)
+        elif request.follow and request.cmd == "logs":
+            out.json_line(result)
+        else:
+            out.document(result)
+        return
+    text = opts.show(result, opts)
+    if request.cmd == "logs":
+        out.write(text)
+    elif text:
+        out.write(text + "\n")
+
+
+# --- entry point ---------------------------------------------------------------------
+
+
+def _error(message: str) -> int:
+    one_line = " ".join(str(message).split("\n"))
+    sys.stderr.write(f"error: {one_line}\n")
+    sys.stderr.flush()
+    return EXIT_ERROR
+
+
+def socket_path(opts: argparse.Namespace) -> str:
+    return opts.socket or os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        opts = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+    out = Output(json_mode=opts.json or opts.json_after)
+    try:
+        request: Request = opts.build(opts)
+        result = admin_call_sync(
+            socket_path(opts),
+            request.cmd,
+            request.args,
+            on_stream=_stream_handler(request.cmd, out),
+            timeout=request.timeout,
+        )
+        out.end_progress()
+        _emit_result(opts, request, result, out)
+    except (AdminError, AdminUnavailable) as exc:
+        out.end_progress()
+        return _error(exc.message)
+    except CliError as exc:
+        return _error(str(exc))
+    except KeyboardInterrupt:
+        out.end_progress()
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    return EXIT_OK
+
+
+def _silence_stdout() -> None:
+    """After the reader of stdout left, keep Python's exit-time flush from complaining."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The `meshd` command: `meshd run` (the daemon) and `meshd demo` (a local three-node site).
+
+Exit status: 0 on a clean stop, 1 with a one-line `error: ...` on stderr when the daemon cannot
+start (bad option, refused join), 2 for usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+from meshd import __version__
+
+TUNING_OPTIONS = (
+    ("--heartbeat-interval", float, "seconds between heartbeats"),
+    ("--lease", float, "seconds without a heartbeat before a node is marked down"),
+    ("--raft-min-timeout", float, "Raft election timeout, lower bound (s)"),
+    ("--raft-max-timeout", float, "Raft election timeout, upper bound (s)"),
+    ("--append-entries-period", float, "Raft heartbeat period (s)"),
+    ("--log-max-bytes", int, "rotate a workload's log at this size"),
+    ("--log-keep", int, "rotated log files kept per workload"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshd", description="Peer-to-peer orchestration for edge sites.")
+    parser.add_argument("--version", action="version", version=f"meshd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the daemon in the foreground")
+    run.add_argument("--config", help="TOML config file (keys are the option names)")
+    run.add_argument("--data-dir", help="identity keys, Raft journal, workload logs")
+    run.add_argument("--site", help="the site this node belongs to")
+    run.add_argument("--name", help="human name of the node (default: hostname)")
+    run.add_argument("--listen", help="IP:PORT for peer traffic; port 0 picks a free one")
+    run.add_argument("--advertise", help="IP announced to peers")
+    run.add_argument("--admin-socket", help="path of the local admin socket")
+    run.add_argument("--label", action="append", help="k=v node label (repeatable)")
+    run.add_argument("--join", help="join token from `meshctl token create`")
+    run.add_argument("--peer", action="append", help="static peer IP:PORT (repeatable)")
+    run.add_argument("--no-mdns", action="store_true", help="do not announce or browse mDNS")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    for flag, kind, text in TUNING_OPTIONS:
+        run.add_argument(flag, type=kind, help=text)
+
+    demo = sub.add_parser("demo", help="start a local three-node site, deploy an example app, show it")
+    demo.add_argument("--nodes", type=int, default=3, help="number of daemons (default 3)")
+    demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
+    demo.add_argument("--keep", action="store_true", help="keep the temporary data dirs")
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from meshd.config import ConfigError, resolve_config
+
+    toml_text = None
+    if args.config:
+        try:
+            with open(args.config, encoding="utf-8") as f:
+                toml_text = f.read()
+        except OSError as e:
+            print(f"error: cannot read config {args.config}: {e.strerror}", file=sys.stderr)
+            return 1
+    cli = {k: v for k, v in vars(args).items() if k not in ("command", "config", "log_level")}
+    try:
+        config = resolve_config(cli, toml_text, os.environ, socket.gethostname())
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+    import trio
+
+    from meshd.io.daemon import Daemon, FatalStartupError, setup_logging
+
+    setup_logging(args.log_level)
+    try:
+        trio.run(Daemon(config).run)
+    except FatalStartupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from meshd.io.demo import run_demo
+
+    return run_demo(nodes=args.nodes, duration=args.duration, keep=args.keep)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return cmd_run(args)
+    return cmd_demo(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Human renderings of admin results: aligned tables and `key: value` blocks.
+
+Invariants:
+- Pure text in, text out: no I/O, no clock (local time conversion uses the timestamp given).
+- Every cell is one line of printable text: control characters that reached us from other
+  nodes (names, messages, labels) are shown escaped, never sent to the terminal raw.
+- A missing or null value shows as "-", so columns never collapse.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+Column = tuple[str, "str | Callable[[Mapping[str, Any]], Any]"]
+
+MISSING = "-"
+# Two spaces between columns: the convention of ps, kubectl and nomad alike.
+COLUMN_GAP = "  "
+# Node ids are long hex digests; this many characters are unique in any real mesh and are
+# accepted back as a prefix by the daemon.
+SHORT_ID_CHARS = 12
+
+
+def _printable(text: str) -> str:
+    """Escape control characters (C0, DEL, C1) so one cell stays one harmless line."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable() or ch == " ":
+            out.append(ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
+
+
+def cell(value: Any) -> str:
+    """Format one value for a table cell or a `key: value` line."""
+    if value is None or value == "":
+        return MISSING
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.2f}".rstrip("0").rstrip(".") if value == value else "nan"
+    if isinstance(value, Mapping):
+        if not value:
+            return MISSING
+        return ",".join(f"{cell(k)}={cell(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return MISSING
+        if all(not isinstance(v, (Mapping, list, tuple)) for v in value):
+            return ",".join(cell(v) for v in value)
+        return _printable(json.dumps(value, separators=(",", ":")))
+    return _printable(str(value))
+
+
+def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> str:
+    """Rows as aligned columns under upper-case headers; no trailing spaces or newline.
+
+    A column is (header, key) or (header, callable(row) -> value).
+    """
+    grid = [[header for header, _ in columns]]
+    for row in rows:
+        grid.append([cell(_value(row, source)) for _, source in columns])
+    widths = [max(len(line[i]) for line in grid) for i in range(len(columns))]
+    lines = []
+    for line in grid:
+        padded = [text.ljust(width) for text, width in zip(line, widths)]
+        lines.append(COLUMN_GAP.join(padded).rstrip())
+    return "\n".join(lines)
+
+
+def _value(row: Mapping[str, Any], source: Any) -> Any:
+    if callable(source):
+        return source(row)
+    return row.get(source)
+
+
+def key_values(obj: Mapping[str, Any], order: Iterable[str] = ()) -> str:
+    """`key: value` lines, keys in `order` first, then the rest as the daemon sent them."""
+    ordered = [k for k in order if k in obj]
+    ordered += [k for k in obj if k not in ordered]
+    if not ordered:
+        return ""
+    width = max(len(_printable(str(k))) for k in ordered) + 1
+    return "\n".join(f"{(_printable(str(k)) + ':').ljust(width)} {cell(obj[k])}" for k in ordered)
+
+
+def local_time(ts: Any) -> str:
+    """Epoch seconds as local ISO time to the second; anything else is shown as given."""
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)):
+        return cell(ts)
+    try:
+        moment = _dt.datetime.fromtimestamp(ts).astimezone()
+    except (OverflowError, OSError, ValueError):
+        return cell(ts)
+    return moment.isoformat(timespec="seconds")
+
+
+def short_id(value: Any) -> str:
+    text = cell(value)
+    return text[:SHORT_ID_CHARS]
+
+
+def ratio(numerator_key: str, denominator_key: str) -> Callable[[Mapping[str, Any]], str]:
+    def show(row: Mapping[str, Any]) -> str:
+        return f"{cell(row.get(numerator_key))}/{cell(row.get(denominator_key))}"
+
+    return show
+
+
+def with_unit(key: str, unit: str) -> Callable[[Mapping[str, Any]], str | None]:
+    def show(row: Mapping[str, Any]) -> str | None:
+        value = row.get(key)
+        return None if value is None else f"{cell(value)} {unit}"
+
+    return show
+
+
+# --- the columns of each listing ---------------------------------------------------
+
+NODE_COLUMNS: list[Column] = [
+    ("NAME", "name"),
+    ("ID", lambda r: short_id(r.get("node_id"))),
+    ("SITE", "site"),
+    ("STATE", "state"),
+    ("ROLE", "role"),
+    ("ADDRESS", "address"),
+    ("ARCH", "arch"),
+    ("CPU FREE", "cpu_free"),
+    ("MEM FREE", with_unit("mem_free_mb", "MiB")),
+    ("ALLOCS", "allocs"),
+    ("LABELS", "labels"),
+]
+
+APP_COLUMNS: list[Column] = [
+    ("APP", "app"),
+    ("VERSION", "version"),
+    ("RUNNING/REPLICAS", ratio("running", "replicas")),
+    ("SITES", "sites"),
+]
+
+ALLOC_COLUMNS: list[Column] = [
+    ("ALLOC", "alloc_id"),
+    ("APP", "app"),
+    ("VERSION", "version"),
+    ("NODE", "node"),
+    ("STATE", "state"),
+    ("PID", "pid"),
+    ("RESTARTS", "restarts"),
+]
+
+
+def _last_sync(row: Mapping[str, Any]) -> str | None:
+    age = row.get("last_sync_s")
+    if isinstance(age, bool) or not isinstance(age, (int, float)):
+        return None
+    return f"{age:.0f}s ago"
+
+
+SITE_COLUMNS: list[Column] = [
+    ("SITE", "site"),
+    ("NODES", "nodes"),
+    ("READY", "ready"),
+    ("LAST SYNC", _last_sync),
+    ("REACHABLE", "reachable"),
+]
+
+EVENT_COLUMNS: list[Column] = [
+    ("TIME", lambda r: local_time(r.get("ts"))),
+    ("KIND", "kind"),
+    ("MESSAGE", "message"),
+]
+
+AUDIT_COLUMNS: list[Column] = [
+    ("TIME", lambda r: local_time(r.get("ts"))),
+    ("ACTOR", "actor"),
+    ("ACTION", "action"),
+    ("TARGET", "target"),
+    ("SITE", "site"),
+]
+
+PLACEMENT_COLUMNS: list[Column] = [("NODE", "node"), ("REPLICA", "replica")]
+FILTERED_COLUMNS: list[Column] = [("NODE", "node"), ("REASON", "reason")]
+
+STATUS_ORDER = ("node_id", "name", "site", "role", "leader", "term", "members", "partitioned")
+DEPLOY_ORDER = ("app", "version", "accepted", "running", "replicas")
+
+
+def event_line(event: Mapping[str, Any]) -> str:
+    """One event as a single line, for `events --follow`."""
+    return COLUMN_GAP.join(
+        [local_time(event.get("ts")), cell(event.get("kind")), cell(event.get("message"))]
+    )
+
+
+def plan(result: Mapping[str, Any]) -> str:
+    """A dry run: where replicas would go, then which nodes were ruled out and why."""
+    placements = result.get("placements") or []
+    filtered = result.get("filtered") or []
+    others = {k: v for k, v in result.items() if k not in ("placements", "filtered")}
+    parts = []
+    if others:
+        parts.append(key_values(others, order=("app", "version")))
+    parts.append("Placements:\n" + table(placements, PLACEMENT_COLUMNS))
+    parts.append("Filtered:\n" + table(filtered, FILTERED_COLUMNS))
+    return "\n\n".join(parts)
+
+
+def deploy_progress(item: Mapping[str, Any]) -> str:
+    """`vibration-monitor v2: 4/6 running` from one --wait progress item."""
+    return (
+        f"{cell(item.get('app'))} v{cell(item.get('version'))}: "
+        f"{cell(item.get('running'))}/{cell(item.get('replicas'))} running"
+    )

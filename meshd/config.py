@@ -1,0 +1,477 @@
+"""The options of `meshd run`, resolved from the command line, the config file and the env.
+
+Invariants:
+- Pure: the caller reads the config file, the environment and the hostname and passes them
+  in; nothing here touches the file system, the network or a clock.
+- Precedence, option by option: command line > config file > environment (only
+  `$MESHD_DATA_DIR`, for data_dir) > built-in default. A repeatable option (labels, peers)
+  given on the command line replaces the file's list as a whole.
+- A `NodeConfig` is always valid: its constructor checks every field, so one built by hand
+  (in tests) obeys the same rules as one resolved from user input.
+- Every refusal is a `ConfigError` whose message starts with the option's name as the
+  operator writes it (`listen: ...`, `raft-min-timeout: ...`) and says where the value came
+  from when it came from the user.
+- Every int is bounded well below 2**63 (values may end up in replicated state).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import math
+import posixpath
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from meshd.spec import label_key_problem, label_value_problem, name_problem, show_value
+
+# --- defaults ------------------------------------------------------------------------
+DEFAULT_DATA_DIR = "/var/lib/meshd"  # systemd's StateDirectory=meshd
+DATA_DIR_ENV = "MESHD_DATA_DIR"
+DEFAULT_SITE = "default"
+DEFAULT_PORT = 7700  # unassigned by IANA; one port for all peer traffic of a node
+DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
+ADMIN_SOCKET_NAME = "admin.sock"
+
+# Liveness: a node heartbeats 4 times per lease, so one or two lost heartbeats on a busy
+# LAN do not mark it down, while a dead node is noticed within about a second.
+DEFAULT_HEARTBEAT_INTERVAL = 0.25  # seconds between heartbeats of a node
+DEFAULT_LEASE = 1.0  # seconds without a heartbeat before a node is marked down
+# Raft: elections start after 0.4-0.8 s of leader silence; measured on pysyncobj 0.3.17 this
+# gives a new leader's first commit about 0.4-0.6 s after the old leader dies.
+DEFAULT_RAFT_MIN_TIMEOUT = 0.4  # seconds
+DEFAULT_RAFT_MAX_TIMEOUT = 0.8  # seconds
+DEFAULT_APPEND_ENTRIES_PERIOD = 0.05  # seconds; also the batching delay of one Raft command
+# Workload logs: rotated per allocation so a chatty workload cannot fill an edge device.
+DEFAULT_LOG_MAX_BYTES = 1024 * 1024  # one log file before rotation
+DEFAULT_LOG_KEEP = 3  # rotated files kept per allocation
+
+# --- limits --------------------------------------------------------------------------
+NODE_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+NODE_NAME_RULE = (
+    "lowercase letters, digits, '.', '_' and '-', 1 to 63 characters, "
+    "starting and ending with a letter or digit"
+)
+MAX_PATH_BYTES = 4096  # Linux PATH_MAX
+MAX_SOCKET_PATH_BYTES = 107  # sockaddr_un.sun_path is 108 bytes including the final NUL
+MAX_JOIN_TOKEN_CHARS = 4096  # tokens are short printable strings; bound what we hold
+MAX_NODE_LABELS = 64  # labels travel in every node record; same bound as app constraints
+MAX_PEERS = 256  # static peers; sites beyond that should use a few gateways
+MIN_HEARTBEAT_INTERVAL = 0.01  # below 10 ms heartbeats would flood the site's Raft log
+MAX_HEARTBEAT_INTERVAL = 60.0  # above a minute failure detection is useless
+MAX_LEASE = 3600.0  # an hour without news is a dead node, whatever the network
+MIN_APPEND_ENTRIES_PERIOD = 0.001  # pysyncobj's tick resolution is about a millisecond
+MAX_APPEND_ENTRIES_PERIOD = 10.0  # slower and every command waits that long
+MAX_RAFT_TIMEOUT = 600.0  # ten minutes without a leader is an outage, not tuning
+MIN_LOG_MAX_BYTES = 4096  # one page: smaller rotates on every line
+MAX_LOG_MAX_BYTES = 2**40  # bounded like every int we keep
+MAX_LOG_KEEP = 1000  # rotated files per allocation; more belongs in a log collector
+
+
+class ConfigError(ValueError):
+    """A refused option: `option` is its name as written on the command line, without `--`."""
+
+    def __init__(self, option: str, reason: str) -> None:
+        self.option = option
+        self.reason = reason
+        super().__init__(f"{option}: {reason}".replace("\n", "\\n"))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.option, self.reason))
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeConfig:
+    """Everything `meshd run` needs to start; validated on construction."""
+
+    data_dir: str
+    site: str = DEFAULT_SITE
+    name: str
+    listen: str = DEFAULT_LISTEN  # "ip:port" (IPv6 as "[ip]:port"); port 0 picks a free one
+    advertise: str | None = None  # None: the daemon picks the first non-loopback address
+    admin_socket: str | None = None  # None: <data_dir>/admin.sock (always a str once built)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    join: str | None = None  # join token; None: found a new mesh (or resume from data_dir)
+    peers: tuple[str, ...] = ()  # static peers "ip:port"
+    mdns: bool = True
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
+    lease: float = DEFAULT_LEASE
+    raft_min_timeout: float = DEFAULT_RAFT_MIN_TIMEOUT
+    raft_max_timeout: float = DEFAULT_RAFT_MAX_TIMEOUT
+    append_entries_period: float = DEFAULT_APPEND_ENTRIES_PERIOD
+    log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
+    log_keep: int = DEFAULT_LOG_KEEP
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def listen_ip(self) -> str:
+        return split_endpoint(self.listen)[0]
+
+    @property
+    def listen_port(self) -> int:
+        return split_endpoint(self.listen)[1]
+
+    @property
+    def admin_socket_path(self) -> str:
+        """The admin socket path (never None, unlike the type of `admin_socket` suggests)."""
+        assert self.admin_socket is not None
+        return self.admin_socket
+
+
+# Options as the user writes them (field name with '-' for '_'), in the order of the docs.
+OPTION_NAMES: tuple[str, ...] = tuple(f.name.replace("_", "-") for f in dataclasses.fields(NodeConfig))
+
+_FIELDS = {f.name for f in dataclasses.fields(NodeConfig)}
+# Spellings other than the field name, mapped to (field, negated?).
+_ALIASES: dict[str, tuple[str, bool]] = {
+    "label": ("labels", False),
+    "peer": ("peers", False),
+    "no_mdns": ("mdns", True),
+}
+_CLI_IGNORED = frozenset({"config"})  # the caller reads the file and passes its text
+
+
+def option_name(field_name: str) -> str:
+    """The name of a field as the operator writes it: `data_dir` -> `data-dir`."""
+    return field_name.replace("_", "-")
+
+
+def split_endpoint(text: str) -> tuple[str, int]:
+    """Split "ip:port" or "[ipv6]:port" into (ip, port); ValueError with a reason if malformed."""
+    if not isinstance(text, str):
+        raise ValueError(f"must be IP:PORT, got {show_value(text)}")
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"must be IP:PORT (IPv6 as [IP]:PORT), got {show_value(text)}")
+        version = 6
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"must be IP:PORT, got {show_value(text)}")
+        version = 4
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"must be IP:PORT with a numeric IP address, got {show_value(text)}") from None
+    if address.version != version:
+        raise ValueError(f"must be IP:PORT (IPv6 as [IP]:PORT), got {show_value(text)}")
+    if not (port_text.isascii() and port_text.isdigit()) or len(port_text) > 5:
+        raise ValueError(f"port must be a number from 0 to 65535, got {show_value(text)}")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"port must be a number from 0 to 65535, got {show_value(text)}")
+    return host, port
+
+
+def resolve_config(
+    cli: Mapping[str, Any],
+    toml_text: str | None,
+    env: Mapping[str, str],
+    hostname: str,
+) -> NodeConfig:
+    """Merge command line, config file text, environment and defaults into a `NodeConfig`.
+
+    `cli` maps option names with underscores to values, None meaning "not given"; `label` /
+    `peer` are lists of "k=v" / "ip:port" strings (as argparse `append` builds them) and
+    `no_mdns` is a flag (False meaning "not given"). The field names `labels`, `peers`,
+    `mdns` are accepted too. `toml_text` is the config file's content, or None without one.
+    """
+    from_cli = _normalize(cli, source="cli")
+    from_file = _normalize(_parse_toml(toml_text), source="file") if toml_text is not None else {}
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for name in _FIELDS:
+        if name in from_cli:
+            values[name], sources[name] = from_cli[name], "the command line"
+        elif name in from_file:
+            values[name], sources[name] = from_file[name], "the config file"
+    if "data_dir" not in values:
+        from_env = env.get(DATA_DIR_ENV) if isinstance(env, Mapping) else None
+        if from_env:  # an empty variable counts as unset, as shells usually mean it
+            values["data_dir"], sources["data_dir"] = from_env, f"${DATA_DIR_ENV}"
+        else:
+            values["data_dir"] = DEFAULT_DATA_DIR
+    if "name" not in values:
+        values["name"], sources["name"] = _name_from_hostname(hostname), "the hostname"
+
+    for name in ("labels", "peers"):
+        if name in values:
+            try:
+                values[name] = _LIST_CONVERTERS[name](values[name])
+            except ConfigError as exc:
+                raise _with_source(exc, sources.get(_field_of(exc.option))) from None
+    try:
+        return NodeConfig(**values)
+    except ConfigError as exc:
+        raise _with_source(exc, sources.get(_field_of(exc.option))) from None
+
+
+# --- input normalization -------------------------------------------------------------
+def _parse_toml(text: str) -> dict[str, Any]:
+    if not isinstance(text, str):
+        raise ConfigError("config", f"must be TOML text, got {show_value(text)}")
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"not valid TOML: {exc}") from None
+    except (RecursionError, ValueError) as exc:
+        raise ConfigError("config", f"not valid TOML: {exc.__class__.__name__}") from None
+
+
+def _normalize(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Map user spellings (dashes, aliases, `no-mdns`) onto field names, refusing unknown ones."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError("config", f"options must be a mapping, got {show_value(raw)}")
+    out: dict[str, Any] = {}
+    spelled: dict[str, str] = {}  # field -> how the user spelled it, to report conflicts
+    where = "on the command line" if source == "cli" else "in the config file"
+    for key, value in raw.items():
+        if not isinstance(key, str):
+            raise ConfigError(show_value(key), f"unknown option {where}")
+        if source == "cli" and key in _CLI_IGNORED:
+            continue
+        if source == "file" and isinstance(value, Mapping) and key not in ("labels", "label"):
+            raise ConfigError(option_name(key), f"unknown section [{key}] {where}: options are top-level keys")
+        canonical = key.replace("-", "_")
+        negated = False
+        if canonical in _ALIASES:
+            canonical, negated = _ALIASES[canonical]
+        elif canonical not in _FIELDS:
+            raise ConfigError(
+                option_name(key), f"unknown option {where} (known: {', '.join(_all_spellings())})"
+            )
+        if source == "cli" and _cli_not_given(key, value):
+            continue
+        if canonical in spelled:
+            raise ConfigError(
+                option_name(canonical),
+                f"given twice {where}, as {spelled[canonical]!r} and {key!r}: keep one",
+            )
+        spelled[canonical] = key
+        if negated:
+            if not isinstance(value, bool):
+                raise ConfigError(option_name(key), f"must be true or false, got {show_value(value)}")
+            value = not value
+        out[canonical] = value
+    return out
+
+
+def _cli_not_given(key: str, value: Any) -> bool:
+    if value is None:
+        return True
+    if key.replace("-", "_") == "no_mdns" and value is False:  # a store_true flag left off
+        return True
+    if key.replace("-", "_") in ("label", "labels", "peer", "peers") and isinstance(value, (list, tuple, dict)):
+        return len(value) == 0  # argparse `append` with an empty default
+    return False
+
+
+def _field_of(option: str) -> str:
+    canonical = option.replace("-", "_")
+    return _ALIASES[canonical][0] if canonical in _ALIASES else canonical
+
+
+def _all_spellings() -> list[str]:
+    return sorted({option_name(f) for f in _FIELDS} | {option_name(a) for a in _ALIASES})
+
+
+def _labels_from(value: Any) -> dict[str, str]:
+    """Labels as a table {k = "v"} or a list of "k=v" strings."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError("label", f'must be a list of "key=value" strings or a table, got {show_value(value)}')
+    if len(value) > MAX_NODE_LABELS:
+        raise ConfigError("label", f"at most {MAX_NODE_LABELS} labels allowed, got {len(value)}")
+    labels: dict[str, str] = {}
+    for item in value:
+        if not isinstance(item, str) or "=" not in item:
+            raise ConfigError("label", f'must be "key=value", got {show_value(item)}')
+        key, _, val = item.partition("=")
+        if key in labels:
+            raise ConfigError("label", f"key {key!r} given twice")
+        labels[key] = val
+    return labels
+
+
+def _peers_from(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        raise ConfigError("peer", f'must be a list of "ip:port" strings, got {show_value(value)}')
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError("peer", f'must be a list of "ip:port" strings, got {show_value(value)}')
+    return tuple(value)
+
+
+_LIST_CONVERTERS = {"labels": _labels_from, "peers": _peers_from}
+
+
+def _name_from_hostname(hostname: str) -> str:
+    """The default node name: the hostname, lowercased; its first label if it is too long."""
+    if not isinstance(hostname, str) or not hostname:
+        raise ConfigError("name", "the hostname is empty: give the node a name with --name")
+    name = hostname.strip().lower()
+    if not NODE_NAME_RE.match(name):
+        first_label = name.split(".", 1)[0]
+        if NODE_NAME_RE.match(first_label):
+            return first_label
+    return name
+
+
+def _with_source(exc: ConfigError, source: str | None) -> ConfigError:
+    if source is None:
+        return exc
+    return ConfigError(exc.option, f"{exc.reason} (from {source})")
+
+
+# --- validation ----------------------------------------------------------------------
+def _validate(cfg: NodeConfig) -> None:
+    def set_field(name: str, value: Any) -> None:
+        object.__setattr__(cfg, name, value)
+
+    _check_path(cfg.data_dir, "data-dir", MAX_PATH_BYTES)
+    problem = name_problem(cfg.site)
+    if problem:
+        raise ConfigError("site", problem)
+    if not isinstance(cfg.name, str) or not NODE_NAME_RE.match(cfg.name):
+        raise ConfigError("name", f"must be {NODE_NAME_RULE}, got {show_value(cfg.name)}")
+    try:
+        split_endpoint(cfg.listen)
+    except ValueError as exc:
+        raise ConfigError("listen", str(exc)) from None
+    if cfg.advertise is not None:
+        set_field("advertise", _check_advertise(cfg.advertise))
+    if cfg.admin_socket is None:
+        set_field("admin_socket", posixpath.join(cfg.data_dir, ADMIN_SOCKET_NAME))
+        try:
+            _check_path(cfg.admin_socket, "admin-socket", MAX_SOCKET_PATH_BYTES)
+        except ConfigError as exc:
+            raise ConfigError(
+                exc.option,
+                f"{exc.reason}; it defaults to <data-dir>/{ADMIN_SOCKET_NAME}: "
+                "use a shorter data-dir or set admin-socket",
+            ) from None
+    _check_path(cfg.admin_socket, "admin-socket", MAX_SOCKET_PATH_BYTES)
+    set_field("labels", _check_labels(cfg.labels))
+    if cfg.join is not None:
+        _check_join(cfg.join)
+    set_field("peers", _check_peers(cfg.peers))
+    if not isinstance(cfg.mdns, bool):
+        raise ConfigError("mdns", f"must be true or false, got {show_value(cfg.mdns)}")
+
+    _check_seconds(cfg, "heartbeat_interval", MIN_HEARTBEAT_INTERVAL, MAX_HEARTBEAT_INTERVAL)
+    _check_seconds(cfg, "lease", MIN_HEARTBEAT_INTERVAL, MAX_LEASE)
+    _check_seconds(cfg, "append_entries_period", MIN_APPEND_ENTRIES_PERIOD, MAX_APPEND_ENTRIES_PERIOD)
+    _check_seconds(cfg, "raft_min_timeout", MIN_APPEND_ENTRIES_PERIOD, MAX_RAFT_TIMEOUT)
+    _check_seconds(cfg, "raft_max_timeout", MIN_APPEND_ENTRIES_PERIOD, MAX_RAFT_TIMEOUT)
+    _check_int(cfg, "log_max_bytes", MIN_LOG_MAX_BYTES, MAX_LOG_MAX_BYTES)
+    _check_int(cfg, "log_keep", 0, MAX_LOG_KEEP)
+
+    # A single lost heartbeat must not mark a node down.
+    if not cfg.lease > 2 * cfg.heartbeat_interval:
+        raise ConfigError(
+            "lease",
+            f"must be more than twice heartbeat-interval ({cfg.heartbeat_interval:g} s), got {cfg.lease:g} s",
+        )
+    # pysyncobj asserts raftMinTimeout > 3 * appendEntriesPeriod.
+    if not cfg.raft_min_timeout > 3 * cfg.append_entries_period:
+        raise ConfigError(
+            "raft-min-timeout",
+            f"must be more than 3 times append-entries-period ({cfg.append_entries_period:g} s), "
+            f"got {cfg.raft_min_timeout:g} s",
+        )
+    # Election timeouts are drawn from [min, max]: an empty range makes split votes repeat.
+    if not cfg.raft_max_timeout > cfg.raft_min_timeout:
+        raise ConfigError(
+            "raft-max-timeout",
+            f"must be more than raft-min-timeout ({cfg.raft_min_timeout:g} s), got {cfg.raft_max_timeout:g} s",
+        )
+
+
+def _check_path(value: Any, option: str, max_bytes: int) -> None:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(option, f"must be a non-empty path, got {show_value(value)}")
+    if "\0" in value:
+        raise ConfigError(option, "must not contain a NUL character")
+    size = len(value.encode("utf-8", "surrogateescape"))
+    if size > max_bytes:
+        raise ConfigError(option, f"path is {size} bytes long, at most {max_bytes} allowed")
+
+
+def _check_advertise(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError("advertise", f"must be an IP address, got {show_value(value)}")
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        raise ConfigError("advertise", f"must be an IP address (no port), got {show_value(value)}") from None
+    if address.is_unspecified or address.is_multicast:
+        raise ConfigError("advertise", f"must be an address peers can reach, got {show_value(value)}")
+    return value
+
+
+def _check_labels(value: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise ConfigError("label", f"must be a table of key = value, got {show_value(value)}")
+    if len(value) > MAX_NODE_LABELS:
+        raise ConfigError("label", f"at most {MAX_NODE_LABELS} labels allowed, got {len(value)}")
+    for key, val in value.items():
+        problem = label_key_problem(key)
+        if problem:
+            raise ConfigError("label", problem)
+        problem = label_value_problem(val)
+        if problem:
+            raise ConfigError("label", f"value of {key!r} {problem}")
+    return dict(value)
+
+
+def _check_join(value: Any) -> None:
+    if not isinstance(value, str) or not value:
+        raise ConfigError("join", f"must be a token from `meshctl token create`, got {show_value(value)}")
+    if len(value) > MAX_JOIN_TOKEN_CHARS:
+        raise ConfigError("join", f"token is {len(value)} characters, at most {MAX_JOIN_TOKEN_CHARS} allowed")
+    if not value.isascii() or not value.isprintable() or any(ch.isspace() for ch in value):
+        raise ConfigError("join", "token must be printable ASCII without spaces (was it copied whole?)")
+
+
+def _check_peers(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ConfigError("peer", f'must be a list of "ip:port" strings, got {show_value(value)}')
+    if len(value) > MAX_PEERS:
+        raise ConfigError("peer", f"at most {MAX_PEERS} peers allowed, got {len(value)}")
+    seen: set[str] = set()
+    for peer in value:
+        try:
+            ip, port = split_endpoint(peer)
+        except ValueError as exc:
+            raise ConfigError("peer", str(exc)) from None
+        if port == 0:
+            raise ConfigError("peer", f"port must be a number from 1 to 65535, got {show_value(peer)}")
+        if ipaddress.ip_address(ip).is_unspecified:
+            raise ConfigError("peer", f"must be an address that can be dialled, got {show_value(peer)}")
+        if peer in seen:
+            raise ConfigError("peer", f"{peer!r} is listed twice")
+        seen.add(peer)
+    return tuple(value)
+
+
+def _check_seconds(cfg: NodeConfig, name: str, low: float, high: float) -> None:
+    value = getattr(cfg, name)
+    is_number = isinstance(value, int) and not isinstance(value, bool)
+    is_number = is_number or (isinstance(value, float) and math.isfinite(value))
+    if not is_number or not low <= value <= high:
+        raise ConfigError(
+            option_name(name), f"must be a number of seconds from {low:g} to {high:g}, got {show_value(value)}"
+        )
+    object.__setattr__(cfg, name, float(value))
+
+
+def _check_int(cfg: NodeConfig, name: str, low: int, high: int) -> None:
+    value = getattr(cfg, name)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ConfigError(option_name(name), f"must be an integer from {low} to {high}, got {show_value(value)}")

@@ -1,0 +1,455 @@
+"""The local admin socket: how `meshctl` talks to its node's daemon.
+
+Protocol (frames from meshd.wire, one request per connection):
+    client -> daemon   {"cmd": str, "args": {...}}
+    daemon -> client   zero or more {"stream": item} progress frames, then exactly one final
+                       {"ok": true, "result": ...} or {"ok": false, "error": "reason"}
+    then the daemon closes the connection.
+
+Invariants:
+- The socket file is mode 0600 before it accepts anyone (chmod between bind and listen),
+  and every connection is also checked by its kernel-reported uid (SO_PEERCRED): the
+  file mode guards the path, the uid check guards against a loose parent directory or mode.
+- Nothing a client sends or does, and nothing a handler raises, stops the server: bad input
+  gets a "bad request: ..." reply, handler failures are logged and answered with
+  "internal error: ...", and each connection is closed after its final frame.
+- A request must arrive complete within `request_timeout` seconds of connecting; nothing may
+  follow it on the same connection.
+- When the client goes away while its handler runs (Ctrl-C on `meshctl logs --follow`),
+  the handler is cancelled and nothing is logged as an error. A client therefore keeps its
+  sending side open until it has the final frame: end of input means it left.
+- A stale socket file is replaced; a live one (another daemon answering) or a path that is
+  not a socket is never removed.
+"""
+
+from __future__ import annotations
+
+import errno
+import inspect
+import logging
+import os
+import socket
+import stat
+import struct
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Awaitable, Callable, Protocol
+
+import trio
+
+from meshd.wire import ADMIN_MAX_FRAME, FrameDecoder, FrameError, encode_frame
+
+log = logging.getLogger(__name__)
+
+# A client has this long from connecting to deliver its whole request: meshctl sends it at
+# once, so a connection that is silent (or trickles bytes) this long is stuck or hostile.
+REQUEST_TIMEOUT_S = 10.0
+
+# Final and error frames must be taken by the client within this time; a client that stops
+# reading would otherwise hold its connection task forever. Progress frames are exempt: a
+# paused pager (`meshctl logs -f | less`) may legitimately stop reading for a long time.
+REPLY_TIMEOUT_S = 30.0
+
+# Pending connections the kernel queues: a handful of concurrent meshctl calls at most.
+LISTEN_BACKLOG = 64
+
+# One read from the socket; the request itself is bounded by ADMIN_MAX_FRAME.
+RECEIVE_CHUNK = 64 * 1024
+
+# sun_path is 108 bytes on Linux, including the terminating NUL.
+MAX_SOCKET_PATH_BYTES = 107
+
+# struct ucred as SO_PEERCRED returns it: pid, uid, gid.
+_UCRED = struct.Struct("3i")
+
+
+class AdminError(Exception):
+    """A refusal the operator should read: sent as {"ok": false, "error": message}."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class AdminUnavailable(Exception):
+    """The daemon cannot be reached (no socket, refused, or it hung up without answering)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass(frozen=True)
+class AdminRequest:
+    cmd: str
+    args: dict
+    peer_uid: int
+    peer_pid: int
+
+
+class AdminStream(Protocol):
+    async def send(self, item: dict) -> None: ...
+
+
+AdminHandler = Callable[[AdminRequest, AdminStream], Awaitable[Any]]
+
+
+# --- server --------------------------------------------------------------------------
+
+
+async def serve_admin(
+    path: str,
+    handler: AdminHandler,
+    *,
+    allowed_uids: set[int] | None = None,
+    request_timeout: float = REQUEST_TIMEOUT_S,
+    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the admin socket at `path` until cancelled; the socket file is removed then.
+
+    `allowed_uids` defaults to root and the daemon's own user. With `nursery.start`, returns
+    once the socket accepts connections (the value is trio's list of listeners).
+    """
+    if allowed_uids is None:
+        allowed_uids = {0, os.getuid()}
+    sock = await _bind_admin_socket(path)
+    try:
+        bound = os.stat(path)
+        listener = trio.SocketListener(sock)
+    except BaseException:
+        sock.close()
+        raise
+    connection = partial(
+        _serve_connection,
+        handler=handler,
+        allowed_uids=frozenset(allowed_uids),
+        request_timeout=request_timeout,
+    )
+    try:
+        await trio.serve_listeners(connection, [listener], task_status=task_status)
+    finally:
+        _remove_if_ours(path, bound)
+
+
+async def _bind_admin_socket(path: str) -> trio.socket.SocketType:
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
+        raise OSError(
+            errno.ENAMETOOLONG,
+            f"admin socket path is {len(os.fsencode(path))} bytes, the limit is "
+            f"{MAX_SOCKET_PATH_BYTES}",
+            path,
+        )
+    await _remove_stale_socket(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(path)
+        # Nobody can connect before listen(), so restricting the mode here leaves no window.
+        # (fchmod on a socket fd does not reach the file; a umask change is process-wide.)
+        os.chmod(path, 0o600)
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _remove_stale_socket(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(
+            errno.EEXIST, "refusing to replace a file that is not a socket", path
+        )
+    probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await probe.connect(path)
+    except OSError:
+        pass  # nobody answers: a leftover of a daemon that died
+    else:
+        raise FileExistsError(
+            errno.EADDRINUSE, "another meshd is already serving this admin socket", path
+        )
+    finally:
+        probe.close()
+    os.unlink(path)
+
+
+def _remove_if_ours(path: str, bound: os.stat_result) -> None:
+    try:
+        st = os.lstat(path)
+        if (st.st_dev, st.st_ino) == (bound.st_dev, bound.st_ino):
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+class _ConnectionStream:
+    """The `stream` a handler gets: sends {"stream": item} frames to its client."""
+
+    def __init__(self, conn: trio.SocketStream, on_client_gone: Callable[[], None]) -> None:
+        self._conn = conn
+        self._lock = trio.Lock()  # a handler may send from several tasks
+        self._on_client_gone = on_client_gone
+
+    async def send(self, item: dict) -> None:
+        """Send one progress item. FrameError if it cannot be framed (e.g. too large)."""
+        frame = encode_frame({"stream": item}, max_frame=ADMIN_MAX_FRAME)
+        async with self._lock:
+            try:
+                await self._conn.send_all(frame)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                # The client went away: end the handler through cancellation, quietly.
+                self._on_client_gone()
+                await trio.lowlevel.checkpoint()
+                raise
+
+
+@dataclass
+class _ConnectionState:
+    client_gone: bool = False
+
+
+async def _serve_connection(
+    conn: trio.SocketStream,
+    *,
+    handler: AdminHandler,
+    allowed_uids: frozenset[int],
+    request_timeout: float,
+) -> None:
+    try:
+        async with conn:
+            await _handle_connection(conn, handler, allowed_uids, request_timeout)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the client left before its answer; nothing to tell anyone
+    except Exception:
+        log.exception("admin connection failed")
+
+
+async def _handle_connection(
+    conn: trio.SocketStream,
+    handler: AdminHandler,
+    allowed_uids: frozenset[int],
+    request_timeout: float,
+) -> None:
+    peer_pid, peer_uid, _gid = _UCRED.unpack(
+        conn.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    )
+    if peer_uid not in allowed_uids:
+        log.warning("admin socket: refused uid %d (pid %d)", peer_uid, peer_pid)
+        await _reply(conn, _error(f"permission denied: uid {peer_uid} may not use meshd"))
+        return
+
+    decoder = FrameDecoder(ADMIN_MAX_FRAME)
+    frames: list[dict] = []
+    try:
+        with trio.move_on_after(request_timeout) as read_scope:
+            while not frames:
+                data = await conn.receive_some(RECEIVE_CHUNK)
+                if not data:
+                    return  # closed before a complete request: nobody to answer
+                frames = decoder.feed(data)
+    except FrameError as exc:
+        await _reply(conn, _error(f"bad request: {exc.reason}"))
+        return
+    if read_scope.cancelled_caught:
+        await _reply(conn, _error(f"bad request: no complete request within {request_timeout:g} s"))
+        return
+    if len(frames) > 1 or decoder.buffered:
+        await _reply(conn, _error("bad request: one request per connection, nothing after it"))
+        return
+    try:
+        cmd, args = _parse_request(frames[0])
+    except FrameError as exc:
+        await _reply(conn, _error(f"bad request: {exc.reason}"))
+        return
+
+    request = AdminRequest(cmd=cmd, args=args, peer_uid=peer_uid, peer_pid=peer_pid)
+    state = _ConnectionState()
+    final: dict | None = None
+    async with trio.open_nursery() as nursery:
+
+        def client_gone() -> None:
+            state.client_gone = True
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(_watch_client, conn, client_gone)
+        final = await _run_handler(handler, request, _ConnectionStream(conn, client_gone))
+        nursery.cancel_scope.cancel()  # stop the watcher
+    if state.client_gone or final is None:
+        log.debug("admin socket: client left during %r", cmd)
+        return
+    await _reply(conn, final)
+
+
+def _parse_request(frame: dict) -> tuple[str, dict]:
+    cmd = frame.get("cmd")
+    if not isinstance(cmd, str) or not cmd:
+        raise FrameError('"cmd" must be a non-empty string')
+    args = frame.get("args", {})
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise FrameError('"args" must be an object')
+    return cmd, args
+
+
+async def _watch_client(conn: trio.SocketStream, client_gone: Callable[[], None]) -> None:
+    """Runs beside the handler; the client sends nothing more, so any read event is its end."""
+    try:
+        data = await conn.receive_some(RECEIVE_CHUNK)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        data = b""
+    if data:
+        log.warning("admin socket: client sent data after its request; dropping it")
+    client_gone()
+
+
+async def _run_handler(
+    handler: AdminHandler, request: AdminRequest, stream: AdminStream
+) -> dict:
+    """Call the handler and turn its outcome into the final frame. Lets only Cancelled out."""
+    try:
+        result = await handler(request, stream)
+    except AdminError as exc:
+        return _error(exc.message)
+    except BaseExceptionGroup as group:
+        # A handler that runs a nursery raises its failures as a group.
+        if group.subgroup(trio.Cancelled) is not None or not isinstance(group, Exception):
+            raise
+        admin_errors, rest = group.split(AdminError)
+        if admin_errors is not None and rest is None:
+            first = _first_leaf(admin_errors)
+            return _error(first.message if isinstance(first, AdminError) else str(first))
+        log.exception("admin command %r failed", request.cmd)
+        return _error(f"internal error: {_describe(group)}")
+    except Exception as exc:
+        log.exception("admin command %r failed", request.cmd)
+        return _error(f"internal error: {_describe(exc)}")
+    frame = {"ok": True, "result": result}
+    try:
+        encode_frame(frame, max_frame=ADMIN_MAX_FRAME)
+    except FrameError as exc:
+        log.error("admin command %r: unsendable result: %s", request.cmd, exc.reason)
+        return _error(f"internal error: result cannot be sent: {exc.reason}")
+    return frame
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        exc = _first_leaf(exc)
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _error(message: str) -> dict:
+    return {"ok": False, "error": message}
+
+
+async def _reply(conn: trio.SocketStream, frame: dict) -> None:
+    try:
+        data = encode_frame(frame, max_frame=ADMIN_MAX_FRAME)
+    except FrameError as exc:  # only an error message too large to frame gets here
+        data = encode_frame(_error(f"internal error: reply cannot be sent: {exc.reason}"))
+    with trio.move_on_after(REPLY_TIMEOUT_S):
+        await conn.send_all(data)
+
+
+# --- client --------------------------------------------------------------------------
+
+
+async def admin_call(
+    path: str,
+    cmd: str,
+    args: dict | None = None,
+    on_stream: Callable[[dict], Any] | None = None,
+    timeout: float | None = None,
+) -> Any:
+    """Send one request to the daemon at `path` and return its result.
+
+    Each progress item is passed to `on_stream` (a plain or async callable) as it arrives.
+    Raises AdminError for the daemon's refusals (and for no answer within `timeout`
+    seconds), AdminUnavailable when the daemon cannot be reached or hangs up.
+    """
+    args = args or {}
+    if timeout is None:
+        return await _call(path, cmd, args, on_stream)
+    try:
+        with trio.fail_after(timeout):
+            return await _call(path, cmd, args, on_stream)
+    except trio.TooSlowError:
+        raise AdminError(f"no answer from meshd at {path} within {timeout:g} s") from None
+
+
+async def _call(
+    path: str, cmd: str, args: dict, on_stream: Callable[[dict], Any] | None
+) -> Any:
+    try:
+        request = encode_frame({"cmd": cmd, "args": args}, max_frame=ADMIN_MAX_FRAME)
+    except FrameError as exc:
+        raise AdminError(f"request cannot be sent: {exc.reason}") from None
+    try:
+        conn = await trio.open_unix_socket(path)
+    except OSError as exc:
+        raise AdminUnavailable(_unreachable_message(path, exc)) from None
+    async with conn:
+        try:
+            await conn.send_all(request)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise AdminUnavailable(f"meshd at {path} closed the connection: {exc}") from None
+        decoder = FrameDecoder(ADMIN_MAX_FRAME)
+        while True:
+            try:
+                data = await conn.receive_some(RECEIVE_CHUNK)
+            except trio.BrokenResourceError as exc:
+                raise AdminUnavailable(f"meshd at {path} dropped the connection: {exc}") from None
+            if not data:
+                raise AdminUnavailable(
+                    f"meshd at {path} closed the connection without an answer; "
+                    "it may have stopped"
+                )
+            try:
+                frames = decoder.feed(data)
+            except FrameError as exc:
+                raise AdminError(f"malformed reply from meshd: {exc.reason}") from None
+            for frame in frames:
+                if "stream" in frame:
+                    if on_stream is not None:
+                        outcome = on_stream(frame["stream"])
+                        if inspect.isawaitable(outcome):
+                            await outcome
+                    continue
+                if frame.get("ok") is True:
+                    return frame.get("result")
+                if frame.get("ok") is False:
+                    raise AdminError(str(frame.get("error") or "meshd refused without a reason"))
+                raise AdminError(f"malformed reply from meshd: unexpected frame {sorted(frame)}")
+
+
+def _unreachable_message(path: str, exc: OSError) -> str:
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return (
+            f"cannot reach meshd at {path}: {reason}; the admin socket is open to root and "
+            "the daemon's user only"
+        )
+    return f"cannot reach meshd at {path}: {reason}; is the daemon running?"
+
+
+def admin_call_sync(
+    path: str,
+    cmd: str,
+    args: dict | None = None,
+    on_stream: Callable[[dict], Any] | None = None,
+    timeout: float | None = None,
+) -> Any:
+    """`admin_call` for synchronous code (the CLI): runs its own trio loop."""
+    return trio.run(partial(admin_call, path, cmd, args, on_stream, timeout))

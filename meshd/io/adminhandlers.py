@@ -1,0 +1,362 @@
+"""What each `meshctl` request does on the daemon (see CONTRACT.md for the JSON fields).
+
+Invariants:
+- Read requests answer from this node's copy of the replicated state; they work on a
+  partitioned node too (and say so in `status`).
+- Write requests go through Raft. They are refused with a clear error when the site has no
+  quorum, and retried with the same request id while it is briefly leaderless, so an
+  acknowledged change is committed and an unacknowledged one is applied at most once.
+- A bad request (unknown command, bad arguments, bad spec) raises AdminError with a reason
+  and changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import secrets
+import time
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+import trio
+
+from meshd import spec as specmod
+from meshd import tokens
+from meshd.io import peer
+from meshd.io.admin import AdminError, AdminRequest
+from meshd.io.logfiles import follow, read_tail
+from meshd.io.raft import CommandFailed
+from meshd.placement.plan import make_plan
+from meshd.sitestate import node_to_plain
+from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, ALLOC_RUNNING, APP_RUNNING, SiteState
+
+if TYPE_CHECKING:
+    from meshd.io.daemon import Daemon
+
+# Default bytes of log shown by `meshctl logs` without --tail: a screenful or two.
+DEFAULT_LOG_TAIL = 64 * 1024
+# Upper bound on --tail: the log files themselves are bounded by rotation anyway.
+MAX_LOG_TAIL = 16 * 1024 * 1024
+# How long a write waits for a leader to appear before it is refused.
+WRITE_RETRY_WINDOW = 5.0
+# `deploy --wait` without --timeout gives up after this long.
+DEFAULT_WAIT_TIMEOUT = 120.0
+# How often `--wait` / `--follow` look at the state for news when nothing woke them.
+POLL_PERIOD = 0.1
+
+
+def _actor(request: AdminRequest, daemon: "Daemon") -> str:
+    try:
+        user = pwd.getpwuid(request.peer_uid).pw_name
+    except (KeyError, TypeError):
+        user = f"uid:{request.peer_uid}"
+    return f"{user}@{daemon.config.name}"
+
+
+def _arg(args: dict, key: str, kind: type | tuple, default: Any = None, required: bool = False) -> Any:
+    value = args.get(key, default)
+    if value is None:
+        if required:
+            raise AdminError(f"missing argument {key!r}")
+        return default
+    if isinstance(value, bool) and kind is not bool and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise AdminError(f"argument {key!r} has the wrong type")
+    if not isinstance(value, kind):
+        raise AdminError(f"argument {key!r} has the wrong type")
+    return value
+
+
+def alloc_plain(state: SiteState, alloc) -> dict:
+    node = state.nodes.get(alloc.node_id)
+    return {"alloc_id": alloc.alloc_id, "app": alloc.app, "version": alloc.version, "replica": alloc.replica,
+            "node": node.name if node else alloc.node_id, "node_id": alloc.node_id,
+            "site": node.site if node else state.site, "state": alloc.state, "desired": alloc.desired,
+            "pid": alloc.pid, "restarts": alloc.restarts, "exit_code": alloc.exit_code, "reason": alloc.reason,
+            "created_at": alloc.created_at}
+
+
+def app_progress(state: SiteState, name: str) -> dict:
+    record = state.apps[name]
+    current = [a for a in state.allocs.values() if a.app == name and a.version == record.version and a.live]
+    running = sum(1 for a in current if a.state == ALLOC_RUNNING)
+    return {"app": name, "version": record.version, "status": record.status,
+            "replicas": record.spec.replicas if record.status == APP_RUNNING else 0, "running": running,
+            "sites": list(record.spec.sites) or [state.site],
+            "allocs": [alloc_plain(state, a) for a in current]}
+
+
+def find_alloc(state: SiteState, ref: str):
+    if ref in state.allocs:
+        return state.allocs[ref]
+    matches = [a for a in state.allocs.values() if a.alloc_id.startswith(ref)] if len(ref) >= 4 else []
+    if len(matches) == 1:
+        return matches[0]
+    raise AdminError(f"no allocation {ref!r}" if not matches else f"allocation prefix {ref!r} is ambiguous")
+
+
+async def serve_local_logs(daemon: "Daemon", alloc_id: str, follow_: bool, tail: Any,
+                           send: Callable[[dict], Awaitable[None]]) -> dict:
+    """Log text of an allocation that ran on this node (`meshctl logs`, local or via a member call)."""
+    if daemon.supervisor is None:
+        raise peer.PeerError("supervisor not running")
+    tail_bytes = tail if isinstance(tail, int) and not isinstance(tail, bool) and 0 < tail <= MAX_LOG_TAIL \
+        else DEFAULT_LOG_TAIL
+    path = daemon.supervisor.log_path(alloc_id)
+    if not path.parent.exists():
+        raise peer.PeerError(f"no logs for allocation {alloc_id} on {daemon.config.name}")
+    text = (await trio.to_thread.run_sync(read_tail, path, tail_bytes)).decode("utf-8", "replace")
+    if not follow_:
+        return {"data": text}
+    await send({"data": text})
+    async for chunk in follow(path):
+        await send({"data": chunk.decode("utf-8", "replace")})
+    return {"data": ""}
+
+
+class AdminHandlers:
+    def __init__(self, daemon: "Daemon"):
+        self.daemon = daemon
+        self.commands: dict[str, Callable[[AdminRequest, Any], Awaitable[Any]]] = {
+            "status": self.status, "nodes": self.nodes, "sites": self.sites, "token_create": self.token_create,
+            "deploy": self.deploy, "plan": self.plan, "apps": self.apps, "allocs": self.allocs, "stop": self.stop,
+            "drain": self.drain, "undrain": self.undrain, "revoke": self.revoke, "logs": self.logs,
+            "events": self.events, "audit": self.audit,
+        }
+
+    async def __call__(self, request: AdminRequest, stream) -> Any:
+        handler = self.commands.get(request.cmd)
+        if handler is None:
+            raise AdminError(f"unknown command {request.cmd!r}")
+        if not isinstance(request.args, dict):
+            raise AdminError("args must be an object")
+        return await handler(request, stream)
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _state(self) -> SiteState:
+        return self.daemon.snapshot()
+
+    def _require_member(self) -> None:
+        if self.daemon.raft is None:
+            raise AdminError("this node is still joining its site")
+
+    async def _write(self, request: AdminRequest, op: str, **fields: Any) -> dict:
+        """Commit a command; refuse without quorum; the result's error becomes AdminError."""
+        self._require_member()
+        d = self.daemon
+        deadline = time.monotonic() + WRITE_RETRY_WINDOW
+        while d.partitioned:
+            if time.monotonic() >= deadline:
+                raise AdminError("the site has no quorum reachable from this node (partitioned); "
+                                 "nothing was changed")
+            await trio.sleep(POLL_PERIOD)
+        command = d.new_command(op, actor=_actor(request, d), **fields)
+        try:
+            result = await d.commit(command, retry_until=deadline)
+        except CommandFailed as e:
+            raise AdminError(f"{e}; the change may not have been applied, check before retrying") from None
+        if not result.get("ok"):
+            raise AdminError(result.get("error", "refused"))
+        return result
+
+    # --- reads ----------------------------------------------------------------------------
+
+    async def status(self, request: AdminRequest, stream) -> dict:
+        d = self.daemon
+        state = self._state()
+        raft = d.raft.status if d.raft else None
+        members = sum(1 for n in state.nodes.values() if n.admin not in (ADMIN_LEFT, ADMIN_REVOKED))
+        role = "joining" if raft is None else raft.role
+        return {"node_id": d.identity.node_id if d.identity else None, "name": d.config.name,
+                "site": d.membership.site if d.membership else d.config.site, "role": role,
+                "leader": d.leader_name, "term": raft.term if raft else 0, "members": members,
+                "partitioned": d.partitioned if raft else True, "version": d.node_plain()["version"],
+                "address": f"{d.advertise_ip}:{d.peer_port}", "raft_address": f"{d.advertise_ip}:{d.raft_port}",
+                "voter": bool(d.membership and d.membership.voter),
+                "evidence": "software-only (self-reported)",
+                "allocs": sum(1 for a in state.allocs.values() if d.identity and a.node_id == d.identity.node_id
+                              and a.live),
+                "uptime_s": round(time.monotonic() - d.started, 1)}
+
+    def _node_rows(self, state: SiteState, site: str | None) -> list[dict]:
+        d = self.daemon
+        leader = d.raft.status.leader_address if d.raft else None
+        rows = []
+        for node in sorted(state.nodes.values(), key=lambda n: n.name):
+            if site and node.site != site:
+                continue
+            plain = node_to_plain(node)
+            plain.pop("public_key", None)
+            role = "leader" if node.raft_address == leader else ("follower" if node.voter else "nonvoter")
+            plain.update(role=role, cpu_free=node.resources.cpu_free, mem_free_mb=node.resources.mem_free_mb,
+                         allocs=sum(1 for a in state.allocs_on(node.node_id) if a.live))
+            rows.append(plain)
+        return rows
+
+    async def nodes(self, request: AdminRequest, stream) -> list:
+        return self._node_rows(self._state(), _arg(request.args, "site", str))
+
+    async def sites(self, request: AdminRequest, stream) -> list:
+        state = self._state()
+        members = [n for n in state.nodes.values() if n.admin not in (ADMIN_LEFT, ADMIN_REVOKED)]
+        return [{"site": state.site, "nodes": len(members), "ready": sum(1 for n in members if n.state == "ready"),
+                 "last_sync_s": 0.0, "reachable": not self.daemon.partitioned, "local": True}]
+
+    async def apps(self, request: AdminRequest, stream) -> list:
+        state = self._state()
+        rows = []
+        for name in sorted(state.apps):
+            progress = app_progress(state, name)
+            progress.pop("allocs")
+            rows.append(progress)
+        return rows
+
+    async def allocs(self, request: AdminRequest, stream) -> list:
+        state = self._state()
+        app = _arg(request.args, "app", str)
+        node_ref = _arg(request.args, "node", str)
+        node_id = None
+        if node_ref:
+            node = state.node_by_ref(node_ref)
+            if node is None:
+                raise AdminError(f"no member named {node_ref!r}")
+            node_id = node.node_id
+        rows = [alloc_plain(state, a) for a in state.allocs.values()
+                if (app is None or a.app == app) and (node_id is None or a.node_id == node_id)]
+        return sorted(rows, key=lambda r: (r["app"], r["replica"], r["created_at"]))
+
+    async def plan(self, request: AdminRequest, stream) -> dict:
+        app_spec = self._parse_spec(request)
+        state = self._state()
+        current = state.apps.get(app_spec.name)
+        version = (current.version + (0 if current.spec == app_spec else 1)) if current else 1
+        plan = make_plan(state, app_spec, version, range(app_spec.replicas), lambda: secrets.token_hex(6))
+        return plan.to_plain()
+
+    async def events(self, request: AdminRequest, stream) -> list:
+        follow_ = bool(_arg(request.args, "follow", bool, False))
+        seen_replicated = len(self._state().events)
+        history = self._merged_events(self._state().events, list(self.daemon.local_events))
+        if not follow_:
+            return history
+        for event in history[-50:]:
+            await stream.send(event)
+        local_seen = len(self.daemon.local_events)
+        while True:
+            await self.daemon.state_changed.wait(1.0)
+            state = self._state()
+            new = [e.to_plain() for e in state.events[seen_replicated:]] if len(state.events) >= seen_replicated \
+                else []
+            seen_replicated = len(state.events)
+            local = list(self.daemon.local_events)
+            new += local[local_seen:] if len(local) >= local_seen else []
+            local_seen = len(local)
+            for event in sorted(new, key=lambda e: e["ts"]):
+                await stream.send(event)
+
+    @staticmethod
+    def _merged_events(replicated: list, local: list[dict]) -> list[dict]:
+        return sorted([e.to_plain() for e in replicated] + local, key=lambda e: e["ts"])
+
+    async def audit(self, request: AdminRequest, stream) -> list:
+        return [a.to_plain() for a in self._state().audit]
+
+    async def logs(self, request: AdminRequest, stream) -> dict:
+        ref = _arg(request.args, "alloc", str, required=True)
+        follow_ = bool(_arg(request.args, "follow", bool, False))
+        tail = _arg(request.args, "tail", int)
+        d = self.daemon
+        state = self._state()
+        alloc = find_alloc(state, ref)
+        try:
+            if alloc.node_id == d.identity.node_id:
+                return await serve_local_logs(d, alloc.alloc_id, follow_, tail, stream.send)
+            node = state.nodes.get(alloc.node_id)
+            if node is None:
+                raise AdminError(f"allocation {alloc.alloc_id} ran on a node that is no longer known")
+            return await peer.member_call(node.address, node_id=d.identity.node_id,
+                                          site_secret=d.membership.site_secret,
+                                          call={"call": "logs", "alloc": alloc.alloc_id, "follow": follow_,
+                                                "tail": tail},
+                                          on_stream=stream.send, timeout=None if follow_ else 10.0)
+        except peer.PeerError as e:
+            raise AdminError(str(e)) from None
+        except (OSError, trio.TooSlowError) as e:
+            raise AdminError(f"cannot reach the node that holds {alloc.alloc_id}: {e or type(e).__name__}") from None
+
+    # --- writes ---------------------------------------------------------------------------
+
+    def _parse_spec(self, request: AdminRequest):
+        text = _arg(request.args, "spec_toml", str, required=True)
+        try:
+            return specmod.parse_app_toml(text)
+        except specmod.SpecError as e:
+            raise AdminError(f"invalid app spec: {e}") from None
+
+    async def deploy(self, request: AdminRequest, stream) -> dict:
+        app_spec = self._parse_spec(request)
+        wait = bool(_arg(request.args, "wait", bool, False))
+        timeout = _arg(request.args, "timeout", (int, float), DEFAULT_WAIT_TIMEOUT)
+        own_site = self.daemon.membership.site if self.daemon.membership else None
+        if app_spec.sites and own_site not in app_spec.sites:
+            raise AdminError(f"app.sites {list(app_spec.sites)} does not include this site ({own_site}); "
+                             "deploying to other sites needs cross-site sync")
+        result = await self._write(request, "submit_app", spec=specmod.spec_to_dict(app_spec))
+        answer = {"app": result["app"], "version": result["version"], "accepted": True}
+        if not wait:
+            return answer
+        deadline = time.monotonic() + float(timeout)
+        last = None
+        while True:
+            state = self._state()
+            if app_spec.name not in state.apps or state.apps[app_spec.name].version != result["version"]:
+                raise AdminError(f"{app_spec.name} v{result['version']} was replaced while waiting")
+            progress = app_progress(state, app_spec.name)
+            key = (progress["running"], tuple((a["alloc_id"], a["state"]) for a in progress["allocs"]))
+            if key != last:
+                await stream.send(progress)
+                last = key
+            if progress["running"] >= progress["replicas"]:
+                return answer | {"running": progress["running"], "replicas": progress["replicas"]}
+            if time.monotonic() >= deadline:
+                raise AdminError(f"{app_spec.name} v{result['version']} accepted, but only {progress['running']}/"
+                                 f"{progress['replicas']} replicas running after {timeout:g}s")
+            await self.daemon.state_changed.wait(POLL_PERIOD)
+
+    async def stop(self, request: AdminRequest, stream) -> dict:
+        app = _arg(request.args, "app", str, required=True)
+        result = await self._write(request, "stop_app", app=app)
+        return {"app": result["app"], "stopped": True, "allocs": len(result.get("allocs", []))}
+
+    async def drain(self, request: AdminRequest, stream) -> dict:
+        return await self._drain(request, "drain")
+
+    async def undrain(self, request: AdminRequest, stream) -> dict:
+        return await self._drain(request, "undrain")
+
+    async def _drain(self, request: AdminRequest, op: str) -> dict:
+        node = _arg(request.args, "node", str, required=True)
+        result = await self._write(request, op, node=node)
+        return {"node": result["node"], "node_id": result["node_id"], "state": result["state"]}
+
+    async def token_create(self, request: AdminRequest, stream) -> dict:
+        d = self.daemon
+        self._require_member()
+        site = _arg(request.args, "site", str) or d.membership.site
+        ttl = _arg(request.args, "ttl", int, tokens.DEFAULT_TOKEN_TTL)
+        if not 1 <= ttl <= tokens.MAX_TOKEN_TTL:
+            raise AdminError(f"ttl must be from 1 to {tokens.MAX_TOKEN_TTL} seconds")
+        if site != d.membership.site:
+            raise AdminError(f"tokens for another site ({site}) need cross-site sync, which this node does not "
+                             f"have; create it on a member of that site")
+        token_id = secrets.token_hex(tokens.TOKEN_ID_BYTES)
+        secret = secrets.token_bytes(tokens.TOKEN_SECRET_BYTES)
+        expires_at = time.time() + ttl
+        await self._write(request, "create_token", token_id=token_id, site=site, secret=secret.hex(),
+                          expires_at=expires_at)
+        return {"token": tokens.format_token(site, token_id, secret), "site": site, "expires_at": expires_at,
+                "token_id": token_id}
+
+    async def revoke(self, request: AdminRequest, stream) -> dict:
+        raise AdminError("revoke needs attested membership certificates, which this version does not have; "
+                         "use `meshctl drain` to move work off the node")

@@ -1,0 +1,643 @@
+"""`meshd run`: the trio daemon around the pure cores.
+
+Tasks of one daemon (all in one nursery; SIGTERM/SIGINT cancel it and shutdown runs):
+- peer listener: joins of new nodes, member calls (remote `logs`);
+- admin socket: `meshctl` requests (meshd.io.adminhandlers);
+- heartbeat: every `heartbeat_interval` a Raft command with this node's resources and the
+  state of its allocations (liveness comes only from these, never from mDNS);
+- leader duties (only while this node leads): liveness transitions, Raft voter membership,
+  reconcile + placement plans (Nomad's plan/apply split: the plan is re-checked at apply);
+- supervisor sync: runs exactly the allocations the replicated state assigns to this node.
+  The state is rebuilt from the local Raft journal at start, so a node restarted with no
+  peer reachable restarts its workloads (local autonomy).
+
+Invariants:
+- Only this package touches sockets, threads, processes and clocks; decisions are made by
+  pure functions given `now`.
+- A failed Raft command is retried with the same request id, so it is applied at most once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import secrets
+import signal
+import socket
+import time
+import uuid
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import psutil
+import trio
+
+from meshd import __version__, admission, tokens
+from meshd.config import NodeConfig
+from meshd.io import peer
+from meshd.io.identity import (Identity, Membership, load_or_create_identity, load_ports, save_ports)
+from meshd.io.mdns import Discovery
+from meshd.io.raft import CommandFailed, RaftNode, make_conf
+from meshd.io.supervisor import DesiredAlloc, Supervisor
+from meshd.liveness import LivenessTracker
+from meshd.placement.plan import make_plan
+from meshd.reconcile import reconcile
+from meshd.sitestate import node_to_plain
+from meshd.spec import spec_to_dict
+from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, DESIRED_RUN, SiteState
+
+log = logging.getLogger("meshd.daemon")
+
+# How often the leader re-evaluates liveness and reconcile when nothing wakes it earlier:
+# bounds detection latency to lease + this.
+LEADER_PERIOD = 0.1
+# Allocation reports are sent when they change; a full resend this often repairs any report
+# that a leader change swallowed.
+FULL_REPORT_PERIOD = 5.0
+# psutil sampling is cheap but not free; resources move slowly.
+RESOURCE_SAMPLE_PERIOD = 2.0
+# How long a joining node looks for members of its site before giving up.
+JOIN_DISCOVERY_TIMEOUT = 60.0
+# Local (non-replicated) events kept for `meshctl events`.
+MAX_LOCAL_EVENTS = 500
+
+
+class FatalStartupError(Exception):
+    """The daemon cannot start (e.g. a refused join); the message is shown to the operator."""
+
+
+class Wakeup:
+    """Wake several trio waiters when the replicated state changes (thread-safe notify)."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+        self._token = trio.lowlevel.current_trio_token()
+
+    def notify_threadsafe(self) -> None:
+        try:
+            self._token.run_sync_soon(self.notify)
+        except trio.RunFinishedError:
+            pass
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = trio.Event()
+
+    async def wait(self, timeout: float) -> None:
+        event = self._event
+        with trio.move_on_after(timeout):
+            await event.wait()
+
+
+def default_advertise_ip() -> str:
+    for addrs in psutil.net_if_addrs().values():
+        for addr in addrs:
+            if addr.family == socket.AF_INET and not addr.address.startswith("127."):
+                return addr.address
+    return "127.0.0.1"
+
+
+def free_port(ip: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((ip, 0))
+        return s.getsockname()[1]
+
+
+def sd_notify(message: str) -> None:
+    """systemd Type=notify: tell the service manager we are ready / stopping."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(path)
+            s.send(message.encode())
+    except OSError as e:
+        log.warning("sd_notify failed", extra={"reason": str(e)})
+
+
+class Daemon:
+    def __init__(self, config: NodeConfig):
+        self.config = config
+        self.data_dir = Path(config.data_dir)
+        self.identity: Identity | None = None
+        self.membership: Membership | None = None
+        self.raft: RaftNode | None = None
+        self.discovery: Discovery | None = None
+        self.supervisor: Supervisor | None = None
+        self.tracker = LivenessTracker(lease=config.lease)
+        self.local_events: deque[dict] = deque(maxlen=MAX_LOCAL_EVENTS)
+        self.advertise_ip = config.advertise or default_advertise_ip()
+        self.listen_ip = config.listen.rpartition(":")[0]
+        self.peer_port = 0
+        self.raft_port = 0
+        self.started = time.monotonic()
+        self._heartbeat_seq = int(time.time() * 1000)  # monotonic across restarts of this node
+        self._last_reported: dict[str, tuple] = {}
+        self._last_full_report = 0.0
+        self._resources: dict = {}
+        self._resources_at = 0.0
+        self._led_term: int | None = None
+        self._unplaced_reported: dict[str, str] = {}
+        self.state_changed: Wakeup | None = None
+        self.reports_changed: Wakeup | None = None
+        self.stopping = False
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def event(self, kind: str, message: str, **data: Any) -> None:
+        self.local_events.append({"ts": time.time(), "kind": kind, "message": message, "node": self.config.name, **data})
+        log.info(message, extra={"kind": kind, **data})
+
+    def snapshot(self) -> SiteState:
+        return self.raft.snapshot() if self.raft else SiteState()
+
+    def node_plain(self) -> dict:
+        assert self.identity is not None
+        return {
+            "node_id": self.identity.node_id,
+            "name": self.config.name,
+            "site": self.membership.site if self.membership else self.config.site,
+            "address": f"{self.advertise_ip}:{self.peer_port}",
+            "raft_address": f"{self.advertise_ip}:{self.raft_port}",
+            "public_key": self.identity.public_key.hex(),
+            "arch": platform.machine(),
+            "labels": dict(self.config.labels),
+            "version": __version__,
+        }
+
+    def new_command(self, op: str, **fields: Any) -> dict:
+        return {"op": op, "request_id": uuid.uuid4().hex, "ts": time.time(), **fields}
+
+    async def commit(self, command: dict, timeout: float = 5.0, retry_until: float | None = None) -> dict:
+        """Submit through Raft; retry the same request id until `retry_until` (monotonic)."""
+        assert self.raft is not None
+        deadline = retry_until if retry_until is not None else time.monotonic()
+        while True:
+            try:
+                return await self.raft.submit(command, timeout=timeout)
+            except CommandFailed:
+                if time.monotonic() >= deadline:
+                    raise
+                await trio.sleep(0.1)
+
+    @property
+    def leader_name(self) -> str | None:
+        if not self.raft:
+            return None
+        addr = self.raft.status.leader_address
+        if addr is None:
+            return None
+        if addr == f"{self.advertise_ip}:{self.raft_port}":
+            return self.config.name
+        for node in self.snapshot().nodes.values():
+            if node.raft_address == addr:
+                return node.name
+        return addr
+
+    @property
+    def partitioned(self) -> bool:
+        if not self.raft:
+            return True
+        status = self.raft.status
+        return status.leader_address is None or not status.has_quorum
+
+    # --- startup -----------------------------------------------------------------------
+
+    def _choose_ports(self) -> None:
+        saved = load_ports(self.data_dir)
+        listen_port = int(self.config.listen.rpartition(":")[2])
+        if listen_port:
+            self.peer_port, self.raft_port = listen_port, listen_port + 1
+        elif saved:
+            # Port 0 picks free ports once; a restarted node keeps them, because the other
+            # voters know it by its Raft address.
+            self.peer_port, self.raft_port = saved["peer_port"], saved["raft_port"]
+        else:
+            self.peer_port = free_port(self.listen_ip)
+            self.raft_port = free_port(self.listen_ip)
+        save_ports(self.data_dir, self.peer_port, self.raft_port)
+
+    def _start_raft(self) -> None:
+        assert self.membership is not None and self.state_changed is not None
+        m = self.membership
+        conf = make_conf(data_dir=self.data_dir, password=m.site_secret,
+                         bind_address=f"{self.listen_ip}:{self.raft_port}",
+                         min_timeout=self.config.raft_min_timeout, max_timeout=self.config.raft_max_timeout,
+                         append_period=self.config.append_entries_period)
+        self_address = f"{self.advertise_ip}:{self.raft_port}" if m.voter else None
+        partners = [p for p in m.partners if p != self_address]
+        self.raft = RaftNode(self_address, partners, conf, self.state_changed.notify_threadsafe,
+                             tick=self.config.append_entries_period / 2)
+
+    async def _found_site(self) -> None:
+        """No data, no token: this node founds a new mesh and its site."""
+        self.membership = Membership(site=self.config.site, mesh_id=uuid.uuid4().hex,
+                                     site_secret=secrets.token_hex(32), voter=True,
+                                     peer_port=self.peer_port, raft_port=self.raft_port, partners=[])
+        self.membership.save(self.data_dir)
+        self._start_raft()
+        command = self.new_command("bootstrap", site=self.config.site, mesh_id=self.membership.mesh_id,
+                                   node=self.node_plain(), actor=self.config.name)
+        result = await self.commit(command, retry_until=time.monotonic() + 30)
+        if not result.get("ok"):
+            raise FatalStartupError(f"could not found site: {result.get('error')}")
+        self.event("membership", f"founded site {self.config.site}", site=self.config.site)
+
+    async def _join_site(self) -> None:
+        try:
+            token = tokens.parse_token(self.config.join or "")
+        except tokens.TokenError as e:
+            raise FatalStartupError(f"--join: {e}") from None
+        deadline = time.monotonic() + JOIN_DISCOVERY_TIMEOUT
+        tried: set[str] = set()
+        last_error = "no member of the site found (mDNS or --peer)"
+        while time.monotonic() < deadline:
+            candidates = list(self.config.peers)
+            if self.discovery:
+                candidates += [c.address for c in self.discovery.candidates(token.site)]
+            for address in candidates:
+                try:
+                    welcome = await self._join_via(address, token)
+                except peer.PeerError as e:
+                    last_error = str(e)
+                    if "token" in last_error or "revoked" in last_error or "site" in last_error:
+                        raise FatalStartupError(f"join refused by {address}: {last_error}") from None
+                    if address not in tried:
+                        log.info("join attempt failed", extra={"peer": address, "reason": last_error})
+                    tried.add(address)
+                    continue
+                except (OSError, trio.TooSlowError, KeyError, ValueError) as e:
+                    last_error = f"{address}: {e or type(e).__name__}"
+                    tried.add(address)
+                    continue
+                self.membership = Membership(site=token.site, mesh_id=welcome["mesh_id"],
+                                             site_secret=welcome["site_secret"], voter=bool(welcome["voter"]),
+                                             peer_port=self.peer_port, raft_port=self.raft_port,
+                                             partners=list(welcome["partners"]))
+                self.membership.save(self.data_dir)
+                self.event("membership", f"joined site {token.site} via {address}", site=token.site,
+                           voter=self.membership.voter)
+                self._start_raft()
+                return
+            await trio.sleep(0.05)
+        raise FatalStartupError(f"could not join site {token.site}: {last_error}")
+
+    async def _join_via(self, address: str, token: tokens.ParsedToken) -> dict:
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+        from cryptography.hazmat.primitives import serialization
+        assert self.identity is not None
+        eph = X25519PrivateKey.generate()
+        eph_pub = eph.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        conn = await peer.open_peer(address)
+        try:
+            await conn.send({"type": "join_hello", "site": token.site})
+            challenge = await conn.receive()
+            if challenge.get("type") != "challenge":
+                raise peer.PeerError(challenge.get("error") or "member did not send a challenge")
+            nonce, member_eph = bytes.fromhex(challenge["nonce"]), bytes.fromhex(challenge["member_eph"])
+            node = self.node_plain() | {"site": token.site}
+            transcript = tokens.join_transcript(nonce, eph_pub, member_eph, token.token_id, node)
+            await conn.send({"type": "join_request", "token_id": token.token_id, "node": node,
+                             "joiner_eph": eph_pub.hex(), "proof": tokens.token_proof(token.secret, transcript),
+                             "signature": tokens.sign(self.identity.private_key, transcript)})
+            answer = await conn.receive(timeout=15)
+            if answer.get("type") != "welcome":
+                raise peer.PeerError(answer.get("reason") or answer.get("error") or "join refused")
+            key = tokens.session_key(eph, member_eph, token.secret, transcript)
+            try:
+                return tokens.unseal(key, answer["sealed"])
+            except tokens.TokenError as e:
+                raise peer.PeerError(str(e)) from None
+        finally:
+            await conn.aclose()
+
+    # --- peer side of the join ----------------------------------------------------------
+
+    async def handle_join(self, conn: peer.FramedStream, hello: dict) -> None:
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+        from cryptography.hazmat.primitives import serialization
+        if self.membership is None or self.raft is None:
+            raise peer.PeerError("this node is not a member of any site yet")
+        eph = X25519PrivateKey.generate()
+        challenge = admission.Challenge(
+            nonce=os.urandom(32),
+            member_eph=eph.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw),
+            issued_at=time.time())
+        await conn.send({"type": "challenge", "nonce": challenge.nonce.hex(), "member_eph": challenge.member_eph.hex(),
+                         "site": self.membership.site})
+        msg = await conn.receive()
+        if msg.get("type") != "join_request":
+            raise peer.PeerError("expected join_request")
+        try:
+            request = admission.JoinRequest(token_id=str(msg["token_id"]), node=dict(msg["node"]),
+                                            joiner_eph=bytes.fromhex(msg["joiner_eph"]), proof=str(msg["proof"]),
+                                            signature=str(msg["signature"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise peer.PeerError(f"malformed join_request ({type(e).__name__})") from None
+        state = self.snapshot()
+        verdict = admission.decide(state, challenge, request, now=time.time())
+        name = request.node.get("name", "?")
+        if not verdict.admit:
+            self.event("membership", f"join of {name} refused: {verdict.reason}", node=name, reason=verdict.reason)
+            await conn.send({"type": "refused", "reason": verdict.reason})
+            return
+        try:
+            result = await self.commit(self.new_command("admit_node", token_id=request.token_id, node=request.node,
+                                                        actor=self.config.name),
+                                       retry_until=time.monotonic() + 5)
+        except CommandFailed as e:
+            await conn.send({"type": "refused", "reason": f"site could not commit the admission: {e}"})
+            return
+        if not result.get("ok"):
+            self.event("membership", f"join of {name} refused: {result.get('error')}", node=name)
+            await conn.send({"type": "refused", "reason": result["error"]})
+            return
+        state = self.snapshot()
+        partners = sorted(n.raft_address for n in state.nodes.values()
+                          if n.voter and n.admin not in (ADMIN_LEFT, ADMIN_REVOKED) and n.node_id != request.node["node_id"])
+        welcome = {"mesh_id": self.membership.mesh_id, "site": self.membership.site,
+                   "site_secret": self.membership.site_secret, "voter": result["voter"], "partners": partners}
+        transcript = admission.transcript_for(challenge, request)
+        key = tokens.session_key(eph, request.joiner_eph, bytes.fromhex(state.tokens[request.token_id].secret),
+                                 transcript)
+        await conn.send({"type": "welcome", "sealed": tokens.seal(key, os.urandom(12), welcome)})
+        self.event("membership", f"admitted {name}", node=name, voter=result["voter"])
+
+    def is_member(self, node_id: str) -> bool:
+        node = self.snapshot().nodes.get(node_id)
+        return node is not None and node.admin not in (ADMIN_LEFT, ADMIN_REVOKED)
+
+    # --- periodic duties ---------------------------------------------------------------
+
+    def _sample_resources(self) -> dict:
+        now = time.monotonic()
+        if not self._resources or now - self._resources_at > RESOURCE_SAMPLE_PERIOD:
+            cores = psutil.cpu_count() or 1
+            busy = psutil.cpu_percent(interval=None) / 100.0
+            mem = psutil.virtual_memory()
+            self._resources = {"cpu_total": float(cores), "cpu_free": round(cores * (1 - busy), 2),
+                               "mem_total_mb": mem.total // 2**20, "mem_free_mb": mem.available // 2**20}
+            self._resources_at = now
+        return self._resources
+
+    async def heartbeat_loop(self) -> None:
+        assert self.identity is not None and self.reports_changed is not None
+        while True:
+            if self.raft is not None and self.raft.status.leader_address is not None:
+                reports = [dataclasses.asdict(r) for r in self.supervisor.reports()] if self.supervisor else []
+                now = time.monotonic()
+                full = now - self._last_full_report > FULL_REPORT_PERIOD
+                changed = [r for r in reports
+                           if full or self._last_reported.get(r["alloc_id"]) != tuple(sorted(r.items()))]
+                self._heartbeat_seq += 1
+                command = {"op": "heartbeat", "ts": time.time(), "node_id": self.identity.node_id,
+                           "seq": self._heartbeat_seq, "resources": self._sample_resources(),
+                           "reports": [{k: r[k] for k in ("alloc_id", "state", "pid", "restarts", "exit_code", "reason")}
+                                       for r in changed]}
+                try:
+                    result = await self.raft.submit(command, timeout=max(self.config.lease, 1.0))
+                    if result.get("ok"):
+                        for r in changed:
+                            self._last_reported[r["alloc_id"]] = tuple(sorted(r.items()))
+                        if full:
+                            self._last_full_report = now
+                except CommandFailed:
+                    pass
+            await self.reports_changed.wait(self.config.heartbeat_interval)
+
+    async def leader_loop(self) -> None:
+        assert self.state_changed is not None
+        while True:
+            await self.state_changed.wait(LEADER_PERIOD)
+            if self.raft is None or self.raft.status.role != "leader":
+                self._led_term = None
+                continue
+            try:
+                await self._lead_once()
+            except CommandFailed as e:
+                log.info("leader duty interrupted", extra={"reason": str(e)})
+
+    async def _lead_once(self) -> None:
+        assert self.raft is not None
+        status = self.raft.status
+        now = time.time()
+        state = self.snapshot()
+        if self._led_term != status.term:
+            # A new term: every member gets a fresh lease, so a leader change by itself never
+            # marks anyone down or reschedules anything.
+            self._led_term = status.term
+            self.tracker.reset(state, time.monotonic())
+            self.event("leader", f"{self.config.name} leads site {state.site} (term {status.term})", term=status.term)
+        for transition in self.tracker.observe(state, time.monotonic()):
+            await self.commit(self.new_command("set_liveness", node_id=transition.node_id, liveness=transition.to,
+                                               reason=transition.reason))
+        await self._sync_voters(state)
+        state = self.snapshot()
+        rec = reconcile(state)
+        stops_by_app: dict[str, list] = {}
+        for alloc_id, reason in rec.stop:
+            stops_by_app.setdefault(state.allocs[alloc_id].app if alloc_id in state.allocs else "", []).append(
+                (alloc_id, reason))
+        for app_name in sorted(set(rec.place) | set(stops_by_app)):
+            record = state.apps.get(app_name)
+            replicas = rec.place.get(app_name, ())
+            stops = stops_by_app.get(app_name, [])
+            if record is None:
+                plan_plain = {"app": app_name or "unknown", "version": 1, "placements": [],
+                              "stops": [list(s) for s in stops]}
+            else:
+                plan = make_plan(state, record.spec, record.version, replicas, lambda: secrets.token_hex(6),
+                                 stops=stops)
+                if plan.unplaced:
+                    reason = "; ".join(f"replica {r}: {why}" for r, why in plan.unplaced)
+                    if self._unplaced_reported.get(app_name) != reason:
+                        self._unplaced_reported[app_name] = reason
+                        self.event("placement", f"{app_name}: cannot place {len(plan.unplaced)} replica(s): {reason}",
+                                   app=app_name)
+                if not plan.placements and not plan.stops:
+                    continue
+                plan_plain = {"app": app_name, "version": record.version,
+                              "placements": [{"alloc_id": p.alloc_id, "replica": p.replica, "node_id": p.node_id}
+                                             for p in plan.placements],
+                              "stops": [list(s) for s in plan.stops]}
+            if not plan_plain["placements"] and not plan_plain["stops"]:
+                continue
+            await self.commit(self.new_command("apply_plan", plan=plan_plain))
+            state = self.snapshot()
+
+    async def _sync_voters(self, state: SiteState) -> None:
+        """Make the Raft configuration hold every admitted voter (one change at a time)."""
+        assert self.raft is not None
+        status = self.raft.status
+        own = f"{self.advertise_ip}:{self.raft_port}"
+        configured = set(status.partners) | {own}
+        for node in state.nodes.values():
+            if node.voter and node.admin not in (ADMIN_LEFT, ADMIN_REVOKED) and node.raft_address not in configured:
+                try:
+                    await self.raft.change_membership(add=node.raft_address)
+                    self.event("membership", f"{node.name} added to the Raft voters", node=node.name)
+                except CommandFailed as e:
+                    log.info("voter add pending", extra={"node": node.name, "reason": str(e)})
+                return
+
+    async def supervise_loop(self) -> None:
+        assert self.state_changed is not None and self.identity is not None and self.supervisor is not None
+        last: tuple | None = None
+        while True:
+            state = self.snapshot()
+            desired = []
+            for alloc in state.allocs.values():
+                if alloc.node_id != self.identity.node_id or not alloc.live:
+                    continue
+                record = state.apps.get(alloc.app)
+                if record is None:
+                    continue
+                spec = record.spec
+                desired.append(DesiredAlloc(alloc_id=alloc.alloc_id, app=alloc.app, command=tuple(spec.command),
+                                            env=dict(spec.env), restart_policy=spec.restart_policy))
+            key = tuple(sorted(d.alloc_id for d in desired))
+            if key != last:
+                self.supervisor.set_desired(desired)
+                last = key
+            self._save_partners(state)
+            await self.state_changed.wait(1.0)
+
+    def _save_partners(self, state: SiteState) -> None:
+        """Remember the voters' Raft addresses, so a restart finds the site without mDNS."""
+        if self.membership is None or not state.nodes:
+            return
+        own = f"{self.advertise_ip}:{self.raft_port}"
+        partners = sorted(n.raft_address for n in state.nodes.values()
+                          if n.voter and n.admin not in (ADMIN_LEFT, ADMIN_REVOKED) and n.raft_address != own)
+        if partners != sorted(self.membership.partners):
+            self.membership.partners = partners
+            self.membership.save(self.data_dir)
+
+    # --- main --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        from meshd.io.adminhandlers import AdminHandlers
+        from meshd.io.admin import serve_admin
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)
+        self.identity = load_or_create_identity(self.data_dir)
+        self.state_changed = Wakeup()
+        self.reports_changed = Wakeup()
+        self._choose_ports()
+        self.membership = Membership.load(self.data_dir)
+        admin_path = self.config.admin_socket or str(self.data_dir / "admin.sock")
+        log.info("starting", extra={"node_id": self.identity.node_id, "node_name": self.config.name,
+                                    "data_dir": str(self.data_dir), "peer": f"{self.advertise_ip}:{self.peer_port}"})
+        async with trio.open_nursery() as nursery:
+            listeners = await trio.open_tcp_listeners(self.peer_port, host=self.listen_ip or None)
+            nursery.start_soon(self._serve_peers, listeners)
+            if self.config.mdns:
+                self.discovery = Discovery(advertise_ip=self.advertise_ip, node_id=self.identity.node_id,
+                                           site=self.membership.site if self.membership else self.config.site,
+                                           peer_port=self.peer_port, fingerprint=self.identity.fingerprint,
+                                           version=__version__)
+            self.supervisor = Supervisor(self.data_dir, on_change=self.reports_changed.notify,
+                                         log_max_bytes=self.config.log_max_bytes, log_keep=self.config.log_keep)
+            await nursery.start(self.supervisor.run)
+            handlers = AdminHandlers(self)
+            await nursery.start(serve_admin, admin_path, handlers)
+            try:
+                if self.membership is not None:
+                    self._start_raft()
+                    self.event("membership", f"resumed membership of site {self.membership.site}")
+                elif self.config.join:
+                    await self._join_site()
+                else:
+                    await self._found_site()
+            except FatalStartupError:
+                await self._shutdown()
+                raise
+            assert self.membership is not None
+            if self.discovery:
+                self.discovery.update_site(self.membership.site)
+                self.discovery.announce()
+            nursery.start_soon(self.heartbeat_loop)
+            nursery.start_soon(self.leader_loop)
+            nursery.start_soon(self.supervise_loop)
+            nursery.start_soon(self._watch_signals, nursery.cancel_scope)
+            sd_notify("READY=1")
+            log.info("ready", extra={"site": self.membership.site, "voter": self.membership.voter})
+        # cancelled by a signal
+        await self._shutdown()
+
+    async def _serve_peers(self, listeners) -> None:
+        limiter = trio.CapacityLimiter(peer.MAX_PEER_CONNECTIONS)
+
+        async def handle(stream: trio.SocketStream) -> None:
+            async with limiter:
+                await peer.serve_peer_connection(
+                    stream, on_join=self.handle_join, on_member_call=self.handle_member_call,
+                    member_secret=lambda: self.membership.site_secret if self.membership and self.raft else None,
+                    is_member=self.is_member)
+
+        await trio.serve_listeners(handle, listeners)
+
+    async def handle_member_call(self, call: dict, send_stream) -> Any:
+        from meshd.io.adminhandlers import serve_local_logs
+        if call.get("call") == "logs":
+            return await serve_local_logs(self, str(call.get("alloc", "")), bool(call.get("follow")),
+                                          call.get("tail"), send_stream)
+        raise peer.PeerError(f"unknown member call {call.get('call')!r}")
+
+    async def _watch_signals(self, cancel_scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("stopping", extra={"signal": signal.Signals(signum).name})
+                self.stopping = True
+                cancel_scope.cancel()
+                return
+
+    async def _shutdown(self) -> None:
+        sd_notify("STOPPING=1")
+        with trio.CancelScope(shield=True):
+            if self.supervisor is not None:
+                await self.supervisor.stop_all()
+            if self.discovery is not None:
+                await trio.to_thread.run_sync(self.discovery.close)
+            if self.raft is not None:
+                await trio.to_thread.run_sync(self.raft.close)
+        admin_path = self.config.admin_socket or str(self.data_dir / "admin.sock")
+        try:
+            os.unlink(admin_path)
+        except OSError:
+            pass
+        log.info("stopped")
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line on stderr: journald and log shippers read it as is."""
+
+    RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
+                 "msg": record.getMessage()}
+        for key, value in record.__dict__.items():
+            if key not in self.RESERVED and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def setup_logging(level: str = "info") -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("zeroconf", "pysyncobj"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

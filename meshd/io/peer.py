@@ -1,0 +1,188 @@
+"""The peer port: framed JSON over TCP for joins and member-to-member calls.
+
+Two conversations exist:
+- join: `join_hello` -> `challenge` (fresh nonce, X25519 key) -> `join_request` (token proof,
+  signature) -> `welcome` (sealed: Raft secret and partners) or `refused` (a reason).
+- member call: `member_hello` -> `challenge` -> `member_call` (HMAC with a key derived from
+  the site secret over nonce and call) -> `stream` frames and a final `result`/`error`.
+
+Invariants:
+- Anything that is not a well-formed frame of a known type gets one `error` frame with the
+  reason, and the connection is closed; the listener keeps serving others.
+- A connection that says nothing for HANDSHAKE_TIMEOUT is dropped (slow-loris guard).
+- Nonces are single-use: a challenge lives only for one connection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import trio
+
+from meshd import tokens
+from meshd.wire import PEER_MAX_FRAME, FrameDecoder, FrameError, encode_frame
+
+log = logging.getLogger("meshd.peer")
+
+# A peer that has not finished its handshake step within this time is dropped: generous for
+# a device on a lossy link, short enough that idle sockets cannot pile up.
+HANDSHAKE_TIMEOUT = 10.0
+# At most this many peer connections are served at once; beyond it new ones wait in the
+# accept backlog instead of exhausting memory.
+MAX_PEER_CONNECTIONS = 256
+
+
+class PeerError(Exception):
+    """The peer refused, or spoke out of turn; the message is a reason to show."""
+
+
+class FramedStream:
+    def __init__(self, stream: trio.abc.Stream, max_frame: int = PEER_MAX_FRAME):
+        self.stream = stream
+        self._decoder = FrameDecoder(max_frame)
+        self._pending: list[dict] = []
+        self._max_frame = max_frame
+
+    async def send(self, obj: dict) -> None:
+        await self.stream.send_all(encode_frame(obj, max_frame=self._max_frame))
+
+    async def receive(self, timeout: float = HANDSHAKE_TIMEOUT) -> dict:
+        with trio.fail_after(timeout):
+            while not self._pending:
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    raise PeerError("peer closed the connection")
+                self._pending.extend(self._decoder.feed(data))
+        return self._pending.pop(0)
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(1):
+            await self.stream.aclose()
+
+
+def member_key(site_secret: str) -> bytes:
+    return hashlib.sha256(b"meshd-member-rpc-v1\0" + site_secret.encode()).digest()
+
+
+def call_mac(key: bytes, nonce: bytes, node_id: str, call: dict) -> str:
+    return hmac.new(key, nonce + node_id.encode() + b"\0" + tokens.canonical(call), hashlib.sha256).hexdigest()
+
+
+# --- server side ----------------------------------------------------------------------------
+
+JoinHandler = Callable[[FramedStream, dict], Awaitable[None]]
+CallHandler = Callable[[dict, Callable[[dict], Awaitable[None]]], Awaitable[Any]]
+
+
+async def serve_peer_connection(stream: trio.SocketStream, *, on_join: JoinHandler,
+                                on_member_call: CallHandler, member_secret: Callable[[], str | None],
+                                is_member: Callable[[str], bool]) -> None:
+    conn = FramedStream(stream)
+    try:
+        hello = await conn.receive()
+        kind = hello.get("type")
+        if kind == "join_hello":
+            await on_join(conn, hello)
+        elif kind == "member_hello":
+            await _serve_member_call(conn, on_member_call, member_secret, is_member)
+        else:
+            raise PeerError(f"unknown message type {kind!r}")
+    except FrameError as e:
+        await _refuse(conn, f"bad frame: {e}")
+        log.warning("peer sent a bad frame", extra={"reason": str(e), "peer": _peer_name(stream)})
+    except PeerError as e:
+        await _refuse(conn, str(e))
+        log.info("peer conversation refused", extra={"reason": str(e), "peer": _peer_name(stream)})
+    except trio.TooSlowError:
+        await _refuse(conn, "handshake timed out")
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        await conn.aclose()
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+        return f"{host}:{port}"
+    except (OSError, AttributeError):
+        return "?"
+
+
+async def _refuse(conn: FramedStream, reason: str) -> None:
+    with trio.move_on_after(1):
+        try:
+            await conn.send({"type": "error", "error": reason})
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+async def _serve_member_call(conn: FramedStream, on_member_call: CallHandler,
+                             member_secret: Callable[[], str | None], is_member: Callable[[str], bool]) -> None:
+    secret = member_secret()
+    if secret is None:
+        raise PeerError("this node is not a member of any site yet")
+    nonce = os.urandom(32)
+    await conn.send({"type": "challenge", "nonce": nonce.hex()})
+    msg = await conn.receive()
+    if msg.get("type") != "member_call":
+        raise PeerError("expected member_call")
+    node_id, call, mac = msg.get("node_id"), msg.get("call"), msg.get("mac")
+    if not isinstance(node_id, str) or not isinstance(call, dict) or not isinstance(mac, str):
+        raise PeerError("member_call needs node_id, call and mac")
+    if not is_member(node_id) or not hmac.compare_digest(call_mac(member_key(secret), nonce, node_id, call), mac):
+        raise PeerError("member authentication failed")
+
+    async def send_stream(item: dict) -> None:
+        await conn.send({"type": "stream", "item": item})
+
+    try:
+        result = await on_member_call(call, send_stream)
+    except PeerError as e:
+        await conn.send({"type": "error", "error": str(e)})
+        return
+    await conn.send({"type": "result", "result": result})
+
+
+# --- client side ----------------------------------------------------------------------------
+
+
+async def open_peer(address: str, timeout: float = 3.0) -> FramedStream:
+    host, _, port = address.rpartition(":")
+    with trio.fail_after(timeout):
+        stream = await trio.open_tcp_stream(host, int(port))
+    return FramedStream(stream)
+
+
+async def member_call(address: str, *, node_id: str, site_secret: str, call: dict,
+                      on_stream: Callable[[dict], Awaitable[None]] | None = None,
+                      timeout: float | None = 10.0) -> Any:
+    conn = await open_peer(address)
+    try:
+        await conn.send({"type": "member_hello"})
+        challenge = await conn.receive()
+        if challenge.get("type") != "challenge":
+            raise PeerError(challenge.get("error") or "peer did not send a challenge")
+        nonce = bytes.fromhex(challenge["nonce"])
+        await conn.send({"type": "member_call", "node_id": node_id, "call": call,
+                         "mac": call_mac(member_key(site_secret), nonce, node_id, call)})
+        while True:
+            msg = await conn.receive(timeout=timeout if timeout is not None else float("inf"))
+            kind = msg.get("type")
+            if kind == "stream" and on_stream is not None:
+                await on_stream(msg.get("item", {}))
+            elif kind == "result":
+                return msg.get("result")
+            elif kind == "error":
+                raise PeerError(msg.get("error", "peer error"))
+    finally:
+        await conn.aclose()
+
+
+async def aiter_frames(conn: FramedStream) -> AsyncIterator[dict]:
+    while True:
+        yield await conn.receive(timeout=float("inf"))

@@ -1,0 +1,219 @@
+"""The bridge between pysyncobj and the trio daemon.
+
+pysyncobj runs its Raft loop on a thread of ours (autoTick is off, so we decide when the
+thread starts: only after the replicated state exists). Commands go in through
+`submit()` (any thread); their results come back on the trio loop through
+`trio.lowlevel.TrioToken.run_sync_soon`.
+
+Invariants:
+- The replicated object holds plain data only (a SiteState); it is what pysyncobj pickles
+  into snapshots. Callbacks, locks and the thread are set before SyncObj.__init__, which
+  keeps them out of snapshots.
+- The replicated method never raises (sitestate.apply returns errors as values): a raising
+  method would wedge every member.
+- Raft traffic is always encrypted with the site secret: without a password pysyncobj
+  unpickles whatever any TCP client sends.
+- Readers get a consistent copy of the state under a lock; the records in it are frozen.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import trio
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+
+from meshd import sitestate
+from meshd.state import SiteState
+
+log = logging.getLogger("meshd.raft")
+
+RAFT_STATES = {0: "follower", 1: "candidate", 2: "leader"}
+
+FAIL_REASONS = {
+    FAIL_REASON.QUEUE_FULL: "the site is overloaded (command queue full)",
+    FAIL_REASON.MISSING_LEADER: "the site has no leader (no quorum reachable)",
+    FAIL_REASON.DISCARDED: "the command was discarded by a leader change; retry",
+    FAIL_REASON.NOT_LEADER: "the command reached a node that is no longer leader; retry",
+    FAIL_REASON.LEADER_CHANGED: "the leader changed while the command was in flight; retry",
+    FAIL_REASON.REQUEST_DENIED: "the leader refused the request",
+}
+
+
+class CommandFailed(Exception):
+    """A command did not commit (no leader, leader change, timeout). Its outcome may be unknown."""
+
+
+@dataclass(frozen=True)
+class RaftStatus:
+    role: str  # leader | follower | candidate | nonvoter
+    leader_address: str | None  # raft address of the leader this node follows
+    term: int
+    has_quorum: bool
+    commit_index: int
+    last_applied: int
+    partners: tuple[str, ...]  # voters other than this node, per the Raft configuration
+
+
+class SiteRaft(SyncObj):
+    def __init__(self, self_address: str | None, partners: list[str], conf: SyncObjConf,
+                 on_applied: Callable[[], None]):
+        # Set before SyncObj.__init__: pysyncobj leaves attributes that exist at the end of its
+        # __init__ out of snapshots, which is exactly right for these.
+        self._lock = threading.Lock()
+        self._on_applied = on_applied
+        self._status_cache: RaftStatus | None = None
+        super().__init__(self_address, partners, conf)
+        # Set after: this is the replicated state, saved in snapshots.
+        self.site_state = SiteState()
+
+    @replicated
+    def apply_command(self, command):
+        with self._lock:
+            result = sitestate.apply(self.site_state, command)
+        try:
+            self._on_applied()
+        except Exception:  # the notification is best-effort; never let it reach pysyncobj
+            log.exception("on_applied hook failed")
+        return result
+
+    def snapshot(self) -> SiteState:
+        with self._lock:
+            state = copy.copy(self.site_state)
+            for name in ("nodes", "apps", "allocs", "tokens", "applied_requests"):
+                setattr(state, name, dict(getattr(state, name)))
+            state.events = list(state.events)
+            state.audit = list(state.audit)
+            state.applied_order = []
+        return state
+
+    def refresh_status(self) -> None:
+        """Runs on the Raft thread after each tick: copy what the trio side may read."""
+        raw = self.getStatus()
+        leader = raw.get("leader")
+        role = RAFT_STATES.get(raw.get("state"), "follower") if self.selfNode is not None else "nonvoter"
+        self._status_cache = RaftStatus(
+            role=role,
+            leader_address=leader.address if leader is not None else None,
+            term=int(raw.get("raft_term", 0)),
+            has_quorum=bool(raw.get("has_quorum")),
+            commit_index=int(raw.get("commit_idx", 0)),
+            last_applied=int(raw.get("last_applied", 0)),
+            partners=tuple(sorted(n.address for n in self.otherNodes)),
+        )
+
+    @property
+    def status(self) -> RaftStatus:
+        return self._status_cache or RaftStatus("follower", None, 0, False, 0, 0, ())
+
+
+def make_conf(*, data_dir: Path, password: str, bind_address: str, min_timeout: float, max_timeout: float,
+              append_period: float) -> SyncObjConf:
+    raft_dir = data_dir / "raft"
+    raft_dir.mkdir(parents=True, exist_ok=True)
+    return SyncObjConf(
+        password=password,
+        autoTick=False,
+        dynamicMembershipChange=True,
+        journalFile=str(raft_dir / "journal"),
+        fullDumpFile=str(raft_dir / "snapshot"),
+        useFork=False,  # forking a trio process is unsafe; snapshots are small
+        raftMinTimeout=min_timeout,
+        raftMaxTimeout=max_timeout,
+        appendEntriesPeriod=append_period,
+        # An isolated leader must step down soon so that `status` says partitioned and no
+        # stale leader takes commands that can never commit.
+        leaderFallbackTimeout=max(max_timeout, 3 * append_period + 0.01),
+        # Detect a dead TCP peer quickly; must be >= raftMaxTimeout (pysyncobj asserts it).
+        connectionTimeout=max(max_timeout * 2, 1.5),
+        # Reconnect quickly to a restarted or newly added member (default 5 s is too slow
+        # for a join to finish within a second).
+        connectionRetryTime=0.25,
+        bindAddress=bind_address,
+        commandsWaitLeader=False,  # fail fast without a leader; callers decide to retry
+        logCompactionMinEntries=20_000,  # heartbeats are frequent; compact in big steps
+        logCompactionMinTime=600,
+    )
+
+
+class RaftNode:
+    """Owns one SiteRaft and the thread that drives it."""
+
+    def __init__(self, self_address: str | None, partners: list[str], conf: SyncObjConf,
+                 on_applied: Callable[[], None], tick: float):
+        self.raft = SiteRaft(self_address, partners, conf, on_applied)
+        self._tick = tick
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="meshd-raft", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.raft.doTick(self._tick)
+                self.raft.refresh_status()
+            except Exception:
+                log.exception("raft tick failed")
+                self._stopping.wait(self._tick)
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=5)
+        try:
+            self.raft._doDestroy()  # closes sockets and the journal; the tick thread has stopped
+        except Exception:
+            log.exception("raft shutdown failed")
+
+    @property
+    def status(self) -> RaftStatus:
+        return self.raft.status
+
+    def snapshot(self) -> SiteState:
+        return self.raft.snapshot()
+
+    async def submit(self, command: dict, timeout: float = 5.0) -> dict:
+        """Commit one command and return its result; raise CommandFailed if it did not commit."""
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        outcome: list = []
+
+        def callback(result, error):
+            outcome.append((result, error))
+            try:
+                token.run_sync_soon(done.set)
+            except trio.RunFinishedError:
+                pass
+
+        self.raft.apply_command(command, callback=callback)
+        with trio.move_on_after(timeout):
+            await done.wait()
+        if not outcome:
+            raise CommandFailed(f"no commit within {timeout:g}s (the site may have lost quorum)")
+        result, error = outcome[0]
+        if error != FAIL_REASON.SUCCESS:
+            raise CommandFailed(FAIL_REASONS.get(error, f"raft error {error}"))
+        return result
+
+    async def change_membership(self, add: str | None = None, remove: str | None = None, timeout: float = 5.0) -> None:
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        outcome: list = []
+
+        def callback(result, error):
+            outcome.append(error)
+            token.run_sync_soon(done.set)
+
+        if add:
+            self.raft.addNodeToCluster(add, callback=callback)
+        else:
+            self.raft.removeNodeFromCluster(remove, callback=callback)
+        with trio.move_on_after(timeout):
+            await done.wait()
+        if not outcome or outcome[0] != FAIL_REASON.SUCCESS:
+            reason = FAIL_REASONS.get(outcome[0], "refused") if outcome else "timed out"
+            raise CommandFailed(f"membership change failed: {reason}")

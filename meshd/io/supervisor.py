@@ -1,0 +1,484 @@
+"""Runs this node's allocations as OS processes, restarts them per policy, reports their state.
+
+Each allocation gets a task that loops: start the command, copy its output into
+`<data_dir>/allocs/<alloc_id>/output.log`, wait for it to exit or to be stopped, then ask
+`meshd.restart` whether and when to start it again.
+
+Invariants:
+- Every workload runs in its own session and process group (`start_new_session=True`) with
+  stdin on /dev/null and stdout+stderr on one pipe, so the log keeps their order as written.
+- Stopping a workload means: SIGTERM to its whole process group (and to descendants that
+  left the group while the workload was still alive), then SIGKILL to all of them once
+  `stop_timeout` has passed. The same happens to processes a workload leaves behind when
+  it exits on its own, so no restart ever piles up orphans or keeps the log pipe open.
+  Not reachable: a descendant that double-forked into a new session (that needs cgroups).
+- Cancelling `run()` stops workloads the same graceful way (shielded, bounded by
+  `stop_timeout`), like `trio.run_process` does; `stop_all()` is the explicit form.
+- An allocation id names a directory: only [A-Za-z0-9._-], never "." or "..". Once an
+  allocation reached a final state (failed / stopped) it is never started again by this
+  supervisor: allocation ids are not reused, a new run is a new allocation.
+- `on_change()` is called synchronously after every change of any report, never while a
+  report is half-updated.
+- Lifecycle lines in the log are single JSON objects, each on its own line.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import trio
+
+from meshd.io.logfiles import RotatingLog
+from meshd.restart import (
+    BACKOFF_BASE,
+    BACKOFF_CAP,
+    STABLE_UPTIME,
+    decide_restart,
+    describe_exit,
+    policy_problem,
+)
+from meshd.state import ALLOC_FAILED, ALLOC_PENDING, ALLOC_RUNNING, ALLOC_STOPPED
+
+# Reports of finished allocations kept after they were final: enough for the daemon to push
+# every final state even after a mass stop, small enough to bound memory on a small device.
+MAX_FINISHED_REPORTS = 1000
+# One path component of reasonable length; sitestate caps ids at 64, this is only a guard.
+_ALLOC_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# How often a stopping workload's processes are looked at: short next to any stop_timeout,
+# long enough that scanning /proc costs nothing noticeable.
+GROUP_POLL_INTERVAL = 0.05
+# Output still in the pipe once every writer died is read in microseconds; this bound only
+# matters when a process that escaped the group keeps the pipe open.
+PIPE_DRAIN_TIMEOUT = 1.0
+# Pipe read size: a burst of output is copied in a few steps without holding the loop long.
+PIPE_CHUNK = 64 * 1024
+
+REASON_WAITING = "waiting to start"
+REASON_REMOVED = "no longer assigned to this node"
+REASON_SHUTDOWN = "meshd is shutting down"
+REASON_NOT_STARTED = "not started: meshd is shutting down"
+
+
+@dataclass(frozen=True)
+class DesiredAlloc:
+    alloc_id: str
+    app: str
+    command: tuple[str, ...]
+    env: Mapping[str, str]
+    restart_policy: str
+
+
+@dataclass(frozen=True)
+class AllocReport:
+    alloc_id: str
+    state: str  # meshd.state ALLOC_*: pending | running | failed | stopped
+    pid: int | None
+    restarts: int  # restarts since this supervisor first started the allocation
+    exit_code: int | None  # of the last exit (negative: killed by that signal)
+    reason: str
+
+
+def alloc_id_problem(alloc_id: str) -> str | None:
+    """Why `alloc_id` cannot name an allocation directory, or None when it can."""
+    if _ALLOC_ID.fullmatch(alloc_id) and alloc_id not in (".", ".."):
+        return None
+    return f"invalid allocation id {alloc_id!r}: use 1-128 of A-Z a-z 0-9 . _ - (not starting with . _ -)"
+
+
+def workload_env(spec: DesiredAlloc, base: Mapping[str, str]) -> dict[str, str]:
+    """`base` (the daemon's environment) minus MESHD_*, plus the app's env, plus ids."""
+    env = {key: value for key, value in base.items() if not key.startswith("MESHD_")}
+    env.update(spec.env)
+    env["MESHD_ALLOC_ID"] = spec.alloc_id
+    env["MESHD_APP"] = spec.app
+    return env
+
+
+def _live_processes() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, process group) of every process that has not exited (Linux /proc)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as file:
+                stat = file.read()
+        except OSError:  # exited while we looked
+            continue
+        # "pid (comm) state ppid pgrp ...": comm may contain anything, so split after ")"
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) < 3 or fields[0] in (b"Z", b"X"):  # zombies already exited
+            continue
+        found[int(entry)] = (int(fields[1]), int(fields[2]))
+    return found
+
+
+def workload_processes(leader: int) -> set[int]:
+    """Live processes of the workload whose first process is `leader`: its process group plus
+    any still-attached descendant that moved to another group or session."""
+    processes = _live_processes()
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for pid, (ppid, _) in processes.items():
+        children[ppid].append(pid)
+    members = {pid for pid, (_, pgrp) in processes.items() if pgrp == leader}
+    todo = [leader] if leader in processes else []
+    while todo:
+        pid = todo.pop()
+        members.add(pid)
+        todo.extend(child for child in children.get(pid, ()) if child not in members)
+    return members
+
+
+def _signal_workload(leader: int, extra: Iterable[int], signum: int) -> None:
+    """Send `signum` to the process group `leader` leads and to `extra` processes."""
+    try:
+        os.killpg(leader, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for pid in extra:
+        try:
+            os.kill(pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+class _Slot:
+    """Mutable bookkeeping of one allocation; only its own task and set_desired touch it."""
+
+    def __init__(self, spec: DesiredAlloc, report: AllocReport) -> None:
+        self.spec = spec
+        self.next_spec: DesiredAlloc | None = None  # set when the spec changed while it ran
+        self.report = report
+        self.stop_reason: str | None = None  # set once: the allocation must end
+        self.wake = trio.Event()  # set when stop_reason or next_spec was set
+        self.done = trio.Event()  # set when its task has finished
+        self.log: RotatingLog | None = None
+        self.mid_line = False  # the log's last byte is not a newline
+        self.backoff_count = 0
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stop_reason is not None or self.next_spec is not None
+
+    @property
+    def final(self) -> bool:
+        return self.report.state in (ALLOC_FAILED, ALLOC_STOPPED)
+
+
+@dataclass(frozen=True)
+class _Exit:
+    exit_code: int | None
+    uptime: float
+    cause: str | None = None  # why there is no exit code
+
+
+class Supervisor:
+    def __init__(
+        self,
+        data_dir: Path,
+        on_change: Callable[[], None],
+        log_max_bytes: int = 1 << 20,
+        log_keep: int = 3,
+        stop_timeout: float = 5.0,
+        *,
+        backoff_base: float = BACKOFF_BASE,
+        backoff_cap: float = BACKOFF_CAP,
+        stable_uptime: float = STABLE_UPTIME,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.on_change = on_change
+        self.log_max_bytes = log_max_bytes
+        self.log_keep = log_keep
+        self.stop_timeout = stop_timeout
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.stable_uptime = stable_uptime
+        self._slots: dict[str, _Slot] = {}
+        self._finished: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._desired_ids: set[str] = set()
+        self._nursery: trio.Nursery | None = None
+        self._unlaunched: list[_Slot] = []
+        self._closed = False
+
+    # --- public API ------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Supervise until cancelled; cancelling it stops every workload gracefully."""
+        if self._nursery is not None:
+            raise RuntimeError("this supervisor is already running")
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                for slot in self._unlaunched:
+                    nursery.start_soon(self._supervise, slot)
+                self._unlaunched.clear()
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    def set_desired(self, allocs: Iterable[DesiredAlloc]) -> None:
+        """Run exactly `allocs` from now on: start new ones, stop ones no longer listed.
+
+        An allocation already known keeps running; if its spec changed it is stopped and
+        started again with the new one (not counted as a restart). Allocations that already
+        reached a final state stay there.
+        """
+        wanted = {alloc.alloc_id: alloc for alloc in allocs}
+        self._desired_ids = set(wanted)
+        for alloc_id, slot in list(self._slots.items()):
+            if alloc_id not in wanted and not slot.final and slot.stop_reason is None:
+                self._request_stop(slot, REASON_REMOVED)
+        for alloc_id, spec in wanted.items():
+            slot = self._slots.get(alloc_id)
+            if slot is None:
+                self._add(spec)
+            elif not slot.final and slot.stop_reason is None and spec != (slot.next_spec or slot.spec):
+                slot.next_spec = spec
+                slot.wake.set()
+        self._prune()
+
+    def reports(self) -> list[AllocReport]:
+        return [slot.report for slot in self._slots.values()]
+
+    def log_path(self, alloc_id: str) -> Path:
+        """<data_dir>/allocs/<alloc_id>/output.log; ValueError (with the reason) for a bad id."""
+        problem = alloc_id_problem(alloc_id)
+        if problem is not None:
+            raise ValueError(problem)
+        return self.data_dir / "allocs" / alloc_id / "output.log"
+
+    async def stop_all(self) -> None:
+        """Stop every workload (SIGTERM, then SIGKILL after stop_timeout) and wait for it.
+
+        From now on set_desired starts nothing new.
+        """
+        self._closed = True
+        for slot in list(self._slots.values()):
+            if not slot.final and slot.stop_reason is None:
+                self._request_stop(slot, REASON_SHUTDOWN)
+        for slot in self._unlaunched:
+            self._finish(slot, ALLOC_STOPPED, None, REASON_NOT_STARTED)
+            slot.done.set()
+        self._unlaunched.clear()
+        for slot in list(self._slots.values()):
+            await slot.done.wait()
+
+    # --- bookkeeping -------------------------------------------------------------------
+
+    def _add(self, spec: DesiredAlloc) -> None:
+        slot = _Slot(spec, AllocReport(spec.alloc_id, ALLOC_PENDING, None, 0, None, REASON_WAITING))
+        self._slots[spec.alloc_id] = slot
+        problem = (
+            alloc_id_problem(spec.alloc_id)
+            or policy_problem(spec.restart_policy)
+            or (None if spec.command else "empty command")
+        )
+        if problem is None and self._closed:
+            problem = REASON_NOT_STARTED
+        if problem is not None:
+            state = ALLOC_STOPPED if problem == REASON_NOT_STARTED else ALLOC_FAILED
+            self._finish(slot, state, None, problem)
+            slot.done.set()
+            return
+        self.on_change()
+        if self._nursery is None:
+            self._unlaunched.append(slot)
+        else:
+            self._nursery.start_soon(self._supervise, slot)
+
+    def _request_stop(self, slot: _Slot, reason: str) -> None:
+        slot.stop_reason = reason
+        slot.wake.set()
+        if slot in self._unlaunched:
+            self._unlaunched.remove(slot)
+            self._finish(slot, ALLOC_STOPPED, None, reason)
+            slot.done.set()
+        elif slot.report.state == ALLOC_RUNNING:
+            self._report(slot, reason=f"stopping: {reason}")
+
+    def _report(self, slot: _Slot, **changes: object) -> None:
+        new = replace(slot.report, **changes)
+        if new != slot.report:
+            slot.report = new
+            self.on_change()
+
+    def _finish(self, slot: _Slot, state: str, exit_code: int | None, reason: str) -> None:
+        self._lifecycle(slot, state, f"{state}: {reason}", exit_code=exit_code)
+        if slot.log is not None:
+            slot.log.close()
+            slot.log = None
+        self._report(slot, state=state, pid=None, exit_code=exit_code, reason=reason)
+        self._finished[slot.spec.alloc_id] = None
+        self._prune()
+
+    def _prune(self) -> None:
+        """Forget the oldest final reports beyond MAX_FINISHED_REPORTS (never a desired one,
+        whose report is what keeps it from being started again)."""
+        excess = len(self._finished) - MAX_FINISHED_REPORTS
+        for alloc_id in list(self._finished):
+            if excess <= 0:
+                break
+            if alloc_id not in self._desired_ids:
+                del self._finished[alloc_id]
+                del self._slots[alloc_id]
+                excess -= 1
+
+    # --- log ---------------------------------------------------------------------------
+
+    def _write_log(self, slot: _Slot, data: bytes) -> None:
+        if slot.log is None or not data:
+            return
+        try:
+            slot.log.write(data)
+        except OSError:
+            # disk full or gone: keep the workload running, its output is lost meanwhile
+            return
+        slot.mid_line = not data.endswith(b"\n")
+
+    def _lifecycle(self, slot: _Slot, event: str, message: str, **fields: object) -> None:
+        record = {"ts": round(time.time(), 3), "meshd": event, **fields, "message": f"meshd: {message}"}
+        line = json.dumps(record).encode() + b"\n"
+        self._write_log(slot, (b"\n" if slot.mid_line else b"") + line)
+
+    # --- one allocation ----------------------------------------------------------------
+
+    async def _supervise(self, slot: _Slot) -> None:
+        final: tuple[str, int | None, str] = (ALLOC_STOPPED, None, REASON_SHUTDOWN)
+        try:
+            try:
+                slot.log = RotatingLog(self.log_path(slot.spec.alloc_id), self.log_max_bytes, self.log_keep)
+            except OSError as exc:
+                final = (ALLOC_FAILED, None, f"cannot open the log: {exc}")
+                return
+            while True:
+                if slot.next_spec is not None:
+                    slot.spec, slot.next_spec = slot.next_spec, None
+                    slot.backoff_count = 0
+                    slot.wake = trio.Event()
+                if slot.stop_reason is not None:
+                    final = (ALLOC_STOPPED, slot.report.exit_code, slot.stop_reason)
+                    return
+                ended = await self._run_once(slot)
+                if slot.stop_reason is not None:
+                    final = (ALLOC_STOPPED, ended.exit_code, f"{slot.stop_reason}; {describe_exit(ended.exit_code, ended.cause)}")
+                    return
+                if slot.next_spec is not None:
+                    continue
+                decision = decide_restart(
+                    slot.spec.restart_policy,
+                    ended.exit_code,
+                    slot.backoff_count,
+                    ended.uptime,
+                    cause=ended.cause,
+                    base=self.backoff_base,
+                    cap=self.backoff_cap,
+                    stable_after=self.stable_uptime,
+                )
+                if not decision.restart:
+                    assert decision.final_state is not None
+                    final = (decision.final_state, ended.exit_code, decision.reason)
+                    return
+                slot.backoff_count = decision.backoff_count
+                self._report(slot, state=ALLOC_PENDING, pid=None, exit_code=ended.exit_code, reason=decision.reason)
+                self._lifecycle(slot, "restarting", decision.reason, exit_code=ended.exit_code, delay=decision.delay)
+                with trio.move_on_after(decision.delay):
+                    await slot.wake.wait()
+                if not slot.interrupted:
+                    self._report(slot, restarts=slot.report.restarts + 1)
+        finally:
+            self._finish(slot, *final)
+            slot.done.set()
+
+    async def _run_once(self, slot: _Slot) -> _Exit:
+        """Start the workload once and return when it has ended, all of its processes too."""
+        spec = slot.spec
+        assert slot.log is not None
+        try:
+            proc = await trio.lowlevel.open_process(
+                list(spec.command),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=workload_env(spec, os.environ),
+                cwd=self.log_path(spec.alloc_id).parent,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            cause = f"cannot execute {spec.command[0]!r}: {exc.strerror or exc}"
+            self._lifecycle(slot, "exec-failed", cause)
+            return _Exit(exit_code=None, uptime=0.0, cause=cause)
+        # no checkpoint before this try: the process is always ended and its pipe closed
+        try:
+            started = trio.current_time()
+            self._report(slot, state=ALLOC_RUNNING, pid=proc.pid, exit_code=None, reason="")
+            self._lifecycle(slot, "started", f"started pid {proc.pid}", pid=proc.pid, restarts=slot.report.restarts)
+            await self._wait_exit_or_interrupt(slot, proc)
+            uptime = trio.current_time() - started
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._end_workload(slot, proc)
+        assert proc.returncode is not None
+        return _Exit(exit_code=proc.returncode, uptime=uptime)
+
+    async def _wait_exit_or_interrupt(self, slot: _Slot, proc: trio.Process) -> None:
+        """Copy output until the first process exits or the allocation is interrupted."""
+        async with trio.open_nursery() as nursery:
+
+            async def on_interrupt() -> None:
+                await slot.wake.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(self._copy_output, slot, proc)
+            nursery.start_soon(on_interrupt)
+            await proc.wait()
+            nursery.cancel_scope.cancel()
+
+    async def _copy_output(self, slot: _Slot, proc: trio.Process) -> None:
+        assert proc.stdout is not None
+        while data := await proc.stdout.receive_some(PIPE_CHUNK):
+            self._write_log(slot, data)
+
+    async def _end_workload(self, slot: _Slot, proc: trio.Process) -> None:
+        """Make sure no process of the workload is left (SIGTERM, then SIGKILL after
+        stop_timeout), copy the rest of its output, close the pipe. Runs shielded."""
+        assert proc.stdout is not None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._copy_output, slot, proc)
+                await self._terminate(slot, proc)
+                nursery.cancel_scope.deadline = trio.current_time() + PIPE_DRAIN_TIMEOUT
+        finally:
+            await proc.stdout.aclose()
+
+    async def _terminate(self, slot: _Slot, proc: trio.Process) -> None:
+        leader = proc.pid
+        members = workload_processes(leader)
+        if proc.poll() is None:
+            self._lifecycle(slot, "stopping", f"stopping pid {leader}: SIGTERM", pid=leader)
+        elif members:
+            self._lifecycle(
+                slot, "stopping", f"pid {leader} {describe_exit(proc.returncode)}; stopping "
+                f"{len(members)} process(es) it left behind: SIGTERM", pid=leader)
+        else:
+            return
+        deadline = trio.current_time() + self.stop_timeout
+        _signal_workload(leader, members, signal.SIGTERM)
+        while (proc.poll() is None or members) and trio.current_time() < deadline:
+            await trio.sleep(GROUP_POLL_INTERVAL)
+            members = workload_processes(leader)
+        if proc.poll() is None or members:
+            self._lifecycle(
+                slot, "killing", f"pid {leader} group still running after {self.stop_timeout:g} s: SIGKILL",
+                pid=leader)
+            pass
+        await proc.wait()

@@ -1,0 +1,201 @@
+"""Feasibility: may an app run on a node, and if not, why not.
+
+Invariants:
+- Pure: reads only its arguments, never a clock, never does I/O.
+- A checker returns None when the node passes it, else one line a CLI can show as is
+  (e.g. `arch aarch64 not in [x86_64]`).
+- `check_node` runs `CHECKERS` in their fixed order and reports the first failure, so the
+  same state and plan always give the same reason.
+- Resources reserved on a node = the requests of its live allocations, each priced at its
+  app's *current* spec, minus the allocations the plan in progress stops, plus the
+  placements the plan in progress has already made there (`Reserved`).
+- CPU fits when request <= cpu_total - reserved cpu. Memory fits when request <=
+  min(mem_total - reserved memory, measured free memory - memory this plan already put
+  there): the measured figure guards against memory used outside meshd, and cannot yet show
+  what this plan has placed. A request of 0 always fits.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from meshd.state import AppSpec, NodeRecord, ResourceRequest, SiteState
+
+# Fractional cores add up in binary floating point (0.1 + 0.2 > 0.3): allow this much slack
+# so an exact fit is not refused by rounding noise. Far below any meaningful request.
+CPU_EPSILON = 1e-9
+
+
+class Reserved:
+    """What a plan in progress changes on top of the state it is built on.
+
+    `released`: allocation ids the plan stops (their resources count as free).
+    `add(...)`: a placement the plan has made (its resources count as taken).
+    """
+
+    def __init__(self, released: Iterable[str] = ()) -> None:
+        self.released: frozenset[str] = frozenset(released)
+        self._cpu: dict[str, float] = defaultdict(float)
+        self._mem_mb: dict[str, int] = defaultdict(int)
+        self._allocs: dict[str, int] = defaultdict(int)
+        self._app_allocs: dict[tuple[str, str], int] = defaultdict(int)
+
+    def add(self, node_id: str, app: str, request: ResourceRequest) -> None:
+        self._cpu[node_id] += request.cpu
+        self._mem_mb[node_id] += request.memory_mb
+        self._allocs[node_id] += 1
+        self._app_allocs[(node_id, app)] += 1
+
+    def cpu(self, node_id: str) -> float:
+        return self._cpu.get(node_id, 0.0)
+
+    def mem_mb(self, node_id: str) -> int:
+        return self._mem_mb.get(node_id, 0)
+
+    def allocs(self, node_id: str) -> int:
+        return self._allocs.get(node_id, 0)
+
+    def app_allocs(self, node_id: str, app: str) -> int:
+        return self._app_allocs.get((node_id, app), 0)
+
+
+@dataclass(frozen=True)
+class NodeUsage:
+    """A node's load as placement sees it: the state's live allocations plus the plan's."""
+
+    cpu: float  # cores reserved
+    mem_mb: int  # memory reserved
+    planned_mem_mb: int  # part of mem_mb placed by the plan in progress (not yet measurable)
+    allocs: int  # live allocations, any app
+    app_allocs: int  # live allocations of the app being placed
+
+
+def node_usage(node_id: str, state: SiteState, reserved: Reserved, app: str = "") -> NodeUsage:
+    cpu = 0.0
+    mem_mb = 0
+    allocs = 0
+    app_allocs = 0
+    for alloc in state.allocs_on(node_id):
+        if not alloc.live or alloc.alloc_id in reserved.released:
+            continue
+        allocs += 1
+        if alloc.app == app:
+            app_allocs += 1
+        record = state.apps.get(alloc.app)
+        if record is not None:  # an alloc of a removed app has no spec left to price it by
+            cpu += record.spec.resources.cpu
+            mem_mb += record.spec.resources.memory_mb
+    return NodeUsage(
+        cpu=cpu + reserved.cpu(node_id),
+        mem_mb=mem_mb + reserved.mem_mb(node_id),
+        planned_mem_mb=reserved.mem_mb(node_id),
+        allocs=allocs + reserved.allocs(node_id),
+        app_allocs=app_allocs + reserved.app_allocs(node_id, app),
+    )
+
+
+def free_cpu(node: NodeRecord, usage: NodeUsage) -> float:
+    return node.resources.cpu_total - usage.cpu
+
+
+def free_mem_mb(node: NodeRecord, usage: NodeUsage) -> int:
+    by_reservation = node.resources.mem_total_mb - usage.mem_mb
+    by_measure = node.resources.mem_free_mb - usage.planned_mem_mb
+    return min(by_reservation, by_measure)
+
+
+# --- checkers ------------------------------------------------------------------------
+Checker = Callable[[NodeRecord, AppSpec, SiteState, Reserved], str | None]
+
+
+def check_schedulable(node: NodeRecord, spec: AppSpec, state: SiteState, reserved: Reserved) -> str | None:
+    if node.schedulable:
+        return None
+    return f"node is {node.state}"
+
+
+def allowed_sites(spec: AppSpec, state: SiteState) -> tuple[str, ...]:
+    """The sites an app may run in: its own list, or else the site it was deployed in."""
+    return spec.sites if spec.sites else (state.site,)
+
+
+def check_site(node: NodeRecord, spec: AppSpec, state: SiteState, reserved: Reserved) -> str | None:
+    sites = allowed_sites(spec, state)
+    if node.site in sites:
+        return None
+    return f"site {node.site} not in app sites [{', '.join(sites)}]"
+
+
+def check_arch(node: NodeRecord, spec: AppSpec, state: SiteState, reserved: Reserved) -> str | None:
+    wanted = spec.constraints.arch
+    if not wanted or node.arch in wanted:
+        return None
+    return f"arch {node.arch or 'unknown'} not in [{', '.join(wanted)}]"
+
+
+def check_labels(node: NodeRecord, spec: AppSpec, state: SiteState, reserved: Reserved) -> str | None:
+    for key in sorted(spec.constraints.labels):
+        want = spec.constraints.labels[key]
+        have = node.labels.get(key)
+        if have == want:
+            continue
+        if have is None:
+            return f"label {key} missing, want {key}={want}"
+        return f"label {key}={have}, want {key}={want}"
+    return None
+
+
+def check_cpu(node: NodeRecord, spec: AppSpec, state: SiteState, reserved: Reserved) -> str | None:
+    request = spec.resources.cpu
+    if request <= 0:
+        return None
+    usage = node_usage(node.node_id, state, reserved, spec.name)
+    free = free_cpu(node, usage)
+    if request <= free + CPU_EPSILON:
+        return None
+    return (f"needs {request:g} cpu, {max(free, 0.0):g} free of {node.resources.cpu_total:g}"
+            f" reserved {usage.cpu:g}")
+
+
+def check_memory(node: NodeRecord, spec: AppSpec, state: SiteState, reserved: Reserved) -> str | None:
+    request = spec.resources.memory_mb
+    if request <= 0:
+        return None
+    usage = node_usage(node.node_id, state, reserved, spec.name)
+    by_reservation = node.resources.mem_total_mb - usage.mem_mb
+    by_measure = node.resources.mem_free_mb - usage.planned_mem_mb
+    if request <= min(by_reservation, by_measure):
+        return None
+    if by_reservation <= by_measure:
+        return (f"needs {request} MB memory, {max(by_reservation, 0)} free of {node.resources.mem_total_mb}"
+                f" reserved {usage.mem_mb}")
+    planned = f", {usage.planned_mem_mb} MB of it taken by this plan" if usage.planned_mem_mb else ""
+    return f"needs {request} MB memory, node measures {node.resources.mem_free_mb} MB free{planned}"
+
+
+# Fixed order: cheap, stable facts first, so the reason shown is the most basic one.
+CHECKERS: tuple[tuple[str, Checker], ...] = (
+    ("schedulable", check_schedulable),
+    ("site", check_site),
+    ("arch", check_arch),
+    ("labels", check_labels),
+    ("cpu", check_cpu),
+    ("memory", check_memory),
+)
+
+
+def failing_check(node: NodeRecord, spec: AppSpec, state: SiteState, reserved: Reserved) -> tuple[str, str] | None:
+    """(checker name, reason) of the first checker the node fails, or None if feasible."""
+    for name, checker in CHECKERS:
+        reason = checker(node, spec, state, reserved)
+        if reason is not None:
+            return name, reason
+    return None
+
+
+def check_node(node: NodeRecord, spec: AppSpec, state: SiteState, reserved: Reserved) -> str | None:
+    """None when `spec` may run on `node` now, else the reason it may not."""
+    failure = failing_check(node, spec, state, reserved)
+    return None if failure is None else failure[1]

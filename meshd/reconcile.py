@@ -1,0 +1,131 @@
+"""Reconcile: what the site wants vs what it has -> replicas to place, allocations to stop.
+
+Invariants:
+- Pure: reads only the state it is given, never a clock, so a leader change alone (same
+  state, new leader) yields exactly the same answer; nothing is rescheduled by it.
+- Only allocations with desired == "run" that are not terminal (Alloc.live) are ever
+  stopped, and each at most once, with one reason.
+- A replica index i of a running app at version V is *covered* by an allocation of
+  (app, V, i) that is wanted (desired "run"), not lost, on a node that exists and is neither
+  left, revoked nor draining (`covers`). A failed or stopped allocation that exited on its
+  own keeps covering: its restart policy already decided its fate.
+- After the result is applied (stops stopped, placements placed on eligible nodes) reconcile
+  returns nothing more to do: it is a fixpoint, and each index 0..replicas-1 of a running app
+  is covered, by at most one live allocation.
+- Output is deterministic: apps and allocation ids are walked in sorted order.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from meshd.state import (
+    ADMIN_DRAINING,
+    ADMIN_LEFT,
+    ADMIN_REVOKED,
+    ALLOC_LOST,
+    ALLOC_RUNNING,
+    APP_STOPPED,
+    DESIRED_RUN,
+    Alloc,
+    NodeRecord,
+    SiteState,
+)
+
+# Nodes whose allocations no longer hold their replica: gone for good, or being emptied.
+NON_COVERING_ADMIN = frozenset({ADMIN_LEFT, ADMIN_REVOKED, ADMIN_DRAINING})
+
+REASON_APP_REMOVED = "app removed"
+REASON_APP_STOPPED = "app stopped"
+REASON_SCALED_DOWN = "scaled down"
+REASON_NODE_DRAINING = "node draining"
+REASON_DUPLICATE = "duplicate replica"
+
+
+def replaced_reason(version: int) -> str:
+    return f"replaced by version {version}"
+
+
+@dataclass(frozen=True)
+class Reconciliation:
+    place: dict[str, tuple[int, ...]] = field(default_factory=dict)  # app -> replica indexes to place
+    stop: tuple[tuple[str, str], ...] = ()  # (alloc_id, reason)
+
+    @property
+    def empty(self) -> bool:
+        return not self.place and not self.stop
+
+    def stops_for(self, app: str, state: SiteState) -> tuple[tuple[str, str], ...]:
+        """The stops that concern one app (to put into that app's plan)."""
+        return tuple((alloc_id, reason) for alloc_id, reason in self.stop
+                     if alloc_id in state.allocs and state.allocs[alloc_id].app == app)
+
+
+def covers(alloc: Alloc, node: NodeRecord | None) -> bool:
+    """Whether `alloc` holds its replica index (the caller checks version and index range)."""
+    return (
+        alloc.desired == DESIRED_RUN
+        and alloc.state != ALLOC_LOST
+        and node is not None
+        and node.admin not in NON_COVERING_ADMIN
+    )
+
+
+def _keep_order(alloc: Alloc) -> tuple:
+    """Among allocations covering one index, the first is kept: live, running, oldest."""
+    return (not alloc.live, alloc.state != ALLOC_RUNNING, alloc.created_at, alloc.alloc_id)
+
+
+def _not_covering_reason(alloc: Alloc, node: NodeRecord | None, version: int, replicas: int) -> str:
+    """Why a live allocation of a running app is not (or no longer) one of its replicas."""
+    if node is None:
+        return f"node {alloc.node_id} gone"
+    if node.admin in (ADMIN_LEFT, ADMIN_REVOKED):
+        return f"node {node.admin}"
+    if not 0 <= alloc.replica < replicas:
+        return REASON_SCALED_DOWN
+    if alloc.version != version:
+        return replaced_reason(version)
+    # At the current version, in range, wanted, live, on an existing member: the only way
+    # left not to cover is a draining node (see `covers`).
+    return REASON_NODE_DRAINING
+
+
+def reconcile(state: SiteState) -> Reconciliation:
+    by_app: dict[str, list[Alloc]] = defaultdict(list)
+    for alloc_id in sorted(state.allocs):
+        alloc = state.allocs[alloc_id]
+        by_app[alloc.app].append(alloc)
+
+    place: dict[str, tuple[int, ...]] = {}
+    stop: list[tuple[str, str]] = []
+    for app in sorted(set(state.apps) | set(by_app)):
+        allocs = by_app.get(app, [])
+        record = state.apps.get(app)
+        if record is None or record.status == APP_STOPPED:
+            reason = REASON_APP_REMOVED if record is None else REASON_APP_STOPPED
+            stop.extend((a.alloc_id, reason) for a in allocs if a.live)
+            continue
+
+        version, replicas = record.version, record.spec.replicas
+        holders: dict[int, list[Alloc]] = defaultdict(list)
+        for alloc in allocs:
+            node = state.nodes.get(alloc.node_id)
+            if alloc.version == version and 0 <= alloc.replica < replicas and covers(alloc, node):
+                holders[alloc.replica].append(alloc)
+            elif alloc.live:
+                stop.append((alloc.alloc_id, _not_covering_reason(alloc, node, version, replicas)))
+
+        missing = []
+        for index in range(replicas):
+            group = holders.get(index)
+            if not group:
+                missing.append(index)
+                continue
+            keep = min(group, key=_keep_order)
+            stop.extend((a.alloc_id, REASON_DUPLICATE) for a in group if a is not keep and a.live)
+        if missing:
+            place[app] = tuple(missing)
+
+    return Reconciliation(place=place, stop=tuple(sorted(stop)))

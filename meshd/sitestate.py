@@ -1,0 +1,507 @@
+"""The site's Raft state machine: `apply(state, command) -> result`.
+
+Every member applies the same committed commands in the same order, so this module is the
+whole definition of what the site agrees on.
+
+Invariants:
+- Deterministic: the result depends only on `state` and `command`. Time comes from the
+  command's `ts` (the proposer's clock), never from a clock here; iteration follows dict
+  insertion order, which is the same on every member.
+- Never raises: pysyncobj wedges the whole cluster when a replicated method raises, so every
+  failure is returned as `{"ok": False, "error": reason}` and leaves the state untouched.
+- Idempotent by request id: a command whose outcome was unknown to its sender (a failover in
+  flight) may be retried with the same `request_id`; the retry gets the first result back
+  and changes nothing.
+- Validation happens before the first write of a command, so a refused command changes
+  nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import replace
+from typing import Any, Callable
+
+from meshd import spec as specmod
+from meshd.placement.plan import Placement, Plan, recheck_plan
+from meshd.state import (
+    ADMIN_ACTIVE,
+    ADMIN_DRAINING,
+    ADMIN_LEFT,
+    ADMIN_REVOKED,
+    ALLOC_LOST,
+    ALLOC_PENDING,
+    ALLOC_STATES,
+    ALLOC_STOPPED,
+    ALLOC_TERMINAL,
+    APP_RUNNING,
+    APP_STOPPED,
+    DESIRED_RUN,
+    DESIRED_STOP,
+    LIVENESS_DOWN,
+    LIVENESS_JOINING,
+    LIVENESS_READY,
+    Alloc,
+    AppRecord,
+    AuditRecord,
+    Event,
+    JoinToken,
+    NodeRecord,
+    NodeResources,
+    SiteState,
+)
+
+# Raft elections need a majority of voters; more than five voters only slows every commit
+# (each must reach a majority) without surviving more realistic failures, so later members
+# replicate as non-voters.
+MAX_VOTERS = 5
+# Retried commands arrive within seconds of the original; ten thousand remembered request
+# ids cover minutes of the busiest site while keeping snapshots small.
+MAX_REMEMBERED_REQUESTS = 10_000
+# Bounded histories keep the replicated snapshot small; the cross-site audit log is the
+# durable record, these are for `meshctl events` / `audit` on the site.
+MAX_EVENTS = 2_000
+MAX_AUDIT = 10_000
+# Ints in commands are bounded so that a crafted command cannot blow up snapshots or the
+# CRDT document later (which cannot hold ints of 2**63 and above).
+MAX_INT = 2**53
+
+
+class CommandRefused(Exception):
+    """Raised inside a handler before any write; turned into an error result."""
+
+
+def ok(**fields: Any) -> dict:
+    return {"ok": True, **fields}
+
+
+def refused(reason: str) -> dict:
+    return {"ok": False, "error": reason}
+
+
+def apply(state: SiteState, command: Any) -> dict:
+    """Apply one committed command. Never raises."""
+    try:
+        if not isinstance(command, dict):
+            return refused("command is not a mapping")
+        op = command.get("op")
+        handler = HANDLERS.get(op) if isinstance(op, str) else None
+        if handler is None:
+            return refused(f"unknown command {op!r}")
+        request_id = command.get("request_id")
+        if request_id is not None:
+            if not isinstance(request_id, str) or not 0 < len(request_id) <= 128:
+                return refused("request_id must be a string of 1..128 characters")
+            if request_id in state.applied_requests:
+                return state.applied_requests[request_id]
+        ts = command.get("ts")
+        if not isinstance(ts, (int, float)) or isinstance(ts, bool) or not 0 <= ts < MAX_INT:
+            return refused("ts must be a timestamp")
+        try:
+            result = handler(state, command, float(ts))
+        except CommandRefused as e:
+            result = refused(str(e))
+        state.last_ts = max(state.last_ts, float(ts))
+        if request_id is not None:
+            _remember(state, request_id, result)
+        return result
+    except Exception as e:  # a bug here must not wedge Raft; report it as a refusal
+        return refused(f"internal error applying command: {type(e).__name__}: {e}")
+
+
+def _remember(state: SiteState, request_id: str, result: dict) -> None:
+    state.applied_requests[request_id] = result
+    state.applied_order.append(request_id)
+    while len(state.applied_order) > MAX_REMEMBERED_REQUESTS:
+        state.applied_requests.pop(state.applied_order.pop(0), None)
+
+
+def _event(state: SiteState, ts: float, kind: str, message: str, /, **data: Any) -> None:
+    state.events.append(Event(ts=ts, kind=kind, message=message, data=data))
+    if len(state.events) > MAX_EVENTS:
+        del state.events[: len(state.events) - MAX_EVENTS]
+
+
+def _audit(state: SiteState, ts: float, actor: str, action: str, target: str) -> None:
+    state.audit.append(AuditRecord(ts=ts, actor=actor, action=action, target=target, site=state.site))
+    if len(state.audit) > MAX_AUDIT:
+        del state.audit[: len(state.audit) - MAX_AUDIT]
+
+
+# --- field readers: each refuses with the name of the field -----------------------------
+
+
+def _str(cmd: dict, key: str, *, max_len: int = 256, empty: bool = False) -> str:
+    value = cmd.get(key)
+    if not isinstance(value, str) or len(value) > max_len or (not empty and not value):
+        raise CommandRefused(f"{key} must be a {'' if empty else 'non-empty '}string of at most {max_len} characters")
+    return value
+
+
+def _int(cmd: dict, key: str, lo: int = 0, hi: int = MAX_INT) -> int:
+    value = cmd.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise CommandRefused(f"{key} must be an integer from {lo} to {hi}")
+    return value
+
+
+def _num(cmd: dict, key: str, lo: float = 0.0, hi: float = float(MAX_INT)) -> float:
+    value = cmd.get(key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
+        raise CommandRefused(f"{key} must be a number from {lo} to {hi}")
+    return float(value)
+
+
+def _actor(cmd: dict) -> str:
+    actor = cmd.get("actor", "")
+    return actor if isinstance(actor, str) and len(actor) <= 256 else ""
+
+
+def _node_from_plain(raw: Any) -> NodeRecord:
+    if not isinstance(raw, dict):
+        raise CommandRefused("node must be a mapping")
+    labels = raw.get("labels", {})
+    if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        raise CommandRefused("node.labels must map strings to strings")
+    return NodeRecord(
+        node_id=_str(raw, "node_id", max_len=64),
+        name=_str(raw, "name", max_len=63),
+        site=_str(raw, "site", max_len=63),
+        address=_str(raw, "address", max_len=64),
+        raft_address=_str(raw, "raft_address", max_len=64),
+        public_key=_str(raw, "public_key", max_len=128),
+        arch=_str(raw, "arch", max_len=32, empty=True),
+        labels=dict(labels),
+        version=_str(raw, "version", max_len=32, empty=True) if "version" in raw else "",
+    )
+
+
+def _resources_from_plain(raw: Any) -> NodeResources:
+    if not isinstance(raw, dict):
+        raise CommandRefused("resources must be a mapping")
+    return NodeResources(
+        cpu_total=_num(raw, "cpu_total", 0, 4096),
+        cpu_free=_num(raw, "cpu_free", 0, 4096),
+        mem_total_mb=_int(raw, "mem_total_mb", 0, 2**40),
+        mem_free_mb=_int(raw, "mem_free_mb", 0, 2**40),
+    )
+
+
+def _voter_count(state: SiteState) -> int:
+    return sum(1 for n in state.nodes.values() if n.voter and n.admin not in (ADMIN_LEFT, ADMIN_REVOKED))
+
+
+# --- handlers ----------------------------------------------------------------------------
+
+
+def _bootstrap(state: SiteState, cmd: dict, ts: float) -> dict:
+    """The founder's first command: names the site and admits the founder as first voter."""
+    site = _str(cmd, "site", max_len=63)
+    mesh_id = _str(cmd, "mesh_id", max_len=64)
+    node = _node_from_plain(cmd.get("node"))
+    if state.site:
+        if state.site == site and node.node_id in state.nodes:
+            return ok(node_id=node.node_id, voter=True)  # replayed bootstrap of the same founder
+        raise CommandRefused(f"site {state.site!r} is already founded")
+    if node.site != site:
+        raise CommandRefused(f"founder belongs to site {node.site!r}, not {site!r}")
+    state.site = site
+    state.mesh_id = mesh_id
+    state.nodes[node.node_id] = replace(node, voter=True, joined_at=ts, state_changed_at=ts, reason="founded the site")
+    _event(state, ts, "membership", f"{node.name} founded site {site}", node=node.name, node_id=node.node_id)
+    _audit(state, ts, _actor(cmd) or node.name, "found-site", site)
+    return ok(node_id=node.node_id, voter=True)
+
+
+def _create_token(state: SiteState, cmd: dict, ts: float) -> dict:
+    token_id = _str(cmd, "token_id", max_len=64)
+    site = _str(cmd, "site", max_len=63)
+    secret = _str(cmd, "secret", max_len=128)
+    expires_at = _num(cmd, "expires_at")
+    if token_id in state.tokens:
+        raise CommandRefused("token id already exists")
+    if expires_at <= ts:
+        raise CommandRefused("token would already be expired")
+    # Forget tokens that expired long ago (a day): they can never be used again.
+    for old_id in [t.token_id for t in state.tokens.values() if t.expires_at < ts - 86_400]:
+        del state.tokens[old_id]
+    actor = _actor(cmd)
+    state.tokens[token_id] = JoinToken(token_id=token_id, site=site, secret=secret, expires_at=expires_at, created_by=actor)
+    _event(state, ts, "token", f"join token {token_id} created for site {site}", token_id=token_id, expires_at=expires_at)
+    _audit(state, ts, actor, "token-create", site)
+    return ok(token_id=token_id, site=site, expires_at=expires_at)
+
+
+def check_token(state: SiteState, token_id: str, node_id: str, now: float) -> str | None:
+    """Why the token cannot admit `node_id` now, or None when it can."""
+    token = state.tokens.get(token_id)
+    if token is None:
+        return "unknown join token"
+    if token.used_by is not None and token.used_by != node_id:
+        return "join token was already used"
+    if token.expires_at <= now:
+        return "join token expired"
+    if token.site != state.site:
+        return f"join token is for site {token.site!r}, this is site {state.site!r}"
+    return None
+
+
+def _admit_node(state: SiteState, cmd: dict, ts: float) -> dict:
+    token_id = _str(cmd, "token_id", max_len=64)
+    node = _node_from_plain(cmd.get("node"))
+    existing = state.nodes.get(node.node_id)
+    if existing is not None and existing.admin == ADMIN_REVOKED:
+        raise CommandRefused("node was revoked and may never be admitted again")
+    token = state.tokens.get(token_id)
+    if existing is not None and token is not None and token.used_by == node.node_id:
+        return ok(node_id=node.node_id, voter=existing.voter)  # retry of this very admission
+    reason = check_token(state, token_id, node.node_id, ts)
+    if reason:
+        raise CommandRefused(reason)
+    if node.site != state.site:
+        raise CommandRefused(f"node asks for site {node.site!r}, this is site {state.site!r}")
+    if any(n.name == node.name and n.node_id != node.node_id and n.admin not in (ADMIN_LEFT, ADMIN_REVOKED)
+           for n in state.nodes.values()):
+        raise CommandRefused(f"another member is already named {node.name!r}")
+    voter = existing.voter if existing is not None else _voter_count(state) < MAX_VOTERS
+    state.tokens[token_id] = replace(token, used_by=node.node_id)
+    state.nodes[node.node_id] = replace(
+        node, voter=voter, liveness=LIVENESS_JOINING, admin=ADMIN_ACTIVE, joined_at=ts, state_changed_at=ts,
+        reason="admitted with a join token",
+    )
+    role = "voter" if voter else "non-voter"
+    _event(state, ts, "membership", f"{node.name} admitted as {role}", node=node.name, node_id=node.node_id, voter=voter)
+    _audit(state, ts, _actor(cmd) or node.name, "admit", node.name)
+    return ok(node_id=node.node_id, voter=voter)
+
+
+def _heartbeat(state: SiteState, cmd: dict, ts: float) -> dict:
+    node_id = _str(cmd, "node_id", max_len=64)
+    seq = _int(cmd, "seq", 0)
+    node = state.nodes.get(node_id)
+    if node is None:
+        raise CommandRefused("heartbeat from a node that is not a member")
+    if node.admin in (ADMIN_LEFT, ADMIN_REVOKED):
+        raise CommandRefused(f"heartbeat from a node that has {node.admin}")
+    resources = _resources_from_plain(cmd["resources"]) if "resources" in cmd else node.resources
+    reports = cmd.get("reports", [])
+    if not isinstance(reports, list):
+        raise CommandRefused("reports must be a list")
+    parsed = [_report_from_plain(r) for r in reports]
+    state.nodes[node_id] = replace(node, heartbeat_seq=max(node.heartbeat_seq, seq), resources=resources)
+    for report in parsed:
+        _apply_report(state, node, report, ts)
+    return ok()
+
+
+def _report_from_plain(raw: Any) -> dict:
+    if not isinstance(raw, dict):
+        raise CommandRefused("each report must be a mapping")
+    report = {
+        "alloc_id": _str(raw, "alloc_id", max_len=64),
+        "state": _str(raw, "state", max_len=16),
+        "restarts": _int(raw, "restarts", 0),
+        "reason": raw.get("reason") if isinstance(raw.get("reason"), str) else "",
+    }
+    if report["state"] not in ALLOC_STATES:
+        raise CommandRefused(f"unknown allocation state {report['state']!r}")
+    for key in ("pid", "exit_code"):
+        value = raw.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or abs(value) > MAX_INT):
+            raise CommandRefused(f"{key} must be an integer or null")
+        report[key] = value
+    report["reason"] = report["reason"][:512]
+    return report
+
+
+def _apply_report(state: SiteState, node: NodeRecord, report: dict, ts: float) -> None:
+    alloc = state.allocs.get(report["alloc_id"])
+    if alloc is None or alloc.node_id != node.node_id:
+        return  # a report about an allocation this node does not hold: stale, ignore
+    if alloc.state == ALLOC_LOST:
+        return  # the site gave it up while the node was unreachable; its replacement runs elsewhere
+    if alloc.state in ALLOC_TERMINAL and alloc.desired == DESIRED_STOP:
+        return  # already stopped for good
+    new_state = report["state"]
+    if alloc.desired == DESIRED_STOP and new_state not in ALLOC_TERMINAL:
+        new_state = alloc.state  # still shutting down; keep what we know
+    changed = (new_state, report["pid"], report["restarts"], report["exit_code"]) != (
+        alloc.state, alloc.pid, alloc.restarts, alloc.exit_code)
+    if not changed:
+        return
+    state.allocs[alloc.alloc_id] = replace(
+        alloc, state=new_state, pid=report["pid"], restarts=report["restarts"], exit_code=report["exit_code"],
+        updated_at=ts, reason=report["reason"] or alloc.reason,
+    )
+    if new_state != alloc.state:
+        _event(state, ts, "alloc", f"{alloc.app} replica {alloc.replica} on {node.name}: {alloc.state} -> {new_state}"
+               + (f" ({report['reason']})" if report["reason"] else ""),
+               alloc_id=alloc.alloc_id, app=alloc.app, node=node.name, state=new_state)
+
+
+def _set_liveness(state: SiteState, cmd: dict, ts: float) -> dict:
+    node_id = _str(cmd, "node_id", max_len=64)
+    liveness = _str(cmd, "liveness", max_len=16)
+    reason = cmd.get("reason") if isinstance(cmd.get("reason"), str) else ""
+    if liveness not in (LIVENESS_READY, LIVENESS_DOWN):
+        raise CommandRefused("liveness must be ready or down")
+    node = state.nodes.get(node_id)
+    if node is None:
+        raise CommandRefused("unknown node")
+    if node.liveness == liveness:
+        return ok(changed=False)
+    if node.admin in (ADMIN_LEFT, ADMIN_REVOKED):
+        raise CommandRefused(f"node has {node.admin}")
+    state.nodes[node_id] = replace(node, liveness=liveness, state_changed_at=ts, reason=reason[:256])
+    lost = []
+    if liveness == LIVENESS_DOWN:
+        for alloc in state.allocs_on(node_id):
+            if alloc.live:
+                state.allocs[alloc.alloc_id] = replace(
+                    alloc, state=ALLOC_LOST, desired=DESIRED_STOP, updated_at=ts, reason=f"node {node.name} down")
+                lost.append(alloc.alloc_id)
+    _event(state, ts, "node", f"{node.name} is {liveness}" + (f": {reason}" if reason else ""),
+           node=node.name, node_id=node_id, state=liveness, lost_allocs=lost)
+    return ok(changed=True, lost=lost)
+
+
+def _submit_app(state: SiteState, cmd: dict, ts: float) -> dict:
+    raw = cmd.get("spec")
+    if not isinstance(raw, dict):
+        raise CommandRefused("spec must be a mapping")
+    try:
+        app_spec = specmod.parse_app_dict(raw)
+    except specmod.SpecError as e:
+        raise CommandRefused(str(e)) from None
+    actor = _actor(cmd)
+    current = state.apps.get(app_spec.name)
+    if current is not None and current.spec == app_spec and current.status == APP_RUNNING:
+        return ok(app=app_spec.name, version=current.version, accepted=True, changed=False)
+    version = current.version + 1 if current is not None else 1
+    state.apps[app_spec.name] = AppRecord(
+        spec=app_spec, version=version, status=APP_RUNNING, submitted_at=ts, submitted_by=actor)
+    _event(state, ts, "app", f"{app_spec.name} v{version} submitted ({app_spec.replicas} replicas)",
+           app=app_spec.name, version=version)
+    _audit(state, ts, actor, "deploy", f"{app_spec.name} v{version}")
+    return ok(app=app_spec.name, version=version, accepted=True, changed=True)
+
+
+def _stop_app(state: SiteState, cmd: dict, ts: float) -> dict:
+    name = _str(cmd, "app", max_len=63)
+    record = state.apps.get(name)
+    if record is None:
+        raise CommandRefused(f"no app named {name!r}")
+    actor = _actor(cmd)
+    stopped = []
+    for alloc in list(state.allocs.values()):
+        if alloc.app == name and alloc.desired == DESIRED_RUN:
+            state.allocs[alloc.alloc_id] = replace(alloc, desired=DESIRED_STOP, updated_at=ts, reason="app stopped")
+            stopped.append(alloc.alloc_id)
+    if record.status != APP_STOPPED:
+        state.apps[name] = replace(record, status=APP_STOPPED)
+        _event(state, ts, "app", f"{name} stopped", app=name, allocs=stopped)
+        _audit(state, ts, actor, "stop", name)
+    return ok(app=name, stopped=True, allocs=stopped)
+
+
+def _apply_plan(state: SiteState, cmd: dict, ts: float) -> dict:
+    raw = cmd.get("plan")
+    if not isinstance(raw, dict):
+        raise CommandRefused("plan must be a mapping")
+    app = _str(raw, "app", max_len=63)
+    version = _int(raw, "version", 1)
+    placements = []
+    for p in raw.get("placements", []) if isinstance(raw.get("placements", []), list) else []:
+        if not isinstance(p, dict):
+            raise CommandRefused("each placement must be a mapping")
+        placements.append(Placement(alloc_id=_str(p, "alloc_id", max_len=64), app=app, version=version,
+                                    replica=_int(p, "replica", 0, 100_000), node_id=_str(p, "node_id", max_len=64)))
+    stops = raw.get("stops", [])
+    if not isinstance(stops, list) or not all(
+            isinstance(s, list) and len(s) == 2 and all(isinstance(x, str) for x in s) for s in stops):
+        raise CommandRefused("stops must be a list of [alloc_id, reason]")
+    if any(p.alloc_id in state.allocs for p in placements):
+        raise CommandRefused("allocation id already in use")
+    plan = Plan(app=app, version=version, placements=tuple(placements), stops=tuple(tuple(s) for s in stops),
+                filtered=(), unplaced=())
+    accepted, refusals = recheck_plan(state, plan)
+    for p in accepted:
+        state.allocs[p.alloc_id] = Alloc(alloc_id=p.alloc_id, app=p.app, version=p.version, replica=p.replica,
+                                         node_id=p.node_id, desired=DESIRED_RUN, state=ALLOC_PENDING,
+                                         created_at=ts, updated_at=ts)
+        node = state.nodes[p.node_id]
+        _event(state, ts, "placement", f"{p.app} v{p.version} replica {p.replica} placed on {node.name}",
+               app=p.app, alloc_id=p.alloc_id, node=node.name, replica=p.replica)
+    for p, reason in refusals:
+        _event(state, ts, "placement", f"{p.app} replica {p.replica} not placed: {reason}",
+               app=p.app, replica=p.replica, reason=reason)
+    stopped = []
+    for alloc_id, reason in stops:
+        alloc = state.allocs.get(alloc_id)
+        if alloc is None or alloc.desired == DESIRED_STOP:
+            continue
+        new_state = ALLOC_STOPPED if alloc.state == ALLOC_PENDING else alloc.state
+        state.allocs[alloc_id] = replace(alloc, desired=DESIRED_STOP, state=new_state, updated_at=ts, reason=reason[:256])
+        stopped.append(alloc_id)
+        _event(state, ts, "placement", f"{alloc.app} replica {alloc.replica} ({alloc_id}) stopping: {reason}",
+               app=alloc.app, alloc_id=alloc_id, reason=reason)
+    _forget_finished_allocs(state)
+    return ok(placed=[p.alloc_id for p in accepted], refused=[[p.alloc_id, r] for p, r in refusals], stopped=stopped)
+
+
+# Finished allocations are kept for `meshctl allocs` history, but only this many per app, so
+# a crash-looping or often-redeployed app cannot grow the snapshot without bound.
+MAX_FINISHED_ALLOCS_PER_APP = 50
+
+
+def _forget_finished_allocs(state: SiteState) -> None:
+    finished: dict[str, list[Alloc]] = {}
+    for alloc in state.allocs.values():
+        if alloc.desired == DESIRED_STOP and alloc.state in ALLOC_TERMINAL:
+            finished.setdefault(alloc.app, []).append(alloc)
+    for allocs in finished.values():
+        if len(allocs) > MAX_FINISHED_ALLOCS_PER_APP:
+            allocs.sort(key=lambda a: (a.updated_at, a.alloc_id))
+            for old in allocs[: len(allocs) - MAX_FINISHED_ALLOCS_PER_APP]:
+                del state.allocs[old.alloc_id]
+
+
+def _set_drain(draining: bool) -> Callable[[SiteState, dict, float], dict]:
+    def handler(state: SiteState, cmd: dict, ts: float) -> dict:
+        ref = _str(cmd, "node", max_len=64)
+        node = state.node_by_ref(ref)
+        if node is None:
+            raise CommandRefused(f"no member named {ref!r}")
+        if node.admin in (ADMIN_LEFT, ADMIN_REVOKED):
+            raise CommandRefused(f"node {node.name} has {node.admin}")
+        wanted = ADMIN_DRAINING if draining else ADMIN_ACTIVE
+        if node.admin != wanted:
+            state.nodes[node.node_id] = replace(node, admin=wanted, state_changed_at=ts,
+                                                reason="drained by operator" if draining else "undrained by operator")
+            _event(state, ts, "node", f"{node.name} {'draining' if draining else 'accepting work again'}",
+                   node=node.name, node_id=node.node_id)
+            _audit(state, ts, _actor(cmd), "drain" if draining else "undrain", node.name)
+        return ok(node=node.name, node_id=node.node_id, state=state.nodes[node.node_id].state)
+    return handler
+
+
+HANDLERS: dict[str, Callable[[SiteState, dict, float], dict]] = {
+    "bootstrap": _bootstrap,
+    "create_token": _create_token,
+    "admit_node": _admit_node,
+    "heartbeat": _heartbeat,
+    "set_liveness": _set_liveness,
+    "submit_app": _submit_app,
+    "stop_app": _stop_app,
+    "apply_plan": _apply_plan,
+    "drain": _set_drain(True),
+    "undrain": _set_drain(False),
+}
+
+
+def node_to_plain(node: NodeRecord) -> dict:
+    """The wire/CLI form of a node record (also what admit/bootstrap commands carry)."""
+    plain = dataclasses.asdict(node)
+    plain["labels"] = dict(node.labels)
+    plain["state"] = node.state
+    return plain

@@ -1,0 +1,435 @@
+"""Parsing and validation of an app spec (the TOML an operator deploys) into `AppSpec`.
+
+Invariants:
+- Pure: no I/O, no clock. Input is TOML text or the document tomllib made of it.
+- Every key is checked. Unknown keys, at any depth, are refused and named, so a typo
+  (`replica = 3`) never silently falls back to a default.
+- Every refusal is one `SpecError` whose `key` is the dotted path of the offending key
+  (`app.resources.cpu`, `app.command[2]`, `app.env.MODE`) and whose `reason` says what is
+  wrong in one line a CLI can print as is.
+- Nothing but `SpecError` escapes `parse_app_toml` / `parse_app_dict`, whatever the input.
+- Every accepted number is bounded well below 2**63: specs are written into the Raft log and
+  into the cross-site CRDT document, and pycrdt panics on ints >= 2**63.
+- `parse_app_dict(spec_to_dict(s)) == s` for every valid spec `s`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import tomllib
+from typing import Any, Mapping
+
+from meshd.state import RESTART_POLICIES, AppSpec, Constraints, ResourceRequest
+
+# --- name rules ----------------------------------------------------------------------
+# App and site names: a DNS label (RFC 1123), so they fit in hostnames, mDNS records,
+# file names and log paths without escaping.
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+NAME_RULE = "lowercase letters, digits and '-', 1 to 63 characters, not starting or ending with '-'"
+
+# Label keys (app constraints and node labels): letters, digits, '.', '_', '-', '/', at most
+# 63 characters, starting and ending with a letter or digit; '/' allows prefixes such as
+# "example.com/zone". The same rule on both sides, so every constraint can be satisfied.
+LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?$")
+LABEL_KEY_RULE = (
+    "letters, digits, '.', '_', '-' and '/', 1 to 63 characters, "
+    "starting and ending with a letter or digit"
+)
+MAX_LABEL_VALUE_CHARS = 253  # room for a DNS name as a value; labels are shown in tables
+MAX_LABELS = 64  # labels travel in every node record and heartbeat; keep them few
+
+# Environment variable names as POSIX shells accept them.
+ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_KEY_RULE = "letters, digits and '_', not starting with a digit"
+
+# --- limits --------------------------------------------------------------------------
+MAX_SPEC_TEXT_CHARS = 256 * 1024  # every version of a spec is kept in the Raft log of each member
+MAX_REPLICAS = 1000  # one site is a LAN of edge devices; more is a typo, not a plan
+MAX_COMMAND_ARGS = 256  # a workload command line, not a script
+MAX_COMMAND_ARG_CHARS = 4096  # one argument; longer belongs in a file shipped with the app
+MAX_COMMAND_TOTAL_CHARS = 64 * 1024  # the whole argv, well inside Linux's ARG_MAX
+MAX_SITES = 64  # sites an app may be pinned to; far above any real residency rule
+MAX_ENV_VARS = 128  # environment entries; configuration beyond that belongs in a file
+MAX_ENV_KEY_CHARS = 256  # one variable name
+MAX_ENV_VALUE_CHARS = 32 * 1024  # one value
+MAX_ENV_TOTAL_CHARS = 64 * 1024  # names plus values, well inside Linux's ARG_MAX
+MAX_CPU = 1024.0  # cores; above any single edge device, so larger requests are mistakes
+MAX_MEMORY_MB = 2**40  # 1 EiB in MiB: exact in a float (pycrdt returns ints as floats), < 2**63
+
+# Architectures as `uname -m` reports them on the devices meshd targets.
+KNOWN_ARCHES = ("x86_64", "aarch64", "armv7l", "armv6l", "riscv64", "i686", "ppc64le", "s390x")
+
+_TOP_KEYS = ("app",)
+_APP_KEYS = ("name", "replicas", "command", "sites", "env", "constraints", "resources", "restart")
+_CONSTRAINT_KEYS = ("arch", "labels")
+_RESOURCE_KEYS = ("cpu", "memory_mb")
+_RESTART_KEYS = ("policy",)
+
+DEFAULT_REPLICAS = 1  # an app without `replicas` runs once, like a single service
+
+
+class SpecError(ValueError):
+    """A refused spec: `key` is the dotted path of what is wrong, `reason` says why."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        self.key = key
+        self.reason = reason
+        super().__init__(_one_line(f"{key}: {reason}"))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.key, self.reason))
+
+
+# --- public API ----------------------------------------------------------------------
+def parse_app_toml(text: str | bytes) -> AppSpec:
+    """Parse and validate the TOML text of an app spec."""
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SpecError("toml", f"not UTF-8 text (byte {exc.start})") from None
+    if not isinstance(text, str):
+        raise SpecError("toml", f"must be TOML text, got {show_value(text)}")
+    if len(text) > MAX_SPEC_TEXT_CHARS:
+        raise SpecError("toml", f"spec is {len(text)} characters, at most {MAX_SPEC_TEXT_CHARS} allowed")
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError("toml", str(exc)) from None
+    except RecursionError:
+        raise SpecError("toml", "nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer literal beyond Python's digit limit
+        raise SpecError("toml", f"invalid value: {exc}") from None
+    return parse_app_dict(doc)
+
+
+def parse_app_dict(doc: Mapping[str, Any]) -> AppSpec:
+    """Validate a whole spec document (as tomllib returns it) that holds an `[app]` table."""
+    if not isinstance(doc, Mapping):
+        raise SpecError("document", f"must be a table with an [app] table, got {show_value(doc)}")
+    _refuse_unknown_keys(doc, "", _TOP_KEYS)
+    if "app" not in doc:
+        raise SpecError("app", "is required: the spec must have an [app] table")
+    app = _table(doc["app"], "app")
+    _refuse_unknown_keys(app, "app", _APP_KEYS)
+
+    if "name" not in app:
+        raise SpecError("app.name", "is required")
+    name = _name(app["name"], "app.name")
+    replicas = _replicas(app["replicas"]) if "replicas" in app else DEFAULT_REPLICAS
+    if "command" not in app:
+        raise SpecError("app.command", "is required: a list of strings, program first")
+    command = _command(app["command"])
+    sites = _sites(app["sites"]) if "sites" in app else ()
+    env = _env(app["env"]) if "env" in app else {}
+    constraints = _constraints(app["constraints"]) if "constraints" in app else Constraints()
+    resources = _resources(app["resources"]) if "resources" in app else ResourceRequest()
+    restart_policy = _restart(app["restart"]) if "restart" in app else "always"
+    return AppSpec(
+        name=name,
+        replicas=replicas,
+        command=command,
+        sites=sites,
+        env=env,
+        constraints=constraints,
+        resources=resources,
+        restart_policy=restart_policy,
+    )
+
+
+def spec_to_dict(spec: AppSpec) -> dict[str, Any]:
+    """The spec as a TOML/JSON-ready document; optional keys left at their default are omitted."""
+    app: dict[str, Any] = {
+        "name": spec.name,
+        "replicas": spec.replicas,
+        "command": list(spec.command),
+    }
+    if spec.sites:
+        app["sites"] = list(spec.sites)
+    if spec.env:
+        app["env"] = dict(spec.env)
+    constraints: dict[str, Any] = {}
+    if spec.constraints.arch:
+        constraints["arch"] = list(spec.constraints.arch)
+    if spec.constraints.labels:
+        constraints["labels"] = dict(spec.constraints.labels)
+    if constraints:
+        app["constraints"] = constraints
+    resources: dict[str, Any] = {}
+    if spec.resources.cpu:
+        resources["cpu"] = float(spec.resources.cpu)
+    if spec.resources.memory_mb:
+        resources["memory_mb"] = spec.resources.memory_mb
+    if resources:
+        app["resources"] = resources
+    app["restart"] = {"policy": spec.restart_policy}
+    return {"app": app}
+
+
+# --- rules shared with node configuration -------------------------------------------
+def name_problem(value: object) -> str | None:
+    """Why `value` is not a valid app or site name, or None if it is."""
+    if not isinstance(value, str):
+        return f"must be a string, got {show_value(value)}"
+    if not NAME_RE.match(value):
+        return f"must be {NAME_RULE}, got {show_value(value)}"
+    return None
+
+
+def label_key_problem(value: object) -> str | None:
+    """Why `value` is not a valid label key, or None if it is."""
+    if not isinstance(value, str):
+        return f"label key must be a string, got {show_value(value)}"
+    if not LABEL_KEY_RE.match(value):
+        return f"label key must be {LABEL_KEY_RULE}, got {show_value(value)}"
+    return None
+
+
+def label_value_problem(value: object) -> str | None:
+    """Why `value` is not a valid label value, or None if it is (it may be empty)."""
+    if not isinstance(value, str):
+        return f"must be a string, got {show_value(value)}"
+    if len(value) > MAX_LABEL_VALUE_CHARS:
+        return f"must be at most {MAX_LABEL_VALUE_CHARS} characters, got {len(value)}"
+    if _has_control(value):
+        return f"must not contain control characters, got {show_value(value)}"
+    return None
+
+
+# --- field checks --------------------------------------------------------------------
+def _name(value: object, key: str) -> str:
+    problem = name_problem(value)
+    if problem:
+        raise SpecError(key, problem)
+    assert isinstance(value, str)
+    return value
+
+
+def _replicas(value: object) -> int:
+    if not _is_int(value) or not 1 <= value <= MAX_REPLICAS:  # type: ignore[operator]
+        raise SpecError("app.replicas", f"must be an integer from 1 to {MAX_REPLICAS}, got {show_value(value)}")
+    return int(value)  # type: ignore[arg-type]
+
+
+def _command(value: object) -> tuple[str, ...]:
+    items = _list(value, "app.command", "strings, program first")
+    if not items:
+        raise SpecError("app.command", "must not be empty: give at least the program to run")
+    if len(items) > MAX_COMMAND_ARGS:
+        raise SpecError("app.command", f"must have at most {MAX_COMMAND_ARGS} items, got {len(items)}")
+    total = 0
+    for index, arg in enumerate(items):
+        key = f"app.command[{index}]"
+        if not isinstance(arg, str):
+            raise SpecError(key, f"must be a string, got {show_value(arg)}")
+        if not arg:
+            raise SpecError(key, "must not be empty")
+        if "\0" in arg:
+            raise SpecError(key, "must not contain a NUL character (it cannot be passed to a program)")
+        if len(arg) > MAX_COMMAND_ARG_CHARS:
+            raise SpecError(key, f"must be at most {MAX_COMMAND_ARG_CHARS} characters, got {len(arg)}")
+        total += len(arg)
+    if total > MAX_COMMAND_TOTAL_CHARS:
+        raise SpecError("app.command", f"is {total} characters in all, at most {MAX_COMMAND_TOTAL_CHARS} allowed")
+    return tuple(items)
+
+
+def _sites(value: object) -> tuple[str, ...]:
+    items = _list(value, "app.sites", "site names")
+    if not items:
+        raise SpecError("app.sites", "must name at least one site (leave it out to run in the deploying site)")
+    if len(items) > MAX_SITES:
+        raise SpecError("app.sites", f"must have at most {MAX_SITES} items, got {len(items)}")
+    seen: set[str] = set()
+    for index, site in enumerate(items):
+        key = f"app.sites[{index}]"
+        _name(site, key)
+        if site in seen:
+            raise SpecError(key, f"site {site!r} is listed twice")
+        seen.add(site)
+    return tuple(items)
+
+
+def _env(value: object) -> dict[str, str]:
+    table = _table(value, "app.env")
+    if len(table) > MAX_ENV_VARS:
+        raise SpecError("app.env", f"must have at most {MAX_ENV_VARS} variables, got {len(table)}")
+    env: dict[str, str] = {}
+    total = 0
+    for name, val in table.items():
+        key = _join("app.env", name)
+        if not isinstance(name, str) or not ENV_KEY_RE.match(name):
+            raise SpecError(key, f"variable name must be {ENV_KEY_RULE}")
+        if len(name) > MAX_ENV_KEY_CHARS:
+            raise SpecError(key, f"variable name must be at most {MAX_ENV_KEY_CHARS} characters, got {len(name)}")
+        if not isinstance(val, str):
+            raise SpecError(key, f"must be a string, got {show_value(val)}")
+        if "\0" in val:
+            raise SpecError(key, "must not contain a NUL character (it cannot be passed to a program)")
+        if len(val) > MAX_ENV_VALUE_CHARS:
+            raise SpecError(key, f"must be at most {MAX_ENV_VALUE_CHARS} characters, got {len(val)}")
+        total += len(name) + len(val)
+        env[name] = val
+    if total > MAX_ENV_TOTAL_CHARS:
+        raise SpecError("app.env", f"is {total} characters in all, at most {MAX_ENV_TOTAL_CHARS} allowed")
+    return env
+
+
+def _constraints(value: object) -> Constraints:
+    table = _table(value, "app.constraints")
+    _refuse_unknown_keys(table, "app.constraints", _CONSTRAINT_KEYS)
+    arch: tuple[str, ...] = ()
+    if "arch" in table:
+        items = _list(table["arch"], "app.constraints.arch", "architectures")
+        if not items:
+            raise SpecError("app.constraints.arch", "must list at least one architecture (leave it out for any)")
+        seen: set[str] = set()
+        for index, item in enumerate(items):
+            key = f"app.constraints.arch[{index}]"
+            if not isinstance(item, str) or item not in KNOWN_ARCHES:
+                raise SpecError(key, f"must be one of {', '.join(KNOWN_ARCHES)}, got {show_value(item)}")
+            if item in seen:
+                raise SpecError(key, f"architecture {item!r} is listed twice")
+            seen.add(item)
+        arch = tuple(items)
+    labels: dict[str, str] = {}
+    if "labels" in table:
+        labels = _labels(table["labels"], "app.constraints.labels")
+    return Constraints(arch=arch, labels=labels)
+
+
+def _labels(value: object, key: str) -> dict[str, str]:
+    table = _table(value, key)
+    if len(table) > MAX_LABELS:
+        raise SpecError(key, f"must have at most {MAX_LABELS} labels, got {len(table)}")
+    labels: dict[str, str] = {}
+    for label, val in table.items():
+        label_key = _join(key, label)
+        problem = label_key_problem(label)
+        if problem:
+            raise SpecError(label_key, problem)
+        problem = label_value_problem(val)
+        if problem:
+            raise SpecError(label_key, problem)
+        labels[label] = val
+    return labels
+
+
+def _resources(value: object) -> ResourceRequest:
+    table = _table(value, "app.resources")
+    _refuse_unknown_keys(table, "app.resources", _RESOURCE_KEYS)
+    cpu = 0.0
+    if "cpu" in table:
+        raw = table["cpu"]
+        if not _is_number(raw) or not 0 < raw <= MAX_CPU:  # type: ignore[operator]
+            raise SpecError(
+                "app.resources.cpu",
+                f"must be a number of cores above 0 and at most {MAX_CPU:g}, got {show_value(raw)}",
+            )
+        cpu = float(raw)  # type: ignore[arg-type]
+    memory_mb = 0
+    if "memory_mb" in table:
+        raw = table["memory_mb"]
+        if not _is_int(raw) or not 0 < raw <= MAX_MEMORY_MB:  # type: ignore[operator]
+            raise SpecError(
+                "app.resources.memory_mb",
+                f"must be an integer number of MiB from 1 to {MAX_MEMORY_MB}, got {show_value(raw)}",
+            )
+        memory_mb = int(raw)  # type: ignore[arg-type]
+    return ResourceRequest(cpu=cpu, memory_mb=memory_mb)
+
+
+def _restart(value: object) -> str:
+    table = _table(value, "app.restart")
+    _refuse_unknown_keys(table, "app.restart", _RESTART_KEYS)
+    if "policy" not in table:
+        return "always"
+    policy = table["policy"]
+    if not isinstance(policy, str) or policy not in RESTART_POLICIES:
+        raise SpecError("app.restart.policy", f"must be one of {', '.join(RESTART_POLICIES)}, got {show_value(policy)}")
+    return policy
+
+
+# --- helpers -------------------------------------------------------------------------
+def _table(value: object, key: str) -> Mapping[Any, Any]:
+    if not isinstance(value, Mapping):
+        raise SpecError(key, f"must be a table, got {show_value(value)}")
+    return value
+
+
+def _list(value: object, key: str, of_what: str) -> list[Any]:
+    if not isinstance(value, (list, tuple)):
+        raise SpecError(key, f"must be a list of {of_what}, got {show_value(value)}")
+    return list(value)
+
+
+def _refuse_unknown_keys(table: Mapping[Any, Any], path: str, allowed: tuple[str, ...]) -> None:
+    unknown = [k for k in table if k not in allowed]
+    if not unknown:
+        return
+    ordered = sorted(unknown, key=lambda k: _segment(k))
+    reason = "unknown key" if len(ordered) == 1 else "unknown keys " + ", ".join(_segment(k) for k in ordered[:8])
+    if len(ordered) > 8:
+        reason += f" and {len(ordered) - 8} more"
+    raise SpecError(_join(path, ordered[0]), f"{reason} (allowed here: {', '.join(allowed)})")
+
+
+_PLAIN_SEGMENT = re.compile(r"^[A-Za-z0-9_./-]{1,64}$")
+
+
+def _segment(name: object) -> str:
+    """A key as it can be shown in a one-line dotted path: odd keys are JSON-quoted."""
+    if isinstance(name, str):
+        if _PLAIN_SEGMENT.match(name):
+            return name
+        shown = name if len(name) <= 64 else name[:64] + "..."
+        return json.dumps(shown)
+    return show_value(name)
+
+
+def _join(path: str, name: object) -> str:
+    return f"{path}.{_segment(name)}" if path else _segment(name)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def _has_control(text: str) -> bool:
+    return any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text)
+
+
+def show_value(value: object) -> str:
+    """A short one-line rendering of a value for an error message, in TOML terms."""
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        if abs(value) >= 10**30:  # also avoids Python's limit on int-to-text conversion
+            return "a huge integer"
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str):
+        shown = value if len(value) <= 60 else value[:60] + "..."
+        return json.dumps(shown)
+    if isinstance(value, (list, tuple)):
+        return f"a list of {len(value)} item{'s' if len(value) != 1 else ''}"
+    if isinstance(value, Mapping):
+        return "a table"
+    return f"a value of type {type(value).__name__}"
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n")

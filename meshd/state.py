@@ -1,0 +1,233 @@
+"""Records of one site's replicated state: nodes, apps, allocations, tokens.
+
+Invariants:
+- Every record is a frozen dataclass of plain data (str, int, float, bool, tuples, and
+  dicts treated as read-only). They are pickled into the Raft snapshot, so they hold no
+  sockets, locks, callbacks or clocks.
+- Records are replaced, never mutated: `dataclasses.replace(record, field=...)`.
+- Times are seconds since the epoch as supplied by the command that wrote them (the
+  proposer's clock); nothing here reads a clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Mapping
+
+# --- node states -------------------------------------------------------------------
+# `liveness` is decided by the leader from heartbeats; `admin` by operators. The state the
+# CLI shows combines them (see NodeRecord.state).
+LIVENESS_JOINING = "joining"  # admitted, no heartbeat seen yet
+LIVENESS_READY = "ready"
+LIVENESS_DOWN = "down"
+
+ADMIN_ACTIVE = "active"
+ADMIN_DRAINING = "draining"
+ADMIN_LEFT = "left"
+ADMIN_REVOKED = "revoked"
+
+NODE_STATES = ("ready", "down", "draining", "left", "revoked", "joining")
+
+# --- allocation states (contract: pending, running, failed, stopped, lost) -------------
+ALLOC_PENDING = "pending"
+ALLOC_RUNNING = "running"
+ALLOC_FAILED = "failed"
+ALLOC_STOPPED = "stopped"
+ALLOC_LOST = "lost"
+ALLOC_STATES = (ALLOC_PENDING, ALLOC_RUNNING, ALLOC_FAILED, ALLOC_STOPPED, ALLOC_LOST)
+# An allocation in one of these states will never run again on its node.
+ALLOC_TERMINAL = frozenset({ALLOC_FAILED, ALLOC_STOPPED, ALLOC_LOST})
+
+DESIRED_RUN = "run"
+DESIRED_STOP = "stop"
+
+APP_RUNNING = "running"
+APP_STOPPED = "stopped"
+
+RESTART_POLICIES = ("always", "on-failure", "never")
+
+
+@dataclass(frozen=True)
+class Constraints:
+    arch: tuple[str, ...] = ()  # empty: any architecture
+    labels: Mapping[str, str] = field(default_factory=dict)  # all must match
+
+
+@dataclass(frozen=True)
+class ResourceRequest:
+    cpu: float = 0.0  # cores
+    memory_mb: int = 0
+
+
+@dataclass(frozen=True)
+class AppSpec:
+    """A validated app as the operator wrote it (see meshd.spec for parsing)."""
+
+    name: str
+    replicas: int
+    command: tuple[str, ...]
+    sites: tuple[str, ...] = ()  # empty: the site it was deployed in
+    env: Mapping[str, str] = field(default_factory=dict)
+    constraints: Constraints = field(default_factory=Constraints)
+    resources: ResourceRequest = field(default_factory=ResourceRequest)
+    restart_policy: str = "always"
+
+    def to_plain(self) -> dict:
+        return dataclasses.asdict(self) | {
+            "command": list(self.command),
+            "sites": list(self.sites),
+            "env": dict(self.env),
+        }
+
+
+@dataclass(frozen=True)
+class NodeResources:
+    """What a node last reported about itself (psutil)."""
+
+    cpu_total: float = 0.0  # logical cores
+    cpu_free: float = 0.0  # cores idle over the last sample
+    mem_total_mb: int = 0
+    mem_free_mb: int = 0  # available memory
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    node_id: str
+    name: str
+    site: str
+    address: str  # peer endpoint "ip:port" (join, member RPC)
+    raft_address: str  # "ip:port" of this node's Raft listener
+    public_key: str  # hex of the raw Ed25519 public key; node_id derives from it
+    arch: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    voter: bool = False
+    liveness: str = LIVENESS_JOINING
+    admin: str = ADMIN_ACTIVE
+    resources: NodeResources = field(default_factory=NodeResources)
+    heartbeat_seq: int = 0  # last heartbeat sequence applied; the leader watches it move
+    version: str = ""  # meshd version the node runs
+    joined_at: float = 0.0
+    state_changed_at: float = 0.0
+    reason: str = ""  # why the node is in its current state (shown by `meshctl nodes`)
+
+    @property
+    def state(self) -> str:
+        """The one word the CLI shows: left/revoked win, then down, then draining."""
+        if self.admin in (ADMIN_LEFT, ADMIN_REVOKED):
+            return self.admin
+        if self.liveness == LIVENESS_DOWN:
+            return "down"
+        if self.liveness == LIVENESS_JOINING:
+            return "joining"
+        if self.admin == ADMIN_DRAINING:
+            return "draining"
+        return "ready"
+
+    @property
+    def schedulable(self) -> bool:
+        return self.state == "ready"
+
+
+@dataclass(frozen=True)
+class AppRecord:
+    spec: AppSpec
+    version: int  # bumped on every accepted change of spec
+    status: str = APP_RUNNING  # running | stopped
+    submitted_at: float = 0.0
+    submitted_by: str = ""
+
+
+@dataclass(frozen=True)
+class Alloc:
+    """One replica of one app version, placed on one node."""
+
+    alloc_id: str
+    app: str
+    version: int
+    replica: int  # 0 .. replicas-1; reconcile keeps exactly one live alloc per index
+    node_id: str
+    desired: str = DESIRED_RUN  # run | stop: what the site wants of it
+    state: str = ALLOC_PENDING  # what its node last reported (or lost)
+    pid: int | None = None
+    restarts: int = 0
+    exit_code: int | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    reason: str = ""  # why it was stopped, lost or failed
+
+    @property
+    def live(self) -> bool:
+        """Counts towards the app's replicas: wanted and not finished."""
+        return self.desired == DESIRED_RUN and self.state not in ALLOC_TERMINAL
+
+
+@dataclass(frozen=True)
+class JoinToken:
+    token_id: str
+    site: str
+    secret: str  # hex; needed to check the joiner's HMAC proof, so kept, only inside the site
+    expires_at: float
+    created_by: str = ""
+    used_by: str | None = None  # node_id that consumed it: tokens are single-use
+
+
+@dataclass(frozen=True)
+class Event:
+    ts: float
+    kind: str  # placement | membership | node | app | token | alloc
+    message: str
+    data: Mapping[str, object] = field(default_factory=dict)
+
+    def to_plain(self) -> dict:
+        return {"ts": self.ts, "kind": self.kind, "message": self.message, **dict(self.data)}
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    ts: float
+    actor: str
+    action: str
+    target: str
+    site: str
+
+    def to_plain(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class SiteState:
+    """The whole replicated state of one site. Mutated only by meshd.sitestate.apply()."""
+
+    site: str = ""
+    mesh_id: str = ""
+    nodes: dict[str, NodeRecord] = field(default_factory=dict)
+    apps: dict[str, AppRecord] = field(default_factory=dict)
+    allocs: dict[str, Alloc] = field(default_factory=dict)
+    tokens: dict[str, JoinToken] = field(default_factory=dict)
+    events: list[Event] = field(default_factory=list)
+    audit: list[AuditRecord] = field(default_factory=list)
+    # request_id -> result of the command that carried it, so a retried command (its
+    # first outcome unknown after a failover) is answered, not applied twice.
+    applied_requests: dict[str, dict] = field(default_factory=dict)
+    applied_order: list[str] = field(default_factory=list)
+    last_ts: float = 0.0  # highest command timestamp applied
+
+    # --- read helpers used by placement, reconcile and the admin layer ---------------
+    def node_by_ref(self, ref: str) -> NodeRecord | None:
+        """Find a node by id, name or unique id prefix."""
+        if ref in self.nodes:
+            return self.nodes[ref]
+        by_name = [n for n in self.nodes.values() if n.name == ref]
+        if len(by_name) == 1:
+            return by_name[0]
+        by_prefix = [n for n in self.nodes.values() if n.node_id.startswith(ref)]
+        if len(by_prefix) == 1 and len(ref) >= 4:
+            return by_prefix[0]
+        return None
+
+    def allocs_on(self, node_id: str) -> list[Alloc]:
+        return [a for a in self.allocs.values() if a.node_id == node_id]
+
+    def live_allocs(self, app: str) -> list[Alloc]:
+        return [a for a in self.allocs.values() if a.app == app and a.live]

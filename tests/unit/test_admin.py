@@ -1,0 +1,456 @@
+"""Tests of meshd.io.admin against a real Unix socket in tmp_path."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import stat
+import struct
+import threading
+from functools import partial
+from typing import Any, Awaitable, Callable
+
+import pytest
+import trio
+
+from meshd.io.admin import (
+    AdminError,
+    AdminRequest,
+    AdminUnavailable,
+    admin_call,
+    admin_call_sync,
+    serve_admin,
+)
+from meshd.wire import ADMIN_MAX_FRAME, FrameDecoder, encode_frame
+
+# Guards every test against a hang; never reached when the code works.
+DEADLOCK_GUARD_S = 20
+
+
+class Recorder:
+    """A small admin handler: records requests and answers per command."""
+
+    def __init__(self) -> None:
+        self.requests: list[AdminRequest] = []
+        self.released = trio.Event()
+        self.handler_exit: list[str] = []
+        self.handler_done = trio.Event()
+
+    async def __call__(self, request: AdminRequest, stream: Any) -> Any:
+        self.requests.append(request)
+        if request.cmd == "echo":
+            return {"cmd": request.cmd, "args": request.args}
+        if request.cmd == "count":
+            for i in range(request.args["n"]):
+                await stream.send({"i": i})
+            return {"sent": request.args["n"]}
+        if request.cmd == "refuse":
+            raise AdminError("no such app 'x'")
+        if request.cmd == "refuse-in-nursery":
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._raise_admin_error)
+            return None
+        if request.cmd == "boom":
+            raise RuntimeError("kaboom")
+        if request.cmd == "unsendable":
+            return {"x": {1, 2}}
+        if request.cmd == "big-stream-item":
+            await stream.send({"data": "x" * (ADMIN_MAX_FRAME + 1)})
+            return None
+        if request.cmd == "wait":
+            await self.released.wait()
+            return "released"
+        if request.cmd == "release":
+            self.released.set()
+            return "ok"
+        if request.cmd in ("stream-forever", "silent-forever"):
+            try:
+                i = 0
+                while True:
+                    if request.cmd == "stream-forever":
+                        await stream.send({"i": i})
+                        i += 1
+                    await trio.sleep(0.01)
+            except trio.Cancelled:
+                self.handler_exit.append("cancelled")
+                raise
+            finally:
+                self.handler_done.set()
+        raise AdminError(f"unknown command {request.cmd!r}")
+
+    async def _raise_admin_error(self) -> None:
+        raise AdminError("refused inside a nursery")
+
+
+def run_with_server(
+    path: str,
+    handler: Any,
+    body: Callable[[], Awaitable[None]],
+    **serve_kwargs: Any,
+) -> None:
+    async def main() -> None:
+        with trio.fail_after(DEADLOCK_GUARD_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(partial(serve_admin, path, handler, **serve_kwargs))
+                await body()
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+async def raw_exchange(path: str, data: bytes, *, close_after_send: bool = False) -> list[dict]:
+    """Send raw bytes, read until the server closes, return the frames it sent."""
+    conn = await trio.open_unix_socket(path)
+    async with conn:
+        if data:
+            await conn.send_all(data)
+        decoder = FrameDecoder(ADMIN_MAX_FRAME)
+        frames: list[dict] = []
+        while True:
+            try:
+                chunk = await conn.receive_some(65536)
+            except trio.BrokenResourceError:
+                break
+            if not chunk:
+                break
+            frames += decoder.feed(chunk)
+        return frames
+
+
+def frame_of(body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + body
+
+
+@pytest.fixture
+def sock_path(tmp_path) -> str:
+    return str(tmp_path / "admin.sock")
+
+
+def test_socket_file_is_0600_and_removed_on_shutdown(sock_path):
+    async def body() -> None:
+        st = os.stat(sock_path)
+        assert stat.S_ISSOCK(st.st_mode)
+        assert stat.S_IMODE(st.st_mode) == 0o600
+
+    run_with_server(sock_path, Recorder(), body)
+    assert not os.path.exists(sock_path)
+
+
+def test_request_response_carries_peer_credentials(sock_path):
+    handler = Recorder()
+
+    async def body() -> None:
+        result = await admin_call(sock_path, "echo", {"site": "factory-a"})
+        assert result == {"cmd": "echo", "args": {"site": "factory-a"}}
+
+    run_with_server(sock_path, handler, body)
+    (request,) = handler.requests
+    assert request == AdminRequest("echo", {"site": "factory-a"}, os.getuid(), os.getpid())
+
+
+def test_streaming_items_arrive_in_order_before_result(sock_path):
+    seen: list[dict] = []
+
+    async def body() -> None:
+        result = await admin_call(sock_path, "count", {"n": 5}, on_stream=seen.append)
+        assert result == {"sent": 5}
+        assert seen == [{"i": i} for i in range(5)]
+
+        async def async_collect(item: dict) -> None:
+            await trio.sleep(0)
+            seen.append(item)
+
+        seen.clear()
+        await admin_call(sock_path, "count", {"n": 3}, on_stream=async_collect)
+        assert seen == [{"i": i} for i in range(3)]
+
+    run_with_server(sock_path, Recorder(), body)
+
+
+def test_admin_error_reaches_client(sock_path):
+    async def body() -> None:
+        with pytest.raises(AdminError, match="no such app 'x'"):
+            await admin_call(sock_path, "refuse", {})
+        with pytest.raises(AdminError, match="refused inside a nursery"):
+            await admin_call(sock_path, "refuse-in-nursery", {})
+        with pytest.raises(AdminError, match="unknown command 'nope'"):
+            await admin_call(sock_path, "nope", {})
+
+    run_with_server(sock_path, Recorder(), body)
+
+
+def test_handler_exception_is_logged_and_server_keeps_serving(sock_path, caplog):
+    async def body() -> None:
+        with pytest.raises(AdminError, match="internal error: RuntimeError: kaboom"):
+            await admin_call(sock_path, "boom", {})
+        with pytest.raises(AdminError, match="internal error: result cannot be sent"):
+            await admin_call(sock_path, "unsendable", {})
+        with pytest.raises(AdminError, match="internal error: FrameError: .*exceeds limit"):
+            await admin_call(sock_path, "big-stream-item", {})
+        assert await admin_call(sock_path, "echo", {}) == {"cmd": "echo", "args": {}}
+
+    with caplog.at_level(logging.ERROR, logger="meshd.io.admin"):
+        run_with_server(sock_path, Recorder(), body)
+    assert any("'boom' failed" in r.getMessage() for r in caplog.records)
+
+
+def test_oversized_frame_refused_and_next_client_served(sock_path):
+    handler = Recorder()
+
+    async def body() -> None:
+        frames = await raw_exchange(sock_path, struct.pack(">I", ADMIN_MAX_FRAME + 1))
+        assert frames == [
+            {
+                "ok": False,
+                "error": f"bad request: frame of {ADMIN_MAX_FRAME + 1} bytes exceeds limit "
+                f"{ADMIN_MAX_FRAME}",
+            }
+        ]
+        assert await admin_call(sock_path, "echo", {}) == {"cmd": "echo", "args": {}}
+
+    run_with_server(sock_path, handler, body)
+    assert [r.cmd for r in handler.requests] == ["echo"]
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (frame_of(b"hello"), "frame is not valid JSON"),
+        (frame_of(b"\xc3\x28{}"), "frame is not valid UTF-8"),
+        (frame_of(b"[1]"), "frame holds a JSON array, not an object"),
+        (frame_of(b'{"args": {}}'), '"cmd" must be a non-empty string'),
+        (frame_of(b'{"cmd": 5}'), '"cmd" must be a non-empty string'),
+        (frame_of(b'{"cmd": ""}'), '"cmd" must be a non-empty string'),
+        (frame_of(b'{"cmd": "echo", "args": [1]}'), '"args" must be an object'),
+        (encode_frame({"cmd": "echo"}) * 2, "one request per connection"),
+        (encode_frame({"cmd": "echo"}) + b"\x00", "one request per connection"),
+        (b"\xff\xff\xff\xff", "exceeds limit"),
+    ],
+)
+def test_junk_gets_bad_request(sock_path, data, reason):
+    handler = Recorder()
+
+    async def body() -> None:
+        frames = await raw_exchange(sock_path, data)
+        assert len(frames) == 1
+        assert frames[0]["ok"] is False
+        assert frames[0]["error"].startswith("bad request: ")
+        assert reason in frames[0]["error"]
+        assert await admin_call(sock_path, "echo", {"after": True}) is not None
+
+    run_with_server(sock_path, handler, body)
+    assert [r.args for r in handler.requests] == [{"after": True}]
+
+
+def test_missing_args_default_to_empty(sock_path):
+    async def body() -> None:
+        frames = await raw_exchange(sock_path, encode_frame({"cmd": "echo"}))
+        assert frames == [{"ok": True, "result": {"cmd": "echo", "args": {}}}]
+
+    run_with_server(sock_path, Recorder(), body)
+
+
+@pytest.mark.parametrize("sent", [b"", encode_frame({"cmd": "echo"})[:7]])
+def test_silent_client_is_dropped_after_timeout(sock_path, sent):
+    async def body() -> None:
+        frames = await raw_exchange(sock_path, sent)
+        assert frames == [
+            {"ok": False, "error": "bad request: no complete request within 0.2 s"}
+        ]
+
+    run_with_server(sock_path, Recorder(), body, request_timeout=0.2)
+
+
+def test_uid_not_allowed_is_refused(sock_path):
+    handler = Recorder()
+    someone_else = os.getuid() + 4242
+
+    async def body() -> None:
+        with pytest.raises(AdminError, match=f"permission denied: uid {os.getuid()}"):
+            await admin_call(sock_path, "echo", {})
+
+    run_with_server(sock_path, handler, body, allowed_uids={someone_else})
+    assert handler.requests == []
+
+
+@pytest.mark.parametrize("cmd", ["stream-forever", "silent-forever"])
+def test_client_disconnect_cancels_handler_quietly(sock_path, cmd, caplog):
+    handler = Recorder()
+
+    async def body() -> None:
+        conn = await trio.open_unix_socket(sock_path)
+        await conn.send_all(encode_frame({"cmd": cmd, "args": {}}))
+        if cmd == "stream-forever":
+            decoder = FrameDecoder(ADMIN_MAX_FRAME)
+            frames: list[dict] = []
+            while not frames:
+                frames = decoder.feed(await conn.receive_some(65536))
+            assert frames[0] == {"stream": {"i": 0}}
+        else:
+            await trio.sleep(0.05)  # let the handler start
+        await conn.aclose()
+        await handler.handler_done.wait()
+        assert await admin_call(sock_path, "echo", {}) is not None
+
+    with caplog.at_level(logging.WARNING, logger="meshd.io.admin"):
+        run_with_server(sock_path, handler, body)
+    assert handler.handler_exit == ["cancelled"]
+    assert caplog.records == []
+
+
+def test_clients_are_served_concurrently(sock_path):
+    async def body() -> None:
+        results: list[Any] = []
+
+        async def waiter() -> None:
+            results.append(await admin_call(sock_path, "wait", {}))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            assert await admin_call(sock_path, "release", {}) == "ok"
+        assert results == ["released"]
+
+    run_with_server(sock_path, Recorder(), body)
+
+
+def test_client_closing_early_does_not_disturb_server(sock_path):
+    async def body() -> None:
+        conn = await trio.open_unix_socket(sock_path)
+        await conn.send_all(b"\x00\x00")
+        await conn.aclose()
+        assert await admin_call(sock_path, "echo", {}) is not None
+
+    run_with_server(sock_path, Recorder(), body)
+
+
+def test_stale_socket_file_is_replaced(sock_path):
+    leftover = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    leftover.bind(sock_path)
+    leftover.close()
+    assert stat.S_ISSOCK(os.lstat(sock_path).st_mode)
+
+    async def body() -> None:
+        assert await admin_call(sock_path, "echo", {}) is not None
+
+    run_with_server(sock_path, Recorder(), body)
+
+
+def test_live_socket_is_not_taken_over(sock_path):
+    async def body() -> None:
+        with pytest.raises(FileExistsError, match="another meshd is already serving"):
+            await serve_admin(sock_path, Recorder())
+        assert await admin_call(sock_path, "echo", {}) is not None
+
+    run_with_server(sock_path, Recorder(), body)
+
+
+def test_regular_file_is_never_removed(sock_path):
+    with open(sock_path, "w") as f:
+        f.write("precious")
+    with pytest.raises(FileExistsError, match="not a socket"):
+        trio.run(partial(serve_admin, sock_path, Recorder()))
+    with open(sock_path) as f:
+        assert f.read() == "precious"
+
+
+def test_overlong_path_is_refused_clearly(tmp_path):
+    path = str(tmp_path / ("s" * 120))
+    with pytest.raises(OSError, match="limit is 107"):
+        trio.run(partial(serve_admin, path, Recorder()))
+
+
+@pytest.mark.parametrize("make", ["missing", "regular-file", "dead-socket"])
+def test_unreachable_daemon_is_reported_clearly(sock_path, make):
+    if make == "regular-file":
+        with open(sock_path, "w") as f:
+            f.write("x")
+    elif make == "dead-socket":
+        leftover = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        leftover.bind(sock_path)
+        leftover.close()
+    with pytest.raises(AdminUnavailable) as excinfo:
+        admin_call_sync(sock_path, "status", {})
+    message = excinfo.value.message
+    assert message.startswith(f"cannot reach meshd at {sock_path}: ")
+    assert message.endswith("; is the daemon running?")
+
+
+def test_timeout_becomes_admin_error(sock_path):
+    async def body() -> None:
+        with pytest.raises(AdminError, match="no answer from meshd at .* within 0.1 s"):
+            await admin_call(sock_path, "wait", {}, timeout=0.1)
+
+    run_with_server(sock_path, Recorder(), body)
+
+
+def test_daemon_hanging_up_is_unavailable(sock_path):
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(sock_path)
+    listener.listen(1)
+
+    def accept_and_hang_up() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.close()
+
+    thread = threading.Thread(target=accept_and_hang_up)
+    thread.start()
+    try:
+        with pytest.raises(AdminUnavailable, match="closed the connection without an answer"):
+            admin_call_sync(sock_path, "status", {}, timeout=DEADLOCK_GUARD_S)
+    finally:
+        thread.join()
+        listener.close()
+
+
+def test_malformed_reply_is_admin_error(sock_path):
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(sock_path)
+    listener.listen(1)
+
+    def answer_junk() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(encode_frame({"something": "else"}))
+        conn.close()
+
+    thread = threading.Thread(target=answer_junk)
+    thread.start()
+    try:
+        with pytest.raises(AdminError, match="malformed reply from meshd"):
+            admin_call_sync(sock_path, "status", {}, timeout=DEADLOCK_GUARD_S)
+    finally:
+        thread.join()
+        listener.close()
+
+
+def test_oversized_request_is_refused_before_connecting(sock_path):
+    with pytest.raises(AdminError, match="request cannot be sent: frame of .* exceeds limit"):
+        admin_call_sync(sock_path, "deploy", {"spec_toml": "x" * ADMIN_MAX_FRAME})
+
+
+def test_admin_call_sync_against_server_in_another_thread(sock_path):
+    ready = threading.Event()
+    token_box: list[trio.lowlevel.TrioToken] = []
+    scope_box: list[trio.CancelScope] = []
+
+    async def server_main() -> None:
+        with trio.CancelScope() as scope:
+            scope_box.append(scope)
+            token_box.append(trio.lowlevel.current_trio_token())
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve_admin, sock_path, Recorder())
+                ready.set()
+
+    thread = threading.Thread(target=trio.run, args=(server_main,))
+    thread.start()
+    try:
+        assert ready.wait(DEADLOCK_GUARD_S)
+        seen: list[dict] = []
+        assert admin_call_sync(sock_path, "count", {"n": 2}, on_stream=seen.append) == {"sent": 2}
+        assert seen == [{"i": 0}, {"i": 1}]
+    finally:
+        if token_box:
+            trio.from_thread.run_sync(scope_box[0].cancel, trio_token=token_box[0])
+        thread.join()

@@ -1,0 +1,238 @@
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshd.liveness import LivenessTracker, Transition
+from meshd.state import (
+    ADMIN_ACTIVE,
+    ADMIN_LEFT,
+    ADMIN_REVOKED,
+    LIVENESS_DOWN,
+    LIVENESS_JOINING,
+    LIVENESS_READY,
+    NodeRecord,
+    SiteState,
+)
+
+DOWN, READY, JOINING = LIVENESS_DOWN, LIVENESS_READY, LIVENESS_JOINING
+
+
+def node(node_id, liveness=READY, admin=ADMIN_ACTIVE, seq=0) -> NodeRecord:
+    return NodeRecord(node_id=node_id, name=node_id, site="s", address="198.18.0.1:7700",
+                      raft_address="198.18.0.1:7701", public_key="00", liveness=liveness, admin=admin,
+                      heartbeat_seq=seq)
+
+
+def site(*nodes) -> SiteState:
+    return SiteState(site="s", nodes={n.node_id: n for n in nodes})
+
+
+def heartbeat(state: SiteState, node_id: str) -> None:
+    n = state.nodes[node_id]
+    state.nodes[node_id] = dataclasses.replace(n, heartbeat_seq=n.heartbeat_seq + 1)
+
+
+def commit(state: SiteState, transitions: list[Transition]) -> None:
+    for t in transitions:
+        state.nodes[t.node_id] = dataclasses.replace(state.nodes[t.node_id], liveness=t.to)
+
+
+def run(tracker: LivenessTracker, state: SiteState, steps) -> list[tuple[float, str, str]]:
+    """Steps: ("reset", now) | ("hb", node_id) | ("observe", now). Transitions are committed."""
+    seen = []
+    for step in steps:
+        if step[0] == "reset":
+            tracker.reset(state, step[1])
+        elif step[0] == "hb":
+            heartbeat(state, step[1])
+        else:
+            now = step[1]
+            transitions = tracker.observe(state, now)
+            commit(state, transitions)
+            seen.extend((now, t.node_id, t.to) for t in transitions)
+    return seen
+
+
+def beats(node_id, *times):
+    """A heartbeat just before each observation at the given times."""
+    return [s for t in times for s in (("hb", node_id), ("observe", t))]
+
+
+SCENARIOS = [
+    # (id, initial liveness, steps, expected transitions)
+    ("steady heartbeats stay ready", READY,
+     [("reset", 0)] + beats("n1", 0.5, 1.2, 2.0, 2.9), []),
+    ("exactly the lease is not missed", READY, [("reset", 0), ("observe", 1.0)], []),
+    ("missed lease", READY, [("reset", 0), ("observe", 0.5), ("observe", 1.01)], [(1.01, "n1", DOWN)]),
+    ("missed lease after last heartbeat", READY,
+     [("reset", 0)] + beats("n1", 0.9) + [("observe", 1.8), ("observe", 1.95)], [(1.95, "n1", DOWN)]),
+    ("joining: first heartbeat makes it ready", JOINING,
+     [("reset", 0)] + beats("n1", 0.3), [(0.3, "n1", READY)]),
+    ("joining: never heartbeats", JOINING, [("reset", 0), ("observe", 1.5)], [(1.5, "n1", DOWN)]),
+    ("down stays down without heartbeats", DOWN, [("reset", 0), ("observe", 5), ("observe", 50)], []),
+    ("down: ready after the base hold-down", DOWN,
+     [("reset", 0)] + beats("n1", 3, 3.5, 3.9, 4.0), [(4.0, "n1", READY)]),
+    ("down: a gap longer than the lease restarts the hold-down", DOWN,
+     [("reset", 0)] + beats("n1", 3, 3.5) + [("observe", 4.6)] + beats("n1", 4.7, 5.2, 5.7),
+     [(5.7, "n1", READY)]),
+    ("down: observing less often than the lease still lets a steady node recover", DOWN,
+     [("reset", 0)] + beats("n1", 2, 4), [(4, "n1", READY)]),
+    ("down: heartbeats seen before the reset do not count", DOWN,
+     [("reset", 0)] + beats("n1", 0.5, 0.9) + [("reset", 1.0)] + beats("n1", 1.5, 1.9, 2.5),
+     [(2.5, "n1", READY)]),
+    ("flap damping doubles the hold-down", READY,
+     [("reset", 0), ("observe", 1.5)]  # down #1 at 1.5
+     + beats("n1", 2, 2.5, 3)  # hold 1s: ready at 3
+     + [("observe", 4.5)]  # down #2 at 4.5
+     + beats("n1", 5, 5.5, 6, 6.5, 7)  # hold 2s: ready at 7
+     + [("observe", 8.5)]  # down #3 at 8.5
+     + beats("n1", 9, 10, 11, 12, 13),  # hold 4s: ready at 13
+     [(1.5, "n1", DOWN), (3, "n1", READY), (4.5, "n1", DOWN), (7, "n1", READY), (8.5, "n1", DOWN),
+      (13, "n1", READY)]),
+]
+
+
+@pytest.mark.parametrize("initial,steps,expected", [s[1:] for s in SCENARIOS], ids=[s[0] for s in SCENARIOS])
+def test_liveness(initial, steps, expected):
+    tracker = LivenessTracker(lease=1.0, base_hold_down=1.0, max_hold_down=60.0, flap_window=300.0)
+    assert run(tracker, site(node("n1", initial)), steps) == expected
+
+
+def test_reasons():
+    tracker = LivenessTracker(lease=2.5)
+    state = site(node("n1"), node("n2", JOINING), node("n3", DOWN))
+    tracker.reset(state, 0)
+    heartbeat(state, "n2")
+    heartbeat(state, "n3")
+    first = tracker.observe(state, 1)
+    assert first == [Transition("n2", READY, "first heartbeat")]
+    commit(state, first)
+    heartbeat(state, "n2")
+    heartbeat(state, "n3")
+    assert tracker.observe(state, 2.6) == [
+        Transition("n1", DOWN, "missed heartbeat lease of 2.5s"),
+        Transition("n3", READY, "heartbeating again for 1.6s (hold-down 1s, 0 down(s) in the last 300s)"),
+    ]
+
+
+def test_hold_down_is_capped_and_forgets_old_flaps():
+    tracker = LivenessTracker(lease=1.0, base_hold_down=1.0, max_hold_down=5.0, flap_window=100.0)
+    state = site(node("n1"))
+    steps = [("reset", 0)]
+    t = 0.0
+    for _ in range(5):  # five downs, each followed by a recovery long enough for any hold-down
+        t += 1.5
+        steps.append(("observe", t))
+        for _ in range(12):
+            t += 0.5
+            steps += beats("n1", t)
+    run(tracker, state, steps)
+    assert tracker.recent_downs("n1", t) == 5
+    assert tracker.hold_down("n1", t) == 5.0  # 16s by doubling, capped
+    assert tracker.hold_down("n1", t + 1000) == 1.0  # the flaps left the window
+
+
+def test_unapplied_down_is_reemitted_but_counted_once():
+    tracker = LivenessTracker(lease=1.0)
+    state = site(node("n1"))
+    tracker.reset(state, 0)
+    assert [t.to for t in tracker.observe(state, 2)] == [DOWN]
+    assert [t.to for t in tracker.observe(state, 3)] == [DOWN]  # state still says ready
+    assert tracker.recent_downs("n1", 3) == 1
+
+
+def test_transitions_the_state_already_reflects_are_not_emitted():
+    tracker = LivenessTracker(lease=1.0)
+    state = site(node("n1", DOWN), node("n2", READY))
+    tracker.reset(state, 0)
+    heartbeat(state, "n2")
+    assert tracker.observe(state, 5) == []  # n1 already down; n2 ready and heartbeating
+
+
+@pytest.mark.parametrize("admin", [ADMIN_LEFT, ADMIN_REVOKED])
+def test_departed_nodes_are_ignored(admin):
+    tracker = LivenessTracker(lease=1.0)
+    state = site(node("n1", READY, admin), node("n2", JOINING, admin))
+    tracker.reset(state, 0)
+    heartbeat(state, "n2")
+    assert tracker.observe(state, 10) == []
+
+
+def test_vanished_nodes_are_forgotten_and_new_ones_get_a_fresh_lease():
+    tracker = LivenessTracker(lease=1.0)
+    state = site(node("n1"))
+    tracker.reset(state, 0)
+    del state.nodes["n1"]
+    assert tracker.observe(state, 5) == []
+    state.nodes["n1"] = node("n1", JOINING, seq=7)
+    assert tracker.observe(state, 10) == []  # first sight: the lease starts now
+    assert tracker.observe(state, 10.9) == []
+    assert [t.to for t in tracker.observe(state, 11.1)] == [DOWN]
+
+
+def test_transitions_are_sorted_by_node_id():
+    tracker = LivenessTracker(lease=1.0)
+    state = site(node("c"), node("a"), node("b"))
+    tracker.reset(state, 0)
+    assert [t.node_id for t in tracker.observe(state, 2)] == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"lease": 0}, "lease must be positive"),
+        ({"lease": 1, "base_hold_down": 5, "max_hold_down": 1}, "base_hold_down <= max_hold_down"),
+        ({"lease": 1, "flap_window": -1}, "flap_window must not be negative"),
+    ],
+)
+def test_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LivenessTracker(**kwargs)
+
+
+# --- properties ----------------------------------------------------------------------
+NODE_IDS = ["n0", "n1", "n2"]
+events = st.lists(
+    st.tuples(
+        st.sampled_from([0.0, 0.05, 0.2, 0.5, 0.9, 1.0, 1.5, 3.0]),  # time since the previous event
+        st.sampled_from(["hb", "hb", "hb", "observe", "observe", "reset"]),
+        st.sampled_from(NODE_IDS),
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(schedule=events, initial=st.lists(st.sampled_from([READY, JOINING, DOWN]), min_size=3, max_size=3),
+       lease=st.sampled_from([0.5, 1.0, 2.0]), base=st.sampled_from([0.0, 0.5, 1.0]))
+def test_random_heartbeat_schedules(schedule, initial, lease, base):
+    tracker = LivenessTracker(lease=lease, base_hold_down=base, max_hold_down=8.0, flap_window=30.0)
+    state = site(*(node(n, liveness) for n, liveness in zip(NODE_IDS, initial)))
+    last_heartbeat: dict[str, float] = {}
+    went_down: dict[str, float] = {}
+    now = 0.0
+    tracker.reset(state, now)
+    for dt, kind, node_id in schedule:
+        now += dt
+        if kind == "hb":
+            heartbeat(state, node_id)
+            last_heartbeat[node_id] = now
+            continue
+        if kind == "reset":
+            tracker.reset(state, now)
+            assert tracker.observe(state, now) == [], "a leader reset alone changes nothing"
+            continue
+        transitions = tracker.observe(state, now)
+        for t in transitions:
+            assert state.nodes[t.node_id].liveness != t.to, "only transitions the state does not reflect"
+            if t.to == DOWN:
+                assert t.node_id not in last_heartbeat or now - last_heartbeat[t.node_id] > lease, (
+                    "a node that heartbeated within the lease is never marked down")
+                went_down[t.node_id] = now
+            elif state.nodes[t.node_id].liveness == DOWN and t.node_id in went_down:
+                assert now - went_down[t.node_id] >= base, "a recovered node waited out its hold-down"
+        commit(state, transitions)

@@ -1,0 +1,161 @@
+"""Packaging: the systemd unit, the default config and the .deb built from them."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from meshd.config import OPTION_NAMES, NodeConfig, resolve_config
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGING = ROOT / "packaging"
+UNIT = PACKAGING / "meshd.service"
+DEFAULT_CONFIG = PACKAGING / "meshd.toml"
+BUILD_SCRIPT = PACKAGING / "build-deb.sh"
+BUILD_TIMEOUT_S = 600  # building the wheel may fetch the build backend from the package index
+COMMENTED_OPTION = re.compile(r"^# ?([a-z][a-z_-]*) = (.*)$")
+
+
+def unit_sections(text: str) -> dict[str, dict[str, list[str]]]:
+    """systemd unit syntax: [Section] headers, Key=Value lines (keys may repeat), # comments."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] | None = None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+            continue
+        assert current is not None, f"key outside a section: {line}"
+        key, sep, value = line.partition("=")
+        assert sep, f"not Key=Value: {line}"
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def test_unit_file_runs_meshd_as_a_notify_service() -> None:
+    service = unit_sections(UNIT.read_text())["Service"]
+    assert service["Type"] == ["notify"]
+    assert service["ExecStart"] == ["/usr/bin/meshd run --config /etc/meshd/meshd.toml"]
+    assert service["Restart"] == ["on-failure"]
+    assert service["KillMode"] == ["mixed"]
+    assert service["StateDirectory"] == ["meshd"]
+
+
+def test_unit_file_keeps_devices_for_workloads_and_attestation() -> None:
+    service = unit_sections(UNIT.read_text())["Service"]
+    for blocks_devices in ("PrivateDevices", "DevicePolicy", "DeviceAllow", "ProtectClock"):
+        assert blocks_devices not in service, f"{blocks_devices} would hide /dev/tpmrm0 and serial ports"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_unit_file_has_no_unknown_directives(tmp_path: Path) -> None:
+    # verify checks that ExecStart's program exists; point it at one that does.
+    unit = tmp_path / "meshd.service"
+    unit.write_text(UNIT.read_text().replace("ExecStart=/usr/bin/meshd ", "ExecStart=/bin/true "))
+    result = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)],
+                            capture_output=True, text=True, timeout=60)
+    complaints = [line for line in (result.stdout + result.stderr).splitlines() if str(unit) in line]
+    assert complaints == []
+
+
+def test_default_config_resolves_to_the_built_in_defaults() -> None:
+    cfg = resolve_config({}, DEFAULT_CONFIG.read_text(), {}, "testhost")
+    assert cfg == NodeConfig(data_dir="/var/lib/meshd", name="testhost")
+
+
+def test_default_config_documents_every_option() -> None:
+    documented = {m.group(1) for line in DEFAULT_CONFIG.read_text().splitlines()
+                  if (m := COMMENTED_OPTION.match(line))}
+    missing = {name for name in OPTION_NAMES if name not in documented}
+    # `labels` and `peers` are documented under their repeatable spellings.
+    missing -= {"labels", "peers"} if {"label", "peer"} <= documented else set()
+    assert missing == set()
+
+
+def test_default_config_examples_are_valid_and_defaults_are_true() -> None:
+    lines = DEFAULT_CONFIG.read_text().splitlines()
+    uncommented = "\n".join(m.group(1) + " = " + m.group(2) if (m := COMMENTED_OPTION.match(line)) else line
+                            for line in lines)
+    cfg = resolve_config({}, uncommented, {}, "testhost")
+    defaults = NodeConfig(data_dir="/var/lib/meshd", name="testhost")
+    for option in ("data_dir", "site", "listen", "admin_socket", "mdns", "heartbeat_interval", "lease",
+                   "raft_min_timeout", "raft_max_timeout", "append_entries_period", "log_max_bytes",
+                   "log_keep"):
+        assert getattr(cfg, option) == getattr(defaults, option), option
+
+
+def project_version() -> str:
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["project"]["version"]
+
+
+@pytest.fixture(scope="module")
+def built_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("dpkg-deb") is None:
+        pytest.skip("dpkg-deb is not installed (Debian's dpkg package provides it)")
+    out = tmp_path_factory.mktemp("dist")
+    before = {p.name for p in ROOT.iterdir()}
+    result = subprocess.run(["bash", str(BUILD_SCRIPT), str(out)], capture_output=True, text=True,
+                            timeout=BUILD_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr
+    created = {p.name for p in ROOT.iterdir()} - before
+    assert not {n for n in created if n == "build" or n.endswith(".egg-info")}, "build output left in the tree"
+    deb = out / f"meshd_{project_version()}_all.deb"
+    assert result.stdout.strip() == str(deb)
+    assert deb.is_file()
+    return deb
+
+
+def dpkg_deb(*args: str) -> str:
+    return subprocess.run(["dpkg-deb", *args], capture_output=True, text=True, check=True, timeout=60).stdout
+
+
+def test_deb_control_fields(built_deb: Path) -> None:
+    assert dpkg_deb("-f", str(built_deb), "Package").strip() == "meshd"
+    assert dpkg_deb("-f", str(built_deb), "Version").strip() == project_version()
+    assert dpkg_deb("-f", str(built_deb), "Architecture").strip() == "all"
+    depends = [d.strip() for d in dpkg_deb("-f", str(built_deb), "Depends").split(",")]
+    assert depends == ["python3 (>= 3.11)", "python3-venv"]
+
+
+def test_deb_file_list(built_deb: Path) -> None:
+    entries = {}
+    for line in dpkg_deb("-c", str(built_deb)).splitlines():
+        path = line.split(None, 5)[5]
+        name, _, target = path.partition(" -> ")
+        entries[name.removeprefix(".")] = target
+    assert entries["/etc/meshd/meshd.toml"] == ""
+    assert entries["/lib/systemd/system/meshd.service"] == ""
+    assert entries["/usr/bin/meshd"] == "/opt/meshd/bin/meshd"
+    assert entries["/usr/bin/meshctl"] == "/opt/meshd/bin/meshctl"
+    wheels = [p for p in entries if re.fullmatch(rf"/usr/share/meshd/meshd-{re.escape(project_version())}-py3-none-any\.whl", p)]
+    assert len(wheels) == 1
+
+
+def test_deb_ships_the_packaging_files_unchanged(built_deb: Path, tmp_path: Path) -> None:
+    subprocess.run(["dpkg-deb", "-x", str(built_deb), str(tmp_path)], check=True, timeout=60)
+    assert (tmp_path / "etc/meshd/meshd.toml").read_text() == DEFAULT_CONFIG.read_text()
+    assert (tmp_path / "lib/systemd/system/meshd.service").read_text() == UNIT.read_text()
+
+
+def test_deb_maintainer_scripts(built_deb: Path, tmp_path: Path) -> None:
+    control = tmp_path / "DEBIAN"
+    subprocess.run(["dpkg-deb", "-e", str(built_deb), str(control)], check=True, timeout=60)
+    assert (control / "conffiles").read_text().split() == ["/etc/meshd/meshd.toml"]
+    wheel = next(p.split(None, 5)[5] for p in dpkg_deb("-c", str(built_deb)).splitlines() if p.endswith(".whl"))
+    postinst = (control / "postinst").read_text()
+    assert "python3 -m venv /opt/meshd" in postinst
+    assert "/opt/meshd/bin/pip install" in postinst and wheel.removeprefix(".") in postinst
+    for script in ("postinst", "prerm", "postrm"):
+        assert (control / script).stat().st_mode & 0o111, f"{script} is not executable"
+        subprocess.run(["sh", "-n", str(control / script)], check=True, timeout=60)
+    # An upgrade runs the old postrm with "upgrade": it must not delete the new venv.
+    postrm = (control / "postrm").read_text()
+    assert re.search(r"remove\|purge\)\s+rm -rf /opt/meshd", postrm)

@@ -1,0 +1,237 @@
+"""The site state machine: every command, its refusals, idempotence and determinism."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshd import sitestate
+from meshd.state import SiteState
+
+T0 = 1_700_000_000.0
+
+
+def node(i: int, site: str = "s1", **extra) -> dict:
+    return {"node_id": f"{i:032x}", "name": f"n{i}", "site": site, "address": f"198.18.0.{i}:7700",
+            "raft_address": f"198.18.0.{i}:7701", "public_key": f"{i:064x}", "arch": "x86_64",
+            "labels": {}, "version": "0.1.0", **extra}
+
+
+def cmd(op: str, ts: float = T0, **fields) -> dict:
+    return {"op": op, "ts": ts, **fields}
+
+
+def founded(nodes: int = 1) -> SiteState:
+    state = SiteState()
+    assert sitestate.apply(state, cmd("bootstrap", site="s1", mesh_id="m1", node=node(1)))["ok"]
+    for i in range(2, nodes + 1):
+        assert sitestate.apply(state, cmd("create_token", token_id=f"t{i}", site="s1", secret="ab" * 32,
+                                          expires_at=T0 + 100))["ok"]
+        assert sitestate.apply(state, cmd("admit_node", token_id=f"t{i}", node=node(i)))["ok"]
+    for n in list(state.nodes):
+        assert sitestate.apply(state, cmd("set_liveness", node_id=n, liveness="ready"))["ok"]
+        assert sitestate.apply(state, cmd("heartbeat", node_id=n, seq=1, resources={
+            "cpu_total": 4, "cpu_free": 4, "mem_total_mb": 4096, "mem_free_mb": 4000}))["ok"]
+    return state
+
+
+APP = {"app": {"name": "web", "replicas": 2, "command": ["sleep", "100"]}}
+
+
+def test_bootstrap_founds_the_site_with_the_founder_as_voter():
+    state = founded()
+    assert state.site == "s1"
+    (only,) = state.nodes.values()
+    assert only.voter and only.name == "n1"
+
+
+def test_second_bootstrap_is_refused_and_changes_nothing():
+    state = founded()
+    before = copy.deepcopy(state)
+    result = sitestate.apply(state, cmd("bootstrap", site="other", mesh_id="m2", node=node(9, site="other")))
+    assert not result["ok"] and "already founded" in result["error"]
+    assert state.nodes == before.nodes and state.site == "s1"
+
+
+@pytest.mark.parametrize("command, reason", [
+    ("not a dict", "not a mapping"),
+    ({"op": "fly", "ts": T0}, "unknown command"),
+    ({"op": "heartbeat"}, "ts must be"),
+    ({"op": "heartbeat", "ts": T0, "node_id": "nope", "seq": 1}, "not a member"),
+    ({"op": "heartbeat", "ts": T0, "node_id": f"{1:032x}", "seq": -1}, "seq must be"),
+    ({"op": "heartbeat", "ts": T0, "node_id": f"{1:032x}", "seq": 2**63}, "seq must be"),
+    ({"op": "heartbeat", "ts": T0, "node_id": f"{1:032x}", "seq": 1, "reports": [{"alloc_id": "a", "state": "dancing",
+                                                                                   "restarts": 0}]}, "unknown allocation state"),
+    ({"op": "submit_app", "ts": T0, "spec": {"app": {"name": "BAD NAME", "replicas": 1, "command": ["x"]}}}, "app.name"),
+    ({"op": "submit_app", "ts": T0, "spec": "nope"}, "spec must be"),
+    ({"op": "stop_app", "ts": T0, "app": "ghost"}, "no app named"),
+    ({"op": "drain", "ts": T0, "node": "ghost"}, "no member named"),
+    ({"op": "set_liveness", "ts": T0, "node_id": f"{1:032x}", "liveness": "zombie"}, "ready or down"),
+    ({"op": "admit_node", "ts": T0, "token_id": "none", "node": node(5)}, "unknown join token"),
+    ({"op": "create_token", "ts": T0, "token_id": "t", "site": "s1", "secret": "ab", "expires_at": T0 - 1}, "already be expired"),
+    ({"op": "apply_plan", "ts": T0, "plan": {"app": "web", "version": 1, "stops": "x"}}, "stops must be"),
+    ({"op": "heartbeat", "ts": T0, "request_id": "", "node_id": "x", "seq": 1}, "request_id"),
+])
+def test_bad_commands_are_refused_with_a_reason_and_change_nothing(command, reason):
+    state = founded()
+    before = pickle.dumps(state)
+    result = sitestate.apply(state, command)
+    assert result["ok"] is False
+    assert reason in result["error"]
+    after = copy.deepcopy(state)
+    after.last_ts = pickle.loads(before).last_ts
+    assert pickle.dumps(after) == before
+
+
+def test_token_is_single_use_and_expires():
+    state = founded()
+    sitestate.apply(state, cmd("create_token", token_id="t", site="s1", secret="ab" * 32, expires_at=T0 + 10))
+    assert sitestate.apply(state, cmd("admit_node", token_id="t", node=node(2)))["ok"]
+    # the same node retrying its own admission is fine (idempotent) ...
+    assert sitestate.apply(state, cmd("admit_node", token_id="t", node=node(2)))["ok"]
+    # ... another node with the same token is not
+    reused = sitestate.apply(state, cmd("admit_node", token_id="t", node=node(3)))
+    assert not reused["ok"] and "already used" in reused["error"]
+    sitestate.apply(state, cmd("create_token", token_id="u", site="s1", secret="ab" * 32, expires_at=T0 + 10))
+    expired = sitestate.apply(state, cmd("admit_node", ts=T0 + 11, token_id="u", node=node(4)))
+    assert not expired["ok"] and "expired" in expired["error"]
+    assert f"{4:032x}" not in state.nodes
+
+
+def test_voters_up_to_five_then_non_voters():
+    state = founded(7)
+    voters = [n for n in state.nodes.values() if n.voter]
+    assert len(voters) == sitestate.MAX_VOTERS
+    assert sum(1 for n in state.nodes.values() if not n.voter) == 2
+
+
+def test_request_id_makes_commands_idempotent():
+    state = founded()
+    first = sitestate.apply(state, cmd("submit_app", request_id="r1", spec=APP))
+    APP2 = {"app": {**APP["app"], "replicas": 3}}
+    again = sitestate.apply(state, cmd("submit_app", request_id="r1", spec=APP2))
+    assert first == again
+    assert state.apps["web"].spec.replicas == 2 and state.apps["web"].version == 1
+
+
+def test_redeploying_the_same_spec_keeps_the_version_and_a_change_bumps_it():
+    state = founded()
+    assert sitestate.apply(state, cmd("submit_app", spec=APP))["version"] == 1
+    assert sitestate.apply(state, cmd("submit_app", spec=APP))["version"] == 1
+    APP2 = {"app": {**APP["app"], "replicas": 3}}
+    assert sitestate.apply(state, cmd("submit_app", spec=APP2))["version"] == 2
+    assert len(state.audit) >= 3
+
+
+def plan_cmd(placements, version=1, stops=()):
+    return cmd("apply_plan", plan={"app": "web", "version": version, "placements": placements,
+                                   "stops": [list(s) for s in stops]})
+
+
+def test_apply_plan_places_and_rechecks_at_apply_time():
+    state = founded(2)
+    sitestate.apply(state, cmd("submit_app", spec=APP))
+    n1, n2 = sorted(state.nodes)
+    result = sitestate.apply(state, plan_cmd([{"alloc_id": "a0", "replica": 0, "node_id": n1},
+                                              {"alloc_id": "a1", "replica": 1, "node_id": n2}]))
+    assert result["placed"] == ["a0", "a1"]
+    # a stale plan (the node went down in between) is refused at apply time
+    sitestate.apply(state, cmd("set_liveness", node_id=n2, liveness="down", reason="test"))
+    assert state.allocs["a1"].state == "lost"
+    stale = sitestate.apply(state, plan_cmd([{"alloc_id": "a2", "replica": 1, "node_id": n2}]))
+    assert stale["placed"] == [] and stale["refused"]
+    # a duplicate of an accepted placement is refused too
+    dup = sitestate.apply(state, plan_cmd([{"alloc_id": "a3", "replica": 0, "node_id": n1}]))
+    assert dup["placed"] == []
+    reused_id = sitestate.apply(state, plan_cmd([{"alloc_id": "a0", "replica": 1, "node_id": n1}]))
+    assert not reused_id["ok"]
+
+
+def test_heartbeat_reports_update_allocations_of_that_node_only():
+    state = founded(2)
+    sitestate.apply(state, cmd("submit_app", spec=APP))
+    n1, n2 = sorted(state.nodes)
+    sitestate.apply(state, plan_cmd([{"alloc_id": "a0", "replica": 0, "node_id": n1}]))
+    report = {"alloc_id": "a0", "state": "running", "pid": 42, "restarts": 0, "exit_code": None, "reason": ""}
+    sitestate.apply(state, cmd("heartbeat", node_id=n2, seq=5, reports=[report]))
+    assert state.allocs["a0"].state == "pending"  # n2 does not hold a0
+    sitestate.apply(state, cmd("heartbeat", node_id=n1, seq=5, reports=[report]))
+    assert state.allocs["a0"].state == "running" and state.allocs["a0"].pid == 42
+
+
+def test_node_down_marks_its_allocations_lost_and_late_reports_do_not_revive_them():
+    state = founded(2)
+    sitestate.apply(state, cmd("submit_app", spec=APP))
+    n1, _ = sorted(state.nodes)
+    sitestate.apply(state, plan_cmd([{"alloc_id": "a0", "replica": 0, "node_id": n1}]))
+    sitestate.apply(state, cmd("set_liveness", node_id=n1, liveness="down", reason="missed lease"))
+    sitestate.apply(state, cmd("heartbeat", node_id=n1, seq=9, reports=[
+        {"alloc_id": "a0", "state": "running", "pid": 1, "restarts": 0, "exit_code": None, "reason": ""}]))
+    assert state.allocs["a0"].state == "lost" and state.allocs["a0"].desired == "stop"
+
+
+def test_stop_app_and_drain():
+    state = founded(2)
+    sitestate.apply(state, cmd("submit_app", spec=APP))
+    n1, n2 = sorted(state.nodes)
+    sitestate.apply(state, plan_cmd([{"alloc_id": "a0", "replica": 0, "node_id": n1}]))
+    result = sitestate.apply(state, cmd("stop_app", app="web"))
+    assert result["allocs"] == ["a0"] and state.allocs["a0"].desired == "stop"
+    assert state.apps["web"].status == "stopped"
+    drained = sitestate.apply(state, cmd("drain", node="n2"))
+    assert drained["state"] == "draining"
+    assert sitestate.apply(state, cmd("undrain", node="n2"))["state"] == "ready"
+
+
+def test_snapshot_round_trips_through_pickle():
+    state = founded(3)
+    sitestate.apply(state, cmd("submit_app", spec=APP))
+    clone = pickle.loads(pickle.dumps(state))
+    assert clone == state
+
+
+ops = st.sampled_from(["heartbeat", "set_liveness", "submit_app", "stop_app", "drain", "undrain", "apply_plan",
+                       "create_token", "admit_node"])
+
+
+@st.composite
+def commands(draw):
+    op = draw(ops)
+    ts = T0 + draw(st.integers(0, 1000))
+    node_id = f"{draw(st.integers(1, 4)):032x}"
+    fields = {
+        "heartbeat": {"node_id": node_id, "seq": draw(st.integers(0, 10))},
+        "set_liveness": {"node_id": node_id, "liveness": draw(st.sampled_from(["ready", "down"]))},
+        "submit_app": {"spec": {"app": {"name": "web", "replicas": draw(st.integers(1, 4)), "command": ["x"]}}},
+        "stop_app": {"app": "web"},
+        "drain": {"node": f"n{draw(st.integers(1, 4))}"},
+        "undrain": {"node": f"n{draw(st.integers(1, 4))}"},
+        "apply_plan": {"plan": {"app": "web", "version": draw(st.integers(1, 3)), "placements": [
+            {"alloc_id": f"a{draw(st.integers(0, 50))}", "replica": draw(st.integers(0, 4)), "node_id": node_id}],
+            "stops": []}},
+        "create_token": {"token_id": f"t{draw(st.integers(0, 5))}", "site": "s1", "secret": "ab" * 32,
+                         "expires_at": ts + 10},
+        "admit_node": {"token_id": f"t{draw(st.integers(0, 5))}", "node": node(draw(st.integers(5, 8)))},
+    }[op]
+    if draw(st.booleans()):
+        fields["request_id"] = f"r{draw(st.integers(0, 20))}"
+    return cmd(op, ts=ts, **fields)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(commands(), max_size=40))
+def test_any_command_sequence_is_deterministic_and_never_raises(sequence):
+    a, b = founded(4), founded(4)
+    results_a = [sitestate.apply(a, c) for c in sequence]
+    results_b = [sitestate.apply(b, copy.deepcopy(c)) for c in sequence]
+    assert results_a == results_b
+    assert pickle.dumps(a) == pickle.dumps(b)
+    # every live allocation sits on a known node, at most one live per (app, version, replica)
+    live = [x for x in a.allocs.values() if x.live]
+    assert all(x.node_id in a.nodes for x in live)
+    keys = [(x.app, x.version, x.replica) for x in live]
+    assert len(keys) == len(set(keys))

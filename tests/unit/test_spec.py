@@ -1,0 +1,387 @@
+"""App spec parsing: every bad key is refused with its dotted path; valid specs round-trip."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import string
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from meshd.spec import (
+    KNOWN_ARCHES,
+    LABEL_KEY_RE,
+    MAX_COMMAND_ARGS,
+    MAX_ENV_VARS,
+    MAX_LABELS,
+    MAX_MEMORY_MB,
+    MAX_SPEC_TEXT_CHARS,
+    NAME_RE,
+    SpecError,
+    parse_app_dict,
+    parse_app_toml,
+    spec_to_dict,
+)
+from meshd.state import AppSpec, Constraints, ResourceRequest
+
+FULL_TOML = """
+[app]
+name = "vibration-monitor"
+replicas = 3
+command = ["python3", "-m", "http.server", "0"]
+sites = ["factory-a"]
+env = { MODE = "edge" }
+
+[app.constraints]
+arch = ["x86_64", "aarch64"]
+labels = { line = "1" }
+
+[app.resources]
+cpu = 0.25
+memory_mb = 64
+
+[app.restart]
+policy = "on-failure"
+"""
+
+
+def minimal(**app: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"name": "web", "replicas": 2, "command": ["sleep", "60"]}
+    base.update(app)
+    return {"app": base}
+
+
+def test_contract_example_parses_to_every_field() -> None:
+    spec = parse_app_toml(FULL_TOML)
+    assert spec == AppSpec(
+        name="vibration-monitor",
+        replicas=3,
+        command=("python3", "-m", "http.server", "0"),
+        sites=("factory-a",),
+        env={"MODE": "edge"},
+        constraints=Constraints(arch=("x86_64", "aarch64"), labels={"line": "1"}),
+        resources=ResourceRequest(cpu=0.25, memory_mb=64),
+        restart_policy="on-failure",
+    )
+
+
+def test_optional_keys_take_their_defaults() -> None:
+    spec = parse_app_toml('[app]\nname = "a"\ncommand = ["true"]\n')
+    assert spec == AppSpec(name="a", replicas=1, command=("true",))
+    assert spec.restart_policy == "always"
+    assert spec.resources == ResourceRequest(cpu=0.0, memory_mb=0)
+
+
+def test_integer_cpu_becomes_float() -> None:
+    spec = parse_app_dict(minimal(resources={"cpu": 2}))
+    assert spec.resources.cpu == 2.0 and isinstance(spec.resources.cpu, float)
+
+
+def test_bytes_input_is_decoded() -> None:
+    assert parse_app_toml(FULL_TOML.encode()).name == "vibration-monitor"
+
+
+@pytest.mark.parametrize(
+    ("name", "doc", "key", "reason_part"),
+    [
+        ("no app table", {}, "app", "required"),
+        ("unknown top-level key", {"app": minimal()["app"], "extra": 1}, "extra", "unknown key"),
+        ("app not a table", {"app": [1]}, "app", "must be a table"),
+        ("unknown app key", minimal(replica=3), "app.replica", "unknown key"),
+        ("two unknown keys named", minimal(zz=1, aa=2), "app.aa", "aa, zz"),
+        ("name missing", {"app": {"command": ["x"]}}, "app.name", "required"),
+        ("name uppercase", minimal(name="Web"), "app.name", "lowercase"),
+        ("name trailing dash", minimal(name="web-"), "app.name", "lowercase"),
+        ("name too long", minimal(name="a" * 64), "app.name", "63"),
+        ("name empty", minimal(name=""), "app.name", "lowercase"),
+        ("name not a string", minimal(name=5), "app.name", "string"),
+        ("replicas zero", minimal(replicas=0), "app.replicas", "from 1 to 1000"),
+        ("replicas negative", minimal(replicas=-3), "app.replicas", "got -3"),
+        ("replicas too many", minimal(replicas=1001), "app.replicas", "1000"),
+        ("replicas bool", minimal(replicas=True), "app.replicas", "got true"),
+        ("replicas float", minimal(replicas=2.0), "app.replicas", "integer"),
+        ("replicas huge", minimal(replicas=2**70), "app.replicas", "integer"),
+        ("replicas beyond text limit", minimal(replicas=10**5000), "app.replicas", "huge"),
+        ("command missing", {"app": {"name": "a"}}, "app.command", "required"),
+        ("command a string", minimal(command="sleep 60"), "app.command", "list of strings"),
+        ("command empty", minimal(command=[]), "app.command", "not be empty"),
+        ("command item not str", minimal(command=["sleep", 60]), "app.command[1]", "string"),
+        ("command item empty", minimal(command=["sleep", ""]), "app.command[1]", "empty"),
+        ("command NUL", minimal(command=["a\0b"]), "app.command[0]", "NUL"),
+        ("command arg too long", minimal(command=["x" * 5000]), "app.command[0]", "4096"),
+        ("command too many", minimal(command=["x"] * (MAX_COMMAND_ARGS + 1)), "app.command", "at most"),
+        ("command too big", minimal(command=["x" * 4000] * 20), "app.command", "in all"),
+        ("sites not a list", minimal(sites="a"), "app.sites", "list"),
+        ("sites empty", minimal(sites=[]), "app.sites", "at least one"),
+        ("site bad name", minimal(sites=["ok", "Not_OK"]), "app.sites[1]", "lowercase"),
+        ("site duplicate", minimal(sites=["a", "a"]), "app.sites[1]", "twice"),
+        ("site not str", minimal(sites=[1]), "app.sites[0]", "string"),
+        ("env not a table", minimal(env=["A=1"]), "app.env", "table"),
+        ("env bad key", minimal(env={"1A": "x"}), "app.env.1A", "variable name"),
+        ("env key with dash", minimal(env={"A-B": "x"}), "app.env.A-B", "variable name"),
+        ("env value not str", minimal(env={"A": 1}), "app.env.A", "string"),
+        ("env value nested", minimal(env={"A": {"B": "c"}}), "app.env.A", "string"),
+        ("env NUL", minimal(env={"A": "x\0"}), "app.env.A", "NUL"),
+        ("env too many", minimal(env={f"V{i}": "" for i in range(MAX_ENV_VARS + 1)}), "app.env", "at most"),
+        ("env value too big", minimal(env={"A": "x" * 40000}), "app.env.A", "at most"),
+        ("env too big in all", minimal(env={f"V{i}": "x" * 30000 for i in range(3)}), "app.env", "in all"),
+        ("constraints not a table", minimal(constraints=1), "app.constraints", "table"),
+        ("constraints unknown", minimal(constraints={"os": "linux"}), "app.constraints.os", "unknown"),
+        ("arch not a list", minimal(constraints={"arch": "x86_64"}), "app.constraints.arch", "list"),
+        ("arch empty", minimal(constraints={"arch": []}), "app.constraints.arch", "at least one"),
+        ("arch unknown", minimal(constraints={"arch": ["amd64"]}), "app.constraints.arch[0]", "one of"),
+        ("arch duplicate", minimal(constraints={"arch": ["i686", "i686"]}), "app.constraints.arch[1]", "twice"),
+        ("labels not table", minimal(constraints={"labels": ["a=b"]}), "app.constraints.labels", "table"),
+        ("label bad key", minimal(constraints={"labels": {"-x": "1"}}), "app.constraints.labels.-x", "label key"),
+        ("label key spaces", minimal(constraints={"labels": {"a b": "1"}}), 'app.constraints.labels."a b"', "label key"),
+        ("label value int", minimal(constraints={"labels": {"line": 1}}), "app.constraints.labels.line", "string"),
+        ("label value newline", minimal(constraints={"labels": {"k": "a\nb"}}), "app.constraints.labels.k", "control"),
+        ("label value long", minimal(constraints={"labels": {"k": "v" * 300}}), "app.constraints.labels.k", "253"),
+        (
+            "labels too many",
+            minimal(constraints={"labels": {f"k{i}": "" for i in range(MAX_LABELS + 1)}}),
+            "app.constraints.labels",
+            "at most",
+        ),
+        ("resources not a table", minimal(resources=2), "app.resources", "table"),
+        ("resources unknown", minimal(resources={"gpu": 1}), "app.resources.gpu", "unknown"),
+        ("resources memory typo", minimal(resources={"memory": 64}), "app.resources.memory", "unknown"),
+        ("cpu zero", minimal(resources={"cpu": 0}), "app.resources.cpu", "above 0"),
+        ("cpu negative", minimal(resources={"cpu": -1.5}), "app.resources.cpu", "got -1.5"),
+        ("cpu too many", minimal(resources={"cpu": 1024.5}), "app.resources.cpu", "1024"),
+        ("cpu nan", minimal(resources={"cpu": float("nan")}), "app.resources.cpu", "nan"),
+        ("cpu inf", minimal(resources={"cpu": float("inf")}), "app.resources.cpu", "inf"),
+        ("cpu string", minimal(resources={"cpu": "1"}), "app.resources.cpu", "number"),
+        ("cpu bool", minimal(resources={"cpu": True}), "app.resources.cpu", "true"),
+        ("memory zero", minimal(resources={"memory_mb": 0}), "app.resources.memory_mb", "from 1"),
+        ("memory float", minimal(resources={"memory_mb": 64.0}), "app.resources.memory_mb", "integer"),
+        ("memory too big", minimal(resources={"memory_mb": MAX_MEMORY_MB + 1}), "app.resources.memory_mb", "from 1"),
+        ("memory 2**63", minimal(resources={"memory_mb": 2**63}), "app.resources.memory_mb", "from 1"),
+        ("restart not a table", minimal(restart="always"), "app.restart", "table"),
+        ("restart unknown", minimal(restart={"delay": 1}), "app.restart.delay", "unknown"),
+        ("restart policy bad", minimal(restart={"policy": "sometimes"}), "app.restart.policy", "always, on-failure, never"),
+        ("restart policy not str", minimal(restart={"policy": 1}), "app.restart.policy", "one of"),
+    ],
+    ids=lambda v: v if isinstance(v, str) and " " in v else None,
+)
+def test_bad_key_is_refused_with_its_path(name: str, doc: dict, key: str, reason_part: str) -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_app_dict(doc)
+    assert caught.value.key == key
+    assert reason_part in caught.value.reason
+    assert str(caught.value) == f"{key}: {caught.value.reason}"
+    assert "\n" not in str(caught.value)
+
+
+def test_error_message_format() -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_app_dict(minimal(replicas=-3))
+    assert str(caught.value) == "app.replicas: must be an integer from 1 to 1000, got -3"
+    assert isinstance(caught.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason_part"),
+    [
+        ("[app\nname = 1", "line"),
+        ('[app]\nname = "a"\nname = "b"\n', ""),
+        ("[app]\nreplicas = " + "9" * 5000, ""),
+        ("x = " + "[" * 5000 + "]" * 5000, ""),
+        ("#" + " " * MAX_SPEC_TEXT_CHARS, "at most"),
+    ],
+    ids=["syntax", "duplicate key", "huge int literal", "deep nesting", "too long"],
+)
+def test_bad_toml_is_a_spec_error_keyed_toml(text: str, reason_part: str) -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_app_toml(text)
+    assert caught.value.key == "toml"
+    assert reason_part in caught.value.reason
+
+
+def test_non_utf8_bytes_are_refused() -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_app_toml(b"[app]\nname = '\xff'")
+    assert caught.value.key == "toml"
+
+
+def test_document_must_be_a_table() -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_app_dict(["app"])  # type: ignore[arg-type]
+    assert caught.value.key == "document"
+
+
+def test_odd_keys_stay_on_one_line() -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_app_dict(minimal(env={"A\nB": "x"}))
+    assert caught.value.key == 'app.env."A\\nB"'
+    assert "\n" not in str(caught.value)
+
+
+def test_spec_error_pickles() -> None:
+    err = SpecError("app.name", "is required")
+    back = pickle.loads(pickle.dumps(err))
+    assert (back.key, back.reason, str(back)) == ("app.name", "is required", "app.name: is required")
+
+
+def test_parse_does_not_mutate_input() -> None:
+    doc = minimal(env={"A": "1"}, constraints={"arch": ["x86_64"], "labels": {"a": "b"}})
+    before = copy.deepcopy(doc)
+    spec = parse_app_dict(doc)
+    assert doc == before
+    doc["app"]["env"]["A"] = "changed"
+    assert spec.env == {"A": "1"}
+
+
+# --- property tests ----------------------------------------------------------------
+names = st.from_regex(NAME_RE, fullmatch=True)
+label_keys = st.from_regex(LABEL_KEY_RE, fullmatch=True)
+label_values = st.text(alphabet=st.characters(min_codepoint=0x20, blacklist_characters="\x7f"), max_size=40)
+env_keys = st.from_regex(r"\A[A-Za-z_][A-Za-z0-9_]{0,20}\Z")
+no_nul = st.characters(blacklist_characters="\0", blacklist_categories=("Cs",))
+args = st.text(alphabet=no_nul, min_size=1, max_size=30)
+
+
+@st.composite
+def app_specs(draw: st.DrawFn) -> AppSpec:
+    return AppSpec(
+        name=draw(names),
+        replicas=draw(st.integers(1, 1000)),
+        command=tuple(draw(st.lists(args, min_size=1, max_size=6))),
+        sites=tuple(draw(st.lists(names, max_size=4, unique=True))),
+        env=draw(st.dictionaries(env_keys, st.text(alphabet=no_nul, max_size=20), max_size=5)),
+        constraints=Constraints(
+            arch=tuple(draw(st.lists(st.sampled_from(KNOWN_ARCHES), unique=True, max_size=3))),
+            labels=draw(st.dictionaries(label_keys, label_values, max_size=4)),
+        ),
+        resources=ResourceRequest(
+            cpu=draw(st.just(0.0) | st.floats(0, 1024, exclude_min=True)),
+            memory_mb=draw(st.just(0) | st.integers(1, MAX_MEMORY_MB)),
+        ),
+        restart_policy=draw(st.sampled_from(["always", "on-failure", "never"])),
+    )
+
+
+@given(app_specs())
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+def test_round_trip(spec: AppSpec) -> None:
+    assert parse_app_dict(spec_to_dict(spec)) == spec
+
+
+@given(app_specs())
+@settings(max_examples=50, suppress_health_check=[HealthCheck.too_slow])
+def test_round_trip_through_toml_text(spec: AppSpec) -> None:
+    assert parse_app_toml(_to_toml(spec_to_dict(spec))) == spec
+
+
+def _to_toml(doc: dict[str, Any]) -> str:
+    """A tiny TOML writer for the shapes spec_to_dict produces (values as JSON-compatible literals)."""
+    import json
+
+    def toml_string(v: str) -> str:
+        # JSON's escapes are TOML's, as long as non-ASCII stays literal (TOML refuses
+        # surrogate-pair escapes) and DEL, which JSON leaves bare, is escaped.
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007F")
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return toml_string(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{toml_string(k)} = {value(x)}" for k, x in v.items()) + "}"
+        raise TypeError(v)
+
+    lines: list[str] = []
+
+    def table(path: str, t: dict[str, Any]) -> None:
+        lines.append(f"[{path}]")
+        subtables = {}
+        for k, v in t.items():
+            if isinstance(v, dict) and path == "app" and k != "env":
+                subtables[k] = v
+            else:
+                lines.append(f"{toml_string(k)} = {value(v)}")
+        for k, v in subtables.items():
+            table(f"{path}.{k}", v)
+
+    table("app", doc["app"])
+    return "\n".join(lines) + "\n"
+
+
+junk_leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=2**62, max_value=2**80)
+    | st.floats()
+    | st.text(max_size=20)
+    | st.sampled_from(["x86_64", "always", "web", "A", "", "\0"])
+    | st.binary(max_size=4)
+    | st.datetimes()
+)
+junk = st.recursive(
+    junk_leaves,
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=8) | st.sampled_from(["name", "cpu", "labels", "arch", "policy"]), inner, max_size=4),
+    max_leaves=12,
+)
+app_keys = st.sampled_from(["name", "replicas", "command", "sites", "env", "constraints", "resources", "restart", "bogus"])
+
+
+@given(st.dictionaries(app_keys, junk, max_size=8))
+@settings(max_examples=300)
+def test_junk_app_tables_raise_only_spec_error(app: dict[str, Any]) -> None:
+    try:
+        spec = parse_app_dict({"app": app})
+    except SpecError as err:
+        assert "\n" not in str(err)
+    else:
+        assert isinstance(spec, AppSpec)
+
+
+@given(app_specs(), st.data())
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+def test_valid_spec_with_one_leaf_replaced_raises_only_spec_error(spec: AppSpec, data: st.DataObject) -> None:
+    doc = spec_to_dict(spec)
+    node: Any = doc
+    while isinstance(node, dict) and node:
+        key = data.draw(st.sampled_from(sorted(node)))
+        if not isinstance(node[key], dict) or data.draw(st.booleans()):
+            node[key] = data.draw(junk)
+            break
+        node = node[key]
+    try:
+        parse_app_dict(doc)
+    except SpecError as err:
+        assert "\n" not in str(err)
+
+
+@given(st.text(alphabet=string.printable, max_size=200) | st.text(max_size=200))
+@settings(max_examples=300)
+def test_junk_text_raises_only_spec_error(text: str) -> None:
+    try:
+        parse_app_toml(text)
+    except SpecError as err:
+        assert "\n" not in str(err)
+
+
+toml_fragments = st.sampled_from([
+    "[app]", "name = ", '"web"', "replicas = ", "3", "command = ", '["x"]', "[app.resources]", "cpu = ",
+    "1.5", "\n", "[", "]", "=", '"', "{", "}", ",", "-1", "1e999", "nan",
+])
+
+
+@given(st.lists(toml_fragments, max_size=30))
+@settings(max_examples=300)
+def test_junk_toml_fragments_raise_only_spec_error(parts: list[str]) -> None:
+    try:
+        parse_app_toml("".join(parts))
+    except SpecError as err:
+        assert "\n" not in str(err)

@@ -1,0 +1,334 @@
+"""Supervisor tests with real processes under trio.
+
+Every test polls the reports until the state it waits for shows up (bounded by
+`fail_after`), so none depends on how fast this machine is.
+"""
+
+import json
+import os
+import signal
+
+import psutil
+import pytest
+import trio
+
+from meshd.io.logfiles import read_tail, rotated_files
+from meshd.io.supervisor import (
+    MAX_FINISHED_REPORTS,
+    REASON_NOT_STARTED,
+    REASON_REMOVED,
+    REASON_SHUTDOWN,
+    DesiredAlloc,
+    Supervisor,
+    workload_env,
+)
+
+# Generous: only reached when something is broken.
+TEST_TIMEOUT = 20
+
+
+def alloc(alloc_id, script=None, *, command=None, policy="never", env=None, app="web"):
+    command = command if command is not None else ("sh", "-c", script)
+    return DesiredAlloc(alloc_id=alloc_id, app=app, command=tuple(command), env=env or {}, restart_policy=policy)
+
+
+def alive(pid):
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def group_members(pgid):
+    members = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                members.append(proc.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    return members
+
+
+def lifecycle(log_text):
+    return [json.loads(line) for line in log_text.splitlines() if line.startswith('{"ts"')]
+
+
+def run_supervisor(tmp_path, scenario, **options):
+    """Run `scenario(sup, changes)` against a running Supervisor, then stop everything."""
+    options = {"stop_timeout": 2.0, "backoff_base": 0.01, "backoff_cap": 0.04} | options
+    changes = []
+
+    async def main():
+        sup = Supervisor(tmp_path, on_change=lambda: changes.append(sup.reports()), **options)
+        with trio.fail_after(TEST_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(sup.run)
+                try:
+                    await scenario(sup, changes)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await sup.stop_all()
+                    nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+async def wait_for(sup, alloc_id, predicate=lambda r: True):
+    while True:
+        for report in sup.reports():
+            if report.alloc_id == alloc_id and predicate(report):
+                return report
+        await trio.sleep(0.01)
+
+
+async def wait_until(condition):
+    while not condition():
+        await trio.sleep(0.01)
+
+
+def running(report):
+    return report.state == "running"
+
+
+def test_runs_with_its_env_and_captures_stdout_and_stderr(tmp_path, monkeypatch):
+    monkeypatch.setenv("MESHD_SECRET", "daemon-only")
+    script = 'echo "id=$MESHD_ALLOC_ID app=$MESHD_APP secret=${MESHD_SECRET-unset} mode=$MODE"; echo oops >&2; pwd; exec sleep 1000'
+
+    async def scenario(sup, changes):
+        sup.set_desired([alloc("a1", script, env={"MODE": "edge"})])
+        report = await wait_for(sup, "a1", running)
+        assert report.pid is not None and report.restarts == 0 and report.exit_code is None
+        path = sup.log_path("a1")
+        assert path == tmp_path / "allocs" / "a1" / "output.log"
+        await wait_until(lambda: b"oops" in path.read_bytes() and alive(report.pid))
+        text = path.read_text()
+        assert "id=a1 app=web secret=unset mode=edge\noops\n" in text
+        assert f"{path.parent}\n" in text  # runs in its allocation directory
+        assert lifecycle(text)[0]["message"] == f"meshd: started pid {report.pid}"
+        assert [r.state for r in changes[0]] == ["pending"]
+
+    run_supervisor(tmp_path, scenario)
+
+
+def test_workload_env_drops_meshd_variables():
+    env = workload_env(alloc("a1", "true", env={"MODE": "x", "MESHD_APP": "spoof"}, app="web"),
+                       {"PATH": "/bin", "MESHD_SOCKET": "/s", "MODE": "daemon"})
+    assert env == {"PATH": "/bin", "MODE": "x", "MESHD_ALLOC_ID": "a1", "MESHD_APP": "web"}
+
+
+def test_output_is_captured_in_order_and_rotated(tmp_path):
+    program = (
+        "import sys\n"
+        "for i in range(200):\n"
+        "    out = sys.stdout if i % 2 else sys.stderr\n"
+        "    out.write(f'{i:04d}' + 'x' * 45 + '\\n'); out.flush()\n"
+    )
+
+    async def scenario(sup, changes):
+        sup.set_desired([alloc("a1", command=("python3", "-c", program))])
+        report = await wait_for(sup, "a1", lambda r: r.state == "stopped")
+        assert (report.exit_code, report.reason) == (0, "exited 0")
+
+    run_supervisor(tmp_path, scenario, log_max_bytes=2000, log_keep=2)
+    path = tmp_path / "allocs" / "a1" / "output.log"
+    assert [i for i, _ in rotated_files(path)] == [1, 2]
+    assert all(p.stat().st_size <= 2000 for p in path.parent.iterdir())
+    numbers = [int(line[:4]) for line in read_tail(path, 10**6).decode().splitlines() if line[:4].isdigit()]
+    assert numbers == list(range(numbers[0], 200))  # stdout and stderr interleaved in order
+    assert numbers[0] > 0  # the oldest output was rotated away
+
+
+@pytest.mark.parametrize(
+    "policy, script, state, exit_code, reason",
+    [
+        ("never", "exit 3", "failed", 3, "exited 3"),
+        ("never", "kill -SEGV $$", "failed", -signal.SIGSEGV, "killed by SIGSEGV"),
+        ("never", "exit 0", "stopped", 0, "exited 0"),
+        ("on-failure", "exit 0", "stopped", 0, "exited 0"),
+    ],
+)
+def test_final_states(tmp_path, policy, script, state, exit_code, reason):
+    async def scenario(sup, changes):
+        sup.set_desired([alloc("a1", script, policy=policy)])
+        report = await wait_for(sup, "a1", lambda r: r.state in ("failed", "stopped"))
+        assert (report.state, report.exit_code, report.reason, report.pid) == (state, exit_code, reason, None)
+        seen = [reports[0].state for reports in changes]
+        assert seen == ["pending", "running", state]  # on_change after every change
+
+    run_supervisor(tmp_path, scenario)
+    assert lifecycle((tmp_path / "allocs" / "a1" / "output.log").read_text())[-1]["message"] == f"meshd: {state}: {reason}"
+
+
+@pytest.mark.parametrize("policy, script", [("always", "exit 0"), ("always", "exit 1"), ("on-failure", "exit 2")])
+def test_restarts_with_backoff_and_counts_them(tmp_path, policy, script):
+    async def scenario(sup, changes):
+        sup.set_desired([alloc("a1", script, policy=policy)])
+        await wait_for(sup, "a1", lambda r: r.restarts >= 4)
+        pending = [r for reports in changes for r in reports if r.state == "pending" and r.exit_code is not None]
+        assert pending and pending[0].reason.startswith(f"exited {pending[0].exit_code}; restarting in")
+        sup.set_desired([])
+        report = await wait_for(sup, "a1", lambda r: r.state == "stopped")
+        assert report.reason.startswith(REASON_REMOVED)
+
+    run_supervisor(tmp_path, scenario)
+    events = lifecycle((tmp_path / "allocs" / "a1" / "output.log").read_text())
+    delays = [e["delay"] for e in events if e["meshd"] == "restarting"]
+    assert delays[:4] == [0.01, 0.02, 0.04, 0.04]  # doubling from the base, capped
+    assert [e["restarts"] for e in events if e["meshd"] == "started"][:5] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "script, stop_timeout, killed",
+    [
+        ("sleep 1000 & sleep 1000 & wait", 2.0, False),
+        ('trap "" TERM; sleep 1000 & sleep 1000 & wait', 0.3, True),  # ignores SIGTERM
+        ("setsid sleep 1000 & sleep 1000 & wait", 2.0, False),  # one child left the group
+    ],
+)
+def test_removing_an_alloc_stops_every_process_of_it(tmp_path, script, stop_timeout, killed):
+    async def scenario(sup, changes):
+        sup.set_desired([alloc("a1", script, policy="always")])
+        report = await wait_for(sup, "a1", running)
+        shell = psutil.Process(report.pid)
+        await wait_until(lambda: len(shell.children()) == 2)
+        children = [child.pid for child in shell.children()]
+        sup.set_desired([])
+        stopped = await wait_for(sup, "a1", lambda r: r.state == "stopped")
+        assert stopped.reason.startswith(REASON_REMOVED)
+        assert stopped.restarts == 0
+        assert not [pid for pid in [report.pid, *children] if alive(pid)]
+        assert group_members(report.pid) == []
+
+    run_supervisor(tmp_path, scenario, stop_timeout=stop_timeout)
+    text = (tmp_path / "allocs" / "a1" / "output.log").read_text()
+    assert ("SIGKILL" in text) is killed
+
+
+def test_processes_left_behind_by_an_exiting_workload_are_stopped(tmp_path):
+    async def scenario(sup, changes):
+        sup.set_desired([alloc("a1", "sleep 1000 & echo $! > bg.pid; exit 3")])
+        report = await wait_for(sup, "a1", lambda r: r.state == "failed")
+        assert report.reason == "exited 3"
+        background = int((tmp_path / "allocs" / "a1" / "bg.pid").read_text())
+        assert not alive(background)
+
+    run_supervisor(tmp_path, scenario)
+
+
+def test_stop_all_leaves_no_processes(tmp_path):
+    pids = []
+
+    async def scenario(sup, changes):
+        sup.set_desired([alloc("a1", command=("sleep", "1000")), alloc("a2", "sleep 1000 & wait")])
+        for alloc_id in ("a1", "a2"):
+            pids.append((await wait_for(sup, alloc_id, running)).pid)
+        await sup.stop_all()
+        assert {(r.state, r.reason) for r in sup.reports()} == {("stopped", f"{REASON_SHUTDOWN}; killed by SIGTERM")}
+        sup.set_desired([alloc("a3", command=("sleep", "1000"))])
+        assert [r.reason for r in sup.reports() if r.alloc_id == "a3"] == [REASON_NOT_STARTED]
+
+    run_supervisor(tmp_path, scenario)
+    assert [pid for pgid in pids for pid in group_members(pgid)] == []
+
+
+def test_cancelling_run_stops_workloads_gracefully(tmp_path):
+    async def main():
+        sup = Supervisor(tmp_path, on_change=lambda: None, stop_timeout=2.0)
+        with trio.fail_after(TEST_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(sup.run)
+                sup.set_desired([alloc("a1", 'trap "echo got TERM; exit 0" TERM; sleep 1000 & wait')])
+                report = await wait_for(sup, "a1", running)
+                await wait_until(lambda: len(psutil.Process(report.pid).children()) == 1)
+                nursery.cancel_scope.cancel()
+        return report.pid, sup.reports()
+
+    pid, reports = trio.run(main)
+    assert [(r.state, r.reason) for r in reports] == [("stopped", REASON_SHUTDOWN)]
+    assert group_members(pid) == []
+    assert "got TERM\n" in (tmp_path / "allocs" / "a1" / "output.log").read_text()
+
+
+@pytest.mark.parametrize("policy", ["never", "always"])
+def test_a_command_that_cannot_run_is_a_failure_naming_the_error(tmp_path, policy):
+    reason = "cannot execute '/nonexistent/prog': No such file or directory"
+
+    async def scenario(sup, changes):
+        sup.set_desired([alloc("a1", command=("/nonexistent/prog",), policy=policy)])
+        if policy == "never":
+            report = await wait_for(sup, "a1", lambda r: r.state == "failed")
+            assert (report.reason, report.exit_code) == (reason, None)
+        else:
+            await wait_for(sup, "a1", lambda r: r.restarts >= 2)
+            assert [r for reports in changes for r in reports if r.reason.startswith(reason + "; restarting in")]
+
+    run_supervisor(tmp_path, scenario)
+
+
+@pytest.mark.parametrize(
+    "spec, reason",
+    [
+        (alloc("../escape", "true"), "invalid allocation id '../escape'"),
+        (alloc("a1", "true", policy="sometimes"), "unknown restart policy 'sometimes'"),
+        (alloc("a1", command=()), "empty command"),
+    ],
+)
+def test_bad_specs_fail_with_a_reason(tmp_path, spec, reason):
+    async def scenario(sup, changes):
+        sup.set_desired([spec])
+        [report] = sup.reports()
+        assert report.state == "failed" and report.reason.startswith(reason)
+
+    run_supervisor(tmp_path, scenario)
+    assert not (tmp_path / "escape").exists()
+
+
+def test_log_path_refuses_ids_that_are_not_one_directory(tmp_path):
+    sup = Supervisor(tmp_path, on_change=lambda: None)
+    for bad in ("..", "a/b", "", ".hidden"):
+        with pytest.raises(ValueError, match="invalid allocation id"):
+            sup.log_path(bad)
+
+
+def test_unchanged_allocs_keep_running_and_a_changed_spec_restarts_it(tmp_path):
+    async def scenario(sup, changes):
+        first = alloc("a1", command=("sleep", "1000"), policy="always")
+        sup.set_desired([first])
+        before = await wait_for(sup, "a1", running)
+        sup.set_desired([first, alloc("a2", command=("sleep", "1000"))])
+        await wait_for(sup, "a2", running)
+        assert (await wait_for(sup, "a1")).pid == before.pid
+        sup.set_desired([alloc("a1", command=("sleep", "999"), policy="always")])
+        after = await wait_for(sup, "a1", lambda r: running(r) and r.pid != before.pid)
+        assert after.restarts == 0
+        assert not alive(before.pid)
+        assert psutil.Process(after.pid).cmdline() == ["sleep", "999"]
+        assert (await wait_for(sup, "a2", lambda r: r.state == "stopped")).reason.startswith(REASON_REMOVED)
+
+    run_supervisor(tmp_path, scenario)
+
+
+def test_a_final_alloc_listed_again_is_not_restarted(tmp_path):
+    async def scenario(sup, changes):
+        spec = alloc("a1", "exit 3")
+        sup.set_desired([spec])
+        await wait_for(sup, "a1", lambda r: r.state == "failed")
+        sup.set_desired([spec])
+        await trio.sleep(0.05)
+        assert [r.state for r in sup.reports()] == ["failed"]
+
+    run_supervisor(tmp_path, scenario)
+
+
+def test_only_the_latest_final_reports_are_kept(tmp_path):
+    async def scenario(sup, changes):
+        # refused specs end at once, without a process: a cheap way to finish many
+        batch = [alloc(f"x{i}", "true", policy="bad") for i in range(MAX_FINISHED_REPORTS + 5)]
+        sup.set_desired(batch)
+        assert len(sup.reports()) == MAX_FINISHED_REPORTS + 5  # still desired: kept
+        sup.set_desired([])
+        ids = [r.alloc_id for r in sup.reports()]
+        assert ids == [f"x{i}" for i in range(5, MAX_FINISHED_REPORTS + 5)]
+
+    run_supervisor(tmp_path, scenario)
