@@ -436,10 +436,13 @@ def _apply_plan(state: SiteState, cmd: dict, ts: float) -> dict:
         _event(state, ts, "placement", f"{p.app} replica {p.replica} not placed: {reason}",
                app=p.app, replica=p.replica, reason=reason)
     stopped = []
+    accepted_replicas = {p.replica for p in accepted}
     for alloc_id, reason in stops:
         alloc = state.allocs.get(alloc_id)
         if alloc is None or alloc.desired == DESIRED_STOP:
             continue
+        if waits_for_replacement(state, alloc, version) and alloc.replica not in accepted_replicas:
+            continue  # keep the old replica serving until its replacement is placed
         new_state = ALLOC_STOPPED if alloc.state == ALLOC_PENDING else alloc.state
         state.allocs[alloc_id] = replace(alloc, desired=DESIRED_STOP, state=new_state, updated_at=ts, reason=reason[:256])
         stopped.append(alloc_id)
@@ -447,6 +450,18 @@ def _apply_plan(state: SiteState, cmd: dict, ts: float) -> dict:
                app=alloc.app, alloc_id=alloc_id, reason=reason)
     _forget_finished_allocs(state)
     return ok(placed=[p.alloc_id for p in accepted], refused=[[p.alloc_id, r] for p, r in refusals], stopped=stopped)
+
+
+def waits_for_replacement(state: SiteState, alloc: Alloc, version: int) -> bool:
+    """An old-version replica, or one on a draining node, keeps running until a plan places
+    its replacement: a rollout or drain never lowers the number of running replicas."""
+    record = state.apps.get(alloc.app)
+    node = state.nodes.get(alloc.node_id)
+    if record is None or record.status != APP_RUNNING or not alloc.live or node is None:
+        return False
+    if alloc.replica >= record.spec.replicas:
+        return False
+    return alloc.version != version or node.admin == ADMIN_DRAINING
 
 
 # Finished allocations are kept for `meshctl allocs` history, but only this many per app, so

@@ -12,7 +12,7 @@ Invariants:
 
 from __future__ import annotations
 
-import os
+import contextlib
 import pwd
 import secrets
 import time
@@ -101,15 +101,19 @@ async def serve_local_logs(daemon: "Daemon", alloc_id: str, follow_: bool, tail:
         raise peer.PeerError("supervisor not running")
     tail_bytes = tail if isinstance(tail, int) and not isinstance(tail, bool) and 0 < tail <= MAX_LOG_TAIL \
         else DEFAULT_LOG_TAIL
-    path = daemon.supervisor.log_path(alloc_id)
+    try:
+        path = daemon.supervisor.log_path(alloc_id)
+    except ValueError as e:
+        raise peer.PeerError(str(e)) from None
     if not path.parent.exists():
         raise peer.PeerError(f"no logs for allocation {alloc_id} on {daemon.config.name}")
     text = (await trio.to_thread.run_sync(read_tail, path, tail_bytes)).decode("utf-8", "replace")
     if not follow_:
         return {"data": text}
     await send({"data": text})
-    async for chunk in follow(path):
-        await send({"data": chunk.decode("utf-8", "replace")})
+    async with contextlib.aclosing(follow(path)) as chunks:
+        async for chunk in chunks:
+            await send({"data": chunk.decode("utf-8", "replace")})
     return {"data": ""}
 
 

@@ -46,7 +46,7 @@ from meshd.io.supervisor import DesiredAlloc, Supervisor
 from meshd.liveness import LivenessTracker
 from meshd.placement.plan import make_plan
 from meshd.reconcile import reconcile
-from meshd.sitestate import node_to_plain
+from meshd.sitestate import waits_for_replacement
 from meshd.spec import spec_to_dict
 from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, DESIRED_RUN, SiteState
 
@@ -461,12 +461,14 @@ class Daemon:
                         self._unplaced_reported[app_name] = reason
                         self.event("placement", f"{app_name}: cannot place {len(plan.unplaced)} replica(s): {reason}",
                                    app=app_name)
-                if not plan.placements and not plan.stops:
-                    continue
+                placed = {p.replica for p in plan.placements}
+                stops = [(alloc_id, why) for alloc_id, why in plan.stops
+                         if state.allocs[alloc_id].replica in placed
+                         or not waits_for_replacement(state, state.allocs[alloc_id], record.version)]
                 plan_plain = {"app": app_name, "version": record.version,
                               "placements": [{"alloc_id": p.alloc_id, "replica": p.replica, "node_id": p.node_id}
                                              for p in plan.placements],
-                              "stops": [list(s) for s in plan.stops]}
+                              "stops": [list(s) for s in stops]}
             if not plan_plain["placements"] and not plan_plain["stops"]:
                 continue
             await self.commit(self.new_command("apply_plan", plan=plan_plain))

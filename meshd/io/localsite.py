@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from meshd.io.admin import AdminError, AdminUnavailable, admin_call_sync
+from meshd.io.supervisor import kill_leftover_workloads
 
 LOOPBACK = "127.0.0.1"
 
@@ -67,7 +68,7 @@ class LocalNode:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
-        kill_orphaned_workloads(self.data_dir)
+        kill_leftover_workloads(self.data_dir)
 
     def pause(self) -> None:
         if self.proc:
@@ -88,7 +89,7 @@ class LocalNode:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        kill_orphaned_workloads(self.data_dir)
+        kill_leftover_workloads(self.data_dir)
         return self.proc.returncode
 
     def log_text(self) -> str:
@@ -96,18 +97,6 @@ class LocalNode:
             return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
-
-
-def kill_orphaned_workloads(data_dir: Path) -> None:
-    """Kill workload process groups recorded by a daemon that died without stopping them."""
-    allocs = data_dir / "allocs"
-    if not allocs.is_dir():
-        return
-    for pgid_file in allocs.glob("*/pgid"):
-        try:
-            os.killpg(int(pgid_file.read_text().strip()), signal.SIGKILL)
-        except (ValueError, OSError):
-            pass
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition") -> Any:

@@ -13,7 +13,8 @@ Invariants:
   it exits on its own, so no restart ever piles up orphans or keeps the log pipe open.
   Not reachable: a descendant that double-forked into a new session (that needs cgroups).
 - Cancelling `run()` stops workloads the same graceful way (shielded, bounded by
-  `stop_timeout`), like `trio.run_process` does; `stop_all()` is the explicit form.
+  `stop_timeout` plus PIPE_DRAIN_TIMEOUT), like `trio.run_process` does; `stop_all()` is
+  the explicit form.
 - An allocation id names a directory: only [A-Za-z0-9._-], never "." or "..". Once an
   allocation reached a final state (failed / stopped) it is never started again by this
   supervisor: allocation ids are not reused, a new run is a new allocation.
@@ -25,6 +26,7 @@ Invariants:
 from __future__ import annotations
 
 import collections
+import ctypes
 import json
 import os
 import re
@@ -151,6 +153,37 @@ def _signal_workload(leader: int, extra: Iterable[int], signum: int) -> None:
             pass
 
 
+# Each running workload's process group id is written here, so that a daemon that died
+# without stopping its workloads (SIGKILL, power cut of the daemon only) can end them on its
+# next start instead of running every replica twice.
+PGID_FILE = "pgid"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_daemon() -> None:
+    """In the child before exec: get SIGKILL if the daemon dies (Linux); best effort elsewhere."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def kill_leftover_workloads(data_dir: Path) -> list[int]:
+    """Kill the process groups recorded by an earlier run of the daemon; returns their ids."""
+    killed = []
+    for pgid_file in sorted((Path(data_dir) / "allocs").glob(f"*/{PGID_FILE}")):
+        try:
+            pgid = int(pgid_file.read_text().strip())
+            if pgid > 1:
+                os.killpg(pgid, signal.SIGKILL)
+                killed.append(pgid)
+        except (ValueError, OSError):
+            pass
+        pgid_file.unlink(missing_ok=True)
+    return killed
+
+
 class _Slot:
     """Mutable bookkeeping of one allocation; only its own task and set_desired touch it."""
 
@@ -218,6 +251,7 @@ class Supervisor:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             try:
+                kill_leftover_workloads(self.data_dir)
                 for slot in self._unlaunched:
                     nursery.start_soon(self._supervise, slot)
                 self._unlaunched.clear()
@@ -266,10 +300,6 @@ class Supervisor:
         for slot in list(self._slots.values()):
             if not slot.final and slot.stop_reason is None:
                 self._request_stop(slot, REASON_SHUTDOWN)
-        for slot in self._unlaunched:
-            self._finish(slot, ALLOC_STOPPED, None, REASON_NOT_STARTED)
-            slot.done.set()
-        self._unlaunched.clear()
         for slot in list(self._slots.values()):
             await slot.done.wait()
 
@@ -370,7 +400,8 @@ class Supervisor:
                     return
                 ended = await self._run_once(slot)
                 if slot.stop_reason is not None:
-                    final = (ALLOC_STOPPED, ended.exit_code, f"{slot.stop_reason}; {describe_exit(ended.exit_code, ended.cause)}")
+                    how = describe_exit(ended.exit_code, ended.cause)
+                    final = (ALLOC_STOPPED, ended.exit_code, f"{slot.stop_reason}; {how}")
                     return
                 if slot.next_spec is not None:
                     continue
@@ -389,8 +420,12 @@ class Supervisor:
                     final = (decision.final_state, ended.exit_code, decision.reason)
                     return
                 slot.backoff_count = decision.backoff_count
-                self._report(slot, state=ALLOC_PENDING, pid=None, exit_code=ended.exit_code, reason=decision.reason)
-                self._lifecycle(slot, "restarting", decision.reason, exit_code=ended.exit_code, delay=decision.delay)
+                self._report(
+                    slot, state=ALLOC_PENDING, pid=None, exit_code=ended.exit_code, reason=decision.reason
+                )
+                self._lifecycle(
+                    slot, "restarting", decision.reason, exit_code=ended.exit_code, delay=decision.delay
+                )
                 with trio.move_on_after(decision.delay):
                     await slot.wake.wait()
                 if not slot.interrupted:
@@ -412,21 +447,28 @@ class Supervisor:
                 env=workload_env(spec, os.environ),
                 cwd=self.log_path(spec.alloc_id).parent,
                 start_new_session=True,
+                preexec_fn=_die_with_daemon,
             )
-        except OSError as exc:
-            cause = f"cannot execute {spec.command[0]!r}: {exc.strerror or exc}"
+        except (OSError, ValueError) as exc:  # ValueError: e.g. a NUL byte in an argument
+            error = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            cause = f"cannot execute {spec.command[0]!r}: {error}"
             self._lifecycle(slot, "exec-failed", cause)
             return _Exit(exit_code=None, uptime=0.0, cause=cause)
         # no checkpoint before this try: the process is always ended and its pipe closed
+        pgid_file = self.log_path(spec.alloc_id).parent / PGID_FILE
         try:
+            pgid_file.write_text(str(proc.pid))
             started = trio.current_time()
             self._report(slot, state=ALLOC_RUNNING, pid=proc.pid, exit_code=None, reason="")
-            self._lifecycle(slot, "started", f"started pid {proc.pid}", pid=proc.pid, restarts=slot.report.restarts)
+            self._lifecycle(
+                slot, "started", f"started pid {proc.pid}", pid=proc.pid, restarts=slot.report.restarts
+            )
             await self._wait_exit_or_interrupt(slot, proc)
             uptime = trio.current_time() - started
         finally:
             with trio.CancelScope(shield=True):
                 await self._end_workload(slot, proc)
+            pgid_file.unlink(missing_ok=True)
         assert proc.returncode is not None
         return _Exit(exit_code=proc.returncode, uptime=uptime)
 
@@ -460,9 +502,24 @@ class Supervisor:
         finally:
             await proc.stdout.aclose()
 
+    def _copy_ready_output(self, slot: _Slot, proc: trio.Process) -> None:
+        """Copy what is already in the pipe, without waiting, so that a lifecycle line written
+        next lands after the output that preceded it."""
+        assert proc.stdout is not None
+        fd = proc.stdout.fileno()  # trio keeps it non-blocking
+        while True:
+            try:
+                data = os.read(fd, PIPE_CHUNK)
+            except OSError:  # BlockingIOError: nothing more waiting right now
+                return
+            if not data:
+                return
+            self._write_log(slot, data)
+
     async def _terminate(self, slot: _Slot, proc: trio.Process) -> None:
         leader = proc.pid
         members = workload_processes(leader)
+        self._copy_ready_output(slot, proc)
         if proc.poll() is None:
             self._lifecycle(slot, "stopping", f"stopping pid {leader}: SIGTERM", pid=leader)
         elif members:
@@ -480,5 +537,5 @@ class Supervisor:
             self._lifecycle(
                 slot, "killing", f"pid {leader} group still running after {self.stop_timeout:g} s: SIGKILL",
                 pid=leader)
-            pass
+            _signal_workload(leader, members, signal.SIGKILL)
         await proc.wait()

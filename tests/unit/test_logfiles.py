@@ -130,7 +130,8 @@ def test_follow_yields_only_new_bytes_across_rotations(tmp_path):
     log = RotatingLog(path, max_bytes=8, keep=1)
     log.write(b"old-")
     lines = [b"line1\n", b"line2\n", b"line3\n", b"line4\n"]
-    got = collect(path, until=lambda b: b.endswith(b"line4\n"), actions=[lambda d=d: log.write(d) for d in lines])
+    writes = [lambda d=d: log.write(d) for d in lines]
+    got = collect(path, until=lambda b: b.endswith(b"line4\n"), actions=writes)
     log.close()
     assert got == b"".join(lines)
 

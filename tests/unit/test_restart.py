@@ -140,7 +140,10 @@ def test_backoff_never_shrinks_within_a_streak(restarts, uptime):
     assert backoff_delay(restarts, uptime) <= backoff_delay(restarts + 1, uptime)
 
 
-@given(restarts=st.integers(min_value=0, max_value=10**9), uptime=st.floats(min_value=STABLE_UPTIME, max_value=1e12))
+@given(
+    restarts=st.integers(min_value=0, max_value=10**9),
+    uptime=st.floats(min_value=STABLE_UPTIME, max_value=1e12),
+)
 def test_stable_run_resets_the_streak(restarts, uptime):
     decision = decide_restart("always", 1, restarts, uptime)
     assert decision.delay == BACKOFF_BASE

@@ -235,3 +235,20 @@ def test_any_command_sequence_is_deterministic_and_never_raises(sequence):
     assert all(x.node_id in a.nodes for x in live)
     keys = [(x.app, x.version, x.replica) for x in live]
     assert len(keys) == len(set(keys))
+
+
+def test_rollout_stop_waits_until_the_replacement_is_placed():
+    state = founded(1)
+    sitestate.apply(state, cmd("submit_app", spec=APP))
+    (n1,) = state.nodes
+    sitestate.apply(state, plan_cmd([{"alloc_id": "old0", "replica": 0, "node_id": n1}]))
+    sitestate.apply(state, cmd("submit_app", spec={"app": {**APP["app"], "command": ["sleep", "200"]}}))
+    sitestate.apply(state, cmd("drain", node="n1"))  # no node left for the new version
+    held = sitestate.apply(state, plan_cmd([{"alloc_id": "new0", "replica": 0, "node_id": n1}], version=2,
+                                           stops=[("old0", "replaced by version 2")]))
+    assert held["placed"] == [] and held["stopped"] == []
+    assert state.allocs["old0"].live
+    sitestate.apply(state, cmd("undrain", node="n1"))
+    done = sitestate.apply(state, plan_cmd([{"alloc_id": "new0", "replica": 0, "node_id": n1}], version=2,
+                                           stops=[("old0", "replaced by version 2")]))
+    assert done["placed"] == ["new0"] and done["stopped"] == ["old0"]

@@ -29,7 +29,9 @@ TEST_TIMEOUT = 20
 
 def alloc(alloc_id, script=None, *, command=None, policy="never", env=None, app="web"):
     command = command if command is not None else ("sh", "-c", script)
-    return DesiredAlloc(alloc_id=alloc_id, app=app, command=tuple(command), env=env or {}, restart_policy=policy)
+    return DesiredAlloc(
+        alloc_id=alloc_id, app=app, command=tuple(command), env=env or {}, restart_policy=policy
+    )
 
 
 def alive(pid):
@@ -93,12 +95,16 @@ def running(report):
 
 def test_runs_with_its_env_and_captures_stdout_and_stderr(tmp_path, monkeypatch):
     monkeypatch.setenv("MESHD_SECRET", "daemon-only")
-    script = 'echo "id=$MESHD_ALLOC_ID app=$MESHD_APP secret=${MESHD_SECRET-unset} mode=$MODE"; echo oops >&2; pwd; exec sleep 1000'
+    script = (
+        'echo "id=$MESHD_ALLOC_ID app=$MESHD_APP secret=${MESHD_SECRET-unset} mode=$MODE"; '
+        "echo oops >&2; pwd; exec sleep 1000"
+    )
 
     async def scenario(sup, changes):
         sup.set_desired([alloc("a1", script, env={"MODE": "edge"})])
         report = await wait_for(sup, "a1", running)
         assert report.pid is not None and report.restarts == 0 and report.exit_code is None
+        assert os.getpgid(report.pid) == os.getsid(report.pid) == report.pid  # own session and group
         path = sup.log_path("a1")
         assert path == tmp_path / "allocs" / "a1" / "output.log"
         await wait_until(lambda: b"oops" in path.read_bytes() and alive(report.pid))
@@ -157,15 +163,19 @@ def test_final_states(tmp_path, policy, script, state, exit_code, reason):
         assert seen == ["pending", "running", state]  # on_change after every change
 
     run_supervisor(tmp_path, scenario)
-    assert lifecycle((tmp_path / "allocs" / "a1" / "output.log").read_text())[-1]["message"] == f"meshd: {state}: {reason}"
+    last = lifecycle((tmp_path / "allocs" / "a1" / "output.log").read_text())[-1]
+    assert last["message"] == f"meshd: {state}: {reason}"
 
 
-@pytest.mark.parametrize("policy, script", [("always", "exit 0"), ("always", "exit 1"), ("on-failure", "exit 2")])
+@pytest.mark.parametrize(
+    "policy, script", [("always", "exit 0"), ("always", "exit 1"), ("on-failure", "exit 2")]
+)
 def test_restarts_with_backoff_and_counts_them(tmp_path, policy, script):
     async def scenario(sup, changes):
         sup.set_desired([alloc("a1", script, policy=policy)])
         await wait_for(sup, "a1", lambda r: r.restarts >= 4)
-        pending = [r for reports in changes for r in reports if r.state == "pending" and r.exit_code is not None]
+        pending = [r for reports in changes for r in reports
+                   if r.state == "pending" and r.exit_code is not None]
         assert pending and pending[0].reason.startswith(f"exited {pending[0].exit_code}; restarting in")
         sup.set_desired([])
         report = await wait_for(sup, "a1", lambda r: r.state == "stopped")
@@ -207,13 +217,15 @@ def test_removing_an_alloc_stops_every_process_of_it(tmp_path, script, stop_time
 
 def test_processes_left_behind_by_an_exiting_workload_are_stopped(tmp_path):
     async def scenario(sup, changes):
-        sup.set_desired([alloc("a1", "sleep 1000 & echo $! > bg.pid; exit 3")])
+        sup.set_desired([alloc("a1", "sleep 1000 & echo $! > bg.pid; echo last words; exit 3")])
         report = await wait_for(sup, "a1", lambda r: r.state == "failed")
         assert report.reason == "exited 3"
         background = int((tmp_path / "allocs" / "a1" / "bg.pid").read_text())
         assert not alive(background)
 
     run_supervisor(tmp_path, scenario)
+    text = (tmp_path / "allocs" / "a1" / "output.log").read_text()
+    assert text.index("last words\n") < text.index("process(es) it left behind: SIGTERM")
 
 
 def test_stop_all_leaves_no_processes(tmp_path):
@@ -224,7 +236,8 @@ def test_stop_all_leaves_no_processes(tmp_path):
         for alloc_id in ("a1", "a2"):
             pids.append((await wait_for(sup, alloc_id, running)).pid)
         await sup.stop_all()
-        assert {(r.state, r.reason) for r in sup.reports()} == {("stopped", f"{REASON_SHUTDOWN}; killed by SIGTERM")}
+        final = {(r.state, r.reason) for r in sup.reports()}
+        assert final == {("stopped", f"{REASON_SHUTDOWN}; killed by SIGTERM")}
         sup.set_desired([alloc("a3", command=("sleep", "1000"))])
         assert [r.reason for r in sup.reports() if r.alloc_id == "a3"] == [REASON_NOT_STARTED]
 
@@ -250,18 +263,25 @@ def test_cancelling_run_stops_workloads_gracefully(tmp_path):
     assert "got TERM\n" in (tmp_path / "allocs" / "a1" / "output.log").read_text()
 
 
-@pytest.mark.parametrize("policy", ["never", "always"])
-def test_a_command_that_cannot_run_is_a_failure_naming_the_error(tmp_path, policy):
-    reason = "cannot execute '/nonexistent/prog': No such file or directory"
-
+@pytest.mark.parametrize(
+    "policy, command, reason",
+    [
+        ("never", ("/nonexistent/prog",), "cannot execute '/nonexistent/prog': No such file or directory"),
+        ("always", ("/nonexistent/prog",), "cannot execute '/nonexistent/prog': No such file or directory"),
+        ("never", ("/",), "cannot execute '/': Permission denied"),
+        ("never", ("echo", "a\0b"), "cannot execute 'echo': embedded null byte"),
+    ],
+)
+def test_a_command_that_cannot_run_is_a_failure_naming_the_error(tmp_path, policy, command, reason):
     async def scenario(sup, changes):
-        sup.set_desired([alloc("a1", command=("/nonexistent/prog",), policy=policy)])
+        sup.set_desired([alloc("a1", command=command, policy=policy)])
         if policy == "never":
             report = await wait_for(sup, "a1", lambda r: r.state == "failed")
             assert (report.reason, report.exit_code) == (reason, None)
         else:
             await wait_for(sup, "a1", lambda r: r.restarts >= 2)
-            assert [r for reports in changes for r in reports if r.reason.startswith(reason + "; restarting in")]
+            restarting = reason + "; restarting in"
+            assert [r for reports in changes for r in reports if r.reason.startswith(restarting)]
 
     run_supervisor(tmp_path, scenario)
 

@@ -1,0 +1,152 @@
+"""Bad input against a live daemon: each gets a clear error, changes nothing, and the daemon keeps serving."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import struct
+import time
+
+import pytest
+
+from meshd import tokens
+from meshd.io.admin import AdminError
+from meshd.io.localsite import LocalNode, wait_for
+
+pytestmark = pytest.mark.system
+
+
+@pytest.fixture
+def one(make_site):
+    site = make_site("b")
+    site.found()
+    return site
+
+
+def snapshot(node) -> dict:
+    return {"apps": node.call("apps"), "nodes": [(n["node_id"], n["state"]) for n in node.call("nodes", site=None)],
+            "allocs": node.call("allocs", app=None, node=None)}
+
+
+def raw_admin(path: str, payload: bytes, read: bool = True) -> bytes:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(path)
+        s.sendall(payload)
+        if not read:
+            return b""
+        chunks = []
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+        return b"".join(chunks)
+
+
+@pytest.mark.parametrize("payload, expected", [
+    (b"\x00\x00\x00\x05hello", b"bad request"),
+    (struct.pack(">I", 50 * 1024 * 1024) + b"{", b"exceeds"),
+    (struct.pack(">I", 2) + b"[]", b"bad request"),
+    (b"\xff\xfe\xfd\xfc" * 4, b"exceeds"),
+])
+def test_junk_on_the_admin_socket_is_refused(one, payload, expected):
+    node = one.nodes[0]
+    before = snapshot(node)
+    reply = raw_admin(node.socket, payload)
+    assert expected in reply
+    assert snapshot(node) == before
+
+
+def test_unknown_command_and_bad_arguments(one):
+    node = one.nodes[0]
+    with pytest.raises(AdminError, match="unknown command"):
+        node.call("self_destruct")
+    with pytest.raises(AdminError, match="wrong type"):
+        node.call("nodes", site=42)
+    with pytest.raises(AdminError, match="missing argument"):
+        node.call("stop")
+
+
+@pytest.mark.parametrize("spec, key", [
+    ('[app]\nname = "x"\nreplicas = -1\ncommand = ["a"]', "app.replicas"),
+    ('[app]\nname = "Bad Name"\ncommand = ["a"]', "app.name"),
+    ('[app]\nname = "x"\ncommand = []', "app.command"),
+    ('[app]\nname = "x"\ncommand = ["a"]\nfrobnicate = 1', "frobnicate"),
+    ('[app]\nname = "x"\ncommand = ["a"]\n[app.resources]\ncpu = "lots"', "app.resources.cpu"),
+    ('[app]\nname = "x"\ncommand = ["a"]\n[app.restart]\npolicy = "sometimes"', "app.restart.policy"),
+    ('[app\nname = "x"', "toml"),
+])
+def test_invalid_specs_name_the_key_and_change_nothing(one, spec, key):
+    node = one.nodes[0]
+    before = snapshot(node)
+    with pytest.raises(AdminError) as err:
+        node.call("deploy", spec_toml=spec, wait=False, timeout=None)
+    assert key in str(err.value)
+    assert snapshot(node) == before
+
+
+@pytest.mark.parametrize("payload", [
+    b"GET / HTTP/1.0\r\n\r\n",
+    b"\x00" * 64,
+    struct.pack(">I", 100 * 1024 * 1024),
+    pickle.dumps({"type": "join_hello"}),
+    struct.pack(">I", 18) + b'{"type": "attack"}',
+])
+def test_junk_on_the_peer_port_is_refused_and_the_daemon_keeps_serving(one, payload):
+    node = one.nodes[0]
+    host, port = node.call("status")["address"].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        reply = s.recv(65536)
+    assert b"error" in reply
+    assert node.call("status")["role"] == "leader"
+
+
+def test_raw_pickle_on_the_raft_port_is_not_executed(one, tmp_path):
+    node = one.nodes[0]
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    host, port = node.call("status")["raft_address"].rsplit(":", 1)
+    import zlib
+    body = zlib.compress(pickle.dumps(Exploit()))
+    for payload in (struct.pack("i", len(body)) + body, pickle.dumps(Exploit())):
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(payload)
+            time.sleep(0.3)
+    time.sleep(0.5)
+    assert not marker.exists()
+    assert node.call("status")["role"] == "leader"
+
+
+def test_reused_and_expired_tokens_are_refused_with_a_clear_error(one):
+    first = one.nodes[0]
+    token = one.token()
+    one.join()  # uses a fresh token from one.token()
+    joined = one.add_node()
+    joined.start(join=token)
+    one.wait_ready(joined)
+    # the same token again, from another device
+    intruder = one.add_node()
+    intruder.start(join=token)
+    assert intruder.proc.wait(timeout=30) == 1
+    assert "already used" in intruder.log_text()
+    expired = first.call("token_create", site=None, ttl=1)["token"]
+    time.sleep(1.5)
+    late = one.add_node()
+    late.start(join=expired)
+    assert late.proc.wait(timeout=30) == 1
+    assert "expired" in late.log_text()
+    forged = tokens.format_token("lab", tokens.parse_token(expired).token_id, b"\x01" * 32)
+    forger = one.add_node()
+    forger.start(join=forged)
+    assert forger.proc.wait(timeout=30) == 1
+    assert "token" in forger.log_text()
+    names = sorted(n["name"] for n in first.call("nodes", site=None))
+    assert names == sorted([first.name, one.nodes[1].name, joined.name])
