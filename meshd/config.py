@@ -43,7 +43,7 @@ DEFAULT_LEASE = 1.0  # seconds without a heartbeat before a node is marked down
 # gives a new leader's first commit about 0.4-0.6 s after the old leader dies.
 DEFAULT_RAFT_MIN_TIMEOUT = 0.4  # seconds
 DEFAULT_RAFT_MAX_TIMEOUT = 0.8  # seconds
-DEFAULT_APPEND_ENTRIES_PERIOD = 0.05  # seconds; also the batching delay of one Raft command
+DEFAULT_APPEND_ENTRIES_PERIOD = 0.1  # seconds between Raft leader heartbeats; entries go out at once
 # Workload logs: rotated per allocation so a chatty workload cannot fill an edge device.
 DEFAULT_LOG_MAX_BYTES = 1024 * 1024  # one log file before rotation
 DEFAULT_LOG_KEEP = 3  # rotated files kept per allocation

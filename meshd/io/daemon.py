@@ -55,6 +55,8 @@ log = logging.getLogger("meshd.daemon")
 # How often the leader re-evaluates liveness and reconcile when nothing wakes it earlier:
 # bounds detection latency to lease + this.
 LEADER_PERIOD = 0.1
+# Reconcile runs when the state changed; this often also without a change, as a safety net.
+RECONCILE_SAFETY_PERIOD = 1.0
 # Allocation reports are sent when they change; a full resend this often repairs any report
 # that a leader change swallowed.
 FULL_REPORT_PERIOD = 5.0
@@ -224,6 +226,15 @@ class Daemon:
             self.raft_port = free_port(self.listen_ip)
         save_ports(self.data_dir, self.peer_port, self.raft_port)
 
+    def _on_applied(self, command: dict, result: dict) -> None:
+        """Raft thread: wake the trio loops, except for a heartbeat that changed no allocation
+        (the leader polls liveness on its own period; waking everyone a few times a second
+        for nothing costs idle CPU)."""
+        if isinstance(command, dict) and command.get("op") == "heartbeat" and not command.get("reports"):
+            return
+        assert self.state_changed is not None
+        self.state_changed.notify_threadsafe()
+
     def _start_raft(self) -> None:
         assert self.membership is not None and self.state_changed is not None
         m = self.membership
@@ -233,8 +244,7 @@ class Daemon:
                          append_period=self.config.append_entries_period)
         self_address = f"{self.advertise_ip}:{self.raft_port}" if m.voter else None
         partners = [p for p in m.partners if p != self_address]
-        self.raft = RaftNode(self_address, partners, conf, self.state_changed.notify_threadsafe,
-                             tick=self.config.append_entries_period / 2)
+        self.raft = RaftNode(self_address, partners, conf, self._on_applied, tick=self.config.append_entries_period)
 
     async def _found_site(self) -> None:
         """No data, no token: this node founds a new mesh and its site."""
@@ -414,20 +424,25 @@ class Daemon:
 
     async def leader_loop(self) -> None:
         assert self.state_changed is not None
+        last_reconcile = 0.0
         while True:
+            event = self.state_changed._event
             await self.state_changed.wait(LEADER_PERIOD)
             if self.raft is None or self.raft.status.role != "leader":
                 self._led_term = None
                 continue
             try:
-                await self._lead_once()
+                changed = await self._check_liveness() or event.is_set()
+                if changed or time.monotonic() - last_reconcile > RECONCILE_SAFETY_PERIOD:
+                    last_reconcile = time.monotonic()
+                    await self._lead_once()
             except CommandFailed as e:
                 log.info("leader duty interrupted", extra={"reason": str(e)})
 
-    async def _lead_once(self) -> None:
+    async def _check_liveness(self) -> bool:
+        """Leader: commit down/ready transitions of members; True when any was committed."""
         assert self.raft is not None
         status = self.raft.status
-        now = time.time()
         state = self.snapshot()
         if self._led_term != status.term:
             # A new term: every member gets a fresh lease, so a leader change by itself never
@@ -435,10 +450,16 @@ class Daemon:
             self._led_term = status.term
             self.tracker.reset(state, time.monotonic())
             self.event("leader", f"{self.config.name} leads site {state.site} (term {status.term})", term=status.term)
-        for transition in self.tracker.observe(state, time.monotonic()):
+            return True
+        transitions = self.tracker.observe(state, time.monotonic())
+        for transition in transitions:
             await self.commit(self.new_command("set_liveness", node_id=transition.node_id, liveness=transition.to,
                                                reason=transition.reason))
-        await self._sync_voters(state)
+        return bool(transitions)
+
+    async def _lead_once(self) -> None:
+        """Leader: voter membership, then reconcile and commit placement plans."""
+        await self._sync_voters(self.snapshot())
         state = self.snapshot()
         rec = reconcile(state)
         stops_by_app: dict[str, list] = {}

@@ -62,7 +62,7 @@ class RaftStatus:
 
 class SiteRaft(SyncObj):
     def __init__(self, self_address: str | None, partners: list[str], conf: SyncObjConf,
-                 on_applied: Callable[[], None]):
+                 on_applied: Callable[[dict, dict], None]):
         # Set before SyncObj.__init__: pysyncobj leaves attributes that exist at the end of its
         # __init__ out of snapshots, which is exactly right for these.
         self._lock = threading.Lock()
@@ -77,7 +77,7 @@ class SiteRaft(SyncObj):
         with self._lock:
             result = sitestate.apply(self.site_state, command)
         try:
-            self._on_applied()
+            self._on_applied(command, result)
         except Exception:  # the notification is best-effort; never let it reach pysyncobj
             log.exception("on_applied hook failed")
         return result
@@ -93,17 +93,23 @@ class SiteRaft(SyncObj):
         return state
 
     def refresh_status(self) -> None:
-        """Runs on the Raft thread after each tick: copy what the trio side may read."""
-        raw = self.getStatus()
-        leader = raw.get("leader")
-        role = RAFT_STATES.get(raw.get("state"), "follower") if self.selfNode is not None else "nonvoter"
+        """Runs on the Raft thread after each tick: copy what the trio side may read.
+
+        Reads pysyncobj's cheap accessors only (getStatus() builds a large dict every call)."""
+        leader = self._getLeader()
+        if self.selfNode is None:
+            role = "nonvoter"
+        elif self._isLeader():
+            role = "leader"
+        else:
+            role = "follower" if leader is not None else "candidate"
         self._status_cache = RaftStatus(
             role=role,
             leader_address=leader.address if leader is not None else None,
-            term=int(raw.get("raft_term", 0)),
-            has_quorum=bool(raw.get("has_quorum")),
-            commit_index=int(raw.get("commit_idx", 0)),
-            last_applied=int(raw.get("last_applied", 0)),
+            term=self.raftCurrentTerm,
+            has_quorum=self.hasQuorum,
+            commit_index=self.raftCommitIndex,
+            last_applied=self.raftLastApplied,
             partners=tuple(sorted(n.address for n in self.otherNodes)),
         )
 
@@ -126,6 +132,9 @@ def make_conf(*, data_dir: Path, password: str, bind_address: str, min_timeout: 
         raftMinTimeout=min_timeout,
         raftMaxTimeout=max_timeout,
         appendEntriesPeriod=append_period,
+        # Send each entry at once instead of batching for one period: a deploy is several
+        # commits in a row (submit, plan, reports), and batching would add a period to each.
+        appendEntriesUseBatch=False,
         # An isolated leader must step down soon so that `status` says partitioned and no
         # stale leader takes commands that can never commit.
         leaderFallbackTimeout=max(max_timeout, 3 * append_period + 0.01),
@@ -145,7 +154,7 @@ class RaftNode:
     """Owns one SiteRaft and the thread that drives it."""
 
     def __init__(self, self_address: str | None, partners: list[str], conf: SyncObjConf,
-                 on_applied: Callable[[], None], tick: float):
+                 on_applied: Callable[[dict, dict], None], tick: float):
         self.raft = SiteRaft(self_address, partners, conf, on_applied)
         self._tick = tick
         self._stopping = threading.Event()
