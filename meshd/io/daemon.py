@@ -64,6 +64,8 @@ FULL_REPORT_PERIOD = 5.0
 RESOURCE_SAMPLE_PERIOD = 2.0
 # How long a joining node looks for members of its site before giving up.
 JOIN_DISCOVERY_TIMEOUT = 60.0
+# While joining: look for candidates this often (cheap: a dict read).
+JOIN_POLL = 0.05
 # Local (non-replicated) events kept for `meshctl events`.
 MAX_LOCAL_EVENTS = 500
 
@@ -296,7 +298,7 @@ class Daemon:
                            voter=self.membership.voter)
                 self._start_raft()
                 return
-            await trio.sleep(0.05)
+            await trio.sleep(JOIN_POLL)
         raise FatalStartupError(f"could not join site {token.site}: {last_error}")
 
     async def _join_via(self, address: str, token: tokens.ParsedToken) -> dict:
@@ -369,6 +371,9 @@ class Daemon:
             self.event("membership", f"join of {name} refused: {result.get('error')}", node=name)
             await conn.send({"type": "refused", "reason": result["error"]})
             return
+        if result["voter"] and self.raft.status.role == "leader":
+            # Add the voter now rather than on the next leader round: the joiner is waiting.
+            await self._sync_voters(self.snapshot())
         state = self.snapshot()
         partners = sorted(n.raft_address for n in state.nodes.values()
                           if n.voter and n.admin not in (ADMIN_LEFT, ADMIN_REVOKED) and n.node_id != request.node["node_id"])

@@ -79,11 +79,15 @@ class Discovery:
 
     def _resolve(self, name: str) -> None:
         try:
-            info = self._zc.get_service_info(SERVICE_TYPE, name, timeout=3000)
+            # The browse answer usually carries SRV/TXT/A already: take them from the cache
+            # and only ask the network when something is missing.
+            info = ServiceInfo(SERVICE_TYPE, name)
+            if not info.load_from_cache(self._zc) and not info.request(self._zc, 3000):
+                return
         except Exception:
             log.debug("mDNS resolve of %s failed", name, exc_info=True)
             return
-        if info is None or not info.addresses:
+        if not info.addresses:
             return
         props = {k: v for k, v in info.decoded_properties.items() if isinstance(v, str)}
         node_id, site = props.get("id"), props.get("site")

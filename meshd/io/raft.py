@@ -68,6 +68,7 @@ class SiteRaft(SyncObj):
         self._lock = threading.Lock()
         self._on_applied = on_applied
         self._status_cache: RaftStatus | None = None
+        self._persist_commit_index = False
         super().__init__(self_address, partners, conf)
         # Set after: this is the replicated state, saved in snapshots.
         self.site_state = SiteState()
@@ -76,6 +77,8 @@ class SiteRaft(SyncObj):
     def apply_command(self, command):
         with self._lock:
             result = sitestate.apply(self.site_state, command)
+        if not (isinstance(command, dict) and command.get("op") == "heartbeat" and not command.get("reports")):
+            self._persist_commit_index = True
         try:
             self._on_applied(command, result)
         except Exception:  # the notification is best-effort; never let it reach pysyncobj
@@ -166,6 +169,12 @@ class RaftNode:
             try:
                 self.raft.doTick(self._tick)
                 self.raft.refresh_status()
+                if self.raft._persist_commit_index:
+                    # pysyncobj saves the commit index once a second; a node killed within
+                    # that second would restart (offline) without its latest allocations.
+                    # Save it as soon as a command that matters has been applied.
+                    self.raft._persist_commit_index = False
+                    self.raft._SyncObj__raftLog.onOneSecondTimer()
             except Exception:
                 log.exception("raft tick failed")
                 self._stopping.wait(self._tick)

@@ -44,7 +44,7 @@ def test_defaults() -> None:
         lease=1.0,
         raft_min_timeout=0.4,
         raft_max_timeout=0.8,
-        append_entries_period=0.05,
+        append_entries_period=0.1,
         log_max_bytes=1024 * 1024,
         log_keep=3,
     )
