@@ -514,6 +514,11 @@ HANDLERS: dict[str, Callable[[SiteState, dict, float], dict]] = {
 }
 
 
+def is_plain_heartbeat(command: Any) -> bool:
+    """A heartbeat that reports no allocation change: it only moves the node's lease."""
+    return isinstance(command, dict) and command.get("op") == "heartbeat" and not command.get("reports")
+
+
 def node_to_plain(node: NodeRecord) -> dict:
     """The wire/CLI form of a node record (also what admit/bootstrap commands carry)."""
     plain = dataclasses.asdict(node)

@@ -46,7 +46,7 @@ from meshd.io.supervisor import DesiredAlloc, Supervisor
 from meshd.liveness import LivenessTracker
 from meshd.placement.plan import make_plan
 from meshd.reconcile import reconcile
-from meshd.sitestate import waits_for_replacement
+from meshd.sitestate import is_plain_heartbeat, waits_for_replacement
 from meshd.spec import spec_to_dict
 from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, DESIRED_RUN, SiteState
 
@@ -91,10 +91,12 @@ class Wakeup:
         self._event.set()
         self._event = trio.Event()
 
-    async def wait(self, timeout: float) -> None:
+    async def wait(self, timeout: float) -> bool:
+        """Wait for the next notify or the timeout; True when notified."""
         event = self._event
         with trio.move_on_after(timeout):
             await event.wait()
+        return event.is_set()
 
 
 def default_advertise_ip() -> str:
@@ -232,7 +234,7 @@ class Daemon:
         """Raft thread: wake the trio loops, except for a heartbeat that changed no allocation
         (the leader polls liveness on its own period; waking everyone a few times a second
         for nothing costs idle CPU)."""
-        if isinstance(command, dict) and command.get("op") == "heartbeat" and not command.get("reports"):
+        if is_plain_heartbeat(command):
             return
         assert self.state_changed is not None
         self.state_changed.notify_threadsafe()
@@ -431,13 +433,12 @@ class Daemon:
         assert self.state_changed is not None
         last_reconcile = 0.0
         while True:
-            event = self.state_changed._event
-            await self.state_changed.wait(LEADER_PERIOD)
+            notified = await self.state_changed.wait(LEADER_PERIOD)
             if self.raft is None or self.raft.status.role != "leader":
                 self._led_term = None
                 continue
             try:
-                changed = await self._check_liveness() or event.is_set()
+                changed = await self._check_liveness() or notified
                 if changed or time.monotonic() - last_reconcile > RECONCILE_SAFETY_PERIOD:
                     last_reconcile = time.monotonic()
                     await self._lead_once()

@@ -33,8 +33,6 @@ from meshd.state import SiteState
 
 log = logging.getLogger("meshd.raft")
 
-RAFT_STATES = {0: "follower", 1: "candidate", 2: "leader"}
-
 FAIL_REASONS = {
     FAIL_REASON.QUEUE_FULL: "the site is overloaded (command queue full)",
     FAIL_REASON.MISSING_LEADER: "the site has no leader (no quorum reachable)",
@@ -77,7 +75,7 @@ class SiteRaft(SyncObj):
     def apply_command(self, command):
         with self._lock:
             result = sitestate.apply(self.site_state, command)
-        if not (isinstance(command, dict) and command.get("op") == "heartbeat" and not command.get("reports")):
+        if not sitestate.is_plain_heartbeat(command):
             self._persist_commit_index = True
         try:
             self._on_applied(command, result)
