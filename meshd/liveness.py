@@ -1,14 +1,21 @@
 """Liveness: the leader's heartbeat lease watcher, with flap damping.
 
-Nodes heartbeat through Raft, which bumps NodeRecord.heartbeat_seq; the leader feeds the
-replicated state to `LivenessTracker.observe` and commits the transitions it returns.
+A node shows it is alive in two ways, and the leader feeds both to `LivenessTracker.observe`,
+then commits the transitions it returns:
+- contacts: when the leader last heard a node answer its Raft heartbeat (the append-entries
+  round trip, every heartbeat interval; free, no extra message). Only Raft voters have them.
+- reports: each report command a node commits bumps NodeRecord.heartbeat_seq. Non-voters,
+  which the leader cannot tell apart in Raft, report often enough to keep their lease.
 
 Invariants:
-- Pure: no clock, no I/O; every call takes `now` (seconds, monotonic from the caller's view).
-- A heartbeat is "seen" at the first observation where the seq differs from the last one
-  seen, so a node is only marked down when no heartbeat was applied for more than `lease`
-  seconds before that observation. Likewise a gap in heartbeats is only known from an
-  observation that saw the seq stand still for more than `lease`.
+- Pure: no clock, no I/O; every call takes `now` and contact times on one monotonic clock.
+- A report is "seen" at the first observation where the seq differs from the last one seen;
+  a contact counts from the time it happened. A node is only marked down when neither moved
+  for more than `lease` seconds before an observation, and a gap is only known from such an
+  observation.
+- A joining node becomes ready on its first report (it carries the node's resources, which
+  placement needs), even if that report was applied before the leader first looked; a
+  contact alone keeps its lease but does not make it ready.
 - `reset` (on becoming leader) restarts every lease at `now` and forgets every partial
   recovery, so a leader change never marks anybody down, nor up, by itself.
 - A down node is ready again only after heartbeating without a gap longer than `lease` for
@@ -20,6 +27,7 @@ Invariants:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from meshd.state import (
@@ -47,9 +55,17 @@ class Transition:
 class _Watch:
     seq: int  # last heartbeat_seq seen
     last_move: float  # when the seq was last seen to change, or the lease was restarted
+    heard: float  # the newest contact time already counted (contacts up to it are old news)
     streak_start: float | None = None  # first heartbeat of the current gap-free run
     downs: list[float] = field(default_factory=list)  # when this tracker marked it down
     down_counted: bool = False  # the current down episode is already in `downs`
+
+
+def _baseline(node: NodeRecord) -> int:
+    """The report seq a fresh lease starts from. A joining node has made no report until its
+    seq moves off 0 (admission sets 0), so one that already reported counts at once, even
+    when the leader first looks after that report (or a new leader takes over)."""
+    return 0 if node.liveness == LIVENESS_JOINING else node.heartbeat_seq
 
 
 class LivenessTracker:
@@ -86,6 +102,24 @@ class LivenessTracker:
         # 2**earlier is capped first so a long-flapping node cannot overflow the float.
         return min(self.max_hold_down, self.base_hold_down * 2 ** min(earlier, 64))
 
+    def next_check(self, state: SiteState) -> float | None:
+        """The earliest time at which observing, with no news at all, could return a
+        transition (a lease running out, a hold-down ending); None when nothing is pending.
+
+        A down node with no current run of heartbeats recovers only through news (contacts),
+        which nobody announces: callers that want to see it come back must also observe
+        on their own period while any node is down."""
+        times = []
+        for node in self._watched(state):
+            watch = self._watch.get(node.node_id)
+            if watch is None:
+                continue
+            if node.liveness in (LIVENESS_READY, LIVENESS_JOINING):
+                times.append(watch.last_move + self.lease)
+            elif node.liveness == LIVENESS_DOWN and watch.streak_start is not None:
+                times.append(watch.streak_start + self.hold_down(node.node_id, watch.streak_start))
+        return min(times) if times else None
+
     # --- updates -------------------------------------------------------------------
     def reset(self, state: SiteState, now: float) -> None:
         """This node became leader: every watched node's lease starts fresh at `now`."""
@@ -93,36 +127,43 @@ class LivenessTracker:
         for node in self._watched(state):
             watch = self._watch.get(node.node_id)
             if watch is None:
-                self._watch[node.node_id] = _Watch(seq=node.heartbeat_seq, last_move=now)
+                self._watch[node.node_id] = _Watch(seq=_baseline(node), last_move=now, heard=now)
                 continue
-            watch.seq = node.heartbeat_seq
+            watch.seq = _baseline(node)
             watch.last_move = now
+            watch.heard = now
             watch.streak_start = None
             watch.down_counted = False
 
-    def observe(self, state: SiteState, now: float) -> list[Transition]:
+    def observe(self, state: SiteState, now: float, contacts: Mapping[str, float] | None = None) -> list[Transition]:
+        """`contacts`: node_id -> when the leader last heard that node (same clock as `now`)."""
+        contacts = contacts or {}
         self._forget_absent(state)
         transitions: list[Transition] = []
         for node in self._watched(state):
             watch = self._watch.get(node.node_id)
             if watch is None:  # first sight: its lease starts now
-                self._watch[node.node_id] = _Watch(seq=node.heartbeat_seq, last_move=now)
-                continue
-            transition = self._step(node, watch, now)
+                watch = self._watch[node.node_id] = _Watch(seq=_baseline(node), last_move=now, heard=now)
+            transition = self._step(node, watch, now, contacts.get(node.node_id))
             if transition is not None:
                 transitions.append(transition)
         return transitions
 
-    def _step(self, node: NodeRecord, watch: _Watch, now: float) -> Transition | None:
-        moved = node.heartbeat_seq != watch.seq
-        if moved:
+    def _step(self, node: NodeRecord, watch: _Watch, now: float, contact: float | None) -> Transition | None:
+        reported = node.heartbeat_seq != watch.seq
+        heard = None
+        if contact is not None and contact > watch.heard:
+            watch.heard = contact
+            heard = min(contact, now)  # a clock mix-up must not extend a lease into the future
+        moved_at = now if reported else heard
+        if moved_at is not None:
             # A stall is only known from an observation that saw none for more than the
             # lease (below), so a caller that observes less often than the lease still
             # lets a steadily heartbeating node recover.
             if watch.streak_start is None:
-                watch.streak_start = now
+                watch.streak_start = moved_at
             watch.seq = node.heartbeat_seq
-            watch.last_move = now
+            watch.last_move = max(watch.last_move, moved_at)
         stalled = now - watch.last_move > self.lease
         if stalled:
             watch.streak_start = None
@@ -135,8 +176,8 @@ class LivenessTracker:
                     watch.down_counted = True
                 return Transition(node.node_id, LIVENESS_DOWN, f"missed heartbeat lease of {self.lease:g}s")
             watch.down_counted = False
-            if node.liveness == LIVENESS_JOINING and moved:
-                return Transition(node.node_id, LIVENESS_READY, "first heartbeat")
+            if node.liveness == LIVENESS_JOINING and reported:
+                return Transition(node.node_id, LIVENESS_READY, "first report")
             return None
 
         if node.liveness == LIVENESS_DOWN and watch.streak_start is not None:

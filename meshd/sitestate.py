@@ -515,8 +515,10 @@ HANDLERS: dict[str, Callable[[SiteState, dict, float], dict]] = {
 
 
 def is_plain_heartbeat(command: Any) -> bool:
-    """A heartbeat that reports no allocation change: it only moves the node's lease."""
-    return isinstance(command, dict) and command.get("op") == "heartbeat" and not command.get("reports")
+    """A keep-alive: a heartbeat that reports neither allocations nor resources, so it only
+    moves the node's lease and nobody needs to look at the state again."""
+    return (isinstance(command, dict) and command.get("op") == "heartbeat" and not command.get("reports")
+            and "resources" not in command)
 
 
 def node_to_plain(node: NodeRecord) -> dict:

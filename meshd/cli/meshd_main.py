@@ -14,11 +14,10 @@ import sys
 from meshd import __version__
 
 TUNING_OPTIONS = (
-    ("--heartbeat-interval", float, "seconds between heartbeats"),
-    ("--lease", float, "seconds without a heartbeat before a node is marked down"),
+    ("--heartbeat-interval", float, "seconds between the Raft leader's heartbeats to each member"),
+    ("--lease", float, "seconds without a heartbeat answer before a node is marked down"),
     ("--raft-min-timeout", float, "Raft election timeout, lower bound (s)"),
     ("--raft-max-timeout", float, "Raft election timeout, upper bound (s)"),
-    ("--append-entries-period", float, "Raft heartbeat period (s)"),
     ("--log-max-bytes", int, "rotate a workload's log at this size"),
     ("--log-keep", int, "rotated log files kept per workload"),
 )

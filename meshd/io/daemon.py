@@ -3,10 +3,15 @@
 Tasks of one daemon (all in one nursery; SIGTERM/SIGINT cancel it and shutdown runs):
 - peer listener: joins of new nodes, member calls (remote `logs`);
 - admin socket: `meshctl` requests (meshd.io.adminhandlers);
-- heartbeat: every `heartbeat_interval` a Raft command with this node's resources and the
-  state of its allocations (liveness comes only from these, never from mDNS);
+- reports: a Raft command with this node's resources and the state of its allocations,
+  sent only when there is news (meshd.reporting);
 - leader duties (only while this node leads): liveness transitions, Raft voter membership,
-  reconcile + placement plans (Nomad's plan/apply split: the plan is re-checked at apply);
+  reconcile + placement plans (Nomad's plan/apply split: the plan is re-checked at apply).
+  Liveness comes from heartbeats, never from mDNS: the leader's Raft heartbeat round trips
+  to each voter (every `heartbeat_interval`) and the reports of non-voters;
+- watchdog: a thread that ends the process if the trio loop stops making progress, so a
+  wedged daemon fails like a dead one (its Raft thread would otherwise keep answering
+  heartbeats for a node that supervises nothing);
 - supervisor sync: runs exactly the allocations the replicated state assigns to this node.
   The state is rebuilt from the local Raft journal at start, so a node restarted with no
   peer reachable restarts its workloads (local autonomy).
@@ -46,20 +51,35 @@ from meshd.io.supervisor import DesiredAlloc, Supervisor
 from meshd.liveness import LivenessTracker
 from meshd.placement.plan import make_plan
 from meshd.reconcile import reconcile
+from meshd.reporting import ReportSchedule
+from meshd.io.watchdog import LoopWatchdog
 from meshd.sitestate import is_plain_heartbeat, waits_for_replacement
 from meshd.spec import spec_to_dict
-from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, DESIRED_RUN, SiteState
+from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, DESIRED_RUN, LIVENESS_DOWN, SiteState
 
 log = logging.getLogger("meshd.daemon")
 
-# How often the leader re-evaluates liveness and reconcile when nothing wakes it earlier:
-# bounds detection latency to lease + this.
+# The leader looks at liveness when the next lease may run out (LivenessTracker.next_check),
+# plus this much so the lease has really passed; and on this period while a node is down
+# (its return is only seen by looking) or a leader duty failed.
+LEASE_EPSILON = 0.01
 LEADER_PERIOD = 0.1
+# A follower's leader loop is woken by every role change; this is only a safety net.
+FOLLOWER_PERIOD = 2.0
 # Reconcile runs when the state changed; this often also without a change, as a safety net.
-RECONCILE_SAFETY_PERIOD = 1.0
+RECONCILE_SAFETY_PERIOD = 5.0
 # Allocation reports are sent when they change; a full resend this often repairs any report
 # that a leader change swallowed.
-FULL_REPORT_PERIOD = 5.0
+FULL_REPORT_PERIOD = 10.0
+# How often a node looks for news to report when the supervisor does not wake it first
+# (resource moves are only seen by sampling, which is this slow anyway).
+REPORT_CHECK_PERIOD = 2.0
+# Every applied command wakes the supervisor sync; without one it looks this often anyway.
+SUPERVISE_SAFETY_PERIOD = 5.0
+# A report that did not commit (no leader yet, leader change) is retried after this.
+REPORT_RETRY_DELAY = 0.1
+# Non-voters are invisible in Raft's heartbeats: they report this many times per lease.
+NONVOTER_REPORTS_PER_LEASE = 4
 # psutil sampling is cheap but not free; resources move slowly.
 RESOURCE_SAMPLE_PERIOD = 2.0
 # How long a joining node looks for members of its site before giving up.
@@ -145,8 +165,7 @@ class Daemon:
         self.raft_port = 0
         self.started = time.monotonic()
         self._heartbeat_seq = int(time.time() * 1000)  # monotonic across restarts of this node
-        self._last_reported: dict[str, tuple] = {}
-        self._last_full_report = 0.0
+        self._reports = ReportSchedule(full_period=FULL_REPORT_PERIOD)
         self._resources: dict = {}
         self._resources_at = 0.0
         self._led_term: int | None = None
@@ -230,6 +249,13 @@ class Daemon:
             self.raft_port = free_port(self.listen_ip)
         save_ports(self.data_dir, self.peer_port, self.raft_port)
 
+    def _on_role_change(self) -> None:
+        """Raft thread: this node's role or its leader changed. The leader loop must look, and
+        reports waiting for a leader can go."""
+        assert self.state_changed is not None and self.reports_changed is not None
+        self.state_changed.notify_threadsafe()
+        self.reports_changed.notify_threadsafe()
+
     def _on_applied(self, command: dict, result: dict) -> None:
         """Raft thread: wake the trio loops, except for a heartbeat that changed no allocation
         (the leader polls liveness on its own period; waking everyone a few times a second
@@ -245,10 +271,11 @@ class Daemon:
         conf = make_conf(data_dir=self.data_dir, password=m.site_secret,
                          bind_address=f"{self.listen_ip}:{self.raft_port}",
                          min_timeout=self.config.raft_min_timeout, max_timeout=self.config.raft_max_timeout,
-                         append_period=self.config.append_entries_period)
+                         append_period=self.config.heartbeat_interval)
         self_address = f"{self.advertise_ip}:{self.raft_port}" if m.voter else None
         partners = [p for p in m.partners if p != self_address]
-        self.raft = RaftNode(self_address, partners, conf, self._on_applied, tick=self.config.append_entries_period)
+        self.raft = RaftNode(self_address, partners, conf, self._on_applied, self._on_role_change,
+                             tick=self.config.heartbeat_interval)
 
     async def _found_site(self) -> None:
         """No data, no token: this node founds a new mesh and its site."""
@@ -373,9 +400,6 @@ class Daemon:
             self.event("membership", f"join of {name} refused: {result.get('error')}", node=name)
             await conn.send({"type": "refused", "reason": result["error"]})
             return
-        if result["voter"] and self.raft.status.role == "leader":
-            # Add the voter now rather than on the next leader round: the joiner is waiting.
-            await self._sync_voters(self.snapshot())
         state = self.snapshot()
         partners = sorted(n.raft_address for n in state.nodes.values()
                           if n.voter and n.admin not in (ADMIN_LEFT, ADMIN_REVOKED) and n.node_id != request.node["node_id"])
@@ -386,6 +410,11 @@ class Daemon:
                                  transcript)
         await conn.send({"type": "welcome", "sealed": tokens.seal(key, os.urandom(12), welcome)})
         self.event("membership", f"admitted {name}", node=name, voter=result["voter"])
+        if result["voter"] and self.raft.status.role == "leader":
+            # Add the voter now, not on the next leader round: it is starting Raft and would
+            # otherwise time out and disturb the site with an election. After the welcome,
+            # because growing a one-voter site needs the newcomer's own vote to commit.
+            await self._sync_voters(self.snapshot())
 
     def is_member(self, node_id: str) -> bool:
         node = self.snapshot().nodes.get(node_id)
@@ -404,46 +433,67 @@ class Daemon:
             self._resources_at = now
         return self._resources
 
-    async def heartbeat_loop(self) -> None:
-        assert self.identity is not None and self.reports_changed is not None
+    async def report_loop(self) -> None:
+        """Send a report through Raft whenever the schedule says there is news."""
+        assert self.identity is not None and self.reports_changed is not None and self.raft is not None
         while True:
-            if self.raft is not None and self.raft.status.leader_address is not None:
+            status = self.raft.status
+            # Non-voters are invisible in Raft's heartbeats; they keep their lease by reporting.
+            keepalive = self.config.lease / NONVOTER_REPORTS_PER_LEASE if status.role == "nonvoter" else None
+            self._reports.keepalive = keepalive
+            if status.leader_address is not None:
                 reports = [dataclasses.asdict(r) for r in self.supervisor.reports()] if self.supervisor else []
                 now = time.monotonic()
-                full = now - self._last_full_report > FULL_REPORT_PERIOD
-                changed = [r for r in reports
-                           if full or self._last_reported.get(r["alloc_id"]) != tuple(sorted(r.items()))]
-                self._heartbeat_seq += 1
-                command = {"op": "heartbeat", "ts": time.time(), "node_id": self.identity.node_id,
-                           "seq": self._heartbeat_seq, "resources": self._sample_resources(),
-                           "reports": [{k: r[k] for k in ("alloc_id", "state", "pid", "restarts", "exit_code", "reason")}
-                                       for r in changed]}
-                try:
-                    result = await self.raft.submit(command, timeout=max(self.config.lease, 1.0))
-                    if result.get("ok"):
-                        for r in changed:
-                            self._last_reported[r["alloc_id"]] = tuple(sorted(r.items()))
-                        if full:
-                            self._last_full_report = now
-                except CommandFailed:
-                    pass
-            await self.reports_changed.wait(self.config.heartbeat_interval)
+                report = self._reports.due(now, self._sample_resources(), reports)
+                if report is not None:
+                    self._heartbeat_seq += 1
+                    command = {"op": "heartbeat", "ts": time.time(), "node_id": self.identity.node_id,
+                               "seq": self._heartbeat_seq, "reports": list(report.allocs)}
+                    if report.resources_moved:
+                        command["resources"] = report.resources
+                    try:
+                        result = await self.raft.submit(command, timeout=max(self.config.lease, 1.0))
+                        if result.get("ok"):
+                            self._reports.sent(now, report)
+                            # Look again at once: changes made while the report was in
+                            # flight woke nobody.
+                            continue
+                    except CommandFailed:
+                        pass
+                    await trio.sleep(REPORT_RETRY_DELAY)
+                    continue
+            await self.reports_changed.wait(keepalive or REPORT_CHECK_PERIOD)
 
     async def leader_loop(self) -> None:
+        """Leader duties, woken by state changes, role changes and the next lease deadline."""
         assert self.state_changed is not None
         last_reconcile = 0.0
+        wait = 0.0  # look at once: a founder became leader before this loop started
         while True:
-            notified = await self.state_changed.wait(LEADER_PERIOD)
+            notified = await self.state_changed.wait(wait)
+            wait = FOLLOWER_PERIOD
             if self.raft is None or self.raft.status.role != "leader":
                 self._led_term = None
                 continue
+            wait = LEADER_PERIOD  # after a failed duty: try again soon
             try:
                 changed = await self._check_liveness() or notified
                 if changed or time.monotonic() - last_reconcile > RECONCILE_SAFETY_PERIOD:
                     last_reconcile = time.monotonic()
                     await self._lead_once()
+                wait = self._next_liveness_check()
             except CommandFailed as e:
                 log.info("leader duty interrupted", extra={"reason": str(e)})
+
+    def _next_liveness_check(self) -> float:
+        """Leader: seconds until a lease may run out (no need to look before that)."""
+        state = self.snapshot()
+        deadline = self.tracker.next_check(state)
+        wait = RECONCILE_SAFETY_PERIOD if deadline is None else deadline - time.monotonic() + LEASE_EPSILON
+        if any(n.liveness == LIVENESS_DOWN and n.admin not in (ADMIN_LEFT, ADMIN_REVOKED) for n in state.nodes.values()):
+            # A down node comes back through contacts nobody announces: look on a period.
+            wait = min(wait, LEADER_PERIOD)
+        return min(max(wait, LEASE_EPSILON), RECONCILE_SAFETY_PERIOD)
 
     async def _check_liveness(self) -> bool:
         """Leader: commit down/ready transitions of members; True when any was committed."""
@@ -457,7 +507,14 @@ class Daemon:
             self.tracker.reset(state, time.monotonic())
             self.event("leader", f"{self.config.name} leads site {state.site} (term {status.term})", term=status.term)
             return True
-        transitions = self.tracker.observe(state, time.monotonic())
+        # When each voter last answered the leader's Raft heartbeat; the leader hears itself.
+        by_address = dict(status.contacts)
+        now = time.monotonic()
+        contacts = {node.node_id: by_address[node.raft_address]
+                    for node in state.nodes.values() if node.raft_address in by_address}
+        assert self.identity is not None
+        contacts[self.identity.node_id] = now
+        transitions = self.tracker.observe(state, now, contacts)
         for transition in transitions:
             await self.commit(self.new_command("set_liveness", node_id=transition.node_id, liveness=transition.to,
                                                reason=transition.reason))
@@ -536,7 +593,7 @@ class Daemon:
                 self.supervisor.set_desired(desired)
                 last = key
             self._save_partners(state)
-            await self.state_changed.wait(1.0)
+            await self.state_changed.wait(SUPERVISE_SAFETY_PERIOD)
 
     def _save_partners(self, state: SiteState) -> None:
         """Remember the voters' Raft addresses, so a restart finds the site without mDNS."""
@@ -566,6 +623,7 @@ class Daemon:
         log.info("starting", extra={"node_id": self.identity.node_id, "node_name": self.config.name,
                                     "data_dir": str(self.data_dir), "peer": f"{self.advertise_ip}:{self.peer_port}"})
         async with trio.open_nursery() as nursery:
+            await nursery.start(LoopWatchdog().run)
             listeners = await trio.open_tcp_listeners(self.peer_port, host=self.listen_ip or None)
             nursery.start_soon(self._serve_peers, listeners)
             if self.config.mdns:
@@ -593,7 +651,7 @@ class Daemon:
             if self.discovery:
                 self.discovery.update_site(self.membership.site)
                 self.discovery.announce()
-            nursery.start_soon(self.heartbeat_loop)
+            nursery.start_soon(self.report_loop)
             nursery.start_soon(self.leader_loop)
             nursery.start_soon(self.supervise_loop)
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)

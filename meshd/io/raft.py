@@ -14,6 +14,9 @@ Invariants:
 - Raft traffic is always encrypted with the site secret: without a password pysyncobj
   unpickles whatever any TCP client sends.
 - Readers get a consistent copy of the state under a lock; the records in it are frozen.
+- On the leader, `status.contacts` says when each voter last answered a Raft heartbeat, on
+  `time.monotonic()`'s clock (pysyncobj keeps CLOCK_MONOTONIC_RAW; ages are converted). This
+  is how the leader knows its voters are alive without any message of ours.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import trio
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj.monotonic import monotonic as raft_clock
 
 from meshd import sitestate
 from meshd.state import SiteState
@@ -43,6 +48,10 @@ FAIL_REASONS = {
 }
 
 
+# Wake this long after our election deadline, so the tick surely sees it passed.
+ELECTION_WAKE_SLACK = 0.001
+
+
 class CommandFailed(Exception):
     """A command did not commit (no leader, leader change, timeout). Its outcome may be unknown."""
 
@@ -56,20 +65,37 @@ class RaftStatus:
     commit_index: int
     last_applied: int
     partners: tuple[str, ...]  # voters other than this node, per the Raft configuration
+    # Leader only: (raft address, time.monotonic() when that voter last answered a heartbeat).
+    contacts: tuple[tuple[str, float], ...] = ()
 
 
 class SiteRaft(SyncObj):
     def __init__(self, self_address: str | None, partners: list[str], conf: SyncObjConf,
-                 on_applied: Callable[[dict, dict], None]):
+                 on_applied: Callable[[dict, dict], None], on_role_change: Callable[[], None]):
         # Set before SyncObj.__init__: pysyncobj leaves attributes that exist at the end of its
         # __init__ out of snapshots, which is exactly right for these.
         self._lock = threading.Lock()
         self._on_applied = on_applied
+        self._on_role_change = on_role_change
         self._status_cache: RaftStatus | None = None
         self._persist_commit_index = False
         super().__init__(self_address, partners, conf)
+        self._write_commit_index_only_when_it_moves()
         # Set after: this is the replicated state, saved in snapshots.
         self.site_state = SiteState()
+
+    def _write_commit_index_only_when_it_moves(self) -> None:
+        """pysyncobj marks its journal metadata dirty on every append-entries a follower
+        receives, even when the commit index did not move, and so rewrites the file every
+        second forever: pointless wear on an edge device's flash. Skip unchanged values."""
+        journal = self._SyncObj__raftLog
+        store, current = journal.setRaftCommitIndex, journal.getRaftCommitIndex
+
+        def set_commit_index(index: int) -> None:
+            if index != current():
+                store(index)
+
+        journal.setRaftCommitIndex = set_commit_index
 
     @replicated
     def apply_command(self, command):
@@ -104,6 +130,13 @@ class SiteRaft(SyncObj):
             role = "leader"
         else:
             role = "follower" if leader is not None else "candidate"
+        contacts: tuple[tuple[str, float], ...] = ()
+        if role == "leader":
+            raft_now, now = raft_clock(), time.monotonic()
+            contacts = tuple((node.address, now - (raft_now - heard))
+                             for node, heard in self._SyncObj__lastResponseTime.items()
+                             if getattr(node, "address", None))
+        previous = self._status_cache
         self._status_cache = RaftStatus(
             role=role,
             leader_address=leader.address if leader is not None else None,
@@ -112,7 +145,13 @@ class SiteRaft(SyncObj):
             commit_index=self.raftCommitIndex,
             last_applied=self.raftLastApplied,
             partners=tuple(sorted(n.address for n in self.otherNodes)),
+            contacts=contacts,
         )
+        if previous is None or previous.role != role or previous.leader_address != self._status_cache.leader_address:
+            try:
+                self._on_role_change()
+            except Exception:  # best-effort, like on_applied
+                log.exception("on_role_change hook failed")
 
     @property
     def status(self) -> RaftStatus:
@@ -139,14 +178,20 @@ def make_conf(*, data_dir: Path, password: str, bind_address: str, min_timeout: 
         # An isolated leader must step down soon so that `status` says partitioned and no
         # stale leader takes commands that can never commit.
         leaderFallbackTimeout=max(max_timeout, 3 * append_period + 0.01),
-        # Detect a dead TCP peer quickly; must be >= raftMaxTimeout (pysyncobj asserts it).
-        connectionTimeout=max(max_timeout * 2, 1.5),
+        # pysyncobj checks this timeout only when a connection is used, against the last time
+        # it read from it. Followers never talk to each other until an election, so any finite
+        # value cut the follower-to-follower link at the moment a candidate asked for a vote,
+        # losing the vote and costing a whole extra election (measured: leader failover
+        # 0.4-3.1 s with 1.6 s). A dead peer is still noticed: a crashed process closes its
+        # sockets, a rebooted host answers with a reset, and liveness comes from the Raft
+        # heartbeat answers, not from this.
+        connectionTimeout=float("inf"),
         # Reconnect quickly to a restarted or newly added member (default 5 s is too slow
         # for a join to finish within a second).
         connectionRetryTime=0.25,
         bindAddress=bind_address,
         commandsWaitLeader=False,  # fail fast without a leader; callers decide to retry
-        logCompactionMinEntries=20_000,  # heartbeats are frequent; compact in big steps
+        logCompactionMinEntries=20_000,  # reports and plans add up; compact in big steps
         logCompactionMinTime=600,
     )
 
@@ -155,17 +200,30 @@ class RaftNode:
     """Owns one SiteRaft and the thread that drives it."""
 
     def __init__(self, self_address: str | None, partners: list[str], conf: SyncObjConf,
-                 on_applied: Callable[[dict, dict], None], tick: float):
-        self.raft = SiteRaft(self_address, partners, conf, on_applied)
+                 on_applied: Callable[[dict, dict], None], on_role_change: Callable[[], None], tick: float):
+        self.raft = SiteRaft(self_address, partners, conf, on_applied, on_role_change)
         self._tick = tick
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="meshd-raft", daemon=True)
         self._thread.start()
 
+    def _tick_wait(self) -> float:
+        """How long the next tick may wait for network events.
+
+        pysyncobj starts an election only from a tick. Both followers of a dead leader heard
+        its last heartbeat at the same moment, so with a fixed tick they would wake in the
+        same slots and start elections together (a split vote: one more election). Waking
+        exactly at our own election deadline keeps the randomised timeouts apart."""
+        wait = self._tick
+        if not self.raft._isLeader():
+            until_election = self.raft._SyncObj__raftElectionDeadline - raft_clock()
+            wait = min(wait, max(until_election, 0.0) + ELECTION_WAKE_SLACK)
+        return wait
+
     def _run(self) -> None:
         while not self._stopping.is_set():
             try:
-                self.raft.doTick(self._tick)
+                self.raft.doTick(self._tick_wait())
                 self.raft.refresh_status()
                 if self.raft._persist_commit_index:
                     # pysyncobj saves the commit index once a second; a node killed within

@@ -40,11 +40,10 @@ def test_defaults() -> None:
         join=None,
         peers=(),
         mdns=True,
-        heartbeat_interval=0.25,
+        heartbeat_interval=0.2,
         lease=1.0,
-        raft_min_timeout=0.4,
-        raft_max_timeout=0.8,
-        append_entries_period=0.1,
+        raft_min_timeout=0.7,
+        raft_max_timeout=1.2,
         log_max_bytes=1024 * 1024,
         log_keep=3,
     )
@@ -109,23 +108,23 @@ def test_mdns_spellings(cli: dict, toml: str | None, mdns: bool) -> None:
 @pytest.mark.parametrize(
     "toml",
     [
-        'data-dir = "/d"\nadmin-socket = "/d/s"\nheartbeat-interval = 0.5\nlease = 2\nlabel = ["zone=north", "eq=a=b"]\npeer = ["198.18.0.9:1"]',
-        'data_dir = "/d"\nadmin_socket = "/d/s"\nheartbeat_interval = 0.5\nlease = 2.0\nlabels = { zone = "north", eq = "a=b" }\npeers = ["198.18.0.9:1"]',
-        'data_dir = "/d"\nadmin_socket = "/d/s"\nheartbeat_interval = 0.5\nlease = 2\n[labels]\nzone = "north"\neq = "a=b"\n',
+        'data-dir = "/d"\nadmin-socket = "/d/s"\nheartbeat-interval = 0.125\nlease = 2\nlabel = ["zone=north", "eq=a=b"]\npeer = ["198.18.0.9:1"]',
+        'data_dir = "/d"\nadmin_socket = "/d/s"\nheartbeat_interval = 0.125\nlease = 2.0\nlabels = { zone = "north", eq = "a=b" }\npeers = ["198.18.0.9:1"]',
+        'data_dir = "/d"\nadmin_socket = "/d/s"\nheartbeat_interval = 0.125\nlease = 2\n[labels]\nzone = "north"\neq = "a=b"\n',
     ],
     ids=["dashes", "underscores", "labels section"],
 )
 def test_file_spellings(toml: str) -> None:
     cfg = resolve(toml=toml)
     assert cfg.data_dir == "/d" and cfg.admin_socket == "/d/s"
-    assert cfg.heartbeat_interval == 0.5 and cfg.lease == 2.0 and isinstance(cfg.lease, float)
+    assert cfg.heartbeat_interval == 0.125 and cfg.lease == 2.0 and isinstance(cfg.lease, float)
     assert cfg.labels == {"zone": "north", "eq": "a=b"}
 
 
 def test_tuning_from_cli() -> None:
-    cfg = resolve({"raft_min_timeout": 1.0, "raft_max_timeout": 2.0, "append_entries_period": 0.1,
+    cfg = resolve({"raft_min_timeout": 1.0, "raft_max_timeout": 2.0, "heartbeat_interval": 0.2,
                    "log_max_bytes": 4096, "log_keep": 0})
-    assert (cfg.raft_min_timeout, cfg.raft_max_timeout, cfg.append_entries_period) == (1.0, 2.0, 0.1)
+    assert (cfg.raft_min_timeout, cfg.raft_max_timeout, cfg.heartbeat_interval) == (1.0, 2.0, 0.2)
     assert (cfg.log_max_bytes, cfg.log_keep) == (4096, 0)
 
 
@@ -205,14 +204,14 @@ def test_ipv6_endpoints() -> None:
         ({"heartbeat_interval": float("nan")}, None, "heartbeat-interval", "seconds"),
         ({"heartbeat_interval": True}, None, "heartbeat-interval", "seconds"),
         ({}, "heartbeat-interval = '1'", "heartbeat-interval", "seconds"),
-        ({"lease": 0.5}, None, "lease", "twice heartbeat-interval"),
+        ({"lease": 0.15}, None, "lease", "twice heartbeat-interval"),
         ({"lease": float("inf")}, None, "lease", "seconds"),
         ({"heartbeat_interval": 1.0}, None, "lease", "twice heartbeat-interval"),
-        ({"raft_min_timeout": 0.15}, None, "raft-min-timeout", "3 times append-entries-period"),
-        ({"append_entries_period": 0.2}, None, "raft-min-timeout", "3 times append-entries-period"),
+        ({"raft_min_timeout": 0.15}, None, "raft-min-timeout", "3 times heartbeat-interval"),
+        ({"heartbeat_interval": 0.25}, None, "raft-min-timeout", "3 times heartbeat-interval"),
         ({"raft_max_timeout": 0.4}, None, "raft-max-timeout", "more than raft-min-timeout"),
-        ({"raft_min_timeout": 1.0}, None, "raft-max-timeout", "more than raft-min-timeout"),
-        ({"append_entries_period": 0}, None, "append-entries-period", "seconds"),
+        ({"raft_min_timeout": 1.5}, None, "raft-max-timeout", "more than raft-min-timeout"),
+        ({"raft_min_timeout": 0.001}, None, "raft-min-timeout", "seconds"),
         ({"raft_max_timeout": 10**400}, None, "raft-max-timeout", "huge"),
         ({"log_max_bytes": 100}, None, "log-max-bytes", "4096"),
         ({"log_max_bytes": 2**63}, None, "log-max-bytes", "integer"),

@@ -42,19 +42,30 @@ def commit(state: SiteState, transitions: list[Transition]) -> None:
 
 
 def run(tracker: LivenessTracker, state: SiteState, steps) -> list[tuple[float, str, str]]:
-    """Steps: ("reset", now) | ("hb", node_id) | ("observe", now). Transitions are committed."""
+    """Steps: ("reset", now) | ("hb", node_id) | ("contact", node_id, t) | ("observe", now).
+
+    "hb" is a report command applied; "contact" is the leader hearing the node's Raft answer
+    at time t. Transitions are committed."""
     seen = []
+    contacts: dict[str, float] = {}
     for step in steps:
         if step[0] == "reset":
             tracker.reset(state, step[1])
         elif step[0] == "hb":
             heartbeat(state, step[1])
+        elif step[0] == "contact":
+            contacts[step[1]] = step[2]
         else:
             now = step[1]
-            transitions = tracker.observe(state, now)
+            transitions = tracker.observe(state, now, contacts)
             commit(state, transitions)
             seen.extend((now, t.node_id, t.to) for t in transitions)
     return seen
+
+
+def contacts(node_id, *times):
+    """The leader hears the node's Raft answer at each time, and observes right after."""
+    return [s for t in times for s in (("contact", node_id, t), ("observe", t))]
 
 
 def beats(node_id, *times):
@@ -70,6 +81,23 @@ SCENARIOS = [
     ("missed lease", READY, [("reset", 0), ("observe", 0.5), ("observe", 1.01)], [(1.01, "n1", DOWN)]),
     ("missed lease after last heartbeat", READY,
      [("reset", 0)] + beats("n1", 0.9) + [("observe", 1.8), ("observe", 1.95)], [(1.95, "n1", DOWN)]),
+    ("contacts keep a ready node's lease", READY,
+     [("reset", 0)] + contacts("n1", 0.5, 1.4) + [("observe", 2.0)], []),
+    ("contacts stop: down a lease after the last one", READY,
+     [("reset", 0)] + contacts("n1", 0.5, 1.4) + [("observe", 2.3), ("observe", 2.5)], [(2.5, "n1", DOWN)]),
+    ("a contact counts from when it happened, not when it was observed", READY,
+     [("reset", 0), ("contact", "n1", 0.2), ("observe", 1.1), ("observe", 1.3)], [(1.3, "n1", DOWN)]),
+    ("a contact from the future counts as now", READY,
+     [("reset", 0), ("contact", "n1", 9.0), ("observe", 0.5), ("observe", 1.4), ("observe", 1.6)],
+     [(1.6, "n1", DOWN)]),
+    ("contacts heard before a reset do not count", READY,
+     [("contact", "n1", 0.9), ("reset", 1.0), ("observe", 1.5), ("observe", 2.05)], [(2.05, "n1", DOWN)]),
+    ("joining: a contact alone keeps the lease but does not make it ready", JOINING,
+     [("reset", 0)] + contacts("n1", 0.3, 0.9, 1.5) + beats("n1", 1.6), [(1.6, "n1", READY)]),
+    ("down: steady contacts make it ready after the hold-down", DOWN,
+     [("reset", 0)] + contacts("n1", 3, 3.5, 3.9, 4.0), [(4.0, "n1", READY)]),
+    ("down: reports and contacts together make one steady run", DOWN,
+     [("reset", 0)] + contacts("n1", 3, 3.5) + beats("n1", 3.9) + contacts("n1", 4.0), [(4.0, "n1", READY)]),
     ("joining: first heartbeat makes it ready", JOINING,
      [("reset", 0)] + beats("n1", 0.3), [(0.3, "n1", READY)]),
     ("joining: never heartbeats", JOINING, [("reset", 0), ("observe", 1.5)], [(1.5, "n1", DOWN)]),
@@ -109,7 +137,7 @@ def test_reasons():
     heartbeat(state, "n2")
     heartbeat(state, "n3")
     first = tracker.observe(state, 1)
-    assert first == [Transition("n2", READY, "first heartbeat")]
+    assert first == [Transition("n2", READY, "first report")]
     commit(state, first)
     heartbeat(state, "n2")
     heartbeat(state, "n3")
@@ -168,10 +196,19 @@ def test_vanished_nodes_are_forgotten_and_new_ones_get_a_fresh_lease():
     tracker.reset(state, 0)
     del state.nodes["n1"]
     assert tracker.observe(state, 5) == []
-    state.nodes["n1"] = node("n1", JOINING, seq=7)
+    state.nodes["n1"] = node("n1", JOINING)
     assert tracker.observe(state, 10) == []  # first sight: the lease starts now
     assert tracker.observe(state, 10.9) == []
     assert [t.to for t in tracker.observe(state, 11.1)] == [DOWN]
+
+
+@pytest.mark.parametrize("before", ["first sight", "reset"])
+def test_a_joining_node_that_reported_before_the_leader_looked_is_ready(before):
+    tracker = LivenessTracker(lease=1.0)
+    state = site(node("n1", JOINING, seq=7))  # its first report is already applied
+    if before == "reset":
+        tracker.reset(state, 0)
+    assert tracker.observe(state, 0.1) == [Transition("n1", READY, "first report")]
 
 
 def test_transitions_are_sorted_by_node_id():
@@ -199,7 +236,7 @@ NODE_IDS = ["n0", "n1", "n2"]
 events = st.lists(
     st.tuples(
         st.sampled_from([0.0, 0.05, 0.2, 0.5, 0.9, 1.0, 1.5, 3.0]),  # time since the previous event
-        st.sampled_from(["hb", "hb", "hb", "observe", "observe", "reset"]),
+        st.sampled_from(["hb", "hb", "contact", "contact", "observe", "observe", "reset"]),
         st.sampled_from(NODE_IDS),
     ),
     max_size=80,
@@ -213,20 +250,27 @@ def test_random_heartbeat_schedules(schedule, initial, lease, base):
     tracker = LivenessTracker(lease=lease, base_hold_down=base, max_hold_down=8.0, flap_window=30.0)
     state = site(*(node(n, liveness) for n, liveness in zip(NODE_IDS, initial)))
     last_heartbeat: dict[str, float] = {}
+    heard: dict[str, float] = {}
     went_down: dict[str, float] = {}
     now = 0.0
     tracker.reset(state, now)
     for dt, kind, node_id in schedule:
         now += dt
-        if kind == "hb":
-            heartbeat(state, node_id)
+        if kind in ("hb", "contact"):
+            if kind == "hb":
+                heartbeat(state, node_id)
+            else:
+                heard[node_id] = now
             last_heartbeat[node_id] = now
             continue
         if kind == "reset":
             tracker.reset(state, now)
-            assert tracker.observe(state, now) == [], "a leader reset alone changes nothing"
+            assert all(t.to == READY and state.nodes[t.node_id].liveness == JOINING
+                       and state.nodes[t.node_id].heartbeat_seq != 0
+                       for t in tracker.observe(state, now, heard)), (
+                "a leader reset alone changes nothing, except a joining node that reported is ready")
             continue
-        transitions = tracker.observe(state, now)
+        transitions = tracker.observe(state, now, heard)
         for t in transitions:
             assert state.nodes[t.node_id].liveness != t.to, "only transitions the state does not reflect"
             if t.to == DOWN:
@@ -236,3 +280,54 @@ def test_random_heartbeat_schedules(schedule, initial, lease, base):
             elif state.nodes[t.node_id].liveness == DOWN and t.node_id in went_down:
                 assert now - went_down[t.node_id] >= base, "a recovered node waited out its hold-down"
         commit(state, transitions)
+
+
+# --- next_check: when the leader must look again ----------------------------------------
+def test_next_check_is_the_earliest_lease_end():
+    tracker = LivenessTracker(lease=1.0)
+    state = site(node("n1"), node("n2", JOINING), node("n3", DOWN), node("n4", admin=ADMIN_LEFT))
+    tracker.reset(state, 0)
+    assert tracker.next_check(state) == 1.0
+    tracker.observe(state, 0.6, {"n1": 0.5, "n2": 0.3})
+    assert tracker.next_check(state) == 1.3  # n2's contact at 0.3 + lease
+    tracker.observe(state, 0.7, {"n1": 0.5, "n2": 0.65})
+    assert tracker.next_check(state) == 1.5
+
+
+def test_next_check_for_down_nodes():
+    tracker = LivenessTracker(lease=1.0, base_hold_down=1.0)
+    state = site(node("n1", DOWN))
+    tracker.reset(state, 0)
+    assert tracker.next_check(state) is None  # only news can bring it back
+    tracker.observe(state, 3.0, {"n1": 2.9})
+    assert tracker.next_check(state) == pytest.approx(3.9)  # run started at 2.9, 1 s hold-down
+
+
+def test_nothing_pending_without_nodes():
+    assert LivenessTracker(lease=1.0).next_check(SiteState(site="s")) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(schedule=events, lease=st.sampled_from([0.5, 1.0, 2.0]))
+def test_no_lease_runs_out_before_next_check(schedule, lease):
+    """Observing before next_check, with no news since the last observation, never marks a
+    node down: the leader may sleep until then."""
+    tracker = LivenessTracker(lease=lease)
+    state = site(*(node(n) for n in NODE_IDS))
+    heard: dict[str, float] = {}
+    now = 0.0
+    tracker.reset(state, now)
+    for dt, kind, node_id in schedule:
+        now += dt
+        if kind == "hb":
+            heartbeat(state, node_id)
+        elif kind == "contact":
+            heard[node_id] = now
+        else:
+            commit(state, tracker.observe(state, now, heard))
+            deadline = tracker.next_check(state)
+            if deadline is not None and deadline > now:
+                probe = LivenessTracker(lease=lease)
+                probe._watch = {k: dataclasses.replace(v, downs=list(v.downs)) for k, v in tracker._watch.items()}
+                quiet = now + (deadline - now) * 0.999
+                assert all(t.to != DOWN for t in probe.observe(state, quiet, heard))

@@ -1,0 +1,87 @@
+"""When a node reports to its site: the pure schedule behind the `heartbeat` command.
+
+A report is a Raft command carrying this node's resources and the state of its allocations.
+Every report costs a replicated, encrypted log entry on every member, so a node sends one
+only when there is news:
+- the first report after start (it makes a joining node ready and gives placement its
+  resources);
+- an allocation whose state, pid, restart count, exit code or reason changed;
+- resources that moved by a step placement could notice (a tenth of the cores, a
+  twentieth of the memory);
+- a full resend every `full_period`, which repairs a report that a leader change swallowed;
+- for a node the leader cannot see in Raft's own heartbeats (a non-voter), a keep-alive at
+  least every `keepalive` seconds, so its lease holds.
+
+Invariants:
+- Pure: no clock, no I/O; `now` is passed in.
+- Nothing counts as reported until `sent` confirms the commit: a failed report is retried
+  in full at the next check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+# Resources move all the time; placement cares about steps of this size.
+CPU_STEP_FRACTION = 0.10  # of the node's cores
+MEM_STEP_FRACTION = 0.05  # of the node's memory
+# The fields of an allocation report that the site replicates.
+REPORT_FIELDS = ("alloc_id", "state", "pid", "restarts", "exit_code", "reason")
+
+
+def resources_moved(last: Mapping[str, float], current: Mapping[str, float]) -> bool:
+    """True when `current` differs from the last reported resources by a step placement sees."""
+    if not last:
+        return bool(current)
+    if last.get("cpu_total") != current.get("cpu_total") or last.get("mem_total_mb") != current.get("mem_total_mb"):
+        return True
+    cpu_step = CPU_STEP_FRACTION * float(current.get("cpu_total") or 1)
+    mem_step = MEM_STEP_FRACTION * float(current.get("mem_total_mb") or 1)
+    return (abs(float(current.get("cpu_free", 0)) - float(last.get("cpu_free", 0))) >= cpu_step
+            or abs(float(current.get("mem_free_mb", 0)) - float(last.get("mem_free_mb", 0))) >= mem_step)
+
+
+def _key(report: Mapping) -> tuple:
+    return tuple(report.get(k) for k in REPORT_FIELDS)
+
+
+@dataclass(frozen=True)
+class Report:
+    resources: dict
+    resources_moved: bool  # False: the site already has these resources (a keep-alive may omit them)
+    allocs: tuple[dict, ...]  # only the allocations whose report changed (all of them on a full report)
+    full: bool
+
+
+@dataclass
+class ReportSchedule:
+    full_period: float  # seconds between full resends
+    keepalive: float | None = None  # seconds between reports at most (non-voters); None: news only
+    _resources: dict = field(default_factory=dict)
+    _allocs: dict[str, tuple] = field(default_factory=dict)
+    _last_sent: float | None = None
+    _last_full: float | None = None
+
+    def due(self, now: float, resources: Mapping[str, float], allocs: Sequence[Mapping]) -> Report | None:
+        """The report to send now, or None when there is no news."""
+        full = self._last_full is None or now - self._last_full >= self.full_period
+        plain = [{k: a.get(k) for k in REPORT_FIELDS} for a in allocs]
+        changed = plain if full else [a for a in plain if self._allocs.get(a["alloc_id"]) != _key(a)]
+        keepalive_due = (self.keepalive is not None
+                         and (self._last_sent is None or now - self._last_sent >= self.keepalive))
+        moved = full or resources_moved(self._resources, resources)
+        if not (full or changed or keepalive_due or moved):
+            return None
+        return Report(resources=dict(resources), resources_moved=moved, allocs=tuple(changed), full=full)
+
+    def sent(self, now: float, report: Report) -> None:
+        """The report committed: its contents are now the site's view of this node."""
+        self._last_sent = now
+        if report.resources_moved:
+            self._resources = dict(report.resources)
+        if report.full:
+            self._last_full = now
+            self._allocs = {}
+        for a in report.allocs:
+            self._allocs[a["alloc_id"]] = _key(a)

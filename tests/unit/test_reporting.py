@@ -1,0 +1,128 @@
+"""When a node reports: table-driven and property tests of meshd.reporting."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshd.reporting import ReportSchedule, resources_moved
+
+RES = {"cpu_total": 4.0, "cpu_free": 3.0, "mem_total_mb": 1000, "mem_free_mb": 500}
+
+
+def res(**changes):
+    return {**RES, **changes}
+
+
+def alloc(alloc_id, state="running", pid=10, restarts=0):
+    return {"alloc_id": alloc_id, "state": state, "pid": pid, "restarts": restarts, "exit_code": None,
+            "reason": "", "app": "extra fields are not reported"}
+
+
+@pytest.mark.parametrize("last,current,moved", [
+    ({}, RES, True),
+    (RES, RES, False),
+    (RES, res(cpu_free=3.3), False),  # under a tenth of 4 cores
+    (RES, res(cpu_free=2.5), True),
+    (RES, res(mem_free_mb=460), False),  # under a twentieth of 1000 MB
+    (RES, res(mem_free_mb=550), True),
+    (RES, res(cpu_total=8.0), True),  # hardware changed (a CPU came online)
+    (RES, res(mem_total_mb=2000), True),
+])
+def test_resources_moved(last, current, moved):
+    assert resources_moved(last, current) is moved
+
+
+def run(schedule: ReportSchedule, steps):
+    """steps: (now, resources, allocs, commits?) -> list of (now, full, [alloc ids]) sent."""
+    sent = []
+    for now, resources, allocs, commits in steps:
+        report = schedule.due(now, resources, allocs)
+        if report is None:
+            continue
+        sent.append((now, report.full, [a["alloc_id"] for a in report.allocs]))
+        if commits:
+            schedule.sent(now, report)
+    return sent
+
+
+SCENARIOS = [
+    ("first check reports everything", None,
+     [(0, RES, [alloc("a"), alloc("b")], True)], [(0, True, ["a", "b"])]),
+    ("no news, no report", None,
+     [(0, RES, [alloc("a")], True), (1, RES, [alloc("a")], True), (2, res(cpu_free=2.9), [alloc("a")], True)],
+     [(0, True, ["a"])]),
+    ("a changed allocation is reported alone", None,
+     [(0, RES, [alloc("a"), alloc("b")], True), (1, RES, [alloc("a"), alloc("b", state="failed")], True),
+      (2, RES, [alloc("a"), alloc("b", state="failed")], True)],
+     [(0, True, ["a", "b"]), (1, False, ["b"])]),
+    ("a new allocation is reported", None,
+     [(0, RES, [], True), (1, RES, [alloc("a", state="starting")], True)], [(0, True, []), (1, False, ["a"])]),
+    ("resources that moved are reported without allocations", None,
+     [(0, RES, [alloc("a")], True), (1, res(mem_free_mb=300), [alloc("a")], True)],
+     [(0, True, ["a"]), (1, False, [])]),
+    ("full resend every period", None,
+     [(0, RES, [alloc("a")], True), (5, RES, [alloc("a")], True), (10, RES, [alloc("a")], True)],
+     [(0, True, ["a"]), (10, True, ["a"])]),
+    ("a report that did not commit is sent again", None,
+     [(0, RES, [alloc("a")], False), (1, RES, [alloc("a")], True), (2, RES, [alloc("a")], True)],
+     [(0, True, ["a"]), (1, True, ["a"])]),
+    ("a non-voter keeps its lease with keep-alives", 0.25,
+     [(0, RES, [], True), (0.1, RES, [], True), (0.25, RES, [], True), (0.3, RES, [], True), (0.5, RES, [], True)],
+     [(0, True, []), (0.25, False, []), (0.5, False, [])]),
+]
+
+
+@pytest.mark.parametrize("keepalive,steps,expected", [s[1:] for s in SCENARIOS], ids=[s[0] for s in SCENARIOS])
+def test_schedule(keepalive, steps, expected):
+    assert run(ReportSchedule(full_period=10.0, keepalive=keepalive), steps) == expected
+
+
+states = st.sampled_from(["starting", "running", "failed"])
+checks = st.lists(st.tuples(
+    st.floats(min_value=0, max_value=3),  # time since the previous check
+    st.dictionaries(st.sampled_from("abc"), st.tuples(states, st.integers(0, 2)), max_size=3),
+    st.floats(min_value=0, max_value=4),  # cpu_free
+    st.booleans(),  # the report commits
+), max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(checks=checks)
+def test_the_site_view_converges_to_the_node(checks):
+    """After any history, one committed report later the last committed view of every
+    allocation equals the node's current one, and then nothing is due until news."""
+    schedule = ReportSchedule(full_period=10.0)
+    site_view: dict[str, tuple] = {}
+    now = 0.0
+    allocs: list[dict] = []
+    resources = RES
+    for dt, current, cpu_free, commits in checks:
+        now += dt
+        allocs = [alloc(k, state=s, restarts=r) for k, (s, r) in sorted(current.items())]
+        resources = res(cpu_free=cpu_free)
+        report = schedule.due(now, resources, allocs)
+        if report is not None and commits:
+            schedule.sent(now, report)
+            for a in report.allocs:
+                site_view[a["alloc_id"]] = (a["state"], a["restarts"])
+    report = schedule.due(now, resources, allocs)
+    if report is not None:
+        schedule.sent(now, report)
+        for a in report.allocs:
+            site_view[a["alloc_id"]] = (a["state"], a["restarts"])
+    assert {a["alloc_id"]: (a["state"], a["restarts"]) for a in allocs}.items() <= site_view.items()
+    assert schedule.due(now, resources, allocs) is None
+
+
+def test_keepalives_and_allocation_reports_leave_unmoved_resources_out():
+    schedule = ReportSchedule(full_period=10.0, keepalive=0.25)
+    first = schedule.due(0, RES, [])
+    assert first is not None and first.resources_moved and first.full
+    schedule.sent(0, first)
+    keepalive = schedule.due(0.3, res(cpu_free=2.9), [])
+    assert keepalive is not None and not keepalive.resources_moved and keepalive.allocs == ()
+    schedule.sent(0.3, keepalive)
+    news = schedule.due(0.4, res(cpu_free=1.0), [alloc("a")])
+    assert news is not None and news.resources_moved and [a["alloc_id"] for a in news.allocs] == ["a"]
