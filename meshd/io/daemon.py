@@ -86,6 +86,10 @@ RESOURCE_SAMPLE_PERIOD = 2.0
 JOIN_DISCOVERY_TIMEOUT = 60.0
 # While joining: look for candidates this often (cheap: a dict read).
 JOIN_POLL = 0.05
+# While joining and nobody is found: ask by mDNS this often, for this long (after that the
+# browser's own backing-off schedule is enough; a site that is not there is not a hurry).
+JOIN_QUERY_PERIOD = 0.25
+JOIN_FAST_QUERY_WINDOW = 5.0
 # Local (non-replicated) events kept for `meshctl events`.
 MAX_LOCAL_EVENTS = 500
 
@@ -99,7 +103,11 @@ class Wakeup:
 
     def __init__(self) -> None:
         self._event = trio.Event()
+        self._generation = 0  # notifies so far
         self._token = trio.lowlevel.current_trio_token()
+
+    def listener(self) -> WakeupListener:
+        return WakeupListener(self)
 
     def notify_threadsafe(self) -> None:
         try:
@@ -108,6 +116,7 @@ class Wakeup:
             pass
 
     def notify(self) -> None:
+        self._generation += 1
         self._event.set()
         self._event = trio.Event()
 
@@ -117,6 +126,26 @@ class Wakeup:
         with trio.move_on_after(timeout):
             await event.wait()
         return event.is_set()
+
+
+class WakeupListener:
+    """One loop's subscription to a Wakeup: a notify that came while the loop was busy
+    (not waiting) is not lost; its next wait returns at once."""
+
+    def __init__(self, wakeup: Wakeup) -> None:
+        self._wakeup = wakeup
+        self._seen = wakeup._generation
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait for a notify not seen yet, or the timeout; True when notified."""
+        wakeup = self._wakeup
+        if wakeup._generation == self._seen:
+            event = wakeup._event
+            with trio.move_on_after(timeout):
+                await event.wait()
+        notified = wakeup._generation != self._seen
+        self._seen = wakeup._generation
+        return notified
 
 
 def default_advertise_ip() -> str:
@@ -171,6 +200,8 @@ class Daemon:
         self._led_term: int | None = None
         self._unplaced_reported: dict[str, str] = {}
         self.state_changed: Wakeup | None = None
+        # pysyncobj takes one membership change at a time; a second one waits out its timeout.
+        self._voter_change = trio.Lock()
         self.reports_changed: Wakeup | None = None
         self.stopping = False
 
@@ -296,13 +327,21 @@ class Daemon:
             token = tokens.parse_token(self.config.join or "")
         except tokens.TokenError as e:
             raise FatalStartupError(f"--join: {e}") from None
-        deadline = time.monotonic() + JOIN_DISCOVERY_TIMEOUT
+        started = time.monotonic()
+        deadline = started + JOIN_DISCOVERY_TIMEOUT
         tried: set[str] = set()
         last_error = "no member of the site found (mDNS or --peer)"
+        last_query = 0.0
         while time.monotonic() < deadline:
             candidates = list(self.config.peers)
             if self.discovery:
-                candidates += [c.address for c in self.discovery.candidates(token.site)]
+                found = [c.address for c in self.discovery.candidates(token.site)]
+                now = time.monotonic()
+                if not found and now - started < JOIN_FAST_QUERY_WINDOW and now - last_query >= JOIN_QUERY_PERIOD:
+                    last_query = now
+                    probed = await trio.to_thread.run_sync(self.discovery.probe)
+                    found = [c.address for c in probed if c.site == token.site]
+                candidates += found
             for address in candidates:
                 try:
                     welcome = await self._join_via(address, token)
@@ -436,6 +475,7 @@ class Daemon:
     async def report_loop(self) -> None:
         """Send a report through Raft whenever the schedule says there is news."""
         assert self.identity is not None and self.reports_changed is not None and self.raft is not None
+        news = self.reports_changed.listener()
         while True:
             status = self.raft.status
             # Non-voters are invisible in Raft's heartbeats; they keep their lease by reporting.
@@ -462,15 +502,16 @@ class Daemon:
                         pass
                     await trio.sleep(REPORT_RETRY_DELAY)
                     continue
-            await self.reports_changed.wait(keepalive or REPORT_CHECK_PERIOD)
+            await news.wait(keepalive or REPORT_CHECK_PERIOD)
 
     async def leader_loop(self) -> None:
         """Leader duties, woken by state changes, role changes and the next lease deadline."""
         assert self.state_changed is not None
         last_reconcile = 0.0
         wait = 0.0  # look at once: a founder became leader before this loop started
+        changes = self.state_changed.listener()
         while True:
-            notified = await self.state_changed.wait(wait)
+            notified = await changes.wait(wait)
             wait = FOLLOWER_PERIOD
             if self.raft is None or self.raft.status.role != "leader":
                 self._led_term = None
@@ -561,6 +602,13 @@ class Daemon:
     async def _sync_voters(self, state: SiteState) -> None:
         """Make the Raft configuration hold every admitted voter (one change at a time)."""
         assert self.raft is not None
+        if self._voter_change.locked():
+            return  # another task is changing it (a join); the next leader round looks again
+        async with self._voter_change:
+            await self._add_missing_voter(state)
+
+    async def _add_missing_voter(self, state: SiteState) -> None:
+        assert self.raft is not None
         status = self.raft.status
         own = f"{self.advertise_ip}:{self.raft_port}"
         configured = set(status.partners) | {own}
@@ -576,6 +624,7 @@ class Daemon:
     async def supervise_loop(self) -> None:
         assert self.state_changed is not None and self.identity is not None and self.supervisor is not None
         last: tuple | None = None
+        changes = self.state_changed.listener()
         while True:
             state = self.snapshot()
             desired = []
@@ -593,7 +642,7 @@ class Daemon:
                 self.supervisor.set_desired(desired)
                 last = key
             self._save_partners(state)
-            await self.state_changed.wait(SUPERVISE_SAFETY_PERIOD)
+            await changes.wait(SUPERVISE_SAFETY_PERIOD)
 
     def _save_partners(self, state: SiteState) -> None:
         """Remember the voters' Raft addresses, so a restart finds the site without mDNS."""
@@ -650,7 +699,8 @@ class Daemon:
             assert self.membership is not None
             if self.discovery:
                 self.discovery.update_site(self.membership.site)
-                self.discovery.announce()
+                # zeroconf's announce waits for its own packets to go out; never on this loop.
+                nursery.start_soon(trio.to_thread.run_sync, self.discovery.announce)
             nursery.start_soon(self.report_loop)
             nursery.start_soon(self.leader_loop)
             nursery.start_soon(self.supervise_loop)

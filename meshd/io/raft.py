@@ -78,6 +78,7 @@ class SiteRaft(SyncObj):
         self._on_applied = on_applied
         self._on_role_change = on_role_change
         self._status_cache: RaftStatus | None = None
+        self._connected_before: frozenset = frozenset()
         self._persist_commit_index = False
         super().__init__(self_address, partners, conf)
         self._write_commit_index_only_when_it_moves()
@@ -132,6 +133,12 @@ class SiteRaft(SyncObj):
             role = "follower" if leader is not None else "candidate"
         contacts: tuple[tuple[str, float], ...] = ()
         if role == "leader":
+            connected = frozenset(self._SyncObj__connectedNodes)
+            if connected - self._connected_before:
+                # A member just connected (a joiner, a restarted node): send it the leader's
+                # heartbeat now, so it learns who leads without waiting for the next period.
+                self._SyncObj__newAppendEntriesTime = 0
+            self._connected_before = connected
             raft_now, now = raft_clock(), time.monotonic()
             contacts = tuple((node.address, now - (raft_now - heard))
                              for node, heard in self._SyncObj__lastResponseTime.items()
@@ -186,9 +193,11 @@ def make_conf(*, data_dir: Path, password: str, bind_address: str, min_timeout: 
         # sockets, a rebooted host answers with a reset, and liveness comes from the Raft
         # heartbeat answers, not from this.
         connectionTimeout=float("inf"),
-        # Reconnect quickly to a restarted or newly added member (default 5 s is too slow
-        # for a join to finish within a second).
-        connectionRetryTime=0.25,
+        # Reconnect quickly to a restarted or newly added member: a joiner binds its Raft
+        # port a moment after the leader first tries it, and the default 5 s (or even 0.25 s)
+        # is most of a one-second join. An attempt is one non-blocking connect per absent
+        # member: cheap at this rate.
+        connectionRetryTime=0.1,
         bindAddress=bind_address,
         commandsWaitLeader=False,  # fail fast without a leader; callers decide to retry
         logCompactionMinEntries=20_000,  # reports and plans add up; compact in big steps
@@ -215,12 +224,20 @@ class RaftNode:
         same slots and start elections together (a split vote: one more election). Waking
         exactly at our own election deadline keeps the randomised timeouts apart."""
         wait = self._tick
+        raft = self.raft
+        if raft._isLeader() and not raft.otherNodes:
+            queued = len(raft._SyncObj__commandsQueue._FastQueue__queue)
+            if queued or raft._SyncObj__getCurrentLogIndex() > raft.raftCommitIndex:
+                # A lone voter appends a command at the end of one tick and commits it in
+                # the next; no answer from anybody will cut that tick's wait short.
+                return 0.0
         if not self.raft._isLeader():
             until_election = self.raft._SyncObj__raftElectionDeadline - raft_clock()
             wait = min(wait, max(until_election, 0.0) + ELECTION_WAKE_SLACK)
         return wait
 
     def _run(self) -> None:
+        self.raft.refresh_status()  # readers see a real status before the first tick's wait
         while not self._stopping.is_set():
             try:
                 self.raft.doTick(self._tick_wait())
