@@ -69,6 +69,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
+    from meshd.io.memory import limit_malloc_arenas
+
+    limit_malloc_arenas()  # before any thread starts
     import trio
 
     from meshd.io.daemon import Daemon, FatalStartupError, setup_logging

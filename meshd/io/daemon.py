@@ -46,6 +46,7 @@ from meshd.config import NodeConfig
 from meshd.io import peer
 from meshd.io.identity import (Identity, Membership, load_or_create_identity, load_ports, save_ports)
 from meshd.io.mdns import Discovery
+from meshd.io.memory import trim_heap
 from meshd.io.raft import CommandFailed, RaftNode, make_conf
 from meshd.io.supervisor import DesiredAlloc, Supervisor
 from meshd.liveness import LivenessTracker
@@ -90,6 +91,10 @@ JOIN_POLL = 0.05
 # browser's own backing-off schedule is enough; a site that is not there is not a hurry).
 JOIN_QUERY_PERIOD = 0.25
 JOIN_FAST_QUERY_WINDOW = 5.0
+# Returning freed heap to the kernel: once start-up settled (joins, first reports), then on
+# this period (a trim walks the heap: cheap, but not free).
+HEAP_TRIM_FIRST = 5.0
+HEAP_TRIM_PERIOD = 300.0
 # Local (non-replicated) events kept for `meshctl events`.
 MAX_LOCAL_EVENTS = 500
 
@@ -707,8 +712,16 @@ class Daemon:
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
             sd_notify("READY=1")
             log.info("ready", extra={"site": self.membership.site, "voter": self.membership.voter})
+            nursery.start_soon(self._trim_heap_loop)
         # cancelled by a signal
         await self._shutdown()
+
+    async def _trim_heap_loop(self) -> None:
+        """Give start-up's freed memory back soon after start, then now and then."""
+        await trio.sleep(HEAP_TRIM_FIRST)
+        while True:
+            trim_heap()
+            await trio.sleep(HEAP_TRIM_PERIOD)
 
     async def _serve_peers(self, listeners) -> None:
         limiter = trio.CapacityLimiter(peer.MAX_PEER_CONNECTIONS)

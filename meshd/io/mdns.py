@@ -42,6 +42,8 @@ def _txt_properties(text: bytes) -> dict[str, str]:
     i = 0
     while i < len(text):
         n = text[i]
+        if i + 1 + n > len(text):
+            break  # a length that runs past the record: the rest is not trustworthy
         entry = text[i + 1:i + 1 + n]
         i += 1 + n
         key, sep, value = entry.partition(b"=")

@@ -21,6 +21,7 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +38,16 @@ TARGETS = {  # metric -> (target, unit); lower is better for all
     "leader_failover_s": (1.5, "s"),
     "idle_rss_mb": (45.0, "MB"),
     "idle_cpu_pct": (1.0, "% of a core"),
+    # Context for the RSS figure, no target: memory private to one daemon (USS; RSS also
+    # counts shared library pages), and the baseline of the same run: a bare interpreter
+    # that only imports meshd's required libraries and does nothing.
+    "idle_uss_mb": (None, "MB"),
+    "deps_only_rss_mb": (None, "MB"),
 }
+
+# What `pip install meshd` requires at run time; importing them is the floor of any daemon.
+REQUIRED_LIBRARIES = ("trio", "cryptography.hazmat.primitives.asymmetric.ed25519", "cryptography.fernet",
+                      "pysyncobj", "zeroconf", "psutil")
 
 IDLE_WINDOW_S = 10.0  # long enough to cover many heartbeat and Raft periods
 POLL_S = 0.02  # status polling interval while timing; small next to the targets
@@ -61,7 +71,14 @@ def measure_join(site: LocalSite) -> float:
     return time.monotonic() - t0
 
 
-def measure_idle(site: LocalSite) -> tuple[list[float], list[float]]:
+def measure_dependency_floor() -> float:
+    code = ("import " + ", ".join(REQUIRED_LIBRARIES) + "\nimport psutil\n"
+            "print(psutil.Process().memory_info().rss)")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    return int(out) / 1e6
+
+
+def measure_idle(site: LocalSite) -> tuple[list[float], list[float], list[float]]:
     procs = [psutil.Process(n.proc.pid) for n in site.nodes if n.alive]
     time.sleep(2.0)  # let start-up work (joins, first heartbeats) settle
     before = [p.cpu_times() for p in procs]
@@ -69,7 +86,8 @@ def measure_idle(site: LocalSite) -> tuple[list[float], list[float]]:
     after = [p.cpu_times() for p in procs]
     cpu = [100.0 * ((a.user + a.system) - (b.user + b.system)) / IDLE_WINDOW_S for a, b in zip(after, before)]
     rss = [p.memory_info().rss / 1e6 for p in procs]
-    return rss, cpu
+    uss = [p.memory_full_info().uss / 1e6 for p in procs]
+    return rss, cpu, uss
 
 
 def measure_deploy(site: LocalSite, name: str) -> float:
@@ -119,9 +137,11 @@ def one_run(root: Path, index: int, samples: dict[str, list[float]]) -> None:
         site.found()
         samples["join_s"].append(measure_join(site))
         samples["join_s"].append(measure_join(site))
-        rss, cpu = measure_idle(site)
+        rss, cpu, uss = measure_idle(site)
         samples["idle_rss_mb"].extend(rss)
         samples["idle_cpu_pct"].extend(cpu)
+        samples["idle_uss_mb"].extend(uss)
+        samples["deps_only_rss_mb"].append(measure_dependency_floor())
         samples["deploy_10_s"].append(measure_deploy(site, "bench"))
         victim = measure_node_failover(site, "bench", samples)
         # bring the victim back (same data dir), so the leader failover starts from three voters
@@ -143,7 +163,8 @@ def summarize(samples: dict[str, list[float]]) -> list[dict]:
             continue
         median = statistics.median(values)
         rows.append({"metric": metric, "unit": unit, "n": len(values), "median": median, "min": min(values),
-                     "max": max(values), "target": target, "meets_target": median <= target})
+                     "max": max(values), "target": target,
+                     "meets_target": None if target is None else median <= target})
     return rows
 
 
@@ -152,8 +173,10 @@ def print_table(rows: list[dict]) -> None:
     print(header)
     print("-" * len(header))
     for r in rows:
+        target = "-" if r["target"] is None else f"{r['target']:.2f}"
+        ok = "-" if r["meets_target"] is None else ("yes" if r["meets_target"] else "NO")
         print(f"{r['metric']:<20} {r['n']:>3} {r['median']:>9.3f} {r['min']:>9.3f} {r['max']:>9.3f} "
-              f"{r['target']:>8.2f}  {r['unit']:<12}  {'yes' if r['meets_target'] else 'NO'}")
+              f"{target:>8}  {r['unit']:<12}  {ok}")
 
 
 def main(argv: list[str] | None = None) -> int:
