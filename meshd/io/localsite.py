@@ -128,6 +128,7 @@ class LocalSite:
         node = self.add_node()
         node.start()
         wait_for(lambda: (node.try_call("status") or {}).get("role") == "leader", timeout, what=f"{node.name} to lead")
+        self.wait_ready(node, timeout)  # its own first report committed: the site is settled
         return node
 
     def token(self, via: LocalNode | None = None, ttl: int | None = None) -> str:
