@@ -38,7 +38,7 @@ LABEL_KEY_RULE = (
     "starting and ending with a letter or digit"
 )
 MAX_LABEL_VALUE_CHARS = 253  # room for a DNS name as a value; labels are shown in tables
-MAX_LABELS = 64  # labels travel in every node record and heartbeat; keep them few
+MAX_LABELS = 64  # labels travel in every node record; keep them few
 
 # Environment variable names as POSIX shells accept them.
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

@@ -18,7 +18,7 @@ from typing import Mapping
 # --- node states -------------------------------------------------------------------
 # `liveness` is decided by the leader from heartbeats; `admin` by operators. The state the
 # CLI shows combines them (see NodeRecord.state).
-LIVENESS_JOINING = "joining"  # admitted, no heartbeat seen yet
+LIVENESS_JOINING = "joining"  # admitted, its first report not seen yet
 LIVENESS_READY = "ready"
 LIVENESS_DOWN = "down"
 

@@ -1,0 +1,83 @@
+"""The verifier: one pure decision on one piece of evidence (RATS RFC 9334: the verifier
+appraises the attester's evidence against reference values and policy; the relying party,
+the site leader's admission, acts on the verdict).
+
+Checks, in order, each failure a reason the operator sees:
+1. the evidence is signed by the key of the node it names (forged or tampered: refused);
+2. its nonce is the one this verifier issued to this node (replayed evidence, another
+   node's nonce), and that challenge is still fresh (stale nonce);
+3. its own time is plausible (not older than the policy allows, not from the future);
+4. the node is not revoked;
+5. the software: a version at least the policy minimum, and a package digest the policy
+   lists for that version;
+6. TPM: a site whose policy requires TPM-backed evidence refuses software-only evidence.
+
+Invariants:
+- Pure: no I/O; `now` is passed in (seconds since the epoch, the verifier's clock).
+- `verify` never raises on bad evidence; it returns a Verdict with `ok=False` and reasons.
+- A verdict is `ok` only when every check passed; it lists every failed check it reached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from attestation.evidence import EVIDENCE_KIND, MEASURED_PACKAGE, Claims, parse_claims
+from attestation.policy import MAX_CLOCK_SKEW, Policy, allows_version
+from attestation.revocation import RevocationList
+from attestation.signed import AttestationError, open_document
+
+# A challenge is answered within seconds (a round trip and a measurement); a minute covers a
+# slow board hashing its package files, and is short enough that a nonce is worthless later.
+NONCE_TTL = 60.0
+
+
+@dataclass(frozen=True)
+class Challenge:
+    nonce: str  # hex, single use
+    node_id: str  # the node it was issued to
+    issued_at: float  # verifier's clock
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    reasons: tuple[str, ...]
+    claims: Claims | None = None
+    tpm_backed: bool = False
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.reasons) if self.reasons else "evidence verified"
+
+
+def verify(evidence: object, challenge: Challenge, node_public_key: bytes, policy: Policy, site: str, now: float,
+           revocations: RevocationList | None = None) -> Verdict:
+    try:
+        body = open_document(evidence, EVIDENCE_KIND, node_public_key)
+        claims = parse_claims(body)
+    except AttestationError as e:
+        return Verdict(False, (str(e),))
+    reasons: list[str] = []
+    if claims.node_id != challenge.node_id:
+        reasons.append(f"evidence is about node {claims.node_id}, the challenge was for {challenge.node_id}")
+    if claims.nonce != challenge.nonce:
+        reasons.append("evidence answers another challenge (replayed, or another node's nonce)")
+    if now - challenge.issued_at > NONCE_TTL:
+        reasons.append(f"challenge expired {now - challenge.issued_at - NONCE_TTL:.0f}s ago (stale nonce)")
+    if claims.issued_at > now + MAX_CLOCK_SKEW:
+        reasons.append(f"evidence is dated {claims.issued_at - now:.0f}s in the future")
+    elif now - claims.issued_at > policy.evidence_max_age + MAX_CLOCK_SKEW:
+        reasons.append(f"evidence is {now - claims.issued_at:.0f}s old (policy allows {policy.evidence_max_age:g}s)")
+    if revocations is not None and revocations.is_revoked(claims.node_id):
+        entry = revocations.entries[claims.node_id]
+        reasons.append(f"node {claims.node_id} is revoked ({entry.reason or 'no reason given'}, by {entry.by})")
+    if not allows_version(policy, claims.version):
+        reasons.append(f"meshd {claims.version} is older than the policy minimum {policy.min_version}")
+    allowed = policy.allowed_digests.get(claims.version, frozenset())
+    if claims.measurements[MEASURED_PACKAGE] not in allowed:
+        reasons.append(f"meshd {claims.version} package digest {claims.measurements[MEASURED_PACKAGE][:16]}... "
+                       "is not a reference value of the policy (modified or unknown software)")
+    if site in policy.tpm_required_sites:
+        reasons.append(f"site {site} requires TPM-backed evidence; this evidence is software-only (self-reported)")
+    return Verdict(not reasons, tuple(reasons), claims, tpm_backed=False)
