@@ -1,8 +1,10 @@
 """Who may become a member: the one admission decision of the join path (pure).
 
 A member of the site (the verifier) hands a joiner a fresh challenge; the joiner answers with
-a join request. `decide()` turns (site state, challenge, request, now) into a verdict with
-reasons. The site then commits the admission through Raft, where the token is re-checked
+a join request carrying its evidence (attestation.evidence, bound to the challenge's nonce).
+`decide()` turns (site state, challenge, request, now) into a verdict with reasons: the token,
+the node key, and the evidence appraised by attestation.verifier against the site's policy
+and revocation list (both signed by the mesh root). The site then commits the admission through Raft, where the token is re-checked
 and consumed atomically (see meshd.sitestate), so two members cannot admit on one token.
 
 Invariants:
@@ -15,6 +17,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from attestation.policy import open_policy
+from attestation.revocation import open_revocations
+from attestation.signed import AttestationError
+from attestation.verifier import Challenge as EvidenceChallenge
+from attestation.verifier import verify as verify_evidence
 from meshd import tokens
 from meshd.sitestate import check_token
 from meshd.state import ADMIN_REVOKED, SiteState
@@ -41,6 +48,7 @@ class JoinRequest:
     joiner_eph: bytes
     proof: str  # HMAC of the transcript with the token secret
     signature: str  # Ed25519 signature of the transcript with the node key
+    evidence: object = None  # signed evidence whose nonce is the challenge's nonce
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,24 @@ class Verdict:
 def transcript_for(challenge: Challenge, request: JoinRequest) -> bytes:
     return tokens.join_transcript(challenge.nonce, request.joiner_eph, challenge.member_eph, request.token_id,
                                   request.node)
+
+
+def _appraise(state: SiteState, challenge: Challenge, request: JoinRequest, node_id: str, public_key: bytes,
+              now: float) -> list[str]:
+    """The attestation part of the decision: reasons, empty when the evidence verifies."""
+    if not state.trust_root:
+        return ["this site has no trust root to appraise evidence with"]
+    if request.evidence is None:
+        return ["attestation: the join request carries no evidence"]
+    try:
+        root = bytes.fromhex(state.trust_root)
+        policy = open_policy(state.policy, root)
+        revocations = open_revocations(state.revocations, root)
+    except (ValueError, AttestationError) as e:
+        return [f"attestation: the site's trust documents do not verify ({e})"]
+    verdict = verify_evidence(request.evidence, EvidenceChallenge(challenge.nonce.hex(), node_id, challenge.issued_at),
+                              public_key, policy, state.site, now, revocations)
+    return [f"attestation: {r}" for r in verdict.reasons]
 
 
 def decide(state: SiteState, challenge: Challenge, request: JoinRequest, now: float) -> Verdict:
@@ -78,6 +104,7 @@ def decide(state: SiteState, challenge: Challenge, request: JoinRequest, now: fl
         reasons.append("node was revoked and may never be admitted again")
     if node.get("site") != state.site:
         reasons.append(f"node asks for site {node.get('site')!r}, this is site {state.site!r}")
+    reasons.extend(_appraise(state, challenge, request, claimed_id, public_key, now))
     token_problem = check_token(state, request.token_id, claimed_id, now)
     if token_problem:
         reasons.append(token_problem)

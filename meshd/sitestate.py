@@ -22,6 +22,10 @@ import dataclasses
 from dataclasses import replace
 from typing import Any, Callable
 
+from attestation.policy import newer as policy_is_newer
+from attestation.policy import open_policy
+from attestation.revocation import open_revocations
+from attestation.signed import AttestationError
 from meshd import spec as specmod
 from meshd.placement.plan import Placement, Plan, recheck_plan
 from meshd.state import (
@@ -205,12 +209,54 @@ def _bootstrap(state: SiteState, cmd: dict, ts: float) -> dict:
         raise CommandRefused(f"site {state.site!r} is already founded")
     if node.site != site:
         raise CommandRefused(f"founder belongs to site {node.site!r}, not {site!r}")
+    trust = _trust_from_plain(cmd.get("trust"), mesh_id) if "trust" in cmd else None
     state.site = site
     state.mesh_id = mesh_id
+    if trust is not None:
+        state.trust_root, state.root_cert, state.policy, state.revocations = trust
     state.nodes[node.node_id] = replace(node, voter=True, joined_at=ts, state_changed_at=ts, reason="founded the site")
     _event(state, ts, "membership", f"{node.name} founded site {site}", node=node.name, node_id=node.node_id)
     _audit(state, ts, _actor(cmd) or node.name, "found-site", site)
     return ok(node_id=node.node_id, voter=True)
+
+
+def _trust_from_plain(raw: Any, mesh_id: str) -> tuple[str, str, dict, dict]:
+    """The mesh trust root a founder brings: every document must open with the root key."""
+    if not isinstance(raw, dict):
+        raise CommandRefused("trust must be a mapping")
+    root, cert = raw.get("root"), raw.get("root_cert")
+    if not isinstance(root, str) or len(root) != 64 or not isinstance(cert, str) or len(cert) > 8192:
+        raise CommandRefused("trust needs the root public key (64 hex digits) and its certificate")
+    try:
+        root_key = bytes.fromhex(root)
+        policy = open_policy(raw.get("policy"), root_key)
+        revocations = open_revocations(raw.get("revocations"), root_key)
+    except (ValueError, AttestationError) as e:
+        raise CommandRefused(f"trust: {e}") from None
+    if policy.mesh_id != mesh_id or revocations.mesh_id != mesh_id:
+        raise CommandRefused("trust documents belong to another mesh")
+    return root, cert, raw["policy"], raw["revocations"]
+
+
+def _set_policy(state: SiteState, cmd: dict, ts: float) -> dict:
+    """A new policy bundle signed by the mesh root; only a higher serial replaces the current."""
+    if not state.trust_root:
+        raise CommandRefused("this site has no trust root")
+    root_key = bytes.fromhex(state.trust_root)
+    try:
+        candidate = open_policy(cmd.get("policy"), root_key)
+        current = open_policy(state.policy, root_key) if state.policy else None
+    except AttestationError as e:
+        raise CommandRefused(str(e)) from None
+    if not policy_is_newer(candidate, current):
+        raise CommandRefused(f"policy serial {candidate.serial} is not newer than {current.serial if current else 0} "
+                             "for this mesh")
+    state.policy = cmd["policy"]
+    actor = _actor(cmd)
+    _event(state, ts, "attestation", f"policy {candidate.serial} in force (minimum meshd {candidate.min_version})",
+           serial=candidate.serial)
+    _audit(state, ts, actor, "policy-update", str(candidate.serial))
+    return ok(serial=candidate.serial)
 
 
 def _create_token(state: SiteState, cmd: dict, ts: float) -> dict:
@@ -502,6 +548,7 @@ def _set_drain(draining: bool) -> Callable[[SiteState, dict, float], dict]:
 
 HANDLERS: dict[str, Callable[[SiteState, dict, float], dict]] = {
     "bootstrap": _bootstrap,
+    "set_policy": _set_policy,
     "create_token": _create_token,
     "admit_node": _admit_node,
     "heartbeat": _heartbeat,

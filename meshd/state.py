@@ -212,6 +212,12 @@ class SiteState:
     applied_requests: dict[str, dict] = field(default_factory=dict)
     applied_order: list[str] = field(default_factory=list)
     last_ts: float = 0.0  # highest command timestamp applied
+    # The mesh trust root (attestation): the root's raw Ed25519 public key (hex), its CA
+    # certificate (PEM), the signed policy bundle and the signed revocation list in force.
+    trust_root: str = ""
+    root_cert: str = ""
+    policy: dict = field(default_factory=dict)
+    revocations: dict = field(default_factory=dict)
 
     # --- read helpers used by placement, reconcile and the admin layer ---------------
     def node_by_ref(self, ref: str) -> NodeRecord | None:

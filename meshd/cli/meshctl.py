@@ -179,6 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--site", metavar="S", help="site the token admits to (default: this one)")
     sub.add_argument("--ttl", metavar="SECONDS", type=_positive_int, help="lifetime in seconds")
 
+    policy = commands.add_parser("policy", help="attestation reference values",
+                                 description="attestation reference values: which meshd software may join")
+    policy_commands = policy.add_subparsers(dest="policy_command", metavar="ACTION", required=True)
+    command("show", "the policy in force, and this node's own measurement", _build_policy_show, _generic_show,
+            parent=policy_commands)
+    sub = command("allow", "allow a meshd version and package digest (before upgrading nodes to it)",
+                  _build_policy_allow, _show_object, parent=policy_commands)
+    sub.add_argument("--version", metavar="V", help="meshd version (default: this node's)")
+    sub.add_argument("--digest", metavar="SHA256", help="package digest, as `policy show` prints it on a node "
+                     "running that version (default: this node's)")
+
     sub = command("deploy", "submit or update an app (TOML)", _build_deploy, _show_deploy)
     sub.add_argument("file", metavar="FILE", help="app spec; - reads stdin")
     sub.add_argument("--wait", action="store_true", help="show progress until all replicas run")
@@ -235,6 +246,18 @@ def _build_sites(opts: argparse.Namespace) -> Request:
 
 def _build_token_create(opts: argparse.Namespace) -> Request:
     return Request("token_create", {"site": opts.site, "ttl": opts.ttl})
+
+
+def _build_policy_show(opts: argparse.Namespace) -> Request:
+    return Request("policy", {})
+
+
+def _build_policy_allow(opts: argparse.Namespace) -> Request:
+    return Request("policy_allow", {"version": opts.version, "digest": opts.digest})
+
+
+def _generic_show(result: Any, opts: argparse.Namespace) -> str:
+    return _generic(result)
 
 
 def _read_text(path: str) -> str:

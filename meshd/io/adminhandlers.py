@@ -13,17 +13,24 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import pwd
 import secrets
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from attestation.evidence import HEX_DIGEST, VERSION
+from attestation.policy import Policy, open_policy, sign_policy
+from attestation.signed import AttestationError
+from meshd import __version__
 from meshd import spec as specmod
 from meshd import tokens
 from meshd.io import peer
 from meshd.io.admin import AdminError, AdminRequest
+from meshd.io.attester import package_digest
 from meshd.io.logfiles import follow, read_tail
 from meshd.io.raft import CommandFailed
 from meshd.placement.plan import make_plan
@@ -124,7 +131,7 @@ class AdminHandlers:
             "status": self.status, "nodes": self.nodes, "sites": self.sites, "token_create": self.token_create,
             "deploy": self.deploy, "plan": self.plan, "apps": self.apps, "allocs": self.allocs, "stop": self.stop,
             "drain": self.drain, "undrain": self.undrain, "revoke": self.revoke, "logs": self.logs,
-            "events": self.events, "audit": self.audit,
+            "events": self.events, "audit": self.audit, "policy": self.policy, "policy_allow": self.policy_allow,
         }
 
     async def __call__(self, request: AdminRequest, stream) -> Any:
@@ -360,6 +367,45 @@ class AdminHandlers:
                           expires_at=expires_at)
         return {"token": tokens.format_token(site, token_id, secret), "site": site, "expires_at": expires_at,
                 "token_id": token_id}
+
+    def _policy(self, state: SiteState) -> Policy:
+        if not state.trust_root or not state.policy:
+            raise AdminError("this site has no attestation policy")
+        try:
+            return open_policy(state.policy, bytes.fromhex(state.trust_root))
+        except AttestationError as e:
+            raise AdminError(f"the site's policy does not verify: {e}") from None
+
+    async def policy(self, request: AdminRequest, stream) -> dict:
+        """The reference values in force, and this node's own measurement to compare."""
+        self._require_member()
+        policy = self._policy(self._state())
+        return {"serial": policy.serial, "min_version": policy.min_version,
+                "allowed": {v: sorted(d) for v, d in sorted(policy.allowed_digests.items())},
+                "tpm_required_sites": sorted(policy.tpm_required_sites),
+                "evidence_max_age": policy.evidence_max_age,
+                "this_node": {"version": __version__, "digest": package_digest()}}
+
+    async def policy_allow(self, request: AdminRequest, stream) -> dict:
+        """Add a reference value (a meshd version and its package digest): for upgrades."""
+        self._require_member()
+        d = self.daemon
+        version = _arg(request.args, "version", str) or __version__
+        digest = _arg(request.args, "digest", str) or package_digest()
+        if not VERSION.match(version):
+            raise AdminError(f"version must look like 1.2.3, got {version[:40]!r}")
+        if not HEX_DIGEST.match(digest):
+            raise AdminError("digest must be a sha256 hex digest (64 lowercase hex digits)")
+        if not d.membership.root_key:
+            raise AdminError("only a voter holds the mesh root key; run this on a voter")
+        current = self._policy(self._state())
+        allowed = dict(current.allowed_digests)
+        allowed[version] = allowed.get(version, frozenset()) | {digest}
+        updated = dataclasses.replace(current, serial=current.serial + 1, allowed_digests=allowed,
+                                      issued_at=time.time())
+        root_key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(d.membership.root_key))
+        result = await self._write(request, "set_policy", policy=sign_policy(root_key, updated))
+        return {"serial": result["serial"], "version": version, "digest": digest, "allowed": True}
 
     async def revoke(self, request: AdminRequest, stream) -> dict:
         raise AdminError("revoke needs attested membership certificates, which this version does not have; "

@@ -40,11 +40,20 @@ from typing import Any
 
 import psutil
 import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from attestation.certs import cert_from_pem, cert_to_pem, issue_member_cert, make_root
+from attestation.policy import Policy, sign_policy
+from attestation.revocation import RevocationList, sign_revocations
 
 from meshd import __version__, admission, tokens
 from meshd.config import NodeConfig
 from meshd.io import peer
-from meshd.io.identity import (Identity, Membership, load_or_create_identity, load_ports, save_ports)
+from meshd.io.attester import package_digest, software_evidence
+from meshd.io.identity import (Identity, Membership, load_or_create_identity, load_ports, save_certificates,
+                               save_ports)
 from meshd.io.mdns import Discovery
 from meshd.io.memory import trim_heap
 from meshd.io.raft import CommandFailed, RaftNode, make_conf
@@ -103,6 +112,19 @@ class FatalStartupError(Exception):
     """The daemon cannot start (e.g. a refused join); the message is shown to the operator."""
 
 
+# Refusals another try may cure: the site was busy, or this member could not act for it.
+RETRYABLE_REFUSALS = ("site could not commit", "this member cannot issue", "this node is not a member")
+
+
+class JoinRefused(peer.PeerError):
+    """A member decided against this join. Every member decides from the same replicated
+    state, so asking another one only helps when the reason was about that member."""
+
+    @property
+    def retryable(self) -> bool:
+        return str(self).startswith(RETRYABLE_REFUSALS)
+
+
 class Wakeup:
     """Wake several trio waiters when the replicated state changes (thread-safe notify)."""
 
@@ -151,6 +173,15 @@ class WakeupListener:
         notified = wakeup._generation != self._seen
         self._seen = wakeup._generation
         return notified
+
+
+def raw_public_key(key: Ed25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def raw_private_key(key: Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                             serialization.NoEncryption())
 
 
 def default_advertise_ip() -> str:
@@ -314,14 +345,29 @@ class Daemon:
                              tick=self.config.heartbeat_interval)
 
     async def _found_site(self) -> None:
-        """No data, no token: this node founds a new mesh and its site."""
-        self.membership = Membership(site=self.config.site, mesh_id=uuid.uuid4().hex,
+        """No data, no token: this node founds a new mesh (and its trust root) and its site."""
+        assert self.identity is not None
+        mesh_id = uuid.uuid4().hex
+        root_key = Ed25519PrivateKey.generate()
+        now = time.time()
+        root_cert = make_root(root_key, mesh_id, now)
+        # The founder's own software is the first reference value; `meshctl policy` adds more.
+        policy = Policy(mesh_id=mesh_id, serial=1, min_version=__version__,
+                        allowed_digests={__version__: frozenset({package_digest()})}, issued_at=now)
+        trust = {"root": raw_public_key(root_key).hex(), "root_cert": cert_to_pem(root_cert),
+                 "policy": sign_policy(root_key, policy),
+                 "revocations": sign_revocations(root_key, RevocationList(mesh_id, 0))}
+        self.membership = Membership(site=self.config.site, mesh_id=mesh_id,
                                      site_secret=secrets.token_hex(32), voter=True,
-                                     peer_port=self.peer_port, raft_port=self.raft_port, partners=[])
+                                     peer_port=self.peer_port, raft_port=self.raft_port, partners=[],
+                                     root_key=raw_private_key(root_key).hex())
         self.membership.save(self.data_dir)
+        own_cert = issue_member_cert(root_key, root_cert, self.identity.public_key, mesh_id, self.config.site,
+                                     self.identity.node_id, now, serial=x509.random_serial_number())
+        save_certificates(self.data_dir, cert_to_pem(own_cert), cert_to_pem(root_cert))
         self._start_raft()
         command = self.new_command("bootstrap", site=self.config.site, mesh_id=self.membership.mesh_id,
-                                   node=self.node_plain(), actor=self.config.name)
+                                   node=self.node_plain(), actor=self.config.name, trust=trust)
         result = await self.commit(command, retry_until=time.monotonic() + 30)
         if not result.get("ok"):
             raise FatalStartupError(f"could not found site: {result.get('error')}")
@@ -352,7 +398,7 @@ class Daemon:
                     welcome = await self._join_via(address, token)
                 except peer.PeerError as e:
                     last_error = str(e)
-                    if "token" in last_error or "revoked" in last_error or "site" in last_error:
+                    if isinstance(e, JoinRefused) and not e.retryable:
                         raise FatalStartupError(f"join refused by {address}: {last_error}") from None
                     if address not in tried:
                         log.info("join attempt failed", extra={"peer": address, "reason": last_error})
@@ -365,8 +411,10 @@ class Daemon:
                 self.membership = Membership(site=token.site, mesh_id=welcome["mesh_id"],
                                              site_secret=welcome["site_secret"], voter=bool(welcome["voter"]),
                                              peer_port=self.peer_port, raft_port=self.raft_port,
-                                             partners=list(welcome["partners"]))
+                                             partners=list(welcome["partners"]),
+                                             root_key=str(welcome.get("root_key", "")))
                 self.membership.save(self.data_dir)
+                save_certificates(self.data_dir, str(welcome["member_cert"]), str(welcome["root_cert"]))
                 self.event("membership", f"joined site {token.site} via {address}", site=token.site,
                            voter=self.membership.voter)
                 self._start_raft()
@@ -391,8 +439,11 @@ class Daemon:
             transcript = tokens.join_transcript(nonce, eph_pub, member_eph, token.token_id, node)
             await conn.send({"type": "join_request", "token_id": token.token_id, "node": node,
                              "joiner_eph": eph_pub.hex(), "proof": tokens.token_proof(token.secret, transcript),
-                             "signature": tokens.sign(self.identity.private_key, transcript)})
+                             "signature": tokens.sign(self.identity.private_key, transcript),
+                             "evidence": software_evidence(self.identity, nonce, self.config)})
             answer = await conn.receive(timeout=15)
+            if answer.get("type") == "refused":
+                raise JoinRefused(str(answer.get("reason") or "join refused"))
             if answer.get("type") != "welcome":
                 raise peer.PeerError(answer.get("reason") or answer.get("error") or "join refused")
             key = tokens.session_key(eph, member_eph, token.secret, transcript)
@@ -423,7 +474,7 @@ class Daemon:
         try:
             request = admission.JoinRequest(token_id=str(msg["token_id"]), node=dict(msg["node"]),
                                             joiner_eph=bytes.fromhex(msg["joiner_eph"]), proof=str(msg["proof"]),
-                                            signature=str(msg["signature"]))
+                                            signature=str(msg["signature"]), evidence=msg.get("evidence"))
         except (KeyError, TypeError, ValueError) as e:
             raise peer.PeerError(f"malformed join_request ({type(e).__name__})") from None
         state = self.snapshot()
@@ -432,6 +483,9 @@ class Daemon:
         if not verdict.admit:
             self.event("membership", f"join of {name} refused: {verdict.reason}", node=name, reason=verdict.reason)
             await conn.send({"type": "refused", "reason": verdict.reason})
+            return
+        if not self.membership.root_key or not state.root_cert:
+            await conn.send({"type": "refused", "reason": "this member cannot issue certificates (no mesh root key)"})
             return
         try:
             result = await self.commit(self.new_command("admit_node", token_id=request.token_id, node=request.node,
@@ -447,8 +501,16 @@ class Daemon:
         state = self.snapshot()
         partners = sorted(n.raft_address for n in state.nodes.values()
                           if n.voter and n.admin not in (ADMIN_LEFT, ADMIN_REVOKED) and n.node_id != request.node["node_id"])
+        root_key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(self.membership.root_key))
+        root_cert = cert_from_pem(state.root_cert)
+        member_cert = issue_member_cert(root_key, root_cert, bytes.fromhex(request.node["public_key"]),
+                                        self.membership.mesh_id, self.membership.site, request.node["node_id"],
+                                        time.time(), serial=x509.random_serial_number())
         welcome = {"mesh_id": self.membership.mesh_id, "site": self.membership.site,
-                   "site_secret": self.membership.site_secret, "voter": result["voter"], "partners": partners}
+                   "site_secret": self.membership.site_secret, "voter": result["voter"], "partners": partners,
+                   "member_cert": cert_to_pem(member_cert), "root_cert": state.root_cert}
+        if result["voter"]:
+            welcome["root_key"] = self.membership.root_key
         transcript = admission.transcript_for(challenge, request)
         key = tokens.session_key(eph, request.joiner_eph, bytes.fromhex(state.tokens[request.token_id].secret),
                                  transcript)

@@ -73,6 +73,9 @@ class Membership:
     peer_port: int
     raft_port: int
     partners: list[str] = field(default_factory=list)  # raft addresses of the other voters
+    # The mesh root's private key (hex, raw Ed25519): voters hold it, since any of them may
+    # lead and the leader issues membership certificates and signs trust documents.
+    root_key: str = ""
 
     @staticmethod
     def path(data_dir: Path) -> Path:
@@ -87,6 +90,15 @@ class Membership:
 
     def save(self, data_dir: Path) -> None:
         write_atomic(self.path(data_dir), json.dumps(asdict(self), indent=2).encode())
+
+
+MEMBER_CERT_FILE = "member.pem"
+ROOT_CERT_FILE = "root.pem"
+
+
+def save_certificates(data_dir: Path, member_pem: str, root_pem: str) -> None:
+    write_atomic(data_dir / MEMBER_CERT_FILE, member_pem.encode())
+    write_atomic(data_dir / ROOT_CERT_FILE, root_pem.encode())
 
 
 def load_ports(data_dir: Path) -> dict:

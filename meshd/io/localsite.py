@@ -32,6 +32,7 @@ class LocalNode:
         self.site = site
         self.extra_args = tuple(extra_args)
         self.env = env
+        self.cwd: str | None = None  # where the process starts (python -m imports from there first)
         self.proc: subprocess.Popen | None = None
         self.socket = str(data_dir / "admin.sock")
         self.log_path = data_dir.parent / f"{name}.log"
@@ -48,7 +49,7 @@ class LocalNode:
         env.update(self.env or {})
         log = open(self.log_path, "ab")
         self.started_at = time.monotonic()
-        self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env)
+        self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env, cwd=self.cwd)
         log.close()
 
     @property

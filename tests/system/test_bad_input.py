@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import pickle
 import socket
 import struct
 import time
+from pathlib import Path
 
 import pytest
 
@@ -150,3 +152,57 @@ def test_reused_and_expired_tokens_are_refused_with_a_clear_error(one):
     assert "token" in forger.log_text()
     names = sorted(n["name"] for n in first.call("nodes", site=None))
     assert names == sorted([first.name, one.nodes[1].name, joined.name])
+
+
+def modified_copy_of_meshd(root: Path) -> Path:
+    """The installed meshd, attestation and crdt packages, copied, with one line changed."""
+    import attestation
+    import crdt
+    import meshd
+    for package in (meshd, attestation, crdt):
+        src = Path(package.__file__).parent
+        shutil.copytree(src, root / src.name, ignore=shutil.ignore_patterns("__pycache__"))
+    state = root / "meshd" / "state.py"
+    state.write_text(state.read_text() + "\n# a local modification\n")
+    return root
+
+
+def test_modified_software_is_refused_and_changes_nothing(one, tmp_path):
+    """Attestation: the joiner holds a valid token and key, but runs software whose digest
+    the site's policy does not list."""
+    leader = one.nodes[0]
+    before = snapshot(leader)
+    token = one.token()
+    tampered = one.add_node()
+    tampered.cwd = str(modified_copy_of_meshd(tmp_path / "sw"))
+    tampered.start(join=token)
+    assert tampered.proc.wait(timeout=30) == 1
+    log = tampered.log_text()
+    assert "attestation: " in log and "not a reference value" in log, log[-2000:]
+    assert snapshot(leader) == before
+    events = [e["message"] for e in leader.call("events")]
+    assert any("refused" in m and "not a reference value" in m for m in events), events[-5:]
+    # the token was not consumed: an honest device can still use it
+    honest = one.add_node()
+    honest.start(join=token)
+    one.wait_ready(honest)
+
+
+def test_allowing_a_new_digest_lets_that_software_join(one, tmp_path):
+    """The upgrade path: an operator adds the new build's digest to the policy first."""
+    from meshd.io.attester import measure_files
+    leader = one.nodes[0]
+    copy = modified_copy_of_meshd(tmp_path / "sw")
+    digest = measure_files([copy / "meshd", copy / "attestation", copy / "crdt"])
+    shown = leader.call("policy")
+    assert digest not in sum(shown["allowed"].values(), [])
+    assert shown["this_node"]["digest"] in shown["allowed"][shown["this_node"]["version"]]
+    result = leader.call("policy_allow", version=shown["this_node"]["version"], digest=digest)
+    assert result["serial"] == shown["serial"] + 1
+    with pytest.raises(AdminError, match="sha256"):
+        leader.call("policy_allow", version="1.0.0", digest="not-a-digest")
+    upgraded = one.add_node()
+    upgraded.cwd = str(copy)
+    upgraded.start(join=one.token())
+    one.wait_ready(upgraded)
+    assert any(e.get("kind") == "attestation" for e in leader.call("events"))

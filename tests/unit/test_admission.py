@@ -12,22 +12,39 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
+from attestation.certs import cert_to_pem, make_root
+from attestation.evidence import make_evidence
+from attestation.policy import sign_policy
+from attestation.revocation import RevocationList, sign_revocations
 from meshd import admission, sitestate, tokens
 from meshd.state import SiteState
 
+from tests.unit.attestation_world import GOOD_DIGEST, Node, policy
+
 NOW = 1_700_000_000.0
 SECRET = bytes(range(32))
+ROOT = Ed25519PrivateKey.generate()
 
 
 def raw(pub) -> bytes:
     return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def site_with_token(expires: float = NOW + 60) -> SiteState:
+def trust(revoked: tuple[str, ...] = (), **policy_changes) -> dict:
+    revocations = RevocationList("m", 0)
+    for node_id in revoked:
+        revocations = revocations.with_revoked(node_id, NOW - 20, "op", "stolen")
+    return {"root": raw(ROOT.public_key()).hex(), "root_cert": cert_to_pem(make_root(ROOT, "m", NOW - 100)),
+            "policy": sign_policy(ROOT, policy(mesh_id="m", **policy_changes)),
+            "revocations": sign_revocations(ROOT, revocations)}
+
+
+def site_with_token(expires: float = NOW + 60, **trust_changes) -> SiteState:
     state = SiteState()
     founder = {"node_id": "f" * 32, "name": "founder", "site": "s1", "address": "198.18.0.1:7700",
                "raft_address": "198.18.0.1:7701", "public_key": "00" * 32, "arch": "x86_64", "labels": {}}
-    assert sitestate.apply(state, {"op": "bootstrap", "ts": NOW - 10, "site": "s1", "mesh_id": "m", "node": founder})["ok"]
+    assert sitestate.apply(state, {"op": "bootstrap", "ts": NOW - 10, "site": "s1", "mesh_id": "m", "node": founder,
+                                   "trust": trust(**trust_changes)})["ok"]
     assert sitestate.apply(state, {"op": "create_token", "ts": NOW - 5, "token_id": "tok", "site": "s1",
                                    "secret": SECRET.hex(), "expires_at": expires})["ok"]
     return state
@@ -42,14 +59,19 @@ def joiner(key: Ed25519PrivateKey | None = None, **overrides):
     return key, node
 
 
-def handshake(node, key, *, secret=SECRET, token_id="tok", challenge=None, sign_with=None):
+def evidence_for(key, nonce: bytes, **claims) -> dict:
+    return make_evidence(key, Node(key).claims(nonce.hex(), issued_at=NOW, **claims))
+
+
+def handshake(node, key, *, secret=SECRET, token_id="tok", challenge=None, sign_with=None, evidence=None):
     challenge = challenge or admission.Challenge(nonce=os.urandom(32), member_eph=raw(X25519PrivateKey.generate().public_key()),
                                                  issued_at=NOW)
     eph = raw(X25519PrivateKey.generate().public_key())
     transcript = tokens.join_transcript(challenge.nonce, eph, challenge.member_eph, token_id, node)
     request = admission.JoinRequest(token_id=token_id, node=node, joiner_eph=eph,
                                     proof=tokens.token_proof(secret, transcript),
-                                    signature=tokens.sign(sign_with or key, transcript))
+                                    signature=tokens.sign(sign_with or key, transcript),
+                                    evidence=evidence if evidence is not None else evidence_for(key, challenge.nonce))
     return challenge, request
 
 
@@ -79,6 +101,59 @@ def test_bad_joins_are_refused_with_reasons(name, mutate, reason):
     verdict = admission.decide(site_with_token(), challenge, request, NOW + 1)
     assert not verdict.admit
     assert reason in verdict.reason, verdict.reason
+
+
+@pytest.mark.parametrize("name, mutate, reason", [
+    ("no evidence", lambda k, c: {}, "not a signed document"),
+    ("evidence for another nonce (replayed)", lambda k, c: evidence_for(k, b"r" * 32), "another challenge"),
+    ("modified software", lambda k, c: evidence_for(k, c.nonce, measurements={
+        "meshd-package": "2" * 64, "config": "3" * 64}), "not a reference value"),
+    ("evidence signed by another key", lambda k, c: evidence_for(Ed25519PrivateKey.generate(), c.nonce),
+     "does not verify"),
+])
+def test_evidence_gates_the_join(name, mutate, reason):
+    key, node = joiner()
+    challenge, request = handshake(node, key)
+    request = dataclasses.replace(request, evidence=mutate(key, challenge))
+    verdict = admission.decide(site_with_token(), challenge, request, NOW + 1)
+    assert not verdict.admit and "attestation: " in verdict.reason and reason in verdict.reason, verdict.reason
+
+
+def test_a_revoked_node_is_refused_by_the_revocation_list():
+    key, node = joiner()
+    challenge, request = handshake(node, key)
+    verdict = admission.decide(site_with_token(revoked=(node["node_id"],)), challenge, request, NOW + 1)
+    assert not verdict.admit and "revoked" in verdict.reason
+
+
+def test_a_site_requiring_tpm_refuses_software_evidence():
+    key, node = joiner()
+    challenge, request = handshake(node, key)
+    verdict = admission.decide(site_with_token(tpm_required_sites=frozenset({"s1"})), challenge, request, NOW + 1)
+    assert not verdict.admit and "software-only" in verdict.reason
+
+
+def test_bootstrap_refuses_trust_documents_not_signed_by_the_root():
+    bad = trust()
+    bad["policy"] = sign_policy(Ed25519PrivateKey.generate(), policy(mesh_id="m"))
+    state = SiteState()
+    founder = {"node_id": "f" * 32, "name": "founder", "site": "s1", "address": "198.18.0.1:7700",
+               "raft_address": "198.18.0.1:7701", "public_key": "00" * 32, "arch": "x86_64", "labels": {}}
+    result = sitestate.apply(state, {"op": "bootstrap", "ts": NOW, "site": "s1", "mesh_id": "m", "node": founder,
+                                     "trust": bad})
+    assert not result["ok"] and "does not verify" in result["error"] and state.site == ""
+
+
+def test_policy_updates_need_the_root_and_a_higher_serial():
+    state = site_with_token()
+    newer_bundle = sign_policy(ROOT, policy(mesh_id="m", serial=4, allowed_digests={
+        "0.2.0": frozenset({GOOD_DIGEST}), "0.3.0": frozenset({"4" * 64})}))
+    assert sitestate.apply(state, {"op": "set_policy", "ts": NOW, "policy": newer_bundle})["ok"]
+    again = sitestate.apply(state, {"op": "set_policy", "ts": NOW, "policy": newer_bundle})
+    assert not again["ok"] and "not newer" in again["error"]
+    forged = sitestate.apply(state, {"op": "set_policy", "ts": NOW, "policy": sign_policy(
+        Ed25519PrivateKey.generate(), policy(mesh_id="m", serial=9))})
+    assert not forged["ok"] and "does not verify" in forged["error"] and state.policy == newer_bundle
 
 
 def test_node_id_must_derive_from_the_key():

@@ -1,0 +1,74 @@
+"""The software attester: measures this node and signs evidence with its node key.
+
+Measurements:
+- meshd-package: SHA-256 over the installed meshd, attestation and crdt package files
+  (relative path and contents of every .py file, in sorted order), so any change to the
+  code that runs changes the digest;
+- config: SHA-256 of the effective configuration (without the one-time join token).
+
+This evidence is self-reported: the key proves which node speaks, not that the files it
+measured are the ones executing. A TPM backend binds the measurement to hardware.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import time
+from pathlib import Path
+
+import attestation
+import crdt
+import meshd
+from attestation.evidence import MEASURED_CONFIG, MEASURED_PACKAGE, Claims, make_evidence
+from meshd import __version__
+from meshd.config import NodeConfig
+from meshd.io.identity import Identity
+from meshd.tokens import canonical
+
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+MEASURED_PACKAGES = (meshd, attestation, crdt)
+
+
+def measure_files(roots: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            if "__pycache__" in path.parts:
+                continue
+            data = path.read_bytes()
+            name = f"{root.name}/{path.relative_to(root).as_posix()}".encode()
+            digest.update(len(name).to_bytes(4, "big") + name + len(data).to_bytes(8, "big") + data)
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def package_digest() -> str:
+    """The digest of the code this process loaded from (measured once per process)."""
+    return measure_files([Path(p.__file__).parent for p in MEASURED_PACKAGES])
+
+
+def config_digest(config: NodeConfig) -> str:
+    plain = dataclasses.asdict(config)
+    plain.pop("join", None)  # a one-time secret, not configuration
+    return hashlib.sha256(canonical(plain)).hexdigest()
+
+
+def boot_id() -> str:
+    try:
+        return Path(BOOT_ID_PATH).read_text().strip()
+    except OSError:  # not Linux: a per-process id still shows restarts
+        return _process_boot_id()
+
+
+@functools.lru_cache(maxsize=1)
+def _process_boot_id() -> str:
+    return hashlib.sha256(f"{time.time_ns()}".encode()).hexdigest()[:32]
+
+
+def software_evidence(identity: Identity, nonce: bytes, config: NodeConfig) -> dict:
+    claims = Claims(nonce=nonce.hex(), node_id=identity.node_id, boot_id=boot_id(), version=__version__,
+                    measurements={MEASURED_PACKAGE: package_digest(), MEASURED_CONFIG: config_digest(config)},
+                    issued_at=time.time())
+    return make_evidence(identity.private_key, claims)
