@@ -40,11 +40,9 @@ from typing import Any
 
 import psutil
 import trio
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from attestation.certs import cert_from_pem, cert_to_pem, issue_member_cert, make_root
 from attestation.policy import Policy, sign_policy
 from attestation.revocation import RevocationList, sign_revocations
 
@@ -350,6 +348,7 @@ class Daemon:
         mesh_id = uuid.uuid4().hex
         root_key = Ed25519PrivateKey.generate()
         now = time.time()
+        from attestation.certs import cert_to_pem, issue_member_cert, make_root, random_serial
         root_cert = make_root(root_key, mesh_id, now)
         # The founder's own software is the first reference value; `meshctl policy` adds more.
         policy = Policy(mesh_id=mesh_id, serial=1, min_version=__version__,
@@ -363,7 +362,7 @@ class Daemon:
                                      root_key=raw_private_key(root_key).hex())
         self.membership.save(self.data_dir)
         own_cert = issue_member_cert(root_key, root_cert, self.identity.public_key, mesh_id, self.config.site,
-                                     self.identity.node_id, now, serial=x509.random_serial_number())
+                                     self.identity.node_id, now, serial=random_serial())
         save_certificates(self.data_dir, cert_to_pem(own_cert), cert_to_pem(root_cert))
         self._start_raft()
         command = self.new_command("bootstrap", site=self.config.site, mesh_id=self.membership.mesh_id,
@@ -502,10 +501,13 @@ class Daemon:
         partners = sorted(n.raft_address for n in state.nodes.values()
                           if n.voter and n.admin not in (ADMIN_LEFT, ADMIN_REVOKED) and n.node_id != request.node["node_id"])
         root_key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(self.membership.root_key))
+        # Only a member admitting someone issues certificates: X.509 is loaded on demand
+        # (about 1.6 MB resident that the other members do not carry).
+        from attestation.certs import cert_from_pem, cert_to_pem, issue_member_cert, random_serial
         root_cert = cert_from_pem(state.root_cert)
         member_cert = issue_member_cert(root_key, root_cert, bytes.fromhex(request.node["public_key"]),
                                         self.membership.mesh_id, self.membership.site, request.node["node_id"],
-                                        time.time(), serial=x509.random_serial_number())
+                                        time.time(), serial=random_serial())
         welcome = {"mesh_id": self.membership.mesh_id, "site": self.membership.site,
                    "site_secret": self.membership.site_secret, "voter": result["voter"], "partners": partners,
                    "member_cert": cert_to_pem(member_cert), "root_cert": state.root_cert}
