@@ -25,6 +25,7 @@ from typing import Any, Callable
 from attestation.policy import newer as policy_is_newer
 from attestation.policy import open_policy
 from attestation.revocation import open_revocations
+from attestation.revocation import supersedes as revocations_supersede
 from attestation.signed import AttestationError
 from meshd import spec as specmod
 from meshd.placement.plan import Placement, Plan, recheck_plan
@@ -238,16 +239,20 @@ def _trust_from_plain(raw: Any, mesh_id: str) -> tuple[str, str, dict, dict]:
     return root, cert, raw["policy"], raw["revocations"]
 
 
-def _set_policy(state: SiteState, cmd: dict, ts: float) -> dict:
-    """A new policy bundle signed by the mesh root; only a higher serial replaces the current."""
+def _open_root_signed(state: SiteState, opener: Callable[[Any, bytes], Any], candidate: Any, current: dict):
+    """(the offered trust document, the one in force or None), both opened with the root key."""
     if not state.trust_root:
         raise CommandRefused("this site has no trust root")
     root_key = bytes.fromhex(state.trust_root)
     try:
-        candidate = open_policy(cmd.get("policy"), root_key)
-        current = open_policy(state.policy, root_key) if state.policy else None
+        return opener(candidate, root_key), (opener(current, root_key) if current else None)
     except AttestationError as e:
         raise CommandRefused(str(e)) from None
+
+
+def _set_policy(state: SiteState, cmd: dict, ts: float) -> dict:
+    """A new policy bundle signed by the mesh root; only a higher serial replaces the current."""
+    candidate, current = _open_root_signed(state, open_policy, cmd.get("policy"), state.policy)
     if not policy_is_newer(candidate, current):
         raise CommandRefused(f"policy serial {candidate.serial} is not newer than {current.serial if current else 0} "
                              "for this mesh")
@@ -257,6 +262,32 @@ def _set_policy(state: SiteState, cmd: dict, ts: float) -> dict:
            serial=candidate.serial)
     _audit(state, ts, actor, "policy-update", str(candidate.serial))
     return ok(serial=candidate.serial)
+
+
+def _revoke_node(state: SiteState, cmd: dict, ts: float) -> dict:
+    """Expel a member for good: its record says revoked, and the root-signed revocation list
+    that names it replaces the current one (so no member will ever admit it again)."""
+    node_id = _str(cmd, "node_id", max_len=64)
+    reason = _str(cmd, "reason", max_len=200, empty=True)
+    node = state.nodes.get(node_id)
+    if node is None:
+        raise CommandRefused(f"no member with id {node_id}")
+    candidate, current = _open_root_signed(state, open_revocations, cmd.get("revocations"), state.revocations)
+    if not candidate.is_revoked(node_id):
+        raise CommandRefused("the revocation list does not name the node")
+    if node.admin == ADMIN_REVOKED:
+        return ok(node=node.name, node_id=node_id, revoked=True)  # a retried command
+    if not revocations_supersede(candidate, current):
+        raise CommandRefused(f"revocation list {candidate.number} does not supersede the current one "
+                             f"({current.number if current else 0})")
+    state.revocations = cmd["revocations"]
+    actor = _actor(cmd)
+    state.nodes[node_id] = replace(node, admin=ADMIN_REVOKED, state_changed_at=ts,
+                                   reason=f"revoked by {actor or 'an operator'}" + (f": {reason}" if reason else ""))
+    _event(state, ts, "membership", f"{node.name} revoked" + (f": {reason}" if reason else ""), node=node.name,
+           node_id=node_id)
+    _audit(state, ts, actor, "revoke", node.name)
+    return ok(node=node.name, node_id=node_id, revoked=True)
 
 
 def _create_token(state: SiteState, cmd: dict, ts: float) -> dict:
@@ -549,6 +580,7 @@ def _set_drain(draining: bool) -> Callable[[SiteState, dict, float], dict]:
 HANDLERS: dict[str, Callable[[SiteState, dict, float], dict]] = {
     "bootstrap": _bootstrap,
     "set_policy": _set_policy,
+    "revoke_node": _revoke_node,
     "create_token": _create_token,
     "admit_node": _admit_node,
     "heartbeat": _heartbeat,

@@ -211,10 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (
         ("drain", "move work off a node"),
         ("undrain", "allow work back onto a node"),
-        ("revoke", "expel a member everywhere, for good"),
     ):
         sub = command(name, help_text, _build_node_action(name), _show_object)
         sub.add_argument("node", metavar="NODE")
+    sub = command("revoke", "expel a member everywhere, for good", _build_revoke, _show_object)
+    sub.add_argument("node", metavar="NODE")
+    sub.add_argument("--reason", metavar="TEXT", default="", help="why (kept in the revocation list and audit)")
 
     sub = command("logs", "workload output", _build_logs, _show_logs)
     sub.add_argument("alloc", metavar="ALLOC")
@@ -246,6 +248,10 @@ def _build_sites(opts: argparse.Namespace) -> Request:
 
 def _build_token_create(opts: argparse.Namespace) -> Request:
     return Request("token_create", {"site": opts.site, "ttl": opts.ttl})
+
+
+def _build_revoke(opts: argparse.Namespace) -> Request:
+    return Request("revoke", {"node": opts.node, "reason": opts.reason})
 
 
 def _build_policy_show(opts: argparse.Namespace) -> Request:

@@ -79,12 +79,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     try:
         trio.run(Daemon(config).run)
-    except FatalStartupError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (FatalStartupError, BaseExceptionGroup) as e:
+        # A refusal raised inside the daemon's nursery arrives wrapped in an exception group.
+        fatal = _find_fatal(e, FatalStartupError)
+        if fatal is None:
+            raise
+        print(f"error: {fatal}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _find_fatal(error: BaseException, kind: type) -> BaseException | None:
+    if isinstance(error, kind):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            found = _find_fatal(inner, kind)
+            if found is not None:
+                return found
+    return None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from attestation.evidence import HEX_DIGEST, VERSION
 from attestation.policy import Policy, open_policy, sign_policy
+from attestation.revocation import open_revocations, sign_revocations
 from attestation.signed import AttestationError
 from meshd import __version__
 from meshd import spec as specmod
@@ -408,5 +409,31 @@ class AdminHandlers:
         return {"serial": result["serial"], "version": version, "digest": digest, "allowed": True}
 
     async def revoke(self, request: AdminRequest, stream) -> dict:
-        raise AdminError("revoke needs attested membership certificates, which this version does not have; "
-                         "use `meshctl drain` to move work off the node")
+        """Expel a member everywhere: a root-signed revocation list naming it, committed with
+        the node's revoked state; the leader then removes it from Raft, its workloads are
+        placed elsewhere, it stops itself when it sees the news, and no member admits it again."""
+        self._require_member()
+        d = self.daemon
+        ref = _arg(request.args, "node", str)
+        reason = (_arg(request.args, "reason", str) or "")[:200]
+        if not ref:
+            raise AdminError("revoke needs a node name or id")
+        state = self._state()
+        node = state.node_by_ref(ref)
+        if node is None:
+            raise AdminError(f"no member named {ref!r}")
+        if d.identity is not None and node.node_id == d.identity.node_id:
+            raise AdminError("a node cannot revoke itself; run this on another member")
+        if node.admin == ADMIN_REVOKED:
+            return {"node": node.name, "revoked": True, "node_id": node.node_id}
+        if not d.membership.root_key or not state.trust_root:
+            raise AdminError("only a voter holds the mesh root key; run this on a voter")
+        root_key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(d.membership.root_key))
+        try:
+            current = open_revocations(state.revocations, bytes.fromhex(state.trust_root))
+        except AttestationError as e:
+            raise AdminError(f"the site's revocation list does not verify: {e}") from None
+        updated = current.with_revoked(node.node_id, time.time(), _actor(request, d), reason)
+        await self._write(request, "revoke_node", node_id=node.node_id, reason=reason,
+                          revocations=sign_revocations(root_key, updated))
+        return {"node": node.name, "revoked": True, "node_id": node.node_id, "revocation_list": updated.number}

@@ -50,8 +50,8 @@ from meshd import __version__, admission, tokens
 from meshd.config import NodeConfig
 from meshd.io import peer
 from meshd.io.attester import package_digest, software_evidence
-from meshd.io.identity import (Identity, Membership, load_or_create_identity, load_ports, save_certificates,
-                               save_ports)
+from meshd.io.identity import (Identity, Membership, load_or_create_identity, load_ports, read_revoked_marker,
+                               save_certificates, save_ports, write_revoked_marker)
 from meshd.io.mdns import Discovery
 from meshd.io.memory import trim_heap
 from meshd.io.raft import CommandFailed, RaftNode, make_conf
@@ -681,6 +681,18 @@ class Daemon:
         status = self.raft.status
         own = f"{self.advertise_ip}:{self.raft_port}"
         configured = set(status.partners) | {own}
+        expelled = {n.raft_address: n for n in state.nodes.values()
+                    if n.admin in (ADMIN_LEFT, ADMIN_REVOKED) and n.raft_address != own}
+        for address in sorted(set(status.partners) & set(expelled)):
+            # A revoked (or departed) member leaves the Raft configuration: it no longer
+            # counts towards quorum and the leader stops sending it the log.
+            node = expelled[address]
+            try:
+                await self.raft.change_membership(remove=address)
+                self.event("membership", f"{node.name} removed from the Raft voters ({node.admin})", node=node.name)
+            except CommandFailed as e:
+                log.info("voter removal pending", extra={"node": node.name, "reason": str(e)})
+            return
         for node in state.nodes.values():
             if node.voter and node.admin not in (ADMIN_LEFT, ADMIN_REVOKED) and node.raft_address not in configured:
                 try:
@@ -696,6 +708,9 @@ class Daemon:
         changes = self.state_changed.listener()
         while True:
             state = self.snapshot()
+            own = state.nodes.get(self.identity.node_id)
+            if own is not None and own.admin == ADMIN_REVOKED:
+                await self._expelled(state, own.reason)
             desired = []
             for alloc in state.allocs.values():
                 if alloc.node_id != self.identity.node_id or not alloc.live:
@@ -712,6 +727,16 @@ class Daemon:
                 last = key
             self._save_partners(state)
             await changes.wait(SUPERVISE_SAFETY_PERIOD)
+
+    async def _expelled(self, state: SiteState, reason: str) -> None:
+        """This node was revoked: stop every workload, remember it, and exit. A restart on
+        this data dir refuses to run; the node key is refused by every member anyway."""
+        assert self.supervisor is not None
+        message = f"this node was revoked from site {state.site}: {reason}"
+        log.critical(message)
+        await self.supervisor.stop_all()
+        write_revoked_marker(self.data_dir, message)
+        raise FatalStartupError(message + "; wipe the data dir to start this device over as a new node")
 
     def _save_partners(self, state: SiteState) -> None:
         """Remember the voters' Raft addresses, so a restart finds the site without mDNS."""
@@ -737,6 +762,9 @@ class Daemon:
         self.reports_changed = Wakeup()
         self._choose_ports()
         self.membership = Membership.load(self.data_dir)
+        revoked = read_revoked_marker(self.data_dir)
+        if revoked:
+            raise FatalStartupError(revoked + "; wipe the data dir to start this device over as a new node")
         admin_path = self.config.admin_socket or str(self.data_dir / "admin.sock")
         log.info("starting", extra={"node_id": self.identity.node_id, "node_name": self.config.name,
                                     "data_dir": str(self.data_dir), "peer": f"{self.advertise_ip}:{self.peer_port}"})

@@ -101,6 +101,18 @@ def save_certificates(data_dir: Path, member_pem: str, root_pem: str) -> None:
     write_atomic(data_dir / ROOT_CERT_FILE, root_pem.encode())
 
 
+REVOKED_MARKER = "revoked.txt"
+
+
+def write_revoked_marker(data_dir: Path, message: str) -> None:
+    write_atomic(data_dir / REVOKED_MARKER, message.encode())
+
+
+def read_revoked_marker(data_dir: Path) -> str | None:
+    path = data_dir / REVOKED_MARKER
+    return path.read_text(errors="replace").strip() if path.exists() else None
+
+
 def load_ports(data_dir: Path) -> dict:
     path = data_dir / "ports.json"
     return json.loads(path.read_text()) if path.exists() else {}

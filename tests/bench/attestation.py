@@ -13,21 +13,18 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import time
-from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from attestation.certs import check_member_cert, issue_member_cert, make_root
 from attestation.revocation import RevocationList
 from attestation.verifier import verify
+from tests.bench.report import report
 from tests.unit.attestation_world import NOW, Node, challenge, policy
 
 ROUND_CALLS = 500  # enough calls that the timer's resolution does not matter
-TARGETS = {"verify_ms": 5.0, "ed25519_verify_ms": None, "member_cert_check_ms": None}
+TARGETS = {"verify_ms": (5.0, "ms"), "ed25519_verify_ms": (None, "ms"), "member_cert_check_ms": (None, "ms")}
 
 
 def per_call_ms(fn) -> float:
@@ -65,22 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         samples["ed25519_verify_ms"].append(per_call_ms(lambda: public.verify(signature, message)))
         samples["member_cert_check_ms"].append(per_call_ms(lambda: check_member_cert(cert, root, "mesh1", NOW, revoked)))
 
-    rows = []
-    print(f"{'metric':<22} {'median':>9} {'min':>9} {'max':>9} {'target':>8}  ok")
-    for metric, target in TARGETS.items():
-        values = samples[metric]
-        median = statistics.median(values)
-        ok = None if target is None else median <= target
-        rows.append({"metric": metric, "unit": "ms", "n": len(values), "median": median, "min": min(values),
-                     "max": max(values), "target": target, "meets_target": ok})
-        print(f"{metric:<22} {median:>9.4f} {min(values):>9.4f} {max(values):>9.4f} "
-              f"{'-' if target is None else f'{target:.2f}':>8}  {'-' if ok is None else ('yes' if ok else 'NO')}")
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "attestation", "runs": args.runs, "calls_per_run": ROUND_CALLS,
-                               "machine": {"python": platform.python_version(), "platform": platform.platform()},
-                               "summary": rows, "samples": samples}, indent=2))
-    print(f"wrote {out}")
+    report("attestation", args.json, args.runs, samples, TARGETS, calls_per_run=ROUND_CALLS)
     return 0
 
 

@@ -17,19 +17,14 @@ machine are noisy; read medians.
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import psutil
 
 from meshd.io.localsite import LocalSite, wait_for
+from tests.bench.report import run_site_benchmark
 
 TARGETS = {  # metric -> (target, unit); lower is better for all
     "join_s": (1.0, "s"),
@@ -131,73 +126,25 @@ def measure_leader_failover(site: LocalSite) -> float:
             time.sleep(POLL_S)
 
 
-def one_run(root: Path, index: int, samples: dict[str, list[float]]) -> None:
-    site = LocalSite(root / f"run{index}", site="bench", prefix=f"b{index}")
-    try:
-        site.found()
-        samples["join_s"].append(measure_join(site))
-        samples["join_s"].append(measure_join(site))
-        rss, cpu, uss = measure_idle(site)
-        samples["idle_rss_mb"].extend(rss)
-        samples["idle_cpu_pct"].extend(cpu)
-        samples["idle_uss_mb"].extend(uss)
-        samples["deps_only_rss_mb"].append(measure_dependency_floor())
-        samples["deploy_10_s"].append(measure_deploy(site, "bench"))
-        victim = measure_node_failover(site, "bench", samples)
-        # bring the victim back (same data dir), so the leader failover starts from three voters
-        victim.start()
-        site.wait_ready(victim)
-        samples["leader_failover_s"].append(measure_leader_failover(site))
-    except Exception:
-        print(site.dump_logs(), file=sys.stderr)
-        raise
-    finally:
-        site.close()
-
-
-def summarize(samples: dict[str, list[float]]) -> list[dict]:
-    rows = []
-    for metric, (target, unit) in TARGETS.items():
-        values = samples.get(metric, [])
-        if not values:
-            continue
-        median = statistics.median(values)
-        rows.append({"metric": metric, "unit": unit, "n": len(values), "median": median, "min": min(values),
-                     "max": max(values), "target": target,
-                     "meets_target": None if target is None else median <= target})
-    return rows
-
-
-def print_table(rows: list[dict]) -> None:
-    header = f"{'metric':<20} {'n':>3} {'median':>9} {'min':>9} {'max':>9} {'target':>8}  unit          ok"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        target = "-" if r["target"] is None else f"{r['target']:.2f}"
-        ok = "-" if r["meets_target"] is None else ("yes" if r["meets_target"] else "NO")
-        print(f"{r['metric']:<20} {r['n']:>3} {r['median']:>9.3f} {r['min']:>9.3f} {r['max']:>9.3f} "
-              f"{target:>8}  {r['unit']:<12}  {ok}")
+def one_run(site: LocalSite, samples: dict[str, list[float]]) -> None:
+    site.found()
+    samples["join_s"].append(measure_join(site))
+    samples["join_s"].append(measure_join(site))
+    rss, cpu, uss = measure_idle(site)
+    samples["idle_rss_mb"].extend(rss)
+    samples["idle_cpu_pct"].extend(cpu)
+    samples["idle_uss_mb"].extend(uss)
+    samples["deps_only_rss_mb"].append(measure_dependency_floor())
+    samples["deploy_10_s"].append(measure_deploy(site, "bench"))
+    victim = measure_node_failover(site, "bench", samples)
+    # bring the victim back (same data dir), so the leader failover starts from three voters
+    victim.start()
+    site.wait_ready(victim)
+    samples["leader_failover_s"].append(measure_leader_failover(site))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--json", default="bench-results/one_site.json")
-    args = parser.parse_args(argv)
-    samples: dict[str, list[float]] = {k: [] for k in TARGETS}
-    with tempfile.TemporaryDirectory(prefix="mb-", dir="/tmp") as root:
-        for i in range(args.runs):
-            one_run(Path(root), i, samples)
-            print(f"run {i + 1}/{args.runs} done", file=sys.stderr)
-    rows = summarize(samples)
-    print_table(rows)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "one_site", "runs": args.runs, "machine": {
-        "cpus": psutil.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "summary": rows, "samples": samples}, indent=2))
-    print(f"wrote {out}")
-    return 0
+    return run_site_benchmark("one_site", __doc__, one_run, TARGETS, argv)
 
 
 if __name__ == "__main__":

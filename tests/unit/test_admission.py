@@ -206,3 +206,29 @@ def test_junk_tokens_raise_token_error_only(text):
 def test_malformed_tokens_are_refused(text):
     with pytest.raises(tokens.TokenError):
         tokens.parse_token(text)
+
+
+def test_revoking_needs_a_newer_root_signed_list_that_names_the_node():
+    state = site_with_token()
+    key, node = joiner()
+    assert sitestate.apply(state, {"op": "admit_node", "ts": NOW, "token_id": "tok", "node": node})["ok"]
+    node_id = node["node_id"]
+
+    def revoke(doc):
+        return sitestate.apply(state, {"op": "revoke_node", "ts": NOW, "node_id": node_id, "reason": "lost",
+                                       "revocations": doc, "actor": "op"})
+
+    names_other = sign_revocations(ROOT, RevocationList("m", 0).with_revoked("e" * 32, NOW, "op", ""))
+    assert "does not name the node" in revoke(names_other)["error"]
+    forged = sign_revocations(Ed25519PrivateKey.generate(), RevocationList("m", 0).with_revoked(node_id, NOW, "x", ""))
+    assert "does not verify" in revoke(forged)["error"]
+    assert state.nodes[node_id].admin == "active"
+    stale = sign_revocations(ROOT, RevocationList("m", -1).with_revoked(node_id, NOW, "op", ""))  # number 0
+    assert "does not supersede" in revoke(stale)["error"]
+    good = sign_revocations(ROOT, RevocationList("m", 0).with_revoked(node_id, NOW, "op", "lost"))
+    assert revoke(good)["ok"] and state.nodes[node_id].admin == "revoked"
+    assert state.revocations == good and state.audit[-1].action == "revoke"
+    assert revoke(good)["ok"], "a retried revocation is answered, not refused"
+    challenge, request = handshake(node, key)
+    state.tokens["tok"] = dataclasses.replace(state.tokens["tok"], used_by=None)
+    assert "revoked" in admission.decide(state, challenge, request, NOW + 1).reason

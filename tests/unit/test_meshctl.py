@@ -168,7 +168,7 @@ COMMANDS = [
      ["state:", "draining"]),
     (["undrain", "edge-1"], "undrain", {"node": "edge-1"}, {"node": "edge-1", "state": "ready"},
      ["ready"]),
-    (["revoke", "edge-2"], "revoke", {"node": "edge-2"}, {"node": "edge-2", "revoked": True},
+    (["revoke", "edge-2", "--reason", "stolen"], "revoke", {"node": "edge-2", "reason": "stolen"}, {"node": "edge-2", "revoked": True},
      ["revoked:"]),
     (["logs", "vibration-monitor-0-ab12"], "logs",
      {"alloc": "vibration-monitor-0-ab12", "follow": False, "tail": None},

@@ -1,0 +1,59 @@
+"""`meshctl revoke`: a member is expelled everywhere, for good (real daemons on loopback)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from meshd.io.admin import AdminError
+from meshd.io.localsite import wait_for
+
+pytestmark = pytest.mark.system
+
+APP = '[app]\nname = "svc"\nreplicas = 3\ncommand = ["sleep", "3600"]\n'
+
+
+def test_revoke_expels_the_node_everywhere(three):
+    leader = three.leader()
+    leader.call("deploy", spec_toml=APP, wait=True, timeout=30)
+    victim = next(n for n in three.nodes if n is not leader)
+    survivor = next(n for n in three.nodes if n is not leader and n is not victim)
+
+    with pytest.raises(AdminError, match="no member named"):
+        leader.call("revoke", node="nobody", reason="")
+    with pytest.raises(AdminError, match="cannot revoke itself"):
+        leader.call("revoke", node=leader.name, reason="")
+
+    result = leader.call("revoke", node=victim.name, reason="stolen from the cabinet")
+    assert result["revoked"] is True and result["node"] == victim.name
+
+    # the node stops itself (and its workloads) when the news reaches it
+    assert victim.proc.wait(timeout=20) == 1
+    assert "revoked" in victim.log_text()
+    # every member sees it revoked; it no longer counts as a member
+    for node in (leader, survivor):
+        wait_for(lambda: three.node_state(victim.name, via=node) == "revoked", 10, what="revoked everywhere")
+    assert leader.call("status")["members"] == 2
+    # its workloads run elsewhere
+    wait_for(lambda: len([a for a in three.running("svc") if a["node"] != victim.name]) == 3, 20,
+             what="replacements")
+    # it left the Raft configuration
+    wait_for(lambda: any("removed from the Raft voters" in e["message"] for e in leader.call("events")), 10,
+             what="removal from Raft")
+    audit = leader.call("audit")
+    assert any(a["action"] == "revoke" and a["target"] == victim.name and a["actor"] for a in audit)
+
+    # restarted on its data dir: refuses to run
+    victim.start()
+    assert victim.proc.wait(timeout=20) == 1
+    assert victim.log_text().count("revoked") >= 2
+
+    # same device key, fresh data, a valid token: no member admits it again
+    for path in victim.data_dir.iterdir():
+        if path.name != "node.key":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    victim.start(join=three.token(via=survivor))
+    assert victim.proc.wait(timeout=30) == 1
+    assert "revoked" in victim.log_text().rsplit("starting", 1)[-1]
+    assert leader.call("revoke", node=victim.name, reason="")["revoked"] is True  # idempotent
