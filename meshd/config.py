@@ -50,6 +50,10 @@ DEFAULT_RAFT_MAX_TIMEOUT = 1.2  # seconds
 # Workload logs: rotated per allocation so a chatty workload cannot fill an edge device.
 DEFAULT_LOG_MAX_BYTES = 1024 * 1024  # one log file before rotation
 DEFAULT_LOG_KEEP = 3  # rotated files kept per allocation
+# Attestation: every member shows fresh evidence this often (and at once after a reboot), so
+# software changed on a running device is noticed within this time; each check costs the
+# member a hash of its installed code (a few ms) and the leader one verification.
+DEFAULT_REATTEST_INTERVAL = 600.0  # seconds
 
 # --- limits --------------------------------------------------------------------------
 NODE_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
@@ -70,6 +74,8 @@ MAX_RAFT_TIMEOUT = 600.0  # ten minutes without a leader is an outage, not tunin
 MIN_LOG_MAX_BYTES = 4096  # one page: smaller rotates on every line
 MAX_LOG_MAX_BYTES = 2**40  # bounded like every int we keep
 MAX_LOG_KEEP = 1000  # rotated files per allocation; more belongs in a log collector
+MIN_REATTEST_INTERVAL = 1.0  # more often only burns CPU on hashing
+MAX_REATTEST_INTERVAL = 86400.0  # a day: membership certificates are renewed well within it
 
 
 class ConfigError(ValueError):
@@ -104,6 +110,7 @@ class NodeConfig:
     raft_max_timeout: float = DEFAULT_RAFT_MAX_TIMEOUT
     log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
     log_keep: int = DEFAULT_LOG_KEEP
+    reattest_interval: float = DEFAULT_REATTEST_INTERVAL
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -371,6 +378,7 @@ def _validate(cfg: NodeConfig) -> None:
     _check_seconds(cfg, "raft_max_timeout", MIN_RAFT_TIMEOUT, MAX_RAFT_TIMEOUT)
     _check_int(cfg, "log_max_bytes", MIN_LOG_MAX_BYTES, MAX_LOG_MAX_BYTES)
     _check_int(cfg, "log_keep", 0, MAX_LOG_KEEP)
+    _check_seconds(cfg, "reattest_interval", MIN_REATTEST_INTERVAL, MAX_REATTEST_INTERVAL)
 
     # A single lost heartbeat must not mark a node down.
     if not cfg.lease > 2 * cfg.heartbeat_interval:

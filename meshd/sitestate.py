@@ -178,6 +178,7 @@ def _node_from_plain(raw: Any) -> NodeRecord:
         arch=_str(raw, "arch", max_len=32, empty=True),
         labels=dict(labels),
         version=_str(raw, "version", max_len=32, empty=True) if "version" in raw else "",
+        boot_id=_str(raw, "boot_id", max_len=64, empty=True) if "boot_id" in raw else "",
     )
 
 
@@ -215,7 +216,8 @@ def _bootstrap(state: SiteState, cmd: dict, ts: float) -> dict:
     state.mesh_id = mesh_id
     if trust is not None:
         state.trust_root, state.root_cert, state.policy, state.revocations = trust
-    state.nodes[node.node_id] = replace(node, voter=True, joined_at=ts, state_changed_at=ts, reason="founded the site")
+    state.nodes[node.node_id] = replace(node, voter=True, joined_at=ts, state_changed_at=ts, reason="founded the site",
+                                        attested_at=ts, attested_boot_id=node.boot_id)
     _event(state, ts, "membership", f"{node.name} founded site {site}", node=node.name, node_id=node.node_id)
     _audit(state, ts, _actor(cmd) or node.name, "found-site", site)
     return ok(node_id=node.node_id, voter=True)
@@ -290,6 +292,18 @@ def _revoke_node(state: SiteState, cmd: dict, ts: float) -> dict:
     return ok(node=node.name, node_id=node_id, revoked=True)
 
 
+def _attested(state: SiteState, cmd: dict, ts: float) -> dict:
+    """A member's fresh evidence verified (re-attestation): record when, and from which boot."""
+    node_id = _str(cmd, "node_id", max_len=64)
+    boot_id = _str(cmd, "boot_id", max_len=64)
+    node = state.nodes.get(node_id)
+    if node is None or node.admin in (ADMIN_LEFT, ADMIN_REVOKED):
+        raise CommandRefused("attestation of a node that is not a member")
+    state.nodes[node_id] = replace(node, attested_at=ts, attested_boot_id=boot_id,
+                                   boot_id=node.boot_id or boot_id)
+    return ok(node=node.name)
+
+
 def _create_token(state: SiteState, cmd: dict, ts: float) -> dict:
     token_id = _str(cmd, "token_id", max_len=64)
     site = _str(cmd, "site", max_len=63)
@@ -344,7 +358,7 @@ def _admit_node(state: SiteState, cmd: dict, ts: float) -> dict:
     state.tokens[token_id] = replace(token, used_by=node.node_id)
     state.nodes[node.node_id] = replace(
         node, voter=voter, liveness=LIVENESS_JOINING, admin=ADMIN_ACTIVE, joined_at=ts, state_changed_at=ts,
-        reason="admitted with a join token",
+        reason="admitted with a join token", attested_at=ts, attested_boot_id=node.boot_id,
     )
     role = "voter" if voter else "non-voter"
     _event(state, ts, "membership", f"{node.name} admitted as {role}", node=node.name, node_id=node.node_id, voter=voter)
@@ -365,7 +379,9 @@ def _heartbeat(state: SiteState, cmd: dict, ts: float) -> dict:
     if not isinstance(reports, list):
         raise CommandRefused("reports must be a list")
     parsed = [_report_from_plain(r) for r in reports]
-    state.nodes[node_id] = replace(node, heartbeat_seq=max(node.heartbeat_seq, seq), resources=resources)
+    boot_id = _str(cmd, "boot_id", max_len=64) if "boot_id" in cmd else node.boot_id
+    state.nodes[node_id] = replace(node, heartbeat_seq=max(node.heartbeat_seq, seq), resources=resources,
+                                   boot_id=boot_id)
     for report in parsed:
         _apply_report(state, node, report, ts)
     return ok()
@@ -581,6 +597,7 @@ HANDLERS: dict[str, Callable[[SiteState, dict, float], dict]] = {
     "bootstrap": _bootstrap,
     "set_policy": _set_policy,
     "revoke_node": _revoke_node,
+    "attested": _attested,
     "create_token": _create_token,
     "admit_node": _admit_node,
     "heartbeat": _heartbeat,

@@ -110,6 +110,9 @@ class NodeRecord:
     joined_at: float = 0.0
     state_changed_at: float = 0.0
     reason: str = ""  # why the node is in its current state (shown by `meshctl nodes`)
+    boot_id: str = ""  # the kernel boot the node last reported running in
+    attested_boot_id: str = ""  # the boot its last verified evidence came from
+    attested_at: float = 0.0  # when its evidence last verified (admission or re-attestation)
 
     @property
     def state(self) -> str:

@@ -20,6 +20,7 @@ TUNING_OPTIONS = (
     ("--raft-max-timeout", float, "Raft election timeout, upper bound (s)"),
     ("--log-max-bytes", int, "rotate a workload's log at this size"),
     ("--log-keep", int, "rotated log files kept per workload"),
+    ("--reattest-interval", float, "seconds between re-attestations of every member"),
 )
 
 

@@ -24,7 +24,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from attestation.evidence import HEX_DIGEST, VERSION
 from attestation.policy import Policy, open_policy, sign_policy
-from attestation.revocation import open_revocations, sign_revocations
 from attestation.signed import AttestationError
 from meshd import __version__
 from meshd import spec as specmod
@@ -32,6 +31,7 @@ from meshd import tokens
 from meshd.io import peer
 from meshd.io.admin import AdminError, AdminRequest
 from meshd.io.attester import package_digest
+from meshd.io.daemon import RevocationRefused
 from meshd.io.logfiles import follow, read_tail
 from meshd.io.raft import CommandFailed
 from meshd.placement.plan import make_plan
@@ -426,14 +426,9 @@ class AdminHandlers:
             raise AdminError("a node cannot revoke itself; run this on another member")
         if node.admin == ADMIN_REVOKED:
             return {"node": node.name, "revoked": True, "node_id": node.node_id}
-        if not d.membership.root_key or not state.trust_root:
-            raise AdminError("only a voter holds the mesh root key; run this on a voter")
-        root_key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(d.membership.root_key))
         try:
-            current = open_revocations(state.revocations, bytes.fromhex(state.trust_root))
-        except AttestationError as e:
-            raise AdminError(f"the site's revocation list does not verify: {e}") from None
-        updated = current.with_revoked(node.node_id, time.time(), _actor(request, d), reason)
-        await self._write(request, "revoke_node", node_id=node.node_id, reason=reason,
-                          revocations=sign_revocations(root_key, updated))
-        return {"node": node.name, "revoked": True, "node_id": node.node_id, "revocation_list": updated.number}
+            fields = d.revocation_fields(state, node, _actor(request, d), reason)
+        except RevocationRefused as e:
+            raise AdminError(str(e)) from None
+        await self._write(request, "revoke_node", **fields)
+        return {"node": node.name, "revoked": True, "node_id": node.node_id, "revocation_list": fields["number"]}

@@ -43,9 +43,9 @@ def measure_files(roots: list[Path]) -> str:
     return digest.hexdigest()
 
 
-@functools.lru_cache(maxsize=1)
 def package_digest() -> str:
-    """The digest of the code this process loaded from (measured once per process)."""
+    """The digest of the installed code, measured now (a few ms): a file changed on disk
+    since start shows at the next attestation."""
     return measure_files([Path(p.__file__).parent for p in MEASURED_PACKAGES])
 
 

@@ -43,13 +43,16 @@ import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from attestation.policy import Policy, sign_policy
-from attestation.revocation import RevocationList, sign_revocations
+from attestation.policy import Policy, open_policy, sign_policy
+from attestation.revocation import RevocationList, open_revocations, sign_revocations
+from attestation.signed import AttestationError
+from attestation.verifier import Challenge as EvidenceChallenge
+from attestation.verifier import verify as verify_evidence
 
 from meshd import __version__, admission, tokens
 from meshd.config import NodeConfig
 from meshd.io import peer
-from meshd.io.attester import package_digest, software_evidence
+from meshd.io.attester import boot_id, package_digest, software_evidence
 from meshd.io.identity import (Identity, Membership, load_or_create_identity, load_ports, read_revoked_marker,
                                save_certificates, save_ports, write_revoked_marker)
 from meshd.io.mdns import Discovery
@@ -58,6 +61,7 @@ from meshd.io.raft import CommandFailed, RaftNode, make_conf
 from meshd.io.supervisor import DesiredAlloc, Supervisor
 from meshd.liveness import LivenessTracker
 from meshd.placement.plan import make_plan
+from meshd.reattest import due_for_attestation
 from meshd.reconcile import reconcile
 from meshd.reporting import ReportSchedule
 from meshd.io.watchdog import LoopWatchdog
@@ -98,6 +102,11 @@ JOIN_POLL = 0.05
 # browser's own backing-off schedule is enough; a site that is not there is not a hurry).
 JOIN_QUERY_PERIOD = 0.25
 JOIN_FAST_QUERY_WINDOW = 5.0
+# Re-attestation (leader): look for due members this often (and on every state change);
+# an unreachable member is asked again after the retry delay; one exchange may take this long.
+ATTEST_CHECK_PERIOD = 1.0
+ATTEST_RETRY_DELAY = 10.0
+ATTEST_TIMEOUT = 10.0
 # Returning freed heap to the kernel: once start-up settled (joins, first reports), then on
 # this period (a trim walks the heap: cheap, but not free).
 HEAP_TRIM_FIRST = 5.0
@@ -112,6 +121,10 @@ class FatalStartupError(Exception):
 
 # Refusals another try may cure: the site was busy, or this member could not act for it.
 RETRYABLE_REFUSALS = ("site could not commit", "this member cannot issue", "this node is not a member")
+
+
+class RevocationRefused(Exception):
+    """This node cannot revoke (no root key, damaged list); the message says why."""
 
 
 class JoinRefused(peer.PeerError):
@@ -258,6 +271,7 @@ class Daemon:
             "raft_address": f"{self.advertise_ip}:{self.raft_port}",
             "public_key": self.identity.public_key.hex(),
             "arch": platform.machine(),
+            "boot_id": boot_id(),
             "labels": dict(self.config.labels),
             "version": __version__,
         }
@@ -560,6 +574,8 @@ class Daemon:
                                "seq": self._heartbeat_seq, "reports": list(report.allocs)}
                     if report.resources_moved:
                         command["resources"] = report.resources
+                    if report.full:
+                        command["boot_id"] = boot_id()  # a reboot makes the leader re-attest us
                     try:
                         result = await self.raft.submit(command, timeout=max(self.config.lease, 1.0))
                         if result.get("ok"):
@@ -728,6 +744,80 @@ class Daemon:
             self._save_partners(state)
             await changes.wait(SUPERVISE_SAFETY_PERIOD)
 
+    def revocation_fields(self, state: SiteState, node, actor: str, reason: str) -> dict:
+        """The `revoke_node` command fields: the next revocation list, naming the node, signed
+        with the mesh root key (which only voters hold)."""
+        if self.membership is None or not self.membership.root_key or not state.trust_root:
+            raise RevocationRefused("only a voter holds the mesh root key; run this on a voter")
+        root_key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(self.membership.root_key))
+        try:
+            current = open_revocations(state.revocations, bytes.fromhex(state.trust_root))
+        except AttestationError as e:
+            raise RevocationRefused(f"the site's revocation list does not verify: {e}") from None
+        updated = current.with_revoked(node.node_id, time.time(), actor, reason)
+        return {"node_id": node.node_id, "reason": reason, "revocations": sign_revocations(root_key, updated),
+                "number": updated.number}
+
+    # --- re-attestation (leader) -----------------------------------------------------------
+
+    async def attestation_loop(self) -> None:
+        """Leader: ask members that rebooted, or whose evidence is getting old, for fresh
+        evidence; revoke a member whose evidence no longer verifies."""
+        assert self.state_changed is not None
+        changes = self.state_changed.listener()
+        retry_after: dict[str, float] = {}  # node_id -> monotonic time: unreachable, try later
+        while True:
+            await changes.wait(ATTEST_CHECK_PERIOD)
+            if self.raft is None or self.raft.status.role != "leader":
+                continue
+            state = self.snapshot()
+            now = time.monotonic()
+            for node_id in due_for_attestation(state, time.time(), self.config.reattest_interval):
+                if retry_after.get(node_id, 0.0) > now:
+                    continue
+                if not await self._reattest(state, state.nodes[node_id]):
+                    retry_after[node_id] = now + ATTEST_RETRY_DELAY
+                break  # one per round: attestation never crowds out the other duties
+
+    async def _reattest(self, state: SiteState, node) -> bool:
+        """One challenge to one member; False when it could not be asked (try later)."""
+        assert self.identity is not None and self.membership is not None
+        nonce, issued_at = os.urandom(32), time.time()
+        try:
+            with trio.fail_after(ATTEST_TIMEOUT):
+                answer = await peer.member_call(node.address, node_id=self.identity.node_id,
+                                                site_secret=self.membership.site_secret,
+                                                call={"call": "attest", "nonce": nonce.hex()})
+        except (OSError, peer.PeerError, trio.TooSlowError) as e:
+            log.info("re-attestation postponed", extra={"node": node.name, "reason": str(e) or type(e).__name__})
+            return False
+        evidence = answer.get("evidence") if isinstance(answer, dict) else None
+        try:
+            root = bytes.fromhex(state.trust_root)
+            policy = open_policy(state.policy, root)
+            revocations = open_revocations(state.revocations, root)
+        except (ValueError, AttestationError) as e:
+            log.warning("cannot re-attest: trust documents do not verify", extra={"reason": str(e)})
+            return False
+        verdict = verify_evidence(evidence, EvidenceChallenge(nonce.hex(), node.node_id, issued_at),
+                                  bytes.fromhex(node.public_key), policy, state.site, time.time(), revocations)
+        try:
+            if verdict.ok:
+                assert verdict.claims is not None
+                if node.attested_boot_id and verdict.claims.boot_id != node.attested_boot_id:
+                    self.event("attestation", f"{node.name} re-attested after a reboot", node=node.name)
+                await self.commit(self.new_command("attested", node_id=node.node_id, boot_id=verdict.claims.boot_id))
+                return True
+            self.event("attestation", f"{node.name} failed re-attestation: {verdict.reason}", node=node.name,
+                       reason=verdict.reason)
+            fields = self.revocation_fields(state, node, f"attestation@{self.config.name}",
+                                            f"re-attestation failed: {verdict.reason}"[:200])
+            await self.commit(self.new_command("revoke_node", actor=f"attestation@{self.config.name}", **fields))
+        except (CommandFailed, RevocationRefused) as e:
+            log.info("re-attestation outcome not committed", extra={"node": node.name, "reason": str(e)})
+            return False
+        return True
+
     async def _expelled(self, state: SiteState, reason: str) -> None:
         """This node was revoked: stop every workload, remember it, and exit. A restart on
         this data dir refuses to run; the node key is refused by every member anyway."""
@@ -801,6 +891,7 @@ class Daemon:
             nursery.start_soon(self.report_loop)
             nursery.start_soon(self.leader_loop)
             nursery.start_soon(self.supervise_loop)
+            nursery.start_soon(self.attestation_loop)
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
             sd_notify("READY=1")
             log.info("ready", extra={"site": self.membership.site, "voter": self.membership.voter})
@@ -829,6 +920,17 @@ class Daemon:
 
     async def handle_member_call(self, call: dict, send_stream) -> Any:
         from meshd.io.adminhandlers import serve_local_logs
+        if call.get("call") == "attest":
+            nonce = call.get("nonce")
+            if not isinstance(nonce, str) or not 32 <= len(nonce) <= 128:
+                raise peer.PeerError("attest needs a hex nonce")
+            try:
+                raw_nonce = bytes.fromhex(nonce)
+            except ValueError:
+                raise peer.PeerError("attest needs a hex nonce") from None
+            assert self.identity is not None
+            evidence = await trio.to_thread.run_sync(software_evidence, self.identity, raw_nonce, self.config)
+            return {"evidence": evidence}
         if call.get("call") == "logs":
             return await serve_local_logs(self, str(call.get("alloc", "")), bool(call.get("follow")),
                                           call.get("tail"), send_stream)

@@ -57,3 +57,34 @@ def test_revoke_expels_the_node_everywhere(three):
     assert victim.proc.wait(timeout=30) == 1
     assert "revoked" in victim.log_text().rsplit("starting", 1)[-1]
     assert leader.call("revoke", node=victim.name, reason="")["revoked"] is True  # idempotent
+
+
+def test_software_changed_on_a_running_member_is_caught_by_re_attestation(make_site, tmp_path):
+    """A member passes attestation at join; then its installed code is modified on disk. The
+    leader's next re-attestation measures it, the evidence no longer verifies, and the site
+    revokes the member by itself."""
+    from tests.system.test_bad_input import modified_copy_of_meshd
+    site = make_site("ra", extra_args=("--reattest-interval", "1"))
+    site.start(2)
+    copy = tmp_path / "sw"
+    modified_copy_of_meshd(copy)
+    state_py = copy / "meshd" / "state.py"
+    original = state_py.read_text().replace("\n# a local modification\n", "")
+    state_py.write_text(original)  # identical to the running software: admitted
+    drifting = site.add_node()
+    drifting.cwd = str(copy)
+    drifting.start(join=site.token())
+    site.wait_ready(drifting)
+    leader = site.leader()
+    # healthy members keep passing: re-attested, not revoked
+    wait_for(lambda: all(n["state"] == "ready" for n in leader.call("nodes")) and
+             all(n["attested_at"] > n["joined_at"] for n in leader.call("nodes")), 15, what="re-attestations")
+
+    state_py.write_text(original + "\n# changed after the join\n")
+    assert drifting.proc.wait(timeout=30) == 1
+    assert "revoked" in drifting.log_text()
+    assert site.node_state(drifting.name, via=leader) == "revoked"
+    events = [e["message"] for e in leader.call("events")]
+    assert any("failed re-attestation" in m and "not a reference value" in m for m in events), events[-6:]
+    assert any(a["action"] == "revoke" and a["actor"].startswith("attestation@") for a in leader.call("audit"))
+    assert all(n["state"] == "ready" for n in leader.call("nodes") if n["name"] != drifting.name)

@@ -86,7 +86,7 @@ def test_default_config_examples_are_valid_and_defaults_are_true() -> None:
     cfg = resolve_config({}, uncommented, {}, "testhost")
     defaults = NodeConfig(data_dir="/var/lib/meshd", name="testhost")
     for option in ("data_dir", "site", "listen", "admin_socket", "mdns", "heartbeat_interval", "lease",
-                   "raft_min_timeout", "raft_max_timeout", "log_max_bytes",
+                   "raft_min_timeout", "raft_max_timeout", "log_max_bytes", "reattest_interval",
                    "log_keep"):
         assert getattr(cfg, option) == getattr(defaults, option), option
 
