@@ -27,6 +27,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from attestation.signed import AttestationError, sign_document
 
 EVIDENCE_KIND = "evidence"
+# What operators are told about software evidence, wherever it is shown.
+SOFTWARE_EVIDENCE = "software-only (self-reported)"
 SOFTWARE_NAME = "meshd"
 MEASURED_PACKAGE = "meshd-package"
 MEASURED_CONFIG = "config"

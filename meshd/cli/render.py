@@ -137,6 +137,7 @@ NODE_COLUMNS: list[Column] = [
     ("CPU FREE", "cpu_free"),
     ("MEM FREE", with_unit("mem_free_mb", "MiB")),
     ("ALLOCS", "allocs"),
+    ("EVIDENCE", lambda r: str(r.get("evidence", "")).split(" ")[0]),
     ("LABELS", "labels"),
 ]
 

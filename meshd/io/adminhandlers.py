@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from attestation.evidence import HEX_DIGEST, VERSION
+from attestation.evidence import HEX_DIGEST, SOFTWARE_EVIDENCE, VERSION
 from attestation.policy import Policy, open_policy, sign_policy
 from attestation.signed import AttestationError
 from meshd import __version__
@@ -185,7 +185,7 @@ class AdminHandlers:
                 "partitioned": d.partitioned if raft else True, "version": d.node_plain()["version"],
                 "address": f"{d.advertise_ip}:{d.peer_port}", "raft_address": f"{d.advertise_ip}:{d.raft_port}",
                 "voter": bool(d.membership and d.membership.voter),
-                "evidence": "software-only (self-reported)",
+                "evidence": SOFTWARE_EVIDENCE,
                 "allocs": sum(1 for a in state.allocs.values() if d.identity and a.node_id == d.identity.node_id
                               and a.live),
                 "uptime_s": round(time.monotonic() - d.started, 1)}
@@ -201,7 +201,9 @@ class AdminHandlers:
             plain.pop("public_key", None)
             role = "leader" if node.raft_address == leader else ("follower" if node.voter else "nonvoter")
             plain.update(role=role, cpu_free=node.resources.cpu_free, mem_free_mb=node.resources.mem_free_mb,
-                         allocs=sum(1 for a in state.allocs_on(node.node_id) if a.live))
+                         allocs=sum(1 for a in state.allocs_on(node.node_id) if a.live),
+                         evidence=SOFTWARE_EVIDENCE if node.attested_at else "none",
+                         attested_s_ago=round(max(time.time() - node.attested_at, 0.0), 1) if node.attested_at else None)
             rows.append(plain)
         return rows
 

@@ -38,6 +38,8 @@ def test_three_daemons_form_a_site_by_mdns_and_spread_six_replicas(three):
     nodes = leader.call("nodes", site=None)
     assert sorted(n["name"] for n in nodes) == ["t-1", "t-2", "t-3"]
     assert all(n["state"] == "ready" for n in nodes)
+    # every member was attested at its join; software evidence is labelled as self-reported
+    assert all(n["evidence"] == "software-only (self-reported)" and n["attested_s_ago"] is not None for n in nodes)
     assert sorted(n["role"] for n in nodes) == ["follower", "follower", "leader"]
     for node in three.nodes:  # every member sees the same site
         status = node.call("status")
