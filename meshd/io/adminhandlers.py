@@ -292,6 +292,7 @@ class AdminHandlers:
                                           site_secret=d.membership.site_secret,
                                           call={"call": "logs", "alloc": alloc.alloc_id, "follow": follow_,
                                                 "tail": tail},
+                                          context=d.tls.client_context(), expect=d.cert_names(node.node_id),
                                           on_stream=stream.send, timeout=None if follow_ else 10.0)
         except peer.PeerError as e:
             raise AdminError(str(e)) from None

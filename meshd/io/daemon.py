@@ -24,6 +24,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -32,11 +33,12 @@ import platform
 import secrets
 import signal
 import socket
+import ssl
 import time
 import uuid
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import psutil
 import trio
@@ -64,6 +66,7 @@ from meshd.placement.plan import make_plan
 from meshd.reattest import due_for_attestation
 from meshd.reconcile import reconcile
 from meshd.reporting import ReportSchedule
+from meshd.io.tls import PeerTLS, joiner_context, member_of
 from meshd.io.watchdog import LoopWatchdog
 from meshd.sitestate import is_plain_heartbeat, waits_for_replacement
 from meshd.spec import spec_to_dict
@@ -247,6 +250,8 @@ class Daemon:
         self._led_term: int | None = None
         self._unplaced_reported: dict[str, str] = {}
         self.state_changed: Wakeup | None = None
+        self.tls = PeerTLS(self.data_dir)
+        self._member_scopes: dict[str, set[trio.CancelScope]] = {}  # open member calls, by caller
         # pysyncobj takes one membership change at a time; a second one waits out its timeout.
         self._voter_change = trio.Lock()
         self.reports_changed: Wakeup | None = None
@@ -441,7 +446,7 @@ class Daemon:
         assert self.identity is not None
         eph = X25519PrivateKey.generate()
         eph_pub = eph.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        conn = await peer.open_peer(address)
+        conn = await peer.open_peer(address, joiner_context())
         try:
             await conn.send({"type": "join_hello", "site": token.site})
             challenge = await conn.receive()
@@ -727,6 +732,7 @@ class Daemon:
             own = state.nodes.get(self.identity.node_id)
             if own is not None and own.admin == ADMIN_REVOKED:
                 await self._expelled(state, own.reason)
+            self._cut_revoked(state)
             desired = []
             for alloc in state.allocs.values():
                 if alloc.node_id != self.identity.node_id or not alloc.live:
@@ -785,9 +791,12 @@ class Daemon:
         nonce, issued_at = os.urandom(32), time.time()
         try:
             with trio.fail_after(ATTEST_TIMEOUT):
+                # The evidence authenticates the answer (signed by the node key, bound to our
+                # nonce), so a member whose certificate expired offline can still be renewed.
                 answer = await peer.member_call(node.address, node_id=self.identity.node_id,
                                                 site_secret=self.membership.site_secret,
-                                                call={"call": "attest", "nonce": nonce.hex()})
+                                                call={"call": "attest", "nonce": nonce.hex()},
+                                                context=self.tls.client_context(verify_server=False))
         except (OSError, peer.PeerError, trio.TooSlowError) as e:
             log.info("re-attestation postponed", extra={"node": node.name, "reason": str(e) or type(e).__name__})
             return False
@@ -807,6 +816,7 @@ class Daemon:
                 if node.attested_boot_id and verdict.claims.boot_id != node.attested_boot_id:
                     self.event("attestation", f"{node.name} re-attested after a reboot", node=node.name)
                 await self.commit(self.new_command("attested", node_id=node.node_id, boot_id=verdict.claims.boot_id))
+                await self._renew_certificate(state, node)
                 return True
             self.event("attestation", f"{node.name} failed re-attestation: {verdict.reason}", node=node.name,
                        reason=verdict.reason)
@@ -817,6 +827,24 @@ class Daemon:
             log.info("re-attestation outcome not committed", extra={"node": node.name, "reason": str(e)})
             return False
         return True
+
+    async def _renew_certificate(self, state: SiteState, node) -> None:
+        """Fresh evidence earns a fresh membership certificate (SPIRE-style renewal)."""
+        from attestation.certs import cert_from_pem, cert_to_pem, issue_member_cert, random_serial
+        assert self.identity is not None and self.membership is not None
+        if not self.membership.root_key or not state.root_cert:
+            return
+        root_key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(self.membership.root_key))
+        cert = issue_member_cert(root_key, cert_from_pem(state.root_cert), bytes.fromhex(node.public_key),
+                                 self.membership.mesh_id, node.site, node.node_id, time.time(), serial=random_serial())
+        try:
+            with trio.fail_after(ATTEST_TIMEOUT):
+                await peer.member_call(node.address, node_id=self.identity.node_id,
+                                       site_secret=self.membership.site_secret,
+                                       call={"call": "certificate", "member_cert": cert_to_pem(cert)},
+                                       context=self.tls.client_context(verify_server=False))
+        except (OSError, peer.PeerError, trio.TooSlowError) as e:
+            log.info("certificate renewal postponed", extra={"node": node.name, "reason": str(e) or type(e).__name__})
 
     async def _expelled(self, state: SiteState, reason: str) -> None:
         """This node was revoked: stop every workload, remember it, and exit. A restart on
@@ -914,9 +942,41 @@ class Daemon:
                 await peer.serve_peer_connection(
                     stream, on_join=self.handle_join, on_member_call=self.handle_member_call,
                     member_secret=lambda: self.membership.site_secret if self.membership and self.raft else None,
-                    is_member=self.is_member)
+                    is_member=self.is_member, tls=self.tls.server_context, cert_member=self.cert_member,
+                    track=self._track_member)
 
         await trio.serve_listeners(handle, listeners)
+
+    def cert_member(self, peer_cert: dict | None) -> str | None:
+        """The current member a verified peer certificate belongs to, else None."""
+        if self.membership is None:
+            return None
+        named = member_of(peer_cert, self.membership.mesh_id)
+        if named is None or not self.is_member(named[1]):
+            return None
+        return named[1]
+
+    def cert_names(self, node_id: str) -> Callable[[dict | None], bool]:
+        """For a client: does the server's verified certificate name this member?"""
+        return lambda cert: self.cert_member(cert) == node_id
+
+    @contextlib.contextmanager
+    def _track_member(self, node_id: str):
+        """A member's call runs in a cancel scope that revoking the member cancels."""
+        with trio.CancelScope() as scope:
+            self._member_scopes.setdefault(node_id, set()).add(scope)
+            try:
+                yield
+            finally:
+                self._member_scopes[node_id].discard(scope)
+
+    def _cut_revoked(self, state: SiteState) -> None:
+        for node_id, scopes in self._member_scopes.items():
+            node = state.nodes.get(node_id)
+            if scopes and (node is None or node.admin == ADMIN_REVOKED):
+                log.info("cutting the open connections of a revoked member", extra={"node_id": node_id})
+                for scope in list(scopes):
+                    scope.cancel()
 
     async def handle_member_call(self, call: dict, send_stream) -> Any:
         from meshd.io.adminhandlers import serve_local_logs
@@ -931,6 +991,13 @@ class Daemon:
             assert self.identity is not None
             evidence = await trio.to_thread.run_sync(software_evidence, self.identity, raw_nonce, self.config)
             return {"evidence": evidence}
+        if call.get("call") == "certificate":
+            pem = call.get("member_cert")
+            try:
+                await trio.to_thread.run_sync(self.tls.install_certificate, pem if isinstance(pem, str) else "")
+            except (ValueError, OSError, ssl.SSLError) as e:
+                raise peer.PeerError(f"certificate not installed: {e}") from None
+            return {"installed": True}
         if call.get("call") == "logs":
             return await serve_local_logs(self, str(call.get("alloc", "")), bool(call.get("follow")),
                                           call.get("tail"), send_stream)

@@ -1,4 +1,4 @@
-"""The peer port: framed JSON over TCP for joins and member-to-member calls.
+"""The peer port: framed JSON over mutual TLS (meshd.io.tls) for joins and member calls.
 
 Two conversations exist:
 - join: `join_hello` -> `challenge` (fresh nonce, X25519 key) -> `join_request` (token proof,
@@ -11,6 +11,9 @@ Invariants:
   reason, and the connection is closed; the listener keeps serving others.
 - A connection that says nothing for HANDSHAKE_TIMEOUT is dropped (slow-loris guard).
 - Nonces are single-use: a challenge lives only for one connection.
+- Every connection is TLS 1.3; bytes that are not a TLS handshake end the connection. A member
+  call is served only to a client certificate of a current member whose node id is the one
+  the call names (and whose HMAC with the site secret checks out).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import hashlib
 import hmac
 import logging
 import os
+import ssl
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import trio
@@ -61,7 +65,10 @@ class FramedStream:
 
     async def aclose(self) -> None:
         with trio.move_on_after(1):
-            await self.stream.aclose()
+            try:
+                await self.stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the peer went away mid-close (TLS close_notify): nothing left to do
 
 
 def member_key(site_secret: str) -> bytes:
@@ -80,15 +87,39 @@ CallHandler = Callable[[dict, Callable[[dict], Awaitable[None]]], Awaitable[Any]
 
 async def serve_peer_connection(stream: trio.SocketStream, *, on_join: JoinHandler,
                                 on_member_call: CallHandler, member_secret: Callable[[], str | None],
-                                is_member: Callable[[str], bool]) -> None:
-    conn = FramedStream(stream)
+                                is_member: Callable[[str], bool], tls: Callable[[], ssl.SSLContext | None],
+                                cert_member: Callable[[dict | None], str | None],
+                                track: Callable[[str], Any]) -> None:
+    """One peer connection: TLS, then a join or one member call.
+
+    `cert_member(peer certificate)` names the member a verified client certificate belongs
+    to; `track(node_id)` is a context manager under which a member's call runs (so that
+    revoking the member can cut it)."""
+    context = tls()
+    if context is None:
+        await stream.aclose()  # no member certificate yet: nothing to serve
+        return
+    secure = trio.SSLStream(stream, context, server_side=True)
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            await secure.do_handshake()
+    except (trio.BrokenResourceError, trio.TooSlowError, trio.ClosedResourceError) as e:
+        log.info("peer TLS handshake failed", extra={"reason": str(e.__cause__ or e) or type(e).__name__,
+                                                     "peer": _peer_name(stream)})
+        await trio.aclose_forcefully(secure)
+        return
+    conn = FramedStream(secure)
     try:
         hello = await conn.receive()
         kind = hello.get("type")
         if kind == "join_hello":
             await on_join(conn, hello)
         elif kind == "member_hello":
-            await _serve_member_call(conn, on_member_call, member_secret, is_member)
+            node_id = cert_member(secure.getpeercert())
+            if node_id is None:
+                raise PeerError("member calls need a valid member certificate of this mesh")
+            with track(node_id):
+                await _serve_member_call(conn, on_member_call, member_secret, is_member, node_id)
         else:
             raise PeerError(f"unknown message type {kind!r}")
     except FrameError as e:
@@ -122,7 +153,8 @@ async def _refuse(conn: FramedStream, reason: str) -> None:
 
 
 async def _serve_member_call(conn: FramedStream, on_member_call: CallHandler,
-                             member_secret: Callable[[], str | None], is_member: Callable[[str], bool]) -> None:
+                             member_secret: Callable[[], str | None], is_member: Callable[[str], bool],
+                             cert_node_id: str) -> None:
     secret = member_secret()
     if secret is None:
         raise PeerError("this node is not a member of any site yet")
@@ -134,6 +166,8 @@ async def _serve_member_call(conn: FramedStream, on_member_call: CallHandler,
     node_id, call, mac = msg.get("node_id"), msg.get("call"), msg.get("mac")
     if not isinstance(node_id, str) or not isinstance(call, dict) or not isinstance(mac, str):
         raise PeerError("member_call needs node_id, call and mac")
+    if node_id != cert_node_id:
+        raise PeerError("member authentication failed: the call names another node than the certificate")
     if not is_member(node_id) or not hmac.compare_digest(call_mac(member_key(secret), nonce, node_id, call), mac):
         raise PeerError("member authentication failed")
 
@@ -151,17 +185,29 @@ async def _serve_member_call(conn: FramedStream, on_member_call: CallHandler,
 # --- client side ----------------------------------------------------------------------------
 
 
-async def open_peer(address: str, timeout: float = 3.0) -> FramedStream:
+async def open_peer(address: str, context: ssl.SSLContext, timeout: float = 3.0,
+                    expect: Callable[[dict | None], bool] | None = None) -> FramedStream:
+    """A TLS connection to a peer; `expect(server certificate)` must accept who answered."""
     host, _, port = address.rpartition(":")
     with trio.fail_after(timeout):
         stream = await trio.open_tcp_stream(host, int(port))
-    return FramedStream(stream)
+        secure = trio.SSLStream(stream, context, server_side=False)
+        try:
+            await secure.do_handshake()
+        except trio.BrokenResourceError as e:
+            await trio.aclose_forcefully(secure)
+            raise PeerError(f"TLS with {address} failed: {e.__cause__ or e}") from None
+    if expect is not None and not expect(secure.getpeercert()):
+        await trio.aclose_forcefully(secure)
+        raise PeerError(f"{address} is not the member it should be (certificate)")
+    return FramedStream(secure)
 
 
-async def member_call(address: str, *, node_id: str, site_secret: str, call: dict,
+async def member_call(address: str, *, node_id: str, site_secret: str, call: dict, context: ssl.SSLContext,
+                      expect: Callable[[dict | None], bool] | None = None,
                       on_stream: Callable[[dict], Awaitable[None]] | None = None,
                       timeout: float | None = 10.0) -> Any:
-    conn = await open_peer(address)
+    conn = await open_peer(address, context, expect=expect)
     try:
         await conn.send({"type": "member_hello"})
         challenge = await conn.receive()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import pickle
@@ -15,6 +16,7 @@ import pytest
 from meshd import tokens
 from meshd.io.admin import AdminError
 from meshd.io.localsite import LocalNode, wait_for
+from meshd.io.tls import joiner_context
 
 pytestmark = pytest.mark.system
 
@@ -99,11 +101,31 @@ def test_invalid_specs_name_the_key_and_change_nothing(one, spec, key):
 def test_junk_on_the_peer_port_is_refused_and_the_daemon_keeps_serving(one, payload):
     node = one.nodes[0]
     host, port = node.call("status")["address"].rsplit(":", 1)
+    # Not even TLS: the handshake fails and the connection ends without one byte of service.
     with socket.create_connection((host, int(port)), timeout=10) as s:
         s.sendall(payload)
         s.shutdown(socket.SHUT_WR)
         reply = s.recv(65536)
+    assert b"error" not in reply and b"challenge" not in reply
+    # Inside TLS (as a joiner would connect): the frame layer refuses it with a reason.
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        with joiner_context().wrap_socket(raw) as s:
+            s.sendall(payload)
+            reply = s.recv(65536)
     assert b"error" in reply
+    assert node.call("status")["role"] == "leader"
+
+
+def test_an_unauthenticated_client_gets_no_member_call(one):
+    """TLS without a member certificate (or with a valid HMAC but no certificate): refused."""
+    node = one.nodes[0]
+    host, port = node.call("status")["address"].rsplit(":", 1)
+    hello = json.dumps({"type": "member_hello"}).encode()
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        with joiner_context().wrap_socket(raw) as s:
+            s.sendall(struct.pack(">I", len(hello)) + hello)
+            reply = s.recv(65536)
+    assert b"member calls need a valid member certificate" in reply
     assert node.call("status")["role"] == "leader"
 
 

@@ -75,11 +75,14 @@ def test_software_changed_on_a_running_member_is_caught_by_re_attestation(make_s
     drifting.cwd = str(copy)
     drifting.start(join=site.token())
     site.wait_ready(drifting)
+    first_cert = (drifting.data_dir / "member.pem").read_text()
     leader = site.leader()
     # healthy members keep passing: re-attested, not revoked
     wait_for(lambda: all(n["state"] == "ready" for n in leader.call("nodes")) and
              all(n["attested_at"] > n["joined_at"] for n in leader.call("nodes")), 15, what="re-attestations")
 
+    # fresh evidence earned a fresh membership certificate (renewal)
+    wait_for(lambda: (drifting.data_dir / "member.pem").read_text() != first_cert, 15, what="certificate renewal")
     state_py.write_text(original + "\n# changed after the join\n")
     assert drifting.proc.wait(timeout=30) == 1
     assert "revoked" in drifting.log_text()
@@ -88,3 +91,56 @@ def test_software_changed_on_a_running_member_is_caught_by_re_attestation(make_s
     assert any("failed re-attestation" in m and "not a reference value" in m for m in events), events[-6:]
     assert any(a["action"] == "revoke" and a["actor"].startswith("attestation@") for a in leader.call("audit"))
     assert all(n["state"] == "ready" for n in leader.call("nodes") if n["name"] != drifting.name)
+
+
+def test_a_revoked_members_open_connection_is_cut(three):
+    """The revoked node still has a member call open (following logs on another member): the
+    member cuts it when the revocation reaches it."""
+    import json as jsonlib
+
+    import trio
+
+    from meshd.io import peer
+    from meshd.io.tls import PeerTLS
+
+    leader = three.leader()
+    leader.call("deploy", spec_toml=APP.replace('["sleep", "3600"]', '["sh", "-c", "while true; do echo tick; sleep 0.2; done"]'),
+                wait=True, timeout=30)
+    victim = next(n for n in three.nodes if n is not leader)
+    host = next(n for n in three.nodes if n is not victim)
+    alloc = next(a for a in three.running("svc") if a["node"] == host.name)
+    membership = jsonlib.loads((victim.data_dir / "membership.json").read_text())
+    victim_id = victim.call("status")["node_id"]
+    host_address = host.call("status")["address"]
+    items: list[dict] = []
+    outcome: list[str] = []
+
+    async def follow_as_victim():
+        async def collect(item):
+            items.append(item)
+        try:
+            await peer.member_call(host_address, node_id=victim_id, site_secret=membership["site_secret"],
+                                   call={"call": "logs", "alloc": alloc["alloc_id"], "follow": True, "tail": None},
+                                   context=PeerTLS(victim.data_dir).client_context(), on_stream=collect, timeout=None)
+            outcome.append("ended")
+        except (peer.PeerError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            outcome.append(f"cut: {type(e).__name__}")
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follow_as_victim)
+            with trio.fail_after(10):
+                while not items:
+                    await trio.sleep(0.05)
+            await trio.to_thread.run_sync(lambda: leader.call("revoke", node=victim.name, reason="test"))
+            with trio.fail_after(10):
+                while not outcome:
+                    await trio.sleep(0.05)
+
+    trio.run(main)
+    assert outcome and items, (outcome, items[:2])
+    # and it cannot open a new one
+    with pytest.raises(peer.PeerError):
+        trio.run(lambda: peer.member_call(host_address, node_id=victim_id, site_secret=membership["site_secret"],
+                                          call={"call": "logs", "alloc": alloc["alloc_id"]},
+                                          context=PeerTLS(victim.data_dir).client_context()))
