@@ -209,24 +209,32 @@ async def member_call(address: str, *, node_id: str, site_secret: str, call: dic
                       timeout: float | None = 10.0) -> Any:
     conn = await open_peer(address, context, expect=expect)
     try:
-        await conn.send({"type": "member_hello"})
-        challenge = await conn.receive()
-        if challenge.get("type") != "challenge":
-            raise PeerError(challenge.get("error") or "peer did not send a challenge")
-        nonce = bytes.fromhex(challenge["nonce"])
-        await conn.send({"type": "member_call", "node_id": node_id, "call": call,
-                         "mac": call_mac(member_key(site_secret), nonce, node_id, call)})
-        while True:
-            msg = await conn.receive(timeout=timeout if timeout is not None else float("inf"))
-            kind = msg.get("type")
-            if kind == "stream" and on_stream is not None:
-                await on_stream(msg.get("item", {}))
-            elif kind == "result":
-                return msg.get("result")
-            elif kind == "error":
-                raise PeerError(msg.get("error", "peer error"))
+        return await _member_conversation(conn, node_id, site_secret, call, on_stream, timeout)
+    except trio.BrokenResourceError as e:
+        # Under TLS 1.3 a server that refuses our certificate says so on the first read.
+        raise PeerError(f"{address} closed the connection ({e.__cause__ or 'refused'})") from None
     finally:
         await conn.aclose()
+
+
+async def _member_conversation(conn: FramedStream, node_id: str, site_secret: str, call: dict,
+                               on_stream: Callable[[dict], Awaitable[None]] | None, timeout: float | None) -> Any:
+    await conn.send({"type": "member_hello"})
+    challenge = await conn.receive()
+    if challenge.get("type") != "challenge":
+        raise PeerError(challenge.get("error") or "peer did not send a challenge")
+    nonce = bytes.fromhex(challenge["nonce"])
+    await conn.send({"type": "member_call", "node_id": node_id, "call": call,
+                     "mac": call_mac(member_key(site_secret), nonce, node_id, call)})
+    while True:
+        msg = await conn.receive(timeout=timeout if timeout is not None else float("inf"))
+        kind = msg.get("type")
+        if kind == "stream" and on_stream is not None:
+            await on_stream(msg.get("item", {}))
+        elif kind == "result":
+            return msg.get("result")
+        elif kind == "error":
+            raise PeerError(msg.get("error", "peer error"))
 
 
 async def aiter_frames(conn: FramedStream) -> AsyncIterator[dict]:

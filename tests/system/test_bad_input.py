@@ -228,3 +228,59 @@ def test_allowing_a_new_digest_lets_that_software_join(one, tmp_path):
     upgraded.start(join=one.token())
     one.wait_ready(upgraded)
     assert any(e.get("kind") == "attestation" for e in leader.call("events"))
+
+
+@pytest.mark.parametrize("forgery", ["foreign root", "expired"])
+def test_member_calls_with_bad_certificates_are_refused(one, tmp_path, forgery):
+    """A certificate that names a real member, for that member's real key, but signed by a
+    foreign root, or by the real root and expired: no member call."""
+    import time as clock
+
+    import trio
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from attestation.certs import cert_from_pem, cert_to_pem, issue_member_cert, make_root
+    from meshd.io import peer
+    from meshd.io.tls import PeerTLS
+
+    founder = one.nodes[0]
+    member = one.join()
+    data = member.data_dir
+    membership = json.loads((data / "membership.json").read_text())
+    key = serialization.load_pem_private_key((data / "node.key").read_bytes(), password=None)
+    public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    node_id = member.call("status")["node_id"]
+    if forgery == "foreign root":
+        root_key = Ed25519PrivateKey.generate()
+        root_cert = make_root(root_key, membership["mesh_id"], clock.time())
+        issued_at = clock.time()
+    else:
+        root_key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(membership["root_key"]))
+        root_cert = cert_from_pem((data / "root.pem").read_text())
+        issued_at = clock.time() - 2 * 3600  # lived an hour, ended an hour ago
+    forged = tmp_path / "forged"
+    forged.mkdir()
+    (forged / "node.key").write_bytes((data / "node.key").read_bytes())
+    (forged / "root.pem").write_text((data / "root.pem").read_text())
+    (forged / "member.pem").write_text(cert_to_pem(issue_member_cert(
+        root_key, root_cert, public, membership["mesh_id"], membership["site"], node_id, issued_at, serial=99)))
+    address = founder.call("status")["address"]
+
+    def call(cert_dir):
+        async def run():
+            return await peer.member_call(address, node_id=node_id, site_secret=membership["site_secret"],
+                                          call={"call": "logs", "alloc": "nosuch"},
+                                          context=PeerTLS(cert_dir).client_context(verify_server=False))
+        try:
+            trio.run(run)
+        except (peer.PeerError, trio.BrokenResourceError) as e:
+            return str(e)
+        return "served"
+
+    # control: the member's real certificate gets through to the call (which then fails on
+    # the unknown allocation, not on authentication)
+    assert "authentication" not in call(data) and "certificate" not in call(data)
+    refused = call(forged)
+    assert "closed the connection" in refused or "TLS" in refused or "member certificate" in refused, refused
+    assert founder.call("status")["role"] == "leader"
