@@ -292,6 +292,15 @@ def _revoke_node(state: SiteState, cmd: dict, ts: float) -> dict:
     return ok(node=node.name, node_id=node_id, revoked=True)
 
 
+def _rotate_secret(state: SiteState, cmd: dict, ts: float) -> dict:
+    """Reserve the next Raft secret epoch: whoever rotates distributes a secret under it, and
+    members only ever move to a higher epoch, so concurrent rotations converge."""
+    state.secret_epoch += 1
+    _event(state, ts, "membership", f"Raft secret rotation {state.secret_epoch} started", epoch=state.secret_epoch)
+    _audit(state, ts, _actor(cmd), "rotate-secret", str(state.secret_epoch))
+    return ok(epoch=state.secret_epoch)
+
+
 def _attested(state: SiteState, cmd: dict, ts: float) -> dict:
     """A member's fresh evidence verified (re-attestation): record when, and from which boot."""
     node_id = _str(cmd, "node_id", max_len=64)
@@ -598,6 +607,7 @@ HANDLERS: dict[str, Callable[[SiteState, dict, float], dict]] = {
     "set_policy": _set_policy,
     "revoke_node": _revoke_node,
     "attested": _attested,
+    "rotate_secret": _rotate_secret,
     "create_token": _create_token,
     "admit_node": _admit_node,
     "heartbeat": _heartbeat,

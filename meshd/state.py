@@ -221,6 +221,9 @@ class SiteState:
     root_cert: str = ""
     policy: dict = field(default_factory=dict)
     revocations: dict = field(default_factory=dict)
+    # How many times the Raft secret was replaced (after revocations); the secret itself
+    # never enters the replicated state, which every member, revoked or not, could read.
+    secret_epoch: int = 0
 
     # --- read helpers used by placement, reconcile and the admin layer ---------------
     def node_by_ref(self, ref: str) -> NodeRecord | None:

@@ -434,4 +434,6 @@ class AdminHandlers:
         except RevocationRefused as e:
             raise AdminError(str(e)) from None
         await self._write(request, "revoke_node", **fields)
-        return {"node": node.name, "revoked": True, "node_id": node.node_id, "revocation_list": fields["number"]}
+        await d.rotate_site_secret()
+        return {"node": node.name, "revoked": True, "node_id": node.node_id, "revocation_list": fields["number"],
+                "secret_epoch": d.membership.secret_epoch}

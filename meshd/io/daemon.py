@@ -110,6 +110,12 @@ JOIN_FAST_QUERY_WINDOW = 5.0
 ATTEST_CHECK_PERIOD = 1.0
 ATTEST_RETRY_DELAY = 10.0
 ATTEST_TIMEOUT = 10.0
+# Raft secret: a member with no Raft leader for SECRET_FETCH_AFTER (looked at every
+# SECRET_CHECK_PERIOD) asks the others whether the secret was rotated while it was away;
+# each call to a member gives up after SECRET_CALL_TIMEOUT (an unreachable member costs that).
+SECRET_CHECK_PERIOD = 1.0
+SECRET_FETCH_AFTER = 5.0
+SECRET_CALL_TIMEOUT = 3.0
 # Returning freed heap to the kernel: once start-up settled (joins, first reports), then on
 # this period (a trim walks the heap: cheap, but not free).
 HEAP_TRIM_FIRST = 5.0
@@ -124,6 +130,10 @@ class FatalStartupError(Exception):
 
 # Refusals another try may cure: the site was busy, or this member could not act for it.
 RETRYABLE_REFUSALS = ("site could not commit", "this member cannot issue", "this node is not a member")
+
+
+def _valid_secret(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 class RevocationRefused(Exception):
@@ -823,6 +833,7 @@ class Daemon:
             fields = self.revocation_fields(state, node, f"attestation@{self.config.name}",
                                             f"re-attestation failed: {verdict.reason}"[:200])
             await self.commit(self.new_command("revoke_node", actor=f"attestation@{self.config.name}", **fields))
+            await self.rotate_site_secret()
         except (CommandFailed, RevocationRefused) as e:
             log.info("re-attestation outcome not committed", extra={"node": node.name, "reason": str(e)})
             return False
@@ -845,6 +856,83 @@ class Daemon:
                                        context=self.tls.client_context(verify_server=False))
         except (OSError, peer.PeerError, trio.TooSlowError) as e:
             log.info("certificate renewal postponed", extra={"node": node.name, "reason": str(e) or type(e).__name__})
+
+    # --- Raft secret rotation ----------------------------------------------------------------
+
+    async def rotate_site_secret(self) -> None:
+        """After a revocation: a new Raft secret for every current member, so an expelled node
+        that kept the old one can neither read nor inject. The epoch comes from Raft (unique,
+        increasing); the secret travels only over mutual TLS to certified current members.
+        Members that miss it (down) fetch it when they come back (secret_watch_loop)."""
+        assert self.identity is not None and self.membership is not None
+        try:
+            result = await self.commit(self.new_command("rotate_secret", actor=self.config.name))
+        except CommandFailed as e:
+            log.warning("Raft secret not rotated", extra={"reason": str(e)})
+            return
+        epoch, secret = int(result["epoch"]), secrets.token_hex(32)
+        state = self.snapshot()
+        for node in sorted(state.nodes.values(), key=lambda n: n.name):
+            if node.node_id == self.identity.node_id or node.admin in (ADMIN_LEFT, ADMIN_REVOKED):
+                continue
+            try:
+                with trio.fail_after(SECRET_CALL_TIMEOUT):
+                    await peer.member_call(node.address, node_id=self.identity.node_id,
+                                           site_secret=self.membership.site_secret,
+                                           call={"call": "rotate", "secret": secret, "epoch": epoch},
+                                           context=self.tls.client_context(), expect=self.cert_names(node.node_id))
+            except (OSError, peer.PeerError, trio.TooSlowError) as e:
+                log.info("rotation not delivered; the member fetches it later",
+                         extra={"node": node.name, "reason": str(e) or type(e).__name__})
+        await self._switch_secret(secret, epoch)
+
+    async def _switch_secret(self, secret: str, epoch: int) -> bool:
+        """Adopt a newer site secret: save it, restart Raft with it. Older epochs are ignored."""
+        assert self.membership is not None
+        if epoch <= self.membership.secret_epoch:
+            return False
+        self.membership.site_secret, self.membership.secret_epoch = secret, epoch
+        self.membership.save(self.data_dir)
+        if self.raft is not None:
+            # The old node keeps answering reads (its last state) until the new one replaces
+            # it; commands in between fail and are retried like any during an election.
+            await trio.to_thread.run_sync(self.raft.close)
+        self._start_raft()
+        self.event("membership", f"Raft secret rotated (epoch {epoch})", epoch=epoch)
+        return True
+
+    async def secret_watch_loop(self) -> None:
+        """A member cut off from its site's Raft for a while (no leader, or no quorum: with a
+        stale secret every Raft connection fails) may have missed a rotation while it was
+        down: it asks other members (certificate only) for the current secret."""
+        assert self.identity is not None and self.membership is not None
+        leaderless_since: float | None = None
+        while True:
+            await trio.sleep(SECRET_CHECK_PERIOD)
+            if self.raft is None or not self.partitioned:
+                leaderless_since = None
+                continue
+            now = time.monotonic()
+            leaderless_since = leaderless_since or now
+            if now - leaderless_since < SECRET_FETCH_AFTER:
+                continue
+            leaderless_since = now  # ask again only after another quiet spell
+            for node in self.snapshot().nodes.values():
+                if node.node_id == self.identity.node_id or node.admin in (ADMIN_LEFT, ADMIN_REVOKED):
+                    continue
+                try:
+                    with trio.fail_after(SECRET_CALL_TIMEOUT):
+                        answer = await peer.member_call(node.address, node_id=self.identity.node_id,
+                                                        site_secret=self.membership.site_secret,
+                                                        call={"call": "site_secret"},
+                                                        context=self.tls.client_context(),
+                                                        expect=self.cert_names(node.node_id))
+                except (OSError, peer.PeerError, trio.TooSlowError, FileNotFoundError):
+                    continue
+                if isinstance(answer, dict) and _valid_secret(answer.get("secret")) \
+                        and isinstance(answer.get("epoch"), int):
+                    if await self._switch_secret(answer["secret"], answer["epoch"]):
+                        break
 
     async def _expelled(self, state: SiteState, reason: str) -> None:
         """This node was revoked: stop every workload, remember it, and exit. A restart on
@@ -920,6 +1008,7 @@ class Daemon:
             nursery.start_soon(self.leader_loop)
             nursery.start_soon(self.supervise_loop)
             nursery.start_soon(self.attestation_loop)
+            nursery.start_soon(self.secret_watch_loop)
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
             sd_notify("READY=1")
             log.info("ready", extra={"site": self.membership.site, "voter": self.membership.voter})
@@ -991,6 +1080,16 @@ class Daemon:
             assert self.identity is not None
             evidence = await trio.to_thread.run_sync(software_evidence, self.identity, raw_nonce, self.config)
             return {"evidence": evidence}
+        if call.get("call") == "rotate":
+            secret, epoch = call.get("secret"), call.get("epoch")
+            if not _valid_secret(secret) or not isinstance(epoch, int) or isinstance(epoch, bool):
+                raise peer.PeerError("rotate needs a 64-hex-digit secret and an integer epoch")
+            assert isinstance(secret, str)
+            switched = await self._switch_secret(secret, epoch)
+            return {"epoch": self.membership.secret_epoch if self.membership else 0, "switched": switched}
+        if call.get("call") == "site_secret":
+            assert self.membership is not None
+            return {"secret": self.membership.site_secret, "epoch": self.membership.secret_epoch}
         if call.get("call") == "certificate":
             pem = call.get("member_cert")
             try:

@@ -76,6 +76,7 @@ class Membership:
     # The mesh root's private key (hex, raw Ed25519): voters hold it, since any of them may
     # lead and the leader issues membership certificates and signs trust documents.
     root_key: str = ""
+    secret_epoch: int = 0  # which rotation of the site secret this is (higher wins)
 
     @staticmethod
     def path(data_dir: Path) -> Path:

@@ -35,6 +35,9 @@ log = logging.getLogger("meshd.peer")
 # A peer that has not finished its handshake step within this time is dropped: generous for
 # a device on a lossy link, short enough that idle sockets cannot pile up.
 HANDSHAKE_TIMEOUT = 10.0
+# Calls a member may make with its certificate alone: asking for the current site secret,
+# which a member that missed a rotation (it was down) no longer knows.
+CERTIFICATE_ONLY_CALLS = frozenset({"site_secret"})
 # At most this many peer connections are served at once; beyond it new ones wait in the
 # accept backlog instead of exhausting memory.
 MAX_PEER_CONNECTIONS = 256
@@ -168,7 +171,10 @@ async def _serve_member_call(conn: FramedStream, on_member_call: CallHandler,
         raise PeerError("member_call needs node_id, call and mac")
     if node_id != cert_node_id:
         raise PeerError("member authentication failed: the call names another node than the certificate")
-    if not is_member(node_id) or not hmac.compare_digest(call_mac(member_key(secret), nonce, node_id, call), mac):
+    if not is_member(node_id):
+        raise PeerError("member authentication failed: not a current member")
+    if call.get("call") not in CERTIFICATE_ONLY_CALLS and not hmac.compare_digest(
+            call_mac(member_key(secret), nonce, node_id, call), mac):
         raise PeerError("member authentication failed")
 
     async def send_stream(item: dict) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -144,3 +145,34 @@ def test_a_revoked_members_open_connection_is_cut(three):
         trio.run(lambda: peer.member_call(host_address, node_id=victim_id, site_secret=membership["site_secret"],
                                           call={"call": "logs", "alloc": alloc["alloc_id"]},
                                           context=PeerTLS(victim.data_dir).client_context()))
+
+
+def test_revoking_rotates_the_raft_secret_and_an_absent_member_catches_up(make_site):
+    site = make_site("rs")
+    site.start(4)
+    leader = site.leader()
+    others = [n for n in site.nodes if n is not leader]
+    victim, away, present = others[0], others[1], others[2]
+
+    def secret_of(node):
+        return json.loads((node.data_dir / "membership.json").read_text())
+
+    old = secret_of(victim)["site_secret"]
+    away.pause()  # down during the rotation: misses it
+    try:
+        result = leader.call("revoke", node=victim.name, reason="stolen")
+        assert result["secret_epoch"] == 1
+        assert victim.proc.wait(timeout=20) == 1
+        for node in (leader, present):
+            wait_for(lambda: secret_of(node)["secret_epoch"] == 1, 10, what=f"{node.name} rotated")
+            assert secret_of(node)["site_secret"] != old
+        assert secret_of(away)["site_secret"] == old
+        # the site keeps working on the new secret
+        wait_for(lambda: site.leader() is not None, 15, what="a leader after the rotation")
+        site.leader().call("deploy", spec_toml=APP, wait=True, timeout=30)
+    finally:
+        away.resume()
+    # the absent member finds no leader with its old secret, fetches the new one, and is back
+    wait_for(lambda: secret_of(away)["secret_epoch"] == 1, 30, what="the absent member to catch up")
+    assert secret_of(away)["site_secret"] == secret_of(leader)["site_secret"]
+    site.wait_ready(away, timeout=30)

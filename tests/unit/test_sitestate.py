@@ -252,3 +252,13 @@ def test_rollout_stop_waits_until_the_replacement_is_placed():
     done = sitestate.apply(state, plan_cmd([{"alloc_id": "new0", "replica": 0, "node_id": n1}], version=2,
                                            stops=[("old0", "replaced by version 2")]))
     assert done["placed"] == ["new0"] and done["stopped"] == ["old0"]
+
+
+def test_secret_rotations_get_unique_increasing_epochs():
+    state = SiteState(site="s1")
+    epochs = [sitestate.apply(state, {"op": "rotate_secret", "ts": 1.0 + i, "request_id": f"r{i}"})["epoch"]
+              for i in range(3)]
+    assert epochs == [1, 2, 3] and state.secret_epoch == 3
+    # a retried rotation (same request id) is answered, not applied twice
+    assert sitestate.apply(state, {"op": "rotate_secret", "ts": 9.0, "request_id": "r2"})["epoch"] == 3
+    assert state.secret_epoch == 3
