@@ -434,6 +434,7 @@ class AdminHandlers:
         except RevocationRefused as e:
             raise AdminError(str(e)) from None
         await self._write(request, "revoke_node", **fields)
+        await d.tell_revoked(node, fields["revocations"])
         await d.rotate_site_secret()
         return {"node": node.name, "revoked": True, "node_id": node.node_id, "revocation_list": fields["number"],
                 "secret_epoch": d.membership.secret_epoch}

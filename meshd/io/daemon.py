@@ -262,6 +262,7 @@ class Daemon:
         self.state_changed: Wakeup | None = None
         self.tls = PeerTLS(self.data_dir)
         self._member_scopes: dict[str, set[trio.CancelScope]] = {}  # open member calls, by caller
+        self._revoked_notice: str | None = None  # a root-signed revocation naming us arrived
         # pysyncobj takes one membership change at a time; a second one waits out its timeout.
         self._voter_change = trio.Lock()
         self.reports_changed: Wakeup | None = None
@@ -742,6 +743,8 @@ class Daemon:
             own = state.nodes.get(self.identity.node_id)
             if own is not None and own.admin == ADMIN_REVOKED:
                 await self._expelled(state, own.reason)
+            if self._revoked_notice:
+                await self._expelled(state, self._revoked_notice)
             self._cut_revoked(state)
             desired = []
             for alloc in state.allocs.values():
@@ -833,6 +836,7 @@ class Daemon:
             fields = self.revocation_fields(state, node, f"attestation@{self.config.name}",
                                             f"re-attestation failed: {verdict.reason}"[:200])
             await self.commit(self.new_command("revoke_node", actor=f"attestation@{self.config.name}", **fields))
+            await self.tell_revoked(node, fields["revocations"])
             await self.rotate_site_secret()
         except (CommandFailed, RevocationRefused) as e:
             log.info("re-attestation outcome not committed", extra={"node": node.name, "reason": str(e)})
@@ -858,6 +862,23 @@ class Daemon:
             log.info("certificate renewal postponed", extra={"node": node.name, "reason": str(e) or type(e).__name__})
 
     # --- Raft secret rotation ----------------------------------------------------------------
+
+    async def tell_revoked(self, node, revocations: dict) -> None:
+        """Best effort, right after a revocation commits: hand the node the signed list that
+        names it. Raft may never tell it (the leader drops it from the configuration, and the
+        secret rotation cuts it off), and it must stop its workloads."""
+        assert self.identity is not None and self.membership is not None
+        try:
+            with trio.fail_after(SECRET_CALL_TIMEOUT):
+                await peer.member_call(node.address, node_id=self.identity.node_id,
+                                       site_secret=self.membership.site_secret,
+                                       call={"call": "revoked", "revocations": revocations},
+                                       context=self.tls.client_context(),
+                                       # it is no longer a member: check only that it is that node
+                                       expect=lambda cert: (member_of(cert, self.membership.mesh_id)
+                                                            or ("", ""))[1] == node.node_id)
+        except (OSError, peer.PeerError, trio.TooSlowError) as e:
+            log.info("revoked node not reached", extra={"node": node.name, "reason": str(e) or type(e).__name__})
 
     async def rotate_site_secret(self) -> None:
         """After a revocation: a new Raft secret for every current member, so an expelled node
@@ -1080,6 +1101,21 @@ class Daemon:
             assert self.identity is not None
             evidence = await trio.to_thread.run_sync(software_evidence, self.identity, raw_nonce, self.config)
             return {"evidence": evidence}
+        if call.get("call") == "revoked":
+            # Trust the list, not the caller: it must be signed by the mesh root and name us.
+            state = self.snapshot()
+            assert self.identity is not None
+            try:
+                listed = open_revocations(call.get("revocations"), bytes.fromhex(state.trust_root))
+            except (ValueError, AttestationError) as e:
+                raise peer.PeerError(f"not a valid revocation list: {e}") from None
+            if not listed.is_revoked(self.identity.node_id):
+                raise peer.PeerError("the revocation list does not name this node")
+            entry = listed.entries[self.identity.node_id]
+            self._revoked_notice = f"revoked by {entry.by}" + (f": {entry.reason}" if entry.reason else "")
+            assert self.state_changed is not None
+            self.state_changed.notify()  # the supervise loop acts on it
+            return {"stopping": True}
         if call.get("call") == "rotate":
             secret, epoch = call.get("secret"), call.get("epoch")
             if not _valid_secret(secret) or not isinstance(epoch, int) or isinstance(epoch, bool):
