@@ -265,6 +265,7 @@ class Daemon:
         self._revoked_notice: str | None = None  # a root-signed revocation naming us arrived
         # pysyncobj takes one membership change at a time; a second one waits out its timeout.
         self._voter_change = trio.Lock()
+        self._secret_switch = trio.Lock()
         self.reports_changed: Wakeup | None = None
         self.stopping = False
 
@@ -910,15 +911,16 @@ class Daemon:
     async def _switch_secret(self, secret: str, epoch: int) -> bool:
         """Adopt a newer site secret: save it, restart Raft with it. Older epochs are ignored."""
         assert self.membership is not None
-        if epoch <= self.membership.secret_epoch:
-            return False
-        self.membership.site_secret, self.membership.secret_epoch = secret, epoch
-        self.membership.save(self.data_dir)
-        if self.raft is not None:
-            # The old node keeps answering reads (its last state) until the new one replaces
-            # it; commands in between fail and are retried like any during an election.
-            await trio.to_thread.run_sync(self.raft.close)
-        self._start_raft()
+        async with self._secret_switch:  # one Raft restart at a time, or two nodes would share a port
+            if epoch <= self.membership.secret_epoch:
+                return False
+            self.membership.site_secret, self.membership.secret_epoch = secret, epoch
+            self.membership.save(self.data_dir)
+            if self.raft is not None:
+                # The old node keeps answering reads (its last state) until the new one replaces
+                # it; commands in between fail and are retried like any during an election.
+                await trio.to_thread.run_sync(self.raft.close)
+            self._start_raft()
         self.event("membership", f"Raft secret rotated (epoch {epoch})", epoch=epoch)
         return True
 
