@@ -55,11 +55,6 @@ def make_root(root_key: Ed25519PrivateKey, mesh_id: str, now: float) -> x509.Cer
             .sign(root_key, algorithm=None))
 
 
-def random_serial() -> int:
-    """A fresh certificate serial number (the only randomness here; callers pass it in)."""
-    return x509.random_serial_number()
-
-
 def member_uri(mesh_id: str, site: str, node_id: str) -> str:
     return f"{URI_SCHEME}://{mesh_id}/{site}/{node_id}"
 

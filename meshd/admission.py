@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from attestation.policy import open_policy
-from attestation.revocation import open_revocations
+from attestation.policy import Policy, open_policy
+from attestation.revocation import RevocationList, open_revocations
 from attestation.signed import AttestationError
 from attestation.verifier import Challenge as EvidenceChallenge
 from attestation.verifier import verify as verify_evidence
@@ -66,6 +66,13 @@ def transcript_for(challenge: Challenge, request: JoinRequest) -> bytes:
                                   request.node)
 
 
+def site_trust(state: SiteState) -> tuple[Policy, RevocationList]:
+    """The policy and revocation list in force, opened with the site's root key; raises
+    AttestationError (or ValueError for a damaged root) when they do not verify."""
+    root = bytes.fromhex(state.trust_root)
+    return open_policy(state.policy, root), open_revocations(state.revocations, root)
+
+
 def _appraise(state: SiteState, challenge: Challenge, request: JoinRequest, node_id: str, public_key: bytes,
               now: float) -> list[str]:
     """The attestation part of the decision: reasons, empty when the evidence verifies."""
@@ -74,9 +81,7 @@ def _appraise(state: SiteState, challenge: Challenge, request: JoinRequest, node
     if request.evidence is None:
         return ["attestation: the join request carries no evidence"]
     try:
-        root = bytes.fromhex(state.trust_root)
-        policy = open_policy(state.policy, root)
-        revocations = open_revocations(state.revocations, root)
+        policy, revocations = site_trust(state)
     except (ValueError, AttestationError) as e:
         return [f"attestation: the site's trust documents do not verify ({e})"]
     verdict = verify_evidence(request.evidence, EvidenceChallenge(challenge.nonce.hex(), node_id, challenge.issued_at),

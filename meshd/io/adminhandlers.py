@@ -182,7 +182,7 @@ class AdminHandlers:
         return {"node_id": d.identity.node_id if d.identity else None, "name": d.config.name,
                 "site": d.membership.site if d.membership else d.config.site, "role": role,
                 "leader": d.leader_name, "term": raft.term if raft else 0, "members": members,
-                "partitioned": d.partitioned if raft else True, "version": d.node_plain()["version"],
+                "partitioned": d.partitioned if raft else True, "version": __version__,
                 "address": f"{d.advertise_ip}:{d.peer_port}", "raft_address": f"{d.advertise_ip}:{d.raft_port}",
                 "voter": bool(d.membership and d.membership.voter),
                 "evidence": SOFTWARE_EVIDENCE,
@@ -288,12 +288,8 @@ class AdminHandlers:
             node = state.nodes.get(alloc.node_id)
             if node is None:
                 raise AdminError(f"allocation {alloc.alloc_id} ran on a node that is no longer known")
-            return await peer.member_call(node.address, node_id=d.identity.node_id,
-                                          site_secret=d.membership.site_secret,
-                                          call={"call": "logs", "alloc": alloc.alloc_id, "follow": follow_,
-                                                "tail": tail},
-                                          context=d.tls.client_context(), expect=d.cert_names(node.node_id),
-                                          on_stream=stream.send, timeout=None if follow_ else 10.0)
+            return await d.call_member(node, {"call": "logs", "alloc": alloc.alloc_id, "follow": follow_, "tail": tail},
+                                       on_stream=stream.send, timeout=None if follow_ else 10.0)
         except peer.PeerError as e:
             raise AdminError(str(e)) from None
         except (OSError, trio.TooSlowError) as e:

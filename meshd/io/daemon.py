@@ -38,14 +38,14 @@ import time
 import uuid
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import psutil
 import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from attestation.policy import Policy, open_policy, sign_policy
+from attestation.policy import Policy, sign_policy
 from attestation.revocation import RevocationList, open_revocations, sign_revocations
 from attestation.signed import AttestationError
 from attestation.verifier import Challenge as EvidenceChallenge
@@ -130,6 +130,11 @@ class FatalStartupError(Exception):
 
 # Refusals another try may cure: the site was busy, or this member could not act for it.
 RETRYABLE_REFUSALS = ("site could not commit", "this member cannot issue", "this node is not a member")
+
+
+def new_cert_serial() -> int:
+    """A random positive certificate serial of under 160 bits (RFC 5280 section 4.1.2.2)."""
+    return int.from_bytes(os.urandom(19), "big") >> 1 or 1
 
 
 def _valid_secret(value: object) -> bool:
@@ -379,7 +384,7 @@ class Daemon:
         mesh_id = uuid.uuid4().hex
         root_key = Ed25519PrivateKey.generate()
         now = time.time()
-        from attestation.certs import cert_to_pem, issue_member_cert, make_root, random_serial
+        from attestation.certs import cert_to_pem, issue_member_cert, make_root
         root_cert = make_root(root_key, mesh_id, now)
         # The founder's own software is the first reference value; `meshctl policy` adds more.
         policy = Policy(mesh_id=mesh_id, serial=1, min_version=__version__,
@@ -393,7 +398,7 @@ class Daemon:
                                      root_key=raw_private_key(root_key).hex())
         self.membership.save(self.data_dir)
         own_cert = issue_member_cert(root_key, root_cert, self.identity.public_key, mesh_id, self.config.site,
-                                     self.identity.node_id, now, serial=random_serial())
+                                     self.identity.node_id, now, serial=new_cert_serial())
         save_certificates(self.data_dir, cert_to_pem(own_cert), cert_to_pem(root_cert))
         self._start_raft()
         command = self.new_command("bootstrap", site=self.config.site, mesh_id=self.membership.mesh_id,
@@ -534,11 +539,11 @@ class Daemon:
         root_key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(self.membership.root_key))
         # Only a member admitting someone issues certificates: X.509 is loaded on demand
         # (about 1.6 MB resident that the other members do not carry).
-        from attestation.certs import cert_from_pem, cert_to_pem, issue_member_cert, random_serial
+        from attestation.certs import cert_from_pem, cert_to_pem, issue_member_cert
         root_cert = cert_from_pem(state.root_cert)
         member_cert = issue_member_cert(root_key, root_cert, bytes.fromhex(request.node["public_key"]),
                                         self.membership.mesh_id, self.membership.site, request.node["node_id"],
-                                        time.time(), serial=random_serial())
+                                        time.time(), serial=new_cert_serial())
         welcome = {"mesh_id": self.membership.mesh_id, "site": self.membership.site,
                    "site_secret": self.membership.site_secret, "voter": result["voter"], "partners": partners,
                    "member_cert": cert_to_pem(member_cert), "root_cert": state.root_cert}
@@ -803,22 +808,15 @@ class Daemon:
         """One challenge to one member; False when it could not be asked (try later)."""
         assert self.identity is not None and self.membership is not None
         nonce, issued_at = os.urandom(32), time.time()
-        try:
-            with trio.fail_after(ATTEST_TIMEOUT):
-                # The evidence authenticates the answer (signed by the node key, bound to our
-                # nonce), so a member whose certificate expired offline can still be renewed.
-                answer = await peer.member_call(node.address, node_id=self.identity.node_id,
-                                                site_secret=self.membership.site_secret,
-                                                call={"call": "attest", "nonce": nonce.hex()},
-                                                context=self.tls.client_context(verify_server=False))
-        except (OSError, peer.PeerError, trio.TooSlowError) as e:
-            log.info("re-attestation postponed", extra={"node": node.name, "reason": str(e) or type(e).__name__})
+        # The evidence authenticates the answer (signed by the node key, bound to our nonce),
+        # so a member whose certificate expired offline can still be renewed.
+        answer = await self.try_call_member(node, {"call": "attest", "nonce": nonce.hex()},
+                                            "re-attestation postponed", timeout=ATTEST_TIMEOUT, verify_server=False)
+        if answer is None:
             return False
         evidence = answer.get("evidence") if isinstance(answer, dict) else None
         try:
-            root = bytes.fromhex(state.trust_root)
-            policy = open_policy(state.policy, root)
-            revocations = open_revocations(state.revocations, root)
+            policy, revocations = admission.site_trust(state)
         except (ValueError, AttestationError) as e:
             log.warning("cannot re-attest: trust documents do not verify", extra={"reason": str(e)})
             return False
@@ -846,40 +844,51 @@ class Daemon:
 
     async def _renew_certificate(self, state: SiteState, node) -> None:
         """Fresh evidence earns a fresh membership certificate (SPIRE-style renewal)."""
-        from attestation.certs import cert_from_pem, cert_to_pem, issue_member_cert, random_serial
+        from attestation.certs import cert_from_pem, cert_to_pem, issue_member_cert
         assert self.identity is not None and self.membership is not None
         if not self.membership.root_key or not state.root_cert:
             return
         root_key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(self.membership.root_key))
         cert = issue_member_cert(root_key, cert_from_pem(state.root_cert), bytes.fromhex(node.public_key),
-                                 self.membership.mesh_id, node.site, node.node_id, time.time(), serial=random_serial())
-        try:
-            with trio.fail_after(ATTEST_TIMEOUT):
-                await peer.member_call(node.address, node_id=self.identity.node_id,
-                                       site_secret=self.membership.site_secret,
-                                       call={"call": "certificate", "member_cert": cert_to_pem(cert)},
-                                       context=self.tls.client_context(verify_server=False))
-        except (OSError, peer.PeerError, trio.TooSlowError) as e:
-            log.info("certificate renewal postponed", extra={"node": node.name, "reason": str(e) or type(e).__name__})
+                                 self.membership.mesh_id, node.site, node.node_id, time.time(), serial=new_cert_serial())
+        await self.try_call_member(node, {"call": "certificate", "member_cert": cert_to_pem(cert)},
+                                   "certificate renewal postponed", timeout=ATTEST_TIMEOUT, verify_server=False)
 
     # --- Raft secret rotation ----------------------------------------------------------------
+
+    async def call_member(self, node, call: dict, *, verify_server: bool = True,
+                          expect: Callable[[dict | None], bool] | None = None,
+                          on_stream: Callable[[dict], Awaitable[None]] | None = None,
+                          timeout: float | None = SECRET_CALL_TIMEOUT) -> Any:
+        """One member call to `node` over mutual TLS, as this node. By default the server's
+        certificate must name that very member; raises OSError, PeerError or TooSlowError."""
+        assert self.identity is not None and self.membership is not None
+        if expect is None and verify_server:
+            expect = self.cert_names(node.node_id)
+        return await peer.member_call(node.address, node_id=self.identity.node_id,
+                                      site_secret=self.membership.site_secret, call=call,
+                                      context=self.tls.client_context(verify_server=verify_server),
+                                      expect=expect, on_stream=on_stream, timeout=timeout)
+
+    async def try_call_member(self, node, call: dict, failure: str, *, timeout: float = SECRET_CALL_TIMEOUT,
+                              **options: Any) -> Any | None:
+        """Best effort: the answer, or None after logging `failure` with the reason."""
+        try:
+            with trio.fail_after(timeout):
+                return await self.call_member(node, call, **options)
+        except (OSError, peer.PeerError, trio.TooSlowError) as e:  # OSError covers "no certificate yet"
+            log.info(failure, extra={"node": node.name, "reason": str(e) or type(e).__name__})
+            return None
 
     async def tell_revoked(self, node, revocations: dict) -> None:
         """Best effort, right after a revocation commits: hand the node the signed list that
         names it. Raft may never tell it (the leader drops it from the configuration, and the
         secret rotation cuts it off), and it must stop its workloads."""
-        assert self.identity is not None and self.membership is not None
-        try:
-            with trio.fail_after(SECRET_CALL_TIMEOUT):
-                await peer.member_call(node.address, node_id=self.identity.node_id,
-                                       site_secret=self.membership.site_secret,
-                                       call={"call": "revoked", "revocations": revocations},
-                                       context=self.tls.client_context(),
-                                       # it is no longer a member: check only that it is that node
-                                       expect=lambda cert: (member_of(cert, self.membership.mesh_id)
-                                                            or ("", ""))[1] == node.node_id)
-        except (OSError, peer.PeerError, trio.TooSlowError) as e:
-            log.info("revoked node not reached", extra={"node": node.name, "reason": str(e) or type(e).__name__})
+        assert self.membership is not None
+        mesh_id = self.membership.mesh_id
+        await self.try_call_member(node, {"call": "revoked", "revocations": revocations}, "revoked node not reached",
+                                   # it is no longer a member: check only that it is that node
+                                   expect=lambda cert: (member_of(cert, mesh_id) or ("", ""))[1] == node.node_id)
 
     async def rotate_site_secret(self) -> None:
         """After a revocation: a new Raft secret for every current member, so an expelled node
@@ -897,15 +906,8 @@ class Daemon:
         for node in sorted(state.nodes.values(), key=lambda n: n.name):
             if node.node_id == self.identity.node_id or node.admin in (ADMIN_LEFT, ADMIN_REVOKED):
                 continue
-            try:
-                with trio.fail_after(SECRET_CALL_TIMEOUT):
-                    await peer.member_call(node.address, node_id=self.identity.node_id,
-                                           site_secret=self.membership.site_secret,
-                                           call={"call": "rotate", "secret": secret, "epoch": epoch},
-                                           context=self.tls.client_context(), expect=self.cert_names(node.node_id))
-            except (OSError, peer.PeerError, trio.TooSlowError) as e:
-                log.info("rotation not delivered; the member fetches it later",
-                         extra={"node": node.name, "reason": str(e) or type(e).__name__})
+            await self.try_call_member(node, {"call": "rotate", "secret": secret, "epoch": epoch},
+                                       "rotation not delivered; the member fetches it later")
         await self._switch_secret(secret, epoch)
 
     async def _switch_secret(self, secret: str, epoch: int) -> bool:
@@ -943,15 +945,7 @@ class Daemon:
             for node in self.snapshot().nodes.values():
                 if node.node_id == self.identity.node_id or node.admin in (ADMIN_LEFT, ADMIN_REVOKED):
                     continue
-                try:
-                    with trio.fail_after(SECRET_CALL_TIMEOUT):
-                        answer = await peer.member_call(node.address, node_id=self.identity.node_id,
-                                                        site_secret=self.membership.site_secret,
-                                                        call={"call": "site_secret"},
-                                                        context=self.tls.client_context(),
-                                                        expect=self.cert_names(node.node_id))
-                except (OSError, peer.PeerError, trio.TooSlowError, FileNotFoundError):
-                    continue
+                answer = await self.try_call_member(node, {"call": "site_secret"}, "current secret not fetched")
                 if isinstance(answer, dict) and _valid_secret(answer.get("secret")) \
                         and isinstance(answer.get("epoch"), int):
                     if await self._switch_secret(answer["secret"], answer["epoch"]):
