@@ -7,10 +7,13 @@ Claim names follow EAT (RFC 9711) where one fits:
 - `swname` / `swversion`: "meshd" and its version;
 - `measurements`: digests of what runs, {"meshd-package": sha256 hex of the installed package
   files, "config": sha256 hex of the effective configuration};
-- `iat`: when the evidence was made (seconds since the epoch, the attester's clock).
+- `iat`: when the evidence was made (seconds since the epoch, the attester's clock);
+- `tpm` (TPM-backed evidence only): {"quote": hex TPM2B_ATTEST, "signature": hex
+  TPMT_SIGNATURE, "events": [sha256 hex, ...] the measurement PCR's event log, "credential":
+  hex, the secret recovered by credential activation, on a join only}. See attestation.tpm.
 
 Software evidence is self-reported: the key proves who signed, not that the measured files
-are the ones that run. A TPM quote (a later backend) binds the measurement to hardware.
+are the ones that run. A TPM quote binds the measurements to the node's TPM.
 
 Invariants:
 - Pure: no I/O. `make_evidence` signs what it is given; measuring is the attester's job.
@@ -29,6 +32,7 @@ from attestation.signed import AttestationError, sign_document
 EVIDENCE_KIND = "evidence"
 # What operators are told about software evidence, wherever it is shown.
 SOFTWARE_EVIDENCE = "software-only (self-reported)"
+TPM_EVIDENCE = "tpm 2.0 quote"
 SOFTWARE_NAME = "meshd"
 MEASURED_PACKAGE = "meshd-package"
 MEASURED_CONFIG = "config"
@@ -39,6 +43,9 @@ NONCE = re.compile(r"^[0-9a-f]{32,128}$")  # 16 to 64 random bytes
 NODE_ID = re.compile(r"^[0-9a-f]{32}$")
 BOOT_ID = re.compile(r"^[0-9a-f-]{32,36}$")  # /proc/sys/kernel/random/boot_id
 VERSION = re.compile(r"^\d{1,6}(\.\d{1,6}){0,3}$")
+MAX_TPM_BLOB = 4096  # a quote is ~150 bytes, an RSA signature 262: generous, still bounded
+HEX_BLOB = re.compile(r"^([0-9a-f]{2}){1,%d}$" % MAX_TPM_BLOB)
+MAX_EVENT_LOG = 1024  # attestation.tpm.MAX_EVENT_LOG: one entry per start or code change
 
 
 @dataclass(frozen=True)
@@ -49,10 +56,45 @@ class Claims:
     version: str
     measurements: dict[str, str]
     issued_at: float
+    tpm: TpmClaims | None = None
 
     def to_body(self) -> dict:
-        return {"eat_nonce": self.nonce, "ueid": self.node_id, "bootseed": self.boot_id, "swname": SOFTWARE_NAME,
+        body = {"eat_nonce": self.nonce, "ueid": self.node_id, "bootseed": self.boot_id, "swname": SOFTWARE_NAME,
                 "swversion": self.version, "measurements": dict(self.measurements), "iat": self.issued_at}
+        if self.tpm is not None:
+            body["tpm"] = self.tpm.to_plain()
+        return body
+
+
+@dataclass(frozen=True)
+class TpmClaims:
+    quote: str  # hex of the TPM2B_ATTEST
+    signature: str  # hex of the TPMT_SIGNATURE
+    events: tuple[str, ...]  # sha256 hex digests extended into the measurement PCR, in order
+    credential: str = ""  # hex secret from credential activation (joins only)
+
+    def to_plain(self) -> dict:
+        plain: dict = {"quote": self.quote, "signature": self.signature, "events": list(self.events)}
+        if self.credential:
+            plain["credential"] = self.credential
+        return plain
+
+
+def _parse_tpm(raw: object) -> TpmClaims:
+    if not isinstance(raw, dict) or not set(raw) <= {"quote", "signature", "events", "credential"}:
+        raise AttestationError("evidence: tpm must hold quote, signature, events and optionally credential")
+    for key in ("quote", "signature"):
+        value = raw.get(key)
+        if not isinstance(value, str) or not HEX_BLOB.match(value):
+            raise AttestationError(f"evidence: tpm.{key} must be hex of at most {MAX_TPM_BLOB} bytes")
+    events = raw.get("events")
+    if not isinstance(events, list) or len(events) > MAX_EVENT_LOG or not all(
+            isinstance(e, str) and HEX_DIGEST.match(e) for e in events):
+        raise AttestationError(f"evidence: tpm.events must be a list of at most {MAX_EVENT_LOG} sha256 hex digests")
+    credential = raw.get("credential", "")
+    if not isinstance(credential, str) or not re.match(r"^([0-9a-f]{2}){0,32}$", credential):
+        raise AttestationError("evidence: tpm.credential must be hex of at most 32 bytes")
+    return TpmClaims(raw["quote"], raw["signature"], tuple(events), credential)
 
 
 def make_evidence(private_key: Ed25519PrivateKey, claims: Claims) -> dict:
@@ -82,11 +124,12 @@ def parse_claims(body: dict) -> Claims:
     issued_at = body.get("iat")
     if isinstance(issued_at, bool) or not isinstance(issued_at, (int, float)) or not 0 <= issued_at < 2**40:
         raise AttestationError("evidence: iat must be a time in seconds since the epoch")
-    extra = set(body) - {"eat_nonce", "ueid", "bootseed", "swname", "swversion", "measurements", "iat"}
+    extra = set(body) - {"eat_nonce", "ueid", "bootseed", "swname", "swversion", "measurements", "iat", "tpm"}
     if extra:
         raise AttestationError(f"evidence: unknown claim {sorted(extra)[0]!r}")
+    tpm = _parse_tpm(body["tpm"]) if "tpm" in body else None
     return Claims(nonce=nonce, node_id=node_id, boot_id=boot_id, version=version, measurements=dict(measurements),
-                  issued_at=float(issued_at))
+                  issued_at=float(issued_at), tpm=tpm)
 
 
 def version_tuple(version: str) -> tuple[int, ...]:

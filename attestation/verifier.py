@@ -10,7 +10,12 @@ Checks, in order, each failure a reason the operator sees:
 4. the node is not revoked;
 5. the software: a version at least the policy minimum, and a package digest the policy
    lists for that version;
-6. TPM: a site whose policy requires TPM-backed evidence refuses software-only evidence.
+6. TPM: for a node whose attestation key is bound (at its join, by credential activation),
+   the evidence must carry a quote by that key over the measurement PCR, bound to this
+   nonce, whose event log replays to the quoted value and ends with the claimed package
+   digest (attestation.tpm); a bound node that sends software-only evidence is refused (a
+   downgrade). A site whose policy requires TPM-backed evidence refuses software-only
+   evidence.
 
 Invariants:
 - Pure: no I/O; `now` is passed in (seconds since the epoch, the verifier's clock).
@@ -20,12 +25,14 @@ Invariants:
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 
 from attestation.evidence import EVIDENCE_KIND, MEASURED_PACKAGE, Claims, parse_claims
 from attestation.policy import MAX_CLOCK_SKEW, Policy, allows_version
 from attestation.revocation import RevocationList
 from attestation.signed import AttestationError, open_document
+from attestation.tpm import appraise_quote, parse_public
 
 # A challenge is answered within seconds (a round trip and a measurement); a minute covers a
 # slow board hashing its package files, and is short enough that a nonce is worthless later.
@@ -37,6 +44,14 @@ class Challenge:
     nonce: str  # hex, single use
     node_id: str  # the node it was issued to
     issued_at: float  # verifier's clock
+
+
+@dataclass(frozen=True)
+class TpmBinding:
+    """What the verifier knows of a node's TPM: its attestation key (TPM2B_PUBLIC bytes),
+    and on a join the credential secret only that TPM can have recovered."""
+    ak_public: bytes
+    credential: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -52,7 +67,7 @@ class Verdict:
 
 
 def verify(evidence: object, challenge: Challenge, node_public_key: bytes, policy: Policy, site: str, now: float,
-           revocations: RevocationList | None = None) -> Verdict:
+           revocations: RevocationList | None = None, tpm: TpmBinding | None = None) -> Verdict:
     try:
         body = open_document(evidence, EVIDENCE_KIND, node_public_key)
         claims = parse_claims(body)
@@ -78,6 +93,26 @@ def verify(evidence: object, challenge: Challenge, node_public_key: bytes, polic
     if claims.measurements[MEASURED_PACKAGE] not in allowed:
         reasons.append(f"meshd {claims.version} package digest {claims.measurements[MEASURED_PACKAGE][:16]}... "
                        "is not a reference value of the policy (modified or unknown software)")
-    if site in policy.tpm_required_sites:
+    tpm_backed = False
+    if tpm is not None:
+        tpm_reasons = _appraise_tpm(claims, tpm)
+        reasons.extend(tpm_reasons)
+        tpm_backed = not tpm_reasons
+    if site in policy.tpm_required_sites and tpm is None:
         reasons.append(f"site {site} requires TPM-backed evidence; this evidence is software-only (self-reported)")
-    return Verdict(not reasons, tuple(reasons), claims, tpm_backed=False)
+    return Verdict(not reasons, tuple(reasons), claims, tpm_backed=tpm_backed)
+
+
+def _appraise_tpm(claims: Claims, binding: TpmBinding) -> list[str]:
+    if claims.tpm is None:
+        return ["the node's evidence is TPM-backed, this evidence carries no quote (software-only)"]
+    if binding.credential is not None and not hmac.compare_digest(bytes.fromhex(claims.tpm.credential),
+                                                                  binding.credential):
+        return ["TPM credential activation failed: the attestation key is not in the TPM of the endorsement key"]
+    try:
+        ak = parse_public(binding.ak_public, "attestation key")
+        quote, signature = bytes.fromhex(claims.tpm.quote), bytes.fromhex(claims.tpm.signature)
+    except (AttestationError, ValueError) as e:
+        return [f"TPM: {e}"]
+    return appraise_quote(ak, quote, signature, list(claims.tpm.events), claims.nonce, claims.node_id,
+                          claims.measurements[MEASURED_PACKAGE])

@@ -4,7 +4,10 @@ A member of the site (the verifier) hands a joiner a fresh challenge; the joiner
 a join request carrying its evidence (attestation.evidence, bound to the challenge's nonce).
 `decide()` turns (site state, challenge, request, now) into a verdict with reasons: the token,
 the node key, and the evidence appraised by attestation.verifier against the site's policy
-and revocation list (both signed by the mesh root). The site then commits the admission through Raft, where the token is re-checked
+and revocation list (both signed by the mesh root). A joiner with a TPM names its endorsement
+and attestation keys in its hello; the challenge then carries a credential for them
+(attestation.tpm.make_credential) that only that TPM can open, and the evidence must return
+its secret and a quote by that attestation key. The site then commits the admission through Raft, where the token is re-checked
 and consumed atomically (see meshd.sitestate), so two members cannot admit on one token.
 
 Invariants:
@@ -20,7 +23,9 @@ from dataclasses import dataclass, field
 from attestation.policy import Policy, open_policy
 from attestation.revocation import RevocationList, open_revocations
 from attestation.signed import AttestationError
+from attestation.tpm import TpmError, check_attestation_key, check_endorsement_key, make_credential, parse_public
 from attestation.verifier import Challenge as EvidenceChallenge
+from attestation.verifier import TpmBinding
 from attestation.verifier import verify as verify_evidence
 from meshd import tokens
 from meshd.sitestate import check_token
@@ -32,10 +37,39 @@ CHALLENGE_TTL = 30.0
 
 
 @dataclass(frozen=True)
+class TpmChallenge:
+    ak_public: bytes  # the joiner's attestation key (TPM2B_PUBLIC), recorded once admitted
+    credential: bytes  # the secret encrypted to its endorsement key for that attestation key
+    id_object: bytes  # what the joiner's TPM activates (TPM2B_ID_OBJECT)
+    encrypted_secret: bytes  # (TPM2B_ENCRYPTED_SECRET)
+
+    def to_wire(self) -> dict:
+        return {"id_object": self.id_object.hex(), "encrypted_secret": self.encrypted_secret.hex()}
+
+
+def tpm_challenge(keys: object, credential: bytes, seed: bytes) -> TpmChallenge:
+    """The credential challenge for a joiner's TPM keys ({"ek": hex, "ak": hex} TPM2B_PUBLIC);
+    TpmError with the reason when the keys are unfit. `credential`, `seed`: fresh random."""
+    if not isinstance(keys, dict) or not isinstance(keys.get("ek"), str) or not isinstance(keys.get("ak"), str):
+        raise TpmError("tpm keys must be {\"ek\": hex, \"ak\": hex}")
+    try:
+        ek_bytes, ak_bytes = bytes.fromhex(keys["ek"]), bytes.fromhex(keys["ak"])
+    except ValueError:
+        raise TpmError("tpm keys must be hex") from None
+    ek, ak = parse_public(ek_bytes, "endorsement key"), parse_public(ak_bytes, "attestation key")
+    unfit = check_endorsement_key(ek) + check_attestation_key(ak)
+    if unfit:
+        raise TpmError("; ".join(unfit))
+    id_object, encrypted_secret = make_credential(ek, ak.name, credential, seed)
+    return TpmChallenge(ak_bytes, credential, id_object, encrypted_secret)
+
+
+@dataclass(frozen=True)
 class Challenge:
     nonce: bytes
     member_eph: bytes  # the verifier's X25519 public key for this handshake
     issued_at: float
+    tpm: TpmChallenge | None = None  # set when the joiner named TPM keys
 
     def fresh(self, now: float) -> bool:
         return self.issued_at <= now <= self.issued_at + CHALLENGE_TTL
@@ -84,8 +118,9 @@ def _appraise(state: SiteState, challenge: Challenge, request: JoinRequest, node
         policy, revocations = site_trust(state)
     except (ValueError, AttestationError) as e:
         return [f"attestation: the site's trust documents do not verify ({e})"]
+    binding = TpmBinding(challenge.tpm.ak_public, challenge.tpm.credential) if challenge.tpm else None
     verdict = verify_evidence(request.evidence, EvidenceChallenge(challenge.nonce.hex(), node_id, challenge.issued_at),
-                              public_key, policy, state.site, now, revocations)
+                              public_key, policy, state.site, now, revocations, binding)
     return [f"attestation: {r}" for r in verdict.reasons]
 
 

@@ -75,6 +75,9 @@ MIN_LOG_MAX_BYTES = 4096  # one page: smaller rotates on every line
 MAX_LOG_MAX_BYTES = 2**40  # bounded like every int we keep
 MAX_LOG_KEEP = 1000  # rotated files per allocation; more belongs in a log collector
 MIN_REATTEST_INTERVAL = 1.0  # more often only burns CPU on hashing
+# The TCTIs libtss2 ships that reach a TPM (device) or a simulator (swtpm, mssim), with their
+# configuration string: paths, host=, port=. Nothing that could run a command (tcti-cmd).
+TPM_TCTI = re.compile(r"^(device|swtpm|mssim)(:[A-Za-z0-9/._,=:-]{0,200})?$")
 MAX_REATTEST_INTERVAL = 86400.0  # a day: membership certificates are renewed well within it
 
 
@@ -111,6 +114,7 @@ class NodeConfig:
     log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
     log_keep: int = DEFAULT_LOG_KEEP
     reattest_interval: float = DEFAULT_REATTEST_INTERVAL
+    tpm: str = ""  # TPM 2.0 to attest with, as a TCTI ("device:/dev/tpmrm0", "swtpm:port=2321"); "" = none
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -379,6 +383,9 @@ def _validate(cfg: NodeConfig) -> None:
     _check_int(cfg, "log_max_bytes", MIN_LOG_MAX_BYTES, MAX_LOG_MAX_BYTES)
     _check_int(cfg, "log_keep", 0, MAX_LOG_KEEP)
     _check_seconds(cfg, "reattest_interval", MIN_REATTEST_INTERVAL, MAX_REATTEST_INTERVAL)
+    if not isinstance(cfg.tpm, str) or (cfg.tpm and not TPM_TCTI.match(cfg.tpm)):
+        raise ConfigError("tpm", f"must be a TCTI like device:/dev/tpmrm0 or swtpm:host=127.0.0.1,port=2321, "
+                                 f"got {show_value(cfg.tpm)}")
 
     # A single lost heartbeat must not mark a node down.
     if not cfg.lease > 2 * cfg.heartbeat_interval:

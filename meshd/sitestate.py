@@ -179,6 +179,8 @@ def _node_from_plain(raw: Any) -> NodeRecord:
         labels=dict(labels),
         version=_str(raw, "version", max_len=32, empty=True) if "version" in raw else "",
         boot_id=_str(raw, "boot_id", max_len=64, empty=True) if "boot_id" in raw else "",
+        # An RSA 4096 attestation key's public area is under 700 bytes.
+        tpm_ak=_str(raw, "tpm_ak", max_len=2048, empty=True) if "tpm_ak" in raw else "",
     )
 
 

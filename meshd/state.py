@@ -113,6 +113,7 @@ class NodeRecord:
     boot_id: str = ""  # the kernel boot the node last reported running in
     attested_boot_id: str = ""  # the boot its last verified evidence came from
     attested_at: float = 0.0  # when its evidence last verified (admission or re-attestation)
+    tpm_ak: str = ""  # hex TPM2B_PUBLIC of its TPM attestation key, bound at admission; "" = software-only
 
     @property
     def state(self) -> str:

@@ -189,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--version", metavar="V", help="meshd version (default: this node's)")
     sub.add_argument("--digest", metavar="SHA256", help="package digest, as `policy show` prints it on a node "
                      "running that version (default: this node's)")
+    sub = command("require-tpm", "require TPM-backed evidence from every member of a site (--off to stop)",
+                  _build_policy_require_tpm, _show_object, parent=policy_commands)
+    sub.add_argument("--site", metavar="S", help="the site (default: this node's)")
+    sub.add_argument("--off", action="store_true", help="accept software-only evidence again")
 
     sub = command("deploy", "submit or update an app (TOML)", _build_deploy, _show_deploy)
     sub.add_argument("file", metavar="FILE", help="app spec; - reads stdin")
@@ -256,6 +260,10 @@ def _build_revoke(opts: argparse.Namespace) -> Request:
 
 def _build_policy_show(opts: argparse.Namespace) -> Request:
     return Request("policy", {})
+
+
+def _build_policy_require_tpm(opts: argparse.Namespace) -> Request:
+    return Request("policy_require_tpm", {"site": opts.site, "required": not opts.off})
 
 
 def _build_policy_allow(opts: argparse.Namespace) -> Request:

@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--join", help="join token from `meshctl token create`")
     run.add_argument("--peer", action="append", help="static peer IP:PORT (repeatable)")
     run.add_argument("--no-mdns", action="store_true", help="do not announce or browse mDNS")
+    run.add_argument("--tpm", help="attest with this TPM 2.0 (TCTI: device:/dev/tpmrm0, swtpm:host=H,port=P)")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     for flag, kind, text in TUNING_OPTIONS:
         run.add_argument(flag, type=kind, help=text)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from attestation.evidence import HEX_DIGEST, SOFTWARE_EVIDENCE, VERSION
+from attestation.evidence import HEX_DIGEST, SOFTWARE_EVIDENCE, TPM_EVIDENCE, VERSION
 from attestation.policy import Policy, open_policy, sign_policy
 from attestation.signed import AttestationError
 from meshd import __version__
@@ -133,6 +133,7 @@ class AdminHandlers:
             "deploy": self.deploy, "plan": self.plan, "apps": self.apps, "allocs": self.allocs, "stop": self.stop,
             "drain": self.drain, "undrain": self.undrain, "revoke": self.revoke, "logs": self.logs,
             "events": self.events, "audit": self.audit, "policy": self.policy, "policy_allow": self.policy_allow,
+            "policy_require_tpm": self.policy_require_tpm,
         }
 
     async def __call__(self, request: AdminRequest, stream) -> Any:
@@ -185,7 +186,7 @@ class AdminHandlers:
                 "partitioned": d.partitioned if raft else True, "version": __version__,
                 "address": f"{d.advertise_ip}:{d.peer_port}", "raft_address": f"{d.advertise_ip}:{d.raft_port}",
                 "voter": bool(d.membership and d.membership.voter),
-                "evidence": SOFTWARE_EVIDENCE,
+                "evidence": TPM_EVIDENCE if d.tpm else SOFTWARE_EVIDENCE,
                 "allocs": sum(1 for a in state.allocs.values() if d.identity and a.node_id == d.identity.node_id
                               and a.live),
                 "uptime_s": round(time.monotonic() - d.started, 1)}
@@ -199,10 +200,11 @@ class AdminHandlers:
                 continue
             plain = node_to_plain(node)
             plain.pop("public_key", None)
+            plain.pop("tpm_ak", None)  # shown as the evidence kind
             role = "leader" if node.raft_address == leader else ("follower" if node.voter else "nonvoter")
             plain.update(role=role, cpu_free=node.resources.cpu_free, mem_free_mb=node.resources.mem_free_mb,
                          allocs=sum(1 for a in state.allocs_on(node.node_id) if a.live),
-                         evidence=SOFTWARE_EVIDENCE if node.attested_at else "none",
+                         evidence=(TPM_EVIDENCE if node.tpm_ak else SOFTWARE_EVIDENCE) if node.attested_at else "none",
                          attested_s_ago=round(max(time.time() - node.attested_at, 0.0), 1) if node.attested_at else None)
             rows.append(plain)
         return rows
@@ -396,16 +398,37 @@ class AdminHandlers:
             raise AdminError(f"version must look like 1.2.3, got {version[:40]!r}")
         if not HEX_DIGEST.match(digest):
             raise AdminError("digest must be a sha256 hex digest (64 lowercase hex digits)")
-        if not d.membership.root_key:
-            raise AdminError("only a voter holds the mesh root key; run this on a voter")
         current = self._policy(self._state())
         allowed = dict(current.allowed_digests)
         allowed[version] = allowed.get(version, frozenset()) | {digest}
         updated = dataclasses.replace(current, serial=current.serial + 1, allowed_digests=allowed,
                                       issued_at=time.time())
-        root_key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(d.membership.root_key))
-        result = await self._write(request, "set_policy", policy=sign_policy(root_key, updated))
+        result = await self._sign_policy(request, updated)
         return {"serial": result["serial"], "version": version, "digest": digest, "allowed": True}
+
+    async def policy_require_tpm(self, request: AdminRequest, stream) -> dict:
+        """Require (or stop requiring) TPM-backed evidence in a site. Members already in
+        with software-only evidence fail their next re-attestation and are expelled."""
+        self._require_member()
+        d = self.daemon
+        site = _arg(request.args, "site", str) or d.membership.site
+        required = _arg(request.args, "required", bool, default=True)
+        problem = specmod.name_problem(site)
+        if problem:
+            raise AdminError(f"site: {problem}")
+        current = self._policy(self._state())
+        sites = current.tpm_required_sites | {site} if required else current.tpm_required_sites - {site}
+        updated = dataclasses.replace(current, serial=current.serial + 1, tpm_required_sites=frozenset(sites),
+                                      issued_at=time.time())
+        result = await self._sign_policy(request, updated)
+        return {"serial": result["serial"], "site": site, "tpm_required": required}
+
+    async def _sign_policy(self, request: AdminRequest, updated) -> dict:
+        d = self.daemon
+        if not d.membership.root_key:
+            raise AdminError("only a voter holds the mesh root key; run this on a voter")
+        root_key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(d.membership.root_key))
+        return await self._write(request, "set_policy", policy=sign_policy(root_key, updated))
 
     async def revoke(self, request: AdminRequest, stream) -> dict:
         """Expel a member everywhere: a root-signed revocation list naming it, committed with

@@ -6,8 +6,10 @@ Measurements:
   code that runs changes the digest;
 - config: SHA-256 of the effective configuration (without the one-time join token).
 
-This evidence is self-reported: the key proves which node speaks, not that the files it
-measured are the ones executing. A TPM backend binds the measurement to hardware.
+Without a TPM this evidence is self-reported: the key proves which node speaks, not that the
+files it measured are the ones executing. With a TPM (meshd.io.tpm) the package digest is
+also extended into the measurement PCR and the evidence carries the TPM's quote over it,
+bound to the verifier's nonce.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from pathlib import Path
 import attestation
 import crdt
 import meshd
-from attestation.evidence import MEASURED_CONFIG, MEASURED_PACKAGE, Claims, make_evidence
+from attestation.evidence import MEASURED_CONFIG, MEASURED_PACKAGE, Claims, TpmClaims, make_evidence
+from attestation.tpm import quote_data
 from meshd import __version__
 from meshd.config import NodeConfig
 from meshd.io.identity import Identity
+from meshd.io.tpm import TpmDevice
 from meshd.tokens import canonical
 
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
@@ -67,8 +71,17 @@ def _process_boot_id() -> str:
     return hashlib.sha256(f"{time.time_ns()}".encode()).hexdigest()[:32]
 
 
-def software_evidence(identity: Identity, nonce: bytes, config: NodeConfig) -> dict:
+def node_evidence(identity: Identity, nonce: bytes, config: NodeConfig, tpm: TpmDevice | None = None,
+                  credential: bytes = b"") -> dict:
+    """Evidence answering `nonce`: software-only, or with a TPM quote when `tpm` is given
+    (`credential`: the secret recovered by credential activation, on a join). Blocking."""
+    digest = package_digest()
+    tpm_claims = None
+    if tpm is not None:
+        events = tpm.measure(digest)
+        attest, signature = tpm.quote(quote_data(nonce.hex(), identity.node_id))
+        tpm_claims = TpmClaims(attest.hex(), signature.hex(), tuple(events), credential.hex())
     claims = Claims(nonce=nonce.hex(), node_id=identity.node_id, boot_id=boot_id(), version=__version__,
-                    measurements={MEASURED_PACKAGE: package_digest(), MEASURED_CONFIG: config_digest(config)},
-                    issued_at=time.time())
+                    measurements={MEASURED_PACKAGE: digest, MEASURED_CONFIG: config_digest(config)},
+                    issued_at=time.time(), tpm=tpm_claims)
     return make_evidence(identity.private_key, claims)

@@ -48,13 +48,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from attestation.policy import Policy, sign_policy
 from attestation.revocation import RevocationList, open_revocations, sign_revocations
 from attestation.signed import AttestationError
+from attestation.tpm import TpmError
 from attestation.verifier import Challenge as EvidenceChallenge
+from attestation.verifier import TpmBinding
 from attestation.verifier import verify as verify_evidence
 
 from meshd import __version__, admission, tokens
 from meshd.config import NodeConfig
 from meshd.io import peer
-from meshd.io.attester import boot_id, package_digest, software_evidence
+from meshd.io.attester import boot_id, node_evidence, package_digest
+from meshd.io.tpm import TpmDevice, TpmUnavailable
 from meshd.io.identity import (Identity, Membership, load_or_create_identity, load_ports, read_revoked_marker,
                                save_certificates, save_ports, write_revoked_marker)
 from meshd.io.mdns import Discovery
@@ -247,6 +250,7 @@ class Daemon:
         self.config = config
         self.data_dir = Path(config.data_dir)
         self.identity: Identity | None = None
+        self.tpm: TpmDevice | None = None  # set when config.tpm names one
         self.membership: Membership | None = None
         self.raft: RaftNode | None = None
         self.discovery: Discovery | None = None
@@ -294,6 +298,7 @@ class Daemon:
             "public_key": self.identity.public_key.hex(),
             "arch": platform.machine(),
             "boot_id": boot_id(),
+            "tpm_ak": self.tpm.ak_public.hex() if self.tpm else "",  # a joiner's is replaced by the verifier's
             "labels": dict(self.config.labels),
             "version": __version__,
         }
@@ -465,17 +470,25 @@ class Daemon:
         eph_pub = eph.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         conn = await peer.open_peer(address, joiner_context())
         try:
-            await conn.send({"type": "join_hello", "site": token.site})
+            hello = {"type": "join_hello", "site": token.site}
+            if self.tpm is not None:
+                hello["tpm"] = self.tpm.keys()
+            await conn.send(hello)
             challenge = await conn.receive()
+            if challenge.get("type") == "refused":
+                raise JoinRefused(str(challenge.get("reason") or "join refused"))
             if challenge.get("type") != "challenge":
                 raise peer.PeerError(challenge.get("error") or "member did not send a challenge")
             nonce, member_eph = bytes.fromhex(challenge["nonce"]), bytes.fromhex(challenge["member_eph"])
+            credential = b""
+            if self.tpm is not None:
+                credential = await self._activate(challenge.get("tpm_credential"))
             node = self.node_plain() | {"site": token.site}
             transcript = tokens.join_transcript(nonce, eph_pub, member_eph, token.token_id, node)
             await conn.send({"type": "join_request", "token_id": token.token_id, "node": node,
                              "joiner_eph": eph_pub.hex(), "proof": tokens.token_proof(token.secret, transcript),
                              "signature": tokens.sign(self.identity.private_key, transcript),
-                             "evidence": software_evidence(self.identity, nonce, self.config)})
+                             "evidence": await self.evidence(nonce, credential)})
             answer = await conn.receive(timeout=15)
             if answer.get("type") == "refused":
                 raise JoinRefused(str(answer.get("reason") or "join refused"))
@@ -489,6 +502,20 @@ class Daemon:
         finally:
             await conn.aclose()
 
+    async def _activate(self, offered: object) -> bytes:
+        """Our TPM's answer to the verifier's credential challenge."""
+        assert self.tpm is not None
+        if not isinstance(offered, dict):
+            raise peer.PeerError("the member sent no TPM credential challenge (it cannot appraise TPM evidence)")
+        try:
+            id_object, secret = bytes.fromhex(offered["id_object"]), bytes.fromhex(offered["encrypted_secret"])
+        except (KeyError, TypeError, ValueError):
+            raise peer.PeerError("malformed TPM credential challenge") from None
+        try:
+            return await trio.to_thread.run_sync(self.tpm.activate_credential, id_object, secret)
+        except (TpmUnavailable, ValueError) as e:
+            raise peer.PeerError(str(e)) from None
+
     # --- peer side of the join ----------------------------------------------------------
 
     async def handle_join(self, conn: peer.FramedStream, hello: dict) -> None:
@@ -497,12 +524,23 @@ class Daemon:
         if self.membership is None or self.raft is None:
             raise peer.PeerError("this node is not a member of any site yet")
         eph = X25519PrivateKey.generate()
+        tpm_challenge = None
+        if "tpm" in hello:
+            try:
+                tpm_challenge = admission.tpm_challenge(hello["tpm"], os.urandom(32), os.urandom(32))
+            except TpmError as e:
+                self.event("membership", f"join refused: TPM keys unfit ({e})", reason=str(e))
+                await conn.send({"type": "refused", "reason": f"attestation: TPM keys unfit: {e}"})
+                return
         challenge = admission.Challenge(
             nonce=os.urandom(32),
             member_eph=eph.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw),
-            issued_at=time.time())
-        await conn.send({"type": "challenge", "nonce": challenge.nonce.hex(), "member_eph": challenge.member_eph.hex(),
-                         "site": self.membership.site})
+            issued_at=time.time(), tpm=tpm_challenge)
+        message = {"type": "challenge", "nonce": challenge.nonce.hex(), "member_eph": challenge.member_eph.hex(),
+                   "site": self.membership.site}
+        if tpm_challenge is not None:
+            message["tpm_credential"] = tpm_challenge.to_wire()
+        await conn.send(message)
         msg = await conn.receive()
         if msg.get("type") != "join_request":
             raise peer.PeerError("expected join_request")
@@ -523,7 +561,9 @@ class Daemon:
             await conn.send({"type": "refused", "reason": "this member cannot issue certificates (no mesh root key)"})
             return
         try:
-            result = await self.commit(self.new_command("admit_node", token_id=request.token_id, node=request.node,
+            # The attestation key on record is the one this verifier bound, never one the joiner names.
+            node = dict(request.node) | {"tpm_ak": challenge.tpm.ak_public.hex() if challenge.tpm else ""}
+            result = await self.commit(self.new_command("admit_node", token_id=request.token_id, node=node,
                                                         actor=self.config.name),
                                        retry_until=time.monotonic() + 5)
         except CommandFailed as e:
@@ -820,8 +860,9 @@ class Daemon:
         except (ValueError, AttestationError) as e:
             log.warning("cannot re-attest: trust documents do not verify", extra={"reason": str(e)})
             return False
+        binding = TpmBinding(bytes.fromhex(node.tpm_ak)) if node.tpm_ak else None
         verdict = verify_evidence(evidence, EvidenceChallenge(nonce.hex(), node.node_id, issued_at),
-                                  bytes.fromhex(node.public_key), policy, state.site, time.time(), revocations)
+                                  bytes.fromhex(node.public_key), policy, state.site, time.time(), revocations, binding)
         try:
             if verdict.ok:
                 assert verdict.claims is not None
@@ -988,6 +1029,8 @@ class Daemon:
         revoked = read_revoked_marker(self.data_dir)
         if revoked:
             raise FatalStartupError(revoked + "; wipe the data dir to start this device over as a new node")
+        if self.config.tpm:
+            await self._open_tpm()
         admin_path = self.config.admin_socket or str(self.data_dir / "admin.sock")
         log.info("starting", extra={"node_id": self.identity.node_id, "node_name": self.config.name,
                                     "data_dir": str(self.data_dir), "peer": f"{self.advertise_ip}:{self.peer_port}"})
@@ -1032,6 +1075,20 @@ class Daemon:
             nursery.start_soon(self._trim_heap_loop)
         # cancelled by a signal
         await self._shutdown()
+
+    async def _open_tpm(self) -> None:
+        """Open the TPM and measure the code about to run into it, before anything else."""
+        device = TpmDevice(self.config.tpm, self.data_dir)
+        try:
+            await trio.to_thread.run_sync(device.open)
+            await trio.to_thread.run_sync(device.measure, package_digest())
+        except TpmUnavailable as e:
+            raise FatalStartupError(str(e)) from None
+        self.tpm = device
+
+    async def evidence(self, nonce: bytes, credential: bytes = b"") -> dict:
+        assert self.identity is not None
+        return await trio.to_thread.run_sync(node_evidence, self.identity, nonce, self.config, self.tpm, credential)
 
     async def _trim_heap_loop(self) -> None:
         """Give start-up's freed memory back soon after start, then now and then."""
@@ -1095,7 +1152,7 @@ class Daemon:
             except ValueError:
                 raise peer.PeerError("attest needs a hex nonce") from None
             assert self.identity is not None
-            evidence = await trio.to_thread.run_sync(software_evidence, self.identity, raw_nonce, self.config)
+            evidence = await self.evidence(raw_nonce)
             return {"evidence": evidence}
         if call.get("call") == "revoked":
             # Trust the list, not the caller: it must be signed by the mesh root and name us.
@@ -1151,6 +1208,8 @@ class Daemon:
                 await trio.to_thread.run_sync(self.discovery.close)
             if self.raft is not None:
                 await trio.to_thread.run_sync(self.raft.close)
+            if self.tpm is not None:
+                await trio.to_thread.run_sync(self.tpm.close)
         admin_path = self.config.admin_socket or str(self.data_dir / "admin.sock")
         try:
             os.unlink(admin_path)

@@ -168,7 +168,9 @@ class LocalSite:
         return wait_for(find, timeout, what="a leader")
 
     def node_state(self, name: str, via: LocalNode | None = None) -> str | None:
-        via = via or self.leader() or self.any_alive()
+        via = via or self.leader() or next((n for n in self.nodes if n.alive and n.try_call("status")), None)
+        if via is None:  # nobody answers yet (still starting)
+            return None
         rows = via.try_call("nodes") or []
         return next((r["state"] for r in rows if r["name"] == name), None)
 

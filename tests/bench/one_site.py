@@ -52,10 +52,10 @@ def app(name: str, replicas: int) -> str:
     return f'[app]\nname = "{name}"\nreplicas = {replicas}\ncommand = ["sleep", "3600"]\n'
 
 
-def measure_join(site: LocalSite) -> float:
+def measure_join(site: LocalSite, extra_args: tuple[str, ...] = ()) -> float:
     token = site.token()
     leader = site.leader() or site.any_alive()
-    node = site.add_node()
+    node = site.add_node(extra_args)
     t0 = time.monotonic()
     node.start(join=token)
 

@@ -232,3 +232,15 @@ def test_revoking_needs_a_newer_root_signed_list_that_names_the_node():
     challenge, request = handshake(node, key)
     state.tokens["tok"] = dataclasses.replace(state.tokens["tok"], used_by=None)
     assert "revoked" in admission.decide(state, challenge, request, NOW + 1).reason
+
+
+@pytest.mark.parametrize("keys, reason", [
+    (None, "must be"),
+    ({"ek": "00"}, "must be"),
+    ({"ek": "zz", "ak": "00"}, "must be hex"),
+    ({"ek": "0002abcd", "ak": "0002abcd"}, "endorsement key"),
+])
+def test_unfit_tpm_keys_get_a_reason(keys, reason):
+    from attestation.tpm import TpmError
+    with pytest.raises(TpmError, match=reason):
+        admission.tpm_challenge(keys, bytes(32), bytes(32))
