@@ -37,12 +37,14 @@ class LocalNode:
         self.socket = str(data_dir / "admin.sock")
         self.log_path = data_dir.parent / f"{name}.log"
         self.started_at = 0.0
+        self.ip = LOOPBACK  # where it listens and what it advertises
+        self.command_prefix: tuple[str, ...] = ()  # e.g. ("ip", "netns", "exec", NS) to run it elsewhere
 
     def start(self, join: str | None = None, extra_args: tuple[str, ...] = ()) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [sys.executable, "-m", "meshd.cli.meshd_main", "run", "--data-dir", str(self.data_dir),
-                "--site", self.site, "--name", self.name, "--listen", f"{LOOPBACK}:0", "--advertise", LOOPBACK,
-                *self.extra_args, *extra_args]
+        args = [*self.command_prefix, sys.executable, "-m", "meshd.cli.meshd_main", "run",
+                "--data-dir", str(self.data_dir), "--site", self.site, "--name", self.name,
+                "--listen", f"{self.ip}:0", "--advertise", self.ip, *self.extra_args, *extra_args]
         if join:
             args += ["--join", join]
         env = dict(os.environ)
@@ -112,16 +114,20 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.0
 
 
 class LocalSite:
-    def __init__(self, root: Path, site: str = "demo", prefix: str = "node", extra_args: tuple[str, ...] = ()):
+    def __init__(self, root: Path, site: str = "demo", prefix: str = "node", extra_args: tuple[str, ...] = (),
+                 place: Callable[[LocalNode], None] | None = None):
         self.root = Path(root)
         self.site = site
         self.prefix = prefix
         self.extra_args = tuple(extra_args)
+        self.place = place  # puts a new node somewhere other than loopback (its host's namespace)
         self.nodes: list[LocalNode] = []
 
     def add_node(self, extra_args: tuple[str, ...] = ()) -> LocalNode:
         name = f"{self.prefix}-{len(self.nodes) + 1}"
         node = LocalNode(name, self.root / name, site=self.site, extra_args=self.extra_args + tuple(extra_args))
+        if self.place is not None:
+            self.place(node)
         self.nodes.append(node)
         return node
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -32,6 +33,32 @@ def make_site(site_root, request):
         if failed is not None and failed.failed:
             print(site.dump_logs())
         site.close()
+
+
+@pytest.fixture
+def make_lab(request):
+    """Labs of network-namespace hosts (tests.lab); a failed test keeps every host's log
+    under test-logs/<test name>/."""
+    from tests.lab.lab import Lab, require_lab
+    require_lab()
+    labs: list[Lab] = []
+    root = tempfile.mkdtemp(prefix="ml-", dir="/tmp")  # short: admin socket paths
+
+    def make(sites: dict[str, int], **kwargs) -> Lab:
+        lab = Lab(Path(root) / f"lab{len(labs)}", sites, **kwargs)
+        labs.append(lab)
+        return lab.build()
+
+    yield make
+    failed = getattr(request.node, "rep_call", None)
+    for lab in labs:
+        if failed is not None and failed.failed:
+            kept = lab.keep_logs(Path("test-logs") / request.node.name)
+            print(f"lab logs kept in {kept}")
+            for site in lab.sites.values():
+                print(site.dump_logs())
+        lab.close()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

@@ -1,0 +1,233 @@
+"""A multi-host lab on one machine: every host its own network namespace, every site its own
+Ethernet segment, a router between sites; `meshd run` on each host; faults on demand.
+
+Layout (site k = 1, 2, ...; addresses only from the benchmarking range 198.18.0.0/15, RFC 2544):
+- host j of site k: namespace `<prefix>-<site>-<j>`, eth0 = 198.18.k.(10 + j)/24, default
+  route via the router; its daemon listens and advertises there and finds the others by
+  mDNS on eth0 (no --peer).
+- router: namespace `<prefix>-router`, one interface per site, 198.18.k.1/24, forwarding on.
+- segments: TAP devices held by tests.lab.switch (a hub per site with partitions, delay and
+  loss); the kernel here has no netem, see that module.
+
+Faults: `partition(groups)`, `heal()`, `kill(host)` (SIGKILL), `restart(host)`,
+`pause(host)`/`resume(host)` (SIGSTOP/SIGCONT), `netem(host, delay, loss)`.
+
+Invariants:
+- `close()` (also on a failed build, and at interpreter exit) stops every daemon, kills their
+  workloads, closes the segments and deletes every namespace this lab made; it touches
+  nothing it did not make (names carry a per-lab prefix).
+- Host logs live under the lab's root; `keep_logs(dest)` copies them out for a failed test.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from meshd.io.localsite import LocalNode, LocalSite, wait_for
+from tests.lab.switch import Link, Segments, open_tap
+
+ADDRESS_BASE = "198.18"  # RFC 2544 benchmarking range: never a real network's addresses
+FIRST_HOST = 10  # .1 is the router; hosts from .10 up
+MAX_SITES = 250  # one /24 per site inside 198.18.0.0/16
+MAX_HOSTS_PER_SITE = 200
+
+
+def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], check=check, capture_output=True, text=True)
+
+
+def require_lab() -> None:
+    """Skip (or, under MESHD_REQUIRE_LAB=1 as in CI, fail) where namespaces cannot be made."""
+    import pytest
+    problem = None
+    if os.geteuid() != 0:
+        problem = "needs root for network namespaces"
+    elif shutil.which("ip") is None:
+        problem = "needs iproute2 (ip)"
+    elif not os.path.exists("/dev/net/tun"):
+        problem = "needs /dev/net/tun"
+    if problem:
+        if os.environ.get("MESHD_REQUIRE_LAB") == "1":
+            pytest.fail(problem)
+        pytest.skip(problem)
+
+
+@dataclass
+class Host:
+    name: str  # "<site>-<j>"
+    site: str
+    namespace: str
+    address: str
+    node: LocalNode | None = None
+
+    def exec_prefix(self) -> tuple[str, ...]:
+        return ("ip", "netns", "exec", self.namespace)
+
+
+class Lab:
+    def __init__(self, root: Path, sites: dict[str, int], meshd_args: tuple[str, ...] = (), seed: int = 0) -> None:
+        if len(sites) > MAX_SITES or any(n > MAX_HOSTS_PER_SITE for n in sites.values()):
+            raise ValueError("too many sites or hosts for the lab's address plan")
+        self.root = Path(root)
+        self.prefix = "ml" + secrets.token_hex(3)  # keeps interface names under 16 bytes
+        self.segments = Segments(seed)
+        self.hosts: dict[str, Host] = {}
+        self.namespaces: list[str] = []
+        self.router = f"{self.prefix}-router"
+        self.sites: dict[str, LocalSite] = {}
+        self._site_index = {name: k + 1 for k, name in enumerate(sites)}
+        self._counts = dict(sites)
+        self._tap_count = 0
+        self._meshd_args = tuple(meshd_args)
+        atexit.register(self.close)
+
+    # --- building --------------------------------------------------------------------------
+
+    def build(self) -> Lab:
+        try:
+            self._add_namespace(self.router)
+            ip("netns", "exec", self.router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+            for site, k in self._site_index.items():
+                self._attach(self.router, f"{site}-router", site, f"{ADDRESS_BASE}.{k}.1")
+                for j in range(1, self._counts[site] + 1):
+                    name = f"{site}-{j}"
+                    host = Host(name, site, f"{self.prefix}-{name}", f"{ADDRESS_BASE}.{k}.{FIRST_HOST + j}")
+                    self._add_namespace(host.namespace)
+                    self._attach(host.namespace, name, site, host.address)
+                    ip("-n", host.namespace, "route", "add", "default", "via", f"{ADDRESS_BASE}.{k}.1")
+                    self.hosts[name] = host
+                self.root.mkdir(parents=True, exist_ok=True)
+                self.sites[site] = LocalSite(self.root / site, site=site, prefix=site, extra_args=self._meshd_args,
+                                             place=self._placer(site))
+            self.segments.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _add_namespace(self, namespace: str) -> None:
+        ip("netns", "add", namespace)
+        self.namespaces.append(namespace)
+        ip("-n", namespace, "link", "set", "lo", "up")
+
+    def _attach(self, namespace: str, port: str, site: str, address: str) -> None:
+        """A TAP in the site's segment, moved into `namespace` as eth0 (router: one per site)."""
+        self._tap_count += 1
+        tap = f"{self.prefix}t{self._tap_count}"
+        fd = open_tap(tap)
+        self.segments.add_port(port, fd, site)
+        device = "eth0" if namespace != self.router else f"s{self._site_index[site]}"
+        ip("link", "set", tap, "netns", namespace)
+        ip("-n", namespace, "link", "set", tap, "name", device)
+        ip("-n", namespace, "addr", "add", f"{address}/24", "dev", device)
+        ip("-n", namespace, "link", "set", device, "up")
+
+    def _placer(self, site: str):
+        def place(node: LocalNode) -> None:
+            host = self.hosts[node.name]  # LocalSite names nodes "<site>-<j>", as the hosts are
+            node.ip, node.command_prefix = host.address, host.exec_prefix()
+            host.node = node
+        return place
+
+    # --- meshd ---------------------------------------------------------------------------
+
+    def start_site(self, site: str, timeout: float = 60.0) -> LocalSite:
+        """Found the site on its first host; every other host joins with its own token,
+        finding the site by mDNS."""
+        local = self.sites[site]
+        local.found(timeout)
+        for _ in range(self._counts[site] - 1):
+            local.join(timeout=timeout)
+        return local
+
+    def node(self, host: str) -> LocalNode:
+        node = self.hosts[host].node
+        if node is None:
+            raise KeyError(f"no daemon was started on {host}")
+        return node
+
+    def call(self, host: str, cmd: str, timeout: float = 10.0, **args: Any) -> Any:
+        return self.node(host).call(cmd, timeout=timeout, **args)
+
+    def meshctl(self, host: str, *args: str, timeout: float = 30.0,
+                input_text: str | None = None) -> subprocess.CompletedProcess:
+        """The operator's command line against the daemon on `host` (its admin socket is a
+        file, reachable from outside the namespace)."""
+        return subprocess.run([sys.executable, "-m", "meshd.cli.meshctl", "--socket", self.node(host).socket, *args],
+                              capture_output=True, text=True, timeout=timeout, input=input_text)
+
+    def meshctl_json(self, host: str, *args: str) -> Any:
+        done = self.meshctl(host, *args, "--json")
+        if done.returncode != 0:
+            raise RuntimeError(f"meshctl {' '.join(args)} on {host}: {done.stderr.strip()}")
+        return json.loads(done.stdout)
+
+    # --- faults --------------------------------------------------------------------------
+
+    def partition(self, groups: list[list[str]]) -> None:
+        """Cut the hosts into groups that cannot reach each other (a host in no group is cut
+        off alone; the router reaches every group)."""
+        sides = {host: i for i, group in enumerate(groups) for host in group}
+        for n, host in enumerate(h for h in self.hosts if h not in sides):
+            sides[host] = len(groups) + n
+        self.segments.set(groups=sides)
+
+    def heal(self) -> None:
+        self.segments.set(groups={})
+
+    def netem(self, host: str, delay: float = 0.0, loss: float = 0.0) -> None:
+        """Delay (s) and loss (probability) on everything `host` sends."""
+        links = dict(self.segments.impairments.links)
+        links[host] = Link(delay, loss)
+        self.segments.set(links=links)
+
+    def clear_netem(self) -> None:
+        self.segments.set(links={})
+
+    def kill(self, host: str) -> None:
+        self.node(host).kill()
+
+    def restart(self, host: str) -> None:
+        """Start the daemon again on its data dir (it resumes its membership)."""
+        node = self.node(host)
+        if node.alive:
+            node.terminate()
+        node.start()
+
+    def pause(self, host: str) -> None:
+        self.node(host).pause()
+
+    def resume(self, host: str) -> None:
+        self.node(host).resume()
+
+    # --- teardown ------------------------------------------------------------------------
+
+    def keep_logs(self, dest: Path) -> Path:
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        for log in self.root.rglob("*.log"):
+            shutil.copy2(log, dest / log.name)
+        return dest
+
+    def close(self) -> None:
+        for site in self.sites.values():
+            site.close()
+        self.sites.clear()
+        self.segments.close()
+        for namespace in reversed(self.namespaces):
+            ip("netns", "del", namespace, check=False)
+        self.namespaces.clear()
+        atexit.unregister(self.close)
+
+
+def wait_until(predicate, timeout: float, what: str):
+    return wait_for(predicate, timeout, interval=0.1, what=what)
