@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from attestation.names import URI_SCHEME, member_uri, members_named
 from attestation.revocation import RevocationList
 
 # Short enough that an expelled node whose revocation has not reached a member yet is cut
@@ -31,7 +32,6 @@ from attestation.revocation import RevocationList
 MEMBER_CERT_LIFETIME = 3600.0
 ROOT_CERT_LIFETIME = 20 * 365 * 86400.0  # the mesh root outlives the hardware
 CLOCK_SKEW = 60.0  # not-before is backdated this much: members' clocks differ a little
-URI_SCHEME = "meshd"
 
 
 def _time(ts: float) -> datetime.datetime:
@@ -53,10 +53,6 @@ def make_root(root_key: Ed25519PrivateKey, mesh_id: str, now: float) -> x509.Cer
             .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"{URI_SCHEME}://{mesh_id}")]),
                            critical=False)
             .sign(root_key, algorithm=None))
-
-
-def member_uri(mesh_id: str, site: str, node_id: str) -> str:
-    return f"{URI_SCHEME}://{mesh_id}/{site}/{node_id}"
 
 
 def issue_member_cert(root_key: Ed25519PrivateKey, root_cert: x509.Certificate, node_public_key: bytes,
@@ -106,9 +102,7 @@ def check_member_cert(cert: x509.Certificate, root_cert: x509.Certificate, mesh_
             x509.UniformResourceIdentifier)
     except x509.ExtensionNotFound:
         return CertCheck(False, "certificate names no meshd member")
-    prefix = f"{URI_SCHEME}://{mesh_id}/"
-    members = [u[len(prefix):].split("/") for u in uris if u.startswith(prefix)]
-    members = [m for m in members if len(m) == 2 and all(m)]
+    members = members_named(uris, mesh_id)
     if len(members) != 1:
         return CertCheck(False, "certificate is not a member certificate of this mesh")
     site, node_id = members[0]

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from attestation.signed import AttestationError, sign_document
+from attestation.tpm import CREDENTIAL_SIZE
 
 EVIDENCE_KIND = "evidence"
 # What operators are told about software evidence, wherever it is shown.
@@ -45,7 +46,10 @@ BOOT_ID = re.compile(r"^[0-9a-f-]{32,36}$")  # /proc/sys/kernel/random/boot_id
 VERSION = re.compile(r"^\d{1,6}(\.\d{1,6}){0,3}$")
 MAX_TPM_BLOB = 4096  # a quote is ~150 bytes, an RSA signature 262: generous, still bounded
 HEX_BLOB = re.compile(r"^([0-9a-f]{2}){1,%d}$" % MAX_TPM_BLOB)
-MAX_EVENT_LOG = 1024  # attestation.tpm.MAX_EVENT_LOG: one entry per start or code change
+# The event log grows by one entry per start or code change within one boot; thousands
+# without a reboot mean something else is wrong, and the bound keeps evidence small.
+MAX_EVENT_LOG = 1024
+CREDENTIAL_HEX = re.compile(r"^([0-9a-f]{2}){0,%d}$" % CREDENTIAL_SIZE)
 
 
 @dataclass(frozen=True)
@@ -92,8 +96,8 @@ def _parse_tpm(raw: object) -> TpmClaims:
             isinstance(e, str) and HEX_DIGEST.match(e) for e in events):
         raise AttestationError(f"evidence: tpm.events must be a list of at most {MAX_EVENT_LOG} sha256 hex digests")
     credential = raw.get("credential", "")
-    if not isinstance(credential, str) or not re.match(r"^([0-9a-f]{2}){0,32}$", credential):
-        raise AttestationError("evidence: tpm.credential must be hex of at most 32 bytes")
+    if not isinstance(credential, str) or not CREDENTIAL_HEX.match(credential):
+        raise AttestationError(f"evidence: tpm.credential must be hex of at most {CREDENTIAL_SIZE} bytes")
     return TpmClaims(raw["quote"], raw["signature"], tuple(events), credential)
 
 

@@ -39,12 +39,12 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.kbkdf import KBKDFHMAC, CounterLocation, Mode
 
+from attestation.signed import AttestationError
+
 try:  # TPM credentials use AES-CFB, which cryptography now files under "decrepit"
     from cryptography.hazmat.decrepit.ciphers.modes import CFB
 except ImportError:  # cryptography < 44
     CFB = modes.CFB
-
-from attestation.signed import AttestationError
 
 # TCG PC Client Platform Firmware Profile: PCR 23 is for application support; see header.
 MEASUREMENT_PCR = 23
@@ -100,6 +100,11 @@ class _Reader:
     def done(self) -> None:
         if self.pos != len(self.data):
             raise TpmError(f"{self.what}: {len(self.data) - self.pos} trailing bytes")
+
+
+def _sized(data: bytes) -> bytes:
+    """Marshal `data` as a TPM2B: a big-endian 16-bit size, then the bytes."""
+    return struct.pack(">H", len(data)) + data
 
 
 def _sized_whole(data: object, what: str) -> bytes:
@@ -197,8 +202,6 @@ class Quote:
     extra_data: bytes
     pcr_selection: tuple[tuple[int, tuple[int, ...]], ...]  # ((hash alg, (pcr, ...)), ...)
     pcr_digest: bytes
-    reset_count: int
-    restart_count: int
 
 
 def parse_quote(data: object) -> Quote:
@@ -211,9 +214,7 @@ def parse_quote(data: object) -> Quote:
         raise TpmError("TPM quote: the attestation is not a quote")
     r.sized()  # qualifiedSigner
     extra_data = r.sized()
-    r.u64()  # clock
-    reset_count, restart_count = r.u32(), r.u32()
-    r.u8()  # safe
+    r.take(8 + 4 + 4 + 1)  # clockInfo: clock, resetCount, restartCount, safe
     r.u64()  # firmwareVersion
     selection = []
     count = r.u32()
@@ -227,7 +228,7 @@ def parse_quote(data: object) -> Quote:
         selection.append((alg, tuple(i for i in range(size * 8) if bitmap[i // 8] >> (i % 8) & 1)))
     pcr_digest = r.sized()
     r.done()
-    return Quote(attest, extra_data, tuple(selection), pcr_digest, reset_count, restart_count)
+    return Quote(attest, extra_data, tuple(selection), pcr_digest)
 
 
 def verify_quote_signature(ak: TpmPublic, quote: Quote, signature: object) -> bool:
@@ -261,9 +262,10 @@ def quote_data(nonce_hex: str, node_id: str) -> bytes:
     return hashlib.sha256(QUOTE_CONTEXT + bytes.fromhex(nonce_hex) + node_id.encode()).digest()
 
 
-def replay(events: list[bytes], start: bytes = PCR_INITIAL) -> bytes:
-    """The PCR value after extending each event digest in order: new = H(old || digest)."""
-    value = start
+def replay(events: list[bytes]) -> bytes:
+    """The PCR value after extending each event digest in order from the initial value:
+    new = H(old || digest)."""
+    value = PCR_INITIAL
     for digest in events:
         value = hashlib.sha256(value + digest).digest()
     return value
@@ -309,19 +311,17 @@ def _kdfa(key: bytes, label: bytes, context: bytes, bits: int) -> bytes:
 def make_credential(ek: TpmPublic, ak_name: bytes, credential: bytes, seed: bytes) -> tuple[bytes, bytes]:
     """(TPM2B_ID_OBJECT, TPM2B_ENCRYPTED_SECRET) that only the TPM holding `ek` and the key
     named `ak_name` can open with ActivateCredential. `seed`: 32 fresh random bytes."""
-    if check_endorsement_key(ek):
-        raise TpmError("; ".join(check_endorsement_key(ek)))
+    unfit = check_endorsement_key(ek)
+    if unfit:
+        raise TpmError("; ".join(unfit))
     if len(seed) != 32 or not 1 <= len(credential) <= CREDENTIAL_SIZE:
         raise TpmError("credential: seed must be 32 bytes, the secret 1 to 32")
     assert isinstance(ek.key, rsa.RSAPublicKey)
     encrypted_seed = ek.key.encrypt(seed, padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(),
                                                        label=b"IDENTITY\0"))
     sym_key = _kdfa(seed, b"STORAGE", ak_name, 128)
-    plain = struct.pack(">H", len(credential)) + credential
     encryptor = Cipher(algorithms.AES(sym_key), CFB(bytes(16))).encryptor()
-    enc_identity = encryptor.update(plain) + encryptor.finalize()
+    enc_identity = encryptor.update(_sized(credential)) + encryptor.finalize()
     hmac_key = _kdfa(seed, b"INTEGRITY", b"", 256)
     outer = hmac.new(hmac_key, enc_identity + ak_name, hashlib.sha256).digest()
-    id_object = struct.pack(">H", len(outer)) + outer + enc_identity
-    return (struct.pack(">H", len(id_object)) + id_object,
-            struct.pack(">H", len(encrypted_seed)) + encrypted_seed)
+    return _sized(_sized(outer) + enc_identity), _sized(encrypted_seed)

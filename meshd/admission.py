@@ -7,8 +7,9 @@ the node key, and the evidence appraised by attestation.verifier against the sit
 and revocation list (both signed by the mesh root). A joiner with a TPM names its endorsement
 and attestation keys in its hello; the challenge then carries a credential for them
 (attestation.tpm.make_credential) that only that TPM can open, and the evidence must return
-its secret and a quote by that attestation key. The site then commits the admission through Raft, where the token is re-checked
-and consumed atomically (see meshd.sitestate), so two members cannot admit on one token.
+its secret and a quote by that attestation key. The site then commits the admission through
+Raft, where the token is re-checked and consumed atomically (see meshd.sitestate), so two
+members cannot admit on one token.
 
 Invariants:
 - Every refusal carries reasons the joiner and the operator can read.

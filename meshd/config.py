@@ -75,10 +75,10 @@ MIN_LOG_MAX_BYTES = 4096  # one page: smaller rotates on every line
 MAX_LOG_MAX_BYTES = 2**40  # bounded like every int we keep
 MAX_LOG_KEEP = 1000  # rotated files per allocation; more belongs in a log collector
 MIN_REATTEST_INTERVAL = 1.0  # more often only burns CPU on hashing
+MAX_REATTEST_INTERVAL = 86400.0  # a day: membership certificates are renewed well within it
 # The TCTIs libtss2 ships that reach a TPM (device) or a simulator (swtpm, mssim), with their
 # configuration string: paths, host=, port=. Nothing that could run a command (tcti-cmd).
 TPM_TCTI = re.compile(r"^(device|swtpm|mssim)(:[A-Za-z0-9/._,=:-]{0,200})?$")
-MAX_REATTEST_INTERVAL = 86400.0  # a day: membership certificates are renewed well within it
 
 
 class ConfigError(ValueError):

@@ -20,7 +20,6 @@ import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import trio
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from attestation.evidence import HEX_DIGEST, SOFTWARE_EVIDENCE, TPM_EVIDENCE, VERSION
 from attestation.policy import Policy, open_policy, sign_policy
@@ -391,7 +390,6 @@ class AdminHandlers:
     async def policy_allow(self, request: AdminRequest, stream) -> dict:
         """Add a reference value (a meshd version and its package digest): for upgrades."""
         self._require_member()
-        d = self.daemon
         version = _arg(request.args, "version", str) or __version__
         digest = _arg(request.args, "digest", str) or package_digest()
         if not VERSION.match(version):
@@ -424,10 +422,9 @@ class AdminHandlers:
         return {"serial": result["serial"], "site": site, "tpm_required": required}
 
     async def _sign_policy(self, request: AdminRequest, updated) -> dict:
-        d = self.daemon
-        if not d.membership.root_key:
+        root_key = self.daemon.root_signing_key()
+        if root_key is None:
             raise AdminError("only a voter holds the mesh root key; run this on a voter")
-        root_key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(d.membership.root_key))
         return await self._write(request, "set_policy", policy=sign_policy(root_key, updated))
 
     async def revoke(self, request: AdminRequest, stream) -> dict:
@@ -453,7 +450,6 @@ class AdminHandlers:
         except RevocationRefused as e:
             raise AdminError(str(e)) from None
         await self._write(request, "revoke_node", **fields)
-        await d.tell_revoked(node, fields["revocations"])
-        await d.rotate_site_secret()
+        await d.after_revocation(node, fields["revocations"])
         return {"node": node.name, "revoked": True, "node_id": node.node_id, "revocation_list": fields["number"],
                 "secret_epoch": d.membership.secret_epoch}

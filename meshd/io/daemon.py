@@ -57,23 +57,22 @@ from meshd import __version__, admission, tokens
 from meshd.config import NodeConfig
 from meshd.io import peer
 from meshd.io.attester import boot_id, node_evidence, package_digest
-from meshd.io.tpm import TpmDevice, TpmUnavailable
 from meshd.io.identity import (Identity, Membership, load_or_create_identity, load_ports, read_revoked_marker,
                                save_certificates, save_ports, write_revoked_marker)
 from meshd.io.mdns import Discovery
 from meshd.io.memory import trim_heap
 from meshd.io.raft import CommandFailed, RaftNode, make_conf
 from meshd.io.supervisor import DesiredAlloc, Supervisor
+from meshd.io.tls import PeerTLS, joiner_context, member_of
+from meshd.io.tpm import TpmDevice, TpmUnavailable
+from meshd.io.watchdog import LoopWatchdog
 from meshd.liveness import LivenessTracker
 from meshd.placement.plan import make_plan
 from meshd.reattest import due_for_attestation
 from meshd.reconcile import reconcile
 from meshd.reporting import ReportSchedule
-from meshd.io.tls import PeerTLS, joiner_context, member_of
-from meshd.io.watchdog import LoopWatchdog
 from meshd.sitestate import is_plain_heartbeat, waits_for_replacement
-from meshd.spec import spec_to_dict
-from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, DESIRED_RUN, LIVENESS_DOWN, SiteState
+from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, LIVENESS_DOWN, SiteState
 
 log = logging.getLogger("meshd.daemon")
 
@@ -557,7 +556,7 @@ class Daemon:
             self.event("membership", f"join of {name} refused: {verdict.reason}", node=name, reason=verdict.reason)
             await conn.send({"type": "refused", "reason": verdict.reason})
             return
-        if not self.membership.root_key or not state.root_cert:
+        if self.root_signing_key() is None or not state.root_cert:
             await conn.send({"type": "refused", "reason": "this member cannot issue certificates (no mesh root key)"})
             return
         try:
@@ -576,17 +575,11 @@ class Daemon:
         state = self.snapshot()
         partners = sorted(n.raft_address for n in state.nodes.values()
                           if n.voter and n.admin not in (ADMIN_LEFT, ADMIN_REVOKED) and n.node_id != request.node["node_id"])
-        root_key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(self.membership.root_key))
-        # Only a member admitting someone issues certificates: X.509 is loaded on demand
-        # (about 1.6 MB resident that the other members do not carry).
-        from attestation.certs import cert_from_pem, cert_to_pem, issue_member_cert
-        root_cert = cert_from_pem(state.root_cert)
-        member_cert = issue_member_cert(root_key, root_cert, bytes.fromhex(request.node["public_key"]),
-                                        self.membership.mesh_id, self.membership.site, request.node["node_id"],
-                                        time.time(), serial=new_cert_serial())
+        member_cert = self.issue_certificate(state, request.node["public_key"], self.membership.site,
+                                             request.node["node_id"])
         welcome = {"mesh_id": self.membership.mesh_id, "site": self.membership.site,
                    "site_secret": self.membership.site_secret, "voter": result["voter"], "partners": partners,
-                   "member_cert": cert_to_pem(member_cert), "root_cert": state.root_cert}
+                   "member_cert": member_cert, "root_cert": state.root_cert}
         if result["voter"]:
             welcome["root_key"] = self.membership.root_key
         transcript = admission.transcript_for(challenge, request)
@@ -812,9 +805,9 @@ class Daemon:
     def revocation_fields(self, state: SiteState, node, actor: str, reason: str) -> dict:
         """The `revoke_node` command fields: the next revocation list, naming the node, signed
         with the mesh root key (which only voters hold)."""
-        if self.membership is None or not self.membership.root_key or not state.trust_root:
+        root_key = self.root_signing_key()
+        if root_key is None or not state.trust_root:
             raise RevocationRefused("only a voter holds the mesh root key; run this on a voter")
-        root_key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(self.membership.root_key))
         try:
             current = open_revocations(state.revocations, bytes.fromhex(state.trust_root))
         except AttestationError as e:
@@ -876,8 +869,7 @@ class Daemon:
             fields = self.revocation_fields(state, node, f"attestation@{self.config.name}",
                                             f"re-attestation failed: {verdict.reason}"[:200])
             await self.commit(self.new_command("revoke_node", actor=f"attestation@{self.config.name}", **fields))
-            await self.tell_revoked(node, fields["revocations"])
-            await self.rotate_site_secret()
+            await self.after_revocation(node, fields["revocations"])
         except (CommandFailed, RevocationRefused) as e:
             log.info("re-attestation outcome not committed", extra={"node": node.name, "reason": str(e)})
             return False
@@ -885,15 +877,29 @@ class Daemon:
 
     async def _renew_certificate(self, state: SiteState, node) -> None:
         """Fresh evidence earns a fresh membership certificate (SPIRE-style renewal)."""
-        from attestation.certs import cert_from_pem, cert_to_pem, issue_member_cert
-        assert self.identity is not None and self.membership is not None
-        if not self.membership.root_key or not state.root_cert:
+        if self.root_signing_key() is None or not state.root_cert:
             return
-        root_key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(self.membership.root_key))
-        cert = issue_member_cert(root_key, cert_from_pem(state.root_cert), bytes.fromhex(node.public_key),
-                                 self.membership.mesh_id, node.site, node.node_id, time.time(), serial=new_cert_serial())
-        await self.try_call_member(node, {"call": "certificate", "member_cert": cert_to_pem(cert)},
+        cert = self.issue_certificate(state, node.public_key, node.site, node.node_id)
+        await self.try_call_member(node, {"call": "certificate", "member_cert": cert},
                                    "certificate renewal postponed", timeout=ATTEST_TIMEOUT, verify_server=False)
+
+    def root_signing_key(self) -> Ed25519PrivateKey | None:
+        """The mesh root key, which only voters hold; None on other members."""
+        if self.membership is None or not self.membership.root_key:
+            return None
+        return Ed25519PrivateKey.from_private_bytes(bytes.fromhex(self.membership.root_key))
+
+    def issue_certificate(self, state: SiteState, public_key_hex: str, site: str, node_id: str) -> str:
+        """A membership certificate (PEM) for a node whose evidence just verified. Callers
+        check `root_signing_key()` and `state.root_cert` first."""
+        root_key = self.root_signing_key()
+        assert root_key is not None and self.membership is not None
+        # Only a member admitting or renewing issues certificates: X.509 is loaded on demand
+        # (about 1.6 MB resident that the other members do not carry).
+        from attestation.certs import cert_from_pem, cert_to_pem, issue_member_cert
+        cert = issue_member_cert(root_key, cert_from_pem(state.root_cert), bytes.fromhex(public_key_hex),
+                                 self.membership.mesh_id, site, node_id, time.time(), serial=new_cert_serial())
+        return cert_to_pem(cert)
 
     # --- Raft secret rotation ----------------------------------------------------------------
 
@@ -920,6 +926,11 @@ class Daemon:
         except (OSError, peer.PeerError, trio.TooSlowError) as e:  # OSError covers "no certificate yet"
             log.info(failure, extra={"node": node.name, "reason": str(e) or type(e).__name__})
             return None
+
+    async def after_revocation(self, node, revocations: dict) -> None:
+        """Once a revocation committed: tell the node, then rotate the Raft secret."""
+        await self.tell_revoked(node, revocations)
+        await self.rotate_site_secret()
 
     async def tell_revoked(self, node, revocations: dict) -> None:
         """Best effort, right after a revocation commits: hand the node the signed list that
@@ -1151,9 +1162,7 @@ class Daemon:
                 raw_nonce = bytes.fromhex(nonce)
             except ValueError:
                 raise peer.PeerError("attest needs a hex nonce") from None
-            assert self.identity is not None
-            evidence = await self.evidence(raw_nonce)
-            return {"evidence": evidence}
+            return {"evidence": await self.evidence(raw_nonce)}
         if call.get("call") == "revoked":
             # Trust the list, not the caller: it must be signed by the mesh root and name us.
             state = self.snapshot()

@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshd.tokens import node_id_for
 
+NODE_KEY_FILE = "node.key"  # the node's Ed25519 private key (PEM); also the TLS key
+
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
@@ -49,7 +51,7 @@ class Identity:
 
 
 def load_or_create_identity(data_dir: Path) -> Identity:
-    key_path = data_dir / "node.key"
+    key_path = data_dir / NODE_KEY_FILE
     if key_path.exists():
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         if not isinstance(key, Ed25519PrivateKey):

@@ -102,6 +102,11 @@ class LocalNode:
             return ""
 
 
+def sleeper_app(name: str, replicas: int) -> str:
+    """The spec (TOML) of an app whose replicas just sleep: for tests and benchmarks."""
+    return f'[app]\nname = "{name}"\nreplicas = {replicas}\ncommand = ["sleep", "3600"]\n'
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     while True:

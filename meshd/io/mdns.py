@@ -15,12 +15,11 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import threading
-from dataclasses import dataclass
-
-import select
 import time
+from dataclasses import dataclass
 
 from zeroconf import (DNSAddress, DNSIncoming, DNSOutgoing, DNSQuestion, DNSService, DNSText, IPVersion,
                       ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf)

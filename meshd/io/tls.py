@@ -23,11 +23,10 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
-from meshd.io.identity import MEMBER_CERT_FILE, ROOT_CERT_FILE, write_atomic
+from attestation.names import members_named
+from meshd.io.identity import MEMBER_CERT_FILE, NODE_KEY_FILE, ROOT_CERT_FILE, write_atomic
 
-NODE_KEY_FILE = "node.key"
 MAX_CERT_PEM = 16_384  # a member certificate is well under 1 KB; refuse anything huge
-URI_PREFIX = "meshd://"
 
 
 def _base(purpose: int) -> ssl.SSLContext:
@@ -48,11 +47,8 @@ def member_of(peer_cert: dict | None, mesh_id: str) -> tuple[str, str] | None:
     """(site, node id) that a verified peer certificate names in this mesh, else None."""
     if not peer_cert:
         return None
-    prefix = f"{URI_PREFIX}{mesh_id}/"
-    names = [value[len(prefix):].split("/") for kind, value in peer_cert.get("subjectAltName", ())
-             if kind == "URI" and value.startswith(prefix)]
-    names = [n for n in names if len(n) == 2 and all(n)]
-    return (names[0][0], names[0][1]) if len(names) == 1 else None
+    names = members_named((value for kind, value in peer_cert.get("subjectAltName", ()) if kind == "URI"), mesh_id)
+    return names[0] if len(names) == 1 else None
 
 
 class PeerTLS:

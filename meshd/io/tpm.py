@@ -27,6 +27,7 @@ import threading
 from pathlib import Path
 
 from attestation.tpm import MEASUREMENT_PCR, PCR_INITIAL, replay
+from meshd.io.identity import write_atomic
 
 log = logging.getLogger("meshd.tpm")
 
@@ -53,6 +54,7 @@ class TpmDevice:
         self.log_path = data_dir / EVENT_LOG_NAME
         self._lock = threading.Lock()
         self._ctx = None
+        self._ek = self._ak = None  # ESYS handles of the loaded keys
         self.ek_public = b""
         self.ak_public = b""
         self.ek_certificate: bytes | None = None
@@ -90,16 +92,16 @@ class TpmDevice:
         matters where meshd has the TPM to itself (swtpm, /dev/tpm0): a TPM holds only
         three transient objects, and leaked ones would make every start fail."""
         from tpm2_pytss.constants import TPM2_CAP, TPM2_HT
-        more, data = True, []
+        more, stale = True, []
         first = TPM2_HT.TRANSIENT << 24
         while more:
             more, caps = self._ctx.get_capability(TPM2_CAP.HANDLES, first, 64)
             handles = list(caps.data.handles)
-            data.extend(handles)
+            stale.extend(handles)
             if not handles:
                 break
             first = handles[-1] + 1
-        for handle in data:
+        for handle in stale:
             self._ctx.flush_context(self._ctx.tr_from_tpmpublic(handle))
 
     def _nv_reader(self):
@@ -127,14 +129,14 @@ class TpmDevice:
     def _close_locked(self) -> None:
         if self._ctx is not None:
             try:
-                for handle in (getattr(self, "_ak", None), getattr(self, "_ek", None)):
+                for handle in (self._ak, self._ek):
                     if handle is not None:
                         self._ctx.flush_context(handle)
                 self._ctx.close()
             except Exception as e:  # closing must not turn a clean stop into a crash
                 log.warning("TPM close failed", extra={"reason": str(e)})
             finally:
-                self._ctx = None
+                self._ctx = self._ek = self._ak = None
 
     # --- measurement ---------------------------------------------------------------------
 
@@ -162,9 +164,7 @@ class TpmDevice:
         return events
 
     def _save_events(self, events: list[str]) -> None:
-        tmp = self.log_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pcr": MEASUREMENT_PCR, "events": events}))
-        os.replace(tmp, self.log_path)
+        write_atomic(self.log_path, json.dumps({"pcr": MEASUREMENT_PCR, "events": events}).encode())
 
     def measure(self, package_digest: str) -> list[str]:
         """Extend the package digest unless it is already the last measurement; the log."""

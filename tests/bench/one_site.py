@@ -23,7 +23,7 @@ import time
 
 import psutil
 
-from meshd.io.localsite import LocalSite, wait_for
+from meshd.io.localsite import LocalSite, sleeper_app, wait_for
 from tests.bench.report import run_site_benchmark
 
 TARGETS = {  # metric -> (target, unit); lower is better for all
@@ -46,10 +46,6 @@ REQUIRED_LIBRARIES = ("trio", "cryptography.hazmat.primitives.asymmetric.ed25519
 
 IDLE_WINDOW_S = 10.0  # long enough to cover many heartbeat and Raft periods
 POLL_S = 0.02  # status polling interval while timing; small next to the targets
-
-
-def app(name: str, replicas: int) -> str:
-    return f'[app]\nname = "{name}"\nreplicas = {replicas}\ncommand = ["sleep", "3600"]\n'
 
 
 def measure_join(site: LocalSite, extra_args: tuple[str, ...] = ()) -> float:
@@ -88,7 +84,7 @@ def measure_idle(site: LocalSite) -> tuple[list[float], list[float], list[float]
 def measure_deploy(site: LocalSite, name: str) -> float:
     leader = site.leader()
     t0 = time.monotonic()
-    result = leader.call("deploy", spec_toml=app(name, 10), wait=True, timeout=30)
+    result = leader.call("deploy", spec_toml=sleeper_app(name, 10), wait=True, timeout=30)
     elapsed = time.monotonic() - t0
     assert result["running"] == 10, result
     return elapsed
@@ -117,7 +113,7 @@ def measure_leader_failover(site: LocalSite) -> float:
     deadline = t0 + 30
     while True:
         try:
-            result = survivor.call("deploy", spec_toml=app("after-failover", 1), wait=False, timeout=None)
+            result = survivor.call("deploy", spec_toml=sleeper_app("after-failover", 1), wait=False, timeout=None)
             if result.get("accepted"):
                 return time.monotonic() - t0
         except Exception:

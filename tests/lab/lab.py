@@ -32,7 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshd.io.localsite import LocalNode, LocalSite, wait_for
+import psutil
+
+from meshd.io.localsite import LocalNode, LocalSite
 from tests.lab.switch import Link, Segments, open_tap
 
 ADDRESS_BASE = "198.18"  # RFC 2544 benchmarking range: never a real network's addresses
@@ -158,6 +160,17 @@ class Lab:
     def call(self, host: str, cmd: str, timeout: float = 10.0, **args: Any) -> Any:
         return self.node(host).call(cmd, timeout=timeout, **args)
 
+    def workload_processes(self, host: str) -> int:
+        """Workload processes (the apps' `sleep`) really running under the daemon on `host`."""
+        node = self.node(host)
+        if not node.alive:
+            return 0
+        try:
+            children = psutil.Process(node.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return 0
+        return sum(1 for p in children if p.name() == "sleep" and p.status() != psutil.STATUS_ZOMBIE)
+
     def meshctl(self, host: str, *args: str, timeout: float = 30.0,
                 input_text: str | None = None) -> subprocess.CompletedProcess:
         """The operator's command line against the daemon on `host` (its admin socket is a
@@ -227,7 +240,3 @@ class Lab:
             ip("netns", "del", namespace, check=False)
         self.namespaces.clear()
         atexit.unregister(self.close)
-
-
-def wait_until(predicate, timeout: float, what: str):
-    return wait_for(predicate, timeout, interval=0.1, what=what)

@@ -27,9 +27,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
-
 from meshd.io.admin import AdminError
+from meshd.io.localsite import sleeper_app
 
 STOPPED = -1  # an app's final state after `stop`
 MAX_FAULTY = 2  # hosts killed or paused at once: a five-host site keeps a quorum
@@ -95,10 +94,6 @@ def expected_states(history: list[Operation]) -> set[int]:
     return allowed
 
 
-def app_spec(name: str, replicas: int) -> str:
-    return f'[app]\nname = "{name}"\nreplicas = {replicas}\ncommand = ["sleep", "3600"]\n'
-
-
 @dataclass
 class Client:
     lab: object
@@ -134,7 +129,7 @@ class Client:
             if replicas == STOPPED:
                 self.lab.call(host, "stop", timeout=CALL_TIMEOUT, app=name)
             else:
-                self.lab.call(host, "deploy", timeout=CALL_TIMEOUT, spec_toml=app_spec(name, replicas))
+                self.lab.call(host, "deploy", timeout=CALL_TIMEOUT, spec_toml=sleeper_app(name, replicas))
             outcome = "acked"
         except AdminError as e:  # the daemon answered: a refusal changed nothing, unless it could not tell
             outcome = "refused" if "nothing was changed" in str(e) or "no app" in str(e) else "unknown"
@@ -165,14 +160,6 @@ def apply(lab, fault: Fault) -> None:
         lab.netem(fault.host, fault.delay, fault.loss)
     elif fault.action == "clear":
         lab.netem(fault.host, 0.0, 0.0)
-
-
-def processes_under(node) -> int:
-    try:
-        children = psutil.Process(node.proc.pid).children(recursive=True)
-    except (psutil.NoSuchProcess, AttributeError):
-        return 0
-    return sum(1 for p in children if p.name() == "sleep" and p.status() != psutil.STATUS_ZOMBIE)
 
 
 def problems(lab, hosts: list[str], client: Client) -> list[str]:
@@ -211,7 +198,7 @@ def problems(lab, hosts: list[str], client: Client) -> list[str]:
                 node is None or node["state"] != "ready"):
             found.append(f"allocation {a['alloc_id'][:8]} of {a['app']} on {a['node']} "
                          f"({node['state'] if node else 'unknown node'})")
-    real = sum(processes_under(lab.node(h)) for h in hosts)
+    real = sum(lab.workload_processes(h) for h in hosts)
     if real != total:
         found.append(f"{real} workload processes really run, want {total}")
     return found

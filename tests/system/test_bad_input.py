@@ -15,7 +15,6 @@ import pytest
 
 from meshd import tokens
 from meshd.io.admin import AdminError
-from meshd.io.localsite import LocalNode, wait_for
 from meshd.io.tls import joiner_context
 
 pytestmark = pytest.mark.system

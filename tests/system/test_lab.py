@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import collections
 
-import psutil
 import pytest
 
+from meshd.io.localsite import sleeper_app as app
 from meshd.io.localsite import wait_for
 
 pytestmark = pytest.mark.system
@@ -19,20 +19,8 @@ pytestmark = pytest.mark.system
 HOSTS = [f"lab-{j}" for j in range(1, 6)]
 
 
-def app(name: str, replicas: int) -> str:
-    return f'[app]\nname = "{name}"\nreplicas = {replicas}\ncommand = ["sleep", "3600"]\n'
-
-
 def processes(lab, host: str) -> int:
-    """Workload processes really running under the daemon on `host`."""
-    node = lab.node(host)
-    if not node.alive:
-        return 0
-    try:
-        children = psutil.Process(node.proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return 0
-    return sum(1 for p in children if p.name() == "sleep" and p.status() != psutil.STATUS_ZOMBIE)
+    return lab.workload_processes(host)
 
 
 def running_by_host(lab, via: str, name: str) -> collections.Counter:

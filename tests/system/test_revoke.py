@@ -8,11 +8,11 @@ import shutil
 import pytest
 
 from meshd.io.admin import AdminError
-from meshd.io.localsite import wait_for
+from meshd.io.localsite import sleeper_app, wait_for
 
 pytestmark = pytest.mark.system
 
-APP = '[app]\nname = "svc"\nreplicas = 3\ncommand = ["sleep", "3600"]\n'
+APP = sleeper_app("svc", 3)
 
 
 def test_revoke_expels_the_node_everywhere(three):
