@@ -11,10 +11,11 @@ Layout (site k = 1, 2, ...; addresses only from the benchmarking range 198.18.0.
 
 Faults: `partition(groups)`, `heal()`, `kill(host)` (SIGKILL), `restart(host)`,
 `pause(host)`/`resume(host)` (SIGSTOP/SIGCONT), `netem(host, delay, loss)`.
+Other programs on a host (Serf agents, an mDNS observer): `spawn(host, argv)`.
 
 Invariants:
 - `close()` (also on a failed build, and at interpreter exit) stops every daemon, kills their
-  workloads, closes the segments and deletes every namespace this lab made; it touches
+  workloads and every spawned program, closes the segments and deletes every namespace this lab made; it touches
   nothing it did not make (names carry a per-lab prefix).
 - Host logs live under the lab's root; `keep_logs(dest)` copies them out for a failed test.
 """
@@ -47,16 +48,20 @@ def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", *args], check=check, capture_output=True, text=True)
 
 
-def require_lab() -> None:
-    """Skip (or, under MESHD_REQUIRE_LAB=1 as in CI, fail) where namespaces cannot be made."""
+def require_lab(*programs: str) -> None:
+    """Skip (or, under MESHD_REQUIRE_LAB=1 as in CI, fail) where namespaces cannot be made or
+    one of `programs` (peers run on the hosts) is not installed."""
     import pytest
     problem = None
+    missing = [p for p in programs if shutil.which(p) is None]
     if os.geteuid() != 0:
         problem = "needs root for network namespaces"
     elif shutil.which("ip") is None:
         problem = "needs iproute2 (ip)"
     elif not os.path.exists("/dev/net/tun"):
         problem = "needs /dev/net/tun"
+    elif missing:
+        problem = f"needs {', '.join(missing)} installed"
     if problem:
         if os.environ.get("MESHD_REQUIRE_LAB") == "1":
             pytest.fail(problem)
@@ -90,6 +95,7 @@ class Lab:
         self._counts = dict(sites)
         self._tap_count = 0
         self._meshd_args = tuple(meshd_args)
+        self._spawned: list[subprocess.Popen] = []  # other programs on the hosts (peers, observers)
         atexit.register(self.close)
 
     # --- building --------------------------------------------------------------------------
@@ -120,6 +126,10 @@ class Lab:
         ip("netns", "add", namespace)
         self.namespaces.append(namespace)
         ip("-n", namespace, "link", "set", "lo", "up")
+        # No duplicate address detection: a link is fully usable (IPv6 link-local included,
+        # which mDNS clients such as Serf's write to) the moment build() returns, not 1-2 s later.
+        ip("netns", "exec", namespace, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0",
+           "net.ipv6.conf.all.accept_dad=0")
 
     def _attach(self, namespace: str, port: str, site: str, address: str) -> None:
         """A TAP in the site's segment, moved into `namespace` as eth0 (router: one per site)."""
@@ -184,6 +194,14 @@ class Lab:
             raise RuntimeError(f"meshctl {' '.join(args)} on {host}: {done.stderr.strip()}")
         return json.loads(done.stdout)
 
+    def spawn(self, host: str, argv: list[str], env: dict[str, str] | None = None,
+              **popen: Any) -> subprocess.Popen:
+        """Run another program on `host` (in its namespace); `close()` kills it."""
+        proc = subprocess.Popen([*self.hosts[host].exec_prefix(), *argv], stdin=subprocess.DEVNULL,
+                                env=None if env is None else {**os.environ, **env}, **popen)
+        self._spawned.append(proc)
+        return proc
+
     # --- faults --------------------------------------------------------------------------
 
     def partition(self, groups: list[list[str]]) -> None:
@@ -232,6 +250,11 @@ class Lab:
         return dest
 
     def close(self) -> None:
+        for proc in self._spawned:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        self._spawned.clear()
         for site in self.sites.values():
             site.close()
         self.sites.clear()
