@@ -1,0 +1,277 @@
+"""The records of the mesh document and their validation: what may be written, and how what was
+read is turned back into typed values.
+
+Every record is a frozen dataclass with a fixed set of typed fields. `to_plain` validates and
+gives the value written into pycrdt; `from_plain` parses what was read back, and refuses
+anything that is not a well-formed record of its kind.
+
+Invariants:
+- Nothing reaches pycrdt without passing `validate` first: pycrdt stores every number as a
+  float64 (so an int beyond 2**53 would come back changed) and panics, with a BaseException
+  that takes the process down, on an int >= 2**63. Ints are therefore held to
+  |x| <= MAX_SAFE_INT, and NaN/Infinity are refused (they are not JSON, and compare unequal).
+- `from_plain(to_plain(r)) == r` for every valid record r (ints read back as floats are
+  turned back into ints; lists back into tuples).
+- Every refusal is a `SchemaError` whose `reason` names the record kind, the field and what is
+  wrong, for the CLI and the event log.
+- Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+# Largest int a float64 holds exactly: pycrdt keeps numbers as float64.
+MAX_SAFE_INT = 2**53
+# Names of sites, apps and nodes: DNS labels, as app names and site names are elsewhere in meshd.
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# Node ids are 32 hex digits (meshd.io.identity); record ids are made by their writer, bounded.
+NODE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+RECORD_ID_RE = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
+# An app spec is TOML text as the operator wrote it; meshd's admin socket refuses more than
+# 1 MiB per request and real specs are a few hundred bytes. 64 KiB bounds one record.
+MAX_SPEC_BYTES = 64 * 1024
+# Free text (reasons, actors, audit details, addresses): enough for any message, bounded so
+# a record stays small next to a sync frame.
+MAX_TEXT = 4096
+# Lists (target sites, addresses): a mesh of more than this many sites names them by label,
+# not one by one.
+MAX_LIST = 256
+# Signed documents (policy bundles, revocation entries) are small JSON/PEM texts.
+MAX_SIGNED_BYTES = 256 * 1024
+
+
+class SchemaError(ValueError):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _check_number(kind: str, name: str, value: Any, want: type) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SchemaError(f"{kind}.{name}: expected {want.__name__}, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SchemaError(f"{kind}.{name}: {value} is not a finite number")
+    if abs(value) > MAX_SAFE_INT:
+        raise SchemaError(f"{kind}.{name}: {value} is beyond +/-2**53, which the document cannot hold exactly")
+    if want is int and value != int(value):
+        raise SchemaError(f"{kind}.{name}: expected an integer, got {value}")
+
+
+def _check_text(kind: str, name: str, value: Any, limit: int, pattern: re.Pattern | None = None) -> None:
+    if not isinstance(value, str):
+        raise SchemaError(f"{kind}.{name}: expected text, got {type(value).__name__}")
+    if len(value.encode("utf-8", "surrogatepass")) > limit:
+        raise SchemaError(f"{kind}.{name}: longer than {limit} bytes")
+    if "\x00" in value:
+        raise SchemaError(f"{kind}.{name}: contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SchemaError(f"{kind}.{name}: not valid Unicode text") from None
+    if pattern is not None and not pattern.match(value):
+        raise SchemaError(f"{kind}.{name}: {value[:80]!r} is not a valid {name}")
+
+
+@dataclass(frozen=True)
+class Field:
+    """How one field is checked: its Python type and, for text, its length limit and pattern."""
+    type: type
+    limit: int = MAX_TEXT
+    pattern: re.Pattern | None = None
+    optional: bool = False  # may be None
+
+
+def _check(kind: str, name: str, rule: Field, value: Any) -> Any:
+    """Validate one field; returns the value as it should be written (tuples as lists)."""
+    if value is None and rule.optional:
+        return None
+    if rule.type in (int, float):
+        _check_number(kind, name, value, rule.type)
+        return int(value) if rule.type is int else float(value)
+    if rule.type is bool:
+        if not isinstance(value, bool):
+            raise SchemaError(f"{kind}.{name}: expected true or false, got {type(value).__name__}")
+        return value
+    if rule.type is str:
+        _check_text(kind, name, value, rule.limit, rule.pattern)
+        return value
+    if rule.type is tuple:  # a list of names
+        if not isinstance(value, (list, tuple)):
+            raise SchemaError(f"{kind}.{name}: expected a list, got {type(value).__name__}")
+        if len(value) > MAX_LIST:
+            raise SchemaError(f"{kind}.{name}: more than {MAX_LIST} entries")
+        for i, item in enumerate(value):
+            _check_text(kind, f"{name}[{i}]", item, rule.limit, rule.pattern)
+        return list(value)
+    raise AssertionError(f"no rule for {rule.type}")  # a schema bug, not input
+
+
+class Record:
+    """A record kind: a frozen dataclass with `KIND`, `ROOT` (the document map it lives in)
+    and `FIELDS` (a rule per dataclass field)."""
+    KIND: ClassVar[str]
+    ROOT: ClassVar[str]
+    FIELDS: ClassVar[dict[str, Field]]
+
+    def to_plain(self) -> dict[str, Any]:
+        """The validated value to write; raises SchemaError."""
+        return {name: _check(self.KIND, name, rule, getattr(self, name)) for name, rule in self.FIELDS.items()}
+
+    def validate(self) -> None:
+        self.to_plain()
+
+    @classmethod
+    def from_plain(cls, value: Any):
+        """The record a value read from the document holds; raises SchemaError."""
+        if not isinstance(value, dict):
+            raise SchemaError(f"{cls.KIND}: expected a record, got {type(value).__name__}")
+        unknown = set(value) - set(cls.FIELDS)
+        if unknown:
+            raise SchemaError(f"{cls.KIND}: unknown field {sorted(unknown)[0]!r}")
+        args = {}
+        for name, rule in cls.FIELDS.items():
+            if name not in value:
+                raise SchemaError(f"{cls.KIND}.{name}: missing")
+            checked = _check(cls.KIND, name, rule, value[name])
+            args[name] = tuple(checked) if rule.type is tuple else checked
+        return cls(**args)
+
+
+_NAME = Field(str, 63, NAME_RE)
+_NODE_ID = Field(str, 32, NODE_ID_RE)
+_RECORD_ID = Field(str, 128, RECORD_ID_RE)
+_TEXT = Field(str)
+_TS = Field(float)
+
+
+@dataclass(frozen=True)
+class AppEdit(Record):
+    """One change to an app's desired state, never overwritten: a deploy, an update or a stop.
+
+    `version` is a Lamport counter (1 + the highest version of the app the writer had seen);
+    `base` is the edit it was made on top of ("" for the first). The edit that wins is the one
+    with the highest (version, ts, edit_id); edits off the winner's chain of bases lost a
+    conflict (see crdt.document)."""
+    KIND: ClassVar[str] = "app edit"
+    ROOT: ClassVar[str] = "app_edits"
+    FIELDS: ClassVar[dict[str, Field]] = {
+        "edit_id": _RECORD_ID, "app": _NAME, "version": Field(int), "base": Field(str, 128),
+        "site": _NAME, "actor": _TEXT, "ts": _TS, "spec": Field(str, MAX_SPEC_BYTES),
+        "targets": Field(tuple, 63, NAME_RE), "replicas": Field(int), "stopped": Field(bool)}
+    edit_id: str
+    app: str
+    version: int
+    base: str
+    site: str  # where the change was made
+    actor: str
+    ts: float
+    spec: str  # the app's TOML as submitted ("" for a stop)
+    targets: tuple[str, ...]  # the sites the app runs in (data residency)
+    replicas: int
+    stopped: bool = False
+
+    def to_plain(self) -> dict[str, Any]:
+        plain = super().to_plain()
+        if self.version < 1:
+            raise SchemaError(f"{self.KIND}.version: must be 1 or more, got {self.version}")
+        if self.replicas < 0:
+            raise SchemaError(f"{self.KIND}.replicas: must not be negative, got {self.replicas}")
+        if not self.targets and not self.stopped:
+            raise SchemaError(f"{self.KIND}.targets: an app must run in at least one site")
+        if self.base and not RECORD_ID_RE.match(self.base):
+            raise SchemaError(f"{self.KIND}.base: {self.base[:80]!r} is not a valid edit id")
+        return plain
+
+
+@dataclass(frozen=True)
+class AppSiteStatus(Record):
+    """How far one site has got with one app, as that site's leader last published it."""
+    KIND: ClassVar[str] = "app status"
+    ROOT: ClassVar[str] = "app_status"
+    FIELDS: ClassVar[dict[str, Field]] = {
+        "app": _NAME, "site": _NAME, "edit_id": Field(str, 128), "version": Field(int),
+        "desired": Field(int), "running": Field(int), "ts": _TS}
+    app: str
+    site: str
+    edit_id: str  # the edit the site is running
+    version: int
+    desired: int
+    running: int
+    ts: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.app}@{self.site}"
+
+
+@dataclass(frozen=True)
+class SiteSummary(Record):
+    """A site as its leader last published it: size, readiness and how to reach it."""
+    KIND: ClassVar[str] = "site summary"
+    ROOT: ClassVar[str] = "sites"
+    FIELDS: ClassVar[dict[str, Field]] = {
+        "site": _NAME, "nodes": Field(int), "ready": Field(int), "leader": Field(str, 63, optional=True),
+        "addresses": Field(tuple, 64, re.compile(r"^[0-9a-fA-F.:\[\]]{3,60}:[0-9]{1,5}$")), "ts": _TS}
+    site: str
+    nodes: int
+    ready: int
+    leader: str | None
+    addresses: tuple[str, ...]  # "ip:port" peer endpoints of its members, for other sites to sync with
+    ts: float
+
+
+@dataclass(frozen=True)
+class NodeSummary(Record):
+    """A member as its site's leader last published it."""
+    KIND: ClassVar[str] = "node summary"
+    ROOT: ClassVar[str] = "nodes"
+    FIELDS: ClassVar[dict[str, Field]] = {
+        "node_id": _NODE_ID, "name": Field(str, 253), "site": _NAME, "state": Field(str, 16),
+        "address": Field(str, 64), "ts": _TS}
+    node_id: str
+    name: str
+    site: str
+    state: str
+    address: str
+    ts: float
+
+
+@dataclass(frozen=True)
+class SignedRecord(Record):
+    """A document signed by the mesh root (a policy bundle or a revocation): readers verify
+    the signature before acting on it; the document only carries it."""
+    KIND: ClassVar[str] = "signed record"
+    ROOT: ClassVar[str] = "signed"
+    FIELDS: ClassVar[dict[str, Field]] = {
+        "key": _RECORD_ID, "kind": Field(str, 32), "serial": Field(int), "body": Field(str, MAX_SIGNED_BYTES),
+        "site": _NAME, "ts": _TS}
+    key: str  # "policy" for the policy bundle, "revocation/<node id>" for a revocation
+    kind: str  # "policy" | "revocation"
+    serial: int
+    body: str  # the signed document as meshd.io writes it
+    site: str  # where it was issued
+    ts: float
+
+
+@dataclass(frozen=True)
+class AuditRecord(Record):
+    """Who did what, where, when: appended once, never changed."""
+    KIND: ClassVar[str] = "audit record"
+    ROOT: ClassVar[str] = "audit"
+    FIELDS: ClassVar[dict[str, Field]] = {
+        "audit_id": _RECORD_ID, "ts": _TS, "actor": _TEXT, "action": Field(str, 64), "target": _TEXT,
+        "site": _NAME}
+    audit_id: str
+    ts: float
+    actor: str
+    action: str
+    target: str
+    site: str
+
+
+RECORD_KINDS: tuple[type[Record], ...] = (AppEdit, AppSiteStatus, SiteSummary, NodeSummary, SignedRecord, AuditRecord)
+ROOTS = tuple(kind.ROOT for kind in RECORD_KINDS)

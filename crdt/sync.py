@@ -1,0 +1,129 @@
+"""Sync between two replicas of the mesh document: the messages, their binary codec, and the
+session that decides what to send.
+
+A session is symmetric. Each side opens with its state vector (STATE); the other answers with
+exactly what that vector is missing (DELTA); from then on each side pushes the update of every
+change it makes or learns (UPDATE), and both re-send their state vector now and then (the I/O
+layer decides when) so a push lost on the way is repaired by the next DELTA.
+
+Wire form of one message: 1 byte type, 4 bytes big-endian length, that many payload bytes.
+Binary, because updates are binary: base64 inside JSON would cost a third more on every byte.
+
+Invariants:
+- Pure: no I/O, no clock; `now` is passed in for the bookkeeping (`last_sync`).
+- `SyncDecoder.feed` returns only complete messages of known types and raises nothing but
+  `SyncError`; a length over its limit is refused when the 5-byte header is seen, before any
+  payload is buffered; after an error it stays failed (the stream cannot be resynchronised).
+- A session applies what it receives to its document and never sends an update back to the
+  replica it came from (the other side already has it).
+- Counters: `bytes_in`/`bytes_out` count every byte of every message (headers included);
+  `payload_in`/`payload_out` only the updates (DELTA and UPDATE payloads).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from crdt.document import MAX_STATE_VECTOR_BYTES, MAX_UPDATE_BYTES, MeshDocument, SyncError
+
+STATE, DELTA, UPDATE = 1, 2, 3
+MESSAGE_TYPES = {STATE: "state", DELTA: "delta", UPDATE: "update"}
+_HEADER = struct.Struct(">BI")
+HEADER_SIZE = _HEADER.size
+# A message carries at most one update (or one state vector).
+MAX_MESSAGE = MAX_UPDATE_BYTES
+
+
+@dataclass(frozen=True)
+class Message:
+    type: int
+    payload: bytes
+
+    def encode(self) -> bytes:
+        return encode_message(self.type, self.payload)
+
+    @property
+    def size(self) -> int:
+        return HEADER_SIZE + len(self.payload)
+
+
+def encode_message(kind: int, payload: bytes) -> bytes:
+    if kind not in MESSAGE_TYPES:
+        raise SyncError(f"unknown message type {kind}")
+    limit = MAX_STATE_VECTOR_BYTES if kind == STATE else MAX_MESSAGE
+    if len(payload) > limit:
+        raise SyncError(f"{MESSAGE_TYPES[kind]} of {len(payload)} bytes is over the {limit} limit")
+    return _HEADER.pack(kind, len(payload)) + payload
+
+
+class SyncDecoder:
+    def __init__(self, max_message: int = MAX_MESSAGE) -> None:
+        self._buffer = bytearray()
+        self._max = max_message
+        self._failed: str | None = None
+
+    def feed(self, data: bytes) -> list[Message]:
+        if self._failed:
+            raise SyncError(self._failed)
+        self._buffer += data
+        out = []
+        while len(self._buffer) >= HEADER_SIZE:
+            kind, length = _HEADER.unpack_from(self._buffer)
+            problem = None
+            if kind not in MESSAGE_TYPES:
+                problem = f"unknown sync message type {kind}"
+            elif length > (MAX_STATE_VECTOR_BYTES if kind == STATE else self._max):
+                problem = f"sync message of {length} bytes is over the limit"
+            if problem:
+                self._failed = problem
+                self._buffer.clear()
+                raise SyncError(problem)
+            if len(self._buffer) < HEADER_SIZE + length:
+                break
+            out.append(Message(kind, bytes(self._buffer[HEADER_SIZE:HEADER_SIZE + length])))
+            del self._buffer[:HEADER_SIZE + length]
+        return out
+
+
+class SyncSession:
+    """One side of a sync session with one remote replica."""
+
+    def __init__(self, document: MeshDocument, peer: str) -> None:
+        self.document = document
+        self.peer = peer  # who is at the other end (a site name or an address), for events
+        self.bytes_in = self.bytes_out = 0
+        self.payload_in = self.payload_out = 0
+        self.last_sync: float | None = None  # when the last DELTA or UPDATE arrived
+        self.synced = False  # the other side's DELTA to our first STATE has arrived
+
+    def _out(self, message: Message) -> Message:
+        self.bytes_out += message.size
+        if message.type != STATE:
+            self.payload_out += len(message.payload)
+        return message
+
+    def open(self) -> list[Message]:
+        """The opening message: our state vector."""
+        return [self._out(Message(STATE, self.document.state_vector()))]
+
+    def resync(self) -> list[Message]:
+        """Ask again for anything missed (sent periodically)."""
+        return self.open()
+
+    def receive(self, message: Message, now: float) -> tuple[list[Message], bytes | None]:
+        """Handle one message: (replies, the update applied or None). Raises SyncError for a
+        malformed message; the document is then unchanged."""
+        self.bytes_in += message.size
+        if message.type == STATE:
+            return [self._out(Message(DELTA, self.document.delta_since(message.payload)))], None
+        self.payload_in += len(message.payload)
+        self.document.apply(message.payload)
+        self.last_sync = now
+        if message.type == DELTA:
+            self.synced = True
+        return [], message.payload
+
+    def push(self, update: bytes) -> list[Message]:
+        """A change made here, or learnt from another replica, for the other side."""
+        return [self._out(Message(UPDATE, update))]

@@ -1,0 +1,102 @@
+"""crdt.sync: the message codec and the session protocol between two replicas."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from crdt.document import MeshDocument, SyncError
+from crdt.schema import AuditRecord
+from crdt.sync import DELTA, HEADER_SIZE, STATE, UPDATE, Message, SyncDecoder, SyncSession, encode_message
+
+
+def audit(doc: MeshDocument, n: int, site: str) -> bytes:
+    return doc.put(AuditRecord(audit_id=f"{site}/{n}", ts=float(n), actor="ops", action="deploy", target="web",
+                               site=site))
+
+
+def pump(a: SyncSession, b: SyncSession, messages_from_a: list[Message]) -> None:
+    """Deliver messages back and forth through the byte codec until both sides are quiet."""
+    queue = [(a, b, m) for m in messages_from_a]
+    decoders = {id(a): SyncDecoder(), id(b): SyncDecoder()}
+    while queue:
+        sender, receiver, message = queue.pop(0)
+        for decoded in decoders[id(receiver)].feed(message.encode()):
+            replies, _ = receiver.receive(decoded, now=1.0)
+            queue += [(receiver, sender, r) for r in replies]
+
+
+def test_a_session_brings_both_sides_to_the_same_state_and_sends_only_what_is_missing():
+    left, right = MeshDocument(), MeshDocument()
+    for n in range(50):
+        audit(left, n, "a")
+    shared = left.full_update()
+    right.apply(shared)  # both had these before the cut
+    new_left = [audit(left, n, "a") for n in range(50, 60)]
+    new_right = [audit(right, n, "b") for n in range(10)]
+    a, b = SyncSession(left, "b"), SyncSession(right, "a")
+    pump(a, b, a.open())
+    pump(b, a, b.open())
+    assert left.records(AuditRecord) == right.records(AuditRecord)
+    assert len(left.records(AuditRecord)) == 70
+    assert a.synced and b.synced and a.last_sync == 1.0
+    minimal = sum(map(len, new_left)) + sum(map(len, new_right))
+    assert a.payload_out + b.payload_out <= 1.5 * minimal
+    assert a.payload_out < len(shared) / 2  # not the whole document again
+
+
+def test_pushed_updates_are_applied_and_reported_for_forwarding():
+    left, right = MeshDocument(), MeshDocument()
+    a, b = SyncSession(left, "b"), SyncSession(right, "a")
+    update = audit(left, 1, "a")
+    [message] = a.push(update)
+    replies, applied = b.receive(message, now=5.0)
+    assert replies == [] and applied == update and b.last_sync == 5.0
+    assert right.records(AuditRecord) == left.records(AuditRecord)
+
+
+def test_a_malformed_update_in_a_session_is_refused_and_changes_nothing():
+    doc = MeshDocument()
+    audit(doc, 1, "a")
+    before = doc.full_update()
+    with pytest.raises(SyncError):
+        SyncSession(doc, "x").receive(Message(UPDATE, b"\x80\x80\x80\x7f"), now=1.0)
+    assert doc.full_update() == before
+
+
+def test_messages_split_anywhere_decode_whole_and_in_order():
+    stream = encode_message(STATE, b"sv") + encode_message(DELTA, b"x" * 1000) + encode_message(UPDATE, b"")
+    for cut in range(len(stream) + 1):
+        decoder = SyncDecoder()
+        got = decoder.feed(stream[:cut]) + decoder.feed(stream[cut:])
+        assert got == [Message(STATE, b"sv"), Message(DELTA, b"x" * 1000), Message(UPDATE, b"")]
+
+
+@pytest.mark.parametrize("header, reason", [
+    (bytes([9, 0, 0, 0, 1]), "unknown sync message type 9"),
+    (bytes([UPDATE, 0xFF, 0xFF, 0xFF, 0xFF]), "over the limit"),
+    (bytes([STATE, 0x01, 0, 0, 0]), "over the limit"),  # 16 MiB state vector
+])
+def test_a_bad_header_fails_the_stream_before_any_payload_is_buffered(header, reason):
+    decoder = SyncDecoder()
+    with pytest.raises(SyncError, match=reason):
+        decoder.feed(header)
+    with pytest.raises(SyncError):  # failed for good: the stream cannot be resynchronised
+        decoder.feed(encode_message(STATE, b""))
+
+
+def test_encoding_refuses_what_a_decoder_would_refuse():
+    with pytest.raises(SyncError):
+        encode_message(7, b"")
+    with pytest.raises(SyncError):
+        encode_message(STATE, b"x" * (2 * 1024 * 1024))
+
+
+@given(st.binary(max_size=200))
+def test_any_bytes_give_messages_or_a_sync_error(data):
+    try:
+        for message in SyncDecoder(max_message=1024).feed(data):
+            assert len(message.payload) <= 1024 and message.size == HEADER_SIZE + len(message.payload)
+    except SyncError:
+        pass
