@@ -45,22 +45,6 @@ class SyncError(ValueError):
         self.reason = reason
 
 
-def key_of(record: Record) -> str:
-    if isinstance(record, AppEdit):
-        return record.edit_id
-    if isinstance(record, AppSiteStatus):
-        return record.key
-    if isinstance(record, SiteSummary):
-        return record.site
-    if isinstance(record, NodeSummary):
-        return record.node_id
-    if isinstance(record, SignedRecord):
-        return record.key
-    if isinstance(record, AuditRecord):
-        return record.audit_id
-    raise TypeError(f"not a document record: {type(record).__name__}")
-
-
 _KIND_OF_ROOT = {kind.ROOT: kind for kind in (AppEdit, AppSiteStatus, SiteSummary, NodeSummary, SignedRecord,
                                                AuditRecord)}
 
@@ -121,7 +105,7 @@ class MeshDocument:
         return self.put_many([record])
 
     def put_many(self, records: list[Record]) -> bytes:
-        plains = [(r.ROOT, key_of(r), r.to_plain()) for r in records]  # all validated before any write
+        plains = [(r.ROOT, r.key, r.to_plain()) for r in records]  # all validated before any write
         before = self.doc.get_state()
         with self.doc.transaction():
             for root, key, plain in plains:
@@ -155,7 +139,7 @@ class MeshDocument:
                 value = shared[key]
                 try:
                     record = kind.from_plain(value if isinstance(value, dict) else _shared_type(value))
-                    if key_of(record) != key:
+                    if record.key != key:
                         raise SchemaError(f"{kind.KIND}: stored under {key[:80]!r}, not under its own key")
                     parsed[key] = record
                 except SchemaError as e:

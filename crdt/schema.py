@@ -111,8 +111,8 @@ def _check(kind: str, name: str, rule: Field, value: Any) -> Any:
 
 
 class Record:
-    """A record kind: a frozen dataclass with `KIND`, `ROOT` (the document map it lives in)
-    and `FIELDS` (a rule per dataclass field)."""
+    """A record kind: a frozen dataclass with `KIND`, `ROOT` (the document map it lives in),
+    `FIELDS` (a rule per dataclass field) and `key` (where in that map it lives)."""
     KIND: ClassVar[str]
     ROOT: ClassVar[str]
     FIELDS: ClassVar[dict[str, Field]]
@@ -174,6 +174,10 @@ class AppEdit(Record):
     replicas: int
     stopped: bool = False
 
+    @property
+    def key(self) -> str:
+        return self.edit_id
+
     def to_plain(self) -> dict[str, Any]:
         plain = super().to_plain()
         if self.version < 1:
@@ -223,6 +227,10 @@ class SiteSummary(Record):
     addresses: tuple[str, ...]  # "ip:port" peer endpoints of its members, for other sites to sync with
     ts: float
 
+    @property
+    def key(self) -> str:
+        return self.site
+
 
 @dataclass(frozen=True)
 class NodeSummary(Record):
@@ -238,6 +246,10 @@ class NodeSummary(Record):
     state: str
     address: str
     ts: float
+
+    @property
+    def key(self) -> str:
+        return self.node_id
 
 
 @dataclass(frozen=True)
@@ -271,6 +283,10 @@ class AuditRecord(Record):
     action: str
     target: str
     site: str
+
+    @property
+    def key(self) -> str:
+        return self.audit_id
 
 
 RECORD_KINDS: tuple[type[Record], ...] = (AppEdit, AppSiteStatus, SiteSummary, NodeSummary, SignedRecord, AuditRecord)
