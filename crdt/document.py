@@ -198,13 +198,17 @@ class MeshDocument:
         except ValueError as e:
             raise SyncError(f"malformed state vector: {e}") from None
 
-    def apply(self, update: bytes) -> None:
-        """Merge an update from any replica; applying one twice, or out of order, is harmless."""
+    def apply(self, update: bytes) -> bool:
+        """Merge an update from any replica; applying one twice, or out of order, is harmless.
+        Returns whether it could have changed anything (new items, or deletions): an update
+        that brings nothing need not be stored or passed on."""
         if len(update) > MAX_UPDATE_BYTES:
             raise SyncError(f"update of {len(update)} bytes is over the {MAX_UPDATE_BYTES} limit")
         try:
-            check_update(update)  # before pycrdt: it trusts the counts an update declares
+            _, deleted = check_update(update)  # before pycrdt: it trusts the counts an update declares
+            before = self.doc.get_state()
             self.doc.apply_update(update)
+            return deleted > 0 or self.doc.get_state() != before
         except UpdateRejected as e:
             raise SyncError(f"malformed update: {e.reason}") from None
         except ValueError as e:

@@ -112,17 +112,17 @@ class SyncSession:
         return self.open()
 
     def receive(self, message: Message, now: float) -> tuple[list[Message], bytes | None]:
-        """Handle one message: (replies, the update applied or None). Raises SyncError for a
-        malformed message; the document is then unchanged."""
+        """Handle one message: (replies, the update if it brought anything new, else None).
+        Raises SyncError for a malformed message; the document is then unchanged."""
         self.bytes_in += message.size
         if message.type == STATE:
             return [self._out(Message(DELTA, self.document.delta_since(message.payload)))], None
         self.payload_in += len(message.payload)
-        self.document.apply(message.payload)
+        changed = self.document.apply(message.payload)
         self.last_sync = now
         if message.type == DELTA:
             self.synced = True
-        return [], message.payload
+        return [], message.payload if changed else None
 
     def push(self, update: bytes) -> list[Message]:
         """A change made here, or learnt from another replica, for the other side."""

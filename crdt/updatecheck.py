@@ -17,8 +17,8 @@ Layout (lib0 encoding, as Yjs/yrs write it):
 Invariants:
 - Pure, bounded: time linear in the update's length, memory constant but for recursion,
   which `MAX_DEPTH` bounds.
-- `check_update` raises `UpdateRejected` with a reason, or returns None; every update pycrdt
-  itself writes passes (tested against updates it makes).
+- `check_update` raises `UpdateRejected` with a reason, or returns what the update carries;
+  every update pycrdt itself writes passes (tested against updates it makes).
 """
 
 from __future__ import annotations
@@ -172,21 +172,27 @@ def _struct(r: _Reader) -> None:
     _content(r, kind)
 
 
-def check_update(update: bytes) -> None:
+def check_update(update: bytes) -> tuple[int, int]:
+    """Walk the update; returns (structs, deleted ranges) it carries."""
     r = _Reader(update)
+    structs = ranges = 0
     for _ in range(r.count("clients")):
         n_structs = r.count("structs")
         r.varuint()  # client
         r.varuint()  # clock
         for _ in range(n_structs):
             _struct(r)
+        structs += n_structs
     for _ in range(r.count("delete-set clients")):
         r.varuint()
-        for _ in range(r.count("deleted ranges")):
+        n_ranges = r.count("deleted ranges")
+        for _ in range(n_ranges):
             r.varuint()
             r.varuint()
+        ranges += n_ranges
     if r.left():
         raise UpdateRejected(f"{r.left()} bytes after the end of the update")
+    return structs, ranges
 
 
 def check_state_vector(state_vector: bytes) -> None:

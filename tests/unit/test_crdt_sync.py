@@ -100,3 +100,13 @@ def test_any_bytes_give_messages_or_a_sync_error(data):
             assert len(message.payload) <= 1024 and message.size == HEADER_SIZE + len(message.payload)
     except SyncError:
         pass
+
+
+def test_an_update_that_brings_nothing_new_is_not_passed_on():
+    left, right = MeshDocument(), MeshDocument()
+    update = audit(left, 1, "a")
+    b = SyncSession(right, "a")
+    assert b.receive(Message(UPDATE, update), now=1.0)[1] == update
+    assert b.receive(Message(UPDATE, update), now=2.0)[1] is None  # a duplicate
+    [delta] = SyncSession(left, "b").receive(Message(STATE, right.state_vector()), now=3.0)[0]
+    assert b.receive(delta, now=3.0)[1] is None  # a resync with nothing missing

@@ -1,0 +1,162 @@
+"""The trio side of document sync: a node's replica (document + durable store) and the sync
+sessions it runs with other replicas over byte streams (crdt.sync does the deciding).
+
+`DocumentHub` owns the node's replica. Local writes and updates from peers both go through it:
+validated (local) or checked (remote), applied, appended to the durable log (fsync), and only
+then acknowledged or pushed to the other sessions (store and forward: a site that hears from
+another passes the news on to every site it talks to).
+
+Invariants:
+- An update is on disk before anyone hears of it: `write` returns, and a remote update is
+  forwarded, only after `DocumentStore.append` returned.
+- A session never sends an update back to the session it came from.
+- A malformed message ends its session (the byte stream cannot be trusted after it); the
+  document is unchanged by it and every other session goes on.
+- Each session's outbox is bounded (OUTBOX_MESSAGES): a peer too slow to keep up is dropped
+  and catches up by state vector when it reconnects, instead of holding memory hostage.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable
+
+import trio
+
+from crdt.document import MeshDocument, SyncError
+from crdt.schema import Record
+from crdt.sync import Message, SyncDecoder, SyncSession
+from meshd.io.crdtstore import DocumentStore
+
+log = logging.getLogger("meshd.docsync")
+
+# Pushed updates waiting for one slow peer; past this the session is ended (it resyncs by
+# state vector on reconnect, which sends the same changes once, compacted).
+OUTBOX_MESSAGES = 1024
+# Each side re-sends its state vector this often, repairing any push lost on the way; small
+# next to how long a site may be cut off, large next to a state vector's cost (bytes).
+RESYNC_INTERVAL = 30.0
+READ_SIZE = 65536
+
+
+class SessionEnded(Exception):
+    pass
+
+
+class DocumentHub:
+    def __init__(self, document: MeshDocument, store: DocumentStore | None,
+                 clock: Callable[[], float] = trio.current_time) -> None:
+        self.document = document
+        self.store = store
+        self.clock = clock
+        self.sessions: dict[int, tuple[SyncSession, trio.MemorySendChannel]] = {}
+        self.changed = trio.Event()  # set (and replaced) on every change, for waiters
+        self._next_id = 0
+
+    # --- changes -------------------------------------------------------------------------
+
+    def write(self, records: list[Record]) -> bytes:
+        """Validate, apply and persist local records, then push them; raises SchemaError
+        (and then nothing was written)."""
+        update = self.document.put_many(records)
+        self._persist_and_push(update, source=None)
+        return update
+
+    def _persist_and_push(self, update: bytes, source: int | None) -> None:
+        if self.store is not None:
+            self.store.append(update)
+            if self.store.needs_compaction():
+                self.store.compact(self.document)
+        for session_id, (session, outbox) in list(self.sessions.items()):
+            if session_id == source:
+                continue
+            for message in session.push(update):
+                try:
+                    outbox.send_nowait(message)
+                except trio.WouldBlock:
+                    log.warning("sync peer too slow, dropping its session", extra={"peer": session.peer})
+                    outbox.close()
+                    self.sessions.pop(session_id, None)
+                    break
+                except trio.ClosedResourceError:
+                    self.sessions.pop(session_id, None)
+                    break
+        self.changed.set()
+        self.changed = trio.Event()
+
+    # --- sessions ------------------------------------------------------------------------
+
+    async def run_session(self, stream: trio.abc.Stream, peer: str,
+                          on_synced: Callable[[SyncSession], None] | None = None,
+                          resync_interval: float = RESYNC_INTERVAL) -> SyncSession:
+        """Sync with the replica at the other end of `stream` until either side closes it
+        or it misbehaves; returns the session (its counters) when it ends."""
+        session = SyncSession(self.document, peer)
+        send, receive = trio.open_memory_channel[Message](OUTBOX_MESSAGES)
+        session_id = self._next_id
+        self._next_id += 1
+        self.sessions[session_id] = (session, send)
+        ended = "closed"
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._sender, stream, session, receive, resync_interval, nursery.cancel_scope)
+                try:
+                    await self._receiver(stream, session, session_id, send, on_synced)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                    ended = str(e) or type(e).__name__
+                except SessionEnded as e:
+                    ended = str(e)
+                nursery.cancel_scope.cancel()
+        finally:
+            self.sessions.pop(session_id, None)
+            send.close()
+        log.info("sync session ended", extra={"peer": peer, "reason": ended})
+        return session
+
+    def live_sessions(self) -> list[SyncSession]:
+        return [session for session, _ in self.sessions.values()]
+
+    async def _sender(self, stream: trio.abc.Stream, session: SyncSession, outbox: trio.MemoryReceiveChannel,
+                      resync_interval: float, scope: trio.CancelScope) -> None:
+        try:
+            for message in session.open():
+                await stream.send_all(message.encode())
+            next_resync = trio.current_time() + resync_interval
+            while True:
+                with trio.move_on_at(next_resync if math.isfinite(resync_interval) else math.inf):
+                    async for message in outbox:
+                        await stream.send_all(message.encode())
+                    raise SessionEnded("outbox closed (peer too slow)")
+                for message in session.resync():
+                    await stream.send_all(message.encode())
+                next_resync = trio.current_time() + resync_interval
+        except (trio.BrokenResourceError, trio.ClosedResourceError, SessionEnded):
+            scope.cancel()
+
+    async def _receiver(self, stream: trio.abc.Stream, session: SyncSession, session_id: int,
+                        outbox: trio.MemorySendChannel, on_synced) -> None:
+        decoder = SyncDecoder()
+        while True:
+            data = await stream.receive_some(READ_SIZE)
+            if not data:
+                raise SessionEnded("closed by peer")
+            try:
+                messages = decoder.feed(data)
+            except SyncError as e:
+                raise SessionEnded(f"malformed sync stream: {e.reason}") from None
+            for message in messages:
+                was_synced = session.synced
+                try:
+                    replies, applied = session.receive(message, now=self.clock())
+                except SyncError as e:
+                    raise SessionEnded(f"refused a sync message: {e.reason}") from None
+                for reply in replies:
+                    try:
+                        outbox.send_nowait(reply)
+                    except trio.WouldBlock:
+                        raise SessionEnded("peer too slow") from None
+                if applied is not None:
+                    self._persist_and_push(applied, source=session_id)
+                if session.synced and not was_synced and on_synced is not None:
+                    on_synced(session)
