@@ -28,9 +28,8 @@ from typing import Any, Iterable
 
 from pycrdt import Doc, Map
 
+from crdt.schema import RECORD_KINDS, ROOTS, AppEdit, Record, SchemaError
 from crdt.updatecheck import UpdateRejected, check_state_vector, check_update
-from crdt.schema import (ROOTS, AppEdit, AppSiteStatus, AuditRecord, NodeSummary, Record, SchemaError,
-                         SignedRecord, SiteSummary)
 
 # A sync frame beyond this is refused before pycrdt parses it: two sites' worth of 10,000
 # changes each is about 2 MiB of update, a whole large mesh's state well under this.
@@ -45,21 +44,16 @@ class SyncError(ValueError):
         self.reason = reason
 
 
-_KIND_OF_ROOT = {kind.ROOT: kind for kind in (AppEdit, AppSiteStatus, SiteSummary, NodeSummary, SignedRecord,
-                                               AuditRecord)}
+_KIND_OF_ROOT = {kind.ROOT: kind for kind in RECORD_KINDS}
 
 
 @dataclass(frozen=True)
 class AppResolution:
-    """An app as every replica with the same edits sees it: the winning edit, the edits it
-    replaced in order (its chain), and the edits that lost a conflict."""
+    """An app as every replica with the same edits sees it: the winning edit and the edits
+    that lost a conflict to it."""
     app: str
     winner: AppEdit
     losers: tuple[AppEdit, ...]
-
-    @property
-    def running(self) -> bool:
-        return not self.winner.stopped
 
 
 def winning_order(edit: AppEdit) -> tuple:
@@ -115,16 +109,12 @@ class MeshDocument:
     def new_app_edit(self, *, edit_id: str, app: str, site: str, actor: str, ts: float, spec: str,
                      targets: tuple[str, ...], replicas: int, stopped: bool = False) -> AppEdit:
         """The edit that changes `app` on top of what this replica has: its version is one
-        more than any edit of the app seen here, its base the current winner."""
-        current = self.app(app)
-        edit = AppEdit(edit_id=edit_id, app=app, version=1 if current is None else self._top_version(app) + 1,
-                       base="" if current is None else current.winner.edit_id, site=site, actor=actor, ts=ts,
+        more than any edit of the app seen here, its base the current winner. Validated when
+        it is put."""
+        edits = self.app_edits(app)
+        return AppEdit(edit_id=edit_id, app=app, version=max((e.version for e in edits), default=0) + 1,
+                       base=resolve(edits).winner.edit_id if edits else "", site=site, actor=actor, ts=ts,
                        spec=spec, targets=tuple(targets), replicas=replicas, stopped=stopped)
-        edit.validate()
-        return edit
-
-    def _top_version(self, app: str) -> int:
-        return max(e.version for e in self.app_edits(app))
 
     # --- reading -------------------------------------------------------------------------
 
@@ -138,7 +128,7 @@ class MeshDocument:
                     continue
                 value = shared[key]
                 try:
-                    record = kind.from_plain(value if isinstance(value, dict) else _shared_type(value))
+                    record = kind.from_plain(_plain(value))
                     if record.key != key:
                         raise SchemaError(f"{kind.KIND}: stored under {key[:80]!r}, not under its own key")
                     parsed[key] = record
@@ -219,6 +209,7 @@ class MeshDocument:
         return self.doc.get_update()
 
 
-def _shared_type(value: Any) -> Any:
-    """A nested shared type where a plain record belongs (only a foreign writer makes one)."""
+def _plain(value: Any) -> Any:
+    """The value as plain data (a nested shared type where a plain record belongs is only
+    made by a foreign writer; it is read as what it holds, then checked like anything else)."""
     return value.to_py() if hasattr(value, "to_py") else value

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar
 
 # Largest int a float64 holds exactly: pycrdt keeps numbers as float64.
@@ -31,6 +31,7 @@ NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 # Node ids are 32 hex digits (meshd.io.identity); record ids are made by their writer, bounded.
 NODE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 RECORD_ID_RE = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
+ENDPOINT_RE = re.compile(r"^[0-9a-fA-F.:\[\]]{3,60}:[0-9]{1,5}$")  # "ip:port", IPv4 or [IPv6]
 # An app spec is TOML text as the operator wrote it; meshd's admin socket refuses more than
 # 1 MiB per request and real specs are a few hundred bytes. 64 KiB bounds one record.
 MAX_SPEC_BYTES = 64 * 1024
@@ -64,14 +65,14 @@ def _check_number(kind: str, name: str, value: Any, want: type) -> None:
 def _check_text(kind: str, name: str, value: Any, limit: int, pattern: re.Pattern | None = None) -> None:
     if not isinstance(value, str):
         raise SchemaError(f"{kind}.{name}: expected text, got {type(value).__name__}")
-    if len(value.encode("utf-8", "surrogatepass")) > limit:
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise SchemaError(f"{kind}.{name}: not valid Unicode text") from None
+    if size > limit:
         raise SchemaError(f"{kind}.{name}: longer than {limit} bytes")
     if "\x00" in value:
         raise SchemaError(f"{kind}.{name}: contains a NUL character")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise SchemaError(f"{kind}.{name}: not valid Unicode text") from None
     if pattern is not None and not pattern.match(value):
         raise SchemaError(f"{kind}.{name}: {value[:80]!r} is not a valid {name}")
 
@@ -110,34 +111,46 @@ def _check(kind: str, name: str, rule: Field, value: Any) -> Any:
     raise AssertionError(f"no rule for {rule.type}")  # a schema bug, not input
 
 
+def rule(check: Field, default: Any = MISSING) -> Any:
+    """A record's dataclass field, carrying the check its values must pass."""
+    return field(default=default, metadata={"rule": check})
+
+
+_RULES: dict[type, dict[str, Field]] = {}  # per record kind, from its dataclass fields
+
+
 class Record:
-    """A record kind: a frozen dataclass with `KIND`, `ROOT` (the document map it lives in),
-    `FIELDS` (a rule per dataclass field) and `key` (where in that map it lives)."""
+    """A record kind: a frozen dataclass whose fields are declared with `rule(...)`, with
+    `KIND`, `ROOT` (the document map it lives in) and `key` (where in that map it lives)."""
     KIND: ClassVar[str]
     ROOT: ClassVar[str]
-    FIELDS: ClassVar[dict[str, Field]]
+
+    @classmethod
+    def rules(cls) -> dict[str, Field]:
+        found = _RULES.get(cls)
+        if found is None:
+            found = _RULES[cls] = {f.name: f.metadata["rule"] for f in fields(cls)}
+        return found
 
     def to_plain(self) -> dict[str, Any]:
         """The validated value to write; raises SchemaError."""
-        return {name: _check(self.KIND, name, rule, getattr(self, name)) for name, rule in self.FIELDS.items()}
-
-    def validate(self) -> None:
-        self.to_plain()
+        return {name: _check(self.KIND, name, check, getattr(self, name)) for name, check in self.rules().items()}
 
     @classmethod
     def from_plain(cls, value: Any):
         """The record a value read from the document holds; raises SchemaError."""
         if not isinstance(value, dict):
             raise SchemaError(f"{cls.KIND}: expected a record, got {type(value).__name__}")
-        unknown = set(value) - set(cls.FIELDS)
+        rules = cls.rules()
+        unknown = set(value) - set(rules)
         if unknown:
             raise SchemaError(f"{cls.KIND}: unknown field {sorted(unknown)[0]!r}")
         args = {}
-        for name, rule in cls.FIELDS.items():
+        for name, check in rules.items():
             if name not in value:
                 raise SchemaError(f"{cls.KIND}.{name}: missing")
-            checked = _check(cls.KIND, name, rule, value[name])
-            args[name] = tuple(checked) if rule.type is tuple else checked
+            checked = _check(cls.KIND, name, check, value[name])
+            args[name] = tuple(checked) if check.type is tuple else checked
         return cls(**args)
 
 
@@ -158,21 +171,17 @@ class AppEdit(Record):
     conflict (see crdt.document)."""
     KIND: ClassVar[str] = "app edit"
     ROOT: ClassVar[str] = "app_edits"
-    FIELDS: ClassVar[dict[str, Field]] = {
-        "edit_id": _RECORD_ID, "app": _NAME, "version": Field(int), "base": Field(str, 128),
-        "site": _NAME, "actor": _TEXT, "ts": _TS, "spec": Field(str, MAX_SPEC_BYTES),
-        "targets": Field(tuple, 63, NAME_RE), "replicas": Field(int), "stopped": Field(bool)}
-    edit_id: str
-    app: str
-    version: int
-    base: str
-    site: str  # where the change was made
-    actor: str
-    ts: float
-    spec: str  # the app's TOML as submitted ("" for a stop)
-    targets: tuple[str, ...]  # the sites the app runs in (data residency)
-    replicas: int
-    stopped: bool = False
+    edit_id: str = rule(_RECORD_ID)
+    app: str = rule(_NAME)
+    version: int = rule(Field(int))
+    base: str = rule(Field(str, 128))
+    site: str = rule(_NAME)  # where the change was made
+    actor: str = rule(_TEXT)
+    ts: float = rule(_TS)
+    spec: str = rule(Field(str, MAX_SPEC_BYTES))  # the app's TOML as submitted ("" for a stop)
+    targets: tuple[str, ...] = rule(Field(tuple, 63, NAME_RE))  # the sites the app runs in (data residency)
+    replicas: int = rule(Field(int))
+    stopped: bool = rule(Field(bool), default=False)
 
     @property
     def key(self) -> str:
@@ -196,16 +205,13 @@ class AppSiteStatus(Record):
     """How far one site has got with one app, as that site's leader last published it."""
     KIND: ClassVar[str] = "app status"
     ROOT: ClassVar[str] = "app_status"
-    FIELDS: ClassVar[dict[str, Field]] = {
-        "app": _NAME, "site": _NAME, "edit_id": Field(str, 128), "version": Field(int),
-        "desired": Field(int), "running": Field(int), "ts": _TS}
-    app: str
-    site: str
-    edit_id: str  # the edit the site is running
-    version: int
-    desired: int
-    running: int
-    ts: float
+    app: str = rule(_NAME)
+    site: str = rule(_NAME)
+    edit_id: str = rule(Field(str, 128))  # the edit the site is running
+    version: int = rule(Field(int))
+    desired: int = rule(Field(int))
+    running: int = rule(Field(int))
+    ts: float = rule(_TS)
 
     @property
     def key(self) -> str:
@@ -217,15 +223,13 @@ class SiteSummary(Record):
     """A site as its leader last published it: size, readiness and how to reach it."""
     KIND: ClassVar[str] = "site summary"
     ROOT: ClassVar[str] = "sites"
-    FIELDS: ClassVar[dict[str, Field]] = {
-        "site": _NAME, "nodes": Field(int), "ready": Field(int), "leader": Field(str, 63, optional=True),
-        "addresses": Field(tuple, 64, re.compile(r"^[0-9a-fA-F.:\[\]]{3,60}:[0-9]{1,5}$")), "ts": _TS}
-    site: str
-    nodes: int
-    ready: int
-    leader: str | None
-    addresses: tuple[str, ...]  # "ip:port" peer endpoints of its members, for other sites to sync with
-    ts: float
+    site: str = rule(_NAME)
+    nodes: int = rule(Field(int))
+    ready: int = rule(Field(int))
+    leader: str | None = rule(Field(str, 63, optional=True))
+    # "ip:port" peer endpoints of its members, for other sites to sync with
+    addresses: tuple[str, ...] = rule(Field(tuple, 64, ENDPOINT_RE))
+    ts: float = rule(_TS)
 
     @property
     def key(self) -> str:
@@ -237,15 +241,12 @@ class NodeSummary(Record):
     """A member as its site's leader last published it."""
     KIND: ClassVar[str] = "node summary"
     ROOT: ClassVar[str] = "nodes"
-    FIELDS: ClassVar[dict[str, Field]] = {
-        "node_id": _NODE_ID, "name": Field(str, 253), "site": _NAME, "state": Field(str, 16),
-        "address": Field(str, 64), "ts": _TS}
-    node_id: str
-    name: str
-    site: str
-    state: str
-    address: str
-    ts: float
+    node_id: str = rule(_NODE_ID)
+    name: str = rule(Field(str, 253))
+    site: str = rule(_NAME)
+    state: str = rule(Field(str, 16))
+    address: str = rule(Field(str, 64))
+    ts: float = rule(_TS)
 
     @property
     def key(self) -> str:
@@ -258,15 +259,12 @@ class SignedRecord(Record):
     the signature before acting on it; the document only carries it."""
     KIND: ClassVar[str] = "signed record"
     ROOT: ClassVar[str] = "signed"
-    FIELDS: ClassVar[dict[str, Field]] = {
-        "key": _RECORD_ID, "kind": Field(str, 32), "serial": Field(int), "body": Field(str, MAX_SIGNED_BYTES),
-        "site": _NAME, "ts": _TS}
-    key: str  # "policy" for the policy bundle, "revocation/<node id>" for a revocation
-    kind: str  # "policy" | "revocation"
-    serial: int
-    body: str  # the signed document as meshd.io writes it
-    site: str  # where it was issued
-    ts: float
+    key: str = rule(_RECORD_ID)  # "policy" for the policy bundle, "revocation/<node id>" for a revocation
+    kind: str = rule(Field(str, 32))  # "policy" | "revocation"
+    serial: int = rule(Field(int))
+    body: str = rule(Field(str, MAX_SIGNED_BYTES))  # the signed document as meshd.io writes it
+    site: str = rule(_NAME)  # where it was issued
+    ts: float = rule(_TS)
 
 
 @dataclass(frozen=True)
@@ -274,15 +272,12 @@ class AuditRecord(Record):
     """Who did what, where, when: appended once, never changed."""
     KIND: ClassVar[str] = "audit record"
     ROOT: ClassVar[str] = "audit"
-    FIELDS: ClassVar[dict[str, Field]] = {
-        "audit_id": _RECORD_ID, "ts": _TS, "actor": _TEXT, "action": Field(str, 64), "target": _TEXT,
-        "site": _NAME}
-    audit_id: str
-    ts: float
-    actor: str
-    action: str
-    target: str
-    site: str
+    audit_id: str = rule(_RECORD_ID)
+    ts: float = rule(_TS)
+    actor: str = rule(_TEXT)
+    action: str = rule(Field(str, 64))
+    target: str = rule(_TEXT)
+    site: str = rule(_NAME)
 
     @property
     def key(self) -> str:

@@ -48,12 +48,20 @@ class Message:
         return HEADER_SIZE + len(self.payload)
 
 
-def encode_message(kind: int, payload: bytes) -> bytes:
+def _header_problem(kind: int, length: int, max_message: int) -> str | None:
+    """Why a message of this type and length may not be sent or taken, or None."""
     if kind not in MESSAGE_TYPES:
-        raise SyncError(f"unknown message type {kind}")
-    limit = MAX_STATE_VECTOR_BYTES if kind == STATE else MAX_MESSAGE
-    if len(payload) > limit:
-        raise SyncError(f"{MESSAGE_TYPES[kind]} of {len(payload)} bytes is over the {limit} limit")
+        return f"unknown sync message type {kind}"
+    limit = MAX_STATE_VECTOR_BYTES if kind == STATE else max_message
+    if length > limit:
+        return f"{MESSAGE_TYPES[kind]} message of {length} bytes is over the limit ({limit} bytes)"
+    return None
+
+
+def encode_message(kind: int, payload: bytes) -> bytes:
+    problem = _header_problem(kind, len(payload), MAX_MESSAGE)
+    if problem:
+        raise SyncError(problem)
     return _HEADER.pack(kind, len(payload)) + payload
 
 
@@ -70,11 +78,7 @@ class SyncDecoder:
         out = []
         while len(self._buffer) >= HEADER_SIZE:
             kind, length = _HEADER.unpack_from(self._buffer)
-            problem = None
-            if kind not in MESSAGE_TYPES:
-                problem = f"unknown sync message type {kind}"
-            elif length > (MAX_STATE_VECTOR_BYTES if kind == STATE else self._max):
-                problem = f"sync message of {length} bytes is over the limit"
+            problem = _header_problem(kind, length, self._max)
             if problem:
                 self._failed = problem
                 self._buffer.clear()
@@ -104,12 +108,9 @@ class SyncSession:
         return message
 
     def open(self) -> list[Message]:
-        """The opening message: our state vector."""
+        """Our state vector: the opening message, and sent again now and then to ask for
+        anything missed."""
         return [self._out(Message(STATE, self.document.state_vector()))]
-
-    def resync(self) -> list[Message]:
-        """Ask again for anything missed (sent periodically)."""
-        return self.open()
 
     def receive(self, message: Message, now: float) -> tuple[list[Message], bytes | None]:
         """Handle one message: (replies, the update if it brought anything new, else None).

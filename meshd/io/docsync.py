@@ -19,7 +19,6 @@ Invariants:
 from __future__ import annotations
 
 import logging
-import math
 from typing import Callable
 
 import trio
@@ -51,7 +50,6 @@ class DocumentHub:
         self.store = store
         self.clock = clock
         self.sessions: dict[int, tuple[SyncSession, trio.MemorySendChannel]] = {}
-        self.changed = trio.Event()  # set (and replaced) on every change, for waiters
         self._next_id = 0
 
     # --- changes -------------------------------------------------------------------------
@@ -82,13 +80,10 @@ class DocumentHub:
                 except trio.ClosedResourceError:
                     self.sessions.pop(session_id, None)
                     break
-        self.changed.set()
-        self.changed = trio.Event()
 
     # --- sessions ------------------------------------------------------------------------
 
     async def run_session(self, stream: trio.abc.Stream, peer: str,
-                          on_synced: Callable[[SyncSession], None] | None = None,
                           resync_interval: float = RESYNC_INTERVAL) -> SyncSession:
         """Sync with the replica at the other end of `stream` until either side closes it
         or it misbehaves; returns the session (its counters) when it ends."""
@@ -102,7 +97,7 @@ class DocumentHub:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._sender, stream, session, receive, resync_interval, nursery.cancel_scope)
                 try:
-                    await self._receiver(stream, session, session_id, send, on_synced)
+                    await self._receiver(stream, session, session_id, send)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
                     ended = str(e) or type(e).__name__
                 except SessionEnded as e:
@@ -124,18 +119,18 @@ class DocumentHub:
                 await stream.send_all(message.encode())
             next_resync = trio.current_time() + resync_interval
             while True:
-                with trio.move_on_at(next_resync if math.isfinite(resync_interval) else math.inf):
+                with trio.move_on_at(next_resync):
                     async for message in outbox:
                         await stream.send_all(message.encode())
                     raise SessionEnded("outbox closed (peer too slow)")
-                for message in session.resync():
+                for message in session.open():  # our state vector again: repairs lost pushes
                     await stream.send_all(message.encode())
                 next_resync = trio.current_time() + resync_interval
         except (trio.BrokenResourceError, trio.ClosedResourceError, SessionEnded):
             scope.cancel()
 
     async def _receiver(self, stream: trio.abc.Stream, session: SyncSession, session_id: int,
-                        outbox: trio.MemorySendChannel, on_synced) -> None:
+                        outbox: trio.MemorySendChannel) -> None:
         decoder = SyncDecoder()
         while True:
             data = await stream.receive_some(READ_SIZE)
@@ -146,7 +141,6 @@ class DocumentHub:
             except SyncError as e:
                 raise SessionEnded(f"malformed sync stream: {e.reason}") from None
             for message in messages:
-                was_synced = session.synced
                 try:
                     replies, applied = session.receive(message, now=self.clock())
                 except SyncError as e:
@@ -158,5 +152,3 @@ class DocumentHub:
                         raise SessionEnded("peer too slow") from None
                 if applied is not None:
                     self._persist_and_push(applied, source=session_id)
-                if session.synced and not was_synced and on_synced is not None:
-                    on_synced(session)

@@ -22,15 +22,15 @@ import argparse
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import trio
 
-from crdt.schema import AppEdit, AuditRecord, SiteSummary
+from crdt.schema import AuditRecord, SiteSummary
 from meshd.io.crdtstore import DocumentStore
-from meshd.io.docsync import RESYNC_INTERVAL, DocumentHub
+from meshd.io.docsync import DocumentHub
 from tests.bench.report import report
+from tests.doclink import link
 
 TARGETS = {
     "converge_s": (1.0, "s"),
@@ -70,22 +70,10 @@ def same(a: DocumentHub, b: DocumentHub) -> bool:
             and a.document.apps() == b.document.apps())
 
 
-async def link(server: DocumentHub, client: DocumentHub, resync: float, *,
-               task_status=trio.TASK_STATUS_IGNORED) -> None:
-    with trio.CancelScope() as scope:
-        async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(partial(trio.serve_tcp, partial(server.run_session, peer="b",
-                                                                            resync_interval=resync),
-                                                    0, host="127.0.0.1"))
-            stream = await trio.open_tcp_stream("127.0.0.1", listeners[0].socket.getsockname()[1])
-            nursery.start_soon(partial(client.run_session, stream, "a", resync_interval=resync))
-            task_status.started(scope)
-
-
 async def one_run(root: Path, count: int, samples: dict[str, list[float]]) -> None:
     a, b = durable_hub(root / "a"), durable_hub(root / "b")
     async with trio.open_nursery() as nursery:
-        cut = await nursery.start(link, a, b, RESYNC_INTERVAL)
+        cut = await nursery.start(link, a, b)
         changes(a, "site-a", 100)  # some shared history before the cut
         while not same(a, b):
             await trio.sleep(0.01)
@@ -97,7 +85,7 @@ async def one_run(root: Path, count: int, samples: dict[str, list[float]]) -> No
         changes(b, "site-b", count)
         minimal = len(a.document.delta_since(before_b)) + len(b.document.delta_since(before_a))
         t0 = trio.current_time()
-        await nursery.start(link, a, b, RESYNC_INTERVAL)
+        await nursery.start(link, a, b)
         while not same(a, b):
             await trio.sleep(0.001)
         samples["converge_s"].append(trio.current_time() - t0)
@@ -116,7 +104,7 @@ async def idle(root: Path, seconds: float, samples: dict[str, list[float]]) -> N
     a, b = durable_hub(root / "ia"), durable_hub(root / "ib")
     changes(a, "site-a", 1000)
     async with trio.open_nursery() as nursery:
-        await nursery.start(link, a, b, RESYNC_INTERVAL)
+        await nursery.start(link, a, b)
         while not same(a, b):
             await trio.sleep(0.01)
         start = sum(s.bytes_out for hub in (a, b) for s in hub.live_sessions())

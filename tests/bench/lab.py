@@ -121,7 +121,7 @@ def start_meshd(site: LocalSite, observer: AvahiObserver, samples: dict[str, lis
     return node
 
 
-def measure_kill(lab: Lab, site: LocalSite, agents: dict[str, SerfAgent], app: str,
+def measure_kill(site: LocalSite, agents: dict[str, SerfAgent], app: str,
                  samples: dict[str, list[float]]) -> LocalNode:
     leader = site.leader()
     victim = next(n for n in site.nodes if n.alive and n is not leader)
@@ -156,7 +156,7 @@ def one_run(lab: Lab, delay_s: float, samples: dict[str, list[float]]) -> None:
             samples["serf_seen_by_all_s"].append(seen)
         start_meshd(site, observer, samples)
     samples["deploy_10_s"].append(measure_deploy(site, "bench"))
-    victim = measure_kill(lab, site, agents, "bench", samples)
+    victim = measure_kill(site, agents, "bench", samples)
     victim.start()  # back on its data dir, so the leader failover starts from five voters
     site.wait_ready(victim, TIMEOUT_S)
     samples["leader_failover_s"].append(measure_leader_failover(site))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
-from typing import Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -33,25 +33,20 @@ class StampedOutput(Generic[T]):
 
     def wait(self, matches: Callable[[T], bool], timeout: float, what: str) -> T:
         """The first item that `matches`, waiting up to `timeout` seconds for it to arrive."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for item in self.items:
-                    if matches(item):
-                        return item
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    tail = "\n".join(self.lines[-20:])
-                    raise TimeoutError(f"{self._what} did not report {what} within {timeout:g}s:\n{tail}")
-                self._changed.wait(left)
+        return self._wait(lambda: next((item for item in self.items if matches(item)), None), timeout,
+                          f"report {what}")
 
     def wait_line(self, text: str, timeout: float) -> None:
         """Until a line containing `text` has arrived."""
+        self._wait(lambda: any(text in line for line in self.lines) or None, timeout, f"print {text!r}")
+
+    def _wait(self, find: Callable[[], Any], timeout: float, what: str) -> Any:
         deadline = time.monotonic() + timeout
         with self._changed:
-            while not any(text in line for line in self.lines):
+            while (found := find()) is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     tail = "\n".join(self.lines[-20:])
-                    raise TimeoutError(f"{self._what} did not print {text!r} within {timeout:g}s:\n{tail}")
+                    raise TimeoutError(f"{self._what} did not {what} within {timeout:g}s:\n{tail}")
                 self._changed.wait(left)
+            return found

@@ -3,8 +3,6 @@ cut, changed on both sides, reconnected."""
 
 from __future__ import annotations
 
-from functools import partial
-
 import trio
 import trio.testing
 
@@ -13,6 +11,7 @@ from crdt.schema import AuditRecord
 from crdt.sync import UPDATE, encode_message
 from meshd.io.crdtstore import DocumentStore
 from meshd.io.docsync import DocumentHub
+from tests.doclink import link
 
 
 def audit(n: int, site: str) -> AuditRecord:
@@ -33,19 +32,6 @@ async def wait_equal(*hubs: DocumentHub, timeout: float = 10.0) -> None:
     with trio.fail_after(timeout):
         while len({frozenset(audits(h)) for h in hubs}) != 1:
             await trio.sleep(0.01)
-
-
-async def link(server: DocumentHub, client: DocumentHub, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """A TCP connection on loopback with a session at each end; started() hands back a cancel
-    scope that cuts the link (listener, connection and both sessions)."""
-    async def serve(stream):
-        await server.run_session(stream, "client")
-    with trio.CancelScope() as scope:
-        async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
-            stream = await trio.open_tcp_stream("127.0.0.1", listeners[0].socket.getsockname()[1])
-            nursery.start_soon(client.run_session, stream, "server")
-            task_status.started(scope)
 
 
 def test_three_replicas_in_a_line_converge_by_store_and_forward_and_keep_it_on_disk(tmp_path):
