@@ -97,8 +97,13 @@ def test_an_isolated_leader_steps_down_and_the_majority_goes_on(five):
     refused = lab.meshctl(old, "deploy", "-", input_text=app("lost", 1))
     assert refused.returncode != 0 and "quorum" in refused.stderr
     lab.heal()
-    wait_for(lambda: lab.call(old, "status")["leader"] == lab.call(new, "status")["name"], 20,
-             what="the old leader following")
+
+    def one_leader_from_the_majority():
+        # Rejoining with the higher term it reached while isolated, the old leader may force one
+        # more election (pysyncobj has no pre-vote); it cannot win it (its log lacks "after").
+        views = {lab.call(h, "status")["leader"] for h in HOSTS}
+        return len(views) == 1 and views.pop() in rest
+    wait_for(one_leader_from_the_majority, 20, what="every host following one leader of the majority")
     assert all(a["app"] != "lost" for a in lab.call(old, "allocs", app=None, node=None))
 
 
