@@ -11,6 +11,13 @@ its secret and a quote by that attestation key. The site then commits the admiss
 Raft, where the token is re-checked and consumed atomically (see meshd.sitestate), so two
 members cannot admit on one token.
 
+A token this site issued for another site (`meshctl token create --site NEW`) is a founder
+token: its holder asks for site NEW and is checked exactly like a joiner (token proof, node
+signature, evidence against this site's policy and revocation list, TPM binding), except
+that it need not ask for this site; the verdict names the site it founds. The site then
+commits `found_site` (the token is consumed, the founder is not added to this site's
+members) and the welcome hands the founder what it needs to start site NEW in this mesh.
+
 Invariants:
 - Every refusal carries reasons the joiner and the operator can read.
 - No I/O, no clock: `now` is passed in. The challenge's nonce is single-use: the caller
@@ -29,8 +36,8 @@ from attestation.verifier import Challenge as EvidenceChallenge
 from attestation.verifier import TpmBinding
 from attestation.verifier import verify as verify_evidence
 from meshd import tokens
-from meshd.sitestate import check_token
-from meshd.state import ADMIN_REVOKED, SiteState
+from meshd.sitestate import check_founder_token, check_token, is_founder_token
+from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, SiteState
 
 # A challenge answered later than this is stale: long enough for a slow device over a
 # lossy link, short enough that a captured challenge is useless soon after.
@@ -90,6 +97,7 @@ class JoinRequest:
 class Verdict:
     admit: bool
     reasons: tuple[str, ...] = field(default_factory=tuple)
+    founds: str = ""  # the new site a founder token's holder founds; "" for a join of this site
 
     @property
     def reason(self) -> str:
@@ -109,8 +117,9 @@ def site_trust(state: SiteState) -> tuple[Policy, RevocationList]:
 
 
 def _appraise(state: SiteState, challenge: Challenge, request: JoinRequest, node_id: str, public_key: bytes,
-              now: float) -> list[str]:
-    """The attestation part of the decision: reasons, empty when the evidence verifies."""
+              now: float, site: str) -> list[str]:
+    """The attestation part of the decision: reasons, empty when the evidence verifies.
+    `site`: the site the node will belong to (its per-site policy rules apply)."""
     if not state.trust_root:
         return ["this site has no trust root to appraise evidence with"]
     if request.evidence is None:
@@ -121,7 +130,7 @@ def _appraise(state: SiteState, challenge: Challenge, request: JoinRequest, node
         return [f"attestation: the site's trust documents do not verify ({e})"]
     binding = TpmBinding(challenge.tpm.ak_public, challenge.tpm.credential) if challenge.tpm else None
     verdict = verify_evidence(request.evidence, EvidenceChallenge(challenge.nonce.hex(), node_id, challenge.issued_at),
-                              public_key, policy, state.site, now, revocations, binding)
+                              public_key, policy, site, now, revocations, binding)
     return [f"attestation: {r}" for r in verdict.reasons]
 
 
@@ -143,14 +152,24 @@ def decide(state: SiteState, challenge: Challenge, request: JoinRequest, now: fl
     existing = state.nodes.get(claimed_id)
     if existing is not None and existing.admin == ADMIN_REVOKED:
         reasons.append("node was revoked and may never be admitted again")
-    if node.get("site") != state.site:
-        reasons.append(f"node asks for site {node.get('site')!r}, this is site {state.site!r}")
-    reasons.extend(_appraise(state, challenge, request, claimed_id, public_key, now))
-    token_problem = check_token(state, request.token_id, claimed_id, now)
+    founding = is_founder_token(state, request.token_id)
+    asked = node.get("site")
+    if founding:
+        # The site it founds is checked against the token below; it is not this one.
+        token_problem = check_founder_token(state, request.token_id, claimed_id, asked if isinstance(asked, str)
+                                            else "", now)
+        if existing is not None and existing.admin not in (ADMIN_LEFT, ADMIN_REVOKED):
+            reasons.append(f"node is a member of site {state.site!r}; a node belongs to one site")
+    else:
+        token_problem = check_token(state, request.token_id, claimed_id, now)
+        if asked != state.site:
+            reasons.append(f"node asks for site {asked!r}, this is site {state.site!r}")
+    site = asked if founding and isinstance(asked, str) else state.site
+    reasons.extend(_appraise(state, challenge, request, claimed_id, public_key, now, site))
     if token_problem:
         reasons.append(token_problem)
     else:
         secret = bytes.fromhex(state.tokens[request.token_id].secret)
         if not tokens.proof_matches(secret, transcript, request.proof):
             reasons.append("token proof does not match: the joiner does not hold this token")
-    return Verdict(not reasons, tuple(reasons))
+    return Verdict(not reasons, tuple(reasons), founds=site if founding and not reasons else "")

@@ -54,6 +54,12 @@ DEFAULT_LOG_KEEP = 3  # rotated files kept per allocation
 # software changed on a running device is noticed within this time; each check costs the
 # member a hash of its installed code (a few ms) and the leader one verification.
 DEFAULT_REATTEST_INTERVAL = 600.0  # seconds
+# Cross-site sync: each side re-sends its state vector this often (repairs lost pushes; a
+# session silent for 2.5 intervals is taken for dead and redialled). Small next to how long
+# a site may be cut off, large next to a state vector's cost in bytes.
+DEFAULT_SYNC_INTERVAL = 30.0
+MIN_SYNC_INTERVAL = 0.5  # more often only spends bandwidth on state vectors
+MAX_SYNC_INTERVAL = 3600.0  # an hour: a dead session must still be noticed the same day
 
 # --- limits --------------------------------------------------------------------------
 NODE_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
@@ -114,6 +120,7 @@ class NodeConfig:
     log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
     log_keep: int = DEFAULT_LOG_KEEP
     reattest_interval: float = DEFAULT_REATTEST_INTERVAL
+    sync_interval: float = DEFAULT_SYNC_INTERVAL
     tpm: str = ""  # TPM 2.0 to attest with, as a TCTI ("device:/dev/tpmrm0", "swtpm:port=2321"); "" = none
 
     def __post_init__(self) -> None:
@@ -383,6 +390,7 @@ def _validate(cfg: NodeConfig) -> None:
     _check_int(cfg, "log_max_bytes", MIN_LOG_MAX_BYTES, MAX_LOG_MAX_BYTES)
     _check_int(cfg, "log_keep", 0, MAX_LOG_KEEP)
     _check_seconds(cfg, "reattest_interval", MIN_REATTEST_INTERVAL, MAX_REATTEST_INTERVAL)
+    _check_seconds(cfg, "sync_interval", MIN_SYNC_INTERVAL, MAX_SYNC_INTERVAL)
     if not isinstance(cfg.tpm, str) or (cfg.tpm and not TPM_TCTI.match(cfg.tpm)):
         raise ConfigError("tpm", f"must be a TCTI like device:/dev/tpmrm0 or swtpm:host=127.0.0.1,port=2321, "
                                  f"got {show_value(cfg.tpm)}")

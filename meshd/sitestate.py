@@ -27,6 +27,8 @@ from attestation.policy import open_policy
 from attestation.revocation import open_revocations
 from attestation.revocation import supersedes as revocations_supersede
 from attestation.signed import AttestationError
+from crdt.document import winning_order
+from crdt.schema import AppEdit, SchemaError
 from meshd import spec as specmod
 from meshd.placement.plan import Placement, Plan, recheck_plan
 from meshd.state import (
@@ -128,7 +130,9 @@ def _event(state: SiteState, ts: float, kind: str, message: str, /, **data: Any)
 
 
 def _audit(state: SiteState, ts: float, actor: str, action: str, target: str) -> None:
-    state.audit.append(AuditRecord(ts=ts, actor=actor, action=action, target=target, site=state.site))
+    state.audit_seq += 1
+    state.audit.append(AuditRecord(ts=ts, actor=actor, action=action, target=target, site=state.site,
+                                   seq=state.audit_seq))
     if len(state.audit) > MAX_AUDIT:
         del state.audit[: len(state.audit) - MAX_AUDIT]
 
@@ -334,18 +338,91 @@ def _create_token(state: SiteState, cmd: dict, ts: float) -> dict:
     return ok(token_id=token_id, site=site, expires_at=expires_at)
 
 
-def check_token(state: SiteState, token_id: str, node_id: str, now: float) -> str | None:
-    """Why the token cannot admit `node_id` now, or None when it can."""
+# The refusal of a token this site never issued: a joiner that meets it at a member of
+# another site (a `--peer` elsewhere) asks the next member instead of giving up.
+UNKNOWN_TOKEN = "unknown join token"
+
+
+def _token_usable(state: SiteState, token_id: str, node_id: str, now: float) -> str | None:
+    """Why the token cannot be used by `node_id` now (unknown, used, expired), or None."""
     token = state.tokens.get(token_id)
     if token is None:
-        return "unknown join token"
+        return UNKNOWN_TOKEN
     if token.used_by is not None and token.used_by != node_id:
         return "join token was already used"
     if token.expires_at <= now:
         return "join token expired"
+    return None
+
+
+def check_token(state: SiteState, token_id: str, node_id: str, now: float) -> str | None:
+    """Why the token cannot admit `node_id` to this site now, or None when it can."""
+    problem = _token_usable(state, token_id, node_id, now)
+    if problem:
+        return problem
+    token = state.tokens[token_id]
     if token.site != state.site:
         return f"join token is for site {token.site!r}, this is site {state.site!r}"
     return None
+
+
+def is_founder_token(state: SiteState, token_id: str) -> bool:
+    """A token this site issued for another site: its holder founds that site (it does not
+    join this one)."""
+    token = state.tokens.get(token_id)
+    return token is not None and bool(state.site) and token.site != state.site
+
+
+def check_founder_token(state: SiteState, token_id: str, node_id: str, site: str, now: float) -> str | None:
+    """Why the token cannot let `node_id` found site `site` now, or None when it can."""
+    problem = _token_usable(state, token_id, node_id, now)
+    if problem:
+        return problem
+    token = state.tokens[token_id]
+    if token.site == state.site:
+        return f"join token is for this site ({state.site!r}): it admits to this site, it founds none"
+    if site != token.site:
+        return f"join token is for site {token.site!r}, not {site!r}"
+    name = specmod.name_problem(site)
+    if name:
+        return f"site name {name}"
+    return None
+
+
+def _listed_as_revoked(state: SiteState, node_id: str) -> bool:
+    """Does the revocation list in force name `node_id`? (False when the site has none.)"""
+    if not state.trust_root or not state.revocations:
+        return False
+    try:
+        return open_revocations(state.revocations, bytes.fromhex(state.trust_root)).is_revoked(node_id)
+    except (ValueError, AttestationError):
+        raise CommandRefused("the site's revocation list does not verify") from None
+
+
+def _found_site(state: SiteState, cmd: dict, ts: float) -> dict:
+    """A verified joiner founds a new site of this mesh with a token this site issued for it.
+    The token is consumed here (single use, like an admission), but the founder does not
+    become a member of this site: it is the first voter of its own."""
+    token_id = _str(cmd, "token_id", max_len=64)
+    node = _node_from_plain(cmd.get("node"))
+    if not state.site:
+        raise CommandRefused("this site is not founded yet")
+    existing = state.nodes.get(node.node_id)
+    if (existing is not None and existing.admin == ADMIN_REVOKED) or _listed_as_revoked(state, node.node_id):
+        raise CommandRefused("node was revoked and may never be admitted again")
+    if existing is not None and existing.admin != ADMIN_LEFT:
+        raise CommandRefused(f"node is a member of site {state.site!r}; a node belongs to one site")
+    reason = check_founder_token(state, token_id, node.node_id, node.site, ts)
+    if reason:
+        raise CommandRefused(reason)
+    token = state.tokens[token_id]
+    if token.used_by == node.node_id:
+        return ok(site=node.site, node_id=node.node_id)  # the same founder asking again (its welcome was lost)
+    state.tokens[token_id] = replace(token, used_by=node.node_id)
+    _event(state, ts, "membership", f"{node.name} founds site {node.site} with a token of this site",
+           node=node.name, node_id=node.node_id, site=node.site, token_id=token_id)
+    _audit(state, ts, _actor(cmd) or node.name, "found-site", node.site)
+    return ok(site=node.site, node_id=node.node_id)
 
 
 def _admit_node(state: SiteState, cmd: dict, ts: float) -> dict:
@@ -469,6 +546,27 @@ def _set_liveness(state: SiteState, cmd: dict, ts: float) -> dict:
     return ok(changed=True, lost=lost)
 
 
+def _mesh_edit(state: SiteState, cmd: dict, app: str, stopped: bool) -> AppEdit | None:
+    """The mesh-document edit a deploy or stop carries (None for one without), checked
+    against the command and against the edit this site last took in for the app."""
+    raw = cmd.get("edit")
+    if raw is None:
+        return None
+    try:
+        edit = AppEdit.from_plain(raw)
+    except SchemaError as e:
+        raise CommandRefused(f"edit: {e.reason}") from None
+    if edit.app != app or edit.stopped != stopped:
+        raise CommandRefused(f"edit {edit.edit_id} is not a {'stop' if stopped else 'deploy'} of {app}")
+    current = state.mesh_edits.get(app)
+    if current is not None and current.get("edit_id") != edit.edit_id:
+        taken = AppEdit.from_plain(current)
+        if winning_order(edit) < winning_order(taken):
+            raise CommandRefused(f"{app} has a newer change (v{taken.version} by {taken.actor} in site "
+                                 f"{taken.site}); look at `meshctl apps` and deploy again to override it")
+    return edit
+
+
 def _submit_app(state: SiteState, cmd: dict, ts: float) -> dict:
     raw = cmd.get("spec")
     if not isinstance(raw, dict):
@@ -477,35 +575,69 @@ def _submit_app(state: SiteState, cmd: dict, ts: float) -> dict:
         app_spec = specmod.parse_app_dict(raw)
     except specmod.SpecError as e:
         raise CommandRefused(str(e)) from None
+    edit = _mesh_edit(state, cmd, app_spec.name, stopped=False)
     actor = _actor(cmd)
     current = state.apps.get(app_spec.name)
+    if edit is not None:
+        state.mesh_edits[app_spec.name] = edit.to_plain()
+        if state.site not in edit.targets:
+            # Placed by the sites it names (data residency); one that ran here stops.
+            stopped = _stop_allocs(state, ts, actor, app_spec.name, f"moved to {', '.join(edit.targets)}")
+            if edit.site == state.site:  # an operator's act here, for sites elsewhere
+                _audit(state, ts, actor, "deploy", f"{app_spec.name} v{edit.version} to {', '.join(edit.targets)}")
+            return ok(app=app_spec.name, version=edit.version, accepted=True, changed=False, here=False,
+                      allocs=stopped)
+    edit_id, mesh_version = (edit.edit_id, edit.version) if edit is not None else ("", 0)
     if current is not None and current.spec == app_spec and current.status == APP_RUNNING:
-        return ok(app=app_spec.name, version=current.version, accepted=True, changed=False)
-    version = current.version + 1 if current is not None else 1
+        if edit is not None:
+            state.apps[app_spec.name] = replace(current, edit_id=edit_id, mesh_version=mesh_version)
+        return ok(app=app_spec.name, version=mesh_version or current.version, site_version=current.version,
+                  accepted=True, changed=False, here=True)
+    # Never backwards: allocations of a lower version are the ones to replace.
+    version = max(current.version + 1 if current is not None else 1, mesh_version)
     state.apps[app_spec.name] = AppRecord(
-        spec=app_spec, version=version, status=APP_RUNNING, submitted_at=ts, submitted_by=actor)
+        spec=app_spec, version=version, status=APP_RUNNING, submitted_at=ts, submitted_by=actor,
+        edit_id=edit_id, mesh_version=mesh_version)
     _event(state, ts, "app", f"{app_spec.name} v{version} submitted ({app_spec.replicas} replicas)",
            app=app_spec.name, version=version)
     _audit(state, ts, actor, "deploy", f"{app_spec.name} v{version}")
-    return ok(app=app_spec.name, version=version, accepted=True, changed=True)
+    return ok(app=app_spec.name, version=mesh_version or version, site_version=version, accepted=True,
+              changed=True, here=True)
 
 
 def _stop_app(state: SiteState, cmd: dict, ts: float) -> dict:
     name = _str(cmd, "app", max_len=63)
+    edit = _mesh_edit(state, cmd, name, stopped=True)
+    actor = _actor(cmd)
+    if edit is not None:
+        state.mesh_edits[name] = edit.to_plain()
+        if name not in state.apps:
+            _audit(state, ts, actor, "stop", name)  # runs elsewhere only: the stop is still this site's act
+            return ok(app=name, stopped=True, allocs=[])
+        record = state.apps[name]
+        state.apps[name] = replace(record, edit_id=edit.edit_id, mesh_version=edit.version)
     record = state.apps.get(name)
     if record is None:
         raise CommandRefused(f"no app named {name!r}")
-    actor = _actor(cmd)
+    return ok(app=name, stopped=True, allocs=_stop_allocs(state, ts, actor, name, "app stopped"))
+
+
+def _stop_allocs(state: SiteState, ts: float, actor: str, name: str, reason: str) -> list[str]:
+    """Stop every allocation of app `name` here and mark it stopped; the ids stopped."""
+    record = state.apps.get(name)
+    if record is None:
+        return []
     stopped = []
     for alloc in list(state.allocs.values()):
         if alloc.app == name and alloc.desired == DESIRED_RUN:
-            state.allocs[alloc.alloc_id] = replace(alloc, desired=DESIRED_STOP, updated_at=ts, reason="app stopped")
+            state.allocs[alloc.alloc_id] = replace(alloc, desired=DESIRED_STOP, updated_at=ts, reason=reason)
             stopped.append(alloc.alloc_id)
     if record.status != APP_STOPPED:
         state.apps[name] = replace(record, status=APP_STOPPED)
-        _event(state, ts, "app", f"{name} stopped", app=name, allocs=stopped)
+        _event(state, ts, "app", f"{name} stopped" + ("" if reason == "app stopped" else f": {reason}"),
+               app=name, allocs=stopped)
         _audit(state, ts, actor, "stop", name)
-    return ok(app=name, stopped=True, allocs=stopped)
+    return stopped
 
 
 def _apply_plan(state: SiteState, cmd: dict, ts: float) -> dict:
@@ -612,6 +744,7 @@ HANDLERS: dict[str, Callable[[SiteState, dict, float], dict]] = {
     "rotate_secret": _rotate_secret,
     "create_token": _create_token,
     "admit_node": _admit_node,
+    "found_site": _found_site,
     "heartbeat": _heartbeat,
     "set_liveness": _set_liveness,
     "submit_app": _submit_app,

@@ -140,6 +140,11 @@ class AppRecord:
     status: str = APP_RUNNING  # running | stopped
     submitted_at: float = 0.0
     submitted_by: str = ""
+    # The mesh document's edit this record runs (crdt.schema.AppEdit): its id, and its
+    # version, which counts edits of the app across every site (`version` counts this
+    # site's changes of spec and never goes back; the two agree unless sites conflicted).
+    edit_id: str = ""
+    mesh_version: int = 0
 
 
 @dataclass(frozen=True)
@@ -194,6 +199,7 @@ class AuditRecord:
     action: str
     target: str
     site: str
+    seq: int = 0  # 1, 2, ... per site: names the record in the mesh document
 
     def to_plain(self) -> dict:
         return dataclasses.asdict(self)
@@ -222,9 +228,20 @@ class SiteState:
     root_cert: str = ""
     policy: dict = field(default_factory=dict)
     revocations: dict = field(default_factory=dict)
+    # The latest mesh-document edit of each app this site has taken in (crdt.schema.AppEdit
+    # as plain data), whether or not the app runs here: the leader compares it with the
+    # document's winner, and re-publishes it if the document lacks it.
+    mesh_edits: dict[str, dict] = field(default_factory=dict)
+    audit_seq: int = 0  # audit records written so far (the last one's seq)
     # How many times the Raft secret was replaced (after revocations); the secret itself
     # never enters the replicated state, which every member, revoked or not, could read.
     secret_epoch: int = 0
+
+    def __setstate__(self, saved: dict) -> None:
+        # A snapshot written by an older meshd lacks the fields added since: they take
+        # their defaults instead of being missing.
+        self.__dict__.update(SiteState().__dict__)
+        self.__dict__.update(saved)
 
     # --- read helpers used by placement, reconcile and the admin layer ---------------
     def node_by_ref(self, ref: str) -> NodeRecord | None:

@@ -146,6 +146,13 @@ class FrameDecoder:
         """Bytes received that do not form a complete frame yet."""
         return len(self._buffer)
 
+    def take_buffered(self) -> bytes:
+        """Hand over the bytes not yet cut into frames (the stream switches to another codec
+        after its last frame) and forget them."""
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data
+
     def feed(self, data: bytes) -> list[dict]:
         """Add bytes; return the frames they complete, in order.
 

@@ -169,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--site", metavar="S", help="only members of site S")
 
     command("sites", "every site known through cross-site sync", _build_sites, _show_sites)
+    sub = command("document", "this node's replica of the mesh document: size, records, sync sessions",
+                  _build_document, _generic_show)
+    sub.add_argument("--since", metavar="HEX", help="also give the size of the delta a replica at this state "
+                     "vector (hex, as this command prints it) would need")
 
     token = commands.add_parser("token", help="join tokens", description="join tokens")
     token_commands = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
@@ -248,6 +252,10 @@ def _build_nodes(opts: argparse.Namespace) -> Request:
 
 def _build_sites(opts: argparse.Namespace) -> Request:
     return Request("sites", {})
+
+
+def _build_document(opts: argparse.Namespace) -> Request:
+    return Request("document", {"since": opts.since})
 
 
 def _build_token_create(opts: argparse.Namespace) -> Request:

@@ -21,6 +21,7 @@ TUNING_OPTIONS = (
     ("--log-max-bytes", int, "rotate a workload's log at this size"),
     ("--log-keep", int, "rotated log files kept per workload"),
     ("--reattest-interval", float, "seconds between re-attestations of every member"),
+    ("--sync-interval", float, "seconds between state-vector exchanges of a cross-site sync session"),
 )
 
 

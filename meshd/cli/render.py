@@ -141,11 +141,22 @@ NODE_COLUMNS: list[Column] = [
     ("LABELS", "labels"),
 ]
 
+def _per_site(row: Mapping[str, Any]) -> str | None:
+    """`a 2/2, b 0/2*`: running/desired in each site the app names (* = still on an older version)."""
+    sites = row.get("per_site")
+    if not isinstance(sites, list):
+        return None
+    return ", ".join(f"{cell(p.get('site'))} {cell(p.get('running'))}/{cell(p.get('desired'))}"
+                     + ("" if p.get("current") else "*") for p in sites if isinstance(p, Mapping))
+
+
 APP_COLUMNS: list[Column] = [
     ("APP", "app"),
     ("VERSION", "version"),
     ("RUNNING/REPLICAS", ratio("running", "replicas")),
     ("SITES", "sites"),
+    ("PER SITE", _per_site),
+    ("CONFLICTS", "conflicts"),
 ]
 
 ALLOC_COLUMNS: list[Column] = [
@@ -170,6 +181,7 @@ SITE_COLUMNS: list[Column] = [
     ("SITE", "site"),
     ("NODES", "nodes"),
     ("READY", "ready"),
+    ("LEADER", "leader"),
     ("LAST SYNC", _last_sync),
     ("REACHABLE", "reachable"),
 ]

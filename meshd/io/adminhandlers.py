@@ -17,9 +17,15 @@ import dataclasses
 import pwd
 import secrets
 import time
+import uuid
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import trio
+
+from crdt.document import SyncError
+from crdt.updatecheck import check_update
+from crdt.schema import RECORD_KINDS, AppSiteStatus, SchemaError, SiteSummary
+from crdt.schema import AuditRecord as DocAuditRecord
 
 from attestation.evidence import HEX_DIGEST, SOFTWARE_EVIDENCE, TPM_EVIDENCE, VERSION
 from attestation.policy import Policy, open_policy, sign_policy
@@ -34,6 +40,8 @@ from meshd.io.daemon import RevocationRefused
 from meshd.io.logfiles import follow, read_tail
 from meshd.io.raft import CommandFailed
 from meshd.placement.plan import make_plan
+from meshd.io.mesh import REACHABLE_INTERVALS
+from meshd.meshstate import audit_key
 from meshd.sitestate import node_to_plain
 from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, ALLOC_RUNNING, APP_RUNNING, SiteState
 
@@ -92,6 +100,50 @@ def app_progress(state: SiteState, name: str) -> dict:
             "allocs": [alloc_plain(state, a) for a in current]}
 
 
+def _plain_edit(edit) -> dict:
+    try:
+        return edit.to_plain()
+    except SchemaError as e:
+        raise AdminError(f"invalid app spec: {e.reason}") from None
+
+
+def mesh_app_row(state: SiteState, document, resolution) -> dict:
+    """`meshctl apps`: one app of the mesh document, with per-site progress."""
+    winner = resolution.winner
+    per_site = []
+    for site in winner.targets:
+        if site == state.site:
+            record = state.apps.get(winner.app)
+            current = record is not None and record.edit_id == winner.edit_id
+            running = app_progress(state, winner.app)["running"] if current else 0
+            per_site.append({"site": site, "current": current, "running": running,
+                             "desired": 0 if winner.stopped else winner.replicas})
+            continue
+        status = document.get(AppSiteStatus, f"{winner.app}@{site}")
+        current = status is not None and status.edit_id == winner.edit_id
+        per_site.append({"site": site, "current": current, "running": status.running if current else 0,
+                         "desired": 0 if winner.stopped else winner.replicas,
+                         "reported_at": status.ts if status else None})
+    return {"app": winner.app, "version": winner.version, "status": "stopped" if winner.stopped else "running",
+            "replicas": 0 if winner.stopped else winner.replicas * len(winner.targets),
+            "running": sum(p["running"] for p in per_site), "sites": list(winner.targets), "per_site": per_site,
+            "edit_id": winner.edit_id, "edited_in": winner.site, "edited_by": winner.actor,
+            "conflicts": len(resolution.losers)}
+
+
+def conflict_events(resolutions: dict) -> list[dict]:
+    """One event per edit that lost a conflict: the same on every replica with the same edits."""
+    events = []
+    for resolution in resolutions.values():
+        winner = resolution.winner
+        for loser in resolution.losers:
+            events.append({"ts": max(loser.ts, winner.ts), "kind": "conflict", "app": winner.app,
+                           "winner": winner.edit_id, "loser": loser.edit_id, "loser_site": loser.site,
+                           "message": f"{winner.app}: v{loser.version} by {loser.actor} in site {loser.site} lost "
+                                      f"to v{winner.version} by {winner.actor} in site {winner.site}"})
+    return events
+
+
 def find_alloc(state: SiteState, ref: str):
     if ref in state.allocs:
         return state.allocs[ref]
@@ -128,7 +180,7 @@ class AdminHandlers:
     def __init__(self, daemon: "Daemon"):
         self.daemon = daemon
         self.commands: dict[str, Callable[[AdminRequest, Any], Awaitable[Any]]] = {
-            "status": self.status, "nodes": self.nodes, "sites": self.sites, "token_create": self.token_create,
+            "status": self.status, "nodes": self.nodes, "sites": self.sites, "document": self.document, "token_create": self.token_create,
             "deploy": self.deploy, "plan": self.plan, "apps": self.apps, "allocs": self.allocs, "stop": self.stop,
             "drain": self.drain, "undrain": self.undrain, "revoke": self.revoke, "logs": self.logs,
             "events": self.events, "audit": self.audit, "policy": self.policy, "policy_allow": self.policy_allow,
@@ -181,6 +233,7 @@ class AdminHandlers:
         role = "joining" if raft is None else raft.role
         return {"node_id": d.identity.node_id if d.identity else None, "name": d.config.name,
                 "site": d.membership.site if d.membership else d.config.site, "role": role,
+                "mesh_id": d.membership.mesh_id if d.membership else None,
                 "leader": d.leader_name, "term": raft.term if raft else 0, "members": members,
                 "partitioned": d.partitioned if raft else True, "version": __version__,
                 "address": f"{d.advertise_ip}:{d.peer_port}", "raft_address": f"{d.advertise_ip}:{d.raft_port}",
@@ -212,18 +265,67 @@ class AdminHandlers:
         return self._node_rows(self._state(), _arg(request.args, "site", str))
 
     async def sites(self, request: AdminRequest, stream) -> list:
+        """This site from its Raft state; the others from their summaries in the mesh document
+        and from this node's sync sessions."""
+        d = self.daemon
         state = self._state()
         members = [n for n in state.nodes.values() if n.admin not in (ADMIN_LEFT, ADMIN_REVOKED)]
-        return [{"site": state.site, "nodes": len(members), "ready": sum(1 for n in members if n.state == "ready"),
-                 "last_sync_s": 0.0, "reachable": not self.daemon.partitioned, "local": True}]
+        rows = [{"site": state.site, "nodes": len(members), "ready": sum(1 for n in members if n.state == "ready"),
+                 "leader": d.leader_name, "last_sync_s": 0.0, "reachable": not d.partitioned, "local": True}]
+        summaries = {s.site: s for s in d.mesh.document.records(SiteSummary) if s.site != state.site}
+        connected = d.mesh.connected_sites() - {state.site}
+        now = trio.current_time()
+        window = REACHABLE_INTERVALS * d.config.sync_interval
+        for site in sorted(set(summaries) | connected):
+            summary = summaries.get(site)
+            heard = d.mesh.last_heard(site)
+            age = None if heard is None else round(max(0.0, now - heard), 3)
+            rows.append({"site": site, "nodes": summary.nodes if summary else None,
+                         "ready": summary.ready if summary else None, "leader": summary.leader if summary else None,
+                         "last_sync_s": age, "reachable": site in connected or (age is not None and age <= window),
+                         "local": False, "connected": site in connected,
+                         "addresses": list(summary.addresses) if summary else []})
+        return rows
+
+    async def document(self, request: AdminRequest, stream) -> dict:
+        """This node's replica: records per kind, size, state vector, and its live sessions."""
+        mesh = self.daemon.mesh
+        document = mesh.document
+        since = _arg(request.args, "since", str)
+        answer: dict[str, Any] = {
+            "bytes": len(document.full_update()), "state_vector": document.state_vector().hex(),
+            "records": {kind.ROOT: len(document.records(kind)) for kind in RECORD_KINDS},
+            "invalid": len(document.invalid()), "log_bytes": mesh.store.log_bytes if mesh.store else 0,
+            "sessions": [{"peer": s.peer, "site": mesh.session_sites.get(id(s)), "synced": s.synced,
+                          "bytes_in": s.bytes_in, "bytes_out": s.bytes_out, "payload_in": s.payload_in,
+                          "payload_out": s.payload_out} for s in mesh.hub.live_sessions()],
+            "sent_by_site": mesh.sent_by_site(),
+        }
+        if since is not None:
+            try:
+                delta = document.delta_since(bytes.fromhex(since))
+                answer["delta_bytes"] = len(delta)
+                # items that replica lacks (0: it has everything; the delete set always travels)
+                answer["delta_items"] = check_update(delta)[0]
+            except (ValueError, SyncError) as e:
+                raise AdminError(f"--since: not a state vector ({getattr(e, 'reason', e)})") from None
+        return answer
 
     async def apps(self, request: AdminRequest, stream) -> list:
+        """Every app of the mesh: its winning edit, and its progress in each site it names
+        (this site from the Raft state, the others as they published it)."""
         state = self._state()
+        document = self.daemon.mesh.document
+        resolutions = document.apps()
         rows = []
-        for name in sorted(state.apps):
-            progress = app_progress(state, name)
-            progress.pop("allocs")
-            rows.append(progress)
+        for name in sorted(set(state.apps) | set(resolutions)):
+            resolution = resolutions.get(name)
+            if resolution is None:
+                progress = app_progress(state, name)
+                progress.pop("allocs")
+                rows.append(progress)
+                continue
+            rows.append(mesh_app_row(state, document, resolution))
         return rows
 
     async def allocs(self, request: AdminRequest, stream) -> list:
@@ -269,12 +371,21 @@ class AdminHandlers:
             for event in sorted(new, key=lambda e: e["ts"]):
                 await stream.send(event)
 
-    @staticmethod
-    def _merged_events(replicated: list, local: list[dict]) -> list[dict]:
-        return sorted([e.to_plain() for e in replicated] + local, key=lambda e: e["ts"])
+    def _merged_events(self, replicated: list, local: list[dict]) -> list[dict]:
+        conflicts = conflict_events(self.daemon.mesh.document.apps())
+        return sorted([e.to_plain() for e in replicated] + local + conflicts, key=lambda e: e["ts"])
 
     async def audit(self, request: AdminRequest, stream) -> list:
-        return [a.to_plain() for a in self._state().audit]
+        """Audit records of every site (the mesh document), and this site's own not yet in it."""
+        state = self._state()
+        merged = {r.audit_id: r.to_plain() for r in self.daemon.mesh.document.records(DocAuditRecord)}
+        for record in state.audit:
+            key = audit_key(record.site, record.seq) if record.seq else f"{record.site}/local/{record.ts}"
+            merged.setdefault(key, {"audit_id": key, **record.to_plain()})
+        rows = sorted(merged.values(), key=lambda r: (r["ts"], r["audit_id"]))
+        for row in rows:
+            row.pop("seq", None)
+        return rows
 
     async def logs(self, request: AdminRequest, stream) -> dict:
         ref = _arg(request.args, "alloc", str, required=True)
@@ -309,19 +420,26 @@ class AdminHandlers:
         app_spec = self._parse_spec(request)
         wait = bool(_arg(request.args, "wait", bool, False))
         timeout = _arg(request.args, "timeout", (int, float), DEFAULT_WAIT_TIMEOUT)
-        own_site = self.daemon.membership.site if self.daemon.membership else None
-        if app_spec.sites and own_site not in app_spec.sites:
-            raise AdminError(f"app.sites {list(app_spec.sites)} does not include this site ({own_site}); "
-                             "deploying to other sites needs cross-site sync")
-        result = await self._write(request, "submit_app", spec=specmod.spec_to_dict(app_spec))
-        answer = {"app": result["app"], "version": result["version"], "accepted": True}
+        d = self.daemon
+        self._require_member()
+        own_site = d.membership.site
+        targets = tuple(app_spec.sites) or (own_site,)
+        edit = d.mesh.document.new_app_edit(
+            edit_id=uuid.uuid4().hex, app=app_spec.name, site=own_site, actor=_actor(request, d), ts=time.time(),
+            spec=_arg(request.args, "spec_toml", str, required=True), targets=targets, replicas=app_spec.replicas)
+        result = await self._write(request, "submit_app", spec=specmod.spec_to_dict(app_spec), edit=_plain_edit(edit))
+        await d.mesh.write([edit])  # after Raft: the site's leader re-publishes it should this node die first
+        answer = {"app": result["app"], "version": result["version"], "accepted": True, "sites": list(targets),
+                  "edit_id": edit.edit_id}
         if not wait:
             return answer
         deadline = time.monotonic() + float(timeout)
+        if own_site not in targets:
+            return answer | await self._wait_elsewhere(edit, stream, deadline, float(timeout))
         last = None
         while True:
             state = self._state()
-            if app_spec.name not in state.apps or state.apps[app_spec.name].version != result["version"]:
+            if app_spec.name not in state.apps or state.apps[app_spec.name].version != result["site_version"]:
                 raise AdminError(f"{app_spec.name} v{result['version']} was replaced while waiting")
             progress = app_progress(state, app_spec.name)
             key = (progress["running"], tuple((a["alloc_id"], a["state"]) for a in progress["allocs"]))
@@ -335,10 +453,43 @@ class AdminHandlers:
                                  f"{progress['replicas']} replicas running after {timeout:g}s")
             await self.daemon.state_changed.wait(POLL_PERIOD)
 
+    async def _wait_elsewhere(self, edit, stream, deadline: float, timeout: float) -> dict:
+        """`deploy --wait` of an app that runs only in other sites: their published progress."""
+        d = self.daemon
+        last = None
+        while True:
+            rows = [d.mesh.document.get(AppSiteStatus, f"{edit.app}@{site}") for site in edit.targets]
+            current = [r for r in rows if r is not None and r.edit_id == edit.edit_id]
+            running = sum(r.running for r in current)
+            wanted = edit.replicas * len(edit.targets)
+            progress = {"app": edit.app, "version": edit.version, "replicas": wanted, "running": running,
+                        "sites": {r.site: r.running for r in current}}
+            if progress != last:
+                await stream.send(progress)
+                last = progress
+            if len(current) == len(edit.targets) and all(r.running >= r.desired for r in current):
+                return {"running": running, "replicas": wanted}
+            if time.monotonic() >= deadline:
+                raise AdminError(f"{edit.app} v{edit.version} accepted, but sites {', '.join(edit.targets)} report "
+                                 f"{running}/{wanted} replicas running after {timeout:g}s (a site out of reach "
+                                 "places it when the link returns)")
+            await d.mesh.changed.wait(POLL_PERIOD * 5)
+
     async def stop(self, request: AdminRequest, stream) -> dict:
         app = _arg(request.args, "app", str, required=True)
-        result = await self._write(request, "stop_app", app=app)
-        return {"app": result["app"], "stopped": True, "allocs": len(result.get("allocs", []))}
+        d = self.daemon
+        self._require_member()
+        resolution = d.mesh.document.app(app)
+        if resolution is None and app not in self._state().apps:
+            raise AdminError(f"no app named {app!r}")
+        targets = resolution.winner.targets if resolution is not None else (d.membership.site,)
+        edit = d.mesh.document.new_app_edit(edit_id=uuid.uuid4().hex, app=app, site=d.membership.site,
+                                            actor=_actor(request, d), ts=time.time(), spec="", targets=targets,
+                                            replicas=0, stopped=True)
+        result = await self._write(request, "stop_app", app=app, edit=_plain_edit(edit))
+        await d.mesh.write([edit])
+        return {"app": result["app"], "stopped": True, "allocs": len(result.get("allocs", [])),
+                "version": edit.version, "sites": list(targets)}
 
     async def drain(self, request: AdminRequest, stream) -> dict:
         return await self._drain(request, "drain")
@@ -358,9 +509,16 @@ class AdminHandlers:
         ttl = _arg(request.args, "ttl", int, tokens.DEFAULT_TOKEN_TTL)
         if not 1 <= ttl <= tokens.MAX_TOKEN_TTL:
             raise AdminError(f"ttl must be from 1 to {tokens.MAX_TOKEN_TTL} seconds")
-        if site != d.membership.site:
-            raise AdminError(f"tokens for another site ({site}) need cross-site sync, which this node does not "
-                             f"have; create it on a member of that site")
+        problem = specmod.name_problem(site)
+        if problem:
+            raise AdminError(f"site {problem}")
+        # A token for another site is a founder token: this site keeps it, and its holder
+        # founds that site in this mesh through a member of this one (`--peer`). A site the
+        # mesh document knows to have members is not founded twice (two Raft groups, one name).
+        known = d.mesh.document.get(SiteSummary, site) if site != d.membership.site else None
+        if known is not None and known.nodes > 0:
+            raise AdminError(f"site {site} already has {known.nodes} member(s); create its join tokens on one of "
+                             "them (`meshctl token create` there)")
         token_id = secrets.token_hex(tokens.TOKEN_ID_BYTES)
         secret = secrets.token_bytes(tokens.TOKEN_SECRET_BYTES)
         expires_at = time.time() + ttl

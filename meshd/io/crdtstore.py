@@ -85,7 +85,13 @@ class DocumentStore:
 
     def compact(self, document: MeshDocument) -> None:
         """Snapshot the whole document, then empty the log (in that order: see the header)."""
-        write_atomic(self.snapshot_path, encode_snapshot(document.full_update()))
+        self.compact_to(document.full_update())
+
+    def compact_to(self, full_update: bytes) -> None:
+        """`compact` with the document's full update taken by the caller (pycrdt documents stay
+        on their thread; the disk work may run on another). Every update appended before the
+        full update was taken must be in it."""
+        write_atomic(self.snapshot_path, encode_snapshot(full_update))
         if self._fd is not None:
             os.ftruncate(self._fd, 0)
             os.fsync(self._fd)

@@ -45,7 +45,7 @@ import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from attestation.policy import Policy, sign_policy
+from attestation.policy import Policy, open_policy, sign_policy
 from attestation.revocation import RevocationList, open_revocations, sign_revocations
 from attestation.signed import AttestationError
 from attestation.tpm import TpmError
@@ -71,7 +71,7 @@ from meshd.placement.plan import make_plan
 from meshd.reattest import due_for_attestation
 from meshd.reconcile import reconcile
 from meshd.reporting import ReportSchedule
-from meshd.sitestate import is_plain_heartbeat, waits_for_replacement
+from meshd.sitestate import UNKNOWN_TOKEN, is_plain_heartbeat, waits_for_replacement
 from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, LIVENESS_DOWN, SiteState
 
 log = logging.getLogger("meshd.daemon")
@@ -141,6 +141,28 @@ def new_cert_serial() -> int:
 
 def _valid_secret(value: object) -> bool:
     return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def founder_welcome_problem(welcome: dict, site: str) -> str | None:
+    """Why a welcome that makes this node the founder of `site` cannot be used, or None.
+    Checked before anything is saved: the root key must be the mesh root the trust documents
+    open with, and they must belong to the welcome's mesh (the bootstrap checks them again)."""
+    if welcome.get("site") != site:
+        return f"it is for site {welcome.get('site')!r}, the token for {site!r}"
+    fields = ("mesh_id", "root_key", "trust_root", "member_cert", "root_cert")
+    if not all(isinstance(welcome.get(f), str) and welcome[f] for f in fields):
+        return f"it lacks one of {', '.join(fields)}"
+    try:
+        root_key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(welcome["root_key"]))
+        if raw_public_key(root_key).hex() != welcome["trust_root"]:
+            return "its root key is not the mesh root its trust documents name"
+        root = bytes.fromhex(welcome["trust_root"])
+        policy, revocations = open_policy(welcome.get("policy"), root), open_revocations(welcome.get("revocations"), root)
+    except (ValueError, AttestationError) as e:
+        return f"its trust documents do not verify ({e})"
+    if policy.mesh_id != welcome["mesh_id"] or revocations.mesh_id != welcome["mesh_id"]:
+        return "its trust documents belong to another mesh"
+    return None
 
 
 class RevocationRefused(Exception):
@@ -271,11 +293,14 @@ class Daemon:
         self.tls = PeerTLS(self.data_dir)
         self._member_scopes: dict[str, set[trio.CancelScope]] = {}  # open member calls, by caller
         self._revoked_notice: str | None = None  # a root-signed revocation naming us arrived
+        self._revocations_cache: tuple[tuple, frozenset[str]] | None = None
         # pysyncobj takes one membership change at a time; a second one waits out its timeout.
         self._voter_change = trio.Lock()
         self._secret_switch = trio.Lock()
         self.reports_changed: Wakeup | None = None
         self.stopping = False
+        from meshd.io.mesh import MeshSync
+        self.mesh = MeshSync(self)  # the mesh document replica and cross-site sync
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -396,21 +421,27 @@ class Daemon:
         trust = {"root": raw_public_key(root_key).hex(), "root_cert": cert_to_pem(root_cert),
                  "policy": sign_policy(root_key, policy),
                  "revocations": sign_revocations(root_key, RevocationList(mesh_id, 0))}
-        self.membership = Membership(site=self.config.site, mesh_id=mesh_id,
-                                     site_secret=secrets.token_hex(32), voter=True,
-                                     peer_port=self.peer_port, raft_port=self.raft_port, partners=[],
-                                     root_key=raw_private_key(root_key).hex())
-        self.membership.save(self.data_dir)
         own_cert = issue_member_cert(root_key, root_cert, self.identity.public_key, mesh_id, self.config.site,
                                      self.identity.node_id, now, serial=new_cert_serial())
-        save_certificates(self.data_dir, cert_to_pem(own_cert), cert_to_pem(root_cert))
+        await self._start_site(self.config.site, mesh_id, raw_private_key(root_key).hex(), trust,
+                               cert_to_pem(own_cert))
+        self.event("membership", f"founded site {self.config.site}", site=self.config.site)
+
+    async def _start_site(self, site: str, mesh_id: str, root_key: str, trust: dict, member_cert: str) -> None:
+        """Become the first voter of a new site of mesh `mesh_id`: save what a restart resumes
+        from (membership, certificates), then start Raft and commit the site's bootstrap with
+        the mesh trust documents (`trust`: root, root_cert, policy, revocations)."""
+        self.membership = Membership(site=site, mesh_id=mesh_id, site_secret=secrets.token_hex(32), voter=True,
+                                     peer_port=self.peer_port, raft_port=self.raft_port, partners=[],
+                                     root_key=root_key)
+        self.membership.save(self.data_dir)
+        save_certificates(self.data_dir, member_cert, trust["root_cert"])
         self._start_raft()
-        command = self.new_command("bootstrap", site=self.config.site, mesh_id=self.membership.mesh_id,
-                                   node=self.node_plain(), actor=self.config.name, trust=trust)
+        command = self.new_command("bootstrap", site=site, mesh_id=mesh_id, node=self.node_plain(),
+                                   actor=self.config.name, trust=trust)
         result = await self.commit(command, retry_until=time.monotonic() + 30)
         if not result.get("ok"):
             raise FatalStartupError(f"could not found site: {result.get('error')}")
-        self.event("membership", f"founded site {self.config.site}", site=self.config.site)
 
     async def _join_site(self) -> None:
         try:
@@ -447,6 +478,16 @@ class Daemon:
                     last_error = f"{address}: {e or type(e).__name__}"
                     tried.add(address)
                     continue
+                if welcome.get("founder") is True:
+                    # No members of the site yet: this node is its first voter, in the mesh
+                    # (trust root, policy, revocations) of the member that let it in.
+                    await self._start_site(token.site, welcome["mesh_id"], welcome["root_key"],
+                                           {"root": welcome["trust_root"], "root_cert": welcome["root_cert"],
+                                            "policy": welcome["policy"], "revocations": welcome["revocations"]},
+                                           welcome["member_cert"])
+                    self.event("membership", f"founded site {token.site} in mesh {welcome['mesh_id']} via {address}",
+                               site=token.site, mesh_id=welcome["mesh_id"])
+                    return
                 self.membership = Membership(site=token.site, mesh_id=welcome["mesh_id"],
                                              site_secret=welcome["site_secret"], voter=bool(welcome["voter"]),
                                              peer_port=self.peer_port, raft_port=self.raft_port,
@@ -478,6 +519,7 @@ class Daemon:
                 raise JoinRefused(str(challenge.get("reason") or "join refused"))
             if challenge.get("type") != "challenge":
                 raise peer.PeerError(challenge.get("error") or "member did not send a challenge")
+            member_site = challenge.get("site")
             nonce, member_eph = bytes.fromhex(challenge["nonce"]), bytes.fromhex(challenge["member_eph"])
             credential = b""
             if self.tpm is not None:
@@ -490,14 +532,24 @@ class Daemon:
                              "evidence": await self.evidence(nonce, credential)})
             answer = await conn.receive(timeout=15)
             if answer.get("type") == "refused":
-                raise JoinRefused(str(answer.get("reason") or "join refused"))
+                reason = str(answer.get("reason") or "join refused")
+                if member_site != token.site and UNKNOWN_TOKEN in reason:
+                    # A member of another site that did not issue this token (a --peer of
+                    # the mesh elsewhere): not a verdict on this join; ask the next member.
+                    raise peer.PeerError(f"{address} (site {member_site}) does not know this token")
+                raise JoinRefused(reason)
             if answer.get("type") != "welcome":
                 raise peer.PeerError(answer.get("reason") or answer.get("error") or "join refused")
             key = tokens.session_key(eph, member_eph, token.secret, transcript)
             try:
-                return tokens.unseal(key, answer["sealed"])
+                welcome = tokens.unseal(key, answer["sealed"])
             except tokens.TokenError as e:
                 raise peer.PeerError(str(e)) from None
+            if welcome.get("founder") is True:
+                problem = founder_welcome_problem(welcome, token.site)
+                if problem:
+                    raise peer.PeerError(f"{address} sent an unusable welcome for a new site: {problem}")
+            return welcome
         finally:
             await conn.aclose()
 
@@ -559,33 +611,49 @@ class Daemon:
         if self.root_signing_key() is None or not state.root_cert:
             await conn.send({"type": "refused", "reason": "this member cannot issue certificates (no mesh root key)"})
             return
+        # A founder token's holder founds its own site: the token is consumed here, but it
+        # does not become a member of this site.
+        op, what = ("found_site", "founding of site") if verdict.founds else ("admit_node", "admission")
         try:
             # The attestation key on record is the one this verifier bound, never one the joiner names.
             node = dict(request.node) | {"tpm_ak": challenge.tpm.ak_public.hex() if challenge.tpm else ""}
-            result = await self.commit(self.new_command("admit_node", token_id=request.token_id, node=node,
+            result = await self.commit(self.new_command(op, token_id=request.token_id, node=node,
                                                         actor=self.config.name),
                                        retry_until=time.monotonic() + 5)
         except CommandFailed as e:
-            await conn.send({"type": "refused", "reason": f"site could not commit the admission: {e}"})
+            await conn.send({"type": "refused", "reason": f"site could not commit the {what}: {e}"})
             return
         if not result.get("ok"):
             self.event("membership", f"join of {name} refused: {result.get('error')}", node=name)
             await conn.send({"type": "refused", "reason": result["error"]})
             return
         state = self.snapshot()
-        partners = sorted(n.raft_address for n in state.nodes.values()
-                          if n.voter and n.admin not in (ADMIN_LEFT, ADMIN_REVOKED) and n.node_id != request.node["node_id"])
-        member_cert = self.issue_certificate(state, request.node["public_key"], self.membership.site,
-                                             request.node["node_id"])
-        welcome = {"mesh_id": self.membership.mesh_id, "site": self.membership.site,
-                   "site_secret": self.membership.site_secret, "voter": result["voter"], "partners": partners,
-                   "member_cert": member_cert, "root_cert": state.root_cert}
-        if result["voter"]:
-            welcome["root_key"] = self.membership.root_key
+        if verdict.founds:
+            # Everything the first voter of a new site of this mesh needs: a certificate for
+            # that site, the root key (it issues its own joiners' certificates) and the
+            # root-signed trust documents its bootstrap verifies.
+            welcome = {"mesh_id": self.membership.mesh_id, "site": verdict.founds, "founder": True,
+                       "member_cert": self.issue_certificate(state, request.node["public_key"], verdict.founds,
+                                                             request.node["node_id"]),
+                       "root_cert": state.root_cert, "root_key": self.membership.root_key,
+                       "trust_root": state.trust_root, "policy": state.policy, "revocations": state.revocations}
+        else:
+            partners = sorted(n.raft_address for n in state.nodes.values() if n.voter and n.admin not in (
+                ADMIN_LEFT, ADMIN_REVOKED) and n.node_id != request.node["node_id"])
+            member_cert = self.issue_certificate(state, request.node["public_key"], self.membership.site,
+                                                 request.node["node_id"])
+            welcome = {"mesh_id": self.membership.mesh_id, "site": self.membership.site,
+                       "site_secret": self.membership.site_secret, "voter": result["voter"], "partners": partners,
+                       "member_cert": member_cert, "root_cert": state.root_cert}
+            if result["voter"]:
+                welcome["root_key"] = self.membership.root_key
         transcript = admission.transcript_for(challenge, request)
         key = tokens.session_key(eph, request.joiner_eph, bytes.fromhex(state.tokens[request.token_id].secret),
                                  transcript)
         await conn.send({"type": "welcome", "sealed": tokens.seal(key, os.urandom(12), welcome)})
+        if verdict.founds:
+            self.event("membership", f"{name} founds site {verdict.founds}", node=name, site=verdict.founds)
+            return
         self.event("membership", f"admitted {name}", node=name, voter=result["voter"])
         if result["voter"] and self.raft.status.role == "leader":
             # Add the voter now, not on the next leader round: it is starting Raft and would
@@ -1036,6 +1104,7 @@ class Daemon:
         self.state_changed = Wakeup()
         self.reports_changed = Wakeup()
         self._choose_ports()
+        self.mesh.open()
         self.membership = Membership.load(self.data_dir)
         revoked = read_revoked_marker(self.data_dir)
         if revoked:
@@ -1080,6 +1149,8 @@ class Daemon:
             nursery.start_soon(self.supervise_loop)
             nursery.start_soon(self.attestation_loop)
             nursery.start_soon(self.secret_watch_loop)
+            nursery.start_soon(self.mesh.dial_loop)
+            nursery.start_soon(self.mesh.leader_loop)
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
             sd_notify("READY=1")
             log.info("ready", extra={"site": self.membership.site, "voter": self.membership.voter})
@@ -1117,7 +1188,7 @@ class Daemon:
                     stream, on_join=self.handle_join, on_member_call=self.handle_member_call,
                     member_secret=lambda: self.membership.site_secret if self.membership and self.raft else None,
                     is_member=self.is_member, tls=self.tls.server_context, cert_member=self.cert_member,
-                    track=self._track_member)
+                    track=self._track_member, on_sync=self._serve_sync, sync_member=self.sync_member)
 
         await trio.serve_listeners(handle, listeners)
 
@@ -1129,6 +1200,44 @@ class Daemon:
         if named is None or not self.is_member(named[1]):
             return None
         return named[1]
+
+    def sync_member(self, peer_cert: dict | None) -> tuple[str, str] | None:
+        """(site, node id) of a verified peer certificate when that node may sync the mesh
+        document: a member of this mesh, of any site, not revoked as far as we know (our
+        site's records and revocation list), and a current member if it is of our site."""
+        if self.membership is None:
+            return None
+        named = member_of(peer_cert, self.membership.mesh_id)
+        if named is None:
+            return None
+        site, node_id = named
+        state = self.snapshot()
+        node = state.nodes.get(node_id)
+        if node is not None and node.admin == ADMIN_REVOKED:
+            return None
+        if site == self.membership.site and not self.is_member(node_id):
+            return None
+        if self._listed_revoked(state, node_id):
+            return None
+        return named
+
+    def _listed_revoked(self, state: SiteState, node_id: str) -> bool:
+        """Whether the site's root-signed revocation list names the node (opened once per list)."""
+        signature = state.revocations.get("sig") if isinstance(state.revocations, dict) else None
+        cached = self._revocations_cache
+        if cached is None or cached[0] != (signature, state.trust_root):
+            try:
+                listed = open_revocations(state.revocations, bytes.fromhex(state.trust_root))
+                revoked = frozenset(listed.entries)
+            except (ValueError, AttestationError):
+                revoked = frozenset()
+            cached = self._revocations_cache = ((signature, state.trust_root), revoked)
+        return node_id in cached[1]
+
+    async def _serve_sync(self, conn: peer.FramedStream, stream: trio.abc.Stream, named: tuple[str, str]) -> None:
+        if self.raft is None or self.mesh.hub is None:
+            raise peer.PeerError("this node is not a member of any site yet")
+        await self.mesh.serve(conn, stream, named)
 
     def cert_names(self, node_id: str) -> Callable[[dict | None], bool]:
         """For a client: does the server's verified certificate name this member?"""
@@ -1219,6 +1328,7 @@ class Daemon:
                 await trio.to_thread.run_sync(self.raft.close)
             if self.tpm is not None:
                 await trio.to_thread.run_sync(self.tpm.close)
+            self.mesh.close()
         admin_path = self.config.admin_socket or str(self.data_dir / "admin.sock")
         try:
             os.unlink(admin_path)

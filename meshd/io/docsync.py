@@ -8,7 +8,8 @@ another passes the news on to every site it talks to).
 
 Invariants:
 - An update is on disk before anyone hears of it: `write` returns, and a remote update is
-  forwarded, only after `DocumentStore.append` returned.
+  forwarded, only after `DocumentStore.append` returned. The disk work (fsync, snapshots)
+  runs on a worker thread, one step at a time; the document itself stays on the trio thread.
 - A session never sends an update back to the session it came from.
 - A malformed message ends its session (the byte stream cannot be trusted after it); the
   document is unchanged by it and every other session goes on.
@@ -37,6 +38,9 @@ OUTBOX_MESSAGES = 1024
 # next to how long a site may be cut off, large next to a state vector's cost (bytes).
 RESYNC_INTERVAL = 30.0
 READ_SIZE = 65536
+# Each side sends its state vector every resync interval, so a session that heard nothing
+# for this many intervals lost its peer (a cut link keeps TCP quiet for many minutes).
+SILENCE_INTERVALS = 2.5
 
 
 class SessionEnded(Exception):
@@ -51,21 +55,25 @@ class DocumentHub:
         self.clock = clock
         self.sessions: dict[int, tuple[SyncSession, trio.MemorySendChannel]] = {}
         self._next_id = 0
+        self._disk = trio.Lock()  # appends and compactions, in order, one at a time
+        self.on_remote_update: Callable[[SyncSession], None] | None = None  # after one is applied and stored
 
     # --- changes -------------------------------------------------------------------------
 
-    def write(self, records: list[Record]) -> bytes:
+    async def write(self, records: list[Record]) -> bytes:
         """Validate, apply and persist local records, then push them; raises SchemaError
         (and then nothing was written)."""
         update = self.document.put_many(records)
-        self._persist_and_push(update, source=None)
+        await self._persist_and_push(update, source=None)
         return update
 
-    def _persist_and_push(self, update: bytes, source: int | None) -> None:
+    async def _persist_and_push(self, update: bytes, source: int | None) -> None:
         if self.store is not None:
-            self.store.append(update)
-            if self.store.needs_compaction():
-                self.store.compact(self.document)
+            store = self.store
+            async with self._disk:
+                await trio.to_thread.run_sync(store.append, update)
+                if store.needs_compaction():
+                    await trio.to_thread.run_sync(store.compact_to, self.document.full_update())
         for session_id, (session, outbox) in list(self.sessions.items()):
             if session_id == source:
                 continue
@@ -84,10 +92,14 @@ class DocumentHub:
     # --- sessions ------------------------------------------------------------------------
 
     async def run_session(self, stream: trio.abc.Stream, peer: str,
-                          resync_interval: float = RESYNC_INTERVAL) -> SyncSession:
-        """Sync with the replica at the other end of `stream` until either side closes it
-        or it misbehaves; returns the session (its counters) when it ends."""
+                          resync_interval: float = RESYNC_INTERVAL, initial: bytes = b"",
+                          on_start: Callable[[SyncSession], None] | None = None) -> SyncSession:
+        """Sync with the replica at the other end of `stream` until either side closes it,
+        it misbehaves or it stays silent for SILENCE_INTERVALS resync intervals; returns the
+        session (its counters) when it ends. `initial`: bytes of the stream already read."""
         session = SyncSession(self.document, peer)
+        if on_start is not None:
+            on_start(session)
         send, receive = trio.open_memory_channel[Message](OUTBOX_MESSAGES)
         session_id = self._next_id
         self._next_id += 1
@@ -97,7 +109,8 @@ class DocumentHub:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._sender, stream, session, receive, resync_interval, nursery.cancel_scope)
                 try:
-                    await self._receiver(stream, session, session_id, send)
+                    await self._receiver(stream, session, session_id, send, initial,
+                                         resync_interval * SILENCE_INTERVALS)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
                     ended = str(e) or type(e).__name__
                 except SessionEnded as e:
@@ -130,12 +143,17 @@ class DocumentHub:
             scope.cancel()
 
     async def _receiver(self, stream: trio.abc.Stream, session: SyncSession, session_id: int,
-                        outbox: trio.MemorySendChannel) -> None:
+                        outbox: trio.MemorySendChannel, initial: bytes, silence: float) -> None:
         decoder = SyncDecoder()
+        data = initial
         while True:
-            data = await stream.receive_some(READ_SIZE)
             if not data:
-                raise SessionEnded("closed by peer")
+                with trio.move_on_after(silence):
+                    data = await stream.receive_some(READ_SIZE)
+                    if not data:
+                        raise SessionEnded("closed by peer")
+                if not data:
+                    raise SessionEnded(f"peer silent for {silence:g}s")
             try:
                 messages = decoder.feed(data)
             except SyncError as e:
@@ -151,4 +169,7 @@ class DocumentHub:
                     except trio.WouldBlock:
                         raise SessionEnded("peer too slow") from None
                 if applied is not None:
-                    self._persist_and_push(applied, source=session_id)
+                    await self._persist_and_push(applied, source=session_id)
+                    if self.on_remote_update is not None:
+                        self.on_remote_update(session)
+            data = b""

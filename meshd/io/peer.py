@@ -1,10 +1,18 @@
 """The peer port: framed JSON over mutual TLS (meshd.io.tls) for joins and member calls.
 
-Two conversations exist:
-- join: `join_hello` -> `challenge` (fresh nonce, X25519 key) -> `join_request` (token proof,
-  signature) -> `welcome` (sealed: Raft secret and partners) or `refused` (a reason).
+Three conversations exist:
+- join: `join_hello` -> `challenge` (fresh nonce, X25519 key, the member's site) ->
+  `join_request` (token proof, signature) -> `welcome` (sealed: Raft secret and partners) or
+  `refused` (a reason). With a token the member's site issued for a site that has no members
+  yet, the sealed welcome says `founder: true` and carries, instead of the Raft secret, what
+  the joiner needs to found that site in this mesh: a certificate for it, the root key and
+  the root-signed trust documents (see meshd.admission).
 - member call: `member_hello` -> `challenge` -> `member_call` (HMAC with a key derived from
   the site secret over nonce and call) -> `stream` frames and a final `result`/`error`.
+- document sync: `sync_hello` (the caller's site) -> `sync_ready`, then the connection carries
+  crdt.sync's binary messages both ways until either side ends it (meshd.io.docsync). Any
+  member of the mesh may sync, whatever its site: its client certificate must chain to the
+  mesh root, name this mesh, and belong to a node not revoked anywhere we know of.
 
 Invariants:
 - Anything that is not a well-formed frame of a known type gets one `error` frame with the
@@ -66,6 +74,13 @@ class FramedStream:
                 self._pending.extend(self._decoder.feed(data))
         return self._pending.pop(0)
 
+    def take_buffered(self) -> bytes:
+        """The bytes received after the last frame: the start of what follows in another
+        codec (the document sync after `sync_ready`)."""
+        if self._pending:
+            raise PeerError("frames arrived where the sync stream should start")
+        return self._decoder.take_buffered()
+
     async def aclose(self) -> None:
         with trio.move_on_after(1):
             try:
@@ -85,6 +100,8 @@ def call_mac(key: bytes, nonce: bytes, node_id: str, call: dict) -> str:
 # --- server side ----------------------------------------------------------------------------
 
 JoinHandler = Callable[[FramedStream, dict], Awaitable[None]]
+# (connection, the TLS stream under it, (site, node id) named by the verified certificate)
+SyncHandler = Callable[[FramedStream, trio.abc.Stream, tuple[str, str]], Awaitable[None]]
 CallHandler = Callable[[dict, Callable[[dict], Awaitable[None]]], Awaitable[Any]]
 
 
@@ -92,12 +109,15 @@ async def serve_peer_connection(stream: trio.SocketStream, *, on_join: JoinHandl
                                 on_member_call: CallHandler, member_secret: Callable[[], str | None],
                                 is_member: Callable[[str], bool], tls: Callable[[], ssl.SSLContext | None],
                                 cert_member: Callable[[dict | None], str | None],
-                                track: Callable[[str], Any]) -> None:
+                                track: Callable[[str], Any],
+                                on_sync: SyncHandler | None = None,
+                                sync_member: Callable[[dict | None], tuple[str, str] | None] | None = None) -> None:
     """One peer connection: TLS, then a join or one member call.
 
     `cert_member(peer certificate)` names the member a verified client certificate belongs
     to; `track(node_id)` is a context manager under which a member's call runs (so that
-    revoking the member can cut it)."""
+    revoking the member can cut it). `sync_member(peer certificate)` names the (site, node id)
+    of a mesh member of any site that may sync, and `on_sync` runs the sync."""
     context = tls()
     if context is None:
         await stream.aclose()  # no member certificate yet: nothing to serve
@@ -123,6 +143,12 @@ async def serve_peer_connection(stream: trio.SocketStream, *, on_join: JoinHandl
                 raise PeerError("member calls need a valid member certificate of this mesh")
             with track(node_id):
                 await _serve_member_call(conn, on_member_call, member_secret, is_member, node_id)
+        elif kind == "sync_hello" and on_sync is not None and sync_member is not None:
+            named = sync_member(secure.getpeercert())
+            if named is None:
+                raise PeerError("document sync needs the certificate of a member of this mesh that is not revoked")
+            with track(named[1]):
+                await on_sync(conn, secure, named)
         else:
             raise PeerError(f"unknown message type {kind!r}")
     except FrameError as e:

@@ -113,7 +113,7 @@ class SiteRaft(SyncObj):
     def snapshot(self) -> SiteState:
         with self._lock:
             state = copy.copy(self.site_state)
-            for name in ("nodes", "apps", "allocs", "tokens", "applied_requests"):
+            for name in ("nodes", "apps", "allocs", "tokens", "applied_requests", "mesh_edits"):
                 setattr(state, name, dict(getattr(state, name)))
             state.events = list(state.events)
             state.audit = list(state.audit)

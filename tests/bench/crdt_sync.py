@@ -43,19 +43,19 @@ APPS = 100  # apps both sides edit while cut: every one of them ends in a confli
 SPEC = '[app]\nname = "{name}"\nreplicas = {replicas}\ncommand = ["sleep", "3600"]\n'
 
 
-def changes(hub: DocumentHub, site: str, count: int) -> None:
+async def changes(hub: DocumentHub, site: str, count: int) -> None:
     for n in range(count):
         kind = n % 10
         if kind < 6:  # most changes are deploys/updates
             app = f"app-{n % APPS}"
-            hub.write([hub.document.new_app_edit(edit_id=f"{site}/{n}", app=app, site=site, actor="bench",
+            await hub.write([hub.document.new_app_edit(edit_id=f"{site}/{n}", app=app, site=site, actor="bench",
                                                  ts=time.time(), spec=SPEC.format(name=app, replicas=n % 7 + 1),
                                                  targets=(site,), replicas=n % 7 + 1)])
         elif kind < 9:
-            hub.write([AuditRecord(audit_id=f"{site}/audit/{n}", ts=time.time(), actor="bench", action="deploy",
+            await hub.write([AuditRecord(audit_id=f"{site}/audit/{n}", ts=time.time(), actor="bench", action="deploy",
                                    target=f"app-{n % APPS}", site=site)])
         else:
-            hub.write([SiteSummary(site=site, nodes=3, ready=n % 4, leader=f"{site}-1",
+            await hub.write([SiteSummary(site=site, nodes=3, ready=n % 4, leader=f"{site}-1",
                                    addresses=("198.18.1.11:7700",), ts=time.time())])
 
 
@@ -74,15 +74,15 @@ async def one_run(root: Path, count: int, samples: dict[str, list[float]]) -> No
     a, b = durable_hub(root / "a"), durable_hub(root / "b")
     async with trio.open_nursery() as nursery:
         cut = await nursery.start(link, a, b)
-        changes(a, "site-a", 100)  # some shared history before the cut
+        await changes(a, "site-a", 100)  # some shared history before the cut
         while not same(a, b):
             await trio.sleep(0.01)
         cut.cancel()
         while a.sessions or b.sessions:
             await trio.sleep(0.01)
         before_a, before_b = a.document.state_vector(), b.document.state_vector()
-        changes(a, "site-a", count)
-        changes(b, "site-b", count)
+        await changes(a, "site-a", count)
+        await changes(b, "site-b", count)
         minimal = len(a.document.delta_since(before_b)) + len(b.document.delta_since(before_a))
         t0 = trio.current_time()
         await nursery.start(link, a, b)
@@ -102,7 +102,7 @@ async def one_run(root: Path, count: int, samples: dict[str, list[float]]) -> No
 
 async def idle(root: Path, seconds: float, samples: dict[str, list[float]]) -> None:
     a, b = durable_hub(root / "ia"), durable_hub(root / "ib")
-    changes(a, "site-a", 1000)
+    await changes(a, "site-a", 1000)
     async with trio.open_nursery() as nursery:
         await nursery.start(link, a, b)
         while not same(a, b):

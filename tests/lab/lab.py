@@ -35,7 +35,7 @@ from typing import Any
 
 import psutil
 
-from meshd.io.localsite import LocalNode, LocalSite
+from meshd.io.localsite import LocalNode, LocalSite, wait_for
 from tests.lab.switch import Link, Segments, open_tap
 
 ADDRESS_BASE = "198.18"  # RFC 2544 benchmarking range: never a real network's addresses
@@ -160,6 +160,30 @@ class Lab:
         for _ in range(self._counts[site] - 1):
             local.join(timeout=timeout)
         return local
+
+    def start_site_in_mesh(self, site: str, via: str, timeout: float = 60.0) -> LocalSite:
+        """Found `site` inside the mesh of host `via` (another site): a founder token made on
+        `via`, used by the site's first host with `--peer` (mDNS does not cross the router);
+        the other hosts join it by mDNS like in `start_site`."""
+        local = self.sites[site]
+        token = self.call(via, "token_create", site=site, ttl=None)["token"]
+        address = next(n["address"] for n in self.call(via, "nodes", site=None) if n["name"] == via)
+        first = local.add_node(extra_args=("--peer", address))
+        first.start(join=token)
+        wait_for(lambda: (first.try_call("status") or {}).get("role") == "leader", timeout,
+                 what=f"{first.name} to found site {site}")
+        local.wait_ready(first, timeout)
+        for _ in range(self._counts[site] - 1):
+            local.join(timeout=timeout)
+        return local
+
+    def isolate_site(self, site: str) -> None:
+        """Cut `site` off from every other site (its link to the router goes down); inside
+        the site nothing changes."""
+        ip("-n", self.router, "link", "set", f"s{self._site_index[site]}", "down")
+
+    def reconnect_site(self, site: str) -> None:
+        ip("-n", self.router, "link", "set", f"s{self._site_index[site]}", "up")
 
     def node(self, host: str) -> LocalNode:
         node = self.hosts[host].node

@@ -53,7 +53,9 @@ def test_three_daemons_form_a_site_by_mdns_and_spread_six_replicas(three):
         proc = psutil.Process(alloc["pid"])
         assert proc.is_running() and os.getpgid(alloc["pid"]) == alloc["pid"]
     apps = leader.call("apps")
-    assert apps == [{"app": "web", "version": 1, "status": "running", "replicas": 6, "running": 6, "sites": ["lab"]}]
+    assert [{k: row[k] for k in ("app", "version", "status", "replicas", "running", "sites")} for row in apps] == \
+        [{"app": "web", "version": 1, "status": "running", "replicas": 6, "running": 6, "sites": ["lab"]}]
+    assert apps[0]["per_site"] == [{"site": "lab", "current": True, "running": 6, "desired": 6}]
 
 
 def test_sigkill_of_a_non_leader_moves_its_allocations(three):

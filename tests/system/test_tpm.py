@@ -104,7 +104,7 @@ def test_requiring_tpm_expels_software_members_and_refuses_new_ones(make_site, t
     assert founder.call("policy")["tpm_required_sites"] == ["lab"]
     wait_for(lambda: site.node_state(soft.name) == "revoked", 30, what="the software member revoked")
     newcomer = site.add_node()
-    newcomer.start(join=site.token())
+    newcomer.start(join=site.token(via=founder))  # not the revoked member, which may still be stopping
     assert newcomer.proc.wait(timeout=30) == 1
     assert "requires TPM-backed evidence" in newcomer.log_text()
     assert site.node_state(tpm_member.name) == "ready" and site.node_state(founder.name) == "ready"

@@ -234,6 +234,87 @@ def test_revoking_needs_a_newer_root_signed_list_that_names_the_node():
     assert "revoked" in admission.decide(state, challenge, request, NOW + 1).reason
 
 
+# --- founder tokens: a member of s1 lets a joiner found site "beta" of the same mesh -----------
+
+FOUNDER_SECRET = bytes(range(32, 64))
+
+
+def site_with_founder_token(expires: float = NOW + 60, site: str = "beta", **trust_changes) -> SiteState:
+    state = site_with_token(**trust_changes)
+    assert sitestate.apply(state, {"op": "create_token", "ts": NOW - 5, "token_id": "ftok", "site": site,
+                                   "secret": FOUNDER_SECRET.hex(), "expires_at": expires})["ok"]
+    return state
+
+
+def founder_handshake(node, key, **kwargs):
+    return handshake(node, key, secret=kwargs.pop("secret", FOUNDER_SECRET), token_id=kwargs.pop("token_id", "ftok"),
+                     **kwargs)
+
+
+def test_a_founder_token_admits_its_holder_to_found_its_site():
+    key, node = joiner(site="beta")
+    challenge, request = founder_handshake(node, key)
+    state = site_with_founder_token()
+    verdict = admission.decide(state, challenge, request, NOW + 1)
+    assert verdict.admit and verdict.founds == "beta", verdict.reason
+    # the commit that follows consumes the token and leaves s1's members as they were
+    members = dict(state.nodes)
+    result = sitestate.apply(state, {"op": "found_site", "ts": NOW + 1, "token_id": "ftok", "node": node})
+    assert result["ok"] and state.nodes == members and state.tokens["ftok"].used_by == node["node_id"]
+    other_key, other = joiner(site="beta")
+    again = admission.decide(state, *founder_handshake(other, other_key), NOW + 2)
+    assert not again.admit and again.reason == "join token was already used", again.reason
+
+
+def test_a_token_for_this_site_goes_the_join_path():
+    key, node = joiner()
+    challenge, request = handshake(node, key)
+    verdict = admission.decide(site_with_founder_token(), challenge, request, NOW + 1)
+    assert verdict.admit and verdict.founds == "", verdict.reason
+
+
+def _used(state: SiteState) -> SiteState:
+    other = joiner(site="beta")[1]
+    assert sitestate.apply(state, {"op": "found_site", "ts": NOW, "token_id": "ftok", "node": other})["ok"]
+    return state
+
+
+@pytest.mark.parametrize("name, state, site, kwargs, reason", [
+    ("used by another founder", lambda: _used(site_with_founder_token()), "beta", {}, "already used"),
+    ("expired", lambda: site_with_founder_token(expires=NOW), "beta", {}, "expired"),
+    ("token for beta, asks for gamma", site_with_founder_token, "gamma", {}, "token is for site 'beta', not 'gamma'"),
+    ("asks for this site with a beta token", site_with_founder_token, "s1", {},
+     "token is for site 'beta', not 's1'"),
+    ("wrong token secret", site_with_founder_token, "beta", {"secret": b"x" * 32}, "token proof does not match"),
+    ("signed by another key", site_with_founder_token, "beta", {"sign_with": Ed25519PrivateKey.generate()},
+     "signature"),
+    ("beta requires TPM evidence", lambda: site_with_founder_token(tpm_required_sites=frozenset({"beta"})), "beta",
+     {}, "software-only"),
+])
+def test_bad_founder_joins_are_refused_with_reasons(name, state, site, kwargs, reason):
+    key, node = joiner(site=site)
+    challenge, request = founder_handshake(node, key, **kwargs)
+    verdict = admission.decide(state(), challenge, request, NOW + 1)
+    assert not verdict.admit and verdict.founds == ""
+    assert reason in verdict.reason, verdict.reason
+
+
+def test_a_founder_named_by_the_revocation_list_is_refused_by_decide_and_by_the_commit():
+    key, node = joiner(site="beta")
+    state = site_with_founder_token(revoked=(node["node_id"],))
+    verdict = admission.decide(state, *founder_handshake(node, key), NOW + 1)
+    assert not verdict.admit and "revoked" in verdict.reason
+    result = sitestate.apply(state, {"op": "found_site", "ts": NOW + 1, "token_id": "ftok", "node": node})
+    assert not result["ok"] and "revoked" in result["error"] and state.tokens["ftok"].used_by is None
+
+
+def test_the_founded_site_rules_of_the_policy_apply_not_this_sites():
+    key, node = joiner(site="beta")
+    state = site_with_founder_token(tpm_required_sites=frozenset({"s1"}))
+    verdict = admission.decide(state, *founder_handshake(node, key), NOW + 1)
+    assert verdict.admit and verdict.founds == "beta", verdict.reason
+
+
 @pytest.mark.parametrize("keys, reason", [
     (None, "must be"),
     ({"ek": "00"}, "must be"),

@@ -41,8 +41,8 @@ def test_three_replicas_in_a_line_converge_by_store_and_forward_and_keep_it_on_d
             await nursery.start(link, a, b)
             await nursery.start(link, b, c)  # a and c never talk: b passes the news on
             for n in range(200):
-                a.write([audit(n, "a")])
-            c.write([audit(0, "c")])
+                await a.write([audit(n, "a")])
+            await c.write([audit(0, "c")])
             await wait_equal(a, b, c)
             nursery.cancel_scope.cancel()
     trio.run(main)
@@ -56,7 +56,7 @@ def test_cut_both_sides_change_then_reconnect_converge_sending_about_the_minimal
         async with trio.open_nursery() as nursery:
             cut = await nursery.start(link, a, b)
             for n in range(100):
-                a.write([audit(n, "a")])
+                await a.write([audit(n, "a")])
             await wait_equal(a, b)
             cut.cancel()  # the link goes down
             with trio.fail_after(5):
@@ -64,9 +64,9 @@ def test_cut_both_sides_change_then_reconnect_converge_sending_about_the_minimal
                     await trio.sleep(0.01)
             before_a, before_b = a.document.state_vector(), b.document.state_vector()
             for n in range(100, 1100):
-                a.write([audit(n, "a")])
+                await a.write([audit(n, "a")])
             for n in range(1000):
-                b.write([audit(n, "b")])
+                await b.write([audit(n, "b")])
             assert len(audits(a)) == 1100 and len(audits(b)) == 1100  # each kept working alone
             minimal = len(a.document.delta_since(before_b)) + len(b.document.delta_since(before_a))
             await nursery.start(link, a, b)
@@ -81,7 +81,7 @@ def test_cut_both_sides_change_then_reconnect_converge_sending_about_the_minimal
 def test_a_malformed_message_ends_only_that_session_and_changes_nothing():
     async def main():
         hub = DocumentHub(MeshDocument(), None)
-        hub.write([audit(1, "a")])
+        await hub.write([audit(1, "a")])
         before = hub.document.full_update()
         left, right = trio.testing.memory_stream_pair()
         with trio.fail_after(5):

@@ -437,7 +437,7 @@ def test_table_aligns_columns_and_marks_missing_values():
 
 
 def test_table_of_nothing_is_its_header():
-    assert render.table([], render.APP_COLUMNS) == "APP  VERSION  RUNNING/REPLICAS  SITES"
+    assert render.table([], render.APP_COLUMNS) == "APP  VERSION  RUNNING/REPLICAS  SITES  PER SITE  CONFLICTS"
 
 
 @pytest.mark.parametrize(

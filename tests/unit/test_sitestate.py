@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pickle
 
 import pytest
@@ -262,3 +263,72 @@ def test_secret_rotations_get_unique_increasing_epochs():
     # a retried rotation (same request id) is answered, not applied twice
     assert sitestate.apply(state, {"op": "rotate_secret", "ts": 9.0, "request_id": "r2"})["epoch"] == 3
     assert state.secret_epoch == 3
+
+
+def with_founder_token(nodes: int = 1, site: str = "beta") -> SiteState:
+    """Site s1 holding token "nb", which lets its holder found `site`."""
+    state = founded(nodes)
+    assert sitestate.apply(state, cmd("create_token", token_id="nb", site=site, secret="cd" * 32,
+                                      expires_at=T0 + 10))["ok"]
+    return state
+
+
+def test_found_site_consumes_the_token_once_and_adds_no_member():
+    state = with_founder_token()
+    nodes_before = copy.deepcopy(state.nodes)
+    result = sitestate.apply(state, cmd("found_site", ts=T0 + 1, token_id="nb", node=node(7, site="beta"),
+                                        actor="op@n1"))
+    assert result == {"ok": True, "site": "beta", "node_id": f"{7:032x}"}
+    assert state.nodes == nodes_before and state.site == "s1"
+    assert state.tokens["nb"].used_by == f"{7:032x}"
+    audit = state.audit[-1]
+    assert (audit.action, audit.target, audit.site, audit.actor) == ("found-site", "beta", "s1", "op@n1")
+    assert state.events[-1].kind == "membership" and "founds site beta" in state.events[-1].message
+    # the same founder asking again (its welcome was lost) is answered and changes nothing
+    audits = len(state.audit)
+    again = sitestate.apply(state, cmd("found_site", ts=T0 + 2, token_id="nb", node=node(7, site="beta")))
+    assert again["ok"] and len(state.audit) == audits and state.nodes == nodes_before
+
+
+def _use_token(state: SiteState) -> None:
+    assert sitestate.apply(state, cmd("found_site", ts=T0 + 1, token_id="nb", node=node(7, site="beta")))["ok"]
+
+
+def _revoke_n2(state: SiteState) -> None:
+    state.nodes[f"{2:032x}"] = dataclasses.replace(state.nodes[f"{2:032x}"], admin="revoked")
+
+
+def _own_site_token(state: SiteState) -> None:
+    assert sitestate.apply(state, cmd("create_token", token_id="own", site="s1", secret="cd" * 32,
+                                      expires_at=T0 + 10))["ok"]
+
+
+@pytest.mark.parametrize("name, prepare, command, reason", [
+    ("used by another founder", _use_token,
+     cmd("found_site", ts=T0 + 2, token_id="nb", node=node(8, site="beta")), "already used"),
+    ("expired", None, cmd("found_site", ts=T0 + 10, token_id="nb", node=node(8, site="beta")), "expired"),
+    ("unknown token", None, cmd("found_site", token_id="zz", node=node(8, site="beta")), "unknown join token"),
+    ("revoked node", _revoke_n2, cmd("found_site", token_id="nb", node=node(2, site="beta")), "revoked"),
+    ("a member of this site", None, cmd("found_site", token_id="nb", node=node(1, site="beta")),
+     "belongs to one site"),
+    ("token for another site", None, cmd("found_site", token_id="nb", node=node(8, site="gamma")),
+     "token is for site 'beta', not 'gamma'"),
+    ("this site's own token", _own_site_token, cmd("found_site", token_id="own", node=node(8, site="s1")),
+     "it founds none"),
+    ("no node", None, cmd("found_site", token_id="nb"), "node must be"),
+])
+def test_found_site_refusals_change_nothing(name, prepare, command, reason):
+    state = with_founder_token(nodes=2)
+    if prepare is not None:
+        prepare(state)
+    before = copy.deepcopy(state)
+    result = sitestate.apply(state, command)
+    assert not result["ok"] and reason in result["error"], result
+    assert state.nodes == before.nodes and state.tokens == before.tokens and state.audit == before.audit
+
+
+def test_found_site_refuses_a_bad_site_name():
+    state = with_founder_token(site="Not_A_Name")
+    result = sitestate.apply(state, cmd("found_site", token_id="nb", node=node(8, site="Not_A_Name")))
+    assert not result["ok"] and "site name must be" in result["error"]
+    assert state.tokens["nb"].used_by is None

@@ -1,0 +1,384 @@
+"""The node's replica of the mesh document, and its sync with the rest of the mesh.
+
+Every member keeps a durable replica (meshd.io.crdtstore under `<data-dir>/mesh`) and sync
+sessions (meshd.io.docsync) on the peer port (meshd.io.peer, `sync_hello`, mutual TLS):
+- a follower keeps one session with its site's leader;
+- the leader keeps one session with each other site it knows of (from the sites' summaries in
+  the document, leader's address first), unless that site already talks to it;
+- every node keeps a session with each static `--peer` (how a site first reaches the mesh).
+Sessions that end are redialled with backoff (DIAL_BACKOFF_FIRST doubling to DIAL_BACKOFF_MAX).
+Updates travel on by store and forward: what a leader hears from another site reaches its
+followers, and the other way round.
+
+While this node leads its site it also closes the gap between the document and the site's
+Raft state (the decisions are meshd.meshstate's): it takes in every app edit the document
+decided and the site has not (a deploy or stop through Raft, so placement follows), and it
+publishes the site's own edits, audit records, summary and per-app progress.
+
+Invariants:
+- The document is only touched on the trio thread; disk work runs on a worker thread, and an
+  update is on disk before it is acknowledged or passed on (docsync).
+- A peer that is not a member of this mesh, or is revoked, gets no session (the TLS
+  certificate decides, meshd.io.daemon.sync_member).
+- Nothing here stops a workload because another site is unreachable: a site only ever acts on
+  edits, never on silence.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from crdt.document import MeshDocument
+from crdt.schema import AppEdit, AppSiteStatus, Record, SchemaError, SiteSummary
+from crdt.schema import AuditRecord as DocAuditRecord
+from crdt.sync import SyncSession
+from meshd import meshstate
+from meshd import spec as specmod
+from meshd.io import peer
+from meshd.io.crdtstore import DocumentStore
+from meshd.io.docsync import DocumentHub
+from meshd.io.raft import CommandFailed
+from meshd.state import ADMIN_LEFT, ADMIN_REVOKED
+from meshd.wire import FrameError
+
+if TYPE_CHECKING:
+    from meshd.io.daemon import Daemon
+
+log = logging.getLogger("meshd.mesh")
+
+# Redial: quickly at first (a blip), then every DIAL_BACKOFF_MAX at most: a link that is down
+# for days costs one TCP SYN a second per site (bytes), and converging after it comes back
+# waits at most this long for the session.
+DIAL_BACKOFF_FIRST = 0.2
+DIAL_BACKOFF_MAX = 1.0
+# A session that lasted this long was a working link: the next dial starts from the first backoff.
+STABLE_SESSION = 10.0
+# Which sessions to keep is looked at on every change of role or document, and this often anyway.
+DIAL_CHECK_PERIOD = 1.0
+# The leader looks for edits to take in and records to publish on every change, and this often anyway.
+PUBLISH_SAFETY_PERIOD = 5.0
+# Records per document write when publishing a backlog (audit after a long cut): one fsync
+# each, and updates small enough to pass on without delaying other sessions.
+PUBLISH_BATCH = 500
+# A site heard from (a sync message, or its summary refreshed) within this many sync intervals
+# counts as reachable; its leader refreshes the summary once per interval.
+REACHABLE_INTERVALS = 3
+# How long one dial may take (TCP + TLS + hello) before the next address is tried.
+DIAL_TIMEOUT = 5.0
+
+
+async def wait_any(listeners: list, timeout: float) -> None:
+    """Return when any Wakeup listener is notified, or after `timeout`."""
+    async with trio.open_nursery() as nursery:
+        async def one(listener) -> None:
+            await listener.wait(timeout)
+            nursery.cancel_scope.cancel()
+        for listener in listeners:
+            nursery.start_soon(one, listener)
+
+
+class _Link:
+    """One live session: which link it serves, when it started (serial) and how to end it."""
+
+    def __init__(self, key: str, serial: int) -> None:
+        self.key, self.serial = key, serial
+        self.scope = trio.CancelScope()
+
+
+class MeshSync:
+    def __init__(self, daemon: "Daemon") -> None:
+        self.daemon = daemon
+        self.document: MeshDocument | None = None
+        self.store: DocumentStore | None = None
+        self.hub: DocumentHub | None = None
+        self.changed: Any = None  # Wakeup: the document changed (remote update or local write)
+        self.session_sites: dict[int, str] = {}  # id(session) -> the site of its peer
+        self.heard: dict[str, float] = {}  # site -> trio time of its last news
+        self._summary_ts: dict[str, float] = {}
+        self._bad_edits: set[str] = set()  # edits this site cannot run (spec it cannot parse)
+        self._summary_written = -math.inf
+        self._connected: dict[str, int] = {}  # site -> live sessions, for up/down events
+        self._links: list[_Link] = []  # live sessions, to keep one per link
+        self._link_serial = 0
+        self.address_sites: dict[str, str] = {}  # static peer address -> its site, once dialled
+        self._ended_sent: dict[str, int] = {}  # site -> bytes sent by its sessions that ended
+
+    # --- the replica -----------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Load the replica from disk (at start, before any task runs)."""
+        from meshd.io.daemon import Wakeup
+        self.changed = Wakeup()
+        self.store = DocumentStore(self.daemon.data_dir / "mesh")
+        # A fresh client id per start: pycrdt must never see one writer's clock reused.
+        self.document = self.store.open(MeshDocument(client_id=secrets.randbits(52)))
+        self.hub = DocumentHub(self.document, self.store)
+        self.hub.on_remote_update = self._remote_update
+        log.info("mesh document loaded", extra={"replayed": self.store.replayed,
+                                                "apps": len(self.document.apps())})
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+    async def write(self, records: list[Record]) -> None:
+        """Durably write local records and pass them on; raises SchemaError (nothing written)."""
+        assert self.hub is not None
+        await self.hub.write(records)
+        self.changed.notify()
+
+    def _remote_update(self, session: SyncSession) -> None:
+        assert self.document is not None
+        now = trio.current_time()
+        site = self.session_sites.get(id(session))
+        if site:
+            self.heard[site] = now
+        for summary in self.document.records(SiteSummary):
+            if self._summary_ts.get(summary.site) != summary.ts:
+                if summary.site in self._summary_ts:  # refreshed since we looked: that site is alive
+                    self.heard[summary.site] = now
+                self._summary_ts[summary.site] = summary.ts
+        self.changed.notify()
+
+    # --- sessions --------------------------------------------------------------------------
+
+    async def serve(self, conn: peer.FramedStream, stream: trio.abc.Stream, named: tuple[str, str]) -> None:
+        """The peer port's side of a `sync_hello` (meshd.io.peer)."""
+        d = self.daemon
+        await conn.send({"type": "sync_ready", "site": d.membership.site, "node": d.config.name})
+        await self._run(stream, named, initial=conn.take_buffered(), dialed=False)
+
+    async def _dial(self, address: str) -> float:
+        """One sync session with the member at `address`; returns how long it lasted."""
+        d = self.daemon
+        with trio.fail_after(DIAL_TIMEOUT):
+            conn = await peer.open_peer(address, d.tls.client_context(),
+                                        expect=lambda cert: d.sync_member(cert) is not None)
+        try:
+            with trio.fail_after(DIAL_TIMEOUT):
+                await conn.send({"type": "sync_hello", "site": d.membership.site, "node": d.config.name})
+                answer = await conn.receive()
+            if answer.get("type") != "sync_ready":
+                raise peer.PeerError(str(answer.get("error") or "the peer did not accept a sync session"))
+            named = d.sync_member(conn.stream.getpeercert())
+            assert named is not None  # checked by open_peer's expect
+            started = trio.current_time()
+            self.address_sites[address] = named[0]
+            await self._run(conn.stream, named, initial=conn.take_buffered(), dialed=True)
+            return trio.current_time() - started
+        finally:
+            await conn.aclose()
+
+    async def _run(self, stream: trio.abc.Stream, named: tuple[str, str], initial: bytes, dialed: bool) -> None:
+        assert self.hub is not None
+        site, node_id = named
+        own_site = self.daemon.membership.site
+        # One session per other site, one per member of our own: two leaders that dial each
+        # other at once (or a static --peer next to a learnt route) would carry every change
+        # twice. The oldest is kept (it may be mid-catch-up); in the rare race where the two
+        # ends see them start in a different order, both end and the redial settles it.
+        link_key = site if site != own_site else f"{site}/{node_id}"
+        link = _Link(link_key, self._link_serial)
+        self._link_serial += 1
+        sessions: list[SyncSession] = []
+
+        def started(session: SyncSession) -> None:
+            sessions.append(session)
+            self._links.append(link)
+            same = sorted((other for other in self._links if other.key == link_key), key=lambda other: other.serial)
+            for extra in same[1:]:
+                extra.scope.cancel()
+            self.session_sites[id(session)] = site
+            self._connected[site] = self._connected.get(site, 0) + 1
+            if self._connected[site] == 1 and site != own_site:
+                self.daemon.event("sync", f"sync with site {site} up", site=site, peer=node_id)
+
+        try:
+            with link.scope:
+                await self.hub.run_session(stream, f"{site}/{node_id[:12]}",
+                                           resync_interval=self.daemon.config.sync_interval, initial=initial,
+                                           on_start=started)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            if link in self._links:
+                self._links.remove(link)
+            for session in sessions:
+                self.session_sites.pop(id(session), None)
+                self._ended_sent[site] = self._ended_sent.get(site, 0) + session.bytes_out
+                if session.last_sync is not None:
+                    self.heard[site] = max(self.heard.get(site, -math.inf), session.last_sync)
+                self._connected[site] -= 1
+                if self._connected[site] == 0 and site != own_site:
+                    self.daemon.event("sync", f"sync with site {site} down", site=site, peer=node_id)
+
+    def connected_sites(self) -> set[str]:
+        return {site for site, count in self._connected.items() if count > 0}
+
+    def _targets(self) -> dict[str, list[str]]:
+        """The sessions this node should keep: key -> addresses to try, in order."""
+        d = self.daemon
+        assert self.document is not None
+        own_address = f"{d.advertise_ip}:{d.peer_port}"
+        wanted: dict[str, list[str]] = {f"peer:{p}": [p] for p in d.config.peers if p != own_address}
+        raft = d.raft.status if d.raft else None
+        if raft is None:
+            return wanted
+        own_site = d.membership.site
+        if raft.role == "leader":
+            connected = self.connected_sites()
+            for summary in self.document.records(SiteSummary):
+                if summary.site != own_site and summary.addresses and summary.site not in connected:
+                    wanted[f"site:{summary.site}"] = list(summary.addresses)
+        else:
+            leader = d.leader_name
+            state = d.snapshot()
+            for node in state.nodes.values():
+                if node.name == leader and node.node_id != d.identity.node_id \
+                        and node.admin not in (ADMIN_LEFT, ADMIN_REVOKED):
+                    wanted[f"leader:{node.node_id}"] = [node.address]
+        return wanted
+
+    async def dial_loop(self) -> None:
+        """Keep the sessions `_targets` names; redial with backoff."""
+        d = self.daemon
+        running: dict[str, trio.CancelScope] = {}
+        changes = [d.state_changed.listener(), self.changed.listener()]
+        async with trio.open_nursery() as nursery:
+            while True:
+                wanted = self._targets()
+                for key in list(running):
+                    if key not in wanted and not key.startswith("site:"):
+                        running.pop(key).cancel()
+                for key, addresses in wanted.items():
+                    if key not in running or running[key].cancel_called:
+                        running[key] = await nursery.start(self._keep_session, key, addresses)
+                await wait_any(changes, DIAL_CHECK_PERIOD)
+
+    async def _keep_session(self, key: str, addresses: list[str], task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as scope:
+            task_status.started(scope)
+            backoff = DIAL_BACKOFF_FIRST
+            while True:
+                if key.startswith("site:"):
+                    site = key[5:]
+                    if site in self.connected_sites():
+                        break  # that site reached us (or another route did): nothing to keep
+                    addresses = self._targets().get(key, addresses)
+                elif key.startswith("peer:") and self.address_sites.get(addresses[0]) in self.connected_sites() - {
+                        self.daemon.membership.site}:
+                    await trio.sleep(DIAL_CHECK_PERIOD)  # that site is synced through another route
+                    continue
+                for address in addresses:
+                    try:
+                        lasted = await self._dial(address)
+                    except (OSError, peer.PeerError, trio.TooSlowError, trio.BrokenResourceError,
+                            trio.ClosedResourceError, FrameError) as e:  # the peer refused, vanished or babbled
+                        log.debug("sync dial failed", extra={"peer": address, "reason": str(e) or type(e).__name__})
+                        continue
+                    if lasted >= STABLE_SESSION:
+                        backoff = DIAL_BACKOFF_FIRST
+                    break
+                await trio.sleep(backoff * (0.5 + secrets.randbelow(500) / 1000))  # jitter: sites do not redial in step
+                backoff = min(backoff * 2, DIAL_BACKOFF_MAX)
+            scope.cancel()
+
+    # --- leader: document <-> site --------------------------------------------------------
+
+    async def leader_loop(self) -> None:
+        d = self.daemon
+        changes = [d.state_changed.listener(), self.changed.listener()]
+        while True:
+            await wait_any(changes, PUBLISH_SAFETY_PERIOD)
+            if d.raft is None or d.raft.status.role != "leader":
+                continue
+            try:
+                await self._take_in()
+                await self._publish()
+            except CommandFailed as e:
+                log.info("mesh duty interrupted", extra={"reason": str(e)})
+                await trio.sleep(0.1)
+
+    async def _take_in(self) -> None:
+        d = self.daemon
+        assert self.document is not None
+        for edit in meshstate.edits_to_take_in(d.snapshot(), self.document.apps()):
+            if edit.edit_id in self._bad_edits:
+                continue
+            actor = f"{edit.actor} (site {edit.site})"
+            if edit.stopped:
+                command = d.new_command("stop_app", app=edit.app, edit=edit.to_plain(), actor=actor)
+            else:
+                try:
+                    app_spec = specmod.parse_app_toml(edit.spec)
+                    if app_spec.name != edit.app:
+                        raise specmod.SpecError("app.name", f"is {app_spec.name!r}, the edit is for {edit.app!r}")
+                except specmod.SpecError as e:
+                    self._bad_edits.add(edit.edit_id)
+                    d.event("sync", f"{edit.app} v{edit.version} from site {edit.site} cannot run here: {e}",
+                            app=edit.app, edit=edit.edit_id)
+                    continue
+                command = d.new_command("submit_app", spec=specmod.spec_to_dict(app_spec), edit=edit.to_plain(),
+                                        actor=actor)
+            result = await d.commit(command)
+            if not result.get("ok"):
+                self._bad_edits.add(edit.edit_id)
+                d.event("sync", f"{edit.app} v{edit.version} from site {edit.site} not taken in: {result.get('error')}",
+                        app=edit.app, edit=edit.edit_id)
+
+    async def _publish(self) -> None:
+        d = self.daemon
+        document = self.document
+        assert document is not None
+        state = d.snapshot()
+        records: list[Record] = []
+        records += meshstate.edits_to_publish(state, lambda edit_id: document.get(AppEdit, edit_id) is not None)
+        records += meshstate.audit_to_publish(state, lambda key: document.get(DocAuditRecord, key) is not None)
+        now = time.time()
+        summary = meshstate.site_summary(state, meshstate.SiteFacts(d.config.name, self._addresses(state)), now)
+        if not meshstate.same_summary(document.get(SiteSummary, state.site), summary) \
+                or trio.current_time() - self._summary_written >= d.config.sync_interval:
+            records.append(summary)
+            self._summary_written = trio.current_time()
+        records += meshstate.changed(meshstate.app_statuses(state, now),
+                                     lambda r: document.get(AppSiteStatus, r.key), meshstate.same_status)
+        for start in range(0, len(records), PUBLISH_BATCH):
+            try:
+                await self.write(records[start:start + PUBLISH_BATCH])
+            except SchemaError as e:  # a record this site made is not valid: a bug, but never fatal
+                log.error("record not published", extra={"reason": e.reason})
+
+    def _addresses(self, state) -> tuple[str, ...]:
+        """Peer addresses other sites may dial: this leader first, then ready members."""
+        d = self.daemon
+        own = f"{d.advertise_ip}:{d.peer_port}"
+        others = sorted(n.address for n in state.nodes.values()
+                        if n.state == "ready" and n.address != own and n.admin not in (ADMIN_LEFT, ADMIN_REVOKED))
+        return tuple([own] + others)[:16]
+
+    # --- views for meshctl ----------------------------------------------------------------
+
+    def sent_by_site(self) -> dict[str, int]:
+        """Sync bytes sent to each site since this daemon started (ended and live sessions)."""
+        assert self.hub is not None
+        totals = dict(self._ended_sent)
+        for session in self.hub.live_sessions():
+            site = self.session_sites.get(id(session))
+            if site is not None:
+                totals[site] = totals.get(site, 0) + session.bytes_out
+        return totals
+
+    def last_heard(self, site: str) -> float | None:
+        """Trio time of the last news from `site` (live sessions count as now-ish)."""
+        assert self.hub is not None
+        times = [self.heard[site]] if site in self.heard else []
+        for session in self.hub.live_sessions():
+            if self.session_sites.get(id(session)) == site and session.last_sync is not None:
+                times.append(session.last_sync)
+        return max(times) if times else None

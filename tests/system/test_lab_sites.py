@@ -1,0 +1,173 @@
+"""Several sites of one mesh in the lab (tests.lab): each site its own segment and Raft group,
+the router between them; the second and third sites founded inside the mesh with a founder
+token and `--peer`. Sites are cut apart at the router, change things on both sides, and must
+converge after the link returns: the same apps (winners and conflict losers), the same audit,
+and no workload ever stopped because another site vanished.
+
+Workload counts are read from real processes (psutil) as well as from the sites' state.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from meshd.io.localsite import wait_for
+
+pytestmark = pytest.mark.system
+
+# Fast sync for tests: state vectors every second; a silent session is dropped after 2.5 s.
+FAST_SYNC = ("--sync-interval", "1")
+CONVERGE_TIMEOUT = 30.0
+
+
+def spec(name: str, replicas: int, sites: list[str]) -> str:
+    listed = ", ".join(f'"{s}"' for s in sites)
+    return f'[app]\nname = "{name}"\nreplicas = {replicas}\ncommand = ["sleep", "3600"]\nsites = [{listed}]\n'
+
+
+def deploy(lab, host: str, name: str, replicas: int, sites: list[str]) -> dict:
+    return lab.call(host, "deploy", spec_toml=spec(name, replicas, sites), wait=False, timeout=30)
+
+
+def running_here(lab, host: str, name: str) -> int:
+    """Replicas of `name` running in `host`'s site, from that site's Raft state."""
+    return sum(1 for a in lab.call(host, "allocs", app=name, node=None)
+               if a["state"] == "running" and a["desired"] == "run")
+
+
+def apps_view(lab, host: str) -> dict:
+    return {row["app"]: (row["version"], row.get("edit_id"), row["status"]) for row in lab.call(host, "apps")}
+
+
+def audit_ids(lab, host: str) -> set:
+    return {row["audit_id"] for row in lab.call(host, "audit")}
+
+
+def conflicts(lab, host: str) -> set:
+    return {(e["app"], e["winner"], e["loser"]) for e in lab.call(host, "events", follow=False)
+            if e["kind"] == "conflict"}
+
+
+def processes(lab, hosts) -> int:
+    return sum(lab.workload_processes(h) for h in hosts)
+
+
+def sites_row(lab, host: str, site: str) -> dict | None:
+    return next((r for r in lab.call(host, "sites") if r["site"] == site), None)
+
+
+def converged(lab, hosts) -> bool:
+    views = [(apps_view(lab, h), audit_ids(lab, h), conflicts(lab, h)) for h in hosts]
+    return all(v == views[0] for v in views)
+
+
+@pytest.fixture
+def two_sites(make_lab):
+    lab = make_lab({"a": 2, "b": 2}, meshd_args=FAST_SYNC)
+    lab.start_site("a")
+    lab.start_site_in_mesh("b", via="a-1")
+    return lab
+
+
+def test_a_site_founded_in_the_mesh_syncs_and_places_what_names_it(two_sites):
+    lab = two_sites
+    status_a, status_b = lab.call("a-1", "status"), lab.call("b-1", "status")
+    assert status_a["site"] == "a" and status_b["site"] == "b"
+    wait_for(lambda: (sites_row(lab, "a-2", "b") or {}).get("reachable")
+             and (sites_row(lab, "b-2", "a") or {}).get("reachable"), 20, what="each site sees the other")
+    row = sites_row(lab, "a-1", "b")
+    assert row["nodes"] == 2 and row["ready"] == 2 and row["last_sync_s"] is not None
+    # a site that has members is not founded a second time
+    refused = lab.meshctl("a-2", "token", "create", "--site", "b")
+    assert refused.returncode != 0 and "already has 2 member(s)" in refused.stderr
+
+    # deployed in a, for b only: b places it, a runs none of it (data residency)
+    result = deploy(lab, "a-2", "only-b", 2, ["b"])
+    assert result["accepted"] and result["sites"] == ["b"]
+    wait_for(lambda: running_here(lab, "b-2", "only-b") == 2, 30, what="b running only-b")
+    assert running_here(lab, "a-1", "only-b") == 0 and processes(lab, ["a-1", "a-2"]) == 0
+    wait_for(lambda: next(r for r in lab.call("a-1", "apps") if r["app"] == "only-b")["running"] == 2, 20,
+             what="a seeing b's progress")
+    # a deploy for both sites runs in both
+    deploy(lab, "b-1", "both", 1, ["a", "b"])
+    wait_for(lambda: running_here(lab, "a-1", "both") == 1 and running_here(lab, "b-1", "both") == 1, 30,
+             what="both running")
+    wait_for(lambda: converged(lab, ["a-1", "a-2", "b-1", "b-2"]), CONVERGE_TIMEOUT, what="every member agreeing")
+    # every site's audit is everywhere
+    ids = audit_ids(lab, "a-1")
+    assert any(i.startswith("a/") for i in ids) and any(i.startswith("b/") for i in ids)
+
+
+def test_cut_sites_keep_running_and_accepting_changes_then_converge_with_conflicts_named(two_sites):
+    lab = two_sites
+    hosts = ["a-1", "a-2", "b-1", "b-2"]
+    deploy(lab, "a-1", "shared", 1, ["a", "b"])
+    deploy(lab, "a-1", "home-a", 2, ["a"])
+    deploy(lab, "b-1", "home-b", 2, ["b"])
+    wait_for(lambda: processes(lab, hosts) == 6, 40, what="six workloads")
+    wait_for(lambda: converged(lab, hosts), CONVERGE_TIMEOUT, what="agreement before the cut")
+
+    lab.isolate_site("b")
+    wait_for(lambda: not (sites_row(lab, "a-1", "b") or {}).get("connected")
+             and not (sites_row(lab, "b-1", "a") or {}).get("connected"), 20, what="the sessions to notice the cut")
+    # both sides keep working alone: deploys accepted, placed, and nothing that ran stopped
+    deploy(lab, "a-2", "cut-a", 1, ["a"])
+    deploy(lab, "b-2", "cut-b", 1, ["b"])
+    a_edit = deploy(lab, "a-1", "shared", 2, ["a", "b"])  # both edit the same app: a conflict
+    time.sleep(0.05)
+    b_edit = deploy(lab, "b-1", "shared", 3, ["a", "b"])
+    wait_for(lambda: running_here(lab, "a-1", "cut-a") == 1 and running_here(lab, "b-1", "cut-b") == 1, 30,
+             what="local deploys placed while cut")
+    wait_for(lambda: running_here(lab, "a-1", "shared") == 2 and running_here(lab, "b-1", "shared") == 3, 30,
+             what="each side running its own edit of shared")
+    assert running_here(lab, "a-1", "home-a") == 2 and running_here(lab, "b-1", "home-b") == 2
+    assert lab.call("a-1", "status")["partitioned"] is False and lab.call("b-1", "status")["partitioned"] is False
+
+    healed = time.monotonic()
+    lab.reconnect_site("b")
+    wait_for(lambda: converged(lab, hosts), CONVERGE_TIMEOUT, what="convergence after heal")
+    print(f"converged {time.monotonic() - healed:.2f}s after the link returned")
+    # the later edit (b's, same version, later time stamp) won everywhere; a's is the named loser
+    assert a_edit["version"] == b_edit["version"]
+    (conflict,) = [c for c in conflicts(lab, "a-2") if c[0] == "shared"]
+    assert conflict[1] == b_edit["edit_id"] and conflict[2] == a_edit["edit_id"]
+    wait_for(lambda: running_here(lab, "a-1", "shared") == 3 and running_here(lab, "b-1", "shared") == 3, 30,
+             what="shared at the winner's 3 replicas in both sites")
+    # nothing else moved: every app at its count, in state and in real processes
+    assert running_here(lab, "a-1", "home-a") == 2 and running_here(lab, "b-1", "home-b") == 2
+    assert running_here(lab, "a-1", "cut-a") == 1 and running_here(lab, "b-1", "cut-b") == 1
+    assert running_here(lab, "a-1", "cut-b") == 0 and running_here(lab, "b-1", "cut-a") == 0
+    wait_for(lambda: processes(lab, hosts) == 2 + 2 + 1 + 1 + 3 + 3, 30, what="exact process count")
+    apps = {r["app"]: r for r in lab.call("b-2", "apps")}
+    assert apps["shared"]["conflicts"] == 1 and apps["shared"]["running"] == 6
+
+
+def test_three_sites_one_vanishes_the_others_go_on_and_all_converge(make_lab):
+    lab = make_lab({"a": 1, "b": 1, "c": 1}, meshd_args=FAST_SYNC)
+    lab.start_site("a")
+    lab.start_site_in_mesh("b", via="a-1")
+    lab.start_site_in_mesh("c", via="a-1")
+    hosts = ["a-1", "b-1", "c-1"]
+    for host, site in zip(hosts, "abc"):
+        deploy(lab, host, f"app-{site}", 1, [site])
+    wait_for(lambda: processes(lab, hosts) == 3, 30, what="one workload per site")
+    wait_for(lambda: converged(lab, hosts), CONVERGE_TIMEOUT, what="three sites agreeing")
+    wait_for(lambda: all((sites_row(lab, h, s) or {}).get("reachable") for h in hosts for s in "abc"), 20,
+             what="every site reachable from every site")
+
+    lab.isolate_site("a")  # the site the others were founded through
+    deploy(lab, "b-1", "after-b", 1, ["b", "c"])  # b and c still talk: c places it
+    deploy(lab, "a-1", "after-a", 1, ["a"])
+    wait_for(lambda: running_here(lab, "c-1", "after-b") == 1 and running_here(lab, "b-1", "after-b") == 1, 30,
+             what="b's deploy placed by c while a is gone")
+    wait_for(lambda: processes(lab, hosts) == 6, 20, what="six workloads")
+    wait_for(lambda: not (sites_row(lab, "b-1", "a") or {}).get("reachable"), 20, what="b noticing a is gone")
+    assert lab.workload_processes("a-1") == 2  # a's own work never stopped
+
+    lab.reconnect_site("a")
+    wait_for(lambda: converged(lab, hosts), CONVERGE_TIMEOUT, what="convergence after a returns")
+    wait_for(lambda: all((sites_row(lab, h, s) or {}).get("reachable") for h in hosts for s in "abc"), 20,
+             what="every site reachable again")
+    assert running_here(lab, "a-1", "after-b") == 0 and processes(lab, hosts) == 6

@@ -1,0 +1,185 @@
+"""Between the mesh document and a site's Raft state (meshd.meshstate), and the deploy/stop
+commands that carry mesh edits (meshd.sitestate): what the leader takes in and publishes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from crdt.document import MeshDocument
+from crdt.schema import AppEdit
+from meshd import meshstate, sitestate
+from meshd.state import DESIRED_STOP, SiteState
+
+from tests.unit.test_sitestate import T0, cmd, founded
+
+SPEC = {"app": {"name": "web", "replicas": 2, "command": ["sleep", "100"]}}
+
+
+def edit(n: int, *, app: str = "web", version: int = 1, site: str = "s1", targets=("s1",), stopped=False,
+         base: str = "", ts: float = T0, replicas: int = 2) -> AppEdit:
+    return AppEdit(edit_id=f"e{n}", app=app, version=version, base=base, site=site, actor="op", ts=ts,
+                   spec="" if stopped else f'[app]\nname = "{app}"\nreplicas = {replicas}\ncommand = ["sleep", "100"]\n',
+                   targets=tuple(targets), replicas=0 if stopped else replicas, stopped=stopped)
+
+
+def deploy(state: SiteState, e: AppEdit, spec: dict = SPEC, ts: float = T0) -> dict:
+    return sitestate.apply(state, cmd("submit_app", ts=ts, spec=spec, edit=e.to_plain(), actor="op"))
+
+
+def stop(state: SiteState, e: AppEdit) -> dict:
+    return sitestate.apply(state, cmd("stop_app", app=e.app, edit=e.to_plain(), actor="op"))
+
+
+def document(*edits: AppEdit) -> MeshDocument:
+    doc = MeshDocument(client_id=7)
+    if edits:
+        doc.put_many(list(edits))
+    return doc
+
+
+# --- sitestate: deploys and stops that carry an edit --------------------------------------
+
+def test_a_deploy_for_this_site_runs_here_and_remembers_its_edit():
+    state = founded()
+    result = deploy(state, edit(1, version=3))
+    assert result["ok"] and result["here"] and result["version"] == 3 and result["site_version"] == 3
+    record = state.apps["web"]
+    assert (record.edit_id, record.mesh_version, record.version) == ("e1", 3, 3)
+    assert state.mesh_edits["web"]["edit_id"] == "e1"
+
+
+def test_a_deploy_for_other_sites_only_is_remembered_but_not_run_here():
+    state = founded()
+    result = deploy(state, edit(1, targets=("far",)))
+    assert result["ok"] and not result["here"]
+    assert "web" not in state.apps and state.mesh_edits["web"]["edit_id"] == "e1"
+    assert state.audit[-1].action == "deploy" and "to far" in state.audit[-1].target
+
+
+def test_an_app_moved_to_other_sites_stops_here():
+    state = founded()
+    deploy(state, edit(1))
+    sitestate.apply(state, cmd("apply_plan", plan={"app": "web", "version": 1, "placements": [
+        {"alloc_id": "a1", "replica": 0, "node_id": f"{1:032x}"}], "stops": []}))
+    result = deploy(state, edit(2, version=2, base="e1", targets=("far",)))
+    assert result["ok"] and result["allocs"] == ["a1"]
+    assert state.allocs["a1"].desired == DESIRED_STOP and state.apps["web"].status == "stopped"
+
+
+def test_an_older_edit_is_refused_and_changes_nothing():
+    state = founded()
+    deploy(state, edit(2, version=5))
+    before = copy.deepcopy(state.apps), copy.deepcopy(state.mesh_edits)
+    result = deploy(state, edit(1, version=4, ts=T0 + 100))
+    assert not result["ok"] and "newer change" in result["error"]
+    assert (state.apps, state.mesh_edits) == before
+
+
+def test_site_version_never_goes_backwards_even_when_the_mesh_version_does_not_grow():
+    state = founded()
+    deploy(state, edit(1, version=3))
+    # a conflicting edit with the same mesh version (made elsewhere, later) wins and replaces the spec
+    spec2 = {"app": {**SPEC["app"], "replicas": 3}}
+    result = deploy(state, edit(2, version=3, ts=T0 + 1, site="s2", replicas=3), spec=spec2)
+    assert result["ok"] and result["version"] == 3 and result["site_version"] == 4
+    assert state.apps["web"].version == 4 and state.apps["web"].edit_id == "e2"
+
+
+@pytest.mark.parametrize("bad, reason", [
+    ({"edit_id": "x"}, "edit:"),
+    (edit(1, app="other").to_plain(), "is not a deploy of web"),
+    (edit(1, stopped=True).to_plain(), "is not a deploy of web"),
+])
+def test_malformed_or_mismatched_edits_are_refused(bad, reason):
+    state = founded()
+    result = sitestate.apply(state, cmd("submit_app", spec=SPEC, edit=bad))
+    assert not result["ok"] and reason in result["error"]
+    assert not state.apps and not state.mesh_edits
+
+
+def test_a_stop_with_an_edit_stops_here_and_is_remembered_even_for_an_app_not_run_here():
+    state = founded()
+    deploy(state, edit(1))
+    assert stop(state, edit(2, version=2, base="e1", stopped=True))["ok"]
+    assert state.apps["web"].status == "stopped" and state.apps["web"].edit_id == "e2"
+    other = founded()
+    assert stop(other, edit(3, app="db", stopped=True, targets=("far",)))["ok"]
+    assert other.mesh_edits["db"]["stopped"] is True and "db" not in other.apps
+
+
+def test_audit_records_are_numbered():
+    state = founded()
+    deploy(state, edit(1))
+    seqs = [a.seq for a in state.audit]
+    assert seqs == list(range(1, len(seqs) + 1)) and state.audit_seq == seqs[-1]
+
+
+# --- meshstate: taking in ------------------------------------------------------------------
+
+@pytest.mark.parametrize("taken, in_document, wanted", [
+    ([], [edit(1)], ["e1"]),                                       # new app for this site
+    ([], [edit(1, targets=("far",))], []),                         # never concerned this site
+    ([edit(1)], [edit(1)], []),                                    # up to date
+    ([edit(1)], [edit(1), edit(2, version=2, base="e1")], ["e2"]),  # a newer edit
+    ([edit(2, version=2)], [edit(1)], []),                         # ours newer, not published yet
+    ([edit(1)], [edit(1), edit(2, version=2, base="e1", targets=("far",))], ["e2"]),  # moved away: stop here
+    ([edit(1)], [edit(1), edit(2, version=2, base="e1", stopped=True)], ["e2"]),    # stopped elsewhere
+])
+def test_edits_to_take_in(taken, in_document, wanted):
+    state = founded()
+    for e in taken:
+        assert deploy(state, e)["ok"]
+    got = meshstate.edits_to_take_in(state, document(*in_document).apps())
+    assert [e.edit_id for e in got] == wanted
+
+
+def test_conflicting_edits_are_taken_in_as_the_document_decides():
+    state = founded()
+    deploy(state, edit(1, version=2, site="s1", ts=T0))
+    doc = document(edit(1, version=2, site="s1", ts=T0), edit(2, version=2, site="s2", ts=T0 + 5))
+    (winner,) = meshstate.edits_to_take_in(state, doc.apps())
+    assert winner.edit_id == "e2"
+    assert deploy(state, winner)["ok"]
+    assert meshstate.edits_to_take_in(state, doc.apps()) == []
+
+
+# --- meshstate: publishing -----------------------------------------------------------------
+
+def test_edits_to_publish_are_those_the_document_lacks():
+    state = founded()
+    deploy(state, edit(1))
+    stop(state, edit(2, app="db", stopped=True, targets=("far",)))
+    assert [e.edit_id for e in meshstate.edits_to_publish(state, lambda _: False)] == ["e2", "e1"]
+    assert meshstate.edits_to_publish(state, lambda edit_id: edit_id in {"e1", "e2"}) == []
+
+
+def test_audit_to_publish_scans_back_to_the_first_published():
+    state = founded(2)
+    deploy(state, edit(1))
+    keys = [meshstate.audit_key("s1", a.seq) for a in state.audit]
+    all_missing = meshstate.audit_to_publish(state, lambda _: False)
+    assert [r.audit_id for r in all_missing] == keys
+    some = meshstate.audit_to_publish(state, lambda key: key in keys[:2])
+    assert [r.audit_id for r in some] == keys[2:]
+    assert meshstate.audit_to_publish(state, lambda _: True) == []
+    assert all(r.site == "s1" for r in all_missing)
+
+
+def test_site_summary_and_app_status_count_ready_members_and_running_replicas():
+    state = founded(3)
+    deploy(state, edit(1))
+    sitestate.apply(state, cmd("apply_plan", plan={"app": "web", "version": 1, "placements": [
+        {"alloc_id": "a1", "replica": 0, "node_id": f"{1:032x}"},
+        {"alloc_id": "a2", "replica": 1, "node_id": f"{2:032x}"}], "stops": []}))
+    sitestate.apply(state, cmd("heartbeat", node_id=f"{1:032x}", seq=5,
+                               reports=[{"alloc_id": "a1", "state": "running", "restarts": 0}]))
+    sitestate.apply(state, cmd("set_liveness", node_id=f"{3:032x}", liveness="down"))
+    summary = meshstate.site_summary(state, meshstate.SiteFacts("n1", ("198.18.0.1:7700",)), T0)
+    assert (summary.site, summary.nodes, summary.ready, summary.leader) == ("s1", 3, 2, "n1")
+    (status,) = meshstate.app_statuses(state, T0)
+    assert (status.key, status.edit_id, status.desired, status.running) == ("web@s1", "e1", 2, 1)
+    assert meshstate.same_summary(summary, meshstate.site_summary(state, meshstate.SiteFacts("n1", ("198.18.0.1:7700",)),
+                                                                  T0 + 30))
+    assert not meshstate.same_summary(summary, meshstate.site_summary(state, meshstate.SiteFacts("n2", ()), T0))
