@@ -28,7 +28,7 @@ from typing import Any, Iterable
 
 from pycrdt import Doc, Map
 
-from crdt.schema import RECORD_KINDS, ROOTS, AppEdit, Record, SchemaError
+from crdt.schema import RECORD_KINDS, ROOTS, AppEdit, Record, SchemaError, winning_order
 from crdt.updatecheck import UpdateRejected, check_state_vector, check_update
 
 # A sync frame beyond this is refused before pycrdt parses it: two sites' worth of 10,000
@@ -54,10 +54,6 @@ class AppResolution:
     app: str
     winner: AppEdit
     losers: tuple[AppEdit, ...]
-
-
-def winning_order(edit: AppEdit) -> tuple:
-    return (edit.version, edit.ts, edit.edit_id)
 
 
 def resolve(edits: Iterable[AppEdit]) -> AppResolution:

@@ -200,6 +200,16 @@ class AppEdit(Record):
         return plain
 
 
+def winning_order(edit: AppEdit) -> tuple:
+    """How edits of one app rank: the highest wins (crdt.document.resolve)."""
+    return (edit.version, edit.ts, edit.edit_id)
+
+
+def app_status_key(app: str, site: str) -> str:
+    """Where an app's progress in a site lives (AppSiteStatus.key)."""
+    return f"{app}@{site}"
+
+
 @dataclass(frozen=True)
 class AppSiteStatus(Record):
     """How far one site has got with one app, as that site's leader last published it."""
@@ -215,7 +225,7 @@ class AppSiteStatus(Record):
 
     @property
     def key(self) -> str:
-        return f"{self.app}@{self.site}"
+        return app_status_key(self.app, self.site)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ its own placements. The leader closes the gap in both directions:
 
 Invariants:
 - Pure: no I/O, no clock (`ts` is an argument).
-- Taking in never goes backwards: an edit older (crdt.document.winning_order) than the one the
+- Taking in never goes backwards: an edit older (crdt.schema.winning_order) than the one the
   site holds is not taken in; the site's own newer edit is published instead, and wins.
 - An app the site never ran and whose edits never named it costs the site nothing (no Raft
   command): sites only carry what concerns them.
@@ -23,12 +23,14 @@ Invariants:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable
 
-from crdt.document import AppResolution, winning_order
-from crdt.schema import AppEdit, AppSiteStatus, SchemaError, SiteSummary
+from crdt.schema import AppEdit, AppSiteStatus, SchemaError, SiteSummary, winning_order
 from crdt.schema import AuditRecord as DocAuditRecord
-from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, ALLOC_RUNNING, APP_RUNNING, SiteState
+from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, APP_RUNNING, SiteState
+
+if TYPE_CHECKING:
+    from crdt.document import AppResolution
 
 
 def taken_edit(state: SiteState, app: str) -> AppEdit | None:
@@ -41,7 +43,7 @@ def taken_edit(state: SiteState, app: str) -> AppEdit | None:
         return None
 
 
-def edits_to_take_in(state: SiteState, apps: dict[str, AppResolution]) -> list[AppEdit]:
+def edits_to_take_in(state: SiteState, apps: dict[str, "AppResolution"]) -> list[AppEdit]:
     """Winners the site must commit (deploy or stop carrying the edit), in app order."""
     wanted = []
     for name, resolution in sorted(apps.items()):
@@ -105,12 +107,10 @@ def app_statuses(state: SiteState, ts: float) -> list[AppSiteStatus]:
     out = []
     for name in sorted(state.apps):
         record = state.apps[name]
-        running = sum(1 for a in state.allocs.values()
-                      if a.app == name and a.version == record.version and a.live and a.state == ALLOC_RUNNING)
         desired = record.spec.replicas if record.status == APP_RUNNING else 0
         out.append(AppSiteStatus(app=name, site=state.site, edit_id=record.edit_id,
-                                 version=record.mesh_version or record.version, desired=desired, running=running,
-                                 ts=ts))
+                                 version=record.mesh_version or record.version, desired=desired,
+                                 running=state.running_replicas(name), ts=ts))
     return out
 
 
@@ -122,8 +122,3 @@ def same_summary(a: SiteSummary | None, b: SiteSummary) -> bool:
 def same_status(a: AppSiteStatus | None, b: AppSiteStatus) -> bool:
     return a is not None and (a.edit_id, a.version, a.desired, a.running) == (b.edit_id, b.version, b.desired,
                                                                              b.running)
-
-
-def changed(records: Iterable, current: Callable, same: Callable) -> list:
-    """The records that differ from what the document holds (`current(record)`)."""
-    return [r for r in records if not same(current(r), r)]

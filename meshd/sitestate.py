@@ -27,8 +27,7 @@ from attestation.policy import open_policy
 from attestation.revocation import open_revocations
 from attestation.revocation import supersedes as revocations_supersede
 from attestation.signed import AttestationError
-from crdt.document import winning_order
-from crdt.schema import AppEdit, SchemaError
+from crdt.schema import AppEdit, SchemaError, winning_order
 from meshd import spec as specmod
 from meshd.placement.plan import Placement, Plan, recheck_plan
 from meshd.state import (
@@ -389,12 +388,17 @@ def check_founder_token(state: SiteState, token_id: str, node_id: str, site: str
     return None
 
 
-def _listed_as_revoked(state: SiteState, node_id: str) -> bool:
-    """Does the revocation list in force name `node_id`? (False when the site has none.)"""
+def revoked_by_list(state: SiteState) -> frozenset[str]:
+    """Node ids the revocation list in force names (none when the site has no list). Raises
+    AttestationError or ValueError when the list does not verify with the site's root."""
     if not state.trust_root or not state.revocations:
-        return False
+        return frozenset()
+    return frozenset(open_revocations(state.revocations, bytes.fromhex(state.trust_root)).entries)
+
+
+def _listed_as_revoked(state: SiteState, node_id: str) -> bool:
     try:
-        return open_revocations(state.revocations, bytes.fromhex(state.trust_root)).is_revoked(node_id)
+        return node_id in revoked_by_list(state)
     except (ValueError, AttestationError):
         raise CommandRefused("the site's revocation list does not verify") from None
 
@@ -609,15 +613,14 @@ def _stop_app(state: SiteState, cmd: dict, ts: float) -> dict:
     name = _str(cmd, "app", max_len=63)
     edit = _mesh_edit(state, cmd, name, stopped=True)
     actor = _actor(cmd)
+    record = state.apps.get(name)
     if edit is not None:
         state.mesh_edits[name] = edit.to_plain()
-        if name not in state.apps:
+        if record is None:
             _audit(state, ts, actor, "stop", name)  # runs elsewhere only: the stop is still this site's act
             return ok(app=name, stopped=True, allocs=[])
-        record = state.apps[name]
         state.apps[name] = replace(record, edit_id=edit.edit_id, mesh_version=edit.version)
-    record = state.apps.get(name)
-    if record is None:
+    elif record is None:
         raise CommandRefused(f"no app named {name!r}")
     return ok(app=name, stopped=True, allocs=_stop_allocs(state, ts, actor, name, "app stopped"))
 

@@ -259,5 +259,14 @@ class SiteState:
     def allocs_on(self, node_id: str) -> list[Alloc]:
         return [a for a in self.allocs.values() if a.node_id == node_id]
 
+    def current_allocs(self, app: str) -> list[Alloc]:
+        """Live allocations of the app's current version."""
+        record = self.apps[app]
+        return [a for a in self.allocs.values() if a.app == app and a.version == record.version and a.live]
+
+    def running_replicas(self, app: str) -> int:
+        """Replicas of the app's current version reported running."""
+        return sum(1 for a in self.current_allocs(app) if a.state == ALLOC_RUNNING)
+
     def live_allocs(self, app: str) -> list[Alloc]:
         return [a for a in self.allocs.values() if a.app == app and a.live]

@@ -24,7 +24,7 @@ import trio
 
 from crdt.document import SyncError
 from crdt.updatecheck import check_update
-from crdt.schema import RECORD_KINDS, AppSiteStatus, SchemaError, SiteSummary
+from crdt.schema import RECORD_KINDS, AppSiteStatus, SchemaError, SiteSummary, app_status_key
 from crdt.schema import AuditRecord as DocAuditRecord
 
 from attestation.evidence import HEX_DIGEST, SOFTWARE_EVIDENCE, TPM_EVIDENCE, VERSION
@@ -92,19 +92,12 @@ def alloc_plain(state: SiteState, alloc) -> dict:
 
 def app_progress(state: SiteState, name: str) -> dict:
     record = state.apps[name]
-    current = [a for a in state.allocs.values() if a.app == name and a.version == record.version and a.live]
+    current = state.current_allocs(name)
     running = sum(1 for a in current if a.state == ALLOC_RUNNING)
     return {"app": name, "version": record.version, "status": record.status,
             "replicas": record.spec.replicas if record.status == APP_RUNNING else 0, "running": running,
             "sites": list(record.spec.sites) or [state.site],
             "allocs": [alloc_plain(state, a) for a in current]}
-
-
-def _plain_edit(edit) -> dict:
-    try:
-        return edit.to_plain()
-    except SchemaError as e:
-        raise AdminError(f"invalid app spec: {e.reason}") from None
 
 
 def mesh_app_row(state: SiteState, document, resolution) -> dict:
@@ -115,11 +108,11 @@ def mesh_app_row(state: SiteState, document, resolution) -> dict:
         if site == state.site:
             record = state.apps.get(winner.app)
             current = record is not None and record.edit_id == winner.edit_id
-            running = app_progress(state, winner.app)["running"] if current else 0
+            running = state.running_replicas(winner.app) if current else 0
             per_site.append({"site": site, "current": current, "running": running,
                              "desired": 0 if winner.stopped else winner.replicas})
             continue
-        status = document.get(AppSiteStatus, f"{winner.app}@{site}")
+        status = document.get(AppSiteStatus, app_status_key(winner.app, site))
         current = status is not None and status.edit_id == winner.edit_id
         per_site.append({"site": site, "current": current, "running": status.running if current else 0,
                          "desired": 0 if winner.stopped else winner.replicas,
@@ -296,7 +289,7 @@ class AdminHandlers:
             "bytes": len(document.full_update()), "state_vector": document.state_vector().hex(),
             "records": {kind.ROOT: len(document.records(kind)) for kind in RECORD_KINDS},
             "invalid": len(document.invalid()), "log_bytes": mesh.store.log_bytes if mesh.store else 0,
-            "sessions": [{"peer": s.peer, "site": mesh.session_sites.get(id(s)), "synced": s.synced,
+            "sessions": [{"peer": s.peer, "site": mesh.site_of(s), "synced": s.synced,
                           "bytes_in": s.bytes_in, "bytes_out": s.bytes_out, "payload_in": s.payload_in,
                           "payload_out": s.payload_out} for s in mesh.hub.live_sessions()],
             "sent_by_site": mesh.sent_by_site(),
@@ -410,25 +403,44 @@ class AdminHandlers:
     # --- writes ---------------------------------------------------------------------------
 
     def _parse_spec(self, request: AdminRequest):
-        text = _arg(request.args, "spec_toml", str, required=True)
         try:
-            return specmod.parse_app_toml(text)
+            return specmod.parse_app_toml(self._spec_text(request))
         except specmod.SpecError as e:
             raise AdminError(f"invalid app spec: {e}") from None
+
+    @staticmethod
+    def _spec_text(request: AdminRequest) -> str:
+        return _arg(request.args, "spec_toml", str, required=True)
+
+    async def _commit_edit(self, request: AdminRequest, op: str, app_name: str, *, spec_toml: str,
+                           targets: tuple[str, ...], replicas: int, stopped: bool = False,
+                           **fields: Any) -> tuple[dict, Any]:
+        """A deploy or stop as a mesh-document edit: committed through the site's Raft first
+        (the command carries it), then written to the replica; the site's leader re-publishes
+        it should this node die in between. Returns (Raft result, edit). Callers checked
+        `_require_member` (they read the site first)."""
+        d = self.daemon
+        edit = d.mesh.document.new_app_edit(edit_id=uuid.uuid4().hex, app=app_name, site=d.membership.site,
+                                            actor=_actor(request, d), ts=time.time(), spec=spec_toml,
+                                            targets=targets, replicas=replicas, stopped=stopped)
+        try:
+            plain = edit.to_plain()
+        except SchemaError as e:
+            raise AdminError(f"invalid app spec: {e.reason}") from None
+        result = await self._write(request, op, edit=plain, **fields)
+        await d.mesh.write([edit])
+        return result, edit
 
     async def deploy(self, request: AdminRequest, stream) -> dict:
         app_spec = self._parse_spec(request)
         wait = bool(_arg(request.args, "wait", bool, False))
         timeout = _arg(request.args, "timeout", (int, float), DEFAULT_WAIT_TIMEOUT)
-        d = self.daemon
         self._require_member()
-        own_site = d.membership.site
+        own_site = self.daemon.membership.site
         targets = tuple(app_spec.sites) or (own_site,)
-        edit = d.mesh.document.new_app_edit(
-            edit_id=uuid.uuid4().hex, app=app_spec.name, site=own_site, actor=_actor(request, d), ts=time.time(),
-            spec=_arg(request.args, "spec_toml", str, required=True), targets=targets, replicas=app_spec.replicas)
-        result = await self._write(request, "submit_app", spec=specmod.spec_to_dict(app_spec), edit=_plain_edit(edit))
-        await d.mesh.write([edit])  # after Raft: the site's leader re-publishes it should this node die first
+        result, edit = await self._commit_edit(request, "submit_app", app_spec.name,
+                                               spec_toml=self._spec_text(request), targets=targets,
+                                               replicas=app_spec.replicas, spec=specmod.spec_to_dict(app_spec))
         answer = {"app": result["app"], "version": result["version"], "accepted": True, "sites": list(targets),
                   "edit_id": edit.edit_id}
         if not wait:
@@ -458,7 +470,7 @@ class AdminHandlers:
         d = self.daemon
         last = None
         while True:
-            rows = [d.mesh.document.get(AppSiteStatus, f"{edit.app}@{site}") for site in edit.targets]
+            rows = [d.mesh.document.get(AppSiteStatus, app_status_key(edit.app, site)) for site in edit.targets]
             current = [r for r in rows if r is not None and r.edit_id == edit.edit_id]
             running = sum(r.running for r in current)
             wanted = edit.replicas * len(edit.targets)
@@ -483,11 +495,8 @@ class AdminHandlers:
         if resolution is None and app not in self._state().apps:
             raise AdminError(f"no app named {app!r}")
         targets = resolution.winner.targets if resolution is not None else (d.membership.site,)
-        edit = d.mesh.document.new_app_edit(edit_id=uuid.uuid4().hex, app=app, site=d.membership.site,
-                                            actor=_actor(request, d), ts=time.time(), spec="", targets=targets,
-                                            replicas=0, stopped=True)
-        result = await self._write(request, "stop_app", app=app, edit=_plain_edit(edit))
-        await d.mesh.write([edit])
+        result, edit = await self._commit_edit(request, "stop_app", app, spec_toml="", targets=targets, replicas=0,
+                                               stopped=True, app=app)
         return {"app": result["app"], "stopped": True, "allocs": len(result.get("allocs", [])),
                 "version": edit.version, "sites": list(targets)}
 

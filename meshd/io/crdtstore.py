@@ -1,4 +1,4 @@
-"""A node's durable replica of the mesh document: `<data-dir>/crdt/snapshot` and `<data-dir>/crdt/log`.
+"""A node's durable replica of the mesh document: `<data-dir>/mesh/snapshot` and `<data-dir>/mesh/log`.
 
 Every update the replica takes (its own writes and what peers send) is appended to the log and
 fsync'd before the write is acknowledged or the update forwarded; now and then the whole

@@ -71,7 +71,7 @@ from meshd.placement.plan import make_plan
 from meshd.reattest import due_for_attestation
 from meshd.reconcile import reconcile
 from meshd.reporting import ReportSchedule
-from meshd.sitestate import UNKNOWN_TOKEN, is_plain_heartbeat, waits_for_replacement
+from meshd.sitestate import UNKNOWN_TOKEN, is_plain_heartbeat, revoked_by_list, waits_for_replacement
 from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, LIVENESS_DOWN, SiteState
 
 log = logging.getLogger("meshd.daemon")
@@ -1227,8 +1227,7 @@ class Daemon:
         cached = self._revocations_cache
         if cached is None or cached[0] != (signature, state.trust_root):
             try:
-                listed = open_revocations(state.revocations, bytes.fromhex(state.trust_root))
-                revoked = frozenset(listed.entries)
+                revoked = revoked_by_list(state)
             except (ValueError, AttestationError):
                 revoked = frozenset()
             cached = self._revocations_cache = ((signature, state.trust_root), revoked)

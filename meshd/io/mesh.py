@@ -84,11 +84,11 @@ async def wait_any(listeners: list, timeout: float) -> None:
 
 
 class _Link:
-    """One live session: which link it serves, when it started (serial) and how to end it."""
+    """One live session: the site of its peer, which link it serves, when it started (serial),
+    the session itself and how to end it."""
 
-    def __init__(self, key: str, serial: int) -> None:
-        self.key, self.serial = key, serial
-        self.scope = trio.CancelScope()
+    def __init__(self, site: str, key: str, serial: int, session: SyncSession, scope: trio.CancelScope) -> None:
+        self.site, self.key, self.serial, self.session, self.scope = site, key, serial, session, scope
 
 
 class MeshSync:
@@ -98,13 +98,11 @@ class MeshSync:
         self.store: DocumentStore | None = None
         self.hub: DocumentHub | None = None
         self.changed: Any = None  # Wakeup: the document changed (remote update or local write)
-        self.session_sites: dict[int, str] = {}  # id(session) -> the site of its peer
         self.heard: dict[str, float] = {}  # site -> trio time of its last news
         self._summary_ts: dict[str, float] = {}
         self._bad_edits: set[str] = set()  # edits this site cannot run (spec it cannot parse)
         self._summary_written = -math.inf
-        self._connected: dict[str, int] = {}  # site -> live sessions, for up/down events
-        self._links: list[_Link] = []  # live sessions, to keep one per link
+        self._links: list[_Link] = []  # live sessions (one per link is kept)
         self._link_serial = 0
         self.address_sites: dict[str, str] = {}  # static peer address -> its site, once dialled
         self._ended_sent: dict[str, int] = {}  # site -> bytes sent by its sessions that ended
@@ -136,7 +134,7 @@ class MeshSync:
     def _remote_update(self, session: SyncSession) -> None:
         assert self.document is not None
         now = trio.current_time()
-        site = self.session_sites.get(id(session))
+        site = self.site_of(session)
         if site:
             self.heard[site] = now
         for summary in self.document.records(SiteSummary):
@@ -184,42 +182,45 @@ class MeshSync:
         # twice. The oldest is kept (it may be mid-catch-up); in the rare race where the two
         # ends see them start in a different order, both end and the redial settles it.
         link_key = site if site != own_site else f"{site}/{node_id}"
-        link = _Link(link_key, self._link_serial)
+        serial = self._link_serial
         self._link_serial += 1
-        sessions: list[SyncSession] = []
+        scope = trio.CancelScope()
+        links: list[_Link] = []
 
         def started(session: SyncSession) -> None:
-            sessions.append(session)
+            first = site not in self.connected_sites()
+            link = _Link(site, link_key, serial, session, scope)
+            links.append(link)
             self._links.append(link)
             same = sorted((other for other in self._links if other.key == link_key), key=lambda other: other.serial)
             for extra in same[1:]:
                 extra.scope.cancel()
-            self.session_sites[id(session)] = site
-            self._connected[site] = self._connected.get(site, 0) + 1
-            if self._connected[site] == 1 and site != own_site:
+            if first and site != own_site:
                 self.daemon.event("sync", f"sync with site {site} up", site=site, peer=node_id)
 
         try:
-            with link.scope:
+            with scope:
                 await self.hub.run_session(stream, f"{site}/{node_id[:12]}",
                                            resync_interval=self.daemon.config.sync_interval, initial=initial,
                                            on_start=started)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
-            if link in self._links:
+            for link in links:
                 self._links.remove(link)
-            for session in sessions:
-                self.session_sites.pop(id(session), None)
+                session = link.session
                 self._ended_sent[site] = self._ended_sent.get(site, 0) + session.bytes_out
                 if session.last_sync is not None:
                     self.heard[site] = max(self.heard.get(site, -math.inf), session.last_sync)
-                self._connected[site] -= 1
-                if self._connected[site] == 0 and site != own_site:
+                if site not in self.connected_sites() and site != own_site:
                     self.daemon.event("sync", f"sync with site {site} down", site=site, peer=node_id)
 
     def connected_sites(self) -> set[str]:
-        return {site for site, count in self._connected.items() if count > 0}
+        return {link.site for link in self._links}
+
+    def site_of(self, session: SyncSession) -> str | None:
+        """The site of the peer at the other end of a live session."""
+        return next((link.site for link in self._links if link.session is session), None)
 
     def _targets(self) -> dict[str, list[str]]:
         """The sessions this node should keep: key -> addresses to try, in order."""
@@ -346,8 +347,8 @@ class MeshSync:
                 or trio.current_time() - self._summary_written >= d.config.sync_interval:
             records.append(summary)
             self._summary_written = trio.current_time()
-        records += meshstate.changed(meshstate.app_statuses(state, now),
-                                     lambda r: document.get(AppSiteStatus, r.key), meshstate.same_status)
+        records += [status for status in meshstate.app_statuses(state, now)
+                    if not meshstate.same_status(document.get(AppSiteStatus, status.key), status)]
         for start in range(0, len(records), PUBLISH_BATCH):
             try:
                 await self.write(records[start:start + PUBLISH_BATCH])
@@ -366,19 +367,14 @@ class MeshSync:
 
     def sent_by_site(self) -> dict[str, int]:
         """Sync bytes sent to each site since this daemon started (ended and live sessions)."""
-        assert self.hub is not None
         totals = dict(self._ended_sent)
-        for session in self.hub.live_sessions():
-            site = self.session_sites.get(id(session))
-            if site is not None:
-                totals[site] = totals.get(site, 0) + session.bytes_out
+        for link in self._links:
+            totals[link.site] = totals.get(link.site, 0) + link.session.bytes_out
         return totals
 
     def last_heard(self, site: str) -> float | None:
         """Trio time of the last news from `site` (live sessions count as now-ish)."""
-        assert self.hub is not None
         times = [self.heard[site]] if site in self.heard else []
-        for session in self.hub.live_sessions():
-            if self.session_sites.get(id(session)) == site and session.last_sync is not None:
-                times.append(session.last_sync)
+        times += [link.session.last_sync for link in self._links
+                  if link.site == site and link.session.last_sync is not None]
         return max(times) if times else None

@@ -155,8 +155,12 @@ class Lab:
     def start_site(self, site: str, timeout: float = 60.0) -> LocalSite:
         """Found the site on its first host; every other host joins with its own token,
         finding the site by mDNS."""
+        self.sites[site].found(timeout)
+        return self._join_the_rest(site, timeout)
+
+    def _join_the_rest(self, site: str, timeout: float) -> LocalSite:
+        """Every host of `site` but its founder joins it with its own token, by mDNS."""
         local = self.sites[site]
-        local.found(timeout)
         for _ in range(self._counts[site] - 1):
             local.join(timeout=timeout)
         return local
@@ -173,9 +177,7 @@ class Lab:
         wait_for(lambda: (first.try_call("status") or {}).get("role") == "leader", timeout,
                  what=f"{first.name} to found site {site}")
         local.wait_ready(first, timeout)
-        for _ in range(self._counts[site] - 1):
-            local.join(timeout=timeout)
-        return local
+        return self._join_the_rest(site, timeout)
 
     def isolate_site(self, site: str) -> None:
         """Cut `site` off from every other site (its link to the router goes down); inside
