@@ -100,6 +100,10 @@ class SyncSession:
         self.payload_in = self.payload_out = 0
         self.last_sync: float | None = None  # when the last DELTA or UPDATE arrived
         self.synced = False  # the other side's DELTA to our first STATE has arrived
+        # STATEs sent whose DELTA has not come back yet. Messages of a session are never lost
+        # (one ordered stream), so while this is above 0 another STATE would only make the
+        # other side compute and send the same catch-up again.
+        self.unanswered_states = 0
 
     def _out(self, message: Message) -> Message:
         self.bytes_out += message.size
@@ -110,7 +114,13 @@ class SyncSession:
     def open(self) -> list[Message]:
         """Our state vector: the opening message, and sent again now and then to ask for
         anything missed."""
+        self.unanswered_states += 1
         return [self._out(Message(STATE, self.document.state_vector()))]
+
+    @property
+    def awaiting_delta(self) -> bool:
+        """Whether a catch-up we asked for is still on its way (see `unanswered_states`)."""
+        return self.unanswered_states > 0
 
     def receive(self, message: Message, now: float) -> tuple[list[Message], bytes | None]:
         """Handle one message: (replies, the update if it brought anything new, else None).
@@ -123,6 +133,7 @@ class SyncSession:
         self.last_sync = now
         if message.type == DELTA:
             self.synced = True
+            self.unanswered_states = max(0, self.unanswered_states - 1)
         return [], message.payload if changed else None
 
     def push(self, update: bytes) -> list[Message]:

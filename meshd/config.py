@@ -55,7 +55,7 @@ DEFAULT_LOG_KEEP = 3  # rotated files kept per allocation
 # member a hash of its installed code (a few ms) and the leader one verification.
 DEFAULT_REATTEST_INTERVAL = 600.0  # seconds
 # Cross-site sync: each side re-sends its state vector this often (repairs lost pushes; a
-# session silent for 2.5 intervals is taken for dead and redialled). Small next to how long
+# session silent for 2.5 intervals, and at least 10 s, is taken for dead and redialled). Small next to how long
 # a site may be cut off, large next to a state vector's cost in bytes.
 DEFAULT_SYNC_INTERVAL = 30.0
 MIN_SYNC_INTERVAL = 0.5  # more often only spends bandwidth on state vectors

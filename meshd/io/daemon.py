@@ -291,7 +291,7 @@ class Daemon:
         self._unplaced_reported: dict[str, str] = {}
         self.state_changed: Wakeup | None = None
         self.tls = PeerTLS(self.data_dir)
-        self._member_scopes: dict[str, set[trio.CancelScope]] = {}  # open member calls, by caller
+        self._member_scopes: dict[tuple[str, str], set[trio.CancelScope]] = {}  # open calls and sync sessions, by (site, node id)
         self._revoked_notice: str | None = None  # a root-signed revocation naming us arrived
         self._revocations_cache: tuple[tuple, frozenset[str]] | None = None
         # pysyncobj takes one membership change at a time; a second one waits out its timeout.
@@ -1192,34 +1192,39 @@ class Daemon:
 
         await trio.serve_listeners(handle, listeners)
 
-    def cert_member(self, peer_cert: dict | None) -> str | None:
-        """The current member a verified peer certificate belongs to, else None."""
+    def cert_member(self, peer_cert: dict | None) -> tuple[str, str] | None:
+        """(site, node id) of the current member of this site a verified peer certificate
+        belongs to, else None."""
         if self.membership is None:
             return None
         named = member_of(peer_cert, self.membership.mesh_id)
-        if named is None or not self.is_member(named[1]):
+        if named is None or named[0] != self.membership.site or not self.is_member(named[1]):
             return None
-        return named[1]
+        return named
 
     def sync_member(self, peer_cert: dict | None) -> tuple[str, str] | None:
         """(site, node id) of a verified peer certificate when that node may sync the mesh
-        document: a member of this mesh, of any site, not revoked as far as we know (our
-        site's records and revocation list), and a current member if it is of our site."""
+        document: a member of this mesh, of any site, that `_may_connect` allows."""
         if self.membership is None:
             return None
         named = member_of(peer_cert, self.membership.mesh_id)
-        if named is None:
-            return None
-        site, node_id = named
-        state = self.snapshot()
-        node = state.nodes.get(node_id)
-        if node is not None and node.admin == ADMIN_REVOKED:
-            return None
-        if site == self.membership.site and not self.is_member(node_id):
-            return None
-        if self._listed_revoked(state, node_id):
+        if named is None or not self._may_connect(self.snapshot(), *named):
             return None
         return named
+
+    def _may_connect(self, state: SiteState, site: str, node_id: str) -> bool:
+        """Whether a node of this mesh may open or keep a connection to us, as far as we know:
+        a node of our site must be a current member of it (not left, not revoked); a node of
+        another site is in our records only if it once was ours, so for it the mesh root's
+        revocation list decides (opened once per list). Checked when a connection opens and
+        again whenever the site's state changes, so revoking cuts what is already open."""
+        assert self.membership is not None
+        node = state.nodes.get(node_id)
+        if node is not None and node.admin == ADMIN_REVOKED:
+            return False
+        if site == self.membership.site and (node is None or node.admin == ADMIN_LEFT):
+            return False
+        return not self._listed_revoked(state, node_id)
 
     def _listed_revoked(self, state: SiteState, node_id: str) -> bool:
         """Whether the site's root-signed revocation list names the node (opened once per list)."""
@@ -1240,23 +1245,28 @@ class Daemon:
 
     def cert_names(self, node_id: str) -> Callable[[dict | None], bool]:
         """For a client: does the server's verified certificate name this member?"""
-        return lambda cert: self.cert_member(cert) == node_id
+        def names_it(cert: dict | None) -> bool:
+            named = self.cert_member(cert)
+            return named is not None and named[1] == node_id
+        return names_it
 
     @contextlib.contextmanager
-    def _track_member(self, node_id: str):
-        """A member's call runs in a cancel scope that revoking the member cancels."""
+    def _track_member(self, site: str, node_id: str):
+        """A member's call or sync session runs in a cancel scope that revoking the member cancels."""
         with trio.CancelScope() as scope:
-            self._member_scopes.setdefault(node_id, set()).add(scope)
+            self._member_scopes.setdefault((site, node_id), set()).add(scope)
             try:
                 yield
             finally:
-                self._member_scopes[node_id].discard(scope)
+                self._member_scopes[(site, node_id)].discard(scope)
 
     def _cut_revoked(self, state: SiteState) -> None:
-        for node_id, scopes in self._member_scopes.items():
-            node = state.nodes.get(node_id)
-            if scopes and (node is None or node.admin == ADMIN_REVOKED):
-                log.info("cutting the open connections of a revoked member", extra={"node_id": node_id})
+        if self.membership is None:
+            return
+        for (site, node_id), scopes in self._member_scopes.items():
+            if scopes and not self._may_connect(state, site, node_id):
+                log.info("cutting the open connections of a revoked member",
+                         extra={"node_id": node_id, "site": site})
                 for scope in list(scopes):
                     scope.cancel()
 

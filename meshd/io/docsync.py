@@ -41,6 +41,10 @@ READ_SIZE = 65536
 # Each side sends its state vector every resync interval, so a session that heard nothing
 # for this many intervals lost its peer (a cut link keeps TCP quiet for many minutes).
 SILENCE_INTERVALS = 2.5
+# ... but never less than this: a peer applying and storing a large catch-up (10,000 changes
+# after a long cut) may not read or write for seconds, and dropping it then restarts the
+# catch-up from the start.
+MIN_SILENCE = 10.0
 
 
 class SessionEnded(Exception):
@@ -95,7 +99,8 @@ class DocumentHub:
                           resync_interval: float = RESYNC_INTERVAL, initial: bytes = b"",
                           on_start: Callable[[SyncSession], None] | None = None) -> SyncSession:
         """Sync with the replica at the other end of `stream` until either side closes it,
-        it misbehaves or it stays silent for SILENCE_INTERVALS resync intervals; returns the
+        it misbehaves or it stays silent for SILENCE_INTERVALS resync intervals (at least
+        MIN_SILENCE); returns the
         session (its counters) when it ends. `initial`: bytes of the stream already read."""
         session = SyncSession(self.document, peer)
         if on_start is not None:
@@ -110,7 +115,7 @@ class DocumentHub:
                 nursery.start_soon(self._sender, stream, session, receive, resync_interval, nursery.cancel_scope)
                 try:
                     await self._receiver(stream, session, session_id, send, initial,
-                                         resync_interval * SILENCE_INTERVALS)
+                                         max(resync_interval * SILENCE_INTERVALS, MIN_SILENCE))
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
                     ended = str(e) or type(e).__name__
                 except SessionEnded as e:
@@ -136,8 +141,9 @@ class DocumentHub:
                     async for message in outbox:
                         await stream.send_all(message.encode())
                     raise SessionEnded("outbox closed (peer too slow)")
-                for message in session.open():  # our state vector again: repairs lost pushes
-                    await stream.send_all(message.encode())
+                if not session.awaiting_delta:  # a catch-up on its way answers this one too
+                    for message in session.open():  # our state vector again: repairs lost pushes
+                        await stream.send_all(message.encode())
                 next_resync = trio.current_time() + resync_interval
         except (trio.BrokenResourceError, trio.ClosedResourceError, SessionEnded):
             scope.cancel()

@@ -108,15 +108,15 @@ CallHandler = Callable[[dict, Callable[[dict], Awaitable[None]]], Awaitable[Any]
 async def serve_peer_connection(stream: trio.SocketStream, *, on_join: JoinHandler,
                                 on_member_call: CallHandler, member_secret: Callable[[], str | None],
                                 is_member: Callable[[str], bool], tls: Callable[[], ssl.SSLContext | None],
-                                cert_member: Callable[[dict | None], str | None],
-                                track: Callable[[str], Any],
+                                cert_member: Callable[[dict | None], tuple[str, str] | None],
+                                track: Callable[[str, str], Any],
                                 on_sync: SyncHandler | None = None,
                                 sync_member: Callable[[dict | None], tuple[str, str] | None] | None = None) -> None:
     """One peer connection: TLS, then a join or one member call.
 
-    `cert_member(peer certificate)` names the member a verified client certificate belongs
-    to; `track(node_id)` is a context manager under which a member's call runs (so that
-    revoking the member can cut it). `sync_member(peer certificate)` names the (site, node id)
+    `cert_member(peer certificate)` names the (site, node id) of the member of this site a
+    verified client certificate belongs to; `track(site, node_id)` is a context manager under which a member's call or sync
+    session runs (so that revoking the member can cut it). `sync_member(peer certificate)` names the (site, node id)
     of a mesh member of any site that may sync, and `on_sync` runs the sync."""
     context = tls()
     if context is None:
@@ -138,16 +138,16 @@ async def serve_peer_connection(stream: trio.SocketStream, *, on_join: JoinHandl
         if kind == "join_hello":
             await on_join(conn, hello)
         elif kind == "member_hello":
-            node_id = cert_member(secure.getpeercert())
-            if node_id is None:
+            named = cert_member(secure.getpeercert())
+            if named is None:
                 raise PeerError("member calls need a valid member certificate of this mesh")
-            with track(node_id):
-                await _serve_member_call(conn, on_member_call, member_secret, is_member, node_id)
+            with track(*named):
+                await _serve_member_call(conn, on_member_call, member_secret, is_member, named[1])
         elif kind == "sync_hello" and on_sync is not None and sync_member is not None:
             named = sync_member(secure.getpeercert())
             if named is None:
                 raise PeerError("document sync needs the certificate of a member of this mesh that is not revoked")
-            with track(named[1]):
+            with track(*named):
                 await on_sync(conn, secure, named)
         else:
             raise PeerError(f"unknown message type {kind!r}")

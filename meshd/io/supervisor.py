@@ -169,6 +169,59 @@ def _die_with_daemon() -> None:
         pass
 
 
+class _WorkloadProcess:
+    """A workload's first process, started from the daemon's trio thread, with its exit and
+    its output pipe as trio objects.
+
+    Why not `trio.lowlevel.open_process`: it forks on a worker thread, and Linux sends the
+    PDEATHSIG when the *thread* that forked exits, not the process. Trio's idle worker threads
+    exit after 10 s, so every workload started that way would be SIGKILLed about 10 s after
+    the daemon last used a worker thread. Forked from the trio thread, which lives as long as
+    the daemon, the signal means what it should: the daemon is gone. (The fork blocks the
+    loop for about a millisecond.)
+    """
+
+    def __init__(self, command: list[str], env: dict[str, str], cwd: Path) -> None:
+        read_end, write_end = os.pipe()
+        try:
+            self._popen = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=write_end, stderr=subprocess.STDOUT,
+                env=env, cwd=cwd, start_new_session=True, preexec_fn=_die_with_daemon)
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)
+        self.stdout = trio.lowlevel.FdStream(read_end)  # owns the fd from here on
+        self.pid = self._popen.pid
+        try:
+            self._exit_fd: int | None = os.pidfd_open(self.pid)  # readable once it exits
+        except (AttributeError, OSError):  # no pidfd here (old kernel): poll instead
+            self._exit_fd = None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.returncode
+
+    def poll(self) -> int | None:
+        return self._popen.poll()
+
+    async def wait(self) -> int:
+        if self._exit_fd is not None and self.poll() is None:
+            await trio.lowlevel.wait_readable(self._exit_fd)
+        while self.poll() is None:  # the fallback, or a pidfd readable a moment early
+            await trio.sleep(GROUP_POLL_INTERVAL)
+        self._close_exit_fd()
+        assert self.returncode is not None
+        return self.returncode
+
+    def _close_exit_fd(self) -> None:
+        if self._exit_fd is not None:
+            trio.lowlevel.notify_closing(self._exit_fd)
+            os.close(self._exit_fd)
+            self._exit_fd = None
+
+
 def kill_leftover_workloads(data_dir: Path) -> list[int]:
     """Kill the process groups recorded by an earlier run of the daemon; returns their ids."""
     killed = []
@@ -439,16 +492,8 @@ class Supervisor:
         spec = slot.spec
         assert slot.log is not None
         try:
-            proc = await trio.lowlevel.open_process(
-                list(spec.command),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                env=workload_env(spec, os.environ),
-                cwd=self.log_path(spec.alloc_id).parent,
-                start_new_session=True,
-                preexec_fn=_die_with_daemon,
-            )
+            proc = _WorkloadProcess(list(spec.command), workload_env(spec, os.environ),
+                                    self.log_path(spec.alloc_id).parent)
         except (OSError, ValueError) as exc:  # ValueError: e.g. a NUL byte in an argument
             error = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             cause = f"cannot execute {spec.command[0]!r}: {error}"
@@ -472,7 +517,7 @@ class Supervisor:
         assert proc.returncode is not None
         return _Exit(exit_code=proc.returncode, uptime=uptime)
 
-    async def _wait_exit_or_interrupt(self, slot: _Slot, proc: trio.Process) -> None:
+    async def _wait_exit_or_interrupt(self, slot: _Slot, proc: _WorkloadProcess) -> None:
         """Copy output until the first process exits or the allocation is interrupted."""
         async with trio.open_nursery() as nursery:
 
@@ -485,12 +530,12 @@ class Supervisor:
             await proc.wait()
             nursery.cancel_scope.cancel()
 
-    async def _copy_output(self, slot: _Slot, proc: trio.Process) -> None:
+    async def _copy_output(self, slot: _Slot, proc: _WorkloadProcess) -> None:
         assert proc.stdout is not None
         while data := await proc.stdout.receive_some(PIPE_CHUNK):
             self._write_log(slot, data)
 
-    async def _end_workload(self, slot: _Slot, proc: trio.Process) -> None:
+    async def _end_workload(self, slot: _Slot, proc: _WorkloadProcess) -> None:
         """Make sure no process of the workload is left (SIGTERM, then SIGKILL after
         stop_timeout), copy the rest of its output, close the pipe. Runs shielded."""
         assert proc.stdout is not None
@@ -502,7 +547,7 @@ class Supervisor:
         finally:
             await proc.stdout.aclose()
 
-    def _copy_ready_output(self, slot: _Slot, proc: trio.Process) -> None:
+    def _copy_ready_output(self, slot: _Slot, proc: _WorkloadProcess) -> None:
         """Copy what is already in the pipe, without waiting, so that a lifecycle line written
         next lands after the output that preceded it."""
         assert proc.stdout is not None
@@ -516,7 +561,7 @@ class Supervisor:
                 return
             self._write_log(slot, data)
 
-    async def _terminate(self, slot: _Slot, proc: trio.Process) -> None:
+    async def _terminate(self, slot: _Slot, proc: _WorkloadProcess) -> None:
         leader = proc.pid
         members = workload_processes(leader)
         self._copy_ready_output(slot, proc)

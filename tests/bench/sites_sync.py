@@ -6,7 +6,7 @@ and how cheaply do they converge; and what an idle pair of sites sends.
 Each run builds a fresh lab (tests.lab, needs root): two one-host sites of one mesh, each host
 its own network namespace and `meshd run` process, the second site founded inside the mesh
 (founder token + --peer), the router between them. Site b is cut off at the router; once both
-sessions noticed (`--sync-interval 1`: 2.5 s of silence), each site takes N changes through its
+sessions noticed (10 s of silence, the least a session waits), each site takes N changes through its
 admin socket, from 16 concurrent clients: deploys of apps that name a third site (so nothing is
 placed; the changes are real edits, Raft commits and audit records), 100 of the apps edited on
 both sides, so every one of them ends in a conflict. Once both replicas are quiet, the state

@@ -98,6 +98,12 @@ def test_a_site_founded_in_the_mesh_syncs_and_places_what_names_it(two_sites):
     # every site's audit is everywhere
     ids = audit_ids(lab, "a-1")
     assert any(i.startswith("a/") for i in ids) and any(i.startswith("b/") for i in ids)
+    # the leaders' link came up once and stayed up: nothing on either side cut it meanwhile
+    # (a member of another site is not in this site's records, which is not being revoked)
+    for host, other in (("a-1", "b"), ("b-1", "a")):
+        sync_events = [e["message"] for e in lab.call(host, "events")
+                       if e["kind"] == "sync" and e.get("site") == other]
+        assert sync_events == [f"sync with site {other} up"], (host, sync_events)
 
 
 def test_cut_sites_keep_running_and_accepting_changes_then_converge_with_conflicts_named(two_sites):

@@ -110,3 +110,20 @@ def test_an_update_that_brings_nothing_new_is_not_passed_on():
     assert b.receive(Message(UPDATE, update), now=2.0)[1] is None  # a duplicate
     [delta] = SyncSession(left, "b").receive(Message(STATE, right.state_vector()), now=3.0)[0]
     assert b.receive(delta, now=3.0)[1] is None  # a resync with nothing missing
+
+
+def test_a_session_awaits_the_answer_to_each_state_vector_it_sent():
+    left, right = MeshDocument(), MeshDocument()
+    audit(right, 1, "b")
+    a, b = SyncSession(left, "b"), SyncSession(right, "a")
+    assert not a.awaiting_delta
+    first, second = a.open(), a.open()  # a resync before the first catch-up came back
+    assert a.awaiting_delta and a.unanswered_states == 2
+    [delta] = b.receive(first[0], now=1.0)[0]
+    a.receive(delta, now=1.0)
+    assert a.awaiting_delta  # the second is still out
+    [delta] = b.receive(second[0], now=2.0)[0]
+    a.receive(delta, now=2.0)
+    assert not a.awaiting_delta and a.synced
+    a.receive(b.push(audit(right, 2, "b"))[0], now=3.0)  # a pushed update answers no STATE
+    assert not a.awaiting_delta

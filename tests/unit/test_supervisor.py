@@ -245,6 +245,25 @@ def test_stop_all_leaves_no_processes(tmp_path):
     assert [pid for pgid in pids for pid in group_members(pgid)] == []
 
 
+def test_a_workload_outlives_the_worker_threads_of_the_daemon(tmp_path, monkeypatch):
+    """PDEATHSIG is sent when the thread that forked exits: a workload forked on one of trio's
+    worker threads was SIGKILLed once that thread idled out (10 s; here made 0.05 s)."""
+    import trio._core._thread_cache as thread_cache
+
+    monkeypatch.setattr(thread_cache, "IDLE_TIMEOUT", 0.05)
+
+    async def scenario(sup, changes):
+        sup.set_desired([alloc("a1", command=("sleep", "1000"))])
+        first = await wait_for(sup, "a1", running)
+        await trio.to_thread.run_sync(lambda: None)  # a worker thread that then idles out
+        await trio.sleep(1.0)
+        now = await wait_for(sup, "a1")
+        assert (now.state, now.pid, now.restarts) == ("running", first.pid, 0)
+        assert alive(first.pid)
+
+    run_supervisor(tmp_path, scenario)
+
+
 def test_cancelling_run_stops_workloads_gracefully(tmp_path):
     async def main():
         sup = Supervisor(tmp_path, on_change=lambda: None, stop_timeout=2.0)
