@@ -254,8 +254,13 @@ class NodeSummary(Record):
     node_id: str = rule(_NODE_ID)
     name: str = rule(Field(str, 253))
     site: str = rule(_NAME)
-    state: str = rule(Field(str, 16))
+    state: str = rule(Field(str, 16))  # ready | down | draining | left | revoked
     address: str = rule(Field(str, 64))
+    arch: str = rule(Field(str, 32))
+    role: str = rule(Field(str, 16))  # leader | follower | nonvoter
+    allocs: int = rule(Field(int))  # live allocations on it
+    labels: tuple[str, ...] = rule(Field(tuple, 320))  # "key=value", as placement matches them
+    evidence: str = rule(Field(str, 32))  # what its admission was based on
     ts: float = rule(_TS)
 
     @property

@@ -11,9 +11,15 @@ its own placements. The leader closes the gap in both directions:
 - out: edits the site took in but the document lacks (a deploy acknowledged by Raft whose
   document write was lost with its node) are written again; so are the site's audit records,
   its summary and each app's progress here.
+- revocations both ways: each entry of the site's root-signed list goes to the document on
+  its own (`revocation/<node id>`, signed by the root); every verified entry there that the
+  list lacks is added to it through Raft. The document's entries only ever grow, so every
+  site ends with the union, whatever was revoked where while they were cut off.
 
 Invariants:
 - Pure: no I/O, no clock (`ts` is an argument).
+- A revocation is taken in only if it verifies with the mesh root for this mesh; a record that
+  does not is reported with its reason, never acted on.
 - Taking in never goes backwards: an edit older (crdt.schema.winning_order) than the one the
   site holds is not taken in; the site's own newer edit is published instead, and wins.
 - An app the site never ran and whose edits never named it costs the site nothing (no Raft
@@ -22,12 +28,16 @@ Invariants:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from crdt.schema import AppEdit, AppSiteStatus, SchemaError, SiteSummary, winning_order
+from attestation.evidence import SOFTWARE_EVIDENCE, TPM_EVIDENCE
+from attestation.revocation import REVOCATION_ENTRY_KIND, Revocation, RevocationList, open_revocation
+from attestation.signed import AttestationError
+from crdt.schema import AppEdit, AppSiteStatus, NodeSummary, SchemaError, SignedRecord, SiteSummary, winning_order
 from crdt.schema import AuditRecord as DocAuditRecord
-from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, APP_RUNNING, SiteState
+from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, APP_RUNNING, NodeRecord, SiteState
 
 if TYPE_CHECKING:
     from crdt.document import AppResolution
@@ -88,6 +98,58 @@ def audit_to_publish(state: SiteState, has_audit: Callable[[str], bool]) -> list
     return missing
 
 
+def revocation_key(node_id: str) -> str:
+    return f"{REVOCATION_ENTRY_KIND}/{node_id}"
+
+
+def revocations_to_publish(listed: RevocationList, has_record: Callable[[str], bool]) -> list[Revocation]:
+    """Entries of the site's list that the document does not carry yet, by node id."""
+    return [entry for node_id, entry in sorted(listed.entries.items()) if not has_record(revocation_key(node_id))]
+
+
+def revocation_record(signed: dict, serial: int, site: str, ts: float) -> SignedRecord:
+    """The document record of one root-signed entry (`attestation.revocation.sign_revocation`)."""
+    return SignedRecord(key=revocation_key(signed["body"]["node_id"]), kind=REVOCATION_ENTRY_KIND, serial=serial,
+                        body=json.dumps(signed, separators=(",", ":"), sort_keys=True), site=site, ts=ts)
+
+
+@dataclass(frozen=True)
+class RevocationsIn:
+    """What the document holds that the site's list lacks."""
+    entries: tuple[Revocation, ...]  # verified, to add to the list
+    sites: tuple[str, ...]  # where they were issued
+    refused: tuple[tuple[str, str], ...]  # (record key, reason): records that do not verify
+
+
+def revocations_to_take_in(listed: RevocationList, records: list[SignedRecord], root_public_key: bytes,
+                           mesh_id: str) -> RevocationsIn:
+    entries: dict[str, Revocation] = {}
+    sites: set[str] = set()
+    refused = []
+    for record in sorted(records, key=lambda r: r.key):
+        if record.kind != REVOCATION_ENTRY_KIND:
+            continue
+        node_id = record.key.removeprefix(f"{REVOCATION_ENTRY_KIND}/")
+        if listed.is_revoked(node_id):
+            continue
+        try:
+            signed = json.loads(record.body)
+        except ValueError:
+            refused.append((record.key, "the body is not JSON"))
+            continue
+        try:
+            entry = open_revocation(signed, root_public_key, mesh_id)
+        except AttestationError as e:
+            refused.append((record.key, str(e)))
+            continue
+        if entry.node_id != node_id:
+            refused.append((record.key, f"the signed entry names {entry.node_id}"))
+            continue
+        entries[node_id] = entry
+        sites.add(record.site)
+    return RevocationsIn(tuple(entries.values()), tuple(sorted(sites)), tuple(refused))
+
+
 @dataclass(frozen=True)
 class SiteFacts:
     """What the leader knows besides the replicated state: its own name, and the peer
@@ -100,6 +162,33 @@ def site_summary(state: SiteState, facts: SiteFacts, ts: float) -> SiteSummary:
     members = [n for n in state.nodes.values() if n.admin not in (ADMIN_LEFT, ADMIN_REVOKED)]
     return SiteSummary(site=state.site, nodes=len(members), ready=sum(1 for n in members if n.state == "ready"),
                        leader=facts.leader, addresses=facts.addresses[:64], ts=ts)
+
+
+def evidence_kind(node: NodeRecord) -> str:
+    """What the node's admission rested on, as `nodes` shows it."""
+    if not node.attested_at:
+        return "none"
+    return TPM_EVIDENCE if node.tpm_ak else SOFTWARE_EVIDENCE
+
+
+def node_summaries(state: SiteState, facts: SiteFacts, ts: float) -> list[NodeSummary]:
+    """Every member the site has records of (also left and revoked ones), for other sites'
+    `nodes --site`. Resources are not included: they move all the time, and placement only
+    ever uses the site's own."""
+    out = []
+    for node in sorted(state.nodes.values(), key=lambda n: n.node_id):
+        role = "leader" if node.name == facts.leader else ("follower" if node.voter else "nonvoter")
+        labels = tuple(f"{k}={v}" for k, v in sorted(node.labels.items()))
+        out.append(NodeSummary(node_id=node.node_id, name=node.name, site=state.site, state=node.state,
+                               address=node.address[:64], arch=node.arch[:32], role=role,
+                               allocs=sum(1 for a in state.allocs_on(node.node_id) if a.live),
+                               labels=labels, evidence=evidence_kind(node), ts=ts))
+    return out
+
+
+def same_node(a: NodeSummary | None, b: NodeSummary) -> bool:
+    """Equal but for the time stamp."""
+    return a is not None and a.to_plain() | {"ts": 0.0} == b.to_plain() | {"ts": 0.0}
 
 
 def app_statuses(state: SiteState, ts: float) -> list[AppSiteStatus]:

@@ -297,6 +297,33 @@ def _revoke_node(state: SiteState, cmd: dict, ts: float) -> dict:
     return ok(node=node.name, node_id=node_id, revoked=True)
 
 
+def _adopt_revocations(state: SiteState, cmd: dict, ts: float) -> dict:
+    """Revocations made elsewhere in the mesh (other sites, through the mesh document): a
+    root-signed list that supersedes the one in force (it forgets nobody); any member of this
+    site it names is expelled like `revoke_node` does. `sites` names where they were made."""
+    candidate, current = _open_root_signed(state, open_revocations, cmd.get("revocations"), state.revocations)
+    if not revocations_supersede(candidate, current):
+        raise CommandRefused(f"revocation list {candidate.number} does not supersede the current one "
+                             f"({current.number if current else 0})")
+    sites = cmd.get("sites", [])
+    if not isinstance(sites, list) or not all(isinstance(site, str) and len(site) <= 63 for site in sites):
+        raise CommandRefused("sites must be a list of site names")
+    added = sorted(set(candidate.entries) - set(current.entries if current else ()))
+    state.revocations = cmd["revocations"]
+    where = ", ".join(sorted(set(sites))) or "another site"
+    for node_id in added:
+        entry = candidate.entries[node_id]
+        node = state.nodes.get(node_id)
+        if node is not None and node.admin != ADMIN_REVOKED:
+            state.nodes[node_id] = replace(node, admin=ADMIN_REVOKED, state_changed_at=ts,
+                                           reason=f"revoked by {entry.by} in {where}"
+                                                  + (f": {entry.reason}" if entry.reason else ""))
+        _event(state, ts, "membership", f"{node.name if node else node_id} revoked in {where}"
+               + (f": {entry.reason}" if entry.reason else ""), node_id=node_id)
+        _audit(state, ts, _actor(cmd), "revoke-adopted", node.name if node else node_id)
+    return ok(number=candidate.number, added=added)
+
+
 def _rotate_secret(state: SiteState, cmd: dict, ts: float) -> dict:
     """Reserve the next Raft secret epoch: whoever rotates distributes a secret under it, and
     members only ever move to a higher epoch, so concurrent rotations converge."""
@@ -743,6 +770,7 @@ HANDLERS: dict[str, Callable[[SiteState, dict, float], dict]] = {
     "bootstrap": _bootstrap,
     "set_policy": _set_policy,
     "revoke_node": _revoke_node,
+    "adopt_revocations": _adopt_revocations,
     "attested": _attested,
     "rotate_secret": _rotate_secret,
     "create_token": _create_token,

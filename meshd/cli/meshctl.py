@@ -226,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("node", metavar="NODE")
     sub.add_argument("--reason", metavar="TEXT", default="", help="why (kept in the revocation list and audit)")
 
+    command("revocations", "nodes revoked anywhere in the mesh", _build_revocations, _show_revocations)
+
     sub = command("logs", "workload output", _build_logs, _show_logs)
     sub.add_argument("alloc", metavar="ALLOC")
     sub.add_argument("--follow", "-f", action="store_true", help="keep printing new output")
@@ -339,6 +341,10 @@ def _build_events(opts: argparse.Namespace) -> Request:
                    timeout=None if opts.follow else ONE_SHOT_TIMEOUT_S, follow=opts.follow)
 
 
+def _build_revocations(opts: argparse.Namespace) -> Request:
+    return Request("revocations", {})
+
+
 def _build_audit(opts: argparse.Namespace) -> Request:
     return Request("audit", {})
 
@@ -409,6 +415,7 @@ _show_sites = _listing(render.SITE_COLUMNS)
 _show_apps = _listing(render.APP_COLUMNS)
 _show_allocs = _listing(render.ALLOC_COLUMNS)
 _show_audit = _listing(render.AUDIT_COLUMNS)
+_show_revocations = _listing(render.REVOCATION_COLUMNS)
 _show_event_table = _listing(render.EVENT_COLUMNS)
 
 

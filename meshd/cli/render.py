@@ -200,6 +200,15 @@ AUDIT_COLUMNS: list[Column] = [
     ("SITE", "site"),
 ]
 
+REVOCATION_COLUMNS: list[Column] = [
+    ("TIME", lambda r: local_time(r.get("at"))),
+    ("NODE", lambda r: r.get("name") or r.get("node_id", "")[:SHORT_ID_CHARS]),
+    ("ISSUED IN", "site"),
+    ("BY", "by"),
+    ("LIST", lambda r: "taking in" if r.get("pending") else "listed"),
+    ("REASON", "reason"),
+]
+
 PLACEMENT_COLUMNS: list[Column] = [("NODE", "node"), ("REPLICA", "replica")]
 FILTERED_COLUMNS: list[Column] = [("NODE", "node"), ("REASON", "reason")]
 

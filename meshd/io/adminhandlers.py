@@ -24,11 +24,13 @@ import trio
 
 from crdt.document import SyncError
 from crdt.updatecheck import check_update
-from crdt.schema import RECORD_KINDS, AppSiteStatus, SchemaError, SiteSummary, app_status_key
+from crdt.schema import (RECORD_KINDS, AppSiteStatus, NodeSummary, SchemaError, SignedRecord, SiteSummary,
+                         app_status_key)
 from crdt.schema import AuditRecord as DocAuditRecord
 
 from attestation.evidence import HEX_DIGEST, SOFTWARE_EVIDENCE, TPM_EVIDENCE, VERSION
 from attestation.policy import Policy, open_policy, sign_policy
+from attestation.revocation import open_revocations
 from attestation.signed import AttestationError
 from meshd import __version__
 from meshd import spec as specmod
@@ -41,7 +43,7 @@ from meshd.io.logfiles import follow, read_tail
 from meshd.io.raft import CommandFailed
 from meshd.placement.plan import make_plan
 from meshd.io.mesh import REACHABLE_INTERVALS
-from meshd.meshstate import audit_key
+from meshd.meshstate import audit_key, evidence_kind, revocation_key, revocations_to_take_in
 from meshd.sitestate import node_to_plain
 from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, ALLOC_RUNNING, APP_RUNNING, SiteState
 
@@ -175,7 +177,8 @@ class AdminHandlers:
         self.commands: dict[str, Callable[[AdminRequest, Any], Awaitable[Any]]] = {
             "status": self.status, "nodes": self.nodes, "sites": self.sites, "document": self.document, "token_create": self.token_create,
             "deploy": self.deploy, "plan": self.plan, "apps": self.apps, "allocs": self.allocs, "stop": self.stop,
-            "drain": self.drain, "undrain": self.undrain, "revoke": self.revoke, "logs": self.logs,
+            "drain": self.drain, "undrain": self.undrain, "revoke": self.revoke, "revocations": self.revocations,
+            "logs": self.logs,
             "events": self.events, "audit": self.audit, "policy": self.policy, "policy_allow": self.policy_allow,
             "policy_require_tpm": self.policy_require_tpm,
         }
@@ -237,6 +240,8 @@ class AdminHandlers:
                 "uptime_s": round(time.monotonic() - d.started, 1)}
 
     def _node_rows(self, state: SiteState, site: str | None) -> list[dict]:
+        if site and site != state.site:
+            return self._other_site_node_rows(site)
         d = self.daemon
         leader = d.raft.status.leader_address if d.raft else None
         rows = []
@@ -249,10 +254,24 @@ class AdminHandlers:
             role = "leader" if node.raft_address == leader else ("follower" if node.voter else "nonvoter")
             plain.update(role=role, cpu_free=node.resources.cpu_free, mem_free_mb=node.resources.mem_free_mb,
                          allocs=sum(1 for a in state.allocs_on(node.node_id) if a.live),
-                         evidence=(TPM_EVIDENCE if node.tpm_ak else SOFTWARE_EVIDENCE) if node.attested_at else "none",
+                         evidence=evidence_kind(node),
                          attested_s_ago=round(max(time.time() - node.attested_at, 0.0), 1) if node.attested_at else None)
             rows.append(plain)
         return rows
+
+    def _other_site_node_rows(self, site: str) -> list[dict]:
+        """Another site's members as its leader last published them in the mesh document
+        (no resource figures: those stay in their site); `as_of_s`: how old that is."""
+        now = time.time()
+        rows = []
+        for summary in self.daemon.mesh.document.records(NodeSummary):
+            if summary.site != site:
+                continue
+            row = summary.to_plain()
+            row["labels"] = dict(label.split("=", 1) for label in summary.labels if "=" in label)
+            row.update(cpu_free=None, mem_free_mb=None, as_of_s=round(max(0.0, now - row.pop("ts")), 1))
+            rows.append(row)
+        return sorted(rows, key=lambda r: r["name"])
 
     async def nodes(self, request: AdminRequest, stream) -> list:
         return self._node_rows(self._state(), _arg(request.args, "site", str))
@@ -379,6 +398,31 @@ class AdminHandlers:
         for row in rows:
             row.pop("seq", None)
         return rows
+
+    async def revocations(self, request: AdminRequest, stream) -> list:
+        """Every node revoked in the mesh as this site knows it: its root-signed list, which
+        takes in the revocations of other sites, plus those the document carries that the
+        site's leader has not taken in yet (marked `pending`)."""
+        self._require_member()
+        d = self.daemon
+        state = self._state()
+        if not state.trust_root or not state.revocations:
+            return []
+        root = bytes.fromhex(state.trust_root)
+        try:
+            listed = open_revocations(state.revocations, root)
+        except AttestationError as e:
+            raise AdminError(f"the site's revocation list does not verify: {e}") from None
+        records = d.mesh.document.records(SignedRecord)
+        issued_in = {r.key: r.site for r in records}
+        incoming = revocations_to_take_in(listed, records, root, d.membership.mesh_id)
+        rows = []
+        for entry, pending in [(e, False) for e in listed.entries.values()] + [(e, True) for e in incoming.entries]:
+            node = state.nodes.get(entry.node_id)
+            rows.append({"node_id": entry.node_id, "name": node.name if node else None,
+                         "site": issued_in.get(revocation_key(entry.node_id), state.site), "by": entry.by,
+                         "at": entry.at, "reason": entry.reason, "pending": pending})
+        return sorted(rows, key=lambda r: (r["at"], r["node_id"]))
 
     async def logs(self, request: AdminRequest, stream) -> dict:
         ref = _arg(request.args, "alloc", str, required=True)

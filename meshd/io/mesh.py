@@ -35,7 +35,9 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from crdt.document import MeshDocument
-from crdt.schema import AppEdit, AppSiteStatus, Record, SchemaError, SiteSummary
+from attestation.revocation import open_revocations, sign_revocation, sign_revocations
+from attestation.signed import AttestationError
+from crdt.schema import AppEdit, AppSiteStatus, NodeSummary, Record, SchemaError, SignedRecord, SiteSummary
 from crdt.schema import AuditRecord as DocAuditRecord
 from crdt.sync import SyncSession
 from meshd import meshstate
@@ -101,6 +103,7 @@ class MeshSync:
         self.heard: dict[str, float] = {}  # site -> trio time of its last news
         self._summary_ts: dict[str, float] = {}
         self._bad_edits: set[str] = set()  # edits this site cannot run (spec it cannot parse)
+        self._bad_records: set[str] = set()  # signed records that do not verify (reported once)
         self._summary_written = -math.inf
         self._links: list[_Link] = []  # live sessions (one per link is kept)
         self._link_serial = 0
@@ -306,9 +309,68 @@ class MeshSync:
                 log.info("mesh duty interrupted", extra={"reason": str(e)})
                 await trio.sleep(0.1)
 
+    def _site_revocations(self, state):
+        """The site's revocation list and the root public key, or None (no trust root yet, or
+        a list that does not verify: nothing to merge with)."""
+        if not state.trust_root or not state.revocations:
+            return None
+        root = bytes.fromhex(state.trust_root)
+        try:
+            return open_revocations(state.revocations, root), root
+        except (AttestationError, ValueError) as e:
+            log.error("the site's revocation list does not verify", extra={"reason": str(e)})
+            return None
+
+    async def _take_in_revocations(self) -> None:
+        """Revocations made in other sites join the site's list (a Raft commit); our members
+        they name are expelled, and cut off like after a local revoke."""
+        d = self.daemon
+        assert self.document is not None and d.membership is not None
+        state = d.snapshot()
+        opened = self._site_revocations(state)
+        if opened is None:
+            return
+        listed, root = opened
+        incoming = meshstate.revocations_to_take_in(listed, self.document.records(SignedRecord), root,
+                                                    d.membership.mesh_id)
+        for key, reason in incoming.refused:
+            if key not in self._bad_records:
+                self._bad_records.add(key)
+                d.event("sync", f"{key} refused: {reason}", record=key)
+        root_key = d.root_signing_key()
+        if not incoming.entries or root_key is None:
+            return
+        updated = listed.with_entries(list(incoming.entries))
+        result = await d.commit(d.new_command("adopt_revocations", revocations=sign_revocations(root_key, updated),
+                                              sites=list(incoming.sites), actor=f"site {', '.join(incoming.sites)}"))
+        if not result.get("ok"):
+            log.info("revocations from other sites not taken in", extra={"reason": result.get("error")})
+            return
+        after = d.snapshot()
+        expelled = [after.nodes[n] for n in result.get("added", []) if n in state.nodes
+                    and state.nodes[n].admin != ADMIN_REVOKED]
+        for node in expelled:
+            await d.after_revocation(node, after.revocations)
+
+    def _revocations_to_publish(self, state) -> list[Record]:
+        """The site's revocations the document lacks, each signed on its own by the root."""
+        d = self.daemon
+        document = self.document
+        assert document is not None and d.membership is not None
+        opened = self._site_revocations(state)
+        root_key = d.root_signing_key()
+        if opened is None or root_key is None:
+            return []
+        listed, _ = opened
+        missing = meshstate.revocations_to_publish(listed, lambda key: document.get(SignedRecord, key) is not None)
+        now = time.time()
+        return [meshstate.revocation_record(sign_revocation(root_key, d.membership.mesh_id, entry), listed.number,
+                                            state.site, now) for entry in missing]
+
     async def _take_in(self) -> None:
         d = self.daemon
         assert self.document is not None
+        await self._take_in_revocations()
         for edit in meshstate.edits_to_take_in(d.snapshot(), self.document.apps()):
             if edit.edit_id in self._bad_edits:
                 continue
@@ -341,14 +403,18 @@ class MeshSync:
         records: list[Record] = []
         records += meshstate.edits_to_publish(state, lambda edit_id: document.get(AppEdit, edit_id) is not None)
         records += meshstate.audit_to_publish(state, lambda key: document.get(DocAuditRecord, key) is not None)
+        records += self._revocations_to_publish(state)
         now = time.time()
-        summary = meshstate.site_summary(state, meshstate.SiteFacts(d.config.name, self._addresses(state)), now)
+        facts = meshstate.SiteFacts(d.config.name, self._addresses(state))
+        summary = meshstate.site_summary(state, facts, now)
         if not meshstate.same_summary(document.get(SiteSummary, state.site), summary) \
                 or trio.current_time() - self._summary_written >= d.config.sync_interval:
             records.append(summary)
             self._summary_written = trio.current_time()
         records += [status for status in meshstate.app_statuses(state, now)
                     if not meshstate.same_status(document.get(AppSiteStatus, status.key), status)]
+        records += [node for node in meshstate.node_summaries(state, facts, now)
+                    if not meshstate.same_node(document.get(NodeSummary, node.key), node)]
         for start in range(0, len(records), PUBLISH_BATCH):
             try:
                 await self.write(records[start:start + PUBLISH_BATCH])

@@ -177,3 +177,39 @@ def test_three_sites_one_vanishes_the_others_go_on_and_all_converge(make_lab):
     wait_for(lambda: all((sites_row(lab, h, s) or {}).get("reachable") for h in hosts for s in "abc"), 20,
              what="every site reachable again")
     assert running_here(lab, "a-1", "after-b") == 0 and processes(lab, hosts) == 6
+
+
+def test_a_revocation_made_while_cut_off_reaches_the_other_site_after_heal(make_lab):
+    lab = make_lab({"a": 1, "b": 2}, meshd_args=FAST_SYNC)
+    lab.start_site("a")
+    lab.start_site_in_mesh("b", via="a-1")
+    wait_for(lambda: (sites_row(lab, "a-1", "b") or {}).get("reachable"), 20, what="a seeing b")
+    victim = next(n["node_id"] for n in lab.call("b-1", "nodes") if n["name"] == "b-2")
+
+    lab.isolate_site("b")
+    wait_for(lambda: not (sites_row(lab, "a-1", "b") or {}).get("connected"), 20, what="a noticing the cut")
+    lab.call("b-1", "revoke", node="b-2", reason="lost in transit")
+    wait_for(lambda: [r["node_id"] for r in lab.call("b-1", "revocations")] == [victim], 20, what="b's list")
+    time.sleep(1.0)
+    assert lab.call("a-1", "revocations") == [], "nothing crosses a cut link"
+
+    lab.reconnect_site("b")
+
+    def a_lists_it() -> bool:
+        rows = lab.call("a-1", "revocations")
+        return [(r["node_id"], r["site"], r["reason"], r["pending"]) for r in rows] == \
+            [(victim, "b", "lost in transit", False)]
+    wait_for(a_lists_it, CONVERGE_TIMEOUT, what="a taking in b's revocation")
+    # in a's own root-signed list (what its joins, certificate checks and sync port consult),
+    # and in its audit and events
+    audit = lab.call("a-1", "audit")
+    assert any(r["action"] == "revoke-adopted" and r["site"] == "a" for r in audit)
+    assert any(r["action"] == "revoke" and r["site"] == "b" and r["target"] == "b-2" for r in audit)
+    assert any("revoked in b" in e["message"] for e in lab.call("a-1", "events"))
+    # a sees b's members as b's leader published them: b-2 revoked, b-1 leading
+    wait_for(lambda: {(n["name"], n["state"], n["role"]) for n in lab.call("a-1", "nodes", site="b")}
+             == {("b-1", "ready", "leader"), ("b-2", "revoked", "follower")}, CONVERGE_TIMEOUT,
+             what="b's members seen from a")
+    # both sites agree, and the site that issued it does not take it in a second time
+    assert [r["node_id"] for r in lab.call("b-1", "revocations")] == [victim]
+    assert not any(r["action"] == "revoke-adopted" and r["site"] == "b" for r in lab.call("b-1", "audit"))

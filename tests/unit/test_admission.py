@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from attestation.certs import cert_to_pem, make_root
 from attestation.evidence import make_evidence
 from attestation.policy import sign_policy
-from attestation.revocation import RevocationList, sign_revocations
+from attestation.revocation import RevocationList, open_revocations, sign_revocations
 from meshd import admission, sitestate, tokens
 from meshd.state import SiteState
 
@@ -229,6 +229,37 @@ def test_revoking_needs_a_newer_root_signed_list_that_names_the_node():
     assert revoke(good)["ok"] and state.nodes[node_id].admin == "revoked"
     assert state.revocations == good and state.audit[-1].action == "revoke"
     assert revoke(good)["ok"], "a retried revocation is answered, not refused"
+    challenge, request = handshake(node, key)
+    state.tokens["tok"] = dataclasses.replace(state.tokens["tok"], used_by=None)
+    assert "revoked" in admission.decide(state, challenge, request, NOW + 1).reason
+
+
+def test_revocations_from_other_sites_are_adopted_only_as_a_superseding_root_signed_list():
+    state = site_with_token(revoked=("a" * 32,))  # list number 1
+    key, node = joiner()
+    assert sitestate.apply(state, {"op": "admit_node", "ts": NOW, "token_id": "tok", "node": node})["ok"]
+    member = node["node_id"]
+
+    def adopt(doc, sites=("beta",)):
+        before = (state.revocations, dict(state.nodes), len(state.audit))
+        result = sitestate.apply(state, {"op": "adopt_revocations", "ts": NOW, "revocations": doc,
+                                         "sites": list(sites), "actor": "site beta"})
+        if not result.get("ok"):
+            assert (state.revocations, dict(state.nodes), len(state.audit)) == before, "a refusal changes nothing"
+        return result
+
+    elsewhere = RevocationList("m", 5).with_revoked("b" * 32, NOW, "ops@beta", "stolen")  # beta's own count
+    assert "does not supersede" in adopt(sign_revocations(ROOT, elsewhere))["error"], "it forgets a revoked node"
+    current = open_revocations(state.revocations, raw(ROOT.public_key()))
+    forged = current.with_entries([elsewhere.entries["b" * 32]])
+    assert "does not verify" in adopt(sign_revocations(Ed25519PrivateKey.generate(), forged))["error"]
+    assert "sites" in adopt(sign_revocations(ROOT, forged), sites=(7,))["error"]
+    merged = forged.with_revoked(member, NOW, "ops@beta", "cloned disk")
+    assert adopt(sign_revocations(ROOT, merged))["ok"]
+    assert sitestate.revoked_by_list(state) == {"a" * 32, "b" * 32, member}
+    assert state.nodes[member].admin == "revoked" and "beta" in state.nodes[member].reason
+    assert [a.action for a in state.audit[-2:]] == ["revoke-adopted", "revoke-adopted"]
+    assert "does not supersede" in adopt(sign_revocations(ROOT, merged))["error"], "the same list twice"
     challenge, request = handshake(node, key)
     state.tokens["tok"] = dataclasses.replace(state.tokens["tok"], used_by=None)
     assert "revoked" in admission.decide(state, challenge, request, NOW + 1).reason

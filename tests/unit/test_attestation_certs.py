@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from attestation.certs import (MEMBER_CERT_LIFETIME, cert_from_pem, cert_to_pem, check_member_cert,
                                issue_member_cert, make_root)
-from attestation.revocation import RevocationList, open_revocations, sign_revocations, supersedes
+from attestation.revocation import (Revocation, RevocationList, open_revocation, open_revocations, sign_revocation,
+                                   sign_revocations, supersedes)
 from attestation.signed import AttestationError, sign_document
 
 from tests.unit.attestation_world import NOW, Node, raw_public
@@ -80,3 +81,33 @@ def test_revocation_only_grows(ids):
     for older, newer_list in zip(lists, lists[1:]):
         assert supersedes(newer_list, older)
         assert set(older.entries) <= set(newer_list.entries)
+
+
+def test_a_revocation_entry_travels_alone_signed_by_the_root():
+    entry = RevocationList("mesh1", 0).with_revoked(NODE.node_id, NOW, "op", "stolen").entries[NODE.node_id]
+    signed = sign_revocation(ROOT_KEY, "mesh1", entry)
+    assert open_revocation(signed, raw_public(ROOT_KEY), "mesh1") == entry
+    with pytest.raises(AttestationError, match="another mesh"):
+        open_revocation(signed, raw_public(ROOT_KEY), "mesh2")
+    with pytest.raises(AttestationError):
+        open_revocation(sign_revocation(Ed25519PrivateKey.generate(), "mesh1", entry), raw_public(ROOT_KEY), "mesh1")
+    with pytest.raises(AttestationError):  # a whole list is not an entry, nor the other way round
+        open_revocation(sign_revocations(ROOT_KEY, RevocationList("mesh1", 1)), raw_public(ROOT_KEY), "mesh1")
+    tampered = dict(signed, body=dict(signed["body"], reason="none"))
+    with pytest.raises(AttestationError):
+        open_revocation(tampered, raw_public(ROOT_KEY), "mesh1")
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sets(st.sampled_from(["aa", "bb", "cc", "dd", "ee"])), min_size=1, max_size=4))
+def test_lists_merged_from_entries_in_any_order_name_the_same_nodes(batches):
+    """Sites adding each other's entries end with the same nodes, whatever the order."""
+    def entries(ids):
+        return [Revocation(short * 16, NOW, "op", "") for short in sorted(ids)]
+    forward, backward = RevocationList("mesh1", 0), RevocationList("mesh1", 0)
+    for batch in batches:
+        forward = forward.with_entries(entries(batch))
+    for batch in reversed(batches):
+        backward = backward.with_entries(entries(batch))
+    assert set(forward.entries) == set(backward.entries) == {s * 16 for b in batches for s in b}
+    assert forward.number == len(batches)

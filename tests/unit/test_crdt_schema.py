@@ -19,7 +19,8 @@ RECORDS = [
     AppSiteStatus(app="web", site="factory-a", edit_id="factory-a/1", version=1, desired=3, running=2, ts=2.0),
     SiteSummary(site="factory-a", nodes=3, ready=3, leader="a-1", addresses=("198.18.1.11:7700",), ts=3.0),
     SiteSummary(site="factory-b", nodes=0, ready=0, leader=None, addresses=(), ts=3.0),
-    NodeSummary(node_id=NODE, name="a-1", site="factory-a", state="ready", address="198.18.1.11:7700", ts=1.0),
+    NodeSummary(node_id=NODE, name="a-1", site="factory-a", state="ready", address="198.18.1.11:7700", arch="aarch64",
+                role="leader", allocs=2, labels=("zone=hall-1",), evidence="tpm 2.0 quote", ts=1.0),
     SignedRecord(key=f"revocation/{NODE}", kind="revocation", serial=4, body="{}", site="factory-a", ts=9.0),
     AuditRecord(audit_id="factory-a/a-1/7", ts=4.25, actor="ops", action="deploy", target="web", site="factory-a"),
 ]

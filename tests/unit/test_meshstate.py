@@ -4,11 +4,18 @@ commands that carry mesh edits (meshd.sitestate): what the leader takes in and p
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from attestation.revocation import RevocationList, sign_revocation
 from crdt.document import MeshDocument
-from crdt.schema import AppEdit
+from crdt.schema import AppEdit, SignedRecord
 from meshd import meshstate, sitestate
 from meshd.state import DESIRED_STOP, SiteState
 
@@ -167,12 +174,18 @@ def test_audit_to_publish_scans_back_to_the_first_published():
     assert all(r.site == "s1" for r in all_missing)
 
 
-def test_site_summary_and_app_status_count_ready_members_and_running_replicas():
+def three_members_running_web_on(*nodes: int) -> SiteState:
+    """Three members; web deployed, replica i placed on member nodes[i]."""
     state = founded(3)
     deploy(state, edit(1))
-    sitestate.apply(state, cmd("apply_plan", plan={"app": "web", "version": 1, "placements": [
-        {"alloc_id": "a1", "replica": 0, "node_id": f"{1:032x}"},
-        {"alloc_id": "a2", "replica": 1, "node_id": f"{2:032x}"}], "stops": []}))
+    placements = [{"alloc_id": f"a{i + 1}", "replica": i, "node_id": f"{n:032x}"} for i, n in enumerate(nodes)]
+    assert sitestate.apply(state, cmd("apply_plan", plan={"app": "web", "version": 1, "placements": placements,
+                                                          "stops": []}))["ok"]
+    return state
+
+
+def test_site_summary_and_app_status_count_ready_members_and_running_replicas():
+    state = three_members_running_web_on(1, 2)
     sitestate.apply(state, cmd("heartbeat", node_id=f"{1:032x}", seq=5,
                                reports=[{"alloc_id": "a1", "state": "running", "restarts": 0}]))
     sitestate.apply(state, cmd("set_liveness", node_id=f"{3:032x}", liveness="down"))
@@ -183,3 +196,93 @@ def test_site_summary_and_app_status_count_ready_members_and_running_replicas():
     assert meshstate.same_summary(summary, meshstate.site_summary(state, meshstate.SiteFacts("n1", ("198.18.0.1:7700",)),
                                                                   T0 + 30))
     assert not meshstate.same_summary(summary, meshstate.site_summary(state, meshstate.SiteFacts("n2", ()), T0))
+
+
+def test_node_summaries_name_every_member_with_role_state_and_allocations():
+    state = three_members_running_web_on(1, 1)
+    sitestate.apply(state, cmd("set_liveness", node_id=f"{3:032x}", liveness="down"))
+    facts = meshstate.SiteFacts("n1", ())
+    summaries = {s.name: s for s in meshstate.node_summaries(state, facts, T0)}
+    assert {n: (s.site, s.state, s.role, s.allocs) for n, s in summaries.items()} == {
+        "n1": ("s1", "ready", "leader", 2), "n2": ("s1", "ready", "follower", 0), "n3": ("s1", "down", "follower", 0)}
+    for summary in summaries.values():
+        assert summary.to_plain()  # every one is a valid document record
+        assert meshstate.same_node(summary, dataclasses.replace(summary, ts=T0 + 60)), "only the time moved"
+    assert not meshstate.same_node(summaries["n1"], dataclasses.replace(summaries["n1"], allocs=1))
+    assert not meshstate.same_node(None, summaries["n1"])
+
+
+# --- revocations between the site's list and the document ----------------------------------
+
+ROOT_KEY = Ed25519PrivateKey.generate()
+ROOT_PUBLIC = ROOT_KEY.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def revoked(*ids: str) -> RevocationList:
+    listed = RevocationList("m1", 0)
+    for node_id in ids:
+        listed = listed.with_revoked(node_id, T0, "op", f"lost {node_id[:2]}")
+    return listed
+
+
+def records_for(listed: RevocationList, site: str, key=ROOT_KEY, mesh_id="m1") -> list:
+    return [meshstate.revocation_record(sign_revocation(key, mesh_id, entry), listed.number, site, T0)
+            for entry in listed.entries.values()]
+
+
+def test_revocations_to_publish_are_the_entries_the_document_lacks():
+    listed = revoked("aa" * 16, "bb" * 16)
+    assert [e.node_id for e in meshstate.revocations_to_publish(listed, lambda key: False)] == ["aa" * 16, "bb" * 16]
+    has = {meshstate.revocation_key("aa" * 16)}
+    assert [e.node_id for e in meshstate.revocations_to_publish(listed, has.__contains__)] == ["bb" * 16]
+    record = records_for(listed, "s1")[0]
+    assert record.key == meshstate.revocation_key(record.to_plain()["key"].split("/")[1])
+    assert record.to_plain()["kind"] == "revocation"
+
+
+def test_revocations_to_take_in_are_verified_entries_the_list_lacks():
+    mine = revoked("aa" * 16)
+    theirs = revoked("aa" * 16, "bb" * 16, "cc" * 16)
+    records = records_for(theirs, "s2")
+    incoming = meshstate.revocations_to_take_in(mine, records, ROOT_PUBLIC, "m1")
+    assert [e.node_id for e in incoming.entries] == ["bb" * 16, "cc" * 16]
+    assert incoming.sites == ("s2",) and incoming.refused == ()
+    assert meshstate.revocations_to_take_in(theirs, records, ROOT_PUBLIC, "m1").entries == ()
+
+
+@pytest.mark.parametrize("tamper,reason", [
+    (lambda r: dataclasses.replace(r, body=json.dumps(sign_revocation(Ed25519PrivateKey.generate(), "m1",
+                                                                       revoked("dd" * 16).entries["dd" * 16]))),
+     "signature"),
+    (lambda r: dataclasses.replace(r, body=json.dumps(sign_revocation(ROOT_KEY, "m2", revoked("dd" * 16).entries["dd" * 16]))),
+     "another mesh"),
+    (lambda r: dataclasses.replace(r, body="not json"), "not JSON"),
+    (lambda r: dataclasses.replace(r, key=meshstate.revocation_key("ee" * 16)), "names " + "dd" * 16),
+])
+def test_revocation_records_that_do_not_verify_are_refused_with_a_reason(tamper, reason):
+    (good,) = records_for(revoked("dd" * 16), "s2")
+    incoming = meshstate.revocations_to_take_in(revoked(), [tamper(good)], ROOT_PUBLIC, "m1")
+    assert incoming.entries == ()
+    ((key, why),) = incoming.refused
+    assert reason in why
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(["aa", "bb", "cc", "dd"]), max_size=3), min_size=2, max_size=4))
+def test_sites_exchanging_revocations_through_a_document_end_with_the_union(per_site):
+    """Each site revoked some nodes while cut off; after each publishes and takes in (in any
+    order), every site's list names every node any site revoked."""
+    doc = MeshDocument(client_id=1)
+    lists = [revoked(*(short * 16 for short in ids)) for ids in per_site]
+    for _ in range(2):  # publish all, then take in all: twice is enough for any order
+        for i, listed in enumerate(lists):
+            missing = meshstate.revocations_to_publish(listed, lambda key: doc.get(SignedRecord, key) is not None)
+            if missing:
+                doc.put_many([meshstate.revocation_record(sign_revocation(ROOT_KEY, "m1", e), listed.number, f"s{i}", T0)
+                              for e in missing])
+        for i, listed in enumerate(lists):
+            incoming = meshstate.revocations_to_take_in(listed, doc.records(SignedRecord), ROOT_PUBLIC, "m1")
+            if incoming.entries:
+                lists[i] = listed.with_entries(list(incoming.entries))
+    everyone = {short * 16 for ids in per_site for short in ids}
+    assert all(set(listed.entries) == everyone for listed in lists)
