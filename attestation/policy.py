@@ -85,5 +85,12 @@ def newer(candidate: Policy, current: Policy | None) -> bool:
     return current is None or (candidate.mesh_id == current.mesh_id and candidate.serial > current.serial)
 
 
+def rank(document: dict, policy: Policy) -> tuple[int, float, str]:
+    """Orders the bundles of one mesh the same way on every site: by serial, then issue time,
+    then signature. Two sites cut off from each other that both changed the policy made two
+    bundles of the same serial; every site ends with the same one of them."""
+    return (policy.serial, policy.issued_at, str(document.get("sig", "")))
+
+
 def allows_version(policy: Policy, version: str) -> bool:
     return version_tuple(version) >= version_tuple(policy.min_version)

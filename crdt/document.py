@@ -1,9 +1,12 @@
 """The mesh document: one pycrdt Doc per replica, one map per record kind, typed reads and
 validated writes, delta sync, and the deterministic choice of each app's winning edit.
 
-Layout: a root map per kind (crdt.schema.ROOTS), keyed by the record's own key. App edits are
-never overwritten (each has its own key), so pycrdt's rule for concurrent writes to one key
-(the higher client id wins) never decides an app; the rule below does, the same everywhere.
+Layout: a root map per kind (crdt.schema.ROOTS), keyed by the record's own key; each value is
+the record's compact JSON text. One string per record, not a map of its fields: a record is
+then one item to encode, check, apply and observe (a 10,000-change catch-up takes half the
+time), and numbers keep their type (pycrdt stores every int of a map as a float). App edits
+are never overwritten (each has its own key), so pycrdt's rule for concurrent writes to one
+key (the higher client id wins) never decides an app; the rule below does, the same everywhere.
 
 Invariants:
 - Every local write validates first (crdt.schema) and changes nothing when it is refused; a
@@ -23,13 +26,14 @@ Invariants:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 from pycrdt import Doc, Map
 
 from crdt.schema import RECORD_KINDS, ROOTS, AppEdit, Record, SchemaError, winning_order
-from crdt.updatecheck import UpdateRejected, check_state_vector, check_update
+from crdt.updatecheck import UpdateRejected, check_state_vector, check_update, decode_state_vector
 
 # A sync frame beyond this is refused before pycrdt parses it: two sites' worth of 10,000
 # changes each is about 2 MiB of update, a whole large mesh's state well under this.
@@ -76,15 +80,24 @@ class MeshDocument:
     def __init__(self, client_id: int | None = None) -> None:
         self.doc = Doc() if client_id is None else Doc(client_id=client_id)
         self._maps: dict[str, Map] = {root: self.doc.get(root, type=Map) for root in ROOTS}
-        # Parsed entries per root, kept in step with the maps by their observers (pycrdt drops
-        # an observer whose subscription is not referenced, hence `_subscriptions`).
+        # Parsed entries per root, kept in step with the maps by their observers: a change
+        # leaves the new value (as the event already carries it) to be parsed when the entry
+        # is next read (pycrdt drops an observer whose subscription is not referenced, hence
+        # `_subscriptions`).
         self._parsed: dict[str, dict[str, Record | SchemaError]] = {root: {} for root in ROOTS}
-        self._dirty: dict[str, set[str]] = {root: set() for root in ROOTS}
+        self._dirty: dict[str, dict[str, Any]] = {root: {} for root in ROOTS}
+        # App edits by app, and each app's resolution, recomputed only for apps whose edits
+        # changed: the leader asks for every app's winner after every change it hears of.
+        self._edits_by_app: dict[str, dict[str, AppEdit]] = {}
+        self._resolutions: dict[str, AppResolution] = {}
+        self._unresolved: set[str] = set()
         self._subscriptions = [self._maps[root].observe(self._observer(root)) for root in ROOTS]
 
     def _observer(self, root: str):
         def changed(event) -> None:
-            self._dirty[root].update(event.keys)
+            dirty = self._dirty[root]
+            for key, change in event.keys.items():
+                dirty[key] = _GONE if change.get("action") == "delete" else change.get("newValue")
         return changed
 
     # --- writing -------------------------------------------------------------------------
@@ -95,7 +108,7 @@ class MeshDocument:
         return self.put_many([record])
 
     def put_many(self, records: list[Record]) -> bytes:
-        plains = [(r.ROOT, r.key, r.to_plain()) for r in records]  # all validated before any write
+        plains = [(r.ROOT, r.key, _record_text(r.to_plain())) for r in records]  # all validated before any write
         before = self.doc.get_state()
         with self.doc.transaction():
             for root, key, plain in plains:
@@ -114,24 +127,40 @@ class MeshDocument:
 
     # --- reading -------------------------------------------------------------------------
 
+    def _parse(self, root: str, key: str, value: Any) -> None:
+        parsed, kind = self._parsed[root], _KIND_OF_ROOT[root]
+        if root == AppEdit.ROOT:
+            self._forget_edit(parsed.get(key))
+        if value is _GONE:
+            parsed.pop(key, None)
+            return
+        try:
+            record = kind.from_plain(_record_value(kind, value))
+            if record.key != key:
+                raise SchemaError(f"{kind.KIND}: stored under {key[:80]!r}, not under its own key")
+            parsed[key] = record
+        except SchemaError as e:
+            parsed[key] = e
+            return
+        if root == AppEdit.ROOT:
+            self._edits_by_app.setdefault(record.app, {})[key] = record
+            self._unresolved.add(record.app)
+
+    def _forget_edit(self, old: Record | SchemaError | None) -> None:
+        if isinstance(old, AppEdit):
+            edits = self._edits_by_app.get(old.app, {})
+            edits.pop(old.edit_id, None)
+            if not edits:
+                self._edits_by_app.pop(old.app, None)
+            self._unresolved.add(old.app)
+
     def _entries(self, root: str) -> dict[str, Record | SchemaError]:
-        parsed, dirty, kind = self._parsed[root], self._dirty[root], _KIND_OF_ROOT[root]
+        dirty = self._dirty[root]
         if dirty:
-            shared = self._maps[root]
-            for key in dirty:
-                if key not in shared:
-                    parsed.pop(key, None)
-                    continue
-                value = shared[key]
-                try:
-                    record = kind.from_plain(_plain(value))
-                    if record.key != key:
-                        raise SchemaError(f"{kind.KIND}: stored under {key[:80]!r}, not under its own key")
-                    parsed[key] = record
-                except SchemaError as e:
-                    parsed[key] = e
+            for key, value in dirty.items():
+                self._parse(root, key, value)
             dirty.clear()
-        return parsed
+        return self._parsed[root]
 
     def records(self, kind: type[Record]) -> list[Any]:
         """Every well-formed record of `kind`, in key order."""
@@ -139,7 +168,10 @@ class MeshDocument:
         return [entries[k] for k in sorted(entries) if not isinstance(entries[k], SchemaError)]
 
     def get(self, kind: type[Record], key: str) -> Any:
-        entry = self._entries(kind.ROOT).get(key)
+        dirty = self._dirty[kind.ROOT]
+        if key in dirty:  # only this entry: a look-up does not parse a whole catch-up
+            self._parse(kind.ROOT, key, dirty.pop(key))
+        entry = self._parsed[kind.ROOT].get(key)
         return None if entry is None or isinstance(entry, SchemaError) else entry
 
     def invalid(self) -> list[tuple[str, str, str]]:
@@ -152,18 +184,30 @@ class MeshDocument:
         return out
 
     def app_edits(self, app: str | None = None) -> list[AppEdit]:
-        return [e for e in self.records(AppEdit) if app is None or e.app == app]
+        if app is None:
+            return self.records(AppEdit)
+        self._entries(AppEdit.ROOT)
+        edits = self._edits_by_app.get(app, {})
+        return [edits[k] for k in sorted(edits)]
+
+    def _resolve_changed(self) -> dict[str, AppResolution]:
+        self._entries(AppEdit.ROOT)
+        for app in self._unresolved:
+            edits = self._edits_by_app.get(app)
+            if edits:
+                self._resolutions[app] = resolve(edits.values())
+            else:
+                self._resolutions.pop(app, None)
+        self._unresolved.clear()
+        return self._resolutions
 
     def apps(self) -> dict[str, AppResolution]:
-        """Every app's resolution, stopped ones included."""
-        by_app: dict[str, list[AppEdit]] = {}
-        for edit in self.records(AppEdit):
-            by_app.setdefault(edit.app, []).append(edit)
-        return {app: resolve(edits) for app, edits in sorted(by_app.items())}
+        """Every app's resolution, stopped ones included, by app name."""
+        resolutions = self._resolve_changed()
+        return {app: resolutions[app] for app in sorted(resolutions)}
 
     def app(self, app: str) -> AppResolution | None:
-        edits = self.app_edits(app)
-        return resolve(edits) if edits else None
+        return self._resolve_changed().get(app)
 
     # --- sync ----------------------------------------------------------------------------
 
@@ -183,6 +227,18 @@ class MeshDocument:
             raise SyncError(f"malformed state vector: {e.reason}") from None
         except ValueError as e:
             raise SyncError(f"malformed state vector: {e}") from None
+
+    def lacking(self, state_vector: bytes) -> int:
+        """How many items of this replica a replica at `state_vector` lacks (0: it holds
+        everything this one does), from the two state vectors alone: no delta is made."""
+        if len(state_vector) > MAX_STATE_VECTOR_BYTES:
+            raise SyncError(f"state vector of {len(state_vector)} bytes is over the {MAX_STATE_VECTOR_BYTES} limit")
+        try:
+            theirs = decode_state_vector(state_vector) if state_vector else {}  # b"": an empty replica
+        except UpdateRejected as e:
+            raise SyncError(f"malformed state vector: {e.reason}") from None
+        ours = decode_state_vector(self.doc.get_state())
+        return sum(max(0, clock - theirs.get(client, 0)) for client, clock in ours.items())
 
     def apply(self, update: bytes) -> bool:
         """Merge an update from any replica; applying one twice, or out of order, is harmless.
@@ -205,7 +261,19 @@ class MeshDocument:
         return self.doc.get_update()
 
 
-def _plain(value: Any) -> Any:
-    """The value as plain data (a nested shared type where a plain record belongs is only
-    made by a foreign writer; it is read as what it holds, then checked like anything else)."""
-    return value.to_py() if hasattr(value, "to_py") else value
+_GONE = object()  # a deleted entry, in `MeshDocument._dirty`
+
+
+def _record_text(plain: dict) -> str:
+    return json.dumps(plain, separators=(",", ":"), sort_keys=True, allow_nan=False)
+
+
+def _record_value(kind: type[Record], value: Any) -> Any:
+    """What an entry holds, as plain data for `from_plain` to check: the JSON text a replica
+    wrote. Anything else (a number, a nested shared type) was put there by a foreign writer."""
+    if not isinstance(value, str):
+        raise SchemaError(f"{kind.KIND}: expected the record's JSON text, got {type(value).__name__}")
+    try:
+        return json.loads(value)
+    except ValueError as e:  # also a number too large to be anything (Python refuses it)
+        raise SchemaError(f"{kind.KIND}: not JSON ({e})") from None

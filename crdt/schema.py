@@ -65,10 +65,13 @@ def _check_number(kind: str, name: str, value: Any, want: type) -> None:
 def _check_text(kind: str, name: str, value: Any, limit: int, pattern: re.Pattern | None = None) -> None:
     if not isinstance(value, str):
         raise SchemaError(f"{kind}.{name}: expected text, got {type(value).__name__}")
-    try:
-        size = len(value.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise SchemaError(f"{kind}.{name}: not valid Unicode text") from None
+    if value.isascii():  # nearly all text: its size without encoding it
+        size = len(value)
+    else:
+        try:
+            size = len(value.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise SchemaError(f"{kind}.{name}: not valid Unicode text") from None
     if size > limit:
         raise SchemaError(f"{kind}.{name}: longer than {limit} bytes")
     if "\x00" in value:
@@ -142,15 +145,22 @@ class Record:
         if not isinstance(value, dict):
             raise SchemaError(f"{cls.KIND}: expected a record, got {type(value).__name__}")
         rules = cls.rules()
-        unknown = set(value) - set(rules)
-        if unknown:
-            raise SchemaError(f"{cls.KIND}: unknown field {sorted(unknown)[0]!r}")
+        if not value.keys() <= rules.keys():
+            unknown = sorted(set(value) - set(rules))[0]
+            raise SchemaError(f"{cls.KIND}: unknown field {unknown!r}")
         args = {}
+        kind = cls.KIND
         for name, check in rules.items():
             if name not in value:
-                raise SchemaError(f"{cls.KIND}.{name}: missing")
-            checked = _check(cls.KIND, name, check, value[name])
-            args[name] = tuple(checked) if check.type is tuple else checked
+                raise SchemaError(f"{kind}.{name}: missing")
+            field_value = value[name]
+            if check.type is str and field_value is not None:  # most fields: skip the dispatch
+                _check_text(kind, name, field_value, check.limit, check.pattern)
+                args[name] = field_value
+            elif check.type is tuple:
+                args[name] = tuple(_check(kind, name, check, field_value))
+            else:
+                args[name] = _check(kind, name, check, field_value)
         return cls(**args)
 
 

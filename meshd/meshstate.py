@@ -11,6 +11,10 @@ its own placements. The leader closes the gap in both directions:
 - out: edits the site took in but the document lacks (a deploy acknowledged by Raft whose
   document write was lost with its node) are written again; so are the site's audit records,
   its summary and each app's progress here.
+- the policy bundle both ways: the site's bundle goes to the document (`policy/<serial>/<sig>`,
+  kept beside the others); the best-ranked verified bundle there (attestation.policy.rank)
+  replaces the site's if it outranks it. Two bundles of one serial were made apart: every
+  site ends with the same one, and `policy_conflicts` names the other.
 - revocations both ways: each entry of the site's root-signed list goes to the document on
   its own (`revocation/<node id>`, signed by the root); every verified entry there that the
   list lacks is added to it through Raft. The document's entries only ever grow, so every
@@ -30,9 +34,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from attestation.evidence import SOFTWARE_EVIDENCE, TPM_EVIDENCE
+from attestation.policy import POLICY_KIND, open_policy
+from attestation.policy import rank as policy_rank
 from attestation.revocation import REVOCATION_ENTRY_KIND, Revocation, RevocationList, open_revocation
 from attestation.signed import AttestationError
 from crdt.schema import AppEdit, AppSiteStatus, NodeSummary, SchemaError, SignedRecord, SiteSummary, winning_order
@@ -58,10 +64,13 @@ def edits_to_take_in(state: SiteState, apps: dict[str, "AppResolution"]) -> list
     wanted = []
     for name, resolution in sorted(apps.items()):
         winner = resolution.winner
-        taken = taken_edit(state, name)
-        if taken is not None:
-            if taken.edit_id == winner.edit_id or winning_order(taken) > winning_order(winner):
-                continue  # up to date; or ours is newer and not published yet
+        raw = state.mesh_edits.get(name)
+        if raw is not None:
+            if raw.get("edit_id") == winner.edit_id:
+                continue  # up to date (the common case: decided without parsing the edit)
+            taken = taken_edit(state, name)
+            if taken is not None and winning_order(taken) > winning_order(winner):
+                continue  # ours is newer and not published yet
         elif state.site not in winner.targets and name not in state.apps:
             continue  # never concerned this site
         wanted.append(winner)
@@ -72,8 +81,10 @@ def edits_to_publish(state: SiteState, has_edit: Callable[[str], bool]) -> list[
     """Edits the site took in that the document does not hold."""
     out = []
     for name in sorted(state.mesh_edits):
+        if has_edit(state.mesh_edits[name].get("edit_id", "")):
+            continue  # published (decided without parsing the edit)
         edit = taken_edit(state, name)
-        if edit is not None and not has_edit(edit.edit_id):
+        if edit is not None:
             out.append(edit)
     return out
 
@@ -121,16 +132,13 @@ class RevocationsIn:
     refused: tuple[tuple[str, str], ...]  # (record key, reason): records that do not verify
 
 
-def revocations_to_take_in(listed: RevocationList, records: list[SignedRecord], root_public_key: bytes,
-                           mesh_id: str) -> RevocationsIn:
-    entries: dict[str, Revocation] = {}
-    sites: set[str] = set()
-    refused = []
+def _verified(records: list[SignedRecord], kind: str, opener: Callable[[dict], Any],
+              refused: list[tuple[str, str]]) -> list[tuple[SignedRecord, Any]]:
+    """(record, what `opener` made of its signed body) for the records of `kind` that verify;
+    the others are added to `refused` with the reason."""
+    out = []
     for record in sorted(records, key=lambda r: r.key):
-        if record.kind != REVOCATION_ENTRY_KIND:
-            continue
-        node_id = record.key.removeprefix(f"{REVOCATION_ENTRY_KIND}/")
-        if listed.is_revoked(node_id):
+        if record.kind != kind:
             continue
         try:
             signed = json.loads(record.body)
@@ -138,16 +146,78 @@ def revocations_to_take_in(listed: RevocationList, records: list[SignedRecord], 
             refused.append((record.key, "the body is not JSON"))
             continue
         try:
-            entry = open_revocation(signed, root_public_key, mesh_id)
+            opened = opener(signed)
         except AttestationError as e:
             refused.append((record.key, str(e)))
             continue
-        if entry.node_id != node_id:
+        out.append((record, opened))
+    return out
+
+
+def revocations_to_take_in(listed: RevocationList, records: list[SignedRecord], root_public_key: bytes,
+                           mesh_id: str) -> RevocationsIn:
+    prefix = f"{REVOCATION_ENTRY_KIND}/"
+    unlisted = [r for r in records if not listed.is_revoked(r.key.removeprefix(prefix))]  # verify only those
+    refused: list[tuple[str, str]] = []
+    entries: dict[str, Revocation] = {}
+    sites: set[str] = set()
+    for record, entry in _verified(unlisted, REVOCATION_ENTRY_KIND,
+                                   lambda signed: open_revocation(signed, root_public_key, mesh_id), refused):
+        if record.key != revocation_key(entry.node_id):
             refused.append((record.key, f"the signed entry names {entry.node_id}"))
             continue
-        entries[node_id] = entry
+        entries[entry.node_id] = entry
         sites.add(record.site)
     return RevocationsIn(tuple(entries.values()), tuple(sorted(sites)), tuple(refused))
+
+
+def policy_key(signed: dict) -> str:
+    return f"{POLICY_KIND}/{signed['body']['serial']}/{str(signed['sig'])[:16]}"
+
+
+def policy_record(signed: dict, site: str, ts: float) -> SignedRecord:
+    """The document record of the site's root-signed policy bundle."""
+    return SignedRecord(key=policy_key(signed), kind=POLICY_KIND, serial=int(signed["body"]["serial"]),
+                        body=json.dumps(signed, separators=(",", ":"), sort_keys=True), site=site, ts=ts)
+
+
+@dataclass(frozen=True)
+class PolicyBundle:
+    signed: dict  # the root-signed document
+    rank: tuple[int, float, str]
+    site: str  # where it was made
+
+
+@dataclass(frozen=True)
+class PoliciesIn:
+    bundles: tuple[PolicyBundle, ...]  # every verified bundle in the document, best first
+    refused: tuple[tuple[str, str], ...]  # (record key, reason)
+
+
+def policies_in_document(records: list[SignedRecord], root_public_key: bytes, mesh_id: str) -> PoliciesIn:
+    refused: list[tuple[str, str]] = []
+    bundles = []
+    for record, (policy, document) in _verified(records, POLICY_KIND,
+                                                lambda signed: (open_policy(signed, root_public_key), signed), refused):
+        if policy.mesh_id != mesh_id:
+            refused.append((record.key, "the policy is for another mesh"))
+            continue
+        bundles.append(PolicyBundle(document, policy_rank(document, policy), record.site))
+    return PoliciesIn(tuple(sorted(bundles, key=lambda b: b.rank, reverse=True)), tuple(refused))
+
+
+def policy_to_take_in(current: dict, current_rank: tuple, found: PoliciesIn) -> PolicyBundle | None:
+    """The document's best bundle if it outranks the site's."""
+    best = found.bundles[0] if found.bundles else None
+    return best if best is not None and best.rank > current_rank and best.signed != current else None
+
+
+def policy_conflicts(found: PoliciesIn) -> list[tuple[PolicyBundle, PolicyBundle]]:
+    """(winner, loser) for every bundle that lost to another of the same serial."""
+    by_serial: dict[int, list[PolicyBundle]] = {}
+    for bundle in found.bundles:  # best first, so each list's head is its winner
+        by_serial.setdefault(bundle.rank[0], []).append(bundle)
+    return [(same[0], loser) for same in by_serial.values() for loser in same[1:]]
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from attestation.policy import newer as policy_is_newer
 from attestation.policy import open_policy
+from attestation.policy import rank as policy_rank
 from attestation.revocation import open_revocations
 from attestation.revocation import supersedes as revocations_supersede
 from attestation.signed import AttestationError
@@ -268,6 +269,32 @@ def _set_policy(state: SiteState, cmd: dict, ts: float) -> dict:
     _event(state, ts, "attestation", f"policy {candidate.serial} in force (minimum meshd {candidate.min_version})",
            serial=candidate.serial)
     _audit(state, ts, actor, "policy-update", str(candidate.serial))
+    return ok(serial=candidate.serial)
+
+
+def _adopt_policy(state: SiteState, cmd: dict, ts: float) -> dict:
+    """A policy bundle made in another site (through the mesh document) that outranks the one
+    in force (attestation.policy.rank). When both have the same serial, the two sites changed
+    the policy while apart: this site's change is dropped, and the event says so."""
+    candidate, current = _open_root_signed(state, open_policy, cmd.get("policy"), state.policy)
+    site = cmd.get("site")
+    if not isinstance(site, str) or not 0 < len(site) <= 63:
+        raise CommandRefused("site must name the site the policy comes from")
+    if current is not None:
+        if candidate.mesh_id != current.mesh_id:
+            raise CommandRefused("the policy is for another mesh")
+        if policy_rank(cmd["policy"], candidate) <= policy_rank(state.policy, current):
+            raise CommandRefused(f"policy {candidate.serial} from site {site} does not outrank policy "
+                                 f"{current.serial} in force")
+    state.policy = cmd["policy"]
+    if current is not None and current.serial == candidate.serial:
+        _event(state, ts, "conflict", f"policy {candidate.serial} from site {site} wins over this site's policy "
+               f"{current.serial}, made while apart; this site's change is dropped", serial=candidate.serial,
+               site=site)
+    else:
+        _event(state, ts, "attestation", f"policy {candidate.serial} from site {site} in force "
+               f"(minimum meshd {candidate.min_version})", serial=candidate.serial, site=site)
+    _audit(state, ts, _actor(cmd), "policy-adopted", f"{candidate.serial} from {site}")
     return ok(serial=candidate.serial)
 
 
@@ -769,6 +796,7 @@ def _set_drain(draining: bool) -> Callable[[SiteState, dict, float], dict]:
 HANDLERS: dict[str, Callable[[SiteState, dict, float], dict]] = {
     "bootstrap": _bootstrap,
     "set_policy": _set_policy,
+    "adopt_policy": _adopt_policy,
     "revoke_node": _revoke_node,
     "adopt_revocations": _adopt_revocations,
     "attested": _attested,

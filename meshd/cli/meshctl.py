@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                   _build_document, _generic_show)
     sub.add_argument("--since", metavar="HEX", help="also give the size of the delta a replica at this state "
                      "vector (hex, as this command prints it) would need")
+    sub.add_argument("--brief", action="store_true", help="only the state vector and the sessions (no size or "
+                     "record counts, which cost the daemon a pass over the whole document)")
 
     token = commands.add_parser("token", help="join tokens", description="join tokens")
     token_commands = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
@@ -257,7 +259,7 @@ def _build_sites(opts: argparse.Namespace) -> Request:
 
 
 def _build_document(opts: argparse.Namespace) -> Request:
-    return Request("document", {"since": opts.since})
+    return Request("document", {"since": opts.since, "brief": opts.brief})
 
 
 def _build_token_create(opts: argparse.Namespace) -> Request:

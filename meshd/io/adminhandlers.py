@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 import trio
 
 from crdt.document import SyncError
-from crdt.updatecheck import check_update
 from crdt.schema import (RECORD_KINDS, AppSiteStatus, NodeSummary, SchemaError, SignedRecord, SiteSummary,
                          app_status_key)
 from crdt.schema import AuditRecord as DocAuditRecord
@@ -43,7 +42,8 @@ from meshd.io.logfiles import follow, read_tail
 from meshd.io.raft import CommandFailed
 from meshd.placement.plan import make_plan
 from meshd.io.mesh import REACHABLE_INTERVALS
-from meshd.meshstate import audit_key, evidence_kind, revocation_key, revocations_to_take_in
+from meshd.meshstate import (PoliciesIn, audit_key, evidence_kind, policies_in_document, policy_conflicts,
+                             revocation_key, revocations_to_take_in)
 from meshd.sitestate import node_to_plain
 from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, ALLOC_RUNNING, APP_RUNNING, SiteState
 
@@ -136,6 +136,18 @@ def conflict_events(resolutions: dict) -> list[dict]:
                            "winner": winner.edit_id, "loser": loser.edit_id, "loser_site": loser.site,
                            "message": f"{winner.app}: v{loser.version} by {loser.actor} in site {loser.site} lost "
                                       f"to v{winner.version} by {winner.actor} in site {winner.site}"})
+    return events
+
+
+def policy_conflict_events(found: PoliciesIn) -> list[dict]:
+    """One event per policy bundle that lost to another of the same serial (made while apart)."""
+    events = []
+    for winner, loser in policy_conflicts(found):
+        serial, issued_at, _ = loser.rank
+        events.append({"ts": max(issued_at, winner.rank[1]), "kind": "conflict", "policy": serial,
+                       "winner_site": winner.site, "loser_site": loser.site,
+                       "message": f"policy {serial}: the bundle made in site {loser.site} lost to the one made in "
+                                  f"site {winner.site}"})
     return events
 
 
@@ -305,20 +317,25 @@ class AdminHandlers:
         document = mesh.document
         since = _arg(request.args, "since", str)
         answer: dict[str, Any] = {
-            "bytes": len(document.full_update()), "state_vector": document.state_vector().hex(),
-            "records": {kind.ROOT: len(document.records(kind)) for kind in RECORD_KINDS},
-            "invalid": len(document.invalid()), "log_bytes": mesh.store.log_bytes if mesh.store else 0,
+            "state_vector": document.state_vector().hex(),
             "sessions": [{"peer": s.peer, "site": mesh.site_of(s), "synced": s.synced,
                           "bytes_in": s.bytes_in, "bytes_out": s.bytes_out, "payload_in": s.payload_in,
                           "payload_out": s.payload_out} for s in mesh.hub.live_sessions()],
-            "sent_by_site": mesh.sent_by_site(),
+            "sent_by_site": {site: wire for site, (wire, _) in mesh.sent_by_site().items()},
+            "updates_sent_by_site": {site: payload for site, (_, payload) in mesh.sent_by_site().items()},
         }
+        brief = bool(_arg(request.args, "brief", bool, False))
+        if not brief:  # a pass over the whole document
+            answer.update(bytes=len(document.full_update()),
+                          records={kind.ROOT: len(document.records(kind)) for kind in RECORD_KINDS},
+                          invalid=len(document.invalid()), log_bytes=mesh.store.log_bytes if mesh.store else 0)
         if since is not None:
             try:
-                delta = document.delta_since(bytes.fromhex(since))
-                answer["delta_bytes"] = len(delta)
-                # items that replica lacks (0: it has everything; the delete set always travels)
-                answer["delta_items"] = check_update(delta)[0]
+                vector = bytes.fromhex(since)
+                # items that replica lacks (0: it has everything), from the state vectors
+                answer["delta_items"] = document.lacking(vector)
+                if not brief:  # the size of the delta itself: making it is a pass over the document
+                    answer["delta_bytes"] = len(document.delta_since(vector))
             except (ValueError, SyncError) as e:
                 raise AdminError(f"--since: not a state vector ({getattr(e, 'reason', e)})") from None
         return answer
@@ -384,7 +401,13 @@ class AdminHandlers:
                 await stream.send(event)
 
     def _merged_events(self, replicated: list, local: list[dict]) -> list[dict]:
-        conflicts = conflict_events(self.daemon.mesh.document.apps())
+        d = self.daemon
+        conflicts = conflict_events(d.mesh.document.apps())
+        state = self._state()
+        if state.trust_root and d.membership is not None:
+            found = policies_in_document(d.mesh.document.records(SignedRecord), bytes.fromhex(state.trust_root),
+                                         d.membership.mesh_id)
+            conflicts += policy_conflict_events(found)
         return sorted([e.to_plain() for e in replicated] + local + conflicts, key=lambda e: e["ts"])
 
     async def audit(self, request: AdminRequest, stream) -> list:

@@ -117,7 +117,7 @@ class DocumentHub:
                     await self._receiver(stream, session, session_id, send, initial,
                                          max(resync_interval * SILENCE_INTERVALS, MIN_SILENCE))
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                    ended = str(e) or type(e).__name__
+                    ended = str(e) or (repr(e.__cause__) if e.__cause__ else type(e).__name__)
                 except SessionEnded as e:
                     ended = str(e)
                 nursery.cancel_scope.cancel()
@@ -137,10 +137,18 @@ class DocumentHub:
                 await stream.send_all(message.encode())
             next_resync = trio.current_time() + resync_interval
             while True:
+                # Only the wait is bounded by the resync time, never a send: a send cancelled
+                # half-way breaks the TLS stream (a large catch-up on a slow link takes longer
+                # than a resync interval).
+                message = None
                 with trio.move_on_at(next_resync):
-                    async for message in outbox:
-                        await stream.send_all(message.encode())
-                    raise SessionEnded("outbox closed (peer too slow)")
+                    try:
+                        message = await outbox.receive()
+                    except trio.EndOfChannel:
+                        raise SessionEnded("outbox closed (peer too slow)") from None
+                if message is not None:
+                    await stream.send_all(message.encode())
+                    continue
                 if not session.awaiting_delta:  # a catch-up on its way answers this one too
                     for message in session.open():  # our state vector again: repairs lost pushes
                         await stream.send_all(message.encode())

@@ -111,12 +111,16 @@ class SiteRaft(SyncObj):
         return result
 
     def snapshot(self) -> SiteState:
+        """A copy of the state for the trio side to read. The request-dedupe records (up to
+        MAX_REMEMBERED_REQUESTS, only ever read by the state machine) are left out: copying
+        them was most of a snapshot's cost, and snapshots are taken on every change."""
         with self._lock:
             state = copy.copy(self.site_state)
-            for name in ("nodes", "apps", "allocs", "tokens", "applied_requests", "mesh_edits"):
+            for name in ("nodes", "apps", "allocs", "tokens", "mesh_edits"):
                 setattr(state, name, dict(getattr(state, name)))
             state.events = list(state.events)
             state.audit = list(state.audit)
+            state.applied_requests = {}
             state.applied_order = []
         return state
 

@@ -16,7 +16,10 @@ vectors give the minimal deltas each side needs; then the link returns. Measured
   20 ms through `meshctl document --since`: neither lacks an item of the other); it includes
   the redial (backoff <= 1 s);
 - sync_s: the new session up -> converged (the sync itself);
-- bytes_vs_minimal: bytes both sessions sent (frames included) / the two minimal deltas;
+- bytes_vs_minimal: bytes both sessions sent on the wire (frames included, large updates
+  zlib-compressed) / the two minimal deltas;
+- updates_vs_minimal: the update bytes they carried before compression / the minimal deltas
+  (what was sent twice or needlessly, whatever compression saved);
 - idle_bytes_per_min_per_site: a separate pair at the default sync interval (30 s), in sync and
   left alone: sync bytes sent per site per minute.
 """
@@ -38,6 +41,7 @@ TARGETS: dict[str, tuple[float | None, str]] = {
     "converge_s": (1.0, "s"),
     "sync_s": (None, "s"),
     "bytes_vs_minimal": (1.5, "x"),
+    "updates_vs_minimal": (None, "x"),
     "bytes_sent_kb": (None, "KiB"),
     "minimal_deltas_kb": (None, "KiB"),
     "changes_per_s": (None, "1/s"),
@@ -61,7 +65,9 @@ def make_changes(lab: Lab, host: str, site: str, count: int) -> None:
 
 
 def document(lab: Lab, host: str, since: str | None = None) -> dict:
-    return lab.call(host, "document", since=since, timeout=30)
+    """The replica's state vector and sessions (brief: no pass over the whole document, which
+    would compete with the sync being measured)."""
+    return lab.call(host, "document", since=since, brief=True, timeout=30)
 
 
 def quiet(lab: Lab, host: str) -> dict:
@@ -83,7 +89,14 @@ def cross_sessions(doc: dict, other: str) -> list[dict]:
 
 def sent_between(lab: Lab) -> int:
     """Sync bytes a sent to b and b to a, every session counted (ended ones too)."""
-    return document(lab, "a-1")["sent_by_site"].get("b", 0) + document(lab, "b-1")["sent_by_site"].get("a", 0)
+    return sent_totals(lab)[0]
+
+
+def sent_totals(lab: Lab) -> tuple[int, int]:
+    """(bytes on the wire, update bytes before compression) a sent to b and b to a."""
+    a, b = document(lab, "a-1"), document(lab, "b-1")
+    return (a["sent_by_site"].get("b", 0) + b["sent_by_site"].get("a", 0),
+            a["updates_sent_by_site"].get("b", 0) + b["updates_sent_by_site"].get("a", 0))
 
 
 def converged(lab: Lab) -> bool:
@@ -111,9 +124,9 @@ def one_run(lab: Lab, count: int, samples: dict[str, list[float]]) -> None:
         list(pool.map(lambda hs: make_changes(lab, hs[0], hs[1], count), [("a-1", "a"), ("b-1", "b")]))
     samples["changes_per_s"].append(2 * count / (time.monotonic() - started))
     a, b = quiet(lab, "a-1"), quiet(lab, "b-1")
-    minimal = document(lab, "a-1", since=b["state_vector"])["delta_bytes"] + \
-        document(lab, "b-1", since=a["state_vector"])["delta_bytes"]
-    sent_before = sent_between(lab)
+    minimal = sum(lab.call(host, "document", since=other["state_vector"], timeout=30)["delta_bytes"]
+                  for host, other in (("a-1", b), ("b-1", a)))
+    sent_before, updates_before = sent_totals(lab)
     healed = time.monotonic()
     lab.reconnect_site("b")
     session_up = None
@@ -128,10 +141,11 @@ def one_run(lab: Lab, count: int, samples: dict[str, list[float]]) -> None:
     done = time.monotonic()
     samples["converge_s"].append(done - healed)
     samples["sync_s"].append(done - (session_up or done))
-    sent = sent_between(lab) - sent_before
+    sent, updates = (after - before for after, before in zip(sent_totals(lab), (sent_before, updates_before)))
     samples["bytes_sent_kb"].append(sent / 1024)
     samples["minimal_deltas_kb"].append(minimal / 1024)
     samples["bytes_vs_minimal"].append(sent / minimal)
+    samples["updates_vs_minimal"].append(updates / minimal)
     conflicts = [e for e in lab.call("a-1", "events", follow=False) if e["kind"] == "conflict"]
     assert len(conflicts) >= min(SHARED_APPS, count // 10), "every shared app should end in a conflict"
 

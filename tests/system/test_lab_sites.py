@@ -98,6 +98,13 @@ def test_a_site_founded_in_the_mesh_syncs_and_places_what_names_it(two_sites):
     # every site's audit is everywhere
     ids = audit_ids(lab, "a-1")
     assert any(i.startswith("a/") for i in ids) and any(i.startswith("b/") for i in ids)
+    # the replica as meshctl document shows it; --brief skips what needs a pass over it all
+    full, brief = lab.call("a-1", "document"), lab.call("a-1", "document", brief=True)
+    assert full["records"]["app_edits"] == 2 and full["invalid"] == 0 and full["bytes"] > 0
+    assert "b" in {session["site"] for session in full["sessions"]}
+    assert "bytes" not in brief and "records" not in brief and brief["state_vector"]
+    everything = lab.call("a-1", "document", since="")  # what an empty replica lacks
+    assert everything["delta_items"] >= 2 and everything["delta_bytes"] > 0
     # the leaders' link came up once and stayed up: nothing on either side cut it meanwhile
     # (a member of another site is not in this site's records, which is not being revoked)
     for host, other in (("a-1", "b"), ("b-1", "a")):
@@ -179,7 +186,7 @@ def test_three_sites_one_vanishes_the_others_go_on_and_all_converge(make_lab):
     assert running_here(lab, "a-1", "after-b") == 0 and processes(lab, hosts) == 6
 
 
-def test_a_revocation_made_while_cut_off_reaches_the_other_site_after_heal(make_lab):
+def test_revocations_and_policy_changed_while_cut_off_converge_after_heal(make_lab):
     lab = make_lab({"a": 1, "b": 2}, meshd_args=FAST_SYNC)
     lab.start_site("a")
     lab.start_site_in_mesh("b", via="a-1")
@@ -190,8 +197,14 @@ def test_a_revocation_made_while_cut_off_reaches_the_other_site_after_heal(make_
     wait_for(lambda: not (sites_row(lab, "a-1", "b") or {}).get("connected"), 20, what="a noticing the cut")
     lab.call("b-1", "revoke", node="b-2", reason="lost in transit")
     wait_for(lambda: [r["node_id"] for r in lab.call("b-1", "revocations")] == [victim], 20, what="b's list")
+    # both sites change the policy while apart: two bundles of the same serial
+    serial = lab.call("a-1", "policy")["serial"]
+    lab.call("a-1", "policy_allow", version="9.9.1", digest="a1" * 32)
+    time.sleep(0.05)
+    lab.call("b-1", "policy_allow", version="9.9.2", digest="b2" * 32)
     time.sleep(1.0)
     assert lab.call("a-1", "revocations") == [], "nothing crosses a cut link"
+    assert "9.9.2" not in lab.call("a-1", "policy")["allowed"]
 
     lab.reconnect_site("b")
 
@@ -210,6 +223,13 @@ def test_a_revocation_made_while_cut_off_reaches_the_other_site_after_heal(make_
     wait_for(lambda: {(n["name"], n["state"], n["role"]) for n in lab.call("a-1", "nodes", site="b")}
              == {("b-1", "ready", "leader"), ("b-2", "revoked", "follower")}, CONVERGE_TIMEOUT,
              what="b's members seen from a")
+    # one policy everywhere: the later bundle of that serial (b's); the other is named as lost
+    wait_for(lambda: lab.call("a-1", "policy") == lab.call("b-1", "policy"), CONVERGE_TIMEOUT, what="one policy")
+    policy = lab.call("a-1", "policy")
+    assert policy["serial"] == serial + 1 and "9.9.2" in policy["allowed"] and "9.9.1" not in policy["allowed"]
+    for host in ("a-1", "b-1"):
+        lost = [e for e in lab.call(host, "events") if e["kind"] == "conflict" and e.get("policy") == serial + 1]
+        assert [(e["winner_site"], e["loser_site"]) for e in lost] == [("b", "a")], host
     # both sites agree, and the site that issued it does not take it in a second time
     assert [r["node_id"] for r in lab.call("b-1", "revocations")] == [victim]
     assert not any(r["action"] == "revoke-adopted" and r["site"] == "b" for r in lab.call("b-1", "audit"))

@@ -265,6 +265,33 @@ def test_revocations_from_other_sites_are_adopted_only_as_a_superseding_root_sig
     assert "revoked" in admission.decide(state, challenge, request, NOW + 1).reason
 
 
+def test_a_policy_from_another_site_is_adopted_only_when_it_outranks_the_one_in_force():
+    state = site_with_token()  # policy serial 3, issued NOW - 100
+
+    def adopt(doc, site="beta"):
+        before = (state.policy, len(state.events), len(state.audit))
+        result = sitestate.apply(state, {"op": "adopt_policy", "ts": NOW, "policy": doc, "site": site,
+                                         "actor": f"site {site}"})
+        if not result.get("ok"):
+            assert (state.policy, len(state.events), len(state.audit)) == before, "a refusal changes nothing"
+        return result
+
+    older = sign_policy(ROOT, policy(mesh_id="m", serial=2, issued_at=NOW))
+    assert "does not outrank" in adopt(older)["error"]
+    assert "does not outrank" in adopt(state.policy)["error"], "the one in force again"
+    assert "another mesh" in adopt(sign_policy(ROOT, policy(mesh_id="other", serial=9)))["error"]
+    assert "verify" in adopt(sign_policy(Ed25519PrivateKey.generate(), policy(mesh_id="m", serial=9)))["error"]
+    assert "site must name" in adopt(sign_policy(ROOT, policy(mesh_id="m", serial=9)), site="")["error"]
+    newer = sign_policy(ROOT, policy(mesh_id="m", serial=4, issued_at=NOW))
+    assert adopt(newer)["ok"] and state.policy == newer
+    assert state.events[-1].kind == "attestation" and state.audit[-1].action == "policy-adopted"
+    # the same serial made apart: the later one wins, and the event says this site's is dropped
+    rival = sign_policy(ROOT, policy(mesh_id="m", serial=4, issued_at=NOW + 1, tpm_required_sites=["s1"]))
+    assert adopt(rival)["ok"] and state.policy == rival
+    assert state.events[-1].kind == "conflict" and "dropped" in state.events[-1].message
+    assert "does not outrank" in adopt(newer)["error"]
+
+
 # --- founder tokens: a member of s1 lets a joiner found site "beta" of the same mesh -----------
 
 FOUNDER_SECRET = bytes(range(32, 64))

@@ -4,6 +4,7 @@ convergence of replicas under any order, duplication and loss of updates."""
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 from hypothesis import given, settings
@@ -12,6 +13,7 @@ from pycrdt import Map
 
 from crdt.document import MAX_UPDATE_BYTES, MeshDocument, SyncError, resolve
 from crdt.schema import AppEdit, AuditRecord, SchemaError, SiteSummary
+from crdt.updatecheck import check_update
 
 SPEC = '[app]\nname = "web"\n'
 
@@ -100,16 +102,19 @@ def test_junk_from_a_foreign_writer_is_listed_as_invalid_and_never_read_as_a_rec
     rogue = MeshDocument()
     rogue.apply(good.full_update())
     raw = rogue.doc.get("app_edits", type=Map)
-    raw["junk"] = {"edit_id": "junk", "app": "web", "version": 2**40}  # missing fields
-    raw["a/9"] = good.app("web").winner.to_plain()  # a record under a key not its own
+    raw["junk"] = json.dumps({"edit_id": "junk", "app": "web", "version": 2**40})  # missing fields
+    raw["a/9"] = json.dumps(good.app("web").winner.to_plain())  # a record under a key not its own
     raw["nested"] = Map({"edit_id": "nested"})
     raw["number"] = 5
+    raw["text"] = "{not json"
+    raw["fields"] = good.app("web").winner.to_plain()  # fields, not the record's text
     good.apply(rogue.delta_since(good.state_vector()))
     assert [e.edit_id for e in good.app_edits()] == ["a/1"]
     reasons = {key: reason for root, key, reason in good.invalid()}
-    assert set(reasons) == {"junk", "a/9", "nested", "number"}
+    assert set(reasons) == {"junk", "a/9", "nested", "number", "text", "fields"}
     assert "not under its own key" in reasons["a/9"]
     assert "missing" in reasons["junk"]
+    assert "not JSON" in reasons["text"] and "JSON text" in reasons["fields"]
 
 
 @pytest.mark.parametrize("update", [b"", b"\x01\x02garbage", bytes(range(256))])
@@ -185,3 +190,19 @@ def test_replicas_converge_under_any_order_duplication_and_loss(ops, rnd, loss, 
         assert other.records(AuditRecord) == first.records(AuditRecord)
         assert other.records(SiteSummary) == first.records(SiteSummary)
         assert other.invalid() == []
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 6), st.integers(0, 6), st.integers(0, 6))
+def test_lacking_counts_the_items_a_delta_would_carry(only_left, shared, only_right):
+    left, right = MeshDocument(client_id=1), MeshDocument(client_id=2)
+    for n in range(shared):
+        right.apply(left.put(AuditRecord(audit_id=f"s/{n}", ts=1.0, actor="a", action="b", target="c", site="s")))
+    for n in range(only_left):
+        left.put(AuditRecord(audit_id=f"l/{n}", ts=1.0, actor="a", action="b", target="c", site="l"))
+    for n in range(only_right):
+        right.put(AuditRecord(audit_id=f"r/{n}", ts=1.0, actor="a", action="b", target="c", site="r"))
+    assert left.lacking(right.state_vector()) == check_update(left.delta_since(right.state_vector()))[0] == only_left
+    assert left.lacking(b"") == shared + only_left
+    with pytest.raises(SyncError):
+        left.lacking(b"\x05\x01")

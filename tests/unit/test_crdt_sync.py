@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from crdt.document import MeshDocument, SyncError
+from crdt.document import MAX_UPDATE_BYTES, MeshDocument, SyncError
 from crdt.schema import AuditRecord
-from crdt.sync import DELTA, HEADER_SIZE, STATE, UPDATE, Message, SyncDecoder, SyncSession, encode_message
+from crdt.sync import (DELTA, DELTA_Z, HEADER_SIZE, STATE, UPDATE, UPDATE_Z, Message, SyncDecoder, SyncSession,
+                       encode_message)
 
 
 def audit(doc: MeshDocument, n: int, site: str) -> bytes:
@@ -127,3 +130,35 @@ def test_a_session_awaits_the_answer_to_each_state_vector_it_sent():
     assert not a.awaiting_delta and a.synced
     a.receive(b.push(audit(right, 2, "b"))[0], now=3.0)  # a pushed update answers no STATE
     assert not a.awaiting_delta
+
+
+def test_large_deltas_and_updates_travel_compressed_and_arrive_whole():
+    left, right = MeshDocument(), MeshDocument()
+    for n in range(300):
+        audit(left, n, "a")
+    a, b = SyncSession(left, "b"), SyncSession(right, "a")
+    [delta] = a.receive(b.open()[0], now=1.0)[0]
+    assert delta.type == DELTA_Z and a.bytes_out < a.payload_out / 3, "records compress well"
+    assert b.receive(delta, now=1.0)[1] is not None and b.payload_in == a.payload_out
+    assert {r.audit_id for r in right.records(AuditRecord)} == {f"a/{n}" for n in range(300)}
+    big = left.put(AuditRecord(audit_id="a/big", ts=1.0, actor="ops", action="deploy", target="web " * 200,
+                               site="a"))  # one update over COMPRESS_MIN
+    [pushed] = a.push(big)
+    assert pushed.type == UPDATE_Z
+    assert b.receive(pushed, now=2.0)[1] == big, "forwarded as the update itself, not as it travelled"
+    [small] = a.push(audit(left, 1001, "a"))
+    assert small.type == UPDATE, "a small update is not worth compressing"
+
+
+@pytest.mark.parametrize("payload,reason", [
+    (zlib.compress(b"\0" * (MAX_UPDATE_BYTES + 1)), "past the"),  # a decompression bomb
+    (b"not zlib at all", "does not inflate"),
+    (zlib.compress(b"\0" * 1000)[:-4], "cut short"),
+    (zlib.compress(b"\0" * 1000) + b"junk", "followed by"),
+])
+def test_compressed_payloads_that_are_not_safe_are_refused_and_change_nothing(payload, reason):
+    doc = MeshDocument()
+    before = doc.full_update()
+    with pytest.raises(SyncError, match=reason):
+        SyncSession(doc, "x").receive(Message(UPDATE_Z, payload), now=1.0)
+    assert doc.full_update() == before

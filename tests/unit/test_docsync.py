@@ -3,6 +3,8 @@ cut, changed on both sides, reconnected."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import trio
 import trio.testing
 
@@ -89,4 +91,54 @@ def test_a_malformed_message_ends_only_that_session_and_changes_nothing():
                 nursery.start_soon(hub.run_session, right, "rogue")
                 await left.send_all(encode_message(UPDATE, b"\x80\x80\x80\x7f"))
         assert hub.document.full_update() == before and hub.sessions == {}
+    trio.run(main)
+
+
+class SlowTlsLikeStream(trio.abc.Stream):
+    """A byte stream that sends in small timed chunks and, like a TLS stream, is broken for
+    good once a send is cancelled half-way."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.broken = False
+
+    async def send_all(self, data) -> None:
+        if self.broken:
+            raise trio.BrokenResourceError
+        view = memoryview(bytes(data))
+        try:
+            for start in range(0, len(view), 16384):
+                await self.inner.send_all(view[start:start + 16384])
+                await trio.sleep(0.002)
+        except trio.Cancelled:
+            self.broken = True
+            raise
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes=None) -> bytes:
+        if self.broken:
+            raise trio.BrokenResourceError
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def test_a_catch_up_longer_than_the_resync_interval_is_not_cut_short():
+    """The resync timer only bounds the wait for the next message: it never cancels a send
+    in progress (which breaks a TLS stream and restarts the catch-up from scratch)."""
+    async def main():
+        a, b = DocumentHub(MeshDocument(), None), DocumentHub(MeshDocument(), None)
+        for start in range(0, 3000, 500):
+            await a.write([audit(n, "a") for n in range(start, start + 500)])
+        left, right = trio.testing.memory_stream_pair()
+        left, right = SlowTlsLikeStream(left), SlowTlsLikeStream(right)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(a.run_session, left, "b", resync_interval=0.02))
+            nursery.start_soon(partial(b.run_session, right, "a", resync_interval=0.02))
+            await wait_equal(a, b, timeout=20)
+            assert not (left.broken or right.broken) and len(a.sessions) == len(b.sessions) == 1
+            nursery.cancel_scope.cancel()
     trio.run(main)

@@ -124,6 +124,12 @@ AUDIT = [
     {"ts": 1_700_000_000.0, "actor": "uid:0@edge-1", "action": "deploy",
      "target": "vibration-monitor", "site": "factory-a"}
 ]
+REVOCATIONS = [
+    {"node_id": "ab" * 16, "name": "edge-2", "site": "factory-a", "by": "uid:0@edge-1", "at": 1_700_000_000.0,
+     "reason": "stolen", "pending": False},
+    {"node_id": "cd" * 16, "name": None, "site": "factory-b", "by": "uid:0@b-1", "at": 1_700_000_100.0,
+     "reason": "lost in transit", "pending": True},
+]
 STATUS = {
     "node_id": NODE_ID, "name": "edge-1", "site": "factory-a", "role": "leader",
     "leader": "edge-1", "term": 3, "members": 3, "partitioned": False,
@@ -179,6 +185,8 @@ COMMANDS = [
      ["TIME", "KIND", "MESSAGE", "placement", "placed replica 0 on edge-1"]),
     (["events", "--follow"], "events", {"follow": True}, EVENTS, ["placed replica 0"]),
     (["audit"], "audit", {}, AUDIT, ["TIME", "ACTOR", "ACTION", "TARGET", "SITE", "uid:0@edge-1"]),
+    (["revocations"], "revocations", {}, REVOCATIONS,
+     ["NODE", "ISSUED IN", "BY", "LIST", "REASON", "edge-2", "listed", "cdcdcdcdcdcd", "taking in", "lost in transit"]),
 ]
 
 

@@ -13,6 +13,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from attestation.policy import Policy, open_policy, sign_policy
+from attestation.policy import rank as policy_rank
 from attestation.revocation import RevocationList, sign_revocation
 from crdt.document import MeshDocument
 from crdt.schema import AppEdit, SignedRecord
@@ -286,3 +288,65 @@ def test_sites_exchanging_revocations_through_a_document_end_with_the_union(per_
                 lists[i] = listed.with_entries(list(incoming.entries))
     everyone = {short * 16 for ids in per_site for short in ids}
     assert all(set(listed.entries) == everyone for listed in lists)
+
+
+# --- the policy bundle between the site and the document -----------------------------------
+
+def bundle(serial: int, issued_at: float, key=ROOT_KEY, mesh_id: str = "m1", **changes) -> dict:
+    return sign_policy(key, Policy(mesh_id=mesh_id, serial=serial, min_version="0.1.0", allowed_digests={},
+                                   issued_at=issued_at, **changes))
+
+
+def found_in(*placed: tuple[dict, str]) -> meshstate.PoliciesIn:
+    records = [meshstate.policy_record(signed, site, T0) for signed, site in placed]
+    return meshstate.policies_in_document(records, ROOT_PUBLIC, "m1")
+
+
+def test_the_best_ranked_bundle_in_the_document_is_taken_in_when_it_outranks_the_sites():
+    mine, theirs = bundle(4, T0), bundle(5, T0 - 50)
+    found = found_in((mine, "s1"), (theirs, "s2"))
+    best = meshstate.policy_to_take_in(mine, policy_rank(mine, open_policy(mine, ROOT_PUBLIC)), found)
+    assert best is not None and (best.signed, best.site) == (theirs, "s2")
+    assert meshstate.policy_to_take_in(theirs, policy_rank(theirs, open_policy(theirs, ROOT_PUBLIC)), found) is None
+    assert meshstate.policy_conflicts(found) == []
+
+
+def test_bundles_of_one_serial_made_apart_have_one_winner_and_the_other_is_named():
+    early, late = bundle(5, T0), bundle(5, T0 + 1, tpm_required_sites=frozenset({"s2"}))
+    found = found_in((early, "s1"), (late, "s2"))
+    ((winner, loser),) = meshstate.policy_conflicts(found)
+    assert (winner.signed, winner.site, loser.signed, loser.site) == (late, "s2", early, "s1")
+    best = meshstate.policy_to_take_in(early, policy_rank(early, open_policy(early, ROOT_PUBLIC)), found)
+    assert best is not None and best.signed == late
+
+
+@pytest.mark.parametrize("record,reason", [
+    (meshstate.policy_record(bundle(9, T0, key=Ed25519PrivateKey.generate()), "s2", T0), "signature"),
+    (meshstate.policy_record(bundle(9, T0, mesh_id="m2"), "s2", T0), "another mesh"),
+    (dataclasses.replace(meshstate.policy_record(bundle(9, T0), "s2", T0), body="{"), "not JSON"),
+])
+def test_policy_records_that_do_not_verify_are_refused_with_a_reason(record, reason):
+    found = meshstate.policies_in_document([record], ROOT_PUBLIC, "m1")
+    assert found.bundles == ()
+    ((key, why),) = found.refused
+    assert key == record.key and reason in why
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 4), st.integers(0, 3)), min_size=2, max_size=4))
+def test_sites_exchanging_policies_through_a_document_end_with_the_same_bundle(made):
+    """Each site holds some bundle (serial, issue time) made while apart; after each publishes
+    and takes in (in any order), every site holds the same, best-ranked one."""
+    doc = MeshDocument(client_id=1)
+    held = [bundle(serial, T0 + t) for serial, t in made]
+    for _ in range(2):
+        for i, signed in enumerate(held):
+            if doc.get(SignedRecord, meshstate.policy_key(signed)) is None:
+                doc.put(meshstate.policy_record(signed, f"s{i}", T0))
+        found = meshstate.policies_in_document(doc.records(SignedRecord), ROOT_PUBLIC, "m1")
+        for i, signed in enumerate(held):
+            best = meshstate.policy_to_take_in(signed, policy_rank(signed, open_policy(signed, ROOT_PUBLIC)), found)
+            if best is not None:
+                held[i] = best.signed
+    assert all(signed == held[0] for signed in held)
+    assert open_policy(held[0], ROOT_PUBLIC).serial == max(serial for serial, _ in made)
