@@ -97,11 +97,14 @@ class DocumentHub:
 
     async def run_session(self, stream: trio.abc.Stream, peer: str,
                           resync_interval: float = RESYNC_INTERVAL, initial: bytes = b"",
-                          on_start: Callable[[SyncSession], None] | None = None) -> SyncSession:
+                          on_start: Callable[[SyncSession], None] | None = None,
+                          settle: float = 0.0) -> SyncSession:
         """Sync with the replica at the other end of `stream` until either side closes it,
         it misbehaves or it stays silent for SILENCE_INTERVALS resync intervals (at least
         MIN_SILENCE); returns the
-        session (its counters) when it ends. `initial`: bytes of the stream already read."""
+        session (its counters) when it ends. `initial`: bytes of the stream already read;
+        `settle`: how long to wait before opening (our state vector), so that a duplicate
+        session the caller ends at start has exchanged nothing yet."""
         session = SyncSession(self.document, peer)
         if on_start is not None:
             on_start(session)
@@ -112,7 +115,8 @@ class DocumentHub:
         ended = "closed"
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._sender, stream, session, receive, resync_interval, nursery.cancel_scope)
+                nursery.start_soon(self._sender, stream, session, receive, resync_interval, nursery.cancel_scope,
+                                   settle)
                 try:
                     await self._receiver(stream, session, session_id, send, initial,
                                          max(resync_interval * SILENCE_INTERVALS, MIN_SILENCE))
@@ -131,8 +135,9 @@ class DocumentHub:
         return [session for session, _ in self.sessions.values()]
 
     async def _sender(self, stream: trio.abc.Stream, session: SyncSession, outbox: trio.MemoryReceiveChannel,
-                      resync_interval: float, scope: trio.CancelScope) -> None:
+                      resync_interval: float, scope: trio.CancelScope, settle: float) -> None:
         try:
+            await trio.sleep(settle)
             for message in session.open():
                 await stream.send_all(message.encode())
             next_resync = trio.current_time() + resync_interval

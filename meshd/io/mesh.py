@@ -78,6 +78,11 @@ PUBLISH_BATCH = 500
 # A site heard from (a sync message, or its summary refreshed) within this many sync intervals
 # counts as reachable; its leader refreshes the summary once per interval.
 REACHABLE_INTERVALS = 3
+# A new session waits this long before it asks for anything: two ends that dialed each other
+# at once (after a cut both do) see both sessions start within a round trip, and the one they
+# end must not have carried a catch-up already. Longer than a round trip between sites, short
+# next to the time a catch-up takes.
+SESSION_SETTLE = 0.1
 # How long one dial may take (TCP + TLS + hello) before the next address is tried.
 DIAL_TIMEOUT = 5.0
 
@@ -227,7 +232,7 @@ class MeshSync:
             with scope:
                 await self.hub.run_session(stream, f"{site}/{node_id[:12]}",
                                            resync_interval=self.daemon.config.sync_interval, initial=initial,
-                                           on_start=started)
+                                           on_start=started, settle=SESSION_SETTLE)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
