@@ -154,6 +154,18 @@ class MeshDocument:
                 self._edits_by_app.pop(old.app, None)
             self._unresolved.add(old.app)
 
+    def parse_pending(self, budget: int) -> int:
+        """Parse up to `budget` changed entries ahead of the next read; returns how many are
+        left. Lets an event loop take a large catch-up's parsing in slices, answering other
+        work in between, instead of in one pass at the next read."""
+        for root in ROOTS:
+            dirty = self._dirty[root]
+            while dirty and budget > 0:
+                key = next(iter(dirty))
+                self._parse(root, key, dirty.pop(key))
+                budget -= 1
+        return sum(len(dirty) for dirty in self._dirty.values())
+
     def _entries(self, root: str) -> dict[str, Record | SchemaError]:
         dirty = self._dirty[root]
         if dirty:

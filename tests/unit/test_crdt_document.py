@@ -206,3 +206,15 @@ def test_lacking_counts_the_items_a_delta_would_carry(only_left, shared, only_ri
     assert left.lacking(b"") == shared + only_left
     with pytest.raises(SyncError):
         left.lacking(b"\x05\x01")
+
+
+def test_changed_entries_parse_in_slices_and_read_the_same():
+    source = MeshDocument()
+    for n in range(30):
+        edit(source, f"a/{n}", "a", float(n))
+    sliced, whole = MeshDocument(), MeshDocument()
+    for doc in (sliced, whole):
+        doc.apply(source.full_update())
+    left = [sliced.parse_pending(7) for _ in range(6)]
+    assert left == [23, 16, 9, 2, 0, 0]
+    assert sliced.app_edits() == whole.app_edits() and sliced.apps() == whole.apps()
