@@ -6,7 +6,8 @@ sessions (meshd.io.docsync) on the peer port (meshd.io.peer, `sync_hello`, mutua
 - the leader keeps one session with each other site it knows of (from the sites' summaries in
   the document, leader's address first), unless that site already talks to it;
 - every node keeps a session with each static `--peer` (how a site first reaches the mesh).
-Sessions that end are redialled with backoff (DIAL_BACKOFF_FIRST doubling to DIAL_BACKOFF_MAX).
+Sessions that end are redialled with backoff (DIAL_BACKOFF_FIRST doubling to DIAL_BACKOFF_MAX,
+DIAL_BACKOFF_SLOW once a link has been down for DIAL_FAST_FOR).
 Updates travel on by store and forward: what a leader hears from another site reaches its
 followers, and the other way round.
 
@@ -58,11 +59,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("meshd.mesh")
 
-# Redial: quickly at first (a blip), then every DIAL_BACKOFF_MAX at most: a link that is down
-# for days costs about two TCP SYNs a second per site (~120 B/s), and converging after it
-# comes back waits about this long for the session (both ends dial, jittered).
-DIAL_BACKOFF_FIRST = 0.2
-DIAL_BACKOFF_MAX = 0.5
+# Redial: quickly at first (a blip), then every DIAL_BACKOFF_MAX at most while the link has
+# been down for less than DIAL_FAST_FOR (most cuts are short, and converging after one waits
+# about this long for the session: ~4 TCP SYNs a second, ~240 B/s), then every
+# DIAL_BACKOFF_SLOW (a link down for days costs a SYN every two seconds). Jittered: sites do
+# not redial in step.
+DIAL_BACKOFF_FIRST = 0.1
+DIAL_BACKOFF_MAX = 0.25
+DIAL_FAST_FOR = 600.0
+DIAL_BACKOFF_SLOW = 2.0
 # A session that lasted this long was a working link: the next dial starts from the first backoff.
 STABLE_SESSION = 10.0
 # Which sessions to keep is looked at on every change of role or document, and this often anyway.
@@ -301,6 +306,7 @@ class MeshSync:
         with trio.CancelScope() as scope:
             task_status.started(scope)
             backoff = DIAL_BACKOFF_FIRST
+            down_since = trio.current_time()
             while True:
                 if key.startswith("site:"):
                     site = key[5:]
@@ -319,10 +325,11 @@ class MeshSync:
                         log.debug("sync dial failed", extra={"peer": address, "reason": str(e) or type(e).__name__})
                         continue
                     if lasted >= STABLE_SESSION:
-                        backoff = DIAL_BACKOFF_FIRST
+                        backoff, down_since = DIAL_BACKOFF_FIRST, trio.current_time()
                     break
-                await trio.sleep(backoff * (0.5 + secrets.randbelow(500) / 1000))  # jitter: sites do not redial in step
-                backoff = min(backoff * 2, DIAL_BACKOFF_MAX)
+                await trio.sleep(backoff * (0.5 + secrets.randbelow(1000) / 1000))
+                cap = DIAL_BACKOFF_MAX if trio.current_time() - down_since < DIAL_FAST_FOR else DIAL_BACKOFF_SLOW
+                backoff = min(backoff * 2, cap)
             scope.cancel()
 
     # --- leader: document <-> site --------------------------------------------------------
