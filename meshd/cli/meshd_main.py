@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", help="identity keys, Raft journal, workload logs")
     run.add_argument("--site", help="the site this node belongs to")
     run.add_argument("--name", help="human name of the node (default: hostname)")
-    run.add_argument("--listen", help="IP:PORT for peer traffic; port 0 picks a free one")
+    run.add_argument("--listen", help="IP:PORT for peer traffic (Raft uses PORT+1); port 0 picks free ones")
     run.add_argument("--advertise", help="IP announced to peers")
     run.add_argument("--admin-socket", help="path of the local admin socket")
     run.add_argument("--label", action="append", help="k=v node label (repeatable)")

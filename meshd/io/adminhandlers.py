@@ -439,10 +439,11 @@ class AdminHandlers:
         records = d.mesh.document.records(SignedRecord)
         issued_in = {r.key: r.site for r in records}
         incoming = revocations_to_take_in(listed, records, root, d.membership.mesh_id)
+        names = {n.node_id: n.name for n in d.mesh.document.records(NodeSummary)}  # other sites' members
+        names.update((n.node_id, n.name) for n in state.nodes.values())
         rows = []
         for entry, pending in [(e, False) for e in listed.entries.values()] + [(e, True) for e in incoming.entries]:
-            node = state.nodes.get(entry.node_id)
-            rows.append({"node_id": entry.node_id, "name": node.name if node else None,
+            rows.append({"node_id": entry.node_id, "name": names.get(entry.node_id),
                          "site": issued_in.get(revocation_key(entry.node_id), state.site), "by": entry.by,
                          "at": entry.at, "reason": entry.reason, "pending": pending})
         return sorted(rows, key=lambda r: (r["at"], r["node_id"]))

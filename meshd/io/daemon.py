@@ -379,6 +379,19 @@ class Daemon:
             self.raft_port = free_port(self.listen_ip)
         save_ports(self.data_dir, self.peer_port, self.raft_port)
 
+    def _check_ports_free(self) -> None:
+        """Refuse to start, with the reason, when the peer port or the Raft port (peer + 1
+        when --listen names a port) is taken: Raft would otherwise retry its bind forever."""
+        for what, port in (("peer", self.peer_port), ("Raft", self.raft_port)):
+            family = socket.AF_INET6 if ":" in (self.listen_ip or "") else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the real listeners do
+                try:
+                    probe.bind((self.listen_ip or "", port))
+                except OSError as e:
+                    raise FatalStartupError(f"cannot listen on {self.listen_ip or '*'}:{port} for {what} traffic: "
+                                            f"{e.strerror or e} (--listen PORT takes PORT and PORT+1)") from None
+
     def _on_role_change(self) -> None:
         """Raft thread: this node's role or its leader changed. The leader loop must look, and
         reports waiting for a leader can go."""
@@ -1114,6 +1127,7 @@ class Daemon:
         admin_path = self.config.admin_socket or str(self.data_dir / "admin.sock")
         log.info("starting", extra={"node_id": self.identity.node_id, "node_name": self.config.name,
                                     "data_dir": str(self.data_dir), "peer": f"{self.advertise_ip}:{self.peer_port}"})
+        self._check_ports_free()
         async with trio.open_nursery() as nursery:
             await nursery.start(LoopWatchdog().run)
             listeners = await trio.open_tcp_listeners(self.peer_port, host=self.listen_ip or None)

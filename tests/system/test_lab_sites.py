@@ -210,8 +210,8 @@ def test_revocations_and_policy_changed_while_cut_off_converge_after_heal(make_l
 
     def a_lists_it() -> bool:
         rows = lab.call("a-1", "revocations")
-        return [(r["node_id"], r["site"], r["reason"], r["pending"]) for r in rows] == \
-            [(victim, "b", "lost in transit", False)]
+        return [(r["node_id"], r["name"], r["site"], r["reason"], r["pending"]) for r in rows] == \
+            [(victim, "b-2", "b", "lost in transit", False)]
     wait_for(a_lists_it, CONVERGE_TIMEOUT, what="a taking in b's revocation")
     # in a's own root-signed list (what its joins, certificate checks and sync port consult),
     # and in its audit and events
