@@ -33,7 +33,7 @@ from typing import Any, Iterable
 from pycrdt import Doc, Map
 
 from crdt.schema import RECORD_KINDS, ROOTS, AppEdit, Record, SchemaError, winning_order
-from crdt.updatecheck import UpdateRejected, check_state_vector, check_update, decode_state_vector
+from crdt.updatecheck import UpdateRejected, check_update, decode_state_vector
 
 # A sync frame beyond this is refused before pycrdt parses it: two sites' worth of 10,000
 # changes each is about 2 MiB of update, a whole large mesh's state well under this.
@@ -228,27 +228,17 @@ class MeshDocument:
 
     def delta_since(self, state_vector: bytes) -> bytes:
         """What a replica at `state_vector` is missing (everything, for b"")."""
-        if len(state_vector) > MAX_STATE_VECTOR_BYTES:
-            raise SyncError(f"state vector of {len(state_vector)} bytes is over the {MAX_STATE_VECTOR_BYTES} limit")
-        if not state_vector:
+        if not _their_clocks(state_vector):
             return self.doc.get_update()
         try:
-            check_state_vector(state_vector)
             return self.doc.get_update(state_vector)
-        except UpdateRejected as e:
-            raise SyncError(f"malformed state vector: {e.reason}") from None
         except ValueError as e:
             raise SyncError(f"malformed state vector: {e}") from None
 
     def lacking(self, state_vector: bytes) -> int:
         """How many items of this replica a replica at `state_vector` lacks (0: it holds
         everything this one does), from the two state vectors alone: no delta is made."""
-        if len(state_vector) > MAX_STATE_VECTOR_BYTES:
-            raise SyncError(f"state vector of {len(state_vector)} bytes is over the {MAX_STATE_VECTOR_BYTES} limit")
-        try:
-            theirs = decode_state_vector(state_vector) if state_vector else {}  # b"": an empty replica
-        except UpdateRejected as e:
-            raise SyncError(f"malformed state vector: {e.reason}") from None
+        theirs = _their_clocks(state_vector)
         ours = decode_state_vector(self.doc.get_state())
         return sum(max(0, clock - theirs.get(client, 0)) for client, clock in ours.items())
 
@@ -271,6 +261,16 @@ class MeshDocument:
     def full_update(self) -> bytes:
         """The whole document as one update (a snapshot)."""
         return self.doc.get_update()
+
+
+def _their_clocks(state_vector: bytes) -> dict[int, int]:
+    """Another replica's state vector, checked (b"": an empty replica); SyncError otherwise."""
+    if len(state_vector) > MAX_STATE_VECTOR_BYTES:
+        raise SyncError(f"state vector of {len(state_vector)} bytes is over the {MAX_STATE_VECTOR_BYTES} limit")
+    try:
+        return decode_state_vector(state_vector) if state_vector else {}
+    except UpdateRejected as e:
+        raise SyncError(f"malformed state vector: {e.reason}") from None
 
 
 _GONE = object()  # a deleted entry, in `MeshDocument._dirty`

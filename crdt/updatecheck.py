@@ -60,6 +60,11 @@ def _varuint(data: bytes, at: int) -> tuple[int, int]:
             raise UpdateRejected("varint longer than 64 bits")
 
 
+def _pair(data: bytes, at: int) -> int:
+    """Two varuints: an id (client, clock), a deleted range (clock, length) and the like."""
+    return _varuint(data, _varuint(data, at)[1])[1]
+
+
 def _count(data: bytes, at: int, what: str) -> tuple[int, int]:
     """A declared number of elements, each at least one byte: no more than the bytes left."""
     if at < len(data) and data[at] < 0x80:  # one byte: most counts
@@ -159,9 +164,9 @@ def _content(data: bytes, at: int, kind: int) -> int:
         return _any(data, _string(data, at), 1)
     if kind == MOVE:
         flags, at = _varuint(data, at)
-        at = _varuint(data, _varuint(data, at)[1])[1]  # start id
+        at = _pair(data, at)  # start id
         if not flags & 1:  # not collapsed: an end id too
-            at = _varuint(data, _varuint(data, at)[1])[1]
+            at = _pair(data, at)
         return at
     raise UpdateRejected(f"unknown content kind {kind}")
 
@@ -176,15 +181,15 @@ def _struct(data: bytes, at: int) -> int:
         return _varuint(data, at)[1]
     has_left, has_right = info & 0x80, info & 0x40
     if has_left:
-        at = _varuint(data, _varuint(data, at)[1])[1]
+        at = _pair(data, at)
     if has_right:
-        at = _varuint(data, _varuint(data, at)[1])[1]
+        at = _pair(data, at)
     if not has_left and not has_right:
         named, at = _varuint(data, at)
         if named == 1:
             at = _string(data, at)  # a root type's name
         else:
-            at = _varuint(data, _varuint(data, at)[1])[1]  # the id of the parent item
+            at = _pair(data, at)  # the id of the parent item
         if info & 0x20:
             at = _string(data, at)
     return _content(data, at, kind)
@@ -197,7 +202,7 @@ def check_update(update: bytes) -> tuple[int, int]:
     n_clients, at = _count(data, 0, "clients")
     for _ in range(n_clients):
         n_structs, at = _count(data, at, "structs")
-        at = _varuint(data, _varuint(data, at)[1])[1]  # client, clock
+        at = _pair(data, at)  # client, clock
         for _ in range(n_structs):
             at = _struct(data, at)
         structs += n_structs
@@ -206,7 +211,7 @@ def check_update(update: bytes) -> tuple[int, int]:
         at = _varuint(data, at)[1]
         n_ranges, at = _count(data, at, "deleted ranges")
         for _ in range(n_ranges):
-            at = _varuint(data, _varuint(data, at)[1])[1]
+            at = _pair(data, at)
         ranges += n_ranges
     if at < len(data):
         raise UpdateRejected(f"{len(data) - at} bytes after the end of the update")

@@ -118,10 +118,14 @@ def revocations_to_publish(listed: RevocationList, has_record: Callable[[str], b
     return [entry for node_id, entry in sorted(listed.entries.items()) if not has_record(revocation_key(node_id))]
 
 
+def _signed_record(key: str, kind: str, serial: int, signed: dict, site: str, ts: float) -> SignedRecord:
+    return SignedRecord(key=key, kind=kind, serial=serial, body=json.dumps(signed, separators=(",", ":"), sort_keys=True),
+                        site=site, ts=ts)
+
+
 def revocation_record(signed: dict, serial: int, site: str, ts: float) -> SignedRecord:
     """The document record of one root-signed entry (`attestation.revocation.sign_revocation`)."""
-    return SignedRecord(key=revocation_key(signed["body"]["node_id"]), kind=REVOCATION_ENTRY_KIND, serial=serial,
-                        body=json.dumps(signed, separators=(",", ":"), sort_keys=True), site=site, ts=ts)
+    return _signed_record(revocation_key(signed["body"]["node_id"]), REVOCATION_ENTRY_KIND, serial, signed, site, ts)
 
 
 @dataclass(frozen=True)
@@ -177,8 +181,7 @@ def policy_key(signed: dict) -> str:
 
 def policy_record(signed: dict, site: str, ts: float) -> SignedRecord:
     """The document record of the site's root-signed policy bundle."""
-    return SignedRecord(key=policy_key(signed), kind=POLICY_KIND, serial=int(signed["body"]["serial"]),
-                        body=json.dumps(signed, separators=(",", ":"), sort_keys=True), site=site, ts=ts)
+    return _signed_record(policy_key(signed), POLICY_KIND, int(signed["body"]["serial"]), signed, site, ts)
 
 
 @dataclass(frozen=True)
@@ -206,10 +209,10 @@ def policies_in_document(records: list[SignedRecord], root_public_key: bytes, me
     return PoliciesIn(tuple(sorted(bundles, key=lambda b: b.rank, reverse=True)), tuple(refused))
 
 
-def policy_to_take_in(current: dict, current_rank: tuple, found: PoliciesIn) -> PolicyBundle | None:
-    """The document's best bundle if it outranks the site's."""
+def policy_to_take_in(current_rank: tuple, found: PoliciesIn) -> PolicyBundle | None:
+    """The document's best bundle if it outranks the site's (the site's own ranks the same)."""
     best = found.bundles[0] if found.bundles else None
-    return best if best is not None and best.rank > current_rank and best.signed != current else None
+    return best if best is not None and best.rank > current_rank else None
 
 
 def policy_conflicts(found: PoliciesIn) -> list[tuple[PolicyBundle, PolicyBundle]]:

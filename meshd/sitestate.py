@@ -298,6 +298,11 @@ def _adopt_policy(state: SiteState, cmd: dict, ts: float) -> dict:
     return ok(serial=candidate.serial)
 
 
+def _mark_revoked(state: SiteState, node: NodeRecord, by: str, reason: str, ts: float) -> None:
+    state.nodes[node.node_id] = replace(node, admin=ADMIN_REVOKED, state_changed_at=ts,
+                                        reason=f"revoked by {by}" + (f": {reason}" if reason else ""))
+
+
 def _revoke_node(state: SiteState, cmd: dict, ts: float) -> dict:
     """Expel a member for good: its record says revoked, and the root-signed revocation list
     that names it replaces the current one (so no member will ever admit it again)."""
@@ -316,8 +321,7 @@ def _revoke_node(state: SiteState, cmd: dict, ts: float) -> dict:
                              f"({current.number if current else 0})")
     state.revocations = cmd["revocations"]
     actor = _actor(cmd)
-    state.nodes[node_id] = replace(node, admin=ADMIN_REVOKED, state_changed_at=ts,
-                                   reason=f"revoked by {actor or 'an operator'}" + (f": {reason}" if reason else ""))
+    _mark_revoked(state, node, actor or "an operator", reason, ts)
     _event(state, ts, "membership", f"{node.name} revoked" + (f": {reason}" if reason else ""), node=node.name,
            node_id=node_id)
     _audit(state, ts, actor, "revoke", node.name)
@@ -342,9 +346,7 @@ def _adopt_revocations(state: SiteState, cmd: dict, ts: float) -> dict:
         entry = candidate.entries[node_id]
         node = state.nodes.get(node_id)
         if node is not None and node.admin != ADMIN_REVOKED:
-            state.nodes[node_id] = replace(node, admin=ADMIN_REVOKED, state_changed_at=ts,
-                                           reason=f"revoked by {entry.by} in {where}"
-                                                  + (f": {entry.reason}" if entry.reason else ""))
+            _mark_revoked(state, node, f"{entry.by} in {where}", entry.reason, ts)
         _event(state, ts, "membership", f"{node.name if node else node_id} revoked in {where}"
                + (f": {entry.reason}" if entry.reason else ""), node_id=node_id)
         _audit(state, ts, _actor(cmd), "revoke-adopted", node.name if node else node_id)

@@ -316,13 +316,14 @@ class AdminHandlers:
         mesh = self.daemon.mesh
         document = mesh.document
         since = _arg(request.args, "since", str)
+        sent = mesh.sent_by_site()
         answer: dict[str, Any] = {
             "state_vector": document.state_vector().hex(),
             "sessions": [{"peer": s.peer, "site": mesh.site_of(s), "synced": s.synced,
                           "bytes_in": s.bytes_in, "bytes_out": s.bytes_out, "payload_in": s.payload_in,
                           "payload_out": s.payload_out} for s in mesh.hub.live_sessions()],
-            "sent_by_site": {site: wire for site, (wire, _) in mesh.sent_by_site().items()},
-            "updates_sent_by_site": {site: payload for site, (_, payload) in mesh.sent_by_site().items()},
+            "sent_by_site": {site: wire for site, (wire, _) in sent.items()},
+            "updates_sent_by_site": {site: payload for site, (_, payload) in sent.items()},
         }
         brief = bool(_arg(request.args, "brief", bool, False))
         if not brief:  # a pass over the whole document

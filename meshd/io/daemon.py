@@ -382,8 +382,8 @@ class Daemon:
     def _check_ports_free(self) -> None:
         """Refuse to start, with the reason, when the peer port or the Raft port (peer + 1
         when --listen names a port) is taken: Raft would otherwise retry its bind forever."""
+        family = socket.AF_INET6 if ":" in (self.listen_ip or "") else socket.AF_INET
         for what, port in (("peer", self.peer_port), ("Raft", self.raft_port)):
-            family = socket.AF_INET6 if ":" in (self.listen_ip or "") else socket.AF_INET
             with socket.socket(family, socket.SOCK_STREAM) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the real listeners do
                 try:

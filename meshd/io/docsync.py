@@ -101,8 +101,8 @@ class DocumentHub:
                           settle: float = 0.0) -> SyncSession:
         """Sync with the replica at the other end of `stream` until either side closes it,
         it misbehaves or it stays silent for SILENCE_INTERVALS resync intervals (at least
-        MIN_SILENCE); returns the
-        session (its counters) when it ends. `initial`: bytes of the stream already read;
+        MIN_SILENCE); returns the session (its counters) when it ends. `initial`: bytes of
+        the stream already read;
         `settle`: how long to wait before opening (our state vector), so that a duplicate
         session the caller ends at start has exchanged nothing yet."""
         session = SyncSession(self.document, peer)

@@ -367,26 +367,23 @@ class MeshSync:
                 self._bad_records.add(key)
                 self.daemon.event("sync", f"{key} refused: {reason}", record=key)
 
-    def _trust_in_document(self, state, opener, field: str):
-        """(the site's root-signed `field` opened, the root public key, the signed records of
-        the document), or None when the site has nothing to merge with."""
-        opened = self._site_trust(state, opener, getattr(state, field))
-        if opened is None:
-            return None
+    async def _take_in_trust(self, state) -> None:
+        """Revocations and the policy made in other sites (the document's signed records read once)."""
         assert self.document is not None
-        return opened[0], opened[1], self.document.records(SignedRecord)
+        records = self.document.records(SignedRecord)
+        await self._take_in_revocations(state, records)
+        await self._take_in_policy(state, records)
 
-    async def _take_in_policy(self, state) -> None:
+    async def _take_in_policy(self, state, records: list[SignedRecord]) -> None:
         """A policy bundle made in another site that outranks the site's (a Raft commit)."""
         d = self.daemon
-        assert d.membership is not None
-        context = self._trust_in_document(state, open_policy, "policy")
-        if context is None:
+        opened = self._site_trust(state, open_policy, state.policy)
+        if opened is None:
             return
-        current, root, records = context
+        current, root = opened
         found = meshstate.policies_in_document(records, root, d.membership.mesh_id)
         self._report_refused(found.refused)
-        best = meshstate.policy_to_take_in(state.policy, policy_rank(state.policy, current), found)
+        best = meshstate.policy_to_take_in(policy_rank(state.policy, current), found)
         if best is None:
             return
         result = await d.commit(d.new_command("adopt_policy", policy=best.signed, site=best.site,
@@ -394,15 +391,14 @@ class MeshSync:
         if not result.get("ok"):
             log.info("policy from another site not taken in", extra={"reason": result.get("error")})
 
-    async def _take_in_revocations(self, state) -> None:
+    async def _take_in_revocations(self, state, records: list[SignedRecord]) -> None:
         """Revocations made in other sites join the site's list (a Raft commit); our members
         they name are expelled, and cut off like after a local revoke."""
         d = self.daemon
-        assert d.membership is not None
-        context = self._trust_in_document(state, open_revocations, "revocations")
-        if context is None:
+        opened = self._site_trust(state, open_revocations, state.revocations)
+        if opened is None:
             return
-        listed, root, records = context
+        listed, root = opened
         incoming = meshstate.revocations_to_take_in(listed, records, root, d.membership.mesh_id)
         self._report_refused(incoming.refused)
         root_key = d.root_signing_key()
@@ -441,8 +437,7 @@ class MeshSync:
         while self.document.parse_pending(PARSE_SLICE):  # a catch-up's records, a slice at a time
             await trio.sleep(0)
         state = d.snapshot()  # one view for the pass: what it commits shows in the next one
-        await self._take_in_revocations(state)
-        await self._take_in_policy(state)
+        await self._take_in_trust(state)
         commands = []
         for edit in meshstate.edits_to_take_in(state, self.document.apps()):
             if edit.edit_id in self._bad_edits:

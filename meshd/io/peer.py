@@ -115,9 +115,10 @@ async def serve_peer_connection(stream: trio.SocketStream, *, on_join: JoinHandl
     """One peer connection: TLS, then a join or one member call.
 
     `cert_member(peer certificate)` names the (site, node id) of the member of this site a
-    verified client certificate belongs to; `track(site, node_id)` is a context manager under which a member's call or sync
-    session runs (so that revoking the member can cut it). `sync_member(peer certificate)` names the (site, node id)
-    of a mesh member of any site that may sync, and `on_sync` runs the sync."""
+    verified client certificate belongs to; `track(site, node_id)` is a context manager under
+    which a member's call or sync session runs (so that revoking the member can cut it).
+    `sync_member(peer certificate)` names the (site, node id) of a mesh member of any site
+    that may sync, and `on_sync` runs the sync."""
     context = tls()
     if context is None:
         await stream.aclose()  # no member certificate yet: nothing to serve

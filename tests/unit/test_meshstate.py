@@ -305,9 +305,9 @@ def found_in(*placed: tuple[dict, str]) -> meshstate.PoliciesIn:
 def test_the_best_ranked_bundle_in_the_document_is_taken_in_when_it_outranks_the_sites():
     mine, theirs = bundle(4, T0), bundle(5, T0 - 50)
     found = found_in((mine, "s1"), (theirs, "s2"))
-    best = meshstate.policy_to_take_in(mine, policy_rank(mine, open_policy(mine, ROOT_PUBLIC)), found)
+    best = meshstate.policy_to_take_in(policy_rank(mine, open_policy(mine, ROOT_PUBLIC)), found)
     assert best is not None and (best.signed, best.site) == (theirs, "s2")
-    assert meshstate.policy_to_take_in(theirs, policy_rank(theirs, open_policy(theirs, ROOT_PUBLIC)), found) is None
+    assert meshstate.policy_to_take_in(policy_rank(theirs, open_policy(theirs, ROOT_PUBLIC)), found) is None
     assert meshstate.policy_conflicts(found) == []
 
 
@@ -316,7 +316,7 @@ def test_bundles_of_one_serial_made_apart_have_one_winner_and_the_other_is_named
     found = found_in((early, "s1"), (late, "s2"))
     ((winner, loser),) = meshstate.policy_conflicts(found)
     assert (winner.signed, winner.site, loser.signed, loser.site) == (late, "s2", early, "s1")
-    best = meshstate.policy_to_take_in(early, policy_rank(early, open_policy(early, ROOT_PUBLIC)), found)
+    best = meshstate.policy_to_take_in(policy_rank(early, open_policy(early, ROOT_PUBLIC)), found)
     assert best is not None and best.signed == late
 
 
@@ -345,7 +345,7 @@ def test_sites_exchanging_policies_through_a_document_end_with_the_same_bundle(m
                 doc.put(meshstate.policy_record(signed, f"s{i}", T0))
         found = meshstate.policies_in_document(doc.records(SignedRecord), ROOT_PUBLIC, "m1")
         for i, signed in enumerate(held):
-            best = meshstate.policy_to_take_in(signed, policy_rank(signed, open_policy(signed, ROOT_PUBLIC)), found)
+            best = meshstate.policy_to_take_in(policy_rank(signed, open_policy(signed, ROOT_PUBLIC)), found)
             if best is not None:
                 held[i] = best.signed
     assert all(signed == held[0] for signed in held)
