@@ -43,6 +43,8 @@ from attestation.revocation import REVOCATION_ENTRY_KIND, Revocation, Revocation
 from attestation.signed import AttestationError
 from crdt.schema import AppEdit, AppSiteStatus, NodeSummary, SchemaError, SignedRecord, SiteSummary, winning_order
 from crdt.schema import AuditRecord as DocAuditRecord
+from meshd import spec as specmod
+from meshd.commands import StopApp, SubmitApp
 from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, APP_RUNNING, NodeRecord, SiteState
 
 if TYPE_CHECKING:
@@ -75,6 +77,21 @@ def edits_to_take_in(state: SiteState, apps: dict[str, "AppResolution"]) -> list
             continue  # never concerned this site
         wanted.append(winner)
     return wanted
+
+
+def take_in_command(edit: AppEdit) -> StopApp | SubmitApp | str:
+    """The Raft command that takes in one winning edit (a stop, or a deploy of its spec), or
+    why it cannot run here (its spec does not parse with this version, or names another app)."""
+    actor = f"{edit.actor} (site {edit.site})"
+    if edit.stopped:
+        return StopApp(app=edit.app, edit=edit, actor=actor)
+    try:
+        app_spec = specmod.parse_app_toml(edit.spec)
+    except specmod.SpecError as e:
+        return str(e)
+    if app_spec.name != edit.app:
+        return str(specmod.SpecError("app.name", f"is {app_spec.name!r}, the edit is for {edit.app!r}"))
+    return SubmitApp(spec=app_spec, edit=edit, actor=actor)
 
 
 def edits_to_publish(state: SiteState, has_edit: Callable[[str], bool]) -> list[AppEdit]:

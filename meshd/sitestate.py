@@ -1,19 +1,24 @@
-"""The site's Raft state machine: `apply(state, command) -> result`.
+"""The site's Raft state machine: `apply(state, command) -> Ok | Refused`.
 
 Every member applies the same committed commands in the same order, so this module is the
-whole definition of what the site agrees on.
+whole definition of what the site agrees on. Commands arrive in their wire form and are
+decoded by meshd.commands (which checks every field); each handler here takes the typed
+command and decides against the state.
 
 Invariants:
 - Deterministic: the result depends only on `state` and `command`. Time comes from the
   command's `ts` (the proposer's clock), never from a clock here; iteration follows dict
   insertion order, which is the same on every member.
 - Never raises: pysyncobj wedges the whole cluster when a replicated method raises, so every
-  failure is returned as `{"ok": False, "error": reason}` and leaves the state untouched.
+  failure is returned as a `Refused(code, text)` and leaves the state untouched.
 - Idempotent by request id: a command whose outcome was unknown to its sender (a failover in
   flight) may be retried with the same `request_id`; the retry gets the first result back
   and changes nothing.
 - Validation happens before the first write of a command, so a refused command changes
-  nothing.
+  nothing (the one exception is `state.applied`, the count of entries applied, which every
+  member moves alike).
+- A replica that its node's meshd stopped (told to, or shutting down) never counts as
+  having run its course: the report makes it a stopped allocation the site replaces.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ from attestation.policy import rank as policy_rank
 from attestation.revocation import open_revocations
 from attestation.revocation import supersedes as revocations_supersede
 from attestation.signed import AttestationError
-from crdt.schema import AppEdit, SchemaError, winning_order
+from crdt.schema import AppEdit, winning_order
+from meshd import commands as cmds
+from meshd.commands import CONFLICT, NOT_FOUND, NOT_MEMBER, REVOKED, STALE, TOKEN, UNTRUSTED, Ok, Refused, Result
 from meshd import spec as specmod
 from meshd.placement.plan import Placement, Plan, recheck_plan
 from meshd.state import (
@@ -38,7 +45,6 @@ from meshd.state import (
     ADMIN_REVOKED,
     ALLOC_LOST,
     ALLOC_PENDING,
-    ALLOC_STATES,
     ALLOC_STOPPED,
     ALLOC_TERMINAL,
     APP_RUNNING,
@@ -47,14 +53,12 @@ from meshd.state import (
     DESIRED_STOP,
     LIVENESS_DOWN,
     LIVENESS_JOINING,
-    LIVENESS_READY,
     Alloc,
     AppRecord,
     AuditRecord,
     Event,
     JoinToken,
     NodeRecord,
-    NodeResources,
     SiteState,
 )
 
@@ -69,55 +73,45 @@ MAX_REMEMBERED_REQUESTS = 10_000
 # durable record, these are for `meshctl events` / `audit` on the site.
 MAX_EVENTS = 2_000
 MAX_AUDIT = 10_000
-# Ints in commands are bounded so that a crafted command cannot blow up snapshots or the
-# CRDT document later (which cannot hold ints of 2**63 and above).
-MAX_INT = 2**53
+MAX_INT = cmds.MAX_INT
 
 
-class CommandRefused(Exception):
-    """Raised inside a handler before any write; turned into an error result."""
+class CommandRefused(cmds.Invalid):
+    """Raised inside a handler before any write; turned into a Refused result."""
 
 
-def ok(**fields: Any) -> dict:
-    return {"ok": True, **fields}
-
-
-def refused(reason: str) -> dict:
-    return {"ok": False, "error": reason}
-
-
-def apply(state: SiteState, command: Any) -> dict:
-    """Apply one committed command. Never raises."""
+def apply(state: SiteState, command: Any) -> Result:
+    """Apply one committed wire command. Never raises."""
+    state.applied += 1
     try:
-        if not isinstance(command, dict):
-            return refused("command is not a mapping")
-        op = command.get("op")
-        handler = HANDLERS.get(op) if isinstance(op, str) else None
-        if handler is None:
-            return refused(f"unknown command {op!r}")
-        request_id = command.get("request_id")
-        if request_id is not None:
-            if not isinstance(request_id, str) or not 0 < len(request_id) <= 128:
-                return refused("request_id must be a string of 1..128 characters")
-            if request_id in state.applied_requests:
-                return state.applied_requests[request_id]
-        ts = command.get("ts")
-        if not isinstance(ts, (int, float)) or isinstance(ts, bool) or not 0 <= ts < MAX_INT:
-            return refused("ts must be a timestamp")
-        try:
-            result = handler(state, command, float(ts))
-        except CommandRefused as e:
-            result = refused(str(e))
-        state.last_ts = max(state.last_ts, float(ts))
-        if request_id is not None:
-            _remember(state, request_id, result)
+        envelope = cmds.decode_envelope(command)
+        if isinstance(envelope, Refused):
+            return envelope
+        if envelope.request_id is not None and envelope.request_id in state.applied_requests:
+            return cmds.result_from_wire(state.applied_requests[envelope.request_id])
+        decoded = cmds.decode(command)
+        if isinstance(decoded, Refused):
+            result: Result = decoded
+        else:
+            _, typed = decoded
+            try:
+                result = HANDLERS[type(typed)](state, typed, envelope.ts)
+            except cmds.Invalid as e:
+                result = e.refused()
+        state.last_ts = max(state.last_ts, envelope.ts)
+        if envelope.request_id is not None:
+            _remember(state, envelope.request_id, result)
         return result
     except Exception as e:  # a bug here must not wedge Raft; report it as a refusal
-        return refused(f"internal error applying command: {type(e).__name__}: {e}")
+        return Refused(cmds.INTERNAL, f"internal error applying command: {type(e).__name__}: {e}")
 
 
-def _remember(state: SiteState, request_id: str, result: dict) -> None:
-    state.applied_requests[request_id] = result
+def ok(**fields: Any) -> Ok:
+    return Ok(fields)
+
+
+def _remember(state: SiteState, request_id: str, result: Result) -> None:
+    state.applied_requests[request_id] = result.to_wire()
     state.applied_order.append(request_id)
     while len(state.applied_order) > MAX_REMEMBERED_REQUESTS:
         state.applied_requests.pop(state.applied_order.pop(0), None)
@@ -137,68 +131,6 @@ def _audit(state: SiteState, ts: float, actor: str, action: str, target: str) ->
         del state.audit[: len(state.audit) - MAX_AUDIT]
 
 
-# --- field readers: each refuses with the name of the field -----------------------------
-
-
-def _str(cmd: dict, key: str, *, max_len: int = 256, empty: bool = False) -> str:
-    value = cmd.get(key)
-    if not isinstance(value, str) or len(value) > max_len or (not empty and not value):
-        raise CommandRefused(f"{key} must be a {'' if empty else 'non-empty '}string of at most {max_len} characters")
-    return value
-
-
-def _int(cmd: dict, key: str, lo: int = 0, hi: int = MAX_INT) -> int:
-    value = cmd.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise CommandRefused(f"{key} must be an integer from {lo} to {hi}")
-    return value
-
-
-def _num(cmd: dict, key: str, lo: float = 0.0, hi: float = float(MAX_INT)) -> float:
-    value = cmd.get(key)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
-        raise CommandRefused(f"{key} must be a number from {lo} to {hi}")
-    return float(value)
-
-
-def _actor(cmd: dict) -> str:
-    actor = cmd.get("actor", "")
-    return actor if isinstance(actor, str) and len(actor) <= 256 else ""
-
-
-def _node_from_plain(raw: Any) -> NodeRecord:
-    if not isinstance(raw, dict):
-        raise CommandRefused("node must be a mapping")
-    labels = raw.get("labels", {})
-    if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
-        raise CommandRefused("node.labels must map strings to strings")
-    return NodeRecord(
-        node_id=_str(raw, "node_id", max_len=64),
-        name=_str(raw, "name", max_len=63),
-        site=_str(raw, "site", max_len=63),
-        address=_str(raw, "address", max_len=64),
-        raft_address=_str(raw, "raft_address", max_len=64),
-        public_key=_str(raw, "public_key", max_len=128),
-        arch=_str(raw, "arch", max_len=32, empty=True),
-        labels=dict(labels),
-        version=_str(raw, "version", max_len=32, empty=True) if "version" in raw else "",
-        boot_id=_str(raw, "boot_id", max_len=64, empty=True) if "boot_id" in raw else "",
-        # An RSA 4096 attestation key's public area is under 700 bytes.
-        tpm_ak=_str(raw, "tpm_ak", max_len=2048, empty=True) if "tpm_ak" in raw else "",
-    )
-
-
-def _resources_from_plain(raw: Any) -> NodeResources:
-    if not isinstance(raw, dict):
-        raise CommandRefused("resources must be a mapping")
-    return NodeResources(
-        cpu_total=_num(raw, "cpu_total", 0, 4096),
-        cpu_free=_num(raw, "cpu_free", 0, 4096),
-        mem_total_mb=_int(raw, "mem_total_mb", 0, 2**40),
-        mem_free_mb=_int(raw, "mem_free_mb", 0, 2**40),
-    )
-
-
 def _voter_count(state: SiteState) -> int:
     return sum(1 for n in state.nodes.values() if n.voter and n.admin not in (ADMIN_LEFT, ADMIN_REVOKED))
 
@@ -206,33 +138,29 @@ def _voter_count(state: SiteState) -> int:
 # --- handlers ----------------------------------------------------------------------------
 
 
-def _bootstrap(state: SiteState, cmd: dict, ts: float) -> dict:
+def _bootstrap(state: SiteState, cmd: cmds.Bootstrap, ts: float) -> Ok:
     """The founder's first command: names the site and admits the founder as first voter."""
-    site = _str(cmd, "site", max_len=63)
-    mesh_id = _str(cmd, "mesh_id", max_len=64)
-    node = _node_from_plain(cmd.get("node"))
+    site, node = cmd.site, cmd.node
     if state.site:
         if state.site == site and node.node_id in state.nodes:
             return ok(node_id=node.node_id, voter=True)  # replayed bootstrap of the same founder
-        raise CommandRefused(f"site {state.site!r} is already founded")
+        raise CommandRefused(f"site {state.site!r} is already founded", CONFLICT)
     if node.site != site:
-        raise CommandRefused(f"founder belongs to site {node.site!r}, not {site!r}")
-    trust = _trust_from_plain(cmd.get("trust"), mesh_id) if "trust" in cmd else None
+        raise CommandRefused(f"founder belongs to site {node.site!r}, not {site!r}", CONFLICT)
+    trust = _trust_from_plain(cmd.trust, cmd.mesh_id) if cmd.trust is not None else None
     state.site = site
-    state.mesh_id = mesh_id
+    state.mesh_id = cmd.mesh_id
     if trust is not None:
         state.trust_root, state.root_cert, state.policy, state.revocations = trust
     state.nodes[node.node_id] = replace(node, voter=True, joined_at=ts, state_changed_at=ts, reason="founded the site",
                                         attested_at=ts, attested_boot_id=node.boot_id)
     _event(state, ts, "membership", f"{node.name} founded site {site}", node=node.name, node_id=node.node_id)
-    _audit(state, ts, _actor(cmd) or node.name, "found-site", site)
+    _audit(state, ts, cmd.actor or node.name, "found-site", site)
     return ok(node_id=node.node_id, voter=True)
 
 
-def _trust_from_plain(raw: Any, mesh_id: str) -> tuple[str, str, dict, dict]:
+def _trust_from_plain(raw: dict, mesh_id: str) -> tuple[str, str, dict, dict]:
     """The mesh trust root a founder brings: every document must open with the root key."""
-    if not isinstance(raw, dict):
-        raise CommandRefused("trust must be a mapping")
     root, cert = raw.get("root"), raw.get("root_cert")
     if not isinstance(root, str) or len(root) != 64 or not isinstance(cert, str) or len(cert) > 8192:
         raise CommandRefused("trust needs the root public key (64 hex digits) and its certificate")
@@ -241,52 +169,49 @@ def _trust_from_plain(raw: Any, mesh_id: str) -> tuple[str, str, dict, dict]:
         policy = open_policy(raw.get("policy"), root_key)
         revocations = open_revocations(raw.get("revocations"), root_key)
     except (ValueError, AttestationError) as e:
-        raise CommandRefused(f"trust: {e}") from None
+        raise CommandRefused(f"trust: {e}", UNTRUSTED) from None
     if policy.mesh_id != mesh_id or revocations.mesh_id != mesh_id:
-        raise CommandRefused("trust documents belong to another mesh")
+        raise CommandRefused("trust documents belong to another mesh", UNTRUSTED)
     return root, cert, raw["policy"], raw["revocations"]
 
 
 def _open_root_signed(state: SiteState, opener: Callable[[Any, bytes], Any], candidate: Any, current: dict):
     """(the offered trust document, the one in force or None), both opened with the root key."""
     if not state.trust_root:
-        raise CommandRefused("this site has no trust root")
+        raise CommandRefused("this site has no trust root", UNTRUSTED)
     root_key = bytes.fromhex(state.trust_root)
     try:
         return opener(candidate, root_key), (opener(current, root_key) if current else None)
     except AttestationError as e:
-        raise CommandRefused(str(e)) from None
+        raise CommandRefused(str(e), UNTRUSTED) from None
 
 
-def _set_policy(state: SiteState, cmd: dict, ts: float) -> dict:
+def _set_policy(state: SiteState, cmd: cmds.SetPolicy, ts: float) -> Ok:
     """A new policy bundle signed by the mesh root; only a higher serial replaces the current."""
-    candidate, current = _open_root_signed(state, open_policy, cmd.get("policy"), state.policy)
+    candidate, current = _open_root_signed(state, open_policy, cmd.policy, state.policy)
     if not policy_is_newer(candidate, current):
         raise CommandRefused(f"policy serial {candidate.serial} is not newer than {current.serial if current else 0} "
-                             "for this mesh")
-    state.policy = cmd["policy"]
-    actor = _actor(cmd)
+                             "for this mesh", STALE)
+    state.policy = cmd.policy
     _event(state, ts, "attestation", f"policy {candidate.serial} in force (minimum meshd {candidate.min_version})",
            serial=candidate.serial)
-    _audit(state, ts, actor, "policy-update", str(candidate.serial))
+    _audit(state, ts, cmd.actor, "policy-update", str(candidate.serial))
     return ok(serial=candidate.serial)
 
 
-def _adopt_policy(state: SiteState, cmd: dict, ts: float) -> dict:
+def _adopt_policy(state: SiteState, cmd: cmds.AdoptPolicy, ts: float) -> Ok:
     """A policy bundle made in another site (through the mesh document) that outranks the one
     in force (attestation.policy.rank). When both have the same serial, the two sites changed
     the policy while apart: this site's change is dropped, and the event says so."""
-    candidate, current = _open_root_signed(state, open_policy, cmd.get("policy"), state.policy)
-    site = cmd.get("site")
-    if not isinstance(site, str) or not 0 < len(site) <= 63:
-        raise CommandRefused("site must name the site the policy comes from")
+    candidate, current = _open_root_signed(state, open_policy, cmd.policy, state.policy)
+    site = cmd.site
     if current is not None:
         if candidate.mesh_id != current.mesh_id:
-            raise CommandRefused("the policy is for another mesh")
-        if policy_rank(cmd["policy"], candidate) <= policy_rank(state.policy, current):
+            raise CommandRefused("the policy is for another mesh", UNTRUSTED)
+        if policy_rank(cmd.policy, candidate) <= policy_rank(state.policy, current):
             raise CommandRefused(f"policy {candidate.serial} from site {site} does not outrank policy "
-                                 f"{current.serial} in force")
-    state.policy = cmd["policy"]
+                                 f"{current.serial} in force", STALE)
+    state.policy = cmd.policy
     if current is not None and current.serial == candidate.serial:
         _event(state, ts, "conflict", f"policy {candidate.serial} from site {site} wins over this site's policy "
                f"{current.serial}, made while apart; this site's change is dropped", serial=candidate.serial,
@@ -294,7 +219,7 @@ def _adopt_policy(state: SiteState, cmd: dict, ts: float) -> dict:
     else:
         _event(state, ts, "attestation", f"policy {candidate.serial} from site {site} in force "
                f"(minimum meshd {candidate.min_version})", serial=candidate.serial, site=site)
-    _audit(state, ts, _actor(cmd), "policy-adopted", f"{candidate.serial} from {site}")
+    _audit(state, ts, cmd.actor, "policy-adopted", f"{candidate.serial} from {site}")
     return ok(serial=candidate.serial)
 
 
@@ -303,45 +228,40 @@ def _mark_revoked(state: SiteState, node: NodeRecord, by: str, reason: str, ts: 
                                         reason=f"revoked by {by}" + (f": {reason}" if reason else ""))
 
 
-def _revoke_node(state: SiteState, cmd: dict, ts: float) -> dict:
+def _revoke_node(state: SiteState, cmd: cmds.RevokeNode, ts: float) -> Ok:
     """Expel a member for good: its record says revoked, and the root-signed revocation list
     that names it replaces the current one (so no member will ever admit it again)."""
-    node_id = _str(cmd, "node_id", max_len=64)
-    reason = _str(cmd, "reason", max_len=200, empty=True)
+    node_id, reason = cmd.node_id, cmd.reason
     node = state.nodes.get(node_id)
     if node is None:
-        raise CommandRefused(f"no member with id {node_id}")
-    candidate, current = _open_root_signed(state, open_revocations, cmd.get("revocations"), state.revocations)
+        raise CommandRefused(f"no member with id {node_id}", NOT_FOUND)
+    candidate, current = _open_root_signed(state, open_revocations, cmd.revocations, state.revocations)
     if not candidate.is_revoked(node_id):
-        raise CommandRefused("the revocation list does not name the node")
+        raise CommandRefused("the revocation list does not name the node", UNTRUSTED)
     if node.admin == ADMIN_REVOKED:
-        return ok(node=node.name, node_id=node_id, revoked=True)  # a retried command
+        return ok(node=node.name, node_id=node_id, revoked=True, number=candidate.number)  # a retried command
     if not revocations_supersede(candidate, current):
         raise CommandRefused(f"revocation list {candidate.number} does not supersede the current one "
-                             f"({current.number if current else 0})")
-    state.revocations = cmd["revocations"]
-    actor = _actor(cmd)
-    _mark_revoked(state, node, actor or "an operator", reason, ts)
+                             f"({current.number if current else 0})", STALE)
+    state.revocations = cmd.revocations
+    _mark_revoked(state, node, cmd.actor or "an operator", reason, ts)
     _event(state, ts, "membership", f"{node.name} revoked" + (f": {reason}" if reason else ""), node=node.name,
            node_id=node_id)
-    _audit(state, ts, actor, "revoke", node.name)
-    return ok(node=node.name, node_id=node_id, revoked=True)
+    _audit(state, ts, cmd.actor, "revoke", node.name)
+    return ok(node=node.name, node_id=node_id, revoked=True, number=candidate.number)
 
 
-def _adopt_revocations(state: SiteState, cmd: dict, ts: float) -> dict:
+def _adopt_revocations(state: SiteState, cmd: cmds.AdoptRevocations, ts: float) -> Ok:
     """Revocations made elsewhere in the mesh (other sites, through the mesh document): a
     root-signed list that supersedes the one in force (it forgets nobody); any member of this
     site it names is expelled like `revoke_node` does. `sites` names where they were made."""
-    candidate, current = _open_root_signed(state, open_revocations, cmd.get("revocations"), state.revocations)
+    candidate, current = _open_root_signed(state, open_revocations, cmd.revocations, state.revocations)
     if not revocations_supersede(candidate, current):
         raise CommandRefused(f"revocation list {candidate.number} does not supersede the current one "
-                             f"({current.number if current else 0})")
-    sites = cmd.get("sites", [])
-    if not isinstance(sites, list) or not all(isinstance(site, str) and len(site) <= 63 for site in sites):
-        raise CommandRefused("sites must be a list of site names")
+                             f"({current.number if current else 0})", STALE)
     added = sorted(set(candidate.entries) - set(current.entries if current else ()))
-    state.revocations = cmd["revocations"]
-    where = ", ".join(sorted(set(sites))) or "another site"
+    state.revocations = cmd.revocations
+    where = ", ".join(sorted(set(cmd.sites))) or "another site"
     for node_id in added:
         entry = candidate.entries[node_id]
         node = state.nodes.get(node_id)
@@ -349,48 +269,43 @@ def _adopt_revocations(state: SiteState, cmd: dict, ts: float) -> dict:
             _mark_revoked(state, node, f"{entry.by} in {where}", entry.reason, ts)
         _event(state, ts, "membership", f"{node.name if node else node_id} revoked in {where}"
                + (f": {entry.reason}" if entry.reason else ""), node_id=node_id)
-        _audit(state, ts, _actor(cmd), "revoke-adopted", node.name if node else node_id)
+        _audit(state, ts, cmd.actor, "revoke-adopted", node.name if node else node_id)
     return ok(number=candidate.number, added=added)
 
 
-def _rotate_secret(state: SiteState, cmd: dict, ts: float) -> dict:
+def _rotate_secret(state: SiteState, cmd: cmds.RotateSecret, ts: float) -> Ok:
     """Reserve the next Raft secret epoch: whoever rotates distributes a secret under it, and
     members only ever move to a higher epoch, so concurrent rotations converge."""
     state.secret_epoch += 1
     _event(state, ts, "membership", f"Raft secret rotation {state.secret_epoch} started", epoch=state.secret_epoch)
-    _audit(state, ts, _actor(cmd), "rotate-secret", str(state.secret_epoch))
+    _audit(state, ts, cmd.actor, "rotate-secret", str(state.secret_epoch))
     return ok(epoch=state.secret_epoch)
 
 
-def _attested(state: SiteState, cmd: dict, ts: float) -> dict:
+def _attested(state: SiteState, cmd: cmds.Attested, ts: float) -> Ok:
     """A member's fresh evidence verified (re-attestation): record when, and from which boot."""
-    node_id = _str(cmd, "node_id", max_len=64)
-    boot_id = _str(cmd, "boot_id", max_len=64)
-    node = state.nodes.get(node_id)
+    node = state.nodes.get(cmd.node_id)
     if node is None or node.admin in (ADMIN_LEFT, ADMIN_REVOKED):
-        raise CommandRefused("attestation of a node that is not a member")
-    state.nodes[node_id] = replace(node, attested_at=ts, attested_boot_id=boot_id,
-                                   boot_id=node.boot_id or boot_id)
+        raise CommandRefused("attestation of a node that is not a member", NOT_MEMBER)
+    state.nodes[cmd.node_id] = replace(node, attested_at=ts, attested_boot_id=cmd.boot_id,
+                                       boot_id=node.boot_id or cmd.boot_id)
     return ok(node=node.name)
 
 
-def _create_token(state: SiteState, cmd: dict, ts: float) -> dict:
-    token_id = _str(cmd, "token_id", max_len=64)
-    site = _str(cmd, "site", max_len=63)
-    secret = _str(cmd, "secret", max_len=128)
-    expires_at = _num(cmd, "expires_at")
-    if token_id in state.tokens:
-        raise CommandRefused("token id already exists")
-    if expires_at <= ts:
-        raise CommandRefused("token would already be expired")
+def _create_token(state: SiteState, cmd: cmds.CreateToken, ts: float) -> Ok:
+    if cmd.token_id in state.tokens:
+        raise CommandRefused("token id already exists", CONFLICT)
+    if cmd.expires_at <= ts:
+        raise CommandRefused("token would already be expired", TOKEN)
     # Forget tokens that expired long ago (a day): they can never be used again.
     for old_id in [t.token_id for t in state.tokens.values() if t.expires_at < ts - 86_400]:
         del state.tokens[old_id]
-    actor = _actor(cmd)
-    state.tokens[token_id] = JoinToken(token_id=token_id, site=site, secret=secret, expires_at=expires_at, created_by=actor)
-    _event(state, ts, "token", f"join token {token_id} created for site {site}", token_id=token_id, expires_at=expires_at)
-    _audit(state, ts, actor, "token-create", site)
-    return ok(token_id=token_id, site=site, expires_at=expires_at)
+    state.tokens[cmd.token_id] = JoinToken(token_id=cmd.token_id, site=cmd.site, secret=cmd.secret,
+                                           expires_at=cmd.expires_at, created_by=cmd.actor)
+    _event(state, ts, "token", f"join token {cmd.token_id} created for site {cmd.site}", token_id=cmd.token_id,
+           expires_at=cmd.expires_at)
+    _audit(state, ts, cmd.actor, "token-create", cmd.site)
+    return ok(token_id=cmd.token_id, site=cmd.site, expires_at=cmd.expires_at)
 
 
 # The refusal of a token this site never issued: a joiner that meets it at a member of
@@ -456,52 +371,50 @@ def _listed_as_revoked(state: SiteState, node_id: str) -> bool:
     try:
         return node_id in revoked_by_list(state)
     except (ValueError, AttestationError):
-        raise CommandRefused("the site's revocation list does not verify") from None
+        raise CommandRefused("the site's revocation list does not verify", UNTRUSTED) from None
 
 
-def _found_site(state: SiteState, cmd: dict, ts: float) -> dict:
+def _found_site(state: SiteState, cmd: cmds.FoundSite, ts: float) -> Ok:
     """A verified joiner founds a new site of this mesh with a token this site issued for it.
     The token is consumed here (single use, like an admission), but the founder does not
     become a member of this site: it is the first voter of its own."""
-    token_id = _str(cmd, "token_id", max_len=64)
-    node = _node_from_plain(cmd.get("node"))
+    token_id, node = cmd.token_id, cmd.node
     if not state.site:
-        raise CommandRefused("this site is not founded yet")
+        raise CommandRefused("this site is not founded yet", NOT_FOUND)
     existing = state.nodes.get(node.node_id)
     if (existing is not None and existing.admin == ADMIN_REVOKED) or _listed_as_revoked(state, node.node_id):
-        raise CommandRefused("node was revoked and may never be admitted again")
+        raise CommandRefused("node was revoked and may never be admitted again", REVOKED)
     if existing is not None and existing.admin != ADMIN_LEFT:
-        raise CommandRefused(f"node is a member of site {state.site!r}; a node belongs to one site")
+        raise CommandRefused(f"node is a member of site {state.site!r}; a node belongs to one site", CONFLICT)
     reason = check_founder_token(state, token_id, node.node_id, node.site, ts)
     if reason:
-        raise CommandRefused(reason)
+        raise CommandRefused(reason, TOKEN)
     token = state.tokens[token_id]
     if token.used_by == node.node_id:
         return ok(site=node.site, node_id=node.node_id)  # the same founder asking again (its welcome was lost)
     state.tokens[token_id] = replace(token, used_by=node.node_id)
     _event(state, ts, "membership", f"{node.name} founds site {node.site} with a token of this site",
            node=node.name, node_id=node.node_id, site=node.site, token_id=token_id)
-    _audit(state, ts, _actor(cmd) or node.name, "found-site", node.site)
+    _audit(state, ts, cmd.actor or node.name, "found-site", node.site)
     return ok(site=node.site, node_id=node.node_id)
 
 
-def _admit_node(state: SiteState, cmd: dict, ts: float) -> dict:
-    token_id = _str(cmd, "token_id", max_len=64)
-    node = _node_from_plain(cmd.get("node"))
+def _admit_node(state: SiteState, cmd: cmds.AdmitNode, ts: float) -> Ok:
+    token_id, node = cmd.token_id, cmd.node
     existing = state.nodes.get(node.node_id)
     if existing is not None and existing.admin == ADMIN_REVOKED:
-        raise CommandRefused("node was revoked and may never be admitted again")
+        raise CommandRefused("node was revoked and may never be admitted again", REVOKED)
     token = state.tokens.get(token_id)
     if existing is not None and token is not None and token.used_by == node.node_id:
         return ok(node_id=node.node_id, voter=existing.voter)  # retry of this very admission
     reason = check_token(state, token_id, node.node_id, ts)
     if reason:
-        raise CommandRefused(reason)
+        raise CommandRefused(reason, TOKEN)
     if node.site != state.site:
-        raise CommandRefused(f"node asks for site {node.site!r}, this is site {state.site!r}")
+        raise CommandRefused(f"node asks for site {node.site!r}, this is site {state.site!r}", CONFLICT)
     if any(n.name == node.name and n.node_id != node.node_id and n.admin not in (ADMIN_LEFT, ADMIN_REVOKED)
            for n in state.nodes.values()):
-        raise CommandRefused(f"another member is already named {node.name!r}")
+        raise CommandRefused(f"another member is already named {node.name!r}", CONFLICT)
     voter = existing.voter if existing is not None else _voter_count(state) < MAX_VOTERS
     state.tokens[token_id] = replace(token, used_by=node.node_id)
     state.nodes[node.node_id] = replace(
@@ -510,89 +423,67 @@ def _admit_node(state: SiteState, cmd: dict, ts: float) -> dict:
     )
     role = "voter" if voter else "non-voter"
     _event(state, ts, "membership", f"{node.name} admitted as {role}", node=node.name, node_id=node.node_id, voter=voter)
-    _audit(state, ts, _actor(cmd) or node.name, "admit", node.name)
+    _audit(state, ts, cmd.actor or node.name, "admit", node.name)
     return ok(node_id=node.node_id, voter=voter)
 
 
-def _heartbeat(state: SiteState, cmd: dict, ts: float) -> dict:
-    node_id = _str(cmd, "node_id", max_len=64)
-    seq = _int(cmd, "seq", 0)
-    node = state.nodes.get(node_id)
+def _heartbeat(state: SiteState, cmd: cmds.Heartbeat, ts: float) -> Ok:
+    node = state.nodes.get(cmd.node_id)
     if node is None:
-        raise CommandRefused("heartbeat from a node that is not a member")
+        raise CommandRefused("heartbeat from a node that is not a member", NOT_MEMBER)
     if node.admin in (ADMIN_LEFT, ADMIN_REVOKED):
-        raise CommandRefused(f"heartbeat from a node that has {node.admin}")
-    resources = _resources_from_plain(cmd["resources"]) if "resources" in cmd else node.resources
-    reports = cmd.get("reports", [])
-    if not isinstance(reports, list):
-        raise CommandRefused("reports must be a list")
-    parsed = [_report_from_plain(r) for r in reports]
-    boot_id = _str(cmd, "boot_id", max_len=64) if "boot_id" in cmd else node.boot_id
-    state.nodes[node_id] = replace(node, heartbeat_seq=max(node.heartbeat_seq, seq), resources=resources,
-                                   boot_id=boot_id)
-    for report in parsed:
+        raise CommandRefused(f"heartbeat from a node that has {node.admin}", NOT_MEMBER)
+    state.nodes[cmd.node_id] = replace(node, heartbeat_seq=max(node.heartbeat_seq, cmd.seq),
+                                       resources=cmd.resources if cmd.resources is not None else node.resources,
+                                       boot_id=cmd.boot_id if cmd.boot_id is not None else node.boot_id)
+    for report in cmd.reports:
         _apply_report(state, node, report, ts)
     return ok()
 
 
-def _report_from_plain(raw: Any) -> dict:
-    if not isinstance(raw, dict):
-        raise CommandRefused("each report must be a mapping")
-    report = {
-        "alloc_id": _str(raw, "alloc_id", max_len=64),
-        "state": _str(raw, "state", max_len=16),
-        "restarts": _int(raw, "restarts", 0),
-        "reason": raw.get("reason") if isinstance(raw.get("reason"), str) else "",
-    }
-    if report["state"] not in ALLOC_STATES:
-        raise CommandRefused(f"unknown allocation state {report['state']!r}")
-    for key in ("pid", "exit_code"):
-        value = raw.get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or abs(value) > MAX_INT):
-            raise CommandRefused(f"{key} must be an integer or null")
-        report[key] = value
-    report["reason"] = report["reason"][:512]
-    return report
+# The reason an allocation gets when its node's meshd stopped it while the site still wanted
+# it (a stale view on that node): it is replaced, never counted as a replica.
+REASON_STOPPED_BY_NODE = "stopped by its node's meshd while the site still wanted it"
 
 
-def _apply_report(state: SiteState, node: NodeRecord, report: dict, ts: float) -> None:
-    alloc = state.allocs.get(report["alloc_id"])
+def _apply_report(state: SiteState, node: NodeRecord, report: cmds.AllocReport, ts: float) -> None:
+    alloc = state.allocs.get(report.alloc_id)
     if alloc is None or alloc.node_id != node.node_id:
         return  # a report about an allocation this node does not hold: stale, ignore
     if alloc.state == ALLOC_LOST:
         return  # the site gave it up while the node was unreachable; its replacement runs elsewhere
     if alloc.state in ALLOC_TERMINAL and alloc.desired == DESIRED_STOP:
         return  # already stopped for good
-    new_state = report["state"]
+    new_state, desired, reason = report.state, alloc.desired, report.reason or alloc.reason
     if alloc.desired == DESIRED_STOP and new_state not in ALLOC_TERMINAL:
         new_state = alloc.state  # still shutting down; keep what we know
-    changed = (new_state, report["pid"], report["restarts"], report["exit_code"]) != (
-        alloc.state, alloc.pid, alloc.restarts, alloc.exit_code)
+    if alloc.desired == DESIRED_RUN and new_state in ALLOC_TERMINAL and report.stopped_by_meshd:
+        # Not the workload's own end (that one keeps covering: its restart policy decided):
+        # the node stopped what the site wants. The site replaces it (reconcile).
+        desired, reason = DESIRED_STOP, f"{REASON_STOPPED_BY_NODE} ({report.reason})"[:512]
+    changed = (new_state, desired, report.pid, report.restarts, report.exit_code) != (
+        alloc.state, alloc.desired, alloc.pid, alloc.restarts, alloc.exit_code)
     if not changed:
         return
     state.allocs[alloc.alloc_id] = replace(
-        alloc, state=new_state, pid=report["pid"], restarts=report["restarts"], exit_code=report["exit_code"],
-        updated_at=ts, reason=report["reason"] or alloc.reason,
+        alloc, state=new_state, desired=desired, pid=report.pid, restarts=report.restarts,
+        exit_code=report.exit_code, updated_at=ts, reason=reason,
     )
     if new_state != alloc.state:
         _event(state, ts, "alloc", f"{alloc.app} replica {alloc.replica} on {node.name}: {alloc.state} -> {new_state}"
-               + (f" ({report['reason']})" if report["reason"] else ""),
+               + (f" ({report.reason})" if report.reason else ""),
                alloc_id=alloc.alloc_id, app=alloc.app, node=node.name, state=new_state)
 
 
-def _set_liveness(state: SiteState, cmd: dict, ts: float) -> dict:
-    node_id = _str(cmd, "node_id", max_len=64)
-    liveness = _str(cmd, "liveness", max_len=16)
-    reason = cmd.get("reason") if isinstance(cmd.get("reason"), str) else ""
-    if liveness not in (LIVENESS_READY, LIVENESS_DOWN):
-        raise CommandRefused("liveness must be ready or down")
+def _set_liveness(state: SiteState, cmd: cmds.SetLiveness, ts: float) -> Ok:
+    node_id, liveness, reason = cmd.node_id, cmd.liveness, cmd.reason
     node = state.nodes.get(node_id)
     if node is None:
-        raise CommandRefused("unknown node")
+        raise CommandRefused("unknown node", NOT_FOUND)
     if node.liveness == liveness:
         return ok(changed=False)
     if node.admin in (ADMIN_LEFT, ADMIN_REVOKED):
-        raise CommandRefused(f"node has {node.admin}")
+        raise CommandRefused(f"node has {node.admin}", NOT_MEMBER)
     state.nodes[node_id] = replace(node, liveness=liveness, state_changed_at=ts, reason=reason[:256])
     lost = []
     if liveness == LIVENESS_DOWN:
@@ -606,16 +497,11 @@ def _set_liveness(state: SiteState, cmd: dict, ts: float) -> dict:
     return ok(changed=True, lost=lost)
 
 
-def _mesh_edit(state: SiteState, cmd: dict, app: str, stopped: bool) -> AppEdit | None:
+def _mesh_edit(state: SiteState, edit: AppEdit | None, app: str, stopped: bool) -> AppEdit | None:
     """The mesh-document edit a deploy or stop carries (None for one without), checked
     against the command and against the edit this site last took in for the app."""
-    raw = cmd.get("edit")
-    if raw is None:
+    if edit is None:
         return None
-    try:
-        edit = AppEdit.from_plain(raw)
-    except SchemaError as e:
-        raise CommandRefused(f"edit: {e.reason}") from None
     if edit.app != app or edit.stopped != stopped:
         raise CommandRefused(f"edit {edit.edit_id} is not a {'stop' if stopped else 'deploy'} of {app}")
     current = state.mesh_edits.get(app)
@@ -623,20 +509,13 @@ def _mesh_edit(state: SiteState, cmd: dict, app: str, stopped: bool) -> AppEdit 
         taken = AppEdit.from_plain(current)
         if winning_order(edit) < winning_order(taken):
             raise CommandRefused(f"{app} has a newer change (v{taken.version} by {taken.actor} in site "
-                                 f"{taken.site}); look at `meshctl apps` and deploy again to override it")
+                                 f"{taken.site}); look at `meshctl apps` and deploy again to override it", CONFLICT)
     return edit
 
 
-def _submit_app(state: SiteState, cmd: dict, ts: float) -> dict:
-    raw = cmd.get("spec")
-    if not isinstance(raw, dict):
-        raise CommandRefused("spec must be a mapping")
-    try:
-        app_spec = specmod.parse_app_dict(raw)
-    except specmod.SpecError as e:
-        raise CommandRefused(str(e)) from None
-    edit = _mesh_edit(state, cmd, app_spec.name, stopped=False)
-    actor = _actor(cmd)
+def _submit_app(state: SiteState, cmd: cmds.SubmitApp, ts: float) -> Ok:
+    app_spec, actor = cmd.spec, cmd.actor
+    edit = _mesh_edit(state, cmd.edit, app_spec.name, stopped=False)
     current = state.apps.get(app_spec.name)
     if edit is not None:
         state.mesh_edits[app_spec.name] = edit.to_plain()
@@ -665,10 +544,9 @@ def _submit_app(state: SiteState, cmd: dict, ts: float) -> dict:
               changed=True, here=True)
 
 
-def _stop_app(state: SiteState, cmd: dict, ts: float) -> dict:
-    name = _str(cmd, "app", max_len=63)
-    edit = _mesh_edit(state, cmd, name, stopped=True)
-    actor = _actor(cmd)
+def _stop_app(state: SiteState, cmd: cmds.StopApp, ts: float) -> Ok:
+    name, actor = cmd.app, cmd.actor
+    edit = _mesh_edit(state, cmd.edit, name, stopped=True)
     record = state.apps.get(name)
     if edit is not None:
         state.mesh_edits[name] = edit.to_plain()
@@ -677,7 +555,7 @@ def _stop_app(state: SiteState, cmd: dict, ts: float) -> dict:
             return ok(app=name, stopped=True, allocs=[])
         state.apps[name] = replace(record, edit_id=edit.edit_id, mesh_version=edit.version)
     elif record is None:
-        raise CommandRefused(f"no app named {name!r}")
+        raise CommandRefused(f"no app named {name!r}", NOT_FOUND)
     return ok(app=name, stopped=True, allocs=_stop_allocs(state, ts, actor, name, "app stopped"))
 
 
@@ -699,26 +577,13 @@ def _stop_allocs(state: SiteState, ts: float, actor: str, name: str, reason: str
     return stopped
 
 
-def _apply_plan(state: SiteState, cmd: dict, ts: float) -> dict:
-    raw = cmd.get("plan")
-    if not isinstance(raw, dict):
-        raise CommandRefused("plan must be a mapping")
-    app = _str(raw, "app", max_len=63)
-    version = _int(raw, "version", 1)
-    placements = []
-    for p in raw.get("placements", []) if isinstance(raw.get("placements", []), list) else []:
-        if not isinstance(p, dict):
-            raise CommandRefused("each placement must be a mapping")
-        placements.append(Placement(alloc_id=_str(p, "alloc_id", max_len=64), app=app, version=version,
-                                    replica=_int(p, "replica", 0, 100_000), node_id=_str(p, "node_id", max_len=64)))
-    stops = raw.get("stops", [])
-    if not isinstance(stops, list) or not all(
-            isinstance(s, list) and len(s) == 2 and all(isinstance(x, str) for x in s) for s in stops):
-        raise CommandRefused("stops must be a list of [alloc_id, reason]")
+def _apply_plan(state: SiteState, cmd: cmds.ApplyPlan, ts: float) -> Ok:
+    app, version = cmd.app, cmd.version
+    placements = [Placement(alloc_id=p.alloc_id, app=app, version=version, replica=p.replica, node_id=p.node_id)
+                  for p in cmd.placements]
     if any(p.alloc_id in state.allocs for p in placements):
-        raise CommandRefused("allocation id already in use")
-    plan = Plan(app=app, version=version, placements=tuple(placements), stops=tuple(tuple(s) for s in stops),
-                filtered=(), unplaced=())
+        raise CommandRefused("allocation id already in use", CONFLICT)
+    plan = Plan(app=app, version=version, placements=tuple(placements), stops=cmd.stops, filtered=(), unplaced=())
     accepted, refusals = recheck_plan(state, plan)
     for p in accepted:
         state.allocs[p.alloc_id] = Alloc(alloc_id=p.alloc_id, app=p.app, version=p.version, replica=p.replica,
@@ -732,7 +597,7 @@ def _apply_plan(state: SiteState, cmd: dict, ts: float) -> dict:
                app=p.app, replica=p.replica, reason=reason)
     stopped = []
     accepted_replicas = {p.replica for p in accepted}
-    for alloc_id, reason in stops:
+    for alloc_id, reason in cmd.stops:
         alloc = state.allocs.get(alloc_id)
         if alloc is None or alloc.desired == DESIRED_STOP:
             continue
@@ -776,44 +641,43 @@ def _forget_finished_allocs(state: SiteState) -> None:
                 del state.allocs[old.alloc_id]
 
 
-def _set_drain(draining: bool) -> Callable[[SiteState, dict, float], dict]:
-    def handler(state: SiteState, cmd: dict, ts: float) -> dict:
-        ref = _str(cmd, "node", max_len=64)
-        node = state.node_by_ref(ref)
-        if node is None:
-            raise CommandRefused(f"no member named {ref!r}")
-        if node.admin in (ADMIN_LEFT, ADMIN_REVOKED):
-            raise CommandRefused(f"node {node.name} has {node.admin}")
-        wanted = ADMIN_DRAINING if draining else ADMIN_ACTIVE
-        if node.admin != wanted:
-            state.nodes[node.node_id] = replace(node, admin=wanted, state_changed_at=ts,
-                                                reason="drained by operator" if draining else "undrained by operator")
-            _event(state, ts, "node", f"{node.name} {'draining' if draining else 'accepting work again'}",
-                   node=node.name, node_id=node.node_id)
-            _audit(state, ts, _actor(cmd), "drain" if draining else "undrain", node.name)
-        return ok(node=node.name, node_id=node.node_id, state=state.nodes[node.node_id].state)
-    return handler
+def _set_drain(state: SiteState, cmd: cmds.Drain | cmds.Undrain, ts: float) -> Ok:
+    draining = isinstance(cmd, cmds.Drain)
+    node = state.node_by_ref(cmd.node)
+    if node is None:
+        raise CommandRefused(f"no member named {cmd.node!r}", NOT_FOUND)
+    if node.admin in (ADMIN_LEFT, ADMIN_REVOKED):
+        raise CommandRefused(f"node {node.name} has {node.admin}", NOT_MEMBER)
+    wanted = ADMIN_DRAINING if draining else ADMIN_ACTIVE
+    if node.admin != wanted:
+        state.nodes[node.node_id] = replace(node, admin=wanted, state_changed_at=ts,
+                                            reason="drained by operator" if draining else "undrained by operator")
+        _event(state, ts, "node", f"{node.name} {'draining' if draining else 'accepting work again'}",
+               node=node.name, node_id=node.node_id)
+        _audit(state, ts, cmd.actor, "drain" if draining else "undrain", node.name)
+    return ok(node=node.name, node_id=node.node_id, state=state.nodes[node.node_id].state)
 
 
-HANDLERS: dict[str, Callable[[SiteState, dict, float], dict]] = {
-    "bootstrap": _bootstrap,
-    "set_policy": _set_policy,
-    "adopt_policy": _adopt_policy,
-    "revoke_node": _revoke_node,
-    "adopt_revocations": _adopt_revocations,
-    "attested": _attested,
-    "rotate_secret": _rotate_secret,
-    "create_token": _create_token,
-    "admit_node": _admit_node,
-    "found_site": _found_site,
-    "heartbeat": _heartbeat,
-    "set_liveness": _set_liveness,
-    "submit_app": _submit_app,
-    "stop_app": _stop_app,
-    "apply_plan": _apply_plan,
-    "drain": _set_drain(True),
-    "undrain": _set_drain(False),
+HANDLERS: dict[type, Callable[[SiteState, Any, float], Ok]] = {
+    cmds.Bootstrap: _bootstrap,
+    cmds.SetPolicy: _set_policy,
+    cmds.AdoptPolicy: _adopt_policy,
+    cmds.RevokeNode: _revoke_node,
+    cmds.AdoptRevocations: _adopt_revocations,
+    cmds.Attested: _attested,
+    cmds.RotateSecret: _rotate_secret,
+    cmds.CreateToken: _create_token,
+    cmds.AdmitNode: _admit_node,
+    cmds.FoundSite: _found_site,
+    cmds.Heartbeat: _heartbeat,
+    cmds.SetLiveness: _set_liveness,
+    cmds.SubmitApp: _submit_app,
+    cmds.StopApp: _stop_app,
+    cmds.ApplyPlan: _apply_plan,
+    cmds.Drain: _set_drain,
+    cmds.Undrain: _set_drain,
 }
+assert set(HANDLERS) == set(cmds.COMMANDS.values()), "every command has exactly one handler"
 
 
 def is_plain_heartbeat(command: Any) -> bool:

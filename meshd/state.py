@@ -236,6 +236,10 @@ class SiteState:
     # How many times the Raft secret was replaced (after revocations); the secret itself
     # never enters the replicated state, which every member, revoked or not, could read.
     secret_epoch: int = 0
+    # Log entries applied so far (refused ones too): the same on every member at the same
+    # point of the log, so a copy of the state with a smaller count is an older view of it
+    # (a Raft node still replaying its journal after a restart).
+    applied: int = 0
 
     def __setstate__(self, saved: dict) -> None:
         # A snapshot written by an older meshd lacks the fields added since: they take

@@ -37,8 +37,8 @@ from meshd import tokens
 from meshd.io import peer
 from meshd.io.admin import AdminError, AdminRequest
 from meshd.io.attester import package_digest
-from meshd.io.daemon import RevocationRefused
 from meshd.io.logfiles import follow, read_tail
+from meshd.commands import Ok, Refused
 from meshd.io.raft import CommandFailed
 from meshd.placement.plan import make_plan
 from meshd.io.mesh import REACHABLE_INTERVALS
@@ -212,9 +212,9 @@ class AdminHandlers:
         if self.daemon.raft is None:
             raise AdminError("this node is still joining its site")
 
-    async def _write(self, request: AdminRequest, op: str, **fields: Any) -> dict:
-        """Commit a command; refuse without quorum; the result's error becomes AdminError."""
-        self._require_member()
+    async def _wait_for_quorum(self) -> float:
+        """Wait briefly for a leader with quorum; refuse when none appears. The deadline
+        (monotonic) until which a write may be retried."""
         d = self.daemon
         deadline = time.monotonic() + WRITE_RETRY_WINDOW
         while d.partitioned:
@@ -222,13 +222,20 @@ class AdminHandlers:
                 raise AdminError("the site has no quorum reachable from this node (partitioned); "
                                  "nothing was changed")
             await trio.sleep(POLL_PERIOD)
+        return deadline
+
+    async def _write(self, request: AdminRequest, op: str, **fields: Any) -> Ok:
+        """Commit a command; refuse without quorum; the result's error becomes AdminError."""
+        self._require_member()
+        d = self.daemon
+        deadline = await self._wait_for_quorum()
         command = d.new_command(op, actor=_actor(request, d), **fields)
         try:
             result = await d.commit(command, retry_until=deadline)
         except CommandFailed as e:
             raise AdminError(f"{e}; the change may not have been applied, check before retrying") from None
-        if not result.get("ok"):
-            raise AdminError(result.get("error", "refused"))
+        if isinstance(result, Refused):
+            raise AdminError(result.text)
         return result
 
     # --- reads ----------------------------------------------------------------------------
@@ -249,7 +256,8 @@ class AdminHandlers:
                 "evidence": TPM_EVIDENCE if d.tpm else SOFTWARE_EVIDENCE,
                 "allocs": sum(1 for a in state.allocs.values() if d.identity and a.node_id == d.identity.node_id
                               and a.live),
-                "uptime_s": round(time.monotonic() - d.started, 1)}
+                "uptime_s": round(time.monotonic() - d.started, 1),
+                **({"joining": d.joining.status(time.monotonic())} if d.joining is not None else {})}
 
     def _node_rows(self, state: SiteState, site: str | None) -> list[dict]:
         if site and site != state.site:
@@ -681,11 +689,12 @@ class AdminHandlers:
             raise AdminError("a node cannot revoke itself; run this on another member")
         if node.admin == ADMIN_REVOKED:
             return {"node": node.name, "revoked": True, "node_id": node.node_id}
+        await self._wait_for_quorum()
         try:
-            fields = d.revocation_fields(state, node, _actor(request, d), reason)
-        except RevocationRefused as e:
-            raise AdminError(str(e)) from None
-        await self._write(request, "revoke_node", **fields)
-        await d.after_revocation(node, fields["revocations"])
-        return {"node": node.name, "revoked": True, "node_id": node.node_id, "revocation_list": fields["number"],
-                "secret_epoch": d.membership.secret_epoch}
+            result = await d.revoke(node, _actor(request, d), reason)
+        except CommandFailed as e:
+            raise AdminError(f"{e}; the revocation may not have been applied, check before retrying") from None
+        if isinstance(result, Refused):
+            raise AdminError(result.text)
+        return {"node": node.name, "revoked": True, "node_id": node.node_id,
+                "revocation_list": result["number"], "secret_epoch": d.membership.secret_epoch}

@@ -1,25 +1,32 @@
 """`meshd run`: the trio daemon around the pure cores.
 
+Every decision is the node core's (meshd.node): the daemon's loops wait, hand the core what
+this node knows (the replicated state, Raft's view, `now`), carry out the effects it returns
+(`Daemon.execute`) and feed the outcomes back.
+
 Tasks of one daemon (all in one nursery; SIGTERM/SIGINT cancel it and shutdown runs):
-- peer listener: joins of new nodes, member calls (remote `logs`);
+- peer listener: joins of new nodes (meshd.node.admitting), member calls (remote `logs`,
+  re-attestation, revocation notices, secret rotation);
 - admin socket: `meshctl` requests (meshd.io.adminhandlers);
 - reports: a Raft command with this node's resources and the state of its allocations,
   sent only when there is news (meshd.reporting);
-- leader duties (only while this node leads): liveness transitions, Raft voter membership,
-  reconcile + placement plans (Nomad's plan/apply split: the plan is re-checked at apply).
-  Liveness comes from heartbeats, never from mDNS: the leader's Raft heartbeat round trips
-  to each voter (every `heartbeat_interval`) and the reports of non-voters;
+- leader duties (only while this node leads, meshd.node.leading): liveness verdicts, Raft
+  voter membership, placement plans; re-attestation (meshd.node.attesting);
 - watchdog: a thread that ends the process if the trio loop stops making progress, so a
   wedged daemon fails like a dead one (its Raft thread would otherwise keep answering
   heartbeats for a node that supervises nothing);
-- supervisor sync: runs exactly the allocations the replicated state assigns to this node.
-  The state is rebuilt from the local Raft journal at start, so a node restarted with no
-  peer reachable restarts its workloads (local autonomy).
+- supervisor sync: runs exactly the allocations the replicated state assigns to this node
+  (meshd.node.worker). The state is rebuilt from the local Raft journal at start, so a node
+  restarted with no peer reachable restarts its workloads (local autonomy).
 
 Invariants:
 - Only this package touches sockets, threads, processes and clocks; decisions are made by
   pure functions given `now`.
 - A failed Raft command is retried with the same request id, so it is applied at most once.
+- Readers of the replicated state never get an older view than one they had: a Raft node
+  restarted for a secret rotation replays its journal before its state replaces the last one.
+- A commit's follow-ups run only on its outcome (Ok or Refused); one whose outcome is
+  unknown (CommandFailed) is looked at again by the duty that asked for it.
 """
 
 from __future__ import annotations
@@ -49,11 +56,10 @@ from attestation.policy import Policy, open_policy, sign_policy
 from attestation.revocation import RevocationList, open_revocations, sign_revocations
 from attestation.signed import AttestationError
 from attestation.tpm import TpmError
-from attestation.verifier import Challenge as EvidenceChallenge
-from attestation.verifier import TpmBinding
-from attestation.verifier import verify as verify_evidence
 
 from meshd import __version__, admission, tokens
+from meshd import commands as cmds
+from meshd.commands import Ok, Refused, Result
 from meshd.config import NodeConfig
 from meshd.io import peer
 from meshd.io.attester import boot_id, node_evidence, package_digest
@@ -62,29 +68,25 @@ from meshd.io.identity import (Identity, Membership, load_or_create_identity, lo
 from meshd.io.mdns import Discovery
 from meshd.io.memory import trim_heap
 from meshd.io.raft import CommandFailed, RaftNode, make_conf
-from meshd.io.supervisor import DesiredAlloc, Supervisor
+from meshd.io.supervisor import Supervisor
 from meshd.io.tls import PeerTLS, joiner_context, member_of
 from meshd.io.tpm import TpmDevice, TpmUnavailable
 from meshd.io.watchdog import LoopWatchdog
-from meshd.liveness import LivenessTracker
-from meshd.placement.plan import make_plan
-from meshd.reattest import due_for_attestation
-from meshd.reconcile import reconcile
+from meshd.node import access, admitting, effects as fx, trust
+from meshd.node.attesting import Attesting
+from meshd.node.joining import Joining, Unreachable
+from meshd.node.leading import LeaderView, Leading
+from meshd.node.worker import Worker
 from meshd.reporting import ReportSchedule
-from meshd.sitestate import UNKNOWN_TOKEN, is_plain_heartbeat, revoked_by_list, waits_for_replacement
-from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, LIVENESS_DOWN, SiteState
+from meshd.sitestate import is_plain_heartbeat, revoked_by_list
+from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, SiteState
 
 log = logging.getLogger("meshd.daemon")
 
-# The leader looks at liveness when the next lease may run out (LivenessTracker.next_check),
-# plus this much so the lease has really passed; and on this period while a node is down
-# (its return is only seen by looking) or a leader duty failed.
-LEASE_EPSILON = 0.01
+# After a leader duty failed (a command did not commit), the leader looks again this soon.
 LEADER_PERIOD = 0.1
 # A follower's leader loop is woken by every role change; this is only a safety net.
 FOLLOWER_PERIOD = 2.0
-# Reconcile runs when the state changed; this often also without a change, as a safety net.
-RECONCILE_SAFETY_PERIOD = 5.0
 # Allocation reports are sent when they change; a full resend this often repairs any report
 # that a leader change swallowed.
 FULL_REPORT_PERIOD = 10.0
@@ -99,8 +101,6 @@ REPORT_RETRY_DELAY = 0.1
 NONVOTER_REPORTS_PER_LEASE = 4
 # psutil sampling is cheap but not free; resources move slowly.
 RESOURCE_SAMPLE_PERIOD = 2.0
-# How long a joining node looks for members of its site before giving up.
-JOIN_DISCOVERY_TIMEOUT = 60.0
 # While joining: look for candidates this often (cheap: a dict read).
 JOIN_POLL = 0.05
 # While joining and nobody is found: ask by mDNS this often, for this long (after that the
@@ -108,9 +108,8 @@ JOIN_POLL = 0.05
 JOIN_QUERY_PERIOD = 0.25
 JOIN_FAST_QUERY_WINDOW = 5.0
 # Re-attestation (leader): look for due members this often (and on every state change);
-# an unreachable member is asked again after the retry delay; one exchange may take this long.
+# one exchange may take this long (meshd.node.attesting decides who and when).
 ATTEST_CHECK_PERIOD = 1.0
-ATTEST_RETRY_DELAY = 10.0
 ATTEST_TIMEOUT = 10.0
 # Raft secret: a member with no Raft leader for SECRET_FETCH_AFTER (looked at every
 # SECRET_CHECK_PERIOD) asks the others whether the secret was rotated while it was away;
@@ -128,10 +127,6 @@ MAX_LOCAL_EVENTS = 500
 
 class FatalStartupError(Exception):
     """The daemon cannot start (e.g. a refused join); the message is shown to the operator."""
-
-
-# Refusals another try may cure: the site was busy, or this member could not act for it.
-RETRYABLE_REFUSALS = ("site could not commit", "this member cannot issue", "this node is not a member")
 
 
 def new_cert_serial() -> int:
@@ -165,17 +160,12 @@ def founder_welcome_problem(welcome: dict, site: str) -> str | None:
     return None
 
 
-class RevocationRefused(Exception):
-    """This node cannot revoke (no root key, damaged list); the message says why."""
-
-
 class JoinRefused(peer.PeerError):
-    """A member decided against this join. Every member decides from the same replicated
-    state, so asking another one only helps when the reason was about that member."""
+    """A member answered a join with a refusal (meshd.node.admitting says what its code means)."""
 
-    @property
-    def retryable(self) -> bool:
-        return str(self).startswith(RETRYABLE_REFUSALS)
+    def __init__(self, refusal: admitting.JoinRefusal) -> None:
+        super().__init__(refusal.reason)
+        self.refusal = refusal
 
 
 class Wakeup:
@@ -276,7 +266,11 @@ class Daemon:
         self.raft: RaftNode | None = None
         self.discovery: Discovery | None = None
         self.supervisor: Supervisor | None = None
-        self.tracker = LivenessTracker(lease=config.lease)
+        self.leading = Leading(lease=config.lease, new_alloc_id=lambda: secrets.token_hex(6))
+        self.worker: Worker | None = None  # once the identity is loaded
+        self.attesting: Attesting | None = None
+        self.joining: Joining | None = None  # while this node looks for a member to admit it
+        self._newest_state: SiteState | None = None  # reads never go back to an older view
         self.local_events: deque[dict] = deque(maxlen=MAX_LOCAL_EVENTS)
         self.advertise_ip = config.advertise or default_advertise_ip()
         self.listen_ip = config.listen.rpartition(":")[0]
@@ -287,15 +281,13 @@ class Daemon:
         self._reports = ReportSchedule(full_period=FULL_REPORT_PERIOD)
         self._resources: dict = {}
         self._resources_at = 0.0
-        self._led_term: int | None = None
-        self._unplaced_reported: dict[str, str] = {}
         self.state_changed: Wakeup | None = None
         self.tls = PeerTLS(self.data_dir)
         self._member_scopes: dict[tuple[str, str], set[trio.CancelScope]] = {}  # open calls and sync sessions, by (site, node id)
         self._revoked_notice: str | None = None  # a root-signed revocation naming us arrived
         self._revocations_cache: tuple[tuple, frozenset[str]] | None = None
         # pysyncobj takes one membership change at a time; a second one waits out its timeout.
-        self._voter_change = trio.Lock()
+        self._voter_change_lock = trio.Lock()
         self._secret_switch = trio.Lock()
         self.reports_changed: Wakeup | None = None
         self.stopping = False
@@ -309,7 +301,17 @@ class Daemon:
         log.info(message, extra={"kind": kind, **data})
 
     def snapshot(self) -> SiteState:
-        return self.raft.snapshot() if self.raft else SiteState()
+        """The replicated state as this node last knew it. A Raft node restarted (a secret
+        rotation) replays its journal first; until it caught up, readers keep the newer view
+        they had, so nothing reads an allocation as gone because it was not replayed yet."""
+        if self.raft is None:
+            return SiteState()
+        state = self.raft.snapshot()
+        newest = self._newest_state
+        if newest is not None and state.applied < newest.applied:
+            return newest
+        self._newest_state = state
+        return state
 
     def node_plain(self) -> dict:
         assert self.identity is not None
@@ -330,9 +332,13 @@ class Daemon:
     def new_command(self, op: str, **fields: Any) -> dict:
         return {"op": op, "request_id": uuid.uuid4().hex, "ts": time.time(), **fields}
 
-    async def commit(self, command: dict, timeout: float = 5.0, retry_until: float | None = None) -> dict:
-        """Submit through Raft; retry the same request id until `retry_until` (monotonic)."""
+    async def commit(self, command: cmds.Command | dict, timeout: float = 5.0,
+                     retry_until: float | None = None) -> Result:
+        """Submit through Raft; retry the same request id until `retry_until` (monotonic).
+        The outcome is Ok or Refused; CommandFailed when it did not commit (outcome unknown)."""
         assert self.raft is not None
+        if isinstance(command, cmds.Command):
+            command = cmds.encode(command, cmds.Envelope(ts=time.time(), request_id=uuid.uuid4().hex))
         deadline = retry_until if retry_until is not None else time.monotonic()
         while True:
             try:
@@ -341,6 +347,37 @@ class Daemon:
                 if time.monotonic() >= deadline:
                     raise
                 await trio.sleep(0.1)
+
+    # --- carrying out the node core's effects ---------------------------------------------
+
+    async def execute(self, effects: list[fx.Effect]) -> None:
+        """Carry out effects in order; a commit's follow-ups run once it committed. Raises
+        CommandFailed when a commit did not commit (the duty that asked looks again later)."""
+        for effect in effects:
+            if isinstance(effect, fx.Commit):
+                result = await self.commit(effect.command)
+                if isinstance(result, Refused):
+                    log.info("command refused", extra={"op": effect.command.op, "code": result.code,
+                                                       "reason": result.text})
+                if effect.then is not None:
+                    await self.execute(list(effect.then(result, self.snapshot())))
+            elif isinstance(effect, fx.Emit):
+                self.event(effect.kind, effect.message, **dict(effect.data))
+            elif isinstance(effect, (fx.AddVoter, fx.RemoveVoter)):
+                await self._change_voters(effect)
+            elif isinstance(effect, fx.TellRevoked):
+                await self.tell_revoked(effect.node, effect.revocations)
+            elif isinstance(effect, fx.DistributeSecret):
+                await self._distribute_secret(effect)
+            elif isinstance(effect, fx.RenewCertificate):
+                await self._renew_certificate(self.snapshot(), effect.node)
+            elif isinstance(effect, fx.SetWorkloads):
+                assert self.supervisor is not None
+                self.supervisor.set_desired(effect.workloads)
+            elif isinstance(effect, fx.Expel):
+                await self._expelled(effect.reason)
+            else:  # pragma: no cover - a new effect type without a runtime
+                raise TypeError(f"no runtime for effect {effect!r}")
 
     @property
     def leader_name(self) -> str | None:
@@ -453,67 +490,72 @@ class Daemon:
         command = self.new_command("bootstrap", site=site, mesh_id=mesh_id, node=self.node_plain(),
                                    actor=self.config.name, trust=trust)
         result = await self.commit(command, retry_until=time.monotonic() + 30)
-        if not result.get("ok"):
-            raise FatalStartupError(f"could not found site: {result.get('error')}")
+        if isinstance(result, Refused):
+            raise FatalStartupError(f"could not found site: {result.text}")
 
     async def _join_site(self) -> None:
+        """Ask members of the token's site to admit this node until one does (meshd.node.joining
+        decides whom to ask next, what each answer means and when to give up)."""
         try:
             token = tokens.parse_token(self.config.join or "")
         except tokens.TokenError as e:
             raise FatalStartupError(f"--join: {e}") from None
         started = time.monotonic()
-        deadline = started + JOIN_DISCOVERY_TIMEOUT
-        tried: set[str] = set()
-        last_error = "no member of the site found (mDNS or --peer)"
+        joining = self.joining = Joining(site=token.site, started=started)
         last_query = 0.0
-        while time.monotonic() < deadline:
-            candidates = list(self.config.peers)
+        while True:
+            now = time.monotonic()
+            found: list[str] = []
             if self.discovery:
                 found = [c.address for c in self.discovery.candidates(token.site)]
-                now = time.monotonic()
                 if not found and now - started < JOIN_FAST_QUERY_WINDOW and now - last_query >= JOIN_QUERY_PERIOD:
                     last_query = now
                     probed = await trio.to_thread.run_sync(self.discovery.probe)
                     found = [c.address for c in probed if c.site == token.site]
-                candidates += found
-            for address in candidates:
+            for address in joining.candidates(found, list(self.config.peers), time.monotonic()):
                 try:
                     welcome = await self._join_via(address, token)
-                except peer.PeerError as e:
-                    last_error = str(e)
-                    if isinstance(e, JoinRefused) and not e.retryable:
-                        raise FatalStartupError(f"join refused by {address}: {last_error}") from None
-                    if address not in tried:
-                        log.info("join attempt failed", extra={"peer": address, "reason": last_error})
-                    tried.add(address)
-                    continue
-                except (OSError, trio.TooSlowError, KeyError, ValueError) as e:
-                    last_error = f"{address}: {e or type(e).__name__}"
-                    tried.add(address)
-                    continue
-                if welcome.get("founder") is True:
-                    # No members of the site yet: this node is its first voter, in the mesh
-                    # (trust root, policy, revocations) of the member that let it in.
-                    await self._start_site(token.site, welcome["mesh_id"], welcome["root_key"],
-                                           {"root": welcome["trust_root"], "root_cert": welcome["root_cert"],
-                                            "policy": welcome["policy"], "revocations": welcome["revocations"]},
-                                           welcome["member_cert"])
-                    self.event("membership", f"founded site {token.site} in mesh {welcome['mesh_id']} via {address}",
-                               site=token.site, mesh_id=welcome["mesh_id"])
+                except JoinRefused as e:
+                    outcome: Unreachable | admitting.JoinRefusal = e.refusal
+                except (peer.PeerError, OSError, trio.TooSlowError, KeyError, ValueError) as e:
+                    outcome = Unreachable(str(e) or type(e).__name__)
+                else:
+                    self.joining = None
+                    await self._welcomed(address, token, welcome)
                     return
-                self.membership = Membership(site=token.site, mesh_id=welcome["mesh_id"],
-                                             site_secret=welcome["site_secret"], voter=bool(welcome["voter"]),
-                                             peer_port=self.peer_port, raft_port=self.raft_port,
-                                             partners=list(welcome["partners"]),
-                                             root_key=str(welcome.get("root_key", "")))
-                self.membership.save(self.data_dir)
-                save_certificates(self.data_dir, str(welcome["member_cert"]), str(welcome["root_cert"]))
-                self.event("membership", f"joined site {token.site} via {address}", site=token.site,
-                           voter=self.membership.voter)
-                self._start_raft()
-                return
+                new, give_up = joining.failed(address, outcome, time.monotonic())
+                if new:
+                    log.info("join attempt failed", extra={"peer": address, "outcome": joining.attempts[address].outcome,
+                                                           "reason": joining.attempts[address].reason})
+                if give_up is not None:
+                    raise FatalStartupError(give_up.reason)
+            give_up = joining.expired(time.monotonic())
+            if give_up is not None:
+                raise FatalStartupError(give_up.reason)
             await trio.sleep(JOIN_POLL)
-        raise FatalStartupError(f"could not join site {token.site}: {last_error}")
+
+    async def _welcomed(self, address: str, token: tokens.ParsedToken, welcome: dict) -> None:
+        """A member admitted this node: become a member of its site, or found a new one."""
+        if welcome.get("founder") is True:
+            # No members of the site yet: this node is its first voter, in the mesh
+            # (trust root, policy, revocations) of the member that let it in.
+            await self._start_site(token.site, welcome["mesh_id"], welcome["root_key"],
+                                   {"root": welcome["trust_root"], "root_cert": welcome["root_cert"],
+                                    "policy": welcome["policy"], "revocations": welcome["revocations"]},
+                                   welcome["member_cert"])
+            self.event("membership", f"founded site {token.site} in mesh {welcome['mesh_id']} via {address}",
+                       site=token.site, mesh_id=welcome["mesh_id"])
+            return
+        self.membership = Membership(site=token.site, mesh_id=welcome["mesh_id"],
+                                     site_secret=welcome["site_secret"], voter=bool(welcome["voter"]),
+                                     peer_port=self.peer_port, raft_port=self.raft_port,
+                                     partners=list(welcome["partners"]),
+                                     root_key=str(welcome.get("root_key", "")))
+        self.membership.save(self.data_dir)
+        save_certificates(self.data_dir, str(welcome["member_cert"]), str(welcome["root_cert"]))
+        self.event("membership", f"joined site {token.site} via {address}", site=token.site,
+                   voter=self.membership.voter)
+        self._start_raft()
 
     async def _join_via(self, address: str, token: tokens.ParsedToken) -> dict:
         from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -529,10 +571,9 @@ class Daemon:
             await conn.send(hello)
             challenge = await conn.receive()
             if challenge.get("type") == "refused":
-                raise JoinRefused(str(challenge.get("reason") or "join refused"))
+                raise JoinRefused(admitting.JoinRefusal.from_wire(challenge))
             if challenge.get("type") != "challenge":
                 raise peer.PeerError(challenge.get("error") or "member did not send a challenge")
-            member_site = challenge.get("site")
             nonce, member_eph = bytes.fromhex(challenge["nonce"]), bytes.fromhex(challenge["member_eph"])
             credential = b""
             if self.tpm is not None:
@@ -545,12 +586,7 @@ class Daemon:
                              "evidence": await self.evidence(nonce, credential)})
             answer = await conn.receive(timeout=15)
             if answer.get("type") == "refused":
-                reason = str(answer.get("reason") or "join refused")
-                if member_site != token.site and UNKNOWN_TOKEN in reason:
-                    # A member of another site that did not issue this token (a --peer of
-                    # the mesh elsewhere): not a verdict on this join; ask the next member.
-                    raise peer.PeerError(f"{address} (site {member_site}) does not know this token")
-                raise JoinRefused(reason)
+                raise JoinRefused(admitting.JoinRefusal.from_wire(answer))
             if answer.get("type") != "welcome":
                 raise peer.PeerError(answer.get("reason") or answer.get("error") or "join refused")
             key = tokens.session_key(eph, member_eph, token.secret, transcript)
@@ -585,8 +621,13 @@ class Daemon:
     async def handle_join(self, conn: peer.FramedStream, hello: dict) -> None:
         from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
         from cryptography.hazmat.primitives import serialization
-        if self.membership is None or self.raft is None:
-            raise peer.PeerError("this node is not a member of any site yet")
+        state = self.snapshot()
+        leader = self._leader_peer_address(state)
+        busy = admitting.cannot_decide(state, self.membership is not None and self.raft is not None, leader)
+        if busy is not None:
+            await conn.send(busy.to_wire())
+            return
+        assert self.membership is not None and self.raft is not None
         eph = X25519PrivateKey.generate()
         tpm_challenge = None
         if "tpm" in hello:
@@ -594,7 +635,7 @@ class Daemon:
                 tpm_challenge = admission.tpm_challenge(hello["tpm"], os.urandom(32), os.urandom(32))
             except TpmError as e:
                 self.event("membership", f"join refused: TPM keys unfit ({e})", reason=str(e))
-                await conn.send({"type": "refused", "reason": f"attestation: TPM keys unfit: {e}"})
+                await conn.send(admitting.JoinRefusal(admitting.DENIED, f"attestation: TPM keys unfit: {e}").to_wire())
                 return
         challenge = admission.Challenge(
             nonce=os.urandom(32),
@@ -618,48 +659,38 @@ class Daemon:
         verdict = admission.decide(state, challenge, request, now=time.time())
         name = request.node.get("name", "?")
         if not verdict.admit:
-            self.event("membership", f"join of {name} refused: {verdict.reason}", node=name, reason=verdict.reason)
-            await conn.send({"type": "refused", "reason": verdict.reason})
+            refusal = admitting.verdict_refusal(state, verdict, request.token_id)
+            self.event("membership", f"join of {name} refused: {refusal.reason}", node=name, reason=refusal.reason,
+                       code=refusal.code)
+            await conn.send(refusal.to_wire())
             return
-        if self.root_signing_key() is None or not state.root_cert:
-            await conn.send({"type": "refused", "reason": "this member cannot issue certificates (no mesh root key)"})
+        unable = admitting.cannot_issue(state.root_cert, self.root_signing_key() is not None, leader)
+        if unable is not None:
+            await conn.send(unable.to_wire())
             return
-        # A founder token's holder founds its own site: the token is consumed here, but it
-        # does not become a member of this site.
-        op, what = ("found_site", "founding of site") if verdict.founds else ("admit_node", "admission")
+        command = admitting.admission_command(state, verdict, request.token_id, request.node,
+                                              challenge.tpm.ak_public.hex() if challenge.tpm else "", self.config.name)
+        if isinstance(command, admitting.JoinRefusal):
+            await conn.send(command.to_wire())
+            return
         try:
-            # The attestation key on record is the one this verifier bound, never one the joiner names.
-            node = dict(request.node) | {"tpm_ak": challenge.tpm.ak_public.hex() if challenge.tpm else ""}
-            result = await self.commit(self.new_command(op, token_id=request.token_id, node=node,
-                                                        actor=self.config.name),
-                                       retry_until=time.monotonic() + 5)
+            result = await self.commit(command, retry_until=time.monotonic() + 5)
         except CommandFailed as e:
-            await conn.send({"type": "refused", "reason": f"site could not commit the {what}: {e}"})
+            await conn.send(admitting.not_committed(str(e), "founding of site" if verdict.founds else "admission")
+                            .to_wire())
             return
-        if not result.get("ok"):
-            self.event("membership", f"join of {name} refused: {result.get('error')}", node=name)
-            await conn.send({"type": "refused", "reason": result["error"]})
+        if isinstance(result, Refused):
+            refusal = admitting.commit_refusal(result)
+            self.event("membership", f"join of {name} refused: {result.text}", node=name, code=refusal.code)
+            await conn.send(refusal.to_wire())
             return
         state = self.snapshot()
-        if verdict.founds:
-            # Everything the first voter of a new site of this mesh needs: a certificate for
-            # that site, the root key (it issues its own joiners' certificates) and the
-            # root-signed trust documents its bootstrap verifies.
-            welcome = {"mesh_id": self.membership.mesh_id, "site": verdict.founds, "founder": True,
-                       "member_cert": self.issue_certificate(state, request.node["public_key"], verdict.founds,
-                                                             request.node["node_id"]),
-                       "root_cert": state.root_cert, "root_key": self.membership.root_key,
-                       "trust_root": state.trust_root, "policy": state.policy, "revocations": state.revocations}
-        else:
-            partners = sorted(n.raft_address for n in state.nodes.values() if n.voter and n.admin not in (
-                ADMIN_LEFT, ADMIN_REVOKED) and n.node_id != request.node["node_id"])
-            member_cert = self.issue_certificate(state, request.node["public_key"], self.membership.site,
-                                                 request.node["node_id"])
-            welcome = {"mesh_id": self.membership.mesh_id, "site": self.membership.site,
-                       "site_secret": self.membership.site_secret, "voter": result["voter"], "partners": partners,
-                       "member_cert": member_cert, "root_cert": state.root_cert}
-            if result["voter"]:
-                welcome["root_key"] = self.membership.root_key
+        cert = self.issue_certificate(state, request.node["public_key"], verdict.founds or self.membership.site,
+                                      request.node["node_id"])
+        welcome = admitting.welcome(state, result, verdict.founds, request.node["node_id"],
+                                    mesh_id=self.membership.mesh_id, site=self.membership.site,
+                                    site_secret=self.membership.site_secret, root_key=self.membership.root_key,
+                                    member_cert=cert)
         transcript = admission.transcript_for(challenge, request)
         key = tokens.session_key(eph, request.joiner_eph, bytes.fromhex(state.tokens[request.token_id].secret),
                                  transcript)
@@ -672,7 +703,14 @@ class Daemon:
             # Add the voter now, not on the next leader round: it is starting Raft and would
             # otherwise time out and disturb the site with an election. After the welcome,
             # because growing a one-voter site needs the newcomer's own vote to commit.
-            await self._sync_voters(self.snapshot())
+            await self.execute(self._voter_change())
+
+    def _leader_peer_address(self, state: SiteState) -> str | None:
+        """The peer address of the leader this node follows, for a joiner to ask next."""
+        leader = self.raft.status.leader_address if self.raft else None
+        node = next((n for n in state.nodes.values() if leader and n.raft_address == leader), None)
+        return node.address if node is not None and node.node_id != (self.identity.node_id if self.identity
+                                                                     else None) else None
 
     def is_member(self, node_id: str) -> bool:
         node = self.snapshot().nodes.get(node_id)
@@ -714,7 +752,7 @@ class Daemon:
                         command["boot_id"] = boot_id()  # a reboot makes the leader re-attest us
                     try:
                         result = await self.raft.submit(command, timeout=max(self.config.lease, 1.0))
-                        if result.get("ok"):
+                        if isinstance(result, Ok):
                             self._reports.sent(now, report)
                             # Look again at once: changes made while the report was in
                             # flight woke nobody.
@@ -726,235 +764,116 @@ class Daemon:
             await news.wait(keepalive or REPORT_CHECK_PERIOD)
 
     async def leader_loop(self) -> None:
-        """Leader duties, woken by state changes, role changes and the next lease deadline."""
-        assert self.state_changed is not None
-        last_reconcile = 0.0
+        """Leader duties (meshd.node.leading), woken by state changes, role changes and the
+        next lease deadline."""
+        assert self.state_changed is not None and self.identity is not None
         wait = 0.0  # look at once: a founder became leader before this loop started
         changes = self.state_changed.listener()
         while True:
             notified = await changes.wait(wait)
             wait = FOLLOWER_PERIOD
             if self.raft is None or self.raft.status.role != "leader":
-                self._led_term = None
+                self.leading.stepped_down()
                 continue
             wait = LEADER_PERIOD  # after a failed duty: try again soon
             try:
-                changed = await self._check_liveness() or notified
-                if changed or time.monotonic() - last_reconcile > RECONCILE_SAFETY_PERIOD:
-                    last_reconcile = time.monotonic()
-                    await self._lead_once()
-                wait = self._next_liveness_check()
+                effects = self.leading.step(self._leader_view(notified), time.monotonic())
+                await self.execute(effects)
+                wait = 0.0 if any(isinstance(e, fx.Commit) for e in effects) else \
+                    self.leading.next_look(self.snapshot(), time.monotonic())
             except CommandFailed as e:
                 log.info("leader duty interrupted", extra={"reason": str(e)})
 
-    def _next_liveness_check(self) -> float:
-        """Leader: seconds until a lease may run out (no need to look before that)."""
-        state = self.snapshot()
-        deadline = self.tracker.next_check(state)
-        wait = RECONCILE_SAFETY_PERIOD if deadline is None else deadline - time.monotonic() + LEASE_EPSILON
-        if any(n.liveness == LIVENESS_DOWN and n.admin not in (ADMIN_LEFT, ADMIN_REVOKED) for n in state.nodes.values()):
-            # A down node comes back through contacts nobody announces: look on a period.
-            wait = min(wait, LEADER_PERIOD)
-        return min(max(wait, LEASE_EPSILON), RECONCILE_SAFETY_PERIOD)
-
-    async def _check_liveness(self) -> bool:
-        """Leader: commit down/ready transitions of members; True when any was committed."""
-        assert self.raft is not None
+    def _leader_view(self, changed: bool = True) -> LeaderView:
+        assert self.raft is not None and self.identity is not None
         status = self.raft.status
-        state = self.snapshot()
-        if self._led_term != status.term:
-            # A new term: every member gets a fresh lease, so a leader change by itself never
-            # marks anyone down or reschedules anything.
-            self._led_term = status.term
-            self.tracker.reset(state, time.monotonic())
-            self.event("leader", f"{self.config.name} leads site {state.site} (term {status.term})", term=status.term)
-            return True
-        # When each voter last answered the leader's Raft heartbeat; the leader hears itself.
-        by_address = dict(status.contacts)
-        now = time.monotonic()
-        contacts = {node.node_id: by_address[node.raft_address]
-                    for node in state.nodes.values() if node.raft_address in by_address}
-        assert self.identity is not None
-        contacts[self.identity.node_id] = now
-        transitions = self.tracker.observe(state, now, contacts)
-        for transition in transitions:
-            await self.commit(self.new_command("set_liveness", node_id=transition.node_id, liveness=transition.to,
-                                               reason=transition.reason))
-        return bool(transitions)
+        return LeaderView(state=self.snapshot(), term=status.term, own_id=self.identity.node_id,
+                          own_raft_address=f"{self.advertise_ip}:{self.raft_port}", configured=status.partners,
+                          contacts=status.contacts, changed=changed, caught_up=status.caught_up)
 
-    async def _lead_once(self) -> None:
-        """Leader: voter membership, then reconcile and commit placement plans."""
-        await self._sync_voters(self.snapshot())
-        state = self.snapshot()
-        rec = reconcile(state)
-        stops_by_app: dict[str, list] = {}
-        for alloc_id, reason in rec.stop:
-            stops_by_app.setdefault(state.allocs[alloc_id].app if alloc_id in state.allocs else "", []).append(
-                (alloc_id, reason))
-        for app_name in sorted(set(rec.place) | set(stops_by_app)):
-            record = state.apps.get(app_name)
-            replicas = rec.place.get(app_name, ())
-            stops = stops_by_app.get(app_name, [])
-            if record is None:
-                plan_plain = {"app": app_name or "unknown", "version": 1, "placements": [],
-                              "stops": [list(s) for s in stops]}
-            else:
-                plan = make_plan(state, record.spec, record.version, replicas, lambda: secrets.token_hex(6),
-                                 stops=stops)
-                if plan.unplaced:
-                    reason = "; ".join(f"replica {r}: {why}" for r, why in plan.unplaced)
-                    if self._unplaced_reported.get(app_name) != reason:
-                        self._unplaced_reported[app_name] = reason
-                        self.event("placement", f"{app_name}: cannot place {len(plan.unplaced)} replica(s): {reason}",
-                                   app=app_name)
-                placed = {p.replica for p in plan.placements}
-                stops = [(alloc_id, why) for alloc_id, why in plan.stops
-                         if state.allocs[alloc_id].replica in placed
-                         or not waits_for_replacement(state, state.allocs[alloc_id], record.version)]
-                plan_plain = {"app": app_name, "version": record.version,
-                              "placements": [{"alloc_id": p.alloc_id, "replica": p.replica, "node_id": p.node_id}
-                                             for p in plan.placements],
-                              "stops": [list(s) for s in stops]}
-            if not plan_plain["placements"] and not plan_plain["stops"]:
-                continue
-            await self.commit(self.new_command("apply_plan", plan=plan_plain))
-            state = self.snapshot()
+    def _voter_change(self) -> list[fx.Effect]:
+        """The Raft configuration change the site needs now, if this node leads."""
+        if self.raft is None or self.raft.status.role != "leader":
+            return []
+        change = self.leading.voter_change(self._leader_view())
+        return [change] if change is not None else []
 
-    async def _sync_voters(self, state: SiteState) -> None:
-        """Make the Raft configuration hold every admitted voter (one change at a time)."""
+    async def _change_voters(self, change: fx.AddVoter | fx.RemoveVoter) -> None:
+        """One Raft configuration change (pysyncobj takes one at a time; a second one would
+        wait out its timeout, so a change already under way makes this one wait for the next pass)."""
         assert self.raft is not None
-        if self._voter_change.locked():
-            return  # another task is changing it (a join); the next leader round looks again
-        async with self._voter_change:
-            await self._add_missing_voter(state)
-
-    async def _add_missing_voter(self, state: SiteState) -> None:
-        assert self.raft is not None
-        status = self.raft.status
-        own = f"{self.advertise_ip}:{self.raft_port}"
-        configured = set(status.partners) | {own}
-        expelled = {n.raft_address: n for n in state.nodes.values()
-                    if n.admin in (ADMIN_LEFT, ADMIN_REVOKED) and n.raft_address != own}
-        for address in sorted(set(status.partners) & set(expelled)):
-            # A revoked (or departed) member leaves the Raft configuration: it no longer
-            # counts towards quorum and the leader stops sending it the log.
-            node = expelled[address]
-            try:
-                await self.raft.change_membership(remove=address)
-                self.event("membership", f"{node.name} removed from the Raft voters ({node.admin})", node=node.name)
-            except CommandFailed as e:
-                log.info("voter removal pending", extra={"node": node.name, "reason": str(e)})
+        if self._voter_change_lock.locked():
             return
-        for node in state.nodes.values():
-            if node.voter and node.admin not in (ADMIN_LEFT, ADMIN_REVOKED) and node.raft_address not in configured:
-                try:
-                    await self.raft.change_membership(add=node.raft_address)
-                    self.event("membership", f"{node.name} added to the Raft voters", node=node.name)
-                except CommandFailed as e:
-                    log.info("voter add pending", extra={"node": node.name, "reason": str(e)})
-                return
+        async with self._voter_change_lock:
+            try:
+                if isinstance(change, fx.AddVoter):
+                    await self.raft.change_membership(add=change.address)
+                    self.event("membership", f"{change.name} added to the Raft voters", node=change.name)
+                else:
+                    # A revoked (or departed) member leaves the Raft configuration: it no longer
+                    # counts towards quorum and the leader stops sending it the log.
+                    await self.raft.change_membership(remove=change.address)
+                    self.event("membership", f"{change.name} removed from the Raft voters ({change.why})",
+                               node=change.name)
+            except CommandFailed as e:
+                log.info("voter change pending", extra={"node": change.name, "reason": str(e)})
 
     async def supervise_loop(self) -> None:
-        assert self.state_changed is not None and self.identity is not None and self.supervisor is not None
-        last: tuple | None = None
+        """Run what meshd.node.worker says this node runs; leave when it was revoked."""
+        assert self.state_changed is not None and self.worker is not None
         changes = self.state_changed.listener()
         while True:
             state = self.snapshot()
-            own = state.nodes.get(self.identity.node_id)
-            if own is not None and own.admin == ADMIN_REVOKED:
-                await self._expelled(state, own.reason)
-            if self._revoked_notice:
-                await self._expelled(state, self._revoked_notice)
+            await self.execute(self.worker.step(state, self._revoked_notice,
+                                                caught_up=self.raft is not None and self.raft.status.caught_up))
             self._cut_revoked(state)
-            desired = []
-            for alloc in state.allocs.values():
-                if alloc.node_id != self.identity.node_id or not alloc.live:
-                    continue
-                record = state.apps.get(alloc.app)
-                if record is None:
-                    continue
-                spec = record.spec
-                desired.append(DesiredAlloc(alloc_id=alloc.alloc_id, app=alloc.app, command=tuple(spec.command),
-                                            env=dict(spec.env), restart_policy=spec.restart_policy))
-            key = tuple(sorted(d.alloc_id for d in desired))
-            if key != last:
-                self.supervisor.set_desired(desired)
-                last = key
             self._save_partners(state)
             await changes.wait(SUPERVISE_SAFETY_PERIOD)
 
-    def revocation_fields(self, state: SiteState, node, actor: str, reason: str) -> dict:
-        """The `revoke_node` command fields: the next revocation list, naming the node, signed
-        with the mesh root key (which only voters hold)."""
-        root_key = self.root_signing_key()
-        if root_key is None or not state.trust_root:
-            raise RevocationRefused("only a voter holds the mesh root key; run this on a voter")
-        try:
-            current = open_revocations(state.revocations, bytes.fromhex(state.trust_root))
-        except AttestationError as e:
-            raise RevocationRefused(f"the site's revocation list does not verify: {e}") from None
-        updated = current.with_revoked(node.node_id, time.time(), actor, reason)
-        return {"node_id": node.node_id, "reason": reason, "revocations": sign_revocations(root_key, updated),
-                "number": updated.number}
+    async def revoke(self, node, actor: str, reason: str) -> Result:
+        """Revoke a member (meshd.node.trust): commit the revocation, then, only if it was
+        applied, tell the node and rotate the Raft secret. Raises CommandFailed when the
+        revocation did not commit."""
+        assert self.identity is not None
+        command = trust.revocation(self.snapshot(), node, actor, reason, self.root_signing_key(), time.time())
+        if isinstance(command, Refused):
+            return command
+        result = await self.commit(command)
+        await self.execute(trust.after_revocation(node, command, result, self.identity.node_id, self.config.name))
+        return result
 
     # --- re-attestation (leader) -----------------------------------------------------------
 
     async def attestation_loop(self) -> None:
         """Leader: ask members that rebooted, or whose evidence is getting old, for fresh
-        evidence; revoke a member whose evidence no longer verifies."""
-        assert self.state_changed is not None
+        evidence (meshd.node.attesting decides who, and what the answer earns)."""
+        assert self.state_changed is not None and self.identity is not None
+        attesting = self.attesting = Attesting(leader_name=self.config.name, own_id=self.identity.node_id,
+                                               interval=self.config.reattest_interval)
         changes = self.state_changed.listener()
-        retry_after: dict[str, float] = {}  # node_id -> monotonic time: unreachable, try later
         while True:
             await changes.wait(ATTEST_CHECK_PERIOD)
             if self.raft is None or self.raft.status.role != "leader":
                 continue
-            state = self.snapshot()
-            now = time.monotonic()
-            for node_id in due_for_attestation(state, time.time(), self.config.reattest_interval):
-                if retry_after.get(node_id, 0.0) > now:
-                    continue
-                if not await self._reattest(state, state.nodes[node_id]):
-                    retry_after[node_id] = now + ATTEST_RETRY_DELAY
-                break  # one per round: attestation never crowds out the other duties
-
-    async def _reattest(self, state: SiteState, node) -> bool:
-        """One challenge to one member; False when it could not be asked (try later)."""
-        assert self.identity is not None and self.membership is not None
-        nonce, issued_at = os.urandom(32), time.time()
-        # The evidence authenticates the answer (signed by the node key, bound to our nonce),
-        # so a member whose certificate expired offline can still be renewed.
-        answer = await self.try_call_member(node, {"call": "attest", "nonce": nonce.hex()},
-                                            "re-attestation postponed", timeout=ATTEST_TIMEOUT, verify_server=False)
-        if answer is None:
-            return False
-        evidence = answer.get("evidence") if isinstance(answer, dict) else None
-        try:
-            policy, revocations = admission.site_trust(state)
-        except (ValueError, AttestationError) as e:
-            log.warning("cannot re-attest: trust documents do not verify", extra={"reason": str(e)})
-            return False
-        binding = TpmBinding(bytes.fromhex(node.tpm_ak)) if node.tpm_ak else None
-        verdict = verify_evidence(evidence, EvidenceChallenge(nonce.hex(), node.node_id, issued_at),
-                                  bytes.fromhex(node.public_key), policy, state.site, time.time(), revocations, binding)
-        try:
-            if verdict.ok:
-                assert verdict.claims is not None
-                if node.attested_boot_id and verdict.claims.boot_id != node.attested_boot_id:
-                    self.event("attestation", f"{node.name} re-attested after a reboot", node=node.name)
-                await self.commit(self.new_command("attested", node_id=node.node_id, boot_id=verdict.claims.boot_id))
-                await self._renew_certificate(state, node)
-                return True
-            self.event("attestation", f"{node.name} failed re-attestation: {verdict.reason}", node=node.name,
-                       reason=verdict.reason)
-            fields = self.revocation_fields(state, node, f"attestation@{self.config.name}",
-                                            f"re-attestation failed: {verdict.reason}"[:200])
-            await self.commit(self.new_command("revoke_node", actor=f"attestation@{self.config.name}", **fields))
-            await self.after_revocation(node, fields["revocations"])
-        except (CommandFailed, RevocationRefused) as e:
-            log.info("re-attestation outcome not committed", extra={"node": node.name, "reason": str(e)})
-            return False
-        return True
+            node = attesting.next_due(self.snapshot(), time.time(), time.monotonic())
+            if node is None:
+                continue
+            nonce, issued_at = os.urandom(32), time.time()
+            # The evidence authenticates the answer (signed by the node key, bound to our
+            # nonce), so a member whose certificate expired offline can still be renewed.
+            answer = await self.try_call_member(node, {"call": "attest", "nonce": nonce.hex()},
+                                                "re-attestation postponed", timeout=ATTEST_TIMEOUT,
+                                                verify_server=False)
+            if answer is None:
+                attesting.unreachable(node, time.monotonic())
+                continue
+            evidence = answer.get("evidence") if isinstance(answer, dict) else None
+            try:
+                await self.execute(attesting.appraise(self.snapshot(), node, evidence, nonce, issued_at, time.time(),
+                                                      self.root_signing_key()))
+            except CommandFailed as e:
+                log.info("re-attestation outcome not committed", extra={"node": node.name, "reason": str(e)})
+                attesting.unreachable(node, time.monotonic())
 
     async def _renew_certificate(self, state: SiteState, node) -> None:
         """Fresh evidence earns a fresh membership certificate (SPIRE-style renewal)."""
@@ -1008,11 +927,6 @@ class Daemon:
             log.info(failure, extra={"node": node.name, "reason": str(e) or type(e).__name__})
             return None
 
-    async def after_revocation(self, node, revocations: dict) -> None:
-        """Once a revocation committed: tell the node, then rotate the Raft secret."""
-        await self.tell_revoked(node, revocations)
-        await self.rotate_site_secret()
-
     async def tell_revoked(self, node, revocations: dict) -> None:
         """Best effort, right after a revocation commits: hand the node the signed list that
         names it. Raft may never tell it (the leader drops it from the configuration, and the
@@ -1023,25 +937,16 @@ class Daemon:
                                    # it is no longer a member: check only that it is that node
                                    expect=lambda cert: (member_of(cert, mesh_id) or ("", ""))[1] == node.node_id)
 
-    async def rotate_site_secret(self) -> None:
+    async def _distribute_secret(self, effect: fx.DistributeSecret) -> None:
         """After a revocation: a new Raft secret for every current member, so an expelled node
-        that kept the old one can neither read nor inject. The epoch comes from Raft (unique,
+        that kept the old one can neither read nor inject. The epoch came from Raft (unique,
         increasing); the secret travels only over mutual TLS to certified current members.
         Members that miss it (down) fetch it when they come back (secret_watch_loop)."""
-        assert self.identity is not None and self.membership is not None
-        try:
-            result = await self.commit(self.new_command("rotate_secret", actor=self.config.name))
-        except CommandFailed as e:
-            log.warning("Raft secret not rotated", extra={"reason": str(e)})
-            return
-        epoch, secret = int(result["epoch"]), secrets.token_hex(32)
-        state = self.snapshot()
-        for node in sorted(state.nodes.values(), key=lambda n: n.name):
-            if node.node_id == self.identity.node_id or node.admin in (ADMIN_LEFT, ADMIN_REVOKED):
-                continue
-            await self.try_call_member(node, {"call": "rotate", "secret": secret, "epoch": epoch},
+        secret = secrets.token_hex(32)
+        for node in effect.members:
+            await self.try_call_member(node, {"call": "rotate", "secret": secret, "epoch": effect.epoch},
                                        "rotation not delivered; the member fetches it later")
-        await self._switch_secret(secret, epoch)
+        await self._switch_secret(secret, effect.epoch)
 
     async def _switch_secret(self, secret: str, epoch: int) -> bool:
         """Adopt a newer site secret: save it, restart Raft with it. Older epochs are ignored."""
@@ -1084,11 +989,10 @@ class Daemon:
                     if await self._switch_secret(answer["secret"], answer["epoch"]):
                         break
 
-    async def _expelled(self, state: SiteState, reason: str) -> None:
+    async def _expelled(self, message: str) -> None:
         """This node was revoked: stop every workload, remember it, and exit. A restart on
         this data dir refuses to run; the node key is refused by every member anyway."""
         assert self.supervisor is not None
-        message = f"this node was revoked from site {state.site}: {reason}"
         log.critical(message)
         await self.supervisor.stop_all()
         write_revoked_marker(self.data_dir, message)
@@ -1114,6 +1018,7 @@ class Daemon:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.data_dir, 0o700)
         self.identity = load_or_create_identity(self.data_dir)
+        self.worker = Worker(self.identity.node_id)
         self.state_changed = Wakeup()
         self.reports_changed = Wakeup()
         self._choose_ports()
@@ -1227,21 +1132,12 @@ class Daemon:
         return named
 
     def _may_connect(self, state: SiteState, site: str, node_id: str) -> bool:
-        """Whether a node of this mesh may open or keep a connection to us, as far as we know:
-        a node of our site must be a current member of it (not left, not revoked); a node of
-        another site is in our records only if it once was ours, so for it the mesh root's
-        revocation list decides (opened once per list). Checked when a connection opens and
-        again whenever the site's state changes, so revoking cuts what is already open."""
+        """Whether a node of this mesh may open or keep a connection to us (meshd.node.access)."""
         assert self.membership is not None
-        node = state.nodes.get(node_id)
-        if node is not None and node.admin == ADMIN_REVOKED:
-            return False
-        if site == self.membership.site and (node is None or node.admin == ADMIN_LEFT):
-            return False
-        return not self._listed_revoked(state, node_id)
+        return access.may_connect(state, self.membership.site, site, node_id, self._listed_revoked(state))
 
-    def _listed_revoked(self, state: SiteState, node_id: str) -> bool:
-        """Whether the site's root-signed revocation list names the node (opened once per list)."""
+    def _listed_revoked(self, state: SiteState) -> frozenset[str]:
+        """The node ids the site's root-signed revocation list names (opened once per list)."""
         signature = state.revocations.get("sig") if isinstance(state.revocations, dict) else None
         cached = self._revocations_cache
         if cached is None or cached[0] != (signature, state.trust_root):
@@ -1250,7 +1146,7 @@ class Daemon:
             except (ValueError, AttestationError):
                 revoked = frozenset()
             cached = self._revocations_cache = ((signature, state.trust_root), revoked)
-        return node_id in cached[1]
+        return cached[1]
 
     async def _serve_sync(self, conn: peer.FramedStream, stream: trio.abc.Stream, named: tuple[str, str]) -> None:
         if self.raft is None or self.mesh.hub is None:

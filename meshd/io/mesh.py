@@ -46,7 +46,8 @@ from crdt.schema import AppEdit, AppSiteStatus, NodeSummary, Record, SchemaError
 from crdt.schema import AuditRecord as DocAuditRecord
 from crdt.sync import SyncSession
 from meshd import meshstate
-from meshd import spec as specmod
+from meshd.commands import Command, Refused
+from meshd.node import trust
 from meshd.io import peer
 from meshd.io.crdtstore import DocumentStore
 from meshd.io.docsync import DocumentHub
@@ -388,8 +389,8 @@ class MeshSync:
             return
         result = await d.commit(d.new_command("adopt_policy", policy=best.signed, site=best.site,
                                               actor=f"site {best.site}"))
-        if not result.get("ok"):
-            log.info("policy from another site not taken in", extra={"reason": result.get("error")})
+        if isinstance(result, Refused):
+            log.info("policy from another site not taken in", extra={"reason": result.text})
 
     async def _take_in_revocations(self, state, records: list[SignedRecord]) -> None:
         """Revocations made in other sites join the site's list (a Raft commit); our members
@@ -404,17 +405,10 @@ class MeshSync:
         root_key = d.root_signing_key()
         if not incoming.entries or root_key is None:
             return
-        updated = listed.with_entries(list(incoming.entries))
-        result = await d.commit(d.new_command("adopt_revocations", revocations=sign_revocations(root_key, updated),
-                                              sites=list(incoming.sites), actor=f"site {', '.join(incoming.sites)}"))
-        if not result.get("ok"):
-            log.info("revocations from other sites not taken in", extra={"reason": result.get("error")})
-            return
-        after = d.snapshot()
-        expelled = [after.nodes[n] for n in result.get("added", []) if n in state.nodes
-                    and state.nodes[n].admin != ADMIN_REVOKED]
-        for node in expelled:
-            await d.after_revocation(node, after.revocations)
+        signed = sign_revocations(root_key, listed.with_entries(list(incoming.entries)))
+        result = await d.commit(d.new_command("adopt_revocations", revocations=signed, sites=list(incoming.sites),
+                                              actor=f"site {', '.join(incoming.sites)}"))
+        await d.execute(trust.after_adoption(state, result, signed, d.identity.node_id, d.config.name))
 
     def _revocations_to_publish(self, state) -> list[Record]:
         """The site's revocations the document lacks, each signed on its own by the root."""
@@ -442,32 +436,24 @@ class MeshSync:
         for edit in meshstate.edits_to_take_in(state, self.document.apps()):
             if edit.edit_id in self._bad_edits:
                 continue
-            actor = f"{edit.actor} (site {edit.site})"
-            if edit.stopped:
-                commands.append((edit, d.new_command("stop_app", app=edit.app, edit=edit.to_plain(), actor=actor)))
-                continue
-            try:
-                app_spec = specmod.parse_app_toml(edit.spec)
-                if app_spec.name != edit.app:
-                    raise specmod.SpecError("app.name", f"is {app_spec.name!r}, the edit is for {edit.app!r}")
-            except specmod.SpecError as e:
+            command = meshstate.take_in_command(edit)
+            if isinstance(command, str):
                 self._bad_edits.add(edit.edit_id)
-                d.event("sync", f"{edit.app} v{edit.version} from site {edit.site} cannot run here: {e}",
+                d.event("sync", f"{edit.app} v{edit.version} from site {edit.site} cannot run here: {command}",
                         app=edit.app, edit=edit.edit_id)
                 continue
-            commands.append((edit, d.new_command("submit_app", spec=specmod.spec_to_dict(app_spec),
-                                                 edit=edit.to_plain(), actor=actor)))
+            commands.append((edit, command))
         failed: list[CommandFailed] = []
 
-        async def take_in(edit: AppEdit, command: dict) -> None:
+        async def take_in(edit: AppEdit, command: Command) -> None:
             try:
                 result = await d.commit(command)
             except CommandFailed as e:
                 failed.append(e)
                 return
-            if not result.get("ok"):
+            if isinstance(result, Refused):
                 self._bad_edits.add(edit.edit_id)
-                d.event("sync", f"{edit.app} v{edit.version} from site {edit.site} not taken in: {result.get('error')}",
+                d.event("sync", f"{edit.app} v{edit.version} from site {edit.site} not taken in: {result.text}",
                         app=edit.app, edit=edit.edit_id)
 
         # Edits of different apps are independent: many in flight at once (Raft keeps their

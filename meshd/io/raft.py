@@ -68,6 +68,12 @@ class RaftStatus:
     # Leader only: (raft address, time.monotonic() when that voter last answered a heartbeat).
     contacts: tuple[tuple[str, float], ...] = ()
 
+    @property
+    def caught_up(self) -> bool:
+        """Every entry this node knows committed is applied: its state is not an old one
+        still being replayed (after a restart of Raft, or while it catches up)."""
+        return self.last_applied >= self.commit_index
+
 
 class SiteRaft(SyncObj):
     def __init__(self, self_address: str | None, partners: list[str], conf: SyncObjConf,

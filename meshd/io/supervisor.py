@@ -40,6 +40,7 @@ from typing import Callable, Iterable, Mapping
 import trio
 
 from meshd.io.logfiles import RotatingLog
+from meshd.node.effects import Workload
 from meshd.restart import (
     BACKOFF_BASE,
     BACKOFF_CAP,
@@ -70,13 +71,8 @@ REASON_SHUTDOWN = "meshd is shutting down"
 REASON_NOT_STARTED = "not started: meshd is shutting down"
 
 
-@dataclass(frozen=True)
-class DesiredAlloc:
-    alloc_id: str
-    app: str
-    command: tuple[str, ...]
-    env: Mapping[str, str]
-    restart_policy: str
+# What to run for one allocation: the node core's Workload (meshd.node.effects), one type.
+DesiredAlloc = Workload
 
 
 @dataclass(frozen=True)
@@ -87,6 +83,9 @@ class AllocReport:
     restarts: int  # restarts since this supervisor first started the allocation
     exit_code: int | None  # of the last exit (negative: killed by that signal)
     reason: str
+    # Ended because meshd stopped it (told to, or shutting down), not by its own exit: the
+    # site must not count such a replica as having run its course.
+    stopped_by_meshd: bool = False
 
 
 def alloc_id_problem(alloc_id: str) -> str | None:
@@ -400,7 +399,8 @@ class Supervisor:
         if slot.log is not None:
             slot.log.close()
             slot.log = None
-        self._report(slot, state=state, pid=None, exit_code=exit_code, reason=reason)
+        by_meshd = slot.stop_reason is not None or reason in (REASON_SHUTDOWN, REASON_NOT_STARTED)
+        self._report(slot, state=state, pid=None, exit_code=exit_code, reason=reason, stopped_by_meshd=by_meshd)
         self._finished[slot.spec.alloc_id] = None
         self._prune()
 

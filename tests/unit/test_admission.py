@@ -44,9 +44,9 @@ def site_with_token(expires: float = NOW + 60, **trust_changes) -> SiteState:
     founder = {"node_id": "f" * 32, "name": "founder", "site": "s1", "address": "198.18.0.1:7700",
                "raft_address": "198.18.0.1:7701", "public_key": "00" * 32, "arch": "x86_64", "labels": {}}
     assert sitestate.apply(state, {"op": "bootstrap", "ts": NOW - 10, "site": "s1", "mesh_id": "m", "node": founder,
-                                   "trust": trust(**trust_changes)})["ok"]
+                                   "trust": trust(**trust_changes)}).ok
     assert sitestate.apply(state, {"op": "create_token", "ts": NOW - 5, "token_id": "tok", "site": "s1",
-                                   "secret": SECRET.hex(), "expires_at": expires})["ok"]
+                                   "secret": SECRET.hex(), "expires_at": expires}).ok
     return state
 
 
@@ -141,19 +141,19 @@ def test_bootstrap_refuses_trust_documents_not_signed_by_the_root():
                "raft_address": "198.18.0.1:7701", "public_key": "00" * 32, "arch": "x86_64", "labels": {}}
     result = sitestate.apply(state, {"op": "bootstrap", "ts": NOW, "site": "s1", "mesh_id": "m", "node": founder,
                                      "trust": bad})
-    assert not result["ok"] and "does not verify" in result["error"] and state.site == ""
+    assert not result.ok and "does not verify" in result.text and state.site == ""
 
 
 def test_policy_updates_need_the_root_and_a_higher_serial():
     state = site_with_token()
     newer_bundle = sign_policy(ROOT, policy(mesh_id="m", serial=4, allowed_digests={
         "0.2.0": frozenset({GOOD_DIGEST}), "0.3.0": frozenset({"4" * 64})}))
-    assert sitestate.apply(state, {"op": "set_policy", "ts": NOW, "policy": newer_bundle})["ok"]
+    assert sitestate.apply(state, {"op": "set_policy", "ts": NOW, "policy": newer_bundle}).ok
     again = sitestate.apply(state, {"op": "set_policy", "ts": NOW, "policy": newer_bundle})
-    assert not again["ok"] and "not newer" in again["error"]
+    assert not again.ok and "not newer" in again.text
     forged = sitestate.apply(state, {"op": "set_policy", "ts": NOW, "policy": sign_policy(
         Ed25519PrivateKey.generate(), policy(mesh_id="m", serial=9))})
-    assert not forged["ok"] and "does not verify" in forged["error"] and state.policy == newer_bundle
+    assert not forged.ok and "does not verify" in forged.text and state.policy == newer_bundle
 
 
 def test_node_id_must_derive_from_the_key():
@@ -211,7 +211,7 @@ def test_malformed_tokens_are_refused(text):
 def test_revoking_needs_a_newer_root_signed_list_that_names_the_node():
     state = site_with_token()
     key, node = joiner()
-    assert sitestate.apply(state, {"op": "admit_node", "ts": NOW, "token_id": "tok", "node": node})["ok"]
+    assert sitestate.apply(state, {"op": "admit_node", "ts": NOW, "token_id": "tok", "node": node}).ok
     node_id = node["node_id"]
 
     def revoke(doc):
@@ -219,16 +219,16 @@ def test_revoking_needs_a_newer_root_signed_list_that_names_the_node():
                                        "revocations": doc, "actor": "op"})
 
     names_other = sign_revocations(ROOT, RevocationList("m", 0).with_revoked("e" * 32, NOW, "op", ""))
-    assert "does not name the node" in revoke(names_other)["error"]
+    assert "does not name the node" in revoke(names_other).text
     forged = sign_revocations(Ed25519PrivateKey.generate(), RevocationList("m", 0).with_revoked(node_id, NOW, "x", ""))
-    assert "does not verify" in revoke(forged)["error"]
+    assert "does not verify" in revoke(forged).text
     assert state.nodes[node_id].admin == "active"
     stale = sign_revocations(ROOT, RevocationList("m", -1).with_revoked(node_id, NOW, "op", ""))  # number 0
-    assert "does not supersede" in revoke(stale)["error"]
+    assert "does not supersede" in revoke(stale).text
     good = sign_revocations(ROOT, RevocationList("m", 0).with_revoked(node_id, NOW, "op", "lost"))
-    assert revoke(good)["ok"] and state.nodes[node_id].admin == "revoked"
+    assert revoke(good).ok and state.nodes[node_id].admin == "revoked"
     assert state.revocations == good and state.audit[-1].action == "revoke"
-    assert revoke(good)["ok"], "a retried revocation is answered, not refused"
+    assert revoke(good).ok, "a retried revocation is answered, not refused"
     challenge, request = handshake(node, key)
     state.tokens["tok"] = dataclasses.replace(state.tokens["tok"], used_by=None)
     assert "revoked" in admission.decide(state, challenge, request, NOW + 1).reason
@@ -237,29 +237,29 @@ def test_revoking_needs_a_newer_root_signed_list_that_names_the_node():
 def test_revocations_from_other_sites_are_adopted_only_as_a_superseding_root_signed_list():
     state = site_with_token(revoked=("a" * 32,))  # list number 1
     key, node = joiner()
-    assert sitestate.apply(state, {"op": "admit_node", "ts": NOW, "token_id": "tok", "node": node})["ok"]
+    assert sitestate.apply(state, {"op": "admit_node", "ts": NOW, "token_id": "tok", "node": node}).ok
     member = node["node_id"]
 
     def adopt(doc, sites=("beta",)):
         before = (state.revocations, dict(state.nodes), len(state.audit))
         result = sitestate.apply(state, {"op": "adopt_revocations", "ts": NOW, "revocations": doc,
                                          "sites": list(sites), "actor": "site beta"})
-        if not result.get("ok"):
+        if not result.ok:
             assert (state.revocations, dict(state.nodes), len(state.audit)) == before, "a refusal changes nothing"
         return result
 
     elsewhere = RevocationList("m", 5).with_revoked("b" * 32, NOW, "ops@beta", "stolen")  # beta's own count
-    assert "does not supersede" in adopt(sign_revocations(ROOT, elsewhere))["error"], "it forgets a revoked node"
+    assert "does not supersede" in adopt(sign_revocations(ROOT, elsewhere)).text, "it forgets a revoked node"
     current = open_revocations(state.revocations, raw(ROOT.public_key()))
     forged = current.with_entries([elsewhere.entries["b" * 32]])
-    assert "does not verify" in adopt(sign_revocations(Ed25519PrivateKey.generate(), forged))["error"]
-    assert "sites" in adopt(sign_revocations(ROOT, forged), sites=(7,))["error"]
+    assert "does not verify" in adopt(sign_revocations(Ed25519PrivateKey.generate(), forged)).text
+    assert "sites" in adopt(sign_revocations(ROOT, forged), sites=(7,)).text
     merged = forged.with_revoked(member, NOW, "ops@beta", "cloned disk")
-    assert adopt(sign_revocations(ROOT, merged))["ok"]
+    assert adopt(sign_revocations(ROOT, merged)).ok
     assert sitestate.revoked_by_list(state) == {"a" * 32, "b" * 32, member}
     assert state.nodes[member].admin == "revoked" and "beta" in state.nodes[member].reason
     assert [a.action for a in state.audit[-2:]] == ["revoke-adopted", "revoke-adopted"]
-    assert "does not supersede" in adopt(sign_revocations(ROOT, merged))["error"], "the same list twice"
+    assert "does not supersede" in adopt(sign_revocations(ROOT, merged)).text, "the same list twice"
     challenge, request = handshake(node, key)
     state.tokens["tok"] = dataclasses.replace(state.tokens["tok"], used_by=None)
     assert "revoked" in admission.decide(state, challenge, request, NOW + 1).reason
@@ -272,24 +272,24 @@ def test_a_policy_from_another_site_is_adopted_only_when_it_outranks_the_one_in_
         before = (state.policy, len(state.events), len(state.audit))
         result = sitestate.apply(state, {"op": "adopt_policy", "ts": NOW, "policy": doc, "site": site,
                                          "actor": f"site {site}"})
-        if not result.get("ok"):
+        if not result.ok:
             assert (state.policy, len(state.events), len(state.audit)) == before, "a refusal changes nothing"
         return result
 
     older = sign_policy(ROOT, policy(mesh_id="m", serial=2, issued_at=NOW))
-    assert "does not outrank" in adopt(older)["error"]
-    assert "does not outrank" in adopt(state.policy)["error"], "the one in force again"
-    assert "another mesh" in adopt(sign_policy(ROOT, policy(mesh_id="other", serial=9)))["error"]
-    assert "verify" in adopt(sign_policy(Ed25519PrivateKey.generate(), policy(mesh_id="m", serial=9)))["error"]
-    assert "site must name" in adopt(sign_policy(ROOT, policy(mesh_id="m", serial=9)), site="")["error"]
+    assert "does not outrank" in adopt(older).text
+    assert "does not outrank" in adopt(state.policy).text, "the one in force again"
+    assert "another mesh" in adopt(sign_policy(ROOT, policy(mesh_id="other", serial=9))).text
+    assert "verify" in adopt(sign_policy(Ed25519PrivateKey.generate(), policy(mesh_id="m", serial=9))).text
+    assert "site must name" in adopt(sign_policy(ROOT, policy(mesh_id="m", serial=9)), site="").text
     newer = sign_policy(ROOT, policy(mesh_id="m", serial=4, issued_at=NOW))
-    assert adopt(newer)["ok"] and state.policy == newer
+    assert adopt(newer).ok and state.policy == newer
     assert state.events[-1].kind == "attestation" and state.audit[-1].action == "policy-adopted"
     # the same serial made apart: the later one wins, and the event says this site's is dropped
     rival = sign_policy(ROOT, policy(mesh_id="m", serial=4, issued_at=NOW + 1, tpm_required_sites=["s1"]))
-    assert adopt(rival)["ok"] and state.policy == rival
+    assert adopt(rival).ok and state.policy == rival
     assert state.events[-1].kind == "conflict" and "dropped" in state.events[-1].message
-    assert "does not outrank" in adopt(newer)["error"]
+    assert "does not outrank" in adopt(newer).text
 
 
 # --- founder tokens: a member of s1 lets a joiner found site "beta" of the same mesh -----------
@@ -300,7 +300,7 @@ FOUNDER_SECRET = bytes(range(32, 64))
 def site_with_founder_token(expires: float = NOW + 60, site: str = "beta", **trust_changes) -> SiteState:
     state = site_with_token(**trust_changes)
     assert sitestate.apply(state, {"op": "create_token", "ts": NOW - 5, "token_id": "ftok", "site": site,
-                                   "secret": FOUNDER_SECRET.hex(), "expires_at": expires})["ok"]
+                                   "secret": FOUNDER_SECRET.hex(), "expires_at": expires}).ok
     return state
 
 
@@ -318,7 +318,7 @@ def test_a_founder_token_admits_its_holder_to_found_its_site():
     # the commit that follows consumes the token and leaves s1's members as they were
     members = dict(state.nodes)
     result = sitestate.apply(state, {"op": "found_site", "ts": NOW + 1, "token_id": "ftok", "node": node})
-    assert result["ok"] and state.nodes == members and state.tokens["ftok"].used_by == node["node_id"]
+    assert result.ok and state.nodes == members and state.tokens["ftok"].used_by == node["node_id"]
     other_key, other = joiner(site="beta")
     again = admission.decide(state, *founder_handshake(other, other_key), NOW + 2)
     assert not again.admit and again.reason == "join token was already used", again.reason
@@ -333,7 +333,7 @@ def test_a_token_for_this_site_goes_the_join_path():
 
 def _used(state: SiteState) -> SiteState:
     other = joiner(site="beta")[1]
-    assert sitestate.apply(state, {"op": "found_site", "ts": NOW, "token_id": "ftok", "node": other})["ok"]
+    assert sitestate.apply(state, {"op": "found_site", "ts": NOW, "token_id": "ftok", "node": other}).ok
     return state
 
 
@@ -363,7 +363,7 @@ def test_a_founder_named_by_the_revocation_list_is_refused_by_decide_and_by_the_
     verdict = admission.decide(state, *founder_handshake(node, key), NOW + 1)
     assert not verdict.admit and "revoked" in verdict.reason
     result = sitestate.apply(state, {"op": "found_site", "ts": NOW + 1, "token_id": "ftok", "node": node})
-    assert not result["ok"] and "revoked" in result["error"] and state.tokens["ftok"].used_by is None
+    assert not result.ok and "revoked" in result.text and state.tokens["ftok"].used_by is None
 
 
 def test_the_founded_site_rules_of_the_policy_apply_not_this_sites():

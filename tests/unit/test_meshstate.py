@@ -53,7 +53,7 @@ def document(*edits: AppEdit) -> MeshDocument:
 def test_a_deploy_for_this_site_runs_here_and_remembers_its_edit():
     state = founded()
     result = deploy(state, edit(1, version=3))
-    assert result["ok"] and result["here"] and result["version"] == 3 and result["site_version"] == 3
+    assert result.ok and result["here"] and result["version"] == 3 and result["site_version"] == 3
     record = state.apps["web"]
     assert (record.edit_id, record.mesh_version, record.version) == ("e1", 3, 3)
     assert state.mesh_edits["web"]["edit_id"] == "e1"
@@ -62,7 +62,7 @@ def test_a_deploy_for_this_site_runs_here_and_remembers_its_edit():
 def test_a_deploy_for_other_sites_only_is_remembered_but_not_run_here():
     state = founded()
     result = deploy(state, edit(1, targets=("far",)))
-    assert result["ok"] and not result["here"]
+    assert result.ok and not result["here"]
     assert "web" not in state.apps and state.mesh_edits["web"]["edit_id"] == "e1"
     assert state.audit[-1].action == "deploy" and "to far" in state.audit[-1].target
 
@@ -73,7 +73,7 @@ def test_an_app_moved_to_other_sites_stops_here():
     sitestate.apply(state, cmd("apply_plan", plan={"app": "web", "version": 1, "placements": [
         {"alloc_id": "a1", "replica": 0, "node_id": f"{1:032x}"}], "stops": []}))
     result = deploy(state, edit(2, version=2, base="e1", targets=("far",)))
-    assert result["ok"] and result["allocs"] == ["a1"]
+    assert result.ok and result["allocs"] == ["a1"]
     assert state.allocs["a1"].desired == DESIRED_STOP and state.apps["web"].status == "stopped"
 
 
@@ -82,7 +82,7 @@ def test_an_older_edit_is_refused_and_changes_nothing():
     deploy(state, edit(2, version=5))
     before = copy.deepcopy(state.apps), copy.deepcopy(state.mesh_edits)
     result = deploy(state, edit(1, version=4, ts=T0 + 100))
-    assert not result["ok"] and "newer change" in result["error"]
+    assert not result.ok and "newer change" in result.text
     assert (state.apps, state.mesh_edits) == before
 
 
@@ -92,7 +92,7 @@ def test_site_version_never_goes_backwards_even_when_the_mesh_version_does_not_g
     # a conflicting edit with the same mesh version (made elsewhere, later) wins and replaces the spec
     spec2 = {"app": {**SPEC["app"], "replicas": 3}}
     result = deploy(state, edit(2, version=3, ts=T0 + 1, site="s2", replicas=3), spec=spec2)
-    assert result["ok"] and result["version"] == 3 and result["site_version"] == 4
+    assert result.ok and result["version"] == 3 and result["site_version"] == 4
     assert state.apps["web"].version == 4 and state.apps["web"].edit_id == "e2"
 
 
@@ -104,17 +104,17 @@ def test_site_version_never_goes_backwards_even_when_the_mesh_version_does_not_g
 def test_malformed_or_mismatched_edits_are_refused(bad, reason):
     state = founded()
     result = sitestate.apply(state, cmd("submit_app", spec=SPEC, edit=bad))
-    assert not result["ok"] and reason in result["error"]
+    assert not result.ok and reason in result.text
     assert not state.apps and not state.mesh_edits
 
 
 def test_a_stop_with_an_edit_stops_here_and_is_remembered_even_for_an_app_not_run_here():
     state = founded()
     deploy(state, edit(1))
-    assert stop(state, edit(2, version=2, base="e1", stopped=True))["ok"]
+    assert stop(state, edit(2, version=2, base="e1", stopped=True)).ok
     assert state.apps["web"].status == "stopped" and state.apps["web"].edit_id == "e2"
     other = founded()
-    assert stop(other, edit(3, app="db", stopped=True, targets=("far",)))["ok"]
+    assert stop(other, edit(3, app="db", stopped=True, targets=("far",))).ok
     assert other.mesh_edits["db"]["stopped"] is True and "db" not in other.apps
 
 
@@ -139,7 +139,7 @@ def test_audit_records_are_numbered():
 def test_edits_to_take_in(taken, in_document, wanted):
     state = founded()
     for e in taken:
-        assert deploy(state, e)["ok"]
+        assert deploy(state, e).ok
     got = meshstate.edits_to_take_in(state, document(*in_document).apps())
     assert [e.edit_id for e in got] == wanted
 
@@ -150,7 +150,7 @@ def test_conflicting_edits_are_taken_in_as_the_document_decides():
     doc = document(edit(1, version=2, site="s1", ts=T0), edit(2, version=2, site="s2", ts=T0 + 5))
     (winner,) = meshstate.edits_to_take_in(state, doc.apps())
     assert winner.edit_id == "e2"
-    assert deploy(state, winner)["ok"]
+    assert deploy(state, winner).ok
     assert meshstate.edits_to_take_in(state, doc.apps()) == []
 
 
@@ -182,7 +182,7 @@ def three_members_running_web_on(*nodes: int) -> SiteState:
     deploy(state, edit(1))
     placements = [{"alloc_id": f"a{i + 1}", "replica": i, "node_id": f"{n:032x}"} for i, n in enumerate(nodes)]
     assert sitestate.apply(state, cmd("apply_plan", plan={"app": "web", "version": 1, "placements": placements,
-                                                          "stops": []}))["ok"]
+                                                          "stops": []})).ok
     return state
 
 

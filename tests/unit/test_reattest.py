@@ -47,16 +47,16 @@ def test_a_node_attested_now_in_its_current_boot_is_never_due(nodes):
                    for i, (age, rebooted) in enumerate(nodes)))
     for node_id in list(state.nodes):
         assert sitestate.apply(state, {"op": "attested", "ts": NOW, "node_id": node_id,
-                                       "boot_id": state.nodes[node_id].boot_id})["ok"]
+                                       "boot_id": state.nodes[node_id].boot_id}).ok
     assert due_for_attestation(state, NOW, PERIOD) == []
 
 
 def test_reports_carry_the_boot_and_attested_records_it():
     state = site(node("a"))
-    assert sitestate.apply(state, {"op": "heartbeat", "ts": NOW, "node_id": "a", "seq": 5, "boot_id": "b7"})["ok"]
+    assert sitestate.apply(state, {"op": "heartbeat", "ts": NOW, "node_id": "a", "seq": 5, "boot_id": "b7"}).ok
     assert state.nodes["a"].boot_id == "b7" and due_for_attestation(state, NOW, PERIOD) == ["a"]
-    assert sitestate.apply(state, {"op": "attested", "ts": NOW + 1, "node_id": "a", "boot_id": "b7"})["ok"]
+    assert sitestate.apply(state, {"op": "attested", "ts": NOW + 1, "node_id": "a", "boot_id": "b7"}).ok
     assert (state.nodes["a"].attested_boot_id, state.nodes["a"].attested_at) == ("b7", NOW + 1)
     state.nodes["a"] = dataclasses.replace(state.nodes["a"], admin=ADMIN_REVOKED)
     refused = sitestate.apply(state, {"op": "attested", "ts": NOW, "node_id": "a", "boot_id": "b7"})
-    assert not refused["ok"] and "not a member" in refused["error"]
+    assert not refused.ok and "not a member" in refused.text

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshd import sitestate
+from meshd.commands import REFUSAL_CODES
 from meshd.state import SiteState
 
 T0 = 1_700_000_000.0
@@ -28,15 +29,15 @@ def cmd(op: str, ts: float = T0, **fields) -> dict:
 
 def founded(nodes: int = 1) -> SiteState:
     state = SiteState()
-    assert sitestate.apply(state, cmd("bootstrap", site="s1", mesh_id="m1", node=node(1)))["ok"]
+    assert sitestate.apply(state, cmd("bootstrap", site="s1", mesh_id="m1", node=node(1))).ok
     for i in range(2, nodes + 1):
         assert sitestate.apply(state, cmd("create_token", token_id=f"t{i}", site="s1", secret="ab" * 32,
-                                          expires_at=T0 + 100))["ok"]
-        assert sitestate.apply(state, cmd("admit_node", token_id=f"t{i}", node=node(i)))["ok"]
+                                          expires_at=T0 + 100)).ok
+        assert sitestate.apply(state, cmd("admit_node", token_id=f"t{i}", node=node(i))).ok
     for n in list(state.nodes):
-        assert sitestate.apply(state, cmd("set_liveness", node_id=n, liveness="ready"))["ok"]
+        assert sitestate.apply(state, cmd("set_liveness", node_id=n, liveness="ready")).ok
         assert sitestate.apply(state, cmd("heartbeat", node_id=n, seq=1, resources={
-            "cpu_total": 4, "cpu_free": 4, "mem_total_mb": 4096, "mem_free_mb": 4000}))["ok"]
+            "cpu_total": 4, "cpu_free": 4, "mem_total_mb": 4096, "mem_free_mb": 4000})).ok
     return state
 
 
@@ -54,7 +55,7 @@ def test_second_bootstrap_is_refused_and_changes_nothing():
     state = founded()
     before = copy.deepcopy(state)
     result = sitestate.apply(state, cmd("bootstrap", site="other", mesh_id="m2", node=node(9, site="other")))
-    assert not result["ok"] and "already founded" in result["error"]
+    assert not result.ok and "already founded" in result.text
     assert state.nodes == before.nodes and state.site == "s1"
 
 
@@ -81,25 +82,27 @@ def test_bad_commands_are_refused_with_a_reason_and_change_nothing(command, reas
     state = founded()
     before = pickle.dumps(state)
     result = sitestate.apply(state, command)
-    assert result["ok"] is False
-    assert reason in result["error"]
+    assert result.ok is False
+    assert reason in result.text
+    assert result.code in REFUSAL_CODES
     after = copy.deepcopy(state)
     after.last_ts = pickle.loads(before).last_ts
+    after.applied -= 1  # the count of log entries applied moves on every member alike
     assert pickle.dumps(after) == before
 
 
 def test_token_is_single_use_and_expires():
     state = founded()
     sitestate.apply(state, cmd("create_token", token_id="t", site="s1", secret="ab" * 32, expires_at=T0 + 10))
-    assert sitestate.apply(state, cmd("admit_node", token_id="t", node=node(2)))["ok"]
+    assert sitestate.apply(state, cmd("admit_node", token_id="t", node=node(2))).ok
     # the same node retrying its own admission is fine (idempotent) ...
-    assert sitestate.apply(state, cmd("admit_node", token_id="t", node=node(2)))["ok"]
+    assert sitestate.apply(state, cmd("admit_node", token_id="t", node=node(2))).ok
     # ... another node with the same token is not
     reused = sitestate.apply(state, cmd("admit_node", token_id="t", node=node(3)))
-    assert not reused["ok"] and "already used" in reused["error"]
+    assert not reused.ok and "already used" in reused.text
     sitestate.apply(state, cmd("create_token", token_id="u", site="s1", secret="ab" * 32, expires_at=T0 + 10))
     expired = sitestate.apply(state, cmd("admit_node", ts=T0 + 11, token_id="u", node=node(4)))
-    assert not expired["ok"] and "expired" in expired["error"]
+    assert not expired.ok and "expired" in expired.text
     assert f"{4:032x}" not in state.nodes
 
 
@@ -149,7 +152,7 @@ def test_apply_plan_places_and_rechecks_at_apply_time():
     dup = sitestate.apply(state, plan_cmd([{"alloc_id": "a3", "replica": 0, "node_id": n1}]))
     assert dup["placed"] == []
     reused_id = sitestate.apply(state, plan_cmd([{"alloc_id": "a0", "replica": 1, "node_id": n1}]))
-    assert not reused_id["ok"]
+    assert not reused_id.ok
 
 
 def test_heartbeat_reports_update_allocations_of_that_node_only():
@@ -269,7 +272,7 @@ def with_founder_token(nodes: int = 1, site: str = "beta") -> SiteState:
     """Site s1 holding token "nb", which lets its holder found `site`."""
     state = founded(nodes)
     assert sitestate.apply(state, cmd("create_token", token_id="nb", site=site, secret="cd" * 32,
-                                      expires_at=T0 + 10))["ok"]
+                                      expires_at=T0 + 10)).ok
     return state
 
 
@@ -278,7 +281,7 @@ def test_found_site_consumes_the_token_once_and_adds_no_member():
     nodes_before = copy.deepcopy(state.nodes)
     result = sitestate.apply(state, cmd("found_site", ts=T0 + 1, token_id="nb", node=node(7, site="beta"),
                                         actor="op@n1"))
-    assert result == {"ok": True, "site": "beta", "node_id": f"{7:032x}"}
+    assert result.to_wire() == {"ok": True, "site": "beta", "node_id": f"{7:032x}"}
     assert state.nodes == nodes_before and state.site == "s1"
     assert state.tokens["nb"].used_by == f"{7:032x}"
     audit = state.audit[-1]
@@ -287,11 +290,11 @@ def test_found_site_consumes_the_token_once_and_adds_no_member():
     # the same founder asking again (its welcome was lost) is answered and changes nothing
     audits = len(state.audit)
     again = sitestate.apply(state, cmd("found_site", ts=T0 + 2, token_id="nb", node=node(7, site="beta")))
-    assert again["ok"] and len(state.audit) == audits and state.nodes == nodes_before
+    assert again.ok and len(state.audit) == audits and state.nodes == nodes_before
 
 
 def _use_token(state: SiteState) -> None:
-    assert sitestate.apply(state, cmd("found_site", ts=T0 + 1, token_id="nb", node=node(7, site="beta")))["ok"]
+    assert sitestate.apply(state, cmd("found_site", ts=T0 + 1, token_id="nb", node=node(7, site="beta"))).ok
 
 
 def _revoke_n2(state: SiteState) -> None:
@@ -300,7 +303,7 @@ def _revoke_n2(state: SiteState) -> None:
 
 def _own_site_token(state: SiteState) -> None:
     assert sitestate.apply(state, cmd("create_token", token_id="own", site="s1", secret="cd" * 32,
-                                      expires_at=T0 + 10))["ok"]
+                                      expires_at=T0 + 10)).ok
 
 
 @pytest.mark.parametrize("name, prepare, command, reason", [
@@ -323,12 +326,12 @@ def test_found_site_refusals_change_nothing(name, prepare, command, reason):
         prepare(state)
     before = copy.deepcopy(state)
     result = sitestate.apply(state, command)
-    assert not result["ok"] and reason in result["error"], result
+    assert not result.ok and reason in result.text, result
     assert state.nodes == before.nodes and state.tokens == before.tokens and state.audit == before.audit
 
 
 def test_found_site_refuses_a_bad_site_name():
     state = with_founder_token(site="Not_A_Name")
     result = sitestate.apply(state, cmd("found_site", token_id="nb", node=node(8, site="Not_A_Name")))
-    assert not result["ok"] and "site name must be" in result["error"]
+    assert not result.ok and "site name must be" in result.text
     assert state.tokens["nb"].used_by is None

@@ -1,0 +1,644 @@
+"""The site's Raft commands as typed values, their wire form, and the results they get.
+
+Every command the Raft log carries is one frozen dataclass here; `encode()` gives its wire
+form (the plain dict pysyncobj pickles into the log, with the envelope `op`, `request_id`,
+`ts`) and `decode()` turns a wire dict back into the dataclass, checking every field. The
+state machine (meshd.sitestate) only ever sees decoded commands.
+
+A command's outcome is a `Result`: `Ok(fields)` or `Refused(code, text)`. A caller reads an
+outcome's fields only from an `Ok` (`Refused` has none), so code that uses what a command
+returned cannot mistake a refusal for success; a caller that needs nothing from the outcome
+still has to look at it (tests/unit/test_commands.py fails on any commit whose result is
+dropped).
+
+Invariants:
+- `decode()` never raises: an unknown op or a malformed field is a `Refused` with a code
+  and the field's name, so a crafted or damaged log entry refuses instead of wedging Raft.
+- `decode(encode(envelope, command))` gives the same command back.
+- The wire form is the one earlier versions wrote: journals and snapshots keep loading.
+- Results travel as plain dicts where they are stored (the request-dedupe table in the
+  replicated state): `Result.to_wire()` / `result_from_wire()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Mapping, Union
+
+from crdt.schema import AppEdit, SchemaError
+from meshd import spec as specmod
+from meshd.state import ALLOC_STATES, AppSpec, NodeRecord, NodeResources
+
+# Ints in commands are bounded so that a crafted command cannot blow up snapshots or the
+# CRDT document later (which cannot hold ints of 2**63 and above).
+MAX_INT = 2**53
+
+# --- refusal codes: what kind of "no" it is (the text says the particulars) -------------
+MALFORMED = "malformed"  # a field is missing, of the wrong type or out of range
+UNKNOWN_COMMAND = "unknown-command"  # an op this version does not know
+NOT_FOUND = "not-found"  # no such member, app or allocation
+NOT_MEMBER = "not-member"  # the node is not (or no longer) a member: left or revoked
+REVOKED = "revoked"  # the node was revoked and may never come back
+CONFLICT = "conflict"  # clashes with what the state holds (already founded, name taken, newer edit)
+STALE = "stale"  # not newer than what is in force (policy serial, revocation list number)
+TOKEN = "token"  # the join token is unknown, used, expired or for another site
+UNTRUSTED = "untrusted"  # a signed document does not verify with the mesh root
+INTERNAL = "internal"  # a bug in the state machine, reported instead of raised
+REFUSAL_CODES = frozenset({MALFORMED, UNKNOWN_COMMAND, NOT_FOUND, NOT_MEMBER, REVOKED, CONFLICT, STALE, TOKEN,
+                           UNTRUSTED, INTERNAL})
+
+
+@dataclass(frozen=True)
+class Ok:
+    """The command was applied (or had been: a retry of the same request id)."""
+
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    ok: ClassVar[bool] = True
+
+    def __getitem__(self, key: str) -> Any:
+        return self.fields[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.fields.get(key, default)
+
+    def to_wire(self) -> dict:
+        return {"ok": True, **self.fields}
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The command changed nothing; `code` says what kind of refusal, `text` why."""
+
+    code: str
+    text: str
+    ok: ClassVar[bool] = False
+
+    def to_wire(self) -> dict:
+        return {"ok": False, "code": self.code, "error": self.text}
+
+    def __str__(self) -> str:
+        return self.text
+
+
+Result = Union[Ok, Refused]
+
+
+def result_from_wire(raw: Any) -> Result:
+    if isinstance(raw, dict) and raw.get("ok") is True:
+        return Ok({k: v for k, v in raw.items() if k != "ok"})
+    if isinstance(raw, dict) and raw.get("ok") is False:
+        code = raw.get("code") if raw.get("code") in REFUSAL_CODES else INTERNAL
+        return Refused(code, str(raw.get("error", "refused")))
+    return Refused(INTERNAL, f"not a command result: {type(raw).__name__}")
+
+
+class Invalid(Exception):
+    """A field of a command does not hold; turned into Refused(code, text) by decode/apply."""
+
+    def __init__(self, text: str, code: str = MALFORMED) -> None:
+        super().__init__(text)
+        self.code = code
+
+    def refused(self) -> Refused:
+        return Refused(self.code, str(self))
+
+
+# --- field readers: each refuses with the name of the field -----------------------------
+
+
+def read_str(raw: Mapping, key: str, *, max_len: int = 256, empty: bool = False) -> str:
+    value = raw.get(key)
+    if not isinstance(value, str) or len(value) > max_len or (not empty and not value):
+        raise Invalid(f"{key} must be a {'' if empty else 'non-empty '}string of at most {max_len} characters")
+    return value
+
+
+def read_int(raw: Mapping, key: str, lo: int = 0, hi: int = MAX_INT) -> int:
+    value = raw.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise Invalid(f"{key} must be an integer from {lo} to {hi}")
+    return value
+
+
+def read_num(raw: Mapping, key: str, lo: float = 0.0, hi: float = float(MAX_INT)) -> float:
+    value = raw.get(key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
+        raise Invalid(f"{key} must be a number from {lo} to {hi}")
+    return float(value)
+
+
+def read_text(raw: Mapping, key: str, max_len: int) -> str:
+    """Free text that may be absent or junk (shown, never decided on): cut to `max_len`."""
+    value = raw.get(key, "")
+    return value[:max_len] if isinstance(value, str) else ""
+
+
+def read_actor(raw: Mapping) -> str:
+    actor = raw.get("actor", "")
+    return actor if isinstance(actor, str) and len(actor) <= 256 else ""
+
+
+def read_mapping(raw: Mapping, key: str) -> dict:
+    value = raw.get(key)
+    if not isinstance(value, dict):
+        raise Invalid(f"{key} must be a mapping")
+    return value
+
+
+def node_from_wire(raw: Any) -> NodeRecord:
+    if not isinstance(raw, dict):
+        raise Invalid("node must be a mapping")
+    labels = raw.get("labels", {})
+    if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        raise Invalid("node.labels must map strings to strings")
+    return NodeRecord(
+        node_id=read_str(raw, "node_id", max_len=64),
+        name=read_str(raw, "name", max_len=63),
+        site=read_str(raw, "site", max_len=63),
+        address=read_str(raw, "address", max_len=64),
+        raft_address=read_str(raw, "raft_address", max_len=64),
+        public_key=read_str(raw, "public_key", max_len=128),
+        arch=read_str(raw, "arch", max_len=32, empty=True),
+        labels=dict(labels),
+        version=read_str(raw, "version", max_len=32, empty=True) if "version" in raw else "",
+        boot_id=read_str(raw, "boot_id", max_len=64, empty=True) if "boot_id" in raw else "",
+        # An RSA 4096 attestation key's public area is under 700 bytes.
+        tpm_ak=read_str(raw, "tpm_ak", max_len=2048, empty=True) if "tpm_ak" in raw else "",
+    )
+
+
+def node_to_wire(node: NodeRecord) -> dict:
+    """The fields of a node record a join or bootstrap command carries."""
+    return {"node_id": node.node_id, "name": node.name, "site": node.site, "address": node.address,
+            "raft_address": node.raft_address, "public_key": node.public_key, "arch": node.arch,
+            "labels": dict(node.labels), "version": node.version, "boot_id": node.boot_id, "tpm_ak": node.tpm_ak}
+
+
+def resources_from_wire(raw: Any) -> NodeResources:
+    if not isinstance(raw, dict):
+        raise Invalid("resources must be a mapping")
+    return NodeResources(
+        cpu_total=read_num(raw, "cpu_total", 0, 4096),
+        cpu_free=read_num(raw, "cpu_free", 0, 4096),
+        mem_total_mb=read_int(raw, "mem_total_mb", 0, 2**40),
+        mem_free_mb=read_int(raw, "mem_free_mb", 0, 2**40),
+    )
+
+
+@dataclass(frozen=True)
+class AllocReport:
+    """What a node says about one allocation it runs."""
+
+    alloc_id: str
+    state: str
+    restarts: int = 0
+    pid: int | None = None
+    exit_code: int | None = None
+    reason: str = ""
+    # True when this node's meshd ended it (told to stop, or shutting down), not the
+    # workload by its own exit: such a stop never counts as the replica having run its course.
+    stopped_by_meshd: bool = False
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> "AllocReport":
+        if not isinstance(raw, dict):
+            raise Invalid("each report must be a mapping")
+        state = read_str(raw, "state", max_len=16)
+        if state not in ALLOC_STATES:
+            raise Invalid(f"unknown allocation state {state!r}")
+        optional = {}
+        for key in ("pid", "exit_code"):
+            value = raw.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or abs(value) > MAX_INT):
+                raise Invalid(f"{key} must be an integer or null")
+            optional[key] = value
+        return cls(alloc_id=read_str(raw, "alloc_id", max_len=64), state=state, restarts=read_int(raw, "restarts", 0),
+                   reason=read_text(raw, "reason", 512), stopped_by_meshd=raw.get("stopped_by_meshd") is True,
+                   **optional)
+
+    def to_wire(self) -> dict:
+        wire = {"alloc_id": self.alloc_id, "state": self.state, "restarts": self.restarts, "pid": self.pid,
+                "exit_code": self.exit_code, "reason": self.reason}
+        if self.stopped_by_meshd:
+            wire["stopped_by_meshd"] = True
+        return wire
+
+
+@dataclass(frozen=True)
+class PlacementWire:
+    alloc_id: str
+    replica: int
+    node_id: str
+
+
+# --- the commands --------------------------------------------------------------------------
+
+
+class Command:
+    """Base of every Raft command; `op` names it on the wire."""
+
+    op: ClassVar[str]
+
+    @classmethod
+    def from_wire(cls, raw: dict) -> "Command":
+        raise NotImplementedError
+
+    def to_wire(self) -> dict:
+        raise NotImplementedError
+
+
+def _simple_to_wire(command: Command) -> dict:
+    return {f.name: getattr(command, f.name) for f in fields(command)}  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Bootstrap(Command):
+    """The founder's first command: names the site, admits the founder as its first voter,
+    and brings the mesh trust documents (root, root_cert, policy, revocations)."""
+    op: ClassVar[str] = "bootstrap"
+    site: str
+    mesh_id: str
+    node: NodeRecord
+    trust: dict | None = None
+    actor: str = ""
+
+    @classmethod
+    def from_wire(cls, raw: dict) -> "Bootstrap":
+        trust = raw.get("trust")
+        if "trust" in raw and not isinstance(trust, dict):
+            raise Invalid("trust must be a mapping")
+        return cls(site=read_str(raw, "site", max_len=63), mesh_id=read_str(raw, "mesh_id", max_len=64),
+                   node=node_from_wire(raw.get("node")), trust=trust, actor=read_actor(raw))
+
+    def to_wire(self) -> dict:
+        wire = {"site": self.site, "mesh_id": self.mesh_id, "node": node_to_wire(self.node), "actor": self.actor}
+        if self.trust is not None:
+            wire["trust"] = self.trust
+        return wire
+
+
+@dataclass(frozen=True)
+class SetPolicy(Command):
+    """A new policy bundle signed by the mesh root, made in this site."""
+    op: ClassVar[str] = "set_policy"
+    policy: dict
+    actor: str = ""
+
+    @classmethod
+    def from_wire(cls, raw: dict) -> "SetPolicy":
+        return cls(policy=read_mapping(raw, "policy"), actor=read_actor(raw))
+
+    def to_wire(self) -> dict:
+        return _simple_to_wire(self)
+
+
+@dataclass(frozen=True)
+class AdoptPolicy(Command):
+    """A policy bundle made in another site (through the mesh document)."""
+    op: ClassVar[str] = "adopt_policy"
+    policy: dict
+    site: str
+    actor: str = ""
+
+    @classmethod
+    def from_wire(cls, raw: dict) -> "AdoptPolicy":
+        site = raw.get("site")
+        if not isinstance(site, str) or not 0 < len(site) <= 63:
+            raise Invalid("site must name the site the policy comes from")
+        return cls(policy=read_mapping(raw, "policy"), site=site, actor=read_actor(raw))
+
+    def to_wire(self) -> dict:
+        return _simple_to_wire(self)
+
+
+@dataclass(frozen=True)
+class RevokeNode(Command):
+    """Expel a member for good, with the root-signed revocation list that names it."""
+    op: ClassVar[str] = "revoke_node"
+    node_id: str
+    revocations: dict
+    reason: str = ""
+    number: int = 0  # the list's number (informative; the list itself is authoritative)
+    actor: str = ""
+
+    @classmethod
+    def from_wire(cls, raw: dict) -> "RevokeNode":
+        number = raw.get("number", 0)
+        return cls(node_id=read_str(raw, "node_id", max_len=64), revocations=read_mapping(raw, "revocations"),
+                   reason=read_str(raw, "reason", max_len=200, empty=True) if "reason" in raw else "",
+                   number=number if isinstance(number, int) and not isinstance(number, bool) else 0,
+                   actor=read_actor(raw))
+
+    def to_wire(self) -> dict:
+        return _simple_to_wire(self)
+
+
+@dataclass(frozen=True)
+class AdoptRevocations(Command):
+    """A root-signed list that adds revocations made elsewhere in the mesh."""
+    op: ClassVar[str] = "adopt_revocations"
+    revocations: dict
+    sites: tuple[str, ...] = ()
+    actor: str = ""
+
+    @classmethod
+    def from_wire(cls, raw: dict) -> "AdoptRevocations":
+        sites = raw.get("sites", [])
+        if not isinstance(sites, list) or not all(isinstance(site, str) and len(site) <= 63 for site in sites):
+            raise Invalid("sites must be a list of site names")
+        return cls(revocations=read_mapping(raw, "revocations"), sites=tuple(sites), actor=read_actor(raw))
+
+    def to_wire(self) -> dict:
+        return {"revocations": self.revocations, "sites": list(self.sites), "actor": self.actor}
+
+
+@dataclass(frozen=True)
+class Attested(Command):
+    """A member's fresh evidence verified (re-attestation)."""
+    op: ClassVar[str] = "attested"
+    node_id: str
+    boot_id: str
+
+    @classmethod
+    def from_wire(cls, raw: dict) -> "Attested":
+        return cls(node_id=read_str(raw, "node_id", max_len=64), boot_id=read_str(raw, "boot_id", max_len=64))
+
+    def to_wire(self) -> dict:
+        return _simple_to_wire(self)
+
+
+@dataclass(frozen=True)
+class RotateSecret(Command):
+    """Reserve the next Raft secret epoch."""
+    op: ClassVar[str] = "rotate_secret"
+    actor: str = ""
+
+    @classmethod
+    def from_wire(cls, raw: dict) -> "RotateSecret":
+        return cls(actor=read_actor(raw))
+
+    def to_wire(self) -> dict:
+        return _simple_to_wire(self)
+
+
+@dataclass(frozen=True)
+class CreateToken(Command):
+    op: ClassVar[str] = "create_token"
+    token_id: str
+    site: str
+    secret: str
+    expires_at: float
+    actor: str = ""
+
+    @classmethod
+    def from_wire(cls, raw: dict) -> "CreateToken":
+        return cls(token_id=read_str(raw, "token_id", max_len=64), site=read_str(raw, "site", max_len=63),
+                   secret=read_str(raw, "secret", max_len=128), expires_at=read_num(raw, "expires_at"),
+                   actor=read_actor(raw))
+
+    def to_wire(self) -> dict:
+        return _simple_to_wire(self)
+
+
+@dataclass(frozen=True)
+class _TokenHolder(Command):
+    """A verified joiner and the token it holds."""
+    token_id: str
+    node: NodeRecord
+    actor: str = ""
+
+    @classmethod
+    def from_wire(cls, raw: dict) -> "_TokenHolder":
+        return cls(token_id=read_str(raw, "token_id", max_len=64), node=node_from_wire(raw.get("node")),
+                   actor=read_actor(raw))
+
+    def to_wire(self) -> dict:
+        return {"token_id": self.token_id, "node": node_to_wire(self.node), "actor": self.actor}
+
+
+@dataclass(frozen=True)
+class AdmitNode(_TokenHolder):
+    """A verified joiner becomes a member (the token is consumed)."""
+    op: ClassVar[str] = "admit_node"
+
+
+@dataclass(frozen=True)
+class FoundSite(_TokenHolder):
+    """A verified joiner founds a new site of this mesh with a founder token of this site."""
+    op: ClassVar[str] = "found_site"
+
+
+@dataclass(frozen=True)
+class Heartbeat(Command):
+    """A member's report: its lease, resources when they moved, and allocation news."""
+    op: ClassVar[str] = "heartbeat"
+    node_id: str
+    seq: int
+    reports: tuple[AllocReport, ...] = ()
+    resources: NodeResources | None = None
+    boot_id: str | None = None
+
+    @classmethod
+    def from_wire(cls, raw: dict) -> "Heartbeat":
+        reports = raw.get("reports", [])
+        if not isinstance(reports, list):
+            raise Invalid("reports must be a list")
+        return cls(node_id=read_str(raw, "node_id", max_len=64), seq=read_int(raw, "seq", 0),
+                   reports=tuple(AllocReport.from_wire(r) for r in reports),
+                   resources=resources_from_wire(raw["resources"]) if "resources" in raw else None,
+                   boot_id=read_str(raw, "boot_id", max_len=64) if "boot_id" in raw else None)
+
+    def to_wire(self) -> dict:
+        wire: dict = {"node_id": self.node_id, "seq": self.seq, "reports": [r.to_wire() for r in self.reports]}
+        if self.resources is not None:
+            wire["resources"] = {"cpu_total": self.resources.cpu_total, "cpu_free": self.resources.cpu_free,
+                                 "mem_total_mb": self.resources.mem_total_mb,
+                                 "mem_free_mb": self.resources.mem_free_mb}
+        if self.boot_id is not None:
+            wire["boot_id"] = self.boot_id
+        return wire
+
+    @property
+    def plain_keepalive(self) -> bool:
+        """Only moves the node's lease: nobody needs to look at the state again."""
+        return not self.reports and self.resources is None
+
+
+@dataclass(frozen=True)
+class SetLiveness(Command):
+    """The leader's verdict on a member's lease: ready or down."""
+    op: ClassVar[str] = "set_liveness"
+    node_id: str
+    liveness: str
+    reason: str = ""
+
+    @classmethod
+    def from_wire(cls, raw: dict) -> "SetLiveness":
+        liveness = read_str(raw, "liveness", max_len=16)
+        if liveness not in ("ready", "down"):
+            raise Invalid("liveness must be ready or down")
+        return cls(node_id=read_str(raw, "node_id", max_len=64), liveness=liveness,
+                   reason=read_text(raw, "reason", 256))
+
+    def to_wire(self) -> dict:
+        return _simple_to_wire(self)
+
+
+@dataclass(frozen=True)
+class SubmitApp(Command):
+    """Deploy or update an app (with the mesh-document edit it carries, if any)."""
+    op: ClassVar[str] = "submit_app"
+    spec: AppSpec
+    edit: AppEdit | None = None
+    actor: str = ""
+
+    @classmethod
+    def from_wire(cls, raw: dict) -> "SubmitApp":
+        spec_raw = raw.get("spec")
+        if not isinstance(spec_raw, dict):
+            raise Invalid("spec must be a mapping")
+        try:
+            app_spec = specmod.parse_app_dict(spec_raw)
+        except specmod.SpecError as e:
+            raise Invalid(str(e)) from None
+        return cls(spec=app_spec, edit=_edit_from_wire(raw), actor=read_actor(raw))
+
+    def to_wire(self) -> dict:
+        wire: dict = {"spec": specmod.spec_to_dict(self.spec), "actor": self.actor}
+        if self.edit is not None:
+            wire["edit"] = self.edit.to_plain()
+        return wire
+
+
+@dataclass(frozen=True)
+class StopApp(Command):
+    op: ClassVar[str] = "stop_app"
+    app: str
+    edit: AppEdit | None = None
+    actor: str = ""
+
+    @classmethod
+    def from_wire(cls, raw: dict) -> "StopApp":
+        return cls(app=read_str(raw, "app", max_len=63), edit=_edit_from_wire(raw), actor=read_actor(raw))
+
+    def to_wire(self) -> dict:
+        wire: dict = {"app": self.app, "actor": self.actor}
+        if self.edit is not None:
+            wire["edit"] = self.edit.to_plain()
+        return wire
+
+
+def _edit_from_wire(raw: dict) -> AppEdit | None:
+    edit = raw.get("edit")
+    if edit is None:
+        return None
+    try:
+        return AppEdit.from_plain(edit)
+    except SchemaError as e:
+        raise Invalid(f"edit: {e.reason}") from None
+
+
+@dataclass(frozen=True)
+class ApplyPlan(Command):
+    """The leader's placement plan for one app: new allocations and stops."""
+    op: ClassVar[str] = "apply_plan"
+    app: str
+    version: int
+    placements: tuple[PlacementWire, ...] = ()
+    stops: tuple[tuple[str, str], ...] = ()  # (alloc_id, reason)
+
+    @classmethod
+    def from_wire(cls, raw: dict) -> "ApplyPlan":
+        plan = read_mapping(raw, "plan")
+        placements = []
+        raw_placements = plan.get("placements", [])
+        for p in raw_placements if isinstance(raw_placements, list) else []:
+            if not isinstance(p, dict):
+                raise Invalid("each placement must be a mapping")
+            placements.append(PlacementWire(alloc_id=read_str(p, "alloc_id", max_len=64),
+                                            replica=read_int(p, "replica", 0, 100_000),
+                                            node_id=read_str(p, "node_id", max_len=64)))
+        stops = plan.get("stops", [])
+        if not isinstance(stops, list) or not all(
+                isinstance(s, list) and len(s) == 2 and all(isinstance(x, str) for x in s) for s in stops):
+            raise Invalid("stops must be a list of [alloc_id, reason]")
+        return cls(app=read_str(plan, "app", max_len=63), version=read_int(plan, "version", 1),
+                   placements=tuple(placements), stops=tuple((s[0], s[1]) for s in stops))
+
+    def to_wire(self) -> dict:
+        return {"plan": {"app": self.app, "version": self.version,
+                         "placements": [{"alloc_id": p.alloc_id, "replica": p.replica, "node_id": p.node_id}
+                                        for p in self.placements],
+                         "stops": [list(s) for s in self.stops]}}
+
+
+@dataclass(frozen=True)
+class _NodeAdmin(Command):
+    """An operator's change to one member's admin state."""
+    node: str  # id, name or unique id prefix
+    actor: str = ""
+
+    @classmethod
+    def from_wire(cls, raw: dict) -> "_NodeAdmin":
+        return cls(node=read_str(raw, "node", max_len=64), actor=read_actor(raw))
+
+    def to_wire(self) -> dict:
+        return _simple_to_wire(self)
+
+
+@dataclass(frozen=True)
+class Drain(_NodeAdmin):
+    op: ClassVar[str] = "drain"
+
+
+@dataclass(frozen=True)
+class Undrain(_NodeAdmin):
+    op: ClassVar[str] = "undrain"
+
+
+COMMANDS: dict[str, type[Command]] = {c.op: c for c in (
+    Bootstrap, SetPolicy, AdoptPolicy, RevokeNode, AdoptRevocations, Attested, RotateSecret, CreateToken, AdmitNode,
+    FoundSite, Heartbeat, SetLiveness, SubmitApp, StopApp, ApplyPlan, Drain, Undrain)}
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """What every wire command carries besides its own fields."""
+
+    ts: float  # the proposer's clock: the only time the state machine knows
+    request_id: str | None = None  # retries of one request carry the same id and apply once
+
+
+def encode(command: Command, envelope: Envelope) -> dict:
+    wire = {"op": command.op, "ts": envelope.ts, **command.to_wire()}
+    if envelope.request_id is not None:
+        wire["request_id"] = envelope.request_id
+    return wire
+
+
+def decode_envelope(raw: Any) -> Envelope | Refused:
+    if not isinstance(raw, dict):
+        return Refused(MALFORMED, "command is not a mapping")
+    op = raw.get("op")
+    if not isinstance(op, str) or op not in COMMANDS:
+        return Refused(UNKNOWN_COMMAND, f"unknown command {op!r}")
+    request_id = raw.get("request_id")
+    if request_id is not None and (not isinstance(request_id, str) or not 0 < len(request_id) <= 128):
+        return Refused(MALFORMED, "request_id must be a string of 1..128 characters")
+    ts = raw.get("ts")
+    if not isinstance(ts, (int, float)) or isinstance(ts, bool) or not 0 <= ts < MAX_INT:
+        return Refused(MALFORMED, "ts must be a timestamp")
+    return Envelope(ts=float(ts), request_id=request_id)
+
+
+def decode(raw: Any) -> tuple[Envelope, Command] | Refused:
+    """The typed command of a wire dict, or why it is not one. Never raises."""
+    envelope = decode_envelope(raw)
+    if isinstance(envelope, Refused):
+        return envelope
+    try:
+        return envelope, COMMANDS[raw["op"]].from_wire(raw)
+    except Invalid as e:
+        return e.refused()
+    except Exception as e:  # a reader bug must not wedge Raft
+        return Refused(INTERNAL, f"internal error reading command: {type(e).__name__}: {e}")

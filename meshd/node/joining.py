@@ -1,0 +1,91 @@
+"""The joiner's side: which member to ask next, what each answer means, when to give up,
+and what it is waiting for (shown by `meshctl status` while joining).
+
+Invariants:
+- Pure: `now` is monotonic seconds; the runtime finds candidates (mDNS, --peer) and talks.
+- Only a `denied` refusal ends the join early; every other failure (unreachable, a member
+  that cannot decide, a site that could not commit) tries the next candidate, the leader a
+  member named first, until the join timeout.
+- Every failed attempt is reported once per distinct outcome (address, reason), so the log
+  says what the joiner tried without repeating itself every poll.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from meshd.node.admitting import DENIED, JoinRefusal
+
+# How long a joining node keeps trying before it gives up (a device that boots before its
+# site's network is up still joins; a mistyped token does not hang forever).
+JOIN_TIMEOUT = 60.0
+# A candidate that failed is asked again after this long (it may have caught up).
+RETRY_CANDIDATE_AFTER = 0.5
+
+
+@dataclass(frozen=True)
+class Unreachable:
+    """No answer from the candidate: connection refused, timed out, closed, TLS failed."""
+    reason: str
+
+
+@dataclass(frozen=True)
+class Attempt:
+    address: str
+    outcome: str  # "unreachable" | a refusal code
+    reason: str
+    at: float
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    reason: str
+
+
+@dataclass
+class Joining:
+    site: str
+    started: float
+    timeout: float = JOIN_TIMEOUT
+    attempts: dict[str, Attempt] = field(default_factory=dict)  # the last attempt per address
+    hinted: list[str] = field(default_factory=list)  # leaders named by members, newest first
+
+    def candidates(self, found: list[str], static: list[str], now: float) -> list[str]:
+        """Whom to ask now, in order: named leaders, then new candidates, then those that
+        failed long enough ago."""
+        pool = list(dict.fromkeys([*self.hinted, *static, *found]))
+        due = [a for a in pool if a not in self.attempts or now - self.attempts[a].at >= RETRY_CANDIDATE_AFTER]
+        return sorted(due, key=lambda a: (a not in self.hinted, a in self.attempts))
+
+    def failed(self, address: str, outcome: Unreachable | JoinRefusal, now: float) -> tuple[bool, GiveUp | None]:
+        """Record a failed attempt. Returns (worth logging: a new outcome for that address,
+        GiveUp when the join must end now)."""
+        if isinstance(outcome, JoinRefusal):
+            attempt = Attempt(address, outcome.code, outcome.reason, now)
+            if outcome.leader and outcome.leader != address and outcome.leader not in self.hinted:
+                self.hinted.insert(0, outcome.leader)
+        else:
+            attempt = Attempt(address, "unreachable", outcome.reason, now)
+        previous = self.attempts.get(address)
+        self.attempts[address] = attempt
+        new = previous is None or (previous.outcome, previous.reason) != (attempt.outcome, attempt.reason)
+        if attempt.outcome == DENIED:
+            return new, GiveUp(f"join refused by {address}: {attempt.reason}")
+        return new, None
+
+    def expired(self, now: float) -> GiveUp | None:
+        if now - self.started < self.timeout:
+            return None
+        return GiveUp(f"could not join site {self.site} within {self.timeout:g}s: {self.waiting_for()}")
+
+    def waiting_for(self) -> str:
+        if not self.attempts:
+            return f"a member of site {self.site} (none found yet by mDNS or --peer)"
+        tried = "; ".join(f"{a.address}: {a.reason}" for a in sorted(self.attempts.values(), key=lambda a: a.address))
+        return f"a member of site {self.site} that can admit this node (tried {len(self.attempts)}: {tried})"
+
+    def status(self, now: float) -> dict:
+        return {"waiting_for": self.waiting_for(), "joining_for_s": round(now - self.started, 1),
+                "attempts": [{"address": a.address, "outcome": a.outcome, "reason": a.reason,
+                              "s_ago": round(now - a.at, 1)}
+                             for a in sorted(self.attempts.values(), key=lambda a: a.address)]}

@@ -1,0 +1,178 @@
+"""The leader's duties, as one pure step: liveness verdicts, the Raft voter set, placement.
+
+`Leading.step(view, now)` looks at what the leader knows and returns what to do this pass:
+- on a new term: every member gets a fresh lease (a leader change by itself never marks
+  anyone down or reschedules anything) and the leadership is announced;
+- liveness: `set_liveness` for every member whose lease ran out or that came back
+  (meshd.liveness decides, from Raft heartbeat contacts and report sequence numbers);
+- voters: at most one Raft configuration change (pysyncobj takes one at a time): a member
+  that left or was revoked goes first, then an admitted voter that is not configured yet;
+- placement: reconcile, then one plan per app that needs one (Nomad's plan/apply split: the
+  plan is re-checked when it is applied). Plans of one pass are made one after the other
+  on a working copy of the state, so two apps do not both count on the same free capacity.
+
+Invariants:
+- Pure: `now` is monotonic seconds (leases); the state carries wall-clock stamps.
+- It never acts on a view Raft has not caught up with, nor on an older view than one it
+  already acted on.
+- Plans never stop an old-version or draining replica before its replacement is placed
+  (sitestate.waits_for_replacement, checked again at apply).
+- A placement problem is announced once per distinct reason, not on every pass.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+from meshd.commands import ApplyPlan, PlacementWire, SetLiveness
+from meshd.liveness import LivenessTracker
+from meshd.node.effects import AddVoter, Commit, Effect, Emit, RemoveVoter
+from meshd.placement.plan import make_plan
+from meshd.reconcile import reconcile
+from meshd.sitestate import waits_for_replacement
+from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, ALLOC_PENDING, DESIRED_RUN, DESIRED_STOP, LIVENESS_DOWN, Alloc, \
+    SiteState
+
+# Look at liveness when the next lease may run out, plus this much so it really passed.
+LEASE_EPSILON = 0.01
+# While a member is down, its return is only seen by looking: this often.
+DOWN_LOOK_PERIOD = 0.1
+# Reconcile runs when the state changed; this often also without a change, as a safety net.
+RECONCILE_SAFETY_PERIOD = 5.0
+
+
+@dataclass(frozen=True)
+class LeaderView:
+    """What the leader knows this pass."""
+    state: SiteState
+    term: int
+    own_id: str
+    own_raft_address: str
+    configured: tuple[str, ...]  # Raft addresses of the other voters, per the Raft configuration
+    contacts: tuple[tuple[str, float], ...] = ()  # (raft address, when it last answered a heartbeat)
+    changed: bool = True  # the state changed since the last pass (reconcile is due)
+    # Raft has applied every entry it knows committed. A node that restarted Raft (a secret
+    # rotation) or was just elected may still be replaying its journal: its state is old.
+    caught_up: bool = True
+
+
+@dataclass
+class Leading:
+    lease: float
+    new_alloc_id: Callable[[], str]
+    tracker: LivenessTracker = field(init=False)
+    _term: int | None = None
+    _newest_applied: int = -1  # the newest view acted on (SiteState.applied)
+    _last_reconcile: float = float("-inf")
+    _unplaced_reported: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.tracker = LivenessTracker(lease=self.lease)
+
+    def stepped_down(self) -> None:
+        """This node no longer leads: the next term it leads starts afresh."""
+        self._term = None
+
+    def step(self, view: LeaderView, now: float) -> list[Effect]:
+        if not view.caught_up or view.state.applied < self._newest_applied:
+            return []  # an old view (a Raft node replaying its journal): wait until it caught up
+        self._newest_applied = view.state.applied
+        effects = self.liveness(view, now)
+        if any(isinstance(e, Commit) for e in effects):
+            return effects  # the verdicts first: the next pass places on the state they make
+        voter = self.voter_change(view)
+        if voter is not None:
+            effects.append(voter)
+        if view.changed or effects or now - self._last_reconcile > RECONCILE_SAFETY_PERIOD:
+            self._last_reconcile = now
+            effects.extend(self.plans(view.state))
+        return effects
+
+    def liveness(self, view: LeaderView, now: float) -> list[Effect]:
+        state = view.state
+        if self._term != view.term:
+            self._term = view.term
+            self.tracker.reset(state, now)
+            return [Emit("leader", f"{_name(state, view.own_id)} leads site {state.site} (term {view.term})",
+                         {"term": view.term})]
+        by_address = dict(view.contacts)
+        contacts = {node.node_id: by_address[node.raft_address]
+                    for node in state.nodes.values() if node.raft_address in by_address}
+        contacts[view.own_id] = now  # the leader hears itself
+        return [Commit(SetLiveness(node_id=t.node_id, liveness=t.to, reason=t.reason))
+                for t in self.tracker.observe(state, now, contacts)]
+
+    def next_look(self, state: SiteState, now: float) -> float:
+        """Seconds until the leader should look again without news."""
+        deadline = self.tracker.next_check(state)
+        wait = RECONCILE_SAFETY_PERIOD if deadline is None else deadline - now + LEASE_EPSILON
+        if any(n.liveness == LIVENESS_DOWN and n.admin not in (ADMIN_LEFT, ADMIN_REVOKED) for n in state.nodes.values()):
+            wait = min(wait, DOWN_LOOK_PERIOD)
+        return min(max(wait, LEASE_EPSILON), RECONCILE_SAFETY_PERIOD)
+
+    @staticmethod
+    def voter_change(view: LeaderView) -> AddVoter | RemoveVoter | None:
+        """The one Raft configuration change to make now, if any."""
+        state, own = view.state, view.own_raft_address
+        configured = set(view.configured)
+        for node in sorted(state.nodes.values(), key=lambda n: n.raft_address):
+            if node.admin in (ADMIN_LEFT, ADMIN_REVOKED) and node.raft_address in configured \
+                    and node.raft_address != own:
+                return RemoveVoter(node.raft_address, node.name, node.admin)
+        for node in state.nodes.values():
+            if node.voter and node.admin not in (ADMIN_LEFT, ADMIN_REVOKED) and node.raft_address not in configured \
+                    and node.raft_address != own:
+                return AddVoter(node.raft_address, node.name)
+        return None
+
+    def plans(self, state: SiteState) -> list[Effect]:
+        """One `apply_plan` per app that needs placing or stopping, made in turn on a working
+        copy of the state."""
+        rec = reconcile(state)
+        stops_by_app: dict[str, list[tuple[str, str]]] = {}
+        for alloc_id, reason in rec.stop:
+            stops_by_app.setdefault(state.allocs[alloc_id].app if alloc_id in state.allocs else "", []).append(
+                (alloc_id, reason))
+        effects: list[Effect] = []
+        working: SiteState | None = None
+        for app_name in sorted(set(rec.place) | set(stops_by_app)):
+            record = state.apps.get(app_name)
+            stops = stops_by_app.get(app_name, [])
+            if record is None:
+                effects.append(Commit(ApplyPlan(app=app_name or "unknown", version=1, stops=tuple(stops))))
+                continue
+            if working is None:
+                working = copy.copy(state)
+                working.allocs = dict(state.allocs)
+            plan = make_plan(working, record.spec, record.version, rec.place.get(app_name, ()), self.new_alloc_id,
+                             stops=stops)
+            if plan.unplaced:
+                reason = "; ".join(f"replica {r}: {why}" for r, why in plan.unplaced)
+                if self._unplaced_reported.get(app_name) != reason:
+                    self._unplaced_reported[app_name] = reason
+                    effects.append(Emit("placement", f"{app_name}: cannot place {len(plan.unplaced)} replica(s): "
+                                        f"{reason}", {"app": app_name}))
+            placed = {p.replica for p in plan.placements}
+            kept_stops = tuple((alloc_id, why) for alloc_id, why in plan.stops
+                               if working.allocs[alloc_id].replica in placed
+                               or not waits_for_replacement(working, working.allocs[alloc_id], record.version))
+            if not plan.placements and not kept_stops:
+                continue
+            effects.append(Commit(ApplyPlan(app=app_name, version=record.version,
+                                            placements=tuple(PlacementWire(p.alloc_id, p.replica, p.node_id)
+                                                             for p in plan.placements),
+                                            stops=kept_stops)))
+            for p in plan.placements:  # later apps of this pass see this capacity taken
+                working.allocs[p.alloc_id] = Alloc(alloc_id=p.alloc_id, app=p.app, version=p.version,
+                                                   replica=p.replica, node_id=p.node_id, desired=DESIRED_RUN,
+                                                   state=ALLOC_PENDING)
+            for alloc_id, _ in kept_stops:
+                working.allocs[alloc_id] = replace(working.allocs[alloc_id], desired=DESIRED_STOP)
+        return effects
+
+
+def _name(state: SiteState, node_id: str) -> str:
+    node = state.nodes.get(node_id)
+    return node.name if node is not None else node_id

@@ -1,0 +1,50 @@
+"""This node as a worker: which allocations it runs, and when it must leave.
+
+Invariants:
+- It runs exactly the live allocations the replicated state assigns to it.
+- It never acts on an old view: one Raft has not caught up with yet, or one with fewer
+  applied log entries (`SiteState.applied`) than a view it already acted on. Such a state
+  is a Raft node replaying its journal (after a restart for a secret rotation, say), and an
+  allocation missing from it was not stopped by anyone. So a leader change or a secret
+  rotation never stops a workload.
+- It leaves (Expel) when the state says it was revoked, or a root-signed list naming it
+  reached it directly (`revoked_notice`).
+"""
+
+from __future__ import annotations
+
+from meshd.node.effects import Effect, Expel, SetWorkloads, Workload
+from meshd.state import ADMIN_REVOKED, SiteState
+
+
+class Worker:
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self._newest_seen = -1  # the largest `applied` acted on
+        self._running: tuple[str, ...] | None = None  # allocation ids last asked for
+
+    def step(self, state: SiteState, revoked_notice: str | None = None, caught_up: bool = True) -> list[Effect]:
+        """`caught_up`: Raft has applied every entry it knows committed (see meshd.io.raft)."""
+        own = state.nodes.get(self.node_id)
+        if own is not None and own.admin == ADMIN_REVOKED:
+            return [Expel(f"this node was revoked from site {state.site}: {own.reason}")]
+        if revoked_notice:
+            return [Expel(f"this node was revoked from site {state.site}: {revoked_notice}")]
+        if not caught_up or state.applied < self._newest_seen:
+            return []  # an old view (a Raft node replaying its journal): wait until it caught up
+        self._newest_seen = state.applied
+        workloads = []
+        for alloc in state.allocs.values():
+            if alloc.node_id != self.node_id or not alloc.live:
+                continue
+            record = state.apps.get(alloc.app)
+            if record is None:
+                continue
+            spec = record.spec
+            workloads.append(Workload(alloc_id=alloc.alloc_id, app=alloc.app, command=tuple(spec.command),
+                                      env=dict(spec.env), restart_policy=spec.restart_policy))
+        key = tuple(sorted(w.alloc_id for w in workloads))
+        if key == self._running:
+            return []
+        self._running = key
+        return [SetWorkloads(tuple(sorted(workloads, key=lambda w: w.alloc_id)))]

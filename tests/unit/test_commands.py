@@ -1,0 +1,104 @@
+"""Typed Raft commands (meshd.commands): wire round trips, refusals with codes, and no caller
+in meshd drops a commit's outcome."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from meshd import commands as cmds
+from meshd.commands import REFUSAL_CODES, Ok, Refused, result_from_wire
+from meshd.state import NodeRecord
+
+NODE = NodeRecord(node_id="a" * 32, name="n1", site="lab", address="198.18.0.1:7700",
+                  raft_address="198.18.0.1:7701", public_key="00" * 32, arch="x86_64", labels={"line": "1"},
+                  version="0.1.0", boot_id="b", tpm_ak="")
+
+EXAMPLES = [
+    cmds.Bootstrap(site="lab", mesh_id="m", node=NODE, trust={"root": "x"}, actor="op"),
+    cmds.SetPolicy(policy={"sig": "x"}, actor="op"),
+    cmds.AdoptPolicy(policy={"sig": "x"}, site="b", actor="site b"),
+    cmds.RevokeNode(node_id="a" * 32, revocations={"sig": "x"}, reason="stolen", number=3, actor="op"),
+    cmds.AdoptRevocations(revocations={"sig": "x"}, sites=("b",), actor="site b"),
+    cmds.Attested(node_id="a" * 32, boot_id="b"),
+    cmds.RotateSecret(actor="n1"),
+    cmds.CreateToken(token_id="t", site="lab", secret="ab", expires_at=10.0, actor="op"),
+    cmds.AdmitNode(token_id="t", node=NODE, actor="n1"),
+    cmds.FoundSite(token_id="t", node=NODE, actor="n1"),
+    cmds.Heartbeat(node_id="a" * 32, seq=4, reports=(cmds.AllocReport("x1", "stopped", 1, None, 0, "done", True),),
+                   boot_id="b"),
+    cmds.SetLiveness(node_id="a" * 32, liveness="down", reason="lease expired"),
+    cmds.StopApp(app="svc", actor="op"),
+    cmds.ApplyPlan(app="svc", version=2, placements=(cmds.PlacementWire("x2", 0, "a" * 32),),
+                   stops=(("x1", "replaced by version 2"),)),
+    cmds.Drain(node="n1", actor="op"),
+    cmds.Undrain(node="n1", actor="op"),
+]
+
+
+@pytest.mark.parametrize("command", EXAMPLES, ids=lambda c: c.op)
+def test_every_command_survives_its_wire_form(command):
+    wire = cmds.encode(command, cmds.Envelope(ts=5.0, request_id="r1"))
+    assert wire["op"] == command.op and wire["ts"] == 5.0 and wire["request_id"] == "r1"
+    decoded = cmds.decode(wire)
+    assert not isinstance(decoded, Refused), decoded
+    envelope, again = decoded
+    assert again == command and envelope == cmds.Envelope(5.0, "r1")
+
+
+def test_every_op_has_an_example():
+    assert {c.op for c in EXAMPLES} | {"submit_app"} == set(cmds.COMMANDS)
+
+
+@pytest.mark.parametrize("wire, code, words", [
+    ("junk", cmds.MALFORMED, "not a mapping"),
+    ({"op": "fly", "ts": 1}, cmds.UNKNOWN_COMMAND, "unknown command"),
+    ({"op": "drain", "ts": True}, cmds.MALFORMED, "ts must be"),
+    ({"op": "drain", "ts": 1}, cmds.MALFORMED, "node must be"),
+    ({"op": "heartbeat", "ts": 1, "node_id": "a", "seq": 1, "reports": "x"}, cmds.MALFORMED, "reports must be"),
+    ({"op": "set_liveness", "ts": 1, "node_id": "a", "liveness": "zombie"}, cmds.MALFORMED, "ready or down"),
+    ({"op": "submit_app", "ts": 1, "spec": {"app": {"name": "x"}}}, cmds.MALFORMED, "app."),
+    ({"op": "apply_plan", "ts": 1, "plan": {"app": "a", "version": 1, "placements": [1]}}, cmds.MALFORMED,
+     "placement must be"),
+])
+def test_malformed_commands_refuse_with_a_code_and_never_raise(wire, code, words):
+    refused = cmds.decode(wire)
+    assert isinstance(refused, Refused) and refused.code == code and words in refused.text
+
+
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+                    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children,
+                                                                                         max_size=4), max_leaves=12),
+       st.sampled_from(sorted(cmds.COMMANDS)))
+def test_decoding_junk_never_raises(junk, op):
+    wire = dict(junk) if isinstance(junk, dict) else {"junk": junk}
+    wire.update(op=op, ts=1.0)
+    outcome = cmds.decode(wire)
+    assert isinstance(outcome, Refused) and outcome.code in REFUSAL_CODES or isinstance(outcome, tuple)
+
+
+def test_results_have_a_wire_form_for_the_dedupe_table():
+    assert result_from_wire(Ok({"epoch": 3}).to_wire()) == Ok({"epoch": 3})
+    assert result_from_wire(Refused(cmds.STALE, "old").to_wire()) == Refused(cmds.STALE, "old")
+    assert result_from_wire("junk").code == cmds.INTERNAL
+    assert not hasattr(Refused(cmds.STALE, "old"), "fields")  # a refusal has no fields to read by mistake
+
+
+def _calls_to_commit(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Expr):
+            value = node.value.value if isinstance(node.value, ast.Await) else node.value
+            if isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute) and \
+                    value.func.attr in ("commit", "submit"):
+                yield node.lineno
+
+
+def test_no_caller_drops_the_outcome_of_a_commit():
+    root = Path(__file__).resolve().parents[2] / "meshd"
+    dropped = [f"{path.relative_to(root.parent)}:{line}" for path in sorted(root.rglob("*.py"))
+               for line in _calls_to_commit(ast.parse(path.read_text()))]
+    assert not dropped, f"commit results dropped (a refusal would go unseen): {dropped}"

@@ -1,0 +1,63 @@
+"""meshd.node.worker: the workloads a node runs, and never on an old view."""
+
+from __future__ import annotations
+
+import copy
+
+from meshd import sitestate
+from meshd.node.effects import Expel, SetWorkloads
+from meshd.node.worker import Worker
+from meshd.state import SiteState
+
+from tests.unit.test_sitestate import cmd, founded
+
+
+def placed(state: SiteState, count: int = 2) -> SiteState:
+    assert sitestate.apply(state, cmd("submit_app", spec={"app": {"name": "svc", "replicas": count,
+                                                                   "command": ["sleep", "1"]}})).ok
+    placements = [{"alloc_id": f"x{i}", "replica": i, "node_id": f"{1:032x}"} for i in range(count)]
+    assert sitestate.apply(state, cmd("apply_plan", plan={"app": "svc", "version": 1, "placements": placements,
+                                                           "stops": []})).ok
+    return state
+
+
+def test_it_runs_the_live_allocations_assigned_to_it_once():
+    state = placed(founded())
+    worker = Worker(f"{1:032x}")
+    [effect] = worker.step(state)
+    assert isinstance(effect, SetWorkloads) and [w.alloc_id for w in effect.workloads] == ["x0", "x1"]
+    assert worker.step(state) == []  # nothing new: nothing to do
+
+
+def test_an_old_view_never_stops_anything():
+    """A Raft node restarted for a secret rotation replays its journal from an empty state:
+    the allocations missing from it were not stopped by anyone."""
+    state = placed(founded())
+    worker = Worker(f"{1:032x}")
+    worker.step(state)
+    assert worker.step(SiteState()) == []  # empty: replaying from scratch
+    older = founded()  # the same log, not yet as far as the placements
+    assert older.applied < state.applied
+    assert worker.step(older) == []
+    assert worker.step(copy.deepcopy(state), caught_up=False) == []  # Raft still replaying
+
+
+def test_a_newer_view_does_stop_what_the_site_stopped():
+    state = placed(founded())
+    worker = Worker(f"{1:032x}")
+    worker.step(state)
+    assert sitestate.apply(state, cmd("stop_app", app="svc")).ok
+    [effect] = worker.step(state)
+    assert isinstance(effect, SetWorkloads) and effect.workloads == ()
+
+
+def test_it_leaves_when_revoked_by_the_state_or_by_a_signed_notice():
+    state = founded()
+    worker = Worker(f"{1:032x}")
+    assert worker.step(state, revoked_notice="revoked by op@n2: stolen") == [
+        Expel(f"this node was revoked from site {state.site}: revoked by op@n2: stolen")]
+    state.nodes[f"{1:032x}"] = state.nodes[f"{1:032x}"].__class__(**{**vars(state.nodes[f"{1:032x}"]),
+                                                                     "admin": "revoked", "reason": "by op"})
+    [effect] = worker.step(state)
+    assert isinstance(effect, Expel) and "by op" in effect.reason
+
