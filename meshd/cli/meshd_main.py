@@ -77,11 +77,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     limit_malloc_arenas()  # before any thread starts
     import trio
 
-    from meshd.io.daemon import Daemon, FatalStartupError, setup_logging
+    from meshd.io.runtime import FatalStartupError, Runtime, setup_logging
 
     setup_logging(args.log_level)
     try:
-        trio.run(Daemon(config).run)
+        trio.run(Runtime(config).run)
     except (FatalStartupError, BaseExceptionGroup) as e:
         # A refusal raised inside the daemon's nursery arrives wrapped in an exception group.
         fatal = _find_fatal(e, FatalStartupError)

@@ -12,13 +12,12 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import pwd
 import secrets
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import trio
 
@@ -37,23 +36,18 @@ from meshd import tokens
 from meshd.io import peer
 from meshd.io.admin import AdminError, AdminRequest
 from meshd.io.attester import package_digest
-from meshd.io.logfiles import follow, read_tail
-from meshd.commands import Ok, Refused
+from meshd.commands import Ok, Refused, Result
+from meshd.io.context import NodeContext
+from meshd.io.logview import serve_local_logs
 from meshd.io.raft import CommandFailed
 from meshd.placement.plan import make_plan
 from meshd.io.mesh import REACHABLE_INTERVALS
 from meshd.meshstate import (PoliciesIn, audit_key, evidence_kind, policies_in_document, policy_conflicts,
                              revocation_key, revocations_to_take_in)
 from meshd.sitestate import node_to_plain
-from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, ALLOC_RUNNING, APP_RUNNING, SiteState
+from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, ALLOC_RUNNING, APP_RUNNING, NodeRecord, SiteState
 
-if TYPE_CHECKING:
-    from meshd.io.daemon import Daemon
 
-# Default bytes of log shown by `meshctl logs` without --tail: a screenful or two.
-DEFAULT_LOG_TAIL = 64 * 1024
-# Upper bound on --tail: the log files themselves are bounded by rotation anyway.
-MAX_LOG_TAIL = 16 * 1024 * 1024
 # How long a write waits for a leader to appear before it is refused.
 WRITE_RETRY_WINDOW = 5.0
 # `deploy --wait` without --timeout gives up after this long.
@@ -62,12 +56,12 @@ DEFAULT_WAIT_TIMEOUT = 120.0
 POLL_PERIOD = 0.1
 
 
-def _actor(request: AdminRequest, daemon: "Daemon") -> str:
+def _actor(request: AdminRequest, ctx: NodeContext) -> str:
     try:
         user = pwd.getpwuid(request.peer_uid).pw_name
     except (KeyError, TypeError):
         user = f"uid:{request.peer_uid}"
-    return f"{user}@{daemon.config.name}"
+    return f"{user}@{ctx.config.name}"
 
 
 def _arg(args: dict, key: str, kind: type | tuple, default: Any = None, required: bool = False) -> Any:
@@ -160,32 +154,10 @@ def find_alloc(state: SiteState, ref: str):
     raise AdminError(f"no allocation {ref!r}" if not matches else f"allocation prefix {ref!r} is ambiguous")
 
 
-async def serve_local_logs(daemon: "Daemon", alloc_id: str, follow_: bool, tail: Any,
-                           send: Callable[[dict], Awaitable[None]]) -> dict:
-    """Log text of an allocation that ran on this node (`meshctl logs`, local or via a member call)."""
-    if daemon.supervisor is None:
-        raise peer.PeerError("supervisor not running")
-    tail_bytes = tail if isinstance(tail, int) and not isinstance(tail, bool) and 0 < tail <= MAX_LOG_TAIL \
-        else DEFAULT_LOG_TAIL
-    try:
-        path = daemon.supervisor.log_path(alloc_id)
-    except ValueError as e:
-        raise peer.PeerError(str(e)) from None
-    if not path.parent.exists():
-        raise peer.PeerError(f"no logs for allocation {alloc_id} on {daemon.config.name}")
-    text = (await trio.to_thread.run_sync(read_tail, path, tail_bytes)).decode("utf-8", "replace")
-    if not follow_:
-        return {"data": text}
-    await send({"data": text})
-    async with contextlib.aclosing(follow(path)) as chunks:
-        async for chunk in chunks:
-            await send({"data": chunk.decode("utf-8", "replace")})
-    return {"data": ""}
-
-
 class AdminHandlers:
-    def __init__(self, daemon: "Daemon"):
-        self.daemon = daemon
+    def __init__(self, ctx: NodeContext, *, revoke: Callable[[NodeRecord, str, str], Awaitable[Result]]):
+        self.ctx = ctx
+        self._revoke = revoke  # the trust service's: commit, tell the node, rotate the secret
         self.commands: dict[str, Callable[[AdminRequest, Any], Awaitable[Any]]] = {
             "status": self.status, "nodes": self.nodes, "sites": self.sites, "document": self.document, "token_create": self.token_create,
             "deploy": self.deploy, "plan": self.plan, "apps": self.apps, "allocs": self.allocs, "stop": self.stop,
@@ -206,16 +178,16 @@ class AdminHandlers:
     # --- helpers -------------------------------------------------------------------------
 
     def _state(self) -> SiteState:
-        return self.daemon.snapshot()
+        return self.ctx.snapshot()
 
     def _require_member(self) -> None:
-        if self.daemon.raft is None:
+        if self.ctx.raft is None:
             raise AdminError("this node is still joining its site")
 
     async def _wait_for_quorum(self) -> float:
         """Wait briefly for a leader with quorum; refuse when none appears. The deadline
         (monotonic) until which a write may be retried."""
-        d = self.daemon
+        d = self.ctx
         deadline = time.monotonic() + WRITE_RETRY_WINDOW
         while d.partitioned:
             if time.monotonic() >= deadline:
@@ -227,7 +199,7 @@ class AdminHandlers:
     async def _write(self, request: AdminRequest, op: str, **fields: Any) -> Ok:
         """Commit a command; refuse without quorum; the result's error becomes AdminError."""
         self._require_member()
-        d = self.daemon
+        d = self.ctx
         deadline = await self._wait_for_quorum()
         command = d.new_command(op, actor=_actor(request, d), **fields)
         try:
@@ -241,7 +213,7 @@ class AdminHandlers:
     # --- reads ----------------------------------------------------------------------------
 
     async def status(self, request: AdminRequest, stream) -> dict:
-        d = self.daemon
+        d = self.ctx
         state = self._state()
         raft = d.raft.status if d.raft else None
         members = sum(1 for n in state.nodes.values() if n.admin not in (ADMIN_LEFT, ADMIN_REVOKED))
@@ -262,7 +234,7 @@ class AdminHandlers:
     def _node_rows(self, state: SiteState, site: str | None) -> list[dict]:
         if site and site != state.site:
             return self._other_site_node_rows(site)
-        d = self.daemon
+        d = self.ctx
         leader = d.raft.status.leader_address if d.raft else None
         rows = []
         for node in sorted(state.nodes.values(), key=lambda n: n.name):
@@ -284,7 +256,7 @@ class AdminHandlers:
         (no resource figures: those stay in their site); `as_of_s`: how old that is."""
         now = time.time()
         rows = []
-        for summary in self.daemon.mesh.document.records(NodeSummary):
+        for summary in self.ctx.mesh.document.records(NodeSummary):
             if summary.site != site:
                 continue
             row = summary.to_plain()
@@ -299,7 +271,7 @@ class AdminHandlers:
     async def sites(self, request: AdminRequest, stream) -> list:
         """This site from its Raft state; the others from their summaries in the mesh document
         and from this node's sync sessions."""
-        d = self.daemon
+        d = self.ctx
         state = self._state()
         members = [n for n in state.nodes.values() if n.admin not in (ADMIN_LEFT, ADMIN_REVOKED)]
         rows = [{"site": state.site, "nodes": len(members), "ready": sum(1 for n in members if n.state == "ready"),
@@ -321,7 +293,7 @@ class AdminHandlers:
 
     async def document(self, request: AdminRequest, stream) -> dict:
         """This node's replica: records per kind, size, state vector, and its live sessions."""
-        mesh = self.daemon.mesh
+        mesh = self.ctx.mesh
         document = mesh.document
         since = _arg(request.args, "since", str)
         sent = mesh.sent_by_site()
@@ -353,7 +325,7 @@ class AdminHandlers:
         """Every app of the mesh: its winning edit, and its progress in each site it names
         (this site from the Raft state, the others as they published it)."""
         state = self._state()
-        document = self.daemon.mesh.document
+        document = self.ctx.mesh.document
         resolutions = document.apps()
         rows = []
         for name in sorted(set(state.apps) | set(resolutions)):
@@ -391,26 +363,26 @@ class AdminHandlers:
     async def events(self, request: AdminRequest, stream) -> list:
         follow_ = bool(_arg(request.args, "follow", bool, False))
         seen_replicated = len(self._state().events)
-        history = self._merged_events(self._state().events, list(self.daemon.local_events))
+        history = self._merged_events(self._state().events, list(self.ctx.local_events))
         if not follow_:
             return history
         for event in history[-50:]:
             await stream.send(event)
-        local_seen = len(self.daemon.local_events)
+        local_seen = len(self.ctx.local_events)
         while True:
-            await self.daemon.state_changed.wait(1.0)
+            await self.ctx.state_changed.wait(1.0)
             state = self._state()
             new = [e.to_plain() for e in state.events[seen_replicated:]] if len(state.events) >= seen_replicated \
                 else []
             seen_replicated = len(state.events)
-            local = list(self.daemon.local_events)
+            local = list(self.ctx.local_events)
             new += local[local_seen:] if len(local) >= local_seen else []
             local_seen = len(local)
             for event in sorted(new, key=lambda e: e["ts"]):
                 await stream.send(event)
 
     def _merged_events(self, replicated: list, local: list[dict]) -> list[dict]:
-        d = self.daemon
+        d = self.ctx
         conflicts = conflict_events(d.mesh.document.apps())
         state = self._state()
         if state.trust_root and d.membership is not None:
@@ -422,7 +394,7 @@ class AdminHandlers:
     async def audit(self, request: AdminRequest, stream) -> list:
         """Audit records of every site (the mesh document), and this site's own not yet in it."""
         state = self._state()
-        merged = {r.audit_id: r.to_plain() for r in self.daemon.mesh.document.records(DocAuditRecord)}
+        merged = {r.audit_id: r.to_plain() for r in self.ctx.mesh.document.records(DocAuditRecord)}
         for record in state.audit:
             key = audit_key(record.site, record.seq) if record.seq else f"{record.site}/local/{record.ts}"
             merged.setdefault(key, {"audit_id": key, **record.to_plain()})
@@ -436,7 +408,7 @@ class AdminHandlers:
         takes in the revocations of other sites, plus those the document carries that the
         site's leader has not taken in yet (marked `pending`)."""
         self._require_member()
-        d = self.daemon
+        d = self.ctx
         state = self._state()
         if not state.trust_root or not state.revocations:
             return []
@@ -461,7 +433,7 @@ class AdminHandlers:
         ref = _arg(request.args, "alloc", str, required=True)
         follow_ = bool(_arg(request.args, "follow", bool, False))
         tail = _arg(request.args, "tail", int)
-        d = self.daemon
+        d = self.ctx
         state = self._state()
         alloc = find_alloc(state, ref)
         try:
@@ -496,7 +468,7 @@ class AdminHandlers:
         (the command carries it), then written to the replica; the site's leader re-publishes
         it should this node die in between. Returns (Raft result, edit). Callers checked
         `_require_member` (they read the site first)."""
-        d = self.daemon
+        d = self.ctx
         edit = d.mesh.document.new_app_edit(edit_id=uuid.uuid4().hex, app=app_name, site=d.membership.site,
                                             actor=_actor(request, d), ts=time.time(), spec=spec_toml,
                                             targets=targets, replicas=replicas, stopped=stopped)
@@ -513,7 +485,7 @@ class AdminHandlers:
         wait = bool(_arg(request.args, "wait", bool, False))
         timeout = _arg(request.args, "timeout", (int, float), DEFAULT_WAIT_TIMEOUT)
         self._require_member()
-        own_site = self.daemon.membership.site
+        own_site = self.ctx.membership.site
         targets = tuple(app_spec.sites) or (own_site,)
         result, edit = await self._commit_edit(request, "submit_app", app_spec.name,
                                                spec_toml=self._spec_text(request), targets=targets,
@@ -540,11 +512,11 @@ class AdminHandlers:
             if time.monotonic() >= deadline:
                 raise AdminError(f"{app_spec.name} v{result['version']} accepted, but only {progress['running']}/"
                                  f"{progress['replicas']} replicas running after {timeout:g}s")
-            await self.daemon.state_changed.wait(POLL_PERIOD)
+            await self.ctx.state_changed.wait(POLL_PERIOD)
 
     async def _wait_elsewhere(self, edit, stream, deadline: float, timeout: float) -> dict:
         """`deploy --wait` of an app that runs only in other sites: their published progress."""
-        d = self.daemon
+        d = self.ctx
         last = None
         while True:
             rows = [d.mesh.document.get(AppSiteStatus, app_status_key(edit.app, site)) for site in edit.targets]
@@ -566,7 +538,7 @@ class AdminHandlers:
 
     async def stop(self, request: AdminRequest, stream) -> dict:
         app = _arg(request.args, "app", str, required=True)
-        d = self.daemon
+        d = self.ctx
         self._require_member()
         resolution = d.mesh.document.app(app)
         if resolution is None and app not in self._state().apps:
@@ -589,7 +561,7 @@ class AdminHandlers:
         return {"node": result["node"], "node_id": result["node_id"], "state": result["state"]}
 
     async def token_create(self, request: AdminRequest, stream) -> dict:
-        d = self.daemon
+        d = self.ctx
         self._require_member()
         site = _arg(request.args, "site", str) or d.membership.site
         ttl = _arg(request.args, "ttl", int, tokens.DEFAULT_TOKEN_TTL)
@@ -652,7 +624,7 @@ class AdminHandlers:
         """Require (or stop requiring) TPM-backed evidence in a site. Members already in
         with software-only evidence fail their next re-attestation and are expelled."""
         self._require_member()
-        d = self.daemon
+        d = self.ctx
         site = _arg(request.args, "site", str) or d.membership.site
         required = _arg(request.args, "required", bool, default=True)
         problem = specmod.name_problem(site)
@@ -666,7 +638,7 @@ class AdminHandlers:
         return {"serial": result["serial"], "site": site, "tpm_required": required}
 
     async def _sign_policy(self, request: AdminRequest, updated) -> dict:
-        root_key = self.daemon.root_signing_key()
+        root_key = self.ctx.root_signing_key()
         if root_key is None:
             raise AdminError("only a voter holds the mesh root key; run this on a voter")
         return await self._write(request, "set_policy", policy=sign_policy(root_key, updated))
@@ -676,7 +648,7 @@ class AdminHandlers:
         the node's revoked state; the leader then removes it from Raft, its workloads are
         placed elsewhere, it stops itself when it sees the news, and no member admits it again."""
         self._require_member()
-        d = self.daemon
+        d = self.ctx
         ref = _arg(request.args, "node", str)
         reason = (_arg(request.args, "reason", str) or "")[:200]
         if not ref:
@@ -691,7 +663,7 @@ class AdminHandlers:
             return {"node": node.name, "revoked": True, "node_id": node.node_id}
         await self._wait_for_quorum()
         try:
-            result = await d.revoke(node, _actor(request, d), reason)
+            result = await self._revoke(node, _actor(request, d), reason)
         except CommandFailed as e:
             raise AdminError(f"{e}; the revocation may not have been applied, check before retrying") from None
         if isinstance(result, Refused):

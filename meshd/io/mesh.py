@@ -22,7 +22,7 @@ Invariants:
 - The document is only touched on the trio thread; disk work runs on a worker thread, and an
   update is on disk before it is acknowledged or passed on (docsync).
 - A peer that is not a member of this mesh, or is revoked, gets no session (the TLS
-  certificate decides, meshd.io.daemon.sync_member).
+  certificate decides, meshd.io.context.NodeContext.sync_member).
 - Nothing here stops a workload because another site is unreachable: a site only ever acts on
   edits, never on silence.
 """
@@ -56,7 +56,7 @@ from meshd.state import ADMIN_LEFT, ADMIN_REVOKED
 from meshd.wire import FrameError
 
 if TYPE_CHECKING:
-    from meshd.io.daemon import Daemon
+    from meshd.io.context import NodeContext
 
 log = logging.getLogger("meshd.mesh")
 
@@ -123,8 +123,8 @@ class _Link:
 
 
 class MeshSync:
-    def __init__(self, daemon: "Daemon") -> None:
-        self.daemon = daemon
+    def __init__(self, ctx: "NodeContext") -> None:
+        self.ctx = ctx
         self.document: MeshDocument | None = None
         self.store: DocumentStore | None = None
         self.hub: DocumentHub | None = None
@@ -144,9 +144,9 @@ class MeshSync:
 
     def open(self) -> None:
         """Load the replica from disk (at start, before any task runs)."""
-        from meshd.io.daemon import Wakeup
+        from meshd.io.wakeup import Wakeup
         self.changed = Wakeup()
-        self.store = DocumentStore(self.daemon.data_dir / "mesh")
+        self.store = DocumentStore(self.ctx.data_dir / "mesh")
         # A fresh client id per start: pycrdt must never see one writer's clock reused.
         self.document = self.store.open(MeshDocument(client_id=secrets.randbits(52)))
         self.hub = DocumentHub(self.document, self.store)
@@ -181,13 +181,13 @@ class MeshSync:
 
     async def serve(self, conn: peer.FramedStream, stream: trio.abc.Stream, named: tuple[str, str]) -> None:
         """The peer port's side of a `sync_hello` (meshd.io.peer)."""
-        d = self.daemon
+        d = self.ctx
         await conn.send({"type": "sync_ready", "site": d.membership.site, "node": d.config.name})
         await self._run(stream, named, initial=conn.take_buffered(), dialed=False)
 
     async def _dial(self, address: str) -> float:
         """One sync session with the member at `address`; returns how long it lasted."""
-        d = self.daemon
+        d = self.ctx
         with trio.fail_after(DIAL_TIMEOUT):
             conn = await peer.open_peer(address, d.tls.client_context(),
                                         expect=lambda cert: d.sync_member(cert) is not None)
@@ -214,13 +214,13 @@ class MeshSync:
     async def _run(self, stream: trio.abc.Stream, named: tuple[str, str], initial: bytes, dialed: bool) -> None:
         assert self.hub is not None
         site, node_id = named
-        own_site = self.daemon.membership.site
+        own_site = self.ctx.membership.site
         # One session per other site, one per member of our own: two leaders that dial each
         # other at once (or a static --peer next to a learnt route) would carry every change
         # twice. Both ends keep the same one (_Link.rank), and a session that loses is ended
         # as it starts, before it sends anything: the catch-up crosses the link once.
         link_key = site if site != own_site else f"{site}/{node_id}"
-        dialer = (own_site, self.daemon.identity.node_id) if dialed else (site, node_id)
+        dialer = (own_site, self.ctx.identity.node_id) if dialed else (site, node_id)
         serial = self._link_serial
         self._link_serial += 1
         scope = trio.CancelScope()
@@ -236,12 +236,12 @@ class MeshSync:
                 log.debug("a second session of one link ended", extra={"site": extra.site, "link": extra.key})
                 extra.scope.cancel()
             if first and site != own_site:
-                self.daemon.event("sync", f"sync with site {site} up", site=site, peer=node_id)
+                self.ctx.event("sync", f"sync with site {site} up", site=site, peer=node_id)
 
         try:
             with scope:
                 await self.hub.run_session(stream, f"{site}/{node_id[:12]}",
-                                           resync_interval=self.daemon.config.sync_interval, initial=initial,
+                                           resync_interval=self.ctx.config.sync_interval, initial=initial,
                                            on_start=started, settle=SESSION_SETTLE)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
@@ -254,7 +254,7 @@ class MeshSync:
                 if session.last_sync is not None:
                     self.heard[site] = max(self.heard.get(site, -math.inf), session.last_sync)
                 if site not in self.connected_sites() and site != own_site:
-                    self.daemon.event("sync", f"sync with site {site} down", site=site, peer=node_id)
+                    self.ctx.event("sync", f"sync with site {site} down", site=site, peer=node_id)
 
     def connected_sites(self) -> set[str]:
         return {link.site for link in self._links}
@@ -265,7 +265,7 @@ class MeshSync:
 
     def _targets(self) -> dict[str, list[str]]:
         """The sessions this node should keep: key -> addresses to try, in order."""
-        d = self.daemon
+        d = self.ctx
         assert self.document is not None
         own_address = f"{d.advertise_ip}:{d.peer_port}"
         wanted: dict[str, list[str]] = {f"peer:{p}": [p] for p in d.config.peers if p != own_address}
@@ -289,7 +289,7 @@ class MeshSync:
 
     async def dial_loop(self) -> None:
         """Keep the sessions `_targets` names; redial with backoff."""
-        d = self.daemon
+        d = self.ctx
         running: dict[str, trio.CancelScope] = {}
         changes = [d.state_changed.listener(), self.changed.listener()]
         async with trio.open_nursery() as nursery:
@@ -315,7 +315,7 @@ class MeshSync:
                         break  # that site reached us (or another route did): nothing to keep
                     addresses = self._targets().get(key, addresses)
                 elif key.startswith("peer:") and self.address_sites.get(addresses[0]) in self.connected_sites() - {
-                        self.daemon.membership.site}:
+                        self.ctx.membership.site}:
                     await trio.sleep(DIAL_CHECK_PERIOD)  # that site is synced through another route
                     continue
                 for address in addresses:
@@ -336,7 +336,7 @@ class MeshSync:
     # --- leader: document <-> site --------------------------------------------------------
 
     async def leader_loop(self) -> None:
-        d = self.daemon
+        d = self.ctx
         changes = [d.state_changed.listener(), self.changed.listener()]
         while True:
             await wait_any(changes, PUBLISH_SAFETY_PERIOD)
@@ -366,7 +366,7 @@ class MeshSync:
         for key, reason in refused:
             if key not in self._bad_records:
                 self._bad_records.add(key)
-                self.daemon.event("sync", f"{key} refused: {reason}", record=key)
+                self.ctx.event("sync", f"{key} refused: {reason}", record=key)
 
     async def _take_in_trust(self, state) -> None:
         """Revocations and the policy made in other sites (the document's signed records read once)."""
@@ -377,7 +377,7 @@ class MeshSync:
 
     async def _take_in_policy(self, state, records: list[SignedRecord]) -> None:
         """A policy bundle made in another site that outranks the site's (a Raft commit)."""
-        d = self.daemon
+        d = self.ctx
         opened = self._site_trust(state, open_policy, state.policy)
         if opened is None:
             return
@@ -395,7 +395,7 @@ class MeshSync:
     async def _take_in_revocations(self, state, records: list[SignedRecord]) -> None:
         """Revocations made in other sites join the site's list (a Raft commit); our members
         they name are expelled, and cut off like after a local revoke."""
-        d = self.daemon
+        d = self.ctx
         opened = self._site_trust(state, open_revocations, state.revocations)
         if opened is None:
             return
@@ -412,7 +412,7 @@ class MeshSync:
 
     def _revocations_to_publish(self, state) -> list[Record]:
         """The site's revocations the document lacks, each signed on its own by the root."""
-        d = self.daemon
+        d = self.ctx
         document = self.document
         assert document is not None and d.membership is not None
         opened = self._site_trust(state, open_revocations, state.revocations)
@@ -426,7 +426,7 @@ class MeshSync:
                                             state.site, now) for entry in missing]
 
     async def _take_in(self) -> None:
-        d = self.daemon
+        d = self.ctx
         assert self.document is not None
         while self.document.parse_pending(PARSE_SLICE):  # a catch-up's records, a slice at a time
             await trio.sleep(0)
@@ -466,7 +466,7 @@ class MeshSync:
                 raise failed[0]
 
     async def _publish(self) -> None:
-        d = self.daemon
+        d = self.ctx
         document = self.document
         assert document is not None
         state = d.snapshot()
@@ -495,7 +495,7 @@ class MeshSync:
 
     def _addresses(self, state) -> tuple[str, ...]:
         """Peer addresses other sites may dial: this leader first, then ready members."""
-        d = self.daemon
+        d = self.ctx
         own = f"{d.advertise_ip}:{d.peer_port}"
         others = sorted(n.address for n in state.nodes.values()
                         if n.state == "ready" and n.address != own and n.admin not in (ADMIN_LEFT, ADMIN_REVOKED))

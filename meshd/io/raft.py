@@ -68,12 +68,6 @@ class RaftStatus:
     # Leader only: (raft address, time.monotonic() when that voter last answered a heartbeat).
     contacts: tuple[tuple[str, float], ...] = ()
 
-    @property
-    def caught_up(self) -> bool:
-        """Every entry this node knows committed is applied: its state is not an old one
-        still being replayed (after a restart of Raft, or while it catches up)."""
-        return self.last_applied >= self.commit_index
-
 
 class SiteRaft(SyncObj):
     def __init__(self, self_address: str | None, partners: list[str], conf: SyncObjConf,
@@ -221,6 +215,11 @@ class RaftNode:
     def __init__(self, self_address: str | None, partners: list[str], conf: SyncObjConf,
                  on_applied: Callable[[dict, dict], None], on_role_change: Callable[[], None], tick: float):
         self.raft = SiteRaft(self_address, partners, conf, on_applied, on_role_change)
+        # The commit index its journal remembers: until the state machine has applied that far
+        # (the snapshot loaded, the journal replayed), its state is older than the one this
+        # node had before it started (`replayed`).
+        self._commit_at_start = self.raft.raftCommitIndex
+        self._replayed = False
         self._tick = tick
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="meshd-raft", daemon=True)
@@ -273,6 +272,14 @@ class RaftNode:
     @property
     def status(self) -> RaftStatus:
         return self.raft.status
+
+    @property
+    def replayed(self) -> bool:
+        """The state has caught up with what this node's journal held when Raft started: it
+        is not an old state still being replayed (after a restart of Raft). Stays true."""
+        if not self._replayed and self.raft.status.last_applied >= self._commit_at_start:
+            self._replayed = True
+        return self._replayed
 
     def snapshot(self) -> SiteState:
         return self.raft.snapshot()

@@ -67,12 +67,6 @@ class DistributeSecret:
 
 
 @dataclass(frozen=True)
-class Challenge:
-    """Ask a member for fresh evidence (re-attestation); the answer goes back to the core."""
-    node: NodeRecord
-
-
-@dataclass(frozen=True)
 class RenewCertificate:
     """Issue a fresh membership certificate to a member whose evidence just verified."""
     node: NodeRecord
@@ -100,5 +94,5 @@ class Expel:
     reason: str
 
 
-Effect = Union[Commit, AddVoter, RemoveVoter, Emit, TellRevoked, DistributeSecret, Challenge, RenewCertificate,
-               SetWorkloads, Expel]
+Effect = Union[Commit, AddVoter, RemoveVoter, Emit, TellRevoked, DistributeSecret, RenewCertificate, SetWorkloads,
+               Expel]

@@ -65,6 +65,7 @@ class Leading:
     tracker: LivenessTracker = field(init=False)
     _term: int | None = None
     _newest_applied: int = -1  # the newest view acted on (SiteState.applied)
+    _missed_change: bool = False  # a change came while the view was old
     _last_reconcile: float = float("-inf")
     _unplaced_reported: dict[str, str] = field(default_factory=dict)
 
@@ -77,8 +78,11 @@ class Leading:
 
     def step(self, view: LeaderView, now: float) -> list[Effect]:
         if not view.caught_up or view.state.applied < self._newest_applied:
+            self._missed_change |= view.changed  # looked at once the view caught up
             return []  # an old view (a Raft node replaying its journal): wait until it caught up
         self._newest_applied = view.state.applied
+        if self._missed_change:
+            view, self._missed_change = replace(view, changed=True), False
         effects = self.liveness(view, now)
         if any(isinstance(e, Commit) for e in effects):
             return effects  # the verdicts first: the next pass places on the state they make
@@ -105,7 +109,10 @@ class Leading:
                 for t in self.tracker.observe(state, now, contacts)]
 
     def next_look(self, state: SiteState, now: float) -> float:
-        """Seconds until the leader should look again without news."""
+        """Seconds until the leader should look again without news (soon while its view is
+        old: the change it missed is waiting)."""
+        if self._missed_change:
+            return DOWN_LOOK_PERIOD
         deadline = self.tracker.next_check(state)
         wait = RECONCILE_SAFETY_PERIOD if deadline is None else deadline - now + LEASE_EPSILON
         if any(n.liveness == LIVENESS_DOWN and n.admin not in (ADMIN_LEFT, ADMIN_REVOKED) for n in state.nodes.values()):

@@ -11,7 +11,7 @@ moment it is asked for until it is stopped; a stop by meshd is reported as such)
 Invariants:
 - Deterministic: keys, nonces, request ids and allocation ids derive from names and
   counters, so a transcript's output is the same on every run.
-- Effects are carried out the way meshd.io.daemon.Daemon.execute does: in order, a commit's
+- Effects are carried out the way meshd.io.context.NodeContext.execute does: in order, a commit's
   follow-ups once it committed, nothing on a commit that did not.
 """
 
@@ -81,7 +81,7 @@ class SimNode:
     leading: Leading = field(init=False)
     reports: ReportSchedule = field(default_factory=lambda: ReportSchedule(full_period=10.0))
     secret_epoch: int = 0
-    newest: SiteState | None = None  # the newest view readers got (meshd.io.daemon.Daemon.snapshot)
+    newest: SiteState | None = None  # the newest view readers got (meshd.io.context.NodeContext.snapshot)
 
     def view(self) -> SiteState:
         """The state as the daemon's readers see it: never older than a view they already had."""
@@ -205,7 +205,7 @@ class SimSite:
         return result
 
     def execute(self, node: SimNode, effects: list[fx.Effect]) -> None:
-        """Carry out effects as the daemon does (meshd.io.daemon.Daemon.execute)."""
+        """Carry out effects as the daemon does (meshd.io.context.NodeContext.execute)."""
         for effect in effects:
             if isinstance(effect, fx.Commit):
                 result = self.commit(effect.command, via=node)
@@ -421,7 +421,7 @@ class SimSite:
 
     def ask_to_admit(self, member: SimNode, joiner: SimNode, token: tokens.ParsedToken
                      ) -> Ok | admitting.JoinRefusal | Unreachable:
-        """The member side of one join attempt, as meshd.io.daemon.Daemon.handle_join does it."""
+        """The member side of one join attempt, as meshd.io.services.peers.PeerService.handle_join does it."""
         if not (member.live and member.reachable):
             return Unreachable("connection refused")
         leader = self.leader_node()

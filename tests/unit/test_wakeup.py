@@ -1,4 +1,4 @@
-"""Wakeup and its listeners (meshd.io.daemon): no notify is lost by a loop that was busy."""
+"""Wakeup and its listeners (meshd.io.wakeup): no notify is lost by a loop that was busy."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import threading
 
 import trio
 
-from meshd.io.daemon import Wakeup
+from meshd.io.wakeup import Wakeup
 
 
 def test_a_notify_while_busy_is_seen_by_the_next_wait():

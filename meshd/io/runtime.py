@@ -1,0 +1,243 @@
+"""`meshd run`: one daemon's runtime. It builds the node's context (meshd.io.context) and its
+services (meshd.io.services), one per concern, and starts them with `nursery.start`; the
+decisions are all the node core's (meshd.node).
+
+Start order: identity, ports and the mesh document replica; the watchdog; the peer port and
+the admin socket (a joining node answers `status`); the supervisor; membership (resume, join
+or found); then every member's services. SIGTERM/SIGINT cancel the nursery and shutdown
+stops the workloads, Raft and the TPM, and flushes the replica.
+
+Invariants:
+- Only this package touches sockets, threads, processes and clocks.
+- A daemon whose event loop wedges exits (the watchdog), so it cannot look alive while
+  doing nothing.
+- Nothing is announced by mDNS before this node is a member.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+
+import trio
+
+from meshd import __version__
+from meshd.config import NodeConfig
+from meshd.io.admin import serve_admin
+from meshd.io.adminhandlers import AdminHandlers
+from meshd.io.attester import package_digest
+from meshd.io.context import FatalStartupError, NodeContext
+from meshd.io.identity import Membership, load_or_create_identity, load_ports, read_revoked_marker, save_ports
+from meshd.io.mdns import Discovery
+from meshd.io.memory import trim_heap
+from meshd.io.mesh import MeshSync
+from meshd.io.services.attestation import AttestationService
+from meshd.io.services.leader import LeaderService
+from meshd.io.services.membership import MembershipService
+from meshd.io.services.peers import PeerService
+from meshd.io.services.trust import TrustService
+from meshd.io.services.worker import WorkerService
+from meshd.io.supervisor import Supervisor
+from meshd.io.tpm import TpmDevice, TpmUnavailable
+from meshd.io.watchdog import LoopWatchdog
+
+__all__ = ["FatalStartupError", "Runtime", "setup_logging"]
+
+log = logging.getLogger("meshd.daemon")
+
+# Returning freed heap to the kernel: once start-up settled (joins, first reports), then on
+# this period (a trim walks the heap: cheap, but not free).
+HEAP_TRIM_FIRST = 5.0
+HEAP_TRIM_PERIOD = 300.0
+
+
+def free_port(ip: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((ip, 0))
+        return s.getsockname()[1]
+
+
+def sd_notify(message: str) -> None:
+    """systemd Type=notify: tell the service manager we are ready / stopping."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(path)
+            s.send(message.encode())
+    except OSError as e:
+        log.warning("sd_notify failed", extra={"reason": str(e)})
+
+
+class Runtime:
+    """The wiring of one daemon: a context and its services."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        ctx = self.ctx = NodeContext(config)
+        ctx.mesh = MeshSync(ctx)  # the mesh document replica and cross-site sync
+        self.membership = MembershipService(ctx)
+        self.worker = WorkerService(ctx)
+        self.leader = LeaderService(ctx)
+        self.trust = TrustService(ctx)
+        self.attestation = AttestationService(ctx)
+        self.peers = PeerService(ctx, voter_changes=self.leader.voter_changes, switch_secret=self.trust.switch_secret)
+        self.admin = AdminHandlers(ctx, revoke=self.trust.revoke)
+
+    async def run(self) -> None:
+        ctx = self.ctx
+        ctx.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(ctx.data_dir, 0o700)
+        ctx.identity = load_or_create_identity(ctx.data_dir)
+        ctx.open_wakeups()
+        self._choose_ports()
+        ctx.mesh.open()
+        ctx.membership = Membership.load(ctx.data_dir)
+        revoked = read_revoked_marker(ctx.data_dir)
+        if revoked:
+            raise FatalStartupError(revoked + "; wipe the data dir to start this device over as a new node")
+        if ctx.config.tpm:
+            await self._open_tpm()
+        admin_path = ctx.config.admin_socket or str(ctx.data_dir / "admin.sock")
+        log.info("starting", extra={"node_id": ctx.identity.node_id, "node_name": ctx.config.name,
+                                    "data_dir": str(ctx.data_dir), "peer": f"{ctx.advertise_ip}:{ctx.peer_port}"})
+        self._check_ports_free()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(LoopWatchdog().run)
+            await nursery.start(self.peers.run)
+            if ctx.config.mdns:
+                ctx.discovery = Discovery(advertise_ip=ctx.advertise_ip, node_id=ctx.identity.node_id,
+                                          site=ctx.membership.site if ctx.membership else ctx.config.site,
+                                          peer_port=ctx.peer_port, fingerprint=ctx.identity.fingerprint,
+                                          version=__version__)
+            assert ctx.reports_changed is not None
+            ctx.supervisor = Supervisor(ctx.data_dir, on_change=ctx.reports_changed.notify,
+                                        log_max_bytes=ctx.config.log_max_bytes, log_keep=ctx.config.log_keep)
+            await nursery.start(ctx.supervisor.run)
+            await nursery.start(serve_admin, admin_path, self.admin)
+            try:
+                await self.membership.establish()
+            except FatalStartupError:
+                await self._shutdown()
+                raise
+            assert ctx.membership is not None
+            if ctx.discovery:
+                ctx.discovery.update_site(ctx.membership.site)
+                # zeroconf's announce waits for its own packets to go out; never on this loop.
+                nursery.start_soon(trio.to_thread.run_sync, ctx.discovery.announce)
+            for service in (self.worker, self.leader, self.attestation, self.trust):
+                await nursery.start(service.run)
+            nursery.start_soon(ctx.mesh.dial_loop)
+            nursery.start_soon(ctx.mesh.leader_loop)
+            nursery.start_soon(self._watch_signals, nursery.cancel_scope)
+            sd_notify("READY=1")
+            log.info("ready", extra={"site": ctx.membership.site, "voter": ctx.membership.voter})
+            nursery.start_soon(self._trim_heap_loop)
+        # cancelled by a signal
+        await self._shutdown()
+
+    def _choose_ports(self) -> None:
+        ctx = self.ctx
+        saved = load_ports(ctx.data_dir)
+        listen_port = int(ctx.config.listen.rpartition(":")[2])
+        if listen_port:
+            ctx.peer_port, ctx.raft_port = listen_port, listen_port + 1
+        elif saved:
+            # Port 0 picks free ports once; a restarted node keeps them, because the other
+            # voters know it by its Raft address.
+            ctx.peer_port, ctx.raft_port = saved["peer_port"], saved["raft_port"]
+        else:
+            ctx.peer_port = free_port(ctx.listen_ip)
+            ctx.raft_port = free_port(ctx.listen_ip)
+        save_ports(ctx.data_dir, ctx.peer_port, ctx.raft_port)
+
+    def _check_ports_free(self) -> None:
+        """Refuse to start, with the reason, when the peer port or the Raft port (peer + 1
+        when --listen names a port) is taken: Raft would otherwise retry its bind forever."""
+        ctx = self.ctx
+        family = socket.AF_INET6 if ":" in (ctx.listen_ip or "") else socket.AF_INET
+        for what, port in (("peer", ctx.peer_port), ("Raft", ctx.raft_port)):
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the real listeners do
+                try:
+                    probe.bind((ctx.listen_ip or "", port))
+                except OSError as e:
+                    raise FatalStartupError(f"cannot listen on {ctx.listen_ip or '*'}:{port} for {what} traffic: "
+                                            f"{e.strerror or e} (--listen PORT takes PORT and PORT+1)") from None
+
+    async def _open_tpm(self) -> None:
+        """Open the TPM and measure the code about to run into it, before anything else."""
+        ctx = self.ctx
+        device = TpmDevice(ctx.config.tpm, ctx.data_dir)
+        try:
+            await trio.to_thread.run_sync(device.open)
+            await trio.to_thread.run_sync(device.measure, package_digest())
+        except TpmUnavailable as e:
+            raise FatalStartupError(str(e)) from None
+        ctx.tpm = device
+
+    async def _trim_heap_loop(self) -> None:
+        """Give start-up's freed memory back soon after start, then now and then."""
+        await trio.sleep(HEAP_TRIM_FIRST)
+        while True:
+            trim_heap()
+            await trio.sleep(HEAP_TRIM_PERIOD)
+
+    async def _watch_signals(self, cancel_scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("stopping", extra={"signal": signal.Signals(signum).name})
+                self.ctx.stopping = True
+                cancel_scope.cancel()
+                return
+
+    async def _shutdown(self) -> None:
+        ctx = self.ctx
+        sd_notify("STOPPING=1")
+        with trio.CancelScope(shield=True):
+            if ctx.supervisor is not None:
+                await ctx.supervisor.stop_all()
+            if ctx.discovery is not None:
+                await trio.to_thread.run_sync(ctx.discovery.close)
+            if ctx.raft is not None:
+                await trio.to_thread.run_sync(ctx.raft.close)
+            if ctx.tpm is not None:
+                await trio.to_thread.run_sync(ctx.tpm.close)
+            ctx.mesh.close()
+        admin_path = ctx.config.admin_socket or str(ctx.data_dir / "admin.sock")
+        try:
+            os.unlink(admin_path)
+        except OSError:
+            pass
+        log.info("stopped")
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line on stderr: journald and log shippers read it as is."""
+
+    RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
+                 "msg": record.getMessage()}
+        for key, value in record.__dict__.items():
+            if key not in self.RESERVED and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def setup_logging(level: str = "info") -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("zeroconf", "pysyncobj"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,239 @@
+"""The peer port: joins of other nodes (meshd.node.admitting decides what a member answers),
+member calls (re-attestation evidence, revocation notices, secret rotation, certificates,
+remote logs), and document sync sessions; and who may keep a connection open
+(meshd.node.access), looked at again whenever the site's state changes.
+
+Invariants:
+- A member that cannot decide a join (no state of its site yet, no root key, an unknown
+  token) answers with a code that sends the joiner elsewhere, never with a verdict.
+- A revocation notice is trusted for what it is, not for who brings it: the list must be
+  signed by the mesh root and name this node.
+- Revoking a member cuts its open calls and sync sessions (each runs in a cancel scope).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import ssl
+import time
+from typing import Any, Awaitable, Callable
+
+import trio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from attestation.revocation import open_revocations
+from attestation.signed import AttestationError
+from attestation.tpm import TpmError
+from meshd import admission, tokens
+from meshd.commands import Refused
+from meshd.io import peer
+from meshd.io.context import NodeContext
+from meshd.io.logview import serve_local_logs
+from meshd.io.raft import CommandFailed
+from meshd.io.services.trust import valid_secret
+from meshd.node import admitting
+from meshd.node import effects as fx
+from meshd.state import SiteState
+
+log = logging.getLogger("meshd.daemon")
+
+# Cutting connections follows every state change; this often also without one, as a safety net.
+CUT_SAFETY_PERIOD = 5.0
+
+
+class PeerService:
+    def __init__(self, ctx: NodeContext, *, voter_changes: Callable[[], list[fx.Effect]],
+                 switch_secret: Callable[[str, int], Awaitable[bool]]) -> None:
+        self.ctx = ctx
+        self.voter_changes = voter_changes  # the leader's: a new voter is added at once
+        self.switch_secret = switch_secret  # the trust service's: a rotation handed to us
+        self._member_scopes: dict[tuple[str, str], set[trio.CancelScope]] = {}  # open calls and sessions
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        ctx = self.ctx
+        listeners = await trio.open_tcp_listeners(ctx.peer_port, host=ctx.listen_ip or None)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._serve, listeners)
+            nursery.start_soon(self._cut_loop)
+            task_status.started()
+
+    async def _cut_loop(self) -> None:
+        """Whenever the state changes, cut what a node that may no longer connect keeps open."""
+        assert self.ctx.state_changed is not None
+        changes = self.ctx.state_changed.listener()
+        while True:
+            await changes.wait(CUT_SAFETY_PERIOD)
+            self._cut_revoked(self.ctx.snapshot())
+
+    async def _serve(self, listeners) -> None:
+        limiter = trio.CapacityLimiter(peer.MAX_PEER_CONNECTIONS)
+
+        async def handle(stream: trio.SocketStream) -> None:
+            async with limiter:
+                await peer.serve_peer_connection(
+                    stream, on_join=self.handle_join, on_member_call=self.handle_member_call,
+                    member_secret=lambda: self.ctx.membership.site_secret if self.ctx.membership and self.ctx.raft else None,
+                    is_member=self.ctx.is_member, tls=self.ctx.tls.server_context, cert_member=self.ctx.cert_member,
+                    track=self._track_member, on_sync=self._serve_sync, sync_member=self.ctx.sync_member)
+
+        await trio.serve_listeners(handle, listeners)
+
+    async def handle_join(self, conn: peer.FramedStream, hello: dict) -> None:
+        state = self.ctx.snapshot()
+        leader = self.ctx.leader_peer_address(state)
+        busy = admitting.cannot_decide(state, self.ctx.membership is not None and self.ctx.raft is not None, leader)
+        if busy is not None:
+            await conn.send(busy.to_wire())
+            return
+        assert self.ctx.membership is not None and self.ctx.raft is not None
+        eph = X25519PrivateKey.generate()
+        tpm_challenge = None
+        if "tpm" in hello:
+            try:
+                tpm_challenge = admission.tpm_challenge(hello["tpm"], os.urandom(32), os.urandom(32))
+            except TpmError as e:
+                self.ctx.event("membership", f"join refused: TPM keys unfit ({e})", reason=str(e))
+                await conn.send(admitting.JoinRefusal(admitting.DENIED, f"attestation: TPM keys unfit: {e}").to_wire())
+                return
+        challenge = admission.Challenge(
+            nonce=os.urandom(32),
+            member_eph=eph.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw),
+            issued_at=time.time(), tpm=tpm_challenge)
+        message = {"type": "challenge", "nonce": challenge.nonce.hex(), "member_eph": challenge.member_eph.hex(),
+                   "site": self.ctx.membership.site}
+        if tpm_challenge is not None:
+            message["tpm_credential"] = tpm_challenge.to_wire()
+        await conn.send(message)
+        msg = await conn.receive()
+        if msg.get("type") != "join_request":
+            raise peer.PeerError("expected join_request")
+        try:
+            request = admission.JoinRequest(token_id=str(msg["token_id"]), node=dict(msg["node"]),
+                                            joiner_eph=bytes.fromhex(msg["joiner_eph"]), proof=str(msg["proof"]),
+                                            signature=str(msg["signature"]), evidence=msg.get("evidence"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise peer.PeerError(f"malformed join_request ({type(e).__name__})") from None
+        state = self.ctx.snapshot()
+        verdict = admission.decide(state, challenge, request, now=time.time())
+        name = request.node.get("name", "?")
+        if not verdict.admit:
+            refusal = admitting.verdict_refusal(state, verdict, request.token_id)
+            self.ctx.event("membership", f"join of {name} refused: {refusal.reason}", node=name, reason=refusal.reason,
+                       code=refusal.code)
+            await conn.send(refusal.to_wire())
+            return
+        unable = admitting.cannot_issue(state.root_cert, self.ctx.root_signing_key() is not None, leader)
+        if unable is not None:
+            await conn.send(unable.to_wire())
+            return
+        command = admitting.admission_command(state, verdict, request.token_id, request.node,
+                                              challenge.tpm.ak_public.hex() if challenge.tpm else "", self.ctx.config.name)
+        if isinstance(command, admitting.JoinRefusal):
+            await conn.send(command.to_wire())
+            return
+        try:
+            result = await self.ctx.commit(command, retry_until=time.monotonic() + 5)
+        except CommandFailed as e:
+            await conn.send(admitting.not_committed(str(e), "founding of site" if verdict.founds else "admission")
+                            .to_wire())
+            return
+        if isinstance(result, Refused):
+            refusal = admitting.commit_refusal(result)
+            self.ctx.event("membership", f"join of {name} refused: {result.text}", node=name, code=refusal.code)
+            await conn.send(refusal.to_wire())
+            return
+        state = self.ctx.snapshot()
+        cert = self.ctx.issue_certificate(state, request.node["public_key"], verdict.founds or self.ctx.membership.site,
+                                      request.node["node_id"])
+        welcome = admitting.welcome(state, result, verdict.founds, request.node["node_id"],
+                                    mesh_id=self.ctx.membership.mesh_id, site=self.ctx.membership.site,
+                                    site_secret=self.ctx.membership.site_secret, root_key=self.ctx.membership.root_key,
+                                    member_cert=cert)
+        transcript = admission.transcript_for(challenge, request)
+        key = tokens.session_key(eph, request.joiner_eph, bytes.fromhex(state.tokens[request.token_id].secret),
+                                 transcript)
+        await conn.send({"type": "welcome", "sealed": tokens.seal(key, os.urandom(12), welcome)})
+        if verdict.founds:
+            self.ctx.event("membership", f"{name} founds site {verdict.founds}", node=name, site=verdict.founds)
+            return
+        self.ctx.event("membership", f"admitted {name}", node=name, voter=result["voter"])
+        if result["voter"] and self.ctx.raft.status.role == "leader":
+            # Add the voter now, not on the next leader round: it is starting Raft and would
+            # otherwise time out and disturb the site with an election. After the welcome,
+            # because growing a one-voter site needs the newcomer's own vote to commit.
+            await self.ctx.execute(self.voter_changes())
+
+    async def handle_member_call(self, call: dict, send_stream) -> Any:
+        if call.get("call") == "attest":
+            nonce = call.get("nonce")
+            if not isinstance(nonce, str) or not 32 <= len(nonce) <= 128:
+                raise peer.PeerError("attest needs a hex nonce")
+            try:
+                raw_nonce = bytes.fromhex(nonce)
+            except ValueError:
+                raise peer.PeerError("attest needs a hex nonce") from None
+            return {"evidence": await self.ctx.evidence(raw_nonce)}
+        if call.get("call") == "revoked":
+            # Trust the list, not the caller: it must be signed by the mesh root and name us.
+            state = self.ctx.snapshot()
+            assert self.ctx.identity is not None
+            try:
+                listed = open_revocations(call.get("revocations"), bytes.fromhex(state.trust_root))
+            except (ValueError, AttestationError) as e:
+                raise peer.PeerError(f"not a valid revocation list: {e}") from None
+            if not listed.is_revoked(self.ctx.identity.node_id):
+                raise peer.PeerError("the revocation list does not name this node")
+            entry = listed.entries[self.ctx.identity.node_id]
+            self.ctx.revoked_notice = f"revoked by {entry.by}" + (f": {entry.reason}" if entry.reason else "")
+            assert self.ctx.state_changed is not None
+            self.ctx.state_changed.notify()  # the worker acts on it
+            return {"stopping": True}
+        if call.get("call") == "rotate":
+            secret, epoch = call.get("secret"), call.get("epoch")
+            if not valid_secret(secret) or not isinstance(epoch, int) or isinstance(epoch, bool):
+                raise peer.PeerError("rotate needs a 64-hex-digit secret and an integer epoch")
+            assert isinstance(secret, str)
+            switched = await self.switch_secret(secret, epoch)
+            return {"epoch": self.ctx.membership.secret_epoch if self.ctx.membership else 0, "switched": switched}
+        if call.get("call") == "site_secret":
+            assert self.ctx.membership is not None
+            return {"secret": self.ctx.membership.site_secret, "epoch": self.ctx.membership.secret_epoch}
+        if call.get("call") == "certificate":
+            pem = call.get("member_cert")
+            try:
+                await trio.to_thread.run_sync(self.ctx.tls.install_certificate, pem if isinstance(pem, str) else "")
+            except (ValueError, OSError, ssl.SSLError) as e:
+                raise peer.PeerError(f"certificate not installed: {e}") from None
+            return {"installed": True}
+        if call.get("call") == "logs":
+            return await serve_local_logs(self.ctx, str(call.get("alloc", "")), bool(call.get("follow")),
+                                          call.get("tail"), send_stream)
+        raise peer.PeerError(f"unknown member call {call.get('call')!r}")
+
+    @contextlib.contextmanager
+    def _track_member(self, site: str, node_id: str):
+        """A member's call or sync session runs in a cancel scope that revoking the member cancels."""
+        with trio.CancelScope() as scope:
+            self._member_scopes.setdefault((site, node_id), set()).add(scope)
+            try:
+                yield
+            finally:
+                self._member_scopes[(site, node_id)].discard(scope)
+
+    def _cut_revoked(self, state: SiteState) -> None:
+        if self.ctx.membership is None:
+            return
+        for (site, node_id), scopes in self._member_scopes.items():
+            if scopes and not self.ctx.may_connect(state, site, node_id):
+                log.info("cutting the open connections of a revoked member",
+                         extra={"node_id": node_id, "site": site})
+                for scope in list(scopes):
+                    scope.cancel()
+
+    async def _serve_sync(self, conn: peer.FramedStream, stream: trio.abc.Stream, named: tuple[str, str]) -> None:
+        if self.ctx.raft is None or self.ctx.mesh.hub is None:
+            raise peer.PeerError("this node is not a member of any site yet")
+        await self.ctx.mesh.serve(conn, stream, named)

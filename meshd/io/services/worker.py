@@ -1,0 +1,153 @@
+"""This node as a worker: it runs what meshd.node.worker says, reports its allocations and
+resources through Raft when there is news (meshd.reporting), and leaves when it was revoked.
+
+Invariants:
+- Reports go out only when something changed (an allocation's state, resources moved a
+  step, a full resend every FULL_REPORT_PERIOD); non-voters also keep their lease with them.
+- A revoked node stops every workload, writes the marker that keeps it from starting again
+  on this data dir, and exits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import psutil
+import trio
+
+from meshd import commands as cmds
+from meshd.commands import Ok
+from meshd.io.attester import boot_id
+from meshd.io.context import FatalStartupError, NodeContext
+from meshd.io.identity import write_revoked_marker
+from meshd.io.raft import CommandFailed
+from meshd.node import effects as fx
+from meshd.node.worker import Worker
+from meshd.reporting import ReportSchedule
+from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, SiteState
+
+log = logging.getLogger("meshd.daemon")
+
+# Allocation reports are sent when they change; a full resend this often repairs any report
+# that a leader change swallowed.
+FULL_REPORT_PERIOD = 10.0
+# How often a node looks for news to report when the supervisor does not wake it first
+# (resource moves are only seen by sampling, which is this slow anyway).
+REPORT_CHECK_PERIOD = 2.0
+# Every applied command wakes the supervisor sync; without one it looks this often anyway.
+SUPERVISE_SAFETY_PERIOD = 5.0
+# A report that did not commit (no leader yet, leader change) is retried after this.
+REPORT_RETRY_DELAY = 0.1
+# Non-voters are invisible in Raft's heartbeats: they report this many times per lease.
+NONVOTER_REPORTS_PER_LEASE = 4
+# psutil sampling is cheap but not free; resources move slowly.
+RESOURCE_SAMPLE_PERIOD = 2.0
+
+
+class Expelled(FatalStartupError):
+    """This node was revoked; the message says by whom and why. The daemon exits with it."""
+
+
+class WorkerService:
+    def __init__(self, ctx: NodeContext) -> None:
+        self.ctx = ctx
+        self.core: Worker | None = None  # once the identity is known
+        self._heartbeat_seq = int(time.time() * 1000)  # monotonic across restarts of this node
+        self._reports = ReportSchedule(full_period=FULL_REPORT_PERIOD)
+        self._resources: dict = {}
+        self._resources_at = 0.0
+        ctx.carry_out(fx.SetWorkloads, self._set_workloads)
+        ctx.carry_out(fx.Expel, self._expelled)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        assert self.ctx.identity is not None
+        self.core = Worker(self.ctx.identity.node_id)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._supervise_loop)
+            nursery.start_soon(self._report_loop)
+            task_status.started()
+
+    async def _supervise_loop(self) -> None:
+        """Run what meshd.node.worker says this node runs; leave when it was revoked."""
+        ctx = self.ctx
+        assert ctx.state_changed is not None and self.core is not None
+        changes = ctx.state_changed.listener()
+        while True:
+            state = ctx.snapshot()
+            await ctx.execute(self.core.step(state, ctx.revoked_notice,
+                                             caught_up=ctx.raft is not None and ctx.raft.replayed))
+            self._save_partners(state)
+            await changes.wait(SUPERVISE_SAFETY_PERIOD)
+
+    async def _set_workloads(self, effect: fx.SetWorkloads) -> None:
+        assert self.ctx.supervisor is not None
+        self.ctx.supervisor.set_desired(effect.workloads)
+
+    async def _report_loop(self) -> None:
+        """Send a report through Raft whenever the schedule says there is news."""
+        ctx = self.ctx
+        assert ctx.identity is not None and ctx.reports_changed is not None and ctx.raft is not None
+        news = ctx.reports_changed.listener()
+        while True:
+            status = ctx.raft.status
+            # Non-voters are invisible in Raft's heartbeats; they keep their lease by reporting.
+            keepalive = ctx.config.lease / NONVOTER_REPORTS_PER_LEASE if status.role == "nonvoter" else None
+            self._reports.keepalive = keepalive
+            if status.leader_address is not None:
+                reports = [dataclasses.asdict(r) for r in ctx.supervisor.reports()] if ctx.supervisor else []
+                now = time.monotonic()
+                report = self._reports.due(now, self._sample_resources(), reports)
+                if report is not None:
+                    self._heartbeat_seq += 1
+                    command = cmds.Heartbeat(
+                        node_id=ctx.identity.node_id, seq=self._heartbeat_seq,
+                        reports=tuple(cmds.AllocReport.from_wire(r) for r in report.allocs),
+                        resources=cmds.resources_from_wire(report.resources) if report.resources_moved else None,
+                        boot_id=boot_id() if report.full else None)  # a reboot makes the leader re-attest us
+                    try:
+                        result = await ctx.raft.submit(cmds.encode(command, cmds.Envelope(ts=time.time())),
+                                                       timeout=max(ctx.config.lease, 1.0))
+                        if isinstance(result, Ok):
+                            self._reports.sent(now, report)
+                            # Look again at once: changes made while the report was in
+                            # flight woke nobody.
+                            continue
+                    except CommandFailed:
+                        pass
+                    await trio.sleep(REPORT_RETRY_DELAY)
+                    continue
+            await news.wait(keepalive or REPORT_CHECK_PERIOD)
+
+    def _sample_resources(self) -> dict:
+        now = time.monotonic()
+        if not self._resources or now - self._resources_at > RESOURCE_SAMPLE_PERIOD:
+            cores = psutil.cpu_count() or 1
+            busy = psutil.cpu_percent(interval=None) / 100.0
+            mem = psutil.virtual_memory()
+            self._resources = {"cpu_total": float(cores), "cpu_free": round(cores * (1 - busy), 2),
+                               "mem_total_mb": mem.total // 2**20, "mem_free_mb": mem.available // 2**20}
+            self._resources_at = now
+        return self._resources
+
+    def _save_partners(self, state: SiteState) -> None:
+        """Remember the voters' Raft addresses, so a restart finds the site without mDNS."""
+        ctx = self.ctx
+        if ctx.membership is None or not state.nodes:
+            return
+        own = f"{ctx.advertise_ip}:{ctx.raft_port}"
+        partners = sorted(n.raft_address for n in state.nodes.values()
+                          if n.voter and n.admin not in (ADMIN_LEFT, ADMIN_REVOKED) and n.raft_address != own)
+        if partners != sorted(ctx.membership.partners):
+            ctx.membership.partners = partners
+            ctx.membership.save(ctx.data_dir)
+
+    async def _expelled(self, effect: fx.Expel) -> None:
+        """This node was revoked: stop every workload, remember it, and exit. A restart on
+        this data dir refuses to run; the node key is refused by every member anyway."""
+        assert self.ctx.supervisor is not None
+        log.critical(effect.reason)
+        await self.ctx.supervisor.stop_all()
+        write_revoked_marker(self.ctx.data_dir, effect.reason)
+        raise Expelled(effect.reason + "; wipe the data dir to start this device over as a new node")
