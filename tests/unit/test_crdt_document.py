@@ -218,3 +218,21 @@ def test_changed_entries_parse_in_slices_and_read_the_same():
     left = [sliced.parse_pending(7) for _ in range(6)]
     assert left == [23, 16, 9, 2, 0, 0]
     assert sliced.app_edits() == whole.app_edits() and sliced.apps() == whole.apps()
+
+
+def test_a_small_write_stays_small_after_many_overwrites():
+    """The update a write returns carries that write, not the document's history of
+    overwrites (its whole delete set), so the durable log and every peer get what changed."""
+    from crdt.schema import SiteSummary
+    doc = MeshDocument(client_id=7)
+    first = None
+    for i in range(3000):  # one record overwritten between new ones: a delete set of 3,000 ranges
+        update = doc.put(SiteSummary(site="s0", nodes=i, ready=i, leader="n1", ts=1.0 + i, addresses=()))
+        doc.put(SiteSummary(site=f"new{i}", nodes=i, ready=i, leader="n1", ts=1.0 + i, addresses=()))
+        first = first or len(update)
+    last = doc.put(SiteSummary(site="s0", nodes=1, ready=1, leader="n1", ts=9999.0, addresses=()))
+    assert len(last) < 2 * first, (first, len(last))
+    other = MeshDocument(client_id=8)
+    other.apply(doc.full_update())
+    assert other.get(SiteSummary, "s0").ts == 9999.0
+    assert doc.put_many([]) == b"\x00\x00"

@@ -167,6 +167,27 @@ def test_heartbeat_reports_update_allocations_of_that_node_only():
     assert state.allocs["a0"].state == "running" and state.allocs["a0"].pid == 42
 
 
+def test_a_replica_its_nodes_meshd_stopped_is_replaced_while_one_that_exited_keeps_covering():
+    """A node that stopped a replica the site still wants (a stale view on that node) must not
+    leave the app short for good: that replica no longer covers and reconcile replaces it.
+    A workload's own exit (its restart policy decided) keeps covering."""
+    from meshd.reconcile import reconcile
+    state = founded(2)
+    sitestate.apply(state, cmd("submit_app", spec=APP))
+    n1, n2 = sorted(state.nodes)
+    sitestate.apply(state, plan_cmd([{"alloc_id": "a0", "replica": 0, "node_id": n1},
+                                     {"alloc_id": "a1", "replica": 1, "node_id": n2}]))
+    stopped = {"alloc_id": "a0", "state": "stopped", "pid": None, "restarts": 0, "exit_code": -15,
+               "reason": "no longer assigned to this node; killed by SIGTERM", "stopped_by_meshd": True}
+    exited = {"alloc_id": "a1", "state": "stopped", "pid": None, "restarts": 0, "exit_code": 0,
+              "reason": "exited with code 0"}
+    assert sitestate.apply(state, cmd("heartbeat", node_id=n1, seq=5, reports=[stopped])).ok
+    assert sitestate.apply(state, cmd("heartbeat", node_id=n2, seq=5, reports=[exited])).ok
+    assert state.allocs["a0"].desired == "stop" and "while the site still wanted it" in state.allocs["a0"].reason
+    assert state.allocs["a1"].desired == "run"
+    assert reconcile(state).place == {"web": (0,)}
+
+
 def test_node_down_marks_its_allocations_lost_and_late_reports_do_not_revive_them():
     state = founded(2)
     sitestate.apply(state, cmd("submit_app", spec=APP))

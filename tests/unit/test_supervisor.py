@@ -371,3 +371,18 @@ def test_only_the_latest_final_reports_are_kept(tmp_path):
         assert ids == [f"x{i}" for i in range(5, MAX_FINISHED_REPORTS + 5)]
 
     run_supervisor(tmp_path, scenario)
+
+
+def test_a_stop_by_meshd_is_reported_as_such_and_a_workloads_own_exit_is_not(tmp_path):
+    """The site replaces a replica its node's meshd stopped while the site still wanted it;
+    a workload that ended by itself has run its course (its restart policy decided)."""
+    async def scenario(sup, changes):
+        sup.set_desired([alloc("kept", "exec sleep 1000"), alloc("done", "exit 0")])
+        await wait_for(sup, "kept", running)
+        ended = await wait_for(sup, "done", lambda r: r.state == "stopped")
+        assert not ended.stopped_by_meshd
+        sup.set_desired([])
+        stopped = await wait_for(sup, "kept", lambda r: r.state == "stopped")
+        assert stopped.stopped_by_meshd and REASON_REMOVED in stopped.reason
+
+    run_supervisor(tmp_path, scenario)
