@@ -565,8 +565,8 @@ def _stop_allocs(state: SiteState, ts: float, actor: str, name: str, reason: str
     if record is None:
         return []
     stopped = []
-    for alloc in list(state.allocs.values()):
-        if alloc.app == name and alloc.desired == DESIRED_RUN:
+    for alloc in state.allocs.of_app(name):
+        if alloc.desired == DESIRED_RUN:
             state.allocs[alloc.alloc_id] = replace(alloc, desired=DESIRED_STOP, updated_at=ts, reason=reason)
             stopped.append(alloc.alloc_id)
     if record.status != APP_STOPPED:
@@ -608,7 +608,7 @@ def _apply_plan(state: SiteState, cmd: cmds.ApplyPlan, ts: float) -> Ok:
         stopped.append(alloc_id)
         _event(state, ts, "placement", f"{alloc.app} replica {alloc.replica} ({alloc_id}) stopping: {reason}",
                app=alloc.app, alloc_id=alloc_id, reason=reason)
-    _forget_finished_allocs(state)
+    _forget_finished_allocs(state, app)
     return ok(placed=[p.alloc_id for p in accepted], refused=[[p.alloc_id, r] for p, r in refusals], stopped=stopped)
 
 
@@ -629,16 +629,14 @@ def waits_for_replacement(state: SiteState, alloc: Alloc, version: int) -> bool:
 MAX_FINISHED_ALLOCS_PER_APP = 50
 
 
-def _forget_finished_allocs(state: SiteState) -> None:
-    finished: dict[str, list[Alloc]] = {}
-    for alloc in state.allocs.values():
-        if alloc.desired == DESIRED_STOP and alloc.state in ALLOC_TERMINAL:
-            finished.setdefault(alloc.app, []).append(alloc)
-    for allocs in finished.values():
-        if len(allocs) > MAX_FINISHED_ALLOCS_PER_APP:
-            allocs.sort(key=lambda a: (a.updated_at, a.alloc_id))
-            for old in allocs[: len(allocs) - MAX_FINISHED_ALLOCS_PER_APP]:
-                del state.allocs[old.alloc_id]
+def _forget_finished_allocs(state: SiteState, app: str) -> None:
+    """Keep the newest MAX_FINISHED_ALLOCS_PER_APP finished allocations of `app` (the one a
+    plan just changed): a cost of that app's allocations, not of the site's."""
+    finished = [a for a in state.allocs.of_app(app) if a.desired == DESIRED_STOP and a.state in ALLOC_TERMINAL]
+    if len(finished) > MAX_FINISHED_ALLOCS_PER_APP:
+        finished.sort(key=lambda a: (a.updated_at, a.alloc_id))
+        for old in finished[: len(finished) - MAX_FINISHED_ALLOCS_PER_APP]:
+            del state.allocs[old.alloc_id]
 
 
 def _set_drain(state: SiteState, cmd: cmds.Drain | cmds.Undrain, ts: float) -> Ok:

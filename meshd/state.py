@@ -205,6 +205,84 @@ class AuditRecord:
         return dataclasses.asdict(self)
 
 
+class AllocTable(dict):
+    """The site's allocations by id, with two indexes kept in step on every write: the ids on
+    each node and the ids of each app. Placement asks "what runs on this node" for every node
+    it weighs, and the leader "what does this app have" for every app: with the indexes each
+    costs what it returns, not a walk over every allocation of the site.
+
+    Invariants:
+    - `on_node(n)` holds exactly the allocations whose node is n, and `of_app(a)` those of app
+      a, each in the order the ids were first written (the table's own order): the same on
+      every member, so iterating them is as deterministic as iterating the table.
+    - An allocation's node and app never change (a new placement is a new id); a write that
+      tries is refused, so no index can go stale.
+    - It pickles as a plain mapping and rebuilds its indexes on load (snapshots of older
+      versions hold a plain dict).
+    """
+
+    def __init__(self, items: Mapping[str, Alloc] | None = None) -> None:
+        super().__init__()
+        self._by_node: dict[str, dict[str, None]] = {}
+        self._by_app: dict[str, dict[str, None]] = {}
+        for alloc_id, alloc in (items or {}).items():
+            self[alloc_id] = alloc
+
+    def __setitem__(self, alloc_id: str, alloc: Alloc) -> None:
+        old = self.get(alloc_id)
+        if old is not None:
+            if (old.node_id, old.app) != (alloc.node_id, alloc.app):
+                raise ValueError(f"allocation {alloc_id} cannot move to another node or app")
+        else:
+            self._by_node.setdefault(alloc.node_id, {})[alloc_id] = None
+            self._by_app.setdefault(alloc.app, {})[alloc_id] = None
+        super().__setitem__(alloc_id, alloc)
+
+    def __delitem__(self, alloc_id: str) -> None:
+        alloc = self[alloc_id]
+        super().__delitem__(alloc_id)
+        for index, key in ((self._by_node, alloc.node_id), (self._by_app, alloc.app)):
+            ids = index[key]
+            del ids[alloc_id]
+            if not ids:
+                del index[key]
+
+    def pop(self, alloc_id: str, *default: Alloc | None) -> Alloc | None:  # type: ignore[override]
+        if alloc_id not in self:
+            if default:
+                return default[0]
+            raise KeyError(alloc_id)
+        alloc = self[alloc_id]
+        del self[alloc_id]
+        return alloc
+
+    def update(self, *args, **kwargs) -> None:  # type: ignore[override]
+        for alloc_id, alloc in dict(*args, **kwargs).items():
+            self[alloc_id] = alloc
+
+    def setdefault(self, *args):  # type: ignore[override]
+        raise TypeError("AllocTable: assign allocations one by one")
+
+    popitem = clear = setdefault  # type: ignore[assignment]
+
+    def copy(self) -> "AllocTable":  # type: ignore[override]
+        """A copy whose writes leave this table (and its indexes) alone."""
+        copied = AllocTable.__new__(AllocTable)
+        dict.update(copied, self)
+        copied._by_node = {node: dict(ids) for node, ids in self._by_node.items()}
+        copied._by_app = {app: dict(ids) for app, ids in self._by_app.items()}
+        return copied
+
+    def on_node(self, node_id: str) -> list[Alloc]:
+        return [self[i] for i in self._by_node.get(node_id, ())]
+
+    def of_app(self, app: str) -> list[Alloc]:
+        return [self[i] for i in self._by_app.get(app, ())]
+
+    def __reduce__(self):
+        return (AllocTable, (dict(self),))
+
+
 @dataclass
 class SiteState:
     """The whole replicated state of one site. Mutated only by meshd.sitestate.apply()."""
@@ -213,7 +291,7 @@ class SiteState:
     mesh_id: str = ""
     nodes: dict[str, NodeRecord] = field(default_factory=dict)
     apps: dict[str, AppRecord] = field(default_factory=dict)
-    allocs: dict[str, Alloc] = field(default_factory=dict)
+    allocs: AllocTable = field(default_factory=AllocTable)
     tokens: dict[str, JoinToken] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     audit: list[AuditRecord] = field(default_factory=list)
@@ -241,11 +319,18 @@ class SiteState:
     # (a Raft node still replaying its journal after a restart).
     applied: int = 0
 
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "allocs" and not isinstance(value, AllocTable):
+            value = AllocTable(value)  # type: ignore[arg-type]  # any mapping of allocations: indexed
+        object.__setattr__(self, name, value)
+
     def __setstate__(self, saved: dict) -> None:
         # A snapshot written by an older meshd lacks the fields added since: they take
         # their defaults instead of being missing.
         self.__dict__.update(SiteState().__dict__)
         self.__dict__.update(saved)
+        if not isinstance(self.allocs, AllocTable):
+            self.allocs = AllocTable(self.allocs)
 
     # --- read helpers used by placement, reconcile and the admin layer ---------------
     def node_by_ref(self, ref: str) -> NodeRecord | None:
@@ -261,16 +346,16 @@ class SiteState:
         return None
 
     def allocs_on(self, node_id: str) -> list[Alloc]:
-        return [a for a in self.allocs.values() if a.node_id == node_id]
+        return self.allocs.on_node(node_id)
 
     def current_allocs(self, app: str) -> list[Alloc]:
         """Live allocations of the app's current version."""
         record = self.apps[app]
-        return [a for a in self.allocs.values() if a.app == app and a.version == record.version and a.live]
+        return [a for a in self.allocs.of_app(app) if a.version == record.version and a.live]
 
     def running_replicas(self, app: str) -> int:
         """Replicas of the app's current version reported running."""
         return sum(1 for a in self.current_allocs(app) if a.state == ALLOC_RUNNING)
 
     def live_allocs(self, app: str) -> list[Alloc]:
-        return [a for a in self.allocs.values() if a.app == app and a.live]
+        return [a for a in self.allocs.of_app(app) if a.live]

@@ -116,8 +116,9 @@ class SiteRaft(SyncObj):
         them was most of a snapshot's cost, and snapshots are taken on every change."""
         with self._lock:
             state = copy.copy(self.site_state)
-            for name in ("nodes", "apps", "allocs", "tokens", "mesh_edits"):
+            for name in ("nodes", "apps", "tokens", "mesh_edits"):
                 setattr(state, name, dict(getattr(state, name)))
+            state.allocs = self.site_state.allocs.copy()
             state.events = list(state.events)
             state.audit = list(state.audit)
             state.applied_requests = {}

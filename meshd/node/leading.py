@@ -152,7 +152,7 @@ class Leading:
                 continue
             if working is None:
                 working = copy.copy(state)
-                working.allocs = dict(state.allocs)
+                working.allocs = state.allocs.copy()
             plan = make_plan(working, record.spec, record.version, rec.place.get(app_name, ()), self.new_alloc_id,
                              stops=stops)
             if plan.unplaced:

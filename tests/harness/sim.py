@@ -548,8 +548,9 @@ class SimSite:
 def snapshot(state: SiteState) -> SiteState:
     """A copy readers keep (as meshd.io.raft.SiteRaft.snapshot makes one)."""
     copied = copy.copy(state)
-    for name in ("nodes", "apps", "allocs", "tokens", "mesh_edits"):
+    for name in ("nodes", "apps", "tokens", "mesh_edits"):
         setattr(copied, name, dict(getattr(state, name)))
+    copied.allocs = state.allocs.copy()
     copied.events, copied.audit = list(state.events), list(state.audit)
     return copied
 
