@@ -21,7 +21,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from attestation.certs import cert_to_pem, issue_member_cert, make_root
 from attestation.policy import Policy, open_policy, sign_policy
 from attestation.revocation import RevocationList, open_revocations, sign_revocations
 from attestation.signed import AttestationError
@@ -107,6 +106,9 @@ class MembershipService:
         mesh_id = uuid.uuid4().hex
         root_key = Ed25519PrivateKey.generate()
         now = time.time()
+        # Only a founder makes certificates here: X.509 is loaded on demand (about 1.6 MB
+        # resident that the other members do not carry).
+        from attestation.certs import cert_to_pem, issue_member_cert, make_root
         root_cert = make_root(root_key, mesh_id, now)
         # The founder's own software is the first reference value; `meshctl policy` adds more.
         policy = Policy(mesh_id=mesh_id, serial=1, min_version=__version__,
