@@ -4,7 +4,9 @@ Protocol (frames from meshd.wire, one request per connection):
     client -> daemon   {"cmd": str, "args": {...}}
     daemon -> client   zero or more {"stream": item} progress frames, then exactly one final
                        {"ok": true, "result": ...} or {"ok": false, "error": "reason"}
-    then the daemon closes the connection.
+    then the daemon closes the connection. A list result too large for one frame (`allocs`
+    of a large site) travels as {"part": [items]} frames, each under RESULT_PART_BYTES,
+    then the final {"ok": true, "parts": N}; the client joins the parts into the list.
 
 Invariants:
 - The socket file is mode 0600 before it accepts anyone (chmod between bind and listen),
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import inspect
+import json
 import logging
 import os
 import socket
@@ -55,6 +58,11 @@ LISTEN_BACKLOG = 64
 
 # One read from the socket; the request itself is bounded by ADMIN_MAX_FRAME.
 RECEIVE_CHUNK = 64 * 1024
+
+# A list result larger than one frame is sent in parts of about this many bytes: well under
+# the frame limit (so items of any ordinary size fit), large enough that 100,000
+# allocations take a few hundred frames.
+RESULT_PART_BYTES = ADMIN_MAX_FRAME // 2
 
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
@@ -267,7 +275,7 @@ async def _handle_connection(
 
     request = AdminRequest(cmd=cmd, args=args, peer_uid=peer_uid, peer_pid=peer_pid)
     state = _ConnectionState()
-    final: dict | None = None
+    final: list[dict] | None = None
     async with trio.open_nursery() as nursery:
 
         def client_gone() -> None:
@@ -280,7 +288,7 @@ async def _handle_connection(
     if state.client_gone or final is None:
         log.debug("admin socket: client left during %r", cmd)
         return
-    await _reply(conn, final)
+    await _reply(conn, *final)
 
 
 def _parse_request(frame: dict) -> tuple[str, dict]:
@@ -308,8 +316,48 @@ async def _watch_client(conn: trio.SocketStream, client_gone: Callable[[], None]
 
 async def _run_handler(
     handler: AdminHandler, request: AdminRequest, stream: AdminStream
-) -> dict:
-    """Call the handler and turn its outcome into the final frame. Lets only Cancelled out."""
+) -> list[dict]:
+    """Call the handler and turn its outcome into the reply frames (parts of a large list,
+    then the final frame). Lets only Cancelled out."""
+    frame = await _outcome(handler, request, stream)
+    if frame.get("ok") is not True:
+        return [frame]
+    try:
+        encode_frame(frame, max_frame=ADMIN_MAX_FRAME)
+        return [frame]
+    except FrameError as exc:
+        result = frame["result"]
+        if not isinstance(result, list):
+            log.error("admin command %r: unsendable result: %s", request.cmd, exc.reason)
+            return [_error(f"internal error: result cannot be sent: {exc.reason}")]
+    try:
+        parts = _parts(result)
+    except FrameError as exc:
+        log.error("admin command %r: unsendable result: %s", request.cmd, exc.reason)
+        return [_error(f"internal error: result cannot be sent: {exc.reason}")]
+    return [*({"part": part} for part in parts), {"ok": True, "parts": len(parts)}]
+
+
+def _parts(items: list) -> list[list]:
+    """`items` in consecutive runs that each frame under RESULT_PART_BYTES; FrameError for an
+    item that cannot be framed at all."""
+    parts: list[list] = [[]]
+    size = 0
+    for item in items:
+        try:  # as encode_frame writes it, plus the comma between items
+            length = len(json.dumps(item, ensure_ascii=True, allow_nan=False, separators=(",", ":"))) + 1
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise FrameError(f"cannot encode frame: {exc}") from None
+        if parts[-1] and size + length > RESULT_PART_BYTES:
+            parts.append([])
+            size = 0
+        parts[-1].append(item)
+        size += length
+    return parts
+
+
+async def _outcome(handler: AdminHandler, request: AdminRequest, stream: AdminStream) -> dict:
+    """The handler's result or refusal as one frame (not yet checked for size)."""
     try:
         result = await handler(request, stream)
     except AdminError as exc:
@@ -327,13 +375,7 @@ async def _run_handler(
     except Exception as exc:
         log.exception("admin command %r failed", request.cmd)
         return _error(f"internal error: {_describe(exc)}")
-    frame = {"ok": True, "result": result}
-    try:
-        encode_frame(frame, max_frame=ADMIN_MAX_FRAME)
-    except FrameError as exc:
-        log.error("admin command %r: unsendable result: %s", request.cmd, exc.reason)
-        return _error(f"internal error: result cannot be sent: {exc.reason}")
-    return frame
+    return {"ok": True, "result": result}
 
 
 def _first_leaf(group: BaseExceptionGroup) -> BaseException:
@@ -354,13 +396,15 @@ def _error(message: str) -> dict:
     return {"ok": False, "error": message}
 
 
-async def _reply(conn: trio.SocketStream, frame: dict) -> None:
-    try:
-        data = encode_frame(frame, max_frame=ADMIN_MAX_FRAME)
-    except FrameError as exc:  # only an error message too large to frame gets here
-        data = encode_frame(_error(f"internal error: reply cannot be sent: {exc.reason}"))
+async def _reply(conn: trio.SocketStream, *frames: dict) -> None:
+    """Send the reply frames; the client has REPLY_TIMEOUT_S to take them all."""
     with trio.move_on_after(REPLY_TIMEOUT_S):
-        await conn.send_all(data)
+        for frame in frames:
+            try:
+                data = encode_frame(frame, max_frame=ADMIN_MAX_FRAME)
+            except FrameError as exc:  # only an error message too large to frame gets here
+                data = encode_frame(_error(f"internal error: reply cannot be sent: {exc.reason}"))
+            await conn.send_all(data)
 
 
 # --- client --------------------------------------------------------------------------
@@ -406,6 +450,7 @@ async def _call(
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise AdminUnavailable(f"meshd at {path} closed the connection: {exc}") from None
         decoder = FrameDecoder(ADMIN_MAX_FRAME)
+        parts: list = []
         while True:
             try:
                 data = await conn.receive_some(RECEIVE_CHUNK)
@@ -427,6 +472,13 @@ async def _call(
                         if inspect.isawaitable(outcome):
                             await outcome
                     continue
+                if isinstance(frame.get("part"), list):
+                    parts.append(frame["part"])
+                    continue
+                if frame.get("ok") is True and "parts" in frame:
+                    if frame["parts"] != len(parts):
+                        raise AdminError(f"malformed reply from meshd: {len(parts)} of {frame['parts']} parts")
+                    return [item for part in parts for item in part]
                 if frame.get("ok") is True:
                     return frame.get("result")
                 if frame.get("ok") is False:

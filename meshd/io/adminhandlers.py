@@ -348,7 +348,10 @@ class AdminHandlers:
             if node is None:
                 raise AdminError(f"no member named {node_ref!r}")
             node_id = node.node_id
-        rows = [alloc_plain(state, a) for a in state.allocs.values()
+        # From the narrowest index; a large answer travels in parts (meshd.io.admin).
+        chosen = state.allocs.of_app(app) if app else (state.allocs.on_node(node_id) if node_id
+                                                         else state.allocs.values())
+        rows = [alloc_plain(state, a) for a in chosen
                 if (app is None or a.app == app) and (node_id is None or a.node_id == node_id)]
         return sorted(rows, key=lambda r: (r["app"], r["replica"], r["created_at"]))
 

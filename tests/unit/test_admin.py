@@ -58,6 +58,11 @@ class Recorder:
         if request.cmd == "big-stream-item":
             await stream.send({"data": "x" * (ADMIN_MAX_FRAME + 1)})
             return None
+        if request.cmd == "many-rows":  # a list result far over one frame
+            return [{"alloc_id": f"a{i:06d}", "app": "svc", "state": "running", "node": "edge-1" * 4}
+                    for i in range(request.args["n"])]
+        if request.cmd == "big-dict":
+            return {"data": "x" * (ADMIN_MAX_FRAME + 1)}
         if request.cmd == "wait":
             await self.released.wait()
             return "released"
@@ -454,3 +459,18 @@ def test_admin_call_sync_against_server_in_another_thread(sock_path):
         if token_box:
             trio.from_thread.run_sync(scope_box[0].cancel, trio_token=token_box[0])
         thread.join()
+
+
+def test_a_list_result_over_one_frame_arrives_whole_in_parts(sock_path):
+    async def body() -> None:
+        rows = await admin_call(sock_path, "many-rows", {"n": 30_000})  # about 3 MB of rows
+        assert len(rows) == 30_000 and rows[0]["alloc_id"] == "a000000" and rows[-1]["alloc_id"] == "a029999"
+        frames = await raw_exchange(sock_path, frame_of(b'{"cmd": "many-rows", "args": {"n": 30000}}'))
+        assert len(frames) > 3 and all(set(f) == {"part"} for f in frames[:-1])
+        assert frames[-1] == {"ok": True, "parts": len(frames) - 1}
+        assert await admin_call(sock_path, "many-rows", {"n": 3}) == [
+            {"alloc_id": f"a{i:06d}", "app": "svc", "state": "running", "node": "edge-1" * 4} for i in range(3)]
+        with pytest.raises(AdminError, match="result cannot be sent"):  # not a list: still refused
+            await admin_call(sock_path, "big-dict", {})
+
+    run_with_server(sock_path, Recorder(), body)
