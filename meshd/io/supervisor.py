@@ -30,6 +30,7 @@ import ctypes
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -221,6 +222,12 @@ class _WorkloadProcess:
             self._exit_fd = None
 
 
+def remove_dirs(paths: Iterable[Path]) -> None:
+    """Blocking: remove allocation directories (`Supervisor.forget` chose them)."""
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def kill_leftover_workloads(data_dir: Path) -> list[int]:
     """Kill the process groups recorded by an earlier run of the daemon; returns their ids."""
     killed = []
@@ -335,6 +342,30 @@ class Supervisor:
 
     def reports(self) -> list[AllocReport]:
         return [slot.report for slot in self._slots.values()]
+
+    def allocation_dirs(self) -> frozenset[str]:
+        """The allocation directories on disk (an earlier run's included)."""
+        root = self.data_dir / "allocs"
+        try:
+            return frozenset(p.name for p in root.iterdir() if p.is_dir() and alloc_id_problem(p.name) is None)
+        except OSError:
+            return frozenset()
+
+    def forget(self, alloc_ids: Iterable[str]) -> list[Path]:
+        """Forget allocations the site forgot: their reports go, and their directories (logs)
+        are returned for the caller to remove (`remove_dirs`, off the trio thread). One still
+        running here, or an id that names no allocation directory, is left alone."""
+        dirs = []
+        for alloc_id in alloc_ids:
+            slot = self._slots.get(alloc_id)
+            if alloc_id_problem(alloc_id) is not None or (slot is not None and not slot.final) \
+                    or alloc_id in self._desired_ids:
+                continue
+            if slot is not None:
+                del self._slots[alloc_id]
+                self._finished.pop(alloc_id, None)
+            dirs.append(self.data_dir / "allocs" / alloc_id)
+        return dirs
 
     def log_path(self, alloc_id: str) -> Path:
         """<data_dir>/allocs/<alloc_id>/output.log; ValueError (with the reason) for a bad id."""

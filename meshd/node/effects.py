@@ -89,10 +89,17 @@ class SetWorkloads:
 
 
 @dataclass(frozen=True)
+class ForgetAllocs:
+    """The site forgot these allocations of this node (finished, beyond the history kept):
+    remove what this node keeps of them (their directory and logs)."""
+    alloc_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Expel:
     """This node was revoked: stop every workload, remember it, exit."""
     reason: str
 
 
 Effect = Union[Commit, AddVoter, RemoveVoter, Emit, TellRevoked, DistributeSecret, RenewCertificate, SetWorkloads,
-               Expel]
+               ForgetAllocs, Expel]

@@ -9,19 +9,25 @@ Invariants:
   rotation never stops a workload.
 - It leaves (Expel) when the state says it was revoked, or a root-signed list naming it
   reached it directly (`revoked_notice`).
+- What it keeps of an allocation (its directory and logs) goes once the site forgot the
+  allocation (ForgetAllocs): those it knew that left the state, and at start those found on
+  disk that the state no longer holds. Never on an old view: an allocation missing from a
+  state still being replayed was not forgotten.
 """
 
 from __future__ import annotations
 
-from meshd.node.effects import Effect, Expel, SetWorkloads, Workload
+from meshd.node.effects import Effect, Expel, ForgetAllocs, SetWorkloads, Workload
 from meshd.state import ADMIN_REVOKED, SiteState
 
 
 class Worker:
-    def __init__(self, node_id: str) -> None:
+    def __init__(self, node_id: str, on_disk: frozenset[str] = frozenset()) -> None:
+        """`on_disk`: allocation directories an earlier run of this node left."""
         self.node_id = node_id
         self._newest_seen = -1  # the largest `applied` acted on
         self._running: tuple[str, ...] | None = None  # allocation ids last asked for
+        self._kept: set[str] = set(on_disk)  # allocations of this node whose traces are kept
 
     def step(self, state: SiteState, revoked_notice: str | None = None, caught_up: bool = True) -> list[Effect]:
         """`caught_up`: Raft has applied every entry it knows committed (see meshd.io.raft)."""
@@ -33,9 +39,15 @@ class Worker:
         if not caught_up or state.applied < self._newest_seen:
             return []  # an old view (a Raft node replaying its journal): wait until it caught up
         self._newest_seen = state.applied
+        effects: list[Effect] = []
+        mine = {alloc.alloc_id for alloc in state.allocs.on_node(self.node_id)}
+        forgotten = self._kept - mine
+        if forgotten:
+            effects.append(ForgetAllocs(tuple(sorted(forgotten))))
+        self._kept = mine
         workloads = []
-        for alloc in state.allocs.values():
-            if alloc.node_id != self.node_id or not alloc.live:
+        for alloc in state.allocs.on_node(self.node_id):
+            if not alloc.live:
                 continue
             record = state.apps.get(alloc.app)
             if record is None:
@@ -44,7 +56,7 @@ class Worker:
             workloads.append(Workload(alloc_id=alloc.alloc_id, app=alloc.app, command=tuple(spec.command),
                                       env=dict(spec.env), restart_policy=spec.restart_policy))
         key = tuple(sorted(w.alloc_id for w in workloads))
-        if key == self._running:
-            return []
-        self._running = key
-        return [SetWorkloads(tuple(sorted(workloads, key=lambda w: w.alloc_id)))]
+        if key != self._running:
+            self._running = key
+            effects.append(SetWorkloads(tuple(sorted(workloads, key=lambda w: w.alloc_id))))
+        return effects

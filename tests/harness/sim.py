@@ -248,6 +248,11 @@ class SimSite:
                 self.say(f"{node.name}: renew the certificate of {effect.node.name}")
             elif isinstance(effect, fx.SetWorkloads):
                 self.set_workloads(node, effect)
+            elif isinstance(effect, fx.ForgetAllocs):
+                for alloc_id in effect.alloc_ids:
+                    if node.running.get(alloc_id, {}).get("state") != "running":
+                        node.running.pop(alloc_id, None)
+                self.say(f"{node.name}: forget {' '.join(effect.alloc_ids)}")
             elif isinstance(effect, fx.Expel):
                 self.say(f"{node.name}: expelled: {effect.reason}")
                 for report in node.running.values():

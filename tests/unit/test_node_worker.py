@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 
 from meshd import sitestate
-from meshd.node.effects import Expel, SetWorkloads
+from meshd.node.effects import Expel, ForgetAllocs, SetWorkloads
 from meshd.node.worker import Worker
 from meshd.state import SiteState
 
@@ -61,3 +61,14 @@ def test_it_leaves_when_revoked_by_the_state_or_by_a_signed_notice():
     [effect] = worker.step(state)
     assert isinstance(effect, Expel) and "by op" in effect.reason
 
+
+
+def test_what_the_site_forgot_is_forgotten_here_too_and_never_on_an_old_view():
+    state = placed(founded())
+    worker = Worker(f"{1:032x}", on_disk=frozenset({"x0", "old-run"}))  # an earlier run's directories
+    effects = worker.step(state)
+    assert effects[0] == ForgetAllocs(("old-run",))  # x0 is still in the state
+    assert worker.step(SiteState()) == []  # a state being replayed forgets nothing
+    del state.allocs["x1"]  # trimmed from the history
+    state.applied += 1
+    assert worker.step(state)[0] == ForgetAllocs(("x1",))

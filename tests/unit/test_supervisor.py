@@ -386,3 +386,21 @@ def test_a_stop_by_meshd_is_reported_as_such_and_a_workloads_own_exit_is_not(tmp
         assert stopped.stopped_by_meshd and REASON_REMOVED in stopped.reason
 
     run_supervisor(tmp_path, scenario)
+
+
+def test_forgotten_allocations_lose_their_directories_but_a_running_one_keeps_its_own(tmp_path):
+    from meshd.io.supervisor import remove_dirs
+
+    async def scenario(sup, changes):
+        sup.set_desired([alloc("runs", "exec sleep 1000"), alloc("ended", "exit 0")])
+        await wait_for(sup, "runs", running)
+        await wait_for(sup, "ended", lambda r: r.state == "stopped")
+        sup.set_desired([alloc("runs", "exec sleep 1000")])
+        (tmp_path / "allocs" / "leftover").mkdir(parents=True)
+        assert {"runs", "ended", "leftover"} <= sup.allocation_dirs()
+        dirs = sup.forget(["runs", "ended", "leftover", "../escape"])
+        remove_dirs(dirs)
+        assert sorted(p.name for p in dirs) == ["ended", "leftover"]
+        assert sup.allocation_dirs() == {"runs"} and [r.alloc_id for r in sup.reports()] == ["runs"]
+
+    run_supervisor(tmp_path, scenario)

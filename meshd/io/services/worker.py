@@ -23,6 +23,7 @@ from meshd.io.attester import boot_id
 from meshd.io.context import FatalStartupError, NodeContext
 from meshd.io.identity import write_revoked_marker
 from meshd.io.raft import CommandFailed
+from meshd.io.supervisor import remove_dirs
 from meshd.node import effects as fx
 from meshd.node.worker import Worker
 from meshd.reporting import ReportSchedule
@@ -59,11 +60,12 @@ class WorkerService:
         self._resources: dict = {}
         self._resources_at = 0.0
         ctx.carry_out(fx.SetWorkloads, self._set_workloads)
+        ctx.carry_out(fx.ForgetAllocs, self._forget)
         ctx.carry_out(fx.Expel, self._expelled)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        assert self.ctx.identity is not None
-        self.core = Worker(self.ctx.identity.node_id)
+        assert self.ctx.identity is not None and self.ctx.supervisor is not None
+        self.core = Worker(self.ctx.identity.node_id, on_disk=self.ctx.supervisor.allocation_dirs())
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._supervise_loop)
             nursery.start_soon(self._report_loop)
@@ -84,6 +86,13 @@ class WorkerService:
     async def _set_workloads(self, effect: fx.SetWorkloads) -> None:
         assert self.ctx.supervisor is not None
         self.ctx.supervisor.set_desired(effect.workloads)
+
+    async def _forget(self, effect: fx.ForgetAllocs) -> None:
+        assert self.ctx.supervisor is not None
+        dirs = self.ctx.supervisor.forget(effect.alloc_ids)
+        if dirs:
+            await trio.to_thread.run_sync(remove_dirs, dirs)
+            log.info("allocation directories removed", extra={"allocs": len(dirs)})
 
     async def _report_loop(self) -> None:
         """Send a report through Raft whenever the schedule says there is news."""
