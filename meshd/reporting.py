@@ -8,7 +8,8 @@ only when there is news:
 - an allocation whose state, pid, restart count, exit code or reason changed;
 - resources that moved by a step placement could notice (a tenth of the cores, a
   twentieth of the memory);
-- a full resend every `full_period`, which repairs a report that a leader change swallowed;
+- a full resend every `full_period`, which repairs a report that a leader change swallowed
+  (of the allocations the site does not show as reported yet);
 - for a node the leader cannot see in Raft's own heartbeats (a non-voter), a keep-alive at
   least every `keepalive` seconds, so its lease holds.
 
@@ -20,14 +21,15 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 # Resources move all the time; placement cares about steps of this size.
 CPU_STEP_FRACTION = 0.10  # of the node's cores
 MEM_STEP_FRACTION = 0.05  # of the node's memory
-# The fields of an allocation report that the site replicates.
-REPORT_FIELDS = ("alloc_id", "state", "pid", "restarts", "exit_code", "reason")
+# The fields of an allocation report that the site replicates (`stopped_by_meshd`: this
+# node's meshd ended it, so the site replaces it instead of counting it as having run).
+REPORT_FIELDS = ("alloc_id", "state", "pid", "restarts", "exit_code", "reason", "stopped_by_meshd")
 
 
 def resources_moved(last: Mapping[str, float], current: Mapping[str, float]) -> bool:
@@ -42,6 +44,21 @@ def resources_moved(last: Mapping[str, float], current: Mapping[str, float]) -> 
             or abs(float(current.get("mem_free_mb", 0)) - float(last.get("mem_free_mb", 0))) >= mem_step)
 
 
+def reflected_in(alloc) -> Callable[[Mapping], bool]:
+    """`reflected` for ReportSchedule.due from a lookup of the site's allocations by id
+    (alloc_id -> meshd.state.Alloc or None): a report the site needs no more of. Either the
+    site holds it as reported, or it no longer listens: the allocation is gone, lost, or
+    stopped for good."""
+    def reflected(report: Mapping) -> bool:
+        record = alloc(report.get("alloc_id"))
+        if record is None or record.state == "lost" or (record.desired == "stop" and record.state in (
+                "failed", "stopped")):
+            return True
+        return (record.state, record.pid, record.restarts, record.exit_code) == (
+            report.get("state"), report.get("pid"), report.get("restarts"), report.get("exit_code"))
+    return reflected
+
+
 def _key(report: Mapping) -> tuple:
     return tuple(report.get(k) for k in REPORT_FIELDS)
 
@@ -50,8 +67,9 @@ def _key(report: Mapping) -> tuple:
 class Report:
     resources: dict
     resources_moved: bool  # False: the site already has these resources (a keep-alive may omit them)
-    allocs: tuple[dict, ...]  # only the allocations whose report changed (all of them on a full report)
+    allocs: tuple[dict, ...]  # only the allocations whose report changed (on a full report: all the site lacks)
     full: bool
+    reflected: tuple[dict, ...] = ()  # a full report's allocations the site already shows (not sent)
 
 
 @dataclass
@@ -63,17 +81,28 @@ class ReportSchedule:
     _last_sent: float | None = None
     _last_full: float | None = None
 
-    def due(self, now: float, resources: Mapping[str, float], allocs: Sequence[Mapping]) -> Report | None:
-        """The report to send now, or None when there is no news."""
+    def due(self, now: float, resources: Mapping[str, float], allocs: Sequence[Mapping],
+            reflected: Callable[[Mapping], bool] | None = None) -> Report | None:
+        """The report to send now, or None when there is no news. A full resend leaves out
+        the allocations the site already shows as reported (`reflected`, from the node's
+        view of the replicated state): it repairs what a leader change swallowed, it does
+        not repeat a thousand finished allocations every period."""
         full = self._last_full is None or now - self._last_full >= self.full_period
         plain = [{k: a.get(k) for k in REPORT_FIELDS} for a in allocs]
-        changed = plain if full else [a for a in plain if self._allocs.get(a["alloc_id"]) != _key(a)]
+        shown: list[dict] = []
+        if full:
+            changed = []
+            for a in plain:
+                (shown if reflected is not None and reflected(a) else changed).append(a)
+        else:
+            changed = [a for a in plain if self._allocs.get(a["alloc_id"]) != _key(a)]
         keepalive_due = (self.keepalive is not None
                          and (self._last_sent is None or now - self._last_sent >= self.keepalive))
         moved = full or resources_moved(self._resources, resources)
         if not (full or changed or keepalive_due or moved):
             return None
-        return Report(resources=dict(resources), resources_moved=moved, allocs=tuple(changed), full=full)
+        return Report(resources=dict(resources), resources_moved=moved, allocs=tuple(changed), full=full,
+                      reflected=tuple(shown))
 
     def sent(self, now: float, report: Report) -> None:
         """The report committed: its contents are now the site's view of this node."""
@@ -83,5 +112,5 @@ class ReportSchedule:
         if report.full:
             self._last_full = now
             self._allocs = {}
-        for a in report.allocs:
+        for a in (*report.allocs, *report.reflected):
             self._allocs[a["alloc_id"]] = _key(a)

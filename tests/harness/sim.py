@@ -37,7 +37,7 @@ from meshd.node.attesting import Attesting
 from meshd.node.joining import Joining, Unreachable
 from meshd.node.leading import LeaderView, Leading
 from meshd.node.worker import Worker
-from meshd.reporting import ReportSchedule
+from meshd.reporting import ReportSchedule, reflected_in
 from meshd.state import SiteState
 
 WALL0 = 1_800_000_000.0  # the wall clock at time 0 of every transcript
@@ -310,7 +310,8 @@ class SimSite:
         nonvoter = own is not None and not own.voter
         node.reports.keepalive = LEASE / 4 if nonvoter else None
         report = node.reports.due(self.now, {"cpu_total": 4.0, "cpu_free": 4.0, "mem_total_mb": 4096,
-                                             "mem_free_mb": 4096}, [dict(r) for r in node.running.values()])
+                                             "mem_free_mb": 4096}, [dict(r) for r in node.running.values()],
+                                  reflected_in(node.view().allocs.get))
         if report is None:
             return
         node.seq += 1

@@ -126,3 +126,24 @@ def test_keepalives_and_allocation_reports_leave_unmoved_resources_out():
     schedule.sent(0.3, keepalive)
     news = schedule.due(0.4, res(cpu_free=1.0), [alloc("a")])
     assert news is not None and news.resources_moved and [a["alloc_id"] for a in news.allocs] == ["a"]
+
+
+def test_a_stop_by_meshd_travels_with_the_report():
+    schedule = ReportSchedule(full_period=10.0)
+    report = schedule.due(0.0, RES, [alloc("a") | {"state": "stopped", "pid": None, "stopped_by_meshd": True}])
+    assert report.allocs[0]["stopped_by_meshd"] is True
+
+
+def test_a_full_resend_repairs_only_what_the_site_does_not_show():
+    from meshd.reporting import reflected_in
+    from meshd.state import Alloc
+
+    site = {"shown": Alloc("shown", "web", 1, 0, "n1", state="running", pid=10),
+            "swallowed": Alloc("swallowed", "web", 1, 1, "n1", state="pending"),
+            "done": Alloc("done", "web", 1, 2, "n1", desired="stop", state="stopped")}
+    schedule = ReportSchedule(full_period=10.0)
+    allocs = [alloc("shown"), alloc("swallowed"), alloc("done", state="stopped", pid=None), alloc("forgotten")]
+    first = schedule.due(0.0, RES, allocs, reflected_in(site.get))
+    assert [a["alloc_id"] for a in first.allocs] == ["swallowed"] and first.full
+    schedule.sent(0.0, first)
+    assert schedule.due(5.0, RES, allocs, reflected_in(site.get)) is None  # no news in between

@@ -26,7 +26,7 @@ from meshd.io.raft import CommandFailed
 from meshd.io.supervisor import remove_dirs
 from meshd.node import effects as fx
 from meshd.node.worker import Worker
-from meshd.reporting import ReportSchedule
+from meshd.reporting import ReportSchedule, reflected_in
 from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, SiteState
 
 log = logging.getLogger("meshd.daemon")
@@ -107,7 +107,8 @@ class WorkerService:
             if status.leader_address is not None:
                 reports = [dataclasses.asdict(r) for r in ctx.supervisor.reports()] if ctx.supervisor else []
                 now = time.monotonic()
-                report = self._reports.due(now, self._sample_resources(), reports)
+                report = self._reports.due(now, self._sample_resources(), reports,
+                                           reflected_in(ctx.snapshot().allocs.get))
                 if report is not None:
                     self._heartbeat_seq += 1
                     command = cmds.Heartbeat(
