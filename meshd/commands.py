@@ -22,11 +22,12 @@ Invariants:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Mapping, Union
 
 from crdt.schema import AppEdit, SchemaError
 from meshd import spec as specmod
+from meshd.placement.plan import Placement
 from meshd.state import ALLOC_STATES, AppSpec, NodeRecord, NodeResources
 
 # Ints in commands are bounded so that a crafted command cannot blow up snapshots or the
@@ -224,18 +225,12 @@ class AllocReport:
         return wire
 
 
-@dataclass(frozen=True)
-class PlacementWire:
-    alloc_id: str
-    replica: int
-    node_id: str
-
-
 # --- the commands --------------------------------------------------------------------------
 
 
 class Command:
-    """Base of every Raft command; `op` names it on the wire."""
+    """Base of every Raft command; `op` names it on the wire. A command of plain fields
+    writes them as they are; one with records in it (a node, a spec, an edit) says how."""
 
     op: ClassVar[str]
 
@@ -244,11 +239,7 @@ class Command:
         raise NotImplementedError
 
     def to_wire(self) -> dict:
-        raise NotImplementedError
-
-
-def _simple_to_wire(command: Command) -> dict:
-    return {f.name: getattr(command, f.name) for f in fields(command)}  # type: ignore[arg-type]
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -288,9 +279,6 @@ class SetPolicy(Command):
     def from_wire(cls, raw: dict) -> "SetPolicy":
         return cls(policy=read_mapping(raw, "policy"), actor=read_actor(raw))
 
-    def to_wire(self) -> dict:
-        return _simple_to_wire(self)
-
 
 @dataclass(frozen=True)
 class AdoptPolicy(Command):
@@ -306,9 +294,6 @@ class AdoptPolicy(Command):
         if not isinstance(site, str) or not 0 < len(site) <= 63:
             raise Invalid("site must name the site the policy comes from")
         return cls(policy=read_mapping(raw, "policy"), site=site, actor=read_actor(raw))
-
-    def to_wire(self) -> dict:
-        return _simple_to_wire(self)
 
 
 @dataclass(frozen=True)
@@ -328,9 +313,6 @@ class RevokeNode(Command):
                    reason=read_str(raw, "reason", max_len=200, empty=True) if "reason" in raw else "",
                    number=number if isinstance(number, int) and not isinstance(number, bool) else 0,
                    actor=read_actor(raw))
-
-    def to_wire(self) -> dict:
-        return _simple_to_wire(self)
 
 
 @dataclass(frozen=True)
@@ -363,9 +345,6 @@ class Attested(Command):
     def from_wire(cls, raw: dict) -> "Attested":
         return cls(node_id=read_str(raw, "node_id", max_len=64), boot_id=read_str(raw, "boot_id", max_len=64))
 
-    def to_wire(self) -> dict:
-        return _simple_to_wire(self)
-
 
 @dataclass(frozen=True)
 class RotateSecret(Command):
@@ -376,9 +355,6 @@ class RotateSecret(Command):
     @classmethod
     def from_wire(cls, raw: dict) -> "RotateSecret":
         return cls(actor=read_actor(raw))
-
-    def to_wire(self) -> dict:
-        return _simple_to_wire(self)
 
 
 @dataclass(frozen=True)
@@ -395,9 +371,6 @@ class CreateToken(Command):
         return cls(token_id=read_str(raw, "token_id", max_len=64), site=read_str(raw, "site", max_len=63),
                    secret=read_str(raw, "secret", max_len=128), expires_at=read_num(raw, "expires_at"),
                    actor=read_actor(raw))
-
-    def to_wire(self) -> dict:
-        return _simple_to_wire(self)
 
 
 @dataclass(frozen=True)
@@ -451,17 +424,10 @@ class Heartbeat(Command):
     def to_wire(self) -> dict:
         wire: dict = {"node_id": self.node_id, "seq": self.seq, "reports": [r.to_wire() for r in self.reports]}
         if self.resources is not None:
-            wire["resources"] = {"cpu_total": self.resources.cpu_total, "cpu_free": self.resources.cpu_free,
-                                 "mem_total_mb": self.resources.mem_total_mb,
-                                 "mem_free_mb": self.resources.mem_free_mb}
+            wire["resources"] = asdict(self.resources)
         if self.boot_id is not None:
             wire["boot_id"] = self.boot_id
         return wire
-
-    @property
-    def plain_keepalive(self) -> bool:
-        """Only moves the node's lease: nobody needs to look at the state again."""
-        return not self.reports and self.resources is None
 
 
 @dataclass(frozen=True)
@@ -479,9 +445,6 @@ class SetLiveness(Command):
             raise Invalid("liveness must be ready or down")
         return cls(node_id=read_str(raw, "node_id", max_len=64), liveness=liveness,
                    reason=read_text(raw, "reason", 256))
-
-    def to_wire(self) -> dict:
-        return _simple_to_wire(self)
 
 
 @dataclass(frozen=True)
@@ -544,7 +507,7 @@ class ApplyPlan(Command):
     op: ClassVar[str] = "apply_plan"
     app: str
     version: int
-    placements: tuple[PlacementWire, ...] = ()
+    placements: tuple[Placement, ...] = ()  # each of this app and version
     stops: tuple[tuple[str, str], ...] = ()  # (alloc_id, reason)
 
     @classmethod
@@ -555,15 +518,17 @@ class ApplyPlan(Command):
         for p in raw_placements if isinstance(raw_placements, list) else []:
             if not isinstance(p, dict):
                 raise Invalid("each placement must be a mapping")
-            placements.append(PlacementWire(alloc_id=read_str(p, "alloc_id", max_len=64),
-                                            replica=read_int(p, "replica", 0, 100_000),
-                                            node_id=read_str(p, "node_id", max_len=64)))
+            placements.append((read_str(p, "alloc_id", max_len=64), read_int(p, "replica", 0, 100_000),
+                               read_str(p, "node_id", max_len=64)))
         stops = plan.get("stops", [])
         if not isinstance(stops, list) or not all(
                 isinstance(s, list) and len(s) == 2 and all(isinstance(x, str) for x in s) for s in stops):
             raise Invalid("stops must be a list of [alloc_id, reason]")
-        return cls(app=read_str(plan, "app", max_len=63), version=read_int(plan, "version", 1),
-                   placements=tuple(placements), stops=tuple((s[0], s[1]) for s in stops))
+        app, version = read_str(plan, "app", max_len=63), read_int(plan, "version", 1)
+        return cls(app=app, version=version,
+                   placements=tuple(Placement(alloc_id=alloc_id, app=app, version=version, replica=replica,
+                                              node_id=node_id) for alloc_id, replica, node_id in placements),
+                   stops=tuple((s[0], s[1]) for s in stops))
 
     def to_wire(self) -> dict:
         return {"plan": {"app": self.app, "version": self.version,
@@ -581,9 +546,6 @@ class _NodeAdmin(Command):
     @classmethod
     def from_wire(cls, raw: dict) -> "_NodeAdmin":
         return cls(node=read_str(raw, "node", max_len=64), actor=read_actor(raw))
-
-    def to_wire(self) -> dict:
-        return _simple_to_wire(self)
 
 
 @dataclass(frozen=True)
@@ -631,14 +593,21 @@ def decode_envelope(raw: Any) -> Envelope | Refused:
     return Envelope(ts=float(ts), request_id=request_id)
 
 
+def decode_body(raw: dict) -> Command | Refused:
+    """The typed command of a wire dict whose envelope decoded (`decode_envelope`), or why
+    its fields do not hold. Never raises."""
+    try:
+        return COMMANDS[raw["op"]].from_wire(raw)
+    except Invalid as e:
+        return e.refused()
+    except Exception as e:  # a reader bug must not wedge Raft
+        return Refused(INTERNAL, f"internal error reading command: {type(e).__name__}: {e}")
+
+
 def decode(raw: Any) -> tuple[Envelope, Command] | Refused:
     """The typed command of a wire dict, or why it is not one. Never raises."""
     envelope = decode_envelope(raw)
     if isinstance(envelope, Refused):
         return envelope
-    try:
-        return envelope, COMMANDS[raw["op"]].from_wire(raw)
-    except Invalid as e:
-        return e.refused()
-    except Exception as e:  # a reader bug must not wedge Raft
-        return Refused(INTERNAL, f"internal error reading command: {type(e).__name__}: {e}")
+    body = decode_body(raw)
+    return body if isinstance(body, Refused) else (envelope, body)

@@ -87,7 +87,7 @@ class ReportSchedule:
         the allocations the site already shows as reported (`reflected`, from the node's
         view of the replicated state): it repairs what a leader change swallowed, it does
         not repeat a thousand finished allocations every period."""
-        full = self._last_full is None or now - self._last_full >= self.full_period
+        full = self.full_due(now)
         plain = [{k: a.get(k) for k in REPORT_FIELDS} for a in allocs]
         shown: list[dict] = []
         if full:
@@ -103,6 +103,10 @@ class ReportSchedule:
             return None
         return Report(resources=dict(resources), resources_moved=moved, allocs=tuple(changed), full=full,
                       reflected=tuple(shown))
+
+    def full_due(self, now: float) -> bool:
+        """The next report is a full resend (only then is `reflected` asked)."""
+        return self._last_full is None or now - self._last_full >= self.full_period
 
     def sent(self, now: float, report: Report) -> None:
         """The report committed: its contents are now the site's view of this node."""

@@ -37,7 +37,7 @@ from crdt.schema import AppEdit, winning_order
 from meshd import commands as cmds
 from meshd.commands import CONFLICT, NOT_FOUND, NOT_MEMBER, REVOKED, STALE, TOKEN, UNTRUSTED, Ok, Refused, Result
 from meshd import spec as specmod
-from meshd.placement.plan import Placement, Plan, recheck_plan
+from meshd.placement.plan import Plan, recheck_plan
 from meshd.state import (
     ADMIN_ACTIVE,
     ADMIN_DRAINING,
@@ -73,7 +73,6 @@ MAX_REMEMBERED_REQUESTS = 10_000
 # durable record, these are for `meshctl events` / `audit` on the site.
 MAX_EVENTS = 2_000
 MAX_AUDIT = 10_000
-MAX_INT = cmds.MAX_INT
 
 
 class CommandRefused(cmds.Invalid):
@@ -89,11 +88,10 @@ def apply(state: SiteState, command: Any) -> Result:
             return envelope
         if envelope.request_id is not None and envelope.request_id in state.applied_requests:
             return cmds.result_from_wire(state.applied_requests[envelope.request_id])
-        decoded = cmds.decode(command)
-        if isinstance(decoded, Refused):
-            result: Result = decoded
+        typed = cmds.decode_body(command)
+        if isinstance(typed, Refused):
+            result: Result = typed
         else:
-            _, typed = decoded
             try:
                 result = HANDLERS[type(typed)](state, typed, envelope.ts)
             except cmds.Invalid as e:
@@ -578,12 +576,10 @@ def _stop_allocs(state: SiteState, ts: float, actor: str, name: str, reason: str
 
 
 def _apply_plan(state: SiteState, cmd: cmds.ApplyPlan, ts: float) -> Ok:
-    app, version = cmd.app, cmd.version
-    placements = [Placement(alloc_id=p.alloc_id, app=app, version=version, replica=p.replica, node_id=p.node_id)
-                  for p in cmd.placements]
-    if any(p.alloc_id in state.allocs for p in placements):
+    version = cmd.version
+    if any(p.alloc_id in state.allocs for p in cmd.placements):
         raise CommandRefused("allocation id already in use", CONFLICT)
-    plan = Plan(app=app, version=version, placements=tuple(placements), stops=cmd.stops, filtered=(), unplaced=())
+    plan = Plan(app=cmd.app, version=version, placements=cmd.placements, stops=cmd.stops, filtered=(), unplaced=())
     accepted, refusals = recheck_plan(state, plan)
     for p in accepted:
         state.allocs[p.alloc_id] = Alloc(alloc_id=p.alloc_id, app=p.app, version=p.version, replica=p.replica,
@@ -608,7 +604,7 @@ def _apply_plan(state: SiteState, cmd: cmds.ApplyPlan, ts: float) -> Ok:
         stopped.append(alloc_id)
         _event(state, ts, "placement", f"{alloc.app} replica {alloc.replica} ({alloc_id}) stopping: {reason}",
                app=alloc.app, alloc_id=alloc_id, reason=reason)
-    _forget_finished_allocs(state, app)
+    _forget_finished_allocs(state, cmd.app)
     return ok(placed=[p.alloc_id for p in accepted], refused=[[p.alloc_id, r] for p, r in refusals], stopped=stopped)
 
 

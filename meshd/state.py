@@ -11,6 +11,7 @@ Invariants:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -331,6 +332,18 @@ class SiteState:
         self.__dict__.update(saved)
         if not isinstance(self.allocs, AllocTable):
             self.allocs = AllocTable(self.allocs)
+
+    def reader_copy(self) -> "SiteState":
+        """A copy for readers outside the state machine: later commands leave it alone. The
+        request-dedupe records (up to MAX_REMEMBERED_REQUESTS, only ever read by the state
+        machine) are left out: copying them was most of a copy's cost."""
+        copied = copy.copy(self)
+        for name in ("nodes", "apps", "tokens", "mesh_edits"):
+            setattr(copied, name, dict(getattr(self, name)))
+        copied.allocs = self.allocs.copy()
+        copied.events, copied.audit = list(self.events), list(self.audit)
+        copied.applied_requests, copied.applied_order = {}, []
+        return copied
 
     # --- read helpers used by placement, reconcile and the admin layer ---------------
     def node_by_ref(self, ref: str) -> NodeRecord | None:

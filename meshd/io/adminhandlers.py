@@ -22,7 +22,7 @@ from typing import Any, Awaitable, Callable
 import trio
 
 from crdt.document import SyncError
-from crdt.schema import (RECORD_KINDS, AppSiteStatus, NodeSummary, SchemaError, SignedRecord, SiteSummary,
+from crdt.schema import (RECORD_KINDS, AppEdit, AppSiteStatus, NodeSummary, SchemaError, SignedRecord, SiteSummary,
                          app_status_key)
 from crdt.schema import AuditRecord as DocAuditRecord
 
@@ -36,6 +36,7 @@ from meshd import tokens
 from meshd.io import peer
 from meshd.io.admin import AdminError, AdminRequest
 from meshd.io.attester import package_digest
+from meshd import commands as cmds
 from meshd.commands import Ok, Refused, Result
 from meshd.io.context import NodeContext
 from meshd.io.logview import serve_local_logs
@@ -196,12 +197,13 @@ class AdminHandlers:
             await trio.sleep(POLL_PERIOD)
         return deadline
 
-    async def _write(self, request: AdminRequest, op: str, **fields: Any) -> Ok:
-        """Commit a command; refuse without quorum; the result's error becomes AdminError."""
+    async def _write(self, request: AdminRequest, make: Callable[[str], cmds.Command]) -> Ok:
+        """Commit the command `make(actor)` builds; refuse without quorum; the result's
+        error becomes AdminError."""
         self._require_member()
         d = self.ctx
         deadline = await self._wait_for_quorum()
-        command = d.new_command(op, actor=_actor(request, d), **fields)
+        command = make(_actor(request, d))
         try:
             result = await d.commit(command, retry_until=deadline)
         except CommandFailed as e:
@@ -464,9 +466,9 @@ class AdminHandlers:
     def _spec_text(request: AdminRequest) -> str:
         return _arg(request.args, "spec_toml", str, required=True)
 
-    async def _commit_edit(self, request: AdminRequest, op: str, app_name: str, *, spec_toml: str,
-                           targets: tuple[str, ...], replicas: int, stopped: bool = False,
-                           **fields: Any) -> tuple[dict, Any]:
+    async def _commit_edit(self, request: AdminRequest, make: Callable[[AppEdit, str], cmds.Command],
+                           app_name: str, *, spec_toml: str, targets: tuple[str, ...], replicas: int,
+                           stopped: bool = False) -> tuple[Ok, AppEdit]:
         """A deploy or stop as a mesh-document edit: committed through the site's Raft first
         (the command carries it), then written to the replica; the site's leader re-publishes
         it should this node die in between. Returns (Raft result, edit). Callers checked
@@ -476,10 +478,10 @@ class AdminHandlers:
                                             actor=_actor(request, d), ts=time.time(), spec=spec_toml,
                                             targets=targets, replicas=replicas, stopped=stopped)
         try:
-            plain = edit.to_plain()
+            edit.to_plain()  # validated here, so a bad edit is the operator's error, not a refusal
         except SchemaError as e:
             raise AdminError(f"invalid app spec: {e.reason}") from None
-        result = await self._write(request, op, edit=plain, **fields)
+        result = await self._write(request, lambda actor: make(edit, actor))
         await d.mesh.write([edit])
         return result, edit
 
@@ -490,9 +492,9 @@ class AdminHandlers:
         self._require_member()
         own_site = self.ctx.membership.site
         targets = tuple(app_spec.sites) or (own_site,)
-        result, edit = await self._commit_edit(request, "submit_app", app_spec.name,
-                                               spec_toml=self._spec_text(request), targets=targets,
-                                               replicas=app_spec.replicas, spec=specmod.spec_to_dict(app_spec))
+        result, edit = await self._commit_edit(
+            request, lambda edit, actor: cmds.SubmitApp(spec=app_spec, edit=edit, actor=actor), app_spec.name,
+            spec_toml=self._spec_text(request), targets=targets, replicas=app_spec.replicas)
         answer = {"app": result["app"], "version": result["version"], "accepted": True, "sites": list(targets),
                   "edit_id": edit.edit_id}
         if not wait:
@@ -547,20 +549,20 @@ class AdminHandlers:
         if resolution is None and app not in self._state().apps:
             raise AdminError(f"no app named {app!r}")
         targets = resolution.winner.targets if resolution is not None else (d.membership.site,)
-        result, edit = await self._commit_edit(request, "stop_app", app, spec_toml="", targets=targets, replicas=0,
-                                               stopped=True, app=app)
+        result, edit = await self._commit_edit(request, lambda edit, actor: cmds.StopApp(app=app, edit=edit, actor=actor),
+                                               app, spec_toml="", targets=targets, replicas=0, stopped=True)
         return {"app": result["app"], "stopped": True, "allocs": len(result.get("allocs", [])),
                 "version": edit.version, "sites": list(targets)}
 
     async def drain(self, request: AdminRequest, stream) -> dict:
-        return await self._drain(request, "drain")
+        return await self._drain(request, cmds.Drain)
 
     async def undrain(self, request: AdminRequest, stream) -> dict:
-        return await self._drain(request, "undrain")
+        return await self._drain(request, cmds.Undrain)
 
-    async def _drain(self, request: AdminRequest, op: str) -> dict:
+    async def _drain(self, request: AdminRequest, kind: type[cmds.Drain] | type[cmds.Undrain]) -> dict:
         node = _arg(request.args, "node", str, required=True)
-        result = await self._write(request, op, node=node)
+        result = await self._write(request, lambda actor: kind(node=node, actor=actor))
         return {"node": result["node"], "node_id": result["node_id"], "state": result["state"]}
 
     async def token_create(self, request: AdminRequest, stream) -> dict:
@@ -583,8 +585,8 @@ class AdminHandlers:
         token_id = secrets.token_hex(tokens.TOKEN_ID_BYTES)
         secret = secrets.token_bytes(tokens.TOKEN_SECRET_BYTES)
         expires_at = time.time() + ttl
-        await self._write(request, "create_token", token_id=token_id, site=site, secret=secret.hex(),
-                          expires_at=expires_at)
+        await self._write(request, lambda actor: cmds.CreateToken(token_id=token_id, site=site, secret=secret.hex(),
+                                                                  expires_at=expires_at, actor=actor))
         return {"token": tokens.format_token(site, token_id, secret), "site": site, "expires_at": expires_at,
                 "token_id": token_id}
 
@@ -644,7 +646,8 @@ class AdminHandlers:
         root_key = self.ctx.root_signing_key()
         if root_key is None:
             raise AdminError("only a voter holds the mesh root key; run this on a voter")
-        return await self._write(request, "set_policy", policy=sign_policy(root_key, updated))
+        signed = sign_policy(root_key, updated)
+        return await self._write(request, lambda actor: cmds.SetPolicy(policy=signed, actor=actor))
 
     async def revoke(self, request: AdminRequest, stream) -> dict:
         """Expel a member everywhere: a root-signed revocation list naming it, committed with

@@ -111,13 +111,16 @@ class NodeContext:
         log.info(message, extra={"kind": kind, **data})
 
     def snapshot(self) -> SiteState:
-        """The replicated state as this node last knew it. A Raft node restarted (a secret
-        rotation) replays its journal first; until it caught up, readers keep the newer view
-        they had, so nothing reads an allocation as gone because it was not replayed yet."""
+        """The replicated state as this node last knew it, read-only. One copy serves every
+        reader until Raft applies something new. A Raft node restarted (a secret rotation)
+        replays its journal first; until it caught up, readers keep the newer view they had,
+        so nothing reads an allocation as gone because it was not replayed yet."""
         if self.raft is None:
             return SiteState()
-        state = self.raft.snapshot()
         newest = self._newest_state
+        if newest is not None and self.raft.applied <= newest.applied:
+            return newest
+        state = self.raft.snapshot()
         if newest is not None and state.applied < newest.applied:
             return newest
         self._newest_state = state
@@ -139,20 +142,15 @@ class NodeContext:
             "version": __version__,
         }
 
-    def new_command(self, op: str, **fields: Any) -> dict:
-        return {"op": op, "request_id": uuid.uuid4().hex, "ts": time.time(), **fields}
-
-    async def commit(self, command: cmds.Command | dict, timeout: float = 5.0,
-                     retry_until: float | None = None) -> Result:
+    async def commit(self, command: cmds.Command, timeout: float = 5.0, retry_until: float | None = None) -> Result:
         """Submit through Raft; retry the same request id until `retry_until` (monotonic).
         The outcome is Ok or Refused; CommandFailed when it did not commit (outcome unknown)."""
         assert self.raft is not None
-        if isinstance(command, cmds.Command):
-            command = cmds.encode(command, cmds.Envelope(ts=time.time(), request_id=uuid.uuid4().hex))
+        wire = cmds.encode(command, cmds.Envelope(ts=time.time(), request_id=uuid.uuid4().hex))
         deadline = retry_until if retry_until is not None else time.monotonic()
         while True:
             try:
-                return await self.raft.submit(command, timeout=timeout)
+                return await self.raft.submit(wire, timeout=timeout)
             except CommandFailed:
                 if time.monotonic() >= deadline:
                     raise

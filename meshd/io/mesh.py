@@ -46,7 +46,7 @@ from crdt.schema import AppEdit, AppSiteStatus, NodeSummary, Record, SchemaError
 from crdt.schema import AuditRecord as DocAuditRecord
 from crdt.sync import SyncSession
 from meshd import meshstate
-from meshd.commands import Command, Refused
+from meshd.commands import AdoptPolicy, AdoptRevocations, Command, Refused
 from meshd.node import trust
 from meshd.io import peer
 from meshd.io.crdtstore import DocumentStore
@@ -387,8 +387,7 @@ class MeshSync:
         best = meshstate.policy_to_take_in(policy_rank(state.policy, current), found)
         if best is None:
             return
-        result = await d.commit(d.new_command("adopt_policy", policy=best.signed, site=best.site,
-                                              actor=f"site {best.site}"))
+        result = await d.commit(AdoptPolicy(policy=best.signed, site=best.site, actor=f"site {best.site}"))
         if isinstance(result, Refused):
             log.info("policy from another site not taken in", extra={"reason": result.text})
 
@@ -406,8 +405,8 @@ class MeshSync:
         if not incoming.entries or root_key is None:
             return
         signed = sign_revocations(root_key, listed.with_entries(list(incoming.entries)))
-        result = await d.commit(d.new_command("adopt_revocations", revocations=signed, sites=list(incoming.sites),
-                                              actor=f"site {', '.join(incoming.sites)}"))
+        result = await d.commit(AdoptRevocations(revocations=signed, sites=tuple(incoming.sites),
+                                                 actor=f"site {', '.join(incoming.sites)}"))
         await d.execute(trust.after_adoption(state, result, signed, d.identity.node_id, d.config.name))
 
     def _revocations_to_publish(self, state) -> list[Record]:

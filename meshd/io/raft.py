@@ -21,7 +21,6 @@ Invariants:
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 import time
@@ -111,19 +110,9 @@ class SiteRaft(SyncObj):
         return result
 
     def snapshot(self) -> SiteState:
-        """A copy of the state for the trio side to read. The request-dedupe records (up to
-        MAX_REMEMBERED_REQUESTS, only ever read by the state machine) are left out: copying
-        them was most of a snapshot's cost, and snapshots are taken on every change."""
+        """A copy of the state for the trio side to read (SiteState.reader_copy)."""
         with self._lock:
-            state = copy.copy(self.site_state)
-            for name in ("nodes", "apps", "tokens", "mesh_edits"):
-                setattr(state, name, dict(getattr(state, name)))
-            state.allocs = self.site_state.allocs.copy()
-            state.events = list(state.events)
-            state.audit = list(state.audit)
-            state.applied_requests = {}
-            state.applied_order = []
-        return state
+            return self.site_state.reader_copy()
 
     def refresh_status(self) -> None:
         """Runs on the Raft thread after each tick: copy what the trio side may read.
@@ -273,6 +262,12 @@ class RaftNode:
     @property
     def status(self) -> RaftStatus:
         return self.raft.status
+
+    @property
+    def applied(self) -> int:
+        """Log entries the live state has applied (SiteState.applied): a reader whose copy
+        has as many needs no new one."""
+        return self.raft.site_state.applied
 
     @property
     def replayed(self) -> bool:

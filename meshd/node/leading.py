@@ -26,7 +26,7 @@ import copy
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from meshd.commands import ApplyPlan, PlacementWire, SetLiveness
+from meshd.commands import ApplyPlan, SetLiveness
 from meshd.liveness import LivenessTracker
 from meshd.node.effects import AddVoter, Commit, Effect, Emit, RemoveVoter
 from meshd.placement.plan import make_plan
@@ -167,9 +167,7 @@ class Leading:
                                or not waits_for_replacement(working, working.allocs[alloc_id], record.version))
             if not plan.placements and not kept_stops:
                 continue
-            effects.append(Commit(ApplyPlan(app=app_name, version=record.version,
-                                            placements=tuple(PlacementWire(p.alloc_id, p.replica, p.node_id)
-                                                             for p in plan.placements),
+            effects.append(Commit(ApplyPlan(app=app_name, version=record.version, placements=plan.placements,
                                             stops=kept_stops)))
             for p in plan.placements:  # later apps of this pass see this capacity taken
                 working.allocs[p.alloc_id] = Alloc(alloc_id=p.alloc_id, app=p.app, version=p.version,

@@ -17,7 +17,6 @@ Invariants:
 
 from __future__ import annotations
 
-import copy
 import hashlib
 from dataclasses import dataclass, field
 
@@ -87,7 +86,7 @@ class SimNode:
         """The state as the daemon's readers see it: never older than a view they already had."""
         if self.newest is not None and self.state.applied < self.newest.applied:
             return self.newest
-        self.newest = snapshot(self.state)
+        self.newest = self.state.reader_copy()
         return self.newest
 
     @property
@@ -216,7 +215,7 @@ class SimSite:
                     self.say(f"{node.name}: {describe_command(effect.command)} -> {describe_result(result)}")
                 if effect.then is not None:
                     # the proposer's Raft answers once it applied the entry: its state has it
-                    self.execute(node, list(effect.then(result, snapshot(self.truth))))
+                    self.execute(node, list(effect.then(result, self.truth.reader_copy())))
             elif isinstance(effect, fx.Emit):
                 self.say(f"{node.name}: event {effect.kind}: {effect.message}")
             elif isinstance(effect, (fx.AddVoter, fx.RemoveVoter)):
@@ -549,16 +548,6 @@ class SimSite:
             running = sorted(a for a, r in node.running.items() if r["state"] == "running")
             self.say(f"{node.name}: {' '.join(running) or '-'}"
                      + ("" if node.live else " (down)" if node.expelled is None else " (expelled)"))
-
-
-def snapshot(state: SiteState) -> SiteState:
-    """A copy readers keep (as meshd.io.raft.SiteRaft.snapshot makes one)."""
-    copied = copy.copy(state)
-    for name in ("nodes", "apps", "tokens", "mesh_edits"):
-        setattr(copied, name, dict(getattr(state, name)))
-    copied.allocs = state.allocs.copy()
-    copied.events, copied.audit = list(state.events), list(state.audit)
-    return copied
 
 
 def describe_command(command: cmds.Command) -> str:

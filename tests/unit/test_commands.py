@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from meshd import commands as cmds
 from meshd.commands import REFUSAL_CODES, Ok, Refused, result_from_wire
+from meshd.placement.plan import Placement
 from meshd.state import NodeRecord
 
 NODE = NodeRecord(node_id="a" * 32, name="n1", site="lab", address="198.18.0.1:7700",
@@ -33,7 +34,7 @@ EXAMPLES = [
                    boot_id="b"),
     cmds.SetLiveness(node_id="a" * 32, liveness="down", reason="lease expired"),
     cmds.StopApp(app="svc", actor="op"),
-    cmds.ApplyPlan(app="svc", version=2, placements=(cmds.PlacementWire("x2", 0, "a" * 32),),
+    cmds.ApplyPlan(app="svc", version=2, placements=(Placement("x2", "svc", 2, 0, "a" * 32),),
                    stops=(("x1", "replaced by version 2"),)),
     cmds.Drain(node="n1", actor="op"),
     cmds.Undrain(node="n1", actor="op"),

@@ -50,10 +50,12 @@ class LeaderService:
                 continue
             wait = LEADER_PERIOD  # after a failed duty: try again soon
             try:
-                effects = self.core.step(self._view(notified), time.monotonic())
+                view = self._view(notified)
+                effects = self.core.step(view, time.monotonic())
                 await ctx.execute(effects)
+                # Without a commit the state is the one just looked at.
                 wait = 0.0 if any(isinstance(e, fx.Commit) for e in effects) else \
-                    self.core.next_look(ctx.snapshot(), time.monotonic())
+                    self.core.next_look(view.state, time.monotonic())
             except CommandFailed as e:
                 log.info("leader duty interrupted", extra={"reason": str(e)})
 

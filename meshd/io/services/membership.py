@@ -25,7 +25,7 @@ from attestation.policy import Policy, open_policy, sign_policy
 from attestation.revocation import RevocationList, open_revocations, sign_revocations
 from attestation.signed import AttestationError
 from meshd import __version__, tokens
-from meshd.commands import Refused
+from meshd.commands import Bootstrap, Refused, node_from_wire
 from meshd.io import peer
 from meshd.io.attester import package_digest
 from meshd.io.context import FatalStartupError, NodeContext, new_cert_serial
@@ -132,8 +132,8 @@ class MembershipService:
         self.ctx.membership.save(self.ctx.data_dir)
         save_certificates(self.ctx.data_dir, member_cert, trust["root_cert"])
         self.ctx.start_raft()
-        command = self.ctx.new_command("bootstrap", site=site, mesh_id=mesh_id, node=self.ctx.node_plain(),
-                                   actor=self.ctx.config.name, trust=trust)
+        command = Bootstrap(site=site, mesh_id=mesh_id, node=node_from_wire(self.ctx.node_plain()), trust=trust,
+                            actor=self.ctx.config.name)
         result = await self.ctx.commit(command, retry_until=time.monotonic() + 30)
         if isinstance(result, Refused):
             raise FatalStartupError(f"could not found site: {result.text}")

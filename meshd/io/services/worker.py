@@ -107,8 +107,8 @@ class WorkerService:
             if status.leader_address is not None:
                 reports = [dataclasses.asdict(r) for r in ctx.supervisor.reports()] if ctx.supervisor else []
                 now = time.monotonic()
-                report = self._reports.due(now, self._sample_resources(), reports,
-                                           reflected_in(ctx.snapshot().allocs.get))
+                reflected = reflected_in(ctx.snapshot().allocs.get) if self._reports.full_due(now) else None
+                report = self._reports.due(now, self._sample_resources(), reports, reflected)
                 if report is not None:
                     self._heartbeat_seq += 1
                     command = cmds.Heartbeat(
