@@ -67,6 +67,18 @@ def new_cert_serial() -> int:
     return int.from_bytes(os.urandom(19), "big") >> 1 or 1
 
 
+def advertise_ip_for(config: NodeConfig) -> str:
+    """The address announced to peers: `--advertise`; else the `--listen` IP when it names
+    one (a node listening on 127.0.0.1 is reached there, not on some other interface); with
+    a wildcard, the first non-loopback address."""
+    if config.advertise:
+        return config.advertise
+    listen_ip = config.listen.rpartition(":")[0].strip("[]")
+    if listen_ip and listen_ip not in ("0.0.0.0", "::"):
+        return listen_ip
+    return default_advertise_ip()
+
+
 def default_advertise_ip() -> str:
     for addrs in psutil.net_if_addrs().values():
         for addr in addrs:
@@ -87,7 +99,7 @@ class NodeContext:
         self.supervisor: Supervisor | None = None
         self.joining: Joining | None = None  # while this node looks for a member to admit it
         self.local_events: deque[dict] = deque(maxlen=MAX_LOCAL_EVENTS)
-        self.advertise_ip = config.advertise or default_advertise_ip()
+        self.advertise_ip = advertise_ip_for(config)
         self.listen_ip = config.listen.rpartition(":")[0]
         self.peer_port = 0
         self.raft_port = 0
