@@ -13,12 +13,15 @@ Invariants:
   returns nothing more to do: it is a fixpoint, and each index 0..replicas-1 of a running app
   is covered, by at most one live allocation.
 - Output is deterministic: apps and allocation ids are walked in sorted order.
+- Apps are independent: what `reconcile(state, apps)` says of some apps is exactly what the
+  whole `reconcile(state)` says of them (the leader reconciles only the apps that changed).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from meshd.state import (
     ADMIN_DRAINING,
@@ -92,40 +95,49 @@ def _not_covering_reason(alloc: Alloc, node: NodeRecord | None, version: int, re
     return REASON_NODE_DRAINING
 
 
-def reconcile(state: SiteState) -> Reconciliation:
-    by_app: dict[str, list[Alloc]] = defaultdict(list)
-    for alloc_id in sorted(state.allocs):
-        alloc = state.allocs[alloc_id]
-        by_app[alloc.app].append(alloc)
+def reconcile_app(state: SiteState, app: str) -> tuple[tuple[int, ...], list[tuple[str, str]]]:
+    """One app's share of `reconcile`: (replica indexes to place, stops). Costs that app's
+    allocations (the table's per-app index), whatever else the site holds."""
+    allocs = sorted(state.allocs.of_app(app), key=lambda a: a.alloc_id)
+    record = state.apps.get(app)
+    stop: list[tuple[str, str]] = []
+    if record is None or record.status == APP_STOPPED:
+        reason = REASON_APP_REMOVED if record is None else REASON_APP_STOPPED
+        return (), [(a.alloc_id, reason) for a in allocs if a.live]
 
+    version, replicas = record.version, record.spec.replicas
+    holders: dict[int, list[Alloc]] = defaultdict(list)
+    for alloc in allocs:
+        node = state.nodes.get(alloc.node_id)
+        if alloc.version == version and 0 <= alloc.replica < replicas and covers(alloc, node):
+            holders[alloc.replica].append(alloc)
+        elif alloc.live:
+            stop.append((alloc.alloc_id, _not_covering_reason(alloc, node, version, replicas)))
+
+    missing = []
+    for index in range(replicas):
+        group = holders.get(index)
+        if not group:
+            missing.append(index)
+            continue
+        keep = min(group, key=_keep_order)
+        stop.extend((a.alloc_id, REASON_DUPLICATE) for a in group if a is not keep and a.live)
+    return tuple(missing), stop
+
+
+def site_apps(state: SiteState) -> list[str]:
+    """Every app reconcile looks at: those the site runs or ran, and those with allocations
+    left (an app removed while its allocations lived on), sorted."""
+    return sorted(set(state.apps) | set(state.allocs.apps()))
+
+
+def reconcile(state: SiteState, apps: Iterable[str] | None = None) -> Reconciliation:
+    """What to place and stop for `apps` (default: every app of the site, `site_apps`)."""
     place: dict[str, tuple[int, ...]] = {}
     stop: list[tuple[str, str]] = []
-    for app in sorted(set(state.apps) | set(by_app)):
-        allocs = by_app.get(app, [])
-        record = state.apps.get(app)
-        if record is None or record.status == APP_STOPPED:
-            reason = REASON_APP_REMOVED if record is None else REASON_APP_STOPPED
-            stop.extend((a.alloc_id, reason) for a in allocs if a.live)
-            continue
-
-        version, replicas = record.version, record.spec.replicas
-        holders: dict[int, list[Alloc]] = defaultdict(list)
-        for alloc in allocs:
-            node = state.nodes.get(alloc.node_id)
-            if alloc.version == version and 0 <= alloc.replica < replicas and covers(alloc, node):
-                holders[alloc.replica].append(alloc)
-            elif alloc.live:
-                stop.append((alloc.alloc_id, _not_covering_reason(alloc, node, version, replicas)))
-
-        missing = []
-        for index in range(replicas):
-            group = holders.get(index)
-            if not group:
-                missing.append(index)
-                continue
-            keep = min(group, key=_keep_order)
-            stop.extend((a.alloc_id, REASON_DUPLICATE) for a in group if a is not keep and a.live)
+    for app in (site_apps(state) if apps is None else sorted(set(apps))):
+        missing, stops = reconcile_app(state, app)
+        stop.extend(stops)
         if missing:
-            place[app] = tuple(missing)
-
+            place[app] = missing
     return Reconciliation(place=place, stop=tuple(sorted(stop)))

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Iterable, Mapping
 
 # --- node states -------------------------------------------------------------------
 # `liveness` is decided by the leader from heartbeats; `admin` by operators. The state the
@@ -206,6 +207,12 @@ class AuditRecord:
         return dataclasses.asdict(self)
 
 
+# Stamps of AllocTable writes: one counter for every table of the process, so no two writes
+# anywhere share a stamp (see AllocTable).
+_STAMPS = itertools.count(1)
+_EMPTY: Mapping[str, int] = {}
+
+
 class AllocTable(dict):
     """The site's allocations by id, with two indexes kept in step on every write: the ids on
     each node and the ids of each app. Placement asks "what runs on this node" for every node
@@ -218,6 +225,13 @@ class AllocTable(dict):
       every member, so iterating them is as deterministic as iterating the table.
     - An allocation's node and app never change (a new placement is a new id); a write that
       tries is refused, so no index can go stale.
+    - `live_on(n)` maps each app to how many of its allocations on node n are live
+      (`Alloc.live`), apps with none left out; `live_count(n)` is their sum. Placement prices
+      a node from these, in what the node runs, not in the site's allocations.
+    - Every write stamps the app it touched with a number from one process-wide counter
+      (`app_stamp`): a stamp never comes back, so a reader that remembers an app's stamp knows
+      the app's allocations are unchanged exactly when the stamp is (in any copy, and across
+      a table rebuilt from a snapshot, whose stamps are all new).
     - It pickles as a plain mapping and rebuilds its indexes on load (snapshots of older
       versions hold a plain dict).
     """
@@ -226,17 +240,40 @@ class AllocTable(dict):
         super().__init__()
         self._by_node: dict[str, dict[str, None]] = {}
         self._by_app: dict[str, dict[str, None]] = {}
+        self._live: dict[str, dict[str, int]] = {}  # node -> app -> live allocations
+        self._live_total: dict[str, int] = {}  # node -> live allocations
+        self._stamps: dict[str, int] = {}  # app -> stamp of its last write
         for alloc_id, alloc in (items or {}).items():
             self[alloc_id] = alloc
+
+    def _count_live(self, alloc: Alloc, delta: int) -> None:
+        node, app = alloc.node_id, alloc.app
+        apps = self._live.setdefault(node, {})
+        left = apps.get(app, 0) + delta
+        if left:
+            apps[app] = left
+        else:
+            apps.pop(app, None)
+        total = self._live_total.get(node, 0) + delta
+        if total:
+            self._live_total[node] = total
+        else:
+            self._live_total.pop(node, None)
+            self._live.pop(node, None)
 
     def __setitem__(self, alloc_id: str, alloc: Alloc) -> None:
         old = self.get(alloc_id)
         if old is not None:
             if (old.node_id, old.app) != (alloc.node_id, alloc.app):
                 raise ValueError(f"allocation {alloc_id} cannot move to another node or app")
+            if old.live:
+                self._count_live(old, -1)
         else:
             self._by_node.setdefault(alloc.node_id, {})[alloc_id] = None
             self._by_app.setdefault(alloc.app, {})[alloc_id] = None
+        if alloc.live:
+            self._count_live(alloc, +1)
+        self._stamps[alloc.app] = next(_STAMPS)
         super().__setitem__(alloc_id, alloc)
 
     def __delitem__(self, alloc_id: str) -> None:
@@ -247,6 +284,9 @@ class AllocTable(dict):
             del ids[alloc_id]
             if not ids:
                 del index[key]
+        if alloc.live:
+            self._count_live(alloc, -1)
+        self._stamps[alloc.app] = next(_STAMPS)
 
     def pop(self, alloc_id: str, *default: Alloc | None) -> Alloc | None:  # type: ignore[override]
         if alloc_id not in self:
@@ -272,6 +312,9 @@ class AllocTable(dict):
         dict.update(copied, self)
         copied._by_node = {node: dict(ids) for node, ids in self._by_node.items()}
         copied._by_app = {app: dict(ids) for app, ids in self._by_app.items()}
+        copied._live = {node: dict(apps) for node, apps in self._live.items()}
+        copied._live_total = dict(self._live_total)
+        copied._stamps = dict(self._stamps)
         return copied
 
     def on_node(self, node_id: str) -> list[Alloc]:
@@ -279,6 +322,21 @@ class AllocTable(dict):
 
     def of_app(self, app: str) -> list[Alloc]:
         return [self[i] for i in self._by_app.get(app, ())]
+
+    def live_on(self, node_id: str) -> Mapping[str, int]:
+        """App -> live allocations on the node (read-only: the table's own index)."""
+        return self._live.get(node_id, _EMPTY)
+
+    def live_count(self, node_id: str) -> int:
+        return self._live_total.get(node_id, 0)
+
+    def app_stamp(self, app: str) -> int:
+        """Changes whenever an allocation of the app is written or removed (0: never was)."""
+        return self._stamps.get(app, 0)
+
+    def apps(self) -> Iterable[str]:
+        """Apps with at least one allocation."""
+        return self._by_app.keys()
 
     def __reduce__(self):
         return (AllocTable, (dict(self),))

@@ -7,14 +7,25 @@
   (meshd.liveness decides, from Raft heartbeat contacts and report sequence numbers);
 - voters: at most one Raft configuration change (pysyncobj takes one at a time): a member
   that left or was revoked goes first, then an admitted voter that is not configured yet;
-- placement: reconcile, then one plan per app that needs one (Nomad's plan/apply split: the
-  plan is re-checked when it is applied). Plans of one pass are made one after the other
-  on a working copy of the state, so two apps do not both count on the same free capacity.
+- placement: reconcile the apps that changed since the last pass, then one plan per app
+  that needs one (Nomad's plan/apply split: the plan is re-checked when it is applied).
+  Plans of one pass are made one after the other on a working copy of the state, so two
+  apps do not both count on the same free capacity.
+
+What changed is found by identity, not by content: records are replaced, never mutated
+(meshd.state), and the allocation table stamps each app it writes, so an app is looked at
+again exactly when its record, one of its allocations, or a node it runs on (or, for an app
+with replicas left unplaced, any node) was replaced. A pass over an unchanged site costs a
+walk of the apps and nodes, never of the allocations. A safety sweep also reconciles a few
+apps per RECONCILE_SAFETY_PERIOD, in turn, bounded by SWEEP_ALLOCS.
 
 Invariants:
 - Pure: `now` is monotonic seconds (leases); the state carries wall-clock stamps.
 - It never acts on a view Raft has not caught up with, nor on an older view than one it
   already acted on.
+- An app it made a plan for counts as unseen until a later view shows its allocations
+  changed, so a plan that did not commit is made again on the next pass.
+- On a new term everything counts as changed: a new leader reconciles the whole site once.
 - Plans never stop an old-version or draining replica before its replacement is placed
   (sitestate.waits_for_replacement, checked again at apply).
 - A placement problem is announced once per distinct reason, not on every pass.
@@ -22,6 +33,7 @@ Invariants:
 
 from __future__ import annotations
 
+import bisect
 import copy
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -30,17 +42,22 @@ from meshd.commands import ApplyPlan, SetLiveness
 from meshd.liveness import LivenessTracker
 from meshd.node.effects import AddVoter, Commit, Effect, Emit, RemoveVoter
 from meshd.placement.plan import make_plan
-from meshd.reconcile import reconcile
+from meshd.reconcile import reconcile, site_apps
 from meshd.sitestate import waits_for_replacement
 from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, ALLOC_PENDING, DESIRED_RUN, DESIRED_STOP, LIVENESS_DOWN, Alloc, \
-    SiteState
+    NodeRecord, SiteState
 
 # Look at liveness when the next lease may run out, plus this much so it really passed.
 LEASE_EPSILON = 0.01
 # While a member is down, its return is only seen by looking: this often.
 DOWN_LOOK_PERIOD = 0.1
-# Reconcile runs when the state changed; this often also without a change, as a safety net.
+# Apps are reconciled when they changed; this often also a few without a change (the safety
+# sweep), as a net under the change detection.
 RECONCILE_SAFETY_PERIOD = 5.0
+# The sweep's share per period: apps in turn until this many allocations were looked at
+# (about 5 ms of reconcile), so the net costs the same at any size; a site of 100,000
+# allocations is swept whole in 20 periods.
+SWEEP_ALLOCS = 5_000
 
 
 @dataclass(frozen=True)
@@ -52,7 +69,6 @@ class LeaderView:
     own_raft_address: str
     configured: tuple[str, ...]  # Raft addresses of the other voters, per the Raft configuration
     contacts: tuple[tuple[str, float], ...] = ()  # (raft address, when it last answered a heartbeat)
-    changed: bool = True  # the state changed since the last pass (reconcile is due)
     # Raft has applied every entry it knows committed. A node that restarted Raft (a secret
     # rotation) or was just elected may still be replaying its journal: its state is old.
     caught_up: bool = True
@@ -65,9 +81,15 @@ class Leading:
     tracker: LivenessTracker = field(init=False)
     _term: int | None = None
     _newest_applied: int = -1  # the newest view acted on (SiteState.applied)
-    _missed_change: bool = False  # a change came while the view was old
-    _last_reconcile: float = float("-inf")
+    _view_was_old: bool = False  # the last view was older than one acted on: look again soon
+    _last_sweep: float = float("-inf")
+    _sweep_after: str = ""  # the safety sweep goes on after this app
     _unplaced_reported: dict[str, str] = field(default_factory=dict)
+    # What each app and node looked like when last reconciled: (record, allocation stamp)
+    # per app, the record per node (compared by identity).
+    _seen_apps: dict[str, tuple[object, int]] = field(default_factory=dict)
+    _seen_nodes: dict[str, NodeRecord] = field(default_factory=dict)
+    _unplaced: set[str] = field(default_factory=set)  # apps whose last plan left replicas unplaced
 
     def __post_init__(self) -> None:
         self.tracker = LivenessTracker(lease=self.lease)
@@ -78,27 +100,74 @@ class Leading:
 
     def step(self, view: LeaderView, now: float) -> list[Effect]:
         if not view.caught_up or view.state.applied < self._newest_applied:
-            self._missed_change |= view.changed  # looked at once the view caught up
+            self._view_was_old = True
             return []  # an old view (a Raft node replaying its journal): wait until it caught up
         self._newest_applied = view.state.applied
-        if self._missed_change:
-            view, self._missed_change = replace(view, changed=True), False
+        self._view_was_old = False
         effects = self.liveness(view, now)
         if any(isinstance(e, Commit) for e in effects):
             return effects  # the verdicts first: the next pass places on the state they make
         voter = self.voter_change(view)
         if voter is not None:
             effects.append(voter)
-        if view.changed or effects or now - self._last_reconcile > RECONCILE_SAFETY_PERIOD:
-            self._last_reconcile = now
-            effects.extend(self.plans(view.state))
+        apps = self.changed_apps(view.state)
+        if now - self._last_sweep > RECONCILE_SAFETY_PERIOD:
+            self._last_sweep = now
+            apps |= self._sweep(view.state)
+        if apps:
+            effects.extend(self.plans(view.state, apps))
         return effects
+
+    def changed_apps(self, state: SiteState) -> set[str]:
+        """The apps to reconcile: replaced or new records, written allocations, and the apps
+        on nodes whose record changed (any node, for apps with replicas left unplaced)."""
+        seen = self._seen_apps
+        changed = {app for app in (state.apps.keys() | state.allocs.apps() | seen.keys())
+                   if (entry := seen.get(app)) is None or entry[0] is not state.apps.get(app)
+                   or entry[1] != state.allocs.app_stamp(app)}
+        nodes = self._seen_nodes
+        moved = [node_id for node_id in state.nodes.keys() | nodes.keys()
+                 if nodes.get(node_id) is not state.nodes.get(node_id)]
+        if moved or changed:
+            changed |= self._unplaced  # any news of nodes or allocations may make room for them
+        if moved:
+            for node_id in moved:
+                before, after = nodes.get(node_id), state.nodes.get(node_id)
+                # Whether a node's allocations hold their replicas depends on its existence
+                # and admin state only (reconcile.covers); a heartbeat changes neither.
+                if before is None or after is None or before.admin != after.admin:
+                    changed.update(a.app for a in state.allocs.on_node(node_id))
+                if after is None:
+                    nodes.pop(node_id, None)
+                else:
+                    nodes[node_id] = after
+        return changed
+
+    def _sweep(self, state: SiteState) -> set[str]:
+        """The safety sweep's share of this period: the next apps in name order, wrapping,
+        until SWEEP_ALLOCS allocations."""
+        names = site_apps(state)
+        if not names:
+            return set()
+        start = bisect.bisect_right(names, self._sweep_after) % len(names)
+        picked: set[str] = set()
+        looked = 0
+        for app in names[start:] + names[:start]:
+            if looked >= SWEEP_ALLOCS or app in picked:
+                break
+            picked.add(app)
+            looked += len(state.allocs.of_app(app)) + 1
+            self._sweep_after = app
+        return picked
 
     def liveness(self, view: LeaderView, now: float) -> list[Effect]:
         state = view.state
         if self._term != view.term:
             self._term = view.term
             self.tracker.reset(state, now)
+            self._seen_apps.clear()
+            self._seen_nodes.clear()
+            self._unplaced.clear()
             return [Emit("leader", f"{_name(state, view.own_id)} leads site {state.site} (term {view.term})",
                          {"term": view.term})]
         by_address = dict(view.contacts)
@@ -110,8 +179,8 @@ class Leading:
 
     def next_look(self, state: SiteState, now: float) -> float:
         """Seconds until the leader should look again without news (soon while its view is
-        old: the change it missed is waiting)."""
-        if self._missed_change:
+        old: what it has not looked at is waiting)."""
+        if self._view_was_old:
             return DOWN_LOOK_PERIOD
         deadline = self.tracker.next_check(state)
         wait = RECONCILE_SAFETY_PERIOD if deadline is None else deadline - now + LEASE_EPSILON
@@ -134,10 +203,14 @@ class Leading:
                 return AddVoter(node.raft_address, node.name)
         return None
 
-    def plans(self, state: SiteState) -> list[Effect]:
-        """One `apply_plan` per app that needs placing or stopping, made in turn on a working
-        copy of the state."""
-        rec = reconcile(state)
+    def plans(self, state: SiteState, apps: set[str]) -> list[Effect]:
+        """One `apply_plan` per app of `apps` that needs placing or stopping, made in turn on
+        a working copy of the state. The apps are then seen as they are in `state`, except
+        those given a plan (seen once their allocations changed)."""
+        rec = reconcile(state, apps)
+        for app in apps:
+            self._seen_apps[app] = (state.apps.get(app), state.allocs.app_stamp(app))
+            self._unplaced.discard(app)
         stops_by_app: dict[str, list[tuple[str, str]]] = {}
         for alloc_id, reason in rec.stop:
             stops_by_app.setdefault(state.allocs[alloc_id].app if alloc_id in state.allocs else "", []).append(
@@ -148,6 +221,7 @@ class Leading:
             record = state.apps.get(app_name)
             stops = stops_by_app.get(app_name, [])
             if record is None:
+                self._seen_apps.pop(app_name, None)
                 effects.append(Commit(ApplyPlan(app=app_name or "unknown", version=1, stops=tuple(stops))))
                 continue
             if working is None:
@@ -156,6 +230,7 @@ class Leading:
             plan = make_plan(working, record.spec, record.version, rec.place.get(app_name, ()), self.new_alloc_id,
                              stops=stops)
             if plan.unplaced:
+                self._unplaced.add(app_name)
                 reason = "; ".join(f"replica {r}: {why}" for r, why in plan.unplaced)
                 if self._unplaced_reported.get(app_name) != reason:
                     self._unplaced_reported[app_name] = reason
@@ -167,6 +242,7 @@ class Leading:
                                or not waits_for_replacement(working, working.allocs[alloc_id], record.version))
             if not plan.placements and not kept_stops:
                 continue
+            self._seen_apps.pop(app_name, None)
             effects.append(Commit(ApplyPlan(app=app_name, version=record.version, placements=plan.placements,
                                             stops=kept_stops)))
             for p in plan.placements:  # later apps of this pass see this capacity taken

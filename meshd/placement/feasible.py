@@ -17,7 +17,7 @@ Invariants:
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -33,16 +33,23 @@ class Reserved:
 
     `released`: allocation ids the plan stops (their resources count as free).
     `add(...)`: a placement the plan has made (its resources count as taken).
+
+    It belongs to one plan on one state that does not change while the plan is made or
+    checked: it remembers each node's usage (a plan weighs a node with several checkers and
+    a rank) until a placement on that node.
     """
 
     def __init__(self, released: Iterable[str] = ()) -> None:
         self.released: frozenset[str] = frozenset(released)
+        self._released_on: dict[str, Counter[str]] | None = None  # node -> app -> live ones released
         self._cpu: dict[str, float] = defaultdict(float)
         self._mem_mb: dict[str, int] = defaultdict(int)
         self._allocs: dict[str, int] = defaultdict(int)
         self._app_allocs: dict[tuple[str, str], int] = defaultdict(int)
+        self.usage: dict[str, dict[str, NodeUsage]] = {}  # node -> app -> usage, see node_usage
 
     def add(self, node_id: str, app: str, request: ResourceRequest) -> None:
+        self.usage.pop(node_id, None)
         self._cpu[node_id] += request.cpu
         self._mem_mb[node_id] += request.memory_mb
         self._allocs[node_id] += 1
@@ -60,6 +67,20 @@ class Reserved:
     def app_allocs(self, node_id: str, app: str) -> int:
         return self._app_allocs.get((node_id, app), 0)
 
+    def released_on(self, node_id: str, state: SiteState) -> Counter[str]:
+        """App -> live allocations on the node that the plan releases (grouped once per plan:
+        a plan releases few, and this is asked for every node weighed)."""
+        if self._released_on is None:
+            self._released_on = {}
+            for alloc_id in self.released:
+                alloc = state.allocs.get(alloc_id)
+                if alloc is not None and alloc.live:
+                    self._released_on.setdefault(alloc.node_id, Counter())[alloc.app] += 1
+        return self._released_on.get(node_id, _NONE_RELEASED)
+
+
+_NONE_RELEASED: Counter[str] = Counter()
+
 
 @dataclass(frozen=True)
 class NodeUsage:
@@ -73,20 +94,31 @@ class NodeUsage:
 
 
 def node_usage(node_id: str, state: SiteState, reserved: Reserved, app: str = "") -> NodeUsage:
+    """Costs what the node runs (its live allocations per app, kept by the state's
+    allocation table), not what the site runs; once per node and app until the plan places
+    on that node."""
+    known = reserved.usage.get(node_id)
+    if known is not None and app in known:
+        return known[app]
+    usage = _count_usage(node_id, state, reserved, app)
+    reserved.usage.setdefault(node_id, {})[app] = usage
+    return usage
+
+
+def _count_usage(node_id: str, state: SiteState, reserved: Reserved, app: str) -> NodeUsage:
+    live = state.allocs.live_on(node_id)
+    released = reserved.released_on(node_id, state)
     cpu = 0.0
     mem_mb = 0
-    allocs = 0
-    app_allocs = 0
-    for alloc in state.allocs_on(node_id):
-        if not alloc.live or alloc.alloc_id in reserved.released:
-            continue
-        allocs += 1
-        if alloc.app == app:
-            app_allocs += 1
-        record = state.apps.get(alloc.app)
-        if record is not None:  # an alloc of a removed app has no spec left to price it by
-            cpu += record.spec.resources.cpu
-            mem_mb += record.spec.resources.memory_mb
+    allocs = state.allocs.live_count(node_id) - sum(released.values())
+    for name, count in live.items():
+        if released:
+            count -= released.get(name, 0)
+        record = state.apps.get(name)
+        if record is not None and count:  # an alloc of a removed app has no spec left to price it by
+            cpu += count * record.spec.resources.cpu
+            mem_mb += count * record.spec.resources.memory_mb
+    app_allocs = live.get(app, 0) - released.get(app, 0)
     return NodeUsage(
         cpu=cpu + reserved.cpu(node_id),
         mem_mb=mem_mb + reserved.mem_mb(node_id),

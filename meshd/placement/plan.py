@@ -17,6 +17,7 @@ Invariants:
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
@@ -125,30 +126,38 @@ def make_plan(
     reserved = Reserved(released=(alloc_id for alloc_id, _ in stops))
     nodes = [state.nodes[node_id] for node_id in sorted(state.nodes)]
 
+    def candidate(node: NodeRecord) -> tuple[tuple, str]:
+        usage = node_usage(node.node_id, state, reserved, spec.name)
+        return key(Candidate(node.node_id, usage.app_allocs, usage.allocs, free_mem_mb(node, usage))), node.node_id
+
+    # Every node is weighed once; after that only the node that took a replica changes (its
+    # usage, its rank, maybe its feasibility), so the best node for the next replica is the
+    # top of a heap of the feasible ones, each re-weighed when it takes one. The same choice
+    # as weighing every node for every replica, at a cost of nodes + replicas * log(nodes).
     filtered = []
+    ranked: list[tuple[tuple, str]] = []
     for node in nodes:
-        reason = check_node(node, spec, state, reserved)
-        if reason is not None:
-            filtered.append(Filtered(node.node_id, node.name, reason))
+        failure = failing_check(node, spec, state, reserved)
+        if failure is not None:
+            filtered.append(Filtered(node.node_id, node.name, failure[1]))
+        else:
+            ranked.append(candidate(node))
+    heapq.heapify(ranked)
 
     placements: list[Placement] = []
     unplaced: list[tuple[int, str]] = []
     for replica in sorted(set(replicas)):
-        candidates: list[Candidate] = []
-        failures: list[tuple[NodeRecord, str, str]] = []
-        for node in nodes:
-            failure = failing_check(node, spec, state, reserved)
-            if failure is not None:
-                failures.append((node, *failure))
-                continue
-            usage = node_usage(node.node_id, state, reserved, spec.name)
-            candidates.append(Candidate(node.node_id, usage.app_allocs, usage.allocs, free_mem_mb(node, usage)))
-        if not candidates:
+        if not ranked:  # every node fails a check now: say why, node by node
+            failures = [(node, *failure) for node in nodes
+                        if (failure := failing_check(node, spec, state, reserved)) is not None]
             unplaced.append((replica, _no_node_reason(state.site, failures)))
             continue
-        chosen = min(candidates, key=key)
-        placements.append(Placement(new_alloc_id(), spec.name, version, replica, chosen.node_id))
-        reserved.add(chosen.node_id, spec.name, spec.resources)
+        _, node_id = heapq.heappop(ranked)
+        placements.append(Placement(new_alloc_id(), spec.name, version, replica, node_id))
+        reserved.add(node_id, spec.name, spec.resources)
+        node = state.nodes[node_id]
+        if failing_check(node, spec, state, reserved) is None:
+            heapq.heappush(ranked, candidate(node))
 
     used = sorted({p.node_id for p in placements})
     return Plan(
@@ -162,13 +171,16 @@ def make_plan(
     )
 
 
-def _covering(state: SiteState, released: frozenset[str]) -> dict[tuple[str, int, int], str]:
-    """(app, version, replica) -> id of an allocation holding it (meshd.reconcile.covers)."""
+def _covering(state: SiteState, apps: Iterable[str], released: frozenset[str]) -> dict[tuple[str, int, int], str]:
+    """(app, version, replica) -> id of an allocation holding it (meshd.reconcile.covers), for
+    the apps a plan places: their own allocations, not the site's (a plan is applied on the
+    Raft thread)."""
     held: dict[tuple[str, int, int], str] = {}
-    for alloc_id in sorted(state.allocs, reverse=True):  # the smallest id wins, for a stable message
-        alloc = state.allocs[alloc_id]
-        if alloc_id not in released and covers(alloc, state.nodes.get(alloc.node_id)):
-            held[(alloc.app, alloc.version, alloc.replica)] = alloc_id
+    for app in sorted(set(apps)):
+        for alloc in sorted(state.allocs.of_app(app), key=lambda a: a.alloc_id, reverse=True):
+            # reverse: the smallest id is written last and wins, for a stable message
+            if alloc.alloc_id not in released and covers(alloc, state.nodes.get(alloc.node_id)):
+                held[(alloc.app, alloc.version, alloc.replica)] = alloc.alloc_id
     return held
 
 
@@ -203,7 +215,7 @@ def _refusal(state: SiteState, placement: Placement, reserved: Reserved,
 def recheck_plan(state: SiteState, plan: Plan) -> tuple[list[Placement], list[tuple[Placement, str]]]:
     """Split the plan's placements, in plan order, into accepted and refused (with reasons)."""
     reserved = Reserved(released=(alloc_id for alloc_id, _ in plan.stops))
-    held = _covering(state, reserved.released)
+    held = _covering(state, (p.app for p in plan.placements), reserved.released)
     placed: set[tuple[str, int, int]] = set()
     accepted: list[Placement] = []
     refused: list[tuple[Placement, str]] = []

@@ -332,7 +332,7 @@ class SimSite:
             view = LeaderView(state=leader.view(), term=self.term, own_id=leader.node_id,
                               own_raft_address=leader.raft_address,
                               configured=tuple(sorted(self.configured - {leader.raft_address})),
-                              contacts=self.contacts(), changed=True, caught_up=leader.caught_up)
+                              contacts=self.contacts(), caught_up=leader.caught_up)
             effects = leader.leading.step(view, self.now)
             self.execute(leader, effects)
             if not any(isinstance(e, fx.Commit) for e in effects):

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import itertools
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from meshd import sitestate
-from meshd.commands import ApplyPlan, SetLiveness
+from meshd.commands import ApplyPlan, Envelope, SetLiveness, encode
 from meshd.node.effects import AddVoter, Commit, Emit, RemoveVoter
 from meshd.node.leading import LeaderView, Leading
 from meshd.state import SiteState
 
-from tests.unit.test_sitestate import cmd, founded
+from tests.unit.test_sitestate import T0, cmd, founded
 
 ONE = f"{1:032x}"
 
@@ -89,3 +92,107 @@ def test_an_old_view_is_not_acted_on():
     assert core.step(view(state, caught_up=False), now=0.1) == []
     assert core.step(view(founded(3)), now=0.2) == []  # fewer entries applied than a view acted on
 
+
+
+# --- the incremental pass decides what a full pass decides ------------------------------
+NODE_IDS = [f"{i:032x}" for i in range(1, 5)]
+
+
+@st.composite
+def site_changes(draw):
+    """A change to the site as Raft would apply it, or "apply": commit the incremental
+    leader's plans of the last pass."""
+    op = draw(st.sampled_from(["submit_app", "submit_app", "stop_app", "drain", "undrain", "report", "down",
+                               "ready", "apply", "apply", "apply", "resources"]))
+    app = draw(st.sampled_from(["web", "db", "cache"]))
+    node_id = draw(st.sampled_from(NODE_IDS))
+    if op == "submit_app":
+        spec = {"app": {"name": app, "replicas": draw(st.integers(1, 4)), "command": [draw(st.sampled_from("ab"))],
+                        "resources": {"cpu": draw(st.sampled_from([0, 1, 2.5]))}}}
+        return cmd(op, spec=spec)
+    if op == "stop_app":
+        return cmd(op, app=app)
+    if op in ("drain", "undrain"):
+        return cmd(op, node=node_id)
+    if op in ("down", "ready"):
+        return cmd("set_liveness", node_id=node_id, liveness=op)
+    if op == "resources":
+        return cmd("heartbeat", node_id=node_id, seq=draw(st.integers(2, 9)), resources={
+            "cpu_total": draw(st.sampled_from([0.5, 1, 4])), "cpu_free": 1, "mem_total_mb": 4096, "mem_free_mb": 4000})
+    if op == "report":
+        return ("report", draw(st.integers(0, 30)), draw(st.sampled_from(["running", "failed", "stopped"])))
+    return "apply"
+
+
+def _plans(effects) -> list:
+    """The plans of a pass without their new allocation ids (each leader draws its own)."""
+    return sorted((e.command.app, e.command.version, tuple((p.replica, p.node_id) for p in e.command.placements),
+                   e.command.stops) for e in effects if isinstance(e, Commit) and isinstance(e.command, ApplyPlan))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(site_changes(), max_size=40))
+def test_a_pass_over_what_changed_plans_what_a_pass_over_everything_plans(changes):
+    state = founded(4)
+    incremental = leading()
+    incremental.step(view(state), now=0.0)  # the term's first pass: announce
+    last: list = []
+    for n, change in enumerate(changes, start=1):
+        if change == "apply":
+            for e in last:
+                if isinstance(e, Commit):
+                    sitestate.apply(state, encode(e.command, Envelope(ts=T0 + n)))
+        elif isinstance(change, tuple):
+            _, pick, what = change
+            allocs = sorted(state.allocs.values(), key=lambda a: a.alloc_id)
+            if allocs:
+                alloc = allocs[pick % len(allocs)]
+                sitestate.apply(state, cmd("heartbeat", node_id=alloc.node_id, seq=100 + n, reports=[{
+                    "alloc_id": alloc.alloc_id, "state": what, "restarts": 0, "pid": None, "exit_code": 1,
+                    "reason": "", "stopped_by_meshd": False}]))
+        else:
+            sitestate.apply(state, change)
+        fresh = itertools.count(1)
+        full = Leading(lease=1.0, new_alloc_id=lambda: f"f{n}-{next(fresh)}")  # a new leader looks at everything
+        full.step(view(state), now=0.0)
+        now = float(n)  # within the safety period of neither: only change detection works
+        last = incremental.step(view(state, contacts=tuple((a, now) for a, _ in view(state).contacts)), now=now)
+        if any(isinstance(e, Commit) and isinstance(e.command, SetLiveness) for e in last):
+            continue  # liveness verdicts come first, alone in their pass (it looks again after them)
+        assert _plans(last) == _plans(full.step(view(state), now=0.0))
+
+
+def _commit_all(state: SiteState, effects, ts: float = T0) -> None:
+    for e in effects:
+        if isinstance(e, Commit):
+            assert sitestate.apply(state, encode(e.command, Envelope(ts=ts))).ok
+
+
+def alive(state: SiteState, now: float) -> LeaderView:
+    """Every member answered the leader just now."""
+    return view(state, contacts=tuple((n.raft_address, now) for n in state.nodes.values()))
+
+
+def test_an_app_left_unplaced_is_placed_when_another_frees_room_or_a_node_grows():
+    state = founded(2)  # 4 cpu each
+    core = leading()
+    core.step(alive(state, 0.0), now=0.0)
+    deploy(state, "big", 2, cpu=2.5)
+    _commit_all(state, core.step(alive(state, 1.0), now=1.0))
+    deploy(state, "late", 1, cpu=2.5)  # 1.5 cpu left on each node: cannot place
+    [emit] = core.step(alive(state, 2.0), now=2.0)
+    assert isinstance(emit, Emit) and "cannot place 1 replica" in emit.message
+    assert core.step(alive(state, 3.0), now=3.0) == []  # nothing changed: nothing to do, nothing said again
+    assert sitestate.apply(state, cmd("stop_app", app="big")).ok  # only "big" changed
+    _commit_all(state, core.step(alive(state, 4.0), now=4.0))
+    assert [a.app for a in state.allocs.values() if a.live] == ["late"]
+
+    state = founded(1)
+    core = leading()
+    core.step(alive(state, 0.0), now=0.0)
+    deploy(state, "wide", 1, cpu=6)
+    assert "cannot place" in core.step(alive(state, 1.0), now=1.0)[0].message
+    assert sitestate.apply(state, cmd("heartbeat", node_id=ONE, seq=2, resources={
+        "cpu_total": 8, "cpu_free": 8, "mem_total_mb": 4096, "mem_free_mb": 4000})).ok  # only the node changed
+    [plan] = core.step(alive(state, 2.0), now=2.0)
+    assert plan.command.app == "wide" and len(plan.command.placements) == 1

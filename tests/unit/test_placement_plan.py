@@ -31,6 +31,8 @@ from meshd.state import (
     SiteState,
 )
 
+from tests.unit import placement_reference as reference
+
 SITE = "factory-a"
 
 
@@ -346,3 +348,25 @@ def test_plans_from_reconcile_are_accepted_and_never_overcommit(state, algorithm
                 assert after.cpu <= n.resources.cpu_total + 1e-9
             if after.mem_mb > usage_before[node_id].mem_mb:
                 assert after.mem_mb <= n.resources.mem_total_mb
+
+
+@settings(max_examples=300, deadline=None)
+@given(state=sites(), algorithm=st.sampled_from(["spread", "binpack"]), extra=st.integers(0, 6))
+def test_the_planner_chooses_what_weighing_every_node_for_every_replica_chooses(state, algorithm, extra):
+    """The heap of feasible nodes and the table's live counts give exactly the placements of
+    the obvious planner (tests/unit/placement_reference.py), which sums every allocation."""
+    todo = reconcile(state)
+    for app in sorted(state.apps):
+        record = state.apps[app]
+        replicas = tuple(todo.place.get(app, ())) + tuple(range(record.spec.replicas, record.spec.replicas + extra))
+        stops = todo.stops_for(app, state)
+        plan = make_plan(state, record.spec, record.version, replicas, ids("a"), stops=stops, algorithm=algorithm)
+        placements, filtered, unplaced = reference.make_plan(state, record.spec, record.version, replicas,
+                                                             ids("a"), stops=stops, algorithm=algorithm)
+        assert list(plan.placements) == placements
+        assert [f.node_id for f in plan.filtered] == filtered
+        assert [r for r, _ in plan.unplaced] == unplaced
+        reserved = Reserved(released=[a for a, _ in stops])
+        for n in state.nodes.values():
+            u = node_usage(n.node_id, state, reserved, app)
+            assert (u.cpu, u.mem_mb, u.allocs, u.app_allocs) == pytest.approx(reference.usage(n, state, reserved, app))

@@ -1,10 +1,11 @@
-"""meshd.state.AllocTable: the per-node and per-app indexes agree with a full recomputation
+"""meshd.state.AllocTable: the per-node, per-app and live-count indexes agree with a full recomputation
 after any sequence of commands, and survive pickling and copying."""
 
 from __future__ import annotations
 
 import copy
 import pickle
+from collections import Counter
 
 import pytest
 from hypothesis import given, settings
@@ -50,6 +51,12 @@ def assert_indexes_agree(state: SiteState) -> None:
         assert table.of_app(app) == [a for a in table.values() if a.app == app]
     assert set(table._by_node) == {a.node_id for a in table.values()}  # no empty buckets left behind
     assert set(table._by_app) == {a.app for a in table.values()}
+    for node_id in {*NODES, *(a.node_id for a in table.values())}:
+        live = Counter(a.app for a in table.values() if a.node_id == node_id and a.live)
+        assert dict(table.live_on(node_id)) == dict(live)
+        assert table.live_count(node_id) == sum(live.values())
+    assert set(table._live) == set(table._live_total) == {a.node_id for a in table.values() if a.live}
+    assert set(table.apps()) == {a.app for a in table.values()}
 
 
 @settings(max_examples=80, deadline=None)
@@ -57,8 +64,12 @@ def assert_indexes_agree(state: SiteState) -> None:
 def test_indexes_agree_with_a_full_recomputation(sequence):
     state = founded(3)
     for command in sequence:
+        before = {app: (state.allocs.app_stamp(app), state.allocs.of_app(app)) for app in APPS}
         sitestate.apply(state, command)
         assert_indexes_agree(state)
+        for app, (stamp, allocs) in before.items():  # a stamp moves whenever the app's allocations do
+            if state.allocs.of_app(app) != allocs:
+                assert state.allocs.app_stamp(app) != stamp
     for again in (pickle.loads(pickle.dumps(state)), copy.deepcopy(state)):
         assert again.allocs == state.allocs
         assert_indexes_agree(again)

@@ -43,14 +43,14 @@ class LeaderService:
         wait = 0.0  # look at once: a founder became leader before this loop started
         changes = ctx.state_changed.listener()
         while True:
-            notified = await changes.wait(wait)
+            await changes.wait(wait)
             wait = FOLLOWER_PERIOD
             if ctx.raft is None or ctx.raft.status.role != "leader":
                 self.core.stepped_down()
                 continue
             wait = LEADER_PERIOD  # after a failed duty: try again soon
             try:
-                view = self._view(notified)
+                view = self._view()
                 effects = self.core.step(view, time.monotonic())
                 await ctx.execute(effects)
                 # Without a commit the state is the one just looked at.
@@ -59,13 +59,13 @@ class LeaderService:
             except CommandFailed as e:
                 log.info("leader duty interrupted", extra={"reason": str(e)})
 
-    def _view(self, changed: bool = True) -> LeaderView:
+    def _view(self) -> LeaderView:
         ctx = self.ctx
         assert ctx.raft is not None and ctx.identity is not None
         status = ctx.raft.status
         return LeaderView(state=ctx.snapshot(), term=status.term, own_id=ctx.identity.node_id,
                           own_raft_address=f"{ctx.advertise_ip}:{ctx.raft_port}", configured=status.partners,
-                          contacts=status.contacts, changed=changed, caught_up=ctx.raft.replayed)
+                          contacts=status.contacts, caught_up=ctx.raft.replayed)
 
     def voter_changes(self) -> list[fx.Effect]:
         """The Raft configuration change the site needs now, if this node leads (a join asks
