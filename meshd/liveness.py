@@ -4,8 +4,10 @@ A node shows it is alive in two ways, and the leader feeds both to `LivenessTrac
 then commits the transitions it returns:
 - contacts: when the leader last heard a node answer its Raft heartbeat (the append-entries
   round trip, every heartbeat interval; free, no extra message). Only Raft voters have them.
-- reports: each report command a node commits bumps NodeRecord.heartbeat_seq. Non-voters,
-  which the leader cannot tell apart in Raft, report often enough to keep their lease.
+- beats: non-voters, which the leader cannot tell apart in Raft, send it a beat several
+  times a lease on one long-lived connection of the peer port (no Raft commit); the leader
+  counts them as contacts.
+- reports: each report command a node commits bumps NodeRecord.heartbeat_seq.
 
 Invariants:
 - Pure: no clock, no I/O; every call takes `now` and contact times on one monotonic clock.

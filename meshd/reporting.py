@@ -6,12 +6,14 @@ only when there is news:
 - the first report after start (it makes a joining node ready and gives placement its
   resources);
 - an allocation whose state, pid, restart count, exit code or reason changed;
-- resources that moved by a step placement could notice (a tenth of the cores, a
-  twentieth of the memory);
+- resources that moved by a step placement could notice: the node's size, or a twentieth
+  of its memory (placement prices cores by reservation, never by the measured idle share,
+  which on a busy device moves at every sample: it travels along, it never triggers);
 - a full resend every `full_period`, which repairs a report that a leader change swallowed
-  (of the allocations the site does not show as reported yet);
-- for a node the leader cannot see in Raft's own heartbeats (a non-voter), a keep-alive at
-  least every `keepalive` seconds, so its lease holds.
+  (of the allocations the site does not show as reported yet); when the site already shows
+  everything it would carry (`site_has`), it is not sent at all.
+A report is not a keep-alive: liveness comes from Raft's own heartbeats (voters) and from
+beats on the peer port (non-voters, meshd.io.services.beats), neither of them a commit.
 
 Invariants:
 - Pure: no clock, no I/O; `now` is passed in.
@@ -24,8 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-# Resources move all the time; placement cares about steps of this size.
-CPU_STEP_FRACTION = 0.10  # of the node's cores
+# Free memory moves all the time; placement (which checks it) cares about steps of this size.
 MEM_STEP_FRACTION = 0.05  # of the node's memory
 # The fields of an allocation report that the site replicates (`stopped_by_meshd`: this
 # node's meshd ended it, so the site replaces it instead of counting it as having run).
@@ -38,10 +39,8 @@ def resources_moved(last: Mapping[str, float], current: Mapping[str, float]) -> 
         return bool(current)
     if last.get("cpu_total") != current.get("cpu_total") or last.get("mem_total_mb") != current.get("mem_total_mb"):
         return True
-    cpu_step = CPU_STEP_FRACTION * float(current.get("cpu_total") or 1)
     mem_step = MEM_STEP_FRACTION * float(current.get("mem_total_mb") or 1)
-    return (abs(float(current.get("cpu_free", 0)) - float(last.get("cpu_free", 0))) >= cpu_step
-            or abs(float(current.get("mem_free_mb", 0)) - float(last.get("mem_free_mb", 0))) >= mem_step)
+    return abs(float(current.get("mem_free_mb", 0)) - float(last.get("mem_free_mb", 0))) >= mem_step
 
 
 def reflected_in(alloc) -> Callable[[Mapping], bool]:
@@ -66,27 +65,30 @@ def _key(report: Mapping) -> tuple:
 @dataclass(frozen=True)
 class Report:
     resources: dict
-    resources_moved: bool  # False: the site already has these resources (a keep-alive may omit them)
+    resources_moved: bool  # False: the site already has these resources (the report omits them)
     allocs: tuple[dict, ...]  # only the allocations whose report changed (on a full report: all the site lacks)
     full: bool
     reflected: tuple[dict, ...] = ()  # a full report's allocations the site already shows (not sent)
+    # False: a full resend that would carry nothing the site lacks; count it as sent, commit nothing.
+    needed: bool = True
 
 
 @dataclass
 class ReportSchedule:
     full_period: float  # seconds between full resends
-    keepalive: float | None = None  # seconds between reports at most (non-voters); None: news only
     _resources: dict = field(default_factory=dict)
     _allocs: dict[str, tuple] = field(default_factory=dict)
-    _last_sent: float | None = None
     _last_full: float | None = None
 
     def due(self, now: float, resources: Mapping[str, float], allocs: Sequence[Mapping],
-            reflected: Callable[[Mapping], bool] | None = None) -> Report | None:
+            reflected: Callable[[Mapping], bool] | None = None,
+            site_has: Callable[[Mapping[str, float]], bool] | None = None) -> Report | None:
         """The report to send now, or None when there is no news. A full resend leaves out
         the allocations the site already shows as reported (`reflected`, from the node's
         view of the replicated state): it repairs what a leader change swallowed, it does
-        not repeat a thousand finished allocations every period."""
+        not repeat a thousand finished allocations every period. When it would then carry
+        no allocation and `site_has(resources)` (the site's record of this node shows these
+        resources and this boot), it is not `needed`."""
         full = self.full_due(now)
         plain = [{k: a.get(k) for k in REPORT_FIELDS} for a in allocs]
         shown: list[dict] = []
@@ -96,13 +98,12 @@ class ReportSchedule:
                 (shown if reflected is not None and reflected(a) else changed).append(a)
         else:
             changed = [a for a in plain if self._allocs.get(a["alloc_id"]) != _key(a)]
-        keepalive_due = (self.keepalive is not None
-                         and (self._last_sent is None or now - self._last_sent >= self.keepalive))
         moved = full or resources_moved(self._resources, resources)
-        if not (full or changed or keepalive_due or moved):
+        if not (full or changed or moved):
             return None
+        needed = not (full and not changed and site_has is not None and site_has(resources))
         return Report(resources=dict(resources), resources_moved=moved, allocs=tuple(changed), full=full,
-                      reflected=tuple(shown))
+                      reflected=tuple(shown), needed=needed)
 
     def full_due(self, now: float) -> bool:
         """The next report is a full resend (only then is `reflected` asked)."""
@@ -110,7 +111,6 @@ class ReportSchedule:
 
     def sent(self, now: float, report: Report) -> None:
         """The report committed: its contents are now the site's view of this node."""
-        self._last_sent = now
         if report.resources_moved:
             self._resources = dict(report.resources)
         if report.full:

@@ -228,8 +228,9 @@ class AdminHandlers:
                 "address": f"{d.advertise_ip}:{d.peer_port}", "raft_address": f"{d.advertise_ip}:{d.raft_port}",
                 "voter": bool(d.membership and d.membership.voter),
                 "evidence": TPM_EVIDENCE if d.tpm else SOFTWARE_EVIDENCE,
-                "allocs": sum(1 for a in state.allocs.values() if d.identity and a.node_id == d.identity.node_id
-                              and a.live),
+                "allocs": state.allocs.live_count(d.identity.node_id) if d.identity else 0,
+                # Log entries this node applied: a site at rest stops counting (no commit per beat).
+                "raft_applied": raft.last_applied if raft else 0,
                 "uptime_s": round(time.monotonic() - d.started, 1),
                 **({"joining": d.joining.status(time.monotonic())} if d.joining is not None else {})}
 

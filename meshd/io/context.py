@@ -108,6 +108,9 @@ class NodeContext:
         self.state_changed: Wakeup | None = None  # the replicated state changed (made on the trio loop)
         self.reports_changed: Wakeup | None = None  # this node's allocation reports changed
         self.revoked_notice: str | None = None  # a root-signed revocation naming us arrived
+        # node id -> when its last beat reached us (time.monotonic): non-voters' liveness, read
+        # while this node leads (meshd.io.services.peers takes them, .beats sends ours)
+        self.beats: dict[str, float] = {}
         self.stopping = False
         self.mesh: Any = None  # meshd.io.mesh.MeshSync, set by the runtime
         self._newest_state: SiteState | None = None

@@ -9,6 +9,10 @@ Three conversations exist:
   the root-signed trust documents (see meshd.admission).
 - member call: `member_hello` -> `challenge` -> `member_call` (HMAC with a key derived from
   the site secret over nonce and call) -> `stream` frames and a final `result`/`error`.
+- beats: `beat_hello`, then a `beat` frame every beat period for as long as the caller is a
+  non-voter following this node; nothing is answered. A member of this site proves who it
+  is by its client certificate alone (it names the node). This is how the leader knows a
+  non-voter is alive without a Raft commit per beat.
 - document sync: `sync_hello` (the caller's site) -> `sync_ready`, then the connection carries
   crdt.sync's binary messages both ways until either side ends it (meshd.io.docsync). Any
   member of the mesh may sync, whatever its site: its client certificate must chain to the
@@ -103,6 +107,8 @@ JoinHandler = Callable[[FramedStream, dict], Awaitable[None]]
 # (connection, the TLS stream under it, (site, node id) named by the verified certificate)
 SyncHandler = Callable[[FramedStream, trio.abc.Stream, tuple[str, str]], Awaitable[None]]
 CallHandler = Callable[[dict, Callable[[dict], Awaitable[None]]], Awaitable[Any]]
+# (connection, node id named by the verified member certificate)
+BeatHandler = Callable[[FramedStream, str], Awaitable[None]]
 
 
 async def serve_peer_connection(stream: trio.SocketStream, *, on_join: JoinHandler,
@@ -111,7 +117,8 @@ async def serve_peer_connection(stream: trio.SocketStream, *, on_join: JoinHandl
                                 cert_member: Callable[[dict | None], tuple[str, str] | None],
                                 track: Callable[[str, str], Any],
                                 on_sync: SyncHandler | None = None,
-                                sync_member: Callable[[dict | None], tuple[str, str] | None] | None = None) -> None:
+                                sync_member: Callable[[dict | None], tuple[str, str] | None] | None = None,
+                                on_beats: BeatHandler | None = None) -> None:
     """One peer connection: TLS, then a join or one member call.
 
     `cert_member(peer certificate)` names the (site, node id) of the member of this site a
@@ -144,6 +151,12 @@ async def serve_peer_connection(stream: trio.SocketStream, *, on_join: JoinHandl
                 raise PeerError("member calls need a valid member certificate of this mesh")
             with track(*named):
                 await _serve_member_call(conn, on_member_call, member_secret, is_member, named[1])
+        elif kind == "beat_hello" and on_beats is not None:
+            named = cert_member(secure.getpeercert())
+            if named is None:
+                raise PeerError("beats need a valid member certificate of this site")
+            with track(*named):
+                await on_beats(conn, named[1])
         elif kind == "sync_hello" and on_sync is not None and sync_member is not None:
             named = sync_member(secure.getpeercert())
             if named is None:
@@ -268,6 +281,21 @@ async def _member_conversation(conn: FramedStream, node_id: str, site_secret: st
             return msg.get("result")
         elif kind == "error":
             raise PeerError(msg.get("error", "peer error"))
+
+
+async def send_beats(address: str, context: ssl.SSLContext, *, period: float, keep_on: Callable[[], bool],
+                     expect: Callable[[dict | None], bool] | None = None) -> None:
+    """Beat to the member at `address` every `period` seconds while `keep_on()`; returns when
+    it says stop, raises OSError, PeerError, TooSlowError or BrokenResourceError when the
+    connection fails."""
+    conn = await open_peer(address, context, expect=expect)
+    try:
+        await conn.send({"type": "beat_hello"})
+        while keep_on():
+            await conn.send({"type": "beat"})
+            await trio.sleep(period)
+    finally:
+        await conn.aclose()
 
 
 async def aiter_frames(conn: FramedStream) -> AsyncIterator[dict]:

@@ -35,6 +35,7 @@ from meshd.io.mdns import Discovery
 from meshd.io.memory import trim_heap
 from meshd.io.mesh import MeshSync
 from meshd.io.services.attestation import AttestationService
+from meshd.io.services.beats import BeatService
 from meshd.io.services.leader import LeaderService
 from meshd.io.services.membership import MembershipService
 from meshd.io.services.peers import PeerService
@@ -86,6 +87,7 @@ class Runtime:
         self.leader = LeaderService(ctx)
         self.trust = TrustService(ctx)
         self.attestation = AttestationService(ctx)
+        self.beats = BeatService(ctx)
         self.peers = PeerService(ctx, voter_changes=self.leader.voter_changes, switch_secret=self.trust.switch_secret)
         self.admin = AdminHandlers(ctx, revoke=self.trust.revoke)
 
@@ -130,7 +132,7 @@ class Runtime:
                 ctx.discovery.update_site(ctx.membership.site)
                 # zeroconf's announce waits for its own packets to go out; never on this loop.
                 nursery.start_soon(trio.to_thread.run_sync, ctx.discovery.announce)
-            for service in (self.worker, self.leader, self.attestation, self.trust):
+            for service in (self.worker, self.leader, self.attestation, self.trust, self.beats):
                 await nursery.start(service.run)
             nursery.start_soon(ctx.mesh.dial_loop)
             nursery.start_soon(ctx.mesh.leader_loop)

@@ -4,7 +4,8 @@
 - on a new term: every member gets a fresh lease (a leader change by itself never marks
   anyone down or reschedules anything) and the leadership is announced;
 - liveness: `set_liveness` for every member whose lease ran out or that came back
-  (meshd.liveness decides, from Raft heartbeat contacts and report sequence numbers);
+  (meshd.liveness decides, from Raft heartbeat contacts, non-voters' beats and report
+  sequence numbers);
 - voters: at most one Raft configuration change (pysyncobj takes one at a time): a member
   that left or was revoked goes first, then an admitted voter that is not configured yet;
 - placement: reconcile the apps that changed since the last pass, then one plan per app
@@ -69,6 +70,7 @@ class LeaderView:
     own_raft_address: str
     configured: tuple[str, ...]  # Raft addresses of the other voters, per the Raft configuration
     contacts: tuple[tuple[str, float], ...] = ()  # (raft address, when it last answered a heartbeat)
+    beats: tuple[tuple[str, float], ...] = ()  # (node id, when its last beat arrived): non-voters
     # Raft has applied every entry it knows committed. A node that restarted Raft (a secret
     # rotation) or was just elected may still be replaying its journal: its state is old.
     caught_up: bool = True
@@ -173,6 +175,9 @@ class Leading:
         by_address = dict(view.contacts)
         contacts = {node.node_id: by_address[node.raft_address]
                     for node in state.nodes.values() if node.raft_address in by_address}
+        for node_id, heard in view.beats:
+            if heard > contacts.get(node_id, float("-inf")):
+                contacts[node_id] = heard
         contacts[view.own_id] = now  # the leader hears itself
         return [Commit(SetLiveness(node_id=t.node_id, liveness=t.to, reason=t.reason))
                 for t in self.tracker.observe(state, now, contacts)]

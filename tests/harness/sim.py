@@ -17,6 +17,7 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 
@@ -36,7 +37,7 @@ from meshd.node.attesting import Attesting
 from meshd.node.joining import Joining, Unreachable
 from meshd.node.leading import LeaderView, Leading
 from meshd.node.worker import Worker
-from meshd.reporting import ReportSchedule, reflected_in
+from meshd.reporting import ReportSchedule, reflected_in, resources_moved
 from meshd.state import SiteState
 
 WALL0 = 1_800_000_000.0  # the wall clock at time 0 of every transcript
@@ -305,13 +306,15 @@ class SimSite:
     def report(self, node: SimNode) -> None:
         if self.leader_node() is None or not node.reachable:
             return
+        resources = {"cpu_total": 4.0, "cpu_free": 4.0, "mem_total_mb": 4096, "mem_free_mb": 4096}
         own = node.view().nodes.get(node.node_id)
-        nonvoter = own is not None and not own.voter
-        node.reports.keepalive = LEASE / 4 if nonvoter else None
-        report = node.reports.due(self.now, {"cpu_total": 4.0, "cpu_free": 4.0, "mem_total_mb": 4096,
-                                             "mem_free_mb": 4096}, [dict(r) for r in node.running.values()],
-                                  reflected_in(node.view().allocs.get))
+        report = node.reports.due(self.now, resources, [dict(r) for r in node.running.values()],
+                                  reflected_in(node.view().allocs.get),
+                                  lambda r: own is not None and not resources_moved(dataclasses.asdict(own.resources), r))
         if report is None:
+            return
+        if not report.needed:
+            node.reports.sent(self.now, report)
             return
         node.seq += 1
         command = cmds.Heartbeat(node_id=node.node_id, seq=node.seq,
@@ -327,12 +330,19 @@ class SimSite:
         return tuple((n.raft_address, self.now) for n in self.nodes.values()
                      if n.raft_address in self.configured and n.live and n.reachable)
 
+    def beats(self, leader: SimNode) -> tuple[tuple[str, float], ...]:
+        """Beats on the peer port: every reachable member that does not vote beats now."""
+        state = leader.view()
+        return tuple((n.node_id, self.now) for n in self.nodes.values()
+                     if n.live and n.reachable and n.member and n.node_id in state.nodes
+                     and not state.nodes[n.node_id].voter)
+
     def lead(self, leader: SimNode) -> None:
         for _ in range(20):  # the runtime looks again at once after a pass that committed
             view = LeaderView(state=leader.view(), term=self.term, own_id=leader.node_id,
                               own_raft_address=leader.raft_address,
                               configured=tuple(sorted(self.configured - {leader.raft_address})),
-                              contacts=self.contacts(), caught_up=leader.caught_up)
+                              contacts=self.contacts(), beats=self.beats(leader), caught_up=leader.caught_up)
             effects = leader.leading.step(view, self.now)
             self.execute(leader, effects)
             if not any(isinstance(e, fx.Commit) for e in effects):

@@ -23,8 +23,7 @@ def alloc(alloc_id, state="running", pid=10, restarts=0):
 @pytest.mark.parametrize("last,current,moved", [
     ({}, RES, True),
     (RES, RES, False),
-    (RES, res(cpu_free=3.3), False),  # under a tenth of 4 cores
-    (RES, res(cpu_free=2.5), True),
+    (RES, res(cpu_free=0.5), False),  # the idle share travels along, it never triggers a report
     (RES, res(mem_free_mb=460), False),  # under a twentieth of 1000 MB
     (RES, res(mem_free_mb=550), True),
     (RES, res(cpu_total=8.0), True),  # hardware changed (a CPU came online)
@@ -48,35 +47,32 @@ def run(schedule: ReportSchedule, steps):
 
 
 SCENARIOS = [
-    ("first check reports everything", None,
+    ("first check reports everything",
      [(0, RES, [alloc("a"), alloc("b")], True)], [(0, True, ["a", "b"])]),
-    ("no news, no report", None,
+    ("no news, no report",
      [(0, RES, [alloc("a")], True), (1, RES, [alloc("a")], True), (2, res(cpu_free=2.9), [alloc("a")], True)],
      [(0, True, ["a"])]),
-    ("a changed allocation is reported alone", None,
+    ("a changed allocation is reported alone",
      [(0, RES, [alloc("a"), alloc("b")], True), (1, RES, [alloc("a"), alloc("b", state="failed")], True),
       (2, RES, [alloc("a"), alloc("b", state="failed")], True)],
      [(0, True, ["a", "b"]), (1, False, ["b"])]),
-    ("a new allocation is reported", None,
+    ("a new allocation is reported",
      [(0, RES, [], True), (1, RES, [alloc("a", state="starting")], True)], [(0, True, []), (1, False, ["a"])]),
-    ("resources that moved are reported without allocations", None,
+    ("resources that moved are reported without allocations",
      [(0, RES, [alloc("a")], True), (1, res(mem_free_mb=300), [alloc("a")], True)],
      [(0, True, ["a"]), (1, False, [])]),
-    ("full resend every period", None,
+    ("full resend every period",
      [(0, RES, [alloc("a")], True), (5, RES, [alloc("a")], True), (10, RES, [alloc("a")], True)],
      [(0, True, ["a"]), (10, True, ["a"])]),
-    ("a report that did not commit is sent again", None,
+    ("a report that did not commit is sent again",
      [(0, RES, [alloc("a")], False), (1, RES, [alloc("a")], True), (2, RES, [alloc("a")], True)],
      [(0, True, ["a"]), (1, True, ["a"])]),
-    ("a non-voter keeps its lease with keep-alives", 0.25,
-     [(0, RES, [], True), (0.1, RES, [], True), (0.25, RES, [], True), (0.3, RES, [], True), (0.5, RES, [], True)],
-     [(0, True, []), (0.25, False, []), (0.5, False, [])]),
 ]
 
 
-@pytest.mark.parametrize("keepalive,steps,expected", [s[1:] for s in SCENARIOS], ids=[s[0] for s in SCENARIOS])
-def test_schedule(keepalive, steps, expected):
-    assert run(ReportSchedule(full_period=10.0, keepalive=keepalive), steps) == expected
+@pytest.mark.parametrize("steps,expected", [s[1:] for s in SCENARIOS], ids=[s[0] for s in SCENARIOS])
+def test_schedule(steps, expected):
+    assert run(ReportSchedule(full_period=10.0), steps) == expected
 
 
 states = st.sampled_from(["starting", "running", "failed"])
@@ -116,16 +112,28 @@ def test_the_site_view_converges_to_the_node(checks):
     assert schedule.due(now, resources, allocs) is None
 
 
-def test_keepalives_and_allocation_reports_leave_unmoved_resources_out():
-    schedule = ReportSchedule(full_period=10.0, keepalive=0.25)
+def test_allocation_reports_leave_unmoved_resources_out():
+    schedule = ReportSchedule(full_period=10.0)
     first = schedule.due(0, RES, [])
     assert first is not None and first.resources_moved and first.full
     schedule.sent(0, first)
-    keepalive = schedule.due(0.3, res(cpu_free=2.9), [])
-    assert keepalive is not None and not keepalive.resources_moved and keepalive.allocs == ()
-    schedule.sent(0.3, keepalive)
-    news = schedule.due(0.4, res(cpu_free=1.0), [alloc("a")])
-    assert news is not None and news.resources_moved and [a["alloc_id"] for a in news.allocs] == ["a"]
+    assert schedule.due(0.3, res(cpu_free=2.9), []) is None  # a small move is no news
+    news = schedule.due(0.4, res(cpu_free=2.9), [alloc("a")])
+    assert news is not None and not news.resources_moved and [a["alloc_id"] for a in news.allocs] == ["a"]
+
+
+def test_a_full_resend_the_site_needs_nothing_from_is_not_sent():
+    schedule = ReportSchedule(full_period=10.0)
+    shown = lambda report: True  # noqa: E731 - the site shows every allocation as reported
+    first = schedule.due(0.0, RES, [alloc("a")], shown, site_has=lambda r: False)  # the site lacks our resources
+    assert first.needed and first.resources_moved
+    schedule.sent(0.0, first)
+    idle = schedule.due(10.0, res(cpu_free=2.9), [alloc("a")], shown, site_has=lambda r: True)
+    assert idle is not None and idle.full and not idle.needed and idle.allocs == ()
+    schedule.sent(10.0, idle)  # counted as the period's resend: nothing due until the next one
+    assert schedule.due(15.0, res(cpu_free=2.9), [alloc("a")], shown, site_has=lambda r: True) is None
+    lacking = schedule.due(20.0, RES, [alloc("a")], lambda report: False, site_has=lambda r: True)
+    assert lacking.needed and [a["alloc_id"] for a in lacking.allocs] == ["a"]
 
 
 def test_a_stop_by_meshd_travels_with_the_report():

@@ -42,6 +42,9 @@ log = logging.getLogger("meshd.daemon")
 
 # Cutting connections follows every state change; this often also without one, as a safety net.
 CUT_SAFETY_PERIOD = 5.0
+# A beat connection silent this long is dropped (the sender beats several times a lease; a
+# dead one is noticed by its lease long before, this only frees the socket).
+BEAT_SILENCE = 10.0
 
 
 class PeerService:
@@ -77,7 +80,8 @@ class PeerService:
                     stream, on_join=self.handle_join, on_member_call=self.handle_member_call,
                     member_secret=lambda: self.ctx.membership.site_secret if self.ctx.membership and self.ctx.raft else None,
                     is_member=self.ctx.is_member, tls=self.ctx.tls.server_context, cert_member=self.ctx.cert_member,
-                    track=self._track_member, on_sync=self._serve_sync, sync_member=self.ctx.sync_member)
+                    track=self._track_member, on_sync=self._serve_sync, sync_member=self.ctx.sync_member,
+                    on_beats=self._take_beats)
 
         await trio.serve_listeners(handle, listeners)
 
@@ -232,6 +236,18 @@ class PeerService:
                          extra={"node_id": node_id, "site": site})
                 for scope in list(scopes):
                     scope.cancel()
+
+    async def _take_beats(self, conn: peer.FramedStream, node_id: str) -> None:
+        """A non-voter's beats: each one is a contact the leader counts for its lease (the
+        leader service reads `ctx.beats`). Silence past BEAT_SILENCE ends the connection."""
+        ctx = self.ctx
+        if not ctx.is_member(node_id):
+            raise peer.PeerError("beats are taken from current members only")
+        while True:
+            message = await conn.receive(timeout=max(BEAT_SILENCE, ctx.config.lease))
+            if message.get("type") != "beat":
+                raise peer.PeerError(f"expected beat, got {message.get('type')!r}")
+            ctx.beats[node_id] = time.monotonic()
 
     async def _serve_sync(self, conn: peer.FramedStream, stream: trio.abc.Stream, named: tuple[str, str]) -> None:
         if self.ctx.raft is None or self.ctx.mesh.hub is None:

@@ -3,7 +3,8 @@ resources through Raft when there is news (meshd.reporting), and leaves when it 
 
 Invariants:
 - Reports go out only when something changed (an allocation's state, resources moved a
-  step, a full resend every FULL_REPORT_PERIOD); non-voters also keep their lease with them.
+  step, a full resend every FULL_REPORT_PERIOD of what the site does not show). They are not
+  keep-alives: a non-voter keeps its lease with beats (meshd.io.services.beats).
 - A revoked node stops every workload, writes the marker that keeps it from starting again
   on this data dir, and exits.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from typing import Callable, Mapping
 
 import psutil
 import trio
@@ -26,7 +28,7 @@ from meshd.io.raft import CommandFailed
 from meshd.io.supervisor import remove_dirs
 from meshd.node import effects as fx
 from meshd.node.worker import Worker
-from meshd.reporting import ReportSchedule, reflected_in
+from meshd.reporting import ReportSchedule, reflected_in, resources_moved
 from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, SiteState
 
 log = logging.getLogger("meshd.daemon")
@@ -41,8 +43,6 @@ REPORT_CHECK_PERIOD = 2.0
 SUPERVISE_SAFETY_PERIOD = 5.0
 # A report that did not commit (no leader yet, leader change) is retried after this.
 REPORT_RETRY_DELAY = 0.1
-# Non-voters are invisible in Raft's heartbeats: they report this many times per lease.
-NONVOTER_REPORTS_PER_LEASE = 4
 # psutil sampling is cheap but not free; resources move slowly.
 RESOURCE_SAMPLE_PERIOD = 2.0
 
@@ -101,15 +101,16 @@ class WorkerService:
         news = ctx.reports_changed.listener()
         while True:
             status = ctx.raft.status
-            # Non-voters are invisible in Raft's heartbeats; they keep their lease by reporting.
-            keepalive = ctx.config.lease / NONVOTER_REPORTS_PER_LEASE if status.role == "nonvoter" else None
-            self._reports.keepalive = keepalive
             if status.leader_address is not None:
                 reports = [dataclasses.asdict(r) for r in ctx.supervisor.reports()] if ctx.supervisor else []
                 now = time.monotonic()
-                reflected = reflected_in(ctx.snapshot().allocs.get) if self._reports.full_due(now) else None
-                report = self._reports.due(now, self._sample_resources(), reports, reflected)
-                if report is not None:
+                state = ctx.snapshot() if self._reports.full_due(now) else None
+                report = self._reports.due(now, self._sample_resources(), reports,
+                                           reflected_in(state.allocs.get) if state else None,
+                                           self._site_has(state) if state else None)
+                if report is not None and not report.needed:
+                    self._reports.sent(now, report)  # the site shows all of it already
+                elif report is not None:
                     self._heartbeat_seq += 1
                     command = cmds.Heartbeat(
                         node_id=ctx.identity.node_id, seq=self._heartbeat_seq,
@@ -128,7 +129,18 @@ class WorkerService:
                         pass
                     await trio.sleep(REPORT_RETRY_DELAY)
                     continue
-            await news.wait(keepalive or REPORT_CHECK_PERIOD)
+            await news.wait(REPORT_CHECK_PERIOD)
+
+    def _site_has(self, state: SiteState) -> Callable[[Mapping[str, float]], bool]:
+        """Whether the site's record of this node shows these resources (within a step) and
+        this boot: then a full resend with no allocation to repair need not be sent."""
+        assert self.ctx.identity is not None
+        own = state.nodes.get(self.ctx.identity.node_id)
+
+        def has(resources: Mapping[str, float]) -> bool:
+            return own is not None and own.boot_id == boot_id() and not resources_moved(
+                dataclasses.asdict(own.resources), resources)
+        return has
 
     def _sample_resources(self) -> dict:
         now = time.monotonic()
