@@ -403,6 +403,13 @@ class SiteState:
         copied.applied_requests, copied.applied_order = {}, []
         return copied
 
+    def snapshot_copy(self) -> "SiteState":
+        """A copy of the whole replicated state, the request-dedupe records included, that
+        later commands leave alone (for a Raft snapshot written on another thread)."""
+        copied = self.reader_copy()
+        copied.applied_requests, copied.applied_order = dict(self.applied_requests), list(self.applied_order)
+        return copied
+
     # --- read helpers used by placement, reconcile and the admin layer ---------------
     def node_by_ref(self, ref: str) -> NodeRecord | None:
         """Find a node by id, name or unique id prefix."""

@@ -40,6 +40,7 @@ from meshd.io.attester import boot_id, node_evidence
 from meshd.io.identity import Identity, Membership
 from meshd.io.mdns import Discovery
 from meshd.io.raft import CommandFailed, RaftNode, make_conf
+from meshd.io.snapshots import SnapshotStore
 from meshd.io.supervisor import Supervisor
 from meshd.io.tls import PeerTLS, member_of
 from meshd.io.tpm import TpmDevice
@@ -236,14 +237,15 @@ class NodeContext:
     def start_raft(self) -> None:
         assert self.membership is not None and self.state_changed is not None
         m = self.membership
+        snapshots = SnapshotStore()
         conf = make_conf(data_dir=self.data_dir, password=m.site_secret,
                          bind_address=f"{self.listen_ip}:{self.raft_port}",
                          min_timeout=self.config.raft_min_timeout, max_timeout=self.config.raft_max_timeout,
-                         append_period=self.config.heartbeat_interval)
+                         append_period=self.config.heartbeat_interval, snapshots=snapshots)
         self_address = f"{self.advertise_ip}:{self.raft_port}" if m.voter else None
         partners = [p for p in m.partners if p != self_address]
         self.raft = RaftNode(self_address, partners, conf, self._on_applied, self._on_role_change,
-                             tick=self.config.heartbeat_interval)
+                             tick=self.config.heartbeat_interval, snapshots=snapshots)
 
     def leader_peer_address(self, state: SiteState) -> str | None:
         """The peer address of the leader this node follows, for a joiner to ask next."""

@@ -33,6 +33,7 @@ from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 from pysyncobj.monotonic import monotonic as raft_clock
 
 from meshd import sitestate
+from meshd.io.snapshots import SnapshotStore
 from meshd.state import SiteState
 
 log = logging.getLogger("meshd.raft")
@@ -70,10 +71,11 @@ class RaftStatus:
 
 class SiteRaft(SyncObj):
     def __init__(self, self_address: str | None, partners: list[str], conf: SyncObjConf,
-                 on_applied: Callable[[dict, dict], None], on_role_change: Callable[[], None]):
-        # Set before SyncObj.__init__: pysyncobj leaves attributes that exist at the end of its
-        # __init__ out of snapshots, which is exactly right for these.
+                 on_applied: Callable[[dict, dict], None], on_role_change: Callable[[], None],
+                 snapshots: SnapshotStore):
         self._lock = threading.Lock()
+        snapshots.state = lambda: self.site_state
+        snapshots.install = self._install
         self._on_applied = on_applied
         self._on_role_change = on_role_change
         self._status_cache: RaftStatus | None = None
@@ -81,8 +83,13 @@ class SiteRaft(SyncObj):
         self._persist_commit_index = False
         super().__init__(self_address, partners, conf)
         self._write_commit_index_only_when_it_moves()
-        # Set after: this is the replicated state, saved in snapshots.
+        # The replicated state: what snapshots hold (meshd.io.snapshots), nothing else.
         self.site_state = SiteState()
+
+    def _install(self, state: SiteState) -> None:
+        """Raft thread: a snapshot was loaded (at start, or sent by the leader)."""
+        with self._lock:
+            self.site_state = state
 
     def _write_commit_index_only_when_it_moves(self) -> None:
         """pysyncobj marks its journal metadata dirty on every append-entries a follower
@@ -160,7 +167,7 @@ class SiteRaft(SyncObj):
 
 
 def make_conf(*, data_dir: Path, password: str, bind_address: str, min_timeout: float, max_timeout: float,
-              append_period: float) -> SyncObjConf:
+              append_period: float, snapshots: SnapshotStore) -> SyncObjConf:
     raft_dir = data_dir / "raft"
     raft_dir.mkdir(parents=True, exist_ok=True)
     return SyncObjConf(
@@ -169,7 +176,11 @@ def make_conf(*, data_dir: Path, password: str, bind_address: str, min_timeout: 
         dynamicMembershipChange=True,
         journalFile=str(raft_dir / "journal"),
         fullDumpFile=str(raft_dir / "snapshot"),
-        useFork=False,  # forking a trio process is unsafe; snapshots are small
+        useFork=False,  # forking a trio process is unsafe
+        # Snapshots are written by a thread of ours, not on the Raft thread (meshd.io.snapshots).
+        serializer=snapshots.write,
+        deserializer=snapshots.read,
+        serializeChecker=snapshots.check,
         raftMinTimeout=min_timeout,
         raftMaxTimeout=max_timeout,
         appendEntriesPeriod=append_period,
@@ -203,8 +214,9 @@ class RaftNode:
     """Owns one SiteRaft and the thread that drives it."""
 
     def __init__(self, self_address: str | None, partners: list[str], conf: SyncObjConf,
-                 on_applied: Callable[[dict, dict], None], on_role_change: Callable[[], None], tick: float):
-        self.raft = SiteRaft(self_address, partners, conf, on_applied, on_role_change)
+                 on_applied: Callable[[dict, dict], None], on_role_change: Callable[[], None], tick: float,
+                 snapshots: SnapshotStore):
+        self.raft = SiteRaft(self_address, partners, conf, on_applied, on_role_change, snapshots)
         # The commit index its journal remembers: until the state machine has applied that far
         # (the snapshot loaded, the journal replayed), its state is older than the one this
         # node had before it started (`replayed`).
