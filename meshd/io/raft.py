@@ -17,11 +17,24 @@ Invariants:
 - On the leader, `status.contacts` says when each voter last answered a Raft heartbeat, on
   `time.monotonic()`'s clock (pysyncobj keeps CLOCK_MONOTONIC_RAW; ages are converted). This
   is how the leader knows its voters are alive without any message of ours.
+- A follower never deletes a log entry that the leader's append-entries message carries
+  again with the same term (Raft's rule: only a conflicting entry goes, with those after
+  it). pysyncobj deletes everything after the message's previous entry and appends the
+  message's entries again, so a leader that re-sends from an earlier index (two rejections
+  of one gap in flight, common under CPU load) empties the follower's log back to that
+  index; when the re-send comes in several messages and the leader stalls between them, the
+  follower holds fewer entries than it acknowledged, and an election in that window can
+  elect a member that lacks committed, applied commands: they are lost on it, and the
+  commands it commits at those indices are never applied on the members that had applied
+  the lost ones (raftLastApplied never goes back). `SiteRaft._keep_matching_entries`
+  rewrites each such message into the Raft form before pysyncobj reads it;
+  tests/unit/test_raft_log.py provokes that election.
 """
 
 from __future__ import annotations
 
 import logging
+import pickle
 import threading
 import time
 from dataclasses import dataclass
@@ -69,6 +82,12 @@ class RaftStatus:
     contacts: tuple[tuple[str, float], ...] = ()
 
 
+# SiteRaft overrides these two private methods of pysyncobj (by their mangled names); a
+# pysyncobj that renamed them would silently lose the guard, so fail at import instead.
+assert hasattr(SyncObj, "_SyncObj__onMessageReceived") and hasattr(SyncObj, "_SyncObj__sendNextNodeIdx"), \
+    "pysyncobj changed its append-entries internals: review SiteRaft._keep_matching_entries"
+
+
 class SiteRaft(SyncObj):
     def __init__(self, self_address: str | None, partners: list[str], conf: SyncObjConf,
                  on_applied: Callable[[dict, dict], None], on_role_change: Callable[[], None],
@@ -81,6 +100,9 @@ class SiteRaft(SyncObj):
         self._status_cache: RaftStatus | None = None
         self._connected_before: frozenset = frozenset()
         self._persist_commit_index = False
+        # While pysyncobj handles a rewritten append-entries (_keep_matching_entries): the
+        # highest next index its answer may claim, None otherwise.
+        self._answer_cap: int | None = None
         super().__init__(self_address, partners, conf)
         self._write_commit_index_only_when_it_moves()
         # The replicated state: what snapshots hold (meshd.io.snapshots), nothing else.
@@ -103,6 +125,67 @@ class SiteRaft(SyncObj):
                 store(index)
 
         journal.setRaftCommitIndex = set_commit_index
+
+    def _SyncObj__onMessageReceived(self, node, message):
+        if message.get("type") == "append_entries":
+            message, self._answer_cap = self._keep_matching_entries(message)
+        try:
+            super()._SyncObj__onMessageReceived(node, message)
+        finally:
+            self._answer_cap = None
+
+    def _SyncObj__sendNextNodeIdx(self, node, reset=False, nextNodeIdx=None, success=False):
+        if success and self._answer_cap is not None:
+            if nextNodeIdx is None:
+                nextNodeIdx = self._SyncObj__getCurrentLogIndex() + 1
+            nextNodeIdx = min(nextNodeIdx, self._answer_cap)
+        super()._SyncObj__sendNextNodeIdx(node, reset=reset, nextNodeIdx=nextNodeIdx, success=success)
+
+    def _keep_matching_entries(self, message: dict) -> tuple[dict, int | None]:
+        """An append-entries message in the form pysyncobj handles the Raft way, and the cap
+        on the next index its answer may claim (None: no cap).
+
+        pysyncobj (syncobj.py, `__onMessageReceived`) checks the message's previous entry,
+        then deletes every entry after it and appends the message's entries. Here the
+        entries this log already holds with the same term are dropped from the message, so
+        pysyncobj deletes only from the first conflicting entry (which, being the leader's
+        conflict, was never committed) or appends only what is new. When the log holds all
+        of the message's entries and more, the message is made to start at the end of the
+        log (nothing to delete, nothing to append) and two things keep it truthful: the
+        commit index it carries goes no further than the message's last entry (the extra
+        entries are not yet known to be the leader's), and the answer claims no further than
+        that entry either, so the leader counts only entries it has matched."""
+        if message.get("term", -1) < self.raftCurrentTerm or "prevLogIdx" not in message:
+            return message, None  # ignored by pysyncobj, or a snapshot chunk
+        transmission = message.get("transmission")
+        if transmission in ("start", "process"):
+            return message, None  # a part of one large entry: pysyncobj only stores it
+        if transmission == "finish":
+            entries = [pickle.loads(self._SyncObj__recvTransmission + message["data"])]
+        elif transmission is None:
+            entries = list(message.get("entries", ()))
+        else:
+            return message, None  # pysyncobj raises on it
+        log = self._SyncObj__raftLog
+        first, last = log[0][1], self._SyncObj__getCurrentLogIndex()
+        prev = message["prevLogIdx"]
+        if not first <= prev <= last or log[prev - first][2] != message["prevLogTerm"]:
+            return message, None  # pysyncobj refuses it and deletes nothing
+        held = 0
+        while held < len(entries) and entries[held][1] <= last and log[entries[held][1] - first][2] == entries[held][2]:
+            held += 1
+        rewritten = {k: v for k, v in message.items() if k not in ("transmission", "data")}
+        if transmission == "finish":
+            self._SyncObj__recvTransmission = ""  # what pysyncobj does with an entry it took whole
+        if held < len(entries):
+            rewritten["prevLogIdx"] = entries[held][1] - 1
+            rewritten["prevLogTerm"] = entries[held - 1][2] if held else message["prevLogTerm"]
+            rewritten["entries"] = entries[held:]
+            return rewritten, None
+        matched = entries[-1][1] if entries else prev
+        rewritten["prevLogIdx"], rewritten["prevLogTerm"], rewritten["entries"] = last, log[last - first][2], []
+        rewritten["commit_index"] = min(message["commit_index"], matched)
+        return rewritten, matched + 1
 
     @replicated
     def apply_command(self, command):
