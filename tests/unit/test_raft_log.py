@@ -34,6 +34,7 @@ from pysyncobj import FAIL_REASON
 
 from meshd import commands as cmds
 from meshd.io.raft import SiteRaft, make_conf
+from meshd.io.snapshots import SnapshotStore
 
 NAMES = ("a", "b", "c")
 # Far beyond the test's length: no member starts an election unless the test says so.
@@ -77,11 +78,12 @@ class Site:
         self.nodes: dict[str, SiteRaft] = {}
         self.seq = 0
         for n in NAMES:
+            store = SnapshotStore()
             conf = make_conf(data_dir=tmp_path / n, password="site secret", bind_address=addresses[n],
                              min_timeout=ELECTION_TIMEOUT, max_timeout=ELECTION_TIMEOUT + 1,
-                             append_period=APPEND_PERIOD)
+                             append_period=APPEND_PERIOD, snapshots=store)
             self.nodes[n] = SiteRaft(addresses[n], [addresses[m] for m in NAMES if m != n], conf,
-                                     self._hook(n), lambda: None)
+                                     self._hook(n), lambda: None, store)
             self._shim(n)
 
     def _hook(self, name):
