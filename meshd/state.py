@@ -243,8 +243,31 @@ class AllocTable(dict):
         self._live: dict[str, dict[str, int]] = {}  # node -> app -> live allocations
         self._live_total: dict[str, int] = {}  # node -> live allocations
         self._stamps: dict[str, int] = {}  # app -> stamp of its last write
-        for alloc_id, alloc in (items or {}).items():
-            self[alloc_id] = alloc
+        if items:
+            self._load(items.values())
+
+    def _load(self, allocs: Iterable[Alloc]) -> None:
+        """Fill an empty table at once (a snapshot load): what __setitem__ does, per
+        allocation, without its checks, which an empty table cannot fail."""
+        by_node, by_app, live, total = self._by_node, self._by_app, self._live, self._live_total
+        for alloc in allocs:
+            alloc_id, node, app = alloc.alloc_id, alloc.node_id, alloc.app
+            dict.__setitem__(self, alloc_id, alloc)
+            by_node.setdefault(node, {})[alloc_id] = None
+            by_app.setdefault(app, {})[alloc_id] = None
+            if alloc.desired == DESIRED_RUN and alloc.state not in ALLOC_TERMINAL:  # Alloc.live
+                apps = live.setdefault(node, {})
+                apps[app] = apps.get(app, 0) + 1
+                total[node] = total.get(node, 0) + 1
+        stamp = next(_STAMPS)
+        self._stamps = dict.fromkeys(by_app, stamp)
+
+    @classmethod
+    def of(cls, allocs: Iterable[Alloc]) -> "AllocTable":
+        """A table of these allocations, keyed by their ids (each id once)."""
+        table = cls()
+        table._load(allocs)
+        return table
 
     def _count_live(self, alloc: Alloc, delta: int) -> None:
         node, app = alloc.node_id, alloc.app

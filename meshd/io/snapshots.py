@@ -159,10 +159,10 @@ def load(data: bytes) -> tuple[SiteState, tuple]:
         raise SnapshotError(f"snapshot damaged: {e}") from None
     unpickler = _Reader(raw)
     meta, head, count = unpickler.next()
-    allocs = AllocTable()
-    while len(allocs) < count:
-        for alloc in unpickler.next():
-            allocs[alloc.alloc_id] = alloc
+    slices: list = []
+    while sum(map(len, slices)) < count:
+        slices.append(unpickler.next())
+    allocs = AllocTable.of(alloc for part in slices for alloc in part)
     state = SiteState()
     state.__setstate__({**head, "allocs": allocs})
     return state, tuple(meta)
