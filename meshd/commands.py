@@ -549,6 +549,31 @@ class _NodeAdmin(Command):
 
 
 @dataclass(frozen=True)
+class PurgeApps(Command):
+    """The leader's: forget stopped apps whose retention ran out (their records, finished
+    allocations and the mesh edit this site took in; the mesh document keeps their history)."""
+    op: ClassVar[str] = "purge_apps"
+    apps: tuple[str, ...]
+    retention: float  # seconds an app stays after its stop, as the proposer counted them
+
+    @classmethod
+    def from_wire(cls, raw: dict) -> "PurgeApps":
+        apps = raw.get("apps")
+        if not isinstance(apps, list) or not 1 <= len(apps) <= MAX_PURGE or not all(
+                isinstance(a, str) and 0 < len(a) <= 63 for a in apps):
+            raise Invalid(f"apps must be a list of 1 to {MAX_PURGE} app names")
+        return cls(apps=tuple(apps), retention=read_num(raw, "retention", 0.0, 10 * 365 * 86400.0))
+
+    def to_wire(self) -> dict:
+        return {"apps": list(self.apps), "retention": self.retention}
+
+
+# A purge names at most this many apps: one command stays a small log entry; a backlog goes
+# in several passes.
+MAX_PURGE = 500
+
+
+@dataclass(frozen=True)
 class Drain(_NodeAdmin):
     op: ClassVar[str] = "drain"
 
@@ -560,7 +585,7 @@ class Undrain(_NodeAdmin):
 
 COMMANDS: dict[str, type[Command]] = {c.op: c for c in (
     Bootstrap, SetPolicy, AdoptPolicy, RevokeNode, AdoptRevocations, Attested, RotateSecret, CreateToken, AdmitNode,
-    FoundSite, Heartbeat, SetLiveness, SubmitApp, StopApp, ApplyPlan, Drain, Undrain)}
+    FoundSite, Heartbeat, SetLiveness, SubmitApp, StopApp, ApplyPlan, PurgeApps, Drain, Undrain)}
 
 
 @dataclass(frozen=True)

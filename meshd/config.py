@@ -60,6 +60,11 @@ DEFAULT_REATTEST_INTERVAL = 600.0  # seconds
 DEFAULT_SYNC_INTERVAL = 30.0
 MIN_SYNC_INTERVAL = 0.5  # more often only spends bandwidth on state vectors
 MAX_SYNC_INTERVAL = 3600.0  # an hour: a dead session must still be noticed the same day
+# A stopped app stays in the site's state (`meshctl apps`, its finished allocations) this
+# long after its stop, then is forgotten there: a site that deploys and stops all day keeps a
+# state of what it runs, not of everything it ever ran. The mesh document keeps its edits.
+DEFAULT_STOPPED_APP_RETENTION = 86_400.0  # a day: long enough to look at what just stopped
+MAX_STOPPED_APP_RETENTION = 10 * 365 * 86_400.0  # the command's bound (meshd.commands.PurgeApps)
 
 # --- limits --------------------------------------------------------------------------
 NODE_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
@@ -121,6 +126,7 @@ class NodeConfig:
     log_keep: int = DEFAULT_LOG_KEEP
     reattest_interval: float = DEFAULT_REATTEST_INTERVAL
     sync_interval: float = DEFAULT_SYNC_INTERVAL
+    stopped_app_retention: float = DEFAULT_STOPPED_APP_RETENTION
     tpm: str = ""  # TPM 2.0 to attest with, as a TCTI ("device:/dev/tpmrm0", "swtpm:port=2321"); "" = none
 
     def __post_init__(self) -> None:
@@ -391,6 +397,7 @@ def _validate(cfg: NodeConfig) -> None:
     _check_int(cfg, "log_keep", 0, MAX_LOG_KEEP)
     _check_seconds(cfg, "reattest_interval", MIN_REATTEST_INTERVAL, MAX_REATTEST_INTERVAL)
     _check_seconds(cfg, "sync_interval", MIN_SYNC_INTERVAL, MAX_SYNC_INTERVAL)
+    _check_seconds(cfg, "stopped_app_retention", 0.0, MAX_STOPPED_APP_RETENTION)
     if not isinstance(cfg.tpm, str) or (cfg.tpm and not TPM_TCTI.match(cfg.tpm)):
         raise ConfigError("tpm", f"must be a TCTI like device:/dev/tpmrm0 or swtpm:host=127.0.0.1,port=2321, "
                                  f"got {show_value(cfg.tpm)}")

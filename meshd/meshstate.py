@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from attestation.evidence import SOFTWARE_EVIDENCE, TPM_EVIDENCE
 from attestation.policy import POLICY_KIND, open_policy
@@ -43,8 +43,9 @@ from attestation.revocation import REVOCATION_ENTRY_KIND, Revocation, Revocation
 from attestation.signed import AttestationError
 from crdt.schema import AppEdit, AppSiteStatus, NodeSummary, SchemaError, SignedRecord, SiteSummary, winning_order
 from crdt.schema import AuditRecord as DocAuditRecord
+from meshd import sitestate
 from meshd import spec as specmod
-from meshd.commands import StopApp, SubmitApp
+from meshd.commands import MAX_PURGE, PurgeApps, StopApp, SubmitApp
 from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, APP_RUNNING, NodeRecord, SiteState
 
 if TYPE_CHECKING:
@@ -75,6 +76,8 @@ def edits_to_take_in(state: SiteState, apps: dict[str, "AppResolution"]) -> list
                 continue  # ours is newer and not published yet
         elif state.site not in winner.targets and name not in state.apps:
             continue  # never concerned this site
+        elif winner.stopped and name not in state.apps:
+            continue  # a stop of what does not run here (never did, or forgotten after its retention)
         wanted.append(winner)
     return wanted
 
@@ -271,7 +274,7 @@ def node_summaries(state: SiteState, facts: SiteFacts, ts: float) -> list[NodeSu
         labels = tuple(f"{k}={v}" for k, v in sorted(node.labels.items()))
         out.append(NodeSummary(node_id=node.node_id, name=node.name, site=state.site, state=node.state,
                                address=node.address[:64], arch=node.arch[:32], role=role,
-                               allocs=sum(1 for a in state.allocs_on(node.node_id) if a.live),
+                               allocs=state.allocs.live_count(node.node_id),
                                labels=labels, evidence=evidence_kind(node), ts=ts))
     return out
 
@@ -281,16 +284,27 @@ def same_node(a: NodeSummary | None, b: NodeSummary) -> bool:
     return a is not None and a.to_plain() | {"ts": 0.0} == b.to_plain() | {"ts": 0.0}
 
 
-def app_statuses(state: SiteState, ts: float) -> list[AppSiteStatus]:
-    """Each app's progress in this site: the edit it runs, replicas wanted and running."""
+def app_statuses(state: SiteState, ts: float, apps: Iterable[str] | None = None) -> list[AppSiteStatus]:
+    """Each app's progress in this site (of `apps` only, when given): the edit it runs,
+    replicas wanted and running. Costs the apps' own allocations."""
     out = []
-    for name in sorted(state.apps):
+    for name in sorted(state.apps if apps is None else set(apps) & state.apps.keys()):
         record = state.apps[name]
         desired = record.spec.replicas if record.status == APP_RUNNING else 0
         out.append(AppSiteStatus(app=name, site=state.site, edit_id=record.edit_id,
                                  version=record.mesh_version or record.version, desired=desired,
                                  running=state.running_replicas(name), ts=ts))
     return out
+
+
+def apps_to_purge(state: SiteState, ts: float, retention: float, has_edit: Callable[[str], bool]) -> PurgeApps | None:
+    """The purge of the stopped apps whose retention ran out (sitestate.purge_refusal), or
+    None. An app whose stop the document does not hold yet is kept: the site's record of the
+    edit is what would publish it again (`edits_to_publish`)."""
+    due = [name for name in sorted(state.apps)
+           if sitestate.purge_refusal(state, name, ts, retention) is None
+           and has_edit(state.apps[name].edit_id or state.mesh_edits.get(name, {}).get("edit_id", ""))]
+    return PurgeApps(apps=tuple(due[:MAX_PURGE]), retention=retention) if due else None
 
 
 def same_summary(a: SiteSummary | None, b: SiteSummary) -> bool:

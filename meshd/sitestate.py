@@ -568,7 +568,7 @@ def _stop_allocs(state: SiteState, ts: float, actor: str, name: str, reason: str
             state.allocs[alloc.alloc_id] = replace(alloc, desired=DESIRED_STOP, updated_at=ts, reason=reason)
             stopped.append(alloc.alloc_id)
     if record.status != APP_STOPPED:
-        state.apps[name] = replace(record, status=APP_STOPPED)
+        state.apps[name] = replace(record, status=APP_STOPPED, stopped_at=ts)
         _event(state, ts, "app", f"{name} stopped" + ("" if reason == "app stopped" else f": {reason}"),
                app=name, allocs=stopped)
         _audit(state, ts, actor, "stop", name)
@@ -635,6 +635,39 @@ def _forget_finished_allocs(state: SiteState, app: str) -> None:
             del state.allocs[old.alloc_id]
 
 
+def purge_refusal(state: SiteState, app: str, ts: float, retention: float) -> str | None:
+    """Why `app` may not be forgotten at `ts` (None: it may): only a stopped app whose stop is
+    `retention` old and which has no allocation left that runs or may still run."""
+    record = state.apps.get(app)
+    if record is None:
+        return "no such app"
+    if record.status != APP_STOPPED:
+        return "not stopped"
+    if ts - record.stopped_at < retention:
+        return f"stopped {max(ts - record.stopped_at, 0):.0f}s ago, kept for {retention:.0f}s"
+    if any(a.state not in ALLOC_TERMINAL for a in state.allocs.of_app(app)):
+        return "an allocation has not ended yet"
+    return None
+
+
+def _purge_apps(state: SiteState, cmd: cmds.PurgeApps, ts: float) -> Ok:
+    purged, kept = [], []
+    for app in dict.fromkeys(cmd.apps):
+        reason = purge_refusal(state, app, ts, cmd.retention)
+        if reason is not None:
+            kept.append([app, reason])
+            continue
+        for alloc in state.allocs.of_app(app):
+            del state.allocs[alloc.alloc_id]
+        del state.apps[app]
+        state.mesh_edits.pop(app, None)
+        purged.append(app)
+    if purged:
+        _event(state, ts, "app", f"forgot {len(purged)} app(s) stopped over {cmd.retention:.0f}s ago: "
+               f"{', '.join(purged[:10])}{' ...' if len(purged) > 10 else ''}", apps=purged[:100])
+    return ok(purged=purged, kept=kept)
+
+
 def _set_drain(state: SiteState, cmd: cmds.Drain | cmds.Undrain, ts: float) -> Ok:
     draining = isinstance(cmd, cmds.Drain)
     node = state.node_by_ref(cmd.node)
@@ -667,6 +700,7 @@ HANDLERS: dict[type, Callable[[SiteState, Any, float], Ok]] = {
     cmds.SetLiveness: _set_liveness,
     cmds.SubmitApp: _submit_app,
     cmds.StopApp: _stop_app,
+    cmds.PurgeApps: _purge_apps,
     cmds.ApplyPlan: _apply_plan,
     cmds.Drain: _set_drain,
     cmds.Undrain: _set_drain,

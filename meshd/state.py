@@ -147,6 +147,7 @@ class AppRecord:
     # site's changes of spec and never goes back; the two agree unless sites conflicted).
     edit_id: str = ""
     mesh_version: int = 0
+    stopped_at: float = 0.0  # when it was last stopped (status stopped); purged a retention later
 
 
 @dataclass(frozen=True)
@@ -229,9 +230,10 @@ class AllocTable(dict):
       (`Alloc.live`), apps with none left out; `live_count(n)` is their sum. Placement prices
       a node from these, in what the node runs, not in the site's allocations.
     - Every write stamps the app it touched with a number from one process-wide counter
-      (`app_stamp`): a stamp never comes back, so a reader that remembers an app's stamp knows
-      the app's allocations are unchanged exactly when the stamp is (in any copy, and across
-      a table rebuilt from a snapshot, whose stamps are all new).
+      (`app_stamp`; 0 once the app has no allocation left, so the table holds stamps only of
+      apps it holds): a stamp never comes back, so a reader that remembers an app's stamp
+      knows the app's allocations are unchanged exactly when the stamp is (in any copy, and
+      across a table rebuilt from a snapshot, whose stamps are all new).
     - It pickles as a plain mapping and rebuilds its indexes on load (snapshots of older
       versions hold a plain dict).
     """
@@ -309,7 +311,10 @@ class AllocTable(dict):
                 del index[key]
         if alloc.live:
             self._count_live(alloc, -1)
-        self._stamps[alloc.app] = next(_STAMPS)
+        if alloc.app in self._by_app:
+            self._stamps[alloc.app] = next(_STAMPS)
+        else:
+            del self._stamps[alloc.app]  # no allocation left: back to 0, like an app never written
 
     def pop(self, alloc_id: str, *default: Alloc | None) -> Alloc | None:  # type: ignore[override]
         if alloc_id not in self:
@@ -354,7 +359,7 @@ class AllocTable(dict):
         return self._live_total.get(node_id, 0)
 
     def app_stamp(self, app: str) -> int:
-        """Changes whenever an allocation of the app is written or removed (0: never was)."""
+        """Changes whenever an allocation of the app is written or removed (0: it has none)."""
         return self._stamps.get(app, 0)
 
     def apps(self) -> Iterable[str]:
@@ -363,6 +368,37 @@ class AllocTable(dict):
 
     def __reduce__(self):
         return (AllocTable, (dict(self),))
+
+
+class AppWatch:
+    """Which apps changed since this watch last looked: a replaced record (records are
+    replaced, never mutated) or a new allocation stamp (AllocTable.app_stamp). A look costs
+    a walk of the apps, never of their allocations.
+
+    `changed(state)` names the apps new, changed or gone since the previous call and counts
+    them as seen; `forget(app)` makes the next call name `app` again; `clear()` forgets all.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[object, int]] = {}
+
+    def changed(self, state: "SiteState") -> set[str]:
+        seen, stamp, apps = self._seen, state.allocs.app_stamp, state.apps
+        names = apps.keys() | state.allocs.apps() | seen.keys()
+        out = {app for app in names if (entry := seen.get(app)) is None or entry[0] is not apps.get(app)
+               or entry[1] != stamp(app)}
+        for app in out:
+            if app in apps or stamp(app):
+                seen[app] = (apps.get(app), stamp(app))
+            else:
+                seen.pop(app, None)  # gone for good: nothing left to remember
+        return out
+
+    def forget(self, app: str) -> None:
+        self._seen.pop(app, None)
+
+    def clear(self) -> None:
+        self._seen.clear()
 
 
 @dataclass

@@ -22,6 +22,7 @@ TUNING_OPTIONS = (
     ("--log-keep", int, "rotated log files kept per workload"),
     ("--reattest-interval", float, "seconds between re-attestations of every member"),
     ("--sync-interval", float, "seconds between state-vector exchanges of a cross-site sync session"),
+    ("--stopped-app-retention", float, "seconds a stopped app stays in the site's state before it is forgotten"),
 )
 
 

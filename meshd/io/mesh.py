@@ -46,13 +46,13 @@ from crdt.schema import AppEdit, AppSiteStatus, NodeSummary, Record, SchemaError
 from crdt.schema import AuditRecord as DocAuditRecord
 from crdt.sync import SyncSession
 from meshd import meshstate
-from meshd.commands import AdoptPolicy, AdoptRevocations, Command, Refused
+from meshd.commands import AdoptPolicy, AdoptRevocations, Command, Ok, Refused
 from meshd.node import trust
 from meshd.io import peer
 from meshd.io.crdtstore import DocumentStore
 from meshd.io.docsync import DocumentHub
 from meshd.io.raft import CommandFailed
-from meshd.state import ADMIN_LEFT, ADMIN_REVOKED
+from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, AppWatch
 from meshd.wire import FrameError
 
 if TYPE_CHECKING:
@@ -134,6 +134,10 @@ class MeshSync:
         self._bad_edits: set[str] = set()  # edits this site cannot run (spec it cannot parse)
         self._bad_records: set[str] = set()  # signed records that do not verify (reported once)
         self._summary_written = -math.inf
+        # The apps whose progress was published, as they were (a pass publishes the ones
+        # that changed since, not every app); forgotten when this node starts leading again.
+        self._published_apps = AppWatch()
+        self._published_term: int | None = None
         self._links: list[_Link] = []  # live sessions (one per link is kept)
         self._link_serial = 0
         self.address_sites: dict[str, str] = {}  # static peer address -> its site, once dialled
@@ -345,6 +349,7 @@ class MeshSync:
             try:
                 await self._take_in()
                 await self._publish()
+                await self._purge()
             except CommandFailed as e:
                 log.info("mesh duty interrupted", extra={"reason": str(e)})
                 await trio.sleep(0.1)
@@ -482,7 +487,11 @@ class MeshSync:
                 or trio.current_time() - self._summary_written >= d.config.sync_interval:
             records.append(summary)
             self._summary_written = trio.current_time()
-        records += [status for status in meshstate.app_statuses(state, now)
+        term = d.raft.status.term if d.raft is not None else None
+        if term != self._published_term:
+            self._published_apps.clear()
+            self._published_term = term
+        records += [status for status in meshstate.app_statuses(state, now, self._published_apps.changed(state))
                     if not meshstate.same_status(document.get(AppSiteStatus, status.key), status)]
         records += [node for node in meshstate.node_summaries(state, facts, now)
                     if not meshstate.same_node(document.get(NodeSummary, node.key), node)]
@@ -491,6 +500,17 @@ class MeshSync:
                 await self.write(records[start:start + PUBLISH_BATCH])
             except SchemaError as e:  # a record this site made is not valid: a bug, but never fatal
                 log.error("record not published", extra={"reason": e.reason})
+
+    async def _purge(self) -> None:
+        """Forget the stopped apps whose retention ran out (meshstate.apps_to_purge decides)."""
+        document = self.document
+        assert document is not None
+        command = meshstate.apps_to_purge(self.ctx.snapshot(), time.time(), self.ctx.config.stopped_app_retention,
+                                          lambda edit_id: document.get(AppEdit, edit_id) is not None)
+        if command is not None:
+            result = await self.ctx.commit(command)
+            if isinstance(result, Ok) and result.fields.get("purged"):
+                log.info("stopped apps forgotten", extra={"apps": len(result.fields["purged"])})
 
     def _addresses(self, state) -> tuple[str, ...]:
         """Peer addresses other sites may dial: this leader first, then ready members."""

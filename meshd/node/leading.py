@@ -46,7 +46,7 @@ from meshd.placement.plan import make_plan
 from meshd.reconcile import reconcile, site_apps
 from meshd.sitestate import waits_for_replacement
 from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, ALLOC_PENDING, DESIRED_RUN, DESIRED_STOP, LIVENESS_DOWN, Alloc, \
-    NodeRecord, SiteState
+    AppWatch, NodeRecord, SiteState
 
 # Look at liveness when the next lease may run out, plus this much so it really passed.
 LEASE_EPSILON = 0.01
@@ -87,9 +87,8 @@ class Leading:
     _last_sweep: float = float("-inf")
     _sweep_after: str = ""  # the safety sweep goes on after this app
     _unplaced_reported: dict[str, str] = field(default_factory=dict)
-    # What each app and node looked like when last reconciled: (record, allocation stamp)
-    # per app, the record per node (compared by identity).
-    _seen_apps: dict[str, tuple[object, int]] = field(default_factory=dict)
+    # What the apps and nodes looked like when last reconciled (compared by identity).
+    _apps: AppWatch = field(default_factory=AppWatch)
     _seen_nodes: dict[str, NodeRecord] = field(default_factory=dict)
     _unplaced: set[str] = field(default_factory=set)  # apps whose last plan left replicas unplaced
 
@@ -123,10 +122,7 @@ class Leading:
     def changed_apps(self, state: SiteState) -> set[str]:
         """The apps to reconcile: replaced or new records, written allocations, and the apps
         on nodes whose record changed (any node, for apps with replicas left unplaced)."""
-        seen = self._seen_apps
-        changed = {app for app in (state.apps.keys() | state.allocs.apps() | seen.keys())
-                   if (entry := seen.get(app)) is None or entry[0] is not state.apps.get(app)
-                   or entry[1] != state.allocs.app_stamp(app)}
+        changed = self._apps.changed(state)
         nodes = self._seen_nodes
         moved = [node_id for node_id in state.nodes.keys() | nodes.keys()
                  if nodes.get(node_id) is not state.nodes.get(node_id)]
@@ -167,7 +163,7 @@ class Leading:
         if self._term != view.term:
             self._term = view.term
             self.tracker.reset(state, now)
-            self._seen_apps.clear()
+            self._apps.clear()
             self._seen_nodes.clear()
             self._unplaced.clear()
             return [Emit("leader", f"{_name(state, view.own_id)} leads site {state.site} (term {view.term})",
@@ -213,9 +209,7 @@ class Leading:
         a working copy of the state. The apps are then seen as they are in `state`, except
         those given a plan (seen once their allocations changed)."""
         rec = reconcile(state, apps)
-        for app in apps:
-            self._seen_apps[app] = (state.apps.get(app), state.allocs.app_stamp(app))
-            self._unplaced.discard(app)
+        self._unplaced.difference_update(apps)
         stops_by_app: dict[str, list[tuple[str, str]]] = {}
         for alloc_id, reason in rec.stop:
             stops_by_app.setdefault(state.allocs[alloc_id].app if alloc_id in state.allocs else "", []).append(
@@ -226,7 +220,7 @@ class Leading:
             record = state.apps.get(app_name)
             stops = stops_by_app.get(app_name, [])
             if record is None:
-                self._seen_apps.pop(app_name, None)
+                self._apps.forget(app_name)
                 effects.append(Commit(ApplyPlan(app=app_name or "unknown", version=1, stops=tuple(stops))))
                 continue
             if working is None:
@@ -247,7 +241,7 @@ class Leading:
                                or not waits_for_replacement(working, working.allocs[alloc_id], record.version))
             if not plan.placements and not kept_stops:
                 continue
-            self._seen_apps.pop(app_name, None)
+            self._apps.forget(app_name)
             effects.append(Commit(ApplyPlan(app=app_name, version=record.version, placements=plan.placements,
                                             stops=kept_stops)))
             for p in plan.placements:  # later apps of this pass see this capacity taken

@@ -36,6 +36,7 @@ EXAMPLES = [
     cmds.StopApp(app="svc", actor="op"),
     cmds.ApplyPlan(app="svc", version=2, placements=(Placement("x2", "svc", 2, 0, "a" * 32),),
                    stops=(("x1", "replaced by version 2"),)),
+    cmds.PurgeApps(apps=("old", "older"), retention=86400.0),
     cmds.Drain(node="n1", actor="op"),
     cmds.Undrain(node="n1", actor="op"),
 ]

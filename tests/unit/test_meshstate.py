@@ -135,6 +135,7 @@ def test_audit_records_are_numbered():
     ([edit(2, version=2)], [edit(1)], []),                         # ours newer, not published yet
     ([edit(1)], [edit(1), edit(2, version=2, base="e1", targets=("far",))], ["e2"]),  # moved away: stop here
     ([edit(1)], [edit(1), edit(2, version=2, base="e1", stopped=True)], ["e2"]),    # stopped elsewhere
+    ([], [edit(1), edit(2, version=2, base="e1", stopped=True)], []),  # a stop of what does not run here
 ])
 def test_edits_to_take_in(taken, in_document, wanted):
     state = founded()
@@ -350,3 +351,23 @@ def test_sites_exchanging_policies_through_a_document_end_with_the_same_bundle(m
                 held[i] = best.signed
     assert all(signed == held[0] for signed in held)
     assert open_policy(held[0], ROOT_PUBLIC).serial == max(serial for serial, _ in made)
+
+
+# --- meshstate: forgetting stopped apps ----------------------------------------------------
+
+def test_stopped_apps_are_purged_after_their_retention_once_the_document_holds_their_stop():
+    state = founded()
+    assert deploy(state, edit(1)).ok
+    assert sitestate.apply(state, cmd("stop_app", ts=T0 + 10, app="web", edit=edit(2, version=2, base="e1",
+                                                                                   stopped=True).to_plain())).ok
+    held = {"e2"}
+    assert meshstate.apps_to_purge(state, T0 + 50, 60.0, held.__contains__) is None  # too young
+    assert meshstate.apps_to_purge(state, T0 + 80, 60.0, set().__contains__) is None  # its stop unpublished
+    command = meshstate.apps_to_purge(state, T0 + 80, 60.0, held.__contains__)
+    assert command.apps == ("web",)
+    result = sitestate.apply(state, cmd("purge_apps", ts=T0 + 80, **command.to_wire()))
+    assert result.ok and result["purged"] == ["web"] and "web" not in state.apps and "web" not in state.mesh_edits
+    # the document still says stopped: nothing to take in again, nothing to purge again
+    doc = document(edit(1), edit(2, version=2, base="e1", stopped=True))
+    assert meshstate.edits_to_take_in(state, doc.apps()) == []
+    assert meshstate.apps_to_purge(state, T0 + 500, 60.0, held.__contains__) is None

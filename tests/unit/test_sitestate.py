@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import pickle
 
 import pytest
@@ -210,6 +211,84 @@ def test_stop_app_and_drain():
     drained = sitestate.apply(state, cmd("drain", node="n2"))
     assert drained["state"] == "draining"
     assert sitestate.apply(state, cmd("undrain", node="n2"))["state"] == "ready"
+
+
+def test_purge_forgets_only_stopped_apps_past_their_retention_whose_allocations_ended():
+    state = founded(2)
+    n1, _ = sorted(state.nodes)
+    for name in ("web", "db", "old"):
+        spec = {"app": {"name": name, "replicas": 1, "command": ["sleep", "100"]}}
+        assert sitestate.apply(state, cmd("submit_app", spec=spec)).ok
+        assert sitestate.apply(state, plan_cmd([{"alloc_id": f"{name}0", "replica": 0, "node_id": n1}]) | {
+            "plan": {"app": name, "version": 1, "placements": [
+                {"alloc_id": f"{name}0", "replica": 0, "node_id": n1}], "stops": []}}).ok
+    sitestate.apply(state, cmd("heartbeat", node_id=n1, seq=5, reports=[
+        {"alloc_id": f"{a}0", "state": "running", "pid": 1, "restarts": 0, "exit_code": None, "reason": ""}
+        for a in ("web", "db", "old")]))
+    assert sitestate.apply(state, cmd("stop_app", ts=T0 + 10, app="old")).ok
+    assert sitestate.apply(state, cmd("stop_app", ts=T0 + 10, app="db")).ok
+    sitestate.apply(state, cmd("heartbeat", node_id=n1, seq=6, reports=[  # old's replica ended, db's not yet
+        {"alloc_id": "old0", "state": "stopped", "pid": None, "restarts": 0, "exit_code": 0, "reason": ""}]))
+    before = copy.deepcopy(state.apps)
+    early = sitestate.apply(state, cmd("purge_apps", ts=T0 + 30, apps=["old"], retention=60.0))
+    assert early["purged"] == [] and early["kept"] == [["old", "stopped 20s ago, kept for 60s"]]
+    assert state.apps == before
+    result = sitestate.apply(state, cmd("purge_apps", ts=T0 + 100, apps=["old", "db", "web", "nope"],
+                                        retention=60.0))
+    assert result["purged"] == ["old"]
+    assert result["kept"] == [["db", "an allocation has not ended yet"], ["web", "not stopped"],
+                              ["nope", "no such app"]]
+    assert "old" not in state.apps and "old0" not in state.allocs and set(state.apps) == {"web", "db"}
+    for bad in ({"apps": [], "retention": 1}, {"apps": ["x"] * 501, "retention": 1}, {"apps": ["x"], "retention": -1}):
+        assert sitestate.apply(state, cmd("purge_apps", **bad)).code == "malformed"
+
+
+def test_a_site_under_churn_keeps_a_bounded_state():
+    """One deploy and one stop of a new app every second for 100 simulated minutes, the
+    leader placing, nodes reporting, stopped apps purged after a ten-minute retention: every
+    part of the state stays bounded by what runs and by its fixed limits, not by what ran."""
+    from meshd.commands import Envelope, encode
+    from meshd.meshstate import apps_to_purge
+    from meshd.node.effects import Commit
+    from meshd.node.leading import LeaderView, Leading
+
+    state = founded(3)
+    ids = itertools.count()
+    core = Leading(lease=1e9, new_alloc_id=lambda: f"x{next(ids)}")
+    voters = tuple(n.raft_address for n in state.nodes.values())
+    retention, sizes = 600.0, []
+    for second in range(6000):
+        ts = T0 + second
+        name = f"app{second}"
+        sitestate.apply(state, cmd("submit_app", ts=ts, request_id=f"d{second}", spec={
+            "app": {"name": name, "replicas": 2, "command": ["sleep", "1"]}}))
+        if second >= 5:
+            sitestate.apply(state, cmd("stop_app", ts=ts, request_id=f"s{second}", app=f"app{second - 5}"))
+        view = LeaderView(state=state, term=1, own_id=next(iter(state.nodes)), own_raft_address=voters[0],
+                          configured=voters[1:], contacts=tuple((a, float(second)) for a in voters))
+        for effect in core.step(view, float(second)):
+            if isinstance(effect, Commit):
+                sitestate.apply(state, encode(effect.command, Envelope(ts=ts)))
+        for node_id in state.nodes:  # each node reports its replicas: running, or ended once stopped
+            reports = [{"alloc_id": a.alloc_id, "state": "running" if a.desired == "run" else "stopped",
+                        "pid": 1, "restarts": 0, "exit_code": 0, "reason": ""}
+                       for a in state.allocs.on_node(node_id) if a.state not in ("stopped", "lost")]
+            if reports:
+                sitestate.apply(state, cmd("heartbeat", ts=ts, node_id=node_id, seq=second + 10, reports=reports))
+        purge = apps_to_purge(state, ts, retention, lambda edit_id: True)
+        if purge is not None:
+            sitestate.apply(state, encode(purge, Envelope(ts=ts)))
+        if second % 600 == 599:
+            sizes.append((len(state.apps), len(state.allocs), len(state.mesh_edits), len(state.events),
+                          len(state.audit), len(state.applied_requests), len(state.allocs._stamps),
+                          len(pickle.dumps(state))))
+    apps, allocs, _, events, audit, requests, stamps, _ = sizes[-1]
+    assert apps <= retention + 10 and allocs <= 2 * apps and stamps <= apps
+    assert events <= sitestate.MAX_EVENTS and audit <= sitestate.MAX_AUDIT
+    assert requests <= sitestate.MAX_REMEMBERED_REQUESTS
+    # once the capped histories are full (audit and request ids at 2 a second: 5,000 s),
+    # nothing grows any more: the last ten minutes left the snapshot within 1 %
+    assert sizes[-2][:-1] == sizes[-1][:-1] and sizes[-1][-1] <= 1.01 * sizes[-2][-1]
 
 
 def test_snapshot_round_trips_through_pickle():
