@@ -351,6 +351,10 @@ class AllocTable(dict):
     def of_app(self, app: str) -> list[Alloc]:
         return [self[i] for i in self._by_app.get(app, ())]
 
+    def count_of_app(self, app: str) -> int:
+        """How many allocations the app has (what len(of_app) says, without building it)."""
+        return len(self._by_app.get(app, ()))
+
     def live_on(self, node_id: str) -> Mapping[str, int]:
         """App -> live allocations on the node (read-only: the table's own index)."""
         return self._live.get(node_id, _EMPTY)

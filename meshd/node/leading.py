@@ -59,6 +59,10 @@ RECONCILE_SAFETY_PERIOD = 5.0
 # (about 5 ms of reconcile), so the net costs the same at any size; a site of 100,000
 # allocations is swept whole in 20 periods.
 SWEEP_ALLOCS = 5_000
+# One pass reconciles changed apps up to this many allocations (about 40 ms), the rest in the
+# next passes at once: a new leader's look at a whole 100,000-allocation site, or a burst of
+# deploys, never holds the event loop for long.
+PASS_ALLOCS = 10_000
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,7 @@ class Leading:
     _apps: AppWatch = field(default_factory=AppWatch)
     _seen_nodes: dict[str, NodeRecord] = field(default_factory=dict)
     _unplaced: set[str] = field(default_factory=set)  # apps whose last plan left replicas unplaced
+    _pending: set[str] = field(default_factory=set)  # changed apps a pass left for the next (PASS_ALLOCS)
 
     def __post_init__(self) -> None:
         self.tracker = LivenessTracker(lease=self.lease)
@@ -111,10 +116,11 @@ class Leading:
         voter = self.voter_change(view)
         if voter is not None:
             effects.append(voter)
-        apps = self.changed_apps(view.state)
+        apps = self.changed_apps(view.state) | self._pending
         if now - self._last_sweep > RECONCILE_SAFETY_PERIOD:
             self._last_sweep = now
             apps |= self._sweep(view.state)
+        apps, self._pending = _within(view.state, apps, PASS_ALLOCS)
         if apps:
             effects.extend(self.plans(view.state, apps))
         return effects
@@ -154,7 +160,7 @@ class Leading:
             if looked >= SWEEP_ALLOCS or app in picked:
                 break
             picked.add(app)
-            looked += len(state.allocs.of_app(app)) + 1
+            looked += state.allocs.count_of_app(app) + 1
             self._sweep_after = app
         return picked
 
@@ -166,6 +172,7 @@ class Leading:
             self._apps.clear()
             self._seen_nodes.clear()
             self._unplaced.clear()
+            self._pending.clear()
             return [Emit("leader", f"{_name(state, view.own_id)} leads site {state.site} (term {view.term})",
                          {"term": view.term})]
         by_address = dict(view.contacts)
@@ -183,6 +190,8 @@ class Leading:
         old: what it has not looked at is waiting)."""
         if self._view_was_old:
             return DOWN_LOOK_PERIOD
+        if self._pending:
+            return 0.0  # changed apps wait for the next pass: at once
         deadline = self.tracker.next_check(state)
         wait = RECONCILE_SAFETY_PERIOD if deadline is None else deadline - now + LEASE_EPSILON
         if any(n.liveness == LIVENESS_DOWN and n.admin not in (ADMIN_LEFT, ADMIN_REVOKED) for n in state.nodes.values()):
@@ -251,6 +260,19 @@ class Leading:
             for alloc_id, _ in kept_stops:
                 working.allocs[alloc_id] = replace(working.allocs[alloc_id], desired=DESIRED_STOP)
         return effects
+
+
+def _within(state: SiteState, apps: set[str], budget: int) -> tuple[set[str], set[str]]:
+    """(the first apps in name order whose allocations fit in `budget`, at least one; the rest)."""
+    taken: set[str] = set()
+    used = 0
+    ordered = sorted(apps)
+    for at, app in enumerate(ordered):
+        used += state.allocs.count_of_app(app) + 1
+        if used > budget and taken:
+            return taken, set(ordered[at:])
+        taken.add(app)
+    return taken, set()
 
 
 def _name(state: SiteState, node_id: str) -> str:

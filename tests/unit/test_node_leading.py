@@ -196,3 +196,24 @@ def test_an_app_left_unplaced_is_placed_when_another_frees_room_or_a_node_grows(
         "cpu_total": 8, "cpu_free": 8, "mem_total_mb": 4096, "mem_free_mb": 4000})).ok  # only the node changed
     [plan] = core.step(alive(state, 2.0), now=2.0)
     assert plan.command.app == "wide" and len(plan.command.placements) == 1
+
+
+def test_a_new_leader_looks_at_a_large_site_in_passes_of_bounded_size(monkeypatch):
+    import meshd.node.leading as leading_module
+    monkeypatch.setattr(leading_module, "PASS_ALLOCS", 3)
+    state = founded(2)
+    for name in ("a", "b", "c", "d", "e"):
+        deploy(state, name, 2)
+    core = leading()
+    passes = []
+    effects = core.step(alive(state, 0.0), now=0.0)  # the announcement and the first share
+    while True:
+        plans = [e for e in effects if isinstance(e, Commit)]
+        passes.append(sorted(e.command.app for e in plans))
+        _commit_all(state, plans)
+        if core.next_look(state, 0.0) != 0.0 and not plans:
+            break
+        effects = core.step(alive(state, 0.0), now=0.0)
+    # An app counts its allocations + 1 against the pass's 3: a, b, c unplaced fill the first
+    # pass; once placed (3 each) they are looked at one a pass; then d and e, placed, likewise.
+    assert passes == [["a", "b", "c"], [], [], [], ["d", "e"], [], []]
