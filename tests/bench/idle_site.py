@@ -31,7 +31,7 @@ import psutil
 
 from meshd.io.localsite import LocalSite
 from tests.bench.report import report
-from tests.bench.site_scale import Problems, check_alive, scan_logs, stop_site
+from tests.bench.site_scale import MachineBusy, Problems, check_alive, scan_logs, stop_site
 
 CPU_TARGET = 1.0  # % of one core per daemon, at every size (the 12-member goal, per daemon)
 # Long enough to cover many heartbeat, report and Raft periods (a non-voter reports every
@@ -57,6 +57,8 @@ def targets_for(sizes: list[int]) -> dict[str, tuple[float | None, str]]:
         targets[f"m{n}_cpu_pct"] = (CPU_TARGET, "% of a core")
         targets[f"m{n}_worst_cpu_pct"] = (CPU_TARGET, "% of a core")  # the busiest daemon: the target is per daemon
         targets[f"m{n}_rss_mb"] = (None, "MB")
+        # Context: the whole machine's busy share during the window (other load inflates CPU figures)
+        targets[f"m{n}_machine_busy_pct"] = (None, "% machine")
     targets["daemons_exited"] = (0.0, "count")
     targets["log_wedged_lines"] = (None, "count")
     targets["log_tracebacks"] = (None, "count")
@@ -77,7 +79,9 @@ def measure(site: LocalSite, size: int, window: float, samples: dict[str, list[f
     procs = {n.name: psutil.Process(n.proc.pid) for n in nodes}
     before_roles = roles(site)
     before = {name: p.cpu_times() for name, p in procs.items()}
+    busy = MachineBusy()
     time.sleep(window)
+    samples[f"m{size}_machine_busy_pct"].append(busy.stop())
     after = {name: p.cpu_times() for name, p in procs.items() if p.is_running()}
     after_roles = roles(site)
     per_node = {}
@@ -129,12 +133,14 @@ def main(argv: list[str] | None = None) -> int:
                 steps.append(step)
                 log(f"{size} members: roles {step['roles']}, cpu % " +
                     ", ".join(f"{k}={v['cpu_pct']:.2f}" for k, v in step["per_node"].items()))
-            check_alive(site, problems)
-            samples["daemons_exited"].append(float(sum(1 for n in site.nodes if n.proc is not None and not n.alive)))
+        except KeyboardInterrupt:  # Ctrl-C: stop the site, still report what was measured
+            problems.add("interrupted")
         except Exception as exc:  # a site that would not form: report it rather than a bare traceback
             problems.add(f"run failed: {type(exc).__name__}: {exc}")
             print(site.dump_logs(), file=sys.stderr)
         finally:
+            check_alive(site, problems)
+            samples["daemons_exited"].append(float(sum(1 for n in site.nodes if n.proc is not None and not n.alive)))
             log("stopping the daemons")
             stop_site(site, problems, STOP_TIMEOUT_S)
             scan_logs(site, problems, samples)

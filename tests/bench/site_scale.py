@@ -60,6 +60,9 @@ TARGETS = {  # metric -> (target, unit); lower is better for all
     "idle_cpu_pct": (None, "% of a core"),  # every daemon of the site, leader included
     "leader_rss_mb": (None, "MB"),
     "rss_mb": (None, "MB"),  # every daemon of the site after settling
+    # Context: how busy the whole machine was during the idle window (% of all its cores, the
+    # measured daemons included); other load on a shared machine inflates every CPU figure.
+    "machine_busy_pct": (None, "% machine"),
     "join_ready_s": (None, "s"),
     "join_state_s": (None, "s"),
     "join_ready_with_state_s": (3.0, "s"),
@@ -84,6 +87,9 @@ START_TIMEOUT_S = 60.0  # three joins on a quiet machine take about 2 s (one_sit
 JOIN_POLL_S = 0.1  # the joiner's `allocs` answer takes ~0.1-0.3 s at 10,000 rows: the resolution
 JOIN_TIMEOUT_S = 120.0  # 40x the target: long enough to measure a slow join, short enough to end
 STOP_TIMEOUT_S = 60.0  # SIGTERM -> exit for a daemon stopping thousands of workloads
+# A site whose voters all live elects a leader within seconds (one_site: failover ~1 s); no
+# leader for this long (four watchdog stall limits) means it will not recover by itself.
+LEADERLESS_LIMIT_S = 60.0
 PROGRESS_S = 10.0  # a progress line on stderr this often, so a slow phase is visibly alive
 
 
@@ -198,6 +204,10 @@ def deploy_all(site: LocalSite, names: list[str], specs: dict[str, str], clients
             last_progress = now
             log(f"accepted {len(accepted)}/{len(names)} after {now - t0:.0f} s, retries {retries[0]}")
         check_alive(site, problems)  # keep going on a death: the clients of the survivors may still finish
+        if sum(1 for n in nodes if n.alive) <= len(nodes) // 2:
+            problems.add(f"quorum lost while deploying: {len(accepted)}/{len(names)} accepted")
+            stop.set()
+            break
         if now > deadline:
             problems.add(f"deploys not all accepted within {timeout:g} s: {len(accepted)}/{len(names)}")
             stop.set()
@@ -231,16 +241,19 @@ def wait_settled(site: LocalSite, apps: set[str], total: int, workload: str, t0:
     last_digest = None
     changed_at = time.monotonic()
     last_progress = 0.0
+    leader_seen = time.monotonic()
     ids: set[str] = set()
     while time.monotonic() < deadline:
         check_alive(site, problems)
-        if not any(n.alive for n in site.nodes):
-            problems.add("every daemon exited before the site settled")
+        alive = sum(1 for n in site.nodes if n.alive)
+        if alive <= len(site.nodes) // 2:
+            problems.add(f"quorum lost before the site settled: {alive} of {len(site.nodes)} daemons alive")
             return None, ids
         leader = site.leader()
         rows = try_call(leader, "allocs", app=None, node=None) if leader else None
         now = time.monotonic()
         if rows is not None:
+            leader_seen = now
             counts, digest, ids = alloc_picture(rows, apps)
             if digest != last_digest:
                 last_digest, changed_at = digest, now
@@ -254,13 +267,31 @@ def wait_settled(site: LocalSite, apps: set[str], total: int, workload: str, t0:
                 unfinished = counts.get("pending", 0) + counts.get("running", 0)
                 if sum(counts.values()) >= total and unfinished == 0 and now - changed_at >= QUIET_S:
                     return changed_at - t0, ids
-        elif now - last_progress >= PROGRESS_S:
-            last_progress = now
-            log(f"no answer from a leader after {now - t0:.0f} s")
+        else:
+            if now - leader_seen > LEADERLESS_LIMIT_S:
+                problems.add(f"no leader answered for {now - leader_seen:.0f} s: the site is wedged")
+                return None, ids
+            if now - last_progress >= PROGRESS_S:
+                last_progress = now
+                log(f"no answer from a leader after {now - t0:.0f} s")
         time.sleep(SETTLE_POLL_S)
     problems.add(f"site not settled within {timeout:g} s; last picture: "
                  f"{dict(sorted(counts.items())) if last_digest else 'no answer'}")
     return None, ids
+
+
+class MachineBusy:
+    """Share of all the machine's cores that were busy (not idle or waiting on I/O) between
+    start and stop."""
+
+    def __init__(self) -> None:
+        self.before = psutil.cpu_times()
+
+    def stop(self) -> float:
+        after = psutil.cpu_times()
+        total = sum(after) - sum(self.before)
+        idle = (after.idle - self.before.idle) + (getattr(after, "iowait", 0.0) - getattr(self.before, "iowait", 0.0))
+        return 100.0 * (total - idle) / total if total > 0 else 0.0
 
 
 def measure_idle(site: LocalSite, leader: LocalNode | None, window: float,
@@ -268,7 +299,9 @@ def measure_idle(site: LocalSite, leader: LocalNode | None, window: float,
     nodes = [n for n in site.nodes if n.alive]
     procs = {n.name: psutil.Process(n.proc.pid) for n in nodes}
     before = {name: p.cpu_times() for name, p in procs.items()}
+    busy = MachineBusy()
     time.sleep(window)
+    samples["machine_busy_pct"].append(busy.stop())
     per_node = {}
     for name, p in procs.items():
         try:
@@ -388,13 +421,15 @@ def one_run(site: LocalSite, args: argparse.Namespace, samples: dict[str, list[f
     info["leader"] = leader.name if leader else None
     if leader is None:
         problems.add("no leader after the deploys")
+    if sum(1 for n in started if n.alive) <= len(started) // 2:  # no idling to measure, nothing to join
+        problems.add("no idle window and no join: the site lost its quorum")
+        return info
     log(f"idle window of {args.idle_window:g} s")
     info["idle"] = measure_idle(site, leader, args.idle_window, samples)
-    if any(n.alive for n in started) and ids:
+    if ids:
         log("a new member joins")
         info["join"] = measure_join(site, set(names), ids, problems, samples)
     check_alive(site, problems)
-    samples["daemons_exited"].append(float(sum(1 for n in site.nodes if n.proc is not None and not n.alive)))
     return info
 
 
@@ -446,6 +481,10 @@ def main(argv: list[str] | None = None) -> int:
                 problems.add(f"run failed: {type(exc).__name__}: {exc}")
                 print(site.dump_logs(), file=sys.stderr)
             finally:
+                check_alive(site, problems)
+                # before the stop: a daemon that died on its own (or wedged and exited) counts
+                samples["daemons_exited"].append(float(sum(1 for n in site.nodes
+                                                           if n.proc is not None and not n.alive)))
                 log("stopping the daemons")
                 stop_site(site, problems)
                 scan_logs(site, problems, samples)  # after the stop: what stopping logged counts too
