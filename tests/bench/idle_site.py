@@ -13,7 +13,8 @@ window of `--window` seconds, with its RSS at the end. Rows per size (`m<N>_...`
   `nonvoter_cpu_pct`: the non-voters (members past the fifth replicate without voting);
   `cpu_pct`: every daemon; `worst_cpu_pct`: the busiest daemon (the 1 % target is per daemon,
   so this row is the one that says whether the site meets it);
-- `rss_mb`: every daemon.
+- `rss_mb`: every daemon; `machine_busy_pct`: the whole machine's busy share during the
+  window (other load on a shared machine inflates every CPU figure).
 `daemons_exited` (target 0) counts daemons not alive at the end; the logs are scanned for a
 wedged loop, tracebacks and error lines after the site is stopped. Table of medians (with
 min/max) + JSON of every sample, the roles seen at each size, and any problems.

@@ -25,8 +25,11 @@ mDNS) and:
 - a new member joining: `join_ready_s` its process start -> `ready` in its own `nodes`;
   `join_state_s` -> its own `apps` and `allocs` (through its admin socket) show every app and
   every allocation the leader had; `join_ready_with_state_s` the later of both (target 3 s).
-Every phase has a deadline: a site that wedges or dies is reported as such (the metric is
-missing, the run's `problems` say why) instead of hanging, and every process is stopped.
+Every phase has a deadline, and the wait ends early once the site lost its quorum or had no
+leader for 60 s: a site that wedges or dies is reported as such (the metric is missing, the
+run's `problems` say why, with the stalled loop's frames) instead of hanging, and every
+process is stopped. `machine_busy_pct` says how busy the whole machine was during the idle
+window: on a shared machine, read the CPU figures against it.
 Prints a table of medians and writes every sample and problem to JSON.
 """
 
