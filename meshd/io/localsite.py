@@ -160,6 +160,16 @@ class LocalSite:
         for _ in range(count - 1):
             self.join(timeout=timeout)
 
+    def grow(self, count: int, timeout: float = 30.0) -> list[LocalNode]:
+        """Bring the site to `count` nodes, each ready before the next joins: founds it when it
+        has none, then joins members one at a time. Returns the nodes it added."""
+        added = []
+        if not self.nodes:
+            added.append(self.found(timeout))
+        while len(self.nodes) < count:
+            added.append(self.join(timeout=timeout))
+        return added
+
     def any_alive(self) -> LocalNode:
         for node in self.nodes:
             if node.alive and node.try_call("status"):
