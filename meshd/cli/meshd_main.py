@@ -22,6 +22,8 @@ TUNING_OPTIONS = (
     ("--log-keep", int, "rotated log files kept per workload"),
     ("--reattest-interval", float, "seconds between re-attestations of every member"),
     ("--sync-interval", float, "seconds between state-vector exchanges of a cross-site sync session"),
+    ("--document-retention", str, "how long the mesh document keeps audit records and superseded or losing app "
+                                  "edits (30d, 12h, 90m or seconds; default 30d)"),
 )
 
 
