@@ -296,6 +296,8 @@ class AdminHandlers:
     async def document(self, request: AdminRequest, stream) -> dict:
         """This node's replica: records per kind, size, state vector, and its live sessions."""
         mesh = self.ctx.mesh
+        if _arg(request.args, "compact", bool, False):  # an operator's compaction, now
+            await mesh.hub.compact("asked by meshctl document --compact")
         document = mesh.document
         since = _arg(request.args, "since", str)
         sent = mesh.sent_by_site()
