@@ -7,14 +7,16 @@ answers with exactly what that vector is missing (DELTA); from then on each side
 update of every change it makes or learns (UPDATE), and both re-send their state vector now
 and then (the I/O layer decides when) so a push lost on the way is repaired by the next DELTA.
 
-Two replicas of different epochs cannot exchange deltas (their Docs share no items). Then the
-side of the higher epoch answers a STATE with its whole document (a DELTA of everything), the
-side of the lower epoch answers with an empty DELTA and takes the whole document it gets as an
-`adoption` for the I/O layer: that layer builds the higher epoch's document from it, merges its
-own records into it (crdt.compaction) and calls `switched`, which announces the new epoch and
-asks again (EPOCH, STATE). A side whose epoch changes during a session (it compacted, or
-adopted another) calls `switched` too; a side that learns mid-session that its peer moved to a
-higher epoch asks for that document with a STATE. Updates of another epoch are never applied.
+Two replicas of different epochs cannot exchange deltas (their Docs share no items). A side
+that learns its peer is of a higher epoch asks for that epoch's whole document (WANT); the
+other answers with it (FULL: the epoch and the document as one update); every STATE between
+sides of different epochs is answered with an empty DELTA. The asking side hands the document
+over as an `adoption` to the I/O layer, which builds the higher epoch's document from it,
+merges its own records into it (crdt.compaction) and calls `switched`: the session announces
+the new epoch and asks again (EPOCH, STATE), and deltas flow as before. A side whose epoch
+changes during a session (it compacted, or adopted another) calls `switched` too. A side asks
+once for each epoch it hears of, and never for one its I/O layer refused (`refused`): a peer
+whose document was refused is not asked to send megabytes again at every redial.
 
 Wire form of one message: 1 byte type, 4 bytes big-endian length, that many payload bytes.
 Binary, because updates are binary: base64 inside JSON would cost a third more on every byte.
@@ -30,9 +32,10 @@ Invariants:
 - A session applies what it receives to its document and never sends an update back to the
   replica it came from (the other side already has it).
 - A session applies a DELTA or UPDATE only when both sides are of one epoch, and pushes only
-  then; a whole document from a higher epoch is handed over (`take_adoption`) unapplied, for
-  the I/O layer to check (crdt.document.MeshDocument.adopted refuses it whole when it is
-  malformed or holds anything but well-formed records) and merge.
+  then; a whole document is taken only as the answer to a WANT of ours, only for an epoch
+  higher than ours, and handed over (`take_adoption`) unapplied, for the I/O layer to check
+  (crdt.document.MeshDocument.adopted refuses it whole when it is malformed or holds
+  anything but well-formed records) and merge.
 - Counters: `bytes_in`/`bytes_out` count every byte of every message as sent (headers
   included, compressed); `payload_in`/`payload_out` only the updates, uncompressed.
 - A compressed payload is inflated to at most MAX_UPDATE_BYTES: one that would grow past it
@@ -44,22 +47,25 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import Callable
 
 from crdt.document import EMPTY_UPDATE, MAX_STATE_VECTOR_BYTES, MAX_UPDATE_BYTES, MeshDocument, SyncError
 from crdt.epoch import ENCODED_BYTES, ZERO_EPOCH, Epoch, EpochError
 
-STATE, DELTA, UPDATE, DELTA_Z, UPDATE_Z, EPOCH = 1, 2, 3, 4, 5, 6
+STATE, DELTA, UPDATE, DELTA_Z, UPDATE_Z, EPOCH, WANT, FULL, FULL_Z = 1, 2, 3, 4, 5, 6, 7, 8, 9
 MESSAGE_TYPES = {STATE: "state", DELTA: "delta", UPDATE: "update", DELTA_Z: "compressed delta",
-                 UPDATE_Z: "compressed update", EPOCH: "epoch"}
-_COMPRESSED = {DELTA: DELTA_Z, UPDATE: UPDATE_Z}
-_PLAIN = {DELTA_Z: DELTA, UPDATE_Z: UPDATE}
+                 UPDATE_Z: "compressed update", EPOCH: "epoch", WANT: "want", FULL: "full document",
+                 FULL_Z: "compressed full document"}
+_COMPRESSED = {DELTA: DELTA_Z, UPDATE: UPDATE_Z, FULL: FULL_Z}
+_PLAIN = {DELTA_Z: DELTA, UPDATE_Z: UPDATE, FULL_Z: FULL}
+_UPDATES = {DELTA, UPDATE, FULL}  # messages that carry an update (counted in payload_*)
 # Smaller updates (one edit, one audit record) gain little and would pay zlib's header and
 # a few microseconds each; level 1: within 20 % of the best ratio here at a quarter of the time.
 COMPRESS_MIN = 512
 COMPRESS_LEVEL = 1
 _HEADER = struct.Struct(">BI")
 HEADER_SIZE = _HEADER.size
-# A message carries at most one update (or one state vector).
+# A message carries at most one update (or one state vector; a FULL also its epoch).
 MAX_MESSAGE = MAX_UPDATE_BYTES
 
 
@@ -80,7 +86,8 @@ def _header_problem(kind: int, length: int, max_message: int) -> str | None:
     """Why a message of this type and length may not be sent or taken, or None."""
     if kind not in MESSAGE_TYPES:
         return f"unknown sync message type {kind}"
-    limit = MAX_STATE_VECTOR_BYTES if kind == STATE else ENCODED_BYTES if kind == EPOCH else max_message
+    limit = (MAX_STATE_VECTOR_BYTES if kind == STATE else ENCODED_BYTES if kind in (EPOCH, WANT)
+             else max_message + ENCODED_BYTES if kind in (FULL, FULL_Z) else max_message)
     if length > limit:
         return f"{MESSAGE_TYPES[kind]} message of {length} bytes is over the limit ({limit} bytes)"
     return None
@@ -118,10 +125,10 @@ class SyncDecoder:
         return out
 
 
-def _inflate(packed: bytes) -> bytes:
+def _inflate(packed: bytes, limit: int = MAX_UPDATE_BYTES) -> bytes:
     inflater = zlib.decompressobj()
     try:
-        update = inflater.decompress(packed, MAX_UPDATE_BYTES)
+        update = inflater.decompress(packed, limit)
     except zlib.error as e:
         raise SyncError(f"compressed update does not inflate: {e}") from None
     if inflater.unconsumed_tail:
@@ -132,11 +139,14 @@ def _inflate(packed: bytes) -> bytes:
 
 
 class SyncSession:
-    """One side of a sync session with one remote replica."""
+    """One side of a sync session with one remote replica. `refused(epoch)`: whether the I/O
+    layer refused that epoch's document already (then it is not asked for again)."""
 
-    def __init__(self, document: MeshDocument, peer: str) -> None:
+    def __init__(self, document: MeshDocument, peer: str,
+                 refused: Callable[[Epoch], bool] = lambda epoch: False) -> None:
         self.document = document
         self.peer = peer  # who is at the other end (a site name or an address), for events
+        self.refused = refused
         self.bytes_in = self.bytes_out = 0
         self.payload_in = self.payload_out = 0
         self.last_sync: float | None = None  # when the last DELTA or UPDATE arrived
@@ -148,11 +158,12 @@ class SyncSession:
         # The other side's epoch: None until its first message (an EPOCH, or a STATE without
         # one: epoch 0, a replica that never compacted).
         self.peer_epoch: Epoch | None = None
-        self.ignored = 0  # DELTAs and UPDATEs of another epoch, not applied
+        self.wanted: Epoch | None = None  # the epoch whose document we asked for (WANT)
+        self.ignored = 0  # DELTAs, UPDATEs and documents of another epoch, not applied
         self._adoption: tuple[Epoch, bytes] | None = None
 
     def _out(self, message: Message) -> Message:
-        if message.type not in (STATE, EPOCH):
+        if message.type in _UPDATES:
             self.payload_out += len(message.payload)
             if len(message.payload) >= COMPRESS_MIN:
                 packed = zlib.compress(message.payload, COMPRESS_LEVEL)
@@ -180,7 +191,7 @@ class SyncSession:
         self.document = document
         self._adoption = None
         self.synced = False
-        return self.open()
+        return self.open() + self._want()
 
     @property
     def same_epoch(self) -> bool:
@@ -197,47 +208,64 @@ class SyncSession:
         adoption, self._adoption = self._adoption, None
         return adoption
 
+    def _want(self) -> list[Message]:
+        """Ask for the peer's document when its epoch is higher than ours, once per epoch."""
+        theirs = self.peer_epoch
+        if theirs is None or theirs <= self.document.epoch or theirs == self.wanted or self.refused(theirs):
+            return []
+        self.wanted = theirs
+        return [self._out(Message(WANT, theirs.encode()))]
+
+    def _learn_epoch(self, theirs: Epoch) -> list[Message]:
+        self.peer_epoch = theirs
+        return self._want()
+
     def receive(self, message: Message, now: float) -> tuple[list[Message], bytes | None]:
         """Handle one message: (replies, the update if it brought anything new, else None).
         Raises SyncError for a malformed message; the document is then unchanged."""
         self.bytes_in += message.size
         ours = self.document.epoch
-        if message.type == EPOCH:
+        if message.type in (EPOCH, WANT):
             try:
-                theirs = Epoch.decode(message.payload)
+                epoch = Epoch.decode(message.payload)
             except EpochError as e:
-                raise SyncError(f"malformed epoch: {e.reason}") from None
-            moved = self.peer_epoch is not None and theirs != self.peer_epoch
-            self.peer_epoch = theirs
-            # Mid-session news of a higher epoch: ask for its document (at the start, the
-            # opening STATE already did).
-            return ([self._state()] if moved and theirs > ours else []), None
-        if self.peer_epoch is None:
-            self.peer_epoch = ZERO_EPOCH
+                raise SyncError(f"malformed {MESSAGE_TYPES[message.type]}: {e.reason}") from None
+            if message.type == EPOCH:
+                return self._learn_epoch(epoch), None
+            if epoch != ours:  # asked for an epoch we have left meanwhile: our EPOCH tells it
+                return [], None
+            return [self._out(Message(FULL, ours.encode() + self.document.full_update()))], None
+        replies = self._learn_epoch(ZERO_EPOCH) if self.peer_epoch is None else []
         if message.type == STATE:
             if self.peer_epoch == ours:
                 answer = self.document.delta_since(message.payload)
-            elif self.peer_epoch < ours:
-                answer = self.document.full_update()  # their vector is of another Doc: everything
             else:
-                answer = EMPTY_UPDATE  # we take theirs; ours means nothing to their Doc
-            return [self._out(Message(DELTA, answer))], None
+                answer = EMPTY_UPDATE  # their vector is of another Doc; the document goes by WANT
+            return replies + [self._out(Message(DELTA, answer))], None
         if message.type in _PLAIN:
-            message = Message(_PLAIN[message.type], _inflate(message.payload))
+            limit = MAX_UPDATE_BYTES + ENCODED_BYTES if message.type == FULL_Z else MAX_UPDATE_BYTES
+            message = Message(_PLAIN[message.type], _inflate(message.payload, limit))
         self.payload_in += len(message.payload)
+        if message.type == FULL:
+            try:
+                epoch = Epoch.decode(message.payload[:ENCODED_BYTES])
+            except EpochError as e:
+                raise SyncError(f"malformed full document: {e.reason}") from None
+            if epoch != self.wanted or epoch <= ours:
+                self.ignored += 1  # not asked for, or no longer higher than ours
+                return replies, None
+            self._adoption = (epoch, message.payload[ENCODED_BYTES:])
+            return replies, None
         if message.type == DELTA:
             self.unanswered_states = max(0, self.unanswered_states - 1)
         if self.peer_epoch != ours:
-            if self.peer_epoch > ours and message.type == DELTA:  # its whole document (maybe empty)
-                self._adoption = (self.peer_epoch, message.payload)
-            else:
-                self.ignored += 1
-            return [], None
+            self.ignored += 1
+            return replies, None
         changed = self.document.apply(message.payload)
         self.last_sync = now
         if message.type == DELTA:
             self.synced = True
-        return [], message.payload if changed else None
+        return replies, message.payload if changed else None
 
     def push(self, update: bytes) -> list[Message]:
         """A change made here, or learnt from another replica, for the other side (nothing

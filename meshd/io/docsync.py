@@ -69,6 +69,9 @@ MIN_SILENCE = 10.0
 # (crdt.compaction.compaction_due): the look is a pass over the records (milliseconds); due
 # means history of megabytes or records days past the retention, neither urgent to the minute.
 COMPACTION_CHECK_PERIOD = 600.0
+# Refused epochs remembered: one hostile peer can announce a new one at every session, and
+# then costs a refused document each; more than a few distinct ones are not a mistake.
+REFUSED_EPOCHS_KEPT = 64
 # Writer ids in pycrdt are 53-bit (what a float64 holds); a fresh one per document built.
 CLIENT_ID_BITS = 52
 
@@ -100,6 +103,9 @@ class DocumentHub:
         self.grown = 0
         self.epoch_base = (store.snapshot_bytes + store.log_bytes) if store is not None else 0
         self.last_change: dict[str, Any] | None = None  # the last epoch change, for meshctl document
+        # Epochs whose document was refused (malformed, or junk in it), with the reason: not
+        # asked for again (each ask costs the peer a whole document on the wire).
+        self.refused_epochs: dict[Epoch, str] = {}
 
     # --- changes -------------------------------------------------------------------------
 
@@ -188,6 +194,12 @@ class DocumentHub:
 
             await self._switch_locked("adopted", build, reason=f"epoch {epoch} of {peer}", stats=stats)
 
+    def _refuse(self, epoch: Epoch, reason: str) -> None:
+        self.refused_epochs[epoch] = reason
+        while len(self.refused_epochs) > REFUSED_EPOCHS_KEPT:
+            self.refused_epochs.pop(next(iter(self.refused_epochs)))
+        log.warning("document of another epoch refused", extra={"epoch": str(epoch), "reason": reason})
+
     async def _switch(self, what: str, build, *, reason: str, stats: dict[str, Any]) -> None:
         async with self._switching:
             await self._switch_locked(what, build, reason=reason, stats=stats)
@@ -227,9 +239,10 @@ class DocumentHub:
             await trio.sleep(period * (0.75 + secrets.randbelow(500) / 1000))  # sites not in step
             if not may_compact() or self._switching.locked():
                 continue
-            reason = compaction.compaction_due(
-                now=self.wall_clock(), retention=self.retention, grown=self.grown, base=self.epoch_base,
-                oldest=compaction.oldest_expiring(self.document.all_records()))
+            # a pass over every record (tens of ms for a month's): off the trio thread
+            oldest = await trio.to_thread.run_sync(compaction.oldest_expiring, self.document.all_records())
+            reason = compaction.compaction_due(now=self.wall_clock(), retention=self.retention, grown=self.grown,
+                                               base=self.epoch_base, oldest=oldest)
             if reason is not None:
                 await self.compact(reason)
 
@@ -245,7 +258,7 @@ class DocumentHub:
         the stream already read;
         `settle`: how long to wait before opening (our state vector), so that a duplicate
         session the caller ends at start has exchanged nothing yet."""
-        session = SyncSession(self.document, peer)
+        session = SyncSession(self.document, peer, refused=self.refused_epochs.__contains__)
         if on_start is not None:
             on_start(session)
         send, receive = trio.open_memory_channel[Message](OUTBOX_MESSAGES)
@@ -336,6 +349,7 @@ class DocumentHub:
                     try:
                         await self.adopt(*adoption, peer=session.peer)
                     except SyncError as e:
+                        self._refuse(adoption[0], e.reason)
                         raise SessionEnded(f"refused the document of epoch {adoption[0]}: {e.reason}") from None
                     session.last_sync = self.clock()
             data = b""

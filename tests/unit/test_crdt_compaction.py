@@ -14,7 +14,7 @@ from crdt.document import MeshDocument, SyncError, resolve
 from crdt.epoch import ZERO_EPOCH, Epoch, EpochError
 from crdt.schema import (AppEdit, AppSiteStatus, AuditRecord, DroppedAudit, NodeSummary, SignedRecord,
                          SiteSummary)
-from crdt.sync import DELTA, EPOCH, STATE, UPDATE, Message, SyncSession
+from crdt.sync import DELTA, EPOCH, FULL, STATE, UPDATE, WANT, Message, SyncSession
 
 DAY = 86400.0
 R = 30 * DAY
@@ -117,11 +117,16 @@ def test_two_records_of_one_key_and_one_time_stamp_resolve_the_same_both_ways():
     assert compaction.newer(*forged) == compaction.newer(*reversed(forged)) == forged[1]  # the higher serial
 
 
+def edit_number(i: int) -> AppEdit:
+    """The edit e<i>: its content a function of its id, as real edit ids (uuids) are."""
+    return edit(f"e{i}", 1 + i % 6, f"e{(i * 7) % 13}" if i % 3 else "", T0 + ((i * 5) % 61) * DAY)
+
+
+# Records as replicas hold them: an audit record or an edit has one content wherever it is
+# (written once under its own key; audit time stamps rise with seq), overwritten records differ.
 records_strategy = st.lists(st.one_of(
-    st.builds(lambda s, n, d: audit(s, n, T0 + d * DAY), st.sampled_from("ab"), st.integers(1, 30),
-              st.integers(0, 60)),
-    st.builds(lambda i, v, b, d: edit(f"e{i}", v, f"e{b}" if b else "", T0 + d * DAY),
-              st.integers(1, 12), st.integers(1, 6), st.integers(0, 12), st.integers(0, 60)),
+    st.builds(lambda s, n: audit(s, n, T0 + n * 2 * DAY), st.sampled_from("ab"), st.integers(1, 30)),
+    st.builds(edit_number, st.integers(1, 12)),
     st.builds(lambda s, d, r: status(s, T0 + d * DAY, r), st.sampled_from("ab"), st.integers(0, 60),
               st.integers(0, 3)),
     st.builds(lambda s, d, n: summary(s, T0 + d * DAY, n), st.sampled_from("ab"), st.integers(0, 60),
@@ -129,8 +134,18 @@ records_strategy = st.lists(st.one_of(
 ), max_size=40)
 
 
+# ... and as a hostile writer could make them: one key, different contents on each side.
+arbitrary_strategy = st.lists(st.one_of(
+    st.builds(lambda s, n, d: audit(s, n, T0 + d * DAY), st.sampled_from("ab"), st.integers(1, 30),
+              st.integers(0, 60)),
+    st.builds(lambda i, v, b, d: edit(f"e{i}", v, f"e{b}" if b else "", T0 + d * DAY),
+              st.integers(1, 12), st.integers(1, 6), st.integers(0, 12), st.integers(0, 60)),
+), max_size=40)
+
+
 @settings(max_examples=150, deadline=None)
-@given(records_strategy, records_strategy, st.integers(0, 90))
+@given(st.one_of(records_strategy, arbitrary_strategy), st.one_of(records_strategy, arbitrary_strategy),
+       st.integers(0, 90))
 def test_merge_is_symmetric_idempotent_and_keeps_every_winner(ours, theirs, day):
     now = T0 + day * DAY
     ab, ba = merge(ours, theirs, now, R), merge(theirs, ours, now, R)
@@ -142,9 +157,24 @@ def test_merge_is_symmetric_idempotent_and_keeps_every_winner(ours, theirs, day)
         assert winner in ab.records
 
 
+def replica_records(others: list, upto_a: int, upto_b: int) -> list:
+    """A replica's records: each site's audit as far as it heard (a site publishes its audit
+    in order, and sync delivers it whole), and other records."""
+    audits = [audit(site, n, T0 + n * 2 * DAY) for site, upto in (("a", upto_a), ("b", upto_b))
+              for n in range(1, upto + 1)]
+    return [r for r in others if not isinstance(r, AuditRecord)] + audits
+
+
+replica_strategy = st.builds(replica_records, records_strategy, st.integers(0, 30), st.integers(0, 30))
+
+
 @settings(max_examples=100, deadline=None)
-@given(records_strategy, records_strategy, st.integers(0, 90))
+@given(replica_strategy, replica_strategy, st.integers(0, 90))
 def test_merging_in_steps_or_at_once_ends_with_the_same_records(first, second, day):
+    """Compacting each replica first and merging then, or merging everything at once, keeps
+    the same records and counts the same drops. (The count is exact for replicas as they are:
+    each site's audit heard in order. A replica holding a site's record n+1 without record n,
+    which sync never makes, would not count n when another replica's summary covers it.)"""
     now = T0 + day * DAY
     stepwise = merge(compact(first, now, R).records, compact(second, now, R).records, now, R)
     assert stepwise.records == merge(first, second, now, R).records
@@ -221,21 +251,39 @@ def test_a_hostile_whole_document_in_a_session_leaves_the_replica_unchanged():
     before_state, before_records = mine.state_vector(), mine.all_records()
     session = SyncSession(mine, "peer")
     session.open()
-    session.receive(Message(EPOCH, epoch(9, 9).encode()), now=1.0)
-    assert session.receive(Message(DELTA, hostile_documents()[1][0]), now=1.0) == ([], None)
+    hostile = epoch(9, 9)
+    replies, _ = session.receive(Message(EPOCH, hostile.encode()), now=1.0)
+    assert [(m.type, m.payload) for m in replies] == [(WANT, hostile.encode())]
+    assert session.receive(Message(FULL, hostile.encode() + hostile_documents()[1][0]), now=1.0) == ([], None)
     adoption = session.take_adoption()
-    assert adoption is not None and adoption[0] == epoch(9, 9)
+    assert adoption is not None and adoption[0] == hostile
     with pytest.raises(SyncError):
         adopt(mine.all_records(), adoption[1], epoch=adoption[0], now=T0, retention=R, client_id=2)
     assert mine.state_vector() == before_state and mine.all_records() == before_records
     assert mine.epoch == ZERO_EPOCH
 
 
+def test_a_whole_document_is_taken_only_when_asked_for_and_a_refused_epoch_is_never_asked_again():
+    mine = MeshDocument(client_id=1)
+    session = SyncSession(mine, "peer", refused={epoch(3, 3)}.__contains__)
+    unasked = epoch(2, 2)
+    assert session.receive(Message(FULL, unasked.encode() + b"\x00\x00"), now=1.0) == ([], None)
+    assert session.take_adoption() is None and session.ignored == 1
+    assert session.receive(Message(EPOCH, epoch(3, 3).encode()), now=1.0) == ([], None)  # refused before
+    replies, _ = session.receive(Message(EPOCH, epoch(4, 4).encode()), now=1.0)
+    assert [m.type for m in replies] == [WANT]
+    assert session.receive(Message(EPOCH, epoch(4, 4).encode()), now=1.0) == ([], None)  # asked once
+    # and a STATE between different epochs is answered with an empty delta, not a document
+    replies, _ = session.receive(Message(STATE, b""), now=1.0)
+    assert [(m.type, m.payload) for m in replies] == [(DELTA, b"\x00\x00")]
+
+
 @pytest.mark.parametrize("payload", [b"", b"\x00" * 23, b"\xff" * 8 + b"\x00" * 16])
 def test_a_malformed_epoch_message_is_refused(payload):
     session = SyncSession(MeshDocument(), "peer")
-    with pytest.raises(SyncError, match="epoch"):
-        session.receive(Message(EPOCH, payload), now=1.0)
+    for kind in (EPOCH, WANT):
+        with pytest.raises(SyncError, match="malformed"):
+            session.receive(Message(kind, payload), now=1.0)
 
 
 # --- two replicas through an epoch change, by sessions alone ----------------------------------

@@ -12,7 +12,7 @@ import trio.testing
 from crdt.document import MeshDocument
 from crdt.epoch import Epoch
 from crdt.schema import AppEdit, AppSiteStatus, AuditRecord, DroppedAudit, SiteSummary
-from crdt.sync import DELTA, EPOCH, UPDATE, encode_message
+from crdt.sync import EPOCH, FULL, STATE, UPDATE, WANT, encode_message
 from meshd.io.crdtstore import DocumentStore
 from meshd.io.docsync import DocumentHub
 from tests.doclink import link
@@ -289,10 +289,14 @@ def test_a_hostile_whole_document_ends_the_session_and_changes_nothing(tmp_path)
         with trio.fail_after(5):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(hub.run_session, right, "rogue")
-                await left.send_all(encode_message(EPOCH, Epoch(7, b"\x07" * 16).encode())
-                                    + encode_message(DELTA, junk.full_update()))
+                hostile = Epoch(7, b"\x07" * 16).encode()
+                await left.send_all(encode_message(EPOCH, hostile))
+                with trio.fail_after(2):  # it asks for that epoch's document
+                    assert (await left.receive_some(65536))[0] in (EPOCH, STATE, WANT)
+                await left.send_all(encode_message(FULL, hostile + junk.full_update()))
         assert hub.document.full_update() == before and hub.document.epoch == epoch_before
         assert hub.sessions == {} and hub.store.epoch == epoch_before
+        assert Epoch(7, b"\x07" * 16) in hub.refused_epochs  # and it is not asked for again
         hub.store.close()
     trio.run(main)
 
