@@ -22,6 +22,10 @@ Invariants:
   (version, ts, edit_id). Every replica that has the same edits picks the same winner, in any
   order of arrival. Edits not on the winner's chain of `base` links lost a conflict, and
   every replica names the same losers.
+- A document belongs to one epoch (crdt.epoch; `epoch`, not part of the Doc's content): a
+  compaction builds a fresh one of the next epoch from records only (`built`), and a replica
+  takes another's epoch only as that replica's whole document, refused whole when it holds
+  anything that is not a well-formed record under its own key (`adopted`).
 - Pure: no I/O, no clock (callers pass `ts`), no randomness (callers pass ids).
 """
 
@@ -33,6 +37,7 @@ from typing import Any, Iterable
 
 from pycrdt import Doc, Map
 
+from crdt.epoch import ZERO_EPOCH, Epoch
 from crdt.schema import RECORD_KINDS, ROOTS, AppEdit, Record, SchemaError, winning_order
 from crdt.updatecheck import UpdateRejected, check_update, decode_state_vector
 
@@ -80,8 +85,10 @@ def resolve(edits: Iterable[AppEdit]) -> AppResolution:
 
 
 class MeshDocument:
-    def __init__(self, client_id: int | None = None) -> None:
+    def __init__(self, client_id: int | None = None, epoch: Epoch = ZERO_EPOCH) -> None:
         self.doc = Doc() if client_id is None else Doc(client_id=client_id)
+        # Which Doc this is (crdt.epoch): a replica syncs deltas only with replicas of its epoch.
+        self.epoch = epoch
         self._maps: dict[str, Map] = {root: self.doc.get(root, type=Map) for root in ROOTS}
         # Parsed entries per root, kept in step with the maps by their observers: a change
         # leaves the new value (as the event already carries it) to be parsed when the entry
@@ -110,13 +117,18 @@ class MeshDocument:
         then writes nothing."""
         return self.put_many([record])
 
-    def put_many(self, records: list[Record]) -> bytes:
-        """Validate and write records in one transaction; returns that transaction's own
+    def put_many(self, records: list[Record], deletes: Iterable[tuple[str, str]] = ()) -> bytes:
+        """Validate and write records in one transaction, and delete the (root, key) entries
+        of `deletes` (compaction's merge, crdt.compaction); returns that transaction's own
         update: what it inserted and what it deleted, nothing else. (An update taken as
         `get_update(state before)` carries the document's whole delete set: 111 KB for one
         small write after 30,000 overwrites, growing with every overwrite forever.)"""
         plains = [(r.ROOT, r.key, _record_text(r.to_plain())) for r in records]  # all validated before any write
-        if not plains:
+        deletes = list(deletes)
+        for root, _ in deletes:
+            if root not in self._maps:
+                raise SchemaError(f"no record kind lives in {root[:80]!r}")
+        if not plains and not deletes:
             return EMPTY_UPDATE
         made: list[bytes] = []
         subscription = self.doc.observe(lambda event: made.append(event.update))
@@ -124,9 +136,34 @@ class MeshDocument:
             with self.doc.transaction():
                 for root, key, plain in plains:
                     self._maps[root][key] = plain
+                for root, key in deletes:
+                    if key in self._maps[root]:
+                        del self._maps[root][key]
         finally:
             self.doc.unobserve(subscription)
         return made[0] if made else EMPTY_UPDATE
+
+    @classmethod
+    def built(cls, records: Iterable[Record], *, client_id: int, epoch: Epoch) -> "MeshDocument":
+        """A fresh document of `epoch` holding `records` and no history (compaction)."""
+        document = cls(client_id=client_id, epoch=epoch)
+        document.put_many(list(records))
+        return document
+
+    @classmethod
+    def adopted(cls, full_update: bytes, *, client_id: int, epoch: Epoch) -> "MeshDocument":
+        """The document of another replica's epoch, from its full update. Refused whole (a
+        SyncError, and nothing made) when the update is malformed or any entry in it is not a
+        well-formed record: a replica of a new epoch is built from validated records only, so
+        junk in one is hostile and is not taken in wholesale."""
+        document = cls(client_id=client_id, epoch=epoch)
+        document.apply(full_update)
+        bad = document.invalid()
+        if bad:
+            root, key, reason = bad[0]
+            raise SyncError(f"the document of epoch {epoch} holds {len(bad)} malformed entries, "
+                            f"first {root}/{key[:80]}: {reason}")
+        return document
 
     def new_app_edit(self, *, edit_id: str, app: str, site: str, actor: str, ts: float, spec: str,
                      targets: tuple[str, ...], replicas: int, stopped: bool = False) -> AppEdit:
@@ -198,6 +235,10 @@ class MeshDocument:
             self._parse(kind.ROOT, key, dirty.pop(key))
         entry = self._parsed[kind.ROOT].get(key)
         return None if entry is None or isinstance(entry, SchemaError) else entry
+
+    def all_records(self) -> list[Record]:
+        """Every well-formed record of every kind."""
+        return [record for kind in RECORD_KINDS for record in self.records(kind)]
 
     def invalid(self) -> list[tuple[str, str, str]]:
         """(root, key, reason) of every entry that is not a well-formed record."""

@@ -309,5 +309,32 @@ class AuditRecord(Record):
         return self.audit_id
 
 
-RECORD_KINDS: tuple[type[Record], ...] = (AppEdit, AppSiteStatus, SiteSummary, NodeSummary, SignedRecord, AuditRecord)
+@dataclass(frozen=True)
+class DroppedAudit(Record):
+    """What compaction dropped of one site's audit records (crdt.compaction): every record of
+    `site` numbered `upto_seq` or less is gone from the document; `count` of them, made
+    between `first_ts` and `last_ts`. One per site, replaced as more is dropped."""
+    KIND: ClassVar[str] = "dropped audit"
+    ROOT: ClassVar[str] = "audit_dropped"
+    site: str = rule(_NAME)
+    upto_seq: int = rule(Field(int))
+    count: int = rule(Field(int))
+    first_ts: float = rule(_TS)
+    last_ts: float = rule(_TS)
+
+    @property
+    def key(self) -> str:
+        return self.site
+
+    def to_plain(self) -> dict[str, Any]:
+        plain = super().to_plain()
+        if self.upto_seq < 0 or self.count < 0:
+            raise SchemaError(f"{self.KIND}: upto_seq and count must not be negative")
+        if self.first_ts > self.last_ts:
+            raise SchemaError(f"{self.KIND}: first_ts is after last_ts")
+        return plain
+
+
+RECORD_KINDS: tuple[type[Record], ...] = (AppEdit, AppSiteStatus, SiteSummary, NodeSummary, SignedRecord, AuditRecord,
+                                          DroppedAudit)
 ROOTS = tuple(kind.ROOT for kind in RECORD_KINDS)

@@ -65,6 +65,17 @@ MAX_SYNC_INTERVAL = 3600.0  # an hour: a dead session must still be noticed the 
 # state of what it runs, not of everything it ever ran. The mesh document keeps its edits.
 DEFAULT_STOPPED_APP_RETENTION = 86_400.0  # a day: long enough to look at what just stopped
 MAX_STOPPED_APP_RETENTION = 10 * 365 * 86_400.0  # the command's bound (meshd.commands.PurgeApps)
+# The mesh document keeps audit records, and app edits that lost a conflict or were superseded,
+# this long (crdt.compaction); older ones are dropped, with a per-site summary of the dropped
+# audit. 30 days: a month of "who did what" on the device (longer belongs in a log collector),
+# conflicts stay visible to operators for weeks, and a year of one change a minute stays a
+# document of a few MB that opens in well under a second (tests/bench/doc_compaction.py).
+# A site cut off for longer still converges on reconnect (a full state transfer), but what it
+# wrote and others dropped meanwhile by age is gone.
+DEFAULT_DOCUMENT_RETENTION = 30 * 86400.0  # seconds; `--document-retention 30d`
+MIN_DOCUMENT_RETENTION = 300.0  # five minutes, for tests and benchmarks of steady state; real sites want days
+MAX_DOCUMENT_RETENTION = 10 * 365 * 86400.0  # ten years: beyond, keeping everything is the same
+DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 # --- limits --------------------------------------------------------------------------
 NODE_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
@@ -127,6 +138,7 @@ class NodeConfig:
     reattest_interval: float = DEFAULT_REATTEST_INTERVAL
     sync_interval: float = DEFAULT_SYNC_INTERVAL
     stopped_app_retention: float = DEFAULT_STOPPED_APP_RETENTION
+    document_retention: float = DEFAULT_DOCUMENT_RETENTION  # seconds (given as 30d, 12h, 90m or seconds)
     tpm: str = ""  # TPM 2.0 to attest with, as a TCTI ("device:/dev/tpmrm0", "swtpm:port=2321"); "" = none
 
     def __post_init__(self) -> None:
@@ -398,6 +410,13 @@ def _validate(cfg: NodeConfig) -> None:
     _check_seconds(cfg, "reattest_interval", MIN_REATTEST_INTERVAL, MAX_REATTEST_INTERVAL)
     _check_seconds(cfg, "sync_interval", MIN_SYNC_INTERVAL, MAX_SYNC_INTERVAL)
     _check_seconds(cfg, "stopped_app_retention", 0.0, MAX_STOPPED_APP_RETENTION)
+    given = cfg.document_retention
+    set_field("document_retention", _duration(given, "document-retention"))
+    try:
+        _check_seconds(cfg, "document_retention", MIN_DOCUMENT_RETENTION, MAX_DOCUMENT_RETENTION)
+    except ConfigError:
+        raise ConfigError("document-retention", f"must be from 5m to 3650d (or that many seconds), "
+                                                f"got {show_value(given)}") from None
     if not isinstance(cfg.tpm, str) or (cfg.tpm and not TPM_TCTI.match(cfg.tpm)):
         raise ConfigError("tpm", f"must be a TCTI like device:/dev/tpmrm0 or swtpm:host=127.0.0.1,port=2321, "
                                  f"got {show_value(cfg.tpm)}")
@@ -488,6 +507,21 @@ def _check_peers(value: Any) -> tuple[str, ...]:
             raise ConfigError("peer", f"{peer!r} is listed twice")
         seen.add(peer)
     return tuple(value)
+
+
+def _duration(value: Any, option: str) -> Any:
+    """A duration as text ("30d", "12h", "90m", "45s", "3600") into seconds; numbers pass."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower()
+    scale = DURATION_UNITS.get(text[-1:], None)
+    number = text[:-1] if scale is not None else text
+    try:
+        seconds = float(number) * (scale or 1.0)
+    except ValueError:
+        raise ConfigError(option, f"must be a duration like 30d, 12h, 90m or a number of seconds, "
+                                  f"got {show_value(value)}") from None
+    return seconds
 
 
 def _check_seconds(cfg: NodeConfig, name: str, low: float, high: float) -> None:

@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "vector (hex, as this command prints it) would need")
     sub.add_argument("--brief", action="store_true", help="only the state vector and the sessions (no size or "
                      "record counts, which cost the daemon a pass over the whole document)")
+    sub.add_argument("--compact", action="store_true", help="compact the replica now (history, and records older "
+                     "than --document-retention, dropped) into a new epoch, which every replica takes on")
 
     token = commands.add_parser("token", help="join tokens", description="join tokens")
     token_commands = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
@@ -259,7 +261,7 @@ def _build_sites(opts: argparse.Namespace) -> Request:
 
 
 def _build_document(opts: argparse.Namespace) -> Request:
-    return Request("document", {"since": opts.since, "brief": opts.brief})
+    return Request("document", {"since": opts.since, "brief": opts.brief, "compact": opts.compact})
 
 
 def _build_token_create(opts: argparse.Namespace) -> Request:

@@ -23,6 +23,8 @@ TUNING_OPTIONS = (
     ("--reattest-interval", float, "seconds between re-attestations of every member"),
     ("--sync-interval", float, "seconds between state-vector exchanges of a cross-site sync session"),
     ("--stopped-app-retention", float, "seconds a stopped app stays in the site's state before it is forgotten"),
+    ("--document-retention", str, "how long the mesh document keeps audit records and superseded or losing app "
+                                  "edits (30d, 12h, 90m or seconds; default 30d)"),
 )
 
 

@@ -22,8 +22,8 @@ from typing import Any, Awaitable, Callable
 import trio
 
 from crdt.document import SyncError
-from crdt.schema import (RECORD_KINDS, AppEdit, AppSiteStatus, NodeSummary, SchemaError, SignedRecord, SiteSummary,
-                         app_status_key)
+from crdt.schema import (RECORD_KINDS, AppEdit, AppSiteStatus, DroppedAudit, NodeSummary, SchemaError, SignedRecord,
+                         SiteSummary, app_status_key)
 from crdt.schema import AuditRecord as DocAuditRecord
 
 from attestation.evidence import HEX_DIGEST, SOFTWARE_EVIDENCE, TPM_EVIDENCE, VERSION
@@ -297,12 +297,22 @@ class AdminHandlers:
     async def document(self, request: AdminRequest, stream) -> dict:
         """This node's replica: records per kind, size, state vector, and its live sessions."""
         mesh = self.ctx.mesh
+        if _arg(request.args, "compact", bool, False):  # an operator's compaction, now
+            await mesh.hub.compact("asked by meshctl document --compact")
         document = mesh.document
         since = _arg(request.args, "since", str)
         sent = mesh.sent_by_site()
         answer: dict[str, Any] = {
             "state_vector": document.state_vector().hex(),
+            "epoch": str(document.epoch),
+            # what compaction dropped of each site's audit records (crdt.compaction)
+            "audit_dropped": {d.site: {"count": d.count, "first_ts": d.first_ts, "last_ts": d.last_ts,
+                                       "upto_seq": d.upto_seq} for d in document.records(DroppedAudit)},
+            "retention_s": mesh.hub.retention,
+            "history_bytes": mesh.hub.grown,  # update bytes taken since the epoch began
+            "last_epoch_change": mesh.hub.last_change,
             "sessions": [{"peer": s.peer, "site": mesh.site_of(s), "synced": s.synced,
+                          "peer_epoch": str(s.peer_epoch) if s.peer_epoch is not None else None,
                           "bytes_in": s.bytes_in, "bytes_out": s.bytes_out, "payload_in": s.payload_in,
                           "payload_out": s.payload_out} for s in mesh.hub.live_sessions()],
             "sent_by_site": {site: wire for site, (wire, _) in sent.items()},

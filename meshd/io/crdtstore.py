@@ -1,8 +1,15 @@
-"""A node's durable replica of the mesh document: `<data-dir>/mesh/snapshot` and `<data-dir>/mesh/log`.
+"""A node's durable replica of the mesh document: `<data-dir>/mesh/snapshot` and its log.
 
 Every update the replica takes (its own writes and what peers send) is appended to the log and
 fsync'd before the write is acknowledged or the update forwarded; now and then the whole
-document is written as a snapshot and the log starts afresh. Byte formats: crdt.log.
+document is written as a snapshot and the log starts afresh (`compact`: the log folded in, the
+same Doc). A compaction of the document itself (crdt.compaction) or the adoption of another
+replica's epoch replaces the Doc: `rewrite` stores the new epoch's document and an empty log.
+Byte formats: crdt.log.
+
+The snapshot names its epoch (crdt.epoch); the log of an epoch is the file `log-<generation>-
+<id hex>` (`log` for epoch 0, as stores were before epochs), so a log is never replayed into
+the Doc of another epoch (its items would land beside the records as duplicates).
 
 Invariants:
 - Nothing acknowledged is lost: `append` returns only after the record is on disk (fsync), and
@@ -11,8 +18,14 @@ Invariants:
   cut off, since it was never acknowledged; a snapshot is replaced atomically (temp file,
   fsync, rename, directory fsync) before the log is emptied, so between the two a restart
   replays updates the snapshot already holds, which CRDT updates make harmless.
+- A rewrite writes the new epoch's snapshot first (atomically), then creates its empty log,
+  then removes the old epoch's log. The new snapshot holds everything the old log held (the
+  caller's promise: every update appended before it took the full update is in it), so a
+  crash after the first step opens the new epoch and drops the old log; a crash before it
+  opens the old epoch whole. Either way the document holds everything acknowledged.
 - A snapshot that does not verify (torn by a failing disk, or not ours) is set aside as
-  `snapshot.bad` with an error logged, never silently merged.
+  `snapshot.bad` with an error logged, never silently merged; the newest epoch's log is then
+  replayed alone and no log is removed.
 """
 
 from __future__ import annotations
@@ -21,7 +34,10 @@ import logging
 import os
 from pathlib import Path
 
+from typing import Iterator
+
 from crdt.document import MeshDocument, SyncError
+from crdt.epoch import ZERO_EPOCH, Epoch
 from crdt.log import LogError, decode_log, decode_snapshot, encode_record, encode_snapshot
 from meshd.io.identity import write_atomic
 
@@ -32,26 +48,78 @@ log = logging.getLogger("meshd.crdt")
 COMPACT_LOG_BYTES = 4 * 1024 * 1024
 
 
+def log_name(epoch: Epoch) -> str:
+    """The file name of an epoch's log."""
+    return "log" if epoch == ZERO_EPOCH else f"log-{epoch.generation}-{epoch.epoch_id.hex()}"
+
+
+def _epoch_of_log(name: str) -> Epoch | None:
+    if name == "log":
+        return ZERO_EPOCH
+    parts = name.split("-")
+    if len(parts) != 3 or parts[0] != "log" or not parts[1].isdigit():
+        return None
+    try:
+        return Epoch(int(parts[1]), bytes.fromhex(parts[2]))
+    except ValueError:  # EpochError too: not a log this store wrote
+        return None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class DocumentStore:
     def __init__(self, directory: Path, compact_at: int = COMPACT_LOG_BYTES) -> None:
         self.directory = Path(directory)
         self.snapshot_path = self.directory / "snapshot"
-        self.log_path = self.directory / "log"
         self.compact_at = compact_at
+        self.epoch = ZERO_EPOCH
         self._fd: int | None = None
         self.log_bytes = 0
+        self.snapshot_bytes = 0  # the full update the current snapshot holds
         self.replayed = 0  # log records applied at open, for the start-up log line
 
+    @property
+    def log_path(self) -> Path:
+        return self.directory / log_name(self.epoch)
+
+    def _logs(self) -> dict[Epoch, Path]:
+        found = {}
+        for path in self.directory.iterdir():
+            epoch = _epoch_of_log(path.name)
+            if epoch is not None and path.is_file():
+                found[epoch] = path
+        return found
+
     def open(self, document: MeshDocument | None = None) -> MeshDocument:
-        """Load the snapshot and the log's valid records into `document` (a new one if None)."""
+        """Load the snapshot and its epoch's log into `document` (a new one if None; it must
+        be empty), which takes the snapshot's epoch."""
         document = document or MeshDocument()
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        logs = self._logs()
+        snapshot_good = True
+        self.epoch = ZERO_EPOCH
         if self.snapshot_path.exists():
             try:
-                document.apply(decode_snapshot(self.snapshot_path.read_bytes()))
+                self.epoch, full = decode_snapshot(self.snapshot_path.read_bytes())
+                document.apply(full)
+                self.snapshot_bytes = len(full)
             except (LogError, SyncError) as e:
+                snapshot_good = False
                 os.replace(self.snapshot_path, self.snapshot_path.with_name("snapshot.bad"))
+                self.epoch = max(logs, default=ZERO_EPOCH)
                 log.error("document snapshot set aside", extra={"reason": getattr(e, "reason", str(e))})
+        document.epoch = self.epoch
+        if snapshot_good:
+            for epoch, path in logs.items():  # a rewrite's old log: all of it is in the snapshot
+                if epoch != self.epoch:
+                    os.unlink(path)
+                    log.info("log of an earlier document epoch removed", extra={"epoch": str(epoch)})
         data = self.log_path.read_bytes() if self.log_path.exists() else b""
         updates, valid = decode_log(data)
         for update in updates:
@@ -91,11 +159,42 @@ class DocumentStore:
         """`compact` with the document's full update taken by the caller (pycrdt documents stay
         on their thread; the disk work may run on another). Every update appended before the
         full update was taken must be in it."""
-        write_atomic(self.snapshot_path, encode_snapshot(full_update))
+        write_atomic(self.snapshot_path, encode_snapshot(full_update, self.epoch))
+        self.snapshot_bytes = len(full_update)
         if self._fd is not None:
             os.ftruncate(self._fd, 0)
             os.fsync(self._fd)
         self.log_bytes = 0
+
+    def rewrite(self, epoch: Epoch, full_update: bytes) -> None:
+        """Store the document of a new epoch (its full update) with an empty log; see the
+        header for the order and why a crash between any two steps loses nothing. Every
+        update appended before the full update was taken must be in it."""
+        for _ in self.rewrite_steps(epoch, full_update):
+            pass
+
+    def rewrite_steps(self, epoch: Epoch, full_update: bytes) -> Iterator[str]:
+        """`rewrite` one durable step at a time (each name is yielded once the step is on
+        disk), so tests can stop between any two as a crash would."""
+        if epoch == self.epoch:
+            self.compact_to(full_update)
+            yield "snapshot"
+            return
+        old_path = self.log_path
+        write_atomic(self.snapshot_path, encode_snapshot(full_update, epoch))
+        yield "snapshot"
+        new_path = self.directory / log_name(epoch)
+        fd = os.open(new_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        os.fsync(fd)
+        _fsync_dir(self.directory)
+        yield "new log"
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd, self.epoch, self.log_bytes, self.snapshot_bytes = fd, epoch, 0, len(full_update)
+        if old_path.exists():
+            os.unlink(old_path)
+            _fsync_dir(self.directory)
+        yield "old log removed"
 
     def close(self) -> None:
         if self._fd is not None:

@@ -18,6 +18,11 @@ publishes the site's own edits, audit records, summary, members and per-app prog
 travels the same way: revocations made in other sites join the site's list, and a policy
 bundle that outranks the site's replaces it (each verified with the mesh root first).
 
+The replica is compacted (crdt.compaction: history, and audit records and superseded or
+losing app edits older than `--document-retention`, dropped) by the leader of each site when
+it is due, into a new epoch; every other replica takes that epoch through its sessions
+(a full state transfer, then deltas again: crdt.sync, meshd.io.docsync).
+
 Invariants:
 - The document is only touched on the trio thread; disk work runs on a worker thread, and an
   update is on disk before it is acknowledged or passed on (docsync).
@@ -125,7 +130,6 @@ class _Link:
 class MeshSync:
     def __init__(self, ctx: "NodeContext") -> None:
         self.ctx = ctx
-        self.document: MeshDocument | None = None
         self.store: DocumentStore | None = None
         self.hub: DocumentHub | None = None
         self.changed: Any = None  # Wakeup: the document changed (remote update or local write)
@@ -146,17 +150,40 @@ class MeshSync:
 
     # --- the replica -----------------------------------------------------------------------
 
+    @property
+    def document(self) -> MeshDocument | None:
+        """The replica's document: the hub's, which a compaction or an adoption replaces."""
+        return self.hub.document if self.hub is not None else None
+
     def open(self) -> None:
         """Load the replica from disk (at start, before any task runs)."""
         from meshd.io.wakeup import Wakeup
         self.changed = Wakeup()
         self.store = DocumentStore(self.ctx.data_dir / "mesh")
         # A fresh client id per start: pycrdt must never see one writer's clock reused.
-        self.document = self.store.open(MeshDocument(client_id=secrets.randbits(52)))
-        self.hub = DocumentHub(self.document, self.store)
+        document = self.store.open(MeshDocument(client_id=secrets.randbits(52)))
+        self.hub = DocumentHub(document, self.store, retention=self.ctx.config.document_retention)
         self.hub.on_remote_update = self._remote_update
-        log.info("mesh document loaded", extra={"replayed": self.store.replayed,
-                                                "apps": len(self.document.apps())})
+        self.hub.on_epoch_change = self._epoch_changed
+        log.info("mesh document loaded", extra={"replayed": self.store.replayed, "epoch": str(document.epoch),
+                                                "apps": len(document.apps())})
+
+    def _epoch_changed(self) -> None:
+        """The document was compacted or another replica's epoch adopted (docsync)."""
+        change = self.hub.last_change if self.hub is not None else None
+        if change:
+            self.ctx.event("sync", f"mesh document {change['what']} into epoch {change['epoch']} "
+                                   f"({change.get('dropped_audit', 0)} audit records and "
+                                   f"{change.get('dropped_edits', 0)} app edits dropped)",
+                           epoch=change["epoch"])
+        self.changed.notify()
+
+    async def compaction_loop(self) -> None:
+        """Compact the replica when it is due, while this node leads its site (followers and
+        other sites take its epoch through their sessions; docsync.DocumentHub.compaction_loop)."""
+        assert self.hub is not None
+        d = self.ctx
+        await self.hub.compaction_loop(lambda: d.raft is not None and d.raft.status.role == "leader")
 
     def close(self) -> None:
         if self.store is not None:

@@ -136,6 +136,7 @@ class Runtime:
                 await nursery.start(service.run)
             nursery.start_soon(ctx.mesh.dial_loop)
             nursery.start_soon(ctx.mesh.leader_loop)
+            nursery.start_soon(ctx.mesh.compaction_loop)
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
             sd_notify("READY=1")
             log.info("ready", extra={"site": ctx.membership.site, "voter": ctx.membership.voter})

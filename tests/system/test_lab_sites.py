@@ -233,3 +233,48 @@ def test_revocations_and_policy_changed_while_cut_off_converge_after_heal(make_l
     # both sites agree, and the site that issued it does not take it in a second time
     assert [r["node_id"] for r in lab.call("b-1", "revocations")] == [victim]
     assert not any(r["action"] == "revoke-adopted" and r["site"] == "b" for r in lab.call("b-1", "audit"))
+
+
+def epochs(lab, hosts) -> set:
+    return {lab.call(h, "document", brief=True)["epoch"] for h in hosts}
+
+
+def test_sites_that_compacted_their_replicas_apart_converge_on_one_epoch(two_sites):
+    """Both sites compact while cut off (each into its own epoch) and keep changing things;
+    after the link returns every member holds the same records on one epoch, with nothing
+    either side did lost and no workload moved."""
+    lab = two_sites
+    hosts = ["a-1", "a-2", "b-1", "b-2"]
+    deploy(lab, "a-1", "shared", 1, ["a", "b"])
+    deploy(lab, "b-1", "home-b", 1, ["b"])
+    wait_for(lambda: processes(lab, hosts) == 3, 40, what="three workloads")
+    wait_for(lambda: converged(lab, hosts), CONVERGE_TIMEOUT, what="agreement before the cut")
+    assert epochs(lab, hosts) == {"0/000000000000"}
+
+    lab.isolate_site("b")
+    wait_for(lambda: not (sites_row(lab, "a-1", "b") or {}).get("connected"), 20, what="a noticing the cut")
+    a_edit = deploy(lab, "a-2", "shared", 2, ["a", "b"])
+    time.sleep(0.05)
+    b_edit = deploy(lab, "b-2", "shared", 3, ["a", "b"])
+    compacted_a = lab.call("a-1", "document", compact=True)
+    compacted_b = lab.call("b-1", "document", compact=True)
+    assert compacted_a["epoch"].startswith("1/") and compacted_b["epoch"].startswith("1/")
+    assert compacted_a["epoch"] != compacted_b["epoch"] and compacted_a["invalid"] == 0
+    # each site's followers take their leader's epoch
+    wait_for(lambda: epochs(lab, ["a-1", "a-2"]) == {compacted_a["epoch"]}, 20, what="a-2 on a's epoch")
+    wait_for(lambda: epochs(lab, ["b-1", "b-2"]) == {compacted_b["epoch"]}, 20, what="b-2 on b's epoch")
+    deploy(lab, "b-1", "cut-b", 1, ["b"])  # written in b's new epoch while still cut off
+
+    lab.reconnect_site("b")
+    wait_for(lambda: len(epochs(lab, hosts)) == 1, CONVERGE_TIMEOUT, what="one epoch everywhere")
+    # the higher of the two (same generation: the higher id; hex keeps the bytes' order)
+    assert epochs(lab, hosts) == {max(compacted_a["epoch"], compacted_b["epoch"])}
+    wait_for(lambda: converged(lab, hosts), CONVERGE_TIMEOUT, what="convergence after heal")
+    (conflict,) = [c for c in conflicts(lab, "a-1") if c[0] == "shared"]
+    assert conflict[1] == b_edit["edit_id"] and conflict[2] == a_edit["edit_id"]
+    wait_for(lambda: running_here(lab, "a-1", "shared") == 3 and running_here(lab, "b-1", "cut-b") == 1, 30,
+             what="the winner and b's cut-time deploy running")
+    views = [lab.call(h, "document") for h in hosts]
+    assert len({tuple(sorted(v["records"].items())) for v in views}) == 1 and views[0]["invalid"] == 0
+    assert views[0]["records"]["app_edits"] >= 4 and views[0]["audit_dropped"] == {}  # nothing is 30 days old
+    assert any(e["message"].startswith("mesh document adopted") for h in hosts for e in lab.call(h, "events"))

@@ -128,6 +128,13 @@ def test_tuning_from_cli() -> None:
     assert (cfg.log_max_bytes, cfg.log_keep) == (4096, 0)
 
 
+@pytest.mark.parametrize(("given", "seconds"), [("30d", 2592000.0), ("12h", 43200.0), ("90m", 5400.0),
+                                                ("7200s", 7200.0), ("7200", 7200.0), (86400, 86400.0)])
+def test_document_retention_is_a_duration(given, seconds) -> None:
+    assert resolve({"document_retention": given}).document_retention == seconds
+    assert resolve({}).document_retention == 30 * 86400.0
+
+
 @pytest.mark.parametrize(
     ("hostname", "name"),
     [("edge-01", "edge-01"), ("Edge-01", "edge-01"), ("host.example.com", "host.example.com"),
@@ -218,6 +225,12 @@ def test_ipv6_endpoints() -> None:
         ({"log_max_bytes": 4096.0}, None, "log-max-bytes", "integer"),
         ({"log_keep": -1}, None, "log-keep", "0 to 1000"),
         ({}, "log-keep = true", "log-keep", "integer"),
+        ({"document_retention": "30 days"}, None, "document-retention", "duration like 30d"),
+        ({"document_retention": "4m"}, None, "document-retention", "from 5m to 3650d"),
+        ({"document_retention": "-3d"}, None, "document-retention", "from 5m to 3650d"),
+        ({"document_retention": "inf"}, None, "document-retention", "from 5m to 3650d"),
+        ({}, "document-retention = true", "document-retention", "from 5m to 3650d"),
+        ({}, "document-retention = '4000d'", "document-retention", "from 5m to 3650d"),
     ],
 )
 def test_bad_option_is_refused_and_named(cli: dict, toml: str | None, option: str, reason_part: str) -> None:

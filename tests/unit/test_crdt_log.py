@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from crdt.epoch import ZERO_EPOCH, Epoch
 from crdt.log import RECORD_HEADER, LogError, decode_log, decode_snapshot, encode_record, encode_snapshot
 
 
@@ -31,8 +35,17 @@ def test_a_flipped_bit_ends_the_valid_prefix_at_that_record():
 
 
 def test_snapshots_round_trip_and_refuse_anything_torn_or_foreign():
-    blob = encode_snapshot(b"document")
-    assert decode_snapshot(blob) == b"document"
-    for bad, reason in [(blob[:-1], "checksum"), (b"junk", "not a meshd"), (b"X" + blob[1:], "not a meshd")]:
+    epoch = Epoch(7, bytes(range(16)))
+    blob = encode_snapshot(b"document", epoch)
+    assert decode_snapshot(blob) == (epoch, b"document")
+    assert decode_snapshot(encode_snapshot(b"document")) == (ZERO_EPOCH, b"document")
+    for bad, reason in [(blob[:-1], "checksum"), (b"junk", "not a meshd"), (b"X" + blob[1:], "not a meshd"),
+                        (blob[:12] + bytes([blob[12] ^ 1]) + blob[13:], "checksum")]:  # a bit of the epoch
         with pytest.raises(LogError, match=reason):
             decode_snapshot(bad)
+
+
+def test_a_snapshot_written_before_epochs_is_of_epoch_zero():
+    payload = b"document"
+    old = b"MESHDOC1" + struct.pack(">I", zlib.crc32(payload)) + payload
+    assert decode_snapshot(old) == (ZERO_EPOCH, payload)

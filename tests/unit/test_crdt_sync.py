@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from crdt.document import MAX_UPDATE_BYTES, MeshDocument, SyncError
 from crdt.schema import AuditRecord
-from crdt.sync import (DELTA, DELTA_Z, HEADER_SIZE, STATE, UPDATE, UPDATE_Z, Message, SyncDecoder, SyncSession,
+from crdt.sync import (DELTA, DELTA_Z, EPOCH, HEADER_SIZE, STATE, UPDATE, UPDATE_Z, WANT, Message, SyncDecoder, SyncSession,
                        encode_message)
 
 
@@ -77,7 +77,8 @@ def test_messages_split_anywhere_decode_whole_and_in_order():
 
 
 @pytest.mark.parametrize("header, reason", [
-    (bytes([9, 0, 0, 0, 1]), "unknown sync message type 9"),
+    (bytes([42, 0, 0, 0, 1]), "unknown sync message type 42"),
+    (bytes([EPOCH, 0, 0, 0, 25]), "over the limit"),  # an epoch is 24 bytes
     (bytes([UPDATE, 0xFF, 0xFF, 0xFF, 0xFF]), "over the limit"),
     (bytes([STATE, 0x01, 0, 0, 0]), "over the limit"),  # 16 MiB state vector
 ])
@@ -91,7 +92,9 @@ def test_a_bad_header_fails_the_stream_before_any_payload_is_buffered(header, re
 
 def test_encoding_refuses_what_a_decoder_would_refuse():
     with pytest.raises(SyncError):
-        encode_message(7, b"")
+        encode_message(42, b"")
+    with pytest.raises(SyncError):
+        encode_message(WANT, b"x" * 25)
     with pytest.raises(SyncError):
         encode_message(STATE, b"x" * (2 * 1024 * 1024))
 

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from crdt.compaction import rebuild
 from crdt.document import MeshDocument
 from crdt.log import encode_record
 from crdt.schema import AuditRecord
@@ -120,3 +121,84 @@ def test_a_writer_killed_mid_write_keeps_everything_it_acknowledged(tmp_path, co
         store.close()
         assert acked <= present, sorted(acked - present)[:5]
     assert len(acked) > 50  # the writer got well into its work each time
+
+
+# --- rewriting the store for a new epoch -----------------------------------------------------
+
+def new_epoch_document(doc: MeshDocument, fill: int) -> MeshDocument:
+    """The document rebuilt into the next epoch (nothing dropped: a retention of centuries)."""
+    rebuilt, _ = rebuild(doc.all_records(), now=1e6, retention=1e10, client_id=1000 + fill,
+                         epoch=doc.epoch.successor(bytes([fill]) * 16))
+    return rebuilt
+
+
+@pytest.mark.parametrize("steps_done", [0, 1, 2, 3])
+def test_a_crash_between_any_two_steps_of_a_rewrite_reopens_a_whole_document(tmp_path, steps_done):
+    store = DocumentStore(tmp_path)
+    doc = store.open()
+    for n in range(30):
+        store.append(doc.put(audit(n)))
+    new = new_epoch_document(doc, 1)
+    steps = store.rewrite_steps(new.epoch, new.full_update())
+    for _ in range(steps_done):
+        next(steps)  # then the process dies: nothing after this step ran
+    store.close()
+    again = DocumentStore(tmp_path)
+    reopened = again.open()
+    assert ids(reopened) == {f"a/{n}" for n in range(30)}
+    expected_epoch = new.epoch if steps_done >= 1 else doc.epoch  # the new snapshot decides
+    assert reopened.epoch == again.epoch == expected_epoch
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("log")) == [again.log_path.name]
+    again.append(reopened.put(audit(30)))  # and it goes on from there
+    again.close()
+    assert ids(DocumentStore(tmp_path).open()) == {f"a/{n}" for n in range(31)}
+
+
+def test_a_log_of_another_epoch_is_never_replayed_into_the_snapshots_document(tmp_path):
+    store = DocumentStore(tmp_path)
+    doc = store.open()
+    store.append(doc.put(audit(1)))
+    new = new_epoch_document(doc, 1)
+    store.rewrite(new.epoch, new.full_update())
+    store.close()
+    (tmp_path / "log").write_bytes(encode_record(MeshDocument().put(audit(99))))  # a stray epoch-0 log
+    reopened = DocumentStore(tmp_path).open()
+    assert ids(reopened) == {"a/1"} and reopened.epoch == new.epoch and not (tmp_path / "log").exists()
+
+
+EPOCH_WRITER = """
+import os, sys
+from crdt.compaction import rebuild
+from crdt.schema import AuditRecord
+from meshd.io.crdtstore import DocumentStore
+store = DocumentStore(sys.argv[1])
+doc = store.open()
+n = len(doc.records(AuditRecord))
+while True:
+    store.append(doc.put(AuditRecord(audit_id=f"w/{n}", ts=float(n), actor="ops", action="x" * 40,
+                                     target="web", site="a")))
+    print(f"ack w/{n}", flush=True)  # acknowledged only after append returned
+    if n % 25 == 0:  # a new epoch every 25 writes: the rewrite is often under way at the kill
+        doc, _ = rebuild(doc.all_records(), now=1e6, retention=1e10, client_id=int.from_bytes(os.urandom(6), "big"),
+                         epoch=doc.epoch.successor(os.urandom(16)))
+        store.rewrite(doc.epoch, doc.full_update())
+    n += 1
+"""
+
+
+def test_a_writer_killed_while_it_rewrites_epochs_keeps_everything_it_acknowledged(tmp_path):
+    acked: set[str] = set()
+    for round_ in range(6):
+        proc = subprocess.Popen([sys.executable, "-c", EPOCH_WRITER, str(tmp_path)],
+                                stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+        time.sleep(0.4 + 0.05 * round_)
+        proc.send_signal(signal.SIGKILL)
+        out, _ = proc.communicate()
+        acked |= {line.split()[1] for line in out.splitlines() if line.startswith("ack ")}
+        store = DocumentStore(tmp_path)
+        present = ids(store.open())
+        assert store.epoch.generation >= 1 or round_ == 0
+        store.close()
+        assert acked <= present, sorted(acked - present)[:5]
+        assert len([p for p in tmp_path.iterdir() if p.name.startswith("log")]) == 1
+    assert len(acked) > 50
