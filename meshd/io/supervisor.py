@@ -124,19 +124,48 @@ def _live_processes() -> dict[int, tuple[int, int]]:
     return found
 
 
-def workload_processes(leader: int) -> set[int]:
+# A scan of /proc costs ~10 us per process. With every stopping workload scanning on its own,
+# a mass stop was quadratic (10,000 sleepers: over a minute of event loop at shutdown). So a
+# scan serves every caller that can use it: one that needs the processes as they were at some
+# moment (a workload's members when its stop was decided, before any signal) takes a scan
+# made after that moment; a stop's poll takes one no older than this (its own poll period).
+PROCESS_TABLE_TTL = GROUP_POLL_INTERVAL
+
+
+class _ProcessTable:
+    """The live processes, by parent and by process group, as one scan of /proc saw them."""
+
+    def __init__(self) -> None:
+        self.taken_at = time.monotonic()
+        self.processes = _live_processes()
+        self.children: dict[int, list[int]] = collections.defaultdict(list)
+        self.groups: dict[int, list[int]] = collections.defaultdict(list)
+        for pid, (ppid, pgrp) in self.processes.items():
+            self.children[ppid].append(pid)
+            self.groups[pgrp].append(pid)
+
+
+_table: _ProcessTable | None = None
+
+
+def _process_table(not_before: float) -> _ProcessTable:
+    global _table
+    if _table is None or _table.taken_at < not_before:
+        _table = _ProcessTable()
+    return _table
+
+
+def workload_processes(leader: int, not_before: float | None = None) -> set[int]:
     """Live processes of the workload whose first process is `leader`: its process group plus
-    any still-attached descendant that moved to another group or session."""
-    processes = _live_processes()
-    children: dict[int, list[int]] = collections.defaultdict(list)
-    for pid, (ppid, _) in processes.items():
-        children[ppid].append(pid)
-    members = {pid for pid, (_, pgrp) in processes.items() if pgrp == leader}
-    todo = [leader] if leader in processes else []
+    any still-attached descendant that moved to another group or session, as a scan of /proc
+    made after `not_before` (time.monotonic(); default: PROCESS_TABLE_TTL ago) saw them."""
+    table = _process_table(time.monotonic() - PROCESS_TABLE_TTL if not_before is None else not_before)
+    members = set(table.groups.get(leader, ()))
+    todo = [leader] if leader in table.processes else []
     while todo:
         pid = todo.pop()
         members.add(pid)
-        todo.extend(child for child in children.get(pid, ()) if child not in members)
+        todo.extend(child for child in table.children.get(pid, ()) if child not in members)
     return members
 
 
@@ -251,6 +280,7 @@ class _Slot:
         self.next_spec: DesiredAlloc | None = None  # set when the spec changed while it ran
         self.report = report
         self.stop_reason: str | None = None  # set once: the allocation must end
+        self.stop_decided_at: float | None = None  # time.monotonic() when stop_reason was set
         self.wake = trio.Event()  # set when stop_reason or next_spec was set
         self.done = trio.Event()  # set when its task has finished
         self.log: RotatingLog | None = None
@@ -411,6 +441,7 @@ class Supervisor:
 
     def _request_stop(self, slot: _Slot, reason: str) -> None:
         slot.stop_reason = reason
+        slot.stop_decided_at = time.monotonic()
         slot.wake.set()
         if slot in self._unlaunched:
             self._unlaunched.remove(slot)
@@ -594,7 +625,10 @@ class Supervisor:
 
     async def _terminate(self, slot: _Slot, proc: _WorkloadProcess) -> None:
         leader = proc.pid
-        members = workload_processes(leader)
+        # Its members as they were before any signal (a descendant that left the group is
+        # found only while its parent lives): a scan made after the stop was decided, which
+        # every workload stopped at once shares.
+        members = workload_processes(leader, not_before=slot.stop_decided_at or time.monotonic())
         self._copy_ready_output(slot, proc)
         if proc.poll() is None:
             self._lifecycle(slot, "stopping", f"stopping pid {leader}: SIGTERM", pid=leader)

@@ -404,3 +404,26 @@ def test_forgotten_allocations_lose_their_directories_but_a_running_one_keeps_it
         assert sup.allocation_dirs() == {"runs"} and [r.alloc_id for r in sup.reports()] == ["runs"]
 
     run_supervisor(tmp_path, scenario)
+
+
+def test_stopping_many_workloads_at_once_scans_the_process_table_a_few_times(tmp_path, monkeypatch):
+    """A mass stop (shutdown) shares its scans of /proc: each stopping workload scanning on its
+    own made shutdown quadratic in the workloads a device runs."""
+    from meshd.io import supervisor as supervisor_module
+    scans = []
+    real = supervisor_module._live_processes
+    monkeypatch.setattr(supervisor_module, "_live_processes", lambda: scans.append(1) or real())
+    count = 60
+    pids = []
+
+    async def scenario(sup, changes):
+        sup.set_desired([alloc(f"a{i}", "exec sleep 1000") for i in range(count)])
+        await wait_until(lambda: sum(running(r) for r in sup.reports()) == count)
+        pids.extend(r.pid for r in sup.reports())
+        scans.clear()
+        with trio.fail_after(10):
+            await sup.stop_all()
+
+    run_supervisor(tmp_path, scenario)
+    assert not [pid for pid in pids if alive(pid)]
+    assert len(scans) <= 10  # one per poll period while they stop, not one per workload and poll
