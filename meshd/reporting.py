@@ -62,6 +62,10 @@ def _key(report: Mapping) -> tuple:
     return tuple(report.get(k) for k in REPORT_FIELDS)
 
 
+def _plain(report: Mapping) -> dict:
+    return {k: report.get(k) for k in REPORT_FIELDS}
+
+
 @dataclass(frozen=True)
 class Report:
     resources: dict
@@ -90,14 +94,15 @@ class ReportSchedule:
         no allocation and `site_has(resources)` (the site's record of this node shows these
         resources and this boot), it is not `needed`."""
         full = self.full_due(now)
-        plain = [{k: a.get(k) for k in REPORT_FIELDS} for a in allocs]
         shown: list[dict] = []
+        changed: list[dict] = []
         if full:
-            changed = []
-            for a in plain:
-                (shown if reflected is not None and reflected(a) else changed).append(a)
-        else:
-            changed = [a for a in plain if self._allocs.get(a["alloc_id"]) != _key(a)]
+            for a in allocs:
+                plain = _plain(a)
+                (shown if reflected is not None and reflected(plain) else changed).append(plain)
+        else:  # the common check: only what changed is copied (a node may run thousands)
+            known = self._allocs
+            changed = [_plain(a) for a in allocs if known.get(a.get("alloc_id")) != _key(a)]
         moved = full or resources_moved(self._resources, resources)
         if not (full or changed or moved):
             return None

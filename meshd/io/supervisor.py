@@ -26,6 +26,7 @@ Invariants:
 from __future__ import annotations
 
 import collections
+import dataclasses
 import ctypes
 import json
 import os
@@ -281,6 +282,7 @@ class _Slot:
         self.report = report
         self.stop_reason: str | None = None  # set once: the allocation must end
         self.stop_decided_at: float | None = None  # time.monotonic() when stop_reason was set
+        self.plain_report: tuple[AllocReport, dict] | None = None  # `report` as a dict (plain_reports)
         self.wake = trio.Event()  # set when stop_reason or next_spec was set
         self.done = trio.Event()  # set when its task has finished
         self.log: RotatingLog | None = None
@@ -372,6 +374,16 @@ class Supervisor:
 
     def reports(self) -> list[AllocReport]:
         return [slot.report for slot in self._slots.values()]
+
+    def plain_reports(self) -> list[dict]:
+        """The reports as plain dicts (what meshd.reporting takes), each made once per report:
+        a node running thousands of workloads looks at them every few seconds."""
+        plain = []
+        for slot in self._slots.values():
+            if slot.plain_report is None or slot.plain_report[0] is not slot.report:
+                slot.plain_report = (slot.report, dataclasses.asdict(slot.report))
+            plain.append(slot.plain_report[1])
+        return plain
 
     def allocation_dirs(self) -> frozenset[str]:
         """The allocation directories on disk (an earlier run's included)."""

@@ -102,7 +102,7 @@ class WorkerService:
         while True:
             status = ctx.raft.status
             if status.leader_address is not None:
-                reports = [dataclasses.asdict(r) for r in ctx.supervisor.reports()] if ctx.supervisor else []
+                reports = ctx.supervisor.plain_reports() if ctx.supervisor else []
                 now = time.monotonic()
                 state = ctx.snapshot() if self._reports.full_due(now) else None
                 report = self._reports.due(now, self._sample_resources(), reports,
