@@ -29,6 +29,13 @@ Invariants:
   the lost ones (raftLastApplied never goes back). `SiteRaft._keep_matching_entries`
   rewrites each such message into the Raft form before pysyncobj reads it;
   tests/unit/test_raft_log.py provokes that election.
+- The leader's heartbeats to non-voters are thinned (`SiteTransport`): an append-entries
+  message that carries nothing new for a non-voter (no entry, the term, commit index and
+  previous entry it was last sent) goes at most once per NONVOTER_HEARTBEAT_PERIOD. Every
+  message with an entry, a snapshot part or a new commit index goes at once, as do all
+  messages to voters (their elections run on heartbeats). A non-voter needs the leader's
+  messages only for what they carry: it never starts an election, and its liveness travels
+  in beats (meshd.io.services.beats).
 """
 
 from __future__ import annotations
@@ -44,6 +51,9 @@ from typing import Callable
 import trio
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 from pysyncobj.monotonic import monotonic as raft_clock
+from pysyncobj.node import TCPNode
+from pysyncobj.tcp_connection import CONNECTION_STATE
+from pysyncobj.transport import TCPTransport
 
 from meshd import sitestate
 from meshd.io.snapshots import SnapshotStore
@@ -63,6 +73,58 @@ FAIL_REASONS = {
 
 # Wake this long after our election deadline, so the tick surely sees it passed.
 ELECTION_WAKE_SLACK = 0.001
+# The longest a connected non-voter goes without a message from the leader while nothing
+# happens. Heartbeats to voters keep elections away (every heartbeat interval); a non-voter
+# has no election to hold off, so this only bounds how stale its view of the leader's term
+# can look. Each heartbeat costs the leader an encrypted message and its answer per
+# non-voter: 7 non-voters at a 0.2 s heartbeat were most of an idle leader's Raft thread.
+NONVOTER_HEARTBEAT_PERIOD = 1.0
+
+
+class SiteTransport(TCPTransport):
+    """pysyncobj's TCP transport, with the leader's idle heartbeats to non-voters thinned.
+
+    pysyncobj gives a non-voter (a "readonly node") a `Node` of its own for each of its
+    connections, and voters a `TCPNode`; the `Node` object is the key, so a non-voter that
+    reconnects is sent its next heartbeat at once."""
+
+    def __init__(self, syncObj, selfNode, otherNodes):
+        super().__init__(syncObj, selfNode, otherNodes)
+        # non-voter node -> (what its last message said, raft_clock() when it was sent)
+        self._told: dict = {}
+
+    def send(self, node, message) -> bool:
+        if isinstance(node, TCPNode) or not isinstance(message, dict) or message.get("type") != "append_entries":
+            return super().send(node, message)
+        said = _heartbeat_content(message)
+        now = raft_clock()
+        told = self._told.get(node)
+        conn = self._connections.get(node)
+        if (said is not None and told is not None and told[0] == said and now - told[1] < NONVOTER_HEARTBEAT_PERIOD
+                and conn is not None and conn.state == CONNECTION_STATE.CONNECTED):
+            return True  # nothing new for it: skipped
+        sent = super().send(node, message)
+        if sent:
+            self._told[node] = (said, now)
+        else:
+            self._told.pop(node, None)
+        return sent
+
+    def dropNode(self, node) -> None:
+        self._told.pop(node, None)
+        super().dropNode(node)
+
+    def _onReadonlyNodeDisconnected(self, node) -> None:
+        self._told.pop(node, None)
+        super()._onReadonlyNodeDisconnected(node)
+
+
+def _heartbeat_content(message: dict) -> tuple | None:
+    """What an append-entries message tells a follower when it carries no entry and no
+    snapshot part (term, commit index, previous entry); None when it carries more."""
+    if message.get("entries") or "serialized" in message or "transmission" in message or "prevLogIdx" not in message:
+        return None
+    return (message.get("term"), message.get("commit_index"), message["prevLogIdx"], message.get("prevLogTerm"))
 
 
 class CommandFailed(Exception):
@@ -103,7 +165,7 @@ class SiteRaft(SyncObj):
         # While pysyncobj handles a rewritten append-entries (_keep_matching_entries): the
         # highest next index its answer may claim, None otherwise.
         self._answer_cap: int | None = None
-        super().__init__(self_address, partners, conf)
+        super().__init__(self_address, partners, conf, transportClass=SiteTransport)
         self._write_commit_index_only_when_it_moves()
         # The replicated state: what snapshots hold (meshd.io.snapshots), nothing else.
         self.site_state = SiteState()

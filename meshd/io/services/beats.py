@@ -25,8 +25,10 @@ from meshd.state import NodeRecord
 log = logging.getLogger("meshd.daemon")
 
 # Beats per lease: the leader marks a node down after a lease without one, so several must
-# fit in it for one lost or late beat not to matter.
-BEATS_PER_LEASE = 4
+# fit in it for one late beat not to matter (3: two may be late, or one retransmitted TCP
+# segment at Linux's 200 ms minimum RTO twice over). Each beat wakes the leader's loop: 7
+# non-voters at 4 a lease were half of an idle leader's event-loop time.
+BEATS_PER_LEASE = 3
 # After a beat connection failed (the leader restarting, a cut), try again this soon: short
 # next to the lease, long enough not to spin on a dead address.
 BEAT_RETRY_DELAY = 0.2

@@ -1,0 +1,128 @@
+"""meshd.io.raft's transport: the leader's idle heartbeats to non-voters are thinned, and
+nothing else is.
+
+Real SiteRaft instances (meshd's own pysyncobj conf, encrypted TCP on loopback): two voters
+and one non-voter (a pysyncobj readonly node), all ticked by the test in one thread. Each
+member counts the append-entries messages it receives, by sender.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections import Counter
+
+import pytest
+from pysyncobj import FAIL_REASON
+
+from meshd import commands as cmds
+from meshd.io.raft import NONVOTER_HEARTBEAT_PERIOD, SiteRaft, make_conf
+from meshd.io.snapshots import SnapshotStore
+
+# Far beyond the test's length: the leader is the one the test elects.
+ELECTION_TIMEOUT = 30.0
+APPEND_PERIOD = 0.05  # pysyncobj's heartbeat period: 20 a second to each voter
+STEP_TIMEOUT = 10.0  # upper bound of any one wait (each takes a few ticks on an idle machine)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class CountingRaft(SiteRaft):
+    """A SiteRaft that counts the append-entries messages it receives."""
+
+    def __init__(self, *args, **kwargs):
+        self.append_entries = Counter()  # "heartbeat" | "entries"
+        super().__init__(*args, **kwargs)
+
+    def _SyncObj__onMessageReceived(self, node, message):
+        if isinstance(message, dict) and message.get("type") == "append_entries":
+            self.append_entries["entries" if message.get("entries") else "heartbeat"] += 1
+        super()._SyncObj__onMessageReceived(node, message)
+
+
+class Site:
+    def __init__(self, tmp_path):
+        voters = {n: f"127.0.0.1:{_free_port()}" for n in ("a", "b")}
+        self.applied = Counter()  # member -> commands applied
+        self.nodes: dict[str, CountingRaft] = {}
+        for name, address in [*voters.items(), ("nonvoter", None)]:
+            store = SnapshotStore()
+            conf = make_conf(data_dir=tmp_path / name, password="site secret",
+                             bind_address=address or "127.0.0.1:0", min_timeout=ELECTION_TIMEOUT,
+                             max_timeout=ELECTION_TIMEOUT + 1, append_period=APPEND_PERIOD, snapshots=store)
+            partners = [a for n, a in voters.items() if a != address]
+            self.nodes[name] = CountingRaft(address, partners, conf, self._hook(name), lambda: None, store)
+        self.seq = 0
+
+    def _hook(self, name):
+        def on_applied(command, result):
+            self.applied[name] += 1
+        return on_applied
+
+    def tick(self):
+        for node in self.nodes.values():
+            node.doTick(0.002)
+
+    def until(self, condition):
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while not condition():
+            assert time.monotonic() < deadline, "the step did not happen"
+            self.tick()
+
+    def run_for(self, seconds):
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.tick()
+
+    def propose(self):
+        self.seq += 1
+        wire = cmds.encode(cmds.Heartbeat(node_id="n1", seq=self.seq),
+                           cmds.Envelope(ts=float(self.seq), request_id=f"req-{self.seq}"))
+        outcome = []
+        self.nodes["a"].apply_command(wire, callback=lambda result, error: outcome.append(error))
+        return outcome
+
+    def close(self):
+        for node in self.nodes.values():
+            node._doDestroy()
+
+
+@pytest.fixture
+def site(tmp_path):
+    s = Site(tmp_path)
+    try:
+        leader = s.nodes["a"]
+        s.until(lambda: len(leader._SyncObj__connectedNodes) == 2 and len(leader.readonlyNodes) == 1)  # b and the non-voter
+        leader._SyncObj__raftElectionDeadline = 0  # a's election timer fires
+        s.until(lambda: leader._isLeader() and s.nodes["nonvoter"]._getLeader() is not None)
+        outcome = s.propose()  # a first command: every member caught up and applied
+        s.until(lambda: outcome and s.applied["nonvoter"] == 1 and s.applied["b"] == 1)
+        assert outcome == [FAIL_REASON.SUCCESS]
+        yield s
+    finally:
+        s.close()
+
+
+def test_an_idle_leader_heartbeats_a_non_voter_once_a_period_and_voters_every_heartbeat(site):
+    window = 3 * NONVOTER_HEARTBEAT_PERIOD
+    before = {name: node.append_entries.copy() for name, node in site.nodes.items()}
+    site.run_for(window)
+    heard = {name: node.append_entries["heartbeat"] - before[name]["heartbeat"] for name, node in site.nodes.items()}
+    assert heard["b"] >= 0.5 * window / APPEND_PERIOD  # a voter: every heartbeat (60 due)
+    assert 2 <= heard["nonvoter"] <= window / NONVOTER_HEARTBEAT_PERIOD + 1  # 3 due, not 60
+
+
+def test_a_non_voter_gets_each_new_entry_and_commit_at_once(site):
+    for n in range(2, 7):
+        started = time.monotonic()
+        outcome = site.propose()
+        site.until(lambda: outcome and site.applied["nonvoter"] == n)
+        # Applied on the non-voter within a few voter heartbeats, not a non-voter period:
+        # the entry and the commit index that follows it are news, so neither waits.
+        assert time.monotonic() - started < NONVOTER_HEARTBEAT_PERIOD / 2
+        assert site.applied["b"] == n
+    assert site.nodes["nonvoter"].append_entries["entries"] >= 5
