@@ -29,6 +29,9 @@ Invariants:
   the lost ones (raftLastApplied never goes back). `SiteRaft._keep_matching_entries`
   rewrites each such message into the Raft form before pysyncobj reads it;
   tests/unit/test_raft_log.py provokes that election.
+- The time a voter spends loading a snapshot is not silence from the leader: its election
+  timer restarts when the load is done (`SiteRaft._install`), or a load longer than the
+  election timeout would make it stand against a live leader.
 - The leader's heartbeats to non-voters are thinned (`SiteTransport`): an append-entries
   message that carries nothing new for a non-voter (no entry, the term, commit index and
   previous entry it was last sent) goes at most once per NONVOTER_HEARTBEAT_PERIOD. Every
@@ -148,6 +151,8 @@ class RaftStatus:
 # pysyncobj that renamed them would silently lose the guard, so fail at import instead.
 assert hasattr(SyncObj, "_SyncObj__onMessageReceived") and hasattr(SyncObj, "_SyncObj__sendNextNodeIdx"), \
     "pysyncobj changed its append-entries internals: review SiteRaft._keep_matching_entries"
+assert hasattr(SyncObj, "_SyncObj__generateRaftTimeout"), \
+    "pysyncobj changed its election timer: review SiteRaft._install"
 
 
 class SiteRaft(SyncObj):
@@ -171,9 +176,17 @@ class SiteRaft(SyncObj):
         self.site_state = SiteState()
 
     def _install(self, state: SiteState) -> None:
-        """Raft thread: a snapshot was loaded (at start, or sent by the leader)."""
+        """Raft thread: a snapshot was loaded (at start, or sent by the leader).
+
+        Loading a large one takes a while (about half a second for 100,000 allocations on a
+        fast machine, several on a small board), all of it on this thread, after pysyncobj
+        set the election deadline from the leader's last message: without a fresh deadline
+        the next tick would find it passed and start an election against a leader that is
+        alive and waiting for this node's answer."""
         with self._lock:
             self.site_state = state
+        if getattr(self, "_SyncObj__selfNode", None) is not None:  # a voter (pysyncobj set up)
+            self._SyncObj__raftElectionDeadline = raft_clock() + self._SyncObj__generateRaftTimeout()
 
     def _write_commit_index_only_when_it_moves(self) -> None:
         """pysyncobj marks its journal metadata dirty on every append-entries a follower

@@ -14,6 +14,7 @@ from collections import Counter
 
 import pytest
 from pysyncobj import FAIL_REASON
+from pysyncobj.monotonic import monotonic as raft_clock
 
 from meshd import commands as cmds
 from meshd.io.raft import NONVOTER_HEARTBEAT_PERIOD, SiteRaft, make_conf
@@ -126,3 +127,71 @@ def test_a_non_voter_gets_each_new_entry_and_commit_at_once(site):
         assert time.monotonic() - started < NONVOTER_HEARTBEAT_PERIOD / 2
         assert site.applied["b"] == n
     assert site.nodes["nonvoter"].append_entries["entries"] >= 5
+
+
+# --- a snapshot that is slow to load ------------------------------------------------------
+
+# Real election timeouts, short: the test waits a few of them.
+MIN_TIMEOUT, MAX_TIMEOUT = 0.3, 0.4
+SLOW_LOAD_S = 1.0  # a snapshot loading this long on a small board: well past MAX_TIMEOUT
+
+
+def _start(tmp_path, name, addresses, store):
+    from meshd.io.raft import RaftNode
+    conf = make_conf(data_dir=tmp_path / name, password="site secret", bind_address=addresses[name],
+                     min_timeout=MIN_TIMEOUT, max_timeout=MAX_TIMEOUT, append_period=APPEND_PERIOD, snapshots=store)
+    conf.logCompactionMinEntries = 50  # compact after a few commands, not 20,000
+    return RaftNode(addresses[name], [a for n, a in addresses.items() if n != name], conf,
+                    lambda command, result: None, lambda: None, tick=APPEND_PERIOD, snapshots=store)
+
+
+def test_a_follower_slow_to_load_the_leaders_snapshot_starts_no_election(tmp_path):
+    addresses = {n: f"127.0.0.1:{_free_port()}" for n in ("a", "b", "c")}
+    nodes = {}
+    try:
+        for name in ("a", "b"):  # two of three voters: a quorum; c starts later, with nothing
+            nodes[name] = _start(tmp_path, name, addresses, SnapshotStore())
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while not any(n.raft._isLeader() for n in nodes.values()):
+            assert time.monotonic() < deadline, "no leader"
+            time.sleep(0.02)
+        leader = next(n for n in nodes.values() if n.raft._isLeader())
+        done = []
+        for seq in range(120):
+            wire = cmds.encode(cmds.Heartbeat(node_id="n1", seq=seq + 1),
+                               cmds.Envelope(ts=float(seq + 1), request_id=f"req-{seq}"))
+            leader.raft.apply_command(wire, callback=lambda result, error: done.append(error))
+        deadline = time.monotonic() + 20
+        while not (len(done) == 120 and leader.raft.raftLastApplied > 60
+                   and leader.raft._SyncObj__raftLog[0][1] > 1):  # the log compacted into a snapshot
+            assert time.monotonic() < deadline, "the leader did not compact its log"
+            time.sleep(0.05)
+        term = leader.raft.raftCurrentTerm
+
+        slow = SnapshotStore()
+        load = slow.read
+        loads = []
+
+        def slow_read(path):
+            time.sleep(SLOW_LOAD_S)  # on c's Raft thread, before the state is in, as a large load
+            meta = load(path)
+            # What c's next tick will see: time left before c would stand for election.
+            loads.append(nodes["c"].raft._SyncObj__raftElectionDeadline - raft_clock())
+            return meta
+
+        slow.read = slow_read
+        nodes["c"] = _start(tmp_path, "c", addresses, slow)
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while not loads:
+            assert time.monotonic() < deadline, "the leader sent c no snapshot"
+            time.sleep(0.02)
+        caught_up = time.monotonic() + 3 * MAX_TIMEOUT
+        while time.monotonic() < caught_up:  # several election timeouts after the load
+            time.sleep(0.02)
+        assert loads[0] > 0.5 * MIN_TIMEOUT  # a fresh election timeout after the load
+        assert nodes["c"].raft.raftCurrentTerm == term and leader.raft._isLeader()
+        assert leader.raft.raftCurrentTerm == term  # nobody held an election
+        assert nodes["c"].raft.raftLastApplied >= 120
+    finally:
+        for node in nodes.values():
+            node.close()
