@@ -400,7 +400,7 @@ class RaftNode:
                 # A lone voter appends a command at the end of one tick and commits it in
                 # the next; no answer from anybody will cut that tick's wait short.
                 return 0.0
-        if not raft._isLeader():
+        if not raft._isLeader() and raft.selfNode is not None:  # a non-voter holds no elections
             until_election = raft._SyncObj__raftElectionDeadline - raft_clock()
             wait = min(wait, max(until_election, 0.0) + ELECTION_WAKE_SLACK)
         return wait

@@ -17,7 +17,7 @@ from pysyncobj import FAIL_REASON
 from pysyncobj.monotonic import monotonic as raft_clock
 
 from meshd import commands as cmds
-from meshd.io.raft import NONVOTER_HEARTBEAT_PERIOD, SiteRaft, make_conf
+from meshd.io.raft import NONVOTER_HEARTBEAT_PERIOD, RaftNode, SiteRaft, make_conf
 from meshd.io.snapshots import SnapshotStore
 
 # Far beyond the test's length: the leader is the one the test elects.
@@ -136,13 +136,50 @@ MIN_TIMEOUT, MAX_TIMEOUT = 0.3, 0.4
 SLOW_LOAD_S = 1.0  # a snapshot loading this long on a small board: well past MAX_TIMEOUT
 
 
-def _start(tmp_path, name, addresses, store):
-    from meshd.io.raft import RaftNode
-    conf = make_conf(data_dir=tmp_path / name, password="site secret", bind_address=addresses[name],
+def _start(tmp_path, name, addresses, store, voter=True):
+    conf = make_conf(data_dir=tmp_path / name, password="site secret",
+                     bind_address=addresses[name] if voter else "127.0.0.1:0",
                      min_timeout=MIN_TIMEOUT, max_timeout=MAX_TIMEOUT, append_period=APPEND_PERIOD, snapshots=store)
     conf.logCompactionMinEntries = 50  # compact after a few commands, not 20,000
-    return RaftNode(addresses[name], [a for n, a in addresses.items() if n != name], conf,
+    return RaftNode(addresses[name] if voter else None, [a for n, a in addresses.items() if n != name], conf,
                     lambda command, result: None, lambda: None, tick=APPEND_PERIOD, snapshots=store)
+
+
+def _wait_for_leader(nodes):
+    deadline = time.monotonic() + STEP_TIMEOUT
+    while not any(n.raft._isLeader() for n in nodes.values()):
+        assert time.monotonic() < deadline, "no leader"
+        time.sleep(0.02)
+    return next(n for n in nodes.values() if n.raft._isLeader())
+
+
+def test_an_idle_non_voter_ticks_at_its_tick_period_between_the_leaders_rare_messages(tmp_path):
+    # Its election deadline passes between two of the leader's messages (a second apart,
+    # longer than an election timeout); a non-voter holds no elections, so its Raft thread
+    # must not wake at once for one, over and over, until the next message.
+    addresses = {n: f"127.0.0.1:{_free_port()}" for n in ("a", "b")}
+    nodes = {}
+    try:
+        for name in ("a", "b"):
+            nodes[name] = _start(tmp_path, name, addresses, SnapshotStore())
+        _wait_for_leader(nodes)
+        nonvoter = _start(tmp_path, "nonvoter", {**addresses, "nonvoter": None}, SnapshotStore(), voter=False)
+        nodes["nonvoter"] = nonvoter
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while nonvoter.raft._getLeader() is None:
+            assert time.monotonic() < deadline, "the non-voter found no leader"
+            time.sleep(0.02)
+        ticks = []
+        tick = nonvoter.raft.doTick
+        nonvoter.raft.doTick = lambda wait: (ticks.append(wait), tick(wait))
+        window = 3 * NONVOTER_HEARTBEAT_PERIOD
+        time.sleep(window)
+        # One tick per tick period, and a few more for the messages that arrive (the
+        # leader's heartbeats once a period): about 60 + 3, not thousands.
+        assert len(ticks) <= 1.5 * window / APPEND_PERIOD
+    finally:
+        for node in nodes.values():
+            node.close()
 
 
 def test_a_follower_slow_to_load_the_leaders_snapshot_starts_no_election(tmp_path):
@@ -151,11 +188,7 @@ def test_a_follower_slow_to_load_the_leaders_snapshot_starts_no_election(tmp_pat
     try:
         for name in ("a", "b"):  # two of three voters: a quorum; c starts later, with nothing
             nodes[name] = _start(tmp_path, name, addresses, SnapshotStore())
-        deadline = time.monotonic() + STEP_TIMEOUT
-        while not any(n.raft._isLeader() for n in nodes.values()):
-            assert time.monotonic() < deadline, "no leader"
-            time.sleep(0.02)
-        leader = next(n for n in nodes.values() if n.raft._isLeader())
+        leader = _wait_for_leader(nodes)
         done = []
         for seq in range(120):
             wire = cmds.encode(cmds.Heartbeat(node_id="n1", seq=seq + 1),
