@@ -298,15 +298,24 @@ class MeshDocument:
 
     def apply(self, update: bytes) -> bool:
         """Merge an update from any replica; applying one twice, or out of order, is harmless.
-        Returns whether it could have changed anything (new items, or deletions): an update
-        that brings nothing need not be stored or passed on."""
+        Returns whether it changed anything (new items, or deletions this replica did not
+        have): an update that brings nothing need not be stored or passed on.
+
+        Every delta carries the sender's whole delete set (pycrdt encodes it in each one), so
+        "it names deletions" is not "it changed something": a site's periodic anti-entropy
+        exchange would be stored (and fsync'd) and passed on every round, forever. A
+        deletion alone moves no state vector; it shows in the delete set, which is compared
+        (as the update encoding it) before and after. Were two encodings of one delete set
+        ever to differ, the update would count as a change: stored once more, never lost."""
         if len(update) > MAX_UPDATE_BYTES:
             raise SyncError(f"update of {len(update)} bytes is over the {MAX_UPDATE_BYTES} limit")
         try:
             _, deleted = check_update(update)  # before pycrdt: it trusts the counts an update declares
             before = self.doc.get_state()
+            deletions_before = self.doc.get_update(before) if deleted else b""
             self.doc.apply_update(update)
-            return deleted > 0 or self.doc.get_state() != before
+            after = self.doc.get_state()
+            return after != before or (deleted > 0 and self.doc.get_update(after) != deletions_before)
         except UpdateRejected as e:
             raise SyncError(f"malformed update: {e.reason}") from None
         except ValueError as e:

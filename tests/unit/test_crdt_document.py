@@ -236,3 +236,22 @@ def test_a_small_write_stays_small_after_many_overwrites():
     other.apply(doc.full_update())
     assert other.get(SiteSummary, "s0").ts == 9999.0
     assert doc.put_many([]) == b"\x00\x00"
+
+
+def test_a_delta_that_brings_only_known_deletions_changes_nothing_and_a_new_deletion_does():
+    a, b = MeshDocument(), MeshDocument()
+    for n in range(20):  # overwrites of one record: a delete set on both sides once synced
+        a.put(SiteSummary(site="a", nodes=n + 1, ready=1, leader="n1", addresses=(), ts=float(n)))
+    sync(a, b)
+    # The periodic anti-entropy round: a's delta for b carries a's whole delete set again.
+    again = a.delta_since(b.state_vector())
+    assert check_update(again)[1] > 0
+    assert b.apply(again) is False
+    assert a.apply(b.delta_since(a.state_vector())) is False
+    # A deletion alone (no new item): b's state vector does not move, but b has changed.
+    a.doc.get(SiteSummary.ROOT, type=Map).pop("a")  # as compaction removes a record
+    deletion = a.delta_since(b.state_vector())
+    vector = b.state_vector()
+    assert b.apply(deletion) is True
+    assert b.state_vector() == vector and b.records(SiteSummary) == []
+    assert b.apply(deletion) is False  # and once more: nothing new
