@@ -104,8 +104,13 @@ class MeshDocument:
         self._subscriptions = [self._maps[root].observe(self._observer(root)) for root in ROOTS]
 
     def _observer(self, root: str):
+        # The callback holds the root's dirty entries, never the document: pycrdt keeps it in
+        # Rust, out of sight of Python's garbage collector, so a callback that reached back to
+        # `self` would keep every document alive for good (each compaction's replaced one,
+        # whole history and all).
+        dirty = self._dirty[root]
+
         def changed(event) -> None:
-            dirty = self._dirty[root]
             for key, change in event.keys.items():
                 dirty[key] = _GONE if change.get("action") == "delete" else change.get("newValue")
         return changed

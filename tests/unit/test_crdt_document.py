@@ -3,8 +3,10 @@ convergence of replicas under any order, duplication and loss of updates."""
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
+import weakref
 
 import pytest
 from hypothesis import given, settings
@@ -255,3 +257,17 @@ def test_a_delta_that_brings_only_known_deletions_changes_nothing_and_a_new_dele
     assert b.apply(deletion) is True
     assert b.state_vector() == vector and b.records(SiteSummary) == []
     assert b.apply(deletion) is False  # and once more: nothing new
+
+
+def test_a_document_nobody_holds_is_freed_with_its_history():
+    # A compaction replaces the whole document; the old one (and its pycrdt Doc, history and
+    # all) must go once the last reference to it does. pycrdt keeps observers in Rust, out
+    # of the garbage collector's sight: one that refers back to the document keeps it alive.
+    doc = MeshDocument()
+    edit(doc, "a/1", "a", 1.0)
+    doc.put(SiteSummary(site="a", nodes=1, ready=1, leader="n1", addresses=(), ts=1.0))
+    assert doc.records(SiteSummary)  # its observers have run
+    gone = weakref.ref(doc)
+    del doc
+    gc.collect()
+    assert gone() is None
