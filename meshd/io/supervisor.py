@@ -26,7 +26,6 @@ Invariants:
 from __future__ import annotations
 
 import collections
-import dataclasses
 import ctypes
 import json
 import os
@@ -35,7 +34,7 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
@@ -282,12 +281,22 @@ class _Slot:
         self.report = report
         self.stop_reason: str | None = None  # set once: the allocation must end
         self.stop_decided_at: float | None = None  # time.monotonic() when stop_reason was set
-        self.plain_report: tuple[AllocReport, dict] | None = None  # `report` as a dict (plain_reports)
         self.wake = trio.Event()  # set when stop_reason or next_spec was set
         self.done = trio.Event()  # set when its task has finished
         self.log: RotatingLog | None = None
         self.mid_line = False  # the log's last byte is not a newline
         self.backoff_count = 0
+
+    @property
+    def report(self) -> AllocReport:
+        return self._report
+
+    @report.setter
+    def report(self, report: AllocReport) -> None:
+        self._report = report
+        # As a dict, made once per report (what meshd.reporting takes): a node running
+        # thousands of workloads looks at all of them every few seconds.
+        self.plain_report = asdict(report)
 
     @property
     def interrupted(self) -> bool:
@@ -376,14 +385,8 @@ class Supervisor:
         return [slot.report for slot in self._slots.values()]
 
     def plain_reports(self) -> list[dict]:
-        """The reports as plain dicts (what meshd.reporting takes), each made once per report:
-        a node running thousands of workloads looks at them every few seconds."""
-        plain = []
-        for slot in self._slots.values():
-            if slot.plain_report is None or slot.plain_report[0] is not slot.report:
-                slot.plain_report = (slot.report, dataclasses.asdict(slot.report))
-            plain.append(slot.plain_report[1])
-        return plain
+        """The reports as plain dicts (what meshd.reporting takes)."""
+        return [slot.plain_report for slot in self._slots.values()]
 
     def allocation_dirs(self) -> frozenset[str]:
         """The allocation directories on disk (an earlier run's included)."""

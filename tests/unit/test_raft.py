@@ -8,7 +8,6 @@ member counts the append-entries messages it receives, by sender.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections import Counter
 
@@ -18,18 +17,13 @@ from pysyncobj.monotonic import monotonic as raft_clock
 
 from meshd import commands as cmds
 from meshd.io.raft import NONVOTER_HEARTBEAT_PERIOD, RaftNode, SiteRaft, make_conf
+from meshd.io.runtime import free_port
 from meshd.io.snapshots import SnapshotStore
 
 # Far beyond the test's length: the leader is the one the test elects.
 ELECTION_TIMEOUT = 30.0
 APPEND_PERIOD = 0.05  # pysyncobj's heartbeat period: 20 a second to each voter
 STEP_TIMEOUT = 10.0  # upper bound of any one wait (each takes a few ticks on an idle machine)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class CountingRaft(SiteRaft):
@@ -47,7 +41,7 @@ class CountingRaft(SiteRaft):
 
 class Site:
     def __init__(self, tmp_path):
-        voters = {n: f"127.0.0.1:{_free_port()}" for n in ("a", "b")}
+        voters = {n: f"127.0.0.1:{free_port('127.0.0.1')}" for n in ("a", "b")}
         self.applied = Counter()  # member -> commands applied
         self.nodes: dict[str, CountingRaft] = {}
         for name, address in [*voters.items(), ("nonvoter", None)]:
@@ -157,7 +151,7 @@ def test_an_idle_non_voter_ticks_at_its_tick_period_between_the_leaders_rare_mes
     # Its election deadline passes between two of the leader's messages (a second apart,
     # longer than an election timeout); a non-voter holds no elections, so its Raft thread
     # must not wake at once for one, over and over, until the next message.
-    addresses = {n: f"127.0.0.1:{_free_port()}" for n in ("a", "b")}
+    addresses = {n: f"127.0.0.1:{free_port('127.0.0.1')}" for n in ("a", "b")}
     nodes = {}
     try:
         for name in ("a", "b"):
@@ -183,7 +177,7 @@ def test_an_idle_non_voter_ticks_at_its_tick_period_between_the_leaders_rare_mes
 
 
 def test_a_follower_slow_to_load_the_leaders_snapshot_starts_no_election(tmp_path):
-    addresses = {n: f"127.0.0.1:{_free_port()}" for n in ("a", "b", "c")}
+    addresses = {n: f"127.0.0.1:{free_port('127.0.0.1')}" for n in ("a", "b", "c")}
     nodes = {}
     try:
         for name in ("a", "b"):  # two of three voters: a quorum; c starts later, with nothing
