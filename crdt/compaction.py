@@ -12,10 +12,20 @@ level (crdt.sync, meshd.io.docsync). The rules, per kind:
   edits to the winner's chain (without them, an edit a peer saw as the winner before it was
   cut off would look like a lost conflict). An edit older than the retention that is not its
   app's winner is dropped; one that comes back from a peer that was away is dropped again.
+- a stopped app is forgotten: once its winner is a stop older than FORGET_AFTER_RETENTIONS
+  retentions, every edit of the app and every status of it go. Until then the stop itself
+  stands for the app's past: any older edit a peer brings back ranks below it and is dropped
+  again (the edit older than the retention rule). A peer away for longer than that may bring
+  back an app it still ran (its site publishes the edit it runs again); the app then shows
+  as running, as it does on that site, until an operator stops it again. The same holds in
+  Cassandra for tombstones past gc_grace; forgetting is what keeps a churning mesh's
+  document bounded.
 - app statuses, site and node summaries (keyed): only the live value is kept (history goes
   with the rebuild); between two replicas the newest `ts` wins, ties broken by the record's
-  canonical text. None is dropped for age: a site's summary carries the addresses other sites
-  dial it at, so forgetting a quiet site would cut it off for good.
+  canonical text. Site and node summaries are not dropped for age: a site's summary carries
+  the addresses other sites dial it at, so forgetting a quiet site would cut it off for good.
+  A status goes with its forgotten app (and only then: a status is published after its edit,
+  so one whose app no edit names is one a replica holds before that edit reached it).
 - signed records (revocations, policy bundles): grow-only, never dropped; two different
   records under one key (forged or a bug): the higher (serial, ts, text).
 - audit records (keyed "<site>/<seq>"): a grow-only set, dropped once older than the
@@ -31,7 +41,8 @@ Invariants:
 - `merge(a, b) == merge(b, a)`, and both equal `compact(a + b)`: merging is the union of the
   records under the rules above, then compaction; any order of merges ends with the same
   records.
-- `compact` is idempotent at one `now`, and keeps every app's winner and every signed record.
+- `compact` is idempotent at one `now`, and keeps every signed record and every app's winner
+  but a stop older than FORGET_AFTER_RETENTIONS retentions.
 - Records are taken as crdt.document returns them (validated); nothing here makes a record
   that would not pass validation.
 """
@@ -45,7 +56,7 @@ from typing import Iterable
 
 from crdt.document import MeshDocument, resolve
 from crdt.epoch import Epoch
-from crdt.schema import NAME_RE, AppEdit, AuditRecord, DroppedAudit, Record, SignedRecord, winning_order
+from crdt.schema import NAME_RE, AppEdit, AppSiteStatus, AuditRecord, DroppedAudit, Record, SignedRecord, winning_order
 
 # How long audit records and superseded or losing app edits are kept unless the operator says
 # otherwise (meshd.config.DEFAULT_DOCUMENT_RETENTION repeats it with the operator's reason).
@@ -61,6 +72,11 @@ MIN_EXPIRY_SLACK = 3600.0
 # its live size plus this, and the cost of compacting is amortised over as many bytes written
 # as it rewrites. 4 MiB: a few days of a busy site's overwrites; opening it is ~0.1 s.
 HISTORY_MIN_BYTES = 4 * 1024 * 1024
+# A stopped app is forgotten this many retentions after its stop: one retention for its other
+# edits to go (they rank below the stop, so they never come back while it stands), one more
+# in which a peer away for longer than the retention still finds the stop and drops what it
+# brings back instead of running it again.
+FORGET_AFTER_RETENTIONS = 2
 # An audit seq is the site's Raft audit counter (meshd.meshstate.audit_key): digits, bounded
 # like every int of the document.
 _MAX_SEQ_DIGITS = 15
@@ -73,6 +89,8 @@ class Compaction:
     dropped_edits: int
     dropped_audit: int  # newly dropped (not counting records at or below a summary's upto_seq)
     summaries: dict[str, DroppedAudit] = field(default_factory=dict)  # by site, those that changed
+    forgotten_apps: tuple[str, ...] = ()  # apps whose stop was old enough: every edit and status gone
+    dropped_statuses: int = 0
 
     def by_key(self) -> dict[tuple[str, str], Record]:
         return {(r.ROOT, r.key): r for r in self.records}
@@ -125,8 +143,10 @@ def compact(records: Iterable[Record], now: float, retention: float) -> Compacti
         raise ValueError("now and retention must be finite, retention not negative")
     held = union(records)
     horizon = now - retention
+    forget_horizon = now - FORGET_AFTER_RETENTIONS * retention
     kept: dict[tuple[str, str], Record] = {}
     edits: dict[str, list[AppEdit]] = {}
+    statuses: list[AppSiteStatus] = []
     audit: dict[str, list[tuple[int, AuditRecord]]] = {}
     summaries: dict[str, DroppedAudit] = {}
     dropped_edits = dropped_audit = 0
@@ -144,15 +164,28 @@ def compact(records: Iterable[Record], now: float, retention: float) -> Compacti
                 audit.setdefault(numbered[0], []).append((numbered[1], record))
         elif isinstance(record, DroppedAudit):
             summaries[record.site] = record
+        elif isinstance(record, AppSiteStatus):
+            statuses.append(record)
         else:
             kept[at] = record
-    for app_edits in edits.values():
+    forgotten = []
+    for app, app_edits in edits.items():
         winner = resolve(app_edits).winner
+        if winner.stopped and winner.ts < forget_horizon:
+            forgotten.append(app)
+            dropped_edits += len(app_edits)
+            continue
         for edit in app_edits:
             if edit is winner or edit.ts >= horizon:
                 kept[(edit.ROOT, edit.key)] = edit
             else:
                 dropped_edits += 1
+    dropped_statuses = 0
+    for status in statuses:
+        if status.app not in forgotten:
+            kept[(status.ROOT, status.key)] = status
+        else:
+            dropped_statuses += 1
     changed: dict[str, DroppedAudit] = {}
     for site, numbered in audit.items():
         summary = summaries.get(site)
@@ -175,7 +208,8 @@ def compact(records: Iterable[Record], now: float, retention: float) -> Compacti
             dropped_audit += gone
     for summary in summaries.values():
         kept[(summary.ROOT, summary.key)] = summary
-    return Compaction(tuple(kept[at] for at in sorted(kept)), dropped_edits, dropped_audit, changed)
+    return Compaction(tuple(kept[at] for at in sorted(kept)), dropped_edits, dropped_audit, changed,
+                      tuple(sorted(forgotten)), dropped_statuses)
 
 
 def merge(ours: Iterable[Record], theirs: Iterable[Record], now: float, retention: float) -> Compaction:
@@ -226,9 +260,11 @@ def expiry_slack(retention: float) -> float:
     return max(MIN_EXPIRY_SLACK, retention * EXPIRY_SLACK_SHARE)
 
 
-def oldest_expiring(records: Iterable[Record]) -> float | None:
+def oldest_expiring(records: Iterable[Record], *, retention: float) -> float | None:
     """The oldest time stamp among records that age can drop (audit records and app edits
-    that are not their app's winner; a site's newest audit record aside), or None."""
+    that are not their app's winner; a site's newest audit record aside), or None. A stopped
+    winner counts as `FORGET_AFTER_RETENTIONS - 1` retentions younger than it is (it goes
+    that much later)."""
     edits: dict[str, list[AppEdit]] = {}
     audit: dict[str, list[tuple[int, float]]] = {}
     times: list[float] = []
@@ -241,9 +277,12 @@ def oldest_expiring(records: Iterable[Record]) -> float | None:
                 times.append(record.ts)
             else:
                 audit.setdefault(numbered[0], []).append((numbered[1], record.ts))
+    later = (FORGET_AFTER_RETENTIONS - 1) * retention
     for app_edits in edits.values():
         winner = resolve(app_edits).winner
         times += [e.ts for e in app_edits if e is not winner]
+        if winner.stopped:
+            times.append(winner.ts + later)
     for numbered in audit.values():
         newest = max(seq for seq, _ in numbered)
         times += [ts for seq, ts in numbered if seq != newest]

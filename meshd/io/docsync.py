@@ -170,7 +170,8 @@ class DocumentHub:
             document, kept = compaction.rebuild(before, now=now, retention=retention, client_id=client_id,
                                                 epoch=epoch)
             stats.update(records=len(kept.records), dropped_edits=kept.dropped_edits,
-                         dropped_audit=kept.dropped_audit)
+                         dropped_audit=kept.dropped_audit, forgotten_apps=len(kept.forgotten_apps),
+                         dropped_statuses=kept.dropped_statuses)
             return document, []
 
         await self._switch("compacted", build, reason=reason, stats=stats)
@@ -189,7 +190,9 @@ class DocumentHub:
                 taken = compaction.adopt(before, full_update, epoch=epoch, now=now, retention=retention,
                                          client_id=client_id)
                 stats.update(records=len(taken.merged.records), merged_in=taken.written, removed=taken.removed,
-                             dropped_edits=taken.merged.dropped_edits, dropped_audit=taken.merged.dropped_audit)
+                             dropped_edits=taken.merged.dropped_edits, dropped_audit=taken.merged.dropped_audit,
+                             forgotten_apps=len(taken.merged.forgotten_apps),
+                             dropped_statuses=taken.merged.dropped_statuses)
                 return taken.document, [taken.update] if taken.update else []
 
             await self._switch_locked("adopted", build, reason=f"epoch {epoch} of {peer}", stats=stats)
@@ -240,7 +243,8 @@ class DocumentHub:
             if not may_compact() or self._switching.locked():
                 continue
             # a pass over every record (tens of ms for a month's): off the trio thread
-            oldest = await trio.to_thread.run_sync(compaction.oldest_expiring, self.document.all_records())
+            records, retention = self.document.all_records(), self.retention
+            oldest = await trio.to_thread.run_sync(lambda: compaction.oldest_expiring(records, retention=retention))
             reason = compaction.compaction_due(now=self.wall_clock(), retention=self.retention, grown=self.grown,
                                                base=self.epoch_base, oldest=oldest)
             if reason is not None:

@@ -174,7 +174,8 @@ class MeshSync:
         if change:
             self.ctx.event("sync", f"mesh document {change['what']} into epoch {change['epoch']} "
                                    f"({change.get('dropped_audit', 0)} audit records and "
-                                   f"{change.get('dropped_edits', 0)} app edits dropped)",
+                                   f"{change.get('dropped_edits', 0)} app edits dropped, "
+                                   f"{change.get('forgotten_apps', 0)} stopped apps forgotten)",
                            epoch=change["epoch"])
         self.changed.notify()
 

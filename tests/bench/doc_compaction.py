@@ -115,7 +115,7 @@ def simulate(directory: Path, changes: int, compact: bool) -> dict[str, float]:
         if not compact or i % HISTORY_CHECK:
             continue
         now = T0 + MINUTE * i
-        oldest = compaction.oldest_expiring(doc.all_records()) if i % EXPIRY_CHECK == 0 else None
+        oldest = compaction.oldest_expiring(doc.all_records(), retention=compaction.DEFAULT_RETENTION) if i % EXPIRY_CHECK == 0 else None
         reason = compaction.compaction_due(now=now, retention=compaction.DEFAULT_RETENTION, grown=grown, base=base,
                                            oldest=oldest)
         if reason is None:

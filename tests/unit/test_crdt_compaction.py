@@ -102,11 +102,63 @@ def test_an_ancestor_a_late_peer_still_holds_is_not_taken_for_a_lost_conflict():
 
 def test_statuses_and_summaries_keep_the_newest_and_signed_records_all_stay():
     now = T0 + 400 * DAY
-    records = [status("a", T0), summary("a", T0), signed("revocation/x", 1, T0), signed("policy/1/ab", 1, T0)]
+    records = [edit("e1", 1, "", T0), status("a", T0), summary("a", T0), signed("revocation/x", 1, T0),
+               signed("policy/1/ab", 1, T0)]
     kept = compact(records, now, R)  # all of them a year old: none is dropped for age
     assert keys(kept.records) == keys(records)
-    merged = merge([status("a", T0 + 5, running=0)], [status("a", T0 + 9, running=2)], now, R)
-    assert merged.records == (status("a", T0 + 9, running=2),)
+    merged = merge([edit("e1", 1, "", T0), status("a", T0 + 5, running=0)], [status("a", T0 + 9, running=2)],
+                   now, R)
+    assert merged.records == (edit("e1", 1, "", T0), status("a", T0 + 9, running=2))
+
+
+def stop(edit_id: str, version: int, base: str, ts: float, app: str = "web") -> AppEdit:
+    return AppEdit(edit_id=edit_id, app=app, version=version, base=base, site="a", actor="ops", ts=ts, spec="",
+                   targets=(), replicas=0, stopped=True)
+
+
+def test_a_stopped_app_is_forgotten_two_retentions_after_its_stop():
+    deploy, update = edit("e1", 1, "", T0), edit("e2", 2, "e1", T0 + DAY)
+    loser = edit("x2", 2, "e1", T0 + 2 * DAY, site="b")  # lost to e2, made after it
+    stopped = stop("e3", 3, "e2", T0 + 3 * DAY)
+    records = [deploy, update, loser, stopped, status("a", T0 + 3 * DAY, running=0), status("b", T0 + 4 * DAY, 0)]
+    # within the retention: everything stays
+    assert keys(compact(records, T0 + 10 * DAY, R).records) == keys(records)
+    # past one retention: the stop stands for the app, its statuses still say where it was
+    once = compact(records, T0 + 3 * DAY + R + 1, R)
+    assert keys(once.records) == {("app_edits", "e3"), ("app_status", "web@a"), ("app_status", "web@b")}
+    assert once.forgotten_apps == ()
+    # past two: nothing of it is left, and it says so
+    twice = compact(records, T0 + 3 * DAY + 2 * R + 1, R)
+    assert twice.records == () and twice.forgotten_apps == ("web",)
+    assert (twice.dropped_edits, twice.dropped_statuses) == (4, 2)
+    # an app redeployed after its stop is never forgotten for that stop
+    again = edit("e4", 4, "e3", T0 + 5 * DAY)
+    assert again in compact(records + [again], T0 + 400 * DAY, R).records
+    # a running app's deploy, however old, is its winner and stays
+    assert compact([deploy], T0 + 4000 * DAY, R).records == (deploy,)
+
+
+def test_a_peer_away_less_than_two_retentions_cannot_bring_a_stopped_app_back():
+    deploy, stopped = edit("e1", 1, "", T0), stop("e2", 2, "e1", T0 + DAY)
+    now = T0 + DAY + R + 5 * DAY  # the stop is older than the retention, not than two
+    ours = compact([deploy, stopped], now, R).records
+    assert ours == (stopped,)
+    merged = merge(ours, [deploy, status("b", T0, running=1)], now, R)  # b was away since before the stop
+    assert merged.records == (stopped, status("b", T0, running=1))
+    assert resolve([r for r in merged.records if isinstance(r, AppEdit)]).winner == stopped
+    # ... and a status a site publishes late goes with the app
+    later = T0 + DAY + 2 * R + 1
+    assert compact(ours, later, R).records == () and merge(ours, [status("b", later - 10, 0)], later, R).records == ()
+
+
+def test_a_stopped_winner_makes_a_compaction_due_when_it_is_two_retentions_old():
+    deploy, stopped = edit("e1", 1, "", T0), stop("e2", 2, "e1", T0 + DAY)
+    assert oldest_expiring([stopped], retention=R) == T0 + DAY + R  # it goes one retention later than an edit
+    assert oldest_expiring([deploy, stopped], retention=R) == T0  # the superseded deploy goes first
+    oldest = oldest_expiring([stopped], retention=R)
+    for now, due in ((T0 + DAY + 2 * R, False), (T0 + DAY + 2 * R + compaction.expiry_slack(R) + 1, True)):
+        assert bool(compaction_due(now=now, retention=R, grown=0, base=0, oldest=oldest)) == due
+        assert bool(compact([stopped], now, R).forgotten_apps) == (now > T0 + DAY + 2 * R)  # and then it goes
 
 
 def test_two_records_of_one_key_and_one_time_stamp_resolve_the_same_both_ways():
@@ -140,12 +192,14 @@ arbitrary_strategy = st.lists(st.one_of(
               st.integers(0, 60)),
     st.builds(lambda i, v, b, d: edit(f"e{i}", v, f"e{b}" if b else "", T0 + d * DAY),
               st.integers(1, 12), st.integers(1, 6), st.integers(0, 12), st.integers(0, 60)),
+    st.builds(lambda i, v, d: stop(f"e{i}", v, "", T0 + d * DAY), st.integers(1, 12), st.integers(1, 6),
+              st.integers(0, 60)),
 ), max_size=40)
 
 
 @settings(max_examples=150, deadline=None)
 @given(st.one_of(records_strategy, arbitrary_strategy), st.one_of(records_strategy, arbitrary_strategy),
-       st.integers(0, 90))
+       st.integers(0, 130))
 def test_merge_is_symmetric_idempotent_and_keeps_every_winner(ours, theirs, day):
     now = T0 + day * DAY
     ab, ba = merge(ours, theirs, now, R), merge(theirs, ours, now, R)
@@ -154,7 +208,8 @@ def test_merge_is_symmetric_idempotent_and_keeps_every_winner(ours, theirs, day)
     edits = [r for r in compaction.union(ours, theirs).values() if isinstance(r, AppEdit)]
     for app in {e.app for e in edits}:
         winner = resolve([e for e in edits if e.app == app]).winner
-        assert winner in ab.records
+        forget = winner.stopped and winner.ts < now - compaction.FORGET_AFTER_RETENTIONS * R
+        assert (winner not in ab.records) == forget == (app in ab.forgotten_apps)
 
 
 def replica_records(others: list, upto_a: int, upto_b: int) -> list:
@@ -197,8 +252,8 @@ def test_compaction_is_due_for_history_or_for_records_well_past_the_retention():
     assert compaction_due(now=now, retention=R, grown=0, base=0, oldest=just_past) is None
     assert "retention" in compaction_due(now=now, retention=R, grown=0, base=0, oldest=now - R - 4 * DAY)
     # a site's newest audit record and every app's winner never count
-    assert oldest_expiring([audit("a", 1, T0), edit("e1", 1, "", T0)]) is None
-    assert oldest_expiring([audit("a", 1, T0), audit("a", 2, T0 + 5)]) == T0
+    assert oldest_expiring([audit("a", 1, T0), edit("e1", 1, "", T0)], retention=R) is None
+    assert oldest_expiring([audit("a", 1, T0), audit("a", 2, T0 + 5)], retention=R) == T0
 
 
 def test_bad_arguments_are_refused():

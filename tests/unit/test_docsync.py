@@ -301,6 +301,15 @@ def test_a_hostile_whole_document_ends_the_session_and_changes_nothing(tmp_path)
     trio.run(main)
 
 
+async def compacted_once(hub: DocumentHub) -> None:
+    """Wait for the hub's first compaction, then make sure no second one follows (nothing due)."""
+    with trio.fail_after(5):
+        while hub.document.epoch.generation == 0:
+            await trio.sleep(0.01)
+    await trio.sleep(0.1)
+    assert hub.document.epoch.generation == 1
+
+
 def test_the_compaction_loop_compacts_only_when_due_and_allowed(tmp_path):
     clock = WallClock(T0)
 
@@ -314,12 +323,35 @@ def test_the_compaction_loop_compacts_only_when_due_and_allowed(tmp_path):
             await trio.sleep(0.1)
             assert hub.document.epoch.generation == 0  # not the leader: not allowed
             allowed[0] = True
-            with trio.fail_after(5):
-                while hub.document.epoch.generation == 0:
-                    await trio.sleep(0.01)
-            await trio.sleep(0.1)
-            assert hub.document.epoch.generation == 1  # nothing due any more
+            await compacted_once(hub)
             nursery.cancel_scope.cancel()
         assert audits(hub) == {"a/9"} and hub.last_change["dropped_audit"] == 8
         hub.store.close()
+    trio.run(main)
+
+
+def test_the_compaction_loop_forgets_an_app_stopped_two_retentions_ago(tmp_path):
+    clock = WallClock(T0)
+    stop = AppEdit(edit_id="e2", app="web", version=2, base="e1", site="a", actor="ops", ts=T0 + 10, spec="",
+                   targets=(), replicas=0, stopped=True)
+    status = AppSiteStatus(app="web", site="a", edit_id="e2", version=2, desired=0, running=0, ts=T0 + 11)
+    kept = AppEdit(edit_id="k1", app="kept", version=1, base="", site="a", actor="ops", ts=T0, spec="",
+                   targets=("a",), replicas=1)
+
+    async def main():
+        hub = clocked_hub(tmp_path, clock)
+        await hub.write([stop, status, kept])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hub.compaction_loop, lambda: True, 0.01)
+            clock.now = T0 + 2 * RETENTION + 1  # past two retentions, within the slack: not due yet
+            await trio.sleep(0.1)
+            assert hub.document.epoch.generation == 0
+            clock.now = T0 + 2 * RETENTION + 3 * DAY + 11
+            await compacted_once(hub)
+            nursery.cancel_scope.cancel()
+        assert set(hub.document.apps()) == {"kept"} and hub.document.records(AppSiteStatus) == []
+        assert hub.last_change["forgotten_apps"] == 1 and hub.last_change["dropped_statuses"] == 1
+        hub.store.close()
+        reopened = DocumentStore(tmp_path).open()  # and it stays forgotten on disk
+        assert set(reopened.apps()) == {"kept"}
     trio.run(main)
