@@ -29,9 +29,19 @@ Invariants:
   the lost ones (raftLastApplied never goes back). `SiteRaft._keep_matching_entries`
   rewrites each such message into the Raft form before pysyncobj reads it;
   tests/unit/test_raft_log.py provokes that election.
+- A snapshot the leader sends is loaded off the Raft thread (`SiteRaft._install`): the Raft
+  thread only opens it (a few ms), and keeps answering heartbeats and taking entries while
+  a thread of its own unpickles and indexes the state (about a second for 100,000
+  allocations here, several on a small board: long enough for the leader to count the
+  member as silent). Commands committed meanwhile are queued in order and applied to the
+  loaded state before it replaces the live one; readers see the state from before the
+  snapshot until then, and a command's result (`submit`) comes once it is applied. While a
+  load is under way no snapshot of the state is written (it would be the old state under
+  the new index). A snapshot loaded at start-up is loaded on the Raft thread: nothing waits
+  for this member's answers before its first tick.
 - The time a voter spends loading a snapshot is not silence from the leader: its election
-  timer restarts when the load is done (`SiteRaft._install`), or a load longer than the
-  election timeout would make it stand against a live leader.
+  timer restarts when the load is handed over, or a load longer than the election timeout
+  would make it stand against a live leader.
 - The leader's heartbeats to non-voters are thinned (`SiteTransport`): an append-entries
   message that carries nothing new for a non-voter (no entry, the term, commit index and
   previous entry it was last sent) goes at most once per NONVOTER_HEARTBEAT_PERIOD. Every
@@ -47,7 +57,7 @@ import logging
 import pickle
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -59,6 +69,7 @@ from pysyncobj.tcp_connection import CONNECTION_STATE
 from pysyncobj.transport import TCPTransport
 
 from meshd import sitestate
+from meshd.commands import Result
 from meshd.io.snapshots import SnapshotStore
 from meshd.state import SiteState
 
@@ -130,6 +141,38 @@ def _heartbeat_content(message: dict) -> tuple | None:
     return (message.get("term"), message.get("commit_index"), message["prevLogIdx"], message.get("prevLogTerm"))
 
 
+class PendingResult:
+    """The result of a command applied behind a snapshot that is still loading
+    (SiteRaft._install): pysyncobj hands it to the command's callback at once, and `then`
+    passes the real result on once the command is applied."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._done = False
+        self._result: Result | None = None
+        self._waiting: list[Callable[[Result], None]] = []
+
+    def then(self, fn: Callable[[Result], None]) -> None:
+        with self._lock:
+            if not self._done:
+                self._waiting.append(fn)
+                return
+        fn(self._result)
+
+    def set(self, result: Result) -> None:
+        with self._lock:
+            self._done, self._result = True, result
+            waiting, self._waiting = self._waiting, []
+        for fn in waiting:
+            fn(result)
+
+
+@dataclass
+class _Load:
+    finish: Callable[[], SiteState]
+    commands: list[tuple[dict, PendingResult]] = field(default_factory=list)  # committed behind it, in order
+
+
 class CommandFailed(Exception):
     """A command did not commit (no leader, leader change, timeout). Its outcome may be unknown."""
 
@@ -170,23 +213,66 @@ class SiteRaft(SyncObj):
         # While pysyncobj handles a rewritten append-entries (_keep_matching_entries): the
         # highest next index its answer may claim, None otherwise.
         self._answer_cap: int | None = None
+        self._receiving = False  # pysyncobj is handling a message from another member
+        self._loads: list[_Load] = []  # snapshots being loaded off the Raft thread, oldest first
+        self._loader: threading.Thread | None = None
         super().__init__(self_address, partners, conf, transportClass=SiteTransport)
         self._write_commit_index_only_when_it_moves()
         # The replicated state: what snapshots hold (meshd.io.snapshots), nothing else.
         self.site_state = SiteState()
 
-    def _install(self, state: SiteState) -> None:
-        """Raft thread: a snapshot was loaded (at start, or sent by the leader).
-
-        Loading a large one takes a while (about half a second for 100,000 allocations on a
-        fast machine, several on a small board), all of it on this thread, after pysyncobj
-        set the election deadline from the leader's last message: without a fresh deadline
-        the next tick would find it passed and start an election against a leader that is
-        alive and waiting for this node's answer."""
-        with self._lock:
-            self.site_state = state
+    def _install(self, finish: Callable[[], SiteState]) -> None:
+        """Raft thread: a snapshot was opened (at start, or sent by the leader); `finish()`
+        loads its state. See the module header: off this thread unless at start-up."""
+        if self._receiving:
+            with self._lock:
+                self._loads.append(_Load(finish))
+                if self._loader is None:
+                    self._loader = threading.Thread(target=self._load_deferred, name="meshd-snapshot-load",
+                                                    daemon=True)
+                    self._loader.start()
+        else:
+            state = finish()
+            with self._lock:
+                self.site_state = state
+        # pysyncobj set the election deadline from the leader's last message before the load
         if getattr(self, "_SyncObj__selfNode", None) is not None:  # a voter (pysyncobj set up)
             self._SyncObj__raftElectionDeadline = raft_clock() + self._SyncObj__generateRaftTimeout()
+
+    def _load_deferred(self) -> None:
+        """The loader thread: each snapshot handed over in turn, loaded, the commands queued
+        behind it applied, then made the live state (unless a newer snapshot came after it)."""
+        while True:
+            with self._lock:
+                if not self._loads:
+                    self._loader = None
+                    return
+                load = self._loads[0]
+            started = time.monotonic()
+            try:
+                state = load.finish()
+            except Exception as e:  # a damaged file (its checksum failed): as when a load on
+                # the Raft thread fails, pysyncobj has already moved on; keep the state before it
+                log.error("raft snapshot load failed; the state before it is kept",
+                          extra={"reason": str(e) or type(e).__name__})
+                with self._lock:
+                    state = self.site_state.snapshot_copy()
+            applied: list[tuple[dict, Result, PendingResult]] = []
+            while True:
+                with self._lock:
+                    batch = load.commands[len(applied):]
+                    if not batch:
+                        self._loads.pop(0)
+                        if not self._loads:
+                            self.site_state = state
+                        break
+                for command, pending in batch:
+                    applied.append((command, sitestate.apply(state, command), pending))
+            log.info("raft snapshot loaded", extra={"allocs": len(state.allocs), "queued_commands": len(applied),
+                                                    "seconds": round(time.monotonic() - started, 3)})
+            for command, result, pending in applied:
+                self._applied(command, result)
+                pending.set(result)
 
     def _write_commit_index_only_when_it_moves(self) -> None:
         """pysyncobj marks its journal metadata dirty on every append-entries a follower
@@ -204,10 +290,12 @@ class SiteRaft(SyncObj):
     def _SyncObj__onMessageReceived(self, node, message):
         if message.get("type") == "append_entries":
             message, self._answer_cap = self._keep_matching_entries(message)
+        self._receiving = True  # a snapshot loaded now comes from the leader (_install)
         try:
             super()._SyncObj__onMessageReceived(node, message)
         finally:
             self._answer_cap = None
+            self._receiving = False
 
     def _SyncObj__sendNextNodeIdx(self, node, reset=False, nextNodeIdx=None, success=False):
         if success and self._answer_cap is not None:
@@ -265,14 +353,26 @@ class SiteRaft(SyncObj):
     @replicated
     def apply_command(self, command):
         with self._lock:
+            if self._loads:  # a snapshot is loading: this command follows it (module header)
+                pending = PendingResult()
+                self._loads[-1].commands.append((command, pending))
+                return pending
             result = sitestate.apply(self.site_state, command)
+        self._applied(command, result)
+        return result
+
+    def _applied(self, command: dict, result: Result) -> None:
         if not sitestate.is_plain_heartbeat(command):
             self._persist_commit_index = True
         try:
             self._on_applied(command, result)
         except Exception:  # the notification is best-effort; never let it reach pysyncobj
             log.exception("on_applied hook failed")
-        return result
+
+    def _SyncObj__tryLogCompaction(self):
+        if self._loads:
+            return  # the state is not the one the log's index says (module header)
+        super()._SyncObj__tryLogCompaction()
 
     def snapshot(self) -> SiteState:
         """A copy of the state for the trio side to read (SiteState.reader_copy)."""
@@ -457,6 +557,9 @@ class RaftNode:
         outcome: list = []
 
         def callback(result, error):
+            if isinstance(result, PendingResult):  # applied behind a loading snapshot: not yet
+                result.then(lambda applied: callback(applied, error))
+                return
             outcome.append((result, error))
             try:
                 token.run_sync_soon(done.set)

@@ -28,12 +28,14 @@ Invariants:
 from __future__ import annotations
 
 import gzip
+import io
 import logging
 import os
 import pickle
 import threading
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,6 +51,9 @@ MARKER = b"MESHD-NO-SNAPSHOT-YET\n"
 # Allocations pickled per slice: about 5 ms of work, so the writer thread holds the GIL
 # for no longer than that at a time and the Raft and trio threads keep their pace.
 SLICE_ALLOCS = 2_000
+# Compressed bytes inflated at a time when a snapshot is read: small enough that reading its
+# header inflates little more than the header, large enough to cost few calls.
+INFLATE_CHUNK = 256 * 1024
 # zlib level 1: 4.7x faster than pysyncobj's gzip 9 for 10 % more bytes (measured).
 COMPRESSION_LEVEL = 1
 
@@ -61,12 +66,13 @@ class SnapshotStore:
     """pysyncobj's serializer, deserializer and serializeChecker for one SiteRaft.
 
     `state` returns the live state (the Raft thread's, read only on that thread) and
-    `install(state)` replaces it after a load; both are bound by the SiteRaft.
+    `install(finish)` replaces it with the state `finish()` loads; both are bound by the
+    SiteRaft.
     """
 
     def __init__(self) -> None:
         self.state: Callable[[], SiteState] | None = None
-        self.install: Callable[[SiteState], None] | None = None
+        self.install: Callable[[Callable[[], SiteState]], None] | None = None
         self._writer: threading.Thread | None = None
         self._outcome: int | None = None  # SUCCESS or FAILED of the last writer, until reported
         self.last_write_s: float | None = None  # how long the last writer took (for logs and tests)
@@ -98,11 +104,13 @@ class SnapshotStore:
         return SERIALIZER_STATE.SUCCESS if outcome == SERIALIZER_STATE.SUCCESS else SERIALIZER_STATE.FAILED
 
     def read(self, path: str) -> tuple:
-        """Raft thread: load the snapshot at `path` into the state; pysyncobj's metadata back."""
+        """Raft thread: open the snapshot at `path` and hand its loading to `install` (which
+        may finish it on another thread: meshd.io.raft.SiteRaft._install); pysyncobj's
+        metadata back."""
         assert self.install is not None
-        state, meta = load(Path(path).read_bytes())
-        self.install(state)
-        return meta
+        opened = open_snapshot(Path(path).read_bytes())
+        self.install(opened.finish)
+        return opened.meta
 
     # --- the writer thread ------------------------------------------------------------------
     def _write(self, final: str, meta: tuple, state: SiteState) -> None:
@@ -140,8 +148,18 @@ def dump_chunks(state: SiteState, meta: tuple):
     yield packer.flush()
 
 
-def load(data: bytes) -> tuple[SiteState, tuple]:
-    """(state, pysyncobj metadata) from a snapshot file's bytes; SnapshotError if it is none."""
+@dataclass(frozen=True)
+class Opened:
+    """A snapshot whose header is read: pysyncobj's metadata now, the state by `finish()`
+    (the costly part: unpickling and indexing every allocation, about a second for 100,000;
+    SnapshotError if the rest of the file is damaged)."""
+    meta: tuple
+    finish: Callable[[], SiteState]
+
+
+def open_snapshot(data: bytes) -> Opened:
+    """Check a snapshot file's bytes and read its metadata (a few ms, whatever its size);
+    SnapshotError if it is none."""
     if data.startswith(MARKER):
         raise SnapshotError("no snapshot was completed yet (the journal holds every entry)")
     if data.startswith(b"\x1f\x8b"):  # pysyncobj's own dump, written by an older meshd
@@ -150,36 +168,91 @@ def load(data: bytes) -> tuple[SiteState, tuple]:
         state = fields.get("site_state")
         if not isinstance(state, SiteState):
             raise SnapshotError("an old-format snapshot without a site state")
-        return state, tuple(saved[1:])
+        return Opened(tuple(saved[1:]), lambda: state)
     if not data.startswith(MAGIC):
         raise SnapshotError("not a meshd snapshot (unknown header)")
-    try:
-        raw = zlib.decompress(data[len(MAGIC):])
-    except zlib.error as e:
-        raise SnapshotError(f"snapshot damaged: {e}") from None
-    unpickler = _Reader(raw)
-    meta, head, count = unpickler.next()
-    slices: list = []
-    while sum(map(len, slices)) < count:
-        slices.append(unpickler.next())
-    allocs = AllocTable.of(alloc for part in slices for alloc in part)
-    state = SiteState()
-    state.__setstate__({**head, "allocs": allocs})
-    return state, tuple(meta)
+    reader = _Reader(data, len(MAGIC))
+    meta, head, count = reader.next()
+
+    def finish() -> SiteState:
+        slices: list = []
+        while sum(map(len, slices)) < count:
+            slices.append(reader.next())
+        reader.end()
+        allocs = AllocTable.of(alloc for part in slices for alloc in part)
+        state = SiteState()
+        state.__setstate__({**head, "allocs": allocs})
+        return state
+
+    return Opened(tuple(meta), finish)
+
+
+def load(data: bytes) -> tuple[SiteState, tuple]:
+    """(state, pysyncobj metadata) from a snapshot file's bytes; SnapshotError if it is none."""
+    opened = open_snapshot(data)
+    return opened.finish(), opened.meta
 
 
 class _Reader:
-    """Consecutive pickles out of one byte string."""
+    """Consecutive pickles out of one zlib stream, inflated as they are read: the header
+    costs what it weighs, not the whole file."""
 
-    def __init__(self, raw: bytes) -> None:
-        import io
-        self._file = io.BytesIO(raw)
+    def __init__(self, data: bytes, offset: int) -> None:
+        self._file = io.BufferedReader(_Inflater(memoryview(data)[offset:]), buffer_size=INFLATE_CHUNK)
 
     def next(self) -> Any:
         try:
             return pickle.load(self._file)
         except EOFError:
             raise SnapshotError("snapshot truncated") from None
+        except (pickle.UnpicklingError, zlib.error) as e:
+            raise SnapshotError(f"snapshot damaged: {e}") from None
+
+    def end(self) -> None:
+        """The stream ends here, checksum and all; SnapshotError if not."""
+        try:
+            rest = self._file.read()
+        except zlib.error as e:
+            raise SnapshotError(f"snapshot damaged: {e}") from None
+        if rest:
+            raise SnapshotError("snapshot damaged: bytes after the allocations")
+        if not self._file.raw.complete:
+            raise SnapshotError("snapshot truncated")
+
+
+class _Inflater(io.RawIOBase):
+    """A raw stream of what a zlib stream inflates to (zlib.error on damage, checked by its
+    checksum when it ends)."""
+
+    def __init__(self, compressed: memoryview) -> None:
+        self._source = compressed
+        self._at = 0
+        self._inflate = zlib.decompressobj()
+        self._pending = b""
+
+    @property
+    def complete(self) -> bool:
+        return self._inflate.eof
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            if self._inflate.eof:
+                return 0
+            if self._inflate.unconsumed_tail:
+                chunk = self._inflate.unconsumed_tail
+            elif self._at < len(self._source):
+                chunk = self._source[self._at:self._at + INFLATE_CHUNK]
+                self._at += len(chunk)
+            else:
+                return 0  # the file ended before the stream did: `complete` stays False
+            self._pending = self._inflate.decompress(chunk, INFLATE_CHUNK)
+        size = min(len(buffer), len(self._pending))
+        buffer[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
 
 
 def _remove(path: str) -> None:

@@ -8,15 +8,19 @@ member counts the append-entries messages it receives, by sender.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
+import trio
 from pysyncobj import FAIL_REASON
 from pysyncobj.monotonic import monotonic as raft_clock
 
 from meshd import commands as cmds
 from meshd.io.raft import NONVOTER_HEARTBEAT_PERIOD, RaftNode, SiteRaft, make_conf
+from meshd.io import snapshots
 from meshd.io.runtime import free_port
 from meshd.io.snapshots import SnapshotStore
 
@@ -176,23 +180,33 @@ def test_an_idle_non_voter_ticks_at_its_tick_period_between_the_leaders_rare_mes
             node.close()
 
 
+def _heartbeat(seq: int, node_id: str = "n1") -> dict:
+    return cmds.encode(cmds.Heartbeat(node_id=node_id, seq=seq),
+                       cmds.Envelope(ts=float(seq), request_id=f"req-{node_id}-{seq}"))
+
+
+def _two_voters_with_a_compacted_log(tmp_path, addresses, nodes) -> RaftNode:
+    """a and b (two of three voters: a quorum) commit 120 commands and compact their log, so
+    c, started later with nothing, gets the leader's snapshot."""
+    for name in ("a", "b"):
+        nodes[name] = _start(tmp_path, name, addresses, SnapshotStore())
+    leader = _wait_for_leader(nodes)
+    done = []
+    for seq in range(1, 121):
+        leader.raft.apply_command(_heartbeat(seq), callback=lambda result, error: done.append(error))
+    deadline = time.monotonic() + 20
+    while not (len(done) == 120 and leader.raft.raftLastApplied > 60
+               and leader.raft._SyncObj__raftLog[0][1] > 1):  # the log compacted into a snapshot
+        assert time.monotonic() < deadline, "the leader did not compact its log"
+        time.sleep(0.05)
+    return leader
+
+
 def test_a_follower_slow_to_load_the_leaders_snapshot_starts_no_election(tmp_path):
     addresses = {n: f"127.0.0.1:{free_port('127.0.0.1')}" for n in ("a", "b", "c")}
     nodes = {}
     try:
-        for name in ("a", "b"):  # two of three voters: a quorum; c starts later, with nothing
-            nodes[name] = _start(tmp_path, name, addresses, SnapshotStore())
-        leader = _wait_for_leader(nodes)
-        done = []
-        for seq in range(120):
-            wire = cmds.encode(cmds.Heartbeat(node_id="n1", seq=seq + 1),
-                               cmds.Envelope(ts=float(seq + 1), request_id=f"req-{seq}"))
-            leader.raft.apply_command(wire, callback=lambda result, error: done.append(error))
-        deadline = time.monotonic() + 20
-        while not (len(done) == 120 and leader.raft.raftLastApplied > 60
-                   and leader.raft._SyncObj__raftLog[0][1] > 1):  # the log compacted into a snapshot
-            assert time.monotonic() < deadline, "the leader did not compact its log"
-            time.sleep(0.05)
+        leader = _two_voters_with_a_compacted_log(tmp_path, addresses, nodes)
         term = leader.raft.raftCurrentTerm
 
         slow = SnapshotStore()
@@ -216,9 +230,75 @@ def test_a_follower_slow_to_load_the_leaders_snapshot_starts_no_election(tmp_pat
         while time.monotonic() < caught_up:  # several election timeouts after the load
             time.sleep(0.02)
         assert loads[0] > 0.5 * MIN_TIMEOUT  # a fresh election timeout after the load
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while nodes["c"].raft.raftLastApplied < 120:  # (a busy machine may send it twice: each load is slow)
+            assert time.monotonic() < deadline, "c did not catch up"
+            time.sleep(0.02)
         assert nodes["c"].raft.raftCurrentTerm == term and leader.raft._isLeader()
         assert leader.raft.raftCurrentTerm == term  # nobody held an election
-        assert nodes["c"].raft.raftLastApplied >= 120
+    finally:
+        for node in nodes.values():
+            node.close()
+
+
+class SlowState(SnapshotStore):
+    """Loads the leader's snapshot as a large one loads: its state takes SLOW_LOAD_S to come."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loading = threading.Event()
+
+    def read(self, path: str) -> tuple:
+        opened = snapshots.open_snapshot(Path(path).read_bytes())
+
+        def finish():
+            self.loading.set()
+            time.sleep(SLOW_LOAD_S)
+            return opened.finish()
+
+        self.install(finish)
+        return opened.meta
+
+
+def test_a_follower_loading_the_leaders_snapshot_keeps_answering_and_applies_what_came_meanwhile(tmp_path):
+    addresses = {n: f"127.0.0.1:{free_port('127.0.0.1')}" for n in ("a", "b", "c")}
+    nodes = {}
+    try:
+        leader = _two_voters_with_a_compacted_log(tmp_path, addresses, nodes)
+        slow = SlowState()
+        nodes["c"] = c = _start(tmp_path, "c", addresses, slow)
+        assert slow.loading.wait(STEP_TIMEOUT), "the leader sent c no snapshot"
+        loading_since = time.monotonic()
+        before = c.snapshot().applied
+        for seq in range(121, 131):  # committed while c loads
+            leader.raft.apply_command(_heartbeat(seq), callback=lambda result, error: None)
+        submitted = []  # and one c itself submits, as its trio side does
+
+        def submit_on_c():
+            submitted.append(trio.run(c.submit, _heartbeat(1, node_id="n2"), STEP_TIMEOUT))
+
+        submitter = threading.Thread(target=submit_on_c)
+        submitter.start()
+        ages = []
+        while time.monotonic() < loading_since + 0.8 * SLOW_LOAD_S:
+            heard = dict(leader.status.contacts).get(addresses["c"])
+            if heard is not None:
+                ages.append(time.monotonic() - heard)
+            assert c.snapshot().applied == before  # readers keep the state from before the snapshot
+            time.sleep(0.02)
+        # c's Raft thread answered the leader all along: with the load on it, c was silent
+        # for the whole second
+        assert ages and max(ages) < 0.5 * SLOW_LOAD_S
+        submitter.join(STEP_TIMEOUT)
+        # the result of the command (the state has no members: a refusal), once it was applied
+        assert submitted and isinstance(submitted[0], cmds.Refused) and submitted[0].code == "not-member"
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while c.raft.site_state.applied != leader.raft.site_state.applied:
+            assert time.monotonic() < deadline, "c did not apply what was committed during its load"
+            time.sleep(0.02)
+        ours, theirs = c.snapshot(), leader.snapshot()
+        assert ours.nodes == theirs.nodes and ours.applied_order == theirs.applied_order
+        assert ours.applied > before
     finally:
         for node in nodes.values():
             node.close()
