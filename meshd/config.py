@@ -140,6 +140,9 @@ class NodeConfig:
     stopped_app_retention: float = DEFAULT_STOPPED_APP_RETENTION
     document_retention: float = DEFAULT_DOCUMENT_RETENTION  # seconds (given as 30d, 12h, 90m or seconds)
     tpm: str = ""  # TPM 2.0 to attest with, as a TCTI ("device:/dev/tpmrm0", "swtpm:port=2321"); "" = none
+    # The options set on the command line or in the config file, not by default (a data dir's
+    # membership is checked against what the operator said: meshd.node.joining.start_conflict).
+    given: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -159,10 +162,10 @@ class NodeConfig:
         return self.admin_socket
 
 
+_FIELDS = {f.name for f in dataclasses.fields(NodeConfig)} - {"given"}  # `given` is not an option
 # Options as the user writes them (field name with '-' for '_'), in the order of the docs.
-OPTION_NAMES: tuple[str, ...] = tuple(f.name.replace("_", "-") for f in dataclasses.fields(NodeConfig))
-
-_FIELDS = {f.name for f in dataclasses.fields(NodeConfig)}
+OPTION_NAMES: tuple[str, ...] = tuple(f.name.replace("_", "-") for f in dataclasses.fields(NodeConfig)
+                                      if f.name in _FIELDS)
 # Spellings other than the field name, mapped to (field, negated?).
 _ALIASES: dict[str, tuple[str, bool]] = {
     "label": ("labels", False),
@@ -243,8 +246,9 @@ def resolve_config(
                 values[name] = _LIST_CONVERTERS[name](values[name])
             except ConfigError as exc:
                 raise _with_source(exc, sources.get(_field_of(exc.option))) from None
+    given = frozenset(name for name, source in sources.items() if source in ("the command line", "the config file"))
     try:
-        return NodeConfig(**values)
+        return NodeConfig(**values, given=given)
     except ConfigError as exc:
         raise _with_source(exc, sources.get(_field_of(exc.option))) from None
 

@@ -1,7 +1,9 @@
 """The `meshd` command: `meshd run` (the daemon) and `meshd demo` (a local three-node site).
 
-Exit status: 0 on a clean stop, 1 with a one-line `error: ...` on stderr when the daemon cannot
-start (bad option, refused join), 2 for usage errors.
+Exit status: 0 on a clean stop; otherwise a one-line `error: ...` on stderr and a status that
+says what kind of failure it was (meshd.exitcodes: 78 a bad option or config, 73 a port in
+use, 77 not permitted, 75 another daemon on the data dir, 80 revoked, 81 join refused, 69 no
+member admitted it in time, 1 anything else), 2 for usage errors.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import socket
 import sys
 
 from meshd import __version__
+from meshd.exitcodes import EXIT_CONFIG, EXIT_ERROR, EXIT_OK
 
 TUNING_OPTIONS = (
     ("--heartbeat-interval", float, "seconds between the Raft leader's heartbeats to each member"),
@@ -67,13 +70,16 @@ def cmd_run(args: argparse.Namespace) -> int:
                 toml_text = f.read()
         except OSError as e:
             print(f"error: cannot read config {args.config}: {e.strerror}", file=sys.stderr)
-            return 1
+            return EXIT_CONFIG
+        except UnicodeDecodeError:
+            print(f"error: cannot read config {args.config}: not UTF-8 text", file=sys.stderr)
+            return EXIT_CONFIG
     cli = {k: v for k, v in vars(args).items() if k not in ("command", "config", "log_level")}
     try:
         config = resolve_config(cli, toml_text, os.environ, socket.gethostname())
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_CONFIG
 
     from meshd.io.memory import limit_malloc_arenas
 
@@ -91,10 +97,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if fatal is None:
             raise
         print(f"error: {fatal}", file=sys.stderr)
-        return 1
+        return getattr(fatal, "status", EXIT_ERROR)
     except KeyboardInterrupt:
         pass
-    return 0
+    return EXIT_OK
 
 
 def _find_fatal(error: BaseException, kind: type) -> BaseException | None:

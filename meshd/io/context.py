@@ -35,6 +35,7 @@ from meshd import __version__
 from meshd import commands as cmds
 from meshd.commands import Refused, Result
 from meshd.config import NodeConfig
+from meshd.exitcodes import EXIT_ERROR
 from meshd.io import peer
 from meshd.io.attester import boot_id, node_evidence
 from meshd.io.identity import Identity, Membership
@@ -60,7 +61,11 @@ MEMBER_CALL_TIMEOUT = 3.0
 
 class FatalStartupError(Exception):
     """The daemon cannot go on (a refused join, this node was revoked); the message is shown
-    to the operator."""
+    to the operator, and `status` is the daemon's exit status (meshd.exitcodes)."""
+
+    def __init__(self, message: str, status: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def new_cert_serial() -> int:

@@ -116,6 +116,33 @@ def read_revoked_marker(data_dir: Path) -> str | None:
     return path.read_text(errors="replace").strip() if path.exists() else None
 
 
+LOCK_FILE = "meshd.lock"  # held (flock) by the daemon that runs on the data dir; holds its pid
+
+
+class DataDirLocked(Exception):
+    def __init__(self, pid: str) -> None:
+        super().__init__(pid)
+        self.pid = pid
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Take the data dir for this process: an exclusive flock on LOCK_FILE, held until the
+    process ends (the kernel lets go of it however the process ends, so a crash leaves no
+    stale lock). Returns the descriptor, to keep open. Raises DataDirLocked with the pid of
+    the daemon that holds it."""
+    import fcntl
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise DataDirLocked(holder) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 def load_ports(data_dir: Path) -> dict:
     path = data_dir / "ports.json"
     return json.loads(path.read_text()) if path.exists() else {}

@@ -30,7 +30,10 @@ from meshd.io.admin import serve_admin
 from meshd.io.adminhandlers import AdminHandlers
 from meshd.io.attester import package_digest
 from meshd.io.context import FatalStartupError, NodeContext
-from meshd.io.identity import Membership, load_or_create_identity, load_ports, read_revoked_marker, save_ports
+from meshd import tokens
+from meshd.exitcodes import EXIT_CONFIG, EXIT_ERROR, EXIT_LOCKED, EXIT_NOPERM, EXIT_PORT_IN_USE, EXIT_REVOKED
+from meshd.io.identity import (DataDirLocked, Membership, lock_data_dir, load_or_create_identity, load_ports,
+                               read_revoked_marker, save_ports)
 from meshd.io.mdns import Discovery
 from meshd.io.memory import trim_heap
 from meshd.io.mesh import MeshSync
@@ -44,6 +47,7 @@ from meshd.io.services.worker import WorkerService
 from meshd.io.supervisor import Supervisor
 from meshd.io.tpm import TpmDevice, TpmUnavailable
 from meshd.io.watchdog import LoopWatchdog
+from meshd.node.joining import start_conflict
 
 __all__ = ["FatalStartupError", "Runtime", "setup_logging"]
 
@@ -80,6 +84,7 @@ class Runtime:
     """The wiring of one daemon: a context and its services."""
 
     def __init__(self, config: NodeConfig) -> None:
+        self._lock_fd: int | None = None  # the data dir's lock, held while this daemon runs
         ctx = self.ctx = NodeContext(config)
         ctx.mesh = MeshSync(ctx)  # the mesh document replica and cross-site sync
         self.membership = MembershipService(ctx)
@@ -93,16 +98,17 @@ class Runtime:
 
     async def run(self) -> None:
         ctx = self.ctx
-        ctx.data_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(ctx.data_dir, 0o700)
+        self._take_data_dir()
         ctx.identity = load_or_create_identity(ctx.data_dir)
+        revoked = read_revoked_marker(ctx.data_dir)
+        if revoked:
+            raise FatalStartupError(revoked + "; wipe the data dir to start this device over as a new node",
+                                    EXIT_REVOKED)
+        ctx.membership = Membership.load(ctx.data_dir)
+        self._check_config_against_data_dir()
         ctx.open_wakeups()
         self._choose_ports()
         ctx.mesh.open()
-        ctx.membership = Membership.load(ctx.data_dir)
-        revoked = read_revoked_marker(ctx.data_dir)
-        if revoked:
-            raise FatalStartupError(revoked + "; wipe the data dir to start this device over as a new node")
         if ctx.config.tpm:
             await self._open_tpm()
         admin_path = ctx.config.admin_socket or str(ctx.data_dir / "admin.sock")
@@ -144,6 +150,37 @@ class Runtime:
         # cancelled by a signal
         await self._shutdown()
 
+    def _take_data_dir(self) -> None:
+        """Create the data dir (mode 0700) and lock it for this daemon, or refuse to start."""
+        ctx = self.ctx
+        try:
+            ctx.data_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(ctx.data_dir, 0o700)
+            self._lock_fd = lock_data_dir(ctx.data_dir)
+        except DataDirLocked as e:
+            raise FatalStartupError(f"data dir {ctx.data_dir} is in use by another meshd (pid {e.pid}); stop it first, "
+                                    f"or give this one its own --data-dir", EXIT_LOCKED) from None
+        except OSError as e:
+            denied = isinstance(e, PermissionError)
+            raise FatalStartupError(f"cannot use data dir {ctx.data_dir}: {e.strerror or e}"
+                                    + (" (run as root, or give a --data-dir this user owns)" if denied else ""),
+                                    EXIT_NOPERM if denied else EXIT_ERROR) from None
+
+    def _check_config_against_data_dir(self) -> None:
+        """Refuse a --site or --join that the data dir's membership contradicts (start_conflict)."""
+        ctx = self.ctx
+        token_site = None
+        if ctx.config.join:
+            try:
+                token_site = tokens.parse_token(ctx.config.join).site
+            except tokens.TokenError as e:
+                raise FatalStartupError(f"--join: {e}", EXIT_CONFIG) from None
+        conflict = start_conflict(stored_site=ctx.membership.site if ctx.membership else None,
+                                  config_site=ctx.config.site, site_given="site" in ctx.config.given,
+                                  token_site=token_site)
+        if conflict is not None:
+            raise FatalStartupError(conflict, EXIT_CONFIG)
+
     def _choose_ports(self) -> None:
         ctx = self.ctx
         saved = load_ports(ctx.data_dir)
@@ -170,8 +207,12 @@ class Runtime:
                 try:
                     probe.bind((ctx.listen_ip or "", port))
                 except OSError as e:
+                    denied = isinstance(e, PermissionError)
+                    hint = ("ports below 1024 need root or CAP_NET_BIND_SERVICE" if denied
+                            else "--listen PORT takes PORT and PORT+1")
                     raise FatalStartupError(f"cannot listen on {ctx.listen_ip or '*'}:{port} for {what} traffic: "
-                                            f"{e.strerror or e} (--listen PORT takes PORT and PORT+1)") from None
+                                            f"{e.strerror or e} ({hint})",
+                                            EXIT_NOPERM if denied else EXIT_PORT_IN_USE) from None
 
     async def _open_tpm(self) -> None:
         """Open the TPM and measure the code about to run into it, before anything else."""
@@ -217,6 +258,9 @@ class Runtime:
             os.unlink(admin_path)
         except OSError:
             pass
+        if self._lock_fd is not None:  # last: the data dir is no longer used
+            os.close(self._lock_fd)
+            self._lock_fd = None
         log.info("stopped")
 
 

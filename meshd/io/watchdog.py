@@ -26,6 +26,8 @@ from typing import Callable
 
 import trio
 
+from meshd.exitcodes import EXIT_SOFTWARE
+
 log = logging.getLogger("meshd.watchdog")
 
 FEED_PERIOD = 1.0  # seconds between feeds from the trio loop; each one wakes the loop
@@ -33,7 +35,7 @@ CHECK_PERIOD = 1.0  # seconds between checks by the watchdog thread
 # Long enough that a busy 2-core board or a slow disk never trips it; short enough that a
 # wedged node is replaced within seconds rather than never.
 DEFAULT_STALL_LIMIT = 15.0
-EXIT_WEDGED = 70  # EX_SOFTWARE: an internal error; systemd's Restart=on-failure restarts us
+EXIT_WEDGED = EXIT_SOFTWARE  # an internal error; systemd's Restart=on-failure restarts us
 
 
 class StallClock:

@@ -40,6 +40,7 @@ class Attempt:
 @dataclass(frozen=True)
 class GiveUp:
     reason: str
+    refused: bool  # a member said no (a restart will not help); else nobody admitted it in time
 
 
 @dataclass
@@ -70,13 +71,13 @@ class Joining:
         self.attempts[address] = attempt
         new = previous is None or (previous.outcome, previous.reason) != (attempt.outcome, attempt.reason)
         if attempt.outcome == DENIED:
-            return new, GiveUp(f"join refused by {address}: {attempt.reason}")
+            return new, GiveUp(f"join refused by {address}: {attempt.reason}", refused=True)
         return new, None
 
     def expired(self, now: float) -> GiveUp | None:
         if now - self.started < self.timeout:
             return None
-        return GiveUp(f"could not join site {self.site} within {self.timeout:g}s: {self.waiting_for()}")
+        return GiveUp(f"could not join site {self.site} within {self.timeout:g}s: {self.waiting_for()}", refused=False)
 
     def waiting_for(self) -> str:
         if not self.attempts:
@@ -89,3 +90,26 @@ class Joining:
                 "attempts": [{"address": a.address, "outcome": a.outcome, "reason": a.reason,
                               "s_ago": round(now - a.at, 1)}
                              for a in sorted(self.attempts.values(), key=lambda a: a.address)]}
+
+
+def start_conflict(*, stored_site: str | None, config_site: str, site_given: bool,
+                   token_site: str | None) -> str | None:
+    """Why the daemon must not start with this config on this data dir (None: it may).
+
+    `stored_site` is the site of the membership the data dir holds (None: no membership),
+    `site_given` whether --site (or the config file's `site`) was set, `token_site` the site
+    the --join token names (None: no token). A data dir's membership is never silently kept
+    against a config that names something else, nor a token used for a site it does not
+    admit to. A token for the site the data dir already belongs to is fine: a config file
+    keeps the token it joined with, and restarts resume the membership."""
+    if stored_site is not None:
+        if site_given and config_site != stored_site:
+            return (f"the data dir belongs to site {stored_site}, but the config says site {config_site}: "
+                    f"drop --site, or wipe the data dir to start this device over in {config_site}")
+        if token_site is not None and token_site != stored_site:
+            return (f"the data dir belongs to site {stored_site}, but the join token is for site {token_site}: "
+                    f"drop --join, or wipe the data dir to join {token_site}")
+        return None
+    if token_site is not None and site_given and token_site != config_site:
+        return f"the join token is for site {token_site}, but the config says site {config_site}"
+    return None

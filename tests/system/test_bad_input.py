@@ -287,19 +287,3 @@ def test_member_calls_with_bad_certificates_are_refused(one, tmp_path, forgery):
     assert founder.call("status")["role"] == "leader"
 
 
-@pytest.mark.parametrize("taken", ["peer", "raft"])
-def test_a_port_already_in_use_is_a_clear_error_at_start(tmp_path, taken):
-    """`--listen IP:PORT` takes PORT and PORT+1 (Raft); either taken: exit 1 with the reason,
-    not a traceback, and no Raft retrying its bind forever."""
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        held = holder.getsockname()[1]
-        holder.listen()
-        port = held if taken == "peer" else held - 1
-        done = subprocess.run([sys.executable, "-m", "meshd.cli.meshd_main", "run", "--data-dir", str(tmp_path / "n"),
-                               "--site", "s", "--name", "n", "--listen", f"127.0.0.1:{port}", "--no-mdns"],
-                              capture_output=True, text=True, timeout=60)
-    assert done.returncode == 1
-    what = "peer" if taken == "peer" else "Raft"
-    assert f"error: cannot listen on 127.0.0.1:{held} for {what} traffic" in done.stderr
-    assert "Traceback" not in done.stderr

@@ -52,7 +52,8 @@ def test_defaults() -> None:
 
 def test_option_names_are_dashed_fields() -> None:
     assert "data-dir" in OPTION_NAMES and "raft-min-timeout" in OPTION_NAMES
-    assert len(OPTION_NAMES) == len(dataclasses.fields(NodeConfig))
+    assert len(OPTION_NAMES) == len(dataclasses.fields(NodeConfig)) - 1  # all but `given`
+    assert "given" not in OPTION_NAMES
 
 
 # --- precedence ---------------------------------------------------------------------
@@ -328,3 +329,9 @@ def test_junk_cli_values_raise_only_config_error(cli: dict[str, Any]) -> None:
         assert "\n" not in str(err)
     else:
         assert isinstance(cfg, NodeConfig)
+
+
+def test_the_config_remembers_which_options_the_operator_set():
+    config = resolve_config({"data_dir": "/d", "site": None, "listen": "127.0.0.1:0"}, 'name = "n"\n', {}, "host1")
+    assert config.given == {"data_dir", "listen", "name"}  # not site: its default
+    assert "site" in resolve_config({"data_dir": "/d"}, 'site = "default"\n', {}, "h").given

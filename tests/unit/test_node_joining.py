@@ -6,7 +6,7 @@ from meshd.admission import Verdict
 from meshd.commands import NOT_FOUND, TOKEN, Ok, Refused
 from meshd.node import admitting
 from meshd.node.admitting import DENIED, RETRY_ELSEWHERE, RETRY_LATER, JoinRefusal
-from meshd.node.joining import RETRY_CANDIDATE_AFTER, Joining, Unreachable
+from meshd.node.joining import RETRY_CANDIDATE_AFTER, Joining, Unreachable, start_conflict
 from meshd.state import SiteState
 
 from tests.unit.test_admission import site_with_token
@@ -73,3 +73,23 @@ def test_only_voters_get_the_root_key():
     assert voter["partners"] == ["198.18.0.1:7701"] and nonvoter["site_secret"] == "s" * 64
     founder = admitting.welcome(state, Ok({}), "s2", "9" * 32, **common)
     assert founder["founder"] is True and founder["site"] == "s2" and "site_secret" not in founder
+
+
+def test_a_refused_join_gives_up_for_good_and_a_timeout_may_be_retried():
+    joining = Joining(site="lab", started=0.0, timeout=5.0)
+    assert joining.failed("c:1", JoinRefusal(DENIED, "bad token"), 1.0)[1].refused
+    assert not joining.expired(6.0).refused
+
+
+def test_a_data_dir_membership_is_never_kept_against_a_config_that_names_another_site():
+    assert start_conflict(stored_site="lab", config_site="default", site_given=False, token_site=None) is None
+    assert start_conflict(stored_site="lab", config_site="lab", site_given=True, token_site="lab") is None
+    reason = start_conflict(stored_site="lab", config_site="shop", site_given=True, token_site=None)
+    assert reason and "belongs to site lab" in reason and "site shop" in reason
+    reason = start_conflict(stored_site="lab", config_site="default", site_given=False, token_site="shop")
+    assert reason and "join token is for site shop" in reason
+    # no membership yet: a token for another site than the one configured
+    assert start_conflict(stored_site=None, config_site="lab", site_given=True, token_site="lab") is None
+    assert start_conflict(stored_site=None, config_site="default", site_given=False, token_site="shop") is None
+    reason = start_conflict(stored_site=None, config_site="lab", site_given=True, token_site="shop")
+    assert reason == "the join token is for site shop, but the config says site lab"

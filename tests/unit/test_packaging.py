@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from meshd import exitcodes
 from meshd.config import OPTION_NAMES, NodeConfig, resolve_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,6 +47,12 @@ def test_unit_file_runs_meshd_as_a_notify_service() -> None:
     assert service["Restart"] == ["on-failure"]
     assert service["KillMode"] == ["mixed"]
     assert service["StateDirectory"] == ["meshd"]
+
+
+def test_unit_file_stops_restarting_on_what_a_restart_cannot_fix() -> None:
+    service = unit_sections(UNIT.read_text())["Service"]
+    prevented = {int(status) for status in service["RestartPreventExitStatus"][0].split()}
+    assert prevented == {exitcodes.EXIT_CONFIG, exitcodes.EXIT_REVOKED, exitcodes.EXIT_REFUSED}
 
 
 def test_unit_file_keeps_devices_for_workloads_and_attestation() -> None:

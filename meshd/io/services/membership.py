@@ -26,6 +26,7 @@ from attestation.revocation import RevocationList, open_revocations, sign_revoca
 from attestation.signed import AttestationError
 from meshd import __version__, tokens
 from meshd.commands import Bootstrap, Refused, node_from_wire
+from meshd.exitcodes import EXIT_CONFIG, EXIT_REFUSED, EXIT_UNAVAILABLE
 from meshd.io import peer
 from meshd.io.attester import package_digest
 from meshd.io.context import FatalStartupError, NodeContext, new_cert_serial
@@ -33,7 +34,7 @@ from meshd.io.identity import Membership, save_certificates
 from meshd.io.tls import joiner_context
 from meshd.io.tpm import TpmUnavailable
 from meshd.node import admitting
-from meshd.node.joining import Joining, Unreachable
+from meshd.node.joining import GiveUp, Joining, Unreachable
 
 log = logging.getLogger("meshd.daemon")
 
@@ -83,6 +84,10 @@ class JoinRefused(peer.PeerError):
         super().__init__(refusal.reason)
         self.refusal = refusal
 
+
+
+def _gave_up(give_up: GiveUp) -> FatalStartupError:
+    return FatalStartupError(give_up.reason, EXIT_REFUSED if give_up.refused else EXIT_UNAVAILABLE)
 
 
 class MembershipService:
@@ -144,7 +149,7 @@ class MembershipService:
         try:
             token = tokens.parse_token(self.ctx.config.join or "")
         except tokens.TokenError as e:
-            raise FatalStartupError(f"--join: {e}") from None
+            raise FatalStartupError(f"--join: {e}", EXIT_CONFIG) from None
         started = time.monotonic()
         joining = self.ctx.joining = Joining(site=token.site, started=started)
         last_query = 0.0
@@ -173,10 +178,10 @@ class MembershipService:
                     log.info("join attempt failed", extra={"peer": address, "outcome": joining.attempts[address].outcome,
                                                            "reason": joining.attempts[address].reason})
                 if give_up is not None:
-                    raise FatalStartupError(give_up.reason)
+                    raise _gave_up(give_up)
             give_up = joining.expired(time.monotonic())
             if give_up is not None:
-                raise FatalStartupError(give_up.reason)
+                raise _gave_up(give_up)
             await trio.sleep(JOIN_POLL)
 
     async def _welcomed(self, address: str, token: tokens.ParsedToken, welcome: dict) -> None:

@@ -21,6 +21,7 @@ import trio
 
 from meshd import commands as cmds
 from meshd.commands import Ok
+from meshd.exitcodes import EXIT_REVOKED
 from meshd.io.attester import boot_id
 from meshd.io.context import FatalStartupError, NodeContext
 from meshd.io.identity import write_revoked_marker
@@ -172,4 +173,4 @@ class WorkerService:
         log.critical(effect.reason)
         await self.ctx.supervisor.stop_all()
         write_revoked_marker(self.ctx.data_dir, effect.reason)
-        raise Expelled(effect.reason + "; wipe the data dir to start this device over as a new node")
+        raise Expelled(effect.reason + "; wipe the data dir to start this device over as a new node", EXIT_REVOKED)

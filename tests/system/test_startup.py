@@ -1,0 +1,137 @@
+"""`meshd run` refusing to start: each start-up failure an operator can cause is one `error:`
+line and its own exit status (meshd.exitcodes), never a traceback. Real daemon processes;
+permissions are taken away with setpriv (root without capabilities, as a hardened service
+unit runs it)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from meshd import exitcodes, tokens
+from meshd.io.identity import write_revoked_marker
+
+pytestmark = pytest.mark.system
+
+START_TIMEOUT = 60  # a refusal comes within a second or two; a founding daemon is ready in a few
+
+
+def meshd_run(data_dir, *args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run([*prefix, sys.executable, "-m", "meshd.cli.meshd_main", "run", "--data-dir", str(data_dir),
+                           "--name", "n", "--no-mdns", *args], capture_output=True, text=True, timeout=START_TIMEOUT)
+
+
+def refused(done: subprocess.CompletedProcess, status: int, message: str) -> None:
+    assert done.returncode == status, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1], done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.fixture
+def founded(tmp_path):
+    """A data dir that holds the membership of site `s` (its founder ran, then stopped)."""
+    data = tmp_path / "n"
+    daemon = subprocess.Popen([sys.executable, "-m", "meshd.cli.meshd_main", "run", "--data-dir", str(data),
+                               "--site", "s", "--name", "n", "--no-mdns", "--listen", "127.0.0.1:0"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not (data / "membership.json").exists() or not (data / "admin.sock").exists():
+            assert daemon.poll() is None and time.monotonic() < deadline, "the founder did not start"
+            time.sleep(0.1)
+        yield data, daemon
+    finally:
+        if daemon.poll() is None:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(timeout=30)
+
+
+def test_a_second_daemon_on_a_data_dir_in_use_is_refused_and_a_stopped_ones_dir_is_free(founded):
+    data, daemon = founded
+    refused(meshd_run(data, "--listen", "127.0.0.1:0"), exitcodes.EXIT_LOCKED,
+            f"data dir {data} is in use by another meshd (pid {daemon.pid})")
+    assert daemon.poll() is None  # and the first one runs on
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(timeout=30) == 0
+    # what the data dir holds now contradicts these: each refused, and nothing changed
+    before = sorted(p.name for p in data.iterdir())
+    refused(meshd_run(data, "--site", "shop", "--listen", "127.0.0.1:0"), exitcodes.EXIT_CONFIG,
+            "the data dir belongs to site s, but the config says site shop")
+    token = tokens.format_token("shop", "t1", b"\x01" * tokens.TOKEN_SECRET_BYTES)
+    refused(meshd_run(data, "--join", token, "--listen", "127.0.0.1:0"), exitcodes.EXIT_CONFIG,
+            "the data dir belongs to site s, but the join token is for site shop")
+    assert sorted(p.name for p in data.iterdir()) == before
+
+
+def test_a_revoked_node_is_refused_with_its_own_status(tmp_path):
+    data = tmp_path / "n"
+    data.mkdir()
+    write_revoked_marker(data, "this node was revoked from site s: stolen")
+    refused(meshd_run(data, "--listen", "127.0.0.1:0"), exitcodes.EXIT_REVOKED,
+            "this node was revoked from site s: stolen; wipe the data dir")
+
+
+@pytest.mark.parametrize("case", ["bad option", "unreadable config", "config not toml", "token for another site",
+                                  "malformed token", "data dir is a file"])
+def test_a_bad_option_or_config_is_refused_before_anything_is_written(tmp_path, case):
+    data, extra, status = tmp_path / "n", [], exitcodes.EXIT_CONFIG
+    message = {"bad option": "lease", "unreadable config": "cannot read config",
+               "config not toml": "not valid TOML", "token for another site":
+               "the join token is for site shop, but the config says site s",
+               "malformed token": "--join:", "data dir is a file": f"cannot use data dir {data}"}[case]
+    if case == "bad option":
+        extra = ["--lease", "-1"]
+    elif case == "unreadable config":
+        extra = ["--config", str(tmp_path / "missing.toml")]
+    elif case == "config not toml":
+        (tmp_path / "bad.toml").write_text("site = = 'x'\n")
+        extra = ["--config", str(tmp_path / "bad.toml")]
+    elif case == "token for another site":
+        extra = ["--site", "s", "--join", tokens.format_token("shop", "t1", b"\x01" * tokens.TOKEN_SECRET_BYTES)]
+    elif case == "malformed token":
+        extra = ["--join", "mtk1_not-a-token"]
+    else:
+        data.write_text("not a directory")
+        status = exitcodes.EXIT_ERROR
+    refused(meshd_run(data, "--listen", "127.0.0.1:0", *extra), status, message)
+    if case != "data dir is a file":
+        assert not (data / "membership.json").exists()
+
+
+@pytest.mark.parametrize("taken", ["peer", "raft"])
+def test_a_port_already_in_use_is_a_clear_error_at_start(tmp_path, taken):
+    """`--listen IP:PORT` takes PORT and PORT+1 (Raft); either taken: the reason and its own
+    status, not a traceback, and no Raft retrying its bind forever."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        held = holder.getsockname()[1]
+        holder.listen()
+        port = held if taken == "peer" else held - 1
+        done = meshd_run(tmp_path / "n", "--site", "s", "--listen", f"127.0.0.1:{port}")
+    what = "peer" if taken == "peer" else "Raft"
+    refused(done, exitcodes.EXIT_PORT_IN_USE, f"cannot listen on 127.0.0.1:{held} for {what} traffic")
+
+
+NO_CAPABILITIES = ("setpriv", "--bounding-set=-all", "--inh-caps=-all")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_what_the_process_is_not_permitted_to_do_is_refused_with_the_permission_status(tmp_path):
+    # a port below 1024 without CAP_NET_BIND_SERVICE
+    refused(meshd_run(tmp_path / "n", "--listen", "127.0.0.1:80", prefix=NO_CAPABILITIES), exitcodes.EXIT_NOPERM,
+            "cannot listen on 127.0.0.1:80 for peer traffic: Permission denied (ports below 1024 need root")
+    # a data dir owned by somebody else, without CAP_DAC_OVERRIDE / CAP_FOWNER
+    other = Path(tempfile.mkdtemp(dir=tmp_path))
+    os.chown(other, 65534, 65534)
+    refused(meshd_run(other, "--listen", "127.0.0.1:0", prefix=NO_CAPABILITIES), exitcodes.EXIT_NOPERM,
+            f"cannot use data dir {other}")
