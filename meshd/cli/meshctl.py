@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from meshd.cli import render
-from meshd.io.admin import AdminError, AdminUnavailable, admin_call_sync
+from meshd.io.adminclient import AdminError, AdminUnavailable, admin_call_sync
 
 DEFAULT_SOCKET = "/var/lib/meshd/admin.sock"
 SOCKET_ENV = "MESHD_SOCKET"

@@ -40,6 +40,8 @@ from typing import Any, Awaitable, Callable, Protocol
 
 import trio
 
+from meshd.io.adminclient import (DONE, RECEIVE_CHUNK, STREAM, AdminError, AdminUnavailable, Reply, decode,
+                                  encode_request, unreachable_message)
 from meshd.wire import ADMIN_MAX_FRAME, FrameDecoder, FrameError, encode_frame
 
 log = logging.getLogger(__name__)
@@ -56,8 +58,8 @@ REPLY_TIMEOUT_S = 30.0
 # Pending connections the kernel queues: a handful of concurrent meshctl calls at most.
 LISTEN_BACKLOG = 64
 
-# One read from the socket; the request itself is bounded by ADMIN_MAX_FRAME.
-RECEIVE_CHUNK = 64 * 1024
+# One read from the socket (RECEIVE_CHUNK, shared with the client): the request itself is
+# bounded by ADMIN_MAX_FRAME.
 
 # A list result larger than one frame is sent in parts of about this many bytes: well under
 # the frame limit (so items of any ordinary size fit), large enough that 100,000
@@ -69,22 +71,6 @@ MAX_SOCKET_PATH_BYTES = 107
 
 # struct ucred as SO_PEERCRED returns it: pid, uid, gid.
 _UCRED = struct.Struct("3i")
-
-
-class AdminError(Exception):
-    """A refusal the operator should read: sent as {"ok": false, "error": message}."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class AdminUnavailable(Exception):
-    """The daemon cannot be reached (no socket, refused, or it hung up without answering)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -408,6 +394,8 @@ async def _reply(conn: trio.SocketStream, *frames: dict) -> None:
 
 
 # --- client --------------------------------------------------------------------------
+# The blocking client (`meshctl`) and what reply frames mean are in meshd.io.adminclient;
+# this is the same client for trio code (tests, tools that run inside a trio loop).
 
 
 async def admin_call(
@@ -436,21 +424,17 @@ async def admin_call(
 async def _call(
     path: str, cmd: str, args: dict, on_stream: Callable[[dict], Any] | None
 ) -> Any:
-    try:
-        request = encode_frame({"cmd": cmd, "args": args}, max_frame=ADMIN_MAX_FRAME)
-    except FrameError as exc:
-        raise AdminError(f"request cannot be sent: {exc.reason}") from None
+    request = encode_request(cmd, args)
     try:
         conn = await trio.open_unix_socket(path)
     except OSError as exc:
-        raise AdminUnavailable(_unreachable_message(path, exc)) from None
+        raise AdminUnavailable(unreachable_message(path, exc)) from None
     async with conn:
         try:
             await conn.send_all(request)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise AdminUnavailable(f"meshd at {path} closed the connection: {exc}") from None
-        decoder = FrameDecoder(ADMIN_MAX_FRAME)
-        parts: list = []
+        decoder, reply = FrameDecoder(ADMIN_MAX_FRAME), Reply()
         while True:
             try:
                 data = await conn.receive_some(RECEIVE_CHUNK)
@@ -461,47 +445,11 @@ async def _call(
                     f"meshd at {path} closed the connection without an answer; "
                     "it may have stopped"
                 )
-            try:
-                frames = decoder.feed(data)
-            except FrameError as exc:
-                raise AdminError(f"malformed reply from meshd: {exc.reason}") from None
-            for frame in frames:
-                if "stream" in frame:
-                    if on_stream is not None:
-                        outcome = on_stream(frame["stream"])
-                        if inspect.isawaitable(outcome):
-                            await outcome
-                    continue
-                if isinstance(frame.get("part"), list):
-                    parts.append(frame["part"])
-                    continue
-                if frame.get("ok") is True and "parts" in frame:
-                    if frame["parts"] != len(parts):
-                        raise AdminError(f"malformed reply from meshd: {len(parts)} of {frame['parts']} parts")
-                    return [item for part in parts for item in part]
-                if frame.get("ok") is True:
-                    return frame.get("result")
-                if frame.get("ok") is False:
-                    raise AdminError(str(frame.get("error") or "meshd refused without a reason"))
-                raise AdminError(f"malformed reply from meshd: unexpected frame {sorted(frame)}")
-
-
-def _unreachable_message(path: str, exc: OSError) -> str:
-    reason = exc.strerror or str(exc)
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return (
-            f"cannot reach meshd at {path}: {reason}; the admin socket is open to root and "
-            "the daemon's user only"
-        )
-    return f"cannot reach meshd at {path}: {reason}; is the daemon running?"
-
-
-def admin_call_sync(
-    path: str,
-    cmd: str,
-    args: dict | None = None,
-    on_stream: Callable[[dict], Any] | None = None,
-    timeout: float | None = None,
-) -> Any:
-    """`admin_call` for synchronous code (the CLI): runs its own trio loop."""
-    return trio.run(partial(admin_call, path, cmd, args, on_stream, timeout))
+            for frame in decode(decoder, data):
+                kind, value = reply.feed(frame)
+                if kind == DONE:
+                    return value
+                if kind == STREAM and on_stream is not None:
+                    outcome = on_stream(value)
+                    if inspect.isawaitable(outcome):
+                        await outcome

@@ -7,21 +7,18 @@ import os
 import socket
 import stat
 import struct
+import subprocess
+import sys
 import threading
+from contextlib import contextmanager
 from functools import partial
 from typing import Any, Awaitable, Callable
 
 import pytest
 import trio
 
-from meshd.io.admin import (
-    AdminError,
-    AdminRequest,
-    AdminUnavailable,
-    admin_call,
-    admin_call_sync,
-    serve_admin,
-)
+from meshd.io.admin import AdminError, AdminRequest, AdminUnavailable, admin_call, serve_admin
+from meshd.io.adminclient import admin_call_sync
 from meshd.wire import ADMIN_MAX_FRAME, FrameDecoder, encode_frame
 
 # Guards every test against a hang; never reached when the code works.
@@ -435,7 +432,9 @@ def test_oversized_request_is_refused_before_connecting(sock_path):
         admin_call_sync(sock_path, "deploy", {"spec_toml": "x" * ADMIN_MAX_FRAME})
 
 
-def test_admin_call_sync_against_server_in_another_thread(sock_path):
+@contextmanager
+def server_in_a_thread(sock_path):
+    """The admin server on a trio loop of its own, for the blocking client."""
     ready = threading.Event()
     token_box: list[trio.lowlevel.TrioToken] = []
     scope_box: list[trio.CancelScope] = []
@@ -452,13 +451,18 @@ def test_admin_call_sync_against_server_in_another_thread(sock_path):
     thread.start()
     try:
         assert ready.wait(DEADLOCK_GUARD_S)
-        seen: list[dict] = []
-        assert admin_call_sync(sock_path, "count", {"n": 2}, on_stream=seen.append) == {"sent": 2}
-        assert seen == [{"i": 0}, {"i": 1}]
+        yield
     finally:
         if token_box:
             trio.from_thread.run_sync(scope_box[0].cancel, trio_token=token_box[0])
         thread.join()
+
+
+def test_admin_call_sync_against_server_in_another_thread(sock_path):
+    with server_in_a_thread(sock_path):
+        seen: list[dict] = []
+        assert admin_call_sync(sock_path, "count", {"n": 2}, on_stream=seen.append) == {"sent": 2}
+        assert seen == [{"i": 0}, {"i": 1}]
 
 
 def test_a_list_result_over_one_frame_arrives_whole_in_parts(sock_path):
@@ -474,3 +478,18 @@ def test_a_list_result_over_one_frame_arrives_whole_in_parts(sock_path):
             await admin_call(sock_path, "big-dict", {})
 
     run_with_server(sock_path, Recorder(), body)
+
+
+def test_the_blocking_client_times_out_and_joins_parts_like_the_trio_one(sock_path):
+    with server_in_a_thread(sock_path):
+        with pytest.raises(AdminError, match="no answer from meshd at .* within 0.1 s"):
+            admin_call_sync(sock_path, "wait", {}, timeout=0.1)
+        rows = admin_call_sync(sock_path, "many-rows", {"n": 30_000}, timeout=DEADLOCK_GUARD_S)
+        assert [r["alloc_id"] for r in rows] == [f"a{i:06d}" for i in range(30_000)]
+
+
+def test_meshctl_imports_no_event_loop():
+    """`meshctl` runs one request and exits: trio would be most of its start-up."""
+    code = "import sys, meshd.cli.meshctl; print(sorted(m for m in ('trio', 'pycrdt', 'cryptography') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
