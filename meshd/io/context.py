@@ -85,6 +85,26 @@ def advertise_ip_for(config: NodeConfig) -> str:
     return default_advertise_ip()
 
 
+def advertise_mismatch(listen_ip: str, advertise_ip: str, local_ips: set[str]) -> str | None:
+    """Why peers may not reach this node at the address it announces (None: they can, as
+    far as this node can tell): it listens on one IP and announces another, or it announces
+    an address no interface of its has (legitimate behind a NAT that forwards the ports, hence
+    said, not refused)."""
+    wildcard = listen_ip in ("", "0.0.0.0", "::")
+    if not wildcard and advertise_ip != listen_ip:
+        return (f"advertises {advertise_ip} but listens only on {listen_ip}: peers dialling {advertise_ip} "
+                f"will not reach it (set --advertise {listen_ip}, or --listen 0.0.0.0:PORT)")
+    if wildcard and advertise_ip not in local_ips:
+        return (f"advertises {advertise_ip}, which is not an address of this device: peers reach it only if "
+                f"something forwards {advertise_ip} here")
+    return None
+
+
+def local_ips() -> set[str]:
+    return {addr.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for addr in addrs
+            if addr.family in (socket.AF_INET, socket.AF_INET6)}
+
+
 def default_advertise_ip() -> str:
     for addrs in psutil.net_if_addrs().values():
         for addr in addrs:

@@ -29,7 +29,7 @@ from meshd.config import NodeConfig
 from meshd.io.admin import serve_admin
 from meshd.io.adminhandlers import AdminHandlers
 from meshd.io.attester import package_digest
-from meshd.io.context import FatalStartupError, NodeContext
+from meshd.io.context import FatalStartupError, NodeContext, advertise_mismatch, local_ips
 from meshd import tokens
 from meshd.exitcodes import EXIT_CONFIG, EXIT_ERROR, EXIT_LOCKED, EXIT_NOPERM, EXIT_PORT_IN_USE, EXIT_REVOKED
 from meshd.io.identity import (DataDirLocked, Membership, lock_data_dir, load_or_create_identity, load_ports,
@@ -114,6 +114,9 @@ class Runtime:
         admin_path = ctx.config.admin_socket or str(ctx.data_dir / "admin.sock")
         log.info("starting", extra={"node_id": ctx.identity.node_id, "node_name": ctx.config.name,
                                     "data_dir": str(ctx.data_dir), "peer": f"{ctx.advertise_ip}:{ctx.peer_port}"})
+        mismatch = advertise_mismatch(ctx.listen_ip.strip("[]"), ctx.advertise_ip, local_ips())
+        if mismatch is not None:
+            log.warning(f"this node {mismatch}", extra={"listen": ctx.config.listen, "advertise": ctx.advertise_ip})
         self._check_ports_free()
         async with trio.open_nursery() as nursery:
             await nursery.start(LoopWatchdog().run)
