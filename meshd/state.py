@@ -46,6 +46,21 @@ DESIRED_STOP = "stop"
 
 APP_RUNNING = "running"
 APP_STOPPED = "stopped"
+# How an app is doing, as `meshctl apps` shows it (app_health): besides running and stopped,
+APP_DEGRADED = "degraded"  # fewer replicas run than it wants (starting, restarting, unplaced, a site behind)
+APP_FAILED = "failed"  # none runs and its replicas fail (crashed past their restart policy, or crash-looping)
+
+
+def app_health(*, stopped: bool, desired: int, running: int, failing: bool) -> str:
+    """One word for an app: stopped; running when every replica it wants runs; failed when
+    none runs and `failing` (a replica failed, or keeps restarting); else degraded."""
+    if stopped:
+        return APP_STOPPED
+    if running >= desired:
+        return APP_RUNNING
+    if running == 0 and failing:
+        return APP_FAILED
+    return APP_DEGRADED
 
 RESTART_POLICIES = ("always", "on-failure", "never")
 
@@ -497,6 +512,12 @@ class SiteState:
     def running_replicas(self, app: str) -> int:
         """Replicas of the app's current version reported running."""
         return sum(1 for a in self.current_allocs(app) if a.state == ALLOC_RUNNING)
+
+    def failing(self, app: str) -> bool:
+        """An allocation of the app's current version failed, or is restarting after a crash."""
+        version = self.apps[app].version
+        return any(a.version == version and (a.state == ALLOC_FAILED or (a.restarts and a.state != ALLOC_RUNNING))
+                   for a in self.allocs.of_app(app))
 
     def live_allocs(self, app: str) -> list[Alloc]:
         return [a for a in self.allocs.of_app(app) if a.live]

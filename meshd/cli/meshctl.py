@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("plan", "dry run: where deploy would place an app", _build_plan, _show_plan)
     sub.add_argument("file", metavar="FILE", help="app spec; - reads stdin")
 
-    command("apps", "every app, desired vs running", _build_apps, _show_apps)
+    sub = command("apps", "every app, desired vs running", _build_apps, _show_apps)
+    sub.add_argument("--all", action="store_true", help="stopped apps too")
 
     sub = command("allocs", "workload instances", _build_allocs, _show_allocs)
     sub.add_argument("--app", metavar="A", help="only allocations of app A")
@@ -316,7 +317,7 @@ def _build_plan(opts: argparse.Namespace) -> Request:
 
 
 def _build_apps(opts: argparse.Namespace) -> Request:
-    return Request("apps", {})
+    return Request("apps", {"all": True} if opts.all else {})
 
 
 def _build_allocs(opts: argparse.Namespace) -> Request:
@@ -459,6 +460,15 @@ def _show_events(result: Any, opts: argparse.Namespace) -> str:
     return _show_event_table(result, opts)
 
 
+def _failure(request: Request, result: Any) -> str | None:
+    """Why a command that answered must still exit non-zero (its answer is shown first)."""
+    if request.cmd == "plan" and isinstance(result, Mapping) and result.get("unplaced"):
+        unplaced = result["unplaced"]
+        wanted = len(unplaced) + len(result.get("placements") or [])
+        return f"{len(unplaced)} of {wanted} replicas cannot be placed: {unplaced[0].get('reason')}"
+    return None
+
+
 def _emit_result(opts: argparse.Namespace, request: Request, result: Any, out: Output) -> None:
     if out.json_mode:
         if request.follow and request.cmd == "events" and isinstance(result, list):
@@ -508,6 +518,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         out.end_progress()
         _emit_result(opts, request, result, out)
+        failure = _failure(request, result)
+        if failure is not None:
+            return _error(failure)
     except (AdminError, AdminUnavailable) as exc:
         out.end_progress()
         return _error(exc.message)

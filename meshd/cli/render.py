@@ -153,6 +153,7 @@ def _per_site(row: Mapping[str, Any]) -> str | None:
 APP_COLUMNS: list[Column] = [
     ("APP", "app"),
     ("VERSION", "version"),
+    ("STATUS", "status"),
     ("RUNNING/REPLICAS", ratio("running", "replicas")),
     ("SITES", "sites"),
     ("PER SITE", _per_site),
@@ -167,6 +168,7 @@ ALLOC_COLUMNS: list[Column] = [
     ("STATE", "state"),
     ("PID", "pid"),
     ("RESTARTS", "restarts"),
+    ("REASON", "reason"),
 ]
 
 
@@ -211,6 +213,7 @@ REVOCATION_COLUMNS: list[Column] = [
 
 PLACEMENT_COLUMNS: list[Column] = [("NODE", "node"), ("REPLICA", "replica")]
 FILTERED_COLUMNS: list[Column] = [("NODE", "node"), ("REASON", "reason")]
+UNPLACED_COLUMNS: list[Column] = [("REPLICA", "replica"), ("REASON", "reason")]
 
 STATUS_ORDER = ("node_id", "name", "site", "role", "leader", "term", "members", "partitioned")
 DEPLOY_ORDER = ("app", "version", "accepted", "running", "replicas")
@@ -227,12 +230,15 @@ def plan(result: Mapping[str, Any]) -> str:
     """A dry run: where replicas would go, then which nodes were ruled out and why."""
     placements = result.get("placements") or []
     filtered = result.get("filtered") or []
-    others = {k: v for k, v in result.items() if k not in ("placements", "filtered")}
+    unplaced = result.get("unplaced") or []
+    others = {k: v for k, v in result.items() if k not in ("placements", "filtered", "unplaced", "stops")}
     parts = []
     if others:
         parts.append(key_values(others, order=("app", "version")))
     parts.append("Placements:\n" + table(placements, PLACEMENT_COLUMNS))
     parts.append("Filtered:\n" + table(filtered, FILTERED_COLUMNS))
+    if unplaced:
+        parts.append("Cannot place:\n" + table(unplaced, UNPLACED_COLUMNS))
     return "\n\n".join(parts)
 
 

@@ -46,7 +46,8 @@ from meshd.io.mesh import REACHABLE_INTERVALS
 from meshd.meshstate import (PoliciesIn, audit_key, evidence_kind, policies_in_document, policy_conflicts,
                              revocation_key, revocations_to_take_in)
 from meshd.sitestate import node_to_plain
-from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, ALLOC_RUNNING, APP_RUNNING, NodeRecord, SiteState
+from meshd.state import (ADMIN_LEFT, ADMIN_REVOKED, ALLOC_RUNNING, APP_RUNNING, APP_STOPPED, NodeRecord, SiteState,
+                         app_health)
 
 
 # How long a write waits for a leader to appear before it is refused.
@@ -91,21 +92,53 @@ def app_progress(state: SiteState, name: str) -> dict:
     record = state.apps[name]
     current = state.current_allocs(name)
     running = sum(1 for a in current if a.state == ALLOC_RUNNING)
-    return {"app": name, "version": record.version, "status": record.status,
-            "replicas": record.spec.replicas if record.status == APP_RUNNING else 0, "running": running,
+    replicas = record.spec.replicas if record.status == APP_RUNNING else 0
+    status = app_health(stopped=record.status != APP_RUNNING, desired=replicas, running=running,
+                        failing=state.failing(name))
+    return {"app": name, "version": record.version, "status": status, "replicas": replicas, "running": running,
             "sites": list(record.spec.sites) or [state.site],
             "allocs": [alloc_plain(state, a) for a in current]}
+
+
+def not_running_reasons(state: SiteState, name: str) -> list[str]:
+    """Why replicas of the app's current version do not run here: each one that is not
+    running (its state and last reason), each that failed, each that no node can take."""
+    record = state.apps[name]
+    names = {n.node_id: n.name for n in state.nodes.values()}
+    reasons, accounted = [], set()
+    mine = sorted((a for a in state.allocs.of_app(name) if a.version == record.version),
+                  key=lambda a: (a.replica, a.live, a.created_at), reverse=True)
+    for alloc in mine:  # per replica: its live allocation, else its latest ended one
+        if alloc.replica in accounted or alloc.state == ALLOC_RUNNING:
+            accounted.add(alloc.replica)
+            continue
+        accounted.add(alloc.replica)
+        text = f"replica {alloc.replica} on {names.get(alloc.node_id, alloc.node_id[:8])} is {alloc.state}"
+        if alloc.reason:
+            text += f": {alloc.reason}"
+        if alloc.restarts:
+            text += f" (after {alloc.restarts} restarts)"
+        reasons.append(text)
+    missing = [r for r in range(record.spec.replicas) if r not in accounted]
+    if missing:
+        plan = make_plan(state, record.spec, record.version, missing, lambda: "what-if")
+        reasons += [f"replica {r} cannot be placed: {why}" for r, why in plan.unplaced]
+        if not plan.unplaced:
+            reasons.append(f"{len(missing)} replica(s) not placed yet")
+    return sorted(reasons)
 
 
 def mesh_app_row(state: SiteState, document, resolution) -> dict:
     """`meshctl apps`: one app of the mesh document, with per-site progress."""
     winner = resolution.winner
     per_site = []
+    failing = False
     for site in winner.targets:
         if site == state.site:
             record = state.apps.get(winner.app)
             current = record is not None and record.edit_id == winner.edit_id
             running = state.running_replicas(winner.app) if current else 0
+            failing = current and state.failing(winner.app)
             per_site.append({"site": site, "current": current, "running": running,
                              "desired": 0 if winner.stopped else winner.replicas})
             continue
@@ -114,9 +147,11 @@ def mesh_app_row(state: SiteState, document, resolution) -> dict:
         per_site.append({"site": site, "current": current, "running": status.running if current else 0,
                          "desired": 0 if winner.stopped else winner.replicas,
                          "reported_at": status.ts if status else None})
-    return {"app": winner.app, "version": winner.version, "status": "stopped" if winner.stopped else "running",
-            "replicas": 0 if winner.stopped else winner.replicas * len(winner.targets),
-            "running": sum(p["running"] for p in per_site), "sites": list(winner.targets), "per_site": per_site,
+    replicas = 0 if winner.stopped else winner.replicas * len(winner.targets)
+    running = sum(p["running"] for p in per_site)
+    return {"app": winner.app, "version": winner.version,
+            "status": app_health(stopped=winner.stopped, desired=replicas, running=running, failing=failing),
+            "replicas": replicas, "running": running, "sites": list(winner.targets), "per_site": per_site,
             "edit_id": winner.edit_id, "edited_in": winner.site, "edited_by": winner.actor,
             "conflicts": len(resolution.losers)}
 
@@ -335,8 +370,10 @@ class AdminHandlers:
         return answer
 
     async def apps(self, request: AdminRequest, stream) -> list:
-        """Every app of the mesh: its winning edit, and its progress in each site it names
-        (this site from the Raft state, the others as they published it)."""
+        """Every app of the mesh (stopped ones only with `all`): its winning edit, and its
+        progress in each site it names (this site from the Raft state, the others as they
+        published it)."""
+        every = bool(_arg(request.args, "all", bool, False))
         state = self._state()
         document = self.ctx.mesh.document
         resolutions = document.apps()
@@ -349,7 +386,7 @@ class AdminHandlers:
                 rows.append(progress)
                 continue
             rows.append(mesh_app_row(state, document, resolution))
-        return rows
+        return rows if every else [row for row in rows if row["status"] != APP_STOPPED]
 
     async def allocs(self, request: AdminRequest, stream) -> list:
         state = self._state()
@@ -526,8 +563,11 @@ class AdminHandlers:
             if progress["running"] >= progress["replicas"]:
                 return answer | {"running": progress["running"], "replicas": progress["replicas"]}
             if time.monotonic() >= deadline:
+                why = not_running_reasons(state, app_spec.name)
                 raise AdminError(f"{app_spec.name} v{result['version']} accepted, but only {progress['running']}/"
-                                 f"{progress['replicas']} replicas running after {timeout:g}s")
+                                 f"{progress['replicas']} replicas running after {timeout:g}s"
+                                 + (f": {'; '.join(why[:3])}" if why else "")
+                                 + (f" (and {len(why) - 3} more)" if len(why) > 3 else ""))
             await self.ctx.state_changed.wait(POLL_PERIOD)
 
     async def _wait_elsewhere(self, edit, stream, deadline: float, timeout: float) -> dict:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from meshd.io.admin import AdminError, AdminUnavailable, admin_call_sync
+from meshd.io.adminclient import AdminError, AdminUnavailable, admin_call_sync
 from meshd.io.supervisor import kill_leftover_workloads
 
 LOOPBACK = "127.0.0.1"

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import psutil
 
-from meshd.io.admin import AdminError, AdminUnavailable, admin_call_sync
+from meshd.io.adminclient import AdminError, AdminUnavailable, admin_call_sync
 from meshd.io.localsite import LocalNode, LocalSite, wait_for
 from tests.bench.report import report
 

@@ -177,13 +177,13 @@ def problems(lab, hosts: list[str], client: Client) -> list[str]:
     not_ready = {n: r["state"] for n, r in nodes.items() if r["state"] != "ready"}
     if not_ready:
         found.append(f"members not ready: {not_ready}")
-    apps = {r["app"]: r for r in lab.call(leader, "apps")}
+    apps = {r["app"]: r for r in lab.call(leader, "apps", all=True)}
     allocs = lab.call(leader, "allocs", app=None, node=None)
     total = 0
     for name, history in client.history.items():
         allowed = expected_states(history)
         row = apps.get(name)
-        state = -2 if row is None else (STOPPED if row["status"] != "running" else row["replicas"])
+        state = -2 if row is None else (STOPPED if row["status"] == "stopped" else row["replicas"])
         if state not in allowed:
             found.append(f"{name}: final state {state} not allowed by its history {allowed} "
                          f"({[(o.replicas, o.outcome) for o in history]})")

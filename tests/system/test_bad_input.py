@@ -8,8 +8,6 @@ import shutil
 import pickle
 import socket
 import struct
-import subprocess
-import sys
 import time
 from pathlib import Path
 

@@ -38,7 +38,10 @@ def running_here(lab, host: str, name: str) -> int:
 
 
 def apps_view(lab, host: str) -> dict:
-    return {row["app"]: (row["version"], row.get("edit_id"), row["status"]) for row in lab.call(host, "apps")}
+    """What every replica must agree on: each app's winning edit, and whether it is a stop
+    (not how it runs, which each site sees first for itself)."""
+    return {row["app"]: (row["version"], row.get("edit_id"), row["status"] == "stopped")
+            for row in lab.call(host, "apps", all=True)}
 
 
 def audit_ids(lab, host: str) -> set:

@@ -163,9 +163,10 @@ COMMANDS = [
      ["running:", "replicas:"]),
     (["plan", "{spec}"], "plan", {"spec_toml": SPEC_TOML}, PLAN,
      ["NODE", "REPLICA", "REASON", "arch aarch64 not in [x86_64]"]),
-    (["apps"], "apps", {}, APPS, ["APP", "VERSION", "RUNNING/REPLICAS", "SITES", "4/6"]),
+    (["apps"], "apps", {}, APPS, ["APP", "VERSION", "STATUS", "RUNNING/REPLICAS", "SITES", "4/6"]),
+    (["apps", "--all"], "apps", {"all": True}, APPS, ["APP"]),
     (["allocs"], "allocs", {"app": None, "node": None}, ALLOCS,
-     ["ALLOC", "APP", "VERSION", "NODE", "STATE", "PID", "RESTARTS", "4242"]),
+     ["ALLOC", "APP", "VERSION", "NODE", "STATE", "PID", "RESTARTS", "REASON", "4242"]),
     (["allocs", "--app", "vibration-monitor", "--node", "edge-1"], "allocs",
      {"app": "vibration-monitor", "node": "edge-1"}, ALLOCS, ["running"]),
     (["stop", "vibration-monitor"], "stop", {"app": "vibration-monitor"},
@@ -317,6 +318,20 @@ def test_events_follow_prints_one_line_per_event(daemon, capsys):
 # --- errors ------------------------------------------------------------------------
 
 
+def test_a_plan_that_cannot_place_a_replica_shows_why_and_exits_1(daemon, spec_file, capsys):
+    unplaceable = {**PLAN, "unplaced": [{"replica": 1, "reason": "no node has 2.0 cpu free"},
+                                        {"replica": 2, "reason": "no node has 2.0 cpu free"}]}
+    daemon.script["plan"] = ([], unplaceable)
+    assert run(daemon, "plan", spec_file) == 1
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert lines[lines.index("Cannot place:") + 1].split() == ["REPLICA", "REASON"]
+    assert lines[-1].split(None, 1) == ["2", "no node has 2.0 cpu free"]
+    assert err == "error: 2 of 3 replicas cannot be placed: no node has 2.0 cpu free\n"
+    assert run(daemon, "--json", "plan", spec_file) == 1  # scripts see the plan, and the status
+    assert json.loads(capsys.readouterr().out) == unplaceable
+
+
 def test_error_frame_exits_1_with_one_line(daemon, capsys):
     daemon.script["stop"] = ([], AdminError("no such app 'web'"))
     assert run(daemon, "stop", "web") == 1
@@ -445,7 +460,7 @@ def test_table_aligns_columns_and_marks_missing_values():
 
 
 def test_table_of_nothing_is_its_header():
-    assert render.table([], render.APP_COLUMNS) == "APP  VERSION  RUNNING/REPLICAS  SITES  PER SITE  CONFLICTS"
+    assert render.table([], render.APP_COLUMNS) == "APP  VERSION  STATUS  RUNNING/REPLICAS  SITES  PER SITE  CONFLICTS"
 
 
 @pytest.mark.parametrize(

@@ -6,15 +6,16 @@ from __future__ import annotations
 import copy
 import pickle
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshd import sitestate
-from meshd.state import Alloc, AllocTable, SiteState
+from meshd.state import Alloc, AllocTable, SiteState, app_health
 
-from tests.unit.test_sitestate import T0, cmd, founded
+from tests.unit.test_sitestate import APP, T0, cmd, founded
 
 NODES = [f"{i:032x}" for i in range(1, 4)]
 APPS = ["web", "db"]
@@ -96,3 +97,29 @@ def test_a_snapshot_of_an_older_version_with_a_plain_dict_loads_indexed():
     state = SiteState.__new__(SiteState)
     state.__setstate__({"site": "s1", "allocs": {"a": alloc}})
     assert state.allocs.of_app("web") == [alloc] and state.applied == 0
+
+
+def test_an_app_is_running_degraded_failed_or_stopped():
+    assert app_health(stopped=True, desired=0, running=0, failing=True) == "stopped"
+    assert app_health(stopped=False, desired=3, running=3, failing=True) == "running"  # an old failure, replaced
+    assert app_health(stopped=False, desired=3, running=1, failing=True) == "degraded"
+    assert app_health(stopped=False, desired=3, running=0, failing=False) == "degraded"  # still starting
+    assert app_health(stopped=False, desired=3, running=0, failing=True) == "failed"
+    assert app_health(stopped=False, desired=0, running=0, failing=False) == "running"
+
+
+def test_an_app_is_failing_when_an_allocation_of_its_version_failed_or_keeps_restarting():
+    state = founded(1)
+    assert sitestate.apply(state, cmd("submit_app", spec=APP, request_id="r1")).ok
+    name, node = next(iter(state.apps)), next(iter(state.nodes))
+    version = state.apps[name].version
+    state.allocs["a1"] = Alloc(alloc_id="a1", app=name, version=version, replica=0, node_id=node, state="running")
+    assert not state.failing(name)
+    state.allocs["a1"] = replace(state.allocs["a1"], state="running", restarts=3)  # restarted, runs now
+    assert not state.failing(name)
+    state.allocs["a1"] = replace(state.allocs["a1"], state="pending", restarts=4)  # crash-looping
+    assert state.failing(name)
+    state.allocs["a1"] = replace(state.allocs["a1"], state="failed")
+    assert state.failing(name)
+    state.allocs["a1"] = replace(state.allocs["a1"], version=version - 1)  # an older version's failure
+    assert not state.failing(name)
