@@ -56,6 +56,7 @@ def package_digest() -> str:
 def config_digest(config: NodeConfig) -> str:
     plain = dataclasses.asdict(config)
     plain.pop("join", None)  # a one-time secret, not configuration
+    plain.pop("given", None)  # where each value came from, not what it is
     return hashlib.sha256(canonical(plain)).hexdigest()
 
 
