@@ -7,8 +7,8 @@ from meshd.io.attester import config_digest
 
 
 def test_the_config_digest_measures_values_not_where_they_came_from():
-    from_cli = resolve_config({"data_dir": "/d", "site": "lab"}, None, {}, "h")
-    from_file = resolve_config({"data_dir": "/d"}, 'site = "lab"\n', {}, "h")
-    assert from_cli.given != from_file.given
-    assert config_digest(from_cli) == config_digest(from_file)
-    assert config_digest(resolve_config({"data_dir": "/d", "site": "shop"}, None, {}, "h")) != config_digest(from_cli)
+    said = resolve_config({"data_dir": "/d", "site": "default"}, None, {}, "h")
+    by_default = resolve_config({"data_dir": "/d"}, None, {}, "h")
+    assert said.given != by_default.given and said.site == by_default.site
+    assert config_digest(said) == config_digest(by_default)
+    assert config_digest(resolve_config({"data_dir": "/d", "site": "shop"}, None, {}, "h")) != config_digest(said)
