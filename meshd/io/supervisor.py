@@ -314,6 +314,15 @@ class _Exit:
     cause: str | None = None  # why there is no exit code
 
 
+def output_log(data_dir: Path, alloc_id: str) -> Path:
+    """Where an allocation's output goes: <data_dir>/allocs/<alloc_id>/output.log;
+    ValueError (with the reason) for a bad id."""
+    problem = alloc_id_problem(alloc_id)
+    if problem is not None:
+        raise ValueError(problem)
+    return data_dir / "allocs" / alloc_id / "output.log"
+
+
 class Supervisor:
     def __init__(
         self,
@@ -414,10 +423,7 @@ class Supervisor:
 
     def log_path(self, alloc_id: str) -> Path:
         """<data_dir>/allocs/<alloc_id>/output.log; ValueError (with the reason) for a bad id."""
-        problem = alloc_id_problem(alloc_id)
-        if problem is not None:
-            raise ValueError(problem)
-        return self.data_dir / "allocs" / alloc_id / "output.log"
+        return output_log(self.data_dir, alloc_id)
 
     async def stop_all(self) -> None:
         """Stop every workload (SIGTERM, then SIGKILL after stop_timeout) and wait for it.
