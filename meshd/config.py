@@ -31,6 +31,8 @@ from meshd.spec import label_key_problem, label_value_problem, name_problem, sho
 DEFAULT_DATA_DIR = "/var/lib/meshd"  # systemd's StateDirectory=meshd
 DATA_DIR_ENV = "MESHD_DATA_DIR"
 DEFAULT_SITE = "default"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_LOG_LEVEL = "info"  # lifecycle, membership and placement decisions; debug adds every sync and beat
 DEFAULT_PORT = 7700  # unassigned by IANA; one port for all peer traffic of a node
 DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
 ADMIN_SOCKET_NAME = "admin.sock"
@@ -140,6 +142,7 @@ class NodeConfig:
     stopped_app_retention: float = DEFAULT_STOPPED_APP_RETENTION
     document_retention: float = DEFAULT_DOCUMENT_RETENTION  # seconds (given as 30d, 12h, 90m or seconds)
     tpm: str = ""  # TPM 2.0 to attest with, as a TCTI ("device:/dev/tpmrm0", "swtpm:port=2321"); "" = none
+    log_level: str = DEFAULT_LOG_LEVEL  # debug | info | warning | error: what the daemon logs to stderr
     # The options set on the command line or in the config file, not by default (a data dir's
     # membership is checked against what the operator said: meshd.node.joining.start_conflict).
     given: frozenset[str] = frozenset()
@@ -421,6 +424,8 @@ def _validate(cfg: NodeConfig) -> None:
     except ConfigError:
         raise ConfigError("document-retention", f"must be from 5m to 3650d (or that many seconds), "
                                                 f"got {show_value(given)}") from None
+    if cfg.log_level not in LOG_LEVELS:
+        raise ConfigError("log-level", f"must be one of {', '.join(LOG_LEVELS)}, got {show_value(cfg.log_level)}")
     if not isinstance(cfg.tpm, str) or (cfg.tpm and not TPM_TCTI.match(cfg.tpm)):
         raise ConfigError("tpm", f"must be a TCTI like device:/dev/tpmrm0 or swtpm:host=127.0.0.1,port=2321, "
                                  f"got {show_value(cfg.tpm)}")

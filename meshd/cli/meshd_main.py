@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--peer", action="append", help="static peer IP:PORT (repeatable)")
     run.add_argument("--no-mdns", action="store_true", help="do not announce or browse mDNS")
     run.add_argument("--tpm", help="attest with this TPM 2.0 (TCTI: device:/dev/tpmrm0, swtpm:host=H,port=P)")
-    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
     for flag, kind, text in TUNING_OPTIONS:
         run.add_argument(flag, type=kind, help=text)
 
@@ -74,7 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         except UnicodeDecodeError:
             print(f"error: cannot read config {args.config}: not UTF-8 text", file=sys.stderr)
             return EXIT_CONFIG
-    cli = {k: v for k, v in vars(args).items() if k not in ("command", "config", "log_level")}
+    cli = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     try:
         config = resolve_config(cli, toml_text, os.environ, socket.gethostname())
     except ConfigError as e:
@@ -88,7 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from meshd.io.runtime import FatalStartupError, Runtime, setup_logging
 
-    setup_logging(args.log_level)
+    setup_logging(config.log_level)
     try:
         trio.run(Runtime(config).run)
     except (FatalStartupError, BaseExceptionGroup) as e:

@@ -57,6 +57,7 @@ def config_digest(config: NodeConfig) -> str:
     plain = dataclasses.asdict(config)
     plain.pop("join", None)  # a one-time secret, not configuration
     plain.pop("given", None)  # where each value came from, not what it is
+    plain.pop("log_level", None)  # how much the daemon says, not what it does
     return hashlib.sha256(canonical(plain)).hexdigest()
 
 

@@ -16,6 +16,7 @@ Invariants:
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -273,8 +274,9 @@ class JsonLogFormatter(logging.Formatter):
     RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
-                 "msg": record.getMessage()}
+        when = datetime.datetime.fromtimestamp(record.created).astimezone()
+        entry = {"time": when.isoformat(timespec="milliseconds"), "ts": round(record.created, 3),
+                 "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
         for key, value in record.__dict__.items():
             if key not in self.RESERVED and not key.startswith("_"):
                 entry[key] = value

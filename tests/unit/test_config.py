@@ -335,3 +335,11 @@ def test_the_config_remembers_which_options_the_operator_set():
     config = resolve_config({"data_dir": "/d", "site": None, "listen": "127.0.0.1:0"}, 'name = "n"\n', {}, "host1")
     assert config.given == {"data_dir", "listen", "name"}  # not site: its default
     assert "site" in resolve_config({"data_dir": "/d"}, 'site = "default"\n', {}, "h").given
+
+
+def test_the_log_level_comes_from_the_command_line_or_the_config_file():
+    assert resolve_config({"data_dir": "/d"}, None, {}, "h").log_level == "info"
+    assert resolve_config({"data_dir": "/d"}, 'log-level = "debug"\n', {}, "h").log_level == "debug"
+    assert resolve_config({"data_dir": "/d", "log_level": "error"}, 'log-level = "debug"\n', {}, "h").log_level == "error"
+    with pytest.raises(ConfigError, match="log-level.*must be one of debug, info, warning, error"):
+        resolve_config({"data_dir": "/d"}, 'log-level = "loud"\n', {}, "h")
