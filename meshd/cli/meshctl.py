@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("logs", "workload output", _build_logs, _show_logs)
     sub.add_argument("alloc", metavar="ALLOC")
     sub.add_argument("--follow", "-f", action="store_true", help="keep printing new output")
-    sub.add_argument("--tail", metavar="BYTES", type=_non_negative_int, help="last BYTES only")
+    sub.add_argument("--tail", metavar="N", type=_non_negative_int, help="last N lines only")
 
     sub = command("events", "placement, membership, attestation, sync events",
                   _build_events, _show_events)
@@ -336,7 +336,7 @@ def _build_node_action(cmd: str) -> Callable[[argparse.Namespace], Request]:
 
 
 def _build_logs(opts: argparse.Namespace) -> Request:
-    args = {"alloc": opts.alloc, "follow": opts.follow, "tail": opts.tail}
+    args = {"alloc": opts.alloc, "follow": opts.follow, "lines": opts.tail}
     return Request("logs", args, timeout=None if opts.follow else ONE_SHOT_TIMEOUT_S,
                    follow=opts.follow)
 

@@ -485,17 +485,19 @@ class AdminHandlers:
     async def logs(self, request: AdminRequest, stream) -> dict:
         ref = _arg(request.args, "alloc", str, required=True)
         follow_ = bool(_arg(request.args, "follow", bool, False))
-        tail = _arg(request.args, "tail", int)
+        tail = _arg(request.args, "tail", int)  # bytes (an older meshctl)
+        lines = _arg(request.args, "lines", int)
         d = self.ctx
         state = self._state()
         alloc = find_alloc(state, ref)
         try:
             if alloc.node_id == d.identity.node_id:
-                return await serve_local_logs(d, alloc.alloc_id, follow_, tail, stream.send)
+                return await serve_local_logs(d, alloc.alloc_id, follow_, tail, stream.send, lines=lines)
             node = state.nodes.get(alloc.node_id)
             if node is None:
                 raise AdminError(f"allocation {alloc.alloc_id} ran on a node that is no longer known")
-            return await d.call_member(node, {"call": "logs", "alloc": alloc.alloc_id, "follow": follow_, "tail": tail},
+            return await d.call_member(node, {"call": "logs", "alloc": alloc.alloc_id, "follow": follow_, "tail": tail,
+                                              "lines": lines},
                                        on_stream=stream.send, timeout=None if follow_ else 10.0)
         except peer.PeerError as e:
             raise AdminError(str(e)) from None

@@ -214,7 +214,7 @@ class PeerService:
             return {"installed": True}
         if call.get("call") == "logs":
             return await serve_local_logs(self.ctx, str(call.get("alloc", "")), bool(call.get("follow")),
-                                          call.get("tail"), send_stream)
+                                          call.get("tail"), send_stream, lines=call.get("lines"))
         raise peer.PeerError(f"unknown member call {call.get('call')!r}")
 
     @contextlib.contextmanager
