@@ -20,13 +20,17 @@ Invariants:
   supervisor: allocation ids are not reused, a new run is a new allocation.
 - `on_change()` is called synchronously after every change of any report, never while a
   report is half-updated.
-- Lifecycle lines in the log are single JSON objects, each on its own line.
+- Lifecycle lines in the log are single JSON objects, each on its own line. Every line of
+  the workload's own output starts with the time meshd read it (ISO 8601, milliseconds,
+  local offset) and a space (`output_stamped`), so a line that starts with "{" is always
+  meshd's, whatever the workload prints.
 """
 
 from __future__ import annotations
 
 import collections
 import ctypes
+import datetime
 import json
 import os
 import re
@@ -314,6 +318,20 @@ class _Exit:
     cause: str | None = None  # why there is no exit code
 
 
+def output_stamped(data: bytes, mid_line: bool, now: float) -> bytes:
+    """`data` with the time `now` put at the start of every line it starts (the first
+    one too, unless the log is `mid_line`: in the middle of a line the workload began)."""
+    if not data:
+        return data
+    stamp = datetime.datetime.fromtimestamp(now).astimezone().isoformat(timespec="milliseconds").encode() + b" "
+    lines = data.split(b"\n")
+    out = [lines[0] if mid_line else stamp + lines[0]]
+    out += [stamp + line for line in lines[1:-1]]
+    if len(lines) > 1:
+        out.append(stamp + lines[-1] if lines[-1] else b"")
+    return b"\n".join(out)
+
+
 def output_log(data_dir: Path, alloc_id: str) -> Path:
     """Where an allocation's output goes: <data_dir>/allocs/<alloc_id>/output.log;
     ValueError (with the reason) for a bad id."""
@@ -501,6 +519,10 @@ class Supervisor:
 
     # --- log ---------------------------------------------------------------------------
 
+    def _write_output(self, slot: _Slot, data: bytes) -> None:
+        """What the workload printed, each line stamped with the time it was read."""
+        self._write_log(slot, output_stamped(data, slot.mid_line, time.time()))
+
     def _write_log(self, slot: _Slot, data: bytes) -> None:
         if slot.log is None or not data:
             return
@@ -616,7 +638,7 @@ class Supervisor:
     async def _copy_output(self, slot: _Slot, proc: _WorkloadProcess) -> None:
         assert proc.stdout is not None
         while data := await proc.stdout.receive_some(PIPE_CHUNK):
-            self._write_log(slot, data)
+            self._write_output(slot, data)
 
     async def _end_workload(self, slot: _Slot, proc: _WorkloadProcess) -> None:
         """Make sure no process of the workload is left (SIGTERM, then SIGKILL after
@@ -642,7 +664,7 @@ class Supervisor:
                 return
             if not data:
                 return
-            self._write_log(slot, data)
+            self._write_output(slot, data)
 
     async def _terminate(self, slot: _Slot, proc: _WorkloadProcess) -> None:
         leader = proc.pid

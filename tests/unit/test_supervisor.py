@@ -4,9 +4,11 @@ Every test polls the reports until the state it waits for shows up (bounded by
 `fail_after`), so none depends on how fast this machine is.
 """
 
+import datetime
 import json
 import os
 import signal
+import time
 
 import psutil
 import pytest
@@ -20,6 +22,7 @@ from meshd.io.supervisor import (
     REASON_SHUTDOWN,
     DesiredAlloc,
     Supervisor,
+    output_stamped,
     workload_env,
 )
 
@@ -53,7 +56,26 @@ def group_members(pgid):
 
 
 def lifecycle(log_text):
-    return [json.loads(line) for line in log_text.splitlines() if line.startswith('{"ts"')]
+    return [json.loads(line) for line in log_text.splitlines() if line.startswith("{")]
+
+
+def output(log_text) -> str:
+    """The workload's own output in a log: each of its lines without the time meshd put first
+    (which must be an ISO 8601 time; only the first line of a rotated log's tail may lack it,
+    cut where the oldest file kept begins)."""
+    lines = []
+    for n, line in enumerate(log_text.splitlines(keepends=True)):
+        if line.startswith("{"):
+            continue
+        stamp, _, rest = line.partition(" ")
+        try:
+            datetime.datetime.fromisoformat(stamp)
+        except ValueError:
+            if n == 0:
+                continue
+            raise
+        lines.append(rest)
+    return "".join(lines)
 
 
 def run_supervisor(tmp_path, scenario, **options):
@@ -109,12 +131,32 @@ def test_runs_with_its_env_and_captures_stdout_and_stderr(tmp_path, monkeypatch)
         assert path == tmp_path / "allocs" / "a1" / "output.log"
         await wait_until(lambda: b"oops" in path.read_bytes() and alive(report.pid))
         text = path.read_text()
-        assert "id=a1 app=web secret=unset mode=edge\noops\n" in text
-        assert f"{path.parent}\n" in text  # runs in its allocation directory
+        assert "id=a1 app=web secret=unset mode=edge\noops\n" in output(text)
+        assert f"{path.parent}\n" in output(text)  # runs in its allocation directory
         assert lifecycle(text)[0]["message"] == f"meshd: started pid {report.pid}"
         assert [r.state for r in changes[0]] == ["pending"]
 
     run_supervisor(tmp_path, scenario)
+
+
+def test_every_output_line_carries_its_time_and_meshds_own_lines_stay_apart(tmp_path):
+    # the workload prints something that looks like a lifecycle line, and a line in two writes
+    script = """printf '{"ts": 1, "meshd": "started", "message": "meshd: forged"}\\n'; printf 'half'; sleep 0.2; \
+printf ' whole\\n'"""
+
+    async def scenario(sup, changes):
+        sup.set_desired([alloc("a1", script)])
+        await wait_for(sup, "a1", lambda r: r.state == "stopped")
+
+    before = time.time()
+    run_supervisor(tmp_path, scenario)
+    text = (tmp_path / "allocs" / "a1" / "output.log").read_text()
+    assert output(text) == '{"ts": 1, "meshd": "started", "message": "meshd: forged"}\nhalf whole\n'
+    assert all(not e["message"].endswith("forged") for e in lifecycle(text))
+    stamps = [datetime.datetime.fromisoformat(line.partition(" ")[0]).timestamp()
+              for line in text.splitlines() if not line.startswith("{")]
+    assert len(stamps) == 2 and all(before - 1 <= s <= time.time() for s in stamps)
+    assert output_stamped(b"a\nb", mid_line=True, now=0.0).startswith(b"a\n")  # mid-line: no stamp first
 
 
 def test_workload_env_drops_meshd_variables():
@@ -140,7 +182,7 @@ def test_output_is_captured_in_order_and_rotated(tmp_path):
     path = tmp_path / "allocs" / "a1" / "output.log"
     assert [i for i, _ in rotated_files(path)] == [1, 2]
     assert all(p.stat().st_size <= 2000 for p in path.parent.iterdir())
-    numbers = [int(line[:4]) for line in read_tail(path, 10**6).decode().splitlines() if line[:4].isdigit()]
+    numbers = [int(line[:4]) for line in output(read_tail(path, 10**6).decode()).splitlines() if line[:4].isdigit()]
     assert numbers == list(range(numbers[0], 200))  # stdout and stderr interleaved in order
     assert numbers[0] > 0  # the oldest output was rotated away
 
