@@ -6,9 +6,10 @@
 # The package ships the project's wheel in /usr/share/meshd; its postinst creates a venv in
 # /opt/meshd and installs the wheel there (pip may fetch dependencies from the index at
 # install time). /usr/bin/meshd and /usr/bin/meshctl link into the venv.
-# Needs: python3 with pip, dpkg-deb. The source tree is copied before building, so the
-# build leaves no build/ or *.egg-info behind in it.
+# Needs: python3 with pip (or $PYTHON, e.g. a venv's python), dpkg-deb. The source tree is
+# copied before building, so the build leaves no build/ or *.egg-info behind in it.
 set -euo pipefail
+python=${PYTHON:-python3}
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(dirname "$here")
@@ -16,7 +17,7 @@ out=${1:-"$root/dist"}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 
-version=$(python3 - "$root/pyproject.toml" <<'PY'
+version=$("$python" - "$root/pyproject.toml" <<'PY'
 import sys, tomllib
 with open(sys.argv[1], "rb") as f:
     print(tomllib.load(f)["project"]["version"])
@@ -39,7 +40,7 @@ tar -C "$root" \
     --exclude=.benchmarks --exclude=.venv \
     -cf - . | tar -C "$work/src" -xf -
 
-python3 -m pip wheel --quiet --disable-pip-version-check --no-deps \
+"$python" -m pip wheel --quiet --disable-pip-version-check --no-deps \
     --wheel-dir "$work/wheel" "$work/src"
 wheels=("$work"/wheel/meshd-*.whl)
 if [[ ${#wheels[@]} -ne 1 || ! -f ${wheels[0]} ]]; then

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -110,7 +112,7 @@ def built_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist")
     before = {p.name for p in ROOT.iterdir()}
     result = subprocess.run(["bash", str(BUILD_SCRIPT), str(out)], capture_output=True, text=True,
-                            timeout=BUILD_TIMEOUT_S)
+                            timeout=BUILD_TIMEOUT_S, env={**os.environ, "PYTHON": sys.executable})
     assert result.returncode == 0, result.stderr
     created = {p.name for p in ROOT.iterdir()} - before
     assert not {n for n in created if n == "build" or n.endswith(".egg-info")}, "build output left in the tree"
@@ -166,3 +168,11 @@ def test_deb_maintainer_scripts(built_deb: Path, tmp_path: Path) -> None:
     # An upgrade runs the old postrm with "upgrade": it must not delete the new venv.
     postrm = (control / "postrm").read_text()
     assert re.search(r"remove\|purge\)\s+rm -rf /opt/meshd", postrm)
+
+
+def test_ci_runs_exactly_the_test_command_the_readme_gives() -> None:
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```sh\n(.*?)\n```", readme, re.S)
+    test_command = next(b for b in blocks if "pytest" in b)
+    ci = (ROOT / ".ci" / "run").read_text().rstrip().splitlines()
+    assert ci[-1] == test_command
