@@ -120,6 +120,9 @@ class Runtime:
             log.warning(f"this node {mismatch}", extra={"listen": ctx.config.listen, "advertise": ctx.advertise_ip})
         self._check_ports_free()
         async with trio.open_nursery() as nursery:
+            # first: a SIGTERM during start-up (a join that waits for its site) still stops
+            # the daemon cleanly, its workloads and Raft included
+            nursery.start_soon(self._watch_signals, nursery.cancel_scope)
             await nursery.start(LoopWatchdog().run)
             await nursery.start(self.peers.run)
             if ctx.config.mdns:
@@ -147,7 +150,6 @@ class Runtime:
             nursery.start_soon(ctx.mesh.dial_loop)
             nursery.start_soon(ctx.mesh.leader_loop)
             nursery.start_soon(ctx.mesh.compaction_loop)
-            nursery.start_soon(self._watch_signals, nursery.cancel_scope)
             sd_notify("READY=1")
             log.info("ready", extra={"site": ctx.membership.site, "voter": ctx.membership.voter})
             nursery.start_soon(self._trim_heap_loop)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from meshd import tokens
+from meshd import exitcodes, tokens
 from meshd.io.admin import AdminError
 from meshd.io.tls import joiner_context
 
@@ -158,18 +158,18 @@ def test_reused_and_expired_tokens_are_refused_with_a_clear_error(one):
     # the same token again, from another device
     intruder = one.add_node()
     intruder.start(join=token)
-    assert intruder.proc.wait(timeout=30) == 1
+    assert intruder.proc.wait(timeout=30) == exitcodes.EXIT_REFUSED
     assert "already used" in intruder.log_text()
     expired = first.call("token_create", site=None, ttl=1)["token"]
     time.sleep(1.5)
     late = one.add_node()
     late.start(join=expired)
-    assert late.proc.wait(timeout=30) == 1
+    assert late.proc.wait(timeout=30) == exitcodes.EXIT_REFUSED
     assert "expired" in late.log_text()
     forged = tokens.format_token("lab", tokens.parse_token(expired).token_id, b"\x01" * 32)
     forger = one.add_node()
     forger.start(join=forged)
-    assert forger.proc.wait(timeout=30) == 1
+    assert forger.proc.wait(timeout=30) == exitcodes.EXIT_REFUSED
     assert "token" in forger.log_text()
     names = sorted(n["name"] for n in first.call("nodes", site=None))
     assert names == sorted([first.name, one.nodes[1].name, joined.name])
@@ -197,7 +197,7 @@ def test_modified_software_is_refused_and_changes_nothing(one, tmp_path):
     tampered = one.add_node()
     tampered.cwd = str(modified_copy_of_meshd(tmp_path / "sw"))
     tampered.start(join=token)
-    assert tampered.proc.wait(timeout=30) == 1
+    assert tampered.proc.wait(timeout=30) == exitcodes.EXIT_REFUSED
     log = tampered.log_text()
     assert "attestation: " in log and "not a reference value" in log, log[-2000:]
     assert snapshot(leader) == before

@@ -46,7 +46,7 @@ def test_the_demo_shows_a_replicas_output_and_leaves_nothing_running_when_ended(
             seen.append(line)
             if root is None and (m := re.search(r"data in (\S+)", line)):
                 root = m.group(1)
-            if " | hello from " in line:  # a line the replica printed
+            if re.search(r" \| \S+ hello from ", line):  # a line the replica printed (after its time)
                 break
         else:
             pytest.fail(f"no replica output within {UP_TIMEOUT}s: {seen[-5:]}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from meshd import exitcodes
 from meshd.io.admin import AdminError
 from meshd.io.localsite import wait_for
 
@@ -49,7 +50,7 @@ def test_a_founder_token_founds_a_new_site_in_the_same_mesh(make_site):
     # The founder token was single use.
     again = beta.add_node()
     again.start(join=founder_token["token"])
-    assert again.proc.wait(timeout=30) == 1
+    assert again.proc.wait(timeout=30) == exitcodes.EXIT_REFUSED
     assert "already used" in again.log_text()
 
     # Alpha's members are as they were; its audit says who founded what.

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from meshd import exitcodes
 from meshd.io.localsite import sleeper_app, wait_for
 
 pytestmark = pytest.mark.system
@@ -35,7 +36,7 @@ def test_revoking_a_member_during_a_drain_leaves_every_app_at_its_replica_count(
     victim, draining = followers
     leader.call("drain", node=draining.name)
     leader.call("revoke", node=victim.name, reason="stolen")
-    assert victim.proc.wait(timeout=20) == 1
+    assert victim.proc.wait(timeout=20) == exitcodes.EXIT_REVOKED
     leader.call("undrain", node=draining.name)
     started = time.monotonic()
     wait_for(lambda: _healthy(three, "svc", 3, leader), 5, what="svc at 3 replicas within 5 s of the undrain")

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from meshd import exitcodes
 from meshd.io.admin import AdminError
 from meshd.io.localsite import sleeper_app, wait_for
 
@@ -30,7 +31,7 @@ def test_revoke_expels_the_node_everywhere(three):
     assert result["revoked"] is True and result["node"] == victim.name
 
     # the node stops itself (and its workloads) when the news reaches it
-    assert victim.proc.wait(timeout=20) == 1
+    assert victim.proc.wait(timeout=20) == exitcodes.EXIT_REVOKED
     assert "revoked" in victim.log_text()
     # every member sees it revoked; it no longer counts as a member
     for node in (leader, survivor):
@@ -47,7 +48,7 @@ def test_revoke_expels_the_node_everywhere(three):
 
     # restarted on its data dir: refuses to run
     victim.start()
-    assert victim.proc.wait(timeout=20) == 1
+    assert victim.proc.wait(timeout=20) == exitcodes.EXIT_REVOKED
     assert victim.log_text().count("revoked") >= 2
 
     # same device key, fresh data, a valid token: no member admits it again
@@ -55,7 +56,7 @@ def test_revoke_expels_the_node_everywhere(three):
         if path.name != "node.key":
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     victim.start(join=three.token(via=survivor))
-    assert victim.proc.wait(timeout=30) == 1
+    assert victim.proc.wait(timeout=30) == exitcodes.EXIT_REFUSED
     assert "revoked" in victim.log_text().rsplit("starting", 1)[-1]
     assert leader.call("revoke", node=victim.name, reason="")["revoked"] is True  # idempotent
 
@@ -85,7 +86,7 @@ def test_software_changed_on_a_running_member_is_caught_by_re_attestation(make_s
     # fresh evidence earned a fresh membership certificate (renewal)
     wait_for(lambda: (drifting.data_dir / "member.pem").read_text() != first_cert, 15, what="certificate renewal")
     state_py.write_text(original + "\n# changed after the join\n")
-    assert drifting.proc.wait(timeout=30) == 1
+    assert drifting.proc.wait(timeout=30) == exitcodes.EXIT_REVOKED
     assert "revoked" in drifting.log_text()
     assert site.node_state(drifting.name, via=leader) == "revoked"
     events = [e["message"] for e in leader.call("events")]
@@ -162,7 +163,7 @@ def test_revoking_rotates_the_raft_secret_and_an_absent_member_catches_up(make_s
     try:
         result = leader.call("revoke", node=victim.name, reason="stolen")
         assert result["secret_epoch"] == 1
-        assert victim.proc.wait(timeout=20) == 1
+        assert victim.proc.wait(timeout=20) == exitcodes.EXIT_REVOKED
         for node in (leader, present):
             wait_for(lambda: secret_of(node)["secret_epoch"] == 1, 10, what=f"{node.name} rotated")
             assert secret_of(node)["site_secret"] != old

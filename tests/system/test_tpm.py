@@ -14,6 +14,7 @@ import pytest
 
 from attestation.evidence import SOFTWARE_EVIDENCE, TPM_EVIDENCE
 from attestation.tpm import MEASUREMENT_PCR
+from meshd import exitcodes
 from meshd.io.localsite import wait_for
 from tests.swtpm import SoftwareTpm, require_swtpm
 
@@ -74,7 +75,7 @@ def test_a_quote_over_pcr_values_the_log_does_not_explain_is_refused(make_site, 
     sim.pcr_extend(MEASUREMENT_PCR, hashlib.sha256(b"something else").hexdigest())  # behind meshd's back
     joiner = site.add_node(("--tpm", sim.tcti))
     joiner.start(join=site.token())
-    assert joiner.proc.wait(timeout=30) == 1
+    assert joiner.proc.wait(timeout=30) == exitcodes.EXIT_REFUSED
     assert "does not explain" in joiner.log_text()
     leader = site.leader()
     assert joiner.name not in [row["name"] for row in leader.call("nodes")]
@@ -105,6 +106,6 @@ def test_requiring_tpm_expels_software_members_and_refuses_new_ones(make_site, t
     wait_for(lambda: site.node_state(soft.name) == "revoked", 30, what="the software member revoked")
     newcomer = site.add_node()
     newcomer.start(join=site.token(via=founder))  # not the revoked member, which may still be stopping
-    assert newcomer.proc.wait(timeout=30) == 1
+    assert newcomer.proc.wait(timeout=30) == exitcodes.EXIT_REFUSED
     assert "requires TPM-backed evidence" in newcomer.log_text()
     assert site.node_state(tpm_member.name) == "ready" and site.node_state(founder.name) == "ready"
