@@ -40,8 +40,10 @@ from typing import Any, Awaitable, Callable, Protocol
 
 import trio
 
-from meshd.io.adminclient import (DONE, RECEIVE_CHUNK, STREAM, AdminError, AdminUnavailable, Reply, decode,
-                                  encode_request, unreachable_message)
+# RECEIVE_CHUNK: one read from the socket, server and client alike (the request itself is
+# bounded by ADMIN_MAX_FRAME).
+from meshd.io.adminclient import (RECEIVE_CHUNK, AdminError, AdminUnavailable, Reply, encode_request,
+                                  unreachable_message)
 from meshd.wire import ADMIN_MAX_FRAME, FrameDecoder, FrameError, encode_frame
 
 log = logging.getLogger(__name__)
@@ -57,9 +59,6 @@ REPLY_TIMEOUT_S = 30.0
 
 # Pending connections the kernel queues: a handful of concurrent meshctl calls at most.
 LISTEN_BACKLOG = 64
-
-# One read from the socket (RECEIVE_CHUNK, shared with the client): the request itself is
-# bounded by ADMIN_MAX_FRAME.
 
 # A list result larger than one frame is sent in parts of about this many bytes: well under
 # the frame limit (so items of any ordinary size fit), large enough that 100,000
@@ -434,7 +433,7 @@ async def _call(
             await conn.send_all(request)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise AdminUnavailable(f"meshd at {path} closed the connection: {exc}") from None
-        decoder, reply = FrameDecoder(ADMIN_MAX_FRAME), Reply()
+        reply = Reply()
         while True:
             try:
                 data = await conn.receive_some(RECEIVE_CHUNK)
@@ -445,11 +444,10 @@ async def _call(
                     f"meshd at {path} closed the connection without an answer; "
                     "it may have stopped"
                 )
-            for frame in decode(decoder, data):
-                kind, value = reply.feed(frame)
-                if kind == DONE:
-                    return value
-                if kind == STREAM and on_stream is not None:
-                    outcome = on_stream(value)
-                    if inspect.isawaitable(outcome):
-                        await outcome
+            items, done = reply.receive(data)
+            for item in items if on_stream is not None else ():
+                outcome = on_stream(item)
+                if inspect.isawaitable(outcome):
+                    await outcome
+            if done:
+                return reply.result

@@ -41,31 +41,40 @@ class AdminUnavailable(Exception):
         self.message = message
 
 
-# What one reply frame is, for the caller (Reply.feed): a progress item, nothing yet, the result.
-STREAM, MORE, DONE = "stream", "more", "done"
-
-
 class Reply:
-    """What the daemon's reply frames mean: progress items, then the result (a list joined
+    """What the daemon's reply bytes mean: progress items, then the result (a list joined
     from its parts, for a result sent in parts). Raises AdminError for a refusal or a
     malformed reply."""
 
     def __init__(self) -> None:
+        self._decoder = FrameDecoder(ADMIN_MAX_FRAME)
         self.parts: list[list] = []
+        self.result: Any = None  # once `receive` said done
 
-    def feed(self, frame: dict) -> tuple[str, Any]:
-        """(STREAM, item), (MORE, None) or (DONE, result)."""
-        if "stream" in frame:
-            return STREAM, frame["stream"]
-        if isinstance(frame.get("part"), list):
-            self.parts.append(frame["part"])
-            return MORE, None
+    def receive(self, data: bytes) -> tuple[list, bool]:
+        """The progress items these bytes complete, and whether the final frame came."""
+        try:
+            frames = self._decoder.feed(data)
+        except FrameError as exc:
+            raise AdminError(f"malformed reply from meshd: {exc.reason}") from None
+        items = []
+        for frame in frames:
+            if "stream" in frame:
+                items.append(frame["stream"])
+            elif isinstance(frame.get("part"), list):
+                self.parts.append(frame["part"])
+            else:
+                self.result = self._final(frame)
+                return items, True
+        return items, False
+
+    def _final(self, frame: dict) -> Any:
         if frame.get("ok") is True and "parts" in frame:
             if frame["parts"] != len(self.parts):
                 raise AdminError(f"malformed reply from meshd: {len(self.parts)} of {frame['parts']} parts")
-            return DONE, [item for part in self.parts for item in part]
+            return [item for part in self.parts for item in part]
         if frame.get("ok") is True:
-            return DONE, frame.get("result")
+            return frame.get("result")
         if frame.get("ok") is False:
             raise AdminError(str(frame.get("error") or "meshd refused without a reason"))
         raise AdminError(f"malformed reply from meshd: unexpected frame {sorted(frame)}")
@@ -76,13 +85,6 @@ def encode_request(cmd: str, args: dict) -> bytes:
         return encode_frame({"cmd": cmd, "args": args}, max_frame=ADMIN_MAX_FRAME)
     except FrameError as exc:
         raise AdminError(f"request cannot be sent: {exc.reason}") from None
-
-
-def decode(decoder: FrameDecoder, data: bytes) -> list[dict]:
-    try:
-        return decoder.feed(data)
-    except FrameError as exc:
-        raise AdminError(f"malformed reply from meshd: {exc.reason}") from None
 
 
 def unreachable_message(path: str, exc: OSError) -> str:
@@ -121,7 +123,7 @@ def admin_call_sync(
             raise AdminError(f"no answer from meshd at {path} within {timeout:g} s") from None
         except OSError as exc:
             raise AdminUnavailable(f"meshd at {path} closed the connection: {exc}") from None
-        decoder, reply = FrameDecoder(ADMIN_MAX_FRAME), Reply()
+        reply = Reply()
         while True:
             if deadline is not None:
                 conn.settimeout(max(deadline - time.monotonic(), 0.001))
@@ -134,9 +136,8 @@ def admin_call_sync(
             if not data:
                 raise AdminUnavailable(f"meshd at {path} closed the connection without an answer; "
                                        "it may have stopped")
-            for frame in decode(decoder, data):
-                kind, value = reply.feed(frame)
-                if kind == DONE:
-                    return value
-                if kind == STREAM and on_stream is not None:
-                    on_stream(value)
+            items, done = reply.receive(data)
+            for item in items if on_stream is not None else ():
+                on_stream(item)
+            if done:
+                return reply.result

@@ -15,6 +15,7 @@ Invariants:
 
 from __future__ import annotations
 
+import datetime
 import os
 from pathlib import Path
 from typing import AsyncGenerator, BinaryIO
@@ -24,6 +25,12 @@ import trio
 # Read granularity for tail/follow: large enough for bursts, small enough to keep each
 # step of the event loop short.
 READ_CHUNK = 64 * 1024
+
+
+def iso_time(ts: float) -> str:
+    """`ts` (seconds since the epoch) as the logs write times: ISO 8601, milliseconds, the
+    local offset (daemon log lines and workload output lines alike)."""
+    return datetime.datetime.fromtimestamp(ts).astimezone().isoformat(timespec="milliseconds")
 
 
 class RotatingLog:

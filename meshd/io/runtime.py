@@ -16,7 +16,6 @@ Invariants:
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import os
@@ -25,14 +24,14 @@ import socket
 
 import trio
 
-from meshd import __version__
+from meshd import __version__, tokens
 from meshd.config import NodeConfig
+from meshd.exitcodes import EXIT_CONFIG, EXIT_ERROR, EXIT_LOCKED, EXIT_NOPERM, EXIT_PORT_IN_USE, EXIT_REVOKED
 from meshd.io.admin import serve_admin
 from meshd.io.adminhandlers import AdminHandlers
 from meshd.io.attester import package_digest
 from meshd.io.context import FatalStartupError, NodeContext, advertise_mismatch, local_ips
-from meshd import tokens
-from meshd.exitcodes import EXIT_CONFIG, EXIT_ERROR, EXIT_LOCKED, EXIT_NOPERM, EXIT_PORT_IN_USE, EXIT_REVOKED
+from meshd.io.logfiles import iso_time
 from meshd.io.identity import (DataDirLocked, Membership, lock_data_dir, load_or_create_identity, load_ports,
                                read_revoked_marker, save_ports)
 from meshd.io.mdns import Discovery
@@ -276,8 +275,7 @@ class JsonLogFormatter(logging.Formatter):
     RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
     def format(self, record: logging.LogRecord) -> str:
-        when = datetime.datetime.fromtimestamp(record.created).astimezone()
-        entry = {"time": when.isoformat(timespec="milliseconds"), "ts": round(record.created, 3),
+        entry = {"time": iso_time(record.created), "ts": round(record.created, 3),
                  "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
         for key, value in record.__dict__.items():
             if key not in self.RESERVED and not key.startswith("_"):

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import datetime
 import json
 import os
 import re
@@ -44,7 +43,7 @@ from typing import Callable, Iterable, Mapping
 
 import trio
 
-from meshd.io.logfiles import RotatingLog
+from meshd.io.logfiles import RotatingLog, iso_time
 from meshd.node.effects import Workload
 from meshd.restart import (
     BACKOFF_BASE,
@@ -323,7 +322,7 @@ def output_stamped(data: bytes, mid_line: bool, now: float) -> bytes:
     one too, unless the log is `mid_line`: in the middle of a line the workload began)."""
     if not data:
         return data
-    stamp = datetime.datetime.fromtimestamp(now).astimezone().isoformat(timespec="milliseconds").encode() + b" "
+    stamp = iso_time(now).encode() + b" "
     lines = data.split(b"\n")
     out = [lines[0] if mid_line else stamp + lines[0]]
     out += [stamp + line for line in lines[1:-1]]
