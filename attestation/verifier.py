@@ -21,6 +21,10 @@ Invariants:
 - Pure: no I/O; `now` is passed in (seconds since the epoch, the verifier's clock).
 - `verify` never raises on bad evidence; it returns a Verdict with `ok=False` and reasons.
 - A verdict is `ok` only when every check passed; it lists every failed check it reached.
+- `unknown_software` is set only when the software check (5) is the one that failed: the
+  evidence is authentic, fresh and from this node, it just runs a build the policy does not
+  know (an upgrade not allowed yet). Its relying party may quarantine rather than revoke;
+  forged, replayed or downgraded evidence never sets it.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class Verdict:
     reasons: tuple[str, ...]
     claims: Claims | None = None
     tpm_backed: bool = False
+    unknown_software: bool = False  # only the software check failed (see the invariants)
 
     @property
     def reason(self) -> str:
@@ -87,12 +92,15 @@ def verify(evidence: object, challenge: Challenge, node_public_key: bytes, polic
     if revocations is not None and revocations.is_revoked(claims.node_id):
         entry = revocations.entries[claims.node_id]
         reasons.append(f"node {claims.node_id} is revoked ({entry.reason or 'no reason given'}, by {entry.by})")
+    other_failures = len(reasons)
     if not allows_version(policy, claims.version):
         reasons.append(f"meshd {claims.version} is older than the policy minimum {policy.min_version}")
     allowed = policy.allowed_digests.get(claims.version, frozenset())
     if claims.measurements[MEASURED_PACKAGE] not in allowed:
-        reasons.append(f"meshd {claims.version} package digest {claims.measurements[MEASURED_PACKAGE][:16]}... "
+        # The full digest: the operator allows it with `meshctl policy allow` as it stands here.
+        reasons.append(f"meshd {claims.version} package digest {claims.measurements[MEASURED_PACKAGE]} "
                        "is not a reference value of the policy (modified or unknown software)")
+    software_failures = len(reasons) - other_failures
     tpm_backed = False
     if tpm is not None:
         tpm_reasons = _appraise_tpm(claims, tpm)
@@ -100,7 +108,8 @@ def verify(evidence: object, challenge: Challenge, node_public_key: bytes, polic
         tpm_backed = not tpm_reasons
     if site in policy.tpm_required_sites and tpm is None:
         reasons.append(f"site {site} requires TPM-backed evidence; this evidence is software-only (self-reported)")
-    return Verdict(not reasons, tuple(reasons), claims, tpm_backed=tpm_backed)
+    unknown = software_failures > 0 and software_failures == len(reasons) and other_failures == 0
+    return Verdict(not reasons, tuple(reasons), claims, tpm_backed=tpm_backed, unknown_software=unknown)
 
 
 def _appraise_tpm(claims: Claims, binding: TpmBinding) -> list[str]:

@@ -12,6 +12,10 @@ Invariants:
   |x| <= MAX_SAFE_INT, and NaN/Infinity are refused (they are not JSON, and compare unequal).
 - `from_plain(to_plain(r)) == r` for every valid record r (ints read back as floats are
   turned back into ints; lists back into tuples).
+- A field added after a record kind was first written has a default and is written only
+  when it differs from it (`rule(..., added=True)`): a record that does not use it reads
+  the same on a member that predates it, and a record written before it reads back with
+  the default.
 - Every refusal is a `SchemaError` whose `reason` names the record kind, the field and what is
   wrong, for the CLI and the event log.
 - Pure: no I/O, no clock.
@@ -114,9 +118,14 @@ def _check(kind: str, name: str, rule: Field, value: Any) -> Any:
     raise AssertionError(f"no rule for {rule.type}")  # a schema bug, not input
 
 
-def rule(check: Field, default: Any = MISSING) -> Any:
-    """A record's dataclass field, carrying the check its values must pass."""
-    return field(default=default, metadata={"rule": check})
+def rule(check: Field, default: Any = MISSING, added: bool = False) -> Any:
+    """A record's dataclass field, carrying the check its values must pass. `added`: a field
+    newer than its record kind (see the invariants); it needs a default."""
+    assert not added or default is not MISSING, "an added field needs a default"
+    return field(default=default, metadata={"rule": check, "added": added})
+
+
+_ADDED: dict[type, dict[str, Any]] = {}  # per record kind: its added fields and their defaults
 
 
 _RULES: dict[type, dict[str, Field]] = {}  # per record kind, from its dataclass fields
@@ -135,9 +144,18 @@ class Record:
             found = _RULES[cls] = {f.name: f.metadata["rule"] for f in fields(cls)}
         return found
 
+    @classmethod
+    def added_fields(cls) -> dict[str, Any]:
+        found = _ADDED.get(cls)
+        if found is None:
+            found = _ADDED[cls] = {f.name: f.default for f in fields(cls) if f.metadata.get("added")}
+        return found
+
     def to_plain(self) -> dict[str, Any]:
         """The validated value to write; raises SchemaError."""
-        return {name: _check(self.KIND, name, check, getattr(self, name)) for name, check in self.rules().items()}
+        added = self.added_fields()
+        return {name: _check(self.KIND, name, check, getattr(self, name)) for name, check in self.rules().items()
+                if name not in added or getattr(self, name) != added[name]}
 
     @classmethod
     def from_plain(cls, value: Any):
@@ -150,8 +168,11 @@ class Record:
             raise SchemaError(f"{cls.KIND}: unknown field {unknown!r}")
         args = {}
         kind = cls.KIND
+        added = cls.added_fields()
         for name, check in rules.items():
             if name not in value:
+                if name in added:
+                    continue  # written without it: the default
                 raise SchemaError(f"{kind}.{name}: missing")
             field_value = value[name]
             if check.type is str and field_value is not None:  # most fields: skip the dispatch
@@ -303,6 +324,7 @@ class AuditRecord(Record):
     action: str = rule(Field(str, 64))
     target: str = rule(_TEXT)
     site: str = rule(_NAME)
+    reason: str = rule(_TEXT, default="", added=True)  # why (a refusal, a quarantine, a revocation)
 
     @property
     def key(self) -> str:

@@ -134,6 +134,14 @@ def read_text(raw: Mapping, key: str, max_len: int) -> str:
     return value[:max_len] if isinstance(value, str) else ""
 
 
+def read_digest(raw: Mapping, key: str) -> str:
+    """A sha256 package digest (64 lowercase hex digits), or "" for none."""
+    value = raw.get(key)
+    if not isinstance(value, str) or (value and (len(value) != 64 or value.strip("0123456789abcdef"))):
+        raise Invalid(f"{key} must be a sha256 digest (64 lowercase hex digits)")
+    return value
+
+
 def read_actor(raw: Mapping) -> str:
     actor = raw.get("actor", "")
     return actor if isinstance(actor, str) and len(actor) <= 256 else ""
@@ -165,6 +173,7 @@ def node_from_wire(raw: Any) -> NodeRecord:
         boot_id=read_str(raw, "boot_id", max_len=64, empty=True) if "boot_id" in raw else "",
         # An RSA 4096 attestation key's public area is under 700 bytes.
         tpm_ak=read_str(raw, "tpm_ak", max_len=2048, empty=True) if "tpm_ak" in raw else "",
+        software=read_digest(raw, "software") if "software" in raw else "",
     )
 
 
@@ -172,7 +181,8 @@ def node_to_wire(node: NodeRecord) -> dict:
     """The fields of a node record a join or bootstrap command carries."""
     return {"node_id": node.node_id, "name": node.name, "site": node.site, "address": node.address,
             "raft_address": node.raft_address, "public_key": node.public_key, "arch": node.arch,
-            "labels": dict(node.labels), "version": node.version, "boot_id": node.boot_id, "tpm_ak": node.tpm_ak}
+            "labels": dict(node.labels), "version": node.version, "boot_id": node.boot_id, "tpm_ak": node.tpm_ak,
+            **({"software": node.software} if node.software else {})}
 
 
 def resources_from_wire(raw: Any) -> NodeResources:
@@ -336,14 +346,75 @@ class AdoptRevocations(Command):
 
 @dataclass(frozen=True)
 class Attested(Command):
-    """A member's fresh evidence verified (re-attestation)."""
+    """A member's fresh evidence verified (re-attestation); it releases a quarantined one."""
     op: ClassVar[str] = "attested"
     node_id: str
     boot_id: str
+    software: str = ""  # the package digest the evidence carried ("" from an older leader)
+    actor: str = ""
 
     @classmethod
     def from_wire(cls, raw: dict) -> "Attested":
-        return cls(node_id=read_str(raw, "node_id", max_len=64), boot_id=read_str(raw, "boot_id", max_len=64))
+        return cls(node_id=read_str(raw, "node_id", max_len=64), boot_id=read_str(raw, "boot_id", max_len=64),
+                   software=read_digest(raw, "software") if "software" in raw else "", actor=read_actor(raw))
+
+    def to_wire(self) -> dict:
+        wire: dict = {"node_id": self.node_id, "boot_id": self.boot_id}
+        if self.software:
+            wire["software"] = self.software
+        if self.actor:
+            wire["actor"] = self.actor
+        return wire
+
+
+# Reasons stored with a quarantine or a refusal: a line that names a version and a full
+# digest (64 hex) with room for the verifier's words, not an essay.
+MAX_AUDIT_REASON = 512
+
+
+@dataclass(frozen=True)
+class Quarantine(Command):
+    """A member's re-attestation showed software the policy does not know: its workloads
+    move and it gets no secrets until fresh evidence the policy accepts (`Attested`)."""
+    op: ClassVar[str] = "quarantine"
+    node_id: str
+    reason: str  # names the version and the full package digest the evidence showed
+    software: str = ""  # that digest
+    actor: str = ""
+
+    @classmethod
+    def from_wire(cls, raw: dict) -> "Quarantine":
+        return cls(node_id=read_str(raw, "node_id", max_len=64),
+                   reason=read_str(raw, "reason", max_len=MAX_AUDIT_REASON),
+                   software=read_digest(raw, "software") if "software" in raw else "", actor=read_actor(raw))
+
+
+# What a refusal recorded in the audit was: a join refused by a verdict, or a member's
+# failed re-attestation that did not lead to a quarantine or revocation of its own.
+REFUSED_ACTIONS = frozenset({"join-refused", "attestation-failed"})
+
+
+@dataclass(frozen=True)
+class RecordRefusal(Command):
+    """A member refused a join (or evidence): into the site's audit, so every member of the
+    mesh sees who tried, from where and why (meshd.node.refusals decides what is recorded)."""
+    op: ClassVar[str] = "record_refusal"
+    action: str  # one of REFUSED_ACTIONS
+    target: str  # who tried: the name and node id it claimed (unverified), or its address
+    source: str  # from where: the peer address it came from
+    reason: str
+    count: int = 1  # refusals of this kind from this source that this record stands for
+    actor: str = ""  # the member that refused
+
+    @classmethod
+    def from_wire(cls, raw: dict) -> "RecordRefusal":
+        action = read_str(raw, "action", max_len=32)
+        if action not in REFUSED_ACTIONS:
+            raise Invalid(f"action must be one of {', '.join(sorted(REFUSED_ACTIONS))}")
+        return cls(action=action, target=read_str(raw, "target", max_len=256),
+                   source=read_str(raw, "source", max_len=64, empty=True),
+                   reason=read_str(raw, "reason", max_len=MAX_AUDIT_REASON),
+                   count=read_int(raw, "count", 1, MAX_INT), actor=read_actor(raw))
 
 
 @dataclass(frozen=True)
@@ -410,6 +481,7 @@ class Heartbeat(Command):
     reports: tuple[AllocReport, ...] = ()
     resources: NodeResources | None = None
     boot_id: str | None = None
+    software: str | None = None  # the package digest of the meshd it runs (sent with boot_id)
 
     @classmethod
     def from_wire(cls, raw: dict) -> "Heartbeat":
@@ -419,7 +491,8 @@ class Heartbeat(Command):
         return cls(node_id=read_str(raw, "node_id", max_len=64), seq=read_int(raw, "seq", 0),
                    reports=tuple(AllocReport.from_wire(r) for r in reports),
                    resources=resources_from_wire(raw["resources"]) if "resources" in raw else None,
-                   boot_id=read_str(raw, "boot_id", max_len=64) if "boot_id" in raw else None)
+                   boot_id=read_str(raw, "boot_id", max_len=64) if "boot_id" in raw else None,
+                   software=read_digest(raw, "software") if "software" in raw else None)
 
     def to_wire(self) -> dict:
         wire: dict = {"node_id": self.node_id, "seq": self.seq, "reports": [r.to_wire() for r in self.reports]}
@@ -427,6 +500,8 @@ class Heartbeat(Command):
             wire["resources"] = asdict(self.resources)
         if self.boot_id is not None:
             wire["boot_id"] = self.boot_id
+        if self.software is not None:
+            wire["software"] = self.software
         return wire
 
 
@@ -585,7 +660,8 @@ class Undrain(_NodeAdmin):
 
 COMMANDS: dict[str, type[Command]] = {c.op: c for c in (
     Bootstrap, SetPolicy, AdoptPolicy, RevokeNode, AdoptRevocations, Attested, RotateSecret, CreateToken, AdmitNode,
-    FoundSite, Heartbeat, SetLiveness, SubmitApp, StopApp, ApplyPlan, PurgeApps, Drain, Undrain)}
+    FoundSite, Heartbeat, SetLiveness, SubmitApp, StopApp, ApplyPlan, PurgeApps, Drain, Undrain, Quarantine,
+    RecordRefusal)}
 
 
 @dataclass(frozen=True)

@@ -124,7 +124,8 @@ def audit_to_publish(state: SiteState, has_audit: Callable[[str], bool]) -> list
         if has_audit(key):
             break
         missing.append(DocAuditRecord(audit_id=key, ts=record.ts, actor=record.actor[:4096],
-                                      action=record.action[:64], target=record.target[:4096], site=record.site))
+                                      action=record.action[:64], target=record.target[:4096], site=record.site,
+                                      reason=record.reason[:4096]))
     missing.reverse()
     return missing
 

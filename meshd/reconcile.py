@@ -7,7 +7,7 @@ Invariants:
   stopped, and each at most once, with one reason.
 - A replica index i of a running app at version V is *covered* by an allocation of
   (app, V, i) that is wanted (desired "run"), not lost, on a node that exists and is neither
-  left, revoked nor draining (`covers`). A failed or stopped allocation that exited on its
+  left, revoked nor draining, nor quarantined (`covers`). A failed or stopped allocation that exited on its
   own keeps covering: its restart policy already decided its fate.
 - After the result is applied (stops stopped, placements placed on eligible nodes) reconcile
   returns nothing more to do: it is a fixpoint, and each index 0..replicas-1 of a running app
@@ -43,6 +43,7 @@ REASON_APP_REMOVED = "app removed"
 REASON_APP_STOPPED = "app stopped"
 REASON_SCALED_DOWN = "scaled down"
 REASON_NODE_DRAINING = "node draining"
+REASON_NODE_QUARANTINED = "node quarantined"
 REASON_DUPLICATE = "duplicate replica"
 
 
@@ -72,6 +73,7 @@ def covers(alloc: Alloc, node: NodeRecord | None) -> bool:
         and alloc.state != ALLOC_LOST
         and node is not None
         and node.admin not in NON_COVERING_ADMIN
+        and not node.quarantine
     )
 
 
@@ -90,9 +92,9 @@ def _not_covering_reason(alloc: Alloc, node: NodeRecord | None, version: int, re
         return REASON_SCALED_DOWN
     if alloc.version != version:
         return replaced_reason(version)
-    # At the current version, in range, wanted, live, on an existing member: the only way
-    # left not to cover is a draining node (see `covers`).
-    return REASON_NODE_DRAINING
+    # At the current version, in range, wanted, live, on an existing member: the only ways
+    # left not to cover are a quarantined or draining node (see `covers`).
+    return REASON_NODE_QUARANTINED if node.quarantine else REASON_NODE_DRAINING
 
 
 def reconcile_app(state: SiteState, app: str) -> tuple[tuple[int, ...], list[tuple[str, str]]]:

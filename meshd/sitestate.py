@@ -121,10 +121,10 @@ def _event(state: SiteState, ts: float, kind: str, message: str, /, **data: Any)
         del state.events[: len(state.events) - MAX_EVENTS]
 
 
-def _audit(state: SiteState, ts: float, actor: str, action: str, target: str) -> None:
+def _audit(state: SiteState, ts: float, actor: str, action: str, target: str, reason: str = "") -> None:
     state.audit_seq += 1
     state.audit.append(AuditRecord(ts=ts, actor=actor, action=action, target=target, site=state.site,
-                                   seq=state.audit_seq))
+                                   seq=state.audit_seq, reason=reason))
     if len(state.audit) > MAX_AUDIT:
         del state.audit[: len(state.audit) - MAX_AUDIT]
 
@@ -151,7 +151,8 @@ def _bootstrap(state: SiteState, cmd: cmds.Bootstrap, ts: float) -> Ok:
     if trust is not None:
         state.trust_root, state.root_cert, state.policy, state.revocations = trust
     state.nodes[node.node_id] = replace(node, voter=True, joined_at=ts, state_changed_at=ts, reason="founded the site",
-                                        attested_at=ts, attested_boot_id=node.boot_id)
+                                        attested_at=ts, attested_boot_id=node.boot_id,
+                                        attested_software=node.software)
     _event(state, ts, "membership", f"{node.name} founded site {site}", node=node.name, node_id=node.node_id)
     _audit(state, ts, cmd.actor or node.name, "found-site", site)
     return ok(node_id=node.node_id, voter=True)
@@ -245,7 +246,7 @@ def _revoke_node(state: SiteState, cmd: cmds.RevokeNode, ts: float) -> Ok:
     _mark_revoked(state, node, cmd.actor or "an operator", reason, ts)
     _event(state, ts, "membership", f"{node.name} revoked" + (f": {reason}" if reason else ""), node=node.name,
            node_id=node_id)
-    _audit(state, ts, cmd.actor, "revoke", node.name)
+    _audit(state, ts, cmd.actor, "revoke", node.name, reason)
     return ok(node=node.name, node_id=node_id, revoked=True, number=candidate.number)
 
 
@@ -281,13 +282,49 @@ def _rotate_secret(state: SiteState, cmd: cmds.RotateSecret, ts: float) -> Ok:
 
 
 def _attested(state: SiteState, cmd: cmds.Attested, ts: float) -> Ok:
-    """A member's fresh evidence verified (re-attestation): record when, and from which boot."""
+    """A member's fresh evidence verified (re-attestation): record when, from which boot and
+    which software; a quarantined member is released (its software is allowed now)."""
     node = state.nodes.get(cmd.node_id)
     if node is None or node.admin in (ADMIN_LEFT, ADMIN_REVOKED):
         raise CommandRefused("attestation of a node that is not a member", NOT_MEMBER)
+    released = bool(node.quarantine)
     state.nodes[cmd.node_id] = replace(node, attested_at=ts, attested_boot_id=cmd.boot_id,
-                                       boot_id=node.boot_id or cmd.boot_id)
-    return ok(node=node.name)
+                                       boot_id=node.boot_id or cmd.boot_id,
+                                       attested_software=cmd.software or node.attested_software,
+                                       software=node.software or cmd.software, quarantine="",
+                                       **({"state_changed_at": ts, "reason": "released from quarantine: "
+                                           "its software is in the policy now"} if released else {}))
+    if released:
+        _event(state, ts, "attestation", f"{node.name} released from quarantine: its software is in the policy now",
+               node=node.name, node_id=node.node_id, digest=cmd.software)
+        _audit(state, ts, cmd.actor or "attestation", "release", node.name,
+               f"re-attested with meshd digest {cmd.software or '(not given)'}, which the policy allows")
+    return ok(node=node.name, released=released)
+
+
+def _quarantine(state: SiteState, cmd: cmds.Quarantine, ts: float) -> Ok:
+    """A member runs software the policy does not know: it keeps its membership, but its
+    workloads move (reconcile.covers), it is offered no work and gets no secret."""
+    node = state.nodes.get(cmd.node_id)
+    if node is None or node.admin in (ADMIN_LEFT, ADMIN_REVOKED):
+        raise CommandRefused("quarantine of a node that is not a member", NOT_MEMBER)
+    if node.quarantine == cmd.reason:
+        return ok(node=node.name, quarantined=True)  # a retried command, or the same software again
+    state.nodes[cmd.node_id] = replace(node, quarantine=cmd.reason, state_changed_at=ts,
+                                       reason=f"quarantined: {cmd.reason}",
+                                       software=cmd.software or node.software)
+    _event(state, ts, "attestation", f"{node.name} quarantined: {cmd.reason}", node=node.name, node_id=node.node_id,
+           reason=cmd.reason, digest=cmd.software)
+    _audit(state, ts, cmd.actor or "attestation", "quarantine", node.name, cmd.reason)
+    return ok(node=node.name, quarantined=True)
+
+
+def _record_refusal(state: SiteState, cmd: cmds.RecordRefusal, ts: float) -> Ok:
+    """A refused join or failed evidence, into the audit: who tried, from where, why."""
+    where = f" from {cmd.source}" if cmd.source else ""
+    times = f" ({cmd.count} times)" if cmd.count > 1 else ""
+    _audit(state, ts, cmd.actor or "a member", cmd.action, cmd.target, f"{cmd.reason}{where}{times}")
+    return ok()
 
 
 def _create_token(state: SiteState, cmd: cmds.CreateToken, ts: float) -> Ok:
@@ -418,6 +455,7 @@ def _admit_node(state: SiteState, cmd: cmds.AdmitNode, ts: float) -> Ok:
     state.nodes[node.node_id] = replace(
         node, voter=voter, liveness=LIVENESS_JOINING, admin=ADMIN_ACTIVE, joined_at=ts, state_changed_at=ts,
         reason="admitted with a join token", attested_at=ts, attested_boot_id=node.boot_id,
+        attested_software=node.software,
     )
     role = "voter" if voter else "non-voter"
     _event(state, ts, "membership", f"{node.name} admitted as {role}", node=node.name, node_id=node.node_id, voter=voter)
@@ -433,7 +471,8 @@ def _heartbeat(state: SiteState, cmd: cmds.Heartbeat, ts: float) -> Ok:
         raise CommandRefused(f"heartbeat from a node that has {node.admin}", NOT_MEMBER)
     state.nodes[cmd.node_id] = replace(node, heartbeat_seq=max(node.heartbeat_seq, cmd.seq),
                                        resources=cmd.resources if cmd.resources is not None else node.resources,
-                                       boot_id=cmd.boot_id if cmd.boot_id is not None else node.boot_id)
+                                       boot_id=cmd.boot_id if cmd.boot_id is not None else node.boot_id,
+                                       software=cmd.software if cmd.software is not None else node.software)
     for report in cmd.reports:
         _apply_report(state, node, report, ts)
     return ok()
@@ -609,15 +648,16 @@ def _apply_plan(state: SiteState, cmd: cmds.ApplyPlan, ts: float) -> Ok:
 
 
 def waits_for_replacement(state: SiteState, alloc: Alloc, version: int) -> bool:
-    """An old-version replica, or one on a draining node, keeps running until a plan places
-    its replacement: a rollout or drain never lowers the number of running replicas."""
+    """An old-version replica, or one on a draining or quarantined node, keeps running until
+    a plan places its replacement: a rollout or drain never lowers the number of running
+    replicas."""
     record = state.apps.get(alloc.app)
     node = state.nodes.get(alloc.node_id)
     if record is None or record.status != APP_RUNNING or not alloc.live or node is None:
         return False
     if alloc.replica >= record.spec.replicas:
         return False
-    return alloc.version != version or node.admin == ADMIN_DRAINING
+    return alloc.version != version or node.emptying
 
 
 # Finished allocations are kept for `meshctl allocs` history, but only this many per app, so
@@ -704,6 +744,8 @@ HANDLERS: dict[type, Callable[[SiteState, Any, float], Ok]] = {
     cmds.ApplyPlan: _apply_plan,
     cmds.Drain: _set_drain,
     cmds.Undrain: _set_drain,
+    cmds.Quarantine: _quarantine,
+    cmds.RecordRefusal: _record_refusal,
 }
 assert set(HANDLERS) == set(cmds.COMMANDS.values()), "every command has exactly one handler"
 

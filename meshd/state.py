@@ -29,7 +29,13 @@ ADMIN_DRAINING = "draining"
 ADMIN_LEFT = "left"
 ADMIN_REVOKED = "revoked"
 
-NODE_STATES = ("ready", "down", "draining", "left", "revoked", "joining")
+# A member whose software the policy does not know (its re-attestation showed a package
+# digest or version the policy lacks) is quarantined: not an admin state an operator sets, but
+# the site's: its workloads move, it gets no secrets, and the next re-attestation the policy
+# accepts releases it (meshd.node.attesting). Revocation stays the operator's decision.
+STATE_QUARANTINED = "quarantined"
+
+NODE_STATES = ("ready", "down", "draining", "left", "revoked", "joining", STATE_QUARANTINED)
 
 # --- allocation states (contract: pending, running, failed, stopped, lost) -------------
 ALLOC_PENDING = "pending"
@@ -131,14 +137,24 @@ class NodeRecord:
     attested_boot_id: str = ""  # the boot its last verified evidence came from
     attested_at: float = 0.0  # when its evidence last verified (admission or re-attestation)
     tpm_ak: str = ""  # hex TPM2B_PUBLIC of its TPM attestation key, bound at admission; "" = software-only
+    # The package digest of the meshd the node reports running (measured at its start), and
+    # the one its last verified evidence carried: a node that runs other software than it
+    # proved is due for re-attestation at once (meshd.reattest). "" = not known yet.
+    software: str = ""
+    attested_software: str = ""
+    # Why the node is quarantined ("" = it is not): names the version and full digest its
+    # evidence showed, so the operator can allow it (`meshctl policy allow`).
+    quarantine: str = ""
 
     @property
     def state(self) -> str:
-        """The one word the CLI shows: left/revoked win, then down, then draining."""
+        """The one word the CLI shows: left/revoked win, then down, quarantined, draining."""
         if self.admin in (ADMIN_LEFT, ADMIN_REVOKED):
             return self.admin
         if self.liveness == LIVENESS_DOWN:
             return "down"
+        if self.quarantine:
+            return STATE_QUARANTINED
         if self.liveness == LIVENESS_JOINING:
             return "joining"
         if self.admin == ADMIN_DRAINING:
@@ -148,6 +164,12 @@ class NodeRecord:
     @property
     def schedulable(self) -> bool:
         return self.state == "ready"
+
+    @property
+    def emptying(self) -> bool:
+        """Its workloads move elsewhere (each kept until its replacement is placed): it is
+        draining, or quarantined."""
+        return self.admin == ADMIN_DRAINING or bool(self.quarantine)
 
 
 @dataclass(frozen=True)
@@ -218,6 +240,7 @@ class AuditRecord:
     target: str
     site: str
     seq: int = 0  # 1, 2, ... per site: names the record in the mesh document
+    reason: str = ""  # why, when the action has a why (a refusal, a quarantine, a revocation)
 
     def to_plain(self) -> dict:
         return dataclasses.asdict(self)

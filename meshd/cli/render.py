@@ -200,6 +200,7 @@ AUDIT_COLUMNS: list[Column] = [
     ("ACTION", "action"),
     ("TARGET", "target"),
     ("SITE", "site"),
+    ("REASON", lambda r: r.get("reason") or ""),
 ]
 
 REVOCATION_COLUMNS: list[Column] = [

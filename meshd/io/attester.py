@@ -53,6 +53,13 @@ def package_digest() -> str:
     return measure_files([Path(p.__file__).parent for p in MEASURED_PACKAGES])
 
 
+@functools.lru_cache(maxsize=1)
+def started_digest() -> str:
+    """The digest of the code this process loaded, measured once (at start): what the node
+    reports running, so that a restart into other software is re-attested at once."""
+    return package_digest()
+
+
 def config_digest(config: NodeConfig) -> str:
     plain = dataclasses.asdict(config)
     plain.pop("join", None)  # a one-time secret, not configuration

@@ -37,7 +37,7 @@ from meshd.commands import Refused, Result
 from meshd.config import NodeConfig
 from meshd.exitcodes import EXIT_ERROR
 from meshd.io import peer
-from meshd.io.attester import boot_id, node_evidence
+from meshd.io.attester import boot_id, node_evidence, started_digest
 from meshd.io.identity import Identity, Membership
 from meshd.io.mdns import Discovery
 from meshd.io.raft import CommandFailed, RaftNode, make_conf
@@ -181,6 +181,7 @@ class NodeContext:
             "tpm_ak": self.tpm.ak_public.hex() if self.tpm else "",  # a joiner's is replaced by the verifier's
             "labels": dict(self.config.labels),
             "version": __version__,
+            "software": started_digest(),
         }
 
     async def commit(self, command: cmds.Command, timeout: float = 5.0, retry_until: float | None = None) -> Result:

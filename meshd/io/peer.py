@@ -106,7 +106,8 @@ def call_mac(key: bytes, nonce: bytes, node_id: str, call: dict) -> str:
 JoinHandler = Callable[[FramedStream, dict], Awaitable[None]]
 # (connection, the TLS stream under it, (site, node id) named by the verified certificate)
 SyncHandler = Callable[[FramedStream, trio.abc.Stream, tuple[str, str]], Awaitable[None]]
-CallHandler = Callable[[dict, Callable[[dict], Awaitable[None]]], Awaitable[Any]]
+# (the call, a sender of stream items, the authenticated caller's node id) -> the result
+CallHandler = Callable[[dict, Callable[[dict], Awaitable[None]], str], Awaitable[Any]]
 # (connection, node id named by the verified member certificate)
 BeatHandler = Callable[[FramedStream, str], Awaitable[None]]
 
@@ -221,7 +222,7 @@ async def _serve_member_call(conn: FramedStream, on_member_call: CallHandler,
         await conn.send({"type": "stream", "item": item})
 
     try:
-        result = await on_member_call(call, send_stream)
+        result = await on_member_call(call, send_stream, node_id)
     except PeerError as e:
         await conn.send({"type": "error", "error": str(e)})
         return

@@ -29,7 +29,7 @@ from meshd.config import NodeConfig
 from meshd.exitcodes import EXIT_CONFIG, EXIT_ERROR, EXIT_LOCKED, EXIT_NOPERM, EXIT_PORT_IN_USE, EXIT_REVOKED
 from meshd.io.admin import serve_admin
 from meshd.io.adminhandlers import AdminHandlers
-from meshd.io.attester import package_digest
+from meshd.io.attester import package_digest, started_digest
 from meshd.io.context import FatalStartupError, NodeContext, advertise_mismatch, local_ips
 from meshd.io.logfiles import iso_time
 from meshd.io.identity import (DataDirLocked, Membership, lock_data_dir, load_or_create_identity, load_ports,
@@ -109,6 +109,9 @@ class Runtime:
         ctx.open_wakeups()
         self._choose_ports()
         ctx.mesh.open()
+        # What this process runs, measured before anything else (a few ms): the digest it
+        # reports, so a restart into other software is re-attested at once.
+        await trio.to_thread.run_sync(started_digest)
         if ctx.config.tpm:
             await self._open_tpm()
         admin_path = ctx.config.admin_socket or str(ctx.data_dir / "admin.sock")

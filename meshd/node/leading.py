@@ -137,9 +137,10 @@ class Leading:
         if moved:
             for node_id in moved:
                 before, after = nodes.get(node_id), state.nodes.get(node_id)
-                # Whether a node's allocations hold their replicas depends on its existence
-                # and admin state only (reconcile.covers); a heartbeat changes neither.
-                if before is None or after is None or before.admin != after.admin:
+                # Whether a node's allocations hold their replicas depends on its existence,
+                # admin state and quarantine only (reconcile.covers); a heartbeat changes none.
+                if before is None or after is None or before.admin != after.admin \
+                        or before.quarantine != after.quarantine:
                     changed.update(a.app for a in state.allocs.on_node(node_id))
                 if after is None:
                     nodes.pop(node_id, None)

@@ -10,7 +10,8 @@ and the secret stays.
 Invariants:
 - Pure: signing with the root key is computation; the wall clock comes in as `now`.
 - A follow-up runs only on an `Ok`; every `Refused` becomes an event with its reason.
-- The secret goes to current members only (not left, not revoked, not this node).
+- The secret goes to current members only (not left, not revoked, not quarantined, not
+  this node); a quarantined member asks for it again once it is released.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def after_rotation(state: SiteState, own_id: str, result: Result) -> list[Effect
     if not isinstance(epoch, int) or isinstance(epoch, bool):
         return [Emit("membership", "Raft secret not rotated: the epoch was not reserved", {"code": INTERNAL})]
     members = tuple(sorted((n for n in state.nodes.values() if n.node_id != own_id
-                            and n.admin not in (ADMIN_LEFT, ADMIN_REVOKED)), key=lambda n: n.name))
+                            and n.admin not in (ADMIN_LEFT, ADMIN_REVOKED) and not n.quarantine),
+                           key=lambda n: n.name))
     return [DistributeSecret(epoch, members)]
 
 

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from attestation.certs import cert_to_pem, make_root
 from attestation.evidence import MEASURED_CONFIG, MEASURED_PACKAGE, Claims, make_evidence
-from attestation.policy import Policy, sign_policy
+from attestation.policy import Policy, open_policy, sign_policy
 from attestation.revocation import RevocationList, open_revocations, sign_revocations
 from crdt.document import AppResolution
 from crdt.schema import AppEdit
@@ -127,8 +127,9 @@ class SimNode:
         h = hashlib.sha256(f"boot {self.name}".encode()).hexdigest()
         return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-8{h[17:20]}-{h[20:32]}"
 
-    def evidence(self, nonce: bytes, digest: str = DIGEST, now: float = WALL0) -> dict:
-        return make_evidence(self.key, Claims(nonce=nonce.hex(), node_id=self.node_id, boot_id=self.boot_id,
+    def evidence(self, nonce: bytes, digest: str = DIGEST, now: float = WALL0, forged: bool = False) -> dict:
+        """Evidence answering `nonce`; `forged` signs it with a key that is not the node's."""
+        return make_evidence(_key(f"forger of {self.name}") if forged else self.key, Claims(nonce=nonce.hex(), node_id=self.node_id, boot_id=self.boot_id,
                                               version=VERSION, measurements={MEASURED_PACKAGE: digest,
                                                                              MEASURED_CONFIG: CONFIG_DIGEST},
                                               issued_at=now))
@@ -488,7 +489,18 @@ class SimSite:
         self.say(f"{member.name}: {describe_command(command)} -> {describe_result(result)}")
         self.execute(member, trust.after_revocation(record, command, result, member.node_id, member.name))
 
-    def reattest(self, target: str, digest: str, revoked_meanwhile: bool = False) -> None:
+    def allow(self, digest: str) -> None:
+        """The operator allows a package digest (`meshctl policy allow`): the next policy."""
+        leader = self.leader_node()
+        assert leader is not None
+        current = open_policy(leader.view().policy, _raw(self.root_key))
+        allowed = {v: frozenset(d) for v, d in current.allowed_digests.items()}
+        allowed[VERSION] = allowed.get(VERSION, frozenset()) | {digest}
+        policy = dataclasses.replace(current, serial=current.serial + 1, allowed_digests=allowed, issued_at=self.wall)
+        result = self.commit(cmds.SetPolicy(policy=sign_policy(self.root_key, policy), actor="operator"), via=leader)
+        self.say(f"{leader.name}: set_policy {policy.serial} -> {describe_result(result)}")
+
+    def reattest(self, target: str, digest: str, revoked_meanwhile: bool = False, forged: bool = False) -> None:
         """The leader challenges `target`; its evidence measures `digest`. With
         `revoked_meanwhile` the member is revoked while the answer is on its way: the leader
         appraises it against the view it had when it asked."""
@@ -498,12 +510,28 @@ class SimSite:
                                                                      interval=600.0))
         node = self.node(target)
         nonce = hashlib.sha256(f"attest {self.next_id('n')}".encode()).digest()
-        evidence = node.evidence(nonce, digest=digest, now=self.wall)
+        evidence = node.evidence(nonce, digest=digest, now=self.wall, forged=forged)
         view = leader.view()
         record = view.nodes[node.node_id]
         if revoked_meanwhile:
             self.revoke(target, by=leader.name, reason="meanwhile")
-        self.execute(leader, attesting.appraise(view, record, evidence, nonce, self.wall, self.wall, self.root_key))
+        self.execute(leader, attesting.appraise(view, record, evidence, nonce, self.wall, self.wall, self.root_key,
+                                                self.now))
+
+    def attestation_due(self) -> None:
+        """Who the leader's re-attestation would challenge now, in order (none are asked)."""
+        leader = self.leader_node()
+        assert leader is not None
+        attesting = self.attesting.setdefault(leader.name, Attesting(leader_name=leader.name, own_id=leader.node_id,
+                                                                     interval=600.0))
+        due = []
+        view = leader.view()
+        while (record := attesting.next_due(view, self.wall, self.now)) is not None and record.name not in due:
+            due.append(record.name)
+            attesting.unreachable(record, self.now)  # look past it, as an unanswered challenge does
+        for name in due:
+            attesting.retry_after.pop(view.nodes[self.node(name).node_id].node_id, None)
+        self.say(f"{leader.name}: due for re-attestation: {', '.join(due) or 'none'}")
 
     def take_in(self, app: str, from_site: str, replicas: int, targets: tuple[str, ...], version: int,
                 stopped: bool = False, spec_name: str | None = None) -> None:
@@ -572,6 +600,8 @@ def describe_command(command: cmds.Command) -> str:
         return f"revoke_node {command.node_id[:6]} (list {command.number})"
     if isinstance(command, cmds.Attested):
         return f"attested {command.node_id[:6]}"
+    if isinstance(command, cmds.Quarantine):
+        return f"quarantine {command.node_id[:6]} (digest {command.software[:16]}...)"
     return command.op
 
 

@@ -105,8 +105,15 @@ class Transcript:
             site.commit_revocation(member, record, command)
 
     def do_reattest(self, args, kw) -> None:
-        digest = {"good": DIGEST, "modified": MODIFIED_DIGEST}[kw.get("evidence", "good")]
-        self.site.reattest(args[0], digest, revoked_meanwhile="revoked-meanwhile" in args)
+        evidence = kw.get("evidence", "good")
+        digest = {"good": DIGEST, "modified": MODIFIED_DIGEST, "forged": DIGEST}[evidence]
+        self.site.reattest(args[0], digest, revoked_meanwhile="revoked-meanwhile" in args, forged=evidence == "forged")
+
+    def do_allow(self, args, kw) -> None:
+        self.site.allow({"good": DIGEST, "modified": MODIFIED_DIGEST}[kw["digest"]])
+
+    def do_attestation_due(self, args, kw) -> None:
+        self.site.attestation_due()
 
     def do_take_in(self, args, kw) -> None:
         self.site.take_in(args[0], kw["from"], int(kw.get("replicas", 1)), tuple(kw["targets"].split(",")),

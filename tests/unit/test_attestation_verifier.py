@@ -75,6 +75,34 @@ def test_attacks_are_refused_with_a_reason(inputs, reason):
     assert reason in verdict.reason
 
 
+UNKNOWN_BUILD = dict(evidence=NODE.evidence(NONCE, measurements={MEASURED_PACKAGE: "1" * 64,
+                                                                 MEASURED_CONFIG: CONFIG_DIGEST}))
+
+
+@pytest.mark.parametrize("inputs, unknown", [
+    (UNKNOWN_BUILD, True),  # an upgrade not allowed yet: authentic, only the software is new
+    (dict(evidence=NODE.evidence(NONCE, version="0.3.0")), True),
+    (dict(evidence=NODE.evidence(NONCE, version="0.1.9"), pol=policy(allowed_digests={"0.1.9": frozenset({GOOD_DIGEST})})),
+     True),
+    (dict(evidence=NODE.evidence(NONCE)), False),  # it verifies
+    (dict(UNKNOWN_BUILD, chal=challenge(OTHER, NONCE)), False),  # and for another node: no upgrade
+    (dict(UNKNOWN_BUILD, now=NOW + NONCE_TTL + 5), False),  # and stale
+    (dict(evidence=make_evidence(OTHER.key, NODE.claims(NONCE))), False),  # forged
+    (dict(evidence=tampered()), False),
+    (dict(UNKNOWN_BUILD, revocations=RevocationList("mesh1", 1).with_revoked(NODE.node_id, NOW, "op", "stolen")),
+     False),
+    (dict(UNKNOWN_BUILD, pol=policy(tpm_required_sites=frozenset({"s1"}))), False),
+])
+def test_unknown_software_only_when_the_software_alone_failed(inputs, unknown):
+    verdict = check(**inputs)
+    assert verdict.unknown_software is unknown, verdict.reasons
+
+
+def test_an_unknown_digest_is_named_whole():
+    verdict = check(**UNKNOWN_BUILD)
+    assert "1" * 64 in verdict.reason  # what `meshctl policy allow --digest` takes, as it stands
+
+
 def test_every_failed_check_is_listed():
     verdict = check(NODE.evidence("cd" * 16, version="0.1.0"), now=NOW + NONCE_TTL + 5)
     assert len(verdict.reasons) >= 3

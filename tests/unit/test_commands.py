@@ -26,12 +26,13 @@ EXAMPLES = [
     cmds.RevokeNode(node_id="a" * 32, revocations={"sig": "x"}, reason="stolen", number=3, actor="op"),
     cmds.AdoptRevocations(revocations={"sig": "x"}, sites=("b",), actor="site b"),
     cmds.Attested(node_id="a" * 32, boot_id="b"),
+    cmds.Attested(node_id="a" * 32, boot_id="b", software="c" * 64, actor="attestation@n1"),
     cmds.RotateSecret(actor="n1"),
     cmds.CreateToken(token_id="t", site="lab", secret="ab", expires_at=10.0, actor="op"),
     cmds.AdmitNode(token_id="t", node=NODE, actor="n1"),
     cmds.FoundSite(token_id="t", node=NODE, actor="n1"),
     cmds.Heartbeat(node_id="a" * 32, seq=4, reports=(cmds.AllocReport("x1", "stopped", 1, None, 0, "done", True),),
-                   boot_id="b"),
+                   boot_id="b", software="d" * 64),
     cmds.SetLiveness(node_id="a" * 32, liveness="down", reason="lease expired"),
     cmds.StopApp(app="svc", actor="op"),
     cmds.ApplyPlan(app="svc", version=2, placements=(Placement("x2", "svc", 2, 0, "a" * 32),),
@@ -39,6 +40,10 @@ EXAMPLES = [
     cmds.PurgeApps(apps=("old", "older"), retention=86400.0),
     cmds.Drain(node="n1", actor="op"),
     cmds.Undrain(node="n1", actor="op"),
+    cmds.Quarantine(node_id="a" * 32, reason="meshd 0.2.0 with package digest " + "e" * 64 + " is not in the policy",
+                    software="e" * 64, actor="attestation@n1"),
+    cmds.RecordRefusal(action="join-refused", target="intruder (node 1234)", source="198.18.0.9:40000",
+                       reason="token proof does not match", count=3, actor="n2"),
 ]
 
 
@@ -50,6 +55,19 @@ def test_every_command_survives_its_wire_form(command):
     assert not isinstance(decoded, Refused), decoded
     envelope, again = decoded
     assert again == command and envelope == cmds.Envelope(5.0, "r1")
+
+
+@pytest.mark.parametrize("wire, words", [
+    ({"op": "heartbeat", "ts": 1.0, "node_id": "a", "seq": 1, "software": "XYZ"}, "software must be a sha256"),
+    ({"op": "quarantine", "ts": 1.0, "node_id": "a", "reason": "x" * 600}, "reason must be"),
+    ({"op": "record_refusal", "ts": 1.0, "action": "reboot", "target": "x", "source": "", "reason": "r"},
+     "action must be one of"),
+    ({"op": "record_refusal", "ts": 1.0, "action": "join-refused", "target": "x", "source": "", "reason": "r",
+      "count": 0}, "count must be"),
+])
+def test_new_fields_refuse_junk_with_their_name(wire, words):
+    refused = cmds.decode(wire)
+    assert isinstance(refused, Refused) and refused.code == cmds.MALFORMED and words in refused.text, refused
 
 
 def test_every_op_has_an_example():

@@ -87,3 +87,14 @@ def test_any_int_is_either_held_exactly_or_refused(n):
         assert abs(n) > MAX_SAFE_INT
         return
     assert float(plain["version"]) == n and int(float(plain["version"])) == n  # exact through float64
+
+
+def test_an_added_field_is_written_only_when_used_and_read_without_it():
+    plain = AuditRecord(audit_id="a/1", ts=1.0, actor="ops", action="deploy", target="web", site="a").to_plain()
+    assert "reason" not in plain  # a member that predates the field reads this record as before
+    assert AuditRecord.from_plain(plain).reason == ""
+    why = AuditRecord(audit_id="a/2", ts=1.0, actor="n2", action="join-refused", target="x", site="a",
+                      reason="token proof does not match")
+    assert AuditRecord.from_plain(why.to_plain()) == why
+    with pytest.raises(SchemaError, match="reason: longer than"):
+        AuditRecord.from_plain(dict(why.to_plain(), reason="x" * 5000))

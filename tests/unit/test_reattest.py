@@ -36,6 +36,14 @@ def site(*nodes) -> SiteState:
     ([node("a", attested_at=NOW - 9999, liveness=LIVENESS_DOWN)], []),  # cannot answer; asked once back
     ([node("old", attested_at=NOW - 5000), node("older", attested_at=NOW - 9000), node("reboot", boot="b9")],
      ["reboot", "older", "old"]),  # reboots first, then the longest unattested
+    ([node("a", software="1" * 64, attested_software="2" * 64)], ["a"]),  # restarted into other software
+    ([node("a", software="1" * 64, attested_software="")], []),  # proved no digest yet: nothing to compare
+    ([node("a", software="1" * 64, attested_software="1" * 64)], []),
+    # Quarantined: asked again even while down (it may have lost the Raft secret), after
+    # changed software, before the merely old.
+    ([node("q", liveness=LIVENESS_DOWN, quarantine="meshd 9"), node("old", attested_at=NOW - 5000),
+      node("new", software="1" * 64, attested_software="2" * 64)], ["new", "q", "old"]),
+    ([node("q", quarantine="meshd 9", admin=ADMIN_REVOKED)], []),
 ])
 def test_due_for_attestation(nodes, due):
     assert due_for_attestation(site(*nodes), NOW, PERIOD) == due

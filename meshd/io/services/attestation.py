@@ -58,7 +58,7 @@ class AttestationService:
             evidence = answer.get("evidence") if isinstance(answer, dict) else None
             try:
                 await ctx.execute(core.appraise(ctx.snapshot(), node, evidence, nonce, issued_at, time.time(),
-                                                ctx.root_signing_key()))
+                                                ctx.root_signing_key(), time.monotonic()))
             except CommandFailed as e:
                 log.info("re-attestation outcome not committed", extra={"node": node.name, "reason": str(e)})
                 core.unreachable(node, time.monotonic())

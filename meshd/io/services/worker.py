@@ -22,7 +22,7 @@ import trio
 from meshd import commands as cmds
 from meshd.commands import Ok
 from meshd.exitcodes import EXIT_REVOKED
-from meshd.io.attester import boot_id
+from meshd.io.attester import boot_id, started_digest
 from meshd.io.context import FatalStartupError, NodeContext
 from meshd.io.identity import write_revoked_marker
 from meshd.io.raft import CommandFailed
@@ -117,7 +117,9 @@ class WorkerService:
                         node_id=ctx.identity.node_id, seq=self._heartbeat_seq,
                         reports=tuple(cmds.AllocReport.from_wire(r) for r in report.allocs),
                         resources=cmds.resources_from_wire(report.resources) if report.resources_moved else None,
-                        boot_id=boot_id() if report.full else None)  # a reboot makes the leader re-attest us
+                        # A reboot, or a restart into other software, makes the leader re-attest us.
+                        boot_id=boot_id() if report.full else None,
+                        software=started_digest() if report.full else None)
                     try:
                         result = await ctx.raft.submit(cmds.encode(command, cmds.Envelope(ts=time.time())),
                                                        timeout=max(ctx.config.lease, 1.0))
@@ -133,14 +135,14 @@ class WorkerService:
             await news.wait(REPORT_CHECK_PERIOD)
 
     def _site_has(self, state: SiteState) -> Callable[[Mapping[str, float]], bool]:
-        """Whether the site's record of this node shows these resources (within a step) and
-        this boot: then a full resend with no allocation to repair need not be sent."""
+        """Whether the site's record of this node shows these resources (within a step), this
+        boot and this software: then a full resend with no allocation to repair need not be sent."""
         assert self.ctx.identity is not None
         own = state.nodes.get(self.ctx.identity.node_id)
 
         def has(resources: Mapping[str, float]) -> bool:
-            return own is not None and own.boot_id == boot_id() and not resources_moved(
-                dataclasses.asdict(own.resources), resources)
+            return own is not None and own.boot_id == boot_id() and own.software == started_digest() \
+                and not resources_moved(dataclasses.asdict(own.resources), resources)
         return has
 
     def _sample_resources(self) -> dict:
