@@ -14,6 +14,8 @@ import pytest
 
 from meshd import exitcodes
 from meshd.config import OPTION_NAMES, NodeConfig, resolve_config
+from meshd.io.sdnotify import PING_FRACTION
+from meshd.io.watchdog import CHECK_PERIOD, DEFAULT_STALL_LIMIT, FEED_PERIOD
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGING = ROOT / "packaging"
@@ -49,6 +51,16 @@ def test_unit_file_runs_meshd_as_a_notify_service() -> None:
     assert service["Restart"] == ["on-failure"]
     assert service["KillMode"] == ["mixed"]
     assert service["StateDirectory"] == ["meshd"]
+
+
+def test_unit_watchdog_lets_the_daemons_own_loop_watchdog_act_first() -> None:
+    service = unit_sections(UNIT.read_text())["Service"]
+    assert service["NotifyAccess"] == ["main"]  # pings come from the daemon, never a workload
+    (timeout,) = service["WatchdogSec"]
+    seconds = float(timeout.removesuffix("s"))
+    # A loop that wedges just before a ping was due is killed by systemd this soon; the
+    # daemon's own watchdog ends it within its limit, a check and a feed period.
+    assert seconds * (1 - PING_FRACTION) > DEFAULT_STALL_LIMIT + CHECK_PERIOD + FEED_PERIOD
 
 
 def test_unit_file_stops_restarting_on_what_a_restart_cannot_fix() -> None:

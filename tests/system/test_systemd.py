@@ -1,0 +1,85 @@
+"""A real `meshd run` under the notify protocol meshd.service relies on (Type=notify,
+WatchdogSec=): an AF_UNIX datagram socket as $NOTIFY_SOCKET receives what systemd would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.system
+
+START_TIMEOUT = 60  # a founding daemon is ready in a few seconds; a loaded machine takes longer
+WATCHDOG_USEC = 400_000  # pings every 0.2 s: several within a short test
+
+
+def run_notified(tmp_path, env: dict[str, str]):
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    daemon = subprocess.Popen([sys.executable, "-m", "meshd.cli.meshd_main", "run", "--data-dir",
+                               str(tmp_path / "n"), "--site", "s", "--name", "n", "--no-mdns",
+                               "--listen", "127.0.0.1:0"],
+                              env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify"), **env},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return notify, daemon
+
+
+def receive_until(notify: socket.socket, wanted: bytes, timeout: float) -> list[bytes]:
+    """Every message up to and including the first `wanted` (AssertionError if it never comes)."""
+    got: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    while not got or got[-1] != wanted:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {wanted!r} within {timeout} s; got {got}"
+        notify.settimeout(left)
+        got.append(notify.recv(4096))
+    return got
+
+
+@pytest.fixture
+def stop_daemons():
+    daemons: list[subprocess.Popen] = []
+    yield daemons.append
+    for daemon in daemons:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait(timeout=30)
+
+
+def test_ready_status_watchdog_pings_and_stopping_reach_the_notify_socket(tmp_path, stop_daemons):
+    notify, daemon = run_notified(tmp_path, {"WATCHDOG_USEC": str(WATCHDOG_USEC)})
+    stop_daemons(daemon)
+    with notify:
+        before_ready = receive_until(notify, b"READY=1", START_TIMEOUT)
+        assert b"WATCHDOG=1" in before_ready  # pinged while it founded, not only once ready
+        assert b"STATUS=founding site s of a new mesh" in before_ready
+        after_ready, started = [], time.monotonic()
+        while time.monotonic() - started < 1.5:
+            after_ready.append(notify.recv(4096))
+        assert after_ready[0] == b"STATUS=member of site s (voter)"
+        assert set(after_ready[1:]) == {b"WATCHDOG=1"} and 5 <= len(after_ready[1:]) <= 9  # every 0.2 s
+        daemon.send_signal(signal.SIGTERM)
+        receive_until(notify, b"STOPPING=1", 30)
+        assert daemon.wait(timeout=30) == 0, daemon.stderr.read()
+
+
+def test_no_pings_for_a_watchdog_that_expects_another_process(tmp_path, stop_daemons):
+    notify, daemon = run_notified(tmp_path, {"WATCHDOG_USEC": str(WATCHDOG_USEC), "WATCHDOG_PID": "1"})
+    stop_daemons(daemon)
+    with notify:
+        before_ready = receive_until(notify, b"READY=1", START_TIMEOUT)
+        notify.settimeout(1.0)  # five intervals
+        after: list[bytes] = []
+        try:
+            while True:
+                after.append(notify.recv(4096))
+        except TimeoutError:
+            pass
+        assert b"WATCHDOG=1" not in before_ready + after
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0, daemon.stderr.read()
