@@ -50,7 +50,7 @@ from meshd.io.services.worker import WorkerService
 from meshd.io.supervisor import Supervisor
 from meshd.io.tpm import TpmDevice, TpmUnavailable
 from meshd.io.watchdog import LoopWatchdog
-from meshd.node.joining import start_conflict
+from meshd.node.joining import FOUND, JOIN, RESUME, start_conflict, start_path
 
 __all__ = ["FatalStartupError", "Runtime", "setup_logging"]
 
@@ -73,6 +73,7 @@ class Runtime:
 
     def __init__(self, config: NodeConfig) -> None:
         self._lock_fd: int | None = None  # the data dir's lock, held while this daemon runs
+        self._start_way: str | None = None  # RESUME, JOIN or FOUND (meshd.node.joining.start_path)
         ctx = self.ctx = NodeContext(config)
         ctx.mesh = MeshSync(ctx)  # the mesh document replica and cross-site sync
         self.membership = MembershipService(ctx)
@@ -128,7 +129,8 @@ class Runtime:
             await nursery.start(serve_admin, admin_path, self.admin)
             sd_status(self._establishing())
             try:
-                await self.membership.establish()
+                assert self._start_way is not None
+                await self.membership.establish(self._start_way)
             except FatalStartupError:
                 await self._shutdown()
                 raise
@@ -153,10 +155,11 @@ class Runtime:
     def _establishing(self) -> str:
         """What start-up waits for, as the service manager's STATUS= line."""
         ctx = self.ctx
-        if ctx.membership is not None:
+        if self._start_way == RESUME and ctx.membership is not None:
             return f"resuming membership of site {ctx.membership.site}"
-        if ctx.config.join:
+        if self._start_way == JOIN and ctx.config.join:
             return f"joining site {tokens.parse_token(ctx.config.join).site}"
+        assert self._start_way == FOUND
         return f"founding site {ctx.config.site} of a new mesh"
 
     def _take_data_dir(self) -> None:
@@ -176,7 +179,8 @@ class Runtime:
                                     EXIT_NOPERM if denied else EXIT_ERROR) from None
 
     def _check_config_against_data_dir(self) -> None:
-        """Refuse a --site or --join that the data dir's membership contradicts (start_conflict)."""
+        """Refuse a --site or --join that the data dir's membership contradicts (start_conflict),
+        and bootstrap = join without a token on a data dir with no membership (start_path)."""
         ctx = self.ctx
         token_site = None
         if ctx.config.join:
@@ -189,6 +193,12 @@ class Runtime:
                                   token_site=token_site)
         if conflict is not None:
             raise FatalStartupError(conflict, EXIT_CONFIG)
+        path = start_path(member=ctx.membership is not None, bootstrap=ctx.config.bootstrap,
+                          token=ctx.config.join is not None, data_dir=str(ctx.data_dir),
+                          config_file=ctx.config.config_file)
+        if path.way is None:
+            raise FatalStartupError(path.refusal or "this node may not start", EXIT_CONFIG)
+        self._start_way = path.way
 
     def _choose_ports(self) -> None:
         ctx = self.ctx

@@ -86,14 +86,27 @@ def test_unit_file_has_no_unknown_directives(tmp_path: Path) -> None:
     assert complaints == []
 
 
-def test_default_config_resolves_to_the_built_in_defaults() -> None:
+SET_OPTION = re.compile(r"^([a-z][a-z_-]*) = (.*)$")
+
+
+def options_set(text: str) -> set[str]:
+    """The keys a config file sets for real (uncommented)."""
+    return {m.group(1) for line in text.splitlines() if (m := SET_OPTION.match(line))}
+
+
+def test_default_config_is_the_built_in_defaults_but_founds_no_mesh() -> None:
+    """A fresh install must not found a mesh by accident: the one key the packaged config sets
+    is bootstrap = "join" (refused without a token: tests/system/test_startup.py)."""
+    assert options_set(DEFAULT_CONFIG.read_text()) == {"bootstrap"}
     cfg = resolve_config({}, DEFAULT_CONFIG.read_text(), {}, "testhost")
-    assert cfg == NodeConfig(data_dir="/var/lib/meshd", name="testhost")
+    assert cfg == NodeConfig(data_dir="/var/lib/meshd", name="testhost", bootstrap="join",
+                             given=frozenset({"bootstrap"}))
 
 
 def test_default_config_documents_every_option() -> None:
-    documented = {m.group(1) for line in DEFAULT_CONFIG.read_text().splitlines()
-                  if (m := COMMENTED_OPTION.match(line))}
+    text = DEFAULT_CONFIG.read_text()
+    documented = {m.group(1) for line in text.splitlines() if (m := COMMENTED_OPTION.match(line))}
+    documented |= options_set(text)
     missing = {name for name in OPTION_NAMES if name not in documented}
     # `labels` and `peers` are documented under their repeatable spellings.
     missing -= {"labels", "peers"} if {"label", "peer"} <= documented else set()
@@ -101,10 +114,13 @@ def test_default_config_documents_every_option() -> None:
 
 
 def test_default_config_examples_are_valid_and_defaults_are_true() -> None:
-    lines = DEFAULT_CONFIG.read_text().splitlines()
-    uncommented = "\n".join(m.group(1) + " = " + m.group(2) if (m := COMMENTED_OPTION.match(line)) else line
-                            for line in lines)
+    text = DEFAULT_CONFIG.read_text()
+    really_set = options_set(text)  # their commented alternatives stay comments
+    uncommented = "\n".join(m.group(1) + " = " + m.group(2)
+                            if (m := COMMENTED_OPTION.match(line)) and m.group(1) not in really_set else line
+                            for line in text.splitlines())
     cfg = resolve_config({}, uncommented, {}, "testhost")
+    assert cfg.bootstrap == "join" and cfg.join == "PASTE-TOKEN-HERE"
     defaults = NodeConfig(data_dir="/var/lib/meshd", name="testhost")
     for option in ("data_dir", "site", "listen", "admin_socket", "mdns", "heartbeat_interval", "lease",
                    "raft_min_timeout", "raft_max_timeout", "log_max_bytes", "reattest_interval",
