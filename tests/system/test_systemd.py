@@ -1,9 +1,11 @@
-"""A real `meshd run` under the notify protocol meshd.service relies on (Type=notify,
-WatchdogSec=): an AF_UNIX datagram socket as $NOTIFY_SOCKET receives what systemd would."""
+"""A real `meshd run` as meshd.service runs it: under the notify protocol (Type=notify,
+WatchdogSec=), an AF_UNIX datagram socket as $NOTIFY_SOCKET receiving what systemd would; and
+within the unit's capability bounding set."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -11,6 +13,8 @@ import sys
 import time
 
 import pytest
+
+from tests.unit.test_packaging import UNIT, unit_sections
 
 pytestmark = pytest.mark.system
 
@@ -81,5 +85,31 @@ def test_no_pings_for_a_watchdog_that_expects_another_process(tmp_path, stop_dae
         except TimeoutError:
             pass
         assert b"WATCHDOG=1" not in before_ready + after
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0, daemon.stderr.read()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_the_daemon_founds_and_stops_within_the_units_capability_bounding_set(tmp_path, stop_daemons):
+    """meshd.service's CapabilityBoundingSet= and NoNewPrivileges=, applied by setpriv: what
+    the daemon itself needs to found a mesh, serve and stop is inside them."""
+    service = unit_sections(UNIT.read_text())["Service"]
+    caps = [cap.removeprefix("CAP_").lower() for line in service["CapabilityBoundingSet"] for cap in line.split()]
+    assert service["NoNewPrivileges"] == ["yes"] and caps
+    bounded = ("setpriv", "--bounding-set=-all," + ",".join("+" + cap for cap in caps), "--inh-caps=-all",
+               "--no-new-privs")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    daemon = subprocess.Popen([*bounded, sys.executable, "-m", "meshd.cli.meshd_main", "run", "--data-dir",
+                               str(tmp_path / "n"), "--site", "s", "--name", "n", "--no-mdns",
+                               "--listen", "127.0.0.1:0"],
+                              env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stop_daemons(daemon)
+    with notify:
+        receive_until(notify, b"READY=1", START_TIMEOUT)
+        with open(f"/proc/{daemon.pid}/status") as status:
+            bounding = next(int(line.split()[1], 16) for line in status if line.startswith("CapBnd:"))
+        assert bin(bounding).count("1") == len(caps)  # the test ran it bounded, as the unit would
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=30) == 0, daemon.stderr.read()
