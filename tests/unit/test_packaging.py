@@ -16,6 +16,7 @@ from meshd import exitcodes
 from meshd.config import OPTION_NAMES, NodeConfig, resolve_config
 from meshd.io.sdnotify import PING_FRACTION
 from meshd.io.watchdog import CHECK_PERIOD, DEFAULT_STALL_LIMIT, FEED_PERIOD
+from meshd.node.joining import JOIN_TIMEOUT
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGING = ROOT / "packaging"
@@ -61,6 +62,8 @@ def test_unit_watchdog_lets_the_daemons_own_loop_watchdog_act_first() -> None:
     # A loop that wedges just before a ping was due is killed by systemd this soon; the
     # daemon's own watchdog ends it within its limit, a check and a feed period.
     assert seconds * (1 - PING_FRACTION) > DEFAULT_STALL_LIMIT + CHECK_PERIOD + FEED_PERIOD
+    # Until READY=1 only the start timeout applies: a join gives up (status 69) before it.
+    assert float(service["TimeoutStartSec"][0].removesuffix("s")) > JOIN_TIMEOUT
 
 
 def test_unit_file_stops_restarting_on_what_a_restart_cannot_fix() -> None:
