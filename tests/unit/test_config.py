@@ -365,3 +365,11 @@ def test_the_config_file_path_is_kept_for_refusals_but_is_not_an_option():
     assert resolve_config({}, None, {}, "h").config_file is None
     with pytest.raises(ConfigError, match="unknown option in the config file"):
         resolve_config({}, 'config-file = "/x"\n', {}, "h")
+
+
+def test_the_command_line_offers_exactly_the_bootstrap_modes():
+    from meshd.cli.meshd_main import build_parser
+    from meshd.config import BOOTSTRAP_MODES
+    run = build_parser()._subparsers._group_actions[0].choices["run"]
+    (action,) = [a for a in run._actions if a.dest == "bootstrap"]
+    assert tuple(action.choices) == BOOTSTRAP_MODES and action.default is None  # None: not given, so auto
