@@ -3,10 +3,10 @@ services (meshd.io.services), one per concern, and starts them with `nursery.sta
 decisions are all the node core's (meshd.node).
 
 Start order: identity, ports and the mesh document replica; the watchdog (and systemd's
-watchdog pings, meshd.io.sdnotify); the peer port and
-the admin socket (a joining node answers `status`); the supervisor; membership (resume, join
-or found); then every member's services. SIGTERM/SIGINT cancel the nursery and shutdown
-stops the workloads, Raft and the TPM, and flushes the replica.
+watchdog pings, meshd.io.sdnotify); the peer port and the admin socket (a joining node
+answers `status`); the supervisor; membership (resume, join or found, as
+meshd.node.joining.start_path decided); then every member's services. SIGTERM/SIGINT cancel
+the nursery and shutdown stops the workloads, Raft and the TPM, and flushes the replica.
 
 Invariants:
 - Only this package touches sockets, threads, processes and clocks.
@@ -262,7 +262,7 @@ class Runtime:
     async def _shutdown(self) -> None:
         ctx = self.ctx
         sd_notify("STOPPING=1")
-        sd_status("stopping: workloads, Raft, state")
+        sd_status("stopping its workloads and Raft, flushing its state")
         with trio.CancelScope(shield=True):
             if ctx.supervisor is not None:
                 await ctx.supervisor.stop_all()

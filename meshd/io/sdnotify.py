@@ -24,8 +24,8 @@ import trio
 
 log = logging.getLogger("meshd.daemon")
 
-# sd_notify(3) says to ping at half the timeout: one ping may come late (a busy board, a
-# long GC pause) without the next one missing the deadline.
+# sd_watchdog_enabled(3) recommends a ping every half of the timeout: one ping may come late
+# (a busy board, a long pause) and the next one still meets the deadline.
 PING_FRACTION = 0.5
 
 

@@ -36,6 +36,7 @@ FOUND = "found"  # a new mesh and its site, this node its first voter
 
 @dataclass(frozen=True)
 class StartPath:
+    """How a starting node becomes a member, or why it must not start."""
     way: str | None  # RESUME, JOIN or FOUND; None: the node must not start
     refusal: str | None = None  # why not, one line that says what to set
 
@@ -141,7 +142,7 @@ def start_path(*, member: bool, bootstrap: str, token: bool, data_dir: str, conf
         return StartPath(RESUME)
     if token:
         return StartPath(JOIN)
-    if bootstrap != JOIN:
+    if bootstrap != "join":  # "auto" or "found"
         return StartPath(FOUND)
     if config_file is not None:
         what = (f'set join = "TOKEN" (from `meshctl token create` on a member) in {config_file} to join a mesh, '
