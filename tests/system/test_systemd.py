@@ -113,3 +113,28 @@ def test_the_daemon_founds_and_stops_within_the_units_capability_bounding_set(tm
         assert bin(bounding).count("1") == len(caps)  # the test ran it bounded, as the unit would
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=30) == 0, daemon.stderr.read()
+
+
+def test_a_frozen_daemon_stops_pinging_and_pings_again_once_thawed(tmp_path, stop_daemons):
+    """SIGSTOP: no ping while frozen, which systemd's watchdog acts on (the loop watchdog
+    leaves a frozen process alone on purpose); after SIGCONT the same daemon pings again."""
+    notify, daemon = run_notified(tmp_path, {"WATCHDOG_USEC": str(WATCHDOG_USEC)})
+    stop_daemons(daemon)
+    with notify:
+        receive_until(notify, b"READY=1", START_TIMEOUT)
+        daemon.send_signal(signal.SIGSTOP)
+        time.sleep(0.3)  # a ping already on its way may still arrive
+        notify.setblocking(False)
+        while True:
+            try:
+                notify.recv(4096)
+            except BlockingIOError:
+                break
+        notify.settimeout(1.5)  # seven intervals
+        with pytest.raises(TimeoutError):
+            notify.recv(4096)
+        daemon.send_signal(signal.SIGCONT)
+        assert receive_until(notify, b"WATCHDOG=1", 5)[-1] == b"WATCHDOG=1"
+        assert daemon.poll() is None
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0, daemon.stderr.read()
