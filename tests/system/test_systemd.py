@@ -1,6 +1,6 @@
 """A real `meshd run` as meshd.service runs it: under the notify protocol (Type=notify,
 WatchdogSec=), an AF_UNIX datagram socket as $NOTIFY_SOCKET receiving what systemd would; and
-within the unit's capability bounding set."""
+within the unit's capability bounding set on a read-only root file system."""
 
 from __future__ import annotations
 
@@ -89,18 +89,28 @@ def test_no_pings_for_a_watchdog_that_expects_another_process(tmp_path, stop_dae
         assert daemon.wait(timeout=30) == 0, daemon.stderr.read()
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
-def test_the_daemon_founds_and_stops_within_the_units_capability_bounding_set(tmp_path, stop_daemons):
-    """meshd.service's CapabilityBoundingSet= and NoNewPrivileges=, applied by setpriv: what
-    the daemon itself needs to found a mesh, serve and stop is inside them."""
+# The file system as ProtectSystem=strict and PrivateTmp= leave it to the unit: read-only but
+# /tmp and /var/tmp (where this test's data dir lives, as /var/lib/meshd is the unit's) and the
+# API file systems; in a mount namespace of its own, so nothing changes outside the test.
+READ_ONLY_ROOT = ('mount --bind /tmp /tmp && mount --bind /var/tmp /var/tmp && mount -o remount,bind,ro / '
+                  '&& exec "$@"')
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not (shutil.which("setpriv") and shutil.which("unshare")),
+                    reason="needs root, setpriv and unshare")
+def test_the_daemon_founds_and_stops_within_the_units_sandbox(tmp_path, stop_daemons):
+    """meshd.service's CapabilityBoundingSet= and NoNewPrivileges= (applied by setpriv) on a
+    read-only root file system (ProtectSystem=strict): what the daemon itself needs to found a
+    mesh, serve and stop is inside them."""
     service = unit_sections(UNIT.read_text())["Service"]
     caps = [cap.removeprefix("CAP_").lower() for line in service["CapabilityBoundingSet"] for cap in line.split()]
-    assert service["NoNewPrivileges"] == ["yes"] and caps
-    bounded = ("setpriv", "--bounding-set=-all," + ",".join("+" + cap for cap in caps), "--inh-caps=-all",
+    assert service["NoNewPrivileges"] == ["yes"] and service["ProtectSystem"] == ["strict"] and caps
+    sandbox = ("unshare", "--mount", "--propagation", "private", "sh", "-c", READ_ONLY_ROOT, "sh",
+               "setpriv", "--bounding-set=-all," + ",".join("+" + cap for cap in caps), "--inh-caps=-all",
                "--no-new-privs")
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify"))
-    daemon = subprocess.Popen([*bounded, sys.executable, "-m", "meshd.cli.meshd_main", "run", "--data-dir",
+    daemon = subprocess.Popen([*sandbox, sys.executable, "-m", "meshd.cli.meshd_main", "run", "--data-dir",
                                str(tmp_path / "n"), "--site", "s", "--name", "n", "--no-mdns",
                                "--listen", "127.0.0.1:0"],
                               env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")},
@@ -111,6 +121,9 @@ def test_the_daemon_founds_and_stops_within_the_units_capability_bounding_set(tm
         with open(f"/proc/{daemon.pid}/status") as status:
             bounding = next(int(line.split()[1], 16) for line in status if line.startswith("CapBnd:"))
         assert bin(bounding).count("1") == len(caps)  # the test ran it bounded, as the unit would
+        with open(f"/proc/{daemon.pid}/mountinfo") as mounts:
+            root = next(line.split() for line in mounts if line.split()[4] == "/")
+        assert "ro" in root[5].split(",")  # ... and on a read-only root
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=30) == 0, daemon.stderr.read()
 
