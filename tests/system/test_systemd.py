@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from meshd.io.adminclient import admin_call_sync
 from tests.unit.test_packaging import UNIT, unit_sections
 
 pytestmark = pytest.mark.system
@@ -100,8 +101,8 @@ READ_ONLY_ROOT = ('mount --bind /tmp /tmp && mount --bind /var/tmp /var/tmp && m
                     reason="needs root, setpriv and unshare")
 def test_the_daemon_founds_and_stops_within_the_units_sandbox(tmp_path, stop_daemons):
     """meshd.service's CapabilityBoundingSet= and NoNewPrivileges= (applied by setpriv) on a
-    read-only root file system (ProtectSystem=strict): what the daemon itself needs to found a
-    mesh, serve and stop is inside them."""
+    read-only root file system (ProtectSystem=strict): what the daemon needs to found a mesh,
+    run a workload and stop is inside them."""
     service = unit_sections(UNIT.read_text())["Service"]
     caps = [cap.removeprefix("CAP_").lower() for line in service["CapabilityBoundingSet"] for cap in line.split()]
     assert service["NoNewPrivileges"] == ["yes"] and service["ProtectSystem"] == ["strict"] and caps
@@ -124,8 +125,16 @@ def test_the_daemon_founds_and_stops_within_the_units_sandbox(tmp_path, stop_dae
         with open(f"/proc/{daemon.pid}/mountinfo") as mounts:
             root = next(line.split() for line in mounts if line.split()[4] == "/")
         assert "ro" in root[5].split(",")  # ... and on a read-only root
+        # a workload runs there too: it writes its own directory's file and its log
+        app = ('[app]\nname = "w"\nreplicas = 1\n'
+               'command = ["sh", "-c", "echo up; echo x > state; exec sleep 600"]\n')
+        admin = str(tmp_path / "n" / "admin.sock")
+        admin_call_sync(admin, "deploy", {"spec_toml": app, "wait": True, "timeout": 30}, timeout=40)
+        (alloc,) = admin_call_sync(admin, "allocs", {"app": "w"}, timeout=10)
+        assert alloc["state"] == "running" and alloc["restarts"] == 0, alloc
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=30) == 0, daemon.stderr.read()
+    assert [p.read_text() for p in (tmp_path / "n").rglob("state")] == ["x\n"]
 
 
 def test_a_frozen_daemon_stops_pinging_and_pings_again_once_thawed(tmp_path, stop_daemons):
