@@ -15,6 +15,7 @@ import time
 import pytest
 
 from meshd.io.adminclient import admin_call_sync
+
 from tests.unit.test_packaging import UNIT, unit_sections
 
 pytestmark = pytest.mark.system
