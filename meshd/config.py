@@ -36,6 +36,11 @@ DEFAULT_LOG_LEVEL = "info"  # lifecycle, membership and placement decisions; deb
 DEFAULT_PORT = 7700  # unassigned by IANA; one port for all peer traffic of a node
 DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
 ADMIN_SOCKET_NAME = "admin.sock"
+# How a node that holds no membership yet becomes a member (meshd.node.joining.start_path):
+# "found" a new mesh, "join" one with a token (refusing to start without one, so that no
+# device founds a mesh by accident), or "auto": join with a token, else found.
+BOOTSTRAP_MODES = ("auto", "found", "join")
+DEFAULT_BOOTSTRAP = "auto"  # the command line's behaviour; the packaged config says "join"
 
 # Liveness: the heartbeat is the Raft leader's round trip to every member (an append-entries
 # message and its answer); entries themselves go out at once, not on this period. Five round
@@ -128,7 +133,8 @@ class NodeConfig:
     advertise: str | None = None  # None: the daemon picks the first non-loopback address
     admin_socket: str | None = None  # None: <data_dir>/admin.sock (always a str once built)
     labels: Mapping[str, str] = field(default_factory=dict)
-    join: str | None = None  # join token; None: found a new mesh (or resume from data_dir)
+    join: str | None = None  # join token; None: found a new mesh unless bootstrap says join (or resume)
+    bootstrap: str = DEFAULT_BOOTSTRAP  # auto | found | join: what a node with no membership does
     peers: tuple[str, ...] = ()  # static peers "ip:port"
     mdns: bool = True
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
@@ -146,6 +152,9 @@ class NodeConfig:
     # The options set on the command line or in the config file, not by default (a data dir's
     # membership is checked against what the operator said: meshd.node.joining.start_conflict).
     given: frozenset[str] = frozenset()
+    # The config file the options were read from (None: none), named in refusals that tell the
+    # operator which key to set; like `given`, not an option.
+    config_file: str | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -165,7 +174,8 @@ class NodeConfig:
         return self.admin_socket
 
 
-_FIELDS = {f.name for f in dataclasses.fields(NodeConfig)} - {"given"}  # `given` is not an option
+NOT_OPTIONS = frozenset({"given", "config_file"})  # where the options came from, not options
+_FIELDS = {f.name for f in dataclasses.fields(NodeConfig)} - NOT_OPTIONS
 # Options as the user writes them (field name with '-' for '_'), in the order of the docs.
 OPTION_NAMES: tuple[str, ...] = tuple(f.name.replace("_", "-") for f in dataclasses.fields(NodeConfig)
                                       if f.name in _FIELDS)
@@ -216,13 +226,15 @@ def resolve_config(
     toml_text: str | None,
     env: Mapping[str, str],
     hostname: str,
+    config_file: str | None = None,
 ) -> NodeConfig:
     """Merge command line, config file text, environment and defaults into a `NodeConfig`.
 
     `cli` maps option names with underscores to values, None meaning "not given"; `label` /
     `peer` are lists of "k=v" / "ip:port" strings (as argparse `append` builds them) and
     `no_mdns` is a flag (False meaning "not given"). The field names `labels`, `peers`,
-    `mdns` are accepted too. `toml_text` is the config file's content, or None without one.
+    `mdns` are accepted too. `toml_text` is the config file's content, or None without one;
+    `config_file` its path, which refusals at start name.
     """
     from_cli = _normalize(cli, source="cli")
     from_file = _normalize(_parse_toml(toml_text), source="file") if toml_text is not None else {}
@@ -251,7 +263,7 @@ def resolve_config(
                 raise _with_source(exc, sources.get(_field_of(exc.option))) from None
     given = frozenset(name for name, source in sources.items() if source in ("the command line", "the config file"))
     try:
-        return NodeConfig(**values, given=given)
+        return NodeConfig(**values, given=given, config_file=config_file)
     except ConfigError as exc:
         raise _with_source(exc, sources.get(_field_of(exc.option))) from None
 
@@ -379,6 +391,8 @@ def _validate(cfg: NodeConfig) -> None:
         object.__setattr__(cfg, name, value)
 
     _check_path(cfg.data_dir, "data-dir", MAX_PATH_BYTES)
+    if cfg.config_file is not None:
+        _check_path(cfg.config_file, "config", MAX_PATH_BYTES)
     problem = name_problem(cfg.site)
     if problem:
         raise ConfigError("site", problem)
@@ -404,6 +418,11 @@ def _validate(cfg: NodeConfig) -> None:
     set_field("labels", _check_labels(cfg.labels))
     if cfg.join is not None:
         _check_join(cfg.join)
+    if cfg.bootstrap not in BOOTSTRAP_MODES:
+        raise ConfigError("bootstrap", f"must be one of {', '.join(BOOTSTRAP_MODES)}, got {show_value(cfg.bootstrap)}")
+    if cfg.bootstrap == "found" and cfg.join is not None:
+        raise ConfigError("bootstrap", 'is "found" (found a new mesh), but a join token is given (join): '
+                                       'drop join, or set bootstrap to "join"')
     set_field("peers", _check_peers(cfg.peers))
     if not isinstance(cfg.mdns, bool):
         raise ConfigError("mdns", f"must be true or false, got {show_value(cfg.mdns)}")

@@ -16,7 +16,7 @@ EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: no member of the site admitted this nod
 EXIT_SOFTWARE = 70  # EX_SOFTWARE: the daemon's event loop wedged (meshd.io.watchdog); a restart helps
 EXIT_PORT_IN_USE = 73  # EX_CANTCREAT: a port meshd must listen on is taken by another program
 EXIT_NOPERM = 77  # EX_NOPERM: not allowed to do what the config asks (a port below 1024, a data dir not ours)
-EXIT_CONFIG = 78  # EX_CONFIG: a bad option or config file, or one that contradicts the data dir
+EXIT_CONFIG = 78  # EX_CONFIG: a bad option or config file, one that contradicts the data dir, or bootstrap = join with nothing to join
 EXIT_LOCKED = 75  # EX_TEMPFAIL: another meshd runs on this data dir; it may stop, so a retry may work
 EXIT_REVOKED = 80  # this node was revoked: it may never run on this data dir again
 EXIT_REFUSED = 81  # the site refused this node's join (a bad or used token, failed attestation)

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--admin-socket", help="path of the local admin socket")
     run.add_argument("--label", action="append", help="k=v node label (repeatable)")
     run.add_argument("--join", help="join token from `meshctl token create`")
+    run.add_argument("--bootstrap", choices=["auto", "found", "join"],
+                     help="with no membership yet: found a new mesh, join one (--join TOKEN needed), "
+                          "or auto (join with a token, else found; the default)")
     run.add_argument("--peer", action="append", help="static peer IP:PORT (repeatable)")
     run.add_argument("--no-mdns", action="store_true", help="do not announce or browse mDNS")
     run.add_argument("--tpm", help="attest with this TPM 2.0 (TCTI: device:/dev/tpmrm0, swtpm:host=H,port=P)")
@@ -76,7 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             return EXIT_CONFIG
     cli = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     try:
-        config = resolve_config(cli, toml_text, os.environ, socket.gethostname())
+        config = resolve_config(cli, toml_text, os.environ, socket.gethostname(), config_file=args.config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG

@@ -63,7 +63,9 @@ def started_digest() -> str:
 def config_digest(config: NodeConfig) -> str:
     plain = dataclasses.asdict(config)
     plain.pop("join", None)  # a one-time secret, not configuration
+    plain.pop("bootstrap", None)  # how the node became a member, not what it does as one
     plain.pop("given", None)  # where each value came from, not what it is
+    plain.pop("config_file", None)  # likewise
     plain.pop("log_level", None)  # how much the daemon says, not what it does
     return hashlib.sha256(canonical(plain)).hexdigest()
 

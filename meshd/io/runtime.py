@@ -2,15 +2,17 @@
 services (meshd.io.services), one per concern, and starts them with `nursery.start`; the
 decisions are all the node core's (meshd.node).
 
-Start order: identity, ports and the mesh document replica; the watchdog; the peer port and
-the admin socket (a joining node answers `status`); the supervisor; membership (resume, join
-or found); then every member's services. SIGTERM/SIGINT cancel the nursery and shutdown
-stops the workloads, Raft and the TPM, and flushes the replica.
+Start order: identity, ports and the mesh document replica; the watchdog (and systemd's
+watchdog pings, meshd.io.sdnotify); the peer port and the admin socket (a joining node
+answers `status`); the supervisor; membership (resume, join or found, as
+meshd.node.joining.start_path decided); then every member's services. SIGTERM/SIGINT cancel
+the nursery and shutdown stops the workloads, Raft and the TPM, and flushes the replica.
 
 Invariants:
 - Only this package touches sockets, threads, processes and clocks.
 - A daemon whose event loop wedges exits (the watchdog), so it cannot look alive while
-  doing nothing.
+  doing nothing; its loop also stops pinging systemd's watchdog, which restarts it should it
+  not exit.
 - Nothing is announced by mDNS before this node is a member.
 """
 
@@ -37,6 +39,7 @@ from meshd.io.identity import (DataDirLocked, Membership, lock_data_dir, load_or
 from meshd.io.mdns import Discovery
 from meshd.io.memory import trim_heap
 from meshd.io.mesh import MeshSync
+from meshd.io.sdnotify import ping_watchdog, sd_notify, sd_status, watchdog_ping_interval
 from meshd.io.services.attestation import AttestationService
 from meshd.io.services.beats import BeatService
 from meshd.io.services.leader import LeaderService
@@ -47,7 +50,7 @@ from meshd.io.services.worker import WorkerService
 from meshd.io.supervisor import Supervisor
 from meshd.io.tpm import TpmDevice, TpmUnavailable
 from meshd.io.watchdog import LoopWatchdog
-from meshd.node.joining import start_conflict
+from meshd.node.joining import FOUND, JOIN, RESUME, start_conflict, start_path
 
 __all__ = ["FatalStartupError", "Runtime", "setup_logging"]
 
@@ -65,26 +68,12 @@ def free_port(ip: str) -> int:
         return s.getsockname()[1]
 
 
-def sd_notify(message: str) -> None:
-    """systemd Type=notify: tell the service manager we are ready / stopping."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.connect(path)
-            s.send(message.encode())
-    except OSError as e:
-        log.warning("sd_notify failed", extra={"reason": str(e)})
-
-
 class Runtime:
     """The wiring of one daemon: a context and its services."""
 
     def __init__(self, config: NodeConfig) -> None:
         self._lock_fd: int | None = None  # the data dir's lock, held while this daemon runs
+        self._start_way: str | None = None  # RESUME, JOIN or FOUND (meshd.node.joining.start_path)
         ctx = self.ctx = NodeContext(config)
         ctx.mesh = MeshSync(ctx)  # the mesh document replica and cross-site sync
         self.membership = MembershipService(ctx)
@@ -126,6 +115,10 @@ class Runtime:
             # the daemon cleanly, its workloads and Raft included
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
             await nursery.start(LoopWatchdog().run)
+            ping_interval = watchdog_ping_interval(os.environ, os.getpid())
+            if ping_interval is not None:  # systemd's WatchdogSec=: pings from this loop
+                await nursery.start(ping_watchdog, ping_interval)
+                log.info("pinging the service manager's watchdog", extra={"interval_s": ping_interval})
             await nursery.start(self.peers.run)
             if ctx.config.mdns:
                 ctx.discovery = Discovery(advertise_ip=ctx.advertise_ip, node_id=ctx.identity.node_id,
@@ -137,8 +130,10 @@ class Runtime:
                                         log_max_bytes=ctx.config.log_max_bytes, log_keep=ctx.config.log_keep)
             await nursery.start(ctx.supervisor.run)
             await nursery.start(serve_admin, admin_path, self.admin)
+            sd_status(self._establishing())
             try:
-                await self.membership.establish()
+                assert self._start_way is not None
+                await self.membership.establish(self._start_way)
             except FatalStartupError:
                 await self._shutdown()
                 raise
@@ -153,10 +148,22 @@ class Runtime:
             nursery.start_soon(ctx.mesh.leader_loop)
             nursery.start_soon(ctx.mesh.compaction_loop)
             sd_notify("READY=1")
+            sd_status(f"member of site {ctx.membership.site}"
+                      + (" (voter)" if ctx.membership.voter else " (non-voter)"))
             log.info("ready", extra={"site": ctx.membership.site, "voter": ctx.membership.voter})
             nursery.start_soon(self._trim_heap_loop)
         # cancelled by a signal
         await self._shutdown()
+
+    def _establishing(self) -> str:
+        """What start-up waits for, as the service manager's STATUS= line."""
+        ctx = self.ctx
+        if self._start_way == RESUME and ctx.membership is not None:
+            return f"resuming membership of site {ctx.membership.site}"
+        if self._start_way == JOIN and ctx.config.join:
+            return f"joining site {tokens.parse_token(ctx.config.join).site}"
+        assert self._start_way == FOUND
+        return f"founding site {ctx.config.site} of a new mesh"
 
     def _take_data_dir(self) -> None:
         """Create the data dir (mode 0700) and lock it for this daemon, or refuse to start."""
@@ -175,7 +182,8 @@ class Runtime:
                                     EXIT_NOPERM if denied else EXIT_ERROR) from None
 
     def _check_config_against_data_dir(self) -> None:
-        """Refuse a --site or --join that the data dir's membership contradicts (start_conflict)."""
+        """Refuse a --site or --join that the data dir's membership contradicts (start_conflict),
+        and bootstrap = join without a token on a data dir with no membership (start_path)."""
         ctx = self.ctx
         token_site = None
         if ctx.config.join:
@@ -188,6 +196,12 @@ class Runtime:
                                   token_site=token_site)
         if conflict is not None:
             raise FatalStartupError(conflict, EXIT_CONFIG)
+        path = start_path(member=ctx.membership is not None, bootstrap=ctx.config.bootstrap,
+                          token=ctx.config.join is not None, data_dir=str(ctx.data_dir),
+                          config_file=ctx.config.config_file)
+        if path.way is None:
+            raise FatalStartupError(path.refusal or "this node may not start", EXIT_CONFIG)
+        self._start_way = path.way
 
     def _choose_ports(self) -> None:
         ctx = self.ctx
@@ -251,6 +265,7 @@ class Runtime:
     async def _shutdown(self) -> None:
         ctx = self.ctx
         sd_notify("STOPPING=1")
+        sd_status("stopping its workloads and Raft, flushing its state")
         with trio.CancelScope(shield=True):
             if ctx.supervisor is not None:
                 await ctx.supervisor.stop_all()

@@ -99,9 +99,16 @@ def alloc_id_problem(alloc_id: str) -> str | None:
     return f"invalid allocation id {alloc_id!r}: use 1-128 of A-Z a-z 0-9 . _ - (not starting with . _ -)"
 
 
+# What systemd tells the daemon about its own service (meshd.io.sdnotify): a workload is not
+# the service, and must not report readiness or feed the watchdog for it.
+SERVICE_MANAGER_ENV = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"})
+
+
 def workload_env(spec: DesiredAlloc, base: Mapping[str, str]) -> dict[str, str]:
-    """`base` (the daemon's environment) minus MESHD_*, plus the app's env, plus ids."""
-    env = {key: value for key, value in base.items() if not key.startswith("MESHD_")}
+    """`base` (the daemon's environment) minus MESHD_* and the service manager's variables,
+    plus the app's env, plus ids."""
+    env = {key: value for key, value in base.items()
+           if not key.startswith("MESHD_") and key not in SERVICE_MANAGER_ENV}
     env.update(spec.env)
     env["MESHD_ALLOC_ID"] = spec.alloc_id
     env["MESHD_APP"] = spec.app

@@ -1,7 +1,12 @@
 """The joiner's side: which member to ask next, what each answer means, when to give up,
-and what it is waiting for (shown by `meshctl status` while joining).
+and what it is waiting for (shown by `meshctl status` while joining); and, before any of
+that, how a starting node becomes a member at all (`start_path`) and what config it must
+refuse to start with (`start_conflict`).
 
 Invariants:
+- A node whose data dir holds a membership resumes it, whatever `bootstrap` says; a node
+  without one founds a mesh only when `bootstrap` allows it ("found", or "auto" without a
+  token), so a device whose config says "join" never founds a mesh by accident.
 - Pure: `now` is monotonic seconds; the runtime finds candidates (mDNS, --peer) and talks.
 - Only a `denied` refusal ends the join early; every other failure (unreachable, a member
   that cannot decide, a site that could not commit) tries the next candidate, the leader a
@@ -21,6 +26,19 @@ from meshd.node.admitting import DENIED, JoinRefusal
 JOIN_TIMEOUT = 60.0
 # A candidate that failed is asked again after this long (it may have caught up).
 RETRY_CANDIDATE_AFTER = 0.5
+
+
+# How a starting node becomes a member (`start_path`).
+RESUME = "resume"  # the data dir holds a membership
+JOIN = "join"  # ask the site the token names
+FOUND = "found"  # a new mesh and its site, this node its first voter
+
+
+@dataclass(frozen=True)
+class StartPath:
+    """How a starting node becomes a member, or why it must not start."""
+    way: str | None  # RESUME, JOIN or FOUND; None: the node must not start
+    refusal: str | None = None  # why not, one line that says what to set
 
 
 @dataclass(frozen=True)
@@ -113,3 +131,24 @@ def start_conflict(*, stored_site: str | None, config_site: str, site_given: boo
     if token_site is not None and site_given and token_site != config_site:
         return f"the join token is for site {token_site}, but the config says site {config_site}"
     return None
+
+
+def start_path(*, member: bool, bootstrap: str, token: bool, data_dir: str, config_file: str | None) -> StartPath:
+    """How this node becomes a member: `member` whether the data dir holds a membership,
+    `bootstrap` the config's mode (auto | found | join; found with a token is refused by the
+    config itself), `token` whether a join token is given. A refusal names the keys of
+    `config_file` to set (the command line's options without one)."""
+    if member:
+        return StartPath(RESUME)
+    if token:
+        return StartPath(JOIN)
+    if bootstrap != "join":  # "auto" or "found"
+        return StartPath(FOUND)
+    if config_file is not None:
+        what = (f'set join = "TOKEN" (from `meshctl token create` on a member) in {config_file} to join a mesh, '
+                f'or bootstrap = "found" there on the first device of a new mesh')
+    else:
+        what = ("give --join TOKEN (from `meshctl token create` on a member) to join a mesh, "
+                "or --bootstrap found on the first device of a new mesh")
+    return StartPath(None, f"bootstrap is join, but no join token is given and the data dir {data_dir} holds "
+                           f"no membership: {what}")

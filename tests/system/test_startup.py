@@ -6,6 +6,7 @@ unit runs it)."""
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import socket
@@ -135,3 +136,56 @@ def test_what_the_process_is_not_permitted_to_do_is_refused_with_the_permission_
     os.chown(other, 65534, 65534)
     refused(meshd_run(other, "--listen", "127.0.0.1:0", prefix=NO_CAPABILITIES), exitcodes.EXIT_NOPERM,
             f"cannot use data dir {other}")
+
+
+PACKAGED_CONFIG = Path(__file__).resolve().parents[2] / "packaging" / "meshd.toml"
+
+
+def test_the_packaged_config_founds_no_mesh_on_a_fresh_install(tmp_path):
+    """bootstrap = "join" and no token: one line naming the keys to set in the file, the config
+    status (the unit does not restart on it), and no membership."""
+    data = tmp_path / "n"
+    done = meshd_run(data, "--config", str(PACKAGED_CONFIG), "--listen", "127.0.0.1:0")
+    refused(done, exitcodes.EXIT_CONFIG,
+            f"bootstrap is join, but no join token is given and the data dir {data} holds no membership: "
+            f'set join = "TOKEN" (from `meshctl token create` on a member) in {PACKAGED_CONFIG} to join a mesh, '
+            f'or bootstrap = "found" there on the first device of a new mesh')
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not (data / "membership.json").exists()
+
+
+def test_bootstrap_join_on_the_command_line_names_the_options(tmp_path):
+    refused(meshd_run(tmp_path / "n", "--bootstrap", "join", "--listen", "127.0.0.1:0"), exitcodes.EXIT_CONFIG,
+            "holds no membership: give --join TOKEN (from `meshctl token create` on a member) to join a mesh, "
+            "or --bootstrap found on the first device of a new mesh")
+
+
+def test_bootstrap_found_with_a_join_token_is_a_contradiction(tmp_path):
+    token = tokens.format_token("s", "t1", b"\x01" * tokens.TOKEN_SECRET_BYTES)
+    refused(meshd_run(tmp_path / "n", "--bootstrap", "found", "--join", token, "--listen", "127.0.0.1:0"),
+            exitcodes.EXIT_CONFIG, 'bootstrap: is "found" (found a new mesh), but a join token is given (join): '
+                                   'drop join, or set bootstrap to "join" (from the command line)')
+    assert not (tmp_path / "n").exists()
+
+
+def test_a_member_resumes_under_the_packaged_config(founded):
+    """bootstrap = "join" does not stop a node that already is a member: it resumes."""
+    data, daemon = founded
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(timeout=30) == 0
+    (data / "admin.sock").unlink(missing_ok=True)
+    resumed = subprocess.Popen([sys.executable, "-m", "meshd.cli.meshd_main", "run", "--config", str(PACKAGED_CONFIG),
+                                "--data-dir", str(data), "--name", "n", "--no-mdns", "--listen", "127.0.0.1:0"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, lines = time.monotonic() + START_TIMEOUT, []
+        while not any('"msg": "ready"' in line for line in lines):  # its JSON log line once a member
+            assert time.monotonic() < deadline, f"the member did not resume: {lines}"
+            if select.select([resumed.stderr], [], [], 0.5)[0]:
+                line = resumed.stderr.readline()
+                assert line, f"the member exited: {lines}"
+                lines.append(line)
+        assert any("resumed membership of site s" in line for line in lines), lines
+    finally:
+        resumed.send_signal(signal.SIGTERM)
+        assert resumed.wait(timeout=30) == 0

@@ -52,8 +52,8 @@ def test_defaults() -> None:
 
 def test_option_names_are_dashed_fields() -> None:
     assert "data-dir" in OPTION_NAMES and "raft-min-timeout" in OPTION_NAMES
-    assert len(OPTION_NAMES) == len(dataclasses.fields(NodeConfig)) - 1  # all but `given`
-    assert "given" not in OPTION_NAMES
+    assert len(OPTION_NAMES) == len(dataclasses.fields(NodeConfig)) - 2  # all but `given`, `config_file`
+    assert "given" not in OPTION_NAMES and "config-file" not in OPTION_NAMES
 
 
 # --- precedence ---------------------------------------------------------------------
@@ -202,6 +202,10 @@ def test_ipv6_endpoints() -> None:
         ({"join": "abc def"}, None, "join", "without spaces"),
         ({"join": "x" * 5000}, None, "join", "4096"),
         ({}, "join = 5", "join", "token"),
+        ({"bootstrap": "create"}, None, "bootstrap", "one of auto, found, join"),
+        ({}, "bootstrap = true", "bootstrap", "one of auto, found, join"),
+        ({"bootstrap": "found", "join": "mtk1_x"}, None, "bootstrap", 'drop join, or set bootstrap to "join"'),
+        ({"join": "mtk1_x"}, "bootstrap = 'found'", "bootstrap", "but a join token is given"),
         ({"peer": ["198.18.0.1:0"]}, None, "peer", "1 to 65535"),
         ({"peer": ["198.18.0.1"]}, None, "peer", "IP:PORT"),
         ({"peer": ["0.0.0.0:7700"]}, None, "peer", "dialled"),
@@ -343,3 +347,29 @@ def test_the_log_level_comes_from_the_command_line_or_the_config_file():
     assert resolve_config({"data_dir": "/d", "log_level": "error"}, 'log-level = "debug"\n', {}, "h").log_level == "error"
     with pytest.raises(ConfigError, match="log-level.*must be one of debug, info, warning, error"):
         resolve_config({"data_dir": "/d"}, 'log-level = "loud"\n', {}, "h")
+
+
+def test_bootstrap_defaults_to_auto_and_comes_from_the_command_line_or_the_config_file():
+    assert resolve().bootstrap == "auto" and "bootstrap" not in resolve().given
+    assert resolve({}, 'bootstrap = "join"\n').bootstrap == "join"
+    assert resolve({"bootstrap": "found"}, 'bootstrap = "join"\n').bootstrap == "found"
+    assert resolve({"join": "mtk1_x"}, 'bootstrap = "join"\n').join == "mtk1_x"
+    with pytest.raises(ConfigError) as caught:  # found with a token contradicts itself, wherever from
+        resolve({"bootstrap": "found"}, 'join = "mtk1_x"\n')
+    assert caught.value.reason.endswith("(from the command line)")
+
+
+def test_the_config_file_path_is_kept_for_refusals_but_is_not_an_option():
+    config = resolve_config({}, 'site = "s"\n', {}, "h", config_file="/etc/meshd/meshd.toml")
+    assert config.config_file == "/etc/meshd/meshd.toml" and "config_file" not in config.given
+    assert resolve_config({}, None, {}, "h").config_file is None
+    with pytest.raises(ConfigError, match="unknown option in the config file"):
+        resolve_config({}, 'config-file = "/x"\n', {}, "h")
+
+
+def test_the_command_line_offers_exactly_the_bootstrap_modes():
+    from meshd.cli.meshd_main import build_parser
+    from meshd.config import BOOTSTRAP_MODES
+    run = build_parser()._subparsers._group_actions[0].choices["run"]
+    (action,) = [a for a in run._actions if a.dest == "bootstrap"]
+    assert tuple(action.choices) == BOOTSTRAP_MODES and action.default is None  # None: not given, so auto

@@ -1,12 +1,16 @@
-"""meshd.node.joining and meshd.node.admitting: whom a joiner asks, what each answer means."""
+"""meshd.node.joining and meshd.node.admitting: how a starting node becomes a member, whom a joiner
+asks, what each answer means."""
 
 from __future__ import annotations
+
+import pytest
 
 from meshd.admission import Verdict
 from meshd.commands import NOT_FOUND, TOKEN, Ok, Refused
 from meshd.node import admitting
 from meshd.node.admitting import DENIED, RETRY_ELSEWHERE, RETRY_LATER, JoinRefusal
-from meshd.node.joining import RETRY_CANDIDATE_AFTER, Joining, Unreachable, start_conflict
+from meshd.node.joining import (FOUND, JOIN, RESUME, RETRY_CANDIDATE_AFTER, Joining, StartPath, Unreachable,
+                                start_conflict, start_path)
 from meshd.state import SiteState
 
 from tests.unit.test_admission import site_with_token
@@ -93,3 +97,39 @@ def test_a_data_dir_membership_is_never_kept_against_a_config_that_names_another
     assert start_conflict(stored_site=None, config_site="default", site_given=False, token_site="shop") is None
     reason = start_conflict(stored_site=None, config_site="lab", site_given=True, token_site="shop")
     assert reason == "the join token is for site shop, but the config says site lab"
+
+
+START_CASES = [
+    # (id, member, bootstrap, token, way)
+    ("a member resumes whatever bootstrap says", True, "join", False, RESUME),
+    ("a member resumes with found", True, "found", False, RESUME),
+    ("a member resumes with its old token", True, "join", True, RESUME),
+    ("a member resumes with auto", True, "auto", False, RESUME),
+    ("auto founds without a token", False, "auto", False, FOUND),
+    ("auto joins with a token", False, "auto", True, JOIN),
+    ("found founds", False, "found", False, FOUND),
+    ("join joins with a token", False, "join", True, JOIN),
+    ("join without a token refuses", False, "join", False, None),
+]
+
+
+@pytest.mark.parametrize("member,bootstrap,token,way", [c[1:] for c in START_CASES], ids=[c[0] for c in START_CASES])
+def test_start_path(member, bootstrap, token, way):
+    path = start_path(member=member, bootstrap=bootstrap, token=token, data_dir="/var/lib/meshd",
+                      config_file="/etc/meshd/meshd.toml")
+    assert path.way == way
+    assert (path.refusal is None) == (way is not None)
+
+
+def test_a_join_without_a_token_names_what_to_set_where():
+    in_file = start_path(member=False, bootstrap="join", token=False, data_dir="/var/lib/meshd",
+                         config_file="/etc/meshd/meshd.toml")
+    assert in_file == StartPath(None, (
+        "bootstrap is join, but no join token is given and the data dir /var/lib/meshd holds no membership: "
+        'set join = "TOKEN" (from `meshctl token create` on a member) in /etc/meshd/meshd.toml to join a mesh, '
+        'or bootstrap = "found" there on the first device of a new mesh'))
+    on_the_command_line = start_path(member=False, bootstrap="join", token=False, data_dir="/d", config_file=None)
+    assert on_the_command_line.refusal is not None
+    assert on_the_command_line.refusal.endswith(": give --join TOKEN (from `meshctl token create` on a member) "
+                                                "to join a mesh, or --bootstrap found on the first device of a new mesh")
+    assert "\n" not in in_file.refusal

@@ -159,9 +159,10 @@ printf ' whole\\n'"""
     assert output_stamped(b"a\nb", mid_line=True, now=0.0).startswith(b"a\n")  # mid-line: no stamp first
 
 
-def test_workload_env_drops_meshd_variables():
+def test_workload_env_drops_meshd_and_service_manager_variables():
     env = workload_env(alloc("a1", "true", env={"MODE": "x", "MESHD_APP": "spoof"}, app="web"),
-                       {"PATH": "/bin", "MESHD_SOCKET": "/s", "MODE": "daemon"})
+                       {"PATH": "/bin", "MESHD_SOCKET": "/s", "MODE": "daemon", "NOTIFY_SOCKET": "/run/n",
+                        "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"})
     assert env == {"PATH": "/bin", "MODE": "x", "MESHD_ALLOC_ID": "a1", "MESHD_APP": "web"}
 
 

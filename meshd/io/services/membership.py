@@ -34,7 +34,7 @@ from meshd.io.identity import Membership, save_certificates
 from meshd.io.tls import joiner_context
 from meshd.io.tpm import TpmUnavailable
 from meshd.node import admitting
-from meshd.node.joining import GiveUp, Joining, Unreachable
+from meshd.node.joining import FOUND, JOIN, RESUME, GiveUp, Joining, Unreachable
 
 log = logging.getLogger("meshd.daemon")
 
@@ -94,15 +94,19 @@ class MembershipService:
     def __init__(self, ctx: NodeContext) -> None:
         self.ctx = ctx
 
-    async def establish(self) -> None:
-        """Resume, join or found: once this returns, the node is a member running Raft."""
+    async def establish(self, way: str) -> None:
+        """Resume, join or found, as meshd.node.joining.start_path decided: once this returns,
+        the node is a member running Raft."""
         ctx = self.ctx
-        if ctx.membership is not None:
+        if way == RESUME:
+            assert ctx.membership is not None
             ctx.start_raft()
             ctx.event("membership", f"resumed membership of site {ctx.membership.site}")
-        elif ctx.config.join:
+        elif way == JOIN:
+            assert ctx.config.join
             await self._join_site()
         else:
+            assert way == FOUND
             await self._found_site()
 
     async def _found_site(self) -> None:
