@@ -103,7 +103,8 @@ def call_mac(key: bytes, nonce: bytes, node_id: str, call: dict) -> str:
 
 # --- server side ----------------------------------------------------------------------------
 
-JoinHandler = Callable[[FramedStream, dict], Awaitable[None]]
+# (connection, its join_hello, the address it came from "ip:port")
+JoinHandler = Callable[[FramedStream, dict, str], Awaitable[None]]
 # (connection, the TLS stream under it, (site, node id) named by the verified certificate)
 SyncHandler = Callable[[FramedStream, trio.abc.Stream, tuple[str, str]], Awaitable[None]]
 # (the call, a sender of stream items, the authenticated caller's node id) -> the result
@@ -145,7 +146,7 @@ async def serve_peer_connection(stream: trio.SocketStream, *, on_join: JoinHandl
         hello = await conn.receive()
         kind = hello.get("type")
         if kind == "join_hello":
-            await on_join(conn, hello)
+            await on_join(conn, hello, _peer_name(stream))
         elif kind == "member_hello":
             named = cert_member(secure.getpeercert())
             if named is None:

@@ -9,6 +9,8 @@ Invariants:
 - A revocation notice is trusted for what it is, not for who brings it: the list must be
   signed by the mesh root and name this node.
 - Revoking a member cuts its open calls and sync sessions (each runs in a cancel scope).
+- A join refused by a verdict goes into the site's audit (meshd.node.refusals decides what
+  and how often), recorded by a task of its own: the joiner's answer never waits on Raft.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from meshd.io.raft import CommandFailed
 from meshd.io.services.trust import valid_secret
 from meshd.node import admitting
 from meshd.node import effects as fx
+from meshd.node.refusals import Refusals, claimed
 from meshd.state import SiteState
 
 log = logging.getLogger("meshd.daemon")
@@ -54,6 +57,9 @@ class PeerService:
         self.voter_changes = voter_changes  # the leader's: a new voter is added at once
         self.switch_secret = switch_secret  # the trust service's: a rotation handed to us
         self._member_scopes: dict[tuple[str, str], set[trio.CancelScope]] = {}  # open calls and sessions
+        self.refusals = Refusals(actor=ctx.config.name)
+        self._to_record: list[fx.Effect] = []  # refusals to commit into the audit, in order
+        self._record_wakeup = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         ctx = self.ctx
@@ -61,6 +67,7 @@ class PeerService:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._serve, listeners)
             nursery.start_soon(self._cut_loop)
+            nursery.start_soon(self._record_refusals_loop)
             task_status.started()
 
     async def _cut_loop(self) -> None:
@@ -70,6 +77,28 @@ class PeerService:
         while True:
             await changes.wait(CUT_SAFETY_PERIOD)
             self._cut_revoked(self.ctx.snapshot())
+
+    def _refused(self, target: str, source: str, reason: str) -> None:
+        """A join refused with a verdict: into the audit (soon, or with its window's count)."""
+        effects = self.refusals.refused(target, source, reason, time.monotonic())
+        if effects:
+            self._to_record.extend(effects)
+            self._record_wakeup.set()
+
+    async def _record_refusals_loop(self) -> None:
+        while True:
+            due = self.refusals.next_flush()
+            with trio.move_on_after(max(0.0, due - time.monotonic()) if due is not None else float("inf")):
+                await self._record_wakeup.wait()
+            self._record_wakeup = trio.Event()
+            effects, self._to_record = self._to_record + self.refusals.flush_due(time.monotonic()), []
+            if not effects or self.ctx.raft is None:
+                continue
+            try:
+                await self.ctx.execute(effects)
+            except CommandFailed as e:
+                # The site has no quorum now; the events and log of this member keep them.
+                log.info("refused joins not recorded in the audit", extra={"reason": str(e), "records": len(effects)})
 
     async def _serve(self, listeners) -> None:
         limiter = trio.CapacityLimiter(peer.MAX_PEER_CONNECTIONS)
@@ -85,7 +114,7 @@ class PeerService:
 
         await trio.serve_listeners(handle, listeners)
 
-    async def handle_join(self, conn: peer.FramedStream, hello: dict) -> None:
+    async def handle_join(self, conn: peer.FramedStream, hello: dict, source: str = "?") -> None:
         state = self.ctx.snapshot()
         leader = self.ctx.leader_peer_address(state)
         busy = admitting.cannot_decide(state, self.ctx.membership is not None and self.ctx.raft is not None, leader)
@@ -100,6 +129,7 @@ class PeerService:
                 tpm_challenge = admission.tpm_challenge(hello["tpm"], os.urandom(32), os.urandom(32))
             except TpmError as e:
                 self.ctx.event("membership", f"join refused: TPM keys unfit ({e})", reason=str(e))
+                self._refused(claimed(hello.get("node")), source, f"attestation: TPM keys unfit: {e}")
                 await conn.send(admitting.JoinRefusal(admitting.DENIED, f"attestation: TPM keys unfit: {e}").to_wire())
                 return
         challenge = admission.Challenge(
@@ -119,6 +149,7 @@ class PeerService:
                                             joiner_eph=bytes.fromhex(msg["joiner_eph"]), proof=str(msg["proof"]),
                                             signature=str(msg["signature"]), evidence=msg.get("evidence"))
         except (KeyError, TypeError, ValueError) as e:
+            self._refused(claimed(msg.get("node")), source, f"malformed join request ({type(e).__name__})")
             raise peer.PeerError(f"malformed join_request ({type(e).__name__})") from None
         state = self.ctx.snapshot()
         verdict = admission.decide(state, challenge, request, now=time.time())
@@ -126,7 +157,9 @@ class PeerService:
         if not verdict.admit:
             refusal = admitting.verdict_refusal(state, verdict, request.token_id)
             self.ctx.event("membership", f"join of {name} refused: {refusal.reason}", node=name, reason=refusal.reason,
-                       code=refusal.code)
+                           code=refusal.code, source=source)
+            if refusal.code == admitting.DENIED:
+                self._refused(claimed(request.node), source, refusal.reason)
             await conn.send(refusal.to_wire())
             return
         unable = admitting.cannot_issue(state.root_cert, self.ctx.root_signing_key() is not None, leader)
@@ -146,7 +179,10 @@ class PeerService:
             return
         if isinstance(result, Refused):
             refusal = admitting.commit_refusal(result)
-            self.ctx.event("membership", f"join of {name} refused: {result.text}", node=name, code=refusal.code)
+            self.ctx.event("membership", f"join of {name} refused: {result.text}", node=name, code=refusal.code,
+                           source=source)
+            if refusal.code == admitting.DENIED:
+                self._refused(claimed(request.node), source, result.text)
             await conn.send(refusal.to_wire())
             return
         state = self.ctx.snapshot()
