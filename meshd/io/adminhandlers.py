@@ -35,7 +35,7 @@ from meshd import spec as specmod
 from meshd import tokens
 from meshd.io import peer
 from meshd.io.admin import AdminError, AdminRequest
-from meshd.io.attester import package_digest
+from meshd.io.attester import package_digest, started_digest
 from meshd import commands as cmds
 from meshd.commands import Ok, Refused, Result
 from meshd.io.context import NodeContext
@@ -255,6 +255,7 @@ class AdminHandlers:
         raft = d.raft.status if d.raft else None
         members = sum(1 for n in state.nodes.values() if n.admin not in (ADMIN_LEFT, ADMIN_REVOKED))
         role = "joining" if raft is None else raft.role
+        own = state.nodes.get(d.identity.node_id) if d.identity else None
         return {"node_id": d.identity.node_id if d.identity else None, "name": d.config.name,
                 "site": d.membership.site if d.membership else d.config.site, "role": role,
                 "mesh_id": d.membership.mesh_id if d.membership else None,
@@ -267,6 +268,9 @@ class AdminHandlers:
                 # Log entries this node applied: a site at rest stops counting (no commit per beat).
                 "raft_applied": raft.last_applied if raft else 0,
                 "uptime_s": round(time.monotonic() - d.started, 1),
+                # What this node runs, and why the site holds it apart when it does.
+                "software": started_digest(),
+                **({"quarantine": own.quarantine} if own is not None and own.quarantine else {}),
                 **({"joining": d.joining.status(time.monotonic())} if d.joining is not None else {})}
 
     def _node_rows(self, state: SiteState, site: str | None) -> list[dict]:

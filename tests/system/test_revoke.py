@@ -110,6 +110,9 @@ def test_an_upgraded_member_is_quarantined_until_its_build_is_allowed(make_site,
     wait_for(lambda: record()["state"] == "quarantined", 30, what="quarantine")
     assert member.alive  # not revoked: it keeps running, and keeps its membership
     assert digest in record()["reason"] and f"--digest {digest}" in record()["reason"]
+    own = member.call("status")  # the member itself says what it runs and why it is held apart
+    assert own["software"] == digest
+    wait_for(lambda: digest in member.call("status").get("quarantine", ""), 10, what="quarantine in own status")
     wait_for(lambda: len(site.running("svc")) == 3 and all(a["node"] != member.name for a in site.running("svc")),
              30, what="its replica moved")
     audit = [a for a in leader.call("audit") if a["action"] == "quarantine" and a["target"] == member.name]
