@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                   _build_policy_require_tpm, _show_object, parent=policy_commands)
     sub.add_argument("--site", metavar="S", help="the site (default: this node's)")
     sub.add_argument("--off", action="store_true", help="accept software-only evidence again")
+    sub.add_argument("--force", action="store_true",
+                     help="even when it will expel every voter or every member of the site (they have no TPM)")
 
     sub = command("deploy", "submit or update an app (TOML)", _build_deploy, _show_deploy)
     sub.add_argument("file", metavar="FILE", help="app spec; - reads stdin")
@@ -230,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("revoke", "expel a member everywhere, for good", _build_revoke, _show_object)
     sub.add_argument("node", metavar="NODE")
     sub.add_argument("--reason", metavar="TEXT", default="", help="why (kept in the revocation list and audit)")
+    sub.add_argument("--force", action="store_true",
+                     help="revoke even the last voter or the last member of its site")
 
     command("revocations", "nodes revoked anywhere in the mesh", _build_revocations, _show_revocations)
 
@@ -270,7 +274,7 @@ def _build_token_create(opts: argparse.Namespace) -> Request:
 
 
 def _build_revoke(opts: argparse.Namespace) -> Request:
-    return Request("revoke", {"node": opts.node, "reason": opts.reason})
+    return Request("revoke", {"node": opts.node, "reason": opts.reason, **({"force": True} if opts.force else {})})
 
 
 def _build_policy_show(opts: argparse.Namespace) -> Request:
@@ -278,7 +282,8 @@ def _build_policy_show(opts: argparse.Namespace) -> Request:
 
 
 def _build_policy_require_tpm(opts: argparse.Namespace) -> Request:
-    return Request("policy_require_tpm", {"site": opts.site, "required": not opts.off})
+    return Request("policy_require_tpm", {"site": opts.site, "required": not opts.off,
+                                          **({"force": True} if opts.force else {})})
 
 
 def _build_policy_allow(opts: argparse.Namespace) -> Request:

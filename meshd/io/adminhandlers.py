@@ -45,6 +45,7 @@ from meshd.placement.plan import make_plan
 from meshd.io.mesh import REACHABLE_INTERVALS
 from meshd.meshstate import (PoliciesIn, audit_key, evidence_kind, policies_in_document, policy_conflicts,
                              revocation_key, revocations_to_take_in)
+from meshd.node import trust
 from meshd.sitestate import node_to_plain
 from meshd.state import (ADMIN_LEFT, ADMIN_REVOKED, ALLOC_RUNNING, APP_RUNNING, APP_STOPPED, NodeRecord, SiteState,
                          app_health)
@@ -692,12 +693,25 @@ class AdminHandlers:
         problem = specmod.name_problem(site)
         if problem:
             raise AdminError(f"site: {problem}")
-        current = self._policy(self._state())
+        state = self._state()
+        current = self._policy(state)
+        # Who in this site has no TPM bound: their next re-attestation fails and revokes them.
+        software_only = sorted((n for n in state.nodes.values() if n.site == site and not n.tpm_ak
+                                and n.admin not in (ADMIN_LEFT, ADMIN_REVOKED)), key=lambda n: n.name)
+        if required and software_only and site not in current.tpm_required_sites:
+            problem = trust.expulsion_problem(state, {n.node_id for n in software_only},
+                                              d.identity.node_id if d.identity else "")
+            if problem is not None and not _arg(request.args, "force", bool, default=False):
+                names = ", ".join(n.name for n in software_only)
+                raise AdminError(f"not requiring TPM evidence in site {site}: {names} have software-only evidence "
+                                 f"and would be revoked at their next re-attestation, so {problem[0]} "
+                                 "(--force does it anyway)")
         sites = current.tpm_required_sites | {site} if required else current.tpm_required_sites - {site}
         updated = dataclasses.replace(current, serial=current.serial + 1, tpm_required_sites=frozenset(sites),
                                       issued_at=time.time())
         result = await self._sign_policy(request, updated)
-        return {"serial": result["serial"], "site": site, "tpm_required": required}
+        return {"serial": result["serial"], "site": site, "tpm_required": required,
+                "will_revoke": [n.name for n in software_only] if required else []}
 
     async def _sign_policy(self, request: AdminRequest, updated) -> dict:
         root_key = self.ctx.root_signing_key()
@@ -726,7 +740,8 @@ class AdminHandlers:
             return {"node": node.name, "revoked": True, "node_id": node.node_id}
         await self._wait_for_quorum()
         try:
-            result = await self._revoke(node, _actor(request, d), reason)
+            result = await self._revoke(node, _actor(request, d), reason,
+                                        force=_arg(request.args, "force", bool, default=False))
         except CommandFailed as e:
             raise AdminError(f"{e}; the revocation may not have been applied, check before retrying") from None
         if isinstance(result, Refused):

@@ -17,6 +17,8 @@ Invariants:
 - A certificate is renewed only after an `Ok` for `attested`; a refused `attested` or a
   refused revocation changes nothing else and says why.
 - Unknown software alone never revokes: revocation for it stays the operator's decision.
+- A leader's own failed evidence is reported, never acted on by itself; no re-attestation
+  revokes the last voter or the last member of the site (meshd.node.trust.expulsion_problem).
 """
 
 from __future__ import annotations
@@ -96,12 +98,19 @@ class Attesting:
         actor = f"attestation@{self.leader_name}"
         failed = Emit("attestation", f"{node.name} failed re-attestation: {verdict.reason}",
                       {"node": node.name, "reason": verdict.reason})
+        if node.node_id == self.own_id:
+            # A leader does not sentence itself (it would quarantine or revoke the node doing
+            # the judging, mid-pass); it says so, and a next leader appraises it.
+            self.retry_after[node.node_id] = mono + QUARANTINE_RECHECK
+            return [failed, Emit("attestation", f"{node.name} leads the site: its own failed evidence is left to the "
+                                                "next leader to judge", {"node": node.name})]
         if verdict.unknown_software:
             assert verdict.claims is not None
             self.retry_after[node.node_id] = mono + QUARANTINE_RECHECK
             return [failed, quarantine(node, verdict.claims.version, verdict.claims.measurements[MEASURED_PACKAGE],
                                        verdict.reason, actor)]
-        command = trust.revocation(state, node, actor, f"re-attestation failed: {verdict.reason}", root_key, now)
+        command = trust.revocation(state, node, actor, f"re-attestation failed: {verdict.reason}", root_key, now,
+                                   own_id=self.own_id)
         if isinstance(command, Refused):
             return [failed, Emit("attestation", f"{node.name} not revoked: {command.text}", {"node": node.name})]
         return [failed, trust.revoke(node, command, self.own_id, actor)]

@@ -10,6 +10,10 @@ and the secret stays.
 Invariants:
 - Pure: signing with the root key is computation; the wall clock comes in as `now`.
 - A follow-up runs only on an `Ok`; every `Refused` becomes an event with its reason.
+- A revocation never expels the node that makes it, and never the last voter or the last
+  member of its site (`expulsion_problem`): refused with the reason. An operator may
+  `--force` the last-voter and last-member cases, never the self-expulsion; an automatic
+  revocation (re-attestation) is never forced.
 - The secret goes to current members only (not left, not revoked, not quarantined, not
   this node); a quarantined member asks for it again once it is released.
 """
@@ -20,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from attestation.revocation import open_revocations, sign_revocations
 from attestation.signed import AttestationError
-from meshd.commands import INTERNAL, UNTRUSTED, Ok, Refused, Result, RevokeNode, RotateSecret
+from meshd.commands import CONFLICT, INTERNAL, UNTRUSTED, Ok, Refused, Result, RevokeNode, RotateSecret
 from meshd.node.effects import Commit, DistributeSecret, Effect, Emit, TellRevoked
 from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, NodeRecord, SiteState
 
@@ -28,10 +32,32 @@ from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, NodeRecord, SiteState
 MAX_REASON = 200
 
 
+def expulsion_problem(state: SiteState, expelled: set[str], own_id: str) -> tuple[str, bool] | None:
+    """Why expelling the members `expelled` (node ids) would wreck the site, and whether an
+    operator may force it anyway; None when it is safe. Expelling the node that does it is
+    never allowed (it would cut itself off mid-operation); the last voter (the site loses its
+    Raft log for good) and the last member (nothing is left to run or to rejoin) may be forced."""
+    if own_id and own_id in expelled:
+        return "it would expel this node itself, the one doing it; run it on another member", False
+    current = [n for n in state.nodes.values() if n.admin not in (ADMIN_LEFT, ADMIN_REVOKED)]
+    staying = [n for n in current if n.node_id not in expelled]
+    if current and not staying:
+        return f"it would expel every member of site {state.site}", True
+    if any(n.voter for n in current) and not any(n.voter for n in staying):
+        return f"it would expel the last voters of site {state.site}, which then can never agree on anything again", \
+            True
+    return None
+
+
 def revocation(state: SiteState, node: NodeRecord, actor: str, reason: str, root_key: Ed25519PrivateKey | None,
-               now: float) -> RevokeNode | Refused:
+               now: float, *, own_id: str = "", force: bool = False) -> RevokeNode | Refused:
     """The command that revokes `node`: the next revocation list, naming it, signed with the
-    mesh root key (which only voters hold); or why it cannot be made here."""
+    mesh root key (which only voters hold); or why it cannot be made here (`own_id`: the node
+    making it; `force`: an operator's override of what `expulsion_problem` lets one force)."""
+    problem = expulsion_problem(state, {node.node_id}, own_id)
+    if problem is not None and not (force and problem[1]):
+        return Refused(CONFLICT, f"not revoking {node.name}: {problem[0]}" + (" (--force does it anyway)"
+                                                                             if problem[1] else ""))
     if root_key is None or not state.trust_root:
         return Refused(UNTRUSTED, "only a voter holds the mesh root key; run this on a voter")
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from tests.harness.datadriven import split
 from tests.harness.sim import DIGEST, MODIFIED_DIGEST, SimSite, node_names
 
@@ -106,7 +108,8 @@ class Transcript:
 
     def do_reattest(self, args, kw) -> None:
         evidence = kw.get("evidence", "good")
-        digest = {"good": DIGEST, "modified": MODIFIED_DIGEST, "forged": DIGEST}[evidence]
+        digest = {"good": DIGEST, "modified": MODIFIED_DIGEST, "forged": DIGEST,
+                  "unknown": hashlib.sha256(b"a build nobody allowed").hexdigest()}[evidence]
         self.site.reattest(args[0], digest, revoked_meanwhile="revoked-meanwhile" in args, forged=evidence == "forged")
 
     def do_allow(self, args, kw) -> None:

@@ -285,3 +285,17 @@ def test_member_calls_with_bad_certificates_are_refused(one, tmp_path, forgery):
     assert founder.call("status")["role"] == "leader"
 
 
+
+
+def test_requiring_tpm_on_a_software_only_site_is_refused_unless_forced(one):
+    """An operator's mistake that would wreck the site: every member (this one too) has
+    software-only evidence, so requiring TPM evidence would have the site revoke them all at
+    their next re-attestation. Refused with who and why; nothing changes."""
+    leader = one.nodes[0]
+    before = leader.call("policy")
+    with pytest.raises(AdminError, match=r"not requiring TPM evidence in site lab: b-1 have software-only evidence "
+                                         r"and would be revoked .* this node itself.*--force"):
+        leader.call("policy_require_tpm", site="lab", required=True)
+    assert leader.call("policy") == before
+    with pytest.raises(AdminError, match="a node cannot revoke itself"):
+        leader.call("revoke", node=leader.name, reason="", force=True)

@@ -80,3 +80,27 @@ def test_revocations_adopted_from_elsewhere_tell_this_sites_members_and_rotate_o
                                    "f" * 32, "n1")
     assert [type(e) for e in effects] == [TellRevoked, TellRevoked, Commit]
     assert trust.after_adoption(state, Ok({"added": []}), {}, "f" * 32, "n1") == []
+
+
+def _ids(*numbers: int) -> set[str]:
+    return {f"{i:032x}" for i in numbers}
+
+
+def test_no_revocation_expels_the_node_making_it_the_last_voter_or_everyone():
+    import dataclasses
+    from meshd.commands import CONFLICT
+    state = site(3)
+    one, two, three = state.nodes["f" * 32], *(state.nodes[i] for i in sorted(_ids(2, 3)))
+    # Itself: never, forced or not.
+    refused = trust.revocation(state, two, "op", "", ROOT, NOW, own_id=two.node_id, force=True)
+    assert isinstance(refused, Refused) and refused.code == CONFLICT and "this node itself" in refused.text
+    # The last voter (the others are non-voters): refused, unless an operator forces it.
+    for other in (one, three):
+        state.nodes[other.node_id] = dataclasses.replace(other, voter=False)
+    refused = trust.revocation(state, two, "op", "", ROOT, NOW, own_id=one.node_id)
+    assert isinstance(refused, Refused) and "last voters" in refused.text and "--force" in refused.text
+    assert isinstance(trust.revocation(state, two, "op", "", ROOT, NOW, own_id=one.node_id, force=True), RevokeNode)
+    # Everyone: the set a policy change would expel.
+    problem = trust.expulsion_problem(state, _ids(2, 3) | {one.node_id}, "")
+    assert problem == (f"it would expel every member of site {state.site}", True)
+    assert trust.expulsion_problem(state, _ids(3), one.node_id) is None  # a non-voter of three: fine

@@ -50,12 +50,13 @@ class TrustService:
         task_status.started()
         await self._secret_watch_loop()
 
-    async def revoke(self, node: NodeRecord, actor: str, reason: str) -> Result:
+    async def revoke(self, node: NodeRecord, actor: str, reason: str, force: bool = False) -> Result:
         """Revoke a member: commit the revocation, then, only if it was applied, tell the node
         and rotate the Raft secret. Raises CommandFailed when the revocation did not commit."""
         ctx = self.ctx
         assert ctx.identity is not None
-        command = trust.revocation(ctx.snapshot(), node, actor, reason, ctx.root_signing_key(), time.time())
+        command = trust.revocation(ctx.snapshot(), node, actor, reason, ctx.root_signing_key(), time.time(),
+                                   own_id=ctx.identity.node_id, force=force)
         if isinstance(command, Refused):
             return command
         result = await ctx.commit(command)
