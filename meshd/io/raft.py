@@ -66,10 +66,12 @@ from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 from pysyncobj.monotonic import monotonic as raft_clock
 from pysyncobj.node import TCPNode
 from pysyncobj.tcp_connection import CONNECTION_STATE
+from pysyncobj import transport as pysyncobj_transport
 from pysyncobj.transport import TCPTransport
 
 from meshd import sitestate
 from meshd.commands import Result
+from meshd.io import raftport
 from meshd.io.snapshots import SnapshotStore
 from meshd.state import SiteState
 
@@ -94,18 +96,60 @@ ELECTION_WAKE_SLACK = 0.001
 # non-voter: 7 non-voters at a 0.2 s heartbeat were most of an idle leader's Raft thread.
 NONVOTER_HEARTBEAT_PERIOD = 1.0
 
+# Outgoing connections too read with the bounded, linear buffer (pysyncobj's transport makes
+# them from this module-level name).
+pysyncobj_transport.TcpConnection = raftport.SiteTcpConnection
+
 
 class SiteTransport(TCPTransport):
-    """pysyncobj's TCP transport, with the leader's idle heartbeats to non-voters thinned.
+    """pysyncobj's TCP transport, with the leader's idle heartbeats to non-voters thinned,
+    and the port held against hostile traffic (meshd.io.raftport: bounded messages, a
+    listener that survives running out of descriptors, unauthenticated connections limited
+    per host and in total and cut when silent).
 
     pysyncobj gives a non-voter (a "readonly node") a `Node` of its own for each of its
     connections, and voters a `TCPNode`; the `Node` object is the key, so a non-voter that
     reconnects is sent its next heartbeat at once."""
 
     def __init__(self, syncObj, selfNode, otherNodes):
+        self._unauthenticated = raftport.UnauthenticatedLimits()
         super().__init__(syncObj, selfNode, otherNodes)
         # non-voter node -> (what its last message said, raft_clock() when it was sent)
         self._told: dict = {}
+
+    def _createServer(self) -> None:
+        super()._createServer()
+        plain, conf = self._server, self._syncObj.conf
+        self._server = raftport.SiteTcpServer(plain._TcpServer__poller, plain._TcpServer__host,
+                                              plain._TcpServer__port, onNewConnection=self._onNewIncomingConnection,
+                                              sendBufferSize=conf.sendBufferSize, recvBufferSize=conf.recvBufferSize,
+                                              connectionTimeout=conf.connectionTimeout)
+
+    def _onNewIncomingConnection(self, conn) -> None:
+        super()._onNewIncomingConnection(conn)
+        host = conn.peer_host() if isinstance(conn, raftport.SiteTcpConnection) else "?"
+        if not self._unauthenticated.admit(conn, host, raft_clock()):
+            conn.disconnect()
+
+    def _onIncomingMessageReceived(self, conn, message) -> None:
+        super()._onIncomingMessageReceived(conn, message)
+        if conn not in self._unknownConnections:
+            self._unauthenticated.settled(conn)  # a member now (or cut): no longer limited
+
+    def _onDisconnected(self, conn) -> None:
+        self._unauthenticated.settled(conn)
+        super()._onDisconnected(conn)
+
+    def _onTick(self) -> None:
+        super()._onTick()
+        now = raft_clock()
+        for conn in self._unauthenticated.expired(now):
+            if conn in self._unknownConnections:
+                conn.disconnect()
+        refused = self._unauthenticated.report_due(now)
+        if refused:
+            log.warning("raft port: unauthenticated connections refused (too many from one host, or in all)",
+                        extra={"refused": refused})
 
     def send(self, node, message) -> bool:
         if isinstance(node, TCPNode) or not isinstance(message, dict) or message.get("type") != "append_entries":
