@@ -96,6 +96,18 @@ ELECTION_WAKE_SLACK = 0.001
 # non-voter: 7 non-voters at a 0.2 s heartbeat were most of an idle leader's Raft thread.
 NONVOTER_HEARTBEAT_PERIOD = 1.0
 
+# Terms: a site holds at most about one election a second (the election timeout), so even
+# a member cut off for thirty years, electing itself all along, is fewer than 10**9 terms
+# ahead. A message announcing more than that, or a term beyond what the state and the mesh
+# document hold exactly (2**53), is garbage or an attack; it is dropped, not adopted (one
+# adopted absurd term would be every member's term forever).
+MAX_TERM_JUMP = 10**9
+MAX_TERM = 2**53
+# The Raft thread's own watchdog: ticks failing (or not happening) this long end the daemon
+# like a wedged trio loop (meshd.io.watchdog), instead of a node that looks alive to the
+# site's liveness while its Raft never moves.
+RAFT_STALL_LIMIT = 15.0
+
 # Outgoing connections too read with the bounded, linear buffer (pysyncobj's transport makes
 # them from this module-level name).
 pysyncobj_transport.TcpConnection = raftport.SiteTcpConnection
@@ -260,6 +272,7 @@ class SiteRaft(SyncObj):
         self._receiving = False  # pysyncobj is handling a message from another member
         self._loads: list[_Load] = []  # snapshots being loaded off the Raft thread, oldest first
         self._loader: threading.Thread | None = None
+        self._absurd_logged_at = float("-inf")
         super().__init__(self_address, partners, conf, transportClass=SiteTransport)
         self._write_commit_index_only_when_it_moves()
         # The replicated state: what snapshots hold (meshd.io.snapshots), nothing else.
@@ -332,6 +345,15 @@ class SiteRaft(SyncObj):
         journal.setRaftCommitIndex = set_commit_index
 
     def _SyncObj__onMessageReceived(self, node, message):
+        term = message.get("term") if isinstance(message, dict) else None
+        if isinstance(term, int) and (term > MAX_TERM or term > self.raftCurrentTerm + MAX_TERM_JUMP):
+            now = raft_clock()
+            if now - self._absurd_logged_at >= 10.0:  # a flood of them: a line per 10 s
+                self._absurd_logged_at = now
+                log.warning("raft message with an absurd term dropped",
+                            extra={"term": term, "current_term": self.raftCurrentTerm,
+                                   "type": str(message.get("type"))[:32]})
+            return
         if message.get("type") == "append_entries":
             message, self._answer_cap = self._keep_matching_entries(message)
         self._receiving = True  # a snapshot loaded now comes from the leader (_install)
@@ -526,6 +548,7 @@ class RaftNode:
         self._replayed = False
         self._tick = tick
         self._stopping = threading.Event()
+        self._ticked_at = time.monotonic()  # the last tick that went through (the Raft watchdog)
         self._thread = threading.Thread(target=self._run, name="meshd-raft", daemon=True)
         self._thread.start()
 
@@ -561,9 +584,20 @@ class RaftNode:
                     # Save it as soon as a command that matters has been applied.
                     self.raft._persist_commit_index = False
                     self.raft._SyncObj__raftLog.onOneSecondTimer()
+                self._ticked_at = time.monotonic()
             except Exception:
                 log.exception("raft tick failed")
                 self._stopping.wait(self._tick)
+
+    def stalled_for(self, now: float) -> float | None:
+        """How long (monotonic `now`) the Raft thread has gone without a tick that went
+        through, once that is past RAFT_STALL_LIMIT; None while it ticks, or once stopping."""
+        if self._stopping.is_set():
+            return None
+        if not self._thread.is_alive():
+            return max(now - self._ticked_at, RAFT_STALL_LIMIT + 1.0)  # it died: at once
+        stalled = now - self._ticked_at
+        return stalled if stalled > RAFT_STALL_LIMIT else None
 
     def close(self) -> None:
         self._stopping.set()

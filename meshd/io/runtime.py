@@ -114,7 +114,9 @@ class Runtime:
             # first: a SIGTERM during start-up (a join that waits for its site) still stops
             # the daemon cleanly, its workloads and Raft included
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
-            await nursery.start(LoopWatchdog().run)
+            # It also watches the Raft thread, once there is one.
+            raft_stalled = lambda now: ctx.raft.stalled_for(now) if ctx.raft else None  # noqa: E731
+            await nursery.start(LoopWatchdog(watch_also=raft_stalled).run)
             ping_interval = watchdog_ping_interval(os.environ, os.getpid())
             if ping_interval is not None:  # systemd's WatchdogSec=: pings from this loop
                 await nursery.start(ping_watchdog, ping_interval)

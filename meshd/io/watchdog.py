@@ -8,6 +8,10 @@ the watchdog every FEED_PERIOD, a thread checks it every CHECK_PERIOD, and after
 with EXIT_WEDGED. Workloads die with the daemon (PDEATHSIG), the site replaces them, and
 systemd restarts the daemon.
 
+The same thread watches the Raft thread (`watch_also`: meshd.io.raft.RaftNode.stalled_for):
+a Raft whose ticks keep failing (a damaged journal) or stopped would otherwise look alive
+(the process answers, the trio loop feeds) while the node takes no part in its site.
+
 Invariants:
 - `StallClock` is pure (time passed in) and decides; the thread only asks it.
 - Time the whole process spent frozen (SIGSTOP, a paused VM, a suspended board) is not a
@@ -63,8 +67,8 @@ class StallClock:
         return starved if starved > self.limit else None
 
 
-def _die_wedged(stalled_for: float) -> None:
-    log.critical("event loop wedged; exiting so the site replaces this node",
+def _die_wedged(stalled_for: float, what: str = "event loop") -> None:
+    log.critical(f"{what} wedged; exiting so the site replaces this node",
                  extra={"stalled_s": round(stalled_for, 1)})
     faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
     os._exit(EXIT_WEDGED)
@@ -72,11 +76,14 @@ def _die_wedged(stalled_for: float) -> None:
 
 class LoopWatchdog:
     def __init__(self, stall_limit: float = DEFAULT_STALL_LIMIT,
-                 on_stall: Callable[[float], None] = _die_wedged) -> None:
+                 on_stall: Callable[..., None] = _die_wedged,
+                 watch_also: Callable[[float], float | None] | None = None) -> None:
         self._clock = StallClock(stall_limit, CHECK_PERIOD, time.monotonic())
         self._lock = threading.Lock()
         self._on_stall = on_stall
         self._stopping = threading.Event()
+        # monotonic now -> how long the Raft thread has stalled (past its own limit), or None
+        self._watch_also = watch_also
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Feed from the trio loop; the watching thread lives as long as this task."""
@@ -97,4 +104,8 @@ class LoopWatchdog:
                 stalled_for = self._clock.check(time.monotonic())
             if stalled_for is not None:
                 self._on_stall(stalled_for)
+                return
+            raft_stalled = self._watch_also(time.monotonic()) if self._watch_also is not None else None
+            if raft_stalled is not None:
+                self._on_stall(raft_stalled, "raft thread")
                 return

@@ -302,3 +302,46 @@ def test_a_follower_loading_the_leaders_snapshot_keeps_answering_and_applies_wha
     finally:
         for node in nodes.values():
             node.close()
+
+
+def _lone_voter(tmp_path):
+    address = f"127.0.0.1:{free_port('127.0.0.1')}"
+    store = SnapshotStore()
+    conf = make_conf(data_dir=tmp_path / "lone", password="site secret", bind_address=address, min_timeout=0.3,
+                     max_timeout=0.6, append_period=APPEND_PERIOD, snapshots=store)
+    return RaftNode(address, [], conf, lambda command, result: None, lambda: None, tick=APPEND_PERIOD,
+                    snapshots=store)
+
+
+def test_a_raft_thread_whose_ticks_keep_failing_is_reported_stalled(tmp_path, monkeypatch):
+    from meshd.io import raft as raftmod
+    monkeypatch.setattr(raftmod, "RAFT_STALL_LIMIT", 0.5)
+    node = _lone_voter(tmp_path)
+    try:
+        time.sleep(0.3)
+        assert node.stalled_for(time.monotonic()) is None  # ticking
+        def broken(timeout):
+            raise OSError("journal damaged")
+        node.raft.doTick = broken
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while node.stalled_for(time.monotonic()) is None:
+            assert time.monotonic() < deadline, "a Raft thread failing every tick was never reported"
+            time.sleep(0.05)
+        assert node.stalled_for(time.monotonic()) > 0.5
+    finally:
+        node.close()
+    assert node.stalled_for(time.monotonic()) is None  # stopped on purpose: not a stall
+
+
+def test_a_message_announcing_an_absurd_term_is_dropped(tmp_path):
+    from meshd.io.raft import MAX_TERM_JUMP
+    node = _lone_voter(tmp_path)
+    node.close()  # its thread stopped: the test drives the handler itself
+    raft = node.raft
+    term = raft.raftCurrentTerm
+    vote = {"type": "request_vote", "last_log_term": 0, "last_log_index": 0}
+    for absurd in (2**60, term + MAX_TERM_JUMP + 1):
+        raft._SyncObj__onMessageReceived(None, dict(vote, term=absurd))
+        assert raft.raftCurrentTerm == term
+    raft._SyncObj__onMessageReceived(None, dict(vote, term=term + 5))  # a real election elsewhere: taken
+    assert raft.raftCurrentTerm == term + 5

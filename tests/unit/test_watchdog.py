@@ -63,3 +63,24 @@ def test_a_wedged_loop_is_noticed():
 
 def test_a_live_loop_is_left_alone():
     assert run_loop_with_watchdog(limit=CHECK_PERIOD * 1.5, block_for=0, run_for=CHECK_PERIOD * 3.5) == []
+
+
+def test_a_stalled_raft_thread_ends_the_daemon_like_a_wedged_loop():
+    """The loop feeds on time, but what the Raft thread reports (RaftNode.stalled_for) says
+    it stalled: the watchdog acts on it, naming the Raft thread."""
+    stalls: list[tuple] = []
+    raft_says = {"stalled": None}
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            watchdog = LoopWatchdog(stall_limit=CHECK_PERIOD * 5, on_stall=lambda *a: stalls.append(a),
+                                    watch_also=lambda now: raft_says["stalled"])
+            await nursery.start(watchdog.run)
+            await trio.sleep(CHECK_PERIOD * 1.5)
+            assert stalls == []  # both alive
+            raft_says["stalled"] = 16.0
+            await trio.sleep(CHECK_PERIOD * 1.5)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert stalls == [(16.0, "raft thread")]
