@@ -55,6 +55,9 @@ from meshd.state import (ADMIN_LEFT, ADMIN_REVOKED, ALLOC_RUNNING, APP_RUNNING, 
 WRITE_RETRY_WINDOW = 5.0
 # `deploy --wait` without --timeout gives up after this long.
 DEFAULT_WAIT_TIMEOUT = 120.0
+# The longest `--wait` one request may hold the socket: a day (a slow rollout is followed
+# with `apps`/`events`, not one request); checked before anything is committed.
+MAX_WAIT_TIMEOUT = 86_400.0
 # How often `--wait` / `--follow` look at the state for news when nothing woke them.
 POLL_PERIOD = 0.1
 
@@ -544,6 +547,8 @@ class AdminHandlers:
         app_spec = self._parse_spec(request)
         wait = bool(_arg(request.args, "wait", bool, False))
         timeout = _arg(request.args, "timeout", (int, float), DEFAULT_WAIT_TIMEOUT)
+        if (isinstance(timeout, int) and abs(timeout) > MAX_WAIT_TIMEOUT) or not 0 < float(timeout) <= MAX_WAIT_TIMEOUT:
+            raise AdminError(f"timeout must be more than 0 and at most {MAX_WAIT_TIMEOUT:g} seconds")
         self._require_member()
         own_site = self.ctx.membership.site
         targets = tuple(app_spec.sites) or (own_site,)

@@ -16,6 +16,7 @@ import pytest
 from meshd import exitcodes, tokens
 from meshd.io.admin import AdminError
 from meshd.io.tls import joiner_context
+from meshd.io.localsite import sleeper_app
 
 pytestmark = pytest.mark.system
 
@@ -299,3 +300,14 @@ def test_requiring_tpm_on_a_software_only_site_is_refused_unless_forced(one):
     assert leader.call("policy") == before
     with pytest.raises(AdminError, match="a node cannot revoke itself"):
         leader.call("revoke", node=leader.name, reason="", force=True)
+
+
+@pytest.mark.parametrize("timeout", [10**400, 1e308, 0, -5, 86_401])
+def test_a_wait_timeout_out_of_range_is_refused_before_anything_is_deployed(one, timeout):
+    from meshd.io.adminclient import admin_call_sync
+    leader = one.nodes[0]
+    before = snapshot(leader)
+    with pytest.raises(AdminError, match="timeout must be more than 0 and at most 86400 seconds"):
+        admin_call_sync(leader.socket, "deploy", {"spec_toml": sleeper_app("svc", 1), "wait": True,
+                                                  "timeout": timeout}, timeout=10)
+    assert snapshot(leader) == before
