@@ -1,4 +1,5 @@
-"""The `meshd` command: `meshd run` (the daemon) and `meshd demo` (a local three-node site).
+"""The `meshd` command: `meshd run` (the daemon), `meshd demo` (a local three-node site) and
+`meshd digest [BUILD]` (the attestation reference digest of a build, before installing it).
 
 Exit status: 0 on a clean stop; otherwise a one-line `error: ...` on stderr and a status that
 says what kind of failure it was (meshd.exitcodes: 78 a bad option or config, 73 a port in
@@ -60,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--nodes", type=int, default=3, help="number of daemons (default 3)")
     demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
     demo.add_argument("--keep", action="store_true", help="keep the temporary data dirs")
+
+    digest = sub.add_parser("digest", help="the attestation reference digest of a build, before installing it")
+    digest.add_argument("build", nargs="?", metavar="PACKAGE-OR-WHEEL-OR-DIR",
+                        help="a .deb, a wheel, or a source tree / site-packages directory (default: this installation)")
+    digest.add_argument("--json", action="store_true", help="print {version, digest, source} as JSON")
     return parser
 
 
@@ -123,10 +129,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(nodes=args.nodes, duration=args.duration, keep=args.keep)
 
 
+def cmd_digest(args: argparse.Namespace) -> int:
+    import json
+
+    from meshd.io.builddigest import DigestError, digest_build
+
+    try:
+        build = digest_build(args.build)
+    except DigestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.json:
+        print(json.dumps(build.to_plain()))
+    else:
+        print(f"meshd {build.version} digest {build.digest}")
+        print(f"allow it before upgrading: meshctl policy allow --version {build.version} --digest {build.digest}")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return cmd_run(args)
+    if args.command == "digest":
+        return cmd_digest(args)
     return cmd_demo(args)
 
 

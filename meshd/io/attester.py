@@ -19,6 +19,7 @@ import functools
 import hashlib
 import time
 from pathlib import Path
+from typing import Iterable
 
 import attestation
 import crdt
@@ -35,16 +36,37 @@ BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 MEASURED_PACKAGES = (meshd, attestation, crdt)
 
 
-def measure_files(roots: list[Path]) -> str:
+MEASURED_NAMES = tuple(p.__name__ for p in MEASURED_PACKAGES)
+
+
+def digest_of(files: Iterable[tuple[str, tuple[str, ...], bytes]]) -> str:
+    """The package digest of `files`: (package, path parts inside it, contents) of every .py
+    file of the measured packages, from wherever they are read (installed code, a source
+    tree, a wheel, a .deb: meshd.io.builddigest). One algorithm, so the digest of a build
+    measured before it is installed is the one the installed node's evidence will carry:
+    packages in MEASURED_NAMES order, files in path order within each."""
+    order = {name: i for i, name in enumerate(MEASURED_NAMES)}
     digest = hashlib.sha256()
-    for root in roots:
-        for path in sorted(root.rglob("*.py")):
-            if "__pycache__" in path.parts:
-                continue
-            data = path.read_bytes()
-            name = f"{root.name}/{path.relative_to(root).as_posix()}".encode()
-            digest.update(len(name).to_bytes(4, "big") + name + len(data).to_bytes(8, "big") + data)
+    for package, parts, data in sorted(files, key=lambda f: (order.get(f[0], len(order)), f[0], f[1])):
+        name = f"{package}/{'/'.join(parts)}".encode()
+        digest.update(len(name).to_bytes(4, "big") + name + len(data).to_bytes(8, "big") + data)
     return digest.hexdigest()
+
+
+def measured_file(parts: tuple[str, ...]) -> bool:
+    """Whether a file at these path parts (inside a package) is measured."""
+    return bool(parts) and parts[-1].endswith(".py") and "__pycache__" not in parts
+
+
+def measure_files(roots: list[Path]) -> str:
+    """The digest of the packages rooted at `roots` (directories named after them)."""
+    files = []
+    for root in roots:
+        for path in root.rglob("*.py"):
+            parts = path.relative_to(root).parts
+            if measured_file(parts) and path.is_file():
+                files.append((root.name, parts, path.read_bytes()))
+    return digest_of(files)
 
 
 def package_digest() -> str:
