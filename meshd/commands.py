@@ -373,6 +373,18 @@ MAX_AUDIT_REASON = 512
 
 
 @dataclass(frozen=True)
+class RevokeToken(Command):
+    """Withdraw a join token before it is used: no member admits anyone with it any more."""
+    op: ClassVar[str] = "revoke_token"
+    token_id: str
+    actor: str = ""
+
+    @classmethod
+    def from_wire(cls, raw: dict) -> "RevokeToken":
+        return cls(token_id=read_str(raw, "token_id", max_len=64), actor=read_actor(raw))
+
+
+@dataclass(frozen=True)
 class Quarantine(Command):
     """A member's re-attestation showed software the policy does not know: its workloads
     move and it gets no secrets until fresh evidence the policy accepts (`Attested`)."""
@@ -661,7 +673,7 @@ class Undrain(_NodeAdmin):
 COMMANDS: dict[str, type[Command]] = {c.op: c for c in (
     Bootstrap, SetPolicy, AdoptPolicy, RevokeNode, AdoptRevocations, Attested, RotateSecret, CreateToken, AdmitNode,
     FoundSite, Heartbeat, SetLiveness, SubmitApp, StopApp, ApplyPlan, PurgeApps, Drain, Undrain, Quarantine,
-    RecordRefusal)}
+    RecordRefusal, RevokeToken)}
 
 
 @dataclass(frozen=True)

@@ -319,6 +319,25 @@ def _quarantine(state: SiteState, cmd: cmds.Quarantine, ts: float) -> Ok:
     return ok(node=node.name, quarantined=True)
 
 
+def _revoke_token(state: SiteState, cmd: cmds.RevokeToken, ts: float) -> Ok:
+    """Withdraw a token that was not used yet (a used one admitted its node: remove or revoke
+    the node instead)."""
+    token = state.tokens.get(cmd.token_id)
+    if token is None:
+        raise CommandRefused(f"no join token {cmd.token_id}", NOT_FOUND)
+    if token.used_by is not None:
+        used_by = state.nodes.get(token.used_by)
+        raise CommandRefused(f"join token {cmd.token_id} was already used by "
+                             f"{used_by.name if used_by else token.used_by}; revoke or remove that node instead",
+                             CONFLICT)
+    if token.revoked_by:
+        return ok(token_id=cmd.token_id, revoked=True)  # a retry, or revoked twice: the same
+    state.tokens[cmd.token_id] = replace(token, revoked_by=cmd.actor or "an operator")
+    _event(state, ts, "token", f"join token {cmd.token_id} revoked", token_id=cmd.token_id)
+    _audit(state, ts, cmd.actor, "token-revoke", cmd.token_id)
+    return ok(token_id=cmd.token_id, revoked=True)
+
+
 def _record_refusal(state: SiteState, cmd: cmds.RecordRefusal, ts: float) -> Ok:
     """A refused join or failed evidence, into the audit: who tried, from where, why."""
     where = f" from {cmd.source}" if cmd.source else ""
@@ -336,7 +355,7 @@ def _create_token(state: SiteState, cmd: cmds.CreateToken, ts: float) -> Ok:
     for old_id in [t.token_id for t in state.tokens.values() if t.expires_at < ts - 86_400]:
         del state.tokens[old_id]
     state.tokens[cmd.token_id] = JoinToken(token_id=cmd.token_id, site=cmd.site, secret=cmd.secret,
-                                           expires_at=cmd.expires_at, created_by=cmd.actor)
+                                           expires_at=cmd.expires_at, created_by=cmd.actor, created_at=ts)
     _event(state, ts, "token", f"join token {cmd.token_id} created for site {cmd.site}", token_id=cmd.token_id,
            expires_at=cmd.expires_at)
     _audit(state, ts, cmd.actor, "token-create", cmd.site)
@@ -349,12 +368,14 @@ UNKNOWN_TOKEN = "unknown join token"
 
 
 def _token_usable(state: SiteState, token_id: str, node_id: str, now: float) -> str | None:
-    """Why the token cannot be used by `node_id` now (unknown, used, expired), or None."""
+    """Why the token cannot be used by `node_id` now (unknown, used, revoked, expired), or None."""
     token = state.tokens.get(token_id)
     if token is None:
         return UNKNOWN_TOKEN
     if token.used_by is not None and token.used_by != node_id:
         return "join token was already used"
+    if token.revoked_by and token.used_by is None:
+        return f"join token was revoked by {token.revoked_by}"
     if token.expires_at <= now:
         return "join token expired"
     return None
@@ -746,6 +767,7 @@ HANDLERS: dict[type, Callable[[SiteState, Any, float], Ok]] = {
     cmds.Undrain: _set_drain,
     cmds.Quarantine: _quarantine,
     cmds.RecordRefusal: _record_refusal,
+    cmds.RevokeToken: _revoke_token,
 }
 assert set(HANDLERS) == set(cmds.COMMANDS.values()), "every command has exactly one handler"
 

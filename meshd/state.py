@@ -219,6 +219,16 @@ class JoinToken:
     expires_at: float
     created_by: str = ""
     used_by: str | None = None  # node_id that consumed it: tokens are single-use
+    created_at: float = 0.0  # 0: made before this was recorded
+    revoked_by: str = ""  # who withdrew it before use ("" = not revoked)
+
+    def status(self, now: float) -> str:
+        """One word for `meshctl token ls`: used, revoked, expired or active."""
+        if self.used_by is not None:
+            return "used"
+        if self.revoked_by:
+            return "revoked"
+        return "expired" if self.expires_at <= now else "active"
 
 
 @dataclass(frozen=True)

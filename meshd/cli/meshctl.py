@@ -185,7 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
         parent=token_commands,
     )
     sub.add_argument("--site", metavar="S", help="site the token admits to (default: this one)")
+    sub.add_argument("--new-site", action="store_true",
+                     help="the site does not exist yet: the token's holder founds it in this mesh")
     sub.add_argument("--ttl", metavar="SECONDS", type=_positive_int, help="lifetime in seconds")
+    sub = command("ls", "join tokens that may still be used (--all: used, expired and revoked ones too)",
+                  _build_token_ls, _show_tokens, parent=token_commands)
+    sub.add_argument("--all", action="store_true", help="also used, expired and revoked tokens")
+    sub = command("revoke", "withdraw a join token before it is used", _build_token_revoke, _show_object,
+                  parent=token_commands)
+    sub.add_argument("token", metavar="ID", help="the token id (as `token ls` shows it, or a unique prefix), "
+                     "or the whole token")
 
     policy = commands.add_parser("policy", help="attestation reference values",
                                  description="attestation reference values: which meshd software may join")
@@ -270,11 +279,20 @@ def _build_document(opts: argparse.Namespace) -> Request:
 
 
 def _build_token_create(opts: argparse.Namespace) -> Request:
-    return Request("token_create", {"site": opts.site, "ttl": opts.ttl})
+    return Request("token_create", {"site": opts.site, "ttl": opts.ttl,
+                                    **({"new_site": True} if opts.new_site else {})})
 
 
 def _build_revoke(opts: argparse.Namespace) -> Request:
     return Request("revoke", {"node": opts.node, "reason": opts.reason, **({"force": True} if opts.force else {})})
+
+
+def _build_token_ls(opts: argparse.Namespace) -> Request:
+    return Request("token_ls", {"all": opts.all})
+
+
+def _build_token_revoke(opts: argparse.Namespace) -> Request:
+    return Request("token_revoke", {"token": opts.token})
 
 
 def _build_policy_show(opts: argparse.Namespace) -> Request:
@@ -426,6 +444,7 @@ _show_apps = _listing(render.APP_COLUMNS)
 _show_allocs = _listing(render.ALLOC_COLUMNS)
 _show_audit = _listing(render.AUDIT_COLUMNS)
 _show_revocations = _listing(render.REVOCATION_COLUMNS)
+_show_tokens = _listing(render.TOKEN_COLUMNS)
 _show_event_table = _listing(render.EVENT_COLUMNS)
 
 

@@ -203,6 +203,16 @@ AUDIT_COLUMNS: list[Column] = [
     ("REASON", lambda r: r.get("reason") or ""),
 ]
 
+TOKEN_COLUMNS: list[Column] = [
+    ("ID", "token_id"),
+    ("SITE", lambda r: f"{r.get('site')} (new)" if r.get("founds_site") else r.get("site")),
+    ("STATE", "state"),
+    ("CREATED", lambda r: local_time(r.get("created_at")) if r.get("created_at") else "-"),
+    ("BY", lambda r: r.get("created_by") or "-"),
+    ("EXPIRES", lambda r: local_time(r.get("expires_at"))),
+    ("USED BY", lambda r: r.get("used_by") or r.get("revoked_by") and f"revoked by {r['revoked_by']}" or "-"),
+]
+
 REVOCATION_COLUMNS: list[Column] = [
     ("TIME", lambda r: local_time(r.get("at"))),
     ("NODE", lambda r: r.get("name") or r.get("node_id", "")[:SHORT_ID_CHARS]),

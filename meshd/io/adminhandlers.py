@@ -200,6 +200,7 @@ class AdminHandlers:
         self._revoke = revoke  # the trust service's: commit, tell the node, rotate the secret
         self.commands: dict[str, Callable[[AdminRequest, Any], Awaitable[Any]]] = {
             "status": self.status, "nodes": self.nodes, "sites": self.sites, "document": self.document, "token_create": self.token_create,
+            "token_ls": self.token_ls, "token_revoke": self.token_revoke,
             "deploy": self.deploy, "plan": self.plan, "apps": self.apps, "allocs": self.allocs, "stop": self.stop,
             "drain": self.drain, "undrain": self.undrain, "revoke": self.revoke, "revocations": self.revocations,
             "logs": self.logs,
@@ -645,6 +646,10 @@ class AdminHandlers:
         if known is not None and known.nodes > 0:
             raise AdminError(f"site {site} already has {known.nodes} member(s); create its join tokens on one of "
                              "them (`meshctl token create` there)")
+        if site != d.membership.site and not _arg(request.args, "new_site", bool, default=False):
+            sites = sorted({r.site for r in d.mesh.document.records(SiteSummary)} | {d.membership.site})
+            raise AdminError(f"site {site} is not a site of this mesh (its sites: {', '.join(sites)}); "
+                             "add --new-site to make a token that founds it")
         token_id = secrets.token_hex(tokens.TOKEN_ID_BYTES)
         secret = secrets.token_bytes(tokens.TOKEN_SECRET_BYTES)
         expires_at = time.time() + ttl
@@ -652,6 +657,41 @@ class AdminHandlers:
                                                                   expires_at=expires_at, actor=actor))
         return {"token": tokens.format_token(site, token_id, secret), "site": site, "expires_at": expires_at,
                 "token_id": token_id}
+
+    async def token_ls(self, request: AdminRequest, stream) -> list:
+        """The join tokens this site issued: by default those that may still be used; never
+        their secrets."""
+        self._require_member()
+        state, now = self._state(), time.time()
+        show_all = bool(_arg(request.args, "all", bool, False))
+        rows = []
+        for token in sorted(state.tokens.values(), key=lambda t: (t.created_at, t.token_id)):
+            status = token.status(now)
+            if status != "active" and not show_all:
+                continue
+            used_by = state.nodes.get(token.used_by) if token.used_by else None
+            rows.append({"token_id": token.token_id, "site": token.site, "state": status,
+                         "founds_site": token.site != state.site, "created_by": token.created_by,
+                         "created_at": token.created_at or None, "expires_at": token.expires_at,
+                         "used_by": used_by.name if used_by else token.used_by, "revoked_by": token.revoked_by or None})
+        return rows
+
+    async def token_revoke(self, request: AdminRequest, stream) -> dict:
+        """Withdraw a join token before it is used (by its id, or a unique prefix of it)."""
+        self._require_member()
+        ref = _arg(request.args, "token", str, required=True).strip()
+        if ref.startswith(tokens.TOKEN_PREFIX):  # the whole token, as `token create` printed it
+            try:
+                ref = tokens.parse_token(ref).token_id
+            except tokens.TokenError as e:
+                raise AdminError(f"not a join token: {e}") from None
+        state = self._state()
+        matches = [t for t in state.tokens if t.startswith(ref)] if len(ref) >= 4 else []
+        if len(matches) != 1:
+            raise AdminError(f"no join token {ref!r}" if not matches else
+                             f"{ref!r} names {len(matches)} tokens; give more of the id")
+        result = await self._write(request, lambda actor: cmds.RevokeToken(token_id=matches[0], actor=actor))
+        return {"token_id": matches[0], "revoked": bool(result["revoked"])}
 
     def _policy(self, state: SiteState) -> Policy:
         if not state.trust_root or not state.policy:

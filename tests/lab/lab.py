@@ -170,7 +170,7 @@ class Lab:
         `via`, used by the site's first host with `--peer` (mDNS does not cross the router);
         the other hosts join it by mDNS like in `start_site`."""
         local = self.sites[site]
-        token = self.call(via, "token_create", site=site, ttl=None)["token"]
+        token = self.call(via, "token_create", site=site, ttl=None, new_site=True)["token"]
         address = next(n["address"] for n in self.call(via, "nodes", site=None) if n["name"] == via)
         first = local.add_node(extra_args=("--peer", address))
         first.start(join=token)

@@ -172,6 +172,26 @@ def test_reused_and_expired_tokens_are_refused_with_a_clear_error(one):
     forger.start(join=forged)
     assert forger.proc.wait(timeout=30) == exitcodes.EXIT_REFUSED
     assert "token" in forger.log_text()
+    # withdrawn before use: `token ls` lists what may still be used, never a secret
+    withdrawn = first.call("token_create", site=None, ttl=600)
+    listed = first.call("token_ls")
+    assert [t["token_id"] for t in listed] == [withdrawn["token_id"]] and listed[0]["state"] == "active"
+    assert all(tokens.parse_token(withdrawn["token"]).secret.hex() not in json.dumps(t) for t in listed)
+    assert first.call("token_revoke", token=withdrawn["token_id"][:6]) == {"token_id": withdrawn["token_id"],
+                                                                          "revoked": True}
+    assert first.call("token_ls") == []
+    by_state = {t["token_id"]: t["state"] for t in first.call("token_ls", all=True)}
+    assert by_state[withdrawn["token_id"]] == "revoked" and by_state[tokens.parse_token(token).token_id] == "used"
+    refused = one.add_node()
+    refused.start(join=withdrawn["token"])
+    assert refused.proc.wait(timeout=30) == exitcodes.EXIT_REFUSED
+    assert "join token was revoked" in refused.log_text()
+    with pytest.raises(AdminError, match="already used by"):
+        first.call("token_revoke", token=tokens.parse_token(token).token_id)
+    with pytest.raises(AdminError, match="no join token"):
+        first.call("token_revoke", token="ffffffffffff")
+    with pytest.raises(AdminError, match="site nowhere is not a site of this mesh .*add --new-site"):
+        first.call("token_create", site="nowhere", ttl=None)
     names = sorted(n["name"] for n in first.call("nodes", site=None))
     assert names == sorted([first.name, one.nodes[1].name, joined.name])
 

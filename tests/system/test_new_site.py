@@ -22,7 +22,9 @@ def test_a_founder_token_founds_a_new_site_in_the_same_mesh(make_site):
     alpha_status = a1.call("status")
     with pytest.raises(AdminError, match="site must be"):
         a1.call("token_create", site="Not_A_Site", ttl=None)
-    founder_token = a1.call("token_create", site="beta", ttl=None)
+    with pytest.raises(AdminError, match="site beta is not a site of this mesh .*--new-site"):
+        a1.call("token_create", site="beta", ttl=None)
+    founder_token = a1.call("token_create", site="beta", ttl=None, new_site=True)
     assert founder_token["site"] == "beta"
 
     beta = make_site("b", site="beta", extra_args=("--no-mdns", "--peer", alpha_status["address"]))
