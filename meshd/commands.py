@@ -670,10 +670,17 @@ class Undrain(_NodeAdmin):
     op: ClassVar[str] = "undrain"
 
 
+@dataclass(frozen=True)
+class RemoveNode(_NodeAdmin):
+    """Forget a member gone for good (down, or left) without revoking it: it leaves the site
+    (and, by the leader, the Raft configuration); a non-voter takes its voter place."""
+    op: ClassVar[str] = "remove_node"
+
+
 COMMANDS: dict[str, type[Command]] = {c.op: c for c in (
     Bootstrap, SetPolicy, AdoptPolicy, RevokeNode, AdoptRevocations, Attested, RotateSecret, CreateToken, AdmitNode,
     FoundSite, Heartbeat, SetLiveness, SubmitApp, StopApp, ApplyPlan, PurgeApps, Drain, Undrain, Quarantine,
-    RecordRefusal, RevokeToken)}
+    RecordRefusal, RevokeToken, RemoveNode)}
 
 
 @dataclass(frozen=True)

@@ -746,6 +746,48 @@ def _set_drain(state: SiteState, cmd: cmds.Drain | cmds.Undrain, ts: float) -> O
     return ok(node=node.name, node_id=node.node_id, state=state.nodes[node.node_id].state)
 
 
+def promotion_candidate(state: SiteState, leaving: str) -> NodeRecord | None:
+    """The non-voter that takes the voter place of `leaving`: a ready, trusted member (not
+    quarantined, not draining), the longest in the site first (then by id: deterministic)."""
+    candidates = [n for n in state.nodes.values() if not n.voter and n.node_id != leaving
+                  and n.state == "ready"]
+    return min(candidates, key=lambda n: (n.joined_at, n.node_id)) if candidates else None
+
+
+def _remove_node(state: SiteState, cmd: cmds.RemoveNode, ts: float) -> Ok:
+    """An operator forgets a member that is gone for good: not a revocation (it may join again
+    with a fresh token), but it is out of the site: its allocations are replaced (reconcile:
+    a left node covers nothing), the leader takes it out of the Raft configuration, and a
+    non-voter is promoted to its voter place. A member that is still up is refused: drain and
+    stop it first (or revoke it)."""
+    node = state.node_by_ref(cmd.node)
+    if node is None:
+        raise CommandRefused(f"no member named {cmd.node!r}", NOT_FOUND)
+    if node.admin == ADMIN_REVOKED:
+        raise CommandRefused(f"node {node.name} was revoked; it is already out of the site", NOT_MEMBER)
+    if node.admin == ADMIN_LEFT:
+        return ok(node=node.name, node_id=node.node_id, removed=True, promoted=None)  # a retry
+    if node.liveness != LIVENESS_DOWN:
+        raise CommandRefused(f"node {node.name} is up ({node.state}): stop its meshd first (drain it to move its "
+                             "work), or revoke it", CONFLICT)
+    if node.voter and _voter_count(state) <= 1:
+        raise CommandRefused(f"node {node.name} is the site's last voter; removing it would leave nobody to agree",
+                             CONFLICT)
+    promoted = promotion_candidate(state, node.node_id) if node.voter else None
+    state.nodes[node.node_id] = replace(node, admin=ADMIN_LEFT, voter=False, state_changed_at=ts,
+                                        reason=f"removed by {cmd.actor or 'an operator'}")
+    _event(state, ts, "membership", f"{node.name} removed from site {state.site}", node=node.name,
+           node_id=node.node_id)
+    _audit(state, ts, cmd.actor, "node-remove", node.name)
+    if promoted is not None:
+        state.nodes[promoted.node_id] = replace(promoted, voter=True, state_changed_at=ts,
+                                                reason=f"promoted to voter in place of {node.name}")
+        _event(state, ts, "membership", f"{promoted.name} promoted to voter in place of {node.name}",
+               node=promoted.name, node_id=promoted.node_id)
+    return ok(node=node.name, node_id=node.node_id, removed=True,
+              promoted=promoted.node_id if promoted is not None else None)
+
+
 HANDLERS: dict[type, Callable[[SiteState, Any, float], Ok]] = {
     cmds.Bootstrap: _bootstrap,
     cmds.SetPolicy: _set_policy,
@@ -768,6 +810,7 @@ HANDLERS: dict[type, Callable[[SiteState, Any, float], Ok]] = {
     cmds.Quarantine: _quarantine,
     cmds.RecordRefusal: _record_refusal,
     cmds.RevokeToken: _revoke_token,
+    cmds.RemoveNode: _remove_node,
 }
 assert set(HANDLERS) == set(cmds.COMMANDS.values()), "every command has exactly one handler"
 

@@ -238,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sub = command(name, help_text, _build_node_action(name), _show_object)
         sub.add_argument("node", metavar="NODE")
+    node = commands.add_parser("node", help="members of the site", description="members of the site")
+    node_commands = node.add_subparsers(dest="node_command", metavar="ACTION", required=True)
+    sub = command("remove", "forget a member gone for good (down or left), without revoking it",
+                  _build_node_remove, _show_object, parent=node_commands)
+    sub.add_argument("node", metavar="NODE")
     sub = command("revoke", "expel a member everywhere, for good", _build_revoke, _show_object)
     sub.add_argument("node", metavar="NODE")
     sub.add_argument("--reason", metavar="TEXT", default="", help="why (kept in the revocation list and audit)")
@@ -285,6 +290,10 @@ def _build_token_create(opts: argparse.Namespace) -> Request:
 
 def _build_revoke(opts: argparse.Namespace) -> Request:
     return Request("revoke", {"node": opts.node, "reason": opts.reason, **({"force": True} if opts.force else {})})
+
+
+def _build_node_remove(opts: argparse.Namespace) -> Request:
+    return Request("node_remove", {"node": opts.node})
 
 
 def _build_token_ls(opts: argparse.Namespace) -> Request:

@@ -45,6 +45,7 @@ from meshd.placement.plan import make_plan
 from meshd.io.mesh import REACHABLE_INTERVALS
 from meshd.meshstate import (PoliciesIn, audit_key, evidence_kind, policies_in_document, policy_conflicts,
                              revocation_key, revocations_to_take_in)
+from meshd.node import effects as fx
 from meshd.node import trust
 from meshd.sitestate import node_to_plain
 from meshd.state import (ADMIN_LEFT, ADMIN_REVOKED, ALLOC_RUNNING, APP_RUNNING, APP_STOPPED, NodeRecord, SiteState,
@@ -200,7 +201,7 @@ class AdminHandlers:
         self._revoke = revoke  # the trust service's: commit, tell the node, rotate the secret
         self.commands: dict[str, Callable[[AdminRequest, Any], Awaitable[Any]]] = {
             "status": self.status, "nodes": self.nodes, "sites": self.sites, "document": self.document, "token_create": self.token_create,
-            "token_ls": self.token_ls, "token_revoke": self.token_revoke,
+            "token_ls": self.token_ls, "token_revoke": self.token_revoke, "node_remove": self.node_remove,
             "deploy": self.deploy, "plan": self.plan, "apps": self.apps, "allocs": self.allocs, "stop": self.stop,
             "drain": self.drain, "undrain": self.undrain, "revoke": self.revoke, "revocations": self.revocations,
             "logs": self.logs,
@@ -628,6 +629,25 @@ class AdminHandlers:
         node = _arg(request.args, "node", str, required=True)
         result = await self._write(request, lambda actor: kind(node=node, actor=actor))
         return {"node": result["node"], "node_id": result["node_id"], "state": result["state"]}
+
+    async def node_remove(self, request: AdminRequest, stream) -> dict:
+        """Forget a member gone for good (down, or left), without revoking it; a non-voter
+        takes its voter place (the state machine decides which: sitestate._remove_node)."""
+        self._require_member()
+        d = self.ctx
+        ref = _arg(request.args, "node", str, required=True)
+        node = self._state().node_by_ref(ref)
+        if node is not None and d.identity is not None and node.node_id == d.identity.node_id:
+            raise AdminError("a node cannot remove itself; stop it and run this on another member")
+        if d.root_signing_key() is None:
+            raise AdminError("run this on a voter: the non-voter promoted in the removed node's place needs the "
+                             "mesh root key, which only voters hold")
+        result = await self._write(request, lambda actor: cmds.RemoveNode(node=ref, actor=actor))
+        promoted = self._state().nodes.get(result["promoted"]) if result.get("promoted") else None
+        if promoted is not None:
+            await d.execute([fx.PromoteVoter(promoted)])
+        return {"node": result["node"], "node_id": result["node_id"], "removed": True,
+                "promoted": promoted.name if promoted is not None else None}
 
     async def token_create(self, request: AdminRequest, stream) -> dict:
         d = self.ctx

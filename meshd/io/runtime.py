@@ -82,7 +82,8 @@ class Runtime:
         self.trust = TrustService(ctx)
         self.attestation = AttestationService(ctx)
         self.beats = BeatService(ctx)
-        self.peers = PeerService(ctx, voter_changes=self.leader.voter_changes, switch_secret=self.trust.switch_secret)
+        self.peers = PeerService(ctx, voter_changes=self.leader.voter_changes, switch_secret=self.trust.switch_secret,
+                                 become_voter=self.trust.become_voter)
         self.admin = AdminHandlers(ctx, revoke=self.trust.revoke)
 
     async def run(self) -> None:

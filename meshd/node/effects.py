@@ -67,6 +67,13 @@ class DistributeSecret:
 
 
 @dataclass(frozen=True)
+class PromoteVoter:
+    """Hand a member the site made a voter (in the place of a removed one) what a voter
+    holds (the mesh root key) over mutual TLS; it restarts its Raft as a voter."""
+    node: NodeRecord
+
+
+@dataclass(frozen=True)
 class RenewCertificate:
     """Issue a fresh membership certificate to a member whose evidence just verified."""
     node: NodeRecord
@@ -101,5 +108,5 @@ class Expel:
     reason: str
 
 
-Effect = Union[Commit, AddVoter, RemoveVoter, Emit, TellRevoked, DistributeSecret, RenewCertificate, SetWorkloads,
-               ForgetAllocs, Expel]
+Effect = Union[Commit, AddVoter, RemoveVoter, Emit, TellRevoked, DistributeSecret, PromoteVoter, RenewCertificate,
+               SetWorkloads, ForgetAllocs, Expel]

@@ -43,6 +43,7 @@ EXAMPLES = [
     cmds.Quarantine(node_id="a" * 32, reason="meshd 0.2.0 with package digest " + "e" * 64 + " is not in the policy",
                     software="e" * 64, actor="attestation@n1"),
     cmds.RevokeToken(token_id="t", actor="op"),
+    cmds.RemoveNode(node="n3", actor="op"),
     cmds.RecordRefusal(action="join-refused", target="intruder (node 1234)", source="198.18.0.9:40000",
                        reason="token proof does not match", count=3, actor="n2"),
 ]

@@ -160,6 +160,8 @@ COMMANDS = [
      [{"token_id": "0123456789abcdef", "site": "factory-a", "state": "active", "founds_site": False,
        "created_by": "op", "created_at": 1_700_000_000.0, "expires_at": 1_700_003_600.0, "used_by": None,
        "revoked_by": None}], ["ID", "STATE", "EXPIRES", "0123456789abcdef", "active"]),
+    (["node", "remove", "edge-3"], "node_remove", {"node": "edge-3"},
+     {"node": "edge-3", "node_id": "ab" * 16, "removed": True, "promoted": "edge-6"}, ["removed:", "promoted:", "edge-6"]),
     (["token", "revoke", "0123"], "token_revoke", {"token": "0123"},
      {"token_id": "0123456789abcdef", "revoked": True}, ["revoked:", "yes"]),
     (["deploy", "{spec}"], "deploy", {"spec_toml": SPEC_TOML, "wait": False, "timeout": None},

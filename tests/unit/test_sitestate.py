@@ -435,3 +435,49 @@ def test_found_site_refuses_a_bad_site_name():
     result = sitestate.apply(state, cmd("found_site", token_id="nb", node=node(8, site="Not_A_Name")))
     assert not result.ok and "site name must be" in result.text
     assert state.tokens["nb"].used_by is None
+
+
+def test_removing_a_down_voter_promotes_the_longest_standing_ready_non_voter():
+    state = founded(7)  # five voters, two non-voters (n6 joined before n7)
+    gone, n6, n7 = f"{3:032x}", f"{6:032x}", f"{7:032x}"
+    up = sitestate.apply(state, cmd("remove_node", node="n3", actor="op"))
+    assert not up.ok and up.code == "conflict" and "is up (ready): stop its meshd first" in up.text
+    assert sitestate.apply(state, cmd("set_liveness", node_id=gone, liveness="down")).ok
+    removed = sitestate.apply(state, cmd("remove_node", node="n3", actor="op"))
+    assert removed.ok and removed["promoted"] == n6
+    assert state.nodes[gone].state == "left" and not state.nodes[gone].voter
+    assert state.nodes[n6].voter and not state.nodes[n7].voter
+    assert sum(1 for n in state.nodes.values() if n.voter and n.admin != "left") == sitestate.MAX_VOTERS
+    assert state.audit[-1].action == "node-remove" and state.audit[-1].target == "n3"
+    again = sitestate.apply(state, cmd("remove_node", node="n3", actor="op"))  # a retry: the same, no second promotion
+    assert again.ok and again["promoted"] is None and not state.nodes[n7].voter
+    # not a revocation: the node may join again with a fresh token
+    assert sitestate.apply(state, cmd("create_token", token_id="back", site="s1", secret="ab" * 32,
+                                      expires_at=T0 + 100)).ok
+    assert sitestate.apply(state, cmd("admit_node", token_id="back", node=node(3))).ok
+
+
+def test_a_removed_nodes_replicas_do_not_count_and_nothing_is_promoted_without_a_ready_non_voter():
+    from meshd.reconcile import reconcile
+    state = founded(3)
+    n1, n2, _n3 = sorted(state.nodes)
+    sitestate.apply(state, cmd("submit_app", spec=APP))
+    sitestate.apply(state, plan_cmd([{"alloc_id": "a0", "replica": 0, "node_id": n2},
+                                     {"alloc_id": "a1", "replica": 1, "node_id": n1}]))
+    sitestate.apply(state, cmd("set_liveness", node_id=n2, liveness="down"))
+    removed = sitestate.apply(state, cmd("remove_node", node="n2", actor="op"))
+    assert removed.ok and removed["promoted"] is None
+    assert reconcile(state).place == {"web": (0,)}
+
+
+@pytest.mark.parametrize("prepare, ref, reason", [
+    (lambda s: None, "nobody", "no member named 'nobody'"),
+    (lambda s: s.nodes.update({f"{1:032x}": dataclasses.replace(s.nodes[f"{1:032x}"], liveness="down")}), "n1",
+     "the site's last voter"),
+])
+def test_node_remove_refusals_change_nothing(prepare, ref, reason):
+    state = founded(1)
+    prepare(state)
+    before = copy.deepcopy(state.nodes)
+    refused = sitestate.apply(state, cmd("remove_node", node=ref, actor="op"))
+    assert not refused.ok and reason in refused.text and state.nodes == before

@@ -50,12 +50,25 @@ CUT_SAFETY_PERIOD = 5.0
 BEAT_SILENCE = 10.0
 
 
+def _is_root_key(root_key: str, trust_root: str) -> bool:
+    """Whether `root_key` (hex raw Ed25519 private key) is the mesh root `trust_root` names."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    try:
+        key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(root_key))
+    except ValueError:
+        return False
+    public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return bool(trust_root) and public.hex() == trust_root
+
+
 class PeerService:
     def __init__(self, ctx: NodeContext, *, voter_changes: Callable[[], list[fx.Effect]],
-                 switch_secret: Callable[[str, int], Awaitable[bool]]) -> None:
+                 switch_secret: Callable[[str, int], Awaitable[bool]],
+                 become_voter: Callable[[str], Awaitable[None]] | None = None) -> None:
         self.ctx = ctx
         self.voter_changes = voter_changes  # the leader's: a new voter is added at once
         self.switch_secret = switch_secret  # the trust service's: a rotation handed to us
+        self.become_voter = become_voter  # the trust service's: the site made us a voter
         self._member_scopes: dict[tuple[str, str], set[trio.CancelScope]] = {}  # open calls and sessions
         self.refusals = Refusals(actor=ctx.config.name)
         self._to_record: list[fx.Effect] = []  # refusals to commit into the audit, in order
@@ -238,6 +251,21 @@ class PeerService:
             assert isinstance(secret, str)
             switched = await self.switch_secret(secret, epoch)
             return {"epoch": self.ctx.membership.secret_epoch if self.ctx.membership else 0, "switched": switched}
+        if call.get("call") == "promote":
+            # Trust the state, not the caller alone: our own record must say voter, and the
+            # key must be the mesh root the site's trust documents name.
+            state = self.ctx.snapshot()
+            assert self.ctx.identity is not None
+            own = state.nodes.get(self.ctx.identity.node_id)
+            root_key = call.get("root_key")
+            if own is None or not own.voter:
+                raise peer.PeerError("the site has not made this node a voter")
+            if not isinstance(root_key, str) or not _is_root_key(root_key, state.trust_root):
+                raise peer.PeerError("not the mesh root key")
+            if self.become_voter is None:
+                raise peer.PeerError("this node cannot become a voter")
+            await self.become_voter(root_key)
+            return {"voter": True}
         if call.get("call") == "site_secret":
             assert self.ctx.membership is not None
             caller_record = self.ctx.snapshot().nodes.get(caller)

@@ -45,6 +45,7 @@ class TrustService:
         self._secret_switch = trio.Lock()  # one Raft restart at a time, or two nodes would share a port
         ctx.carry_out(fx.TellRevoked, self._tell_revoked)
         ctx.carry_out(fx.DistributeSecret, self._distribute_secret)
+        ctx.carry_out(fx.PromoteVoter, self._promote_voter)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -82,6 +83,31 @@ class TrustService:
             await self.ctx.try_call_member(node, {"call": "rotate", "secret": secret, "epoch": effect.epoch},
                                            "rotation not delivered; the member fetches it later")
         await self.switch_secret(secret, effect.epoch)
+
+    async def _promote_voter(self, effect: fx.PromoteVoter) -> None:
+        """The site made `effect.node` a voter: hand it the mesh root key (voters issue
+        certificates and sign trust documents); it restarts its Raft as a voter."""
+        assert self.ctx.membership is not None
+        await self.ctx.try_call_member(effect.node, {"call": "promote", "root_key": self.ctx.membership.root_key},
+                                       "promotion not delivered")
+
+    async def become_voter(self, root_key: str) -> None:
+        """This node was made a voter: keep the root key, restart Raft as a voter with the
+        site's other voters as partners."""
+        ctx = self.ctx
+        assert ctx.membership is not None and ctx.identity is not None
+        async with self._secret_switch:  # one Raft restart at a time
+            if ctx.membership.voter:
+                return
+            state = ctx.snapshot()
+            ctx.membership.voter, ctx.membership.root_key = True, root_key
+            ctx.membership.partners = sorted(n.raft_address for n in state.nodes.values() if n.voter and n.admin
+                                             not in (ADMIN_LEFT, ADMIN_REVOKED) and n.node_id != ctx.identity.node_id)
+            ctx.membership.save(ctx.data_dir)
+            ctx.event("membership", "promoted to voter: Raft restarts as a voter")
+            if ctx.raft is not None:
+                await trio.to_thread.run_sync(ctx.raft.close)
+            ctx.start_raft()
 
     async def switch_secret(self, secret: str, epoch: int) -> bool:
         """Adopt a newer site secret: save it, restart Raft with it. Older epochs are ignored."""
