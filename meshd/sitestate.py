@@ -116,7 +116,8 @@ def _remember(state: SiteState, request_id: str, result: Result) -> None:
 
 
 def _event(state: SiteState, ts: float, kind: str, message: str, /, **data: Any) -> None:
-    state.events.append(Event(ts=ts, kind=kind, message=message, data=data))
+    state.event_seq += 1
+    state.events.append(Event(ts=ts, kind=kind, message=message, data=data, seq=state.event_seq))
     if len(state.events) > MAX_EVENTS:
         del state.events[: len(state.events) - MAX_EVENTS]
 

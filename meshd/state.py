@@ -237,9 +237,22 @@ class Event:
     kind: str  # placement | membership | node | app | token | alloc
     message: str
     data: Mapping[str, object] = field(default_factory=dict)
+    seq: int = 0  # 1, 2, ... per site, never reused (0: written before events were numbered)
 
     def to_plain(self) -> dict:
         return {"ts": self.ts, "kind": self.kind, "message": self.message, **dict(self.data)}
+
+
+def events_after(events: list[Event], seq: int) -> list[Event]:
+    """The events numbered after `seq`, oldest first: what a follower has not seen. Walks
+    from the end, so it costs the new events, not the (capped) history."""
+    new = []
+    for event in reversed(events):
+        if event.seq <= seq:
+            break
+        new.append(event)
+    new.reverse()
+    return new
 
 
 @dataclass(frozen=True)
@@ -481,6 +494,9 @@ class SiteState:
     # document's winner, and re-publishes it if the document lacks it.
     mesh_edits: dict[str, dict] = field(default_factory=dict)
     audit_seq: int = 0  # audit records written so far (the last one's seq)
+    # Events written so far: `events --follow` follows by it, since the kept history is capped
+    # (its length stops moving once full, its content does not).
+    event_seq: int = 0
     # How many times the Raft secret was replaced (after revocations); the secret itself
     # never enters the replicated state, which every member, revoked or not, could read.
     secret_epoch: int = 0

@@ -56,6 +56,10 @@ REQUEST_TIMEOUT_S = 10.0
 # reading would otherwise hold its connection task forever. Progress frames are exempt: a
 # paused pager (`meshctl logs -f | less`) may legitimately stop reading for a long time.
 REPLY_TIMEOUT_S = 30.0
+# A streaming client (`--follow`, `--wait`) that takes nothing of one item for this long is
+# dropped: it would hold its handler, its buffers and a place among the connections for as
+# long as it does not read, however much else the daemon has to say to other clients.
+STREAM_SEND_TIMEOUT_S = 10.0
 
 # Pending connections the kernel queues: a handful of concurrent meshctl calls at most.
 LISTEN_BACKLOG = 64
@@ -191,7 +195,13 @@ class _ConnectionStream:
         frame = encode_frame({"stream": item}, max_frame=ADMIN_MAX_FRAME)
         async with self._lock:
             try:
-                await self._conn.send_all(frame)
+                with trio.move_on_after(STREAM_SEND_TIMEOUT_S) as sending:
+                    await self._conn.send_all(frame)
+                if sending.cancelled_caught:
+                    # Half a frame may be out: the connection cannot carry anything more.
+                    log.info("admin client dropped: it read nothing of its stream for %gs", STREAM_SEND_TIMEOUT_S)
+                    await trio.aclose_forcefully(self._conn)
+                    raise trio.BrokenResourceError("the client fell behind its stream")
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 # The client went away: end the handler through cancellation, quietly.
                 self._on_client_gone()

@@ -49,7 +49,7 @@ from meshd.node import effects as fx
 from meshd.node import trust
 from meshd.sitestate import node_to_plain
 from meshd.state import (ADMIN_LEFT, ADMIN_REVOKED, ALLOC_RUNNING, APP_RUNNING, APP_STOPPED, NodeRecord, SiteState,
-                         app_health)
+                         app_health, events_after)
 
 
 # How long a write waits for a leader to appear before it is refused.
@@ -425,22 +425,24 @@ class AdminHandlers:
 
     async def events(self, request: AdminRequest, stream) -> list:
         follow_ = bool(_arg(request.args, "follow", bool, False))
-        seen_replicated = len(self._state().events)
-        history = self._merged_events(self._state().events, list(self.ctx.local_events))
+        state = self._state()
+        history = self._merged_events(state.events, list(self.ctx.local_events))
         if not follow_:
             return history
+        # Followed by sequence numbers, not by position: both histories are capped, so once
+        # full their length stops moving while new events keep coming.
+        replicated_seen, local_seen = state.event_seq, self.ctx.local_event_count
         for event in history[-50:]:
             await stream.send(event)
-        local_seen = len(self.ctx.local_events)
         while True:
             await self.ctx.state_changed.wait(1.0)
             state = self._state()
-            new = [e.to_plain() for e in state.events[seen_replicated:]] if len(state.events) >= seen_replicated \
-                else []
-            seen_replicated = len(state.events)
-            local = list(self.ctx.local_events)
-            new += local[local_seen:] if len(local) >= local_seen else []
-            local_seen = len(local)
+            new = [e.to_plain() for e in events_after(state.events, replicated_seen)]
+            replicated_seen = max(replicated_seen, state.event_seq)
+            fresh = self.ctx.local_event_count - local_seen
+            if fresh > 0:
+                new += list(self.ctx.local_events)[-min(fresh, len(self.ctx.local_events)):]
+            local_seen = self.ctx.local_event_count
             for event in sorted(new, key=lambda e: e["ts"]):
                 await stream.send(event)
 

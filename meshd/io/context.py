@@ -125,6 +125,7 @@ class NodeContext:
         self.supervisor: Supervisor | None = None
         self.joining: Joining | None = None  # while this node looks for a member to admit it
         self.local_events: deque[dict] = deque(maxlen=MAX_LOCAL_EVENTS)
+        self.local_event_count = 0
         self.advertise_ip = advertise_ip_for(config)
         self.listen_ip = config.listen.rpartition(":")[0]
         self.peer_port = 0
@@ -149,6 +150,7 @@ class NodeContext:
 
     def event(self, kind: str, message: str, **data: Any) -> None:
         self.local_events.append({"ts": time.time(), "kind": kind, "message": message, "node": self.config.name, **data})
+        self.local_event_count += 1  # ever appended: followers follow by it (the deque is capped)
         log.info(message, extra={"kind": kind, **data})
 
     def snapshot(self) -> SiteState:

@@ -493,3 +493,27 @@ def test_meshctl_imports_no_event_loop():
     code = "import sys, meshd.cli.meshctl; print(sorted(m for m in ('trio', 'pycrdt', 'cryptography') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+
+
+def test_a_stream_client_that_stops_reading_is_dropped_and_others_are_served(sock_path, monkeypatch):
+    """It asks for an endless stream and never reads: once it took nothing for the stream
+    send timeout, its handler ends (cancelled) and its connection closes; meanwhile and after,
+    other clients are answered at once."""
+    from meshd.io import admin as adminmod
+    monkeypatch.setattr(adminmod, "STREAM_SEND_TIMEOUT_S", 0.5)
+    handler = Recorder()
+
+    async def body() -> None:
+        stalled = await trio.open_unix_socket(sock_path)
+        await stalled.send_all(encode_frame({"cmd": "stream-forever", "args": {}}))
+        started = trio.current_time()
+        with trio.fail_after(1.0):
+            assert await admin_call(sock_path, "echo", {}) == {"cmd": "echo", "args": {}}
+        await handler.handler_done.wait()  # the socket buffers filled, then the timeout
+        assert trio.current_time() - started < 10
+        assert handler.handler_exit == ["cancelled"]
+        with trio.fail_after(1.0):
+            assert await admin_call(sock_path, "echo", {}) == {"cmd": "echo", "args": {}}
+        await stalled.aclose()
+
+    run_with_server(sock_path, handler, body)

@@ -481,3 +481,16 @@ def test_node_remove_refusals_change_nothing(prepare, ref, reason):
     before = copy.deepcopy(state.nodes)
     refused = sitestate.apply(state, cmd("remove_node", node=ref, actor="op"))
     assert not refused.ok and reason in refused.text and state.nodes == before
+
+
+def test_events_are_numbered_so_a_follower_sees_new_ones_once_the_history_is_full():
+    from meshd.state import events_after
+    state = founded(1)
+    for i in range(sitestate.MAX_EVENTS + 10):
+        sitestate._event(state, T0 + i, "node", f"e{i}")
+    assert len(state.events) == sitestate.MAX_EVENTS  # capped: its length no longer moves
+    seen = state.event_seq
+    sitestate._event(state, T0 + 9999, "node", "news")
+    assert [e.message for e in events_after(state.events, seen)] == ["news"]
+    assert events_after(state.events, state.event_seq) == []
+    assert [e.seq for e in state.events] == sorted(e.seq for e in state.events)
