@@ -50,9 +50,37 @@ HANDSHAKE_TIMEOUT = 10.0
 # Calls a member may make with its certificate alone: asking for the current site secret,
 # which a member that missed a rotation (it was down) no longer knows.
 CERTIFICATE_ONLY_CALLS = frozenset({"site_secret"})
-# At most this many peer connections are served at once; beyond it new ones wait in the
-# accept backlog instead of exhausting memory.
+# At most this many peer connections are served at once, and this many from one host (a
+# member keeps a few: beats, a sync session, calls; joins are one at a time). Beyond either a
+# new connection is closed at accept, before its TLS handshake costs anything, so a flood
+# from a few hosts cannot take the places members need. Loopback is one host for every
+# daemon of a machine (tests, a demo): it counts only against the total.
 MAX_PEER_CONNECTIONS = 256
+MAX_PEER_CONNECTIONS_PER_HOST = 32
+
+
+class PeerAdmission:
+    """Which new peer connections are served (pure): bounded in total and per host."""
+
+    def __init__(self, total: int = MAX_PEER_CONNECTIONS, per_host: int = MAX_PEER_CONNECTIONS_PER_HOST) -> None:
+        self.total, self.per_host = total, per_host
+        self.open: dict[str, int] = {}
+        self.refused = 0  # since the caller last reported them
+
+    def admit(self, host: str) -> bool:
+        loopback = host in ("127.0.0.1", "::1")
+        if sum(self.open.values()) >= self.total or (not loopback and self.open.get(host, 0) >= self.per_host):
+            self.refused += 1
+            return False
+        self.open[host] = self.open.get(host, 0) + 1
+        return True
+
+    def release(self, host: str) -> None:
+        left = self.open.get(host, 0) - 1
+        if left > 0:
+            self.open[host] = left
+        else:
+            self.open.pop(host, None)
 
 
 class PeerError(Exception):
@@ -143,7 +171,8 @@ async def serve_peer_connection(stream: trio.SocketStream, *, on_join: JoinHandl
         return
     conn = FramedStream(secure)
     try:
-        hello = await conn.receive()
+        with trio.fail_after(HANDSHAKE_TIMEOUT):  # a peer that connects and says nothing goes
+            hello = await conn.receive()
         kind = hello.get("type")
         if kind == "join_hello":
             await on_join(conn, hello, _peer_name(stream))
@@ -179,6 +208,13 @@ async def serve_peer_connection(stream: trio.SocketStream, *, on_join: JoinHandl
         pass
     finally:
         await conn.aclose()
+
+
+def peer_host(stream: trio.SocketStream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except (OSError, AttributeError):
+        return "?"
 
 
 def _peer_name(stream: trio.SocketStream) -> str:

@@ -331,3 +331,37 @@ def test_a_wait_timeout_out_of_range_is_refused_before_anything_is_deployed(one,
         admin_call_sync(leader.socket, "deploy", {"spec_toml": sleeper_app("svc", 1), "wait": True,
                                                   "timeout": timeout}, timeout=10)
     assert snapshot(leader) == before
+
+
+def test_a_flood_of_idle_peer_connections_does_not_keep_a_joiner_out(one):
+    """200 connections from one host that never speak: beyond the per-host bound they are
+    closed at accept, before any TLS; the rest time out. A node joining meanwhile (from
+    another address) gets through at once."""
+    from meshd.io import peer
+    node = one.nodes[0]
+    host, port = node.call("status")["address"].rsplit(":", 1)
+    flood = []
+    for _ in range(200):
+        s = socket.socket()
+        s.bind(("127.0.0.2", 0))  # one attacking host, not the daemons' own 127.0.0.1
+        s.settimeout(5)
+        s.connect((host, int(port)))
+        flood.append(s)
+    time.sleep(0.5)
+
+    def closed(s: socket.socket) -> bool:
+        s.settimeout(0.01)
+        try:
+            return s.recv(1) == b""
+        except (socket.timeout, BlockingIOError):
+            return False
+        except ConnectionResetError:
+            return True
+    still_open = [s for s in flood if not closed(s)]
+    assert len(still_open) <= peer.MAX_PEER_CONNECTIONS_PER_HOST
+    started = time.monotonic()
+    one.join(timeout=20)  # through the peer port, while the flood holds its places
+    assert time.monotonic() - started < 15
+    for s in flood:
+        s.close()
+    assert node.call("status")["role"] == "leader"

@@ -48,6 +48,8 @@ CUT_SAFETY_PERIOD = 5.0
 # A beat connection silent this long is dropped (the sender beats several times a lease; a
 # dead one is noticed by its lease long before, this only frees the socket).
 BEAT_SILENCE = 10.0
+# Refused peer connections (a flood) are logged at most this often, with their count.
+REFUSED_REPORT_PERIOD = 10.0
 
 
 def _is_root_key(root_key: str, trust_root: str) -> bool:
@@ -114,16 +116,29 @@ class PeerService:
                 log.info("refused joins not recorded in the audit", extra={"reason": str(e), "records": len(effects)})
 
     async def _serve(self, listeners) -> None:
-        limiter = trio.CapacityLimiter(peer.MAX_PEER_CONNECTIONS)
+        admission = peer.PeerAdmission()
+        reported_at = float("-inf")
 
         async def handle(stream: trio.SocketStream) -> None:
-            async with limiter:
+            nonlocal reported_at
+            host = peer.peer_host(stream)
+            if not admission.admit(host):  # before the handshake: a flood costs an accept and a close
+                await trio.aclose_forcefully(stream)
+                if time.monotonic() - reported_at >= REFUSED_REPORT_PERIOD:
+                    reported_at = time.monotonic()
+                    log.warning("peer connections refused: too many from one host, or in all",
+                                extra={"refused": admission.refused, "last_host": host})
+                    admission.refused = 0
+                return
+            try:
                 await peer.serve_peer_connection(
                     stream, on_join=self.handle_join, on_member_call=self.handle_member_call,
                     member_secret=lambda: self.ctx.membership.site_secret if self.ctx.membership and self.ctx.raft else None,
                     is_member=self.ctx.is_member, tls=self.ctx.tls.server_context, cert_member=self.ctx.cert_member,
                     track=self._track_member, on_sync=self._serve_sync, sync_member=self.ctx.sync_member,
                     on_beats=self._take_beats)
+            finally:
+                admission.release(host)
 
         await trio.serve_listeners(handle, listeners)
 
