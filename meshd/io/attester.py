@@ -2,8 +2,8 @@
 
 Measurements:
 - meshd-package: SHA-256 over the installed meshd, attestation and crdt package files
-  (relative path and contents of every .py file, in sorted order), so any change to the
-  code that runs changes the digest;
+  (relative path and contents of every .py file, in sorted order: attestation.measure), so
+  any change to the code that runs changes the digest;
 - config: SHA-256 of the effective configuration (without the one-time join token).
 
 Without a TPM this evidence is self-reported: the key proves which node speaks, not that the
@@ -19,54 +19,23 @@ import functools
 import hashlib
 import time
 from pathlib import Path
-from typing import Iterable
 
 import attestation
 import crdt
 import meshd
 from attestation.evidence import MEASURED_CONFIG, MEASURED_PACKAGE, Claims, TpmClaims, make_evidence
+from attestation.measure import MEASURED_NAMES
 from attestation.tpm import quote_data
 from meshd import __version__
 from meshd.config import NodeConfig
+from meshd.io.builddigest import measure_files
 from meshd.io.identity import Identity
 from meshd.io.tpm import TpmDevice
 from meshd.tokens import canonical
 
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 MEASURED_PACKAGES = (meshd, attestation, crdt)
-
-
-MEASURED_NAMES = tuple(p.__name__ for p in MEASURED_PACKAGES)
-
-
-def digest_of(files: Iterable[tuple[str, tuple[str, ...], bytes]]) -> str:
-    """The package digest of `files`: (package, path parts inside it, contents) of every .py
-    file of the measured packages, from wherever they are read (installed code, a source
-    tree, a wheel, a .deb: meshd.io.builddigest). One algorithm, so the digest of a build
-    measured before it is installed is the one the installed node's evidence will carry:
-    packages in MEASURED_NAMES order, files in path order within each."""
-    order = {name: i for i, name in enumerate(MEASURED_NAMES)}
-    digest = hashlib.sha256()
-    for package, parts, data in sorted(files, key=lambda f: (order.get(f[0], len(order)), f[0], f[1])):
-        name = f"{package}/{'/'.join(parts)}".encode()
-        digest.update(len(name).to_bytes(4, "big") + name + len(data).to_bytes(8, "big") + data)
-    return digest.hexdigest()
-
-
-def measured_file(parts: tuple[str, ...]) -> bool:
-    """Whether a file at these path parts (inside a package) is measured."""
-    return bool(parts) and parts[-1].endswith(".py") and "__pycache__" not in parts
-
-
-def measure_files(roots: list[Path]) -> str:
-    """The digest of the packages rooted at `roots` (directories named after them)."""
-    files = []
-    for root in roots:
-        for path in root.rglob("*.py"):
-            parts = path.relative_to(root).parts
-            if measured_file(parts) and path.is_file():
-                files.append((root.name, parts, path.read_bytes()))
-    return digest_of(files)
+assert tuple(p.__name__ for p in MEASURED_PACKAGES) == MEASURED_NAMES
 
 
 def package_digest() -> str:

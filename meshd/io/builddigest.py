@@ -1,7 +1,7 @@
 """The reference digest of a meshd build before it is installed (`meshd digest`): read the
 measured packages' files from a .deb, a wheel or a directory (a source tree or a
 site-packages), and digest them exactly as the installed node's attester will
-(meshd.io.attester.digest_of), so an operator allows an upgrade (`meshctl policy allow`)
+(attestation.measure.digest_of), so an operator allows an upgrade (`meshctl policy allow`)
 before installing it, offline.
 
 Invariants:
@@ -9,6 +9,8 @@ Invariants:
   archive (absolute, `..`) makes the whole archive refused: a hostile archive gets a
   one-line reason, never a traceback, and nothing is written anywhere.
 - A build without all of the measured packages is refused, never digested in part.
+- Standard library only (beside attestation.measure): the package build runs it on a
+  site-packages of another architecture, whose compiled dependencies cannot be imported.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from meshd.io.attester import MEASURED_NAMES, digest_of, measure_files, measured_file
+from attestation.measure import MEASURED_NAMES, digest_of, measured_file
 
 # meshd, attestation and crdt are a few hundred KiB of Python; a whole .deb with its venv is
 # tens of MiB. These bounds are far beyond a real build and stop a crafted archive.
@@ -30,6 +32,17 @@ MAX_FILE = 16 * 1024 * 1024  # one measured .py file
 MAX_MEASURED = 256 * 1024 * 1024  # all measured files together (decompressed)
 MAX_MEMBERS = 200_000  # entries looked at in one archive
 VERSION_RE = re.compile(r'''^__version__\s*=\s*["']([0-9][0-9A-Za-z.+-]{0,31})["']''', re.MULTILINE)
+
+
+def measure_files(roots: list[Path]) -> str:
+    """The digest of the packages rooted at `roots` (directories named after them)."""
+    files = []
+    for root in roots:
+        for path in root.rglob("*.py"):
+            parts = path.relative_to(root).parts
+            if measured_file(parts) and path.is_file():
+                files.append((root.name, parts, path.read_bytes()))
+    return digest_of(files)
 
 
 class DigestError(Exception):

@@ -232,7 +232,7 @@ def test_modified_software_is_refused_and_changes_nothing(one, tmp_path):
 
 def test_allowing_a_new_digest_lets_that_software_join(one, tmp_path):
     """The upgrade path: an operator adds the new build's digest to the policy first."""
-    from meshd.io.attester import measure_files
+    from meshd.io.builddigest import measure_files
     leader = one.nodes[0]
     copy = modified_copy_of_meshd(tmp_path / "sw")
     digest = measure_files([copy / "meshd", copy / "attestation", copy / "crdt"])

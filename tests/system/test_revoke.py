@@ -68,7 +68,7 @@ def test_revoke_expels_the_node_everywhere(three):
 
 
 def _digest_of(root) -> str:
-    from meshd.io.attester import measure_files
+    from meshd.io.builddigest import measure_files
     return measure_files([root / "meshd", root / "attestation", root / "crdt"])
 
 

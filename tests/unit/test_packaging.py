@@ -1,4 +1,5 @@
-"""Packaging: the systemd unit, the default config and the .deb built from them."""
+"""Packaging: the systemd unit, the default config, the lock and the .deb built from them
+(installing it with no network: tests/system/test_package.py)."""
 
 from __future__ import annotations
 
@@ -18,12 +19,11 @@ from meshd.io.sdnotify import PING_FRACTION
 from meshd.io.watchdog import CHECK_PERIOD, DEFAULT_STALL_LIMIT, FEED_PERIOD
 from meshd.node.joining import JOIN_TIMEOUT
 
-ROOT = Path(__file__).resolve().parents[2]
-PACKAGING = ROOT / "packaging"
+from tests.debpkg import (BUILD_SCRIPT, LOCK, PACKAGING, ROOT, dpkg_deb, locked, native_arch, normalize,
+                          project_version)
+
 UNIT = PACKAGING / "meshd.service"
 DEFAULT_CONFIG = PACKAGING / "meshd.toml"
-BUILD_SCRIPT = PACKAGING / "build-deb.sh"
-BUILD_TIMEOUT_S = 600  # building the wheel may fetch the build backend from the package index
 COMMENTED_OPTION = re.compile(r"^# ?([a-z][a-z_-]*) = (.*)$")
 
 
@@ -168,74 +168,104 @@ def test_default_config_examples_are_valid_and_defaults_are_true() -> None:
         assert getattr(cfg, option) == getattr(defaults, option), option
 
 
-def project_version() -> str:
-    with open(ROOT / "pyproject.toml", "rb") as f:
-        return tomllib.load(f)["project"]["version"]
+def test_deb_control_fields(native_deb: Path) -> None:
+    assert dpkg_deb("-f", str(native_deb), "Package").strip() == "meshd"
+    assert dpkg_deb("-f", str(native_deb), "Version").strip() == project_version()
+    # The compiled dependencies (cryptography, pycrdt, psutil, ...) are this machine's.
+    assert dpkg_deb("-f", str(native_deb), "Architecture").strip() == native_arch()
+    depends = [d.strip() for d in dpkg_deb("-f", str(native_deb), "Depends").split(",")]
+    assert depends[0] == f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    assert re.fullmatch(r"libc6 \(>= 2\.\d+\)", depends[1]) and len(depends) == 2
 
 
-@pytest.fixture(scope="module")
-def built_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("dpkg-deb") is None:
-        pytest.skip("dpkg-deb is not installed (Debian's dpkg package provides it)")
-    out = tmp_path_factory.mktemp("dist")
-    before = {p.name for p in ROOT.iterdir()}
-    result = subprocess.run(["bash", str(BUILD_SCRIPT), str(out)], capture_output=True, text=True,
-                            timeout=BUILD_TIMEOUT_S, env={**os.environ, "PYTHON": sys.executable})
-    assert result.returncode == 0, result.stderr
-    created = {p.name for p in ROOT.iterdir()} - before
-    assert not {n for n in created if n == "build" or n.endswith(".egg-info")}, "build output left in the tree"
-    deb = out / f"meshd_{project_version()}_all.deb"
-    assert result.stdout.strip() == str(deb)
-    assert deb.is_file()
-    return deb
-
-
-def dpkg_deb(*args: str) -> str:
-    return subprocess.run(["dpkg-deb", *args], capture_output=True, text=True, check=True, timeout=60).stdout
-
-
-def test_deb_control_fields(built_deb: Path) -> None:
-    assert dpkg_deb("-f", str(built_deb), "Package").strip() == "meshd"
-    assert dpkg_deb("-f", str(built_deb), "Version").strip() == project_version()
-    assert dpkg_deb("-f", str(built_deb), "Architecture").strip() == "all"
-    depends = [d.strip() for d in dpkg_deb("-f", str(built_deb), "Depends").split(",")]
-    assert depends == ["python3 (>= 3.11)", "python3-venv"]
-
-
-def test_deb_file_list(built_deb: Path) -> None:
+def deb_entries(deb: Path) -> dict[str, str]:
     entries = {}
-    for line in dpkg_deb("-c", str(built_deb)).splitlines():
+    for line in dpkg_deb("-c", str(deb)).splitlines():
         path = line.split(None, 5)[5]
         name, _, target = path.partition(" -> ")
         entries[name.removeprefix(".")] = target
+    return entries
+
+
+def test_deb_file_list(native_deb: Path) -> None:
+    entries = deb_entries(native_deb)
+    pyver = f"python{sys.version_info[0]}.{sys.version_info[1]}"
     assert entries["/etc/meshd/meshd.toml"] == ""
     assert entries["/lib/systemd/system/meshd.service"] == ""
     assert entries["/usr/bin/meshd"] == "/opt/meshd/bin/meshd"
     assert entries["/usr/bin/meshctl"] == "/opt/meshd/bin/meshctl"
-    wheels = [p for p in entries if re.fullmatch(rf"/usr/share/meshd/meshd-{re.escape(project_version())}-py3-none-any\.whl", p)]
-    assert len(wheels) == 1
+    assert entries["/usr/share/meshd/DIGEST"] == ""
+    # The environment points at the device's interpreter, not the build machine's.
+    assert entries[f"/opt/meshd/bin/{pyver}"] == f"/usr/bin/{pyver}"
+    site = f"/opt/meshd/lib/{pyver}/site-packages"
+    for package in ("meshd", "attestation", "crdt", "trio", "cryptography", "pycrdt", "psutil", "pysyncobj",
+                    "zeroconf"):
+        assert f"{site}/{package}/__init__.py" in entries, package
+    # Compiled at build time (the installed tree is read-only to the daemon).
+    assert any(p.startswith(f"{site}/meshd/__pycache__/") and p.endswith(".pyc") for p in entries)
+    assert not [p for p in entries if p.endswith(".whl")], "no wheel left to install at configure time"
 
 
-def test_deb_ships_the_packaging_files_unchanged(built_deb: Path, tmp_path: Path) -> None:
-    subprocess.run(["dpkg-deb", "-x", str(built_deb), str(tmp_path)], check=True, timeout=60)
+def test_deb_carries_exactly_the_locked_dependencies(native_deb: Path, tmp_path: Path) -> None:
+    """What the package holds is the lock, the lock is the whole closure of meshd's
+    requirements, and every requirement is met by the version it has."""
+    from importlib.metadata import PathDistribution
+    from packaging.requirements import Requirement
+
+    subprocess.run(["dpkg-deb", "-x", str(native_deb), str(tmp_path)], check=True, timeout=120)
+    (site,) = (tmp_path / "opt/meshd/lib").glob("python3.*/site-packages")
+    dists = {normalize(d.metadata["Name"]): d for d in map(PathDistribution, site.glob("*.dist-info"))}
+    have = {name: d.version for name, d in dists.items()}
+    assert have.pop("meshd") == project_version()
+    assert have == locked()
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    needed, todo = set(), [Requirement(r) for r in pyproject]
+    while todo:
+        req = todo.pop()
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        name = normalize(req.name)
+        assert name in have, f"{req} is needed but not in the package"
+        assert req.specifier.contains(have[name], prereleases=True), f"{req} is not met by {have[name]}"
+        if name not in needed:
+            needed.add(name)
+            todo += [Requirement(r) for r in dists[name].requires or []]
+    assert needed == set(have), f"locked but never needed: {set(have) - needed}"
+
+
+def test_deb_ships_the_packaging_files_unchanged(native_deb: Path, tmp_path: Path) -> None:
+    subprocess.run(["dpkg-deb", "-x", str(native_deb), str(tmp_path)], check=True, timeout=120)
     assert (tmp_path / "etc/meshd/meshd.toml").read_text() == DEFAULT_CONFIG.read_text()
     assert (tmp_path / "lib/systemd/system/meshd.service").read_text() == UNIT.read_text()
+    assert (tmp_path / "usr/share/meshd/requirements.lock").read_text() == LOCK.read_text()
+    for command in ("meshd", "meshctl"):
+        first = (tmp_path / "opt/meshd/bin" / command).read_text().splitlines()[0]
+        assert first == f"#!/opt/meshd/bin/python{sys.version_info[0]}.{sys.version_info[1]} -I"
 
 
-def test_deb_maintainer_scripts(built_deb: Path, tmp_path: Path) -> None:
+def test_deb_maintainer_scripts_install_nothing_from_the_network(native_deb: Path, tmp_path: Path) -> None:
     control = tmp_path / "DEBIAN"
-    subprocess.run(["dpkg-deb", "-e", str(built_deb), str(control)], check=True, timeout=60)
+    subprocess.run(["dpkg-deb", "-e", str(native_deb), str(control)], check=True, timeout=60)
     assert (control / "conffiles").read_text().split() == ["/etc/meshd/meshd.toml"]
-    wheel = next(p.split(None, 5)[5] for p in dpkg_deb("-c", str(built_deb)).splitlines() if p.endswith(".whl"))
-    postinst = (control / "postinst").read_text()
-    assert "python3 -m venv /opt/meshd" in postinst
-    assert "/opt/meshd/bin/pip install" in postinst and wheel.removeprefix(".") in postinst
     for script in ("postinst", "prerm", "postrm"):
+        text = (control / script).read_text()
+        assert "pip" not in text and "venv" not in text, script
         assert (control / script).stat().st_mode & 0o111, f"{script} is not executable"
         subprocess.run(["sh", "-n", str(control / script)], check=True, timeout=60)
-    # An upgrade runs the old postrm with "upgrade": it must not delete the new venv.
+    # An upgrade runs the old postrm with "upgrade": it must not delete the new files.
     postrm = (control / "postrm").read_text()
-    assert re.search(r"remove\|purge\)\s+rm -rf /opt/meshd", postrm)
+    assert re.search(r"remove\|purge\)\s+#[^\n]*\n\s+rm -rf \"\$\{DPKG_ROOT:-\}/opt/meshd\"", postrm)
+
+
+def test_build_refuses_an_architecture_it_cannot_cross_build(tmp_path: Path) -> None:
+    if shutil.which("dpkg-deb") is None:
+        pytest.skip("dpkg-deb is not installed")
+    other = "riscv64" if native_arch() != "riscv64" else "armhf"
+    result = subprocess.run(["bash", str(BUILD_SCRIPT), "--arch", other, str(tmp_path)], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode == 1 and list(tmp_path.iterdir()) == []
+    assert result.stderr.startswith(f"error: cannot build for {other} on {native_arch()}")
 
 
 def test_ci_runs_exactly_the_test_command_the_readme_gives() -> None:
