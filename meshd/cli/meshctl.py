@@ -130,6 +130,18 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+# The daemon's bound on --tail (meshd.io.logview.MAX_TAIL_LINES: not imported, to keep the
+# CLI's start-up light); checked here too so the mistake is a usage error at once.
+MAX_TAIL_LINES = 1_000_000
+
+
+def _tail_lines(text: str) -> int:
+    value = _non_negative_int(text)
+    if value > MAX_TAIL_LINES:
+        raise argparse.ArgumentTypeError(f"at most {MAX_TAIL_LINES} lines, got {value}")
+    return value
+
+
 def _positive_seconds(text: str) -> float:
     try:
         value = float(text)
@@ -254,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("logs", "workload output", _build_logs, _show_logs)
     sub.add_argument("alloc", metavar="ALLOC")
     sub.add_argument("--follow", "-f", action="store_true", help="keep printing new output")
-    sub.add_argument("--tail", metavar="N", type=_non_negative_int, help="last N lines only")
+    sub.add_argument("--tail", metavar="N", type=_tail_lines, help="last N lines only")
 
     sub = command("events", "placement, membership, attestation, sync events",
                   _build_events, _show_events)
@@ -389,7 +401,8 @@ def _build_audit(opts: argparse.Namespace) -> Request:
 # --- stream items --------------------------------------------------------------------
 
 
-def _stream_handler(command: str, out: Output) -> Callable[[Any], None]:
+def _stream_handler(command: str, out: Output, follow: bool = False,
+                    collected: list[str] | None = None) -> Callable[[Any], None]:
     if command == "deploy":
 
         def on_item(item: Any) -> None:
@@ -399,7 +412,11 @@ def _stream_handler(command: str, out: Output) -> Callable[[Any], None]:
     elif command == "logs":
 
         def on_item(item: Any) -> None:
-            if out.json_mode:
+            if out.json_mode and not follow and collected is not None:
+                # A long log arrives in pieces; --json without --follow still prints one document.
+                if isinstance(item, Mapping) and isinstance(item.get("data"), str):
+                    collected.append(item["data"])
+            elif out.json_mode:
                 out.json_line(item)
             elif isinstance(item, Mapping) and isinstance(item.get("data"), str):
                 out.write(item["data"])
@@ -502,7 +519,10 @@ def _failure(request: Request, result: Any) -> str | None:
     return None
 
 
-def _emit_result(opts: argparse.Namespace, request: Request, result: Any, out: Output) -> None:
+def _emit_result(opts: argparse.Namespace, request: Request, result: Any, out: Output,
+                 collected: list[str] | None = None) -> None:
+    if collected and isinstance(result, Mapping) and isinstance(result.get("data"), str):
+        result = {**result, "data": "".join(collected) + result["data"]}
     if out.json_mode:
         if request.follow and request.cmd == "events" and isinstance(result, list):
             for event in result:  # a follow stream stays one document per line
@@ -542,15 +562,16 @@ def main(argv: list[str] | None = None) -> int:
     out = Output(json_mode=opts.json or opts.json_after)
     try:
         request: Request = opts.build(opts)
+        collected: list[str] = []
         result = admin_call_sync(
             socket_path(opts),
             request.cmd,
             request.args,
-            on_stream=_stream_handler(request.cmd, out),
+            on_stream=_stream_handler(request.cmd, out, request.follow, collected),
             timeout=request.timeout,
         )
         out.end_progress()
-        _emit_result(opts, request, result, out)
+        _emit_result(opts, request, result, out, collected)
         failure = _failure(request, result)
         if failure is not None:
             return _error(failure)

@@ -213,7 +213,7 @@ async def follow(
                 except FileNotFoundError:
                     await trio.sleep(poll_interval)
                     continue
-            data = _read_to_end(file)
+            data = file.read(READ_CHUNK)  # one piece at a time: a slow reader holds no backlog
             if data:
                 yield data
                 continue

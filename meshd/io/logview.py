@@ -4,12 +4,19 @@ socket and the `logs` member call (an allocation that ran on another member) bot
 Invariants:
 - Only files under the supervisor's allocation directories are read (the id is checked).
 - A tail is bounded (MAX_LOG_TAIL bytes); `lines` keeps the last that many lines of it
-  (`meshctl logs --tail N`), `tail` the last that many bytes (what an older meshctl or
-  member asks for). Following streams what is appended until the caller goes away.
+  (`meshctl logs --tail N`, at most MAX_TAIL_LINES), `tail` the last that many bytes (what an
+  older meshctl or member asks for). A count out of range is refused with its bounds.
+  Following streams what is appended until the caller goes away.
+- Whatever the size of the answer, it is sent: text goes out in pieces of at most
+  SEND_CHUNK bytes (stream items, the last piece in the final answer), each of which fits a
+  frame however it escapes, and multi-byte characters are never cut between pieces. The log
+  files are the only buffer: a follower that reads slowly is served at its own pace from
+  disk, and holds no more memory than one piece.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 from typing import Any, Awaitable, Callable
 
@@ -18,15 +25,41 @@ import trio
 from meshd.io import peer
 from meshd.io.context import NodeContext
 from meshd.io.logfiles import follow, read_tail
+from meshd.wire import ADMIN_MAX_FRAME
 
 # Default bytes of log shown by `meshctl logs` without --tail: a screenful or two.
 DEFAULT_LOG_TAIL = 64 * 1024
 # Upper bound on --tail: the log files themselves are bounded by rotation anyway.
 MAX_LOG_TAIL = 16 * 1024 * 1024
+# --tail N lines: no more than MAX_LOG_TAIL bytes are read for them, which hold fewer lines
+# than this unless the lines are nearly empty.
+MAX_TAIL_LINES = 1_000_000
+# Bytes of log per frame sent: JSON escapes a byte into at most 6 characters (\u00XX), so a
+# piece always fits the smallest frame it travels in (the admin socket's).
+SEND_CHUNK = 64 * 1024
+assert 6 * SEND_CHUNK + 1024 < ADMIN_MAX_FRAME
 
 
-def _count(value: Any, limit: int) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= limit else None
+def _count(value: Any, limit: int, what: str) -> int | None:
+    """A count the caller gave (None: not given); PeerError, with the bounds, if out of range."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= limit:
+        return value
+    raise peer.PeerError(f"--tail must be a number of {what} from 0 to {limit}, not {str(value)[:40]}")
+
+
+class _Pieces:
+    """Log bytes as text pieces of at most SEND_CHUNK bytes, decoded across piece boundaries."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def split(self, data: bytes, final: bool = False) -> list[str]:
+        pieces = [self._decoder.decode(data[i:i + SEND_CHUNK]) for i in range(0, len(data), SEND_CHUNK)]
+        if final:
+            pieces.append(self._decoder.decode(b"", final=True))
+        return [p for p in pieces if p]
 
 
 def last_lines(path, lines: int) -> bytes:
@@ -49,8 +82,10 @@ async def serve_local_logs(ctx: NodeContext, alloc_id: str, follow_: bool, tail:
     """Log text of an allocation that ran on this node (`meshctl logs`, local or via a member call)."""
     if ctx.supervisor is None:
         raise peer.PeerError("supervisor not running")
-    want_lines = _count(lines, MAX_LOG_TAIL)
-    tail_bytes = _count(tail, MAX_LOG_TAIL) or DEFAULT_LOG_TAIL
+    want_lines = _count(lines, MAX_TAIL_LINES, "lines")
+    tail_bytes = _count(tail, MAX_LOG_TAIL, "bytes")
+    if tail_bytes is None:
+        tail_bytes = DEFAULT_LOG_TAIL
     try:
         path = ctx.supervisor.log_path(alloc_id)
     except ValueError as e:
@@ -61,11 +96,16 @@ async def serve_local_logs(ctx: NodeContext, alloc_id: str, follow_: bool, tail:
         data = await trio.to_thread.run_sync(last_lines, path, want_lines)
     else:
         data = await trio.to_thread.run_sync(read_tail, path, tail_bytes)
-    text = data.decode("utf-8", "replace")
+    pieces = _Pieces()
     if not follow_:
-        return {"data": text}
-    await send({"data": text})
+        *first, last = pieces.split(data, final=True) or [""]
+        for piece in first:
+            await send({"data": piece})
+        return {"data": last}
+    for piece in pieces.split(data):
+        await send({"data": piece})
     async with contextlib.aclosing(follow(path)) as chunks:
         async for chunk in chunks:
-            await send({"data": chunk.decode("utf-8", "replace")})
+            for piece in pieces.split(chunk):
+                await send({"data": piece})
     return {"data": ""}

@@ -309,6 +309,20 @@ def test_logs_are_printed_raw(daemon, capsys):
     assert capsys.readouterr().out == "no newline at end"
 
 
+def test_a_long_log_in_pieces_prints_as_one_text_and_one_json_document(daemon, capsys):
+    daemon.script["logs"] = ([{"data": "piece 1\n"}, {"data": "piece 2\n"}], {"data": "last\n"})
+    assert run(daemon, "logs", "a1") == 0
+    assert capsys.readouterr().out == "piece 1\npiece 2\nlast\n"
+    assert run(daemon, "logs", "a1", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == {"data": "piece 1\npiece 2\nlast\n"}
+
+
+@pytest.mark.parametrize("tail", ["1000001", "-1", "ten"])
+def test_a_tail_out_of_range_is_a_usage_error_before_the_daemon_is_asked(daemon, capsys, tail):
+    assert run(daemon, "logs", "a1", "--tail", tail) == 2
+    assert "--tail" in capsys.readouterr().err and daemon.requests == []
+
+
 def test_events_follow_prints_one_line_per_event(daemon, capsys):
     streamed = [
         {"ts": 1_700_000_001.0, "kind": "node", "message": "edge-2 is down"},
