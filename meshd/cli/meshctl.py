@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -139,6 +140,22 @@ def _tail_lines(text: str) -> int:
     value = _non_negative_int(text)
     if value > MAX_TAIL_LINES:
         raise argparse.ArgumentTypeError(f"at most {MAX_TAIL_LINES} lines, got {value}")
+    return value
+
+
+def _since(text: str) -> float:
+    """A time: seconds since the epoch, or ISO 8601 (without an offset: local time)."""
+    try:
+        value = float(text)
+    except ValueError:
+        import datetime
+        try:
+            value = datetime.datetime.fromisoformat(text).timestamp()
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected seconds since the epoch or an ISO 8601 time, "
+                                             f"got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a time after 1970, got {text!r}")
     return value
 
 
@@ -271,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("events", "placement, membership, attestation, sync events",
                   _build_events, _show_events)
     sub.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    sub.add_argument("--since", metavar="TS", type=_since,
+                     help="only events after TS (seconds since the epoch, as --json prints `ts`, or an "
+                          "ISO 8601 time): resumes a stream where it was left")
 
     command("audit", "who did what, where, when", _build_audit, _show_audit)
     return parser
@@ -386,7 +406,7 @@ def _build_logs(opts: argparse.Namespace) -> Request:
 
 
 def _build_events(opts: argparse.Namespace) -> Request:
-    return Request("events", {"follow": opts.follow},
+    return Request("events", {"follow": opts.follow, "since": opts.since},
                    timeout=None if opts.follow else ONE_SHOT_TIMEOUT_S, follow=opts.follow)
 
 

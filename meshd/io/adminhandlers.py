@@ -32,7 +32,7 @@ from attestation.revocation import open_revocations
 from attestation.signed import AttestationError
 from meshd import __version__
 from meshd import spec as specmod
-from meshd import tokens
+from meshd import eventfeed, tokens
 from meshd.io import peer
 from meshd.io.admin import AdminError, AdminRequest
 from meshd.io.attester import package_digest, started_digest
@@ -49,7 +49,7 @@ from meshd.node import effects as fx
 from meshd.node import trust
 from meshd.sitestate import node_to_plain
 from meshd.state import (ADMIN_LEFT, ADMIN_REVOKED, ALLOC_RUNNING, APP_RUNNING, APP_STOPPED, NodeRecord, SiteState,
-                         app_health, events_after)
+                         app_health)
 
 
 # How long a write waits for a leader to appear before it is refused.
@@ -425,25 +425,24 @@ class AdminHandlers:
 
     async def events(self, request: AdminRequest, stream) -> list:
         follow_ = bool(_arg(request.args, "follow", bool, False))
+        try:
+            since = eventfeed.check_since(request.args.get("since"))
+        except eventfeed.SinceError as e:
+            raise AdminError(str(e)) from None
         state = self._state()
         history = self._merged_events(state.events, list(self.ctx.local_events))
         if not follow_:
-            return history
-        # Followed by sequence numbers, not by position: both histories are capped, so once
-        # full their length stops moving while new events keep coming.
-        replicated_seen, local_seen = state.event_seq, self.ctx.local_event_count
-        for event in history[-50:]:
+            return [e for e in history if e["ts"] > since] if since is not None else history
+        # Followed by sequence numbers, not by position (meshd.eventfeed).
+        cursor = eventfeed.Cursor(state.event_seq, self.ctx.local_event_count, since)
+        for event in eventfeed.backlog(history, since):
             await stream.send(event)
         while True:
             await self.ctx.state_changed.wait(1.0)
             state = self._state()
-            new = [e.to_plain() for e in events_after(state.events, replicated_seen)]
-            replicated_seen = max(replicated_seen, state.event_seq)
-            fresh = self.ctx.local_event_count - local_seen
-            if fresh > 0:
-                new += list(self.ctx.local_events)[-min(fresh, len(self.ctx.local_events)):]
-            local_seen = self.ctx.local_event_count
-            for event in sorted(new, key=lambda e: e["ts"]):
+            items, cursor = eventfeed.step(cursor, state.events, state.event_seq, self.ctx.local_events,
+                                           self.ctx.local_event_count, time.time())
+            for event in items:
                 await stream.send(event)
 
     def _merged_events(self, replicated: list, local: list[dict]) -> list[dict]:

@@ -192,9 +192,9 @@ COMMANDS = [
      {"data": "hello\n"}, ["hello"]),
     (["logs", "a1", "--follow", "--tail", "100"], "logs",
      {"alloc": "a1", "follow": True, "lines": 100}, {"data": ""}, []),
-    (["events"], "events", {"follow": False}, EVENTS,
+    (["events"], "events", {"follow": False, "since": None}, EVENTS,
      ["TIME", "KIND", "MESSAGE", "placement", "placed replica 0 on edge-1"]),
-    (["events", "--follow"], "events", {"follow": True}, EVENTS, ["placed replica 0"]),
+    (["events", "--follow"], "events", {"follow": True, "since": None}, EVENTS, ["placed replica 0"]),
     (["audit"], "audit", {}, AUDIT, ["TIME", "ACTOR", "ACTION", "TARGET", "SITE", "uid:0@edge-1"]),
     (["revocations"], "revocations", {}, REVOCATIONS,
      ["NODE", "ISSUED IN", "BY", "LIST", "REASON", "edge-2", "listed", "cdcdcdcdcdcd", "taking in", "lost in transit"]),
@@ -321,6 +321,16 @@ def test_a_long_log_in_pieces_prints_as_one_text_and_one_json_document(daemon, c
 def test_a_tail_out_of_range_is_a_usage_error_before_the_daemon_is_asked(daemon, capsys, tail):
     assert run(daemon, "logs", "a1", "--tail", tail) == 2
     assert "--tail" in capsys.readouterr().err and daemon.requests == []
+
+
+def test_events_since_takes_epoch_seconds_or_an_iso_time(daemon, capsys):
+    daemon.script["events"] = ([], [])
+    assert run(daemon, "events", "--since", "1700000000.5") == 0
+    assert run(daemon, "events", "--since", "2023-11-14T22:13:20+00:00", "--follow") == 0
+    assert daemon.requests == [("events", {"follow": False, "since": 1700000000.5}),
+                               ("events", {"follow": True, "since": 1700000000.0})]
+    assert run(daemon, "events", "--since", "yesterday") == 2
+    assert "--since" in capsys.readouterr().err and len(daemon.requests) == 2
 
 
 def test_events_follow_prints_one_line_per_event(daemon, capsys):

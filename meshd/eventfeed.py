@@ -1,0 +1,75 @@
+"""What an `events --follow` stream sends next: pure, given the site's replicated events, this
+daemon's local ones and `now`.
+
+The replicated history is numbered (Event.seq, per site, never reused) and this daemon's
+local events are counted as they are appended (NodeContext.local_event_count); both are
+capped lists. A follower keeps a Cursor of the last of each it sent, so it keeps delivering
+past any history length, and costs the new events, not the history.
+
+Invariants:
+- Every event is sent at most once, in time order within a step.
+- Nothing is lost without saying so: events that were numbered (or counted) but dropped from
+  the capped history before a slow follower got to them are announced by one `skipped`
+  marker naming how many, before the events that follow them.
+- `since` (seconds since the epoch) keeps only events newer than it, in the backlog and
+  after, so a stream resumed with the last `ts` it printed repeats nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+from meshd.state import Event, events_after
+
+# Events a follower without `since` gets from before it started: a screenful of context.
+BACKLOG = 50
+
+
+@dataclass(frozen=True)
+class Cursor:
+    replicated: int  # the last replicated Event.seq sent (or seen at the start)
+    local: int  # local events counted when last looked at
+    since: float | None = None
+
+
+class SinceError(ValueError):
+    """A `since` that is not a time, with the reason the CLI shows."""
+
+
+def check_since(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise SinceError(f"--since must be a time (seconds since the epoch), not {str(value)[:40]}")
+    return float(value)
+
+
+def backlog(history: list[dict], since: float | None) -> list[dict]:
+    """The events a new follower gets first, from the merged history (oldest first)."""
+    if since is None:
+        return history[-BACKLOG:]
+    return [e for e in history if e["ts"] > since]
+
+
+def step(cursor: Cursor, events: Sequence[Event], event_seq: int, local: Sequence[dict], local_count: int,
+         now: float) -> tuple[list[dict], Cursor]:
+    """What to send now, and the cursor after it. `events`: the replicated history (capped,
+    oldest first) numbered up to `event_seq`; `local`: the local history (capped) of
+    `local_count` ever appended."""
+    new = [e.to_plain() for e in events_after(list(events), cursor.replicated)]
+    missed = max(0, event_seq - cursor.replicated - len(new))
+    fresh = max(0, local_count - cursor.local)
+    kept = min(fresh, len(local))
+    new += list(local)[len(local) - kept:] if kept else []
+    missed += fresh - kept
+    if cursor.since is not None:
+        new = [e for e in new if e["ts"] > cursor.since]
+    out = sorted(new, key=lambda e: e["ts"])
+    if missed:
+        out.insert(0, {"ts": now, "kind": "skipped", "missed": missed,
+                       "message": f"{missed} events were dropped from the kept history before this stream "
+                                  "could send them"})
+    after = replace(cursor, replicated=max(cursor.replicated, event_seq), local=max(cursor.local, local_count))
+    return out, after
