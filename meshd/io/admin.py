@@ -22,6 +22,12 @@ Invariants:
   sending side open until it has the final frame: end of input means it left.
 - A stale socket file is replaced; a live one (another daemon answering) or a path that is
   not a socket is never removed.
+- At most MAX_ADMIN_CONNECTIONS connections are served at once (AdminAdmission). One beyond
+  that takes the place of the oldest connection that has not yet sent its request (idle or
+  trickling: a flood), so an operator's meshctl, which sends its request at once, always gets
+  in; only when every place is a request being answered is the newcomer told "busy".
+- Lines a client can cause (a refused uid, data after a request, a dropped client) are
+  throttled (meshd.io.logthrottle): a flood costs a line per message every ten seconds.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import os
 import socket
 import stat
 import struct
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Awaitable, Callable, Protocol
@@ -46,7 +53,9 @@ from meshd.io.adminclient import (RECEIVE_CHUNK, AdminError, AdminUnavailable, R
                                   unreachable_message)
 from meshd.wire import ADMIN_MAX_FRAME, FrameDecoder, FrameError, encode_frame
 
-log = logging.getLogger(__name__)
+from meshd.io.logthrottle import throttle
+
+log = throttle(logging.getLogger(__name__))
 
 # A client has this long from connecting to deliver its whole request: meshctl sends it at
 # once, so a connection that is silent (or trickles bytes) this long is stuck or hostile.
@@ -63,6 +72,12 @@ STREAM_SEND_TIMEOUT_S = 10.0
 
 # Pending connections the kernel queues: a handful of concurrent meshctl calls at most.
 LISTEN_BACKLOG = 64
+
+# Connections served at once: scripts and followers of one device's operators need a few
+# dozen; each costs a task, a descriptor and at most one frame of buffer.
+MAX_ADMIN_CONNECTIONS = 128
+# A connection told "busy" gets this long to take that answer before it is closed anyway.
+BUSY_REPLY_TIMEOUT_S = 1.0
 
 # A list result larger than one frame is sent in parts of about this many bytes: well under
 # the frame limit (so items of any ordinary size fit), large enough that 100,000
@@ -91,6 +106,40 @@ class AdminStream(Protocol):
 AdminHandler = Callable[[AdminRequest, AdminStream], Awaitable[Any]]
 
 
+class AdminAdmission:
+    """Which admin connections are served (pure): at most `total` at once. A newcomer beyond
+    that evicts the oldest connection still waiting for its request; with none waiting it is
+    refused. Connection ids are the caller's."""
+
+    def __init__(self, total: int = MAX_ADMIN_CONNECTIONS) -> None:
+        self.total = total
+        self.waiting: OrderedDict[int, None] = OrderedDict()  # oldest first
+        self.answering: set[int] = set()
+        self.evicted = 0
+        self.refused = 0
+
+    def arrive(self, conn: int) -> tuple[bool, int | None]:
+        """(served, the id of a waiting connection to drop for it, if any)."""
+        victim = None
+        if len(self.waiting) + len(self.answering) >= self.total:
+            if not self.waiting:
+                self.refused += 1
+                return False, None
+            victim, _ = self.waiting.popitem(last=False)
+            self.evicted += 1
+        self.waiting[conn] = None
+        return True, victim
+
+    def requested(self, conn: int) -> None:
+        """Its request arrived: it is being answered, and no longer evictable."""
+        if self.waiting.pop(conn, 0) is None:
+            self.answering.add(conn)
+
+    def leave(self, conn: int) -> None:
+        self.waiting.pop(conn, None)
+        self.answering.discard(conn)
+
+
 # --- server --------------------------------------------------------------------------
 
 
@@ -100,6 +149,7 @@ async def serve_admin(
     *,
     allowed_uids: set[int] | None = None,
     request_timeout: float = REQUEST_TIMEOUT_S,
+    max_connections: int = MAX_ADMIN_CONNECTIONS,
     task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the admin socket at `path` until cancelled; the socket file is removed then.
@@ -121,6 +171,7 @@ async def serve_admin(
         handler=handler,
         allowed_uids=frozenset(allowed_uids),
         request_timeout=request_timeout,
+        gate=_Gate(AdminAdmission(max_connections)),
     )
     try:
         await trio.serve_listeners(connection, [listener], task_status=task_status)
@@ -214,20 +265,64 @@ class _ConnectionState:
     client_gone: bool = False
 
 
+class _Gate:
+    """AdminAdmission with the cancel scopes of the waiting connections, to drop them."""
+
+    def __init__(self, admission: AdminAdmission) -> None:
+        self.admission = admission
+        self.scopes: dict[int, trio.CancelScope] = {}
+        self.next_id = 0
+
+    def arrive(self) -> tuple[int, trio.CancelScope] | None:
+        self.next_id += 1
+        served, victim = self.admission.arrive(self.next_id)
+        if victim is not None:
+            log.warning("admin socket: full; dropping the oldest connection that sent no request",
+                        extra={"limit": self.admission.total, "dropped": self.admission.evicted})
+            self.scopes.pop(victim).cancel()
+        if not served:
+            log.warning("admin socket: full of requests being answered; refusing a connection",
+                        extra={"limit": self.admission.total, "refused": self.admission.refused})
+            return None
+        scope = self.scopes[self.next_id] = trio.CancelScope()
+        return self.next_id, scope
+
+    def requested(self, conn_id: int) -> None:
+        self.admission.requested(conn_id)
+        self.scopes.pop(conn_id, None)
+
+    def leave(self, conn_id: int) -> None:
+        self.admission.leave(conn_id)
+        self.scopes.pop(conn_id, None)
+
+
 async def _serve_connection(
     conn: trio.SocketStream,
     *,
     handler: AdminHandler,
     allowed_uids: frozenset[int],
     request_timeout: float,
+    gate: _Gate | None = None,
 ) -> None:
+    gate = gate or _Gate(AdminAdmission())
+    place = gate.arrive()
     try:
         async with conn:
-            await _handle_connection(conn, handler, allowed_uids, request_timeout)
+            if place is None:
+                with trio.move_on_after(BUSY_REPLY_TIMEOUT_S):
+                    await _reply(conn, _error(f"busy: {gate.admission.total} admin requests are being answered; "
+                                              "try again"))
+                return
+            conn_id, waiting = place
+            await _handle_connection(conn, handler, allowed_uids, request_timeout,
+                                     waiting, partial(gate.requested, conn_id))
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the client left before its answer; nothing to tell anyone
     except Exception:
         log.exception("admin connection failed")
+    finally:
+        if place is not None:
+            gate.leave(place[0])
 
 
 async def _handle_connection(
@@ -235,6 +330,8 @@ async def _handle_connection(
     handler: AdminHandler,
     allowed_uids: frozenset[int],
     request_timeout: float,
+    waiting: trio.CancelScope,
+    requested: Callable[[], None],
 ) -> None:
     peer_pid, peer_uid, _gid = _UCRED.unpack(
         conn.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
@@ -247,7 +344,7 @@ async def _handle_connection(
     decoder = FrameDecoder(ADMIN_MAX_FRAME)
     frames: list[dict] = []
     try:
-        with trio.move_on_after(request_timeout) as read_scope:
+        with waiting, trio.move_on_after(request_timeout) as read_scope:
             while not frames:
                 data = await conn.receive_some(RECEIVE_CHUNK)
                 if not data:
@@ -256,6 +353,9 @@ async def _handle_connection(
     except FrameError as exc:
         await _reply(conn, _error(f"bad request: {exc.reason}"))
         return
+    if waiting.cancelled_caught:
+        return  # its place went to a newer connection (see AdminAdmission): just close
+    requested()
     if read_scope.cancelled_caught:
         await _reply(conn, _error(f"bad request: no complete request within {request_timeout:g} s"))
         return

@@ -40,9 +40,12 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import trio
 
 from meshd import tokens
+from meshd.io.logthrottle import throttle
 from meshd.wire import PEER_MAX_FRAME, FrameDecoder, FrameError, encode_frame
 
-log = logging.getLogger("meshd.peer")
+# Junk, failed handshakes and refused conversations are logged per connection: throttled, so a
+# flood costs a line per message every ten seconds (meshd.io.logthrottle).
+log = throttle(logging.getLogger("meshd.peer"))
 
 # A peer that has not finished its handshake step within this time is dropped: generous for
 # a device on a lossy link, short enough that idle sockets cannot pile up.

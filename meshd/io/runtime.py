@@ -33,6 +33,7 @@ from meshd.io.admin import serve_admin
 from meshd.io.adminhandlers import AdminHandlers
 from meshd.io.attester import package_digest, started_digest
 from meshd.io.context import FatalStartupError, NodeContext, advertise_mismatch, local_ips
+from meshd.io.fdlimit import NEEDED, raise_fd_limit
 from meshd.io.logfiles import iso_time
 from meshd.io.identity import (DataDirLocked, Membership, lock_data_dir, load_or_create_identity, load_ports,
                                read_revoked_marker, save_ports)
@@ -111,6 +112,12 @@ class Runtime:
         if mismatch is not None:
             log.warning(f"this node {mismatch}", extra={"listen": ctx.config.listen, "advertise": ctx.advertise_ip})
         self._check_ports_free()
+        before, fds, hard = raise_fd_limit()
+        if fds < NEEDED:
+            log.warning("the file-descriptor limit is low: floods will be shed sooner",
+                        extra={"limit": fds, "hard_limit": hard, "needed": NEEDED})
+        elif fds != before:
+            log.info("raised the file-descriptor limit", extra={"from": before, "to": fds})
         async with trio.open_nursery() as nursery:
             # first: a SIGTERM during start-up (a join that waits for its site) still stops
             # the daemon cleanly, its workloads and Raft included

@@ -5,6 +5,7 @@ unit runs it)."""
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import shutil
@@ -189,3 +190,31 @@ def test_a_member_resumes_under_the_packaged_config(founded):
     finally:
         resumed.send_signal(signal.SIGTERM)
         assert resumed.wait(timeout=30) == 0
+
+
+def test_the_daemon_raises_its_own_descriptor_limit(tmp_path):
+    """Started under the distribution's usual soft limit (1024), it runs with WANTED (or the
+    hard limit, when lower) and says so in its log."""
+    import resource
+
+    from meshd.io.fdlimit import WANTED
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    expected = WANTED if hard == resource.RLIM_INFINITY else min(WANTED, hard)
+    data = tmp_path / "n"
+    daemon = subprocess.Popen([sys.executable, "-m", "meshd.cli.meshd_main", "run", "--data-dir", str(data),
+                               "--site", "s", "--name", "n", "--no-mdns", "--listen", "127.0.0.1:0"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard)))
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not (data / "admin.sock").exists():
+            assert daemon.poll() is None and time.monotonic() < deadline, "the daemon did not start"
+            time.sleep(0.1)
+        limits = Path(f"/proc/{daemon.pid}/limits").read_text()
+        soft = next(line.split()[3] for line in limits.splitlines() if line.startswith("Max open files"))
+        assert int(soft) == expected
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        _, err = daemon.communicate(timeout=30)
+    raised = [json.loads(line) for line in err.splitlines() if "file-descriptor limit" in line]
+    assert raised and raised[0]["from"] == 1024 and raised[0]["to"] == expected

@@ -17,7 +17,8 @@ from typing import Any, Awaitable, Callable
 import pytest
 import trio
 
-from meshd.io.admin import AdminError, AdminRequest, AdminUnavailable, admin_call, serve_admin
+from meshd.io.admin import (MAX_ADMIN_CONNECTIONS, AdminAdmission, AdminError, AdminRequest, AdminUnavailable,
+                            admin_call, serve_admin)
 from meshd.io.adminclient import admin_call_sync
 from meshd.wire import ADMIN_MAX_FRAME, FrameDecoder, encode_frame
 
@@ -517,3 +518,61 @@ def test_a_stream_client_that_stops_reading_is_dropped_and_others_are_served(soc
         await stalled.aclose()
 
     run_with_server(sock_path, handler, body)
+
+
+# --- admission: a flood of idle connections never keeps an operator out --------------------
+
+
+
+def test_admission_evicts_the_oldest_waiting_connection_and_refuses_only_when_all_are_answering():
+    gate = AdminAdmission(total=3)
+    assert gate.arrive(1) == (True, None) and gate.arrive(2) == (True, None)
+    gate.requested(2)  # being answered: never evicted
+    assert gate.arrive(3) == (True, None)
+    assert gate.arrive(4) == (True, 1)  # full: 1 waited longest
+    gate.requested(3)
+    gate.requested(4)
+    assert gate.arrive(5) == (False, None) and gate.refused == 1 and gate.evicted == 1
+    gate.leave(2)
+    assert gate.arrive(6) == (True, None)
+    gate.leave(6)
+    gate.leave(6)  # leaving twice changes nothing
+    assert len(gate.waiting) + len(gate.answering) == 2
+
+
+def test_an_operator_gets_through_a_flood_of_idle_connections(sock_path):
+    """More idle connections than the limit: each newcomer takes the oldest idle one's place,
+    so a real request is answered at once, however many idle ones arrived before it."""
+    handler = Recorder()
+
+    async def body() -> None:
+        idle = [await trio.open_unix_socket(sock_path) for _ in range(MAX_ADMIN_CONNECTIONS + 50)]
+        await trio.sleep(0.2)  # all accepted
+        start = trio.current_time()
+        with trio.fail_after(2.0):
+            assert await admin_call(sock_path, "echo", {}) == {"cmd": "echo", "args": {}}
+        assert trio.current_time() - start < 2.0
+        # The first idle ones were dropped (closed with nothing sent) to make room.
+        with trio.fail_after(2.0):
+            assert await idle[0].receive_some(100) == b""
+        for conn in idle:
+            await conn.aclose()
+
+    run_with_server(sock_path, handler, body)
+
+
+def test_when_every_place_is_a_request_being_answered_a_newcomer_is_told_busy(sock_path):
+    handler = Recorder()
+
+    async def body() -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(admin_call, sock_path, "wait", {})
+            while len(handler.requests) < 4:
+                await trio.sleep(0.01)
+            with pytest.raises(AdminError, match="busy: 4 admin requests are being answered; try again"):
+                await admin_call(sock_path, "echo", {})
+            handler.released.set()
+        assert await admin_call(sock_path, "echo", {}) == {"cmd": "echo", "args": {}}  # places freed
+
+    run_with_server(sock_path, handler, body, max_connections=4)
