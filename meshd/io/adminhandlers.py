@@ -47,6 +47,7 @@ from meshd.meshstate import (PoliciesIn, audit_key, evidence_kind, policies_in_d
                              revocation_key, revocations_to_take_in)
 from meshd.node import effects as fx
 from meshd.node import trust
+from meshd.node.leading import heard_from
 from meshd.sitestate import node_to_plain
 from meshd.state import (ADMIN_LEFT, ADMIN_REVOKED, ALLOC_RUNNING, APP_RUNNING, APP_STOPPED, NodeRecord, SiteState,
                          app_health)
@@ -277,7 +278,16 @@ class AdminHandlers:
                 # What this node runs, and why the site holds it apart when it does.
                 "software": started_digest(),
                 **({"quarantine": own.quarantine} if own is not None and own.quarantine else {}),
-                **({"joining": d.joining.status(time.monotonic())} if d.joining is not None else {})}
+                **({"joining": d.joining.status(time.monotonic())} if d.joining is not None else {}),
+                **({"heard_s_ago": self._heard_s_ago(state, raft)} if role == "leader" else {})}
+
+    def _heard_s_ago(self, state: SiteState, raft) -> dict[str, float]:
+        """On the leader: each other member's name -> seconds since the leader last heard it
+        (its Raft heartbeat answer or its beat), what its lease counts from."""
+        now = time.monotonic()
+        heard = heard_from(state, raft.contacts, tuple(self.ctx.beats.items()))
+        return {state.nodes[node_id].name: round(max(0.0, now - at), 3) for node_id, at in sorted(heard.items())
+                if node_id in state.nodes and node_id != self.ctx.identity.node_id}
 
     def _node_rows(self, state: SiteState, site: str | None) -> list[dict]:
         if site and site != state.site:

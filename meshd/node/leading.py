@@ -80,6 +80,18 @@ class LeaderView:
     caught_up: bool = True
 
 
+def heard_from(state: SiteState, contacts, beats) -> dict[str, float]:
+    """node_id -> when the leader last heard the node: the newer of its answer to a Raft
+    heartbeat (`contacts`, by Raft address) and its last beat (`beats`, by node id)."""
+    by_address = dict(contacts)
+    heard = {node.node_id: by_address[node.raft_address]
+             for node in state.nodes.values() if node.raft_address in by_address}
+    for node_id, at in beats:
+        if at > heard.get(node_id, float("-inf")):
+            heard[node_id] = at
+    return heard
+
+
 @dataclass
 class Leading:
     lease: float
@@ -176,12 +188,7 @@ class Leading:
             self._pending.clear()
             return [Emit("leader", f"{_name(state, view.own_id)} leads site {state.site} (term {view.term})",
                          {"term": view.term})]
-        by_address = dict(view.contacts)
-        contacts = {node.node_id: by_address[node.raft_address]
-                    for node in state.nodes.values() if node.raft_address in by_address}
-        for node_id, heard in view.beats:
-            if heard > contacts.get(node_id, float("-inf")):
-                contacts[node_id] = heard
+        contacts = heard_from(state, view.contacts, view.beats)
         contacts[view.own_id] = now  # the leader hears itself
         return [Commit(SetLiveness(node_id=t.node_id, liveness=t.to, reason=t.reason))
                 for t in self.tracker.observe(state, now, contacts)]

@@ -63,12 +63,15 @@ def test_sigkill_of_a_non_leader_moves_its_allocations(three):
     deploy(leader, app_toml(), wait=True, timeout=30)
     victim = next(n for n in three.nodes if n is not leader)
     before = max(e["ts"] for e in leader.call("events", follow=False))
+    heard = leader.call("status")["heard_s_ago"]  # what each member's lease counts from
+    assert set(heard) == {n.name for n in three.nodes if n is not leader} and max(heard.values()) < 1.0
     victim.kill()
     wait_for(lambda: three.node_state(victim.name, via=leader) == "down", 10, what="victim marked down")
     wait_for(lambda: len(three.running("web", via=leader)) == 6 and victim.name not in running_by_node(three, "web"),
              15, what="replacements running")
     events = leader.call("events", follow=False)
     assert any(e["kind"] == "node" and victim.name in e["message"] and "down" in e["message"] for e in events)
+    assert leader.call("status")["heard_s_ago"][victim.name] > 1.0
     # --since resumes after the last event seen: only what happened since, the down among it.
     newer = leader.call("events", follow=False, since=before)
     assert newer and all(e["ts"] > before for e in newer) and len(newer) < len(events)

@@ -217,3 +217,13 @@ def test_a_new_leader_looks_at_a_large_site_in_passes_of_bounded_size(monkeypatc
     # An app counts its allocations + 1 against the pass's 3: a, b, c unplaced fill the first
     # pass; once placed (3 each) they are looked at one a pass; then d and e, placed, likewise.
     assert passes == [["a", "b", "c"], [], [], [], ["d", "e"], [], []]
+
+
+def test_a_member_is_heard_from_at_the_newer_of_its_raft_answer_and_its_beat():
+    from meshd.node.leading import heard_from
+    state = founded(3)
+    two, three = f"{2:032x}", f"{3:032x}"
+    contacts = ((state.nodes[two].raft_address, 5.0), (state.nodes[three].raft_address, 5.0), ("10.9.9.9:1", 99.0))
+    heard = heard_from(state, contacts, ((two, 7.0), (three, 1.0), ("unknown", 50.0)))
+    assert heard[two] == 7.0 and heard[three] == 5.0
+    assert "unknown" in heard and all(at != 99.0 for at in heard.values())  # an address of no member: nobody

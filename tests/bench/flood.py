@@ -1,0 +1,206 @@
+"""Flood benchmark: a 3-node site while one host holds 2,000 connections to one of the
+leader's ports, against the same site with no flood, in the same run.
+
+    python3 -m tests.bench.flood [--runs 3] [--json bench-results/flood.json]
+
+Each run builds a fresh three-node site (real `meshd run` processes on loopback) per
+scenario: `none` (the baseline), `raft` (the leader's Raft port), `peer` (its peer port:
+joins, beats, calls, sync) and `admin` (its admin socket). A flooder process (another
+"host": TCP from 127.0.0.2; the admin socket from the same uid as meshctl) opens 2,000
+connections that send nothing, and reopens those the daemon closes at up to 500 a second
+(a sustained flood, kept below what would just compete for this 2-core machine's CPU).
+While the flood holds, it measures:
+- status_ms: the leader's `status` over the admin socket (median of 20 calls);
+- heard_gap_s: the longest the leader went without hearing a member (its Raft heartbeat
+  answer or beat; `status.heard_s_ago`, polled every 50 ms for 5 s): what its lease counts;
+- join_s: a fourth node's `meshd run --join` -> `ready` in the leader's `nodes`;
+- downs: members marked down during the flood (must be 0);
+- flood_opened: connections the flooder opened in all (2,000, plus those it reopened).
+The table shows each figure per scenario and its ratio to the baseline of the same run
+(target: within 2x). Medians over runs; these machines are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import resource
+import select
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from meshd.io.localsite import LocalSite, wait_for
+from tests.bench.report import report
+
+SCENARIOS = ("none", "raft", "peer", "admin")
+FLOOD_CONNECTIONS = 2_000
+REOPEN_PER_S = 500  # sustained reconnection rate of the flooder (see the module docstring)
+FLOOD_SOURCE = "127.0.0.2"  # another host as far as the daemon's per-host limits go
+STATUS_CALLS = 20
+GAP_WINDOW_S = 5.0
+GAP_POLL_S = 0.05
+SETTLE_S = 2.0  # the flood's connections are open (and the refused ones refused) before measuring
+TARGET_RATIO = 2.0
+
+
+def flood(kind: str, address: str | tuple[str, int], count: int, stop, opened) -> None:
+    """Hold `count` silent connections to `address`, reopening closed ones at REOPEN_PER_S
+    (`opened`: a shared counter of connections opened in all)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, count + 1024), hard))
+
+    def connect() -> socket.socket | None:
+        try:
+            if kind == "admin":
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.setblocking(False)
+                s.connect_ex(address)
+            else:
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.bind((FLOOD_SOURCE, 0))
+                s.setblocking(False)
+                s.connect_ex(address)
+            return s
+        except OSError:
+            return None
+
+    budget = float(count)  # the first 2,000 at once
+    last = time.monotonic()
+    poller = select.poll()
+    by_fd: dict[int, socket.socket] = {}
+    while not stop.is_set():
+        now = time.monotonic()
+        budget = min(float(count), budget + (now - last) * REOPEN_PER_S)
+        last = now
+        while len(by_fd) < count and budget >= 1:
+            s = connect()
+            budget -= 1
+            if s is not None:
+                by_fd[s.fileno()] = s
+                poller.register(s, select.POLLIN)
+                opened.value += 1
+        for fd, _ in poller.poll(50):  # the daemon closed it: a silent client has nothing else to read
+            s = by_fd[fd]
+            try:
+                if s.recv(4096):
+                    continue
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                pass
+            poller.unregister(fd)
+            del by_fd[fd]
+            s.close()
+        time.sleep(0.01)
+    conns = list(by_fd.values())
+    for s in conns:
+        s.close()
+
+
+def target_of(kind: str, leader) -> str | tuple[str, int]:
+    status = leader.call("status")
+    if kind == "admin":
+        return leader.socket
+    host, _, port = status["raft_address" if kind == "raft" else "address"].rpartition(":")
+    return (host, int(port))
+
+
+def downs_since(leader, since: float) -> int:
+    return sum(1 for e in leader.call("events", follow=False, since=since)
+               if e["kind"] == "node" and "down" in e["message"])
+
+
+def measure(site: LocalSite, kind: str) -> dict[str, float]:
+    site.grow(3)
+    leader = site.leader()
+    stop = multiprocessing.Event()
+    opened = multiprocessing.Value("q", 0)
+    flooder = None
+    started = time.time()
+    if kind != "none":
+        flooder = multiprocessing.Process(target=flood, args=(kind, target_of(kind, leader), FLOOD_CONNECTIONS, stop, opened),
+                                          daemon=True)
+        flooder.start()
+    try:
+        time.sleep(SETTLE_S)
+        latencies = []
+        for _ in range(STATUS_CALLS):
+            t0 = time.monotonic()
+            leader.call("status")
+            latencies.append((time.monotonic() - t0) * 1000)
+        gap = 0.0
+        end = time.monotonic() + GAP_WINDOW_S
+        while time.monotonic() < end:
+            heard = leader.call("status").get("heard_s_ago") or {}
+            gap = max([gap, *heard.values()])
+            time.sleep(GAP_POLL_S)
+        token = site.token(via=leader)
+        node = site.add_node()
+        t0 = time.monotonic()
+        node.start(join=token)
+
+        def ready():
+            rows = leader.try_call("nodes", site=None) or []
+            return any(r["name"] == node.name and r["state"] == "ready" for r in rows)
+        wait_for(ready, 60, interval=0.02, what=f"{node.name} ready")
+        join = time.monotonic() - t0
+        downs = downs_since(leader, started)
+        if flooder is not None:
+            assert flooder.is_alive(), "the flooder died"
+    finally:
+        stop.set()
+        if flooder is not None:
+            flooder.join(10)
+            if flooder.is_alive():
+                flooder.kill()
+    return {"status_ms": statistics.median(latencies), "heard_gap_s": gap, "join_s": join, "downs": float(downs),
+            "flood_opened": float(opened.value)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--json", default="bench-results/flood.json")
+    args = parser.parse_args(argv)
+    figures = ("status_ms", "heard_gap_s", "join_s", "downs", "flood_opened")
+    units = {"status_ms": "ms", "heard_gap_s": "s", "join_s": "s", "downs": "nodes", "flood_opened": "conns"}
+    samples: dict[str, list[float]] = {}
+    targets: dict[str, tuple[float | None, str]] = {}
+    for kind in SCENARIOS:
+        for figure in figures:
+            targets[f"{figure}/{kind}"] = (0.0 if figure == "downs" and kind != "none" else None, units[figure])
+        if kind != "none":
+            for figure in ("status_ms", "heard_gap_s", "join_s"):
+                targets[f"{figure}_ratio/{kind}"] = (TARGET_RATIO, "x baseline")
+    with tempfile.TemporaryDirectory(prefix="mf-", dir="/tmp") as root:
+        for i in range(args.runs):
+            baseline: dict[str, float] = {}
+            for kind in SCENARIOS:
+                site = LocalSite(Path(root) / f"r{i}{kind}", site="flood", prefix=f"f{i}{kind[0]}")
+                try:
+                    result = measure(site, kind)
+                except Exception:
+                    print(site.dump_logs(), file=sys.stderr)
+                    raise
+                finally:
+                    site.close()
+                for figure, value in result.items():
+                    samples.setdefault(f"{figure}/{kind}", []).append(value)
+                if kind == "none":
+                    baseline = result
+                else:
+                    for figure in ("status_ms", "heard_gap_s", "join_s"):
+                        samples.setdefault(f"{figure}_ratio/{kind}", []).append(result[figure] / baseline[figure])
+                print(f"run {i + 1}/{args.runs} {kind}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()),
+                      file=sys.stderr)
+    report("flood", args.json, args.runs, samples, targets, connections=FLOOD_CONNECTIONS,
+           reopen_per_s=REOPEN_PER_S, source=FLOOD_SOURCE)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
