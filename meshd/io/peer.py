@@ -1,7 +1,7 @@
 """The peer port: framed JSON over mutual TLS (meshd.io.tls) for joins and member calls.
 
 Three conversations exist:
-- join: `join_hello` -> `challenge` (fresh nonce, X25519 key, the member's site) ->
+- join: `join_hello` (the token's site) -> `challenge` (fresh nonce, X25519 key) ->
   `join_request` (token proof, signature) -> `welcome` (sealed: Raft secret and partners) or
   `refused` (a reason). With a token the member's site issued for a site that has no members
   yet, the sealed welcome says `founder: true` and carries, instead of the Raft secret, what

@@ -53,13 +53,20 @@ class JoinRefusal:
                    leader=leader if isinstance(leader, str) and len(leader) <= 64 else None)
 
 
-def cannot_decide(state: SiteState, member: bool, leader: str | None) -> JoinRefusal | None:
-    """Why this member cannot decide a join now (it holds no state of its site), or None."""
+def cannot_decide(state: SiteState, member: bool, leader: str | None, site: object = None) -> JoinRefusal | None:
+    """Why this member cannot decide a join now (it holds no state of its site, or no token
+    for the `site` the joiner's hello names: a member of another site), or None. Answered
+    before any challenge, and naming only what the joiner said: an unauthenticated caller
+    learns nothing of this site from it."""
     if not member:
         return JoinRefusal(RETRY_ELSEWHERE, "this node is not a member of any site yet", leader)
     if not state.site or not state.trust_root:
         return JoinRefusal(RETRY_ELSEWHERE, "this member holds no state of its site yet (it is joining or "
                                             "starting); ask another member", leader)
+    if isinstance(site, str) and site and site != state.site \
+            and not any(t.site == site for t in state.tokens.values()):
+        return JoinRefusal(RETRY_ELSEWHERE, f"this member holds no join token for site {site[:64]!r}; "
+                                            "ask a member of that site")
     return None
 
 
@@ -75,8 +82,8 @@ def verdict_refusal(state: SiteState, verdict: Verdict, token_id: str) -> JoinRe
     caught up with the token's creation yet, or be a member of another site or another mesh
     (a `--peer` elsewhere, a second mesh on the same LAN); it is no judge of this join."""
     if token_id not in state.tokens:
-        return JoinRefusal(RETRY_ELSEWHERE, f"{verdict.reason} (this member of site {state.site!r} "
-                                            "does not know this token; ask another)")
+        return JoinRefusal(RETRY_ELSEWHERE, f"{verdict.reason} (this member does not know this token; "
+                                            "ask another)")
     return JoinRefusal(DENIED, verdict.reason)
 
 

@@ -444,7 +444,7 @@ class SimSite:
         known = member.view().nodes.get(leader.node_id) if leader is not None and leader is not member else None
         hint = known.address if known is not None else None  # as the daemon finds it: in its own state
         state = member.view()
-        busy = admitting.cannot_decide(state, member.member, hint)
+        busy = admitting.cannot_decide(state, member.member, hint, site=token.site)
         if busy is not None:
             return busy
         nonce = hashlib.sha256(f"nonce {self.next_id('n')}".encode()).digest()

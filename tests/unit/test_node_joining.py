@@ -7,6 +7,7 @@ import pytest
 
 from meshd.admission import Verdict
 from meshd.commands import NOT_FOUND, TOKEN, Ok, Refused
+from meshd import sitestate
 from meshd.node import admitting
 from meshd.node.admitting import DENIED, RETRY_ELSEWHERE, RETRY_LATER, JoinRefusal
 from meshd.node.joining import (FOUND, JOIN, RESUME, RETRY_CANDIDATE_AFTER, Joining, StartPath, Unreachable,
@@ -50,6 +51,19 @@ def test_a_member_without_the_sites_state_never_denies():
     busy = admitting.cannot_decide(SiteState(), member=True, leader="198.18.0.1:7700")
     assert busy.code == RETRY_ELSEWHERE and busy.leader == "198.18.0.1:7700"
     assert admitting.cannot_decide(site_with_token(), member=True, leader=None) is None
+
+
+def test_a_hello_for_another_site_is_sent_elsewhere_before_any_challenge_naming_nothing_of_this_one():
+    state = site_with_token()  # site s1, with a token for s1
+    other = admitting.cannot_decide(state, member=True, leader=None, site="shop")
+    assert other.code == RETRY_ELSEWHERE and "site 'shop'" in other.reason and "s1" not in other.reason
+    assert admitting.cannot_decide(state, member=True, leader=None, site="s1") is None
+    assert sitestate.apply(state, {"op": "create_token", "ts": 1.0, "token_id": "nb", "site": "newsite",
+                                   "secret": "00" * 32, "expires_at": 10**10}).ok
+    assert admitting.cannot_decide(state, member=True, leader=None, site="newsite") is None  # founds it here
+    assert admitting.cannot_decide(state, member=True, leader=None, site={"x": 1}) is None  # the token decides
+    unknown = admitting.verdict_refusal(state, Verdict(False, ("unknown join token",)), "other")
+    assert "s1" not in unknown.reason
 
 
 def test_an_unknown_token_is_no_verdict_a_known_one_is():

@@ -145,7 +145,8 @@ class PeerService:
     async def handle_join(self, conn: peer.FramedStream, hello: dict, source: str = "?") -> None:
         state = self.ctx.snapshot()
         leader = self.ctx.leader_peer_address(state)
-        busy = admitting.cannot_decide(state, self.ctx.membership is not None and self.ctx.raft is not None, leader)
+        busy = admitting.cannot_decide(state, self.ctx.membership is not None and self.ctx.raft is not None, leader,
+                                       site=hello.get("site"))
         if busy is not None:
             await conn.send(busy.to_wire())
             return
@@ -164,8 +165,7 @@ class PeerService:
             nonce=os.urandom(32),
             member_eph=eph.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw),
             issued_at=time.time(), tpm=tpm_challenge)
-        message = {"type": "challenge", "nonce": challenge.nonce.hex(), "member_eph": challenge.member_eph.hex(),
-                   "site": self.ctx.membership.site}
+        message = {"type": "challenge", "nonce": challenge.nonce.hex(), "member_eph": challenge.member_eph.hex()}
         if tpm_challenge is not None:
             message["tpm_credential"] = tpm_challenge.to_wire()
         await conn.send(message)
