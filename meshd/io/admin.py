@@ -25,7 +25,11 @@ Invariants:
 - At most MAX_ADMIN_CONNECTIONS connections are served at once (AdminAdmission). One beyond
   that takes the place of the oldest connection that has not yet sent its request (idle or
   trickling: a flood), so an operator's meshctl, which sends its request at once, always gets
-  in; only when every place is a request being answered is the newcomer told "busy".
+  in; only when every place is a request being answered is the newcomer told "busy". Streams
+  (`--follow`, `--wait`) hold at most MAX_STREAMS of the places: a newer one closes the
+  oldest, so followers that never read can neither fill the socket nor keep a new one out;
+  and at most STREAM_STARTS_PER_S start a second (a burst of STREAM_START_BURST), since
+  each start reads the history it sends first: beyond that a stream is told "busy" at once.
 - Lines a client can cause (a refused uid, data after a request, a dropped client) are
   throttled (meshd.io.logthrottle): a flood costs a line per message every ten seconds.
 """
@@ -49,7 +53,7 @@ import trio
 
 # RECEIVE_CHUNK: one read from the socket, server and client alike (the request itself is
 # bounded by ADMIN_MAX_FRAME).
-from meshd.io.adminclient import (RECEIVE_CHUNK, AdminError, AdminUnavailable, Reply, encode_request,
+from meshd.io.adminclient import (ENDED_STREAM, FULL_QUEUE_PATIENCE_S, FULL_QUEUE_RETRY_S, RECEIVE_CHUNK, AdminError, AdminUnavailable, Reply, encode_request,
                                   unreachable_message)
 from meshd.wire import ADMIN_MAX_FRAME, FrameDecoder, FrameError, encode_frame
 
@@ -70,12 +74,20 @@ REPLY_TIMEOUT_S = 30.0
 # long as it does not read, however much else the daemon has to say to other clients.
 STREAM_SEND_TIMEOUT_S = 10.0
 
-# Pending connections the kernel queues: a handful of concurrent meshctl calls at most.
-LISTEN_BACKLOG = 64
+# Pending connections the kernel queues: far beyond a device's operators, so that while a
+# flood of connections is being shed a meshctl still finds a place in the queue.
+LISTEN_BACKLOG = 1024
 
 # Connections served at once: scripts and followers of one device's operators need a few
 # dozen; each costs a task, a descriptor and at most one frame of buffer.
 MAX_ADMIN_CONNECTIONS = 128
+# Streams (`--follow`, `--wait`) served at once: half the places, so one-shot requests always
+# find room beside them.
+MAX_STREAMS = MAX_ADMIN_CONNECTIONS // 2
+# New streams a second (and the burst allowed above it): each start costs the history it sends
+# first (~ms); a script or two of an operator start a few, a flood of them thousands.
+STREAM_STARTS_PER_S = 10.0
+STREAM_START_BURST = 20
 # A connection told "busy" gets this long to take that answer before it is closed anyway.
 BUSY_REPLY_TIMEOUT_S = 1.0
 
@@ -111,10 +123,17 @@ class AdminAdmission:
     that evicts the oldest connection still waiting for its request; with none waiting it is
     refused. Connection ids are the caller's."""
 
-    def __init__(self, total: int = MAX_ADMIN_CONNECTIONS) -> None:
+    def __init__(self, total: int = MAX_ADMIN_CONNECTIONS, streams: int | None = None,
+                 starts_per_s: float | None = None, burst: int | None = None) -> None:
         self.total = total
+        self.max_streams = max(1, total // 2) if streams is None else streams
+        self.starts_per_s = STREAM_STARTS_PER_S if starts_per_s is None else starts_per_s
+        self.burst = STREAM_START_BURST if burst is None else burst
+        self._starts = float(self.burst)  # token bucket of stream starts
+        self._starts_at: float | None = None
         self.waiting: OrderedDict[int, None] = OrderedDict()  # oldest first
         self.answering: set[int] = set()
+        self.streams: OrderedDict[int, None] = OrderedDict()  # the answering ones that stream, oldest first
         self.evicted = 0
         self.refused = 0
 
@@ -130,14 +149,34 @@ class AdminAdmission:
         self.waiting[conn] = None
         return True, victim
 
-    def requested(self, conn: int) -> None:
-        """Its request arrived: it is being answered, and no longer evictable."""
-        if self.waiting.pop(conn, 0) is None:
-            self.answering.add(conn)
+    def requested(self, conn: int, stream: bool = False, now: float = 0.0) -> tuple[bool, int | None]:
+        """Its request arrived: (answered, the id of the oldest stream to close for it). A
+        one-shot request is answered and no longer evictable; a stream is refused beyond the
+        start rate, and beyond max_streams takes the oldest stream's place."""
+        if self.waiting.pop(conn, 0) is not None:
+            return True, None  # no longer admitted: its handler is being cancelled anyway
+        self.answering.add(conn)
+        if not stream:
+            return True, None
+        if self._starts_at is not None:
+            self._starts = min(float(self.burst), self._starts + (now - self._starts_at) * self.starts_per_s)
+        self._starts_at = now
+        if self._starts < 1.0:
+            self.refused += 1
+            return False, None
+        self._starts -= 1.0
+        victim = None
+        if len(self.streams) >= self.max_streams:
+            victim, _ = self.streams.popitem(last=False)
+            self.answering.discard(victim)
+            self.evicted += 1
+        self.streams[conn] = None
+        return True, victim
 
     def leave(self, conn: int) -> None:
         self.waiting.pop(conn, None)
         self.answering.discard(conn)
+        self.streams.pop(conn, None)
 
 
 # --- server --------------------------------------------------------------------------
@@ -270,7 +309,7 @@ class _Gate:
 
     def __init__(self, admission: AdminAdmission) -> None:
         self.admission = admission
-        self.scopes: dict[int, trio.CancelScope] = {}
+        self.scopes: dict[int, trio.CancelScope] = {}  # of the evictable: waiting ones and streams
         self.next_id = 0
 
     def arrive(self) -> tuple[int, trio.CancelScope] | None:
@@ -287,9 +326,19 @@ class _Gate:
         scope = self.scopes[self.next_id] = trio.CancelScope()
         return self.next_id, scope
 
-    def requested(self, conn_id: int) -> None:
-        self.admission.requested(conn_id)
-        self.scopes.pop(conn_id, None)
+    def requested(self, conn_id: int, stream: bool) -> bool:
+        """Whether to answer it (False: a stream over the start rate, to be told busy)."""
+        answered, victim = self.admission.requested(conn_id, stream, trio.current_time())
+        if not stream:
+            self.scopes.pop(conn_id, None)
+        elif not answered:
+            log.warning("admin socket: streams starting too fast; refusing one",
+                        extra={"per_s": self.admission.starts_per_s, "refused": self.admission.refused})
+        elif victim is not None:
+            log.warning("admin socket: too many streams; closing the oldest",
+                        extra={"limit": self.admission.max_streams, "dropped": self.admission.evicted})
+            self.scopes.pop(victim).cancel()
+        return answered
 
     def leave(self, conn_id: int) -> None:
         self.admission.leave(conn_id)
@@ -313,9 +362,10 @@ async def _serve_connection(
                     await _reply(conn, _error(f"busy: {gate.admission.total} admin requests are being answered; "
                                               "try again"))
                 return
-            conn_id, waiting = place
-            await _handle_connection(conn, handler, allowed_uids, request_timeout,
-                                     waiting, partial(gate.requested, conn_id))
+            conn_id, evictable = place
+            with evictable:  # cancelled: its place went to a newer connection (AdminAdmission)
+                await _handle_connection(conn, handler, allowed_uids, request_timeout,
+                                         partial(gate.requested, conn_id))
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the client left before its answer; nothing to tell anyone
     except Exception:
@@ -330,8 +380,7 @@ async def _handle_connection(
     handler: AdminHandler,
     allowed_uids: frozenset[int],
     request_timeout: float,
-    waiting: trio.CancelScope,
-    requested: Callable[[], None],
+    requested: Callable[[bool], bool],
 ) -> None:
     peer_pid, peer_uid, _gid = _UCRED.unpack(
         conn.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
@@ -344,7 +393,7 @@ async def _handle_connection(
     decoder = FrameDecoder(ADMIN_MAX_FRAME)
     frames: list[dict] = []
     try:
-        with waiting, trio.move_on_after(request_timeout) as read_scope:
+        with trio.move_on_after(request_timeout) as read_scope:
             while not frames:
                 data = await conn.receive_some(RECEIVE_CHUNK)
                 if not data:
@@ -353,10 +402,8 @@ async def _handle_connection(
     except FrameError as exc:
         await _reply(conn, _error(f"bad request: {exc.reason}"))
         return
-    if waiting.cancelled_caught:
-        return  # its place went to a newer connection (see AdminAdmission): just close
-    requested()
     if read_scope.cancelled_caught:
+        requested(False)
         await _reply(conn, _error(f"bad request: no complete request within {request_timeout:g} s"))
         return
     if len(frames) > 1 or decoder.buffered:
@@ -368,6 +415,10 @@ async def _handle_connection(
         await _reply(conn, _error(f"bad request: {exc.reason}"))
         return
 
+    if not requested(bool(args.get("follow") or args.get("wait"))):
+        await _reply(conn, _error(f"busy: streams are starting faster than {STREAM_STARTS_PER_S:g} a second; "
+                                  "try again"))
+        return
     request = AdminRequest(cmd=cmd, args=args, peer_uid=peer_uid, peer_pid=peer_pid)
     state = _ConnectionState()
     final: list[dict] | None = None
@@ -534,27 +585,38 @@ async def _call(
     path: str, cmd: str, args: dict, on_stream: Callable[[dict], Any] | None
 ) -> Any:
     request = encode_request(cmd, args)
-    try:
-        conn = await trio.open_unix_socket(path)
-    except OSError as exc:
-        raise AdminUnavailable(unreachable_message(path, exc)) from None
+    give_up = trio.current_time() + FULL_QUEUE_PATIENCE_S
+    while True:
+        try:
+            conn = await trio.open_unix_socket(path)
+            break
+        except BlockingIOError as exc:  # the accept queue is full (see adminclient._connect)
+            if trio.current_time() + FULL_QUEUE_RETRY_S >= give_up:
+                raise AdminUnavailable(unreachable_message(path, exc)) from None
+            await trio.sleep(FULL_QUEUE_RETRY_S)
+        except OSError as exc:
+            raise AdminUnavailable(unreachable_message(path, exc)) from None
     async with conn:
         try:
             await conn.send_all(request)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise AdminUnavailable(f"meshd at {path} closed the connection: {exc}") from None
         reply = Reply()
+        streamed = 0
         while True:
             try:
                 data = await conn.receive_some(RECEIVE_CHUNK)
             except trio.BrokenResourceError as exc:
                 raise AdminUnavailable(f"meshd at {path} dropped the connection: {exc}") from None
             if not data:
+                if streamed:
+                    raise AdminUnavailable(ENDED_STREAM.format(path=path))
                 raise AdminUnavailable(
                     f"meshd at {path} closed the connection without an answer; "
                     "it may have stopped"
                 )
             items, done = reply.receive(data)
+            streamed += len(items)
             for item in items if on_stream is not None else ():
                 outcome = on_stream(item)
                 if inspect.isawaitable(outcome):

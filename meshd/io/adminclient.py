@@ -97,6 +97,33 @@ def unreachable_message(path: str, exc: OSError) -> str:
     return f"cannot reach meshd at {path}: {reason}; is the daemon running?"
 
 
+# A stream that ends without its final frame: the daemon stopped, or dropped this follower.
+ENDED_STREAM = ("meshd at {path} ended this stream before its end: it stopped, or dropped this follower "
+                "(one that reads nothing for 10 s, or the oldest when too many follow at once)")
+
+
+# A Unix socket whose accept queue is full refuses at once (EAGAIN) when the client has a
+# timeout: the daemon is shedding a flood. Try again this often until the timeout, or for
+# FULL_QUEUE_PATIENCE_S without one.
+FULL_QUEUE_RETRY_S = 0.02
+FULL_QUEUE_PATIENCE_S = 10.0
+
+
+def _connect(conn: socket.socket, path: str, timeout: float | None, deadline: float | None) -> None:
+    give_up = deadline if deadline is not None else time.monotonic() + FULL_QUEUE_PATIENCE_S
+    conn.settimeout(timeout)
+    while True:
+        try:
+            conn.connect(path)
+            return
+        except BlockingIOError:
+            if time.monotonic() + FULL_QUEUE_RETRY_S >= give_up:
+                raise
+            time.sleep(FULL_QUEUE_RETRY_S)
+            if deadline is not None:
+                conn.settimeout(max(deadline - time.monotonic(), 0.001))
+
+
 def admin_call_sync(
     path: str,
     cmd: str,
@@ -111,8 +138,7 @@ def admin_call_sync(
     deadline = None if timeout is None else time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         try:
-            conn.settimeout(timeout)
-            conn.connect(path)
+            _connect(conn, path, timeout, deadline)
         except socket.timeout:
             raise AdminError(f"no answer from meshd at {path} within {timeout:g} s") from None
         except OSError as exc:
@@ -124,6 +150,7 @@ def admin_call_sync(
         except OSError as exc:
             raise AdminUnavailable(f"meshd at {path} closed the connection: {exc}") from None
         reply = Reply()
+        streamed = 0
         while True:
             if deadline is not None:
                 conn.settimeout(max(deadline - time.monotonic(), 0.001))
@@ -134,9 +161,12 @@ def admin_call_sync(
             except OSError as exc:
                 raise AdminUnavailable(f"meshd at {path} dropped the connection: {exc}") from None
             if not data:
+                if streamed:
+                    raise AdminUnavailable(ENDED_STREAM.format(path=path))
                 raise AdminUnavailable(f"meshd at {path} closed the connection without an answer; "
                                        "it may have stopped")
             items, done = reply.receive(data)
+            streamed += len(items)
             for item in items if on_stream is not None else ():
                 on_stream(item)
             if done:

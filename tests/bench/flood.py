@@ -1,7 +1,7 @@
 """Flood benchmark: a 3-node site while one host holds 2,000 connections to one of the
 leader's ports, against the same site with no flood, in the same run.
 
-    python3 -m tests.bench.flood [--runs 3] [--json bench-results/flood.json]
+    python3 -m tests.bench.flood [--runs 3] [--json bench-results/flood.json] [--scenarios raft,peer,...]
 
 Each run builds a fresh three-node site (real `meshd run` processes on loopback) per
 scenario: `none` (the baseline), `raft` (the leader's Raft port), `peer` (its peer port:
@@ -15,7 +15,10 @@ While the flood holds, it measures:
   answer or beat; `status.heard_s_ago`, polled every 50 ms for 5 s): what its lease counts;
 - join_s: a fourth node's `meshd run --join` -> `ready` in the leader's `nodes`;
 - downs: members marked down during the flood (must be 0);
-- flood_opened: connections the flooder opened in all (2,000, plus those it reopened).
+- flood_opened: connections the flooder opened in all (2,000, plus those it reopened);
+- rss_growth_mb: the leader's RSS after the flood ended, less before it started.
+Scenario `followers` is the slow-reader attack instead: 1,000 `events --follow` streams on the
+leader's admin socket that never read a byte.
 The table shows each figure per scenario and its ratio to the baseline of the same run
 (target: within 2x). Medians over runs; these machines are noisy.
 """
@@ -33,10 +36,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 from meshd.io.localsite import LocalSite, wait_for
+from meshd.wire import ADMIN_MAX_FRAME, encode_frame
 from tests.bench.report import report
 
-SCENARIOS = ("none", "raft", "peer", "admin")
+SCENARIOS = ("none", "raft", "peer", "admin", "followers")
 FLOOD_CONNECTIONS = 2_000
 REOPEN_PER_S = 500  # sustained reconnection rate of the flooder (see the module docstring)
 FLOOD_SOURCE = "127.0.0.2"  # another host as far as the daemon's per-host limits go
@@ -45,6 +51,8 @@ GAP_WINDOW_S = 5.0
 GAP_POLL_S = 0.05
 SETTLE_S = 2.0  # the flood's connections are open (and the refused ones refused) before measuring
 TARGET_RATIO = 2.0
+FOLLOWERS = 1_000  # the slow-reader attack: streams that are never read
+FOLLOW_REQUEST = encode_frame({"cmd": "events", "args": {"follow": True}}, max_frame=ADMIN_MAX_FRAME)
 
 
 def flood(kind: str, address: str | tuple[str, int], count: int, stop, opened) -> None:
@@ -55,7 +63,13 @@ def flood(kind: str, address: str | tuple[str, int], count: int, stop, opened) -
 
     def connect() -> socket.socket | None:
         try:
-            if kind == "admin":
+            if kind == "followers":  # `events --follow` that never reads a byte of its stream
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.settimeout(1.0)
+                s.connect(address)
+                s.sendall(FOLLOW_REQUEST)
+                s.setblocking(False)
+            elif kind == "admin":
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 s.setblocking(False)
                 s.connect_ex(address)
@@ -81,17 +95,21 @@ def flood(kind: str, address: str | tuple[str, int], count: int, stop, opened) -
             budget -= 1
             if s is not None:
                 by_fd[s.fileno()] = s
-                poller.register(s, select.POLLIN)
+                poller.register(s, select.POLLRDHUP if kind == "followers" else select.POLLIN)
                 opened.value += 1
-        for fd, _ in poller.poll(50):  # the daemon closed it: a silent client has nothing else to read
+        for fd, events in poller.poll(50):
             s = by_fd[fd]
-            try:
-                if s.recv(4096):
+            if kind == "followers":  # never read: only the daemon hanging up counts
+                if not events & (select.POLLHUP | select.POLLRDHUP | select.POLLERR):
                     continue
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                pass
+            else:  # a silent client has nothing to read: readable means closed
+                try:
+                    if s.recv(4096):
+                        continue
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    pass
             poller.unregister(fd)
             del by_fd[fd]
             s.close()
@@ -103,7 +121,7 @@ def flood(kind: str, address: str | tuple[str, int], count: int, stop, opened) -
 
 def target_of(kind: str, leader) -> str | tuple[str, int]:
     status = leader.call("status")
-    if kind == "admin":
+    if kind in ("admin", "followers"):
         return leader.socket
     host, _, port = status["raft_address" if kind == "raft" else "address"].rpartition(":")
     return (host, int(port))
@@ -121,8 +139,11 @@ def measure(site: LocalSite, kind: str) -> dict[str, float]:
     opened = multiprocessing.Value("q", 0)
     flooder = None
     started = time.time()
+    process = psutil.Process(leader.proc.pid)
+    rss_before = process.memory_info().rss / 1e6
     if kind != "none":
-        flooder = multiprocessing.Process(target=flood, args=(kind, target_of(kind, leader), FLOOD_CONNECTIONS, stop, opened),
+        count = FOLLOWERS if kind == "followers" else FLOOD_CONNECTIONS
+        flooder = multiprocessing.Process(target=flood, args=(kind, target_of(kind, leader), count, stop, opened),
                                           daemon=True)
         flooder.start()
     try:
@@ -157,20 +178,26 @@ def measure(site: LocalSite, kind: str) -> dict[str, float]:
             flooder.join(10)
             if flooder.is_alive():
                 flooder.kill()
+    time.sleep(SETTLE_S)  # the daemon has seen the flood's connections close
+    rss_growth = process.memory_info().rss / 1e6 - rss_before
     return {"status_ms": statistics.median(latencies), "heard_gap_s": gap, "join_s": join, "downs": float(downs),
-            "flood_opened": float(opened.value)}
+            "flood_opened": float(opened.value), "rss_growth_mb": rss_growth}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", default="bench-results/flood.json")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        help="comma-separated, from: " + ", ".join(SCENARIOS) + " (none, the baseline, always runs)")
     args = parser.parse_args(argv)
-    figures = ("status_ms", "heard_gap_s", "join_s", "downs", "flood_opened")
-    units = {"status_ms": "ms", "heard_gap_s": "s", "join_s": "s", "downs": "nodes", "flood_opened": "conns"}
+    chosen = ["none"] + [k for k in args.scenarios.split(",") if k in SCENARIOS and k != "none"]
+    figures = ("status_ms", "heard_gap_s", "join_s", "downs", "flood_opened", "rss_growth_mb")
+    units = {"status_ms": "ms", "heard_gap_s": "s", "join_s": "s", "downs": "nodes", "flood_opened": "conns",
+             "rss_growth_mb": "MB"}
     samples: dict[str, list[float]] = {}
     targets: dict[str, tuple[float | None, str]] = {}
-    for kind in SCENARIOS:
+    for kind in chosen:
         for figure in figures:
             targets[f"{figure}/{kind}"] = (0.0 if figure == "downs" and kind != "none" else None, units[figure])
         if kind != "none":
@@ -179,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mf-", dir="/tmp") as root:
         for i in range(args.runs):
             baseline: dict[str, float] = {}
-            for kind in SCENARIOS:
+            for kind in chosen:
                 site = LocalSite(Path(root) / f"r{i}{kind}", site="flood", prefix=f"f{i}{kind[0]}")
                 try:
                     result = measure(site, kind)

@@ -576,3 +576,60 @@ def test_when_every_place_is_a_request_being_answered_a_newcomer_is_told_busy(so
         assert await admin_call(sock_path, "echo", {}) == {"cmd": "echo", "args": {}}  # places freed
 
     run_with_server(sock_path, handler, body, max_connections=4)
+
+
+def test_streams_hold_at_most_half_the_places_and_a_newer_one_closes_the_oldest():
+    gate = AdminAdmission(total=6)
+    assert gate.max_streams == 3
+    for conn in range(1, 5):
+        gate.arrive(conn)
+    assert [gate.requested(c, stream=True) for c in (1, 2, 3)] == [(True, None)] * 3
+    assert gate.requested(4, stream=True) == (True, 1)  # the oldest stream makes room
+    assert list(gate.streams) == [2, 3, 4] and 1 not in gate.answering
+    gate.arrive(5)
+    assert gate.requested(5) == (True, None) and gate.arrive(6) == (True, None)  # one-shots find room beside them
+    gate.leave(4)
+    assert list(gate.streams) == [2, 3]
+
+
+def test_streams_start_at_a_bounded_rate_and_one_shot_requests_at_any():
+    gate = AdminAdmission(total=1000, streams=1000, starts_per_s=10.0, burst=3)
+    for conn in range(1, 100):
+        gate.arrive(conn)
+    assert [gate.requested(c, stream=True, now=0.0)[0] for c in (1, 2, 3, 4)] == [True, True, True, False]
+    assert gate.requested(5, stream=False, now=0.0) == (True, None)
+    assert gate.requested(6, stream=True, now=0.05)[0] is False  # half a start earned
+    assert gate.requested(7, stream=True, now=0.1)[0] is True
+    assert [gate.requested(c, stream=True, now=10.0)[0] for c in (8, 9, 10, 11)] == [True, True, True, False]
+    assert gate.refused == 3
+
+
+def test_followers_that_never_read_cannot_fill_the_socket(sock_path, monkeypatch):
+    """More silent followers than the stream places: the oldest are closed (their client is
+    told the stream ended), and one-shot requests are answered at once throughout."""
+    from meshd.io import admin as adminmod
+    from meshd.io.admin import MAX_STREAMS
+    monkeypatch.setattr(adminmod, "STREAM_START_BURST", 1000)  # this test is about the places
+    handler = Recorder()
+
+    async def body() -> None:
+        errors: list[str] = []
+
+        async def follower() -> None:
+            try:
+                await admin_call(sock_path, "silent-forever", {"follow": True})
+            except AdminUnavailable as e:
+                errors.append(e.message)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(MAX_STREAMS + 5):
+                nursery.start_soon(follower)
+                await trio.sleep(0.005)
+            while len(handler.requests) < MAX_STREAMS + 5 or len(errors) < 5:
+                await trio.sleep(0.01)
+            with trio.fail_after(2.0):
+                assert await admin_call(sock_path, "echo", {}) == {"cmd": "echo", "args": {}}
+            nursery.cancel_scope.cancel()
+        assert len(errors) == 5 and "closed the connection without an answer" in errors[0]
+
+    run_with_server(sock_path, handler, body)
