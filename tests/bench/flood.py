@@ -129,7 +129,7 @@ def target_of(kind: str, leader) -> str | tuple[str, int]:
 
 def downs_since(leader, since: float) -> int:
     return sum(1 for e in leader.call("events", follow=False, since=since)
-               if e["kind"] == "node" and "down" in e["message"])
+               if e["kind"] == "node" and e.get("state") == "down")
 
 
 def measure(site: LocalSite, kind: str) -> dict[str, float]:
