@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Mapping, Union
 from crdt.schema import AppEdit, SchemaError
 from meshd import spec as specmod
 from meshd.placement.plan import Placement
-from meshd.state import ALLOC_STATES, AppSpec, NodeRecord, NodeResources
+from meshd.state import ALLOC_STATES, HEALTH_NONE, HEALTH_STATES, AppSpec, NodeRecord, NodeResources
 
 # Ints in commands are bounded so that a crafted command cannot blow up snapshots or the
 # CRDT document later (which cannot hold ints of 2**63 and above).
@@ -209,6 +209,7 @@ class AllocReport:
     # True when this node's meshd ended it (told to stop, or shutting down), not the
     # workload by its own exit: such a stop never counts as the replica having run its course.
     stopped_by_meshd: bool = False
+    health: str = HEALTH_NONE  # its health checks' verdict (meshd.health); none unless running
 
     @classmethod
     def from_wire(cls, raw: Any) -> "AllocReport":
@@ -223,6 +224,10 @@ class AllocReport:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or abs(value) > MAX_INT):
                 raise Invalid(f"{key} must be an integer or null")
             optional[key] = value
+        health = raw.get("health") or HEALTH_NONE
+        if health not in HEALTH_STATES:
+            raise Invalid(f"unknown health {str(health)[:20]!r}")
+        optional["health"] = health
         return cls(alloc_id=read_str(raw, "alloc_id", max_len=64), state=state, restarts=read_int(raw, "restarts", 0),
                    reason=read_text(raw, "reason", 512), stopped_by_meshd=raw.get("stopped_by_meshd") is True,
                    **optional)
@@ -232,6 +237,8 @@ class AllocReport:
                 "exit_code": self.exit_code, "reason": self.reason}
         if self.stopped_by_meshd:
             wire["stopped_by_meshd"] = True
+        if self.health != HEALTH_NONE:  # omitted when none: the journal of a site without checks is unchanged
+            wire["health"] = self.health
         return wire
 
 

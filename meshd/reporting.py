@@ -26,11 +26,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from meshd.state import HEALTH_NONE
+
 # Free memory moves all the time; placement (which checks it) cares about steps of this size.
 MEM_STEP_FRACTION = 0.05  # of the node's memory
 # The fields of an allocation report that the site replicates (`stopped_by_meshd`: this
 # node's meshd ended it, so the site replaces it instead of counting it as having run).
-REPORT_FIELDS = ("alloc_id", "state", "pid", "restarts", "exit_code", "reason", "stopped_by_meshd")
+REPORT_FIELDS = ("alloc_id", "state", "pid", "restarts", "exit_code", "reason", "stopped_by_meshd", "health")
 
 
 def resources_moved(last: Mapping[str, float], current: Mapping[str, float]) -> bool:
@@ -53,8 +55,9 @@ def reflected_in(alloc) -> Callable[[Mapping], bool]:
         if record is None or record.state == "lost" or (record.desired == "stop" and record.state in (
                 "failed", "stopped")):
             return True
-        return (record.state, record.pid, record.restarts, record.exit_code) == (
-            report.get("state"), report.get("pid"), report.get("restarts"), report.get("exit_code"))
+        return (record.state, record.pid, record.restarts, record.exit_code, record.health) == (
+            report.get("state"), report.get("pid"), report.get("restarts"), report.get("exit_code"),
+            report.get("health") or HEALTH_NONE)
     return reflected
 
 

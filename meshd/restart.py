@@ -92,6 +92,7 @@ def decide_restart(
     uptime: float,
     *,
     cause: str | None = None,
+    unhealthy: str | None = None,
     base: float = BACKOFF_BASE,
     cap: float = BACKOFF_CAP,
     stable_after: float = STABLE_UPTIME,
@@ -100,7 +101,8 @@ def decide_restart(
 
     `exit_code` as in `subprocess` (negative: killed by that signal; None: never ran, with
     `cause` saying why), `restarts` the restarts of the current crash streak, `uptime` the
-    seconds the process ran. Raises ValueError (with the reason) for an unknown policy or
+    seconds the process ran; `unhealthy` why meshd ended it for failing its health checks
+    (a failure whatever status the process then exited with). Raises ValueError (with the reason) for an unknown policy or
     inconsistent backoff settings.
     """
     problem = policy_problem(policy)
@@ -109,7 +111,9 @@ def decide_restart(
     if not 0 < base <= cap:
         raise ValueError(f"backoff needs 0 < base <= cap, got base={base} cap={cap}")
     what = describe_exit(exit_code, cause)
-    clean = exit_code == 0
+    clean = exit_code == 0 and unhealthy is None
+    if unhealthy is not None:
+        what = f"{unhealthy}; {what}"
     if policy == POLICY_NEVER or (policy == POLICY_ON_FAILURE and clean):
         final = ALLOC_STOPPED if clean else ALLOC_FAILED
         return RestartDecision(restart=False, delay=0.0, final_state=final, reason=what)

@@ -45,12 +45,15 @@ from meshd.state import (
     ADMIN_REVOKED,
     ALLOC_LOST,
     ALLOC_PENDING,
+    ALLOC_RUNNING,
     ALLOC_STOPPED,
     ALLOC_TERMINAL,
     APP_RUNNING,
     APP_STOPPED,
     DESIRED_RUN,
     DESIRED_STOP,
+    HEALTH_NONE,
+    HEALTH_UNHEALTHY,
     LIVENESS_DOWN,
     LIVENESS_JOINING,
     Alloc,
@@ -520,14 +523,19 @@ def _apply_report(state: SiteState, node: NodeRecord, report: cmds.AllocReport, 
         # Not the workload's own end (that one keeps covering: its restart policy decided):
         # the node stopped what the site wants. The site replaces it (reconcile).
         desired, reason = DESIRED_STOP, f"{REASON_STOPPED_BY_NODE} ({report.reason})"[:512]
-    changed = (new_state, desired, report.pid, report.restarts, report.exit_code) != (
-        alloc.state, alloc.desired, alloc.pid, alloc.restarts, alloc.exit_code)
+    health = report.health if new_state == ALLOC_RUNNING else HEALTH_NONE
+    changed = (new_state, desired, report.pid, report.restarts, report.exit_code, health) != (
+        alloc.state, alloc.desired, alloc.pid, alloc.restarts, alloc.exit_code, alloc.health)
     if not changed:
         return
     state.allocs[alloc.alloc_id] = replace(
         alloc, state=new_state, desired=desired, pid=report.pid, restarts=report.restarts,
-        exit_code=report.exit_code, updated_at=ts, reason=reason,
+        exit_code=report.exit_code, updated_at=ts, reason=reason, health=health,
     )
+    if health == HEALTH_UNHEALTHY and alloc.health != HEALTH_UNHEALTHY:
+        _event(state, ts, "alloc", f"{alloc.app} replica {alloc.replica} on {node.name} is unhealthy"
+               + (f" ({report.reason})" if report.reason else ""),
+               alloc_id=alloc.alloc_id, app=alloc.app, node=node.name, health=health)
     if new_state != alloc.state:
         _event(state, ts, "alloc", f"{alloc.app} replica {alloc.replica} on {node.name}: {alloc.state} -> {new_state}"
                + (f" ({report.reason})" if report.reason else ""),

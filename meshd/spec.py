@@ -21,7 +21,7 @@ import re
 import tomllib
 from typing import Any, Mapping
 
-from meshd.state import RESTART_POLICIES, AppSpec, Constraints, ResourceRequest
+from meshd.state import HEALTH_KINDS, RESTART_POLICIES, AppSpec, Constraints, HealthCheck, ResourceRequest
 
 # --- name rules ----------------------------------------------------------------------
 # App and site names: a DNS label (RFC 1123), so they fit in hostnames, mDNS records,
@@ -62,10 +62,19 @@ MAX_MEMORY_MB = 2**40  # 1 EiB in MiB: exact in a float (pycrdt returns ints as 
 KNOWN_ARCHES = ("x86_64", "aarch64", "armv7l", "armv6l", "riscv64", "i686", "ppc64le", "s390x")
 
 _TOP_KEYS = ("app",)
-_APP_KEYS = ("name", "replicas", "command", "sites", "env", "constraints", "resources", "restart")
+_APP_KEYS = ("name", "replicas", "command", "sites", "env", "constraints", "resources", "restart", "health")
 _CONSTRAINT_KEYS = ("arch", "labels")
 _RESOURCE_KEYS = ("cpu", "memory_mb")
 _RESTART_KEYS = ("policy",)
+_HEALTH_KEYS = ("kind", "port", "path", "command", "interval_s", "timeout_s", "failures", "grace_s")
+# What each kind of check needs (and may have) beside the timing keys.
+_HEALTH_NEEDS = {"process": (), "tcp": ("port",), "http": ("port",), "exec": ("command",)}
+_HEALTH_MAY = {"process": (), "tcp": ("port",), "http": ("port", "path"), "exec": ("command",)}
+MAX_HEALTH_INTERVAL_S = 3600.0  # an hour between checks: beyond that it checks nothing useful
+MIN_HEALTH_INTERVAL_S = 0.1  # a check is a connection or a process: ten a second at most
+MAX_HEALTH_FAILURES = 100  # consecutive failures: beyond that, a longer interval says it better
+MAX_HEALTH_GRACE_S = 86400.0  # a day of start-up is a typo, not a workload
+MAX_HEALTH_PATH_CHARS = 1024  # an HTTP request line, not a document
 
 DEFAULT_REPLICAS = 1  # an app without `replicas` runs once, like a single service
 
@@ -127,6 +136,7 @@ def parse_app_dict(doc: Mapping[str, Any]) -> AppSpec:
     constraints = _constraints(app["constraints"]) if "constraints" in app else Constraints()
     resources = _resources(app["resources"]) if "resources" in app else ResourceRequest()
     restart_policy = _restart(app["restart"]) if "restart" in app else "always"
+    health = _health(app["health"]) if "health" in app else HealthCheck()
     return AppSpec(
         name=name,
         replicas=replicas,
@@ -136,6 +146,7 @@ def parse_app_dict(doc: Mapping[str, Any]) -> AppSpec:
         constraints=constraints,
         resources=resources,
         restart_policy=restart_policy,
+        health=health,
     )
 
 
@@ -165,6 +176,15 @@ def spec_to_dict(spec: AppSpec) -> dict[str, Any]:
     if resources:
         app["resources"] = resources
     app["restart"] = {"policy": spec.restart_policy}
+    if spec.health != HealthCheck():
+        default, check = HealthCheck(), spec.health
+        health: dict[str, Any] = {"kind": check.kind}
+        for key in _HEALTH_MAY[check.kind]:
+            health[key] = list(check.command) if key == "command" else getattr(check, key)
+        for key in ("interval_s", "timeout_s", "failures", "grace_s"):
+            if getattr(check, key) != getattr(default, key):
+                health[key] = getattr(check, key)
+        app["health"] = health
     return {"app": app}
 
 
@@ -214,14 +234,18 @@ def _replicas(value: object) -> int:
 
 
 def _command(value: object) -> tuple[str, ...]:
-    items = _list(value, "app.command", "strings, program first")
+    return _command_at(value, "app.command")
+
+
+def _command_at(value: object, where: str) -> tuple[str, ...]:
+    items = _list(value, where, "strings, program first")
     if not items:
-        raise SpecError("app.command", "must not be empty: give at least the program to run")
+        raise SpecError(where, "must not be empty: give at least the program to run")
     if len(items) > MAX_COMMAND_ARGS:
-        raise SpecError("app.command", f"must have at most {MAX_COMMAND_ARGS} items, got {len(items)}")
+        raise SpecError(where, f"must have at most {MAX_COMMAND_ARGS} items, got {len(items)}")
     total = 0
     for index, arg in enumerate(items):
-        key = f"app.command[{index}]"
+        key = f"{where}[{index}]"
         if not isinstance(arg, str):
             raise SpecError(key, f"must be a string, got {show_value(arg)}")
         if not arg:
@@ -232,7 +256,7 @@ def _command(value: object) -> tuple[str, ...]:
             raise SpecError(key, f"must be at most {MAX_COMMAND_ARG_CHARS} characters, got {len(arg)}")
         total += len(arg)
     if total > MAX_COMMAND_TOTAL_CHARS:
-        raise SpecError("app.command", f"is {total} characters in all, at most {MAX_COMMAND_TOTAL_CHARS} allowed")
+        raise SpecError(where, f"is {total} characters in all, at most {MAX_COMMAND_TOTAL_CHARS} allowed")
     return tuple(items)
 
 
@@ -350,6 +374,60 @@ def _restart(value: object) -> str:
     if not isinstance(policy, str) or policy not in RESTART_POLICIES:
         raise SpecError("app.restart.policy", f"must be one of {', '.join(RESTART_POLICIES)}, got {show_value(policy)}")
     return policy
+
+
+def _health(value: object) -> HealthCheck:
+    table = _table(value, "app.health")
+    _refuse_unknown_keys(table, "app.health", _HEALTH_KEYS)
+    kind = table.get("kind", "process")
+    if not isinstance(kind, str) or kind not in HEALTH_KINDS:
+        raise SpecError("app.health.kind", f"must be one of {', '.join(HEALTH_KINDS)}, got {show_value(kind)}")
+    for key in ("port", "path", "command"):
+        if key in table and key not in _HEALTH_MAY[kind]:
+            raise SpecError(f"app.health.{key}", f"is not used by {_a(kind)} check")
+    for key in _HEALTH_NEEDS[kind]:
+        if key not in table:
+            raise SpecError(f"app.health.{key}", f"is required for {_a(kind)} check")
+    default = HealthCheck()
+    port = default.port
+    if "port" in table:
+        port = table["port"]
+        if not _is_int(port) or not 1 <= port <= 65535:  # type: ignore[operator]
+            raise SpecError("app.health.port", f"must be a port from 1 to 65535, got {show_value(port)}")
+    path = default.path
+    if "path" in table:
+        path = table["path"]
+        if (not isinstance(path, str) or not path.startswith("/") or len(path) > MAX_HEALTH_PATH_CHARS
+                or _has_control(path) or " " in path):
+            raise SpecError("app.health.path", f"must be a URL path starting with '/', without spaces, at most "
+                                               f"{MAX_HEALTH_PATH_CHARS} characters, got {show_value(path)}")
+    command = _command_at(table["command"], "app.health.command") if "command" in table else ()
+    interval = _seconds(table, "interval_s", default.interval_s, MIN_HEALTH_INTERVAL_S, MAX_HEALTH_INTERVAL_S)
+    timeout = _seconds(table, "timeout_s", min(default.timeout_s, interval), MIN_HEALTH_INTERVAL_S / 10, interval)
+    grace = _seconds(table, "grace_s", default.grace_s, 0.0, MAX_HEALTH_GRACE_S)
+    failures = default.failures
+    if "failures" in table:
+        failures = table["failures"]
+        if not _is_int(failures) or not 1 <= failures <= MAX_HEALTH_FAILURES:  # type: ignore[operator]
+            raise SpecError("app.health.failures", f"must be a whole number from 1 to {MAX_HEALTH_FAILURES}, "
+                                                   f"got {show_value(failures)}")
+    return HealthCheck(kind=kind, port=int(port), path=path, command=command, interval_s=interval, timeout_s=timeout,
+                       failures=int(failures), grace_s=grace)
+
+
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def _seconds(table: Mapping[Any, Any], key: str, default: float, low: float, high: float) -> float:
+    """A duration in seconds from `table[key]`, from `low` to `high`."""
+    if key not in table:
+        return default
+    raw = table[key]
+    if not _is_number(raw) or not low <= raw <= high:  # type: ignore[operator]
+        raise SpecError(f"app.health.{key}", f"must be a number of seconds from {low:g} to {high:g}, "
+                                             f"got {show_value(raw)}")
+    return float(raw)  # type: ignore[arg-type]
 
 
 # --- helpers -------------------------------------------------------------------------

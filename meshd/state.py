@@ -83,6 +83,27 @@ class ResourceRequest:
     memory_mb: int = 0
 
 
+HEALTH_KINDS = ("process", "tcp", "http", "exec")
+# A replica's health as `allocs` shows it: not running (none), no verdict yet (checking:
+# within its grace or before its first check), or the last verdict.
+HEALTH_NONE, HEALTH_CHECKING, HEALTH_HEALTHY, HEALTH_UNHEALTHY = "none", "checking", "healthy", "unhealthy"
+HEALTH_STATES = (HEALTH_NONE, HEALTH_CHECKING, HEALTH_HEALTHY, HEALTH_UNHEALTHY)
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """How a replica's health is judged (`[app.health]`); the default: running is healthy."""
+
+    kind: str = "process"  # process | tcp | http | exec
+    port: int = 0  # tcp, http: on the node's loopback
+    path: str = "/"  # http: a status 200-399 passes
+    command: tuple[str, ...] = ()  # exec: exit status 0 passes
+    interval_s: float = 10.0
+    timeout_s: float = 2.0
+    failures: int = 3  # consecutive failed checks make the replica unhealthy (then restarted)
+    grace_s: float = 0.0  # after a start, failures do not count for this long
+
+
 @dataclass(frozen=True)
 class AppSpec:
     """A validated app as the operator wrote it (see meshd.spec for parsing)."""
@@ -95,12 +116,15 @@ class AppSpec:
     constraints: Constraints = field(default_factory=Constraints)
     resources: ResourceRequest = field(default_factory=ResourceRequest)
     restart_policy: str = "always"
+    # A class-level default (not a factory): a spec unpickled from an older snapshot has it.
+    health: HealthCheck = HealthCheck()
 
     def to_plain(self) -> dict:
         return dataclasses.asdict(self) | {
             "command": list(self.command),
             "sites": list(self.sites),
             "env": dict(self.env),
+            "health": dataclasses.asdict(self.health) | {"command": list(self.health.command)},
         }
 
 
@@ -204,6 +228,7 @@ class Alloc:
     created_at: float = 0.0
     updated_at: float = 0.0
     reason: str = ""  # why it was stopped, lost or failed
+    health: str = HEALTH_NONE  # what its node's health checks last said (HEALTH_*)
 
     @property
     def live(self) -> bool:

@@ -166,6 +166,7 @@ ALLOC_COLUMNS: list[Column] = [
     ("VERSION", "version"),
     ("NODE", "node"),
     ("STATE", "state"),
+    ("HEALTH", lambda r: r.get("health") or "none"),
     ("PID", "pid"),
     ("RESTARTS", "restarts"),
     ("REASON", "reason"),

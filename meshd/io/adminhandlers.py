@@ -91,7 +91,7 @@ def alloc_plain(state: SiteState, alloc) -> dict:
             "node": node.name if node else alloc.node_id, "node_id": alloc.node_id,
             "site": node.site if node else state.site, "state": alloc.state, "desired": alloc.desired,
             "pid": alloc.pid, "restarts": alloc.restarts, "exit_code": alloc.exit_code, "reason": alloc.reason,
-            "created_at": alloc.created_at}
+            "health": alloc.health, "created_at": alloc.created_at}
 
 
 def app_progress(state: SiteState, name: str) -> dict:

@@ -53,7 +53,9 @@ from meshd.restart import (
     describe_exit,
     policy_problem,
 )
-from meshd.state import ALLOC_FAILED, ALLOC_PENDING, ALLOC_RUNNING, ALLOC_STOPPED
+from meshd.health import HealthWatch
+from meshd.io.healthcheck import run_check
+from meshd.state import ALLOC_FAILED, ALLOC_PENDING, ALLOC_RUNNING, ALLOC_STOPPED, HEALTH_NONE
 
 # Reports of finished allocations kept after they were final: enough for the daemon to push
 # every final state even after a mass stop, small enough to bound memory on a small device.
@@ -90,6 +92,7 @@ class AllocReport:
     # Ended because meshd stopped it (told to, or shutting down), not by its own exit: the
     # site must not count such a replica as having run its course.
     stopped_by_meshd: bool = False
+    health: str = HEALTH_NONE  # meshd.state HEALTH_*: none unless running
 
 
 def alloc_id_problem(alloc_id: str) -> str | None:
@@ -322,6 +325,7 @@ class _Exit:
     exit_code: int | None
     uptime: float
     cause: str | None = None  # why there is no exit code
+    unhealthy: str | None = None  # ended by meshd because its health checks failed (why)
 
 
 def output_stamped(data: bytes, mid_line: bool, now: float) -> bytes:
@@ -507,7 +511,8 @@ class Supervisor:
             slot.log.close()
             slot.log = None
         by_meshd = slot.stop_reason is not None or reason in (REASON_SHUTDOWN, REASON_NOT_STARTED)
-        self._report(slot, state=state, pid=None, exit_code=exit_code, reason=reason, stopped_by_meshd=by_meshd)
+        self._report(slot, state=state, pid=None, exit_code=exit_code, reason=reason, stopped_by_meshd=by_meshd,
+                     health=HEALTH_NONE)
         self._finished[slot.spec.alloc_id] = None
         self._prune()
 
@@ -575,6 +580,7 @@ class Supervisor:
                     slot.backoff_count,
                     ended.uptime,
                     cause=ended.cause,
+                    unhealthy=ended.unhealthy,
                     base=self.backoff_base,
                     cap=self.backoff_cap,
                     stable_after=self.stable_uptime,
@@ -585,7 +591,8 @@ class Supervisor:
                     return
                 slot.backoff_count = decision.backoff_count
                 self._report(
-                    slot, state=ALLOC_PENDING, pid=None, exit_code=ended.exit_code, reason=decision.reason
+                    slot, state=ALLOC_PENDING, pid=None, exit_code=ended.exit_code, reason=decision.reason,
+                    health=HEALTH_NONE,
                 )
                 self._lifecycle(
                     slot, "restarting", decision.reason, exit_code=ended.exit_code, delay=decision.delay
@@ -615,31 +622,54 @@ class Supervisor:
         try:
             pgid_file.write_text(str(proc.pid))
             started = trio.current_time()
-            self._report(slot, state=ALLOC_RUNNING, pid=proc.pid, exit_code=None, reason="")
+            watch = HealthWatch(spec.health, started_at=started)
+            self._report(slot, state=ALLOC_RUNNING, pid=proc.pid, exit_code=None, reason="", health=watch.health)
             self._lifecycle(
                 slot, "started", f"started pid {proc.pid}", pid=proc.pid, restarts=slot.report.restarts
             )
-            await self._wait_exit_or_interrupt(slot, proc)
+            unhealthy = await self._wait_exit_or_interrupt(slot, proc, watch)
             uptime = trio.current_time() - started
         finally:
             with trio.CancelScope(shield=True):
                 await self._end_workload(slot, proc)
             pgid_file.unlink(missing_ok=True)
         assert proc.returncode is not None
-        return _Exit(exit_code=proc.returncode, uptime=uptime)
+        return _Exit(exit_code=proc.returncode, uptime=uptime, unhealthy=unhealthy)
 
-    async def _wait_exit_or_interrupt(self, slot: _Slot, proc: _WorkloadProcess) -> None:
-        """Copy output until the first process exits or the allocation is interrupted."""
+    async def _wait_exit_or_interrupt(self, slot: _Slot, proc: _WorkloadProcess, watch: HealthWatch) -> str | None:
+        """Copy output and check health until the first process exits, the allocation is
+        interrupted, or it turned unhealthy (the reason, which ends it)."""
+        unhealthy: list[str] = []
         async with trio.open_nursery() as nursery:
 
             async def on_interrupt() -> None:
                 await slot.wake.wait()
                 nursery.cancel_scope.cancel()
 
+            async def check_health() -> None:
+                while watch.probes:
+                    await trio.sleep(watch.due(trio.current_time()))
+                    passed, reason = await run_check(watch.check, self.log_path(slot.spec.alloc_id).parent,
+                                                     workload_env(slot.spec, os.environ))
+                    verdict = watch.checked(passed, reason, trio.current_time())
+                    if verdict.health != slot.report.health:
+                        self._lifecycle(slot, "health", f"{verdict.health}" + (f": {verdict.reason}"
+                                                                               if verdict.reason else ""),
+                                        health=verdict.health)
+                    if verdict.restart:
+                        self._report(slot, health=verdict.health, reason=verdict.reason)
+                    else:
+                        self._report(slot, health=verdict.health)
+                    if verdict.restart:
+                        unhealthy.append(verdict.reason)
+                        nursery.cancel_scope.cancel()
+
             nursery.start_soon(self._copy_output, slot, proc)
             nursery.start_soon(on_interrupt)
+            nursery.start_soon(check_health)
             await proc.wait()
             nursery.cancel_scope.cancel()
+        return unhealthy[0] if unhealthy else None
 
     async def _copy_output(self, slot: _Slot, proc: _WorkloadProcess) -> None:
         assert proc.stdout is not None

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence, Union
 
 from meshd.commands import Command, Result
-from meshd.state import NodeRecord, SiteState
+from meshd.state import HealthCheck, NodeRecord, SiteState
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,7 @@ class Workload:
     command: tuple[str, ...]
     env: Mapping[str, str]
     restart_policy: str
+    health: HealthCheck = HealthCheck()  # how its health is judged (meshd.health)
 
 
 @dataclass(frozen=True)

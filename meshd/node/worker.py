@@ -54,7 +54,8 @@ class Worker:
                 continue
             spec = record.spec
             workloads.append(Workload(alloc_id=alloc.alloc_id, app=alloc.app, command=tuple(spec.command),
-                                      env=dict(spec.env), restart_policy=spec.restart_policy))
+                                      env=dict(spec.env), restart_policy=spec.restart_policy,
+                                      health=spec.health))
         key = tuple(sorted(w.alloc_id for w in workloads))
         if key != self._running:
             self._running = key

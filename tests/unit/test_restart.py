@@ -148,3 +148,12 @@ def test_stable_run_resets_the_streak(restarts, uptime):
     decision = decide_restart("always", 1, restarts, uptime)
     assert decision.delay == BACKOFF_BASE
     assert decision.backoff_count == 1
+
+
+def test_an_unhealthy_replica_is_a_failure_whatever_it_exited_with():
+    from meshd.restart import decide_restart
+    for code in (0, -15, 1):
+        never = decide_restart("never", code, 0, 5.0, unhealthy="unhealthy: 3 consecutive http checks failed")
+        assert never.final_state == "failed" and never.reason.startswith("unhealthy: 3 consecutive http checks failed; ")
+        again = decide_restart("on-failure", code, 0, 5.0, unhealthy="unhealthy: x")
+        assert again.restart and again.reason.startswith("unhealthy: x; ")

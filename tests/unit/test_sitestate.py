@@ -168,6 +168,25 @@ def test_heartbeat_reports_update_allocations_of_that_node_only():
     assert state.allocs["a0"].state == "running" and state.allocs["a0"].pid == 42
 
 
+def test_a_replicas_health_is_kept_while_it_runs_and_turning_unhealthy_is_an_event():
+    state = founded(1)
+    sitestate.apply(state, cmd("submit_app", spec=APP))
+    (n1,) = state.nodes
+    sitestate.apply(state, plan_cmd([{"alloc_id": "a0", "replica": 0, "node_id": n1}]))
+    report = {"alloc_id": "a0", "state": "running", "pid": 42, "restarts": 0, "exit_code": None, "reason": ""}
+    sitestate.apply(state, cmd("heartbeat", node_id=n1, seq=5, reports=[report | {"health": "healthy"}]))
+    assert state.allocs["a0"].health == "healthy"
+    sick = report | {"health": "unhealthy", "reason": "unhealthy: 3 consecutive http checks failed"}
+    sitestate.apply(state, cmd("heartbeat", node_id=n1, seq=6, reports=[sick]))
+    assert state.allocs["a0"].health == "unhealthy"
+    assert state.events[-1].message == "web replica 0 on n1 is unhealthy (unhealthy: 3 consecutive http checks failed)"
+    # not running: no health, whatever the report says
+    sitestate.apply(state, cmd("heartbeat", node_id=n1, seq=7, reports=[sick | {"state": "pending", "pid": None}]))
+    assert state.allocs["a0"].health == "none"
+    bad = sitestate.apply(state, cmd("heartbeat", node_id=n1, seq=8, reports=[report | {"health": "great"}]))
+    assert not bad.ok and "unknown health 'great'" in bad.text
+
+
 def test_a_replica_its_nodes_meshd_stopped_is_replaced_while_one_that_exited_keeps_covering():
     """A node that stopped a replica the site still wants (a stale view on that node) must not
     leave the app short for good: that replica no longer covers and reconcile replaces it.

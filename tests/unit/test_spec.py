@@ -26,6 +26,7 @@ from meshd.spec import (
     spec_to_dict,
 )
 from meshd.state import AppSpec, Constraints, ResourceRequest
+from meshd.state import HealthCheck as HealthSpec
 
 FULL_TOML = """
 [app]
@@ -66,6 +67,33 @@ def test_contract_example_parses_to_every_field() -> None:
         resources=ResourceRequest(cpu=0.25, memory_mb=64),
         restart_policy="on-failure",
     )
+
+
+@pytest.mark.parametrize("health, key, reason", [
+    ({"kind": "tcp"}, "app.health.port", "is required for a tcp check"),
+    ({"kind": "http", "port": 0}, "app.health.port", "must be a port from 1 to 65535, got 0"),
+    ({"kind": "http", "port": 80, "path": "healthz"}, "app.health.path", "must be a URL path starting with '/'"),
+    ({"kind": "exec"}, "app.health.command", "is required for an exec check"),
+    ({"kind": "exec", "command": []}, "app.health.command", "must not be empty"),
+    ({"kind": "process", "port": 80}, "app.health.port", "is not used by a process check"),
+    ({"kind": "udp"}, "app.health.kind", "must be one of process, tcp, http, exec"),
+    ({"interval_s": 0}, "app.health.interval_s", "must be a number of seconds from 0.1 to 3600"),
+    ({"interval_s": 5, "timeout_s": 6}, "app.health.timeout_s", "from 0.01 to 5"),
+    ({"failures": 0}, "app.health.failures", "must be a whole number from 1 to 100"),
+    ({"grace_s": -1}, "app.health.grace_s", "must be a number of seconds from 0 to 86400"),
+    ({"kinds": "tcp"}, "app.health.kinds", "unknown key"),
+])
+def test_a_bad_health_check_is_refused_with_its_key(health: dict, key: str, reason: str) -> None:
+    with pytest.raises(SpecError) as e:
+        parse_app_dict({"app": {"name": "a", "command": ["x"], "health": health}})
+    assert e.value.key == key and reason in e.value.reason
+
+
+def test_a_health_check_with_its_defaults() -> None:
+    spec = parse_app_dict({"app": {"name": "a", "command": ["x"], "health": {"kind": "http", "port": 8080}}})
+    assert spec.health == HealthSpec(kind="http", port=8080, path="/", interval_s=10.0, timeout_s=2.0, failures=3,
+                                     grace_s=0.0)
+    assert parse_app_dict({"app": {"name": "a", "command": ["x"]}}).health == HealthSpec()  # running is healthy
 
 
 def test_optional_keys_take_their_defaults() -> None:
@@ -245,6 +273,18 @@ args = st.text(alphabet=no_nul, min_size=1, max_size=30)
 
 
 @st.composite
+def health_checks(draw: st.DrawFn) -> HealthSpec:
+    from meshd.state import HealthCheck as Check
+    kind = draw(st.sampled_from(["process", "tcp", "http", "exec"]))
+    interval = draw(st.floats(0.1, 3600))
+    return Check(kind=kind, port=draw(st.integers(1, 65535)) if kind in ("tcp", "http") else 0,
+                 path=draw(st.from_regex(r"\A/[A-Za-z0-9/_.?=-]{0,30}\Z")) if kind == "http" else "/",
+                 command=tuple(draw(st.lists(args, min_size=1, max_size=4))) if kind == "exec" else (),
+                 interval_s=interval, timeout_s=draw(st.floats(0.01, interval)),
+                 failures=draw(st.integers(1, 100)), grace_s=draw(st.floats(0, 86400)))
+
+
+@st.composite
 def app_specs(draw: st.DrawFn) -> AppSpec:
     return AppSpec(
         name=draw(names),
@@ -261,6 +301,7 @@ def app_specs(draw: st.DrawFn) -> AppSpec:
             memory_mb=draw(st.just(0) | st.integers(1, MAX_MEMORY_MB)),
         ),
         restart_policy=draw(st.sampled_from(["always", "on-failure", "never"])),
+        health=draw(st.just(HealthSpec()) | health_checks()),
     )
 
 

@@ -470,3 +470,63 @@ def test_stopping_many_workloads_at_once_scans_the_process_table_a_few_times(tmp
     run_supervisor(tmp_path, scenario)
     assert not [pid for pid in pids if alive(pid)]
     assert len(scans) <= 10  # one per poll period while they stop, not one per workload and poll
+
+
+# --- health checks: a real HTTP server as the workload --------------------------------------
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_workload(alloc_id, port, path, policy, failures=2):
+    from meshd.state import HealthCheck
+    import sys
+    return DesiredAlloc(alloc_id=alloc_id, app="web", restart_policy=policy, env={},
+                        command=(sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"),
+                        health=HealthCheck(kind="http", port=port, path=path, interval_s=0.2, timeout_s=0.5,
+                                           failures=failures, grace_s=0.0))
+
+
+def test_a_replica_that_answers_its_check_is_reported_healthy(tmp_path):
+    port = _free_port()
+
+    async def scenario(sup, changes):
+        sup.set_desired([http_workload("h1", port, "/", "always")])
+        report = await wait_for(sup, "h1", lambda r: r.state == "running")
+        assert report.health == "checking"  # no verdict before the first check answers
+        healthy = await wait_for(sup, "h1", lambda r: r.health == "healthy")
+        assert healthy.restarts == 0 and healthy.pid == report.pid
+
+    run_supervisor(tmp_path, scenario)
+
+
+def test_a_replica_failing_its_check_is_restarted_by_its_policy_with_the_reason(tmp_path):
+    port = _free_port()
+
+    async def scenario(sup, changes):
+        sup.set_desired([http_workload("h1", port, "/missing", "always")])
+        first = await wait_for(sup, "h1", lambda r: r.state == "running")
+        again = await wait_for(sup, "h1", lambda r: r.restarts >= 1 and r.state == "running")
+        assert again.pid != first.pid
+        reasons = [r.reason for batch in changes for r in batch if r.alloc_id == "h1" and r.reason]
+        assert any(reason.startswith("unhealthy: 2 consecutive http checks failed, the last: http /missing: "
+                                     "status 404") for reason in reasons), reasons
+        text = sup.log_path("h1").read_text()
+        assert any(e["meshd"] == "health" and e["health"] == "unhealthy" for e in lifecycle(text))
+
+    run_supervisor(tmp_path, scenario, backoff_base=0.05, backoff_cap=0.1)
+
+
+def test_under_policy_never_an_unhealthy_replica_fails_for_good(tmp_path):
+    port = _free_port()
+
+    async def scenario(sup, changes):
+        sup.set_desired([http_workload("h1", port, "/missing", "never", failures=1)])
+        report = await wait_for(sup, "h1", lambda r: r.state == "failed")
+        assert report.reason.startswith("unhealthy: 1 consecutive http checks failed") and report.health == "none"
+        assert report.restarts == 0
+
+    run_supervisor(tmp_path, scenario)
