@@ -508,7 +508,11 @@ def _show_status(result: Any, opts: argparse.Namespace) -> str:
 
 def _show_deploy(result: Any, opts: argparse.Namespace) -> str:
     if isinstance(result, Mapping):
-        return render.key_values(result, order=render.DEPLOY_ORDER)
+        text = render.key_values(result, order=render.DEPLOY_ORDER)
+        if result.get("changed") is False:
+            text = (f"{result.get('app')} v{result.get('version')} unchanged: this spec already runs there; "
+                    f"nothing was written or restarted\n") + text
+        return text
     return _generic(result)
 
 

@@ -565,11 +565,19 @@ class AdminHandlers:
         self._require_member()
         own_site = self.ctx.membership.site
         targets = tuple(app_spec.sites) or (own_site,)
-        result, edit = await self._commit_edit(
-            request, lambda edit, actor: cmds.SubmitApp(spec=app_spec, edit=edit, actor=actor), app_spec.name,
-            spec_toml=self._spec_text(request), targets=targets, replicas=app_spec.replicas)
-        answer = {"app": result["app"], "version": result["version"], "accepted": True, "sites": list(targets),
-                  "edit_id": edit.edit_id}
+        same = self._running_edit(app_spec, targets)
+        if same is not None:
+            # The very spec already runs where it is wanted: nothing is written, nothing restarts.
+            edit, state = same, self._state()
+            record = state.apps.get(app_spec.name)
+            result = {"app": app_spec.name, "version": edit.version,
+                      "site_version": record.version if record is not None else 0}
+        else:
+            result, edit = await self._commit_edit(
+                request, lambda edit, actor: cmds.SubmitApp(spec=app_spec, edit=edit, actor=actor), app_spec.name,
+                spec_toml=self._spec_text(request), targets=targets, replicas=app_spec.replicas)
+        answer = {"app": result["app"], "version": result["version"], "accepted": True, "changed": same is None,
+                  "sites": list(targets), "edit_id": edit.edit_id}
         if not wait:
             return answer
         deadline = time.monotonic() + float(timeout)
@@ -594,6 +602,24 @@ class AdminHandlers:
                                  + (f": {'; '.join(why[:3])}" if why else "")
                                  + (f" (and {len(why) - 3} more)" if len(why) > 3 else ""))
             await self.ctx.state_changed.wait(POLL_PERIOD)
+
+    def _running_edit(self, app_spec, targets: tuple[str, ...]) -> AppEdit | None:
+        """The mesh's current edit of this app when it is this very spec, running, for these
+        sites, and uncontested (and this site runs it, when it is one of them); else None."""
+        current = self.ctx.mesh.document.app(app_spec.name)
+        if current is None or current.losers or current.winner.stopped or tuple(current.winner.targets) != targets:
+            return None
+        try:
+            if specmod.parse_app_toml(current.winner.spec) != app_spec:
+                return None
+        except specmod.SpecError:
+            return None
+        if self.ctx.membership.site in targets:
+            record = self._state().apps.get(app_spec.name)
+            if record is None or record.status != APP_RUNNING or record.spec != app_spec \
+                    or record.edit_id != current.winner.edit_id:
+                return None  # this site has not taken it in (yet): the edit is written again
+        return current.winner
 
     async def _wait_elsewhere(self, edit, stream, deadline: float, timeout: float) -> dict:
         """`deploy --wait` of an app that runs only in other sites: their published progress."""

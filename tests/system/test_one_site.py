@@ -168,3 +168,21 @@ def test_sigterm_stops_the_daemon_and_its_workloads_cleanly(make_site):
     assert node.terminate() == 0
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
     assert not os.path.exists(node.socket)
+
+
+def test_redeploying_the_running_spec_changes_nothing_and_says_so(three):
+    leader = three.leader()
+    first = deploy(leader, app_toml(replicas=2), wait=True, timeout=30)
+    assert first["changed"] is True
+    pids = sorted((a["alloc_id"], a["pid"]) for a in three.running("web", via=leader))
+
+    def edits() -> int:
+        from crdt.schema import AppEdit
+        return leader.call("document", since=None, brief=False, compact=False)["records"][AppEdit.ROOT]
+    written = edits()
+    again = deploy(leader, app_toml(replicas=2), wait=True, timeout=30)
+    assert again["changed"] is False and again["version"] == first["version"] and again["running"] == 2
+    assert sorted((a["alloc_id"], a["pid"]) for a in three.running("web", via=leader)) == pids
+    assert edits() == written  # nothing written to the mesh document either
+    changed = deploy(leader, app_toml(replicas=3), wait=True, timeout=30)
+    assert changed["changed"] is True and changed["version"] > first["version"]

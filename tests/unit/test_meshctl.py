@@ -309,6 +309,12 @@ def test_logs_are_printed_raw(daemon, capsys):
     assert capsys.readouterr().out == "no newline at end"
 
 
+def test_an_unchanged_deploy_says_so(daemon, spec_file, capsys):
+    daemon.script["deploy"] = ([], {"app": "web", "version": 3, "accepted": True, "changed": False, "sites": ["s"]})
+    assert run(daemon, "deploy", spec_file) == 0
+    assert capsys.readouterr().out.startswith("web v3 unchanged: this spec already runs there; nothing was written")
+
+
 def test_a_long_log_in_pieces_prints_as_one_text_and_one_json_document(daemon, capsys):
     daemon.script["logs"] = ([{"data": "piece 1\n"}, {"data": "piece 2\n"}], {"data": "last\n"})
     assert run(daemon, "logs", "a1") == 0
