@@ -53,7 +53,8 @@ import trio
 
 # RECEIVE_CHUNK: one read from the socket, server and client alike (the request itself is
 # bounded by ADMIN_MAX_FRAME).
-from meshd.io.adminclient import (ENDED_STREAM, FULL_QUEUE_PATIENCE_S, FULL_QUEUE_RETRY_S, RECEIVE_CHUNK, AdminError, AdminUnavailable, Reply, encode_request,
+from meshd.io.adminclient import (BUSY_PREFIX, ENDED_STREAM, FULL_QUEUE_PATIENCE_S, FULL_QUEUE_RETRY_S,
+                                  RECEIVE_CHUNK, AdminError, AdminUnavailable, Reply, encode_request,
                                   unreachable_message)
 from meshd.wire import ADMIN_MAX_FRAME, FrameDecoder, FrameError, encode_frame
 
@@ -359,7 +360,7 @@ async def _serve_connection(
         async with conn:
             if place is None:
                 with trio.move_on_after(BUSY_REPLY_TIMEOUT_S):
-                    await _reply(conn, _error(f"busy: {gate.admission.total} admin requests are being answered; "
+                    await _reply(conn, _error(f"{BUSY_PREFIX}{gate.admission.total} admin requests are being answered; "
                                               "try again"))
                 return
             conn_id, evictable = place
@@ -416,7 +417,7 @@ async def _handle_connection(
         return
 
     if not requested(bool(args.get("follow") or args.get("wait"))):
-        await _reply(conn, _error(f"busy: streams are starting faster than {STREAM_STARTS_PER_S:g} a second; "
+        await _reply(conn, _error(f"{BUSY_PREFIX}streams are starting faster than {STREAM_STARTS_PER_S:g} a second; "
                                   "try again"))
         return
     request = AdminRequest(cmd=cmd, args=args, peer_uid=peer_uid, peer_pid=peer_pid)

@@ -124,6 +124,12 @@ def _connect(conn: socket.socket, path: str, timeout: float | None, deadline: fl
                 conn.settimeout(max(deadline - time.monotonic(), 0.001))
 
 
+# The daemon said "busy" (every place taken, or streams starting too fast): nothing was done,
+# so the same request is sent again after this long, until the timeout or the patience.
+BUSY_RETRY_S = 0.2
+BUSY_PREFIX = "busy: "
+
+
 def admin_call_sync(
     path: str,
     cmd: str,
@@ -133,20 +139,35 @@ def admin_call_sync(
 ) -> Any:
     """Send one request to the daemon at `path` and return its result; each progress item
     goes to `on_stream` as it arrives. Raises AdminError for the daemon's refusals (and for
-    no answer within `timeout` seconds), AdminUnavailable when it cannot be reached."""
+    no answer within `timeout` seconds), AdminUnavailable when it cannot be reached. A
+    "busy" answer (meshd.io.admin's admission: nothing was done) is retried for a while."""
+    give_up = time.monotonic() + (timeout if timeout is not None else FULL_QUEUE_PATIENCE_S)
+    while True:
+        left = None if timeout is None else max(give_up - time.monotonic(), 0.001)
+        try:
+            return _call_sync(path, cmd, args, on_stream, left, timeout)
+        except AdminError as exc:
+            if not exc.message.startswith(BUSY_PREFIX) or time.monotonic() + BUSY_RETRY_S >= give_up:
+                raise
+        time.sleep(BUSY_RETRY_S)
+
+
+def _call_sync(path: str, cmd: str, args: dict | None, on_stream: Callable[[Any], Any] | None,
+               timeout: float | None, said: float | None) -> Any:
+    """One attempt within `timeout` (what is left of the caller's `said` timeout)."""
     request = encode_request(cmd, args or {})
     deadline = None if timeout is None else time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         try:
             _connect(conn, path, timeout, deadline)
         except socket.timeout:
-            raise AdminError(f"no answer from meshd at {path} within {timeout:g} s") from None
+            raise AdminError(f"no answer from meshd at {path} within {said:g} s") from None
         except OSError as exc:
             raise AdminUnavailable(unreachable_message(path, exc)) from None
         try:
             conn.sendall(request)
         except socket.timeout:
-            raise AdminError(f"no answer from meshd at {path} within {timeout:g} s") from None
+            raise AdminError(f"no answer from meshd at {path} within {said:g} s") from None
         except OSError as exc:
             raise AdminUnavailable(f"meshd at {path} closed the connection: {exc}") from None
         reply = Reply()
@@ -157,7 +178,7 @@ def admin_call_sync(
             try:
                 data = conn.recv(RECEIVE_CHUNK)
             except socket.timeout:
-                raise AdminError(f"no answer from meshd at {path} within {timeout:g} s") from None
+                raise AdminError(f"no answer from meshd at {path} within {said:g} s") from None
             except OSError as exc:
                 raise AdminUnavailable(f"meshd at {path} dropped the connection: {exc}") from None
             if not data:

@@ -633,3 +633,26 @@ def test_followers_that_never_read_cannot_fill_the_socket(sock_path, monkeypatch
         assert len(errors) == 5 and "closed the connection without an answer" in errors[0]
 
     run_with_server(sock_path, handler, body)
+
+
+def test_meshctl_waits_out_a_busy_daemon_instead_of_failing(sock_path):
+    """Every place is a request being answered: the blocking client (meshctl's) is told busy,
+    tries again, and gets its answer once a place is free, within its timeout."""
+    handler = Recorder()
+
+    async def body() -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(admin_call, sock_path, "wait", {})
+            while len(handler.requests) < 4:
+                await trio.sleep(0.01)
+
+            async def free_a_place_soon() -> None:
+                await trio.sleep(0.5)
+                handler.released.set()
+            nursery.start_soon(free_a_place_soon)
+            start = trio.current_time()
+            answer = await trio.to_thread.run_sync(partial(admin_call_sync, sock_path, "echo", {}, timeout=5.0))
+            assert answer == {"cmd": "echo", "args": {}} and trio.current_time() - start >= 0.4
+
+    run_with_server(sock_path, handler, body, max_connections=4)
