@@ -561,15 +561,20 @@ def test_an_operator_gets_through_a_flood_of_idle_connections(sock_path):
     run_with_server(sock_path, handler, body)
 
 
+async def hold_places(nursery, sock_path, handler: Recorder, count: int) -> None:
+    """`count` requests the handler holds until `handler.released` is set."""
+    for _ in range(count):
+        nursery.start_soon(admin_call, sock_path, "wait", {})
+    while len(handler.requests) < count:
+        await trio.sleep(0.01)
+
+
 def test_when_every_place_is_a_request_being_answered_a_newcomer_is_told_busy(sock_path):
     handler = Recorder()
 
     async def body() -> None:
         async with trio.open_nursery() as nursery:
-            for _ in range(4):
-                nursery.start_soon(admin_call, sock_path, "wait", {})
-            while len(handler.requests) < 4:
-                await trio.sleep(0.01)
+            await hold_places(nursery, sock_path, handler, 4)
             with pytest.raises(AdminError, match="busy: 4 admin requests are being answered; try again"):
                 await admin_call(sock_path, "echo", {})
             handler.released.set()
@@ -642,10 +647,7 @@ def test_meshctl_waits_out_a_busy_daemon_instead_of_failing(sock_path):
 
     async def body() -> None:
         async with trio.open_nursery() as nursery:
-            for _ in range(4):
-                nursery.start_soon(admin_call, sock_path, "wait", {})
-            while len(handler.requests) < 4:
-                await trio.sleep(0.01)
+            await hold_places(nursery, sock_path, handler, 4)
 
             async def free_a_place_soon() -> None:
                 await trio.sleep(0.5)
