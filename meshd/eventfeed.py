@@ -17,6 +17,7 @@ Invariants:
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, replace
 from typing import Sequence
@@ -58,11 +59,11 @@ def step(cursor: Cursor, events: Sequence[Event], event_seq: int, local: Sequenc
     """What to send now, and the cursor after it. `events`: the replicated history (capped,
     oldest first) numbered up to `event_seq`; `local`: the local history (capped) of
     `local_count` ever appended."""
-    new = [e.to_plain() for e in events_after(list(events), cursor.replicated)]
+    new = [e.to_plain() for e in events_after(events, cursor.replicated)]
     missed = max(0, event_seq - cursor.replicated - len(new))
     fresh = max(0, local_count - cursor.local)
     kept = min(fresh, len(local))
-    new += list(local)[len(local) - kept:] if kept else []
+    new += reversed(list(itertools.islice(reversed(local), kept)))  # the newest `kept`, walked from the end
     missed += fresh - kept
     if cursor.since is not None:
         new = [e for e in new if e["ts"] > cursor.since]

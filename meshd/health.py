@@ -33,7 +33,6 @@ class HealthWatch:
     next_at: float = field(init=False)
     failures: int = 0  # consecutive failures that counted
     health: str = field(init=False)
-    last_reason: str = ""
 
     def __post_init__(self) -> None:
         self.next_at = self.started_at
@@ -52,12 +51,11 @@ class HealthWatch:
         """The outcome of the check that was due; the verdict it leads to."""
         self.next_at = max(self.next_at + self.check.interval_s, now)
         if not self.probes:
-            return Verdict(self.health, reason=self.last_reason)
+            return Verdict(self.health)
         if passed:
             self.failures = 0
             self.health = HEALTH_HEALTHY
             return Verdict(self.health)
-        self.last_reason = reason
         if now - self.started_at < self.check.grace_s:
             return Verdict(self.health, reason=f"{reason} (within the {self.check.grace_s:g} s grace)")
         self.failures += 1

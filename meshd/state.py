@@ -15,7 +15,7 @@ import copy
 import dataclasses
 import itertools
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 # --- node states -------------------------------------------------------------------
 # `liveness` is decided by the leader from heartbeats; `admin` by operators. The state the
@@ -268,7 +268,7 @@ class Event:
         return {"ts": self.ts, "kind": self.kind, "message": self.message, **dict(self.data)}
 
 
-def events_after(events: list[Event], seq: int) -> list[Event]:
+def events_after(events: Sequence[Event], seq: int) -> list[Event]:
     """The events numbered after `seq`, oldest first: what a follower has not seen. Walks
     from the end, so it costs the new events, not the (capped) history."""
     new = []

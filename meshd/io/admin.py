@@ -352,9 +352,8 @@ async def _serve_connection(
     handler: AdminHandler,
     allowed_uids: frozenset[int],
     request_timeout: float,
-    gate: _Gate | None = None,
+    gate: _Gate,
 ) -> None:
-    gate = gate or _Gate(AdminAdmission())
     place = gate.arrive()
     try:
         async with conn:

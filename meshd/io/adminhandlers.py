@@ -568,8 +568,7 @@ class AdminHandlers:
         same = self._running_edit(app_spec, targets)
         if same is not None:
             # The very spec already runs where it is wanted: nothing is written, nothing restarts.
-            edit, state = same, self._state()
-            record = state.apps.get(app_spec.name)
+            edit, record = same, self._state().apps.get(app_spec.name)
             result = {"app": app_spec.name, "version": edit.version,
                       "site_version": record.version if record is not None else 0}
         else:

@@ -647,19 +647,15 @@ class Supervisor:
                 nursery.cancel_scope.cancel()
 
             async def check_health() -> None:
+                where, env = self.log_path(slot.spec.alloc_id).parent, workload_env(slot.spec, os.environ)
                 while watch.probes:
                     await trio.sleep(watch.due(trio.current_time()))
-                    passed, reason = await run_check(watch.check, self.log_path(slot.spec.alloc_id).parent,
-                                                     workload_env(slot.spec, os.environ))
+                    passed, reason = await run_check(watch.check, where, env)
                     verdict = watch.checked(passed, reason, trio.current_time())
                     if verdict.health != slot.report.health:
-                        self._lifecycle(slot, "health", f"{verdict.health}" + (f": {verdict.reason}"
-                                                                               if verdict.reason else ""),
-                                        health=verdict.health)
-                    if verdict.restart:
-                        self._report(slot, health=verdict.health, reason=verdict.reason)
-                    else:
-                        self._report(slot, health=verdict.health)
+                        said = f"{verdict.health}: {verdict.reason}" if verdict.reason else verdict.health
+                        self._lifecycle(slot, "health", said, health=verdict.health)
+                    self._report(slot, health=verdict.health, **({"reason": verdict.reason} if verdict.restart else {}))
                     if verdict.restart:
                         unhealthy.append(verdict.reason)
                         nursery.cancel_scope.cancel()
