@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from meshd.io.ports import free_port
+
 START_TIMEOUT = 10.0  # swtpm answers within milliseconds; a loaded CI machine gets slack
 
 
@@ -32,12 +34,6 @@ def require_swtpm() -> None:
         pytest.skip(message)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class SoftwareTpm:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = Path(state_dir)
@@ -51,7 +47,7 @@ class SoftwareTpm:
     def start(self) -> SoftwareTpm:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(5):  # a port picked free can be taken before swtpm binds it
-            self.port = _free_port()
+            self.port = free_port()
             ctrl = self.port + 1  # libtss2's swtpm TCTI finds the control channel there
             self.proc = subprocess.Popen(
                 ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.state_dir}",

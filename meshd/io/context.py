@@ -29,13 +29,14 @@ from typing import Any, Awaitable, Callable
 import psutil
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pysyncobj import SyncObjException
 
 from attestation.signed import AttestationError
 from meshd import __version__
 from meshd import commands as cmds
 from meshd.commands import Refused, Result
 from meshd.config import NodeConfig
-from meshd.exitcodes import EXIT_ERROR
+from meshd.exitcodes import EXIT_ERROR, EXIT_PORT_IN_USE
 from meshd.io import peer
 from meshd.io.attester import boot_id, node_evidence, started_digest
 from meshd.io.identity import Identity, Membership
@@ -272,8 +273,12 @@ class NodeContext:
                          append_period=self.config.heartbeat_interval, snapshots=snapshots)
         self_address = f"{self.advertise_ip}:{self.raft_port}" if m.voter else None
         partners = [p for p in m.partners if p != self_address]
-        self.raft = RaftNode(self_address, partners, conf, self._on_applied, self._on_role_change,
-                             tick=self.config.heartbeat_interval, snapshots=snapshots)
+        try:
+            self.raft = RaftNode(self_address, partners, conf, self._on_applied, self._on_role_change,
+                                 tick=self.config.heartbeat_interval, snapshots=snapshots)
+        except SyncObjException:
+            raise FatalStartupError(f"cannot listen on {self.listen_ip or '*'}:{self.raft_port} for Raft traffic: "
+                                    f"the port was taken after start-up checked it", EXIT_PORT_IN_USE) from None
 
     def leader_peer_address(self, state: SiteState) -> str | None:
         """The peer address of the leader this node follows, for a joiner to ask next."""

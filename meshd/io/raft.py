@@ -490,6 +490,9 @@ class SiteRaft(SyncObj):
         return self._status_cache or RaftStatus("follower", None, 0, False, 0, 0, ())
 
 
+BIND_TRIES = 3
+
+
 def make_conf(*, data_dir: Path, password: str, bind_address: str, min_timeout: float, max_timeout: float,
               append_period: float, snapshots: SnapshotStore) -> SyncObjConf:
     raft_dir = data_dir / "raft"
@@ -528,6 +531,10 @@ def make_conf(*, data_dir: Path, password: str, bind_address: str, min_timeout: 
         # member: cheap at this rate.
         connectionRetryTime=0.1,
         bindAddress=bind_address,
+        # The start-up check found the port free, but it can still be taken before this bind;
+        # pysyncobj's default retries the bind forever, spinning on the caller's thread (the
+        # trio loop at start). Three tries a second apart, then SyncObjException('BindError').
+        maxBindRetries=BIND_TRIES,
         commandsWaitLeader=False,  # fail fast without a leader; callers decide to retry
         logCompactionMinEntries=20_000,  # reports and plans add up; compact in big steps
         logCompactionMinTime=600,

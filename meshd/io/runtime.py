@@ -38,6 +38,7 @@ from meshd.io.logfiles import iso_time
 from meshd.io.identity import (DataDirLocked, Membership, lock_data_dir, load_or_create_identity, load_ports,
                                read_revoked_marker, save_ports)
 from meshd.io.mdns import Discovery
+from meshd.io.ports import free_port
 from meshd.io.memory import trim_heap
 from meshd.io.mesh import MeshSync
 from meshd.io.sdnotify import ping_watchdog, sd_notify, sd_status, watchdog_ping_interval
@@ -61,12 +62,6 @@ log = logging.getLogger("meshd.daemon")
 # this period (a trim walks the heap: cheap, but not free).
 HEAP_TRIM_FIRST = 5.0
 HEAP_TRIM_PERIOD = 300.0
-
-
-def free_port(ip: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((ip, 0))
-        return s.getsockname()[1]
 
 
 class Runtime:

@@ -5,22 +5,16 @@ restarted by its restart policy, and `allocs` and `events` say why."""
 from __future__ import annotations
 
 import json
-import socket
 import sys
 
 import pytest
 
 from meshd.io.localsite import wait_for
+from meshd.io.ports import free_port
 
 pytestmark = pytest.mark.system
 
 VERDICT_TIMEOUT = 30  # a deploy, a start and a few 0.2 s checks; generous for a loaded machine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_app(name: str, port: int, path: str) -> str:

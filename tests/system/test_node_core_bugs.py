@@ -14,6 +14,7 @@ import pytest
 
 from meshd import exitcodes
 from meshd.io.localsite import sleeper_app, wait_for
+from meshd.io.ports import free_port
 
 pytestmark = pytest.mark.system
 
@@ -69,14 +70,11 @@ def test_a_joiner_that_reaches_nobody_says_so_in_its_log_and_its_status(site_roo
     """Every failed attempt is logged with the address and the reason, and `status` says what
     the joiner waits for (it used to say nothing for 60 s, even at debug level)."""
     import json
-    import socket
 
     from meshd import tokens
     from meshd.io.localsite import LocalNode
 
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]
+    closed = free_port()  # a port nobody listens on
     node = LocalNode("lonely", site_root / "lonely", site="lab",
                      extra_args=("--no-mdns", "--peer", f"127.0.0.1:{closed}"))
     node.start(join=tokens.format_token("lab", "0123456789abcdef", b"\x07" * 32))

@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from meshd.io.healthcheck import run_check
+from meshd.io.ports import free_port
 from meshd.state import HealthCheck
 
 
@@ -21,10 +22,8 @@ def check(kind: str, **changes) -> tuple[bool, str]:
 
 
 @pytest.fixture
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def unused_port() -> int:
+    return free_port()
 
 
 @pytest.fixture
@@ -75,9 +74,9 @@ def raw_server():
         conn.close()
 
 
-def test_tcp_passes_on_a_listening_port_and_fails_on_a_closed_one(http_server, free_port):
+def test_tcp_passes_on_a_listening_port_and_fails_on_a_closed_one(http_server, unused_port):
     assert check("tcp", port=http_server) == (True, "")
-    passed, reason = check("tcp", port=free_port)
+    passed, reason = check("tcp", port=unused_port)
     assert not passed and "Connection refused" in reason
 
 

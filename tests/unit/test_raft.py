@@ -21,7 +21,7 @@ from pysyncobj.monotonic import monotonic as raft_clock
 from meshd import commands as cmds
 from meshd.io.raft import NONVOTER_HEARTBEAT_PERIOD, RaftNode, SiteRaft, make_conf
 from meshd.io import snapshots
-from meshd.io.runtime import free_port
+from meshd.io.ports import free_port
 from meshd.io.snapshots import SnapshotStore
 
 # Far beyond the test's length: the leader is the one the test elects.

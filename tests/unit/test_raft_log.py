@@ -25,7 +25,6 @@ header of meshd/io/raft.py):
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from collections import Counter, defaultdict
 
@@ -33,6 +32,7 @@ import pytest
 from pysyncobj import FAIL_REASON
 
 from meshd import commands as cmds
+from meshd.io.ports import free_port
 from meshd.io.raft import SiteRaft, make_conf
 from meshd.io.snapshots import SnapshotStore
 
@@ -49,12 +49,6 @@ PAD = 40_000
 STEP_TIMEOUT = 10.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Truncations(logging.Handler):
     """Counts pysyncobj's 'truncating already-applied log entries' lines."""
 
@@ -69,7 +63,7 @@ class Truncations(logging.Handler):
 
 class Site:
     def __init__(self, tmp_path):
-        addresses = {n: f"127.0.0.1:{_free_port()}" for n in NAMES}
+        addresses = {n: f"127.0.0.1:{free_port()}" for n in NAMES}
         self.name_of = {a: n for n, a in addresses.items()}
         self.applications = {n: Counter() for n in NAMES}  # request id -> times applied
         self.acknowledged: set[str] = set()  # request ids whose proposer was told SUCCESS

@@ -11,10 +11,11 @@ import sys
 import time
 
 import pytest
+from pysyncobj import SyncObjException
 
 from meshd.io import raftport
-from meshd.io.raft import RaftNode, make_conf
-from meshd.io.runtime import free_port
+from meshd.io.ports import free_port
+from meshd.io.raft import BIND_TRIES, RaftNode, make_conf
 from meshd.io.snapshots import SnapshotStore
 
 STEP_TIMEOUT = 10.0
@@ -136,3 +137,19 @@ def test_running_out_of_file_descriptors_does_not_close_the_listener(tmp_path):
     verdict = out.split()
     assert verdict[0] == "listening", out
     assert 15 <= int(verdict[1]) < 32  # it ran out: it took what its descriptors allowed, and no more
+
+
+def test_a_raft_port_taken_after_the_start_up_check_fails_the_start_instead_of_spinning(tmp_path):
+    """pysyncobj retried its bind forever on the caller's thread (the trio loop): a port taken
+    between the start-up check and the bind wedged the daemon until its watchdog killed it."""
+    with socket.socket() as holder:  # an outgoing connection's local port would do the same
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        address = f"127.0.0.1:{holder.getsockname()[1]}"
+        store = SnapshotStore()
+        conf = make_conf(data_dir=tmp_path / "a", password="site secret", bind_address=address, min_timeout=0.3,
+                         max_timeout=0.6, append_period=0.05, snapshots=store)
+        started = time.monotonic()
+        with pytest.raises(SyncObjException):
+            RaftNode(address, [], conf, lambda command, result: None, lambda: None, tick=0.05, snapshots=store)
+        assert time.monotonic() - started < BIND_TRIES * conf.bindRetryTime + 5  # gave up, far from the watchdog

@@ -7,7 +7,6 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
-import socket
 import threading
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from pysyncobj.config import SERIALIZER_STATE
 
 from meshd import sitestate
 from meshd.io import snapshots
+from meshd.io.ports import free_port
 from meshd.io.raft import RaftNode, make_conf
 from meshd.io.snapshots import MARKER, SnapshotError, SnapshotStore, dump_chunks, load
 from meshd.state import Alloc, SiteState
@@ -117,12 +117,6 @@ def wait_for_check(store: SnapshotStore, wanted: int) -> None:
     while (status := store.check()) == SERIALIZER_STATE.SERIALIZING and time.monotonic() < deadline:
         time.sleep(0.01)
     assert status == wanted
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_node(data_dir: Path, port: int) -> RaftNode:

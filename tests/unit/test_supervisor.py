@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from meshd.io.logfiles import read_tail, rotated_files
+from meshd.io.ports import free_port
 from meshd.io.supervisor import (
     MAX_FINISHED_REPORTS,
     REASON_NOT_STARTED,
@@ -474,13 +475,6 @@ def test_stopping_many_workloads_at_once_scans_the_process_table_a_few_times(tmp
 
 # --- health checks: a real HTTP server as the workload --------------------------------------
 
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def http_workload(alloc_id, port, path, policy, failures=2):
     from meshd.state import HealthCheck
     import sys
@@ -491,7 +485,7 @@ def http_workload(alloc_id, port, path, policy, failures=2):
 
 
 def test_a_replica_that_answers_its_check_is_reported_healthy(tmp_path):
-    port = _free_port()
+    port = free_port()
 
     async def scenario(sup, changes):
         sup.set_desired([http_workload("h1", port, "/", "always")])
@@ -504,7 +498,7 @@ def test_a_replica_that_answers_its_check_is_reported_healthy(tmp_path):
 
 
 def test_a_replica_failing_its_check_is_restarted_by_its_policy_with_the_reason(tmp_path):
-    port = _free_port()
+    port = free_port()
 
     async def scenario(sup, changes):
         sup.set_desired([http_workload("h1", port, "/missing", "always")])
@@ -521,7 +515,7 @@ def test_a_replica_failing_its_check_is_restarted_by_its_policy_with_the_reason(
 
 
 def test_under_policy_never_an_unhealthy_replica_fails_for_good(tmp_path):
-    port = _free_port()
+    port = free_port()
 
     async def scenario(sup, changes):
         sup.set_desired([http_workload("h1", port, "/missing", "never", failures=1)])
