@@ -631,6 +631,49 @@ class ApplyPlan(Command):
                          "stops": [list(s) for s in self.stops]}}
 
 
+# What a Rollout command may do: the operator's moves and the leader's (meshd.rollout).
+ROLLOUT_ACTIONS = ("promote", "pause", "resume", "cancel", "await", "succeed", "fail")
+
+
+@dataclass(frozen=True)
+class Rollout(Command):
+    """A move of an app's deployment: an operator's (promote, pause, resume, cancel) or the
+    leader's verdict (await promotion, succeed, fail). `version` is the deployment's: a
+    move meant for an older one is refused, never applied to a newer one."""
+    op: ClassVar[str] = "rollout"
+    app: str
+    version: int
+    action: str
+    reason: str = ""
+    actor: str = ""
+
+    @classmethod
+    def from_wire(cls, raw: dict) -> "Rollout":
+        action = read_str(raw, "action", max_len=16)
+        if action not in ROLLOUT_ACTIONS:
+            raise Invalid(f"action must be one of {', '.join(ROLLOUT_ACTIONS)}")
+        return cls(app=read_str(raw, "app", max_len=63), version=read_int(raw, "version", 1), action=action,
+                   reason=read_text(raw, "reason", 512), actor=read_actor(raw))
+
+
+@dataclass(frozen=True)
+class PinVersion(Command):
+    """Keep (or stop keeping) one version of an app in its history whatever its limit."""
+    op: ClassVar[str] = "pin_version"
+    app: str
+    version: int
+    pinned: bool = True
+    actor: str = ""
+
+    @classmethod
+    def from_wire(cls, raw: dict) -> "PinVersion":
+        pinned = raw.get("pinned", True)
+        if not isinstance(pinned, bool):
+            raise Invalid("pinned must be true or false")
+        return cls(app=read_str(raw, "app", max_len=63), version=read_int(raw, "version", 1), pinned=pinned,
+                   actor=read_actor(raw))
+
+
 @dataclass(frozen=True)
 class _NodeAdmin(Command):
     """An operator's change to one member's admin state."""
@@ -687,7 +730,7 @@ class RemoveNode(_NodeAdmin):
 COMMANDS: dict[str, type[Command]] = {c.op: c for c in (
     Bootstrap, SetPolicy, AdoptPolicy, RevokeNode, AdoptRevocations, Attested, RotateSecret, CreateToken, AdmitNode,
     FoundSite, Heartbeat, SetLiveness, SubmitApp, StopApp, ApplyPlan, PurgeApps, Drain, Undrain, Quarantine,
-    RecordRefusal, RevokeToken, RemoveNode)}
+    RecordRefusal, RevokeToken, RemoveNode, Rollout, PinVersion)}
 
 
 @dataclass(frozen=True)

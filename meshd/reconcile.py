@@ -1,12 +1,17 @@
 """Reconcile: what the site wants vs what it has -> replicas to place, allocations to stop.
 
 Invariants:
-- Pure: reads only the state it is given, never a clock, so a leader change alone (same
-  state, new leader) yields exactly the same answer; nothing is rescheduled by it.
+- Pure: reads only the state and the `wall` time it is given (default: the state's last
+  command time), never a clock, so a leader change alone (same state, new leader) yields
+  exactly the same answer; nothing is rescheduled by it.
+- A change of spec is paced by its deployment (meshd.rollout.paced_indexes): an index an
+  old-version replica still holds is placed only when the rollout lets it; stops of old
+  replicas are released only once their index is done (checked by the plan's maker and at
+  apply: sitestate.waits_for_replacement).
 - Only allocations with desired == "run" that are not terminal (Alloc.live) are ever
   stopped, and each at most once, with one reason.
 - A replica index i of a running app at version V is *covered* by an allocation of
-  (app, V, i) that is wanted (desired "run"), not lost, on a node that exists and is neither
+  (app, V, i) (or of a version with the same spec: AppRecord.runs) that is wanted (desired "run"), not lost, on a node that exists and is neither
   left, revoked nor draining, nor quarantined (`covers`). A failed or stopped allocation that exited on its
   own keeps covering: its restart policy already decided its fate.
 - After the result is applied (stops stopped, placements placed on eligible nodes) reconcile
@@ -23,6 +28,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from meshd import rollout
 from meshd.state import (
     ADMIN_DRAINING,
     ADMIN_LEFT,
@@ -97,7 +103,7 @@ def _not_covering_reason(alloc: Alloc, node: NodeRecord | None, version: int, re
     return REASON_NODE_QUARANTINED if node.quarantine else REASON_NODE_DRAINING
 
 
-def reconcile_app(state: SiteState, app: str) -> tuple[tuple[int, ...], list[tuple[str, str]]]:
+def reconcile_app(state: SiteState, app: str, wall: float | None = None) -> tuple[tuple[int, ...], list[tuple[str, str]]]:
     """One app's share of `reconcile`: (replica indexes to place, stops). Costs that app's
     allocations (the table's per-app index), whatever else the site holds."""
     allocs = sorted(state.allocs.of_app(app), key=lambda a: a.alloc_id)
@@ -111,7 +117,7 @@ def reconcile_app(state: SiteState, app: str) -> tuple[tuple[int, ...], list[tup
     holders: dict[int, list[Alloc]] = defaultdict(list)
     for alloc in allocs:
         node = state.nodes.get(alloc.node_id)
-        if alloc.version == version and 0 <= alloc.replica < replicas and covers(alloc, node):
+        if record.runs(alloc.version) and 0 <= alloc.replica < replicas and covers(alloc, node):
             holders[alloc.replica].append(alloc)
         elif alloc.live:
             stop.append((alloc.alloc_id, _not_covering_reason(alloc, node, version, replicas)))
@@ -124,6 +130,10 @@ def reconcile_app(state: SiteState, app: str) -> tuple[tuple[int, ...], list[tup
             continue
         keep = min(group, key=_keep_order)
         stop.extend((a.alloc_id, REASON_DUPLICATE) for a in group if a is not keep and a.live)
+    if missing:
+        allowed = rollout.paced_indexes(record, rollout.look(state, record, state.last_ts if wall is None else wall),
+                                        missing)
+        missing = [i for i in missing if i in allowed]
     return tuple(missing), stop
 
 
@@ -133,12 +143,12 @@ def site_apps(state: SiteState) -> list[str]:
     return sorted(set(state.apps) | set(state.allocs.apps()))
 
 
-def reconcile(state: SiteState, apps: Iterable[str] | None = None) -> Reconciliation:
+def reconcile(state: SiteState, apps: Iterable[str] | None = None, wall: float | None = None) -> Reconciliation:
     """What to place and stop for `apps` (default: every app of the site, `site_apps`)."""
     place: dict[str, tuple[int, ...]] = {}
     stop: list[tuple[str, str]] = []
     for app in (site_apps(state) if apps is None else sorted(set(apps))):
-        missing, stops = reconcile_app(state, app)
+        missing, stops = reconcile_app(state, app, wall)
         stop.extend(stops)
         if missing:
             place[app] = missing

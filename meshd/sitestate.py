@@ -36,6 +36,8 @@ from attestation.signed import AttestationError
 from crdt.schema import AppEdit, winning_order
 from meshd import commands as cmds
 from meshd.commands import CONFLICT, NOT_FOUND, NOT_MEMBER, REVOKED, STALE, TOKEN, UNTRUSTED, Ok, Refused, Result
+from meshd import rollout
+from meshd.deployments import version_missing
 from meshd import spec as specmod
 from meshd.placement.plan import Plan, recheck_plan
 from meshd.state import (
@@ -50,15 +52,29 @@ from meshd.state import (
     ALLOC_TERMINAL,
     APP_RUNNING,
     APP_STOPPED,
+    DEPLOY_AWAITING,
+    DEPLOY_CANCELLED,
+    DEPLOY_FAILED,
+    DEPLOY_PAUSED,
+    DEPLOY_REVERTED,
+    DEPLOY_RUNNING,
+    DEPLOY_SUCCEEDED,
     DESIRED_RUN,
     DESIRED_STOP,
     HEALTH_NONE,
     HEALTH_UNHEALTHY,
     LIVENESS_DOWN,
     LIVENESS_JOINING,
+    VERSION_FAILED,
+    VERSION_REVERTED,
+    VERSION_RUNNING,
+    VERSION_STABLE,
+    VERSION_SUPERSEDED,
     Alloc,
     AppRecord,
+    AppVersion,
     AuditRecord,
+    Deployment,
     Event,
     JoinToken,
     NodeRecord,
@@ -528,10 +544,14 @@ def _apply_report(state: SiteState, node: NodeRecord, report: cmds.AllocReport, 
         alloc.state, alloc.desired, alloc.pid, alloc.restarts, alloc.exit_code, alloc.health)
     if not changed:
         return
-    state.allocs[alloc.alloc_id] = replace(
-        alloc, state=new_state, desired=desired, pid=report.pid, restarts=report.restarts,
-        exit_code=report.exit_code, updated_at=ts, reason=reason, health=health,
-    )
+    updated = replace(alloc, state=new_state, desired=desired, pid=report.pid, restarts=report.restarts,
+                      exit_code=report.exit_code, updated_at=ts, reason=reason, health=health)
+    was, now = alloc.healthy_at > 0 and rollout.is_healthy(alloc), rollout.is_healthy(updated)
+    if now and not was:
+        updated = replace(updated, healthy_at=ts)
+    elif was and not now:
+        updated = replace(updated, healthy_at=0.0, unhealthy_since=ts)
+    state.allocs[alloc.alloc_id] = updated
     if health == HEALTH_UNHEALTHY and alloc.health != HEALTH_UNHEALTHY:
         _event(state, ts, "alloc", f"{alloc.app} replica {alloc.replica} on {node.name} is unhealthy"
                + (f" ({report.reason})" if report.reason else ""),
@@ -599,16 +619,161 @@ def _submit_app(state: SiteState, cmd: cmds.SubmitApp, ts: float) -> Ok:
             state.apps[app_spec.name] = replace(current, edit_id=edit_id, mesh_version=mesh_version)
         return ok(app=app_spec.name, version=mesh_version or current.version, site_version=current.version,
                   accepted=True, changed=False, here=True)
-    # Never backwards: allocations of a lower version are the ones to replace.
-    version = max(current.version + 1 if current is not None else 1, mesh_version)
-    state.apps[app_spec.name] = AppRecord(
-        spec=app_spec, version=version, status=APP_RUNNING, submitted_at=ts, submitted_by=actor,
-        edit_id=edit_id, mesh_version=mesh_version)
+    # Never backwards: allocations of a lower version are the ones to replace (a revert moves
+    # `version` back to a stable one, never `latest_version`).
+    version = max(max(current.version, current.latest_version) + 1 if current is not None else 1, mesh_version)
+    fresh = AppRecord(spec=app_spec, version=version, status=APP_RUNNING, submitted_at=ts, submitted_by=actor,
+                      edit_id=edit_id, mesh_version=mesh_version)
+    state.apps[app_spec.name] = _new_version(state, current, fresh, ts, actor, edit.site if edit is not None
+                                             else state.site)
     _event(state, ts, "app", f"{app_spec.name} v{version} submitted ({app_spec.replicas} replicas)",
            app=app_spec.name, version=version)
     _audit(state, ts, actor, "deploy", f"{app_spec.name} v{version}")
     return ok(app=app_spec.name, version=mesh_version or version, site_version=version, accepted=True,
               changed=True, here=True)
+
+
+# Deployments kept per app for `meshctl deployments`: the current one and a few before it.
+DEPLOYMENTS_KEPT = 5
+
+
+def _new_version(state: SiteState, current: AppRecord | None, fresh: AppRecord, ts: float, actor: str,
+                 site: str) -> AppRecord:
+    """`fresh` (a new version of the app) with its history and its deployment: the version
+    it replaces (if it ran) is what the deployment starts from; a deployment under way is
+    cancelled by it."""
+    spec, version = fresh.spec, fresh.version
+    digest = specmod.spec_digest(spec)
+    history: tuple[AppVersion, ...] = current.history if current is not None else ()
+    deployments: tuple[Deployment, ...] = current.deployments if current is not None else ()
+    replaced = current.deployment if current is not None else None
+    if replaced is not None and replaced.active:
+        deployments = deployments[:-1] + (replace(replaced, state=DEPLOY_CANCELLED, ended_at=ts, by=actor,
+                                                  reason=f"replaced by version {version}"),)
+    history = tuple(replace(e, state=VERSION_SUPERSEDED) if e.state == VERSION_RUNNING else e for e in history)
+    history += (AppVersion(version=version, spec=spec, digest=digest, submitted_at=ts, by=actor, site=site),)
+    running = current is not None and current.status == APP_RUNNING
+    canary = spec.update.canary if running else 0
+    deployment = Deployment(version=version, from_version=current.version if running else 0, started_at=ts,
+                            moved_at=ts, canary=canary, promoted=canary == 0, by=actor)
+    record = replace(fresh, deployments=(deployments + (deployment,))[-DEPLOYMENTS_KEPT:], latest_version=version)
+    return _with_history(state, record, history)
+
+
+def _with_history(state: SiteState, record: AppRecord, history: tuple[AppVersion, ...]) -> AppRecord:
+    """`record` holding `history` cut to its last keep_versions, beside which the current and
+    stable versions, pinned ones and those a live replica runs are kept; and `same_spec`."""
+    keep = record.spec.update.keep_versions
+    stable = next((e.version for e in reversed(history) if e.state == VERSION_STABLE), 0)
+    live = {a.version for a in state.allocs.of_app(record.spec.name) if a.live}
+    kept = [e for at, e in enumerate(history) if at >= len(history) - keep or e.pinned
+            or e.version in (record.version, stable) or e.version in live]
+    digest = next((e.digest for e in kept if e.version == record.version), "")
+    same = tuple(e.version for e in kept if e.digest == digest and e.version != record.version)
+    return replace(record, history=tuple(kept), same_spec=same)
+
+
+def _mark(history: tuple[AppVersion, ...], version: int, state: str, reason: str = "") -> tuple[AppVersion, ...]:
+    return tuple(replace(e, state=state, reason=reason[:256]) if e.version == version else e for e in history)
+
+
+def _rollout(state: SiteState, cmd: cmds.Rollout, ts: float) -> Ok:
+    """A deployment move: the operator's or the leader's (meshd.rollout decides the latter)."""
+    record = state.apps.get(cmd.app)
+    if record is None or record.status != APP_RUNNING:
+        raise CommandRefused(f"no running app named {cmd.app!r}", NOT_FOUND)
+    d = record.deployment
+    if d is None or d.version != cmd.version or record.version != cmd.version:
+        current = f"v{d.version} ({d.state})" if d is not None else "none"
+        raise CommandRefused(f"{cmd.app} v{cmd.version} is not its current deployment (that is {current})", CONFLICT)
+    action, name = cmd.action, cmd.app
+    if not d.active:
+        raise CommandRefused(f"{name} v{d.version}'s deployment has ended ({d.state}); nothing to {action}", CONFLICT)
+    waiting = d.canary > 0 and not d.promoted
+    if action == "promote":
+        if not waiting:
+            raise CommandRefused(f"{name} v{d.version} has no canaries waiting for promotion", CONFLICT)
+        moved = replace(d, promoted=True, state=DEPLOY_RUNNING if d.state != DEPLOY_PAUSED else d.state, moved_at=ts)
+        text = f"{name} v{d.version}: canaries promoted ({cmd.reason or 'by ' + cmd.actor})"
+    elif action == "pause":
+        if d.state == DEPLOY_PAUSED:
+            raise CommandRefused(f"{name} v{d.version}'s deployment is already paused", CONFLICT)
+        moved, text = replace(d, state=DEPLOY_PAUSED), f"{name} v{d.version}: deployment paused"
+    elif action == "resume":
+        if d.state != DEPLOY_PAUSED:
+            raise CommandRefused(f"{name} v{d.version}'s deployment is not paused (it is {d.state})", CONFLICT)
+        moved, text = replace(d, state=DEPLOY_RUNNING, moved_at=ts), f"{name} v{d.version}: deployment resumed"
+    elif action == "await":
+        if not waiting or d.state != DEPLOY_RUNNING:
+            raise CommandRefused(f"{name} v{d.version} has no canaries to wait on", CONFLICT)
+        moved, text = replace(d, state=DEPLOY_AWAITING), f"{name} v{d.version}: {cmd.reason}; awaiting promotion"
+    elif action == "succeed":
+        history = tuple(replace(e, state=VERSION_SUPERSEDED) if e.state in (VERSION_STABLE, VERSION_RUNNING)
+                        and e.version != d.version else e for e in record.history)
+        history = _mark(history, d.version, VERSION_STABLE)
+        ended = replace(d, state=DEPLOY_SUCCEEDED, ended_at=ts, reason=cmd.reason)
+        state.apps[name] = _with_history(state, replace(record, deployments=record.deployments[:-1] + (ended,)),
+                                         history)
+        _event(state, ts, "deployment", f"{name} v{d.version} succeeded: {cmd.reason}; it is stable", app=name,
+               version=d.version, state=DEPLOY_SUCCEEDED)
+        return ok(app=name, version=d.version, state=DEPLOY_SUCCEEDED)
+    elif action in ("fail", "cancel"):
+        return _end_badly(state, record, d, cmd, ts)
+    else:  # decoded commands carry a known action
+        raise CommandRefused(f"unknown deployment action {action!r}")
+    state.apps[name] = replace(record, deployments=record.deployments[:-1] + (moved,))
+    _event(state, ts, "deployment", text, app=name, version=d.version, state=moved.state)
+    if action in cmds.ROLLOUT_ACTIONS[:4]:
+        _audit(state, ts, cmd.actor, action, f"{name} v{d.version}", cmd.reason)
+    return ok(app=name, version=d.version, state=moved.state, promoted=moved.promoted)
+
+
+def _end_badly(state: SiteState, record: AppRecord, d: Deployment, cmd: cmds.Rollout, ts: float) -> Ok:
+    """A failed or cancelled deployment; back to the last stable version when there is one (a
+    failure only with auto_revert, and never for a revert, which would go round in circles)."""
+    name, failing = record.spec.name, cmd.action == "fail"
+    if failing and d.state != DEPLOY_RUNNING:
+        raise CommandRefused(f"{name} v{d.version}'s deployment is {d.state}, not running", CONFLICT)
+    stable = record.stable_version
+    back = stable if stable is not None and stable.version != d.version else None
+    if not failing and back is None:
+        raise CommandRefused(f"{name} v{d.version} has no stable version to return to; deploy a spec, or stop "
+                             "the app", CONFLICT)
+    reverting = back is not None and (not failing or (record.spec.update.auto_revert and not d.revert))
+    why = cmd.reason or (f"cancelled by {cmd.actor}" if not failing else "failed")
+    if not reverting:
+        ended = replace(d, state=DEPLOY_FAILED, ended_at=ts, reason=why)
+        history = _mark(record.history, d.version, VERSION_FAILED, why)
+        state.apps[name] = replace(record, deployments=record.deployments[:-1] + (ended,), history=history)
+        _event(state, ts, "deployment", f"{name} v{d.version} failed: {why}", app=name, version=d.version,
+               state=DEPLOY_FAILED, reason=why)
+        return ok(app=name, version=d.version, state=DEPLOY_FAILED)
+    assert back is not None
+    end_state = DEPLOY_REVERTED if failing else DEPLOY_CANCELLED
+    ended = replace(d, state=end_state, ended_at=ts, reason=why, by=cmd.actor)
+    revert = Deployment(version=back.version, from_version=d.version, started_at=ts, moved_at=ts, promoted=True,
+                        revert=True, by=cmd.actor, reason=f"back from v{d.version}: {why}")
+    history = _mark(record.history, d.version, VERSION_REVERTED if failing else VERSION_SUPERSEDED, why)
+    moved = replace(record, spec=back.spec, version=back.version,
+                    deployments=(record.deployments[:-1] + (ended, revert))[-DEPLOYMENTS_KEPT:])
+    state.apps[name] = _with_history(state, moved, history)
+    what = "failed" if failing else "cancelled"
+    _event(state, ts, "deployment", f"{name} v{d.version} {what}: {why}; returning to stable v{back.version}",
+           app=name, version=d.version, state=end_state, reason=why, to_version=back.version)
+    _audit(state, ts, cmd.actor, "revert" if failing else "cancel", f"{name} v{d.version} -> v{back.version}", why)
+    return ok(app=name, version=d.version, state=end_state, to_version=back.version)
+
+
+def _pin_version(state: SiteState, cmd: cmds.PinVersion, ts: float) -> Ok:
+    record = state.apps.get(cmd.app)
+    if record is None:
+        raise CommandRefused(f"no app named {cmd.app!r}", NOT_FOUND)
+    if record.version_entry(cmd.version) is None:
+        raise CommandRefused(version_missing(record, cmd.version), NOT_FOUND)
+    history = tuple(replace(e, pinned=cmd.pinned) if e.version == cmd.version else e for e in record.history)
+    state.apps[cmd.app] = _with_history(state, record, history)
+    _audit(state, ts, cmd.actor, "pin" if cmd.pinned else "unpin", f"{cmd.app} v{cmd.version}")
+    return ok(app=cmd.app, version=cmd.version, pinned=cmd.pinned)
 
 
 def _stop_app(state: SiteState, cmd: cmds.StopApp, ts: float) -> Ok:
@@ -637,7 +802,11 @@ def _stop_allocs(state: SiteState, ts: float, actor: str, name: str, reason: str
             state.allocs[alloc.alloc_id] = replace(alloc, desired=DESIRED_STOP, updated_at=ts, reason=reason)
             stopped.append(alloc.alloc_id)
     if record.status != APP_STOPPED:
-        state.apps[name] = replace(record, status=APP_STOPPED, stopped_at=ts)
+        d = record.deployment
+        deployments = record.deployments
+        if d is not None and d.active:
+            deployments = deployments[:-1] + (replace(d, state=DEPLOY_CANCELLED, ended_at=ts, reason=reason, by=actor),)
+        state.apps[name] = replace(record, status=APP_STOPPED, stopped_at=ts, deployments=deployments)
         _event(state, ts, "app", f"{name} stopped" + ("" if reason == "app stopped" else f": {reason}"),
                app=name, allocs=stopped)
         _audit(state, ts, actor, "stop", name)
@@ -650,10 +819,14 @@ def _apply_plan(state: SiteState, cmd: cmds.ApplyPlan, ts: float) -> Ok:
         raise CommandRefused("allocation id already in use", CONFLICT)
     plan = Plan(app=cmd.app, version=version, placements=cmd.placements, stops=cmd.stops, filtered=(), unplaced=())
     accepted, refusals = recheck_plan(state, plan)
+    record = state.apps.get(cmd.app)
+    d = record.deployment if record is not None else None
+    canaries = d.canary if d is not None and d.active and not d.promoted and d.version == version else 0
     for p in accepted:
         state.allocs[p.alloc_id] = Alloc(alloc_id=p.alloc_id, app=p.app, version=p.version, replica=p.replica,
                                          node_id=p.node_id, desired=DESIRED_RUN, state=ALLOC_PENDING,
-                                         created_at=ts, updated_at=ts)
+                                         created_at=ts, updated_at=ts, unhealthy_since=ts,
+                                         canary=p.replica < canaries)
         node = state.nodes[p.node_id]
         _event(state, ts, "placement", f"{p.app} v{p.version} replica {p.replica} placed on {node.name}",
                app=p.app, alloc_id=p.alloc_id, node=node.name, replica=p.replica)
@@ -666,8 +839,8 @@ def _apply_plan(state: SiteState, cmd: cmds.ApplyPlan, ts: float) -> Ok:
         alloc = state.allocs.get(alloc_id)
         if alloc is None or alloc.desired == DESIRED_STOP:
             continue
-        if waits_for_replacement(state, alloc, version) and alloc.replica not in accepted_replicas:
-            continue  # keep the old replica serving until its replacement is placed
+        if not stop_released(state, alloc, version, accepted_replicas, ts):
+            continue  # keep the old replica serving until its replacement is placed (or done)
         new_state = ALLOC_STOPPED if alloc.state == ALLOC_PENDING else alloc.state
         state.allocs[alloc_id] = replace(alloc, desired=DESIRED_STOP, state=new_state, updated_at=ts, reason=reason[:256])
         stopped.append(alloc_id)
@@ -677,17 +850,29 @@ def _apply_plan(state: SiteState, cmd: cmds.ApplyPlan, ts: float) -> Ok:
     return ok(placed=[p.alloc_id for p in accepted], refused=[[p.alloc_id, r] for p, r in refusals], stopped=stopped)
 
 
-def waits_for_replacement(state: SiteState, alloc: Alloc, version: int) -> bool:
-    """An old-version replica, or one on a draining or quarantined node, keeps running until
-    a plan places its replacement: a rollout or drain never lowers the number of running
-    replicas."""
+def waits_for_replacement(state: SiteState, alloc: Alloc, version: int, wall: float) -> bool:
+    """An old-version replica keeps running until its index is done (meshd.rollout: its new
+    replica counted healthy, and canaries were promoted); one on a draining or quarantined
+    node until a plan places its replacement. A rollout never lowers the number of healthy
+    replicas, a drain never the number of running ones."""
     record = state.apps.get(alloc.app)
     node = state.nodes.get(alloc.node_id)
     if record is None or record.status != APP_RUNNING or not alloc.live or node is None:
         return False
     if alloc.replica >= record.spec.replicas:
         return False
-    return alloc.version != version or node.emptying
+    if not record.runs(alloc.version):
+        return not rollout.old_may_stop(state, alloc, wall)
+    return node.emptying
+
+
+def stop_released(state: SiteState, alloc: Alloc, version: int, placed: set[int], wall: float) -> bool:
+    """Whether a plan's stop of `alloc` goes ahead: it does not wait for a replacement, or it
+    waits only for a placement and the plan places its index."""
+    if not waits_for_replacement(state, alloc, version, wall):
+        return True
+    record = state.apps.get(alloc.app)
+    return record is not None and record.runs(alloc.version) and alloc.replica in placed
 
 
 # Finished allocations are kept for `meshctl allocs` history, but only this many per app, so
@@ -810,6 +995,8 @@ HANDLERS: dict[type, Callable[[SiteState, Any, float], Ok]] = {
     cmds.FoundSite: _found_site,
     cmds.Heartbeat: _heartbeat,
     cmds.SetLiveness: _set_liveness,
+    cmds.Rollout: _rollout,
+    cmds.PinVersion: _pin_version,
     cmds.SubmitApp: _submit_app,
     cmds.StopApp: _stop_app,
     cmds.PurgeApps: _purge_apps,

@@ -15,13 +15,14 @@ Invariants:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
 import tomllib
 from typing import Any, Mapping
 
-from meshd.state import HEALTH_KINDS, RESTART_POLICIES, AppSpec, Constraints, HealthCheck, ResourceRequest
+from meshd.state import HEALTH_KINDS, RESTART_POLICIES, AppSpec, Constraints, HealthCheck, ResourceRequest, UpdatePolicy
 
 # --- name rules ----------------------------------------------------------------------
 # App and site names: a DNS label (RFC 1123), so they fit in hostnames, mDNS records,
@@ -62,7 +63,7 @@ MAX_MEMORY_MB = 2**40  # 1 EiB in MiB: exact in a float (pycrdt returns ints as 
 KNOWN_ARCHES = ("x86_64", "aarch64", "armv7l", "armv6l", "riscv64", "i686", "ppc64le", "s390x")
 
 _TOP_KEYS = ("app",)
-_APP_KEYS = ("name", "replicas", "command", "sites", "env", "constraints", "resources", "restart", "health")
+_APP_KEYS = ("name", "replicas", "command", "sites", "env", "constraints", "resources", "restart", "health", "update")
 _CONSTRAINT_KEYS = ("arch", "labels")
 _RESOURCE_KEYS = ("cpu", "memory_mb")
 _RESTART_KEYS = ("policy",)
@@ -75,6 +76,10 @@ MIN_HEALTH_INTERVAL_S = 0.1  # a check is a connection or a process: ten a secon
 MAX_HEALTH_FAILURES = 100  # consecutive failures: beyond that, a longer interval says it better
 MAX_HEALTH_GRACE_S = 86400.0  # a day of start-up is a typo, not a workload
 MAX_HEALTH_PATH_CHARS = 1024  # an HTTP request line, not a document
+_UPDATE_KEYS = ("max_parallel", "canary", "min_healthy_s", "healthy_deadline_s", "progress_deadline_s", "auto_revert",
+                "auto_promote", "keep_versions")
+MAX_UPDATE_WAIT_S = 7 * 86400.0  # a week: a deadline or soak beyond that is a typo, not a plan
+MAX_KEEP_VERSIONS = 100  # every kept version's spec is in each member's state
 
 DEFAULT_REPLICAS = 1  # an app without `replicas` runs once, like a single service
 
@@ -137,6 +142,7 @@ def parse_app_dict(doc: Mapping[str, Any]) -> AppSpec:
     resources = _resources(app["resources"]) if "resources" in app else ResourceRequest()
     restart_policy = _restart(app["restart"]) if "restart" in app else "always"
     health = _health(app["health"]) if "health" in app else HealthCheck()
+    update = _update(app["update"], replicas) if "update" in app else UpdatePolicy()
     return AppSpec(
         name=name,
         replicas=replicas,
@@ -147,6 +153,7 @@ def parse_app_dict(doc: Mapping[str, Any]) -> AppSpec:
         resources=resources,
         restart_policy=restart_policy,
         health=health,
+        update=update,
     )
 
 
@@ -185,7 +192,48 @@ def spec_to_dict(spec: AppSpec) -> dict[str, Any]:
             if getattr(check, key) != getattr(default, key):
                 health[key] = getattr(check, key)
         app["health"] = health
+    if spec.update != UpdatePolicy():
+        app["update"] = {key: getattr(spec.update, key) for key in _UPDATE_KEYS
+                         if getattr(spec.update, key) != getattr(UpdatePolicy(), key)}
     return {"app": app}
+
+
+def spec_to_toml(spec: AppSpec) -> str:
+    """The spec as TOML that `parse_app_toml` reads back to an equal spec (a rollback deploys
+    an earlier version's spec again, as a new edit of the mesh document)."""
+    app = spec_to_dict(spec)["app"]
+    lines = ["[app]"]
+    tables = []
+    for key, value in app.items():
+        if isinstance(value, dict) and key != "env":
+            tables.append((key, value))
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    for key, table in tables:
+        lines.append(f"\n[app.{key}]")
+        lines.extend(f"{name} = {_toml_value(value)}" for name, value in table.items())
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        # A JSON string is a TOML basic string, but for DEL, which TOML wants escaped.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007F")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{_toml_value(str(k))} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"no TOML form for {type(value).__name__}")
+
+
+def spec_digest(spec: AppSpec) -> str:
+    """sha256 of the spec's canonical JSON: two specs have the same digest when they are equal."""
+    text = json.dumps(spec.to_plain(), sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 # --- rules shared with node configuration -------------------------------------------
@@ -415,17 +463,55 @@ def _health(value: object) -> HealthCheck:
                        failures=int(failures), grace_s=grace)
 
 
+def _update(value: object, replicas: int) -> UpdatePolicy:
+    table = _table(value, "app.update")
+    _refuse_unknown_keys(table, "app.update", _UPDATE_KEYS)
+    default = UpdatePolicy()
+    max_parallel = _whole(table, "app.update.max_parallel", default.max_parallel, 1, MAX_REPLICAS)
+    canary = _whole(table, "app.update.canary", default.canary, 0, MAX_REPLICAS)
+    if canary > replicas:
+        raise SpecError("app.update.canary", f"must be at most app.replicas ({replicas}), got {canary}")
+    keep = _whole(table, "app.update.keep_versions", default.keep_versions, 1, MAX_KEEP_VERSIONS)
+    min_healthy = _seconds(table, "min_healthy_s", default.min_healthy_s, 0.0, MAX_UPDATE_WAIT_S, "app.update")
+    healthy_deadline = _seconds(table, "healthy_deadline_s", default.healthy_deadline_s, 0.1, MAX_UPDATE_WAIT_S,
+                                "app.update")
+    progress_deadline = _seconds(table, "progress_deadline_s", max(default.progress_deadline_s, healthy_deadline),
+                                 0.1, MAX_UPDATE_WAIT_S, "app.update")
+    if progress_deadline < min_healthy:
+        raise SpecError("app.update.progress_deadline_s", f"must be at least app.update.min_healthy_s "
+                                                          f"({min_healthy:g}): no replica could ever count in time")
+    flags = {}
+    for key in ("auto_revert", "auto_promote"):
+        flags[key] = table.get(key, getattr(default, key))
+        if not isinstance(flags[key], bool):
+            raise SpecError(f"app.update.{key}", f"must be true or false, got {show_value(flags[key])}")
+    return UpdatePolicy(max_parallel=max_parallel, canary=canary, min_healthy_s=min_healthy,
+                        healthy_deadline_s=healthy_deadline, progress_deadline_s=progress_deadline,
+                        auto_revert=flags["auto_revert"], auto_promote=flags["auto_promote"], keep_versions=keep)
+
+
+def _whole(table: Mapping[Any, Any], key: str, default: int, low: int, high: int) -> int:
+    name = key.rpartition(".")[2]
+    if name not in table:
+        return default
+    raw = table[name]
+    if not _is_int(raw) or not low <= raw <= high:  # type: ignore[operator]
+        raise SpecError(key, f"must be a whole number from {low} to {high}, got {show_value(raw)}")
+    return int(raw)  # type: ignore[arg-type]
+
+
 def _a(word: str) -> str:
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
-def _seconds(table: Mapping[Any, Any], key: str, default: float, low: float, high: float) -> float:
+def _seconds(table: Mapping[Any, Any], key: str, default: float, low: float, high: float,
+             where: str = "app.health") -> float:
     """A duration in seconds from `table[key]`, from `low` to `high`."""
     if key not in table:
         return default
     raw = table[key]
     if not _is_number(raw) or not low <= raw <= high:  # type: ignore[operator]
-        raise SpecError(f"app.health.{key}", f"must be a number of seconds from {low:g} to {high:g}, "
+        raise SpecError(f"{where}.{key}", f"must be a number of seconds from {low:g} to {high:g}, "
                                              f"got {show_value(raw)}")
     return float(raw)  # type: ignore[arg-type]
 

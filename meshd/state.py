@@ -70,6 +70,26 @@ def app_health(*, stopped: bool, desired: int, running: int, failing: bool) -> s
 
 RESTART_POLICIES = ("always", "on-failure", "never")
 
+# --- deployments (meshd.rollout decides their moves; sitestate records them) -----------
+DEPLOY_RUNNING = "running"
+DEPLOY_PAUSED = "paused"
+DEPLOY_AWAITING = "awaiting-promotion"
+DEPLOY_SUCCEEDED = "succeeded"
+DEPLOY_FAILED = "failed"
+DEPLOY_REVERTED = "reverted"
+DEPLOY_CANCELLED = "cancelled"
+DEPLOY_ACTIVE = frozenset({DEPLOY_RUNNING, DEPLOY_PAUSED, DEPLOY_AWAITING})
+DEPLOY_STATES = (DEPLOY_RUNNING, DEPLOY_PAUSED, DEPLOY_AWAITING, DEPLOY_SUCCEEDED, DEPLOY_FAILED, DEPLOY_REVERTED,
+                 DEPLOY_CANCELLED)
+
+# --- app versions (`meshctl history`) ---------------------------------------------------
+VERSION_RUNNING = "running"  # its deployment is under way, or it failed and nothing replaced it
+VERSION_STABLE = "stable"  # every replica was healthy for min_healthy_s: what a revert returns to
+VERSION_FAILED = "failed"
+VERSION_REVERTED = "reverted"  # it failed and the app went back to the last stable version
+VERSION_SUPERSEDED = "superseded"  # a later version replaced it
+VERSION_STATES = (VERSION_STABLE, VERSION_FAILED, VERSION_REVERTED, VERSION_SUPERSEDED, VERSION_RUNNING)
+
 
 @dataclass(frozen=True)
 class Constraints:
@@ -105,6 +125,20 @@ class HealthCheck:
 
 
 @dataclass(frozen=True)
+class UpdatePolicy:
+    """How a changed spec replaces running replicas in one site (`[app.update]`)."""
+
+    max_parallel: int = 1  # new replicas not yet counted healthy, at most, while old ones are replaced
+    canary: int = 0  # new replicas started first, beside the old ones, until promoted
+    min_healthy_s: float = 10.0  # healthy this long before a new replica counts (and its old one stops)
+    healthy_deadline_s: float = 300.0  # a new replica not healthy this long after it started or fell ill failed
+    progress_deadline_s: float = 600.0  # no new replica counted healthy for this long: the deployment failed
+    auto_revert: bool = True  # a failed deployment returns to the last stable version
+    auto_promote: bool = False  # canaries promote themselves once all are healthy
+    keep_versions: int = 10  # versions of the app whose spec is kept (beside pinned and running ones)
+
+
+@dataclass(frozen=True)
 class AppSpec:
     """A validated app as the operator wrote it (see meshd.spec for parsing)."""
 
@@ -118,6 +152,7 @@ class AppSpec:
     restart_policy: str = "always"
     # A class-level default (not a factory): a spec unpickled from an older snapshot has it.
     health: HealthCheck = HealthCheck()
+    update: UpdatePolicy = UpdatePolicy()
 
     def to_plain(self) -> dict:
         return dataclasses.asdict(self) | {
@@ -197,6 +232,42 @@ class NodeRecord:
 
 
 @dataclass(frozen=True)
+class AppVersion:
+    """One accepted version of an app: its spec is kept while the version is in the history."""
+
+    version: int
+    spec: AppSpec
+    digest: str  # sha256 of the spec's canonical JSON: equal digests, equal specs
+    submitted_at: float
+    by: str
+    site: str  # where it was deployed from
+    state: str = VERSION_RUNNING  # VERSION_*
+    pinned: bool = False  # kept whatever keep_versions says
+    reason: str = ""  # why it failed or was reverted
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One version replacing another in this site (meshd.rollout)."""
+
+    version: int
+    from_version: int  # the version it replaces; 0 for an app's first version
+    state: str = DEPLOY_RUNNING  # DEPLOY_*
+    started_at: float = 0.0
+    moved_at: float = 0.0  # its last promotion or resume: progress is counted from there too
+    ended_at: float = 0.0
+    canary: int = 0  # canaries this deployment starts before the rest (0: none)
+    promoted: bool = False  # its canaries were promoted (or it has none)
+    revert: bool = False  # it returns to a stable version after a failed one: no canaries, no pace
+    reason: str = ""  # why it failed, was reverted or cancelled
+    by: str = ""  # who last moved it (an operator, or the site's leader)
+
+    @property
+    def active(self) -> bool:
+        return self.state in DEPLOY_ACTIVE
+
+
+@dataclass(frozen=True)
 class AppRecord:
     spec: AppSpec
     version: int  # bumped on every accepted change of spec
@@ -209,6 +280,40 @@ class AppRecord:
     edit_id: str = ""
     mesh_version: int = 0
     stopped_at: float = 0.0  # when it was last stopped (status stopped); purged a retention later
+    # Versions and deployments (class-level defaults: a record unpickled from an older
+    # snapshot has none). `history` is oldest first and bounded (meshd.sitestate); the
+    # deployments are the latest few, newest last.
+    history: tuple[AppVersion, ...] = ()
+    deployments: tuple[Deployment, ...] = ()
+    latest_version: int = 0  # the highest version ever given: a revert moves `version` back, never this
+    # Versions whose spec equals `spec`: their replicas hold this version's places, so going
+    # back to one (rollback, revert, cancel) restarts nothing that already runs it.
+    same_spec: tuple[int, ...] = ()
+
+    def runs(self, version: int) -> bool:
+        """Whether a replica of `version` is a replica of the current spec."""
+        return version == self.version or version in self.same_spec
+
+    @property
+    def deployment(self) -> Deployment | None:
+        """The latest deployment, if any (active or ended)."""
+        return self.deployments[-1] if self.deployments else None
+
+    def spec_of(self, version: int) -> AppSpec:
+        """The spec a replica of `version` runs: from the history; the current one when it
+        was forgotten (never while a replica of it lives) or predates the history."""
+        for entry in reversed(self.history):
+            if entry.version == version:
+                return entry.spec
+        return self.spec
+
+    def version_entry(self, version: int) -> AppVersion | None:
+        return next((e for e in self.history if e.version == version), None)
+
+    @property
+    def stable_version(self) -> AppVersion | None:
+        """The newest stable version."""
+        return next((e for e in reversed(self.history) if e.state == VERSION_STABLE), None)
 
 
 @dataclass(frozen=True)
@@ -229,6 +334,13 @@ class Alloc:
     updated_at: float = 0.0
     reason: str = ""  # why it was stopped, lost or failed
     health: str = HEALTH_NONE  # what its node's health checks last said (HEALTH_*)
+    canary: bool = False  # placed as a canary of its version's deployment
+    # Since when it has counted healthy (running, and its check passing or none); 0: it
+    # does not now. A deployment counts it once it has for min_healthy_s.
+    healthy_at: float = 0.0
+    # Since when it has been placed or fell ill without counting healthy: a deployment
+    # fails when this lasts past healthy_deadline_s.
+    unhealthy_since: float = 0.0
 
     @property
     def live(self) -> bool:
@@ -581,7 +693,7 @@ class SiteState:
     def current_allocs(self, app: str) -> list[Alloc]:
         """Live allocations of the app's current version."""
         record = self.apps[app]
-        return [a for a in self.allocs.of_app(app) if a.version == record.version and a.live]
+        return [a for a in self.allocs.of_app(app) if record.runs(a.version) and a.live]
 
     def running_replicas(self, app: str) -> int:
         """Replicas of the app's current version reported running."""
@@ -589,8 +701,8 @@ class SiteState:
 
     def failing(self, app: str) -> bool:
         """An allocation of the app's current version failed, or is restarting after a crash."""
-        version = self.apps[app].version
-        return any(a.version == version and (a.state == ALLOC_FAILED or (a.restarts and a.state != ALLOC_RUNNING))
+        record = self.apps[app]
+        return any(record.runs(a.version) and (a.state == ALLOC_FAILED or (a.restarts and a.state != ALLOC_RUNNING))
                    for a in self.allocs.of_app(app))
 
     def live_allocs(self, app: str) -> list[Alloc]:

@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("deploy", "submit or update an app (TOML)", _build_deploy, _show_deploy)
     sub.add_argument("file", metavar="FILE", help="app spec; - reads stdin")
-    sub.add_argument("--wait", action="store_true", help="show progress until all replicas run")
+    sub.add_argument("--wait", action="store_true", help="show the deployment's progress until every replica "
+                     "of the new version is healthy; exit non-zero when it fails or is reverted")
     sub.add_argument(
         "--timeout", metavar="S", type=_positive_seconds, help="give up waiting after S seconds"
     )
@@ -261,6 +262,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("stop", "remove an app", _build_stop, _show_object)
     sub.add_argument("app", metavar="APP")
+
+    sub = command("deployments", "current and recent deployments, per site", _build_deployments,
+                  _show_deployments)
+    sub.add_argument("app", metavar="APP", nargs="?", help="only this app's")
+    sub = command("history", "every kept version of an app", _build_history, _show_history)
+    sub.add_argument("app", metavar="APP")
+    sub = command("rollback", "deploy an earlier version's spec again", _build_rollback, _show_object)
+    sub.add_argument("app", metavar="APP")
+    sub.add_argument("--to", metavar="V", type=_positive_int,
+                     help="the version (default: the newest stable one before the current)")
+    for name, help_text in (
+        ("promote", "let the canaries' version replace the rest"),
+        ("pause", "hold a deployment: no new replica starts"),
+        ("resume", "go on with a paused deployment"),
+        ("cancel", "abandon a deployment and return to the last stable version"),
+    ):
+        sub = command(name, help_text, _build_app_move(name), _show_object)
+        sub.add_argument("app", metavar="APP")
+        sub.add_argument("--reason", metavar="TEXT", default="", help="why (kept in events and audit)")
+    for name, help_text in (
+        ("pin", "keep a version in the history whatever keep_versions says"),
+        ("unpin", "let a pinned version be forgotten again"),
+    ):
+        sub = command(name, help_text, _build_pin(name), _show_object)
+        sub.add_argument("app", metavar="APP")
+        sub.add_argument("version", metavar="V", type=_positive_int)
     for name, help_text in (
         ("drain", "move work off a node"),
         ("undrain", "allow work back onto a node"),
@@ -392,6 +419,32 @@ def _build_stop(opts: argparse.Namespace) -> Request:
     return Request("stop", {"app": opts.app})
 
 
+def _build_deployments(opts: argparse.Namespace) -> Request:
+    return Request("deployments", {"app": opts.app})
+
+
+def _build_history(opts: argparse.Namespace) -> Request:
+    return Request("history", {"app": opts.app})
+
+
+def _build_rollback(opts: argparse.Namespace) -> Request:
+    return Request("rollback", {"app": opts.app, "to": opts.to})
+
+
+def _build_app_move(cmd: str) -> Callable[[argparse.Namespace], Request]:
+    def build(opts: argparse.Namespace) -> Request:
+        return Request(cmd, {"app": opts.app, "reason": opts.reason})
+
+    return build
+
+
+def _build_pin(cmd: str) -> Callable[[argparse.Namespace], Request]:
+    def build(opts: argparse.Namespace) -> Request:
+        return Request(cmd, {"app": opts.app, "version": opts.version})
+
+    return build
+
+
 def _build_node_action(cmd: str) -> Callable[[argparse.Namespace], Request]:
     def build(opts: argparse.Namespace) -> Request:
         return Request(cmd, {"node": opts.node})
@@ -488,6 +541,8 @@ _show_nodes = _listing(render.NODE_COLUMNS)
 _show_sites = _listing(render.SITE_COLUMNS)
 _show_apps = _listing(render.APP_COLUMNS)
 _show_allocs = _listing(render.ALLOC_COLUMNS)
+_show_deployments = _listing(render.DEPLOYMENT_COLUMNS)
+_show_history = _listing(render.HISTORY_COLUMNS)
 _show_audit = _listing(render.AUDIT_COLUMNS)
 _show_revocations = _listing(render.REVOCATION_COLUMNS)
 _show_tokens = _listing(render.TOKEN_COLUMNS)

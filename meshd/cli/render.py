@@ -167,6 +167,7 @@ ALLOC_COLUMNS: list[Column] = [
     ("NODE", "node"),
     ("STATE", "state"),
     ("HEALTH", lambda r: r.get("health") or "none"),
+    ("CANARY", lambda r: "yes" if r.get("canary") else ""),
     ("PID", "pid"),
     ("RESTARTS", "restarts"),
     ("REASON", "reason"),
@@ -223,6 +224,42 @@ REVOCATION_COLUMNS: list[Column] = [
     ("REASON", "reason"),
 ]
 
+def _deployment_sites(row: Mapping[str, Any]) -> str:
+    """`lab: running 2/3 healthy, 1 canary` for each site of a deployment row."""
+    parts = []
+    for site, part in sorted((row.get("sites") or {}).items()):
+        if not isinstance(part, Mapping):
+            continue
+        text = f"{site}: {cell(part.get('state'))}"
+        if part.get("healthy") is not None:
+            text += f" {cell(part.get('healthy'))}/{cell(part.get('desired'))} healthy"
+        if part.get("canaries"):
+            text += f", {cell(part.get('canaries'))} canary"
+        parts.append(text)
+    return "; ".join(parts)
+
+
+DEPLOYMENT_COLUMNS: list[Column] = [
+    ("APP", "app"),
+    ("VERSION", lambda r: f"v{cell(r.get('version'))}" + (" (revert)" if r.get("revert") else "")),
+    ("FROM", lambda r: f"v{r['from_version']}" if r.get("from_version") else "-"),
+    ("STATE", "state"),
+    ("SITES", _deployment_sites),
+    ("STARTED", lambda r: local_time(r.get("started_at"))),
+    ("REASON", lambda r: r.get("reason") or ""),
+]
+
+HISTORY_COLUMNS: list[Column] = [
+    ("VERSION", lambda r: f"v{cell(r.get('version'))}" + (" *" if r.get("current") else "")),
+    ("STATE", "state"),
+    ("SUBMITTED", lambda r: local_time(r.get("submitted_at"))),
+    ("BY", "by"),
+    ("SITE", "site"),
+    ("SPEC", lambda r: cell(r.get("spec_digest")).removeprefix("sha256:")[:12]),
+    ("PINNED", lambda r: "yes" if r.get("pinned") else ""),
+    ("REASON", lambda r: r.get("reason") or ""),
+]
+
 PLACEMENT_COLUMNS: list[Column] = [("NODE", "node"), ("REPLICA", "replica")]
 FILTERED_COLUMNS: list[Column] = [("NODE", "node"), ("REASON", "reason")]
 UNPLACED_COLUMNS: list[Column] = [("REPLICA", "replica"), ("REASON", "reason")]
@@ -255,8 +292,17 @@ def plan(result: Mapping[str, Any]) -> str:
 
 
 def deploy_progress(item: Mapping[str, Any]) -> str:
-    """`vibration-monitor v2: 4/6 running` from one --wait progress item."""
-    return (
-        f"{cell(item.get('app'))} v{cell(item.get('version'))}: "
-        f"{cell(item.get('running'))}/{cell(item.get('replicas'))} running"
-    )
+    """`vibration-monitor v2: 4/6 running, 3 healthy, 2 old still serving (deployment running)`
+    from one --wait progress item."""
+    text = (f"{cell(item.get('app'))} v{cell(item.get('version'))}: "
+            f"{cell(item.get('running'))}/{cell(item.get('replicas'))} running")
+    deployment = item.get("deployment")
+    if isinstance(deployment, Mapping):
+        if deployment.get("healthy") is not None:
+            text += f", {cell(deployment.get('healthy'))} healthy"
+        if deployment.get("canaries"):
+            text += f", {cell(deployment.get('canaries'))} canary"
+        if deployment.get("old"):
+            text += f", {cell(deployment.get('old'))} old still serving"
+        text += f" (deployment {cell(deployment.get('state'))})"
+    return text

@@ -32,6 +32,7 @@ from attestation.revocation import open_revocations
 from attestation.signed import AttestationError
 from meshd import __version__
 from meshd import spec as specmod
+from meshd import deployments as deploymentsmod
 from meshd import eventfeed, tokens
 from meshd.io import peer
 from meshd.io.admin import AdminError, AdminRequest
@@ -91,7 +92,7 @@ def alloc_plain(state: SiteState, alloc) -> dict:
             "node": node.name if node else alloc.node_id, "node_id": alloc.node_id,
             "site": node.site if node else state.site, "state": alloc.state, "desired": alloc.desired,
             "pid": alloc.pid, "restarts": alloc.restarts, "exit_code": alloc.exit_code, "reason": alloc.reason,
-            "health": alloc.health, "created_at": alloc.created_at}
+            "health": alloc.health, "canary": alloc.canary, "created_at": alloc.created_at}
 
 
 def app_progress(state: SiteState, name: str) -> dict:
@@ -101,9 +102,14 @@ def app_progress(state: SiteState, name: str) -> dict:
     replicas = record.spec.replicas if record.status == APP_RUNNING else 0
     status = app_health(stopped=record.status != APP_RUNNING, desired=replicas, running=running,
                         failing=state.failing(name))
-    return {"app": name, "version": record.version, "status": status, "replicas": replicas, "running": running,
-            "sites": list(record.spec.sites) or [state.site],
-            "allocs": [alloc_plain(state, a) for a in current]}
+    progress = {"app": name, "version": record.version, "status": status, "replicas": replicas, "running": running,
+                "sites": list(record.spec.sites) or [state.site],
+                "allocs": [alloc_plain(state, a) for a in current]}
+    d = record.deployment
+    if d is not None and d.version == record.version:
+        part = deploymentsmod.site_part(state, record, d, time.time())
+        progress["deployment"] = {"state": d.state, **{k: part.get(k) for k in ("healthy", "canaries", "old")}}
+    return progress
 
 
 def not_running_reasons(state: SiteState, name: str) -> list[str]:
@@ -208,6 +214,9 @@ class AdminHandlers:
             "logs": self.logs,
             "events": self.events, "audit": self.audit, "policy": self.policy, "policy_allow": self.policy_allow,
             "policy_require_tpm": self.policy_require_tpm,
+            "deployments": self.deployments, "history": self.history, "rollback": self.rollback,
+            "promote": self.promote, "pause": self.pause, "resume": self.resume, "cancel": self.cancel,
+            "pin": self.pin, "unpin": self.unpin,
         }
 
     async def __call__(self, request: AdminRequest, stream) -> Any:
@@ -585,15 +594,24 @@ class AdminHandlers:
         last = None
         while True:
             state = self._state()
-            if app_spec.name not in state.apps or state.apps[app_spec.name].version != result["site_version"]:
+            record = state.apps.get(app_spec.name)
+            # The deployment's verdict first: a revert also moves the app's version back.
+            outcome = deploymentsmod.wait_outcome(record, result["site_version"])
+            if outcome.error:
+                raise AdminError(f"{app_spec.name} {outcome.error}")
+            if record is None or record.version != result["site_version"]:
                 raise AdminError(f"{app_spec.name} v{result['version']} was replaced while waiting")
             progress = app_progress(state, app_spec.name)
-            key = (progress["running"], tuple((a["alloc_id"], a["state"]) for a in progress["allocs"]))
+            key = (progress["running"], tuple((a["alloc_id"], a["state"], a["health"]) for a in progress["allocs"]),
+                   tuple(sorted((progress.get("deployment") or {}).items())))
             if key != last:
                 await stream.send(progress)
                 last = key
-            if progress["running"] >= progress["replicas"]:
-                return answer | {"running": progress["running"], "replicas": progress["replicas"]}
+            # Over once every replica of the new version is healthy and no old one is left
+            # (the version still soaks min_healthy_s before `deployments` calls it stable).
+            if outcome.done or deploymentsmod.complete(state, record):
+                return answer | {"running": progress["running"], "replicas": progress["replicas"],
+                                 "deployment": (progress.get("deployment") or {}).get("state")}
             if time.monotonic() >= deadline:
                 why = not_running_reasons(state, app_spec.name)
                 raise AdminError(f"{app_spec.name} v{result['version']} accepted, but only {progress['running']}/"
@@ -641,6 +659,81 @@ class AdminHandlers:
                                  f"{running}/{wanted} replicas running after {timeout:g}s (a site out of reach "
                                  "places it when the link returns)")
             await d.mesh.changed.wait(POLL_PERIOD * 5)
+
+    # --- deployments, history ------------------------------------------------------------
+
+    def _record(self, app: str):
+        state = self._state()
+        record = state.apps.get(app)
+        if record is None:
+            raise AdminError(f"no app named {app!r} in site {state.site}")
+        return record
+
+    async def deployments(self, request: AdminRequest, stream) -> list:
+        app = _arg(request.args, "app", str)
+        if app is not None:
+            self._record(app)
+        return deploymentsmod.deployment_rows(self._state(), time.time(), app)
+
+    async def history(self, request: AdminRequest, stream) -> list:
+        return deploymentsmod.history_rows(self._record(_arg(request.args, "app", str, required=True)))
+
+    async def rollback(self, request: AdminRequest, stream) -> dict:
+        """Deploy an earlier version's spec again: a new version (and mesh edit) whose replicas
+        of an equal spec already running stay as they are."""
+        app = _arg(request.args, "app", str, required=True)
+        to = _arg(request.args, "to", int)
+        self._require_member()
+        record = self._record(app)
+        target, why = deploymentsmod.rollback_target(record, to)
+        if target is None:
+            raise AdminError(why)
+        entry = record.version_entry(target)
+        assert entry is not None  # rollback_target found it
+        spec = entry.spec
+        targets = tuple(spec.sites) or (self.ctx.membership.site,)
+        result, edit = await self._commit_edit(
+            request, lambda edit, actor: cmds.SubmitApp(spec=spec, edit=edit, actor=actor), app,
+            spec_toml=specmod.spec_to_toml(spec), targets=targets, replicas=spec.replicas)
+        return {"app": app, "version": result["version"], "from_version": record.version, "spec_of": target,
+                "changed": result.get("changed", True), "sites": list(targets)}
+
+    async def _move(self, request: AdminRequest, action: str) -> dict:
+        app = _arg(request.args, "app", str, required=True)
+        record = self._record(app)
+        if record.deployment is None:
+            raise AdminError(f"{app} has no deployment to {action}")
+        result = await self._write(request, lambda actor: cmds.Rollout(app=app, version=record.version, action=action,
+                                                                       reason=_arg(request.args, "reason", str) or "",
+                                                                       actor=actor))
+        return {"app": app, "version": result["version"], "state": result["state"],
+                **({"promoted": True} if action == "promote" else {}),
+                **({"to_version": result["to_version"]} if result.get("to_version") else {})}
+
+    async def promote(self, request: AdminRequest, stream) -> dict:
+        return await self._move(request, "promote")
+
+    async def pause(self, request: AdminRequest, stream) -> dict:
+        return await self._move(request, "pause")
+
+    async def resume(self, request: AdminRequest, stream) -> dict:
+        return await self._move(request, "resume")
+
+    async def cancel(self, request: AdminRequest, stream) -> dict:
+        return await self._move(request, "cancel")
+
+    async def _pin(self, request: AdminRequest, pinned: bool) -> dict:
+        app = _arg(request.args, "app", str, required=True)
+        version = _arg(request.args, "version", int, required=True)
+        result = await self._write(request, lambda actor: cmds.PinVersion(app=app, version=version, pinned=pinned,
+                                                                          actor=actor))
+        return {"app": app, "version": result["version"], "pinned": result["pinned"]}
+
+    async def pin(self, request: AdminRequest, stream) -> dict:
+        return await self._pin(request, True)
+
+    async def unpin(self, request: AdminRequest, stream) -> dict:
+        return await self._pin(request, False)
 
     async def stop(self, request: AdminRequest, stream) -> dict:
         app = _arg(request.args, "app", str, required=True)

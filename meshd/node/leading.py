@@ -8,6 +8,9 @@
   sequence numbers);
 - voters: at most one Raft configuration change (pysyncobj takes one at a time): a member
   that left or was revoked goes first, then an admitted voter that is not configured yet;
+- deployments: at most one move per app whose deployment is under way (meshd.rollout:
+  await promotion, promote, succeed, fail); such apps are reconciled on every pass, and
+  the next look is no later than their next deadline;
 - placement: reconcile the apps that changed since the last pass, then one plan per app
   that needs one (Nomad's plan/apply split: the plan is re-checked when it is applied).
   Plans of one pass are made one after the other on a working copy of the state, so two
@@ -21,14 +24,15 @@ walk of the apps and nodes, never of the allocations. A safety sweep also reconc
 apps per RECONCILE_SAFETY_PERIOD, in turn, bounded by SWEEP_ALLOCS.
 
 Invariants:
-- Pure: `now` is monotonic seconds (leases); the state carries wall-clock stamps.
+- Pure: `now` is monotonic seconds (leases); `view.wall` is the wall clock, compared only
+  with the state's own wall-clock stamps (deployments' healthy times and deadlines).
 - It never acts on a view Raft has not caught up with, nor on an older view than one it
   already acted on.
 - An app it made a plan for counts as unseen until a later view shows its allocations
   changed, so a plan that did not commit is made again on the next pass.
 - On a new term everything counts as changed: a new leader reconciles the whole site once.
-- Plans never stop an old-version or draining replica before its replacement is placed
-  (sitestate.waits_for_replacement, checked again at apply).
+- Plans never stop a draining replica before its replacement is placed, nor an old-version
+  one before its index is done (sitestate.waits_for_replacement, checked again at apply).
 - A placement problem is announced once per distinct reason, not on every pass.
 """
 
@@ -39,12 +43,13 @@ import copy
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from meshd.commands import ApplyPlan, SetLiveness
+from meshd import rollout
+from meshd.commands import ApplyPlan, Rollout, SetLiveness
 from meshd.liveness import LivenessTracker
 from meshd.node.effects import AddVoter, Commit, Effect, Emit, RemoveVoter
 from meshd.placement.plan import make_plan
 from meshd.reconcile import reconcile, site_apps
-from meshd.sitestate import waits_for_replacement
+from meshd.sitestate import stop_released
 from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, ALLOC_PENDING, DESIRED_RUN, DESIRED_STOP, LIVENESS_DOWN, Alloc, \
     AppWatch, NodeRecord, SiteState
 
@@ -78,6 +83,7 @@ class LeaderView:
     # Raft has applied every entry it knows committed. A node that restarted Raft (a secret
     # rotation) or was just elected may still be replaying its journal: its state is old.
     caught_up: bool = True
+    wall: float = 0.0  # seconds since the epoch, now (deployments' clocks)
 
 
 def heard_from(state: SiteState, contacts, beats) -> dict[str, float]:
@@ -108,6 +114,11 @@ class Leading:
     _seen_nodes: dict[str, NodeRecord] = field(default_factory=dict)
     _unplaced: set[str] = field(default_factory=set)  # apps whose last plan left replicas unplaced
     _pending: set[str] = field(default_factory=set)  # changed apps a pass left for the next (PASS_ALLOCS)
+    _rollout_wake: float | None = None  # wall time of the earliest deployment deadline seen last pass
+    _moved: dict[str, tuple[int, str]] = field(default_factory=dict)  # app -> (version, action) asked last
+    _moved_record: dict[str, object] = field(default_factory=dict)  # app -> the record that move was asked on
+    _wall: float = 0.0  # the wall time of the last pass
+    _app_wake: dict[str, float] = field(default_factory=dict)  # app -> when its deployment needs a look
 
     def __post_init__(self) -> None:
         self.tracker = LivenessTracker(lease=self.lease)
@@ -115,6 +126,9 @@ class Leading:
     def stepped_down(self) -> None:
         """This node no longer leads: the next term it leads starts afresh."""
         self._term = None
+        self._moved.clear()
+        self._moved_record.clear()
+        self._app_wake.clear()
 
     def step(self, view: LeaderView, now: float) -> list[Effect]:
         if not view.caught_up or view.state.applied < self._newest_applied:
@@ -128,14 +142,47 @@ class Leading:
         voter = self.voter_change(view)
         if voter is not None:
             effects.append(voter)
-        apps = self.changed_apps(view.state) | self._pending
+        moves, rolling = self.deployments(view.state, view.wall)
+        effects.extend(moves)
+        apps = self.changed_apps(view.state) | self._pending | rolling
         if now - self._last_sweep > RECONCILE_SAFETY_PERIOD:
             self._last_sweep = now
             apps |= self._sweep(view.state)
+        # An app whose deployment moves this pass is planned on the state the move makes.
+        apps -= {m.command.app for m in moves if isinstance(m, Commit)}
         apps, self._pending = _within(view.state, apps, PASS_ALLOCS)
         if apps:
-            effects.extend(self.plans(view.state, apps))
+            effects.extend(self.plans(view.state, apps, view.wall))
         return effects
+
+    def deployments(self, state: SiteState, wall: float) -> tuple[list[Effect], set[str]]:
+        """The moves of deployments under way (one per app), and the apps they concern."""
+        effects: list[Effect] = []
+        rolling: set[str] = set()
+        wakes: list[float] = []
+        for name, record in state.apps.items():
+            d = record.deployment
+            if d is None or not d.active:
+                self._app_wake.pop(name, None)
+                continue
+            if self._app_wake.get(name, float("-inf")) <= wall:
+                rolling.add(name)  # a deadline of its came (or it is new here): reconcile it too
+            verdict = rollout.decide(state, record, wall)
+            self._app_wake[name] = verdict.wake if verdict.wake is not None else float("inf")
+            if verdict.wake is not None:
+                wakes.append(verdict.wake)
+            move = verdict.move
+            if move is None:
+                continue
+            if self._moved.get(name) == (move.version, move.action) and record is self._moved_record.get(name):
+                continue  # asked already on this very record: wait for the commit to show
+            self._moved[name] = (move.version, move.action)
+            self._moved_record[name] = record
+            effects.append(Commit(Rollout(app=name, version=move.version, action=move.action, reason=move.reason,
+                                          actor="meshd (site leader)")))
+        self._rollout_wake = min(wakes) if wakes else None
+        self._wall = wall
+        return effects, rolling
 
     def changed_apps(self, state: SiteState) -> set[str]:
         """The apps to reconcile: replaced or new records, written allocations, and the apps
@@ -183,6 +230,7 @@ class Leading:
             self._term = view.term
             self.tracker.reset(state, now)
             self._apps.clear()
+            self._app_wake.clear()
             self._seen_nodes.clear()
             self._unplaced.clear()
             self._pending.clear()
@@ -202,6 +250,8 @@ class Leading:
             return 0.0  # changed apps wait for the next pass: at once
         deadline = self.tracker.next_check(state)
         wait = RECONCILE_SAFETY_PERIOD if deadline is None else deadline - now + LEASE_EPSILON
+        if self._rollout_wake is not None:  # a deployment's deadline, in wall time
+            wait = min(wait, self._rollout_wake - self._wall + LEASE_EPSILON)
         if any(n.liveness == LIVENESS_DOWN and n.admin not in (ADMIN_LEFT, ADMIN_REVOKED) for n in state.nodes.values()):
             wait = min(wait, DOWN_LOOK_PERIOD)
         return min(max(wait, LEASE_EPSILON), RECONCILE_SAFETY_PERIOD)
@@ -221,11 +271,12 @@ class Leading:
                 return AddVoter(node.raft_address, node.name)
         return None
 
-    def plans(self, state: SiteState, apps: set[str]) -> list[Effect]:
+    def plans(self, state: SiteState, apps: set[str], wall: float | None = None) -> list[Effect]:
         """One `apply_plan` per app of `apps` that needs placing or stopping, made in turn on
         a working copy of the state. The apps are then seen as they are in `state`, except
         those given a plan (seen once their allocations changed)."""
-        rec = reconcile(state, apps)
+        wall = state.last_ts if wall is None else wall
+        rec = reconcile(state, apps, wall)
         self._unplaced.difference_update(apps)
         stops_by_app: dict[str, list[tuple[str, str]]] = {}
         for alloc_id, reason in rec.stop:
@@ -254,8 +305,7 @@ class Leading:
                                         f"{reason}", {"app": app_name}))
             placed = {p.replica for p in plan.placements}
             kept_stops = tuple((alloc_id, why) for alloc_id, why in plan.stops
-                               if working.allocs[alloc_id].replica in placed
-                               or not waits_for_replacement(working, working.allocs[alloc_id], record.version))
+                               if stop_released(working, working.allocs[alloc_id], record.version, placed, wall))
             if not plan.placements and not kept_stops:
                 continue
             self._apps.forget(app_name)

@@ -52,7 +52,7 @@ class Worker:
             record = state.apps.get(alloc.app)
             if record is None:
                 continue
-            spec = record.spec
+            spec = record.spec_of(alloc.version)  # an old replica runs its own version's spec
             workloads.append(Workload(alloc_id=alloc.alloc_id, app=alloc.app, command=tuple(spec.command),
                                       env=dict(spec.env), restart_policy=spec.restart_policy,
                                       health=spec.health))

@@ -43,6 +43,7 @@ from meshd.state import SiteState
 WALL0 = 1_800_000_000.0  # the wall clock at time 0 of every transcript
 LEASE = 1.0
 TICK = 0.1
+SIM_CHECK_S = 1.0  # a simulated health check gives its verdict this long after the start
 DIGEST = hashlib.sha256(b"meshd sim package").hexdigest()
 MODIFIED_DIGEST = hashlib.sha256(b"meshd sim package, modified").hexdigest()
 CONFIG_DIGEST = hashlib.sha256(b"sim config").hexdigest()
@@ -76,6 +77,8 @@ class SimNode:
     revoked_notice: str | None = None
     expelled: str | None = None
     running: dict[str, dict] = field(default_factory=dict)  # alloc id -> its report (the fake supervisor)
+    # alloc id -> (how its simulated health check goes: good | bad | crash, when it started)
+    checks: dict[str, tuple[str, float]] = field(default_factory=dict)
     seq: int = 0
     worker: Worker = field(init=False)
     leading: Leading = field(init=False)
@@ -281,6 +284,9 @@ class SimSite:
             if w.alloc_id not in node.running:
                 node.running[w.alloc_id] = {"alloc_id": w.alloc_id, "state": "running", "pid": 1000 + len(node.running),
                                             "restarts": 0, "exit_code": None, "reason": ""}
+                if w.health.kind == "exec" and w.health.command[:1] == ("sim-health",):
+                    node.running[w.alloc_id]["health"] = "checking"
+                    node.checks[w.alloc_id] = (w.health.command[1], self.now)
                 started.append(w.alloc_id)
         if started or stopped:
             self.say(f"{node.name}: workloads" + (f" start {' '.join(started)}" if started else "")
@@ -299,10 +305,28 @@ class SimSite:
                 continue
             self.execute(node, node.worker.step(node.view(), node.revoked_notice, caught_up=node.caught_up))
             if node.live:
+                self.check_health(node)
                 self.report(node)
         leader = self.leader_node()
         if leader is not None:
             self.lead(leader)
+
+    def check_health(self, node: SimNode) -> None:
+        """Simulated health checks (an exec check `sim-health good|bad|crash`): the verdict
+        comes SIM_CHECK_S after the start, as a real check's first results would."""
+        for alloc_id, (how, since) in list(node.checks.items()):
+            report = node.running.get(alloc_id)
+            if report is None or report["state"] != "running":
+                node.checks.pop(alloc_id, None)
+                continue
+            if self.now - since < SIM_CHECK_S:
+                continue
+            node.checks.pop(alloc_id)
+            if how == "crash":  # its restart policy gave up on it
+                report.update(state="failed", pid=None, exit_code=1, reason="exited with status 1", health="none")
+            else:
+                report.update(health="healthy" if how == "good" else "unhealthy")
+            self.say(f"{node.name}: {alloc_id} check: {how}")
 
     def report(self, node: SimNode) -> None:
         if self.leader_node() is None or not node.reachable:
@@ -343,7 +367,8 @@ class SimSite:
             view = LeaderView(state=leader.view(), term=self.term, own_id=leader.node_id,
                               own_raft_address=leader.raft_address,
                               configured=tuple(sorted(self.configured - {leader.raft_address})),
-                              contacts=self.contacts(), beats=self.beats(leader), caught_up=leader.caught_up)
+                              contacts=self.contacts(), beats=self.beats(leader), caught_up=leader.caught_up,
+                              wall=self.wall)
             effects = leader.leading.step(view, self.now)
             self.execute(leader, effects)
             if not any(isinstance(e, fx.Commit) for e in effects):
@@ -566,7 +591,21 @@ class SimSite:
             node = state.nodes.get(alloc.node_id)
             self.say(f"{alloc.alloc_id} {alloc.app} v{alloc.version} #{alloc.replica} on "
                      f"{node.name if node else alloc.node_id}: {alloc.desired}/{alloc.state}"
+                     + (f" {alloc.health}" if alloc.health != "none" else "") + (" canary" if alloc.canary else "")
                      + (f" ({alloc.reason})" if alloc.reason else ""))
+
+    def deployments(self, app: str, via: str | None = None) -> None:
+        record = self.view_state(via).apps[app]
+        for d in record.deployments:
+            self.say(f"v{d.version} from v{d.from_version}: {d.state}" + (" (revert)" if d.revert else "")
+                     + (f" canary={d.canary}{' promoted' if d.promoted else ''}" if d.canary else "")
+                     + (f": {d.reason}" if d.reason else ""))
+
+    def history(self, app: str, via: str | None = None) -> None:
+        record = self.view_state(via).apps[app]
+        self.say(f"current v{record.version}" + (f" (same spec as {record.same_spec})" if record.same_spec else ""))
+        for e in record.history:
+            self.say(f"v{e.version} {e.state}" + (" pinned" if e.pinned else "") + (f": {e.reason}" if e.reason else ""))
 
     def members(self, via: str | None = None) -> None:
         state = self.view_state(via)
@@ -600,6 +639,9 @@ def describe_command(command: cmds.Command) -> str:
         return f"revoke_node {command.node_id[:6]} (list {command.number})"
     if isinstance(command, cmds.Attested):
         return f"attested {command.node_id[:6]}"
+    if isinstance(command, cmds.Rollout):
+        return f"rollout {command.app} v{command.version} {command.action}" + (
+            f" ({command.reason})" if command.reason else "")
     if isinstance(command, cmds.Quarantine):
         return f"quarantine {command.node_id[:6]} (digest {command.software[:16]}...)"
     return command.op

@@ -42,11 +42,36 @@ class Transcript:
             self.site.say(f"(settled after {ticks} ticks)")
 
     def do_deploy(self, args, kw) -> None:
+        """deploy APP [replicas=N] [v=TAG] [health=good|bad|crash] [max_parallel=N] [canary=N]
+        [min_healthy=S] [healthy_deadline=S] [progress_deadline=S] [auto_revert=false] [auto_promote=true]"""
         from meshd import commands as cmds, spec as specmod
-        spec = specmod.parse_app_toml(f'[app]\nname = "{args[0]}"\nreplicas = {kw.get("replicas", 1)}\n'
-                                      f'command = ["sleep", "3600"]\n')
+        text = (f'[app]\nname = "{args[0]}"\nreplicas = {kw.get("replicas", 1)}\n'
+                f'command = ["sleep", "{kw.get("v", "3600")}"]\n')
+        if "health" in kw:
+            text += f'[app.health]\nkind = "exec"\ncommand = ["sim-health", "{kw["health"]}"]\n'
+        update = {key: kw[name] for name, key in (
+            ("max_parallel", "max_parallel"), ("canary", "canary"), ("min_healthy", "min_healthy_s"),
+            ("healthy_deadline", "healthy_deadline_s"), ("progress_deadline", "progress_deadline_s"),
+            ("auto_revert", "auto_revert"), ("auto_promote", "auto_promote")) if name in kw}
+        if update:
+            text += "[app.update]\n" + "".join(f"{k} = {v}\n" for k, v in update.items())
+        spec = specmod.parse_app_toml(text)
         via = self.site.node(kw["via"]) if "via" in kw else self.site.leader_node()
         self._commit(cmds.SubmitApp(spec=spec, actor="operator"), via)
+
+    def do_rollout(self, args, kw) -> None:
+        """rollout APP promote|pause|resume|cancel [version=V]: the operator's move."""
+        from meshd import commands as cmds
+        leader = self.site.leader_node()
+        record = leader.view().apps[args[0]]
+        version = int(kw.get("version", record.version))
+        self._commit(cmds.Rollout(app=args[0], version=version, action=args[1], actor="operator"), leader)
+
+    def do_deployments(self, args, kw) -> None:
+        self.site.deployments(args[0], kw.get("via"))
+
+    def do_history(self, args, kw) -> None:
+        self.site.history(args[0], kw.get("via"))
 
     def do_stop(self, args, kw) -> None:
         from meshd import commands as cmds

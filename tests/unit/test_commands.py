@@ -44,6 +44,8 @@ EXAMPLES = [
                     software="e" * 64, actor="attestation@n1"),
     cmds.RevokeToken(token_id="t", actor="op"),
     cmds.RemoveNode(node="n3", actor="op"),
+    cmds.Rollout(app="web", version=3, action="promote", reason="looks good", actor="op"),
+    cmds.PinVersion(app="web", version=2, pinned=False, actor="op"),
     cmds.RecordRefusal(action="join-refused", target="intruder (node 1234)", source="198.18.0.9:40000",
                        reason="token proof does not match", count=3, actor="n2"),
 ]

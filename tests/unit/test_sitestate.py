@@ -11,7 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from meshd import commands as cmds
 from meshd import sitestate
+from meshd import spec as specmod
 from meshd.commands import REFUSAL_CODES
 from meshd.state import SiteState
 
@@ -360,21 +362,33 @@ def test_any_command_sequence_is_deterministic_and_never_raises(sequence):
     assert len(keys) == len(set(keys))
 
 
-def test_rollout_stop_waits_until_the_replacement_is_placed():
+def test_rollout_stop_waits_until_the_replacement_counts_healthy():
+    """An old replica's stop is held until its replacement is placed, running, and healthy
+    for min_healthy_s (10 s by default), checked again when the plan is applied."""
     state = founded(1)
     sitestate.apply(state, cmd("submit_app", spec=APP))
     (n1,) = state.nodes
     sitestate.apply(state, plan_cmd([{"alloc_id": "old0", "replica": 0, "node_id": n1}]))
     sitestate.apply(state, cmd("submit_app", spec={"app": {**APP["app"], "command": ["sleep", "200"]}}))
     sitestate.apply(state, cmd("drain", node="n1"))  # no node left for the new version
+    stop_old = [("old0", "replaced by version 2")]
     held = sitestate.apply(state, plan_cmd([{"alloc_id": "new0", "replica": 0, "node_id": n1}], version=2,
-                                           stops=[("old0", "replaced by version 2")]))
+                                           stops=stop_old))
     assert held["placed"] == [] and held["stopped"] == []
     assert state.allocs["old0"].live
     sitestate.apply(state, cmd("undrain", node="n1"))
-    done = sitestate.apply(state, plan_cmd([{"alloc_id": "new0", "replica": 0, "node_id": n1}], version=2,
-                                           stops=[("old0", "replaced by version 2")]))
-    assert done["placed"] == ["new0"] and done["stopped"] == ["old0"]
+    placed = sitestate.apply(state, plan_cmd([{"alloc_id": "new0", "replica": 0, "node_id": n1}], version=2,
+                                             stops=stop_old))
+    assert placed["placed"] == ["new0"] and placed["stopped"] == []  # placed is not healthy
+    assert sitestate.apply(state, cmd("heartbeat", ts=T0 + 1, node_id=n1, seq=2, reports=[
+        {"alloc_id": "new0", "state": "running", "restarts": 0}])).ok
+    assert state.allocs["new0"].healthy_at == T0 + 1
+    early = sitestate.apply(state, cmd("apply_plan", ts=T0 + 5, plan={"app": "web", "version": 2, "placements": [],
+                                                                       "stops": [list(s) for s in stop_old]}))
+    assert early["stopped"] == [] and state.allocs["old0"].live
+    done = sitestate.apply(state, cmd("apply_plan", ts=T0 + 11, plan={"app": "web", "version": 2, "placements": [],
+                                                                      "stops": [list(s) for s in stop_old]}))
+    assert done["stopped"] == ["old0"]
 
 
 def test_secret_rotations_get_unique_increasing_epochs():
@@ -513,3 +527,124 @@ def test_events_are_numbered_so_a_follower_sees_new_ones_once_the_history_is_ful
     assert [e.message for e in events_after(state.events, seen)] == ["news"]
     assert events_after(state.events, state.event_seq) == []
     assert [e.seq for e in state.events] == sorted(e.seq for e in state.events)
+
+
+# --- versions, history and deployments -------------------------------------------------------
+
+def _spec(tag: str, **update) -> dict:
+    app = {**APP["app"], "command": ["sleep", tag]}
+    if update:
+        app["update"] = update
+    return {"app": app}
+
+
+def _submit(state, tag, ts=T0, **update):
+    result = sitestate.apply(state, cmd("submit_app", ts=ts, spec=_spec(tag, **update), actor="op"))
+    assert result.ok, result
+    return result
+
+
+def test_every_changed_spec_is_a_version_with_its_deployment_and_history_entry():
+    state = founded(1)
+    _submit(state, "1")
+    _submit(state, "2", ts=T0 + 1)
+    record = state.apps["web"]
+    assert [e.version for e in record.history] == [1, 2] and record.latest_version == 2
+    assert record.spec_of(1).command == ("sleep", "1") and record.spec_of(2).command == ("sleep", "2")
+    first, second = record.deployments
+    assert (first.state, first.reason) == ("cancelled", "replaced by version 2")  # it never finished
+    assert (second.version, second.from_version, second.state) == (2, 1, "running")
+    assert record.history[0].state == "superseded" and record.history[1].state == "running"
+    assert record.history[1].digest == specmod.spec_digest(record.spec) and record.history[1].by == "op"
+
+
+def test_the_history_keeps_the_last_versions_and_the_pinned_and_stable_ones():
+    state = founded(1)
+    _submit(state, "1", keep_versions=2)
+    assert sitestate.apply(state, cmd("rollout", app="web", version=1, action="succeed", reason="ok")).ok
+    assert sitestate.apply(state, cmd("pin_version", app="web", version=1, pinned=True, actor="op")).ok
+    for v in range(2, 6):
+        _submit(state, str(v), ts=T0 + v, keep_versions=2)
+    record = state.apps["web"]
+    assert [e.version for e in record.history] == [1, 4, 5]  # pinned (and stable) v1, then the last two
+    refused = sitestate.apply(state, cmd("pin_version", app="web", version=2, actor="op"))
+    assert refused.code == cmds.NOT_FOUND and "v2 was forgotten" in refused.text
+    assert "has no version 9" in sitestate.apply(state, cmd("pin_version", app="web", version=9)).text
+
+
+def test_a_deployment_move_for_another_version_or_that_does_not_apply_is_refused_and_changes_nothing():
+    state = founded(1)
+    _submit(state, "1")
+    before = copy.deepcopy(state.apps)
+    for fields, words in [
+        ({"version": 7, "action": "pause"}, "web v7 is not its current deployment"),
+        ({"version": 1, "action": "promote"}, "has no canaries waiting for promotion"),
+        ({"version": 1, "action": "resume"}, "is not paused (it is running)"),
+        ({"version": 1, "action": "cancel"}, "has no stable version to return to"),
+        ({"version": 1, "action": "fly"}, "action must be one of"),
+    ]:
+        result = sitestate.apply(state, cmd("rollout", app="web", actor="op", **fields))
+        assert not result.ok and words in result.text, (fields, result)
+    assert state.apps == before
+
+
+def test_a_failed_deployment_returns_to_the_stable_version_without_a_new_version():
+    state = founded(1)
+    _submit(state, "1")
+    sitestate.apply(state, cmd("rollout", app="web", version=1, action="succeed", reason="ok"))
+    _submit(state, "2", ts=T0 + 1)
+    result = sitestate.apply(state, cmd("rollout", ts=T0 + 2, app="web", version=2, action="fail",
+                                        reason="replica 0 not healthy within 300s", actor="meshd (site leader)"))
+    assert result.ok and result["state"] == "reverted" and result["to_version"] == 1
+    record = state.apps["web"]
+    assert record.version == 1 and record.spec.command == ("sleep", "1") and record.latest_version == 2
+    assert [(e.version, e.state) for e in record.history] == [(1, "stable"), (2, "reverted")]
+    assert record.history[1].reason == "replica 0 not healthy within 300s"
+    assert record.deployment.revert and record.deployment.from_version == 2
+    assert state.audit[-1].action == "revert" and state.audit[-1].target == "web v2 -> v1"
+    # The next deploy is v3, never a second v2.
+    assert _submit(state, "3", ts=T0 + 3)["site_version"] == 3
+
+
+def test_without_auto_revert_a_failed_deployment_stays_failed():
+    state = founded(1)
+    _submit(state, "1")
+    sitestate.apply(state, cmd("rollout", app="web", version=1, action="succeed", reason="ok"))
+    _submit(state, "2", ts=T0 + 1, auto_revert=False)
+    result = sitestate.apply(state, cmd("rollout", ts=T0 + 2, app="web", version=2, action="fail", reason="bad"))
+    assert result["state"] == "failed" and state.apps["web"].version == 2
+    assert state.apps["web"].history[-1].state == "failed"
+
+
+def test_a_rollback_to_an_equal_spec_lets_its_running_replicas_hold_their_places():
+    state = founded(1)
+    _submit(state, "1")
+    _submit(state, "2", ts=T0 + 1)
+    _submit(state, "1", ts=T0 + 2)  # v1's spec again, as v3
+    record = state.apps["web"]
+    assert record.version == 3 and record.same_spec == (1,) and record.runs(1) and not record.runs(2)
+
+
+def test_stopping_an_app_ends_its_deployment():
+    state = founded(1)
+    _submit(state, "1")
+    sitestate.apply(state, cmd("stop_app", app="web", actor="op"))
+    assert state.apps["web"].deployment.state == "cancelled"
+
+
+def test_a_report_stamps_when_a_replica_became_healthy_and_when_it_fell_ill():
+    state = founded(1)
+    _submit(state, "1")
+    (n1,) = state.nodes
+    sitestate.apply(state, plan_cmd([{"alloc_id": "x0", "replica": 0, "node_id": n1}]))
+    assert state.allocs["x0"].unhealthy_since == T0
+
+    def report(ts, seq, **fields):
+        assert sitestate.apply(state, cmd("heartbeat", ts=ts, node_id=n1, seq=seq, reports=[
+            {"alloc_id": "x0", "state": "running", "restarts": 0, **fields}])).ok
+        return state.allocs["x0"]
+
+    assert report(T0 + 1, 2, health="checking").healthy_at == 0.0
+    assert report(T0 + 2, 3, health="healthy").healthy_at == T0 + 2
+    ill = report(T0 + 3, 4, health="unhealthy")
+    assert (ill.healthy_at, ill.unhealthy_since) == (0.0, T0 + 3)

@@ -23,9 +23,11 @@ from meshd.spec import (
     SpecError,
     parse_app_dict,
     parse_app_toml,
+    spec_digest,
     spec_to_dict,
+    spec_to_toml,
 )
-from meshd.state import AppSpec, Constraints, ResourceRequest
+from meshd.state import AppSpec, Constraints, ResourceRequest, UpdatePolicy
 from meshd.state import HealthCheck as HealthSpec
 
 FULL_TOML = """
@@ -87,6 +89,40 @@ def test_a_bad_health_check_is_refused_with_its_key(health: dict, key: str, reas
     with pytest.raises(SpecError) as e:
         parse_app_dict({"app": {"name": "a", "command": ["x"], "health": health}})
     assert e.value.key == key and reason in e.value.reason
+
+
+@pytest.mark.parametrize("update, key, reason", [
+    ({"canary": 4}, "app.update.canary", "must be at most app.replicas (3), got 4"),
+    ({"max_parallel": 0}, "app.update.max_parallel", "must be a whole number from 1 to 1000, got 0"),
+    ({"min_healthy_s": -1}, "app.update.min_healthy_s", "must be a number of seconds from 0 to 604800"),
+    ({"healthy_deadline_s": 0}, "app.update.healthy_deadline_s", "from 0.1 to 604800"),
+    ({"min_healthy_s": 700, "progress_deadline_s": 600}, "app.update.progress_deadline_s",
+     "must be at least app.update.min_healthy_s (700)"),
+    ({"auto_revert": "yes"}, "app.update.auto_revert", "must be true or false"),
+    ({"auto_promote": 1}, "app.update.auto_promote", "must be true or false"),
+    ({"keep_versions": 0}, "app.update.keep_versions", "must be a whole number from 1 to 100"),
+    ({"maxParallel": 2}, "app.update.maxParallel", "unknown key"),
+    ("fast", "app.update", "must be a table"),
+])
+def test_a_bad_update_policy_is_refused_with_its_key(update: Any, key: str, reason: str) -> None:
+    with pytest.raises(SpecError) as e:
+        parse_app_dict({"app": {"name": "a", "replicas": 3, "command": ["x"], "update": update}})
+    assert e.value.key == key and reason in e.value.reason
+
+
+def test_an_update_policy_with_its_defaults() -> None:
+    spec = parse_app_dict({"app": {"name": "a", "command": ["x"], "update": {"canary": 1}}})
+    assert spec.update == UpdatePolicy(max_parallel=1, canary=1, min_healthy_s=10.0, healthy_deadline_s=300.0,
+                                       progress_deadline_s=600.0, auto_revert=True, auto_promote=False,
+                                       keep_versions=10)
+    assert spec_to_dict(spec)["app"]["update"] == {"canary": 1}  # defaults are left out
+
+
+def test_a_spec_digest_changes_with_the_spec_only() -> None:
+    a = parse_app_toml('[app]\nname = "a"\ncommand = ["x"]\n')
+    assert spec_digest(a) == spec_digest(parse_app_toml('[app]\ncommand = ["x"]\nname = "a"\n'))
+    assert spec_digest(a) != spec_digest(parse_app_toml('[app]\nname = "a"\ncommand = ["y"]\n'))
+    assert spec_digest(a).startswith("sha256:") and len(spec_digest(a)) == 71
 
 
 def test_a_health_check_with_its_defaults() -> None:
@@ -285,10 +321,21 @@ def health_checks(draw: st.DrawFn) -> HealthSpec:
 
 
 @st.composite
+def update_policies(draw: st.DrawFn, replicas: int) -> UpdatePolicy:
+    min_healthy = draw(st.floats(0, 3600))
+    return UpdatePolicy(max_parallel=draw(st.integers(1, 1000)), canary=draw(st.integers(0, replicas)),
+                        min_healthy_s=min_healthy, healthy_deadline_s=draw(st.floats(0.1, 86400)),
+                        progress_deadline_s=draw(st.floats(max(min_healthy, 0.1), 7 * 86400)),
+                        auto_revert=draw(st.booleans()), auto_promote=draw(st.booleans()),
+                        keep_versions=draw(st.integers(1, 100)))
+
+
+@st.composite
 def app_specs(draw: st.DrawFn) -> AppSpec:
+    replicas = draw(st.integers(1, 1000))
     return AppSpec(
         name=draw(names),
-        replicas=draw(st.integers(1, 1000)),
+        replicas=replicas,
         command=tuple(draw(st.lists(args, min_size=1, max_size=6))),
         sites=tuple(draw(st.lists(names, max_size=4, unique=True))),
         env=draw(st.dictionaries(env_keys, st.text(alphabet=no_nul, max_size=20), max_size=5)),
@@ -302,6 +349,7 @@ def app_specs(draw: st.DrawFn) -> AppSpec:
         ),
         restart_policy=draw(st.sampled_from(["always", "on-failure", "never"])),
         health=draw(st.just(HealthSpec()) | health_checks()),
+        update=draw(st.just(UpdatePolicy()) | update_policies(replicas)),
     )
 
 
@@ -314,46 +362,7 @@ def test_round_trip(spec: AppSpec) -> None:
 @given(app_specs())
 @settings(max_examples=50, suppress_health_check=[HealthCheck.too_slow])
 def test_round_trip_through_toml_text(spec: AppSpec) -> None:
-    assert parse_app_toml(_to_toml(spec_to_dict(spec))) == spec
-
-
-def _to_toml(doc: dict[str, Any]) -> str:
-    """A tiny TOML writer for the shapes spec_to_dict produces (values as JSON-compatible literals)."""
-    import json
-
-    def toml_string(v: str) -> str:
-        # JSON's escapes are TOML's, as long as non-ASCII stays literal (TOML refuses
-        # surrogate-pair escapes) and DEL, which JSON leaves bare, is escaped.
-        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007F")
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return toml_string(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{toml_string(k)} = {value(x)}" for k, x in v.items()) + "}"
-        raise TypeError(v)
-
-    lines: list[str] = []
-
-    def table(path: str, t: dict[str, Any]) -> None:
-        lines.append(f"[{path}]")
-        subtables = {}
-        for k, v in t.items():
-            if isinstance(v, dict) and path == "app" and k != "env":
-                subtables[k] = v
-            else:
-                lines.append(f"{toml_string(k)} = {value(v)}")
-        for k, v in subtables.items():
-            table(f"{path}.{k}", v)
-
-    table("app", doc["app"])
-    return "\n".join(lines) + "\n"
+    assert parse_app_toml(spec_to_toml(spec)) == spec
 
 
 junk_leaves = (
