@@ -79,6 +79,7 @@ from meshd.state import (
     JoinToken,
     NodeRecord,
     SiteState,
+    UpdatePolicy,
 )
 
 # Raft elections need a majority of voters; more than five voters only slows every commit
@@ -668,9 +669,15 @@ def _with_history(state: SiteState, record: AppRecord, history: tuple[AppVersion
     live = {a.version for a in state.allocs.of_app(record.spec.name) if a.live}
     kept = [e for at, e in enumerate(history) if at >= len(history) - keep or e.pinned
             or e.version in (record.version, stable) or e.version in live]
-    digest = next((e.digest for e in kept if e.version == record.version), "")
-    same = tuple(e.version for e in kept if e.digest == digest and e.version != record.version)
+    # Replicas of a version that differs only in how many there are or how they are rolled
+    # out run the same thing: a scale up or down, or a new pace, restarts nothing.
+    runs = _runs_as(record.spec)
+    same = tuple(e.version for e in kept if e.version != record.version and _runs_as(e.spec) == runs)
     return replace(record, history=tuple(kept), same_spec=same)
+
+
+def _runs_as(spec):
+    return replace(spec, replicas=0, update=UpdatePolicy())
 
 
 def _mark(history: tuple[AppVersion, ...], version: int, state: str, reason: str = "") -> tuple[AppVersion, ...]:

@@ -286,8 +286,9 @@ class AppRecord:
     history: tuple[AppVersion, ...] = ()
     deployments: tuple[Deployment, ...] = ()
     latest_version: int = 0  # the highest version ever given: a revert moves `version` back, never this
-    # Versions whose spec equals `spec`: their replicas hold this version's places, so going
-    # back to one (rollback, revert, cancel) restarts nothing that already runs it.
+    # Versions whose spec equals `spec` but for replicas and [app.update]: their replicas
+    # hold this version's places, so a scale change, or going back to one (rollback, revert,
+    # cancel), restarts nothing that already runs it.
     same_spec: tuple[int, ...] = ()
 
     def runs(self, version: int) -> bool:
