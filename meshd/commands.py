@@ -632,7 +632,8 @@ class ApplyPlan(Command):
 
 
 # What a Rollout command may do: the operator's moves and the leader's (meshd.rollout).
-ROLLOUT_ACTIONS = ("promote", "pause", "resume", "cancel", "await", "succeed", "fail")
+OPERATOR_ACTIONS = ("promote", "pause", "resume", "cancel")  # audited as the operator's acts
+ROLLOUT_ACTIONS = OPERATOR_ACTIONS + ("await", "succeed", "fail")
 
 
 @dataclass(frozen=True)

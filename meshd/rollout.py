@@ -46,13 +46,11 @@ from meshd.state import (
     SiteState,
 )
 
-# Moves the leader commits (Rollout.action); the operator's are promote/pause/resume/cancel.
+# Moves the leader commits (Rollout.action; the operator's are commands.OPERATOR_ACTIONS).
 MOVE_AWAIT = "await"  # every canary counts: wait for `promote`
 MOVE_PROMOTE = "promote"
 MOVE_SUCCEED = "succeed"
 MOVE_FAIL = "fail"
-LEADER_MOVES = (MOVE_AWAIT, MOVE_PROMOTE, MOVE_SUCCEED, MOVE_FAIL)
-OPERATOR_MOVES = ("promote", "pause", "resume", "cancel")
 
 
 def is_healthy(alloc: Alloc) -> bool:
@@ -136,7 +134,7 @@ class Move:
 
     app: str
     version: int
-    action: str  # LEADER_MOVES
+    action: str  # MOVE_*
     reason: str = ""
 
 

@@ -730,7 +730,7 @@ def _rollout(state: SiteState, cmd: cmds.Rollout, ts: float) -> Ok:
         raise CommandRefused(f"unknown deployment action {action!r}")
     state.apps[name] = replace(record, deployments=record.deployments[:-1] + (moved,))
     _event(state, ts, "deployment", text, app=name, version=d.version, state=moved.state)
-    if action in cmds.ROLLOUT_ACTIONS[:4]:
+    if action in cmds.OPERATOR_ACTIONS:
         _audit(state, ts, cmd.actor, action, f"{name} v{d.version}", cmd.reason)
     return ok(app=name, version=d.version, state=moved.state, promoted=moved.promoted)
 

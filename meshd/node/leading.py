@@ -114,9 +114,8 @@ class Leading:
     _seen_nodes: dict[str, NodeRecord] = field(default_factory=dict)
     _unplaced: set[str] = field(default_factory=set)  # apps whose last plan left replicas unplaced
     _pending: set[str] = field(default_factory=set)  # changed apps a pass left for the next (PASS_ALLOCS)
-    _rollout_wake: float | None = None  # wall time of the earliest deployment deadline seen last pass
-    _moved: dict[str, tuple[int, str]] = field(default_factory=dict)  # app -> (version, action) asked last
-    _moved_record: dict[str, object] = field(default_factory=dict)  # app -> the record that move was asked on
+    # app -> (the record a move was asked on, the move): not asked again on that very record
+    _moved: dict[str, tuple[object, rollout.Move]] = field(default_factory=dict)
     _wall: float = 0.0  # the wall time of the last pass
     _app_wake: dict[str, float] = field(default_factory=dict)  # app -> when its deployment needs a look
 
@@ -127,7 +126,6 @@ class Leading:
         """This node no longer leads: the next term it leads starts afresh."""
         self._term = None
         self._moved.clear()
-        self._moved_record.clear()
         self._app_wake.clear()
 
     def step(self, view: LeaderView, now: float) -> list[Effect]:
@@ -159,7 +157,6 @@ class Leading:
         """The moves of deployments under way (one per app), and the apps they concern."""
         effects: list[Effect] = []
         rolling: set[str] = set()
-        wakes: list[float] = []
         for name, record in state.apps.items():
             d = record.deployment
             if d is None or not d.active:
@@ -169,18 +166,15 @@ class Leading:
                 rolling.add(name)  # a deadline of its came (or it is new here): reconcile it too
             verdict = rollout.decide(state, record, wall)
             self._app_wake[name] = verdict.wake if verdict.wake is not None else float("inf")
-            if verdict.wake is not None:
-                wakes.append(verdict.wake)
             move = verdict.move
             if move is None:
                 continue
-            if self._moved.get(name) == (move.version, move.action) and record is self._moved_record.get(name):
+            asked = self._moved.get(name)
+            if asked is not None and asked[0] is record and asked[1] == move:
                 continue  # asked already on this very record: wait for the commit to show
-            self._moved[name] = (move.version, move.action)
-            self._moved_record[name] = record
+            self._moved[name] = (record, move)
             effects.append(Commit(Rollout(app=name, version=move.version, action=move.action, reason=move.reason,
                                           actor="meshd (site leader)")))
-        self._rollout_wake = min(wakes) if wakes else None
         self._wall = wall
         return effects, rolling
 
@@ -250,8 +244,9 @@ class Leading:
             return 0.0  # changed apps wait for the next pass: at once
         deadline = self.tracker.next_check(state)
         wait = RECONCILE_SAFETY_PERIOD if deadline is None else deadline - now + LEASE_EPSILON
-        if self._rollout_wake is not None:  # a deployment's deadline, in wall time
-            wait = min(wait, self._rollout_wake - self._wall + LEASE_EPSILON)
+        wake = min(self._app_wake.values(), default=float("inf"))
+        if wake != float("inf"):  # a deployment's deadline, in wall time
+            wait = min(wait, wake - self._wall + LEASE_EPSILON)
         if any(n.liveness == LIVENESS_DOWN and n.admin not in (ADMIN_LEFT, ADMIN_REVOKED) for n in state.nodes.values()):
             wait = min(wait, DOWN_LOOK_PERIOD)
         return min(max(wait, LEASE_EPSILON), RECONCILE_SAFETY_PERIOD)
