@@ -26,6 +26,8 @@ level (crdt.sync, meshd.io.docsync). The rules, per kind:
   the addresses other sites dial it at, so forgetting a quiet site would cut it off for good.
   A status goes with its forgotten app (and only then: a status is published after its edit,
   so one whose app no edit names is one a replica holds before that edit reached it).
+- rollout controls (an operator's pause, resume or cancel of one edit's rollout, keyed by edit,
+  site and hold/cancel): the newest `ts` wins; one goes when its edit is dropped.
 - signed records (revocations, policy bundles): grow-only, never dropped; two different
   records under one key (forged or a bug): the higher (serial, ts, text).
 - audit records (keyed "<site>/<seq>"): a grow-only set, dropped once older than the
@@ -56,7 +58,8 @@ from typing import Iterable
 
 from crdt.document import MeshDocument, resolve
 from crdt.epoch import Epoch
-from crdt.schema import NAME_RE, AppEdit, AppSiteStatus, AuditRecord, DroppedAudit, Record, SignedRecord, winning_order
+from crdt.schema import (NAME_RE, AppEdit, AppSiteStatus, AuditRecord, DroppedAudit, Record, RolloutControl, SignedRecord,
+                         winning_order)
 
 # How long audit records and superseded or losing app edits are kept unless the operator says
 # otherwise (meshd.config.DEFAULT_DOCUMENT_RETENTION repeats it with the operator's reason).
@@ -147,6 +150,7 @@ def compact(records: Iterable[Record], now: float, retention: float) -> Compacti
     kept: dict[tuple[str, str], Record] = {}
     edits: dict[str, list[AppEdit]] = {}
     statuses: list[AppSiteStatus] = []
+    controls: list[RolloutControl] = []
     audit: dict[str, list[tuple[int, AuditRecord]]] = {}
     summaries: dict[str, DroppedAudit] = {}
     dropped_edits = dropped_audit = 0
@@ -166,6 +170,8 @@ def compact(records: Iterable[Record], now: float, retention: float) -> Compacti
             summaries[record.site] = record
         elif isinstance(record, AppSiteStatus):
             statuses.append(record)
+        elif isinstance(record, RolloutControl):
+            controls.append(record)
         else:
             kept[at] = record
     forgotten = []
@@ -186,6 +192,9 @@ def compact(records: Iterable[Record], now: float, retention: float) -> Compacti
             kept[(status.ROOT, status.key)] = status
         else:
             dropped_statuses += 1
+    for control in controls:
+        if (AppEdit.ROOT, control.edit_id) in kept:
+            kept[(control.ROOT, control.key)] = control
     changed: dict[str, DroppedAudit] = {}
     for site, numbered in audit.items():
         summary = summaries.get(site)

@@ -253,10 +253,48 @@ class AppSiteStatus(Record):
     desired: int = rule(Field(int))
     running: int = rule(Field(int))
     ts: float = rule(_TS)
+    # The site's part of the edit's rollout (meshd.waves): its deployment's state ("" before
+    # any), new replicas healthy, canaries running, and when it reached an outcome.
+    deployment: str = rule(Field(str, 32), default="", added=True)
+    healthy: int = rule(Field(int), default=0, added=True)
+    canaries: int = rule(Field(int), default=0, added=True)
+    ended_ts: float = rule(_TS, default=0.0, added=True)
 
     @property
     def key(self) -> str:
         return app_status_key(self.app, self.site)
+
+
+def rollout_control_key(edit_id: str, site: str, action: str) -> str:
+    """Where one site's pause/resume (one record, the latest) or cancel of an edit's rollout lives."""
+    return f"{edit_id}/{site}/{'cancel' if action == 'cancel' else 'hold'}"
+
+
+@dataclass(frozen=True)
+class RolloutControl(Record):
+    """An operator's pause, resume or cancel of one edit's rollout across sites, made in `site`
+    (meshd.waves reads them; a cancel is final)."""
+    KIND: ClassVar[str] = "rollout control"
+    ROOT: ClassVar[str] = "rollout_control"
+    app: str = rule(_NAME)
+    edit_id: str = rule(_RECORD_ID)
+    site: str = rule(_NAME)
+    action: str = rule(Field(str, 16))
+    ts: float = rule(_TS)
+    actor: str = rule(_TEXT)
+    reason: str = rule(_TEXT, default="")
+
+    @property
+    def key(self) -> str:
+        return rollout_control_key(self.edit_id, self.site, self.action)
+
+    def to_plain(self) -> dict[str, Any]:
+        plain = super().to_plain()
+        if self.action not in ("pause", "resume", "cancel"):
+            raise SchemaError(f"{self.KIND}.action: must be pause, resume or cancel, got {self.action[:32]!r}")
+        if len(self.key) > 200:
+            raise SchemaError(f"{self.KIND}: edit id too long for a key")
+        return plain
 
 
 @dataclass(frozen=True)
@@ -358,5 +396,5 @@ class DroppedAudit(Record):
 
 
 RECORD_KINDS: tuple[type[Record], ...] = (AppEdit, AppSiteStatus, SiteSummary, NodeSummary, SignedRecord, AuditRecord,
-                                          DroppedAudit)
+                                          DroppedAudit, RolloutControl)
 ROOTS = tuple(kind.ROOT for kind in RECORD_KINDS)

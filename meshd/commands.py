@@ -543,11 +543,14 @@ class SetLiveness(Command):
 
 @dataclass(frozen=True)
 class SubmitApp(Command):
-    """Deploy or update an app (with the mesh-document edit it carries, if any)."""
+    """Deploy or update an app (with the mesh-document edit it carries, if any). `hold`: the
+    site takes the edit in but does not run it yet (its wave of the app's rollout has not
+    opened, meshd.waves); the same command without `hold` opens it later."""
     op: ClassVar[str] = "submit_app"
     spec: AppSpec
     edit: AppEdit | None = None
     actor: str = ""
+    hold: bool = False
 
     @classmethod
     def from_wire(cls, raw: dict) -> "SubmitApp":
@@ -558,12 +561,20 @@ class SubmitApp(Command):
             app_spec = specmod.parse_app_dict(spec_raw)
         except specmod.SpecError as e:
             raise Invalid(str(e)) from None
-        return cls(spec=app_spec, edit=_edit_from_wire(raw), actor=read_actor(raw))
+        hold = raw.get("hold", False)
+        if not isinstance(hold, bool):
+            raise Invalid("hold must be true or false")
+        edit = _edit_from_wire(raw)
+        if hold and edit is None:
+            raise Invalid("hold needs the mesh edit it holds")
+        return cls(spec=app_spec, edit=edit, actor=read_actor(raw), hold=hold)
 
     def to_wire(self) -> dict:
         wire: dict = {"spec": specmod.spec_to_dict(self.spec), "actor": self.actor}
         if self.edit is not None:
             wire["edit"] = self.edit.to_plain()
+        if self.hold:
+            wire["hold"] = True
         return wire
 
 
@@ -633,7 +644,9 @@ class ApplyPlan(Command):
 
 # What a Rollout command may do: the operator's moves and the leader's (meshd.rollout).
 OPERATOR_ACTIONS = ("promote", "pause", "resume", "cancel")  # audited as the operator's acts
-ROLLOUT_ACTIONS = OPERATOR_ACTIONS + ("await", "succeed", "fail")
+# "abort": the app's rollout across sites was cancelled or failed elsewhere (meshd.waves): the
+# site returns from that rollout's version, whether its deployment still runs or succeeded.
+ROLLOUT_ACTIONS = OPERATOR_ACTIONS + ("await", "succeed", "fail", "abort")
 
 
 @dataclass(frozen=True)

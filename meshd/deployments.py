@@ -6,6 +6,9 @@ admin layer adds nothing but the transport.
 Invariants:
 - A deployment row's `sites` holds this site's part, from its own Raft state; a site the
   app names but this one has no word from is `pending`, never `failed`.
+- A deployment an edit with `[app.rollout]` started shows the rollout across sites
+  (`with_rollout`, from meshd.waves): its state is the rollout's, and every site's part
+  holds its wave.
 - `wait_outcome` ends a `deploy --wait` only on a verdict the state holds: the deployment
   succeeded (ok), or it failed, was reverted or cancelled, or a later deploy replaced it
   (an error that says which).
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from meshd import rollout
+from meshd import rollout, waves
 from meshd.state import (
     DEPLOY_CANCELLED,
     DEPLOY_FAILED,
@@ -42,6 +45,27 @@ def site_part(state: SiteState, record: AppRecord, d: Deployment, wall: float) -
             "counted": len(seen.done), "old": sum(len(g) for g in seen.old.values())}
 
 
+def edit_outcome(state: SiteState, record: AppRecord, wall: float) -> dict:
+    """This site's word on the mesh edit its record runs (meshd.waves.SiteWord's fields): the
+    state of the deployment that edit started, or `reverted` when it succeeded but the site
+    has since returned from it (the rollout was stopped elsewhere); `succeeded` when taking
+    the edit in changed nothing here."""
+    d = next((x for x in reversed(record.deployments) if x.edit_id and x.edit_id == record.edit_id), None)
+    if d is None:
+        return {"state": DEPLOY_SUCCEEDED, "healthy": state.running_replicas(record.spec.name), "canaries": 0,
+                "ended_ts": 0.0}
+    part = site_part(state, record, d, wall)
+    outcome = d.state
+    if outcome == DEPLOY_SUCCEEDED and record.version != d.version:
+        outcome = DEPLOY_REVERTED
+    ended = d.ended_at if not d.active else 0.0
+    if outcome == DEPLOY_REVERTED and d.state == DEPLOY_SUCCEEDED:
+        returned = next((x for x in reversed(record.deployments) if x.revert and x.from_version == d.version), None)
+        ended = returned.started_at if returned is not None else ended
+    return {"state": outcome, "healthy": part["healthy"] or 0, "canaries": part["canaries"] or 0,
+            "ended_ts": ended}
+
+
 def deployment_rows(state: SiteState, wall: float, app: str | None = None) -> list[dict]:
     """Every kept deployment (of `app`, or of every app), newest first."""
     rows = []
@@ -57,7 +81,7 @@ def deployment_rows(state: SiteState, wall: float, app: str | None = None) -> li
             rows.append({"app": name, "version": d.version, "from_version": d.from_version, "state": d.state,
                          "started_at": d.started_at, "ended_at": d.ended_at or None, "canary": d.canary,
                          "promoted": d.promoted, "revert": d.revert, "reason": d.reason, "by": d.by,
-                         "sites": sites})
+                         "edit_id": d.edit_id, "sites": sites})
     return rows
 
 
@@ -123,3 +147,33 @@ def wait_outcome(record: AppRecord | None, version: int) -> Outcome:
     if d.state == DEPLOY_CANCELLED:
         return Outcome(True, f"v{version}'s deployment was cancelled: {d.reason}")
     return Outcome(False)
+
+
+def with_rollout(rows: list[dict], app: str, edit_id: str, version: int, from_version: int, view: waves.RolloutView,
+                 own_site: str) -> list[dict]:
+    """`rows` (deployment_rows of `app`) with the rollout of edit `edit_id` across sites shown
+    on the row of the deployment it started here: the rollout's state and every site's part,
+    with its wave. A site whose wave has not reached it yet has no such deployment: the
+    rollout gets a row of its own, at the top (`version` is then the mesh's version)."""
+    sites = {site: {"state": part.state, "wave": part.wave, "reached": part.open, "healthy": part.healthy,
+                    "desired": part.desired, "canaries": part.canaries}
+             for site, part in view.sites.items()}
+    rollout_fields = {"state": view.state, "rollout": {"waves_open": view.waves_open, "failed_sites": view.failed,
+                                                       "reason": view.reason, "edit_id": edit_id}}
+    out, shown = [], False
+    for row in rows:
+        if not shown and row.get("edit_id") == edit_id and row["app"] == app:
+            own = row["sites"].get(own_site)
+            merged = dict(sites)
+            if own is not None and own_site in merged:  # this site's own part is fresher than its word
+                word = merged[own_site]["state"]
+                merged[own_site] = own | {"state": word if word != waves.PENDING else own["state"],
+                                          "wave": merged[own_site]["wave"], "reached": True}
+            row = row | rollout_fields | {"sites": merged}
+            shown = True
+        out.append(row)
+    if not shown:
+        out.insert(0, {"app": app, "version": version, "from_version": from_version, "started_at": None,
+                       "ended_at": None, "canary": 0, "promoted": False, "revert": False, "by": "",
+                       "edit_id": edit_id, "sites": sites} | rollout_fields | {"reason": view.reason})
+    return out

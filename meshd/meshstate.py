@@ -11,6 +11,10 @@ its own placements. The leader closes the gap in both directions:
 - out: edits the site took in but the document lacks (a deploy acknowledged by Raft whose
   document write was lost with its node) are written again; so are the site's audit records,
   its summary and each app's progress here.
+- rollouts across sites (`[app.rollout]`, meshd.waves): an edit whose wave has not reached
+  the site is taken in held (`SubmitApp.hold`) and opened once it has; a rollout cancelled or
+  stopped by failures elsewhere makes the site return from it; a paused one pauses the site's
+  deployment. Each site's word on its part goes out in its app statuses.
 - the policy bundle both ways: the site's bundle goes to the document (`policy/<serial>/<sig>`,
   kept beside the others); the best-ranked verified bundle there (attestation.policy.rank)
   replaces the site's if it outranks it. Two bundles of one serial were made apart: every
@@ -33,7 +37,7 @@ Invariants:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from attestation.evidence import SOFTWARE_EVIDENCE, TPM_EVIDENCE
@@ -41,12 +45,13 @@ from attestation.policy import POLICY_KIND, open_policy
 from attestation.policy import rank as policy_rank
 from attestation.revocation import REVOCATION_ENTRY_KIND, Revocation, RevocationList, open_revocation
 from attestation.signed import AttestationError
-from crdt.schema import AppEdit, AppSiteStatus, NodeSummary, SchemaError, SignedRecord, SiteSummary, winning_order
+from crdt.schema import (AppEdit, AppSiteStatus, NodeSummary, RolloutControl, SchemaError, SignedRecord, SiteSummary,
+                         winning_order)
 from crdt.schema import AuditRecord as DocAuditRecord
-from meshd import sitestate
+from meshd import deployments, sitestate, waves
 from meshd import spec as specmod
-from meshd.commands import MAX_PURGE, PurgeApps, StopApp, SubmitApp
-from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, APP_RUNNING, NodeRecord, SiteState
+from meshd.commands import MAX_PURGE, Command, PurgeApps, Rollout, StopApp, SubmitApp
+from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, APP_RUNNING, NodeRecord, RolloutPlan, SiteState
 
 if TYPE_CHECKING:
     from crdt.document import AppResolution
@@ -292,9 +297,13 @@ def app_statuses(state: SiteState, ts: float, apps: Iterable[str] | None = None)
     for name in sorted(state.apps if apps is None else set(apps) & state.apps.keys()):
         record = state.apps[name]
         desired = record.spec.replicas if record.status == APP_RUNNING else 0
+        word = (deployments.edit_outcome(state, record, ts) if record.status == APP_RUNNING and record.edit_id
+                else {})
         out.append(AppSiteStatus(app=name, site=state.site, edit_id=record.edit_id,
                                  version=record.mesh_version or record.version, desired=desired,
-                                 running=state.running_replicas(name), ts=ts))
+                                 running=state.running_replicas(name), ts=ts, deployment=word.get("state", ""),
+                                 healthy=word.get("healthy", 0), canaries=word.get("canaries", 0),
+                                 ended_ts=word.get("ended_ts", 0.0)))
     return out
 
 
@@ -314,5 +323,107 @@ def same_summary(a: SiteSummary | None, b: SiteSummary) -> bool:
 
 
 def same_status(a: AppSiteStatus | None, b: AppSiteStatus) -> bool:
-    return a is not None and (a.edit_id, a.version, a.desired, a.running) == (b.edit_id, b.version, b.desired,
-                                                                             b.running)
+    """Equal but for the time stamp."""
+    return a is not None and a.to_plain() | {"ts": 0.0} == b.to_plain() | {"ts": 0.0}
+
+
+# --- rollouts across sites (meshd.waves decides) ---------------------------------------
+StatusOf = Callable[[str, str], "AppSiteStatus | None"]  # (app, site) -> the document's status
+ControlsOf = Callable[[str, str], "list[RolloutControl]"]  # (edit id, site) -> its controls there
+# Rollout plans parsed from edits' specs, remembered by edit id: the leader looks at every
+# taken-in app on each pass, and a spec is parsed once, not once a pass. Bounded, oldest out
+# first: well above the thousand-odd apps a site holds, so a pass never parses them again.
+PLAN_CACHE_SIZE = 16384
+
+
+class PlanCache:
+    """The `[app.rollout]` of an edit (None: the app has none), by edit id."""
+
+    def __init__(self, size: int = PLAN_CACHE_SIZE) -> None:
+        self._size = size
+        self._plans: dict[str, RolloutPlan | None] = {}
+
+    def plan(self, raw_edit: dict) -> RolloutPlan | None:
+        edit_id = raw_edit.get("edit_id", "")
+        if edit_id in self._plans:
+            return self._plans[edit_id]
+        plan = None
+        if not raw_edit.get("stopped"):
+            try:
+                plan = specmod.parse_app_toml(raw_edit.get("spec", "")).rollout
+            except specmod.SpecError:
+                plan = None  # take-in reports it
+        if len(self._plans) >= self._size:
+            self._plans.pop(next(iter(self._plans)))
+        self._plans[edit_id] = plan
+        return plan
+
+
+def rollout_view(edit: AppEdit, plan: RolloutPlan, status_of: StatusOf, controls_of: ControlsOf,
+                 now: float) -> waves.RolloutView:
+    """The edit's rollout as the document shows it: each target site's word on that very edit,
+    and the controls made of it in any target site."""
+    words, controls = {}, []
+    for site in edit.targets:
+        status = status_of(edit.app, site)
+        if status is not None and status.edit_id == edit.edit_id and status.deployment:
+            words[site] = waves.SiteWord(status.deployment, status.healthy, status.desired, status.canaries,
+                                         status.ended_ts)
+        controls += [waves.Control(c.action, c.ts, c.site, c.actor, c.reason) for c in controls_of(edit.edit_id, site)
+                     if c.app == edit.app and c.action in waves.CONTROL_ACTIONS]
+    return waves.view(edit.app, edit.targets, plan, words, controls, now)
+
+
+def hold_for_wave(state: SiteState, command: SubmitApp, status_of: StatusOf, controls_of: ControlsOf,
+                  now: float) -> SubmitApp:
+    """`command` held when it takes in an edit whose rollout has not reached this site yet."""
+    edit, plan = command.edit, command.spec.rollout
+    if edit is None or plan is None or state.site not in edit.targets:
+        return command
+    view = rollout_view(edit, plan, status_of, controls_of, now)
+    return replace(command, hold=not view.may_run(state.site))
+
+
+@dataclass(frozen=True)
+class RolloutMoves:
+    commands: list[Command]
+    wake: float | None  # when a wave's soak ends (a pass is due then), or None
+
+
+def rollout_moves(state: SiteState, plans: PlanCache, status_of: StatusOf, controls_of: ControlsOf,
+                  now: float) -> RolloutMoves:
+    """What the site must do so its part of each rollout follows the document: open an edit it
+    holds once its wave opened; return from an edit whose rollout was cancelled or stopped;
+    pause or resume its deployment as the rollout is. Only apps whose taken-in edit has a
+    rollout cost more than a look-up."""
+    out: list[Command] = []
+    wake: float | None = None
+    for name, raw in sorted(state.mesh_edits.items()):
+        plan = plans.plan(raw)
+        if plan is None or state.site not in raw.get("targets", ()):
+            continue
+        edit = taken_edit(state, name)
+        if edit is None:
+            continue
+        view = rollout_view(edit, plan, status_of, controls_of, now)
+        if view.next_open_at is not None and not view.stopped:
+            wake = view.next_open_at if wake is None else min(wake, view.next_open_at)
+        record = state.apps.get(name)
+        if record is None or record.edit_id != edit.edit_id:
+            if view.may_run(state.site):
+                command = take_in_command(edit)
+                if isinstance(command, SubmitApp):
+                    out.append(command)
+            continue
+        if record.status != APP_RUNNING:
+            continue
+        d = record.deployment
+        outcome = deployments.edit_outcome(state, record, now)["state"]
+        step = waves.site_step(view, state.site, outcome)
+        actor = "meshd (site leader)"
+        if step == "abort" and not sitestate.abort_refusal(record, record.version):
+            out.append(Rollout(app=name, version=record.version, action="abort", reason=view.reason, actor=actor))
+        elif step in ("pause", "resume") and d is not None and d.active and d.edit_id == edit.edit_id \
+                and d.version == record.version:
+            out.append(Rollout(app=name, version=d.version, action=step, reason=view.reason, actor=actor))
+    return RolloutMoves(out, wake)

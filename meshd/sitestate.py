@@ -614,6 +614,11 @@ def _submit_app(state: SiteState, cmd: cmds.SubmitApp, ts: float) -> Ok:
                 _audit(state, ts, actor, "deploy", f"{app_spec.name} v{edit.version} to {', '.join(edit.targets)}")
             return ok(app=app_spec.name, version=edit.version, accepted=True, changed=False, here=False,
                       allocs=stopped)
+        if cmd.hold:
+            # Its wave of the rollout has not opened here (meshd.waves): taken in, not run yet.
+            if edit.site == state.site:
+                _audit(state, ts, actor, "deploy", f"{app_spec.name} v{edit.version} (held for its rollout wave)")
+            return ok(app=app_spec.name, version=edit.version, accepted=True, changed=False, here=True, held=True)
     edit_id, mesh_version = (edit.edit_id, edit.version) if edit is not None else ("", 0)
     if current is not None and current.spec == app_spec and current.status == APP_RUNNING:
         if edit is not None:
@@ -656,7 +661,7 @@ def _new_version(state: SiteState, current: AppRecord | None, fresh: AppRecord, 
     running = current is not None and current.status == APP_RUNNING
     canary = spec.update.canary if running else 0
     deployment = Deployment(version=version, from_version=current.version if running else 0, started_at=ts,
-                            moved_at=ts, canary=canary, promoted=canary == 0, by=actor)
+                            moved_at=ts, canary=canary, promoted=canary == 0, by=actor, edit_id=fresh.edit_id)
     record = replace(fresh, deployments=(deployments + (deployment,))[-DEPLOYMENTS_KEPT:], latest_version=version)
     return _with_history(state, record, history)
 
@@ -677,7 +682,7 @@ def _with_history(state: SiteState, record: AppRecord, history: tuple[AppVersion
 
 
 def _runs_as(spec):
-    return replace(spec, replicas=0, update=UpdatePolicy())
+    return replace(spec, replicas=0, update=UpdatePolicy(), rollout=None)
 
 
 def _mark(history: tuple[AppVersion, ...], version: int, state: str, reason: str = "") -> tuple[AppVersion, ...]:
@@ -690,6 +695,8 @@ def _rollout(state: SiteState, cmd: cmds.Rollout, ts: float) -> Ok:
     if record is None or record.status != APP_RUNNING:
         raise CommandRefused(f"no running app named {cmd.app!r}", NOT_FOUND)
     d = record.deployment
+    if cmd.action == "abort":
+        return _abort(state, record, cmd, ts)
     if d is None or d.version != cmd.version or record.version != cmd.version:
         current = f"v{d.version} ({d.state})" if d is not None else "none"
         raise CommandRefused(f"{cmd.app} v{cmd.version} is not its current deployment (that is {current})", CONFLICT)
@@ -733,6 +740,62 @@ def _rollout(state: SiteState, cmd: cmds.Rollout, ts: float) -> Ok:
     if action in cmds.OPERATOR_ACTIONS:
         _audit(state, ts, cmd.actor, action, f"{name} v{d.version}", cmd.reason)
     return ok(app=name, version=d.version, state=moved.state, promoted=moved.promoted)
+
+
+def _abort(state: SiteState, record: AppRecord, cmd: cmds.Rollout, ts: float) -> Ok:
+    """The app's rollout across sites was cancelled or stopped by failures elsewhere (meshd.
+    waves): return from version `cmd.version`, whether its deployment still runs (cancelled,
+    back to the stable version) or already succeeded here (a revert to the version it
+    replaced). What `waves.abort_command` proposes is exactly what this accepts."""
+    name = record.spec.name
+    d = record.deployment
+    why = cmd.reason or "the rollout was stopped"
+    problem = abort_refusal(record, cmd.version)
+    if problem:
+        raise CommandRefused(problem, CONFLICT)
+    assert d is not None
+    if d.active:
+        stable = record.stable_version
+        if stable is not None and stable.version != d.version:
+            return _end_badly(state, record, d, replace(cmd, action="cancel", reason=why), ts)
+        ended = replace(d, state=DEPLOY_FAILED, ended_at=ts, reason=f"{why}; no stable version to return to")
+        state.apps[name] = replace(record, deployments=record.deployments[:-1] + (ended,),
+                                   history=_mark(record.history, d.version, VERSION_FAILED, why))
+        _event(state, ts, "deployment", f"{name} v{d.version} stopped: {why}; no stable version to return to",
+               app=name, version=d.version, state=DEPLOY_FAILED, reason=why)
+        return ok(app=name, version=d.version, state=DEPLOY_FAILED)
+    back = record.version_entry(d.from_version)
+    assert back is not None
+    revert = Deployment(version=back.version, from_version=d.version, started_at=ts, moved_at=ts, promoted=True,
+                        revert=True, by=cmd.actor, reason=f"back from v{d.version}: {why}")
+    history = tuple(replace(e, state=VERSION_SUPERSEDED) if e.state == VERSION_STABLE else e for e in record.history)
+    history = _mark(history, d.version, VERSION_REVERTED, why)
+    moved = replace(record, spec=back.spec, version=back.version,
+                    deployments=(record.deployments + (revert,))[-DEPLOYMENTS_KEPT:])
+    state.apps[name] = _with_history(state, moved, history)
+    _event(state, ts, "deployment", f"{name} v{d.version} returns to v{back.version}: {why}", app=name,
+           version=d.version, state=DEPLOY_REVERTED, reason=why, to_version=back.version)
+    _audit(state, ts, cmd.actor, "revert", f"{name} v{d.version} -> v{back.version}", why)
+    return ok(app=name, version=d.version, state=DEPLOY_REVERTED, to_version=back.version)
+
+
+def abort_refusal(record: AppRecord, version: int) -> str:
+    """Why the site cannot return from `version` of the app for a stopped rollout ("": it can):
+    the latest deployment must be that version's, still under way, or succeeded with the
+    version it replaced still in the history."""
+    d = record.deployment
+    name = record.spec.name
+    if d is None or d.version != version or record.version != version or d.revert:
+        return f"{name} v{version} is not the deployment the site runs"
+    if not d.edit_id or d.edit_id != record.edit_id:
+        return f"{name} v{version} was not started by the mesh edit the site runs"
+    if d.active:
+        return ""
+    if d.state != DEPLOY_SUCCEEDED:
+        return f"{name} v{version}'s deployment ended {d.state}: nothing to return from"
+    if not d.from_version or record.version_entry(d.from_version) is None:
+        return f"{name} v{version} replaced no version the history keeps: nothing to return to"
+    return ""
 
 
 def _end_badly(state: SiteState, record: AppRecord, d: Deployment, cmd: cmds.Rollout, ts: float) -> Ok:

@@ -22,7 +22,8 @@ import re
 import tomllib
 from typing import Any, Mapping
 
-from meshd.state import HEALTH_KINDS, RESTART_POLICIES, AppSpec, Constraints, HealthCheck, ResourceRequest, UpdatePolicy
+from meshd.state import (HEALTH_KINDS, MAX_SOAK_S, MAX_WAVES, RESTART_POLICIES, AppSpec, Constraints, HealthCheck,
+                         ResourceRequest, RolloutPlan, UpdatePolicy, Wave)
 
 # --- name rules ----------------------------------------------------------------------
 # App and site names: a DNS label (RFC 1123), so they fit in hostnames, mDNS records,
@@ -63,7 +64,8 @@ MAX_MEMORY_MB = 2**40  # 1 EiB in MiB: exact in a float (pycrdt returns ints as 
 KNOWN_ARCHES = ("x86_64", "aarch64", "armv7l", "armv6l", "riscv64", "i686", "ppc64le", "s390x")
 
 _TOP_KEYS = ("app",)
-_APP_KEYS = ("name", "replicas", "command", "sites", "env", "constraints", "resources", "restart", "health", "update")
+_APP_KEYS = ("name", "replicas", "command", "sites", "env", "constraints", "resources", "restart", "health", "update",
+             "rollout")
 _CONSTRAINT_KEYS = ("arch", "labels")
 _RESOURCE_KEYS = ("cpu", "memory_mb")
 _RESTART_KEYS = ("policy",)
@@ -80,6 +82,8 @@ _UPDATE_KEYS = ("max_parallel", "canary", "min_healthy_s", "healthy_deadline_s",
                 "auto_promote", "keep_versions")
 MAX_UPDATE_WAIT_S = 7 * 86400.0  # a week: a deadline or soak beyond that is a typo, not a plan
 MAX_KEEP_VERSIONS = 100  # every kept version's spec is in each member's state
+_ROLLOUT_KEYS = ("waves", "abort_failed_percent")
+_WAVE_KEYS = ("sites", "percent", "soak_s")
 
 DEFAULT_REPLICAS = 1  # an app without `replicas` runs once, like a single service
 
@@ -143,6 +147,7 @@ def parse_app_dict(doc: Mapping[str, Any]) -> AppSpec:
     restart_policy = _restart(app["restart"]) if "restart" in app else "always"
     health = _health(app["health"]) if "health" in app else HealthCheck()
     update = _update(app["update"], replicas) if "update" in app else UpdatePolicy()
+    rollout = _rollout(app["rollout"], sites) if "rollout" in app else None
     return AppSpec(
         name=name,
         replicas=replicas,
@@ -154,6 +159,7 @@ def parse_app_dict(doc: Mapping[str, Any]) -> AppSpec:
         restart_policy=restart_policy,
         health=health,
         update=update,
+        rollout=rollout,
     )
 
 
@@ -195,6 +201,14 @@ def spec_to_dict(spec: AppSpec) -> dict[str, Any]:
     if spec.update != UpdatePolicy():
         app["update"] = {key: getattr(spec.update, key) for key in _UPDATE_KEYS
                          if getattr(spec.update, key) != getattr(UpdatePolicy(), key)}
+    if spec.rollout is not None:
+        waves = []
+        for wave in spec.rollout.waves:
+            item: dict[str, Any] = {"sites": list(wave.sites)} if wave.sites else {"percent": wave.percent}
+            if wave.soak_s:
+                item["soak_s"] = wave.soak_s
+            waves.append(item)
+        app["rollout"] = {"waves": waves, "abort_failed_percent": spec.rollout.abort_failed_percent}
     return {"app": app}
 
 
@@ -488,6 +502,50 @@ def _update(value: object, replicas: int) -> UpdatePolicy:
     return UpdatePolicy(max_parallel=max_parallel, canary=canary, min_healthy_s=min_healthy,
                         healthy_deadline_s=healthy_deadline, progress_deadline_s=progress_deadline,
                         auto_revert=flags["auto_revert"], auto_promote=flags["auto_promote"], keep_versions=keep)
+
+
+def _rollout(value: object, sites: tuple[str, ...]) -> RolloutPlan:
+    table = _table(value, "app.rollout")
+    _refuse_unknown_keys(table, "app.rollout", _ROLLOUT_KEYS)
+    if not sites:
+        raise SpecError("app.rollout", "needs app.sites: waves go across the sites the app names")
+    if "waves" not in table:
+        raise SpecError("app.rollout.waves", "is required: a list of waves, each with sites or percent")
+    items = _list(table["waves"], "app.rollout.waves", "waves, each with sites or percent")
+    if not 1 <= len(items) <= MAX_WAVES:
+        raise SpecError("app.rollout.waves", f"must have from 1 to {MAX_WAVES} waves, got {len(items)}")
+    waves = []
+    placed: dict[str, int] = {}
+    last_percent = 0
+    for index, raw in enumerate(items):
+        where = f"app.rollout.waves[{index}]"
+        wave = _table(raw, where)
+        _refuse_unknown_keys(wave, where, _WAVE_KEYS)
+        if ("sites" in wave) == ("percent" in wave):
+            raise SpecError(where, "must have exactly one of sites (names) or percent (a share of app.sites)")
+        soak = _seconds(wave, "soak_s", 0.0, 0.0, MAX_SOAK_S, where)
+        if "percent" in wave:
+            percent = _whole(wave, f"{where}.percent", 0, 1, 100)
+            if percent < last_percent:
+                raise SpecError(f"{where}.percent", f"must not be below an earlier wave's ({last_percent}): "
+                                                    "percents count the app's sites from the first wave on")
+            last_percent = percent
+            waves.append(Wave(percent=percent, soak_s=soak))
+            continue
+        names = _list(wave["sites"], f"{where}.sites", "site names")
+        if not names:
+            raise SpecError(f"{where}.sites", "must name at least one site")
+        for position, site in enumerate(names):
+            key = f"{where}.sites[{position}]"
+            _name(site, key)
+            if site not in sites:
+                raise SpecError(key, f"names site {site!r}, which app.sites does not")
+            if site in placed:
+                raise SpecError(key, f"site {site!r} is already in app.rollout.waves[{placed[site]}]")
+            placed[site] = index
+        waves.append(Wave(sites=tuple(names), soak_s=soak))
+    abort = _whole(table, "app.rollout.abort_failed_percent", 0, 0, 100)
+    return RolloutPlan(waves=tuple(waves), abort_failed_percent=abort)
 
 
 def _whole(table: Mapping[Any, Any], key: str, default: int, low: int, high: int) -> int:

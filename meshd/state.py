@@ -138,6 +138,29 @@ class UpdatePolicy:
     keep_versions: int = 10  # versions of the app whose spec is kept (beside pinned and running ones)
 
 
+# `[app.rollout]`: across the sites an app names, in waves (meshd.waves decides).
+MAX_WAVES = 16  # phases of one rollout; Mender's and AWS IoT's are a handful
+MAX_SOAK_S = 30 * 24 * 3600.0  # a wave soaking longer than a month is a mistake, not a plan
+
+
+@dataclass(frozen=True)
+class Wave:
+    """One phase of a rollout: the sites named, or a share of the app's sites counted from the
+    first wave on (cumulative), then how long it soaks before the next wave starts."""
+
+    sites: tuple[str, ...] = ()
+    percent: int = 0  # 1-100 when `sites` is empty
+    soak_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    waves: tuple[Wave, ...] = ()
+    # Stop and return every reached site when at least this share of the app's sites failed
+    # (0: at the first failed site).
+    abort_failed_percent: int = 0
+
+
 @dataclass(frozen=True)
 class AppSpec:
     """A validated app as the operator wrote it (see meshd.spec for parsing)."""
@@ -153,6 +176,7 @@ class AppSpec:
     # A class-level default (not a factory): a spec unpickled from an older snapshot has it.
     health: HealthCheck = HealthCheck()
     update: UpdatePolicy = UpdatePolicy()
+    rollout: RolloutPlan | None = None  # None: every site the app names takes a change at once
 
     def to_plain(self) -> dict:
         return dataclasses.asdict(self) | {
@@ -261,6 +285,7 @@ class Deployment:
     revert: bool = False  # it returns to a stable version after a failed one: no canaries, no pace
     reason: str = ""  # why it failed, was reverted or cancelled
     by: str = ""  # who last moved it (an operator, or the site's leader)
+    edit_id: str = ""  # the mesh edit that started it ("" for a revert, or a deploy without one)
 
     @property
     def active(self) -> bool:

@@ -235,6 +235,8 @@ def _deployment_sites(row: Mapping[str, Any]) -> str:
             text += f" {cell(part.get('healthy'))}/{cell(part.get('desired'))} healthy"
         if part.get("canaries"):
             text += f", {cell(part.get('canaries'))} canary"
+        if part.get("wave") is not None:
+            text += f" (wave {cell(part.get('wave'))})"
         parts.append(text)
     return "; ".join(parts)
 
@@ -294,6 +296,9 @@ def plan(result: Mapping[str, Any]) -> str:
 def deploy_progress(item: Mapping[str, Any]) -> str:
     """`vibration-monitor v2: 4/6 running, 3 healthy, 2 old still serving (deployment running)`
     from one --wait progress item."""
+    if "waves_open" in item:  # a rollout across sites, wave by wave
+        return (f"{cell(item.get('app'))} v{cell(item.get('version'))}: rollout {cell(item.get('state'))}, "
+                f"{cell(item.get('waves_open'))} wave(s) open; {_deployment_sites(item)}")
     text = (f"{cell(item.get('app'))} v{cell(item.get('version'))}: "
             f"{cell(item.get('running'))}/{cell(item.get('replicas'))} running")
     deployment = item.get("deployment")

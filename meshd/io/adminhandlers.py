@@ -23,7 +23,7 @@ import trio
 
 from crdt.document import SyncError
 from crdt.schema import (RECORD_KINDS, AppEdit, AppSiteStatus, DroppedAudit, NodeSummary, SchemaError, SignedRecord,
-                         SiteSummary, app_status_key)
+                         RolloutControl, SiteSummary, app_status_key)
 from crdt.schema import AuditRecord as DocAuditRecord
 
 from attestation.evidence import HEX_DIGEST, SOFTWARE_EVIDENCE, TPM_EVIDENCE, VERSION
@@ -33,6 +33,7 @@ from attestation.signed import AttestationError
 from meshd import __version__
 from meshd import spec as specmod
 from meshd import deployments as deploymentsmod
+from meshd import waves
 from meshd import eventfeed, tokens
 from meshd.io import peer
 from meshd.io.admin import AdminError, AdminRequest
@@ -50,7 +51,8 @@ from meshd.node import effects as fx
 from meshd.node import trust
 from meshd.node.leading import heard_from
 from meshd.sitestate import node_to_plain
-from meshd.state import (ADMIN_LEFT, ADMIN_REVOKED, ALLOC_RUNNING, APP_RUNNING, APP_STOPPED, NodeRecord, SiteState,
+from meshd.state import (ADMIN_LEFT, ADMIN_REVOKED, ALLOC_RUNNING, APP_RUNNING, APP_STOPPED, DEPLOY_PAUSED, DEPLOY_SUCCEEDED,
+                         NodeRecord, SiteState,
                          app_health)
 
 
@@ -582,13 +584,18 @@ class AdminHandlers:
                       "site_version": record.version if record is not None else 0}
         else:
             result, edit = await self._commit_edit(
-                request, lambda edit, actor: cmds.SubmitApp(spec=app_spec, edit=edit, actor=actor), app_spec.name,
+                request, lambda edit, actor: self.ctx.mesh.hold_for_wave(
+                    cmds.SubmitApp(spec=app_spec, edit=edit, actor=actor)), app_spec.name,
                 spec_toml=self._spec_text(request), targets=targets, replicas=app_spec.replicas)
         answer = {"app": result["app"], "version": result["version"], "accepted": True, "changed": same is None,
                   "sites": list(targets), "edit_id": edit.edit_id}
+        if result.get("held"):
+            answer["held"] = True  # taken in here, run once the rollout's wave reaches this site
         if not wait:
             return answer
         deadline = time.monotonic() + float(timeout)
+        if app_spec.rollout is not None:
+            return answer | await self._wait_rollout(edit, stream, deadline, float(timeout))
         if own_site not in targets:
             return answer | await self._wait_elsewhere(edit, stream, deadline, float(timeout))
         last = None
@@ -638,6 +645,35 @@ class AdminHandlers:
                 return None  # this site has not taken it in (yet): the edit is written again
         return current.winner
 
+    async def _wait_rollout(self, edit, stream, deadline: float, timeout: float) -> dict:
+        """`deploy --wait` of an app rolled out in waves: the rollout across its sites, until
+        it succeeded (every wave through and soaked), or was stopped."""
+        d = self.ctx
+        last = None
+        while True:
+            found = d.mesh.rollout(edit.app)
+            if found is None or found[0].edit_id != edit.edit_id:
+                raise AdminError(f"{edit.app} v{edit.version} was replaced while waiting")
+            view = found[1]
+            progress = {"app": edit.app, "version": edit.version, "state": view.state, "waves_open": view.waves_open,
+                        "sites": {site: {"state": p.state, "wave": p.wave, "healthy": p.healthy,
+                                         "desired": p.desired, "canaries": p.canaries}
+                                  for site, p in view.sites.items()}}
+            if progress != last:
+                await stream.send(progress)
+                last = progress
+            if view.state == DEPLOY_SUCCEEDED:
+                return {"deployment": view.state, "sites": progress["sites"]}
+            if view.stopped:
+                raise AdminError(f"{edit.app} v{edit.version}'s rollout was {view.state}: {view.reason}")
+            if time.monotonic() >= deadline:
+                waiting = [site for site, p in view.sites.items() if p.state not in waves.ENDED]
+                raise AdminError(f"{edit.app} v{edit.version}'s rollout is still {view.state} after {timeout:g}s "
+                                 f"(wave {view.waves_open} of {max(p.wave for p in view.sites.values())}; "
+                                 f"not done: {', '.join(waiting[:5]) or 'soaking'}); a site out of reach goes on "
+                                 "when the link returns")
+            await d.mesh.changed.wait(POLL_PERIOD * 5)
+
     async def _wait_elsewhere(self, edit, stream, deadline: float, timeout: float) -> dict:
         """`deploy --wait` of an app that runs only in other sites: their published progress."""
         d = self.ctx
@@ -671,9 +707,23 @@ class AdminHandlers:
 
     async def deployments(self, request: AdminRequest, stream) -> list:
         app = _arg(request.args, "app", str)
-        if app is not None:
+        state = self._state()
+        if app is not None and app not in state.apps and self.ctx.mesh.rollout(app) is None:
             self._record(app)
-        return deploymentsmod.deployment_rows(self._state(), time.time(), app)
+        rows = deploymentsmod.deployment_rows(state, time.time(), app)
+        names = [app] if app is not None else sorted({row["app"] for row in rows} | set(self.ctx.mesh.document.apps()))
+        for name in names:
+            found = self.ctx.mesh.rollout(name)
+            if found is None:
+                continue
+            edit, view = found
+            record = state.apps.get(name)
+            ours = [row for row in rows if row["app"] == name]
+            others = [row for row in rows if row["app"] != name]
+            ours = deploymentsmod.with_rollout(ours, name, edit.edit_id, edit.version,
+                                               record.version if record is not None else 0, view, state.site)
+            rows = others + ours
+        return rows
 
     async def history(self, request: AdminRequest, stream) -> list:
         return deploymentsmod.history_rows(self._record(_arg(request.args, "app", str, required=True)))
@@ -693,13 +743,16 @@ class AdminHandlers:
         spec = entry.spec
         targets = tuple(spec.sites) or (self.ctx.membership.site,)
         result, edit = await self._commit_edit(
-            request, lambda edit, actor: cmds.SubmitApp(spec=spec, edit=edit, actor=actor), app,
-            spec_toml=specmod.spec_to_toml(spec), targets=targets, replicas=spec.replicas)
+            request, lambda edit, actor: self.ctx.mesh.hold_for_wave(cmds.SubmitApp(spec=spec, edit=edit, actor=actor)),
+            app, spec_toml=specmod.spec_to_toml(spec), targets=targets, replicas=spec.replicas)
         return {"app": app, "version": result["version"], "from_version": record.version, "spec_of": target,
                 "changed": result.get("changed", True), "sites": list(targets)}
 
     async def _move(self, request: AdminRequest, action: str) -> dict:
         app = _arg(request.args, "app", str, required=True)
+        found = self.ctx.mesh.rollout(app) if action in waves.CONTROL_ACTIONS else None
+        if found is not None:
+            return await self._control_rollout(request, app, action, *found)
         record = self._record(app)
         if record.deployment is None:
             raise AdminError(f"{app} has no deployment to {action}")
@@ -709,6 +762,31 @@ class AdminHandlers:
         return {"app": app, "version": result["version"], "state": result["state"],
                 **({"promoted": True} if action == "promote" else {}),
                 **({"to_version": result["to_version"]} if result.get("to_version") else {})}
+
+    async def _control_rollout(self, request: AdminRequest, app: str, action: str, edit, view) -> dict:
+        """Pause, resume or cancel an app's rollout across sites: a record in the mesh document
+        that every site's leader follows (meshd.waves); this site's follows at once."""
+        d = self.ctx
+        self._require_member()
+        if view.stopped:
+            raise AdminError(f"{app} v{edit.version}'s rollout was {view.state} already; nothing to {action}")
+        if view.state == DEPLOY_SUCCEEDED:
+            raise AdminError(f"{app} v{edit.version}'s rollout succeeded; nothing to {action} (rollback deploys an "
+                             "earlier version)")
+        if action == "pause" and view.state == DEPLOY_PAUSED:
+            raise AdminError(f"{app} v{edit.version}'s rollout is already paused")
+        if action == "resume" and view.state != DEPLOY_PAUSED:
+            raise AdminError(f"{app} v{edit.version}'s rollout is not paused (it is {view.state})")
+        control = RolloutControl(app=app, edit_id=edit.edit_id, site=d.membership.site, action=action,
+                                 ts=max(time.time(), max((c.ts for c in d.mesh.controls(edit)), default=0.0) + 1e-3),
+                                 actor=_actor(request, d), reason=_arg(request.args, "reason", str) or "")
+        try:
+            await d.mesh.write([control])
+        except SchemaError as e:
+            raise AdminError(f"cannot record the {action}: {e.reason}") from None
+        found = d.mesh.rollout(app)
+        state = found[1].state if found is not None else view.state
+        return {"app": app, "version": edit.version, "state": state, "sites": list(edit.targets)}
 
     async def promote(self, request: AdminRequest, stream) -> dict:
         return await self._move(request, "promote")

@@ -47,11 +47,12 @@ from attestation.policy import rank as policy_rank
 from attestation.revocation import open_revocations, sign_revocation, sign_revocations
 from attestation.signed import AttestationError
 from crdt.document import MeshDocument
-from crdt.schema import AppEdit, AppSiteStatus, NodeSummary, Record, SchemaError, SignedRecord, SiteSummary
+from crdt.schema import (AppEdit, AppSiteStatus, NodeSummary, Record, RolloutControl, SchemaError, SignedRecord, SiteSummary,
+                         app_status_key, rollout_control_key)
 from crdt.schema import AuditRecord as DocAuditRecord
 from crdt.sync import SyncSession
-from meshd import meshstate
-from meshd.commands import AdoptPolicy, AdoptRevocations, Command, Ok, Refused
+from meshd import meshstate, waves
+from meshd.commands import AdoptPolicy, AdoptRevocations, Command, Ok, Refused, SubmitApp
 from meshd.node import trust
 from meshd.io import peer
 from meshd.io.crdtstore import DocumentStore
@@ -142,6 +143,8 @@ class MeshSync:
         # that changed since, not every app); forgotten when this node starts leading again.
         self._published_apps = AppWatch()
         self._published_term: int | None = None
+        self._plans = meshstate.PlanCache()  # rollout plans of taken-in edits (meshd.waves)
+        self.rollout_wake: float | None = None  # wall time a rollout's soak ends, if one waits on it
         self._links: list[_Link] = []  # live sessions (one per link is kept)
         self._link_serial = 0
         self.address_sites: dict[str, str] = {}  # static peer address -> its site, once dialled
@@ -371,7 +374,11 @@ class MeshSync:
         d = self.ctx
         changes = [d.state_changed.listener(), self.changed.listener()]
         while True:
-            await wait_any(changes, PUBLISH_SAFETY_PERIOD)
+            # A rollout's next wave opens when a soak ends: a pass is due then, news or not.
+            wait = PUBLISH_SAFETY_PERIOD
+            if self.rollout_wake is not None:
+                wait = min(wait, max(0.05, self.rollout_wake - time.time() + 0.05))
+            await wait_any(changes, wait)
             if d.raft is None or d.raft.status.role != "leader":
                 continue
             try:
@@ -463,6 +470,7 @@ class MeshSync:
         while self.document.parse_pending(PARSE_SLICE):  # a catch-up's records, a slice at a time
             await trio.sleep(0)
         state = d.snapshot()  # one view for the pass: what it commits shows in the next one
+        now = time.time()
         await self._take_in_trust(state)
         commands = []
         for edit in meshstate.edits_to_take_in(state, self.document.apps()):
@@ -474,16 +482,25 @@ class MeshSync:
                 d.event("sync", f"{edit.app} v{edit.version} from site {edit.site} cannot run here: {command}",
                         app=edit.app, edit=edit.edit_id)
                 continue
+            if isinstance(command, SubmitApp):
+                command = meshstate.hold_for_wave(state, command, self._status_of, self._controls_of, now)
             commands.append((edit, command))
+        moves = meshstate.rollout_moves(state, self._plans, self._status_of, self._controls_of, now)
+        self.rollout_wake = moves.wake
+        taking = {edit.app for edit, _ in commands}
+        commands += [(None, command) for command in moves.commands
+                     if (command.spec.name if isinstance(command, SubmitApp) else command.app) not in taking]
         failed: list[CommandFailed] = []
 
-        async def take_in(edit: AppEdit, command: Command) -> None:
+        async def take_in(edit: AppEdit | None, command: Command) -> None:
             try:
                 result = await d.commit(command)
             except CommandFailed as e:
                 failed.append(e)
                 return
-            if isinstance(result, Refused):
+            if isinstance(result, Refused) and edit is None:  # a rollout move raced another change
+                log.info("rollout move not taken", extra={"reason": result.text})
+            elif isinstance(result, Refused):
                 self._bad_edits.add(edit.edit_id)
                 d.event("sync", f"{edit.app} v{edit.version} from site {edit.site} not taken in: {result.text}",
                         app=edit.app, edit=edit.edit_id)
@@ -496,6 +513,37 @@ class MeshSync:
                     nursery.start_soon(take_in, edit, command)
             if failed:
                 raise failed[0]
+
+    def rollout(self, app: str) -> tuple[AppEdit, waves.RolloutView] | None:
+        """The app's current edit and its rollout across sites as this replica shows it, when
+        that edit has an `[app.rollout]`; else None."""
+        document = self.document
+        resolution = document.app(app) if document is not None else None
+        if resolution is None or resolution.winner.stopped:
+            return None
+        winner = resolution.winner
+        plan = self._plans.plan(winner.to_plain())
+        if plan is None:
+            return None
+        return winner, meshstate.rollout_view(winner, plan, self._status_of, self._controls_of, time.time())
+
+    def hold_for_wave(self, command: SubmitApp) -> SubmitApp:
+        """A deploy made here, held when its rollout does not start with this site."""
+        return meshstate.hold_for_wave(self.ctx.snapshot(), command, self._status_of, self._controls_of, time.time())
+
+    def controls(self, edit: AppEdit) -> list[RolloutControl]:
+        """Every pause, resume and cancel of the edit's rollout the replica holds."""
+        return [c for site in edit.targets for c in self._controls_of(edit.edit_id, site)]
+
+    def _status_of(self, app: str, site: str) -> AppSiteStatus | None:
+        assert self.document is not None
+        return self.document.get(AppSiteStatus, app_status_key(app, site))
+
+    def _controls_of(self, edit_id: str, site: str) -> list[RolloutControl]:
+        assert self.document is not None
+        found = (self.document.get(RolloutControl, rollout_control_key(edit_id, site, action))
+                 for action in ("pause", "cancel"))
+        return [control for control in found if control is not None]
 
     async def _publish(self) -> None:
         d = self.ctx

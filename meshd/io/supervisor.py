@@ -109,12 +109,14 @@ SERVICE_MANAGER_ENV = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID
 
 def workload_env(spec: DesiredAlloc, base: Mapping[str, str]) -> dict[str, str]:
     """`base` (the daemon's environment) minus MESHD_* and the service manager's variables,
-    plus the app's env, plus ids."""
+    plus the app's env, plus ids (the allocation, the app, the site)."""
     env = {key: value for key, value in base.items()
            if not key.startswith("MESHD_") and key not in SERVICE_MANAGER_ENV}
     env.update(spec.env)
     env["MESHD_ALLOC_ID"] = spec.alloc_id
     env["MESHD_APP"] = spec.app
+    if spec.site:
+        env["MESHD_SITE"] = spec.site
     return env
 
 

@@ -88,6 +88,7 @@ class Workload:
     env: Mapping[str, str]
     restart_policy: str
     health: HealthCheck = HealthCheck()  # how its health is judged (meshd.health)
+    site: str = ""  # the site it runs in (MESHD_SITE in its environment)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ A metric has a target (lower is better) or None for context figures (baselines, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import statistics
@@ -80,3 +81,18 @@ def run_site_benchmark(name: str, doc: str, one_run, targets: dict[str, tuple[fl
             print(f"run {i + 1}/{args.runs} done", file=sys.stderr)
     report(name, args.json, args.runs, samples, targets)
     return 0
+
+
+@contextlib.contextmanager
+def showing_logs(lab):
+    """One benchmark run on a lab (tests.lab.Lab): its sites' logs are printed if the run
+    fails, and the lab is closed after it, whatever happened."""
+    import sys
+    try:
+        yield lab
+    except Exception:
+        for site in lab.sites.values():
+            print(site.dump_logs()[-20000:], file=sys.stderr)
+        raise
+    finally:
+        lab.close()

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import queue
-import statistics
 import sys
 import tempfile
 import threading
@@ -48,7 +47,7 @@ from pathlib import Path
 import psutil
 
 from meshd.io.adminclient import AdminError, AdminUnavailable, admin_call_sync
-from meshd.io.localsite import LocalNode, LocalSite, wait_for
+from meshd.io.localsite import LocalNode, LocalSite
 from tests.bench.report import report
 
 TARGETS = {  # metric -> (target, unit); lower is better for all

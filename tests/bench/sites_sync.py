@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from meshd.io.localsite import wait_for
-from tests.bench.report import report
+from tests.bench.report import report, showing_logs
 from tests.lab.lab import Lab, require_lab
 
 TARGETS: dict[str, tuple[float | None, str]] = {
@@ -105,8 +105,7 @@ def converged(lab: Lab) -> bool:
         document(lab, "b-1", since=a["state_vector"])["delta_items"] == 0
 
 
-def two_sites(root: Path, seed: int, args: tuple[str, ...]) -> Lab:
-    lab = Lab(root, {"a": 1, "b": 1}, meshd_args=args, seed=seed).build()
+def start_two_sites(lab: Lab) -> Lab:
     lab.start_site("a")
     lab.start_site_in_mesh("b", via="a-1")
     wait_for(lambda: cross_sessions(document(lab, "a-1"), "b") and cross_sessions(document(lab, "b-1"), "a"), 30,
@@ -171,18 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mb-", dir="/tmp") as root:  # short: admin socket paths
         runs = [("run", i) for i in range(args.runs)] + ([("idle", 0)] if args.idle_seconds > 0 else [])
         for kind, i in runs:
-            lab = two_sites(Path(root) / f"{kind}{i}", i, FAST_SYNC if kind == "run" else ())
-            try:
+            args_of = FAST_SYNC if kind == "run" else ()
+            with showing_logs(Lab(Path(root) / f"{kind}{i}", {"a": 1, "b": 1}, meshd_args=args_of, seed=i).build()) \
+                    as lab:
+                start_two_sites(lab)
                 if kind == "run":
                     one_run(lab, args.changes, samples)
                 else:
                     idle(lab, args.idle_seconds, samples)
-            except Exception:
-                for site in lab.sites.values():
-                    print(site.dump_logs()[-20000:], file=sys.stderr)
-                raise
-            finally:
-                lab.close()
             print(f"{kind} {i + 1} done", file=sys.stderr)
     report("sites_sync", args.json, args.runs, samples, TARGETS, changes_per_side=args.changes)
     return 0

@@ -9,6 +9,7 @@ Workload counts are read from real processes (psutil) as well as from the sites'
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -281,3 +282,78 @@ def test_sites_that_compacted_their_replicas_apart_converge_on_one_epoch(two_sit
     assert len({tuple(sorted(v["records"].items())) for v in views}) == 1 and views[0]["invalid"] == 0
     assert views[0]["records"]["app_edits"] >= 4 and views[0]["audit_dropped"] == {}  # nothing is 30 days old
     assert any(e["message"].startswith("mesh document adopted") for h in hosts for e in lab.call(h, "events"))
+
+
+def rollout_spec(command: str, waves: str, abort: int = 30) -> str:
+    """`det` across a, b and c in waves; a version whose `command` is run by sh."""
+    return (f'[app]\nname = "det"\nreplicas = 1\ncommand = ["sh", "-c", {json.dumps(command)}]\n'
+            f'sites = ["a", "b", "c"]\n'
+            f'[app.update]\nmin_healthy_s = 1\nhealthy_deadline_s = 3\nprogress_deadline_s = 6\n'
+            f'[app.rollout]\nwaves = {waves}\nabort_failed_percent = {abort}\n')
+
+
+def rollout_row(lab, host: str, edit_id: str) -> dict:
+    """The row of `deployments det` that shows edit `edit_id`'s rollout, as `host` sees it."""
+    return next((r for r in lab.call(host, "deployments", app="det") if r.get("edit_id") == edit_id
+                 and "rollout" in r), {})
+
+
+def rollout_states(lab, hosts, edit_id: str) -> list:
+    """(the rollout's state, each site's state) as each host sees it."""
+    out = []
+    for host in hosts:
+        row = rollout_row(lab, host, edit_id)
+        out.append((row.get("state"), tuple(sorted((s, p["state"]) for s, p in (row.get("sites") or {}).items()))))
+    return out
+
+
+def test_a_rollout_in_waves_goes_on_in_a_cut_site_and_a_failing_version_stops_and_returns(make_lab):
+    lab = make_lab({"a": 1, "b": 1, "c": 1}, meshd_args=FAST_SYNC)
+    lab.start_site("a")
+    lab.start_site_in_mesh("b", via="a-1")
+    lab.start_site_in_mesh("c", via="a-1")
+    hosts = ["a-1", "b-1", "c-1"]
+    wait_for(lambda: all((sites_row(lab, h, s) or {}).get("reachable") for h in hosts for s in "abc"), 30,
+             what="every site reachable from every site")
+    waves = '[{ sites = ["a"] }, { sites = ["b"] }, { sites = ["c"] }]'
+    # `deploy --wait` follows the rollout wave by wave and returns once it succeeded.
+    done = lab.meshctl("b-1", "deploy", "--wait", "--timeout", "90", "-", "--json", timeout=100,
+                       input_text=rollout_spec("exec sleep 3601", waves))
+    assert done.returncode == 0, done.stderr
+    v1 = json.loads(done.stdout)
+    assert v1["deployment"] == "succeeded" and v1.get("held")  # b is in the second wave: it held it first
+    wait_for(lambda: {s for s, _ in rollout_states(lab, hosts, v1["edit_id"])} == {"succeeded"}, 30,
+             what="v1 through its three waves, seen by every site")
+
+    # v2: wave b is cut off while it runs its part; c waits for b's word.
+    v2 = lab.call("a-1", "deploy", spec_toml=rollout_spec("exec sleep 3602", waves), wait=False, timeout=30)
+    wait_for(lambda: dict(rollout_states(lab, ["b-1"], v2["edit_id"])[0][1]).get("b") not in (None, "pending"),
+             60, what="v2's wave reaching b")
+    lab.isolate_site("b")
+    wait_for(lambda: rollout_row(lab, "b-1", v2["edit_id"])["sites"]["b"]["state"] == "succeeded", 30,
+             what="b finishing its wave while cut off")
+    time.sleep(3)
+    seen_from_a = rollout_row(lab, "a-1", v2["edit_id"])
+    assert seen_from_a["state"] == "running" and seen_from_a["sites"]["b"]["state"] in ("pending", "running")
+    assert seen_from_a["sites"]["c"]["state"] == "pending" and not seen_from_a["sites"]["c"]["reached"]
+    lab.reconnect_site("b")
+    wait_for(lambda: {s for s, _ in rollout_states(lab, hosts, v2["edit_id"])} == {"succeeded"}, 60,
+             what="every site agreeing v2 succeeded after the heal")
+    views = rollout_states(lab, hosts, v2["edit_id"])
+    assert all(v == views[0] for v in views), views
+
+    # v3 fails in b only (b's replica exits); a and b are in its first wave, c in the second.
+    failing = 'test "$MESHD_SITE" = b && exit 1; exec sleep 3603'
+    failed = lab.meshctl("c-1", "deploy", "--wait", "--timeout", "60", "-", timeout=70,
+                         input_text=rollout_spec(failing, '[{ sites = ["a", "b"] }, { sites = ["c"] }]'))
+    assert failed.returncode != 0 and "rollout was reverted: 1 of 3 sites failed (b)" in failed.stderr, failed.stderr
+    assert "Traceback" not in failed.stderr and "wave(s) open" in failed.stderr
+    v3 = next(r for r in lab.call("c-1", "deployments", app="det") if "rollout" in r)["rollout"]
+    returned = ("reverted", (("a", "reverted"), ("b", "reverted"), ("c", "pending")))
+    wait_for(lambda: rollout_states(lab, hosts, v3["edit_id"]) == [returned] * 3, 60,
+             what="v3's rollout stopped at the threshold, a returned from it, seen by every site")
+    for host in hosts:  # every site runs v2's spec again: the reached ones returned, c never left it
+        current = next(r for r in lab.call(host, "history", app="det") if r.get("current"))
+        v2_digest = next(r for r in lab.call("c-1", "history", app="det") if r.get("current"))["spec_digest"]
+        assert current["spec_digest"] == v2_digest, host
+        wait_for(lambda: running_here(lab, host, "det") == 1, 30, what=f"{host} running det")

@@ -86,6 +86,11 @@ def test_every_op_has_an_example():
     ({"op": "heartbeat", "ts": 1, "node_id": "a", "seq": 1, "reports": "x"}, cmds.MALFORMED, "reports must be"),
     ({"op": "set_liveness", "ts": 1, "node_id": "a", "liveness": "zombie"}, cmds.MALFORMED, "ready or down"),
     ({"op": "submit_app", "ts": 1, "spec": {"app": {"name": "x"}}}, cmds.MALFORMED, "app."),
+    ({"op": "submit_app", "ts": 1, "spec": {"app": {"name": "x", "command": ["y"]}}, "hold": True}, cmds.MALFORMED,
+     "hold needs the mesh edit"),
+    ({"op": "submit_app", "ts": 1, "spec": {"app": {"name": "x", "command": ["y"]}}, "hold": 1}, cmds.MALFORMED,
+     "hold must be true or false"),
+    ({"op": "rollout", "ts": 1, "app": "x", "version": 1, "action": "explode"}, cmds.MALFORMED, "abort"),
     ({"op": "apply_plan", "ts": 1, "plan": {"app": "a", "version": 1, "placements": [1]}}, cmds.MALFORMED,
      "placement must be"),
 ])

@@ -12,7 +12,7 @@ from crdt import compaction
 from crdt.compaction import adopt, changes_against, compact, compaction_due, merge, oldest_expiring, rebuild
 from crdt.document import MeshDocument, SyncError, resolve
 from crdt.epoch import ZERO_EPOCH, Epoch, EpochError
-from crdt.schema import (AppEdit, AppSiteStatus, AuditRecord, DroppedAudit, NodeSummary, SignedRecord,
+from crdt.schema import (AppEdit, AppSiteStatus, AuditRecord, DroppedAudit, NodeSummary, RolloutControl, SignedRecord,
                          SiteSummary)
 from crdt.sync import DELTA, EPOCH, FULL, STATE, UPDATE, WANT, Message, SyncSession
 
@@ -90,6 +90,19 @@ def test_every_apps_winner_stays_and_other_edits_stay_only_within_the_retention(
     before, after = resolve(chain + [loser, recent_loser]), resolve([r for r in kept.records if r.app == "web"])
     assert after.winner == before.winner
     assert [e.edit_id for e in after.losers] == ["y4"]  # the recent conflict is still reported
+
+
+def test_a_rollout_control_stays_with_its_edit_the_newest_of_one_key_wins_and_goes_with_it():
+    now = T0 + 100 * DAY
+    chain = [edit("e1", 1, "", T0), edit("e2", 2, "e1", T0 + 80 * DAY)]
+    old = RolloutControl(app="web", edit_id="e1", site="a", action="pause", ts=T0 + 1, actor="ops")
+    paused = RolloutControl(app="web", edit_id="e2", site="a", action="pause", ts=T0 + 81 * DAY, actor="ops")
+    resumed = RolloutControl(app="web", edit_id="e2", site="a", action="resume", ts=T0 + 82 * DAY, actor="ops")
+    cancel = RolloutControl(app="web", edit_id="e2", site="b", action="cancel", ts=T0 + 81 * DAY, actor="ops")
+    assert paused.key == resumed.key != cancel.key
+    kept = compact(chain + [old, paused, resumed, cancel], now, R)
+    controls = [r for r in kept.records if isinstance(r, RolloutControl)]
+    assert sorted(controls, key=lambda c: c.key) == sorted([resumed, cancel], key=lambda c: c.key)
 
 
 def test_an_ancestor_a_late_peer_still_holds_is_not_taken_for_a_lost_conflict():

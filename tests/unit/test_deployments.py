@@ -60,3 +60,42 @@ def test_a_wait_ends_on_success_and_fails_on_a_revert_or_a_replacing_deploy():
     _submit(state, "3", ts=T0 + 3)
     _submit(state, "4", ts=T0 + 4)
     assert "cancelled: replaced by version 4" in deployments.wait_outcome(state.apps["web"], 3).error
+
+
+def test_a_rollout_shows_on_the_row_of_the_deployment_its_edit_started_with_every_sites_wave():
+    from meshd import waves
+    from meshd.state import RolloutPlan, Wave
+    state = two_versions()
+    rows = deployments.deployment_rows(state, T0 + 5, "web")
+    rows[0]["edit_id"] = "e2"  # the deployment of v2 was started by mesh edit e2
+    plan = RolloutPlan(waves=(Wave(sites=("s1",)), Wave(sites=("far",))))
+    view = waves.view("web", ("s1", "far"), plan, {"s1": waves.SiteWord("running", healthy=1, desired=2)}, [], T0)
+    shown = deployments.with_rollout(rows, "web", "e2", 2, 1, view, "s1")
+    assert len(shown) == len(rows) and shown[0]["state"] == "running" and shown[0]["rollout"]["waves_open"] == 1
+    assert shown[0]["sites"]["s1"]["wave"] == 1 and shown[0]["sites"]["s1"]["reached"]
+    assert shown[0]["sites"]["far"] == {"state": "pending", "wave": 2, "reached": False, "healthy": None,
+                                        "desired": None, "canaries": None}
+    # a site whose wave has not come holds the edit: the rollout gets a row of its own
+    held = deployments.with_rollout(rows, "web", "e3", 3, 2, view, "far")
+    assert held[0]["edit_id"] == "e3" and held[0]["version"] == 3 and held[0]["sites"]["far"]["state"] == "pending"
+    assert held[1:] == rows
+
+
+def test_a_sites_word_on_its_edit_is_its_deployments_outcome_or_reverted_once_it_returned():
+    from meshd.commands import Envelope, Rollout, encode
+    state = two_versions()
+    record = state.apps["web"]
+    state.apps["web"] = replace(record, edit_id="e2", deployments=record.deployments[:-1]
+                                + (replace(record.deployments[-1], edit_id="e2"),))
+    assert deployments.edit_outcome(state, state.apps["web"], T0)["state"] == "running"
+    assert sitestate.apply(state, encode(Rollout(app="web", version=2, action="succeed", reason="ok"), Envelope(T0 + 2))).ok
+    word = deployments.edit_outcome(state, state.apps["web"], T0 + 3)
+    assert word["state"] == "succeeded" and word["ended_ts"] == T0 + 2
+    assert sitestate.apply(state, encode(Rollout(app="web", version=2, action="abort", reason="stopped elsewhere"),
+                                         Envelope(T0 + 4))).ok
+    record = state.apps["web"]
+    assert record.version == 1 and record.deployment.revert and record.deployment.from_version == 2
+    word = deployments.edit_outcome(state, record, T0 + 5)
+    assert word["state"] == "reverted" and word["ended_ts"] == T0 + 4
+    again = sitestate.apply(state, encode(Rollout(app="web", version=2, action="abort"), Envelope(T0 + 6)))
+    assert not again.ok and "is not the deployment the site runs" in again.text  # nothing twice

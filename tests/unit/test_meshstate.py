@@ -371,3 +371,212 @@ def test_stopped_apps_are_purged_after_their_retention_once_the_document_holds_t
     doc = document(edit(1), edit(2, version=2, base="e1", stopped=True))
     assert meshstate.edits_to_take_in(state, doc.apps()) == []
     assert meshstate.apps_to_purge(state, T0 + 500, 60.0, held.__contains__) is None
+
+
+# --- rollouts across sites: each site's leader runs its part from the document -------------
+from crdt.schema import AppSiteStatus, RolloutControl, app_status_key, rollout_control_key  # noqa: E402
+from meshd import commands as cmds  # noqa: E402
+
+ROLLOUT_SITES = ("pilot", "north", "south")
+
+
+def rollout_spec(command: str, waves: str = '[{ sites = ["pilot"], soak_s = 60 }, { sites = ["north"] }]',
+                 abort: int = 0) -> str:
+    return (f'[app]\nname = "det"\nreplicas = 1\ncommand = ["{command}"]\nsites = {json.dumps(list(ROLLOUT_SITES))}\n'
+            f'\n[app.rollout]\nwaves = {waves}\nabort_failed_percent = {abort}\n')
+
+
+class Fleet:
+    """Sites, each a Raft state of its own, around their mesh documents (one each: a cut site's
+    stops hearing the others'), each site's leader pass as meshd.io.mesh makes it."""
+
+    def __init__(self) -> None:
+        self.states = {}
+        self.docs = {}
+        for i, site in enumerate(ROLLOUT_SITES):
+            state = SiteState()
+            assert sitestate.apply(state, cmd("bootstrap", site=site, mesh_id="m1", node=node_of(i + 1, site))).ok
+            self.states[site] = state
+            self.docs[site] = MeshDocument(client_id=i + 1)
+        self.plans = {site: meshstate.PlanCache() for site in ROLLOUT_SITES}
+        self.cut: set[str] = set()
+
+    def apply(self, site: str, command, ts: float):
+        return sitestate.apply(self.states[site], cmds.encode(command, cmds.Envelope(ts)))
+
+    def lookups(self, site: str):
+        doc = self.docs[site]
+        return (lambda app, s: doc.get(AppSiteStatus, app_status_key(app, s)),
+                lambda edit_id, s: [c for a in ("pause", "cancel")
+                                    if (c := doc.get(RolloutControl, rollout_control_key(edit_id, s, a)))])
+
+    def deploy(self, site: str, n: int, spec_toml: str, ts: float) -> AppEdit:
+        doc = self.docs[site]
+        e = doc.new_app_edit(edit_id=f"e{n}", app="det", site=site, actor="op", ts=ts, spec=spec_toml,
+                             targets=ROLLOUT_SITES, replicas=1)
+        command = meshstate.hold_for_wave(self.states[site], meshstate.take_in_command(e), *self.lookups(site), ts)
+        assert self.apply(site, command, ts).ok
+        doc.put_many([e])
+        return e
+
+    def control(self, site: str, e: AppEdit, action: str, ts: float) -> None:
+        self.docs[site].put_many([RolloutControl(app="det", edit_id=e.edit_id, site=site, action=action, ts=ts,
+                                                 actor="op")])
+
+    def sync(self) -> None:
+        linked = [s for s in ROLLOUT_SITES if s not in self.cut]
+        for a in linked:
+            for b in linked:
+                if a != b:
+                    self.docs[b].apply(self.docs[a].delta_since(self.docs[b].state_vector()))
+
+    def leader_pass(self, site: str, now: float) -> list:
+        state, doc = self.states[site], self.docs[site]
+        done = []
+        for e in meshstate.edits_to_take_in(state, doc.apps()):
+            command = meshstate.take_in_command(e)
+            if isinstance(command, cmds.SubmitApp):
+                command = meshstate.hold_for_wave(state, command, *self.lookups(site), now)
+            assert self.apply(site, command, now).ok
+            done.append(command)
+        for command in meshstate.rollout_moves(state, self.plans[site], *self.lookups(site), now).commands:
+            result = self.apply(site, command, now)
+            assert result.ok, result
+            done.append(command)
+        doc.put_many(meshstate.app_statuses(state, now))
+        return done
+
+    def settle(self, now: float, rounds: int = 4) -> None:
+        for _ in range(rounds):
+            self.sync()
+            for site in ROLLOUT_SITES:
+                self.leader_pass(site, now)
+        self.sync()
+
+    def verdict(self, site: str, action: str, ts: float) -> None:
+        """The site's own rollout core decides its deployment (meshd.rollout): here, by hand."""
+        record = self.states[site].apps["det"]
+        assert self.apply(site, cmds.Rollout(app="det", version=record.version, action=action, reason="by test",
+                                             actor="leader"), ts).ok
+
+    def view(self, site: str, now: float):
+        doc = self.docs[site]
+        winner = doc.app("det").winner
+        plan = self.plans[site].plan(winner.to_plain())
+        return meshstate.rollout_view(winner, plan, *self.lookups(site), now)
+
+    def runs(self, site: str) -> str | None:
+        record = self.states[site].apps.get("det")
+        return record.spec.command[0] if record is not None and record.status == "running" else None
+
+
+def node_of(i: int, site: str) -> dict:
+    from tests.unit.test_sitestate import node
+    return node(i, site=site)
+
+
+def rolled_out_v1(fleet: Fleet, t: float) -> float:
+    """v1 (`one`) through every wave, stable everywhere; returns the time after it."""
+    fleet.deploy("pilot", 1, rollout_spec("one"), t)
+    fleet.settle(t)
+    fleet.verdict("pilot", "succeed", t + 1)
+    fleet.settle(t + 1)
+    fleet.settle(t + 61)
+    fleet.verdict("north", "succeed", t + 62)
+    fleet.settle(t + 62)
+    fleet.verdict("south", "succeed", t + 63)
+    fleet.settle(t + 63)
+    return t + 100
+
+
+def test_a_rollout_goes_wave_by_wave_and_every_site_agrees_it_succeeded():
+    fleet = Fleet()
+    fleet.deploy("north", 1, rollout_spec("one"), T0)  # made in a site of a later wave: held there
+    assert fleet.runs("north") is None and fleet.states["north"].mesh_edits["det"]["edit_id"] == "e1"
+    fleet.settle(T0)
+    assert (fleet.runs("pilot"), fleet.runs("north"), fleet.runs("south")) == ("one", None, None)
+    fleet.verdict("pilot", "succeed", T0 + 1)
+    fleet.settle(T0 + 30)
+    assert fleet.runs("north") is None  # pilot soaks for 60 s
+    assert fleet.view("north", T0 + 30).next_open_at == T0 + 61
+    fleet.settle(T0 + 61)
+    assert fleet.runs("north") == "one" and fleet.runs("south") is None  # south is in the implied last wave
+    fleet.verdict("north", "succeed", T0 + 62)
+    fleet.settle(T0 + 62)
+    assert fleet.runs("south") == "one"
+    fleet.verdict("south", "succeed", T0 + 63)
+    fleet.settle(T0 + 63)
+    seen = {site: fleet.view(site, T0 + 63) for site in ROLLOUT_SITES}
+    assert {v.state for v in seen.values()} == {"succeeded"}
+    assert {site: p.state for site, p in seen["south"].sites.items()} == dict.fromkeys(ROLLOUT_SITES, "succeeded")
+
+
+def test_a_site_cut_off_in_its_wave_goes_on_there_and_all_agree_once_healed():
+    fleet = Fleet()
+    t = rolled_out_v1(fleet, T0)
+    fleet.deploy("pilot", 2, rollout_spec("two", waves='[{ sites = ["pilot"] }, { sites = ["north"] }]'), t)
+    fleet.settle(t)
+    fleet.verdict("pilot", "succeed", t + 1)
+    fleet.settle(t + 1)
+    assert fleet.runs("north") == "two"
+    fleet.cut.add("north")
+    fleet.verdict("north", "succeed", t + 2)  # it finishes while cut off
+    for site in ROLLOUT_SITES:
+        fleet.leader_pass(site, t + 3)
+    fleet.sync()
+    pilot = fleet.view("pilot", t + 3)
+    assert pilot.sites["north"].state == "running" and pilot.state == "running"  # last word, never failed
+    assert fleet.runs("south") == "one"
+    fleet.cut.clear()
+    fleet.settle(t + 40)
+    assert fleet.runs("south") == "two"
+    fleet.verdict("south", "succeed", t + 41)
+    fleet.settle(t + 41)
+    assert {fleet.view(site, t + 41).state for site in ROLLOUT_SITES} == {"succeeded"}
+
+
+def test_a_failing_version_stops_the_rollout_and_every_reached_site_returns():
+    fleet = Fleet()
+    t = rolled_out_v1(fleet, T0)
+    # pilot and north in the first wave; north fails (reverts to one), pilot had succeeded.
+    fleet.deploy("pilot", 2, rollout_spec("two", waves='[{ sites = ["pilot", "north"] }]', abort=30), t)
+    fleet.settle(t)
+    assert fleet.runs("pilot") == fleet.runs("north") == "two"
+    fleet.verdict("pilot", "succeed", t + 1)
+    fleet.verdict("north", "fail", t + 1)
+    assert fleet.runs("north") == "one"  # its own auto-revert
+    fleet.settle(t + 2)
+    views = {site: fleet.view(site, t + 2) for site in ROLLOUT_SITES}
+    assert {v.state for v in views.values()} == {"reverted"}
+    assert fleet.runs("pilot") == "one" and fleet.runs("south") == "one"  # pilot returned; south never started
+    assert {site: p.state for site, p in views["south"].sites.items()} == {
+        "pilot": "reverted", "north": "reverted", "south": "pending"}
+    record = fleet.states["pilot"].apps["det"]
+    assert record.deployment.revert and "1 of 3 sites failed (north)" in record.deployment.reason
+    before = [fleet.states[s].applied for s in ROLLOUT_SITES]
+    fleet.settle(t + 100)  # nothing more to do: no move is made twice
+    assert [fleet.states[s].applied for s in ROLLOUT_SITES] == before
+
+
+def test_pause_holds_the_next_wave_and_cancel_returns_every_site():
+    fleet = Fleet()
+    t = rolled_out_v1(fleet, T0)
+    e2 = fleet.deploy("pilot", 2, rollout_spec("two", waves='[{ sites = ["pilot"] }, { sites = ["north"] }]'), t)
+    fleet.settle(t)
+    fleet.control("south", e2, "pause", t + 1)
+    fleet.settle(t + 1)
+    assert fleet.states["pilot"].apps["det"].deployment.state == "paused"  # the site's own deployment follows
+    fleet.verdict("pilot", "resume", t + 2)  # an operator resumed it locally: the rollout pauses it again
+    fleet.settle(t + 2)
+    assert fleet.states["pilot"].apps["det"].deployment.state == "paused"
+    fleet.control("north", e2, "resume", t + 3)
+    fleet.settle(t + 3)
+    fleet.verdict("pilot", "succeed", t + 4)
+    fleet.settle(t + 4)
+    assert fleet.runs("north") == "two"
+    fleet.control("north", e2, "cancel", t + 5)
+    fleet.settle(t + 5)
+    assert {fleet.view(site, t + 5).state for site in ROLLOUT_SITES} == {"cancelled"}
+    assert [fleet.runs(s) for s in ROLLOUT_SITES] == ["one", "one", "one"]
+    north = fleet.states["north"].apps["det"]
+    assert [d.state for d in north.deployments[-2:]] == ["cancelled", "running"] and north.deployments[-1].revert

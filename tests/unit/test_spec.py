@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pickle
 import string
 from typing import Any
@@ -27,7 +28,7 @@ from meshd.spec import (
     spec_to_dict,
     spec_to_toml,
 )
-from meshd.state import AppSpec, Constraints, ResourceRequest, UpdatePolicy
+from meshd.state import AppSpec, Constraints, ResourceRequest, RolloutPlan, UpdatePolicy, Wave
 from meshd.state import HealthCheck as HealthSpec
 
 FULL_TOML = """
@@ -108,6 +109,57 @@ def test_a_bad_update_policy_is_refused_with_its_key(update: Any, key: str, reas
     with pytest.raises(SpecError) as e:
         parse_app_dict({"app": {"name": "a", "replicas": 3, "command": ["x"], "update": update}})
     assert e.value.key == key and reason in e.value.reason
+
+
+SITED = {"name": "a", "command": ["x"], "sites": ["pilot", "north", "south"]}
+
+
+@pytest.mark.parametrize("rollout, key, reason", [
+    ({"waves": [{"sites": ["east"]}]}, "app.rollout.waves[0].sites[0]", "names site 'east', which app.sites does not"),
+    ({"waves": [{"percent": 0}]}, "app.rollout.waves[0].percent", "must be a whole number from 1 to 100, got 0"),
+    ({"waves": [{"percent": 101}]}, "app.rollout.waves[0].percent", "from 1 to 100, got 101"),
+    ({"waves": [{"percent": 50}, {"percent": 20}]}, "app.rollout.waves[1].percent", "must not be below an earlier"),
+    ({"waves": [{"sites": ["pilot"], "percent": 10}]}, "app.rollout.waves[0]", "exactly one of sites"),
+    ({"waves": [{"soak_s": 5}]}, "app.rollout.waves[0]", "exactly one of sites"),
+    ({"waves": [{"sites": ["pilot"]}, {"sites": ["north", "pilot"]}]}, "app.rollout.waves[1].sites[1]",
+     "already in app.rollout.waves[0]"),
+    ({"waves": [{"sites": []}]}, "app.rollout.waves[0].sites", "must name at least one site"),
+    ({"waves": [{"percent": 10, "soak_s": -1}]}, "app.rollout.waves[0].soak_s", "must be a number of seconds"),
+    ({"waves": []}, "app.rollout.waves", "must have from 1 to 16 waves, got 0"),
+    ({"waves": [{"percent": 100}] * 17}, "app.rollout.waves", "got 17"),
+    ({}, "app.rollout.waves", "is required"),
+    ({"waves": [{"percent": 100}], "abort_failed_percent": 101}, "app.rollout.abort_failed_percent",
+     "from 0 to 100"),
+    ({"waves": [{"percent": 100, "pause": True}]}, "app.rollout.waves[0].pause", "unknown key"),
+    ({"waves": [{"percent": 100}], "phases": 2}, "app.rollout.phases", "unknown key"),
+])
+def test_a_bad_rollout_is_refused_with_its_key(rollout: Any, key: str, reason: str) -> None:
+    with pytest.raises(SpecError) as e:
+        parse_app_dict({"app": SITED | {"rollout": rollout}})
+    assert e.value.key == key and reason in e.value.reason
+
+
+def test_a_rollout_needs_the_sites_it_goes_across() -> None:
+    with pytest.raises(SpecError) as e:
+        parse_app_dict({"app": {"name": "a", "command": ["x"], "rollout": {"waves": [{"percent": 100}]}}})
+    assert e.value.key == "app.rollout" and "needs app.sites" in e.value.reason
+
+
+def test_the_contract_rollout_parses_and_reads_back() -> None:
+    text = """
+[app]
+name = "detector"
+command = ["serve"]
+sites = ["pilot", "a", "b", "c"]
+
+[app.rollout]
+waves = [{ sites = ["pilot"], soak_s = 600 }, { percent = 25, soak_s = 3600 }, { percent = 100 }]
+abort_failed_percent = 20
+"""
+    spec = parse_app_toml(text)
+    assert spec.rollout == RolloutPlan(waves=(Wave(sites=("pilot",), soak_s=600.0), Wave(percent=25, soak_s=3600.0),
+                                              Wave(percent=100)), abort_failed_percent=20)
+    assert parse_app_toml(spec_to_toml(spec)) == spec
 
 
 def test_an_update_policy_with_its_defaults() -> None:
@@ -353,13 +405,32 @@ def app_specs(draw: st.DrawFn) -> AppSpec:
     )
 
 
-@given(app_specs())
+@st.composite
+def rollouts(draw: st.DrawFn, sites: tuple[str, ...]) -> RolloutPlan | None:
+    if not sites or not draw(st.booleans()):
+        return None
+    named = draw(st.lists(st.sampled_from(sites), unique=True, max_size=len(sites)))
+    waves = [Wave(sites=(site,), soak_s=draw(st.floats(0, 3600))) for site in named]
+    for percent in sorted(draw(st.lists(st.integers(1, 100), max_size=3))):
+        waves.append(Wave(percent=percent, soak_s=draw(st.floats(0, 3600))))
+    if not waves:
+        waves.append(Wave(percent=100))
+    return RolloutPlan(waves=tuple(waves), abort_failed_percent=draw(st.integers(0, 100)))
+
+
+@st.composite
+def app_specs_with_rollouts(draw: st.DrawFn) -> AppSpec:
+    spec = draw(app_specs())
+    return dataclasses.replace(spec, rollout=draw(rollouts(spec.sites)))
+
+
+@given(app_specs_with_rollouts())
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
 def test_round_trip(spec: AppSpec) -> None:
     assert parse_app_dict(spec_to_dict(spec)) == spec
 
 
-@given(app_specs())
+@given(app_specs_with_rollouts())
 @settings(max_examples=50, suppress_health_check=[HealthCheck.too_slow])
 def test_round_trip_through_toml_text(spec: AppSpec) -> None:
     assert parse_app_toml(spec_to_toml(spec)) == spec
