@@ -10,7 +10,9 @@
   that left or was revoked goes first, then an admitted voter that is not configured yet;
 - deployments: at most one move per app whose deployment is under way (meshd.rollout:
   await promotion, promote, succeed, fail); such apps are reconciled on every pass, and
-  the next look is no later than their next deadline;
+  the next look is no later than their next deadline; an app with a move outstanding (made
+  this pass, or asked on the same record and not committed yet) is not planned until the
+  move shows, whether this leader asked it or a new one asks it again;
 - placement: reconcile the apps that changed since the last pass, then one plan per app
   that needs one (Nomad's plan/apply split: the plan is re-checked when it is applied).
   Plans of one pass are made one after the other on a working copy of the state, so two
@@ -140,23 +142,26 @@ class Leading:
         voter = self.voter_change(view)
         if voter is not None:
             effects.append(voter)
-        moves, rolling = self.deployments(view.state, view.wall)
+        moves, rolling, moving = self.deployments(view.state, view.wall)
         effects.extend(moves)
         apps = self.changed_apps(view.state) | self._pending | rolling
         if now - self._last_sweep > RECONCILE_SAFETY_PERIOD:
             self._last_sweep = now
             apps |= self._sweep(view.state)
-        # An app whose deployment moves this pass is planned on the state the move makes.
-        apps -= {m.command.app for m in moves if isinstance(m, Commit)}
+        # An app whose deployment moves (this pass, or asked before and not committed yet) is
+        # planned on the state the move makes.
+        apps -= moving
         apps, self._pending = _within(view.state, apps, PASS_ALLOCS)
         if apps:
             effects.extend(self.plans(view.state, apps, view.wall))
         return effects
 
-    def deployments(self, state: SiteState, wall: float) -> tuple[list[Effect], set[str]]:
-        """The moves of deployments under way (one per app), and the apps they concern."""
+    def deployments(self, state: SiteState, wall: float) -> tuple[list[Effect], set[str], set[str]]:
+        """The moves of deployments under way (one per app), the apps under way, and those
+        with a move outstanding (made now, or asked on this very record already)."""
         effects: list[Effect] = []
         rolling: set[str] = set()
+        moving: set[str] = set()
         for name, record in state.apps.items():
             d = record.deployment
             if d is None or not d.active:
@@ -169,6 +174,7 @@ class Leading:
             move = verdict.move
             if move is None:
                 continue
+            moving.add(name)
             asked = self._moved.get(name)
             if asked is not None and asked[0] is record and asked[1] == move:
                 continue  # asked already on this very record: wait for the commit to show
@@ -176,7 +182,7 @@ class Leading:
             effects.append(Commit(Rollout(app=name, version=move.version, action=move.action, reason=move.reason,
                                           actor="meshd (site leader)")))
         self._wall = wall
-        return effects, rolling
+        return effects, rolling, moving
 
     def changed_apps(self, state: SiteState) -> set[str]:
         """The apps to reconcile: replaced or new records, written allocations, and the apps
