@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import socket
+from typing import Collection
 
 EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
 DEFAULT_EPHEMERAL = (32768, 60999)  # Linux's default, when the file cannot be read
@@ -35,20 +36,25 @@ def candidate_ranges(ephemeral: tuple[int, int]) -> list[range]:
     return [r for r in ranges if len(r) > 0]
 
 
-def free_port(ip: str = "127.0.0.1", *, ephemeral: tuple[int, int] | None = None) -> int:
-    """A TCP port free on `ip` now, outside the ephemeral range where possible."""
+def free_port(ip: str = "127.0.0.1", *, ephemeral: tuple[int, int] | None = None, avoid: Collection[int] = ()) -> int:
+    """A TCP port free on `ip` now, outside the ephemeral range where possible, and not one of
+    `avoid` (ports already picked but not bound yet: a probe frees its port again at once)."""
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
     ranges = candidate_ranges(ephemeral or ephemeral_range())
     sizes = [len(r) for r in ranges]
     for _ in range(PICKS if ranges else 0):
         r = random.choices(ranges, weights=sizes)[0]
         port = random.choice(r)
+        if port in avoid:
+            continue
         with socket.socket(family, socket.SOCK_STREAM) as s:
             try:
                 s.bind((ip, port))
             except OSError:
                 continue
             return port
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((ip, 0))
-        return s.getsockname()[1]
+    while True:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((ip, 0))
+            if s.getsockname()[1] not in avoid:
+                return s.getsockname()[1]

@@ -220,7 +220,7 @@ class Runtime:
             ctx.peer_port, ctx.raft_port = saved["peer_port"], saved["raft_port"]
         else:
             ctx.peer_port = free_port(ctx.listen_ip)
-            ctx.raft_port = free_port(ctx.listen_ip)
+            ctx.raft_port = free_port(ctx.listen_ip, avoid=(ctx.peer_port,))
         save_ports(ctx.data_dir, ctx.peer_port, ctx.raft_port)
 
     def _check_ports_free(self) -> None:

@@ -41,3 +41,14 @@ def test_a_port_held_by_a_listener_is_never_chosen(monkeypatch):
         monkeypatch.setattr(ports, "LOWEST", taken)
         assert candidate_ranges((taken + 1, 65535)) == [range(taken, taken + 1)]
         assert free_port("127.0.0.1", ephemeral=(taken + 1, 65535)) != taken
+
+
+def test_a_port_picked_already_but_not_bound_yet_is_never_chosen_again(monkeypatch):
+    # A node picks its peer and Raft ports one after the other; each probe frees its port at
+    # once, so the second pick must be told the first (two equal picks would clash at bind).
+    first = free_port("127.0.0.1")
+    monkeypatch.setattr(ports, "LOWEST", first)
+    only = (first + 1, 65535)  # the only candidate outside the range is `first`
+    assert candidate_ranges(only) == [range(first, first + 1)]
+    assert free_port("127.0.0.1", ephemeral=only) == first
+    assert free_port("127.0.0.1", ephemeral=only, avoid=(first,)) != first
