@@ -45,25 +45,37 @@ def site_part(state: SiteState, record: AppRecord, d: Deployment, wall: float) -
             "counted": len(seen.done), "old": sum(len(g) for g in seen.old.values())}
 
 
-def edit_outcome(state: SiteState, record: AppRecord, wall: float) -> dict:
-    """This site's word on the mesh edit its record runs (meshd.waves.SiteWord's fields): the
-    state of the deployment that edit started, or `reverted` when it succeeded but the site
-    has since returned from it (the rollout was stopped elsewhere); `succeeded` when taking
-    the edit in changed nothing here."""
+def edit_state(record: AppRecord) -> tuple[str, float]:
+    """(this site's outcome of the mesh edit its record runs, when it reached it): the state of
+    the deployment that edit started, or `reverted` when it succeeded but the site has since
+    returned from it (the rollout was stopped elsewhere); `succeeded` (at 0) when taking the
+    edit in changed nothing here. Costs no allocation."""
     d = next((x for x in reversed(record.deployments) if x.edit_id and x.edit_id == record.edit_id), None)
     if d is None:
-        return {"state": DEPLOY_SUCCEEDED, "healthy": state.running_replicas(record.spec.name), "canaries": 0,
-                "ended_ts": 0.0}
-    part = site_part(state, record, d, wall)
-    outcome = d.state
-    if outcome == DEPLOY_SUCCEEDED and record.version != d.version:
-        outcome = DEPLOY_REVERTED
-    ended = d.ended_at if not d.active else 0.0
-    if outcome == DEPLOY_REVERTED and d.state == DEPLOY_SUCCEEDED:
+        return DEPLOY_SUCCEEDED, 0.0
+    if d.state == DEPLOY_SUCCEEDED and record.version != d.version:
         returned = next((x for x in reversed(record.deployments) if x.revert and x.from_version == d.version), None)
-        ended = returned.started_at if returned is not None else ended
-    return {"state": outcome, "healthy": part["healthy"] or 0, "canaries": part["canaries"] or 0,
-            "ended_ts": ended}
+        return DEPLOY_REVERTED, returned.started_at if returned is not None else d.ended_at
+    return d.state, (d.ended_at if not d.active else 0.0)
+
+
+def edit_outcome(state: SiteState, record: AppRecord, wall: float) -> dict:
+    """This site's word on the mesh edit its record runs (meshd.waves.SiteWord's fields): its
+    `edit_state`, and the new replicas healthy and canaries running."""
+    outcome, ended = edit_state(record)
+    d = next((x for x in reversed(record.deployments) if x.edit_id and x.edit_id == record.edit_id), None)
+    if d is None:
+        return {"state": outcome, "healthy": state.running_replicas(record.spec.name), "canaries": 0,
+                "ended_ts": ended}
+    part = site_part(state, record, d, wall)
+    return {"state": outcome, "healthy": part["healthy"] or 0, "canaries": part["canaries"] or 0, "ended_ts": ended}
+
+
+def rollout_sites(view: waves.RolloutView) -> dict[str, dict]:
+    """Every site's part of a rollout across sites, as `deployments` and `deploy --wait` show it."""
+    return {site: {"state": part.state, "wave": part.wave, "reached": part.open, "healthy": part.healthy,
+                   "desired": part.desired, "canaries": part.canaries}
+            for site, part in view.sites.items()}
 
 
 def deployment_rows(state: SiteState, wall: float, app: str | None = None) -> list[dict]:
@@ -155,9 +167,7 @@ def with_rollout(rows: list[dict], app: str, edit_id: str, version: int, from_ve
     on the row of the deployment it started here: the rollout's state and every site's part,
     with its wave. A site whose wave has not reached it yet has no such deployment: the
     rollout gets a row of its own, at the top (`version` is then the mesh's version)."""
-    sites = {site: {"state": part.state, "wave": part.wave, "reached": part.open, "healthy": part.healthy,
-                    "desired": part.desired, "canaries": part.canaries}
-             for site, part in view.sites.items()}
+    sites = rollout_sites(view)
     rollout_fields = {"state": view.state, "rollout": {"waves_open": view.waves_open, "failed_sites": view.failed,
                                                        "reason": view.reason, "edit_id": edit_id}}
     out, shown = [], False

@@ -343,14 +343,15 @@ class PlanCache:
         self._size = size
         self._plans: dict[str, RolloutPlan | None] = {}
 
-    def plan(self, raw_edit: dict) -> RolloutPlan | None:
-        edit_id = raw_edit.get("edit_id", "")
+    def plan(self, edit_id: str, spec: str, stopped: bool) -> RolloutPlan | None:
+        """Of the edit `edit_id` whose spec is `spec` (an edit as the document or the site's
+        `mesh_edits` hold it)."""
         if edit_id in self._plans:
             return self._plans[edit_id]
         plan = None
-        if not raw_edit.get("stopped"):
+        if not stopped:
             try:
-                plan = specmod.parse_app_toml(raw_edit.get("spec", "")).rollout
+                plan = specmod.parse_app_toml(spec).rollout
             except specmod.SpecError:
                 plan = None  # take-in reports it
         if len(self._plans) >= self._size:
@@ -399,7 +400,7 @@ def rollout_moves(state: SiteState, plans: PlanCache, status_of: StatusOf, contr
     out: list[Command] = []
     wake: float | None = None
     for name, raw in sorted(state.mesh_edits.items()):
-        plan = plans.plan(raw)
+        plan = plans.plan(raw.get("edit_id", ""), raw.get("spec", ""), bool(raw.get("stopped")))
         if plan is None or state.site not in raw.get("targets", ()):
             continue
         edit = taken_edit(state, name)
@@ -418,8 +419,7 @@ def rollout_moves(state: SiteState, plans: PlanCache, status_of: StatusOf, contr
         if record.status != APP_RUNNING:
             continue
         d = record.deployment
-        outcome = deployments.edit_outcome(state, record, now)["state"]
-        step = waves.site_step(view, state.site, outcome)
+        step = waves.site_step(view, state.site, deployments.edit_state(record)[0])
         actor = "meshd (site leader)"
         if step == "abort" and not sitestate.abort_refusal(record, record.version):
             out.append(Rollout(app=name, version=record.version, action="abort", reason=view.reason, actor=actor))

@@ -656,9 +656,7 @@ class AdminHandlers:
                 raise AdminError(f"{edit.app} v{edit.version} was replaced while waiting")
             view = found[1]
             progress = {"app": edit.app, "version": edit.version, "state": view.state, "waves_open": view.waves_open,
-                        "sites": {site: {"state": p.state, "wave": p.wave, "healthy": p.healthy,
-                                         "desired": p.desired, "canaries": p.canaries}
-                                  for site, p in view.sites.items()}}
+                        "sites": deploymentsmod.rollout_sites(view)}
             if progress != last:
                 await stream.send(progress)
                 last = progress
@@ -710,20 +708,18 @@ class AdminHandlers:
         state = self._state()
         if app is not None and app not in state.apps and self.ctx.mesh.rollout(app) is None:
             self._record(app)
-        rows = deploymentsmod.deployment_rows(state, time.time(), app)
-        names = [app] if app is not None else sorted({row["app"] for row in rows} | set(self.ctx.mesh.document.apps()))
-        for name in names:
+        by_app: dict[str, list[dict]] = {}
+        for row in deploymentsmod.deployment_rows(state, time.time(), app):
+            by_app.setdefault(row["app"], []).append(row)
+        for name in [app] if app is not None else set(by_app) | set(self.ctx.mesh.document.apps()):
             found = self.ctx.mesh.rollout(name)
-            if found is None:
-                continue
-            edit, view = found
-            record = state.apps.get(name)
-            ours = [row for row in rows if row["app"] == name]
-            others = [row for row in rows if row["app"] != name]
-            ours = deploymentsmod.with_rollout(ours, name, edit.edit_id, edit.version,
-                                               record.version if record is not None else 0, view, state.site)
-            rows = others + ours
-        return rows
+            if found is not None:
+                edit, view = found
+                record = state.apps.get(name)
+                by_app[name] = deploymentsmod.with_rollout(by_app.get(name, []), name, edit.edit_id, edit.version,
+                                                           record.version if record is not None else 0, view,
+                                                           state.site)
+        return [row for name in sorted(by_app) for row in by_app[name]]
 
     async def history(self, request: AdminRequest, stream) -> list:
         return deploymentsmod.history_rows(self._record(_arg(request.args, "app", str, required=True)))

@@ -522,7 +522,7 @@ class MeshSync:
         if resolution is None or resolution.winner.stopped:
             return None
         winner = resolution.winner
-        plan = self._plans.plan(winner.to_plain())
+        plan = self._plans.plan(winner.edit_id, winner.spec, winner.stopped)
         if plan is None:
             return None
         return winner, meshstate.rollout_view(winner, plan, self._status_of, self._controls_of, time.time())

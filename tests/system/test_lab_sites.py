@@ -161,11 +161,18 @@ def test_cut_sites_keep_running_and_accepting_changes_then_converge_with_conflic
     assert apps["shared"]["conflicts"] == 1 and apps["shared"]["running"] == 6
 
 
-def test_three_sites_one_vanishes_the_others_go_on_and_all_converge(make_lab):
+@pytest.fixture
+def three_sites(make_lab):
+    """Sites a, b and c of one host each, b and c founded through a."""
     lab = make_lab({"a": 1, "b": 1, "c": 1}, meshd_args=FAST_SYNC)
     lab.start_site("a")
     lab.start_site_in_mesh("b", via="a-1")
     lab.start_site_in_mesh("c", via="a-1")
+    return lab
+
+
+def test_three_sites_one_vanishes_the_others_go_on_and_all_converge(three_sites):
+    lab = three_sites
     hosts = ["a-1", "b-1", "c-1"]
     for host, site in zip(hosts, "abc"):
         deploy(lab, host, f"app-{site}", 1, [site])
@@ -307,11 +314,8 @@ def rollout_states(lab, hosts, edit_id: str) -> list:
     return out
 
 
-def test_a_rollout_in_waves_goes_on_in_a_cut_site_and_a_failing_version_stops_and_returns(make_lab):
-    lab = make_lab({"a": 1, "b": 1, "c": 1}, meshd_args=FAST_SYNC)
-    lab.start_site("a")
-    lab.start_site_in_mesh("b", via="a-1")
-    lab.start_site_in_mesh("c", via="a-1")
+def test_a_rollout_in_waves_goes_on_in_a_cut_site_and_a_failing_version_stops_and_returns(three_sites):
+    lab = three_sites
     hosts = ["a-1", "b-1", "c-1"]
     wait_for(lambda: all((sites_row(lab, h, s) or {}).get("reachable") for h in hosts for s in "abc"), 30,
              what="every site reachable from every site")

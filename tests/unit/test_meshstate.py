@@ -462,7 +462,7 @@ class Fleet:
     def view(self, site: str, now: float):
         doc = self.docs[site]
         winner = doc.app("det").winner
-        plan = self.plans[site].plan(winner.to_plain())
+        plan = self.plans[site].plan(winner.edit_id, winner.spec, winner.stopped)
         return meshstate.rollout_view(winner, plan, *self.lookups(site), now)
 
     def runs(self, site: str) -> str | None:
