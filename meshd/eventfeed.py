@@ -13,6 +13,12 @@ Invariants:
   marker naming how many, before the events that follow them.
 - `since` (seconds since the epoch) keeps only events newer than it, in the backlog and
   after, so a stream resumed with the last `ts` it printed repeats nothing.
+- Every replicated event a client gets carries its `seq`; a stream resumed with
+  `after_seq` (the last `seq` it printed) gets exactly the replicated events numbered after
+  it, or a `skipped` marker for those the capped history no longer holds. A number the site
+  has not reached is refused (it belongs to another site's history, or a site started over).
+  This daemon's local events carry no site number: on a resumed stream they are the ones
+  appended from then on (and those after `since`, when given).
 """
 
 from __future__ import annotations
@@ -47,6 +53,27 @@ def check_since(value: object) -> float | None:
     return float(value)
 
 
+def check_after_seq(value: object, event_seq: int) -> int | None:
+    """The replicated event number a stream resumes after, checked against the newest the
+    site has numbered (`event_seq`)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SinceError(f"--after-seq must be an event number (0 or more), not {str(value)[:40]}")
+    if value > event_seq:
+        raise SinceError(f"no event numbered {value} on this site yet (the newest is {event_seq}): "
+                         "it is from another site's history")
+    return value
+
+
+def plain(event: Event) -> dict:
+    """A replicated event as a client gets it: with its number, to resume from."""
+    out = event.to_plain()
+    if event.seq:
+        out["seq"] = event.seq
+    return out
+
+
 def backlog(history: list[dict], since: float | None) -> list[dict]:
     """The events a new follower gets first, from the merged history (oldest first)."""
     if since is None:
@@ -59,7 +86,7 @@ def step(cursor: Cursor, events: Sequence[Event], event_seq: int, local: Sequenc
     """What to send now, and the cursor after it. `events`: the replicated history (capped,
     oldest first) numbered up to `event_seq`; `local`: the local history (capped) of
     `local_count` ever appended."""
-    new = [e.to_plain() for e in events_after(events, cursor.replicated)]
+    new = [plain(e) for e in events_after(events, cursor.replicated)]
     missed = max(0, event_seq - cursor.replicated - len(new))
     fresh = max(0, local_count - cursor.local)
     kept = min(fresh, len(local))

@@ -318,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--since", metavar="TS", type=_since,
                      help="only events after TS (seconds since the epoch, as --json prints `ts`, or an "
                           "ISO 8601 time): resumes a stream where it was left")
+    sub.add_argument("--after-seq", metavar="SEQ", type=_non_negative_int,
+                     help="only the site's events numbered after SEQ (the `seq` --json prints), with a "
+                          "`skipped` line for any no longer kept: resumes a stream exactly")
 
     command("audit", "who did what, where, when", _build_audit, _show_audit)
     return parser
@@ -459,7 +462,10 @@ def _build_logs(opts: argparse.Namespace) -> Request:
 
 
 def _build_events(opts: argparse.Namespace) -> Request:
-    return Request("events", {"follow": opts.follow, "since": opts.since},
+    args = {"follow": opts.follow, "since": opts.since}
+    if opts.after_seq is not None:
+        args["after_seq"] = opts.after_seq
+    return Request("events", args,
                    timeout=None if opts.follow else ONE_SHOT_TIMEOUT_S, follow=opts.follow)
 
 

@@ -451,13 +451,27 @@ class AdminHandlers:
         except eventfeed.SinceError as e:
             raise AdminError(str(e)) from None
         state = self._state()
-        history = self._merged_events(state.events, list(self.ctx.local_events))
-        if not follow_:
-            return [e for e in history if e["ts"] > since] if since is not None else history
-        # Followed by sequence numbers, not by position (meshd.eventfeed).
-        cursor = eventfeed.Cursor(state.event_seq, self.ctx.local_event_count, since)
-        for event in eventfeed.backlog(history, since):
-            await stream.send(event)
+        try:
+            after_seq = eventfeed.check_after_seq(request.args.get("after_seq"), state.event_seq)
+        except eventfeed.SinceError as e:
+            raise AdminError(str(e)) from None
+        if after_seq is not None:
+            # Resumed by number: the replicated events after it (and a marker for those the
+            # capped history dropped), then on as any stream (meshd.eventfeed).
+            cursor = eventfeed.Cursor(after_seq, self.ctx.local_event_count, since)
+            items, cursor = eventfeed.step(cursor, state.events, state.event_seq, (), 0, time.time())
+            if not follow_:
+                return items
+            for event in items:
+                await stream.send(event)
+        else:
+            history = self._merged_events(state.events, list(self.ctx.local_events))
+            if not follow_:
+                return [e for e in history if e["ts"] > since] if since is not None else history
+            # Followed by sequence numbers, not by position (meshd.eventfeed).
+            cursor = eventfeed.Cursor(state.event_seq, self.ctx.local_event_count, since)
+            for event in eventfeed.backlog(history, since):
+                await stream.send(event)
         while True:
             await self.ctx.state_changed.wait(1.0)
             state = self._state()
@@ -474,7 +488,7 @@ class AdminHandlers:
             found = policies_in_document(d.mesh.document.records(SignedRecord), bytes.fromhex(state.trust_root),
                                          d.membership.mesh_id)
             conflicts += policy_conflict_events(found)
-        return sorted([e.to_plain() for e in replicated] + local + conflicts, key=lambda e: e["ts"])
+        return sorted([eventfeed.plain(e) for e in replicated] + local + conflicts, key=lambda e: e["ts"])
 
     async def audit(self, request: AdminRequest, stream) -> list:
         """Audit records of every site (the mesh document), and this site's own not yet in it."""

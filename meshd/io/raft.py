@@ -105,8 +105,32 @@ MAX_TERM_JUMP = 10**9
 MAX_TERM = 2**53
 # The Raft thread's own watchdog: ticks failing (or not happening) this long end the daemon
 # like a wedged trio loop (meshd.io.watchdog), instead of a node that looks alive to the
-# site's liveness while its Raft never moves.
+# site's liveness while its Raft never moves. The same limit holds for a voter connected to
+# another voter that neither sends nor receives a Raft message (`raft_stall`): in a working
+# Raft one of them speaks every election timeout (a heartbeat, an answer, a vote request).
 RAFT_STALL_LIMIT = 15.0
+# Ticks failing over and over log their trace once, then a count this often: a line every
+# few seconds says it goes on, without a traceback per tick (20 a second).
+TICK_FAILURE_LOG_EVERY = 5.0
+
+
+def raft_stall(now: float, awake_since: float, ticked_at: float, traffic_at: float | None,
+               limit: float) -> tuple[float, str] | None:
+    """Pure: whether the Raft thread has stopped making progress, as (for how long, why).
+
+    `ticked_at`: the last tick that went through; `traffic_at`: the last Raft message sent
+    to or received from a connected voter, or the moment one connected (None while this node
+    is no voter or no voter is connected: a partitioned or lone node is silent by right);
+    `awake_since`: when the process last came back from being frozen (SIGSTOP, a paused VM),
+    as time frozen is nobody's stall. All on one monotonic clock."""
+    ticks = now - max(ticked_at, awake_since)
+    if ticks > limit:
+        return ticks, "its ticks keep failing or stopped"
+    if traffic_at is not None:
+        silent = now - max(traffic_at, awake_since)
+        if silent > limit:
+            return silent, "no Raft message to or from its connected voters"
+    return None
 
 # Outgoing connections too read with the bounded, linear buffer (pysyncobj's transport makes
 # them from this module-level name).
@@ -125,9 +149,27 @@ class SiteTransport(TCPTransport):
 
     def __init__(self, syncObj, selfNode, otherNodes):
         self._unauthenticated = raftport.UnauthenticatedLimits()
+        # The last message sent to or received from a member, or the last connection to a
+        # voter (time.monotonic()): what the Raft thread's watchdog reads (raft_stall).
+        self.traffic_at = time.monotonic()
         super().__init__(syncObj, selfNode, otherNodes)
         # non-voter node -> (what its last message said, raft_clock() when it was sent)
         self._told: dict = {}
+
+    def voter_connected(self) -> bool:
+        """This node is a voter and holds a live connection to another voter."""
+        if self._selfIsReadonlyNode:
+            return False
+        return any(conn.state == CONNECTION_STATE.CONNECTED
+                   for node, conn in list(self._connections.items()) if node in self._nodes)
+
+    def _onNodeConnected(self, node) -> None:
+        self.traffic_at = time.monotonic()
+        super()._onNodeConnected(node)
+
+    def _onMessageReceived(self, node, message) -> None:
+        self.traffic_at = time.monotonic()
+        super()._onMessageReceived(node, message)
 
     def _createServer(self) -> None:
         super()._createServer()
@@ -165,7 +207,10 @@ class SiteTransport(TCPTransport):
 
     def send(self, node, message) -> bool:
         if isinstance(node, TCPNode) or not isinstance(message, dict) or message.get("type") != "append_entries":
-            return super().send(node, message)
+            sent = super().send(node, message)
+            if sent:
+                self.traffic_at = time.monotonic()
+            return sent
         said = _heartbeat_content(message)
         now = raft_clock()
         told = self._told.get(node)
@@ -229,6 +274,10 @@ class _Load:
     commands: list[tuple[dict, PendingResult]] = field(default_factory=list)  # committed behind it, in order
 
 
+class RaftDataError(Exception):
+    """This node's own Raft data (journal, snapshot) cannot be used; the message names the file."""
+
+
 class CommandFailed(Exception):
     """A command did not commit (no leader, leader change, timeout). Its outcome may be unknown."""
 
@@ -274,6 +323,12 @@ class SiteRaft(SyncObj):
         self._loader: threading.Thread | None = None
         self._absurd_logged_at = float("-inf")
         super().__init__(self_address, partners, conf, transportClass=SiteTransport)
+        if self.raftCurrentTerm > MAX_TERM:
+            # A term no site reaches (see MAX_TERM): a damaged journal. Adopting it would make
+            # it every member's term through this node's first vote request.
+            self._doDestroy()
+            raise RaftDataError(f"the Raft journal {conf.journalFile} holds term {self.raftCurrentTerm}, beyond "
+                                f"any real site's ({MAX_TERM}): it is damaged")
         self._write_commit_index_only_when_it_moves()
         # The replicated state: what snapshots hold (meshd.io.snapshots), nothing else.
         self.site_state = SiteState()
@@ -581,6 +636,7 @@ class RaftNode:
 
     def _run(self) -> None:
         self.raft.refresh_status()  # readers see a real status before the first tick's wait
+        failed_logged_at, failed_since_log = float("-inf"), 0
         while not self._stopping.is_set():
             try:
                 self.raft.doTick(self._tick_wait())
@@ -592,19 +648,34 @@ class RaftNode:
                     self.raft._persist_commit_index = False
                     self.raft._SyncObj__raftLog.onOneSecondTimer()
                 self._ticked_at = time.monotonic()
+                failed_logged_at, failed_since_log = float("-inf"), 0
             except Exception:
-                log.exception("raft tick failed")
+                # A damaged journal fails every tick: the trace once, then a count every
+                # TICK_FAILURE_LOG_EVERY until it works again or the watchdog ends the daemon.
+                failed_since_log += 1
+                now = time.monotonic()
+                if failed_logged_at == float("-inf"):
+                    log.exception("raft tick failed")
+                    failed_logged_at, failed_since_log = now, 0
+                elif now - failed_logged_at >= TICK_FAILURE_LOG_EVERY:
+                    log.error("raft ticks still failing", extra={"failed": failed_since_log,
+                                                                 "stalled_s": round(now - self._ticked_at, 1)})
+                    failed_logged_at, failed_since_log = now, 0
                 self._stopping.wait(self._tick)
 
-    def stalled_for(self, now: float) -> float | None:
-        """How long (monotonic `now`) the Raft thread has gone without a tick that went
-        through, once that is past RAFT_STALL_LIMIT; None while it ticks, or once stopping."""
+    def stalled_for(self, now: float, awake_since: float = float("-inf")) -> tuple[float, str] | None:
+        """Whether the Raft thread has stopped making progress (raft_stall), as (for how long,
+        why), at monotonic `now`; None while it works, or once stopping. `awake_since`: when
+        the process last came back from being frozen (meshd.io.watchdog.StallClock)."""
         if self._stopping.is_set():
             return None
-        if not self._thread.is_alive():
-            return max(now - self._ticked_at, RAFT_STALL_LIMIT + 1.0)  # it died: at once
-        stalled = now - self._ticked_at
-        return stalled if stalled > RAFT_STALL_LIMIT else None
+        if not self._thread.is_alive():  # it died: at once
+            return max(now - self._ticked_at, RAFT_STALL_LIMIT + 1.0), "its thread died"
+        transport = getattr(self.raft, "_SyncObj__transport", None)
+        traffic_at = None
+        if isinstance(transport, SiteTransport) and transport.voter_connected():
+            traffic_at = transport.traffic_at
+        return raft_stall(now, awake_since, self._ticked_at, traffic_at, RAFT_STALL_LIMIT)
 
     def close(self) -> None:
         self._stopping.set()

@@ -11,6 +11,8 @@ Here:
 - `SiteTcpServer` survives a failed `accept`: on running out of file descriptors it uses a
   reserved descriptor to take the waiting connection off the queue and close it, so the
   listener neither closes nor spins, and says so in the log at most once per LOG_EVERY.
+- The `meshd.raft` logger is throttled (meshd.io.logthrottle): a flood of cut peers costs a
+  line every ten seconds, not a line per connection.
 - `UnauthenticatedLimits` decides which connections that have not yet sent a message the
   site secret opens (pysyncobj's "unknown" connections) must go: beyond MAX_UNKNOWN_PER_HOST
   from one host or MAX_UNKNOWN in total at once, or older than UNKNOWN_TIMEOUT.
@@ -39,7 +41,11 @@ from pysyncobj.monotonic import monotonic as raft_clock
 from pysyncobj.poller import POLL_EVENT_TYPE
 from pysyncobj.tcp_connection import TcpConnection
 
-log = logging.getLogger("meshd.raft")
+from meshd.io.logthrottle import throttle
+
+# Anyone who can reach the port can cause these lines (a cut peer, a refused connection), so
+# each message is let through at most once per logthrottle.EVERY, with the count held back.
+log = throttle(logging.getLogger("meshd.raft"))
 
 # The largest message a member sends: an append-entries batch (pysyncobj's 64 KiB batch
 # bound, plus one command, which the admin socket and peer port bound at 1 MiB) or a

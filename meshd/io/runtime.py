@@ -118,7 +118,7 @@ class Runtime:
             # the daemon cleanly, its workloads and Raft included
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
             # It also watches the Raft thread, once there is one.
-            raft_stalled = lambda now: ctx.raft.stalled_for(now) if ctx.raft else None  # noqa: E731
+            raft_stalled = lambda now, awake: ctx.raft.stalled_for(now, awake) if ctx.raft else None  # noqa: E731
             await nursery.start(LoopWatchdog(watch_also=raft_stalled).run)
             ping_interval = watchdog_ping_interval(os.environ, os.getpid())
             if ping_interval is not None:  # systemd's WatchdogSec=: pings from this loop

@@ -9,8 +9,10 @@ with EXIT_WEDGED. Workloads die with the daemon (PDEATHSIG), the site replaces t
 systemd restarts the daemon.
 
 The same thread watches the Raft thread (`watch_also`: meshd.io.raft.RaftNode.stalled_for):
-a Raft whose ticks keep failing (a damaged journal) or stopped would otherwise look alive
-(the process answers, the trio loop feeds) while the node takes no part in its site.
+a Raft whose ticks keep failing (a damaged journal) or stopped, or a voter connected to
+other voters that neither sends nor receives a Raft message, would otherwise look alive
+(the process answers, the trio loop feeds) while the node takes no part in its site. Time
+frozen counts for neither: the Raft check runs on the time since the process last woke.
 
 Invariants:
 - `StallClock` is pure (time passed in) and decides; the thread only asks it.
@@ -52,6 +54,7 @@ class StallClock:
         self.check_period = check_period
         self._fed = now
         self._last_check = now
+        self.awake_since = now  # when the process last came back from being frozen (or started)
 
     def feed(self, now: float) -> None:
         self._fed = max(self._fed, now)
@@ -62,14 +65,17 @@ class StallClock:
         if now - self._last_check > 2 * self.check_period:
             # We were not running either: the process was frozen, not wedged.
             self._fed = max(self._fed, now)
+            self.awake_since = now
         self._last_check = now
         starved = now - self._fed
         return starved if starved > self.limit else None
 
 
-def _die_wedged(stalled_for: float, what: str = "event loop") -> None:
-    log.critical(f"{what} wedged; exiting so the site replaces this node",
-                 extra={"stalled_s": round(stalled_for, 1)})
+def _die_wedged(stalled_for: float, what: str = "event loop", why: str | None = None) -> None:
+    fields = {"stalled_s": round(stalled_for, 1)}
+    if why:
+        fields["reason"] = why
+    log.critical(f"{what} wedged; exiting so the site replaces this node", extra=fields)
     faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
     os._exit(EXIT_WEDGED)
 
@@ -77,12 +83,13 @@ def _die_wedged(stalled_for: float, what: str = "event loop") -> None:
 class LoopWatchdog:
     def __init__(self, stall_limit: float = DEFAULT_STALL_LIMIT,
                  on_stall: Callable[..., None] = _die_wedged,
-                 watch_also: Callable[[float], float | None] | None = None) -> None:
+                 watch_also: Callable[[float, float], tuple[float, str] | None] | None = None) -> None:
         self._clock = StallClock(stall_limit, CHECK_PERIOD, time.monotonic())
         self._lock = threading.Lock()
         self._on_stall = on_stall
         self._stopping = threading.Event()
-        # monotonic now -> how long the Raft thread has stalled (past its own limit), or None
+        # (monotonic now, awake since) -> (how long the Raft thread has stalled past its own
+        # limit, why), or None (meshd.io.raft.RaftNode.stalled_for)
         self._watch_also = watch_also
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -102,10 +109,11 @@ class LoopWatchdog:
         while not self._stopping.wait(CHECK_PERIOD):
             with self._lock:
                 stalled_for = self._clock.check(time.monotonic())
+                awake_since = self._clock.awake_since
             if stalled_for is not None:
                 self._on_stall(stalled_for)
                 return
-            raft_stalled = self._watch_also(time.monotonic()) if self._watch_also is not None else None
+            raft_stalled = self._watch_also(time.monotonic(), awake_since) if self._watch_also is not None else None
             if raft_stalled is not None:
-                self._on_stall(raft_stalled, "raft thread")
+                self._on_stall(raft_stalled[0], "raft thread", raft_stalled[1])
                 return

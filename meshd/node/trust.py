@@ -10,10 +10,11 @@ and the secret stays.
 Invariants:
 - Pure: signing with the root key is computation; the wall clock comes in as `now`.
 - A follow-up runs only on an `Ok`; every `Refused` becomes an event with its reason.
-- A revocation never expels the node that makes it, and never the last voter or the last
-  member of its site (`expulsion_problem`): refused with the reason. An operator may
-  `--force` the last-voter and last-member cases, never the self-expulsion; an automatic
-  revocation (re-attestation) is never forced.
+- A revocation never expels the node that makes it, the last voters of its site, so many
+  voters that those left (and not down) are no majority of the Raft configuration (the
+  site could never commit their removal: quorum lost for good), or the last member
+  (`expulsion_problem`): refused with the reason. An operator may `--force` all but the
+  self-expulsion; an automatic revocation (re-attestation) is never forced.
 - The secret goes to current members only (not left, not revoked, not quarantined, not
   this node); a quarantined member asks for it again once it is released.
 """
@@ -26,7 +27,7 @@ from attestation.revocation import open_revocations, sign_revocations
 from attestation.signed import AttestationError
 from meshd.commands import CONFLICT, INTERNAL, UNTRUSTED, Ok, Refused, Result, RevokeNode, RotateSecret
 from meshd.node.effects import Commit, DistributeSecret, Effect, Emit, TellRevoked
-from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, NodeRecord, SiteState
+from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, LIVENESS_DOWN, NodeRecord, SiteState
 
 # Reasons are shown in tables and stored in the revocation list: a line, not an essay.
 MAX_REASON = 200
@@ -35,17 +36,26 @@ MAX_REASON = 200
 def expulsion_problem(state: SiteState, expelled: set[str], own_id: str) -> tuple[str, bool] | None:
     """Why expelling the members `expelled` (node ids) would wreck the site, and whether an
     operator may force it anyway; None when it is safe. Expelling the node that does it is
-    never allowed (it would cut itself off mid-operation); the last voter (the site loses its
-    Raft log for good) and the last member (nothing is left to run or to rejoin) may be forced."""
+    never allowed (it would cut itself off mid-operation); the last voters or a majority of
+    them (the site loses its quorum for good) and the last member (nothing is left to run or
+    to rejoin) may be forced."""
     if own_id and own_id in expelled:
         return "it would expel this node itself, the one doing it; run it on another member", False
     current = [n for n in state.nodes.values() if n.admin not in (ADMIN_LEFT, ADMIN_REVOKED)]
     staying = [n for n in current if n.node_id not in expelled]
     if current and not staying:
         return f"it would expel every member of site {state.site}", True
-    if any(n.voter for n in current) and not any(n.voter for n in staying):
+    voters = [n for n in current if n.voter]
+    if voters and not any(n.voter for n in staying):
         return f"it would expel the last voters of site {state.site}, which then can never agree on anything again", \
             True
+    # The expelled voters leave the Raft configuration by a change the remaining ones must
+    # commit, as a majority of the configuration they are still in; voters already down
+    # cannot help them.
+    able = [n for n in staying if n.voter and n.liveness != LIVENESS_DOWN]
+    if len(able) * 2 <= len(voters):
+        return (f"it would leave {len(able)} of the {len(voters)} voters of site {state.site} able to agree "
+                f"({len(voters) // 2 + 1} needed): the site would lose its quorum for good"), True
     return None
 
 

@@ -76,6 +76,13 @@ def test_sigkill_of_a_non_leader_moves_its_allocations(three):
     newer = leader.call("events", follow=False, since=before)
     assert newer and all(e["ts"] > before for e in newer) and len(newer) < len(events)
     assert any(e["kind"] == "node" and victim.name in e["message"] and "down" in e["message"] for e in newer)
+    # --after-seq resumes by the site's event numbers: exactly the replicated events after it.
+    numbered = [e for e in events if "seq" in e]
+    middle = numbered[len(numbered) // 2]["seq"]
+    resumed = leader.call("events", follow=False, after_seq=middle)
+    assert [e["seq"] for e in resumed] == [e["seq"] for e in numbered if e["seq"] > middle]
+    with pytest.raises(AdminError, match="no event numbered"):
+        leader.call("events", follow=False, after_seq=numbered[-1]["seq"] + 1000)
 
 
 def test_sigkill_of_the_leader_elects_a_new_one_and_deploys_still_work(three):

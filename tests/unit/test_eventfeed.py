@@ -54,3 +54,25 @@ def test_since_that_is_not_a_time_is_refused(bad):
     with pytest.raises(eventfeed.SinceError, match="--since must be a time"):
         eventfeed.check_since(bad)
     assert eventfeed.check_since(None) is None and eventfeed.check_since(12) == 12.0
+
+
+def test_every_replicated_event_carries_its_number_and_a_stream_resumes_after_it_exactly():
+    kept = numbered(1001, 3000)  # the capped history holds 1,001 to 3,000
+    first, cursor = eventfeed.step(Cursor(2990, 0), kept, 3000, [], 0, now=0.0)
+    assert [e["seq"] for e in first] == list(range(2991, 3001))
+    # the client printed up to 2995 and reconnected: it gets 2996 on, nothing twice
+    resumed, _ = eventfeed.step(Cursor(eventfeed.check_after_seq(2995, 3000), 0), kept, 3000, [], 0, now=0.0)
+    assert [e["seq"] for e in resumed] == [2996, 2997, 2998, 2999, 3000]
+    # resumed after numbers the history no longer holds: one marker, then all it holds
+    old, _ = eventfeed.step(Cursor(eventfeed.check_after_seq(500, 3000), 0), kept, 3000, [], 0, now=7.0)
+    assert old[0]["kind"] == "skipped" and old[0]["missed"] == 500
+    assert [e["seq"] for e in old[1:]] == list(range(1001, 3001))
+
+
+@pytest.mark.parametrize("bad, why", [(True, "must be an event number"), ("3", "must be an event number"),
+                                      (-1, "must be an event number"), (1.5, "must be an event number"),
+                                      (3001, "no event numbered 3001 on this site yet")])
+def test_a_resume_number_that_is_not_one_or_not_reached_is_refused(bad, why):
+    with pytest.raises(eventfeed.SinceError, match=why):
+        eventfeed.check_after_seq(bad, 3000)
+    assert eventfeed.check_after_seq(None, 3000) is None and eventfeed.check_after_seq(3000, 3000) == 3000

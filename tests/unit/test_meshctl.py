@@ -339,6 +339,14 @@ def test_events_since_takes_epoch_seconds_or_an_iso_time(daemon, capsys):
     assert "--since" in capsys.readouterr().err and len(daemon.requests) == 2
 
 
+def test_events_after_seq_takes_an_event_number(daemon, capsys):
+    daemon.script["events"] = ([], [])
+    assert run(daemon, "events", "--after-seq", "-3") == 2
+    assert "--after-seq" in capsys.readouterr().err and daemon.requests == []
+    assert run(daemon, "events", "--after-seq", "41", "--follow") == 0
+    assert daemon.requests == [("events", {"follow": True, "since": None, "after_seq": 41})]
+
+
 def test_events_follow_prints_one_line_per_event(daemon, capsys):
     streamed = [
         {"ts": 1_700_000_001.0, "kind": "node", "message": "edge-2 is down"},

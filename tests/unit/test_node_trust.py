@@ -104,3 +104,27 @@ def test_no_revocation_expels_the_node_making_it_the_last_voter_or_everyone():
     problem = trust.expulsion_problem(state, _ids(2, 3) | {one.node_id}, "")
     assert problem == (f"it would expel every member of site {state.site}", True)
     assert trust.expulsion_problem(state, _ids(3), one.node_id) is None  # a non-voter of three: fine
+
+
+def test_no_revocation_leaves_the_site_without_a_majority_of_its_voters():
+    """Five voters: expelling two leaves three of five (a quorum); three would leave two,
+    which could never commit the removal of the others. Voters already down do not count
+    among those left."""
+    import dataclasses
+    from meshd.state import LIVENESS_DOWN, LIVENESS_READY
+    state = site(5)
+    for node_id, record in list(state.nodes.items()):
+        state.nodes[node_id] = dataclasses.replace(record, voter=True, liveness=LIVENESS_READY)
+    assert trust.expulsion_problem(state, _ids(2, 3), "") is None
+    problem = trust.expulsion_problem(state, _ids(2, 3, 4), "")
+    assert problem == (f"it would leave 2 of the 5 voters of site {state.site} able to agree (3 needed): "
+                       "the site would lose its quorum for good", True)
+    # one voter down already: expelling two of the others leaves two able, of five
+    down = sorted(_ids(5))[0]
+    state.nodes[down] = dataclasses.replace(state.nodes[down], liveness=LIVENESS_DOWN)
+    assert "lose its quorum" in trust.expulsion_problem(state, _ids(2, 3), "")[0]
+    # the down voter itself may go: the four left are a majority
+    assert trust.expulsion_problem(state, {down}, "") is None
+    refused = trust.revocation(state, state.nodes[sorted(_ids(2))[0]], "op", "", ROOT, NOW, own_id="f" * 32)
+    assert isinstance(refused, RevokeNode)  # one of five, with one down: three of five are left
+

@@ -327,10 +327,56 @@ def test_a_raft_thread_whose_ticks_keep_failing_is_reported_stalled(tmp_path, mo
         while node.stalled_for(time.monotonic()) is None:
             assert time.monotonic() < deadline, "a Raft thread failing every tick was never reported"
             time.sleep(0.05)
-        assert node.stalled_for(time.monotonic()) > 0.5
+        seconds, why = node.stalled_for(time.monotonic())
+        assert seconds > 0.5 and "ticks" in why
     finally:
         node.close()
     assert node.stalled_for(time.monotonic()) is None  # stopped on purpose: not a stall
+
+
+@pytest.mark.parametrize("now, awake_since, ticked_at, traffic_at, expected", [
+    (100.0, 0.0, 99.9, 99.0, None),  # ticking and talking
+    (100.0, 0.0, 99.9, None, None),  # ticking, no voter connected (alone, cut off): silence is fine
+    (100.0, 0.0, 80.0, 99.0, (20.0, "its ticks keep failing or stopped")),
+    (100.0, 0.0, 99.9, 80.0, (20.0, "no Raft message to or from its connected voters")),
+    (100.0, 95.0, 50.0, 50.0, None),  # frozen until 95: counted from then
+    (100.0, 80.0, 50.0, 50.0, (20.0, "its ticks keep failing or stopped")),
+])
+def test_raft_stall(now, awake_since, ticked_at, traffic_at, expected):
+    from meshd.io.raft import raft_stall
+    assert raft_stall(now, awake_since, ticked_at, traffic_at, limit=15.0) == expected
+
+
+def test_a_voter_whose_raft_messages_stop_is_reported_stalled_though_it_ticks(tmp_path, monkeypatch):
+    """Two real voters: while they talk, neither is stalled; once one of them neither sends
+    nor receives a message (its ticks still go through), it is, and the reason says so.
+    The other, still sending its heartbeats or vote requests, is not."""
+    from meshd.io import raft as raftmod
+    monkeypatch.setattr(raftmod, "RAFT_STALL_LIMIT", 1.0)
+    addresses = {n: f"127.0.0.1:{free_port('127.0.0.1')}" for n in ("a", "b")}
+    nodes = {}
+    try:
+        for name in addresses:
+            nodes[name] = _start(tmp_path, name, addresses, SnapshotStore())
+        _wait_for_leader(nodes)
+        time.sleep(0.5)
+        for node in nodes.values():
+            assert node.stalled_for(time.monotonic()) is None
+        mute = nodes["a"]
+        # Its ticks return (as a tick does whose poller lost its sockets) but do no Raft
+        # work: nothing is read or sent, while its connection to b stays open.
+        mute.raft.doTick = lambda timeout: time.sleep(timeout)
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while mute.stalled_for(time.monotonic()) is None:
+            assert time.monotonic() < deadline, "a voter that stopped talking was never reported"
+            time.sleep(0.05)
+        seconds, why = mute.stalled_for(time.monotonic())
+        assert seconds > 1.0 and why == "no Raft message to or from its connected voters"
+        assert time.monotonic() - mute._ticked_at < 0.5  # its ticks go on
+        assert nodes["b"].stalled_for(time.monotonic()) is None
+    finally:
+        for node in nodes.values():
+            node.close()
 
 
 def test_a_message_announcing_an_absurd_term_is_dropped(tmp_path):
@@ -345,3 +391,18 @@ def test_a_message_announcing_an_absurd_term_is_dropped(tmp_path):
         assert raft.raftCurrentTerm == term
     raft._SyncObj__onMessageReceived(None, dict(vote, term=term + 5))  # a real election elsewhere: taken
     assert raft.raftCurrentTerm == term + 5
+
+
+def test_a_journal_holding_an_absurd_term_is_refused_at_start_naming_the_file(tmp_path):
+    """A flipped byte in the journal's term would become the whole site's term at this
+    node's first vote request: the node refuses to start on it instead."""
+    from pysyncobj.journal import createJournal
+    from meshd.io.raft import MAX_TERM, RaftDataError
+    node = _lone_voter(tmp_path)
+    node.close()
+    journal_path = tmp_path / "lone" / "raft" / "journal"
+    journal = createJournal(str(journal_path))
+    journal.setCurrentTerm(MAX_TERM * 1000, None)
+    journal._destroy()
+    with pytest.raises(RaftDataError, match=f"journal {journal_path} holds term {MAX_TERM * 1000}"):
+        _lone_voter(tmp_path)

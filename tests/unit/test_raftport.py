@@ -65,6 +65,20 @@ def test_a_peer_announcing_a_huge_message_is_cut_at_once(node):
     assert _cut(negative, 2.0)
 
 
+def test_a_flood_of_cut_peers_logs_one_line_not_one_per_connection(node, caplog):
+    _raft, address = node
+    for throttle in raftport.log.filters:  # forget the lines the earlier tests let through
+        throttle._messages.clear()
+    with caplog.at_level("INFO", logger="meshd.raft"):
+        for _ in range(5):
+            sock = _connect(address)
+            sock.sendall(struct.pack("i", 2**31 - 1))
+            assert _cut(sock, 2.0)
+            sock.close()
+    cut_lines = [r for r in caplog.records if r.getMessage().startswith("raft peer cut")]
+    assert len(cut_lines) == 1
+
+
 def test_a_message_within_the_bound_is_buffered_until_complete(node):
     """Not cut for its size: only for not being from a holder of the site secret."""
     _raft, address = node

@@ -74,13 +74,23 @@ def test_a_stalled_raft_thread_ends_the_daemon_like_a_wedged_loop():
     async def main():
         async with trio.open_nursery() as nursery:
             watchdog = LoopWatchdog(stall_limit=CHECK_PERIOD * 5, on_stall=lambda *a: stalls.append(a),
-                                    watch_also=lambda now: raft_says["stalled"])
+                                    watch_also=lambda now, awake_since: raft_says["stalled"])
             await nursery.start(watchdog.run)
             await trio.sleep(CHECK_PERIOD * 1.5)
             assert stalls == []  # both alive
-            raft_says["stalled"] = 16.0
+            raft_says["stalled"] = (16.0, "its ticks keep failing or stopped")
             await trio.sleep(CHECK_PERIOD * 1.5)
             nursery.cancel_scope.cancel()
 
     trio.run(main)
-    assert stalls == [(16.0, "raft thread")]
+    assert stalls == [(16.0, "raft thread", "its ticks keep failing or stopped")]
+
+
+def test_a_frozen_process_restarts_the_time_the_raft_check_counts_from():
+    """SIGSTOP for longer than the limit: the check that comes late moves `awake_since`, so
+    the Raft thread (which did not tick while frozen either) is judged from then."""
+    clock = StallClock(limit=5.0, check_period=1.0, now=0.0)
+    clock.feed(1.0)
+    assert clock.check(1.0) is None and clock.awake_since == 0.0
+    assert clock.check(40.0) is None  # frozen 39 s
+    assert clock.awake_since == 40.0
