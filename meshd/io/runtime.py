@@ -35,8 +35,8 @@ from meshd.io.attester import package_digest, started_digest
 from meshd.io.context import FatalStartupError, NodeContext, advertise_mismatch, local_ips
 from meshd.io.fdlimit import NEEDED, raise_fd_limit
 from meshd.io.logfiles import iso_time
-from meshd.io.identity import (DataDirLocked, Membership, lock_data_dir, load_or_create_identity, load_ports,
-                               read_revoked_marker, save_ports)
+from meshd.io.identity import (DataDirError, DataDirLocked, Membership, check_certificates, lock_data_dir,
+                               load_or_create_identity, load_ports, read_revoked_marker, save_ports)
 from meshd.io.mdns import Discovery
 from meshd.io.ports import free_port
 from meshd.io.memory import trim_heap
@@ -85,12 +85,17 @@ class Runtime:
     async def run(self) -> None:
         ctx = self.ctx
         self._take_data_dir()
-        ctx.identity = load_or_create_identity(ctx.data_dir)
         revoked = read_revoked_marker(ctx.data_dir)
         if revoked:
             raise FatalStartupError(revoked + "; wipe the data dir to start this device over as a new node",
                                     EXIT_REVOKED)
-        ctx.membership = Membership.load(ctx.data_dir)
+        try:
+            ctx.identity = load_or_create_identity(ctx.data_dir)
+            ctx.membership = Membership.load(ctx.data_dir)
+            if ctx.membership is not None:
+                check_certificates(ctx.data_dir)
+        except DataDirError as e:
+            raise FatalStartupError(str(e)) from None
         self._check_config_against_data_dir()
         ctx.open_wakeups()
         self._choose_ports()
@@ -218,6 +223,9 @@ class Runtime:
             # Port 0 picks free ports once; a restarted node keeps them, because the other
             # voters know it by its Raft address.
             ctx.peer_port, ctx.raft_port = saved["peer_port"], saved["raft_port"]
+        elif ctx.membership is not None:
+            # No usable record of them (lost, damaged): the ports the site knows this member by.
+            ctx.peer_port, ctx.raft_port = ctx.membership.peer_port, ctx.membership.raft_port
         else:
             ctx.peer_port = free_port(ctx.listen_ip)
             ctx.raft_port = free_port(ctx.listen_ip, avoid=(ctx.peer_port,))

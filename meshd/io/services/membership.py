@@ -138,8 +138,9 @@ class MembershipService:
         self.ctx.membership = Membership(site=site, mesh_id=mesh_id, site_secret=secrets.token_hex(32), voter=True,
                                      peer_port=self.ctx.peer_port, raft_port=self.ctx.raft_port, partners=[],
                                      root_key=root_key)
-        self.ctx.membership.save(self.ctx.data_dir)
+        # Certificates first: membership.json is what makes this data dir a member's.
         save_certificates(self.ctx.data_dir, member_cert, trust["root_cert"])
+        self.ctx.membership.save(self.ctx.data_dir)
         self.ctx.start_raft()
         command = Bootstrap(site=site, mesh_id=mesh_id, node=node_from_wire(self.ctx.node_plain()), trust=trust,
                             actor=self.ctx.config.name)
@@ -205,8 +206,8 @@ class MembershipService:
                                      peer_port=self.ctx.peer_port, raft_port=self.ctx.raft_port,
                                      partners=list(welcome["partners"]),
                                      root_key=str(welcome.get("root_key", "")))
-        self.ctx.membership.save(self.ctx.data_dir)
         save_certificates(self.ctx.data_dir, str(welcome["member_cert"]), str(welcome["root_cert"]))
+        self.ctx.membership.save(self.ctx.data_dir)
         self.ctx.event("membership", f"joined site {token.site} via {address}", site=token.site,
                    voter=self.ctx.membership.voter)
         self.ctx.start_raft()
