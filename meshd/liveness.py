@@ -137,6 +137,12 @@ class LivenessTracker:
             watch.streak_start = None
             watch.down_counted = False
 
+    def resumed(self, at: float) -> None:
+        """The leader was frozen until `at` (it could hear nobody): no lease runs out for the
+        silence before it. Nothing counts as heard, so a down node stays down."""
+        for watch in self._watch.values():
+            watch.last_move = max(watch.last_move, at)
+
     def observe(self, state: SiteState, now: float, contacts: Mapping[str, float] | None = None) -> list[Transition]:
         """`contacts`: node_id -> when the leader last heard that node (same clock as `now`)."""
         contacts = contacts or {}

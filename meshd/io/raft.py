@@ -112,6 +112,9 @@ RAFT_STALL_LIMIT = 15.0
 # Ticks failing over and over log their trace once, then a count this often: a line every
 # few seconds says it goes on, without a traceback per tick (20 a second).
 TICK_FAILURE_LOG_EVERY = 5.0
+# Two ticks this far apart mean the Raft thread was not running (a tick waits at most the
+# heartbeat interval, 0.2 s by default): the process was frozen, or starved as badly.
+FROZEN_GAP = 1.0
 
 
 def raft_stall(now: float, awake_since: float, ticked_at: float, traffic_at: float | None,
@@ -293,6 +296,13 @@ class RaftStatus:
     partners: tuple[str, ...]  # voters other than this node, per the Raft configuration
     # Leader only: (raft address, time.monotonic() when that voter last answered a heartbeat).
     contacts: tuple[tuple[str, float], ...] = ()
+    # time.monotonic() when the Raft thread made this status (after a tick): a reader that
+    # finds it old knows the Raft thread has not run since (the process was frozen).
+    refreshed_at: float = 0.0
+    # time.monotonic() when the Raft thread last came back from a gap between two ticks of
+    # more than FROZEN_GAP (the process frozen: SIGSTOP, a paused VM, swap), or started:
+    # nothing could be heard meanwhile, so silence before it says nothing of the others.
+    awake_since: float = 0.0
 
 
 # SiteRaft overrides these two private methods of pysyncobj (by their mangled names); a
@@ -524,6 +534,9 @@ class SiteRaft(SyncObj):
                              for node, heard in self._SyncObj__lastResponseTime.items()
                              if getattr(node, "address", None))
         previous = self._status_cache
+        refreshed_at = time.monotonic()
+        awake_since = refreshed_at if previous is None or refreshed_at - previous.refreshed_at > FROZEN_GAP \
+            else previous.awake_since
         self._status_cache = RaftStatus(
             role=role,
             leader_address=leader.address if leader is not None else None,
@@ -533,6 +546,8 @@ class SiteRaft(SyncObj):
             last_applied=self.raftLastApplied,
             partners=tuple(sorted(n.address for n in self.otherNodes)),
             contacts=contacts,
+            refreshed_at=refreshed_at,
+            awake_since=awake_since,
         )
         if previous is None or previous.role != role or previous.leader_address != self._status_cache.leader_address:
             try:

@@ -29,7 +29,10 @@ Invariants:
 - Pure: `now` is monotonic seconds (leases); `view.wall` is the wall clock, compared only
   with the state's own wall-clock stamps (deployments' healthy times and deadlines).
 - It never acts on a view Raft has not caught up with, nor on an older view than one it
-  already acted on.
+  already acted on, nor on a Raft status older than STALE_STATUS (made before a freeze: the
+  node may have lost its leadership meanwhile). No lease counts from before the Raft
+  thread's last freeze (`awake_since`): a leader paused past the lease marks nobody down
+  for the silence it could not hear.
 - An app it made a plan for counts as unseen until a later view shows its allocations
   changed, so a plan that did not commit is made again on the next pass.
 - On a new term everything counts as changed: a new leader reconciles the whole site once.
@@ -55,6 +58,10 @@ from meshd.sitestate import stop_released
 from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, ALLOC_PENDING, DESIRED_RUN, DESIRED_STOP, LIVENESS_DOWN, Alloc, \
     AppWatch, NodeRecord, SiteState
 
+# A view whose Raft status is older than this was made before the process was frozen (the
+# Raft thread refreshes it after every tick, at most a heartbeat interval apart): no verdict,
+# no plan is made on it; the next pass comes once Raft has ticked.
+STALE_STATUS = 1.0
 # Look at liveness when the next lease may run out, plus this much so it really passed.
 LEASE_EPSILON = 0.01
 # While a member is down, its return is only seen by looking: this often.
@@ -86,6 +93,11 @@ class LeaderView:
     # rotation) or was just elected may still be replaying its journal: its state is old.
     caught_up: bool = True
     wall: float = 0.0  # seconds since the epoch, now (deployments' clocks)
+    # When Raft made what this view says of roles and contacts (monotonic), None: just now.
+    status_at: float | None = None
+    # When this node's Raft last came back from being frozen (monotonic): nobody could be
+    # heard before it, so no lease counts from earlier.
+    awake_since: float = float("-inf")
 
 
 def heard_from(state: SiteState, contacts, beats) -> dict[str, float]:
@@ -119,6 +131,7 @@ class Leading:
     # app -> (the record a move was asked on, the move): not asked again on that very record
     _moved: dict[str, tuple[object, rollout.Move]] = field(default_factory=dict)
     _wall: float = 0.0  # the wall time of the last pass
+    _awake_since: float = float("-inf")  # the last freeze of Raft it took into account (LeaderView)
     _app_wake: dict[str, float] = field(default_factory=dict)  # app -> when its deployment needs a look
 
     def __post_init__(self) -> None:
@@ -131,6 +144,8 @@ class Leading:
         self._app_wake.clear()
 
     def step(self, view: LeaderView, now: float) -> list[Effect]:
+        if view.status_at is not None and now - view.status_at > STALE_STATUS:
+            return []  # Raft has not run since (the process was frozen): its "leader" may be over
         if not view.caught_up or view.state.applied < self._newest_applied:
             self._view_was_old = True
             return []  # an old view (a Raft node replaying its journal): wait until it caught up
@@ -236,6 +251,10 @@ class Leading:
             self._pending.clear()
             return [Emit("leader", f"{_name(state, view.own_id)} leads site {state.site} (term {view.term})",
                          {"term": view.term})]
+        if view.awake_since > self._awake_since:
+            # What it did not hear while frozen says nothing of the others.
+            self._awake_since = view.awake_since
+            self.tracker.resumed(view.awake_since)
         contacts = heard_from(state, view.contacts, view.beats)
         contacts[view.own_id] = now  # the leader hears itself
         return [Commit(SetLiveness(node_id=t.node_id, liveness=t.to, reason=t.reason))

@@ -227,3 +227,31 @@ def test_a_member_is_heard_from_at_the_newer_of_its_raft_answer_and_its_beat():
     heard = heard_from(state, contacts, ((two, 7.0), (three, 1.0), ("unknown", 50.0)))
     assert heard[two] == 7.0 and heard[three] == 5.0
     assert "unknown" in heard and all(at != 99.0 for at in heard.values())  # an address of no member: nobody
+
+
+def test_a_leader_whose_raft_status_predates_a_freeze_decides_nothing():
+    """SIGSTOP'd for 20 s: the trio loop runs first, on a status the Raft thread made before
+    the freeze (it may no longer lead): no verdict, no plan."""
+    state = founded(3)
+    deploy(state, "svc", 3)
+    core = leading()
+    core.step(view(state, status_at=0.0), now=0.0)
+    old = tuple((n.raft_address, 0.0) for n in state.nodes.values())
+    assert core.step(view(state, contacts=old, status_at=0.1), now=20.1) == []
+
+
+def test_after_a_freeze_no_lease_runs_out_for_the_silence_it_could_not_hear():
+    """Raft has ticked since the freeze (awake_since), but its contacts are still those from
+    before it: nobody is marked down until a lease passes after the wake, and a member that
+    stays silent after it is."""
+    state = founded(3)
+    core = leading()
+    core.step(view(state, status_at=0.0), now=0.0)
+    before = tuple((n.raft_address, 0.0) for n in state.nodes.values())
+    assert core.step(view(state, contacts=before, status_at=20.1, awake_since=20.1), now=20.1) == []
+    assert core.step(view(state, contacts=before, status_at=20.6, awake_since=20.1), now=20.6) == []
+    # the others answer after the wake, one stays silent: only that one goes down
+    heard = tuple((n.raft_address, 20.9 if n.node_id != f"{3:032x}" else 0.0) for n in state.nodes.values())
+    effects = core.step(view(state, contacts=heard, status_at=21.3, awake_since=20.1), now=21.3)
+    assert [e.command.node_id for e in effects] == [f"{3:032x}"]
+    assert effects[0].command.liveness == "down"

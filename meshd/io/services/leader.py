@@ -66,7 +66,7 @@ class LeaderService:
         return LeaderView(state=ctx.snapshot(), term=status.term, own_id=ctx.identity.node_id,
                           own_raft_address=f"{ctx.advertise_ip}:{ctx.raft_port}", configured=status.partners,
                           contacts=status.contacts, beats=tuple(ctx.beats.items()), caught_up=ctx.raft.replayed,
-                          wall=time.time())
+                          wall=time.time(), status_at=status.refreshed_at, awake_since=status.awake_since)
 
     def voter_changes(self) -> list[fx.Effect]:
         """The Raft configuration change the site needs now, if this node leads (a join asks
