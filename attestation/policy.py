@@ -23,7 +23,10 @@ POLICY_KIND = "policy"
 # Evidence older than this (by its own iat, against the verifier's clock) is stale even with
 # a fresh nonce: a challenge is answered within seconds.
 DEFAULT_EVIDENCE_MAX_AGE = 60.0
-MAX_CLOCK_SKEW = 30.0  # edge boxes without RTC batteries drift; NTP fixes them soon after boot
+# A member whose clock is further off the leader's than this is told so (an event): edge boxes
+# without RTC batteries drift, and NTP fixes them soon after boot. Never a reason to refuse
+# evidence (attestation.verifier: freshness is the nonce's).
+MAX_CLOCK_SKEW = 30.0
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,9 @@ Invariants:
 - A certificate is renewed only after an `Ok` for `attested`; a refused `attested` or a
   refused revocation changes nothing else and says why.
 - Unknown software alone never revokes: revocation for it stays the operator's decision.
+- A member's clock is never a reason to sentence it: freshness is the leader's nonce
+  (attestation.verifier); a clock more than MAX_CLOCK_SKEW off the leader's is told in an
+  event naming how far.
 - A leader's own failed evidence is reported, never acted on by itself; no re-attestation
   revokes the last voter or the last member of the site (meshd.node.trust.expulsion_problem).
 """
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from attestation.evidence import MEASURED_PACKAGE
+from attestation.policy import MAX_CLOCK_SKEW
 from attestation.signed import AttestationError
 from attestation.verifier import Challenge as EvidenceChallenge
 from attestation.verifier import TpmBinding
@@ -85,9 +89,15 @@ class Attesting:
         binding = TpmBinding(bytes.fromhex(node.tpm_ak)) if node.tpm_ak else None
         verdict = verify_evidence(evidence, EvidenceChallenge(nonce.hex(), node.node_id, issued_at),
                                   bytes.fromhex(node.public_key), policy, state.site, now, revocations, binding)
+        skewed: list[Effect] = []
+        if abs(verdict.clock_skew) > MAX_CLOCK_SKEW:
+            # Told, never sentenced: freshness was the nonce's (attestation.verifier).
+            skewed.append(Emit("attestation", f"the clock of {node.name} is {abs(verdict.clock_skew):.0f}s "
+                                              f"{'ahead of' if verdict.clock_skew > 0 else 'behind'} the leader's",
+                               {"node": node.name, "clock_skew_s": round(verdict.clock_skew, 1)}))
         if verdict.ok:
             assert verdict.claims is not None
-            effects: list[Effect] = []
+            effects: list[Effect] = skewed
             if node.attested_boot_id and verdict.claims.boot_id != node.attested_boot_id:
                 effects.append(Emit("attestation", f"{node.name} re-attested after a reboot", {"node": node.name}))
             effects.append(Commit(Attested(node_id=node.node_id, boot_id=verdict.claims.boot_id,
@@ -102,18 +112,19 @@ class Attesting:
             # A leader does not sentence itself (it would quarantine or revoke the node doing
             # the judging, mid-pass); it says so, and a next leader appraises it.
             self.retry_after[node.node_id] = mono + QUARANTINE_RECHECK
-            return [failed, Emit("attestation", f"{node.name} leads the site: its own failed evidence is left to the "
-                                                "next leader to judge", {"node": node.name})]
+            return [*skewed, failed, Emit("attestation", f"{node.name} leads the site: its own failed evidence is left "
+                                                          "to the next leader to judge", {"node": node.name})]
         if verdict.unknown_software:
             assert verdict.claims is not None
             self.retry_after[node.node_id] = mono + QUARANTINE_RECHECK
-            return [failed, quarantine(node, verdict.claims.version, verdict.claims.measurements[MEASURED_PACKAGE],
-                                       verdict.reason, actor)]
+            return [*skewed, failed, quarantine(node, verdict.claims.version,
+                                                verdict.claims.measurements[MEASURED_PACKAGE], verdict.reason, actor)]
         command = trust.revocation(state, node, actor, f"re-attestation failed: {verdict.reason}", root_key, now,
                                    own_id=self.own_id)
         if isinstance(command, Refused):
-            return [failed, Emit("attestation", f"{node.name} not revoked: {command.text}", {"node": node.name})]
-        return [failed, trust.revoke(node, command, self.own_id, actor)]
+            return [*skewed, failed, Emit("attestation", f"{node.name} not revoked: {command.text}",
+                                          {"node": node.name})]
+        return [*skewed, failed, trust.revoke(node, command, self.own_id, actor)]
 
 
 def quarantine_reason(version: str, digest: str) -> str:

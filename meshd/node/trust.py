@@ -11,8 +11,8 @@ Invariants:
 - Pure: signing with the root key is computation; the wall clock comes in as `now`.
 - A follow-up runs only on an `Ok`; every `Refused` becomes an event with its reason.
 - A revocation never expels the node that makes it, the last voters of its site, so many
-  voters that those left (and not down) are no majority of the Raft configuration (the
-  site could never commit their removal: quorum lost for good), or the last member
+  voters that those left (and not down) could not commit their removal from the Raft
+  configuration (quorum lost for good), or the last member
   (`expulsion_problem`): refused with the reason. An operator may `--force` all but the
   self-expulsion; an automatic revocation (re-attestation) is never forced.
 - The secret goes to current members only (not left, not revoked, not quarantined, not
@@ -49,13 +49,15 @@ def expulsion_problem(state: SiteState, expelled: set[str], own_id: str) -> tupl
     if voters and not any(n.voter for n in staying):
         return f"it would expel the last voters of site {state.site}, which then can never agree on anything again", \
             True
-    # The expelled voters leave the Raft configuration by a change the remaining ones must
-    # commit, as a majority of the configuration they are still in; voters already down
-    # cannot help them.
+    # The expelled voters stop at once and leave the Raft configuration one at a time; each
+    # removal takes effect as it is appended and commits on a majority of the configuration
+    # without it. The first is the hardest: a majority of the voters less one, from those
+    # staying and not down (voters already down cannot help).
     able = [n for n in staying if n.voter and n.liveness != LIVENESS_DOWN]
-    if len(able) * 2 <= len(voters):
+    needed = (len(voters) - 1) // 2 + 1
+    if any(n.voter and n.node_id in expelled for n in current) and len(able) < needed:
         return (f"it would leave {len(able)} of the {len(voters)} voters of site {state.site} able to agree "
-                f"({len(voters) // 2 + 1} needed): the site would lose its quorum for good"), True
+                f"({needed} needed): the site would lose its quorum for good"), True
     return None
 
 

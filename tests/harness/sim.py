@@ -525,17 +525,19 @@ class SimSite:
         result = self.commit(cmds.SetPolicy(policy=sign_policy(self.root_key, policy), actor="operator"), via=leader)
         self.say(f"{leader.name}: set_policy {policy.serial} -> {describe_result(result)}")
 
-    def reattest(self, target: str, digest: str, revoked_meanwhile: bool = False, forged: bool = False) -> None:
-        """The leader challenges `target`; its evidence measures `digest`. With
-        `revoked_meanwhile` the member is revoked while the answer is on its way: the leader
-        appraises it against the view it had when it asked."""
+    def reattest(self, target: str, digest: str, revoked_meanwhile: bool = False, forged: bool = False,
+                 clock_skew: float = 0.0) -> None:
+        """The leader challenges `target`; its evidence measures `digest`, dated by the
+        member's clock (`clock_skew` seconds off the leader's). With `revoked_meanwhile` the
+        member is revoked while the answer is on its way: the leader appraises it against the
+        view it had when it asked."""
         leader = self.leader_node()
         assert leader is not None
         attesting = self.attesting.setdefault(leader.name, Attesting(leader_name=leader.name, own_id=leader.node_id,
                                                                      interval=600.0))
         node = self.node(target)
         nonce = hashlib.sha256(f"attest {self.next_id('n')}".encode()).digest()
-        evidence = node.evidence(nonce, digest=digest, now=self.wall, forged=forged)
+        evidence = node.evidence(nonce, digest=digest, now=self.wall + clock_skew, forged=forged)
         view = leader.view()
         record = view.nodes[node.node_id]
         if revoked_meanwhile:

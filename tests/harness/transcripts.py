@@ -135,7 +135,8 @@ class Transcript:
         evidence = kw.get("evidence", "good")
         digest = {"good": DIGEST, "modified": MODIFIED_DIGEST, "forged": DIGEST,
                   "unknown": hashlib.sha256(b"a build nobody allowed").hexdigest()}[evidence]
-        self.site.reattest(args[0], digest, revoked_meanwhile="revoked-meanwhile" in args, forged=evidence == "forged")
+        self.site.reattest(args[0], digest, revoked_meanwhile="revoked-meanwhile" in args, forged=evidence == "forged",
+                           clock_skew=float(kw.get("clock", 0)))
 
     def do_allow(self, args, kw) -> None:
         self.site.allow({"good": DIGEST, "modified": MODIFIED_DIGEST}[kw["digest"]])

@@ -128,3 +128,21 @@ def test_no_revocation_leaves_the_site_without_a_majority_of_its_voters():
     refused = trust.revocation(state, state.nodes[sorted(_ids(2))[0]], "op", "", ROOT, NOW, own_id="f" * 32)
     assert isinstance(refused, RevokeNode)  # one of five, with one down: three of five are left
 
+
+def test_one_of_two_voters_may_go_but_not_one_of_three_with_another_down():
+    """Removing a voter commits on a majority of the configuration without it: the one left
+    of two commits alone; of three with one down, the one left of the other two cannot."""
+    import dataclasses
+    from meshd.state import LIVENESS_DOWN, LIVENESS_READY
+    state = site(2)
+    for node_id, record in list(state.nodes.items()):
+        state.nodes[node_id] = dataclasses.replace(record, voter=True, liveness=LIVENESS_READY)
+    assert trust.expulsion_problem(state, _ids(2), "f" * 32) is None
+    state = site(3)
+    for node_id, record in list(state.nodes.items()):
+        state.nodes[node_id] = dataclasses.replace(record, voter=True, liveness=LIVENESS_READY)
+    down = sorted(_ids(3))[0]
+    state.nodes[down] = dataclasses.replace(state.nodes[down], liveness=LIVENESS_DOWN)
+    assert "1 of the 3 voters" in trust.expulsion_problem(state, _ids(2), "f" * 32)[0]
+    assert trust.expulsion_problem(state, {down}, "f" * 32) is None  # the down one itself: fine
+
