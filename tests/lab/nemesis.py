@@ -201,13 +201,16 @@ def problems(lab, hosts: list[str], client: Client) -> list[str]:
     real = sum(lab.workload_processes(h) for h in hosts)
     if real != total:
         found.append(f"{real} workload processes really run, want {total}")
-    # A critical line is a broken invariant even when the state above looks right: pysyncobj's
-    # "truncating already-applied log entries ... state machine may have diverged", a
-    # watchdog exit, a Raft thread wedged.
-    critical = [line for h in hosts for line in lab.node(h).log_text().splitlines() if '"level": "critical"' in line]
-    if critical:
-        found.append(f"{len(critical)} critical log lines, the first: {critical[0][:400]}")
+    found.extend(critical_problems([lab.node(h).log_text() for h in hosts]))
     return found
+
+
+def critical_problems(logs: list[str]) -> list[str]:
+    """A critical line in any host's log is a broken invariant even when the state looks
+    right: pysyncobj's "truncating already-applied log entries ... state machine may have
+    diverged", a watchdog exit, a Raft thread wedged. `logs`: each host's log text."""
+    critical = [line for text in logs for line in text.splitlines() if '"level": "critical"' in line]
+    return [f"{len(critical)} critical log lines, the first: {critical[0][:400]}"] if critical else []
 
 
 def run(lab, seed: int, duration: float, hosts: list[str], log=print) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.lab.nemesis import MAX_FAULTY, STOPPED, Operation, expected_states, make_schedule
+from tests.lab.nemesis import MAX_FAULTY, STOPPED, Operation, critical_problems, expected_states, make_schedule
 
 HOSTS = [f"lab-{j}" for j in range(1, 6)]
 
@@ -45,3 +45,20 @@ def test_expected_states():
     assert expected_states(ops((3, "unknown"), (2, "acked"))) == {2}  # an ack settles what came before
     assert expected_states(ops((3, "acked"), (STOPPED, "acked"))) == {STOPPED}
     assert expected_states(ops((1, "unknown"))) == {-2, 1}
+
+
+def test_the_checker_fails_on_a_critical_line_in_any_hosts_log():
+    """pysyncobj's divergence line, as the daemon's own log formatter writes it (the hosts
+    logged 269 of them once, and the checker never read them)."""
+    import logging
+
+    from meshd.io.runtime import JsonLogFormatter
+    record = logging.LogRecord("pysyncobj", logging.CRITICAL, "syncobj.py", 1,
+                               "truncating already-applied log entries (%d..%d); state machine may have diverged",
+                               (10, 12), None)
+    line = JsonLogFormatter().format(record)
+    info = JsonLogFormatter().format(logging.LogRecord("meshd.daemon", logging.INFO, "x.py", 1, "ready", (), None))
+    assert critical_problems([info, info]) == []
+    [problem] = critical_problems([info, info + "\n" + line])
+    assert problem.startswith("1 critical log lines, the first: ") and "may have diverged" in problem
+
