@@ -275,7 +275,8 @@ class NodeContext:
         partners = [p for p in m.partners if p != self_address]
         try:
             self.raft = RaftNode(self_address, partners, conf, self._on_applied, self._on_role_change,
-                                 tick=self.config.heartbeat_interval, snapshots=snapshots)
+                                 tick=self.config.heartbeat_interval, snapshots=snapshots,
+                                 frozen_gap=self.config.lease)
         except SyncObjException:
             raise FatalStartupError(f"cannot listen on {self.listen_ip or '*'}:{self.raft_port} for Raft traffic: "
                                     f"the port was taken after start-up checked it", EXIT_PORT_IN_USE) from None

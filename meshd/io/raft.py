@@ -112,8 +112,9 @@ RAFT_STALL_LIMIT = 15.0
 # Ticks failing over and over log their trace once, then a count this often: a line every
 # few seconds says it goes on, without a traceback per tick (20 a second).
 TICK_FAILURE_LOG_EVERY = 5.0
-# Two ticks this far apart mean the Raft thread was not running (a tick waits at most the
-# heartbeat interval, 0.2 s by default): the process was frozen, or starved as badly.
+# Two ticks further apart than this (RaftNode's `frozen_gap`: the daemon gives its lease,
+# which config keeps above two heartbeat intervals, a tick's longest wait) mean the Raft
+# thread was not running: the process was frozen, or starved as badly.
 FROZEN_GAP = 1.0
 
 
@@ -300,7 +301,7 @@ class RaftStatus:
     # finds it old knows the Raft thread has not run since (the process was frozen).
     refreshed_at: float = 0.0
     # time.monotonic() when the Raft thread last came back from a gap between two ticks of
-    # more than FROZEN_GAP (the process frozen: SIGSTOP, a paused VM, swap), or started:
+    # more than its frozen gap (the process frozen: SIGSTOP, a paused VM, swap), or started:
     # nothing could be heard meanwhile, so silence before it says nothing of the others.
     awake_since: float = 0.0
 
@@ -332,6 +333,7 @@ class SiteRaft(SyncObj):
         self._loads: list[_Load] = []  # snapshots being loaded off the Raft thread, oldest first
         self._loader: threading.Thread | None = None
         self._absurd_logged_at = float("-inf")
+        self.frozen_gap = FROZEN_GAP  # RaftNode sets the daemon's
         super().__init__(self_address, partners, conf, transportClass=SiteTransport)
         if self.raftCurrentTerm > MAX_TERM:
             # A term no site reaches (see MAX_TERM): a damaged journal. Adopting it would make
@@ -535,7 +537,7 @@ class SiteRaft(SyncObj):
                              if getattr(node, "address", None))
         previous = self._status_cache
         refreshed_at = time.monotonic()
-        awake_since = refreshed_at if previous is None or refreshed_at - previous.refreshed_at > FROZEN_GAP \
+        awake_since = refreshed_at if previous is None or refreshed_at - previous.refreshed_at > self.frozen_gap \
             else previous.awake_since
         self._status_cache = RaftStatus(
             role=role,
@@ -616,8 +618,9 @@ class RaftNode:
 
     def __init__(self, self_address: str | None, partners: list[str], conf: SyncObjConf,
                  on_applied: Callable[[dict, dict], None], on_role_change: Callable[[], None], tick: float,
-                 snapshots: SnapshotStore):
+                 snapshots: SnapshotStore, frozen_gap: float = FROZEN_GAP):
         self.raft = SiteRaft(self_address, partners, conf, on_applied, on_role_change, snapshots)
+        self.raft.frozen_gap = max(frozen_gap, 2 * tick)
         # The commit index its journal remembers: until the state machine has applied that far
         # (the snapshot loaded, the journal replayed), its state is older than the one this
         # node had before it started (`replayed`).

@@ -29,8 +29,9 @@ Invariants:
 - Pure: `now` is monotonic seconds (leases); `view.wall` is the wall clock, compared only
   with the state's own wall-clock stamps (deployments' healthy times and deadlines).
 - It never acts on a view Raft has not caught up with, nor on an older view than one it
-  already acted on, nor on a Raft status older than STALE_STATUS (made before a freeze: the
-  node may have lost its leadership meanwhile). No lease counts from before the Raft
+  already acted on, nor on a Raft status older than a lease (made before a freeze: the node
+  may have lost its leadership meanwhile; Raft refreshes it every tick, and config keeps the
+  lease above two heartbeat intervals, a tick's longest wait). No lease counts from before the Raft
   thread's last freeze (`awake_since`): a leader paused past the lease marks nobody down
   for the silence it could not hear.
 - An app it made a plan for counts as unseen until a later view shows its allocations
@@ -58,10 +59,6 @@ from meshd.sitestate import stop_released
 from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, ALLOC_PENDING, DESIRED_RUN, DESIRED_STOP, LIVENESS_DOWN, Alloc, \
     AppWatch, NodeRecord, SiteState
 
-# A view whose Raft status is older than this was made before the process was frozen (the
-# Raft thread refreshes it after every tick, at most a heartbeat interval apart): no verdict,
-# no plan is made on it; the next pass comes once Raft has ticked.
-STALE_STATUS = 1.0
 # Look at liveness when the next lease may run out, plus this much so it really passed.
 LEASE_EPSILON = 0.01
 # While a member is down, its return is only seen by looking: this often.
@@ -144,8 +141,10 @@ class Leading:
         self._app_wake.clear()
 
     def step(self, view: LeaderView, now: float) -> list[Effect]:
-        if view.status_at is not None and now - view.status_at > STALE_STATUS:
-            return []  # Raft has not run since (the process was frozen): its "leader" may be over
+        if view.status_at is not None and now - view.status_at > self.lease:
+            # Raft has not run for longer than a lease (the process was frozen): its "leader"
+            # may be over, and its contacts say nothing yet. The next pass comes once it ticked.
+            return []
         if not view.caught_up or view.state.applied < self._newest_applied:
             self._view_was_old = True
             return []  # an old view (a Raft node replaying its journal): wait until it caught up

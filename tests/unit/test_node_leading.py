@@ -255,3 +255,14 @@ def test_after_a_freeze_no_lease_runs_out_for_the_silence_it_could_not_hear():
     effects = core.step(view(state, contacts=heard, status_at=21.3, awake_since=20.1), now=21.3)
     assert [e.command.node_id for e in effects] == [f"{3:032x}"]
     assert effects[0].command.liveness == "down"
+
+
+def test_a_status_as_old_as_a_tick_of_a_slow_heartbeat_is_not_stale():
+    """Config lets the heartbeat interval (a tick's longest wait) reach 10 s with a longer
+    lease: a status half a lease old is fresh, and the leader decides on it."""
+    state = founded(3)
+    core = Leading(lease=30.0, new_alloc_id=lambda: "x")
+    core.step(view(state, status_at=0.0), now=0.0)
+    quiet = tuple((n.raft_address, 0.0 if n.node_id == f"{3:032x}" else 40.0) for n in state.nodes.values())
+    effects = core.step(view(state, contacts=quiet, status_at=35.0), now=45.0)
+    assert [e.command.node_id for e in effects] == [f"{3:032x}"]
