@@ -41,7 +41,8 @@ from meshd.io import peer
 from meshd.io.attester import boot_id, node_evidence, started_digest
 from meshd.io.identity import Identity, Membership
 from meshd.io.mdns import Discovery
-from meshd.io.raft import CommandFailed, RaftDataError, RaftNode, make_conf
+from meshd.io.raft import CommandFailed, RaftNode, make_conf
+from meshd.io.raftdata import RaftDataError, check_raft_dir
 from meshd.io.snapshots import SnapshotStore
 from meshd.io.supervisor import Supervisor
 from meshd.io.tls import PeerTLS, member_of
@@ -274,6 +275,7 @@ class NodeContext:
         self_address = f"{self.advertise_ip}:{self.raft_port}" if m.voter else None
         partners = [p for p in m.partners if p != self_address]
         try:
+            check_raft_dir(self.data_dir / "raft", snapshots)
             self.raft = RaftNode(self_address, partners, conf, self._on_applied, self._on_role_change,
                                  tick=self.config.heartbeat_interval, snapshots=snapshots,
                                  frozen_gap=self.config.lease)

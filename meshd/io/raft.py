@@ -72,6 +72,7 @@ from pysyncobj.transport import TCPTransport
 from meshd import sitestate
 from meshd.commands import Result
 from meshd.io import raftport
+from meshd.io.raftdata import MAX_TERM, RaftDataError
 from meshd.io.snapshots import SnapshotStore
 from meshd.state import SiteState
 
@@ -102,7 +103,6 @@ NONVOTER_HEARTBEAT_PERIOD = 1.0
 # document hold exactly (2**53), is garbage or an attack; it is dropped, not adopted (one
 # adopted absurd term would be every member's term forever).
 MAX_TERM_JUMP = 10**9
-MAX_TERM = 2**53
 # The Raft thread's own watchdog: ticks failing (or not happening) this long end the daemon
 # like a wedged trio loop (meshd.io.watchdog), instead of a node that looks alive to the
 # site's liveness while its Raft never moves. The same limit holds for a voter connected to
@@ -276,10 +276,6 @@ class PendingResult:
 class _Load:
     finish: Callable[[], SiteState]
     commands: list[tuple[dict, PendingResult]] = field(default_factory=list)  # committed behind it, in order
-
-
-class RaftDataError(Exception):
-    """This node's own Raft data (journal, snapshot) cannot be used; the message names the file."""
 
 
 class CommandFailed(Exception):
