@@ -164,12 +164,15 @@ def _call_sync(path: str, cmd: str, args: dict | None, on_stream: Callable[[Any]
             raise AdminError(f"no answer from meshd at {path} within {said:g} s") from None
         except OSError as exc:
             raise AdminUnavailable(unreachable_message(path, exc)) from None
+        unsent: OSError | None = None
         try:
             conn.sendall(request)
         except socket.timeout:
             raise AdminError(f"no answer from meshd at {path} within {said:g} s") from None
         except OSError as exc:
-            raise AdminUnavailable(f"meshd at {path} closed the connection: {exc}") from None
+            # A full daemon answers "busy" and closes at once, maybe before our request is
+            # in: its answer is still there to read (and retried on, as any busy answer).
+            unsent = exc
         reply = Reply()
         streamed = 0
         while True:
@@ -180,8 +183,12 @@ def _call_sync(path: str, cmd: str, args: dict | None, on_stream: Callable[[Any]
             except socket.timeout:
                 raise AdminError(f"no answer from meshd at {path} within {said:g} s") from None
             except OSError as exc:
+                if unsent is not None:
+                    raise AdminUnavailable(f"meshd at {path} closed the connection: {unsent}") from None
                 raise AdminUnavailable(f"meshd at {path} dropped the connection: {exc}") from None
             if not data:
+                if unsent is not None:
+                    raise AdminUnavailable(f"meshd at {path} closed the connection: {unsent}")
                 if streamed:
                     raise AdminUnavailable(ENDED_STREAM.format(path=path))
                 raise AdminUnavailable(f"meshd at {path} closed the connection without an answer; "

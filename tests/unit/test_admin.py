@@ -658,3 +658,36 @@ def test_meshctl_waits_out_a_busy_daemon_instead_of_failing(sock_path):
             assert answer == {"cmd": "echo", "args": {}} and trio.current_time() - start >= 0.4
 
     run_with_server(sock_path, handler, body, max_connections=4)
+
+
+def test_a_busy_answer_sent_before_the_request_was_read_is_still_retried(tmp_path):
+    """A full daemon answers "busy" and closes at once: a request still being sent then
+    fails with a broken pipe, yet the answer is there to read, and meshctl's client retries
+    on it (it once gave up: "closed the connection: Broken pipe")."""
+    path = str(tmp_path / "admin.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(4)
+    served = []
+
+    def serve() -> None:
+        first, _ = server.accept()  # busy at once, closed without reading the request
+        first.sendall(encode_frame({"ok": False, "error": "busy: 4 admin requests are being answered; try again"}))
+        first.close()
+        second, _ = server.accept()
+        decoder, frames = FrameDecoder(ADMIN_MAX_FRAME), []
+        while not frames:
+            frames = decoder.feed(second.recv(65536))
+        served.append(frames[0]["cmd"])
+        second.sendall(encode_frame({"ok": True, "result": "done"}))
+        second.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    big = {"blob": "x" * 800_000}  # more than the socket buffers hold: its sending meets the close
+    try:
+        assert admin_call_sync(path, "echo", big, timeout=5.0) == "done"
+    finally:
+        thread.join(5)
+        server.close()
+    assert served == ["echo"]
