@@ -39,7 +39,7 @@ from meshd.config import NodeConfig
 from meshd.exitcodes import EXIT_ERROR, EXIT_PORT_IN_USE
 from meshd.io import peer
 from meshd.io.attester import boot_id, node_evidence, started_digest
-from meshd.io.identity import Identity, Membership
+from meshd.io.identity import WAY_BACK, Identity, Membership
 from meshd.io.mdns import Discovery
 from meshd.io.raft import CommandFailed, RaftNode, make_conf
 from meshd.io.raftdata import RaftDataError, check_raft_dir
@@ -283,8 +283,7 @@ class NodeContext:
             raise FatalStartupError(f"cannot listen on {self.listen_ip or '*'}:{self.raft_port} for Raft traffic: "
                                     f"the port was taken after start-up checked it", EXIT_PORT_IN_USE) from None
         except RaftDataError as e:
-            raise FatalStartupError(f"{e}; to bring this node back, run `meshctl node remove` for it on another "
-                                    f"member and join it again with a fresh data dir") from None
+            raise FatalStartupError(f"{e}; " + WAY_BACK.format(data_dir=self.data_dir)) from None
 
     def leader_peer_address(self, state: SiteState) -> str | None:
         """The peer address of the leader this node follows, for a joiner to ask next."""

@@ -135,8 +135,7 @@ class Membership:
 
 def _membership_problem(raw: dict) -> str | None:
     """What is wrong with a membership.json's fields, or None."""
-    known = {f.name: f for f in fields(Membership)}
-    unknown = sorted(set(raw) - set(known))
+    unknown = sorted(set(raw) - {f.name for f in fields(Membership)})
     if unknown:
         return f"unknown field {unknown[0]!r}"
     required = ("site", "mesh_id", "site_secret", "voter", "peer_port", "raft_port")
@@ -150,7 +149,8 @@ def _membership_problem(raw: dict) -> str | None:
     for name in ("peer_port", "raft_port"):
         if not _is_port(raw[name]):
             return f"field {name!r} is not a port"
-    if not isinstance(raw.get("secret_epoch", 0), int) or isinstance(raw.get("secret_epoch", 0), bool):
+    epoch = raw.get("secret_epoch", 0)
+    if not isinstance(epoch, int) or isinstance(epoch, bool):
         return "field 'secret_epoch' is not a number"
     partners = raw.get("partners", [])
     if not isinstance(partners, list) or not all(isinstance(p, str) for p in partners):
@@ -250,14 +250,9 @@ def load_ports(data_dir: Path) -> dict:
     return raw
 
 
-def save_ports(data_dir: Path, peer_port: int, raft_port: int) -> None:
-    """Record the ports, writing only when they differ from the record (a full disk, or an
-    SD card's wear, are not worth a write per start)."""
+def save_ports(data_dir: Path, peer_port: int, raft_port: int, saved: dict) -> None:
+    """Record the ports, writing only when they differ from `saved` (what load_ports read):
+    a full disk, or an SD card's wear, are not worth a write per start."""
     wanted = {"peer_port": peer_port, "raft_port": raft_port}
-    path = data_dir / PORTS_FILE
-    try:
-        if path.exists() and json.loads(path.read_bytes()) == wanted:
-            return
-    except (ValueError, UnicodeDecodeError):
-        pass
-    write_atomic(path, json.dumps(wanted).encode())
+    if saved != wanted:
+        write_atomic(data_dir / PORTS_FILE, json.dumps(wanted).encode())

@@ -313,7 +313,7 @@ assert hasattr(SyncObj, "_SyncObj__generateRaftTimeout"), \
 class SiteRaft(SyncObj):
     def __init__(self, self_address: str | None, partners: list[str], conf: SyncObjConf,
                  on_applied: Callable[[dict, dict], None], on_role_change: Callable[[], None],
-                 snapshots: SnapshotStore):
+                 snapshots: SnapshotStore, frozen_gap: float = FROZEN_GAP):
         self._lock = threading.Lock()
         snapshots.state = lambda: self.site_state
         snapshots.install = self._install
@@ -329,7 +329,7 @@ class SiteRaft(SyncObj):
         self._loads: list[_Load] = []  # snapshots being loaded off the Raft thread, oldest first
         self._loader: threading.Thread | None = None
         self._absurd_logged_at = float("-inf")
-        self.frozen_gap = FROZEN_GAP  # RaftNode sets the daemon's
+        self.frozen_gap = frozen_gap
         super().__init__(self_address, partners, conf, transportClass=SiteTransport)
         if self.raftCurrentTerm > MAX_TERM:
             # A term no site reaches (see MAX_TERM): a damaged journal. Adopting it would make
@@ -615,8 +615,8 @@ class RaftNode:
     def __init__(self, self_address: str | None, partners: list[str], conf: SyncObjConf,
                  on_applied: Callable[[dict, dict], None], on_role_change: Callable[[], None], tick: float,
                  snapshots: SnapshotStore, frozen_gap: float = FROZEN_GAP):
-        self.raft = SiteRaft(self_address, partners, conf, on_applied, on_role_change, snapshots)
-        self.raft.frozen_gap = max(frozen_gap, 2 * tick)
+        self.raft = SiteRaft(self_address, partners, conf, on_applied, on_role_change, snapshots,
+                             frozen_gap=max(frozen_gap, 2 * tick))
         # The commit index its journal remembers: until the state machine has applied that far
         # (the snapshot loaded, the journal replayed), its state is older than the one this
         # node had before it started (`replayed`).

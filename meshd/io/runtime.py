@@ -229,7 +229,7 @@ class Runtime:
         else:
             ctx.peer_port = free_port(ctx.listen_ip)
             ctx.raft_port = free_port(ctx.listen_ip, avoid=(ctx.peer_port,))
-        save_ports(ctx.data_dir, ctx.peer_port, ctx.raft_port)
+        save_ports(ctx.data_dir, ctx.peer_port, ctx.raft_port, saved)
 
     def _check_ports_free(self) -> None:
         """Refuse to start, with the reason, when the peer port or the Raft port (peer + 1

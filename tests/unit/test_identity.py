@@ -118,10 +118,10 @@ def test_damaged_ports_are_no_record_with_a_warning(tmp_path, caplog, content):
 def test_ports_are_written_only_when_they_change(tmp_path):
     path = tmp_path / PORTS_FILE
     assert load_ports(tmp_path) == {}
-    save_ports(tmp_path, 4001, 4002)
+    save_ports(tmp_path, 4001, 4002, load_ports(tmp_path))
     assert load_ports(tmp_path) == {"peer_port": 4001, "raft_port": 4002}
     written = path.stat().st_mtime_ns, path.stat().st_ino
-    save_ports(tmp_path, 4001, 4002)
+    save_ports(tmp_path, 4001, 4002, load_ports(tmp_path))
     assert (path.stat().st_mtime_ns, path.stat().st_ino) == written  # the same file, untouched
-    save_ports(tmp_path, 4001, 4003)
+    save_ports(tmp_path, 4001, 4003, load_ports(tmp_path))
     assert load_ports(tmp_path)["raft_port"] == 4003
