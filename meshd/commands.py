@@ -45,8 +45,9 @@ STALE = "stale"  # not newer than what is in force (policy serial, revocation li
 TOKEN = "token"  # the join token is unknown, used, expired or for another site
 UNTRUSTED = "untrusted"  # a signed document does not verify with the mesh root
 INTERNAL = "internal"  # a bug in the state machine, reported instead of raised
+FENCED = "fenced"  # a leader's decision committed in a later term than it was made in
 REFUSAL_CODES = frozenset({MALFORMED, UNKNOWN_COMMAND, NOT_FOUND, NOT_MEMBER, REVOKED, CONFLICT, STALE, TOKEN,
-                           UNTRUSTED, INTERNAL})
+                           UNTRUSTED, INTERNAL, FENCED})
 
 
 @dataclass(frozen=True)
@@ -753,12 +754,18 @@ class Envelope:
 
     ts: float  # the proposer's clock: the only time the state machine knows
     request_id: str | None = None  # retries of one request carry the same id and apply once
+    # A leader's decision (liveness, plans, rollouts, revocations, attestation outcomes): the
+    # Raft term it was made in. The state machine refuses it when it is committed in a later
+    # term: it was made by a leader that has lost its leadership since (sitestate.apply).
+    term: int | None = None
 
 
 def encode(command: Command, envelope: Envelope) -> dict:
     wire = {"op": command.op, "ts": envelope.ts, **command.to_wire()}
     if envelope.request_id is not None:
         wire["request_id"] = envelope.request_id
+    if envelope.term is not None:
+        wire["term"] = envelope.term
     return wire
 
 
@@ -774,7 +781,10 @@ def decode_envelope(raw: Any) -> Envelope | Refused:
     ts = raw.get("ts")
     if not isinstance(ts, (int, float)) or isinstance(ts, bool) or not 0 <= ts < MAX_INT:
         return Refused(MALFORMED, "ts must be a timestamp")
-    return Envelope(ts=float(ts), request_id=request_id)
+    term = raw.get("term")
+    if term is not None and (not isinstance(term, int) or isinstance(term, bool) or not 0 <= term <= MAX_INT):
+        return Refused(MALFORMED, "term must be a Raft term")
+    return Envelope(ts=float(ts), request_id=request_id, term=term)
 
 
 def decode_body(raw: dict) -> Command | Refused:

@@ -99,8 +99,11 @@ class CommandRefused(cmds.Invalid):
     """Raised inside a handler before any write; turned into a Refused result."""
 
 
-def apply(state: SiteState, command: Any) -> Result:
-    """Apply one committed wire command. Never raises."""
+def apply(state: SiteState, command: Any, entry_term: int | None = None) -> Result:
+    """Apply one committed wire command. Never raises. `entry_term`: the term of the log
+    entry that holds it (the term of the leader that appended it); a leader's decision made
+    in an earlier term is refused (cmds.Envelope.term): a leader resumed from a pause, or
+    whose view was older than its leadership, changes nothing by what it decided then."""
     state.applied += 1
     try:
         envelope = cmds.decode_envelope(command)
@@ -108,6 +111,9 @@ def apply(state: SiteState, command: Any) -> Result:
             return envelope
         if envelope.request_id is not None and envelope.request_id in state.applied_requests:
             return cmds.result_from_wire(state.applied_requests[envelope.request_id])
+        if envelope.term is not None and entry_term is not None and envelope.term < entry_term:
+            return Refused(cmds.FENCED, f"decided by the leader of term {envelope.term}, committed in term "
+                                        f"{entry_term}: that leader had lost its leadership, so it changes nothing")
         typed = cmds.decode_body(command)
         if isinstance(typed, Refused):
             result: Result = typed

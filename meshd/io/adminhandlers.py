@@ -2,7 +2,10 @@
 
 Invariants:
 - Read requests answer from this node's copy of the replicated state; they work on a
-  partitioned node too (and say so in `status`).
+  partitioned node too (and say so in `status`). A member rebuilding its state from the
+  site (its own was damaged and set aside: `recovering` in `status`) answers none of them
+  until it holds the site's state: an empty state served as the site's is a lie. Nor does
+  a member whose Raft has not yet replayed its own journal since it started.
 - Write requests go through Raft. They are refused with a clear error when the site has no
   quorum, and retried with the same request id while it is briefly leaderless, so an
   acknowledged change is committed and an unacknowledged one is applied at most once.
@@ -63,6 +66,9 @@ DEFAULT_WAIT_TIMEOUT = 120.0
 # The longest `--wait` one request may hold the socket: a day (a slow rollout is followed
 # with `apps`/`events`, not one request); checked before anything is committed.
 MAX_WAIT_TIMEOUT = 86_400.0
+RECOVERING = ("this member is rebuilding the site's state from its leader (its own Raft data was damaged and set "
+              "aside); ask another member, or again in a moment")
+REPLAYING = "this member is still replaying its Raft journal (it has just started); ask again in a moment"
 # How often `--wait` / `--follow` look at the state for news when nothing woke them.
 POLL_PERIOD = 0.1
 
@@ -232,6 +238,9 @@ class AdminHandlers:
     # --- helpers -------------------------------------------------------------------------
 
     def _state(self) -> SiteState:
+        raft = self.ctx.raft
+        if raft is not None and not raft.replayed:
+            raise AdminError(RECOVERING if raft.status.recovering else REPLAYING)
         return self.ctx.snapshot()
 
     def _require_member(self) -> None:
@@ -269,7 +278,7 @@ class AdminHandlers:
 
     async def status(self, request: AdminRequest, stream) -> dict:
         d = self.ctx
-        state = self._state()
+        state = d.snapshot()
         raft = d.raft.status if d.raft else None
         members = sum(1 for n in state.nodes.values() if n.admin not in (ADMIN_LEFT, ADMIN_REVOKED))
         role = "joining" if raft is None else raft.role
@@ -289,6 +298,7 @@ class AdminHandlers:
                 # What this node runs, and why the site holds it apart when it does.
                 "software": started_digest(),
                 **({"quarantine": own.quarantine} if own is not None and own.quarantine else {}),
+                **({"recovering": True} if raft is not None and raft.recovering else {}),
                 **({"joining": d.joining.status(time.monotonic())} if d.joining is not None else {}),
                 **({"heard_s_ago": self._heard_s_ago(state, raft)} if role == "leader" else {})}
 

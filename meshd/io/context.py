@@ -42,7 +42,7 @@ from meshd.io.attester import boot_id, node_evidence, started_digest
 from meshd.io.identity import WAY_BACK, Identity, Membership
 from meshd.io.mdns import Discovery
 from meshd.io.raft import CommandFailed, RaftNode, make_conf
-from meshd.io.raftdata import RaftDataError, check_raft_dir
+from meshd.io.raftdata import RaftDataError, check_raft_dir, set_aside
 from meshd.io.snapshots import SnapshotStore
 from meshd.io.supervisor import Supervisor
 from meshd.io.tls import PeerTLS, member_of
@@ -188,11 +188,13 @@ class NodeContext:
             "software": started_digest(),
         }
 
-    async def commit(self, command: cmds.Command, timeout: float = 5.0, retry_until: float | None = None) -> Result:
+    async def commit(self, command: cmds.Command, timeout: float = 5.0, retry_until: float | None = None,
+                     term: int | None = None) -> Result:
         """Submit through Raft; retry the same request id until `retry_until` (monotonic).
-        The outcome is Ok or Refused; CommandFailed when it did not commit (outcome unknown)."""
+        The outcome is Ok or Refused; CommandFailed when it did not commit (outcome unknown).
+        `term`: a leader's decision, made in that term (fenced: cmds.Envelope.term)."""
         assert self.raft is not None
-        wire = cmds.encode(command, cmds.Envelope(ts=time.time(), request_id=uuid.uuid4().hex))
+        wire = cmds.encode(command, cmds.Envelope(ts=time.time(), request_id=uuid.uuid4().hex, term=term))
         deadline = retry_until if retry_until is not None else time.monotonic()
         while True:
             try:
@@ -202,17 +204,19 @@ class NodeContext:
                     raise
                 await trio.sleep(0.1)
 
-    async def execute(self, effects: list[fx.Effect]) -> None:
+    async def execute(self, effects: list[fx.Effect], term: int | None = None) -> None:
         """Carry out effects in order; a commit's follow-ups run once it committed. Raises
-        CommandFailed when a commit did not commit (the duty that asked looks again later)."""
+        CommandFailed when a commit did not commit (the duty that asked looks again later).
+        `term`: the effects are a leader's decisions made in that Raft term; their commits
+        carry it (fenced: cmds.Envelope.term), their follow-ups' too."""
         for effect in effects:
             if isinstance(effect, fx.Commit):
-                result = await self.commit(effect.command)
+                result = await self.commit(effect.command, term=term)
                 if isinstance(result, Refused):
                     log.info("command refused", extra={"op": effect.command.op, "code": result.code,
                                                        "reason": result.text})
                 if effect.then is not None:
-                    await self.execute(list(effect.then(result, self.snapshot())))
+                    await self.execute(list(effect.then(result, self.snapshot())), term=term)
             elif isinstance(effect, fx.Emit):
                 self.event(effect.kind, effect.message, **dict(effect.data))
             else:
@@ -268,22 +272,45 @@ class NodeContext:
         assert self.membership is not None and self.state_changed is not None
         m = self.membership
         snapshots = SnapshotStore()
-        conf = make_conf(data_dir=self.data_dir, password=m.site_secret,
-                         bind_address=f"{self.listen_ip}:{self.raft_port}",
-                         min_timeout=self.config.raft_min_timeout, max_timeout=self.config.raft_max_timeout,
-                         append_period=self.config.heartbeat_interval, snapshots=snapshots)
+
+        def conf_for(snapshots: SnapshotStore):
+            return make_conf(data_dir=self.data_dir, password=m.site_secret,
+                             bind_address=f"{self.listen_ip}:{self.raft_port}",
+                             min_timeout=self.config.raft_min_timeout, max_timeout=self.config.raft_max_timeout,
+                             append_period=self.config.heartbeat_interval, snapshots=snapshots)
+
+        conf = conf_for(snapshots)
         self_address = f"{self.advertise_ip}:{self.raft_port}" if m.voter else None
         partners = [p for p in m.partners if p != self_address]
+        raft_dir = self.data_dir / "raft"
+        recovering = False
         try:
-            check_raft_dir(self.data_dir / "raft", snapshots)
+            try:
+                check_raft_dir(raft_dir, snapshots)
+            except RaftDataError as e:
+                if not partners:  # the only voter: nobody holds the site's state but this node
+                    raise
+                aside = set_aside(raft_dir)
+                log.warning(f"{e}; its Raft files were moved to {aside}, and this member rebuilds the site's state "
+                            "from its leader (it answers as recovering until then)")
+                self.event("raft-recovering", f"{self.config.name} set its damaged Raft data aside and rebuilds the "
+                           "site's state from the leader", reason=str(e))
+                snapshots, recovering = SnapshotStore(), True
+                conf = conf_for(snapshots)  # a new, empty raft/
             self.raft = RaftNode(self_address, partners, conf, self._on_applied, self._on_role_change,
                                  tick=self.config.heartbeat_interval, snapshots=snapshots,
-                                 frozen_gap=self.config.lease)
+                                 frozen_gap=self.config.lease, recovering=recovering)
         except SyncObjException:
             raise FatalStartupError(f"cannot listen on {self.listen_ip or '*'}:{self.raft_port} for Raft traffic: "
                                     f"the port was taken after start-up checked it", EXIT_PORT_IN_USE) from None
         except RaftDataError as e:
-            raise FatalStartupError(f"{e}; " + WAY_BACK.format(data_dir=self.data_dir)) from None
+            raise FatalStartupError(f"{e}; this node is its site's only voter, so no member holds the site's state "
+                                    "to rebuild it from; " + WAY_BACK.format(data_dir=self.data_dir)) from None
+
+    @property
+    def recovering(self) -> bool:
+        """This member's Raft state was set aside and is not rebuilt yet (meshd.io.raft)."""
+        return self.raft is not None and self.raft.status.recovering
 
     def leader_peer_address(self, state: SiteState) -> str | None:
         """The peer address of the leader this node follows, for a joiner to ask next."""

@@ -25,7 +25,9 @@ Invariants:
   opens the old epoch whole. Either way the document holds everything acknowledged.
 - A snapshot that does not verify (torn by a failing disk, or not ours) is set aside as
   `snapshot.bad` with an error logged, never silently merged; the newest epoch's log is then
-  replayed alone and no log is removed.
+  replayed alone and no log is removed. The same holds for a snapshot that is missing while
+  the log of a later epoch than 0 exists (only a rewrite creates one, after its snapshot).
+  What the replica lost comes back from its peers by sync.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from typing import Iterator
 from crdt.document import MeshDocument, SyncError
 from crdt.epoch import ZERO_EPOCH, Epoch
 from crdt.log import LogError, decode_log, decode_snapshot, encode_record, encode_snapshot
-from meshd.io.identity import write_atomic
+from meshd.io.identity import fsync_dir, write_atomic
 
 log = logging.getLogger("meshd.crdt")
 
@@ -63,14 +65,6 @@ def _epoch_of_log(name: str) -> Epoch | None:
         return Epoch(int(parts[1]), bytes.fromhex(parts[2]))
     except ValueError:  # EpochError too: not a log this store wrote
         return None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class DocumentStore:
@@ -104,7 +98,13 @@ class DocumentStore:
         logs = self._logs()
         snapshot_good = True
         self.epoch = ZERO_EPOCH
-        if self.snapshot_path.exists():
+        if not self.snapshot_path.exists() and any(epoch != ZERO_EPOCH for epoch in logs):
+            # A log of a later epoch is created only after that epoch's snapshot (`rewrite`):
+            # the snapshot was lost. As with one that does not verify, no log goes.
+            snapshot_good = False
+            self.epoch = max(logs)
+            log.error("document snapshot missing beside the log of its epoch", extra={"epoch": str(self.epoch)})
+        elif self.snapshot_path.exists():
             try:
                 self.epoch, full = decode_snapshot(self.snapshot_path.read_bytes())
                 document.apply(full)
@@ -186,14 +186,14 @@ class DocumentStore:
         new_path = self.directory / log_name(epoch)
         fd = os.open(new_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
         os.fsync(fd)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         yield "new log"
         if self._fd is not None:
             os.close(self._fd)
         self._fd, self.epoch, self.log_bytes, self.snapshot_bytes = fd, epoch, 0, len(full_update)
         if old_path.exists():
             os.unlink(old_path)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         yield "old log removed"
 
     def close(self) -> None:

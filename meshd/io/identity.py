@@ -54,11 +54,16 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,11 @@ class Membership:
     def load(cls, data_dir: Path) -> "Membership | None":
         path = cls.path(data_dir)
         if not path.exists():
+            # Raft starts only after membership.json was written: Raft data without it is a
+            # member's data dir that lost it. (Certificates alone are not: they are saved
+            # first, and a crash before membership.json leaves a joiner that joins again.)
+            if (data_dir / "raft").exists():
+                raise DataDirError(path, "missing, while this data dir holds a member's Raft data (raft/)")
             return None
         try:
             raw = json.loads(path.read_bytes())

@@ -42,6 +42,24 @@ Invariants:
 - The time a voter spends loading a snapshot is not silence from the leader: its election
   timer restarts when the load is handed over, or a load longer than the election timeout
   would make it stand against a live leader.
+- What this node acknowledges is on disk. pysyncobj writes its journal through an mmap it
+  never syncs and its vote record (journal.meta) without an fsync, so a power cut would
+  lose entries this node answered for and the vote it cast, both of which Raft's safety
+  rests on. Here the journal is synced before any answer that counts its entries and, on
+  the leader, after each tick (before the next tick counts its own log toward a commit);
+  the vote record is written atomically (temp, fsync, rename, directory fsync).
+- A command is applied with the term of the log entry that holds it, so the state machine
+  refuses a leader's decision committed in a later term than it was made in
+  (sitestate.apply): a paused leader's stale decisions, forwarded to the new leader once it
+  resumed as a follower, change nothing.
+- Every command goes into the journal sealed with a checksum (meshd.io.raftdata.seal), so
+  a damaged entry is found at start instead of replayed as another command.
+- A recovering node (its Raft data was damaged and set aside, meshd.io.raftdata) starts
+  with no Raft state and takes the site's from its leader. Until it has applied all the
+  leader has committed, an entry of the leader's own term included, it neither votes nor stands for election (it
+  no longer knows which entries it acknowledged nor whom it voted for: its vote could elect
+  a member lacking committed entries, or be cast twice in a term), and `replayed` stays
+  false, so nothing acts on, or answers from, its empty state.
 - The leader's heartbeats to non-voters are thinned (`SiteTransport`): an append-entries
   message that carries nothing new for a non-voter (no entry, the term, commit index and
   previous entry it was last sent) goes at most once per NONVOTER_HEARTBEAT_PERIOD. Every
@@ -67,12 +85,15 @@ from pysyncobj.monotonic import monotonic as raft_clock
 from pysyncobj.node import TCPNode
 from pysyncobj.tcp_connection import CONNECTION_STATE
 from pysyncobj import transport as pysyncobj_transport
+from pysyncobj import pickle as raft_pickle
+from pysyncobj.journal import FileJournal
 from pysyncobj.transport import TCPTransport
 
 from meshd import sitestate
 from meshd.commands import Result
 from meshd.io import raftport
-from meshd.io.raftdata import MAX_TERM, RaftDataError
+from meshd.io.identity import write_atomic
+from meshd.io.raftdata import MAX_TERM, RaftDataError, seal, unseal
 from meshd.io.snapshots import SnapshotStore
 from meshd.state import SiteState
 
@@ -275,7 +296,8 @@ class PendingResult:
 @dataclass
 class _Load:
     finish: Callable[[], SiteState]
-    commands: list[tuple[dict, PendingResult]] = field(default_factory=list)  # committed behind it, in order
+    # committed behind it, in order: (command, the term of its entry, where its result goes)
+    commands: list[tuple[dict, int | None, PendingResult]] = field(default_factory=list)
 
 
 class CommandFailed(Exception):
@@ -300,6 +322,8 @@ class RaftStatus:
     # more than its frozen gap (the process frozen: SIGSTOP, a paused VM, swap), or started:
     # nothing could be heard meanwhile, so silence before it says nothing of the others.
     awake_since: float = 0.0
+    # Rebuilding the site's state from the leader after its own was set aside (module header).
+    recovering: bool = False
 
 
 # SiteRaft overrides these two private methods of pysyncobj (by their mangled names); a
@@ -313,7 +337,7 @@ assert hasattr(SyncObj, "_SyncObj__generateRaftTimeout"), \
 class SiteRaft(SyncObj):
     def __init__(self, self_address: str | None, partners: list[str], conf: SyncObjConf,
                  on_applied: Callable[[dict, dict], None], on_role_change: Callable[[], None],
-                 snapshots: SnapshotStore, frozen_gap: float = FROZEN_GAP):
+                 snapshots: SnapshotStore, frozen_gap: float = FROZEN_GAP, recovering: bool = False):
         self._lock = threading.Lock()
         snapshots.state = lambda: self.site_state
         snapshots.install = self._install
@@ -330,6 +354,8 @@ class SiteRaft(SyncObj):
         self._loader: threading.Thread | None = None
         self._absurd_logged_at = float("-inf")
         self.frozen_gap = frozen_gap
+        self.recovering = recovering  # module header; `check_recovered` ends it
+        self._journal_dirty = False
         super().__init__(self_address, partners, conf, transportClass=SiteTransport)
         if self.raftCurrentTerm > MAX_TERM:
             # A term no site reaches (see MAX_TERM): a damaged journal. Adopting it would make
@@ -338,6 +364,7 @@ class SiteRaft(SyncObj):
             raise RaftDataError(f"the Raft journal {conf.journalFile} holds term {self.raftCurrentTerm}, beyond "
                                 f"any real site's ({MAX_TERM}): it is damaged")
         self._write_commit_index_only_when_it_moves()
+        self._make_journal_durable()
         # The replicated state: what snapshots hold (meshd.io.snapshots), nothing else.
         self.site_state = SiteState()
 
@@ -386,8 +413,8 @@ class SiteRaft(SyncObj):
                         if not self._loads:
                             self.site_state = state
                         break
-                for command, pending in batch:
-                    applied.append((command, sitestate.apply(state, command), pending))
+                for command, term, pending in batch:
+                    applied.append((command, sitestate.apply(state, command, term), pending))
             log.info("raft snapshot loaded", extra={"allocs": len(state.allocs), "queued_commands": len(applied),
                                                     "seconds": round(time.monotonic() - started, 3)})
             for command, result, pending in applied:
@@ -407,7 +434,50 @@ class SiteRaft(SyncObj):
 
         journal.setRaftCommitIndex = set_commit_index
 
+    def _make_journal_durable(self) -> None:
+        """See the module header: every change to the journal marks it for a sync
+        (`sync_journal`); the vote record goes to disk atomically."""
+        journal = self._SyncObj__raftLog
+        if not isinstance(journal, FileJournal):
+            return
+        for name in ("add", "clear", "deleteEntriesFrom"):
+            change = getattr(journal, name)
+
+            def changed(*args, _change=change):
+                self._journal_dirty = True
+                return _change(*args)
+
+            setattr(journal, name, changed)
+        meta = journal._FileJournal__metaStorer
+        path = Path(meta.getPath())
+        meta.storeMeta = lambda record: write_atomic(path, raft_pickle.dumps(record))
+
+    def sync_journal(self) -> None:
+        """Make what the journal took since the last sync durable (Raft thread)."""
+        if self._journal_dirty:
+            self._journal_dirty = False
+            self._SyncObj__raftLog.flush()
+
+    def check_recovered(self) -> None:
+        """Raft thread, after a tick: end recovery once the state holds what the site had
+        committed (module header). The leader's commit index says so only once it covers an
+        entry of the leader's own term: a leader just elected may not yet know how far its
+        predecessor committed (Raft commits older entries only through one of its term)."""
+        if not self.recovering:
+            return
+        commit = self._SyncObj__leaderCommitIndex
+        if commit is not None and self.raftLastApplied >= commit and not self._loads:
+            entries = self._SyncObj__getEntries(commit, 1)
+            if entries and entries[0][2] == self.raftCurrentTerm:
+                self.recovering = False
+                log.warning("raft state rebuilt from the site's leader", extra={"applied": self.raftLastApplied})
+                return
+        if self.selfNode is not None:  # no candidacy meanwhile
+            self._SyncObj__raftElectionDeadline = raft_clock() + self._SyncObj__generateRaftTimeout()
+
     def _SyncObj__onMessageReceived(self, node, message):
+        if self.recovering and isinstance(message, dict) and message.get("type") in ("request_vote", "timeout_now"):
+            return  # no vote, no leadership, while recovering (module header)
         term = message.get("term") if isinstance(message, dict) else None
         if isinstance(term, int) and (term > MAX_TERM or term > self.raftCurrentTerm + MAX_TERM_JUMP):
             now = raft_clock()
@@ -427,6 +497,7 @@ class SiteRaft(SyncObj):
             self._receiving = False
 
     def _SyncObj__sendNextNodeIdx(self, node, reset=False, nextNodeIdx=None, success=False):
+        self.sync_journal()  # the answer counts what the journal holds (module header)
         if success and self._answer_cap is not None:
             if nextNodeIdx is None:
                 nextNodeIdx = self._SyncObj__getCurrentLogIndex() + 1
@@ -481,12 +552,16 @@ class SiteRaft(SyncObj):
 
     @replicated
     def apply_command(self, command):
+        command = unseal(command)  # a checksum that fails: None, which the state machine refuses
+        # pysyncobj applies entry raftLastApplied + 1 (and counts it applied after this returns)
+        entry = self._SyncObj__getEntries(self.raftLastApplied + 1, 1)
+        term = entry[0][2] if entry else None
         with self._lock:
             if self._loads:  # a snapshot is loading: this command follows it (module header)
                 pending = PendingResult()
-                self._loads[-1].commands.append((command, pending))
+                self._loads[-1].commands.append((command, term, pending))
                 return pending
-            result = sitestate.apply(self.site_state, command)
+            result = sitestate.apply(self.site_state, command, term)
         self._applied(command, result)
         return result
 
@@ -546,6 +621,7 @@ class SiteRaft(SyncObj):
             contacts=contacts,
             refreshed_at=refreshed_at,
             awake_since=awake_since,
+            recovering=self.recovering,
         )
         if previous is None or previous.role != role or previous.leader_address != self._status_cache.leader_address:
             try:
@@ -614,9 +690,9 @@ class RaftNode:
 
     def __init__(self, self_address: str | None, partners: list[str], conf: SyncObjConf,
                  on_applied: Callable[[dict, dict], None], on_role_change: Callable[[], None], tick: float,
-                 snapshots: SnapshotStore, frozen_gap: float = FROZEN_GAP):
+                 snapshots: SnapshotStore, frozen_gap: float = FROZEN_GAP, recovering: bool = False):
         self.raft = SiteRaft(self_address, partners, conf, on_applied, on_role_change, snapshots,
-                             frozen_gap=max(frozen_gap, 2 * tick))
+                             frozen_gap=max(frozen_gap, 2 * tick), recovering=recovering)
         # The commit index its journal remembers: until the state machine has applied that far
         # (the snapshot loaded, the journal replayed), its state is older than the one this
         # node had before it started (`replayed`).
@@ -654,6 +730,8 @@ class RaftNode:
         while not self._stopping.is_set():
             try:
                 self.raft.doTick(self._tick_wait())
+                self.raft.sync_journal()  # the leader's own entries, before its next tick counts them
+                self.raft.check_recovered()
                 self.raft.refresh_status()
                 if self.raft._persist_commit_index:
                     # pysyncobj saves the commit index once a second; a node killed within
@@ -713,7 +791,8 @@ class RaftNode:
     def replayed(self) -> bool:
         """The state has caught up with what this node's journal held when Raft started: it
         is not an old state still being replayed (after a restart of Raft). Stays true."""
-        if not self._replayed and self.raft.status.last_applied >= self._commit_at_start:
+        if not self._replayed and not self.raft.status.recovering \
+                and self.raft.status.last_applied >= self._commit_at_start:
             self._replayed = True
         return self._replayed
 
@@ -736,7 +815,7 @@ class RaftNode:
             except trio.RunFinishedError:
                 pass
 
-        self.raft.apply_command(command, callback=callback)
+        self.raft.apply_command(seal(command), callback=callback)
         with trio.move_on_after(timeout):
             await done.wait()
         if not outcome:

@@ -202,3 +202,18 @@ def test_a_writer_killed_while_it_rewrites_epochs_keeps_everything_it_acknowledg
         assert acked <= present, sorted(acked - present)[:5]
         assert len([p for p in tmp_path.iterdir() if p.name.startswith("log")]) == 1
     assert len(acked) > 50
+
+
+def test_a_lost_snapshot_keeps_the_log_of_its_epoch(tmp_path):
+    store = DocumentStore(tmp_path)
+    doc = store.open()
+    store.append(doc.put(audit(1)))
+    new = new_epoch_document(doc, 2)
+    store.rewrite(new.epoch, new.full_update())
+    store.append(new.put(audit(2)))
+    store.close()
+    (tmp_path / "snapshot").unlink()  # lost: what the epoch's log holds must not go with it
+    again = DocumentStore(tmp_path)
+    reopened = again.open()
+    assert again.epoch == new.epoch and ids(reopened) == {"a/2"}
+    assert (tmp_path / again.log_path.name).exists()

@@ -648,3 +648,19 @@ def test_a_report_stamps_when_a_replica_became_healthy_and_when_it_fell_ill():
     assert report(T0 + 2, 3, health="healthy").healthy_at == T0 + 2
     ill = report(T0 + 3, 4, health="unhealthy")
     assert (ill.healthy_at, ill.unhealthy_since) == (0.0, T0 + 3)
+
+
+def test_a_leaders_decision_committed_in_a_later_term_than_it_was_made_in_changes_nothing():
+    state = founded(2)
+    n2 = f"{2:032x}"
+    before = copy.deepcopy(state)
+    stale = cmd("set_liveness", node_id=n2, liveness="down", reason="lease ran out", term=3, request_id="r1")
+    result = sitestate.apply(state, stale, entry_term=4)  # the old leader's, committed by the new one
+    assert result.code == cmds.FENCED and "term 3" in result.text and "term 4" in result.text
+    assert state.nodes == before.nodes and state.applied == before.applied + 1
+    assert sitestate.apply(state, dict(stale, request_id="r2"), entry_term=3).ok  # its own term: applied
+    assert state.nodes[n2].liveness == "down"
+    # a command that is no leader's decision carries no term and is never fenced
+    assert sitestate.apply(state, cmd("set_liveness", node_id=n2, liveness="ready"), entry_term=9).ok
+    for bad in ("3", -1, True, 2**60):
+        assert sitestate.apply(state, dict(stale, term=bad), entry_term=1).code == cmds.MALFORMED

@@ -45,6 +45,7 @@ class AttestationService:
             await changes.wait(ATTEST_CHECK_PERIOD)
             if ctx.raft is None or ctx.raft.status.role != "leader":
                 continue
+            term = ctx.raft.status.term  # its outcome is this leader's decision, fenced by this term
             node = core.next_due(ctx.snapshot(), time.time(), time.monotonic())
             if node is None:
                 continue
@@ -58,7 +59,7 @@ class AttestationService:
             evidence = answer.get("evidence") if isinstance(answer, dict) else None
             try:
                 await ctx.execute(core.appraise(ctx.snapshot(), node, evidence, nonce, issued_at, time.time(),
-                                                ctx.root_signing_key(), time.monotonic()))
+                                                ctx.root_signing_key(), time.monotonic()), term=term)
             except CommandFailed as e:
                 log.info("re-attestation outcome not committed", extra={"node": node.name, "reason": str(e)})
                 core.unreachable(node, time.monotonic())

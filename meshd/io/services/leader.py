@@ -52,7 +52,7 @@ class LeaderService:
             try:
                 view = self._view()
                 effects = self.core.step(view, time.monotonic())
-                await ctx.execute(effects)
+                await ctx.execute(effects, term=view.term)  # fenced by the term they were made in
                 # Without a commit the state is the one just looked at.
                 wait = 0.0 if any(isinstance(e, fx.Commit) for e in effects) else \
                     self.core.next_look(view.state, time.monotonic())
