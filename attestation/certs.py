@@ -8,8 +8,8 @@ fresh evidence (SPIRE-style), so a node that stops attesting loses its identity 
 Invariants:
 - Pure: no I/O; `now` is passed in. Serial numbers come from the caller (deterministic tests).
 - `check_member_cert` accepts a certificate only if the root signed it, it is within its
-  validity, it is a member certificate of this mesh, and its node is not revoked; otherwise
-  it returns the reason.
+  validity (give or take VALIDITY_TOLERANCE), it is a member certificate of this mesh, and
+  its node is not revoked; otherwise it returns the reason.
 """
 
 from __future__ import annotations
@@ -32,6 +32,14 @@ from attestation.revocation import RevocationList
 MEMBER_CERT_LIFETIME = 3600.0
 ROOT_CERT_LIFETIME = 20 * 365 * 86400.0  # the mesh root outlives the hardware
 CLOCK_SKEW = 60.0  # not-before is backdated this much: members' clocks differ a little
+# A certificate is taken this long before its not-before and after its not-after: the
+# clocks of the node that issued it and of the node that checks it may be this far apart
+# (a board without a real-time clock boots hours off until NTP answers; an unsynced NTP
+# step). Members are cut off by revocation (the signed list and the secret rotation), not
+# by expiry; expiry only bounds how long a stolen certificate of a node that went away
+# unrevoked is worth something, and two hours more of that is the price of a site that a
+# skewed clock does not split.
+VALIDITY_TOLERANCE = 2 * 3600.0
 
 
 def _time(ts: float) -> datetime.datetime:
@@ -82,6 +90,16 @@ class CertCheck:
     site: str | None = None
 
 
+def validity_problem(not_before: float, not_after: float, now: float) -> str | None:
+    """Why a certificate valid from `not_before` to `not_after` is not valid at `now`, give
+    or take VALIDITY_TOLERANCE; None when it is."""
+    if now < not_before - VALIDITY_TOLERANCE:
+        return f"certificate is not valid yet (for {not_before - now:.0f}s more)"
+    if now > not_after + VALIDITY_TOLERANCE:
+        return f"certificate expired {now - not_after:.0f}s ago"
+    return None
+
+
 def check_member_cert(cert: x509.Certificate, root_cert: x509.Certificate, mesh_id: str, now: float,
                       revocations: RevocationList | None = None) -> CertCheck:
     if cert.issuer != root_cert.subject:
@@ -93,10 +111,9 @@ def check_member_cert(cert: x509.Certificate, root_cert: x509.Certificate, mesh_
         root_key.verify(cert.signature, cert.tbs_certificate_bytes)
     except InvalidSignature:
         return CertCheck(False, "certificate signature does not verify against this mesh's root (foreign root)")
-    if now < cert.not_valid_before_utc.timestamp():
-        return CertCheck(False, "certificate is not valid yet")
-    if now > cert.not_valid_after_utc.timestamp():
-        return CertCheck(False, f"certificate expired {now - cert.not_valid_after_utc.timestamp():.0f}s ago")
+    problem = validity_problem(cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp(), now)
+    if problem:
+        return CertCheck(False, problem)
     try:
         uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
             x509.UniformResourceIdentifier)

@@ -45,6 +45,8 @@ STALE = "stale"  # not newer than what is in force (policy serial, revocation li
 TOKEN = "token"  # the join token is unknown, used, expired or for another site
 UNTRUSTED = "untrusted"  # a signed document does not verify with the mesh root
 INTERNAL = "internal"  # a bug in the state machine, reported instead of raised
+# A clock skew is recorded up to a year either way (a board that booted at 1970 is clamped).
+MAX_CLOCK_SKEW_SHOWN = 365 * 86400.0
 FENCED = "fenced"  # a leader's decision committed in a later term than it was made in
 REFUSAL_CODES = frozenset({MALFORMED, UNKNOWN_COMMAND, NOT_FOUND, NOT_MEMBER, REVOKED, CONFLICT, STALE, TOKEN,
                            UNTRUSTED, INTERNAL, FENCED})
@@ -360,14 +362,21 @@ class Attested(Command):
     boot_id: str
     software: str = ""  # the package digest the evidence carried ("" from an older leader)
     actor: str = ""
+    # The member's clock less the leader's when the evidence came (seconds; 0 from an older
+    # leader): shown, never held against it (attestation.verifier judges by the nonce).
+    clock_skew: float = 0.0
 
     @classmethod
     def from_wire(cls, raw: dict) -> "Attested":
         return cls(node_id=read_str(raw, "node_id", max_len=64), boot_id=read_str(raw, "boot_id", max_len=64),
-                   software=read_digest(raw, "software") if "software" in raw else "", actor=read_actor(raw))
+                   software=read_digest(raw, "software") if "software" in raw else "", actor=read_actor(raw),
+                   clock_skew=read_num(raw, "clock_skew", -MAX_CLOCK_SKEW_SHOWN, MAX_CLOCK_SKEW_SHOWN)
+                   if "clock_skew" in raw else 0.0)
 
     def to_wire(self) -> dict:
         wire: dict = {"node_id": self.node_id, "boot_id": self.boot_id}
+        if self.clock_skew:
+            wire["clock_skew"] = self.clock_skew
         if self.software:
             wire["software"] = self.software
         if self.actor:

@@ -315,7 +315,7 @@ def _attested(state: SiteState, cmd: cmds.Attested, ts: float) -> Ok:
     if node is None or node.admin in (ADMIN_LEFT, ADMIN_REVOKED):
         raise CommandRefused("attestation of a node that is not a member", NOT_MEMBER)
     released = bool(node.quarantine)
-    state.nodes[cmd.node_id] = replace(node, attested_at=ts, attested_boot_id=cmd.boot_id,
+    state.nodes[cmd.node_id] = replace(node, attested_at=ts, attested_boot_id=cmd.boot_id, clock_skew_s=cmd.clock_skew,
                                        boot_id=node.boot_id or cmd.boot_id,
                                        attested_software=cmd.software or node.attested_software,
                                        software=node.software or cmd.software, quarantine="",

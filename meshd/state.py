@@ -219,6 +219,9 @@ class NodeRecord:
     boot_id: str = ""  # the kernel boot the node last reported running in
     attested_boot_id: str = ""  # the boot its last verified evidence came from
     attested_at: float = 0.0  # when its evidence last verified (admission or re-attestation)
+    # Its clock less the leader's at its last re-attestation, seconds: told (`nodes`, its
+    # own `status`, an event past attestation.policy.MAX_CLOCK_SKEW), never a reason to expel.
+    clock_skew_s: float = 0.0
     tpm_ak: str = ""  # hex TPM2B_PUBLIC of its TPM attestation key, bound at admission; "" = software-only
     # The package digest of the meshd the node reports running (measured at its start), and
     # the one its last verified evidence carried: a node that runs other software than it

@@ -29,6 +29,7 @@ from crdt.schema import (RECORD_KINDS, AppEdit, AppSiteStatus, DroppedAudit, Nod
                          RolloutControl, SiteSummary, app_status_key)
 from crdt.schema import AuditRecord as DocAuditRecord
 
+from attestation.policy import MAX_CLOCK_SKEW
 from attestation.evidence import HEX_DIGEST, SOFTWARE_EVIDENCE, TPM_EVIDENCE, VERSION
 from attestation.policy import Policy, open_policy, sign_policy
 from attestation.revocation import open_revocations
@@ -299,6 +300,9 @@ class AdminHandlers:
                 "software": started_digest(),
                 **({"quarantine": own.quarantine} if own is not None and own.quarantine else {}),
                 **({"recovering": True} if raft is not None and raft.recovering else {}),
+                # Its clock against the leader's, as the last re-attestation found it: said, never punished.
+                **({"clock_skew_s": own.clock_skew_s, "clock_skewed": abs(own.clock_skew_s) > MAX_CLOCK_SKEW}
+                   if own is not None and own.clock_skew_s else {}),
                 **({"joining": d.joining.status(time.monotonic())} if d.joining is not None else {}),
                 **({"heard_s_ago": self._heard_s_ago(state, raft)} if role == "leader" else {})}
 

@@ -16,17 +16,26 @@ Invariants:
   already open keep the certificate they started with.
 - Identity comes from the certificate's URI SAN `meshd://<mesh>/<site>/<node id>`, parsed by
   the ssl module (no X.509 library loaded for it).
+- Validity dates are checked with the stated clock tolerance
+  (attestation.certs.VALIDITY_TOLERANCE), not by OpenSSL's exact check: a member whose clock
+  is an hour off the leader's keeps its links. OpenSSL verifies the chain without the dates
+  (X509_V_FLAG_NO_CHECK_TIME) and `member_of` checks them, on every verified certificate.
 """
 
 from __future__ import annotations
 
 import ssl
+import time
 from pathlib import Path
 
+from attestation.certs import validity_problem
 from attestation.names import members_named
 from meshd.io.identity import MEMBER_CERT_FILE, NODE_KEY_FILE, ROOT_CERT_FILE, write_atomic
 
 MAX_CERT_PEM = 16_384  # a member certificate is well under 1 KB; refuse anything huge
+# OpenSSL's flag (x509_vfy.h) for a chain verified without its validity dates; the ssl module
+# passes verify_flags through but names only some of them.
+X509_V_FLAG_NO_CHECK_TIME = 0x200000
 
 
 def _base(purpose: int) -> ssl.SSLContext:
@@ -43,9 +52,17 @@ def joiner_context() -> ssl.SSLContext:
     return ctx
 
 
-def member_of(peer_cert: dict | None, mesh_id: str) -> tuple[str, str] | None:
-    """(site, node id) that a verified peer certificate names in this mesh, else None."""
+def member_of(peer_cert: dict | None, mesh_id: str, now: float | None = None) -> tuple[str, str] | None:
+    """(site, node id) that a verified peer certificate names in this mesh, and that is
+    valid at `now` (the wall clock by default) within the clock tolerance; else None."""
     if not peer_cert:
+        return None
+    try:
+        not_before = ssl.cert_time_to_seconds(peer_cert["notBefore"])
+        not_after = ssl.cert_time_to_seconds(peer_cert["notAfter"])
+    except (KeyError, ValueError):
+        return None
+    if validity_problem(not_before, not_after, time.time() if now is None else now):
         return None
     names = members_named((value for kind, value in peer_cert.get("subjectAltName", ()) if kind == "URI"), mesh_id)
     return names[0] if len(names) == 1 else None
@@ -82,6 +99,7 @@ class PeerTLS:
         self.reload()
 
     def _load(self, ctx: ssl.SSLContext) -> ssl.SSLContext:
+        ctx.verify_flags |= X509_V_FLAG_NO_CHECK_TIME  # member_of checks the dates (module header)
         ctx.load_cert_chain(self.data_dir / MEMBER_CERT_FILE, self.data_dir / NODE_KEY_FILE)
         ctx.load_verify_locations(self.data_dir / ROOT_CERT_FILE)
         return ctx

@@ -37,7 +37,7 @@ from attestation.verifier import Challenge as EvidenceChallenge
 from attestation.verifier import TpmBinding
 from attestation.verifier import verify as verify_evidence
 from meshd import admission
-from meshd.commands import MAX_AUDIT_REASON, Attested, Ok, Quarantine, Refused, Result
+from meshd.commands import MAX_AUDIT_REASON, MAX_CLOCK_SKEW_SHOWN, Attested, Ok, Quarantine, Refused, Result
 from meshd.node import trust
 from meshd.node.effects import Commit, Effect, Emit, RenewCertificate
 from meshd.reattest import due_for_attestation
@@ -102,7 +102,9 @@ class Attesting:
                 effects.append(Emit("attestation", f"{node.name} re-attested after a reboot", {"node": node.name}))
             effects.append(Commit(Attested(node_id=node.node_id, boot_id=verdict.claims.boot_id,
                                            software=verdict.claims.measurements[MEASURED_PACKAGE],
-                                           actor=f"attestation@{self.leader_name}"),
+                                           actor=f"attestation@{self.leader_name}",
+                                           clock_skew=max(-MAX_CLOCK_SKEW_SHOWN,
+                                                          min(MAX_CLOCK_SKEW_SHOWN, round(verdict.clock_skew, 1)))),
                                   then=lambda result, _state: after_attested(node, result)))
             return effects
         actor = f"attestation@{self.leader_name}"

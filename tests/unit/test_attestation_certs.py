@@ -7,7 +7,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attestation.certs import (MEMBER_CERT_LIFETIME, cert_from_pem, cert_to_pem, check_member_cert,
+from attestation.certs import (MEMBER_CERT_LIFETIME, VALIDITY_TOLERANCE, cert_from_pem, cert_to_pem, check_member_cert,
                                issue_member_cert, make_root)
 from attestation.revocation import (Revocation, RevocationList, open_revocation, open_revocations, sign_revocation,
                                    sign_revocations, supersedes)
@@ -29,6 +29,13 @@ def test_a_fresh_member_certificate_checks_out_and_survives_pem():
     assert check.ok and (check.node_id, check.site) == (NODE.node_id, "s1")
 
 
+def test_a_certificate_is_taken_within_the_stated_clock_tolerance():
+    # a checker an hour ahead of the issuer: just expired on its clock, taken all the same
+    assert check_member_cert(member(), ROOT, "mesh1", NOW + MEMBER_CERT_LIFETIME + 3600).ok
+    # an hour behind: not valid yet on its clock, taken all the same
+    assert check_member_cert(member(), ROOT, "mesh1", NOW - 3600).ok
+
+
 FOREIGN_KEY = Ed25519PrivateKey.generate()
 FOREIGN_ROOT = make_root(FOREIGN_KEY, "mesh1", NOW)  # same name, other key
 
@@ -36,8 +43,8 @@ FOREIGN_ROOT = make_root(FOREIGN_KEY, "mesh1", NOW)  # same name, other key
 @pytest.mark.parametrize("cert,now,revocations,reason", [
     (member(root_key=FOREIGN_KEY, root=FOREIGN_ROOT), NOW, None, "foreign root"),
     (member(root_key=FOREIGN_KEY, root=make_root(FOREIGN_KEY, "evil", NOW)), NOW, None, "foreign root"),
-    (member(), NOW + MEMBER_CERT_LIFETIME + 1, None, "expired"),
-    (member(), NOW - 3600, None, "not valid yet"),
+    (member(), NOW + MEMBER_CERT_LIFETIME + VALIDITY_TOLERANCE + 1, None, "expired"),
+    (member(), NOW - VALIDITY_TOLERANCE - 3600, None, "not valid yet"),
     (member(mesh="mesh2"), NOW, None, "not a member certificate of this mesh"),
     (member(), NOW, RevocationList("mesh1", 1).with_revoked(NODE.node_id, NOW, "op", "lost"), "revoked"),
     (ROOT, NOW, None, "not a member certificate"),

@@ -664,3 +664,13 @@ def test_a_leaders_decision_committed_in_a_later_term_than_it_was_made_in_change
     assert sitestate.apply(state, cmd("set_liveness", node_id=n2, liveness="ready"), entry_term=9).ok
     for bad in ("3", -1, True, 2**60):
         assert sitestate.apply(state, dict(stale, term=bad), entry_term=1).code == cmds.MALFORMED
+
+
+def test_a_members_clock_skew_is_recorded_from_its_re_attestation_and_cleared_by_the_next():
+    state = founded(2)
+    n2 = f"{2:032x}"
+    assert sitestate.apply(state, cmd("attested", node_id=n2, boot_id="b1", clock_skew=3600.2)).ok
+    assert state.nodes[n2].clock_skew_s == 3600.2 and state.nodes[n2].liveness == "ready"
+    assert sitestate.apply(state, cmd("attested", node_id=n2, boot_id="b1")).ok  # in step again
+    assert state.nodes[n2].clock_skew_s == 0.0
+    assert sitestate.apply(state, cmd("attested", node_id=n2, boot_id="b1", clock_skew=1e12)).code == cmds.MALFORMED
