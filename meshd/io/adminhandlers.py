@@ -5,7 +5,8 @@ Invariants:
   partitioned node too (and say so in `status`). A member rebuilding its state from the
   site (its own was damaged and set aside: `recovering` in `status`) answers none of them
   until it holds the site's state: an empty state served as the site's is a lie. Nor does
-  a member whose Raft has not yet replayed its own journal since it started.
+  a member whose Raft has not yet replayed its own journal since the daemon started (after
+  a restart of Raft alone, a secret rotation, the view from before it serves meanwhile).
 - Write requests go through Raft. They are refused with a clear error when the site has no
   quorum, and retried with the same request id while it is briefly leaderless, so an
   acknowledged change is committed and an unacknowledged one is applied at most once.
@@ -41,6 +42,7 @@ from meshd import waves
 from meshd import eventfeed, tokens
 from meshd.io import peer
 from meshd.io.admin import AdminError, AdminRequest
+from meshd.io.diskspace import DiskFull, full_problem
 from meshd.io.attester import package_digest, started_digest
 from meshd import commands as cmds
 from meshd.commands import Ok, Refused, Result
@@ -234,14 +236,19 @@ class AdminHandlers:
             raise AdminError(f"unknown command {request.cmd!r}")
         if not isinstance(request.args, dict):
             raise AdminError("args must be an object")
-        return await handler(request, stream)
+        try:
+            return await handler(request, stream)
+        except DiskFull as e:  # refused before anything was acknowledged (meshd.io.diskspace)
+            raise AdminError(str(e)) from None
 
     # --- helpers -------------------------------------------------------------------------
 
     def _state(self) -> SiteState:
         raft = self.ctx.raft
-        if raft is not None and not raft.replayed:
-            raise AdminError(RECOVERING if raft.status.recovering else REPLAYING)
+        if raft is not None and raft.status.recovering:
+            raise AdminError(RECOVERING)
+        if raft is not None and not raft.replayed and not self.ctx.has_seen_state:
+            raise AdminError(REPLAYING)  # (after a Raft restart the view from before it serves)
         return self.ctx.snapshot()
 
     def _require_member(self) -> None:
@@ -265,6 +272,9 @@ class AdminHandlers:
         error becomes AdminError."""
         self._require_member()
         d = self.ctx
+        problem = full_problem(d.data_dir)
+        if problem:  # this node could not hold the change it asks for
+            raise AdminError(problem)
         deadline = await self._wait_for_quorum()
         command = make(_actor(request, d))
         try:
@@ -300,6 +310,7 @@ class AdminHandlers:
                 "software": started_digest(),
                 **({"quarantine": own.quarantine} if own is not None and own.quarantine else {}),
                 **({"recovering": True} if raft is not None and raft.recovering else {}),
+                **({"disk_full": True} if raft is not None and raft.disk_full else {}),
                 # Its clock against the leader's, as the last re-attestation found it: said, never punished.
                 **({"clock_skew_s": own.clock_skew_s, "clock_skewed": abs(own.clock_skew_s) > MAX_CLOCK_SKEW}
                    if own is not None and own.clock_skew_s else {}),

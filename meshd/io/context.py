@@ -143,6 +143,7 @@ class NodeContext:
         self.stopping = False
         self.mesh: Any = None  # meshd.io.mesh.MeshSync, set by the runtime
         self._newest_state: SiteState | None = None
+        self._replayed_before = False  # has_seen_state
         self._revocations_cache: tuple[tuple, frozenset[str]] | None = None
         self._effect_handlers: dict[type, Callable[[Any], Awaitable[None]]] = {}
 
@@ -154,6 +155,19 @@ class NodeContext:
         self.local_events.append({"ts": time.time(), "kind": kind, "message": message, "node": self.config.name, **data})
         self.local_event_count += 1  # ever appended: followers follow by it (the deque is capped)
         log.info(message, extra={"kind": kind, **data})
+
+    @property
+    def has_seen_state(self) -> bool:
+        """A Raft of this daemon has replayed its journal: its view (`snapshot` keeps the
+        newest) is the node's own, not a journal half replayed since the daemon started."""
+        return self.remember_replay()
+
+    def remember_replay(self) -> bool:
+        """Note whether the Raft in use has replayed its journal (has_seen_state); called
+        too before a Raft is replaced, which may have replayed without anyone asking."""
+        if not self._replayed_before and self.raft is not None and self.raft.replayed:
+            self._replayed_before = True
+        return self._replayed_before
 
     def snapshot(self) -> SiteState:
         """The replicated state as this node last knew it, read-only. One copy serves every
@@ -270,6 +284,7 @@ class NodeContext:
 
     def start_raft(self) -> None:
         assert self.membership is not None and self.state_changed is not None
+        self.remember_replay()  # the Raft being replaced may have replayed: remembered
         m = self.membership
         snapshots = SnapshotStore()
 

@@ -41,6 +41,7 @@ from typing import Iterator
 from crdt.document import MeshDocument, SyncError
 from crdt.epoch import ZERO_EPOCH, Epoch
 from crdt.log import LogError, decode_log, decode_snapshot, encode_record, encode_snapshot
+from meshd.io.diskspace import is_full, refused
 from meshd.io.identity import fsync_dir, write_atomic
 
 log = logging.getLogger("meshd.crdt")
@@ -137,15 +138,22 @@ class DocumentStore:
         return document
 
     def append(self, *updates: bytes) -> None:
-        """Write updates to the log and fsync once: on return they survive a crash."""
+        """Write updates to the log and fsync once: on return they survive a crash. On a full
+        disk it raises DiskFull and the log is as it was (meshd.io.diskspace)."""
         if self._fd is None:
             raise RuntimeError("document store is not open")
         data = b"".join(encode_record(u) for u in updates)
         view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
-        os.fsync(self._fd)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+            os.fsync(self._fd)
+        except OSError as e:
+            if not is_full(e):
+                raise
+            os.ftruncate(self._fd, self.log_bytes)  # no torn record before the next append
+            raise refused(self.directory, e) from None
         self.log_bytes += len(data)
 
     def needs_compaction(self) -> bool:

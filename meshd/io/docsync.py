@@ -24,6 +24,9 @@ Invariants:
   the old document that was still waiting for the disk is then not appended to the new
   epoch's log (its records are already in the new snapshot), and writes made after the swap
   are appended only after the rewrite.
+- On a full disk (meshd.io.diskspace) a local write is refused before the document takes it,
+  and a session whose update cannot be stored ends: the peer still holds it and offers it
+  again in its next session, once there is room. Compaction waits for room.
 - One epoch change at a time; a refused adoption (malformed or junk-holding document) ends
   that session with the reason and changes nothing.
 - A session never sends an update back to the session it came from.
@@ -48,8 +51,11 @@ from crdt.epoch import EPOCH_ID_BYTES, Epoch
 from crdt.schema import RECORD_KINDS, Record
 from crdt.sync import Message, SyncDecoder, SyncSession
 from meshd.io.crdtstore import DocumentStore
+from meshd.io.logthrottle import throttle
+from meshd.io.diskspace import DiskFull, full_problem, is_full
 
-log = logging.getLogger("meshd.docsync")
+# Throttled: a full disk, or a peer that keeps reconnecting, would otherwise cost a line a pass.
+log = throttle(logging.getLogger("meshd.docsync"))
 
 # Pushed updates waiting for one slow peer; past this the session is ended (it resyncs by
 # state vector on reconnect, which sends the same changes once, compacted).
@@ -110,9 +116,14 @@ class DocumentHub:
     # --- changes -------------------------------------------------------------------------
 
     async def write(self, records: list[Record]) -> bytes:
-        """Validate, apply and persist local records, then push them; raises SchemaError
-        (and then nothing was written)."""
+        """Validate, apply and persist local records, then push them; raises SchemaError or,
+        on a full disk, DiskFull (and then nothing was written: the disk is asked before
+        the document takes the records)."""
         document = self.document
+        if self.store is not None:
+            problem = full_problem(self.store.directory)
+            if problem:
+                raise DiskFull(problem)
         update = document.put_many(records)
         await self._persist_and_push(update, source=None, document=document)
         return update
@@ -125,7 +136,12 @@ class DocumentHub:
                     return  # of an epoch since replaced: the new snapshot holds its records
                 await trio.to_thread.run_sync(store.append, update)
                 if store.needs_compaction():
-                    await trio.to_thread.run_sync(store.compact_to, self.document.full_update())
+                    try:
+                        await trio.to_thread.run_sync(store.compact_to, self.document.full_update())
+                    except OSError as e:  # the log holds everything still: compact later
+                        if not is_full(e):
+                            raise
+                        log.warning("document compaction postponed: the disk is full")
         elif document is not self.document:
             return
         self.grown += len(update)
@@ -345,7 +361,10 @@ class DocumentHub:
                     except trio.WouldBlock:
                         raise SessionEnded("peer too slow") from None
                 if applied is not None:
-                    await self._persist_and_push(applied, source=session_id, document=session.document)
+                    try:
+                        await self._persist_and_push(applied, source=session_id, document=session.document)
+                    except DiskFull as e:  # the peer keeps it, and offers it again next session
+                        raise SessionEnded(f"this replica cannot store updates: {e}") from None
                     if self.on_remote_update is not None:
                         self.on_remote_update(session)
                 adoption = session.take_adoption()

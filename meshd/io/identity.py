@@ -46,13 +46,21 @@ class DataDirError(Exception):
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace `path` by `data` whole or not at all: temp file, fsync, rename, directory
+    fsync. A failed write (a full disk: OSError ENOSPC) leaves `path` as it was, and no temp
+    file behind."""
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:  # a nearly full disk writes short before it refuses
+            view = view[os.write(fd, view):]
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
     os.replace(tmp, path)
     fsync_dir(path.parent)
 

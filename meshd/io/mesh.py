@@ -56,6 +56,8 @@ from meshd.commands import AdoptPolicy, AdoptRevocations, Command, Ok, Refused, 
 from meshd.node import trust
 from meshd.io import peer
 from meshd.io.crdtstore import DocumentStore
+from meshd.io.logthrottle import throttle
+from meshd.io.diskspace import DiskFull
 from meshd.io.docsync import DocumentHub
 from meshd.io.raft import CommandFailed
 from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, AppWatch
@@ -64,7 +66,8 @@ from meshd.wire import FrameError
 if TYPE_CHECKING:
     from meshd.io.context import NodeContext
 
-log = logging.getLogger("meshd.mesh")
+# Throttled: a full disk, or a peer that keeps reconnecting, would otherwise cost a line a pass.
+log = throttle(logging.getLogger("meshd.mesh"))
 
 # Redial: quickly at first (a blip), then every DIAL_BACKOFF_MAX at most while the link has
 # been down for less than DIAL_FAST_FOR (most cuts are short, and converging after one waits
@@ -576,6 +579,9 @@ class MeshSync:
                 await self.write(records[start:start + PUBLISH_BATCH])
             except SchemaError as e:  # a record this site made is not valid: a bug, but never fatal
                 log.error("record not published", extra={"reason": e.reason})
+            except DiskFull as e:  # published again at the next pass, once there is room
+                log.warning("site records not published", extra={"reason": str(e)})
+                break
 
     async def _purge(self) -> None:
         """Forget the stopped apps whose retention ran out (meshstate.apps_to_purge decides)."""

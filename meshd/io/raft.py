@@ -52,6 +52,12 @@ Invariants:
   refuses a leader's decision committed in a later term than it was made in
   (sitestate.apply): a paused leader's stale decisions, forwarded to the new leader once it
   resumed as a follower, change nothing.
+- A full disk never kills the Raft thread nor the process: the journal's file grows by
+  blocks reserved first (posix_fallocate; pysyncobj's mmap would take SIGBUS on a full
+  filesystem), an entry that cannot be written leaves the in-memory log as it was, and a
+  message whose entries cannot be stored gets no answer (the leader sends them again). A
+  node whose disk is full (`disk_full`) leads nothing (a leader steps down, as it could
+  commit nothing) and stands for no election, until a look once a second finds room again.
 - Every command goes into the journal sealed with a checksum (meshd.io.raftdata.seal), so
   a damaged entry is found at start instead of replayed as another command.
 - A recovering node (its Raft data was damaged and set aside, meshd.io.raftdata) starts
@@ -72,6 +78,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import threading
 import time
@@ -87,11 +94,13 @@ from pysyncobj.tcp_connection import CONNECTION_STATE
 from pysyncobj import transport as pysyncobj_transport
 from pysyncobj import pickle as raft_pickle
 from pysyncobj.journal import FileJournal
+from pysyncobj.syncobj import _RAFT_STATE
 from pysyncobj.transport import TCPTransport
 
 from meshd import sitestate
 from meshd.commands import Result
 from meshd.io import raftport
+from meshd.io.diskspace import full_problem, is_full
 from meshd.io.identity import write_atomic
 from meshd.io.raftdata import MAX_TERM, RaftDataError, seal, unseal
 from meshd.io.snapshots import SnapshotStore
@@ -137,6 +146,8 @@ TICK_FAILURE_LOG_EVERY = 5.0
 # which config keeps above two heartbeat intervals, a tick's longest wait) mean the Raft
 # thread was not running: the process was frozen, or starved as badly.
 FROZEN_GAP = 1.0
+# A node whose disk is full looks for room again this often (a statvfs: nothing).
+DISK_LOOK_PERIOD = 1.0
 
 
 def raft_stall(now: float, awake_since: float, ticked_at: float, traffic_at: float | None,
@@ -324,6 +335,8 @@ class RaftStatus:
     awake_since: float = 0.0
     # Rebuilding the site's state from the leader after its own was set aside (module header).
     recovering: bool = False
+    # Its disk has no room for Raft's writes (module header).
+    disk_full: bool = False
 
 
 # SiteRaft overrides these two private methods of pysyncobj (by their mangled names); a
@@ -355,6 +368,9 @@ class SiteRaft(SyncObj):
         self._absurd_logged_at = float("-inf")
         self.frozen_gap = frozen_gap
         self.recovering = recovering  # module header; `check_recovered` ends it
+        self.disk_full = False  # module header; `after_tick` looks for room again
+        self._disk_checked = 0.0
+        self._raft_dir = Path(conf.journalFile).parent if conf.journalFile else Path(".")
         self._journal_dirty = False
         super().__init__(self_address, partners, conf, transportClass=SiteTransport)
         if self.raftCurrentTerm > MAX_TERM:
@@ -440,7 +456,7 @@ class SiteRaft(SyncObj):
         journal = self._SyncObj__raftLog
         if not isinstance(journal, FileJournal):
             return
-        for name in ("add", "clear", "deleteEntriesFrom"):
+        for name in ("clear", "deleteEntriesFrom"):
             change = getattr(journal, name)
 
             def changed(*args, _change=change):
@@ -448,9 +464,77 @@ class SiteRaft(SyncObj):
                 return _change(*args)
 
             setattr(journal, name, changed)
+        add, entries = journal.add, journal._FileJournal__journal
+
+        def add_entry(command, idx, term):
+            self._journal_dirty = True
+            try:
+                add(command, idx, term)
+            except OSError:  # pysyncobj listed it before writing it: not in the log, then
+                if entries and entries[-1][1] == idx:
+                    entries.pop()
+                raise
+
+        journal.add = add_entry
+        file = journal._FileJournal__journalFile
+        write = file.write
+
+        def write_reserved(offset, values):
+            # pysyncobj grows the file by a factor of 2 (ResizableFile.write); the blocks are
+            # reserved first, so a full disk is an OSError here, not a SIGBUS later
+            mapped = file._ResizableFile__mm
+            if offset + len(values) > len(mapped):
+                grown = max(int(len(mapped) * 2.0), offset + len(values))
+                os.posix_fallocate(file._ResizableFile__f.fileno(), 0, grown)
+                mapped.resize(grown)  # (mmap.size() is the file's size: pysyncobj would not grow the map)
+            write(offset, values)
+
+        file.write = write_reserved
         meta = journal._FileJournal__metaStorer
         path = Path(meta.getPath())
         meta.storeMeta = lambda record: write_atomic(path, raft_pickle.dumps(record))
+        timer = journal.onOneSecondTimer
+
+        def save_commit_index():  # pysyncobj's once-a-second save: tried again next second
+            try:
+                timer()
+            except OSError as e:
+                if not is_full(e):
+                    raise
+                self.disk_is_full(e)
+
+        journal.onOneSecondTimer = save_commit_index
+
+    def disk_is_full(self, error: OSError) -> None:
+        """Raft thread: a write to the journal or the vote record failed for want of space
+        (module header)."""
+        if not self.disk_full:
+            log.warning("raft: the data dir's disk is full; this member takes no entries, leads nothing and stands "
+                        "for no election until there is room again", extra={"reason": str(error)})
+        self.disk_full, self._disk_checked = True, raft_clock()
+        if self._isLeader():
+            self._SyncObj__setState(_RAFT_STATE.FOLLOWER)
+            self._SyncObj__raftLeader = None
+
+    def after_tick(self) -> None:
+        """Raft thread, after each tick: the journal synced, recovery and room looked at."""
+        self.sync_journal()  # the leader's own entries, before its next tick counts them
+        self.check_recovered()
+        if self.disk_full and raft_clock() - self._disk_checked >= DISK_LOOK_PERIOD:
+            self._disk_checked = raft_clock()
+            if full_problem(self._raft_dir) is None:
+                self.disk_full = False
+                log.warning("raft: the data dir's disk has room again")
+        if self.disk_full and self.selfNode is not None:  # no candidacy meanwhile
+            self._SyncObj__raftElectionDeadline = raft_clock() + self._SyncObj__generateRaftTimeout()
+
+    def _checkCommandsToApply(self):
+        try:
+            super()._checkCommandsToApply()
+        except OSError as e:  # the leader could not append: it steps down (disk_is_full)
+            if not is_full(e):
+                raise
+            self.disk_is_full(e)
 
     def sync_journal(self) -> None:
         """Make what the journal took since the last sync durable (Raft thread)."""
@@ -492,6 +576,10 @@ class SiteRaft(SyncObj):
         self._receiving = True  # a snapshot loaded now comes from the leader (_install)
         try:
             super()._SyncObj__onMessageReceived(node, message)
+        except OSError as e:  # no room for its entries or for the vote: no answer, nothing taken
+            if not is_full(e):
+                raise
+            self.disk_is_full(e)
         finally:
             self._answer_cap = None
             self._receiving = False
@@ -622,6 +710,7 @@ class SiteRaft(SyncObj):
             refreshed_at=refreshed_at,
             awake_since=awake_since,
             recovering=self.recovering,
+            disk_full=self.disk_full,
         )
         if previous is None or previous.role != role or previous.leader_address != self._status_cache.leader_address:
             try:
@@ -729,9 +818,13 @@ class RaftNode:
         failed_logged_at, failed_since_log = float("-inf"), 0
         while not self._stopping.is_set():
             try:
-                self.raft.doTick(self._tick_wait())
-                self.raft.sync_journal()  # the leader's own entries, before its next tick counts them
-                self.raft.check_recovered()
+                try:
+                    self.raft.doTick(self._tick_wait())
+                except OSError as e:  # no room for a vote of its own (an election it started)
+                    if not is_full(e):
+                        raise
+                    self.raft.disk_is_full(e)
+                self.raft.after_tick()
                 self.raft.refresh_status()
                 if self.raft._persist_commit_index:
                     # pysyncobj saves the commit index once a second; a node killed within

@@ -16,8 +16,10 @@ What is checked:
   command of ours carries (`seal`: pysyncobj's records have none, and a flipped byte inside
   a command that still unpickles would replay as another command, silently);
 - journal.meta: a mapping of pysyncobj's three fields with their types; present whenever
-  the journal holds an entry (pysyncobj writes it at the first vote, before any entry), and
-  absent only with the journal (its vote lost: this node could vote twice in a term);
+  the journal holds an entry of a term above 0 (pysyncobj writes it, synchronously, when it
+  takes a term, before any entry of that term: a lone founder that never held an election
+  has entries of term 0 and no record yet), and absent only with the journal (its vote
+  lost: this node could vote twice in a term);
 - snapshot: it loads whole (the MARKER written before the first snapshot is no snapshot,
   and fine: the journal then holds every entry). The loaded state is kept in the
   SnapshotStore, so pysyncobj's own read at the first tick does not load it a second time.
@@ -107,9 +109,9 @@ def check_raft_dir(raft_dir: Path, snapshots: SnapshotStore | None = None) -> No
     journal = raft_dir / "journal"
     meta = raft_dir / "journal.meta"
     snapshot = raft_dir / "snapshot"
-    entries = 0
+    last_term = 0
     if journal.exists():
-        problem, entries = journal_problem(journal.read_bytes())
+        problem, last_term = journal_problem(journal.read_bytes())
         if problem:
             raise RaftDataError(f"the Raft journal {journal} is damaged ({problem})")
     elif meta.exists() or (snapshot.exists() and not snapshot.read_bytes().startswith(MARKER)):
@@ -118,7 +120,7 @@ def check_raft_dir(raft_dir: Path, snapshots: SnapshotStore | None = None) -> No
         problem = meta_problem(meta.read_bytes())
         if problem:
             raise RaftDataError(f"the Raft journal's metadata {meta} is damaged ({problem})")
-    elif entries:
+    elif last_term > 0:
         raise RaftDataError(f"the Raft journal's metadata {meta} is missing (the record of this node's vote)")
     if snapshot.exists():
         data = snapshot.read_bytes()
@@ -152,8 +154,8 @@ def meta_problem(data: bytes) -> str | None:
 
 
 def journal_problem(data: bytes) -> tuple[str | None, int]:
-    """What is wrong with a pysyncobj journal file's bytes (or None), and how many entries
-    it holds (up to the first damaged one)."""
+    """What is wrong with a pysyncobj journal file's bytes (or None), and the term of its
+    last entry (up to the first damaged one; 0 when it holds none)."""
     if len(data) < FIRST_RECORD_OFFSET:
         return f"{len(data)} bytes, shorter than its header", 0
     if not data[:NAME_SIZE].startswith(APP_NAME):
@@ -161,26 +163,26 @@ def journal_problem(data: bytes) -> tuple[str | None, int]:
     end = SIZE.unpack_from(data, LAST_RECORD_OFFSET_OFFSET)[0]
     if not FIRST_RECORD_OFFSET <= end <= len(data):
         return f"it says its records end at byte {end}, outside the file of {len(data)} bytes", 0
-    offset, index, term, count = FIRST_RECORD_OFFSET, None, 0, 0
+    offset, index, term = FIRST_RECORD_OFFSET, None, 0
     while offset < end:
         if offset + RECORD_HEAD.size > end:
-            return f"a record cut short at byte {offset}", count
+            return f"a record cut short at byte {offset}", term
         size, idx, record_term = RECORD_HEAD.unpack_from(data, offset)
         if size < 16 or offset + 4 + size + 4 > end:
-            return f"a record at byte {offset} of impossible size {size}", count
+            return f"a record at byte {offset} of impossible size {size}", term
         if SIZE.unpack_from(data, offset + 4 + size)[0] != size:
-            return f"the record at byte {offset} does not end where its size says", count
+            return f"the record at byte {offset} does not end where its size says", term
         if index is not None and idx != index + 1:
-            return f"entry {idx} follows entry {index}", count
+            return f"entry {idx} follows entry {index}", term
         if record_term < term or record_term > MAX_TERM:
-            return f"entry {idx} has term {record_term} after term {term}", count
+            return f"entry {idx} has term {record_term} after term {term}", term
         command = data[offset + 4 + 16:offset + 4 + size]
         problem = _command_problem(command)
         if problem:
-            return f"entry {idx}: {problem}", count
-        index, term, count = idx, record_term, count + 1
+            return f"entry {idx}: {problem}", term
+        index, term = idx, record_term
         offset += size + 8
-    return None, count
+    return None, term
 
 
 def _command_problem(command: bytes) -> str | None:

@@ -48,8 +48,7 @@ class Site:
     def tick(self):
         for node in self.nodes.values():  # what RaftNode._run does after each tick
             node.doTick(0.002)
-            node.sync_journal()
-            node.check_recovered()
+            node.after_tick()
             node.refresh_status()
 
     def until(self, condition):
