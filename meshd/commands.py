@@ -458,6 +458,27 @@ class RotateSecret(Command):
 
 
 @dataclass(frozen=True)
+class Checkpoint(Command):
+    """The leader's digest of the log it had applied (SiteState.chain after `applied`
+    entries): a member whose own digest at that point differs holds another history than the
+    site's, and stops serving it (sitestate._checkpoint)."""
+    op: ClassVar[str] = "checkpoint"
+    applied: int
+    chain: str  # hex
+
+    @classmethod
+    def from_wire(cls, raw: dict) -> "Checkpoint":
+        chain = read_str(raw, "chain", max_len=64)
+        if len(chain) != 2 * CHAIN_BYTES or any(c not in "0123456789abcdef" for c in chain):
+            raise Invalid(f"chain must be {2 * CHAIN_BYTES} hex digits")
+        return cls(applied=read_int(raw, "applied"), chain=chain)
+
+
+# A history digest's length (SiteState.chain): 128 bits, a collision is out of reach of chance.
+CHAIN_BYTES = 16
+
+
+@dataclass(frozen=True)
 class CreateToken(Command):
     op: ClassVar[str] = "create_token"
     token_id: str
@@ -754,7 +775,7 @@ class RemoveNode(_NodeAdmin):
 COMMANDS: dict[str, type[Command]] = {c.op: c for c in (
     Bootstrap, SetPolicy, AdoptPolicy, RevokeNode, AdoptRevocations, Attested, RotateSecret, CreateToken, AdmitNode,
     FoundSite, Heartbeat, SetLiveness, SubmitApp, StopApp, ApplyPlan, PurgeApps, Drain, Undrain, Quarantine,
-    RecordRefusal, RevokeToken, RemoveNode, Rollout, PinVersion)}
+    RecordRefusal, RevokeToken, RemoveNode, Rollout, PinVersion, Checkpoint)}
 
 
 @dataclass(frozen=True)

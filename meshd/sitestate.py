@@ -24,6 +24,7 @@ Invariants:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -41,6 +42,7 @@ from meshd.deployments import version_missing
 from meshd import spec as specmod
 from meshd.placement.plan import Plan, recheck_plan
 from meshd.state import (
+    KEPT_CHAINS,
     ADMIN_ACTIVE,
     ADMIN_DRAINING,
     ADMIN_LEFT,
@@ -99,12 +101,17 @@ class CommandRefused(cmds.Invalid):
     """Raised inside a handler before any write; turned into a Refused result."""
 
 
-def apply(state: SiteState, command: Any, entry_term: int | None = None) -> Result:
+def apply(state: SiteState, command: Any, entry_term: int | None = None, entry: bytes | None = None) -> Result:
     """Apply one committed wire command. Never raises. `entry_term`: the term of the log
     entry that holds it (the term of the leader that appended it); a leader's decision made
     in an earlier term is refused (cmds.Envelope.term): a leader resumed from a pause, or
-    whose view was older than its leadership, changes nothing by what it decided then."""
+    whose view was older than its leadership, changes nothing by what it decided then.
+    `entry`: the entry's bytes as the log holds them, chained into the history digest
+    (SiteState.chain) that Checkpoints compare."""
     state.applied += 1
+    if entry is not None:
+        state.chain = hashlib.blake2b(state.chain + entry, digest_size=cmds.CHAIN_BYTES).digest()
+        state.recent_chains = (*state.recent_chains[-(KEPT_CHAINS - 1):], (state.applied, state.chain))
     try:
         envelope = cmds.decode_envelope(command)
         if isinstance(envelope, Refused):
@@ -306,6 +313,21 @@ def _rotate_secret(state: SiteState, cmd: cmds.RotateSecret, ts: float) -> Ok:
     _event(state, ts, "membership", f"Raft secret rotation {state.secret_epoch} started", epoch=state.secret_epoch)
     _audit(state, ts, cmd.actor, "rotate-secret", str(state.secret_epoch))
     return ok(epoch=state.secret_epoch)
+
+
+def _checkpoint(state: SiteState, cmd: cmds.Checkpoint, ts: float) -> Ok:
+    """Compare this member's history digest with the leader's at the same point; a member
+    whose digest differs is marked diverged (SiteState.diverged), on itself only. Too far
+    back to compare (more than KEPT_CHAINS entries ago, or before this member's snapshot):
+    nothing to say."""
+    mine = dict(state.recent_chains).get(cmd.applied)
+    if mine is None:
+        return ok(compared=False)
+    if mine.hex() != cmd.chain:
+        state.diverged = (f"after {cmd.applied} log entries its history digest is {mine.hex()}, the leader's "
+                          f"{cmd.chain}")
+        return ok(compared=True, same=False)
+    return ok(compared=True, same=True)
 
 
 def _attested(state: SiteState, cmd: cmds.Attested, ts: float) -> Ok:
@@ -1083,6 +1105,7 @@ HANDLERS: dict[type, Callable[[SiteState, Any, float], Ok]] = {
     cmds.RecordRefusal: _record_refusal,
     cmds.RevokeToken: _revoke_token,
     cmds.RemoveNode: _remove_node,
+    cmds.Checkpoint: _checkpoint,
 }
 assert set(HANDLERS) == set(cmds.COMMANDS.values()), "every command has exactly one handler"
 

@@ -632,6 +632,11 @@ class AppWatch:
         self._seen.clear()
 
 
+# Digests kept for checkpoints (SiteState.recent_chains): a checkpoint commits a few entries
+# after the leader made it; 64 entries is more than a site's busiest second of reports.
+KEPT_CHAINS = 64
+
+
 @dataclass
 class SiteState:
     """The whole replicated state of one site. Mutated only by meshd.sitestate.apply()."""
@@ -670,6 +675,15 @@ class SiteState:
     # point of the log, so a copy of the state with a smaller count is an older view of it
     # (a Raft node still replaying its journal after a restart).
     applied: int = 0
+    # A digest of every log entry applied so far, each chained onto the one before
+    # (sitestate.apply): the same on every member at the same point of the log. The last
+    # KEPT_CHAINS of them, as (applied, chain), so that the leader's Checkpoint, made a few
+    # entries back, is compared with this member's digest at the same point.
+    chain: bytes = b""
+    recent_chains: tuple[tuple[int, bytes], ...] = ()
+    # Set on the member whose digest differed from the leader's at a Checkpoint (why): it
+    # holds another history than the site's, serves nothing from it, and rebuilds it.
+    diverged: str = ""
 
     def __setattr__(self, name: str, value: object) -> None:
         if name == "allocs" and not isinstance(value, AllocTable):

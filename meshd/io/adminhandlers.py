@@ -6,7 +6,8 @@ Invariants:
   site (its own was damaged and set aside: `recovering` in `status`) answers none of them
   until it holds the site's state: an empty state served as the site's is a lie. Nor does
   a member whose Raft has not yet replayed its own journal since the daemon started (after
-  a restart of Raft alone, a secret rotation, the view from before it serves meanwhile).
+  a restart of Raft alone, a secret rotation, the view from before it serves meanwhile), nor
+  one whose history a checkpoint found is not the site's (SiteState.diverged).
 - Write requests go through Raft. They are refused with a clear error when the site has no
   quorum, and retried with the same request id while it is briefly leaderless, so an
   acknowledged change is committed and an unacknowledged one is applied at most once.
@@ -249,7 +250,11 @@ class AdminHandlers:
             raise AdminError(RECOVERING)
         if raft is not None and not raft.replayed and not self.ctx.has_seen_state:
             raise AdminError(REPLAYING)  # (after a Raft restart the view from before it serves)
-        return self.ctx.snapshot()
+        state = self.ctx.snapshot()
+        if state.diverged:
+            raise AdminError(f"this member's history is not the site's ({state.diverged}); it is being rebuilt from "
+                             "the leader: ask another member, or again in a moment")
+        return state
 
     def _require_member(self) -> None:
         if self.ctx.raft is None:

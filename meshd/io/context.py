@@ -282,7 +282,10 @@ class NodeContext:
         assert self.state_changed is not None
         self.state_changed.notify_threadsafe()
 
-    def start_raft(self) -> None:
+    def start_raft(self, rebuild: str | None = None) -> None:
+        """Start Raft on this node's Raft data; `rebuild`: why that data is not the site's (a
+        checkpoint found another history), so it is set aside and the state taken from the
+        leader again, as for damaged data."""
         assert self.membership is not None and self.state_changed is not None
         self.remember_replay()  # the Raft being replaced may have replayed: remembered
         m = self.membership
@@ -301,6 +304,9 @@ class NodeContext:
         recovering = False
         try:
             try:
+                if rebuild is not None:
+                    self._newest_state = None  # the view kept across Raft restarts is the wrong one
+                    raise RaftDataError(f"this member's Raft history {raft_dir} is not the site's ({rebuild})")
                 check_raft_dir(raft_dir, snapshots)
             except RaftDataError as e:
                 if not partners:  # the only voter: nobody holds the site's state but this node

@@ -307,8 +307,8 @@ class PendingResult:
 @dataclass
 class _Load:
     finish: Callable[[], SiteState]
-    # committed behind it, in order: (command, the term of its entry, where its result goes)
-    commands: list[tuple[dict, int | None, PendingResult]] = field(default_factory=list)
+    # committed behind it, in order: (command, the term and bytes of its entry, where its result goes)
+    commands: list[tuple[dict, int | None, bytes, PendingResult]] = field(default_factory=list)
 
 
 class CommandFailed(Exception):
@@ -429,8 +429,8 @@ class SiteRaft(SyncObj):
                         if not self._loads:
                             self.site_state = state
                         break
-                for command, term, pending in batch:
-                    applied.append((command, sitestate.apply(state, command, term), pending))
+                for command, term, entry, pending in batch:
+                    applied.append((command, sitestate.apply(state, command, term, entry), pending))
             log.info("raft snapshot loaded", extra={"allocs": len(state.allocs), "queued_commands": len(applied),
                                                     "seconds": round(time.monotonic() - started, 3)})
             for command, result, pending in applied:
@@ -640,16 +640,18 @@ class SiteRaft(SyncObj):
 
     @replicated
     def apply_command(self, command):
+        # what the history digest chains (SiteState.chain): the entry's command as the log holds it
+        entry = command if isinstance(command, bytes) else pickle.dumps(command, protocol=4)
         command = unseal(command)  # a checksum that fails: None, which the state machine refuses
         # pysyncobj applies entry raftLastApplied + 1 (and counts it applied after this returns)
-        entry = self._SyncObj__getEntries(self.raftLastApplied + 1, 1)
-        term = entry[0][2] if entry else None
+        held = self._SyncObj__getEntries(self.raftLastApplied + 1, 1)
+        term = held[0][2] if held else None
         with self._lock:
             if self._loads:  # a snapshot is loading: this command follows it (module header)
                 pending = PendingResult()
-                self._loads[-1].commands.append((command, term, pending))
+                self._loads[-1].commands.append((command, term, entry, pending))
                 return pending
-            result = sitestate.apply(self.site_state, command, term)
+            result = sitestate.apply(self.site_state, command, term, entry)
         self._applied(command, result)
         return result
 

@@ -110,5 +110,12 @@ class Expel:
     reason: str
 
 
+@dataclass(frozen=True)
+class RebuildState:
+    """This member's history is not the site's (a checkpoint found it: SiteState.diverged):
+    set its Raft data aside and take the site's state from the leader again."""
+    reason: str
+
+
 Effect = Union[Commit, AddVoter, RemoveVoter, Emit, TellRevoked, DistributeSecret, PromoteVoter, RenewCertificate,
-               SetWorkloads, ForgetAllocs, Expel]
+               SetWorkloads, ForgetAllocs, Expel, RebuildState]

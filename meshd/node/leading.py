@@ -13,6 +13,9 @@
   the next look is no later than their next deadline; an app with a move outstanding (made
   this pass, or asked on the same record and not committed yet) is not planned until the
   move shows, whether this leader asked it or a new one asks it again;
+- checkpoints: at most every CHECKPOINT_PERIOD, when the log moved since the last one, the
+  digest of the history this leader applied (SiteState.chain), which every member compares
+  with its own at the same point (sitestate._checkpoint);
 - placement: reconcile the apps that changed since the last pass, then one plan per app
   that needs one (Nomad's plan/apply split: the plan is re-checked when it is applied).
   Plans of one pass are made one after the other on a working copy of the state, so two
@@ -50,7 +53,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from meshd import rollout
-from meshd.commands import ApplyPlan, Rollout, SetLiveness
+from meshd.commands import ApplyPlan, Checkpoint, Rollout, SetLiveness
 from meshd.liveness import LivenessTracker
 from meshd.node.effects import AddVoter, Commit, Effect, Emit, RemoveVoter
 from meshd.placement.plan import make_plan
@@ -74,6 +77,9 @@ SWEEP_ALLOCS = 5_000
 # next passes at once: a new leader's look at a whole 100,000-allocation site, or a burst of
 # deploys, never holds the event loop for long.
 PASS_ALLOCS = 10_000
+# A member whose history is not the site's is found within this long of the site doing
+# anything; an idle site commits no checkpoint (nothing moved since the last).
+CHECKPOINT_PERIOD = 10.0
 
 
 @dataclass(frozen=True)
@@ -130,6 +136,7 @@ class Leading:
     _wall: float = 0.0  # the wall time of the last pass
     _awake_since: float = float("-inf")  # the last freeze of Raft it took into account (LeaderView)
     _app_wake: dict[str, float] = field(default_factory=dict)  # app -> when its deployment needs a look
+    _checkpointed: tuple[float, int] = (float("-inf"), -1)  # when, and at which `applied`, the last checkpoint
 
     def __post_init__(self) -> None:
         self.tracker = LivenessTracker(lease=self.lease)
@@ -168,7 +175,17 @@ class Leading:
         apps, self._pending = _within(view.state, apps, PASS_ALLOCS)
         if apps:
             effects.extend(self.plans(view.state, apps, view.wall))
+        effects.extend(self.checkpoint(view.state, now))
         return effects
+
+    def checkpoint(self, state: SiteState, now: float) -> list[Effect]:
+        """The history digest to commit now, if one is due (see the module header)."""
+        at, applied = self._checkpointed
+        # +1: the last checkpoint's own entry is no news
+        if not state.chain or now - at < CHECKPOINT_PERIOD or state.applied <= applied + 1:
+            return []
+        self._checkpointed = (now, state.applied)
+        return [Commit(Checkpoint(applied=state.applied, chain=state.chain.hex()))]
 
     def deployments(self, state: SiteState, wall: float) -> tuple[list[Effect], set[str], set[str]]:
         """The moves of deployments under way (one per app), the apps under way, and those

@@ -9,6 +9,9 @@ Invariants:
   rotation never stops a workload.
 - It leaves (Expel) when the state says it was revoked, or a root-signed list naming it
   reached it directly (`revoked_notice`).
+- It never acts on a state whose history a checkpoint found is not the site's
+  (SiteState.diverged): it asks for the state to be rebuilt (RebuildState, once per such
+  state) and keeps running what it ran until the rebuilt one says otherwise.
 - What it keeps of an allocation (its directory and logs) goes once the site forgot the
   allocation (ForgetAllocs): those it knew that left the state, and at start those found on
   disk that the state no longer holds. Never on an old view: an allocation missing from a
@@ -17,7 +20,7 @@ Invariants:
 
 from __future__ import annotations
 
-from meshd.node.effects import Effect, Expel, ForgetAllocs, SetWorkloads, Workload
+from meshd.node.effects import Effect, Expel, ForgetAllocs, RebuildState, SetWorkloads, Workload
 from meshd.state import ADMIN_REVOKED, SiteState
 
 
@@ -28,6 +31,7 @@ class Worker:
         self._newest_seen = -1  # the largest `applied` acted on
         self._running: tuple[str, ...] | None = None  # allocation ids last asked for
         self._kept: set[str] = set(on_disk)  # allocations of this node whose traces are kept
+        self._rebuild_asked = False  # for the diverged state in hand
 
     def step(self, state: SiteState, revoked_notice: str | None = None, caught_up: bool = True) -> list[Effect]:
         """`caught_up`: Raft has applied every entry it knows committed (see meshd.io.raft)."""
@@ -36,6 +40,12 @@ class Worker:
             return [Expel(f"this node was revoked from site {state.site}: {own.reason}")]
         if revoked_notice:
             return [Expel(f"this node was revoked from site {state.site}: {revoked_notice}")]
+        if state.diverged:
+            if self._rebuild_asked:
+                return []
+            self._rebuild_asked = True
+            return [RebuildState(state.diverged)]
+        self._rebuild_asked = False
         if not caught_up or state.applied < self._newest_seen:
             return []  # an old view (a Raft node replaying its journal): wait until it caught up
         self._newest_seen = state.applied

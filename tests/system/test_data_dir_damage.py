@@ -135,3 +135,61 @@ def test_every_file_of_a_members_data_dir_damaged_every_way(make_site):
     for (name, mode), outcome in sorted(outcomes.items()):
         print(f"{name:20} {mode:8} {outcome}")
     assert len(outcomes) >= 45
+
+
+def rewrite_one_entry(journal) -> int:
+    """Give the member another history than the site's, one that every check of its files
+    passes: the command of one of its journal's heartbeats replaced by another command, sealed
+    with a right checksum, at the same index and term (as a bug, or a hand, could). The index."""
+    from pysyncobj import pickle as raft_pickle
+    from pysyncobj.journal import FileJournal
+
+    from meshd import commands as cmds
+    from meshd.io.raftdata import seal, unseal
+
+    file = FileJournal(str(journal))
+    entries = [file[i] for i in range(len(file))]
+    for n, (command, idx, term) in enumerate(entries):
+        if command[:1] != b"\x00":
+            continue
+        decoded = raft_pickle.loads(command[1:])
+        wire = unseal(decoded[1][0]) if isinstance(decoded, tuple) and len(decoded) >= 2 and decoded[1] else None
+        if isinstance(wire, dict) and wire.get("op") == "heartbeat":
+            other = cmds.encode(cmds.CreateToken(token_id="not-the-sites", site="lab", secret="ab" * 32,
+                                                 expires_at=wire["ts"] + 60), cmds.Envelope(ts=wire["ts"]))
+            entries[n] = (b"\x00" + raft_pickle.dumps((decoded[0], (seal(other),))), idx, term)
+            break
+    else:
+        raise AssertionError("no heartbeat in the journal")
+    file.clear()
+    for entry in entries:
+        file.add(*entry)
+    file._destroy()
+    return idx
+
+
+def test_a_member_whose_history_is_not_the_sites_is_found_by_a_checkpoint_and_rebuilt(make_site):
+    from meshd.io.raftdata import check_raft_dir
+    from meshd.node.leading import CHECKPOINT_PERIOD
+
+    three = make_site()
+    three.start(3)
+    leader = three.leader()
+    leader.call("deploy", spec_toml=sleeper_app("svc", 3), wait=True, timeout=30)
+    victim = next(n for n in three.nodes if n is not leader)
+    victim.terminate()
+    rewrite_one_entry(victim.data_dir / "raft" / "journal")
+    check_raft_dir(victim.data_dir / "raft")  # every check of its files passes
+    said_before = len(victim.log_text())
+    victim.start()
+    wait_for(lambda: view(victim) is not None, 30, what=f"{victim.name} answering")
+    forged = lambda node: any(t["token_id"] == "not-the-sites" for t in node.call("token_ls", all=True))  # noqa: E731
+    assert forged(victim) and not forged(leader)  # the other history took, until a checkpoint
+    leader.call("deploy", spec_toml=sleeper_app("more", 1), wait=True, timeout=30)  # the site moves: a checkpoint
+    said = wait_for(lambda: (lambda text: text if "is not the site's" in text else None)(
+        victim.log_text()[said_before:]), 2 * CHECKPOINT_PERIOD + 10, what="the checkpoint finding it")
+    assert "Traceback" not in said
+    wait_for(lambda: view(victim) is not None and view(victim) == view(leader), REBUILD_WITHIN,
+             what=f"{victim.name} holding the site's state again")
+    assert (victim.data_dir / "raft.damaged").exists()
+    assert not forged(victim)

@@ -28,6 +28,7 @@ EXAMPLES = [
     cmds.Attested(node_id="a" * 32, boot_id="b"),
     cmds.Attested(node_id="a" * 32, boot_id="b", software="c" * 64, actor="attestation@n1"),
     cmds.RotateSecret(actor="n1"),
+    cmds.Checkpoint(applied=120, chain="ab" * 16),
     cmds.CreateToken(token_id="t", site="lab", secret="ab", expires_at=10.0, actor="op"),
     cmds.AdmitNode(token_id="t", node=NODE, actor="n1"),
     cmds.FoundSite(token_id="t", node=NODE, actor="n1"),

@@ -266,3 +266,25 @@ def test_a_status_as_old_as_a_tick_of_a_slow_heartbeat_is_not_stale():
     quiet = tuple((n.raft_address, 0.0 if n.node_id == f"{3:032x}" else 40.0) for n in state.nodes.values())
     effects = core.step(view(state, contacts=quiet, status_at=35.0), now=45.0)
     assert [e.command.node_id for e in effects] == [f"{3:032x}"]
+
+
+def test_the_leader_checkpoints_its_history_digest_when_the_log_moved_at_most_once_a_period():
+    from meshd.commands import Checkpoint
+    from meshd.node.leading import CHECKPOINT_PERIOD
+
+    state = founded(1)
+    core = leading()
+
+    def checkpoints(now):
+        return [e.command for e in core.step(view(state), now=now)
+                if isinstance(e, Commit) and isinstance(e.command, Checkpoint)]
+
+    assert checkpoints(0.0) == []  # no digest yet: entries applied without their bytes
+    sitestate.apply(state, cmd("rotate_secret"), entry=b"one")
+    [first] = checkpoints(1.0)
+    assert first == Checkpoint(applied=state.applied, chain=state.chain.hex())
+    sitestate.apply(state, cmd("checkpoint", applied=first.applied, chain=first.chain), entry=b"its entry")
+    assert checkpoints(1.0 + CHECKPOINT_PERIOD) == []  # only its own entry since: an idle site commits none
+    sitestate.apply(state, cmd("rotate_secret"), entry=b"two")
+    assert checkpoints(2.0 + CHECKPOINT_PERIOD / 2) == []  # news, but within the period
+    assert len(checkpoints(2.0 + CHECKPOINT_PERIOD)) == 1

@@ -72,3 +72,19 @@ def test_what_the_site_forgot_is_forgotten_here_too_and_never_on_an_old_view():
     del state.allocs["x1"]  # trimmed from the history
     state.applied += 1
     assert worker.step(state)[0] == ForgetAllocs(("x1",))
+
+
+def test_a_history_that_is_not_the_sites_is_rebuilt_and_never_acted_on():
+    from meshd.node.effects import RebuildState
+
+    state = placed(founded())
+    worker = Worker(f"{1:032x}")
+    worker.step(state)
+    diverged = copy.deepcopy(state)
+    sitestate.apply(diverged, cmd("stop_app", app="svc"))  # what it would stop, were it believed
+    diverged.diverged = "after 9 log entries its history digest is aa…, the leader's bb…"
+    assert worker.step(diverged) == [RebuildState(diverged.diverged)]
+    assert worker.step(diverged) == []  # asked once; nothing stopped meanwhile
+    rebuilt = placed(founded(), count=3)  # the site's state, taken from the leader again
+    [effect] = worker.step(rebuilt)
+    assert isinstance(effect, SetWorkloads) and [w.alloc_id for w in effect.workloads] == ["x0", "x1", "x2"]

@@ -674,3 +674,25 @@ def test_a_members_clock_skew_is_recorded_from_its_re_attestation_and_cleared_by
     assert sitestate.apply(state, cmd("attested", node_id=n2, boot_id="b1")).ok  # in step again
     assert state.nodes[n2].clock_skew_s == 0.0
     assert sitestate.apply(state, cmd("attested", node_id=n2, boot_id="b1", clock_skew=1e12)).code == cmds.MALFORMED
+
+
+def test_a_checkpoint_finds_a_member_whose_history_differs_from_the_leaders():
+    leader, follower, other = SiteState(), SiteState(), SiteState()
+    entries = [pickle.dumps(cmd("create_token", token_id=f"t{i}", site="s1", secret="ab" * 32, expires_at=T0 + 100))
+               for i in range(5)]
+    for state in (leader, follower, other):
+        for n, entry in enumerate(entries):
+            # `other` applied another entry at the third place of the log (a lost, re-written entry)
+            raw = entries[0] if state is other and n == 2 else entry
+            sitestate.apply(state, pickle.loads(raw), entry=raw)
+    assert leader.chain == follower.chain != other.chain and len(leader.chain) == cmds.CHAIN_BYTES
+    checkpoint = cmd("checkpoint", applied=4, chain=dict(leader.recent_chains)[4].hex())
+    assert sitestate.apply(follower, checkpoint).fields == {"compared": True, "same": True} and not follower.diverged
+    assert sitestate.apply(other, checkpoint).fields == {"compared": True, "same": False}
+    assert "after 4 log entries" in other.diverged
+    # a point this member holds no digest of (before its snapshot, or long ago): nothing said
+    assert sitestate.apply(follower, cmd("checkpoint", applied=0, chain="00" * 16)).fields == {"compared": False}
+    # the digests kept are bounded
+    for n in range(200):
+        sitestate.apply(leader, cmd("rotate_secret"), entry=b"%d" % n)
+    assert len(leader.recent_chains) == 64

@@ -80,6 +80,13 @@ class LeaderService:
     async def _change_voters(self, change: fx.AddVoter | fx.RemoveVoter) -> None:
         ctx = self.ctx
         assert ctx.raft is not None
+        status = ctx.raft.status
+        if status.role != "leader" or time.monotonic() - status.refreshed_at > ctx.config.lease:
+            # decided on a view this node may no longer lead by (a freeze since): pysyncobj
+            # would forward it to whoever leads now; the next leader decides afresh
+            log.info("voter change dropped: this node's leadership is not current",
+                     extra={"node": change.name})
+            return
         if self._voter_change_lock.locked():
             return
         async with self._voter_change_lock:

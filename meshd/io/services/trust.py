@@ -46,6 +46,7 @@ class TrustService:
         ctx.carry_out(fx.TellRevoked, self._tell_revoked)
         ctx.carry_out(fx.DistributeSecret, self._distribute_secret)
         ctx.carry_out(fx.PromoteVoter, self._promote_voter)
+        ctx.carry_out(fx.RebuildState, self._rebuild_state)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -90,6 +91,18 @@ class TrustService:
         assert self.ctx.membership is not None
         await self.ctx.try_call_member(effect.node, {"call": "promote", "root_key": self.ctx.membership.root_key},
                                        "promotion not delivered")
+
+    async def _rebuild_state(self, effect: fx.RebuildState) -> None:
+        """A checkpoint found this member's history is not the site's: Raft restarts on no
+        data and takes the site's state from the leader (meshd.io.raft, recovering)."""
+        ctx = self.ctx
+        async with self._secret_switch:  # one Raft restart at a time
+            if ctx.raft is None or not ctx.snapshot().diverged:
+                return
+            log.error("this member's Raft history is not the site's; it is set aside and rebuilt from the leader",
+                      extra={"reason": effect.reason})
+            await trio.to_thread.run_sync(ctx.raft.close)
+            ctx.start_raft(rebuild=effect.reason)
 
     async def become_voter(self, root_key: str) -> None:
         """This node was made a voter: keep the root key, restart Raft as a voter with the
