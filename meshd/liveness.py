@@ -17,7 +17,8 @@ Invariants:
   observation.
 - A joining node becomes ready on its first report (it carries the node's resources, which
   placement needs), even if that report was applied before the leader first looked; a
-  contact alone keeps its lease but does not make it ready.
+  contact alone keeps its lease but does not make it ready. Its lease is the join grace
+  (never shorter than the lease): it is marked down only when neither moved for that long.
 - `reset` (on becoming leader) restarts every lease at `now` and forgets every partial
   recovery, so a leader change never marks anybody down, nor up, by itself.
 - A down node is ready again only after heartbeating without a gap longer than `lease` for
@@ -42,6 +43,11 @@ from meshd.state import (
     SiteState,
 )
 
+# A joining node's lease. Its first report follows its Raft connection to the leader and its
+# catch-up of the log (a snapshot, on a big site), which a busy or flooded leader port can
+# hold up for seconds; nothing runs on a joining node, so a longer wait only delays noticing
+# a joiner that died half-way, while a down mark would hold its readiness back by a hold-down.
+JOIN_GRACE = 10.0
 # Nodes that are no longer members: nothing to watch.
 UNWATCHED_ADMIN = frozenset({ADMIN_LEFT, ADMIN_REVOKED})
 
@@ -77,6 +83,7 @@ class LivenessTracker:
         base_hold_down: float = 1.0,
         max_hold_down: float = 60.0,
         flap_window: float = 300.0,
+        join_grace: float = JOIN_GRACE,
     ) -> None:
         if lease <= 0:
             raise ValueError(f"lease must be positive, got {lease}")
@@ -85,6 +92,7 @@ class LivenessTracker:
         if flap_window < 0:
             raise ValueError(f"flap_window must not be negative, got {flap_window}")
         self.lease = lease
+        self.join_grace = max(join_grace, lease)
         self.base_hold_down = base_hold_down
         self.max_hold_down = max_hold_down
         self.flap_window = flap_window
@@ -117,10 +125,13 @@ class LivenessTracker:
             if watch is None:
                 continue
             if node.liveness in (LIVENESS_READY, LIVENESS_JOINING):
-                times.append(watch.last_move + self.lease)
+                times.append(watch.last_move + self._lease_of(node))
             elif node.liveness == LIVENESS_DOWN and watch.streak_start is not None:
                 times.append(watch.streak_start + self.hold_down(node.node_id, watch.streak_start))
         return min(times) if times else None
+
+    def _lease_of(self, node: NodeRecord) -> float:
+        return self.join_grace if node.liveness == LIVENESS_JOINING else self.lease
 
     # --- updates -------------------------------------------------------------------
     def reset(self, state: SiteState, now: float) -> None:
@@ -172,7 +183,7 @@ class LivenessTracker:
                 watch.streak_start = moved_at
             watch.seq = node.heartbeat_seq
             watch.last_move = max(watch.last_move, moved_at)
-        stalled = now - watch.last_move > self.lease
+        stalled = now - watch.last_move > self._lease_of(node)
         if stalled:
             watch.streak_start = None
         watch.downs = [t for t in watch.downs if now - t <= self.flap_window]
@@ -182,6 +193,8 @@ class LivenessTracker:
                 if not watch.down_counted:
                     watch.downs.append(now)
                     watch.down_counted = True
+                if node.liveness == LIVENESS_JOINING:
+                    return Transition(node.node_id, LIVENESS_DOWN, f"no first report within {self.join_grace:g}s")
                 return Transition(node.node_id, LIVENESS_DOWN, f"missed heartbeat lease of {self.lease:g}s")
             watch.down_counted = False
             if node.liveness == LIVENESS_JOINING and reported:

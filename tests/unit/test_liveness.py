@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshd.liveness import LivenessTracker, Transition
+from meshd.liveness import JOIN_GRACE, LivenessTracker, Transition
 from meshd.state import (
     ADMIN_ACTIVE,
     ADMIN_LEFT,
@@ -100,7 +100,12 @@ SCENARIOS = [
      [("reset", 0)] + contacts("n1", 3, 3.5) + beats("n1", 3.9) + contacts("n1", 4.0), [(4.0, "n1", READY)]),
     ("joining: first heartbeat makes it ready", JOINING,
      [("reset", 0)] + beats("n1", 0.3), [(0.3, "n1", READY)]),
-    ("joining: never heartbeats", JOINING, [("reset", 0), ("observe", 1.5)], [(1.5, "n1", DOWN)]),
+    ("joining: never heartbeats, down after the join grace", JOINING,
+     [("reset", 0), ("observe", 1.5), ("observe", JOIN_GRACE - 0.1), ("observe", JOIN_GRACE + 0.1)],
+     [(JOIN_GRACE + 0.1, "n1", DOWN)]),
+    ("joining: a contact keeps its grace", JOINING,
+     [("reset", 0)] + contacts("n1", 9.0) + [("observe", JOIN_GRACE + 1), ("observe", JOIN_GRACE + 9.2)],
+     [(JOIN_GRACE + 9.2, "n1", DOWN)]),
     ("down stays down without heartbeats", DOWN, [("reset", 0), ("observe", 5), ("observe", 50)], []),
     ("down: ready after the base hold-down", DOWN,
      [("reset", 0)] + beats("n1", 3, 3.5, 3.9, 4.0), [(4.0, "n1", READY)]),
@@ -197,9 +202,9 @@ def test_vanished_nodes_are_forgotten_and_new_ones_get_a_fresh_lease():
     del state.nodes["n1"]
     assert tracker.observe(state, 5) == []
     state.nodes["n1"] = node("n1", JOINING)
-    assert tracker.observe(state, 10) == []  # first sight: the lease starts now
-    assert tracker.observe(state, 10.9) == []
-    assert [t.to for t in tracker.observe(state, 11.1)] == [DOWN]
+    assert tracker.observe(state, 10) == []  # first sight: the lease (a joiner's: its grace) starts now
+    assert tracker.observe(state, 10 + JOIN_GRACE - 0.1) == []
+    assert tracker.observe(state, 10 + JOIN_GRACE + 0.1) == [Transition("n1", DOWN, f"no first report within {JOIN_GRACE:g}s")]
 
 
 @pytest.mark.parametrize("before", ["first sight", "reset"])
@@ -284,7 +289,7 @@ def test_random_heartbeat_schedules(schedule, initial, lease, base):
 
 # --- next_check: when the leader must look again ----------------------------------------
 def test_next_check_is_the_earliest_lease_end():
-    tracker = LivenessTracker(lease=1.0)
+    tracker = LivenessTracker(lease=1.0, join_grace=1.0)  # (a joiner's grace is never below the lease)
     state = site(node("n1"), node("n2", JOINING), node("n3", DOWN), node("n4", admin=ADMIN_LEFT))
     tracker.reset(state, 0)
     assert tracker.next_check(state) == 1.0
