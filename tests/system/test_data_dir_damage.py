@@ -30,9 +30,9 @@ pytestmark = pytest.mark.system
 MODES = ("empty", "half", "garbage", "flip", "delete")
 # The member's identity: damage to any of these stops it with the file named.
 IDENTITY = ("membership.json", "node.key", "member.pem", "root.pem")
-# Rebuilt from the site, or (ports.json) a cache.
+# Rebuilt from the site, or a cache (ports.json; workloads.json, read only while rebuilding).
 # (mesh/log-*: the document log of the replica's epoch, crdt.epoch; the test compacts into one.)
-REBUILT = ("ports.json", "raft/journal", "raft/journal.meta", "raft/snapshot", "mesh/log-*", "mesh/snapshot")
+REBUILT = ("ports.json", "workloads.json", "raft/journal", "raft/journal.meta", "raft/snapshot", "mesh/log-*", "mesh/snapshot")
 # A case that ends with the state rebuilt must get there within this (the issue's bound).
 REBUILD_WITHIN = 30.0
 
@@ -193,3 +193,52 @@ def test_a_member_whose_history_is_not_the_sites_is_found_by_a_checkpoint_and_re
              what=f"{victim.name} holding the site's state again")
     assert (victim.data_dir / "raft.damaged").exists()
     assert not forged(victim)
+
+
+def workload_pids(node) -> dict[str, int]:
+    """alloc id -> pid of the workloads the member's daemon runs now (its child processes)."""
+    import psutil
+
+    found = {}
+    for child in psutil.Process(node.proc.pid).children():
+        try:
+            alloc_id = child.environ().get("MESHD_ALLOC_ID")
+        except psutil.Error:
+            continue
+        if alloc_id:
+            found[alloc_id] = child.pid
+    return found
+
+
+def test_a_member_rebuilding_while_its_site_is_away_runs_what_it_last_ran(make_site):
+    three = make_site()
+    three.start(3)
+    leader = three.leader()
+    leader.call("deploy", spec_toml=sleeper_app("svc", 6), wait=True, timeout=30)
+    victim = next(n for n in three.nodes if n is not leader)
+    ran = {a["alloc_id"] for a in leader.call("allocs") if a["node"] == victim.name and a["state"] == "running"}
+    assert ran
+    wait_for(lambda: set(workload_pids(victim)) == ran, 10, what="its workloads running")
+    others = [n for n in three.nodes if n is not victim]
+    for node in others:  # the site goes away first, so nothing moves off the victim
+        node.terminate()
+    victim.terminate()
+    damage(victim.data_dir / "raft" / "journal", "garbage")
+    said_before = len(victim.log_text())
+    victim.start()
+    # No leader to rebuild from: it answers as recovering and runs its own record meanwhile.
+    wait_for(lambda: set(workload_pids(victim)) == ran, 20, what="the last record's workloads running")
+    status = victim.call("status")
+    assert status.get("recovering"), status
+    assert victim.try_call("allocs") is None  # no state queries from a state not the site's
+    pids = workload_pids(victim)
+    for node in others:
+        node.start()
+    wait_for(lambda: view(victim) is not None and view(victim) == view(three.leader() or victim), REBUILD_WITHIN,
+             what=f"{victim.name} holding the site's state")
+    assert not victim.call("status").get("recovering")
+    # Still its allocations in the site's state: the same processes, never restarted.
+    still = {a["alloc_id"] for a in victim.call("allocs") if a["node"] == victim.name and a["desired"] == "run"}
+    assert still == ran
+    assert {k: v for k, v in workload_pids(victim).items() if k in ran} == pids
+    assert "Traceback" not in victim.log_text()[said_before:]

@@ -88,3 +88,30 @@ def test_a_history_that_is_not_the_sites_is_rebuilt_and_never_acted_on():
     rebuilt = placed(founded(), count=3)  # the site's state, taken from the leader again
     [effect] = worker.step(rebuilt)
     assert isinstance(effect, SetWorkloads) and [w.alloc_id for w in effect.workloads] == ["x0", "x1", "x2"]
+
+
+def test_a_member_rebuilding_after_damage_runs_its_own_record_until_it_holds_the_sites_state():
+    state = placed(founded())
+    [ran] = Worker(f"{1:032x}").step(state)  # what it ran before its Raft data was damaged
+    worker = Worker(f"{1:032x}", record=ran.workloads)
+    assert worker.step(SiteState(), caught_up=False) == []  # not recovering: a replay, it waits
+    [effect] = worker.step(SiteState(), caught_up=False, recovering=True)
+    assert effect == SetWorkloads(ran.workloads)
+    assert worker.step(SiteState(), caught_up=False, recovering=True) == []  # once
+    rebuilt = placed(founded(), count=3)  # the site's state, which moved on meanwhile
+    [effect] = worker.step(rebuilt)
+    assert [w.alloc_id for w in effect.workloads] == ["x0", "x1", "x2"]
+    assert worker.step(SiteState(), caught_up=False, recovering=True) == []  # the record is gone
+
+
+def test_the_record_is_set_aside_by_the_first_state_even_when_it_asks_for_the_same():
+    state = placed(founded())
+    [ran] = Worker(f"{1:032x}").step(state)
+    worker = Worker(f"{1:032x}", record=ran.workloads)
+    worker.step(SiteState(), caught_up=False, recovering=True)
+    [effect] = worker.step(state)  # the same allocations: set again, from the site's specs
+    assert effect == SetWorkloads(ran.workloads)
+
+
+def test_no_record_runs_nothing_while_recovering():
+    assert Worker(f"{1:032x}").step(SiteState(), caught_up=False, recovering=True) == []

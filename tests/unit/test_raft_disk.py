@@ -8,12 +8,8 @@ RaftNode._run ticks them); the leader's data dir is a real tmpfs, really filled 
 
 from __future__ import annotations
 
-import errno
-import os
-import subprocess
 import time
 
-import pytest
 from pysyncobj import FAIL_REASON
 
 from meshd import commands as cmds
@@ -22,31 +18,10 @@ from meshd.io.raft import SiteRaft, make_conf
 from meshd.io.raftdata import seal
 from meshd.io.snapshots import SnapshotStore
 
+from tests.smalldisk import fill
+
 TIMEOUT = 30.0  # nobody stands on its own: the test says who stands
 STEP_TIMEOUT = 10.0
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "a"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(directory) -> None:
-    with open(directory / "filler", "wb") as out:
-        try:
-            while True:
-                out.write(b"\0" * (1 << 20))
-                out.flush()
-        except OSError as e:
-            assert e.errno == errno.ENOSPC
 
 
 def test_a_leader_whose_disk_fills_steps_down_and_catches_up_once_space_returns(tmp_path, small_disk):

@@ -22,6 +22,7 @@ import trio
 from meshd import commands as cmds
 from meshd.commands import Ok
 from meshd.exitcodes import EXIT_REVOKED
+from meshd.io import workrecord
 from meshd.io.attester import boot_id, started_digest
 from meshd.io.context import FatalStartupError, NodeContext
 from meshd.io.identity import write_revoked_marker
@@ -66,7 +67,8 @@ class WorkerService:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         assert self.ctx.identity is not None and self.ctx.supervisor is not None
-        self.core = Worker(self.ctx.identity.node_id, on_disk=self.ctx.supervisor.allocation_dirs())
+        self.core = Worker(self.ctx.identity.node_id, on_disk=self.ctx.supervisor.allocation_dirs(),
+                           record=workrecord.load(self.ctx.data_dir) if self.ctx.recovering else None)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._supervise_loop)
             nursery.start_soon(self._report_loop)
@@ -80,13 +82,16 @@ class WorkerService:
         while True:
             state = ctx.snapshot()
             await ctx.execute(self.core.step(state, ctx.revoked_notice,
-                                             caught_up=ctx.raft is not None and ctx.raft.replayed))
+                                             caught_up=ctx.raft is not None and ctx.raft.replayed,
+                                             recovering=ctx.recovering))
             self._save_partners(state)
             await changes.wait(SUPERVISE_SAFETY_PERIOD)
 
     async def _set_workloads(self, effect: fx.SetWorkloads) -> None:
         assert self.ctx.supervisor is not None
         self.ctx.supervisor.set_desired(effect.workloads)
+        if not self.ctx.recovering:  # a record of what the site's state said, never of a record
+            await trio.to_thread.run_sync(workrecord.save, self.ctx.data_dir, effect.workloads)
 
     async def _forget(self, effect: fx.ForgetAllocs) -> None:
         assert self.ctx.supervisor is not None
