@@ -36,6 +36,10 @@ DEFAULT_LOG_LEVEL = "info"  # lifecycle, membership and placement decisions; deb
 DEFAULT_PORT = 7700  # unassigned by IANA; one port for all peer traffic of a node
 DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
 ADMIN_SOCKET_NAME = "admin.sock"
+# Prometheus exposition (meshd.io.metrics): on the loopback by default, so nothing about the
+# device is offered to its LAN unless the operator says so; 9740 is unassigned by IANA.
+DEFAULT_METRICS = "127.0.0.1:9740"
+METRICS_OFF = "off"
 # How a node that holds no membership yet becomes a member (meshd.node.joining.start_path):
 # "found" a new mesh, "join" one with a token (refusing to start without one, so that no
 # device founds a mesh by accident), or "auto": join with a token, else found.
@@ -137,6 +141,7 @@ class NodeConfig:
     bootstrap: str = DEFAULT_BOOTSTRAP  # auto | found | join: what a node with no membership does
     peers: tuple[str, ...] = ()  # static peers "ip:port"
     mdns: bool = True
+    metrics: str = DEFAULT_METRICS  # "ip:port" of the Prometheus exposition, or "off"
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     lease: float = DEFAULT_LEASE
     raft_min_timeout: float = DEFAULT_RAFT_MIN_TIMEOUT
@@ -166,6 +171,11 @@ class NodeConfig:
     @property
     def listen_port(self) -> int:
         return split_endpoint(self.listen)[1]
+
+    @property
+    def metrics_endpoint(self) -> tuple[str, int] | None:
+        """(ip, port) of the Prometheus exposition, None when it is off."""
+        return None if self.metrics == METRICS_OFF else split_endpoint(self.metrics)
 
     @property
     def admin_socket_path(self) -> str:
@@ -402,6 +412,11 @@ def _validate(cfg: NodeConfig) -> None:
         split_endpoint(cfg.listen)
     except ValueError as exc:
         raise ConfigError("listen", str(exc)) from None
+    if cfg.metrics != METRICS_OFF:
+        try:
+            split_endpoint(cfg.metrics)
+        except ValueError as exc:
+            raise ConfigError("metrics", f"{exc} or {METRICS_OFF}") from None
     if cfg.advertise is not None:
         set_field("advertise", _check_advertise(cfg.advertise))
     if cfg.admin_socket is None:

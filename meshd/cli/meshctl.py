@@ -207,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--compact", action="store_true", help="compact the replica now (history, and records older "
                      "than --document-retention, dropped) into a new epoch, which every replica takes on")
 
+    command("metrics", "this daemon's Prometheus exposition, as text (what --metrics serves over HTTP)",
+            _build_metrics, _show_metrics)
+
     token = commands.add_parser("token", help="join tokens", description="join tokens")
     token_commands = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
     sub = command(
@@ -343,6 +346,14 @@ def _build_sites(opts: argparse.Namespace) -> Request:
 
 def _build_document(opts: argparse.Namespace) -> Request:
     return Request("document", {"since": opts.since, "brief": opts.brief, "compact": opts.compact})
+
+
+def _build_metrics(opts: argparse.Namespace) -> Request:
+    return Request("metrics", {})
+
+
+def _show_metrics(result: Any, opts: argparse.Namespace) -> str:
+    return result if isinstance(result, str) else _generic(result)
 
 
 def _build_token_create(opts: argparse.Namespace) -> Request:

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "or auto (join with a token, else found; the default)")
     run.add_argument("--peer", action="append", help="static peer IP:PORT (repeatable)")
     run.add_argument("--no-mdns", action="store_true", help="do not announce or browse mDNS")
+    run.add_argument("--metrics", help="IP:PORT of the Prometheus exposition (http://IP:PORT/metrics), "
+                                       "or off (default 127.0.0.1:9740)")
     run.add_argument("--tpm", help="attest with this TPM 2.0 (TCTI: device:/dev/tpmrm0, swtpm:host=H,port=P)")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
     for flag, kind, text in TUNING_OPTIONS:

@@ -228,7 +228,7 @@ class AdminHandlers:
             "policy_require_tpm": self.policy_require_tpm,
             "deployments": self.deployments, "history": self.history, "rollback": self.rollback,
             "promote": self.promote, "pause": self.pause, "resume": self.resume, "cancel": self.cancel,
-            "pin": self.pin, "unpin": self.unpin,
+            "pin": self.pin, "unpin": self.unpin, "metrics": self.metrics,
         }
 
     async def __call__(self, request: AdminRequest, stream) -> Any:
@@ -310,6 +310,7 @@ class AdminHandlers:
                 "allocs": state.allocs.live_count(d.identity.node_id) if d.identity else 0,
                 # Log entries this node applied: a site at rest stops counting (no commit per beat).
                 "raft_applied": raft.last_applied if raft else 0,
+                "metrics": "%s:%d" % d.metrics_address if d.metrics_address else None,
                 "uptime_s": round(time.monotonic() - d.started, 1),
                 # What this node runs, and why the site holds it apart when it does.
                 "software": started_digest(),
@@ -389,6 +390,10 @@ class AdminHandlers:
                          "local": False, "connected": site in connected,
                          "addresses": list(summary.addresses) if summary else []})
         return rows
+
+    async def metrics(self, request: AdminRequest, stream) -> str:
+        """This daemon's Prometheus exposition (meshd.io.metrics), as the endpoint serves it."""
+        return self.ctx.metrics.render().decode()
 
     async def document(self, request: AdminRequest, stream) -> dict:
         """This node's replica: records per kind, size, state vector, and its live sessions."""

@@ -41,6 +41,7 @@ from meshd.io import peer
 from meshd.io.attester import boot_id, node_evidence, started_digest
 from meshd.io.identity import WAY_BACK, Identity, Membership
 from meshd.io.mdns import Discovery
+from meshd.io.metrics import DaemonMetrics
 from meshd.io.raft import CommandFailed, RaftNode, make_conf
 from meshd.io.raftdata import RaftDataError, check_raft_dir, set_aside
 from meshd.io.snapshots import SnapshotStore
@@ -146,6 +147,8 @@ class NodeContext:
         self._replayed_before = False  # has_seen_state
         self._revocations_cache: tuple[tuple, frozenset[str]] | None = None
         self._effect_handlers: dict[type, Callable[[Any], Awaitable[None]]] = {}
+        self.metrics = DaemonMetrics(self)
+        self.metrics_address: tuple[str, int] | None = None  # where the exposition listens, once it does
 
     def open_wakeups(self) -> None:
         """On the trio loop, before any service runs."""
@@ -154,6 +157,7 @@ class NodeContext:
     def event(self, kind: str, message: str, **data: Any) -> None:
         self.local_events.append({"ts": time.time(), "kind": kind, "message": message, "node": self.config.name, **data})
         self.local_event_count += 1  # ever appended: followers follow by it (the deque is capped)
+        self.metrics.events.labels(kind).inc()
         log.info(message, extra={"kind": kind, **data})
 
     @property
@@ -212,11 +216,22 @@ class NodeContext:
         deadline = retry_until if retry_until is not None else time.monotonic()
         while True:
             try:
-                return await self.raft.submit(wire, timeout=timeout)
+                result = await self.raft.submit(wire, timeout=timeout)
             except CommandFailed:
                 if time.monotonic() >= deadline:
+                    self.counted(command, None)
                     raise
                 await trio.sleep(0.1)
+                continue
+            self.counted(command, result)
+            return result
+
+    def counted(self, command: cmds.Command, result: Result | None) -> None:
+        """Count a command this daemon submitted: its outcome (None: it did not commit)."""
+        outcome = "not_committed" if result is None else "ok" if isinstance(result, cmds.Ok) else "refused"
+        self.metrics.commands.labels(command.op, outcome).inc()
+        if outcome == "ok" and isinstance(command, cmds.SetLiveness):
+            self.metrics.liveness_transitions.labels(command.liveness).inc()
 
     async def execute(self, effects: list[fx.Effect], term: int | None = None) -> None:
         """Carry out effects in order; a commit's follow-ups run once it committed. Raises

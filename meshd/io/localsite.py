@@ -44,7 +44,9 @@ class LocalNode:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [*self.command_prefix, sys.executable, "-m", "meshd.cli.meshd_main", "run",
                 "--data-dir", str(self.data_dir), "--site", self.site, "--name", self.name,
-                "--listen", f"{self.ip}:0", "--advertise", self.ip, *self.extra_args, *extra_args]
+                "--listen", f"{self.ip}:0", "--advertise", self.ip,
+                "--metrics", f"{self.ip}:0",  # many daemons on one host: a port each
+                *self.extra_args, *extra_args]
         if join:
             args += ["--join", join]
         env = dict(os.environ)

@@ -153,6 +153,7 @@ class MeshSync:
         self.address_sites: dict[str, str] = {}  # static peer address -> its site, once dialled
         # site -> (bytes sent on the wire, update bytes before compression) by ended sessions
         self._ended_sent: dict[str, tuple[int, int]] = {}
+        self._ended_received: dict[str, int] = {}  # bytes on the wire, per site, of ended sessions
 
     # --- the replica -----------------------------------------------------------------------
 
@@ -289,6 +290,7 @@ class MeshSync:
                 session = link.session
                 wire, payload = self._ended_sent.get(site, (0, 0))
                 self._ended_sent[site] = (wire + session.bytes_out, payload + session.payload_out)
+                self._ended_received[site] = self._ended_received.get(site, 0) + session.bytes_in
                 if session.last_sync is not None:
                     self.heard[site] = max(self.heard.get(site, -math.inf), session.last_sync)
                 if site not in self.connected_sites() and site != own_site:
@@ -611,6 +613,13 @@ class MeshSync:
         for link in self._links:
             wire, payload = totals.get(link.site, (0, 0))
             totals[link.site] = (wire + link.session.bytes_out, payload + link.session.payload_out)
+        return totals
+
+    def received_by_site(self) -> dict[str, int]:
+        """Bytes on the wire received from each site since this daemon started."""
+        totals = dict(self._ended_received)
+        for link in self._links:
+            totals[link.site] = totals.get(link.site, 0) + link.session.bytes_in
         return totals
 
     def last_heard(self, site: str) -> float | None:

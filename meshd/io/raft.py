@@ -337,6 +337,9 @@ class RaftStatus:
     recovering: bool = False
     # Its disk has no room for Raft's writes (module header).
     disk_full: bool = False
+    # time.monotonic() when this node last took an append-entries message of its current term
+    # (the leader's heartbeat or entries); 0.0 before any. A leader's own is when it made this.
+    leader_heard_at: float = 0.0
 
 
 # SiteRaft overrides these two private methods of pysyncobj (by their mangled names); a
@@ -363,6 +366,7 @@ class SiteRaft(SyncObj):
         # highest next index its answer may claim, None otherwise.
         self._answer_cap: int | None = None
         self._receiving = False  # pysyncobj is handling a message from another member
+        self._leader_heard_at = 0.0  # RaftStatus.leader_heard_at
         self._loads: list[_Load] = []  # snapshots being loaded off the Raft thread, oldest first
         self._loader: threading.Thread | None = None
         self._absurd_logged_at = float("-inf")
@@ -576,6 +580,8 @@ class SiteRaft(SyncObj):
         self._receiving = True  # a snapshot loaded now comes from the leader (_install)
         try:
             super()._SyncObj__onMessageReceived(node, message)
+            if message.get("type") == "append_entries" and message.get("term") == self.raftCurrentTerm:
+                self._leader_heard_at = time.monotonic()
         except OSError as e:  # no room for its entries or for the vote: no answer, nothing taken
             if not is_full(e):
                 raise
@@ -713,6 +719,7 @@ class SiteRaft(SyncObj):
             awake_since=awake_since,
             recovering=self.recovering,
             disk_full=self.disk_full,
+            leader_heard_at=refreshed_at if role == "leader" else self._leader_heard_at,
         )
         if previous is None or previous.role != role or previous.leader_address != self._status_cache.leader_address:
             try:

@@ -41,6 +41,7 @@ from meshd.io.mdns import Discovery
 from meshd.io.ports import free_port
 from meshd.io.memory import trim_heap
 from meshd.io.mesh import MeshSync
+from meshd.io.metrics import serve_metrics
 from meshd.io.sdnotify import ping_watchdog, sd_notify, sd_status, watchdog_ping_interval
 from meshd.io.services.attestation import AttestationService
 from meshd.io.services.beats import BeatService
@@ -140,6 +141,7 @@ class Runtime:
                                         log_max_bytes=ctx.config.log_max_bytes, log_keep=ctx.config.log_keep)
             await nursery.start(ctx.supervisor.run)
             await nursery.start(serve_admin, admin_path, self.admin)
+            await self._serve_metrics(nursery)
             sd_status(self._establishing())
             try:
                 assert self._start_way is not None
@@ -248,6 +250,26 @@ class Runtime:
                     raise FatalStartupError(f"cannot listen on {ctx.listen_ip or '*'}:{port} for {what} traffic: "
                                             f"{e.strerror or e} ({hint})",
                                             EXIT_NOPERM if denied else EXIT_PORT_IN_USE) from None
+
+    async def _serve_metrics(self, nursery: trio.Nursery) -> None:
+        """The Prometheus endpoint (meshd.io.metrics). A port the operator named that cannot be
+        had stops the start; the default one taken (another daemon on this host) only leaves
+        this daemon without it, said in a warning (`meshctl metrics` still answers)."""
+        ctx = self.ctx
+        endpoint = ctx.config.metrics_endpoint
+        if endpoint is None:
+            return
+        try:
+            ctx.metrics_address = await nursery.start(serve_metrics, *endpoint, ctx.metrics.render)
+        except OSError as e:
+            where = f"{endpoint[0]}:{endpoint[1]}"
+            if "metrics" in ctx.config.given:
+                raise FatalStartupError(f"cannot serve metrics on {where}: {e.strerror or e} "
+                                        "(--metrics IP:PORT, or off)", EXIT_PORT_IN_USE) from None
+            log.warning(f"metrics endpoint off: {where} is taken ({e.strerror or e}); "
+                        "set --metrics IP:PORT or off to choose")
+            return
+        log.info("serving metrics", extra={"address": "%s:%d" % ctx.metrics_address})
 
     async def _open_tpm(self) -> None:
         """Open the TPM and measure the code about to run into it, before anything else."""

@@ -380,6 +380,9 @@ class Supervisor:
         self._nursery: trio.Nursery | None = None
         self._unlaunched: list[_Slot] = []
         self._closed = False
+        # What happened since this supervisor started, for the metrics (meshd.io.metrics):
+        # "starts", "restarts", "health_passed", "health_failed". Only ever incremented.
+        self.counts: collections.Counter[str] = collections.Counter()
 
     # --- public API ------------------------------------------------------------------
 
@@ -602,6 +605,7 @@ class Supervisor:
                 with trio.move_on_after(decision.delay):
                     await slot.wake.wait()
                 if not slot.interrupted:
+                    self.counts["restarts"] += 1
                     self._report(slot, restarts=slot.report.restarts + 1)
         finally:
             self._finish(slot, *final)
@@ -625,6 +629,7 @@ class Supervisor:
             pgid_file.write_text(str(proc.pid))
             started = trio.current_time()
             watch = HealthWatch(spec.health, started_at=started)
+            self.counts["starts"] += 1
             self._report(slot, state=ALLOC_RUNNING, pid=proc.pid, exit_code=None, reason="", health=watch.health)
             self._lifecycle(
                 slot, "started", f"started pid {proc.pid}", pid=proc.pid, restarts=slot.report.restarts
@@ -653,6 +658,7 @@ class Supervisor:
                 while watch.probes:
                     await trio.sleep(watch.due(trio.current_time()))
                     passed, reason = await run_check(watch.check, where, env)
+                    self.counts["health_passed" if passed else "health_failed"] += 1
                     verdict = watch.checked(passed, reason, trio.current_time())
                     if verdict.health != slot.report.health:
                         said = f"{verdict.health}: {verdict.reason}" if verdict.reason else verdict.health

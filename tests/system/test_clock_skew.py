@@ -3,7 +3,7 @@ one daemon; its monotonic clock, which leases and timeouts use, is left alone): 
 without a real-time clock after an offline reboot, an unsynced NTP step.
 
 - A member an hour ahead joins, stays, keeps its document-sync sessions, and is told it is
-  skewed (`status`, `nodes`, an event): never expelled for it.
+  skewed (`status`, `nodes`, an event, its metrics): never expelled for it.
 - A leader an hour ahead expels nobody: the site keeps all its members and its one Raft
   secret (no rotation), and the members an hour behind it are told so.
 """
@@ -14,6 +14,7 @@ import glob
 import time
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from meshd.io.localsite import wait_for
 
@@ -50,6 +51,10 @@ def test_a_member_an_hour_ahead_joins_stays_and_is_told(make_site):
     time.sleep(SETTLE)
     status = ahead.call("status")
     assert status["clock_skewed"] and 3500 < status["clock_skew_s"] < 3700
+    # and in its metrics (meshd.io.metrics), read with the reference parser
+    skew = [s.value for f in text_string_to_metric_families(ahead.call("metrics")) for s in f.samples
+            if s.name == "meshd_node_clock_skew_seconds"]
+    assert len(skew) == 1 and 3500 < skew[0] < 3700, skew
     rows = members(leader)
     assert {r["state"] for r in rows.values()} == {"ready"} and len(rows) == 3
     assert 3500 < rows[ahead.name]["clock_skew_s"] < 3700

@@ -95,6 +95,7 @@ class PeerService:
 
     def _refused(self, target: str, source: str, reason: str) -> None:
         """A join refused with a verdict: into the audit (soon, or with its window's count)."""
+        self.ctx.metrics.joins.labels("refused").inc()
         effects = self.refusals.refused(target, source, reason, time.monotonic())
         if effects:
             self._to_record.extend(effects)
@@ -224,6 +225,7 @@ class PeerService:
         key = tokens.session_key(eph, request.joiner_eph, bytes.fromhex(state.tokens[request.token_id].secret),
                                  transcript)
         await conn.send({"type": "welcome", "sealed": tokens.seal(key, os.urandom(12), welcome)})
+        self.ctx.metrics.joins.labels("admitted").inc()
         if verdict.founds:
             self.ctx.event("membership", f"{name} founds site {verdict.founds}", node=name, site=verdict.founds)
             return

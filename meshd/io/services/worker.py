@@ -128,13 +128,14 @@ class WorkerService:
                     try:
                         result = await ctx.raft.submit(cmds.encode(command, cmds.Envelope(ts=time.time())),
                                                        timeout=max(ctx.config.lease, 1.0))
+                        ctx.counted(command, result)
                         if isinstance(result, Ok):
                             self._reports.sent(now, report)
                             # Look again at once: changes made while the report was in
                             # flight woke nobody.
                             continue
                     except CommandFailed:
-                        pass
+                        ctx.counted(command, None)
                     await trio.sleep(REPORT_RETRY_DELAY)
                     continue
             await news.wait(REPORT_CHECK_PERIOD)
