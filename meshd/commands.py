@@ -196,7 +196,18 @@ def resources_from_wire(raw: Any) -> NodeResources:
         cpu_free=read_num(raw, "cpu_free", 0, 4096),
         mem_total_mb=read_int(raw, "mem_total_mb", 0, 2**40),
         mem_free_mb=read_int(raw, "mem_free_mb", 0, 2**40),
+        enforces=_controllers(raw.get("enforces", [])),
+        cgroup=read_int(raw, "cgroup", 0, 2) if "cgroup" in raw else 0,
     )
+
+
+LIMIT_CONTROLLERS = ("cpu", "memory", "pids")  # what `[app.resources]` limits (meshd.io.cgroups)
+
+
+def _controllers(raw: Any) -> tuple[str, ...]:
+    if not (isinstance(raw, (list, tuple)) and all(isinstance(c, str) and c in LIMIT_CONTROLLERS for c in raw)):
+        raise Invalid(f"resources.enforces must be a list of {', '.join(LIMIT_CONTROLLERS)}")
+    return tuple(sorted(set(raw)))
 
 
 @dataclass(frozen=True)

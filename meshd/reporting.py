@@ -39,7 +39,7 @@ def resources_moved(last: Mapping[str, float], current: Mapping[str, float]) -> 
     """True when `current` differs from the last reported resources by a step placement sees."""
     if not last:
         return bool(current)
-    if last.get("cpu_total") != current.get("cpu_total") or last.get("mem_total_mb") != current.get("mem_total_mb"):
+    if any(last.get(key) != current.get(key) for key in ("cpu_total", "mem_total_mb", "enforces", "cgroup")):
         return True
     mem_step = MEM_STEP_FRACTION * float(current.get("mem_total_mb") or 1)
     return abs(float(current.get("mem_free_mb", 0)) - float(last.get("mem_free_mb", 0))) >= mem_step

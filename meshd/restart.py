@@ -56,9 +56,12 @@ def policy_problem(policy: str) -> str | None:
 
 
 def describe_exit(exit_code: int | None, cause: str | None = None) -> str:
-    """"exited 3", "killed by SIGSEGV", or `cause` when there is no exit status."""
+    """"exited 3", "killed by SIGSEGV", or `cause` when it is known (no exit status, or
+    one that does not say why: "oom-killed ...")."""
+    if cause:
+        return cause
     if exit_code is None:
-        return cause or "exit status unknown"
+        return "exit status unknown"
     if exit_code >= 0:
         return f"exited {exit_code}"
     signum = -exit_code

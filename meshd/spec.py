@@ -59,6 +59,10 @@ MAX_ENV_VALUE_CHARS = 32 * 1024  # one value
 MAX_ENV_TOTAL_CHARS = 64 * 1024  # names plus values, well inside Linux's ARG_MAX
 MAX_CPU = 1024.0  # cores; above any single edge device, so larger requests are mistakes
 MAX_MEMORY_MB = 2**40  # 1 EiB in MiB: exact in a float (pycrdt returns ints as floats), < 2**63
+# Limits are enforced (meshd.io.cgroups), so a request no process can start within is refused:
+MIN_CPU = 0.01  # cores: the kernel's smallest CPU quota, 1 ms of each 100 ms period
+MIN_MEMORY_MB = 4  # MiB: below this not even a shell gets to exec
+MAX_PIDS = 4_194_304  # the kernel's largest pid_max (2**22): any count above is no limit
 
 # Architectures as `uname -m` reports them on the devices meshd targets.
 KNOWN_ARCHES = ("x86_64", "aarch64", "armv7l", "armv6l", "riscv64", "i686", "ppc64le", "s390x")
@@ -67,7 +71,7 @@ _TOP_KEYS = ("app",)
 _APP_KEYS = ("name", "replicas", "command", "sites", "env", "constraints", "resources", "restart", "health", "update",
              "rollout")
 _CONSTRAINT_KEYS = ("arch", "labels")
-_RESOURCE_KEYS = ("cpu", "memory_mb")
+_RESOURCE_KEYS = ("cpu", "memory_mb", "pids")
 _RESTART_KEYS = ("policy",)
 _HEALTH_KEYS = ("kind", "port", "path", "command", "interval_s", "timeout_s", "failures", "grace_s")
 # What each kind of check needs (and may have) beside the timing keys.
@@ -186,6 +190,8 @@ def spec_to_dict(spec: AppSpec) -> dict[str, Any]:
         resources["cpu"] = float(spec.resources.cpu)
     if spec.resources.memory_mb:
         resources["memory_mb"] = spec.resources.memory_mb
+    if spec.resources.pids:
+        resources["pids"] = spec.resources.pids
     if resources:
         app["resources"] = resources
     app["restart"] = {"policy": spec.restart_policy}
@@ -409,22 +415,34 @@ def _resources(value: object) -> ResourceRequest:
     cpu = 0.0
     if "cpu" in table:
         raw = table["cpu"]
-        if not _is_number(raw) or not 0 < raw <= MAX_CPU:  # type: ignore[operator]
+        if not _is_number(raw) or not MIN_CPU <= raw <= MAX_CPU:  # type: ignore[operator]
             raise SpecError(
                 "app.resources.cpu",
-                f"must be a number of cores above 0 and at most {MAX_CPU:g}, got {show_value(raw)}",
+                f"must be a number of cores from {MIN_CPU:g} (the smallest CPU quota) to {MAX_CPU:g}, "
+                f"got {show_value(raw)}",
             )
         cpu = float(raw)  # type: ignore[arg-type]
     memory_mb = 0
     if "memory_mb" in table:
         raw = table["memory_mb"]
-        if not _is_int(raw) or not 0 < raw <= MAX_MEMORY_MB:  # type: ignore[operator]
+        if not _is_int(raw) or not MIN_MEMORY_MB <= raw <= MAX_MEMORY_MB:  # type: ignore[operator]
             raise SpecError(
                 "app.resources.memory_mb",
-                f"must be an integer number of MiB from 1 to {MAX_MEMORY_MB}, got {show_value(raw)}",
+                f"must be an integer number of MiB from {MIN_MEMORY_MB} (what a process needs to start) "
+                f"to {MAX_MEMORY_MB}, got {show_value(raw)}",
             )
         memory_mb = int(raw)  # type: ignore[arg-type]
-    return ResourceRequest(cpu=cpu, memory_mb=memory_mb)
+    pids = 0
+    if "pids" in table:
+        raw = table["pids"]
+        if not _is_int(raw) or not 1 <= raw <= MAX_PIDS:  # type: ignore[operator]
+            raise SpecError(
+                "app.resources.pids",
+                f"must be an integer number of processes from 1 (the workload itself) to {MAX_PIDS}, "
+                f"got {show_value(raw)}",
+            )
+        pids = int(raw)  # type: ignore[arg-type]
+    return ResourceRequest(cpu=cpu, memory_mb=memory_mb, pids=pids)
 
 
 def _restart(value: object) -> str:

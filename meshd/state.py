@@ -99,8 +99,19 @@ class Constraints:
 
 @dataclass(frozen=True)
 class ResourceRequest:
-    cpu: float = 0.0  # cores
-    memory_mb: int = 0
+    """What an app asks of a node per replica (`[app.resources]`): placement counts cpu and
+    memory against the node's free capacity, and the node enforces all three as limits
+    (meshd.io.cgroups). 0 is none."""
+
+    cpu: float = 0.0  # cores: a CPU quota
+    memory_mb: int = 0  # a hard memory limit
+    pids: int = 0  # a process limit
+
+    @property
+    def controllers(self) -> frozenset[str]:
+        """The cgroup controllers that enforce these limits."""
+        return frozenset(name for name, value in (("cpu", self.cpu), ("memory", self.memory_mb), ("pids", self.pids))
+                         if value)
 
 
 HEALTH_KINDS = ("process", "tcp", "http", "exec")
@@ -195,6 +206,10 @@ class NodeResources:
     cpu_free: float = 0.0  # cores idle over the last sample
     mem_total_mb: int = 0
     mem_free_mb: int = 0  # available memory
+    # Which `[app.resources]` limits it enforces (cgroup controllers: cpu, memory, pids) and
+    # with which cgroup version (0: none); an app whose limits it cannot is not placed there.
+    enforces: tuple[str, ...] = ()
+    cgroup: int = 0
 
 
 @dataclass(frozen=True)

@@ -85,9 +85,16 @@ def run_demo(nodes: int = 3, duration: float | None = None, keep: bool = False) 
             t1 = time.monotonic()
             node = site.join()
             say(f"  {node.name} joined by mDNS with a one-time token ({time.monotonic() - t1:.2f}s)")
+        spec = EXAMPLE_APP
+        unenforced = sorted({c for row in first.call("nodes") for c in ("cpu", "memory")
+                             if c not in (row.get("enforces") or ())})
+        if unenforced:  # (not root, or no cgroup controllers): limits would keep it off every node
+            say(f"  this machine cannot enforce {' and '.join(unenforced)} limits (cgroups need root): "
+                "the example runs without [app.resources]")
+            spec = EXAMPLE_APP[:EXAMPLE_APP.index("[app.resources]")] + EXAMPLE_APP[EXAMPLE_APP.index("[app.restart]"):]
         app_file = root / "hello-edge.toml"
-        app_file.write_text(EXAMPLE_APP)
-        result = first.call("deploy", spec_toml=EXAMPLE_APP, wait=False, timeout=None)
+        app_file.write_text(spec)
+        result = first.call("deploy", spec_toml=spec, wait=False, timeout=None)
         say(f"  deployed {result['app']} v{result['version']} (spec: {app_file})")
         wait_for(lambda: len(site.running("hello-edge")) == 3, 30, what="3 replicas running")
         say("")

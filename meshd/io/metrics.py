@@ -130,6 +130,8 @@ class _Scrape(Collector):
         yield _counter("meshd_workload_starts", "Workload processes this node started", counts.get("starts", 0))
         yield _counter("meshd_workload_restarts", "Workloads this node restarted after they ended or fell ill",
                        counts.get("restarts", 0))
+        yield _counter("meshd_workload_oom_kills", "Workload runs killed for their memory limit",
+                       counts.get("oom_kills", 0))
         checks = CounterMetricFamily("meshd_health_checks", "Health checks this node ran, by result",
                                      labels=("result",))
         checks.add_metric(["passed"], counts.get("health_passed", 0))

@@ -29,6 +29,7 @@ import trio
 from meshd import __version__, tokens
 from meshd.config import NodeConfig
 from meshd.exitcodes import EXIT_CONFIG, EXIT_ERROR, EXIT_LOCKED, EXIT_NOPERM, EXIT_PORT_IN_USE, EXIT_REVOKED
+from meshd.io import cgroups
 from meshd.io.admin import serve_admin
 from meshd.io.adminhandlers import AdminHandlers
 from meshd.io.attester import package_digest, started_digest
@@ -138,7 +139,8 @@ class Runtime:
                                           version=__version__)
             assert ctx.reports_changed is not None
             ctx.supervisor = Supervisor(ctx.data_dir, on_change=ctx.reports_changed.notify,
-                                        log_max_bytes=ctx.config.log_max_bytes, log_keep=ctx.config.log_keep)
+                                        log_max_bytes=ctx.config.log_max_bytes, log_keep=ctx.config.log_keep,
+                                        limits=self._open_cgroups())
             await nursery.start(ctx.supervisor.run)
             await nursery.start(serve_admin, admin_path, self.admin)
             await self._serve_metrics(nursery)
@@ -250,6 +252,20 @@ class Runtime:
                     raise FatalStartupError(f"cannot listen on {ctx.listen_ip or '*'}:{port} for {what} traffic: "
                                             f"{e.strerror or e} ({hint})",
                                             EXIT_NOPERM if denied else EXIT_PORT_IN_USE) from None
+
+    def _open_cgroups(self) -> cgroups.Cgroups:
+        """This node's cgroup subtree (meshd.io.cgroups); what it cannot enforce is said once."""
+        assert self.ctx.identity is not None
+        limits = cgroups.Cgroups.found(self.ctx.identity.node_id[:16])
+        limits.open()
+        if limits.enforceable:
+            log.info("workload limits enforced", extra={"cgroup": f"v{limits.hierarchy.version}",
+                                                        "controllers": sorted(limits.enforceable)})
+        if limits.enforceable != frozenset(cgroups.CONTROLLERS):
+            missing = sorted(frozenset(cgroups.CONTROLLERS) - limits.enforceable)
+            log.warning(f"this node cannot enforce {', '.join(missing)} limits: apps that set them in "
+                        "[app.resources] are not placed here", extra={"reason": limits.problem})
+        return limits
 
     async def _serve_metrics(self, nursery: trio.Nursery) -> None:
         """The Prometheus endpoint (meshd.io.metrics). A port the operator named that cannot be

@@ -11,7 +11,11 @@ Invariants:
   left the group while the workload was still alive), then SIGKILL to all of them once
   `stop_timeout` has passed. The same happens to processes a workload leaves behind when
   it exits on its own, so no restart ever piles up orphans or keeps the log pipe open.
-  Not reachable: a descendant that double-forked into a new session (that needs cgroups).
+  With cgroups (meshd.io.cgroups), every process of the workload is in its allocation's
+  group from before it execs, limited by its `[app.resources]`, and whatever is left in the
+  group when it ends (a descendant that double-forked into a new session) is killed too.
+- A memory kill (the group's oom_kill counter moved during the run) ends the run as
+  `oom-killed`: its reason, the restart reason and the lifecycle line say so.
 - Cancelling `run()` stops workloads the same graceful way (shielded, bounded by
   `stop_timeout` plus PIPE_DRAIN_TIMEOUT), like `trio.run_process` does; `stop_all()` is
   the explicit form.
@@ -54,6 +58,7 @@ from meshd.restart import (
     policy_problem,
 )
 from meshd.health import HealthWatch
+from meshd.io import cgroups
 from meshd.io.healthcheck import run_check
 from meshd.state import ALLOC_FAILED, ALLOC_PENDING, ALLOC_RUNNING, ALLOC_STOPPED, HEALTH_NONE
 
@@ -225,12 +230,18 @@ class _WorkloadProcess:
     loop for about a millisecond.)
     """
 
-    def __init__(self, command: list[str], env: dict[str, str], cwd: Path) -> None:
+    def __init__(self, command: list[str], env: dict[str, str], cwd: Path, join: tuple[str, ...] = ()) -> None:
+        """`join`: the cgroup.procs files the child writes itself into before it execs."""
         read_end, write_end = os.pipe()
+
+        def before_exec() -> None:
+            _die_with_daemon()
+            cgroups.join(join)  # an error here fails the start: never unconfined
+
         try:
             self._popen = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=write_end, stderr=subprocess.STDOUT,
-                env=env, cwd=cwd, start_new_session=True, preexec_fn=_die_with_daemon)
+                env=env, cwd=cwd, start_new_session=True, preexec_fn=before_exec)
         except BaseException:
             os.close(read_end)
             raise
@@ -301,6 +312,7 @@ class _Slot:
         self.log: RotatingLog | None = None
         self.mid_line = False  # the log's last byte is not a newline
         self.backoff_count = 0
+        self.group: cgroups.Group | None = None  # its cgroup, once made (kept across restarts)
 
     @property
     def report(self) -> AllocReport:
@@ -326,7 +338,7 @@ class _Slot:
 class _Exit:
     exit_code: int | None
     uptime: float
-    cause: str | None = None  # why there is no exit code
+    cause: str | None = None  # why there is no exit code, or what it does not say (oom-killed)
     unhealthy: str | None = None  # ended by meshd because its health checks failed (why)
 
 
@@ -365,7 +377,11 @@ class Supervisor:
         backoff_base: float = BACKOFF_BASE,
         backoff_cap: float = BACKOFF_CAP,
         stable_uptime: float = STABLE_UPTIME,
+        limits: cgroups.Cgroups | None = None,
     ) -> None:
+        """`limits`: this node's cgroup subtree, opened (None: workloads run unconfined, and
+        one that asks for limits fails to start)."""
+        self.limits = limits
         self.data_dir = Path(data_dir)
         self.on_change = on_change
         self.log_max_bytes = log_max_bytes
@@ -381,7 +397,7 @@ class Supervisor:
         self._unlaunched: list[_Slot] = []
         self._closed = False
         # What happened since this supervisor started, for the metrics (meshd.io.metrics):
-        # "starts", "restarts", "health_passed", "health_failed". Only ever incremented.
+        # "starts", "restarts", "oom_kills", "health_passed", "health_failed". Only ever incremented.
         self.counts: collections.Counter[str] = collections.Counter()
 
     # --- public API ------------------------------------------------------------------
@@ -394,6 +410,8 @@ class Supervisor:
             self._nursery = nursery
             try:
                 kill_leftover_workloads(self.data_dir)
+                if self.limits is not None:
+                    self.limits.sweep()
                 for slot in self._unlaunched:
                     nursery.start_soon(self._supervise, slot)
                 self._unlaunched.clear()
@@ -512,6 +530,10 @@ class Supervisor:
 
     def _finish(self, slot: _Slot, state: str, exit_code: int | None, reason: str) -> None:
         self._lifecycle(slot, state, f"{state}: {reason}", exit_code=exit_code)
+        if slot.group is not None:
+            slot.group.kill_all()
+            slot.group.remove()  # (one still busy with a dying process goes at the next start's sweep)
+            slot.group = None
         if slot.log is not None:
             slot.log.close()
             slot.log = None
@@ -566,6 +588,9 @@ class Supervisor:
                 return
             while True:
                 if slot.next_spec is not None:
+                    if slot.group is not None and slot.next_spec.limits != slot.spec.limits:
+                        slot.group.remove()  # its processes ended: made again with the new limits
+                        slot.group = None
                     slot.spec, slot.next_spec = slot.next_spec, None
                     slot.backoff_count = 0
                     slot.wake = trio.Event()
@@ -616,9 +641,17 @@ class Supervisor:
         spec = slot.spec
         assert slot.log is not None
         try:
+            group = self._group(slot)
+        except cgroups.CgroupError as exc:
+            cause = f"cannot confine it: {exc}"
+            self._lifecycle(slot, "exec-failed", cause)
+            return _Exit(exit_code=None, uptime=0.0, cause=cause)
+        ooms_before = group.oom_kills() if group is not None else 0
+        try:
             proc = _WorkloadProcess(list(spec.command), workload_env(spec, os.environ),
-                                    self.log_path(spec.alloc_id).parent)
-        except (OSError, ValueError) as exc:  # ValueError: e.g. a NUL byte in an argument
+                                    self.log_path(spec.alloc_id).parent,
+                                    join=group.join_paths if group is not None else ())
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:  # ValueError: e.g. a NUL byte in an argument
             error = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             cause = f"cannot execute {spec.command[0]!r}: {error}"
             self._lifecycle(slot, "exec-failed", cause)
@@ -639,9 +672,27 @@ class Supervisor:
         finally:
             with trio.CancelScope(shield=True):
                 await self._end_workload(slot, proc)
+                if group is not None and group.kill_all():  # what escaped its session: gone too
+                    await trio.sleep(GROUP_POLL_INTERVAL)
             pgid_file.unlink(missing_ok=True)
         assert proc.returncode is not None
+        if group is not None and group.oom_kills() > ooms_before:
+            self.counts["oom_kills"] += 1
+            cause = f"oom-killed (memory limit {spec.limits.memory_mb} MiB)"
+            self._lifecycle(slot, "oom-killed", cause, exit_code=proc.returncode)
+            return _Exit(exit_code=proc.returncode, uptime=uptime, unhealthy=unhealthy, cause=cause)
         return _Exit(exit_code=proc.returncode, uptime=uptime, unhealthy=unhealthy)
+
+    def _group(self, slot: _Slot) -> cgroups.Group | None:
+        """The allocation's cgroup, made on its first start; CgroupError when its limits
+        cannot be enforced here."""
+        if slot.group is None:
+            if self.limits is None:
+                if slot.spec.limits.controllers:
+                    raise cgroups.CgroupError("this node enforces no limits (no cgroups)")
+                return None
+            slot.group = self.limits.make(slot.spec.alloc_id, slot.spec.limits)
+        return slot.group
 
     async def _wait_exit_or_interrupt(self, slot: _Slot, proc: _WorkloadProcess, watch: HealthWatch) -> str | None:
         """Copy output and check health until the first process exits, the allocation is

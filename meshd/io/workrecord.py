@@ -22,7 +22,7 @@ from pathlib import Path
 
 from meshd.io.identity import write_atomic
 from meshd.node.effects import Workload
-from meshd.state import HealthCheck
+from meshd.state import HealthCheck, ResourceRequest
 
 log = logging.getLogger("meshd.daemon")
 
@@ -34,7 +34,7 @@ MAX_RECORD_BYTES = 16 * 1024 * 1024
 def _wire(workload: Workload) -> dict:
     return {"alloc_id": workload.alloc_id, "app": workload.app, "command": list(workload.command),
             "env": dict(workload.env), "restart_policy": workload.restart_policy, "site": workload.site,
-            "health": dataclasses.asdict(workload.health)}
+            "health": dataclasses.asdict(workload.health), "limits": dataclasses.asdict(workload.limits)}
 
 
 def _workload(raw: object) -> Workload:
@@ -51,8 +51,12 @@ def _workload(raw: object) -> Workload:
     fields = (raw["alloc_id"], raw["app"], raw["restart_policy"], raw["site"])
     if not all(isinstance(f, str) for f in fields):
         raise ValueError("names")
+    limits = raw.get("limits", {})  # (a record from before limits were enforced has none)
+    if not (isinstance(limits, dict) and all(isinstance(v, (int, float)) and v >= 0 for v in limits.values())):
+        raise ValueError("limits")
     return Workload(alloc_id=raw["alloc_id"], app=raw["app"], command=tuple(command), env=env,
-                    restart_policy=raw["restart_policy"], health=HealthCheck(**health), site=raw["site"])
+                    restart_policy=raw["restart_policy"], health=HealthCheck(**health), site=raw["site"],
+                    limits=ResourceRequest(**limits))
 
 
 def encode(workloads: tuple[Workload, ...]) -> bytes:

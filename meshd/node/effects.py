@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence, Union
 
 from meshd.commands import Command, Result
-from meshd.state import HealthCheck, NodeRecord, SiteState
+from meshd.state import HealthCheck, NodeRecord, ResourceRequest, SiteState
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,7 @@ class Workload:
     restart_policy: str
     health: HealthCheck = HealthCheck()  # how its health is judged (meshd.health)
     site: str = ""  # the site it runs in (MESHD_SITE in its environment)
+    limits: ResourceRequest = ResourceRequest()  # enforced while it runs (meshd.io.cgroups)
 
 
 @dataclass(frozen=True)

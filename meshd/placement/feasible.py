@@ -179,6 +179,15 @@ def check_labels(node: NodeRecord, spec: AppSpec, state: SiteState, reserved: Re
     return None
 
 
+def check_limits(node: NodeRecord, spec: AppSpec, state: SiteState, reserved: Reserved) -> str | None:
+    """Limits are enforced where the app runs (meshd.io.cgroups): never on a node that cannot."""
+    missing = spec.resources.controllers - set(node.resources.enforces)
+    if not missing:
+        return None
+    how = f"cgroup v{node.resources.cgroup} without them" if node.resources.cgroup else "no cgroups"
+    return f"cannot enforce {', '.join(sorted(missing))} limits ({how})"
+
+
 def check_cpu(node: NodeRecord, spec: AppSpec, state: SiteState, reserved: Reserved) -> str | None:
     request = spec.resources.cpu
     if request <= 0:
@@ -213,6 +222,7 @@ CHECKERS: tuple[tuple[str, Checker], ...] = (
     ("site", check_site),
     ("arch", check_arch),
     ("labels", check_labels),
+    ("limits", check_limits),
     ("cpu", check_cpu),
     ("memory", check_memory),
 )

@@ -331,7 +331,8 @@ class SimSite:
     def report(self, node: SimNode) -> None:
         if self.leader_node() is None or not node.reachable:
             return
-        resources = {"cpu_total": 4.0, "cpu_free": 4.0, "mem_total_mb": 4096, "mem_free_mb": 4096}
+        resources = {"cpu_total": 4.0, "cpu_free": 4.0, "mem_total_mb": 4096, "mem_free_mb": 4096,
+                     "enforces": ["cpu", "memory", "pids"], "cgroup": 2}
         own = node.view().nodes.get(node.node_id)
         report = node.reports.due(self.now, resources, [dict(r) for r in node.running.values()],
                                   reflected_in(node.view().allocs.get),

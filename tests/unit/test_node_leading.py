@@ -118,7 +118,8 @@ def site_changes(draw):
         return cmd("set_liveness", node_id=node_id, liveness=op)
     if op == "resources":
         return cmd("heartbeat", node_id=node_id, seq=draw(st.integers(2, 9)), resources={
-            "cpu_total": draw(st.sampled_from([0.5, 1, 4])), "cpu_free": 1, "mem_total_mb": 4096, "mem_free_mb": 4000})
+            "cpu_total": draw(st.sampled_from([0.5, 1, 4])), "cpu_free": 1, "mem_total_mb": 4096, "mem_free_mb": 4000,
+            "enforces": ["cpu", "memory", "pids"], "cgroup": 2})
     if op == "report":
         return ("report", draw(st.integers(0, 30)), draw(st.sampled_from(["running", "failed", "stopped"])))
     return "apply"
@@ -193,7 +194,8 @@ def test_an_app_left_unplaced_is_placed_when_another_frees_room_or_a_node_grows(
     deploy(state, "wide", 1, cpu=6)
     assert "cannot place" in core.step(alive(state, 1.0), now=1.0)[0].message
     assert sitestate.apply(state, cmd("heartbeat", node_id=ONE, seq=2, resources={
-        "cpu_total": 8, "cpu_free": 8, "mem_total_mb": 4096, "mem_free_mb": 4000})).ok  # only the node changed
+        "cpu_total": 8, "cpu_free": 8, "mem_total_mb": 4096, "mem_free_mb": 4000,
+        "enforces": ["cpu", "memory", "pids"], "cgroup": 2})).ok  # only the node changed
     [plan] = core.step(alive(state, 2.0), now=2.0)
     assert plan.command.app == "wide" and len(plan.command.placements) == 1
 

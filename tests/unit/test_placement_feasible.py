@@ -45,20 +45,21 @@ SITE = "factory-a"
 
 
 def make_node(node_id="n1", *, site=SITE, arch="x86_64", labels=None, liveness=LIVENESS_READY,
-              admin=ADMIN_ACTIVE, cpu=4.0, mem=1024, mem_free=None) -> NodeRecord:
+              admin=ADMIN_ACTIVE, cpu=4.0, mem=1024, mem_free=None, enforces=("cpu", "memory", "pids")) -> NodeRecord:
     return NodeRecord(
         node_id=node_id, name=f"name-{node_id}", site=site, address="198.18.0.1:7700",
         raft_address="198.18.0.1:7701", public_key="00", arch=arch, labels=labels or {},
         liveness=liveness, admin=admin,
         resources=NodeResources(cpu_total=cpu, cpu_free=cpu, mem_total_mb=mem,
-                                mem_free_mb=mem if mem_free is None else mem_free),
+                                mem_free_mb=mem if mem_free is None else mem_free, enforces=enforces,
+                                cgroup=2 if enforces else 0),
     )
 
 
-def make_spec(name="app", *, cpu=0.0, mem=0, arch=(), labels=None, sites=()) -> AppSpec:
+def make_spec(name="app", *, cpu=0.0, mem=0, arch=(), labels=None, sites=(), pids=0) -> AppSpec:
     return AppSpec(name=name, replicas=1, command=("true",), sites=sites,
                    constraints=Constraints(arch=arch, labels=labels or {}),
-                   resources=ResourceRequest(cpu=cpu, memory_mb=mem))
+                   resources=ResourceRequest(cpu=cpu, memory_mb=mem, pids=pids))
 
 
 def make_state(nodes=(), apps=(), allocs=()) -> SiteState:
@@ -194,7 +195,7 @@ def test_node_usage_counts_allocs_of_the_app_and_the_plan():
 
 
 def test_checker_order_is_fixed():
-    assert [name for name, _ in CHECKERS] == ["schedulable", "site", "arch", "labels", "cpu", "memory"]
+    assert [name for name, _ in CHECKERS] == ["schedulable", "site", "arch", "labels", "limits", "cpu", "memory"]
 
 
 # --- properties ----------------------------------------------------------------------
@@ -276,3 +277,18 @@ def test_capacity_matches_the_arithmetic(node, spec, placed):
         node.resources.mem_total_mb - mem_used, node.resources.mem_free_mb - mem_used)
     assert (check_cpu(node, spec, state, reserved) is None) == cpu_ok
     assert (check_memory(node, spec, state, reserved) is None) == mem_ok
+
+
+@pytest.mark.parametrize("enforces,spec,reason", [
+    ((), make_spec(cpu=0.5), "cannot enforce cpu limits (no cgroups)"),
+    (("cpu",), make_spec(cpu=0.5, mem=64, pids=10), "cannot enforce memory, pids limits (cgroup v2 without them)"),
+    (("cpu", "memory"), make_spec(pids=10), "cannot enforce pids limits (cgroup v2 without them)"),
+    (("cpu", "memory", "pids"), make_spec(cpu=0.5, mem=64, pids=10), None),
+    ((), make_spec(), None),  # an app without limits runs anywhere
+])
+def test_an_app_is_placed_only_where_its_limits_are_enforced(enforces, spec, reason):
+    node = make_node("n1", enforces=enforces)
+    state = make_state([node], [spec])
+    assert check_node(node, spec, state, Reserved()) == reason
+    if reason:
+        assert failing_check(node, spec, state, Reserved())[0] == "limits"

@@ -40,7 +40,8 @@ def node(node_id, *, arch="x86_64", cpu=4.0, mem=4096, liveness=LIVENESS_READY, 
          site=SITE) -> NodeRecord:
     return NodeRecord(node_id=node_id, name=f"dev-{node_id}", site=site, address="198.18.0.1:7700",
                       raft_address="198.18.0.1:7701", public_key="00", arch=arch, liveness=liveness, admin=admin,
-                      resources=NodeResources(cpu_total=cpu, cpu_free=cpu, mem_total_mb=mem, mem_free_mb=mem))
+                      resources=NodeResources(cpu_total=cpu, cpu_free=cpu, mem_total_mb=mem, mem_free_mb=mem,
+                                              enforces=("cpu", "memory", "pids"), cgroup=2))
 
 
 def spec(name="web", replicas=3, *, cpu=0.0, mem=0, arch=()) -> AppSpec:

@@ -40,7 +40,8 @@ def founded(nodes: int = 1) -> SiteState:
     for n in list(state.nodes):
         assert sitestate.apply(state, cmd("set_liveness", node_id=n, liveness="ready")).ok
         assert sitestate.apply(state, cmd("heartbeat", node_id=n, seq=1, resources={
-            "cpu_total": 4, "cpu_free": 4, "mem_total_mb": 4096, "mem_free_mb": 4000})).ok
+            "cpu_total": 4, "cpu_free": 4, "mem_total_mb": 4096, "mem_free_mb": 4000,
+            "enforces": ["cpu", "memory", "pids"], "cgroup": 2})).ok
     return state
 
 

@@ -157,8 +157,11 @@ class WorkerService:
             cores = psutil.cpu_count() or 1
             busy = psutil.cpu_percent(interval=None) / 100.0
             mem = psutil.virtual_memory()
+            limits = self.ctx.supervisor.limits if self.ctx.supervisor is not None else None
             self._resources = {"cpu_total": float(cores), "cpu_free": round(cores * (1 - busy), 2),
-                               "mem_total_mb": mem.total // 2**20, "mem_free_mb": mem.available // 2**20}
+                               "mem_total_mb": mem.total // 2**20, "mem_free_mb": mem.available // 2**20,
+                               "enforces": sorted(limits.enforceable) if limits is not None else [],
+                               "cgroup": limits.hierarchy.version if limits is not None and limits.enforceable else 0}
             self._resources_at = now
         return self._resources
 

@@ -1,0 +1,84 @@
+"""Workloads that cannot hurt their device, on a real daemon and this machine's real cgroups
+(v1 here; meshd.io.cgroups): a memory hog is killed by its limit and reported `oom-killed`
+while the daemon serves on; a fork bomb is held by its process limit; the node says what it
+enforces."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from meshd.io.localsite import wait_for
+
+pytestmark = pytest.mark.system
+
+HOG = f'''[app]
+name = "hog"
+replicas = 1
+command = ["{sys.executable}", "-c", "x = bytearray(512 * 1024 * 1024)"]
+[app.resources]
+memory_mb = 48
+[app.restart]
+policy = "on-failure"
+'''
+# Forks for as long as it lives; every child sleeps; a refused fork is tried again.
+BOMB = f'''[app]
+name = "bomb"
+replicas = 1
+command = ["{sys.executable}", "-c", "import os, time\\nwhile True:\\n    try:\\n        if os.fork() == 0:\\n            time.sleep(120)\\n            os._exit(0)\\n    except OSError:\\n        time.sleep(0.01)"]
+[app.resources]
+pids = 32
+'''
+
+
+@pytest.fixture
+def root_only():
+    if os.geteuid() != 0:
+        pytest.skip("cgroups need root here")
+
+
+def test_a_memory_hog_and_a_fork_bomb_are_contained_and_the_daemon_serves_on(make_site, root_only):
+    site = make_site()
+    site.start(1)
+    node = site.nodes[0]
+    [row] = node.call("nodes")
+    assert set(row["enforces"]) == {"cpu", "memory", "pids"} and row["cgroup"] in ("v1", "v2"), row
+    node.call("deploy", spec_toml=HOG, wait=False)
+    node.call("deploy", spec_toml=BOMB, wait=False)
+
+    def hog_killed():
+        rows = [a for a in node.call("allocs", app="hog") if "oom-killed" in (a.get("reason") or "")]
+        return rows and rows[0]["restarts"] >= 1 and rows
+    [hog] = wait_for(hog_killed, 40, interval=0.2, what="the hog oom-killed and restarted")
+    assert "memory limit 48 MiB" in hog["reason"]
+    events = [e["message"] for e in node.call("events")]
+    assert any("oom-killed" in m for m in events), events[-10:]
+    oom_kills = [s.value for f in text_string_to_metric_families(node.call("metrics")) for s in f.samples
+                 if s.name == "meshd_workload_oom_kills_total"]
+    assert oom_kills and oom_kills[0] >= 1
+
+    bomb = wait_for(lambda: [a for a in node.call("allocs", app="bomb") if a["state"] == "running"], 20,
+                    what="the bomb running")[0]
+    time.sleep(2.0)  # it forks as fast as it can meanwhile
+    held = [p for p in os.listdir("/proc") if p.isdigit() and _alloc_of(p) == bomb["alloc_id"]]
+    assert 0 < len(held) <= 32
+    # the daemon, beside both, serves on
+    assert node.call("status")["role"] == "leader" and node.alive
+    node.call("stop", app="bomb")
+    wait_for(lambda: not [p for p in os.listdir("/proc") if p.isdigit() and _alloc_of(p) == bomb["alloc_id"]], 20,
+             what="every process of the bomb gone")
+
+
+def _alloc_of(pid: str) -> str | None:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            for item in f.read().split(b"\0"):
+                if item.startswith(b"MESHD_ALLOC_ID="):
+                    return item.split(b"=", 1)[1].decode()
+    except OSError:
+        return None
+    return None
