@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 
 import psutil
 import pytest
@@ -81,29 +80,12 @@ def test_oom_kill_counters_of_both_versions():
 
 # --- this machine's real cgroups ------------------------------------------------------------
 
-@pytest.fixture
-def real():
-    if os.geteuid() != 0:
-        pytest.skip("cgroups need root here")
-    found = cgroups.Cgroups.found(f"test-{uuid.uuid4().hex[:8]}")
-    found.open()
-    if found.enforceable != frozenset(cgroups.CONTROLLERS):
-        pytest.skip(f"this machine cannot enforce every limit: {found.problem}")
-    yield found
-    found.sweep()
-    for _, directory in found.hierarchy.dirs:
-        try:
-            os.rmdir(found.base(directory))
-        except OSError:
-            pass
-
-
 def run_in(group, *command, **kwargs):
     return subprocess.Popen(list(command), preexec_fn=lambda: cgroups.join(group.join_paths), **kwargs)
 
 
-def test_a_memory_hog_is_killed_and_counted(real):
-    group = real.make("hog", ResourceRequest(memory_mb=32))
+def test_a_memory_hog_is_killed_and_counted(real_cgroups):
+    group = real_cgroups.make("hog", ResourceRequest(memory_mb=32))
     proc = run_in(group, sys.executable, "-c", "x = bytearray(256 * 1024 * 1024); print('survived')",
                   stdout=subprocess.PIPE)
     out, _ = proc.communicate(timeout=60)
@@ -112,8 +94,8 @@ def test_a_memory_hog_is_killed_and_counted(real):
     assert group.remove()
 
 
-def test_a_fork_bomb_is_held_by_its_process_limit(real):
-    group = real.make("bomb", ResourceRequest(pids=16))
+def test_a_fork_bomb_is_held_by_its_process_limit(real_cgroups):
+    group = real_cgroups.make("bomb", ResourceRequest(pids=16))
     proc = run_in(group, "sh", "-c", "for i in $(seq 200); do sleep 30 & done; wait", stderr=subprocess.PIPE)
     time.sleep(1.0)
     assert len(group.pids()) <= 16
@@ -124,8 +106,8 @@ def test_a_fork_bomb_is_held_by_its_process_limit(real):
     assert group.remove()
 
 
-def test_a_cpu_hog_is_held_near_its_quota(real):
-    group = real.make("spin", ResourceRequest(cpu=0.2))
+def test_a_cpu_hog_is_held_near_its_quota(real_cgroups):
+    group = real_cgroups.make("spin", ResourceRequest(cpu=0.2))
     proc = run_in(group, sys.executable, "-c", "import time\nend = time.time() + 4\nwhile time.time() < end: pass")
     watched = psutil.Process(proc.pid)
     time.sleep(0.5)
@@ -137,23 +119,23 @@ def test_a_cpu_hog_is_held_near_its_quota(real):
     assert group.remove()
 
 
-def test_nothing_it_forks_is_outside_its_group_and_leftovers_are_swept(real):
-    group = real.make("escape", ResourceRequest(pids=50))
+def test_nothing_it_forks_is_outside_its_group_and_leftovers_are_swept(real_cgroups):
+    group = real_cgroups.make("escape", ResourceRequest(pids=50))
     # a double fork into a new session: out of the process group, not out of the cgroup
     proc = run_in(group, "sh", "-c", "setsid sh -c 'sleep 60' & sleep 60")
     time.sleep(0.5)
     inside = group.pids()
     assert len(inside) >= 3 and proc.pid in inside
-    assert real.sweep() == 1  # what an earlier run left: killed and removed
+    assert real_cgroups.sweep() == 1  # what an earlier run left: killed and removed
     proc.wait(10)
     time.sleep(0.2)
     assert not group.pids()
-    real.sweep()
+    real_cgroups.sweep()
     assert not any(os.path.isdir(d) for d in group.dirs)
 
 
-def test_limits_a_node_cannot_enforce_refuse_to_make_a_group(real):
-    partial = cgroups.Cgroups(real.hierarchy, real.node_key)
+def test_limits_a_node_cannot_enforce_refuse_to_make_a_group(real_cgroups):
+    partial = cgroups.Cgroups(real_cgroups.hierarchy, real_cgroups.node_key)
     partial.enforceable = frozenset({"cpu"})
     with pytest.raises(cgroups.CgroupError, match="cannot enforce memory"):
         partial.make("x", ResourceRequest(cpu=0.5, memory_mb=64))

@@ -530,30 +530,12 @@ def test_under_policy_never_an_unhealthy_replica_fails_for_good(tmp_path):
 
 # --- limits (meshd.io.cgroups, on this machine's real cgroups) -------------------------------
 
-@pytest.fixture
-def limits():
-    from meshd.io import cgroups
-    if os.geteuid() != 0:
-        pytest.skip("cgroups need root here")
-    found = cgroups.Cgroups.found(f"sup-{os.getpid()}")
-    found.open()
-    if found.enforceable != frozenset(cgroups.CONTROLLERS):
-        pytest.skip(f"this machine cannot enforce every limit: {found.problem}")
-    yield found
-    found.sweep()
-    for _, directory in found.hierarchy.dirs:
-        try:
-            os.rmdir(found.base(directory))
-        except OSError:
-            pass
-
-
 def limited(alloc_id, script, policy="never", **limits):
     from meshd.state import ResourceRequest
     return dataclasses.replace(alloc(alloc_id, script, policy=policy), limits=ResourceRequest(**limits))
 
 
-def test_a_memory_kill_is_reported_as_oom_killed_and_restarted_as_such(tmp_path, limits):
+def test_a_memory_kill_is_reported_as_oom_killed_and_restarted_as_such(tmp_path, real_cgroups):
     hog = f"exec {sys.executable} -c 'x = bytearray(256 * 1024 * 1024)'"
 
     async def scenario(sup, changes):
@@ -566,25 +548,25 @@ def test_a_memory_kill_is_reported_as_oom_killed_and_restarted_as_such(tmp_path,
         final = await wait_for(sup, "a2", lambda r: r.state == "failed")
         assert (final.exit_code, final.reason) == (-signal.SIGKILL, "oom-killed (memory limit 32 MiB)")
 
-    run_supervisor(tmp_path, scenario, limits=limits)
+    run_supervisor(tmp_path, scenario, limits=real_cgroups)
     events = [e["meshd"] for e in lifecycle((tmp_path / "allocs" / "a2" / "output.log").read_text())]
     assert "oom-killed" in events
 
 
-def test_what_escaped_its_session_is_stopped_with_it_and_its_group_removed(tmp_path, limits):
+def test_what_escaped_its_session_is_stopped_with_it_and_its_group_removed(tmp_path, real_cgroups):
     async def scenario(sup, changes):
         sup.set_desired([limited("a1", "setsid sh -c 'sleep 60' & exec sleep 60", pids=20)])
         await wait_for(sup, "a1", running)
         await trio.sleep(0.3)
-        group_dir = limits.hierarchy.dir_of("pids")
-        pids = [int(p) for p in open(os.path.join(limits.base(group_dir), "a1", "cgroup.procs")).read().split()]
+        group_dir = real_cgroups.hierarchy.dir_of("pids")
+        pids = [int(p) for p in open(os.path.join(real_cgroups.base(group_dir), "a1", "cgroup.procs")).read().split()]
         assert len(pids) >= 2  # the workload and what left its session
         sup.set_desired([])
         await wait_for(sup, "a1", lambda r: r.state == "stopped")
         await wait_until(lambda: not any(alive(p) for p in pids))
-        assert not os.path.exists(os.path.join(limits.base(group_dir), "a1"))
+        assert not os.path.exists(os.path.join(real_cgroups.base(group_dir), "a1"))
 
-    run_supervisor(tmp_path, scenario, limits=limits)
+    run_supervisor(tmp_path, scenario, limits=real_cgroups)
 
 
 def test_limits_without_cgroups_fail_the_start_and_never_run_unconfined(tmp_path):
