@@ -198,6 +198,8 @@ def resources_from_wire(raw: Any) -> NodeResources:
         mem_free_mb=read_int(raw, "mem_free_mb", 0, 2**40),
         enforces=_controllers(raw.get("enforces", [])),
         cgroup=read_int(raw, "cgroup", 0, 2) if "cgroup" in raw else 0,
+        reserved_cpu=read_num(raw, "reserved_cpu", 0, 4096) if "reserved_cpu" in raw else 0.0,
+        reserved_mem_mb=read_int(raw, "reserved_mem_mb", 0, 2**40) if "reserved_mem_mb" in raw else 0,
     )
 
 

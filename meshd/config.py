@@ -58,6 +58,13 @@ DEFAULT_LEASE = 1.0  # seconds without a heartbeat answer before a node is marke
 # one dies.
 DEFAULT_RAFT_MIN_TIMEOUT = 0.7  # seconds
 DEFAULT_RAFT_MAX_TIMEOUT = 1.2  # seconds
+# What a node keeps out of placement for meshd itself, so workloads cannot starve it: an idle
+# daemon uses ~1 % of a core and ~65 MB resident (tests/bench/one_site.py), with bursts at
+# joins, compactions and snapshot loads; a Raspberry Pi with 1 GB keeps 128 MiB of it.
+DEFAULT_RESERVE_CPU = 0.1  # cores
+DEFAULT_RESERVE_MEMORY_MB = 128
+MAX_RESERVE_CPU = 1024.0  # as a spec's cpu (meshd.spec.MAX_CPU)
+MAX_RESERVE_MEMORY_MB = 2**40
 # Workload logs: rotated per allocation so a chatty workload cannot fill an edge device.
 DEFAULT_LOG_MAX_BYTES = 1024 * 1024  # one log file before rotation
 DEFAULT_LOG_KEEP = 3  # rotated files kept per allocation
@@ -148,6 +155,8 @@ class NodeConfig:
     raft_max_timeout: float = DEFAULT_RAFT_MAX_TIMEOUT
     log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
     log_keep: int = DEFAULT_LOG_KEEP
+    reserve_cpu: float = DEFAULT_RESERVE_CPU  # cores kept out of placement for meshd itself
+    reserve_memory_mb: int = DEFAULT_RESERVE_MEMORY_MB  # MiB kept out of placement for meshd itself
     reattest_interval: float = DEFAULT_REATTEST_INTERVAL
     sync_interval: float = DEFAULT_SYNC_INTERVAL
     stopped_app_retention: float = DEFAULT_STOPPED_APP_RETENTION
@@ -416,7 +425,7 @@ def _validate(cfg: NodeConfig) -> None:
         try:
             split_endpoint(cfg.metrics)
         except ValueError as exc:
-            raise ConfigError("metrics", f"{exc} or {METRICS_OFF}") from None
+            raise ConfigError("metrics", f"{exc} (or {METRICS_OFF})") from None
     if cfg.advertise is not None:
         set_field("advertise", _check_advertise(cfg.advertise))
     if cfg.admin_socket is None:
@@ -448,6 +457,8 @@ def _validate(cfg: NodeConfig) -> None:
     _check_seconds(cfg, "raft_max_timeout", MIN_RAFT_TIMEOUT, MAX_RAFT_TIMEOUT)
     _check_int(cfg, "log_max_bytes", MIN_LOG_MAX_BYTES, MAX_LOG_MAX_BYTES)
     _check_int(cfg, "log_keep", 0, MAX_LOG_KEEP)
+    _check_number(cfg, "reserve_cpu", 0.0, MAX_RESERVE_CPU, "cores")
+    _check_int(cfg, "reserve_memory_mb", 0, MAX_RESERVE_MEMORY_MB)
     _check_seconds(cfg, "reattest_interval", MIN_REATTEST_INTERVAL, MAX_REATTEST_INTERVAL)
     _check_seconds(cfg, "sync_interval", MIN_SYNC_INTERVAL, MAX_SYNC_INTERVAL)
     _check_seconds(cfg, "stopped_app_retention", 0.0, MAX_STOPPED_APP_RETENTION)
@@ -575,6 +586,16 @@ def _check_seconds(cfg: NodeConfig, name: str, low: float, high: float) -> None:
         raise ConfigError(
             option_name(name), f"must be a number of seconds from {low:g} to {high:g}, got {show_value(value)}"
         )
+    object.__setattr__(cfg, name, float(value))
+
+
+def _check_number(cfg: NodeConfig, name: str, low: float, high: float, unit: str) -> None:
+    value = getattr(cfg, name)
+    is_number = isinstance(value, int) and not isinstance(value, bool)
+    is_number = is_number or (isinstance(value, float) and math.isfinite(value))
+    if not is_number or not low <= value <= high:
+        raise ConfigError(option_name(name), f"must be a number of {unit} from {low:g} to {high:g}, "
+                                             f"got {show_value(value)}")
     object.__setattr__(cfg, name, float(value))
 
 

@@ -13,6 +13,8 @@ Invariants:
   marker naming how many, before the events that follow them.
 - `since` (seconds since the epoch) keeps only events newer than it, in the backlog and
   after, so a stream resumed with the last `ts` it printed repeats nothing.
+- A Filter (kinds, app, node) only leaves events out: what passes comes in the same order,
+  and a `skipped` marker always passes.
 - Every replicated event a client gets carries its `seq`; a stream resumed with
   `after_seq` (the last `seq` it printed) gets exactly the replicated events numbered after
   it, or a `skipped` marker for those the capped history no longer holds. A number the site
@@ -32,6 +34,41 @@ from meshd.state import Event, events_after
 
 # Events a follower without `since` gets from before it started: a screenful of context.
 BACKLOG = 50
+# Kinds a filter may name at once (`--kind`, repeatable): more than there are kinds.
+MAX_FILTER_KINDS = 16
+# A name in a filter is an app or node name: at most as long as those may be (meshd.spec).
+MAX_FILTER_NAME = 64
+
+
+@dataclass(frozen=True)
+class Filter:
+    """Which events a client wants: of these kinds (any when empty), about this app, about
+    this node (an event names the node it is about, or the node that wrote it). A `skipped`
+    marker always passes: a filtered stream still says that events were dropped."""
+
+    kinds: frozenset[str] = frozenset()
+    app: str | None = None
+    node: str | None = None
+
+    def matches(self, event: dict) -> bool:
+        if event.get("kind") == "skipped":
+            return True
+        return ((not self.kinds or event.get("kind") in self.kinds)
+                and (self.app is None or event.get("app") == self.app)
+                and (self.node is None or event.get("node") == self.node))
+
+
+def check_filter(kinds: object, app: object, node: object) -> Filter:
+    """A Filter from a client's arguments; SinceError (its reason) for anything malformed."""
+    if kinds is None:
+        kinds = []
+    if not (isinstance(kinds, list) and len(kinds) <= MAX_FILTER_KINDS
+            and all(isinstance(k, str) and 0 < len(k) <= MAX_FILTER_NAME for k in kinds)):
+        raise SinceError(f"--kind must name event kinds (at most {MAX_FILTER_KINDS})")
+    for name, value in (("--app", app), ("--node", node)):
+        if value is not None and not (isinstance(value, str) and 0 < len(value) <= MAX_FILTER_NAME):
+            raise SinceError(f"{name} must be a name of at most {MAX_FILTER_NAME} characters")
+    return Filter(frozenset(kinds), app, node)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

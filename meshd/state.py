@@ -210,6 +210,22 @@ class NodeResources:
     # with which cgroup version (0: none); an app whose limits it cannot is not placed there.
     enforces: tuple[str, ...] = ()
     cgroup: int = 0
+    # What it keeps for meshd itself (config reserve-cpu, reserve-memory-mb): never placed on.
+    reserved_cpu: float = 0.0
+    reserved_mem_mb: int = 0
+
+    @property
+    def placeable_cpu(self) -> float:
+        return max(0.0, self.cpu_total - self.reserved_cpu)
+
+    @property
+    def placeable_mem_mb(self) -> int:
+        return max(0, self.mem_total_mb - self.reserved_mem_mb)
+
+    @property
+    def placeable_free_mb(self) -> int:
+        """Memory available now, less the reserve."""
+        return max(0, self.mem_free_mb - self.reserved_mem_mb)
 
 
 @dataclass(frozen=True)

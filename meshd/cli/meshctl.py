@@ -324,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--after-seq", metavar="SEQ", type=_non_negative_int,
                      help="only the site's events numbered after SEQ (the `seq` --json prints), with a "
                           "`skipped` line for any no longer kept: resumes a stream exactly")
+    sub.add_argument("--kind", action="append", metavar="KIND", dest="kinds",
+                     help="only events of this kind (repeatable): alloc, app, placement, node, membership, "
+                          "attestation, deployment, sync, token, ...")
+    sub.add_argument("--app", metavar="APP", help="only events about app APP")
+    sub.add_argument("--node", metavar="NODE", help="only events about node NODE, or written by it")
 
     command("audit", "who did what, where, when", _build_audit, _show_audit)
     return parser
@@ -476,6 +481,9 @@ def _build_events(opts: argparse.Namespace) -> Request:
     args = {"follow": opts.follow, "since": opts.since}
     if opts.after_seq is not None:
         args["after_seq"] = opts.after_seq
+    for key, value in (("kinds", opts.kinds), ("app", opts.app), ("node", opts.node)):
+        if value is not None:
+            args[key] = value
     return Request("events", args,
                    timeout=None if opts.follow else ONE_SHOT_TIMEOUT_S, follow=opts.follow)
 

@@ -24,6 +24,8 @@ TUNING_OPTIONS = (
     ("--raft-max-timeout", float, "Raft election timeout, upper bound (s)"),
     ("--log-max-bytes", int, "rotate a workload's log at this size"),
     ("--log-keep", int, "rotated log files kept per workload"),
+    ("--reserve-cpu", float, "cores kept out of placement for meshd itself (default 0.1)"),
+    ("--reserve-memory-mb", int, "MiB kept out of placement for meshd itself (default 128)"),
     ("--reattest-interval", float, "seconds between re-attestations of every member"),
     ("--sync-interval", float, "seconds between state-vector exchanges of a cross-site sync session"),
     ("--stopped-app-retention", float, "seconds a stopped app stays in the site's state before it is forgotten"),

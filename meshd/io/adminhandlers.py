@@ -490,6 +490,8 @@ class AdminHandlers:
         state = self._state()
         try:
             after_seq = eventfeed.check_after_seq(request.args.get("after_seq"), state.event_seq)
+            wanted = eventfeed.check_filter(request.args.get("kinds"), request.args.get("app"),
+                                            request.args.get("node"))
         except eventfeed.SinceError as e:
             raise AdminError(str(e)) from None
         if after_seq is not None:
@@ -497,12 +499,13 @@ class AdminHandlers:
             # capped history dropped), then on as any stream (meshd.eventfeed).
             cursor = eventfeed.Cursor(after_seq, self.ctx.local_event_count, since)
             items, cursor = eventfeed.step(cursor, state.events, state.event_seq, (), 0, time.time())
+            items = [e for e in items if wanted.matches(e)]
             if not follow_:
                 return items
             for event in items:
                 await stream.send(event)
         else:
-            history = self._merged_events(state.events, list(self.ctx.local_events))
+            history = [e for e in self._merged_events(state.events, list(self.ctx.local_events)) if wanted.matches(e)]
             if not follow_:
                 return [e for e in history if e["ts"] > since] if since is not None else history
             # Followed by sequence numbers, not by position (meshd.eventfeed).
@@ -515,7 +518,8 @@ class AdminHandlers:
             items, cursor = eventfeed.step(cursor, state.events, state.event_seq, self.ctx.local_events,
                                            self.ctx.local_event_count, time.time())
             for event in items:
-                await stream.send(event)
+                if wanted.matches(event):
+                    await stream.send(event)
 
     def _merged_events(self, replicated: list, local: list[dict]) -> list[dict]:
         d = self.ctx

@@ -129,13 +129,18 @@ def _count_usage(node_id: str, state: SiteState, reserved: Reserved, app: str) -
 
 
 def free_cpu(node: NodeRecord, usage: NodeUsage) -> float:
-    return node.resources.cpu_total - usage.cpu
+    """Cores not reserved by allocations, nor kept for meshd itself (NodeResources.reserved_cpu)."""
+    return node.resources.placeable_cpu - usage.cpu
 
 
 def free_mem_mb(node: NodeRecord, usage: NodeUsage) -> int:
-    by_reservation = node.resources.mem_total_mb - usage.mem_mb
-    by_measure = node.resources.mem_free_mb - usage.planned_mem_mb
+    by_reservation = node.resources.placeable_mem_mb - usage.mem_mb
+    by_measure = node.resources.placeable_free_mb - usage.planned_mem_mb
     return min(by_reservation, by_measure)
+
+
+def _kept(amount: float, unit: str) -> str:
+    return f", {amount:g}{unit} kept for meshd" if amount else ""
 
 
 # --- checkers ------------------------------------------------------------------------
@@ -197,7 +202,7 @@ def check_cpu(node: NodeRecord, spec: AppSpec, state: SiteState, reserved: Reser
     if request <= free + CPU_EPSILON:
         return None
     return (f"needs {request:g} cpu, {max(free, 0.0):g} free of {node.resources.cpu_total:g}"
-            f" reserved {usage.cpu:g}")
+            f" reserved {usage.cpu:g}{_kept(node.resources.reserved_cpu, '')}")
 
 
 def check_memory(node: NodeRecord, spec: AppSpec, state: SiteState, reserved: Reserved) -> str | None:
@@ -205,15 +210,16 @@ def check_memory(node: NodeRecord, spec: AppSpec, state: SiteState, reserved: Re
     if request <= 0:
         return None
     usage = node_usage(node.node_id, state, reserved, spec.name)
-    by_reservation = node.resources.mem_total_mb - usage.mem_mb
-    by_measure = node.resources.mem_free_mb - usage.planned_mem_mb
+    by_reservation = node.resources.placeable_mem_mb - usage.mem_mb
+    by_measure = node.resources.placeable_free_mb - usage.planned_mem_mb
     if request <= min(by_reservation, by_measure):
         return None
+    kept = _kept(node.resources.reserved_mem_mb, " MB")
     if by_reservation <= by_measure:
         return (f"needs {request} MB memory, {max(by_reservation, 0)} free of {node.resources.mem_total_mb}"
-                f" reserved {usage.mem_mb}")
+                f" reserved {usage.mem_mb}{kept}")
     planned = f", {usage.planned_mem_mb} MB of it taken by this plan" if usage.planned_mem_mb else ""
-    return f"needs {request} MB memory, node measures {node.resources.mem_free_mb} MB free{planned}"
+    return f"needs {request} MB memory, node measures {node.resources.mem_free_mb} MB free{planned}{kept}"
 
 
 # Fixed order: cheap, stable facts first, so the reason shown is the most basic one.

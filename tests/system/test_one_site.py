@@ -83,6 +83,14 @@ def test_sigkill_of_a_non_leader_moves_its_allocations(three):
     assert [e["seq"] for e in resumed] == [e["seq"] for e in numbered if e["seq"] > middle]
     with pytest.raises(AdminError, match="no event numbered"):
         leader.call("events", follow=False, after_seq=numbered[-1]["seq"] + 1000)
+    # filters: the kinds, app and node asked for, nothing else
+    about_victim = leader.call("events", follow=False, kinds=["node"], node=victim.name)
+    assert about_victim and all(e["kind"] == "node" and e["node"] == victim.name for e in about_victim)
+    assert any("down" in e["message"] for e in about_victim)
+    placed = leader.call("events", follow=False, kinds=["placement"], app="web")
+    assert placed and all(e["kind"] == "placement" and e["app"] == "web" for e in placed)
+    with pytest.raises(AdminError, match="--kind"):
+        leader.call("events", follow=False, kinds="node")
 
 
 def test_sigkill_of_the_leader_elects_a_new_one_and_deploys_still_work(three):

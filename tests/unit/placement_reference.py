@@ -36,9 +36,10 @@ def feasible(node: NodeRecord, spec: AppSpec, state: SiteState, reserved: Reserv
     if any(node.labels.get(k) != v for k, v in spec.constraints.labels.items()):
         return False
     cpu, mem, _, _ = usage(node, state, reserved, spec.name)
-    if spec.resources.cpu > 0 and spec.resources.cpu > node.resources.cpu_total - cpu + CPU_EPSILON:
+    if spec.resources.cpu > 0 and spec.resources.cpu > node.resources.placeable_cpu - cpu + CPU_EPSILON:
         return False
-    free_mem = min(node.resources.mem_total_mb - mem, node.resources.mem_free_mb - reserved.mem_mb(node.node_id))
+    free_mem = min(node.resources.placeable_mem_mb - mem,
+                   node.resources.placeable_free_mb - reserved.mem_mb(node.node_id))
     return spec.resources.memory_mb <= 0 or spec.resources.memory_mb <= free_mem
 
 
@@ -55,8 +56,8 @@ def make_plan(state: SiteState, spec: AppSpec, version: int, replicas: Iterable[
         for node in nodes:
             if feasible(node, spec, state, reserved):
                 cpu, mem, allocs, app_allocs = usage(node, state, reserved, spec.name)
-                free_mem = min(node.resources.mem_total_mb - mem,
-                               node.resources.mem_free_mb - reserved.mem_mb(node.node_id))
+                free_mem = min(node.resources.placeable_mem_mb - mem,
+                               node.resources.placeable_free_mb - reserved.mem_mb(node.node_id))
                 candidates.append(Candidate(node.node_id, app_allocs, allocs, free_mem))
         if not candidates:
             unplaced.append(replica)

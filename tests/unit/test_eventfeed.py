@@ -76,3 +76,33 @@ def test_a_resume_number_that_is_not_one_or_not_reached_is_refused(bad, why):
     with pytest.raises(eventfeed.SinceError, match=why):
         eventfeed.check_after_seq(bad, 3000)
     assert eventfeed.check_after_seq(None, 3000) is None and eventfeed.check_after_seq(3000, 3000) == 3000
+
+
+def test_a_filter_keeps_the_kinds_app_and_node_asked_for_and_every_skipped_marker():
+    events = [{"kind": "alloc", "app": "web", "node": "n1", "message": "a"},
+              {"kind": "alloc", "app": "db", "node": "n2", "message": "b"},
+              {"kind": "node", "node": "n1", "message": "c"},
+              {"kind": "membership", "message": "d"},
+              {"kind": "skipped", "count": 3, "message": "3 events dropped"}]
+
+    def kept(**wanted):
+        chosen = eventfeed.check_filter(wanted.get("kinds"), wanted.get("app"), wanted.get("node"))
+        return [e["message"] for e in events if chosen.matches(e)]
+    assert kept() == ["a", "b", "c", "d", "3 events dropped"]
+    assert kept(kinds=["alloc"]) == ["a", "b", "3 events dropped"]
+    assert kept(kinds=["alloc", "node"], node="n1") == ["a", "c", "3 events dropped"]
+    assert kept(app="web") == ["a", "3 events dropped"]
+    assert kept(app="nothing") == ["3 events dropped"]
+
+
+@pytest.mark.parametrize("kinds,app,node,said", [
+    ("alloc", None, None, "--kind"),
+    ([1], None, None, "--kind"),
+    (["x"] * 17, None, None, "--kind"),
+    (None, 3, None, "--app"),
+    (None, None, "n" * 65, "--node"),
+    (None, "", None, "--app"),
+])
+def test_a_malformed_filter_is_refused_with_the_option_named(kinds, app, node, said):
+    with pytest.raises(eventfeed.SinceError, match=said):
+        eventfeed.check_filter(kinds, app, node)

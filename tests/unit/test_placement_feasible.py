@@ -292,3 +292,17 @@ def test_an_app_is_placed_only_where_its_limits_are_enforced(enforces, spec, rea
     assert check_node(node, spec, state, Reserved()) == reason
     if reason:
         assert failing_check(node, spec, state, Reserved())[0] == "limits"
+
+
+def test_what_a_node_keeps_for_meshd_is_never_placed_on():
+    node = dataclasses.replace(make_node("n1", cpu=2.0, mem=1024), resources=dataclasses.replace(
+        make_node("n1", cpu=2.0, mem=1024).resources, reserved_cpu=0.5, reserved_mem_mb=128))
+    fits = make_spec(cpu=1.5, mem=896)
+    state = make_state([node], [fits])
+    assert check_node(node, fits, state, Reserved()) is None
+    cpu = make_spec(cpu=1.6)
+    assert check_node(node, cpu, make_state([node], [cpu]), Reserved()) == \
+        "needs 1.6 cpu, 1.5 free of 2 reserved 0, 0.5 kept for meshd"
+    mem = make_spec(mem=900)
+    assert check_node(node, mem, make_state([node], [mem]), Reserved()) == \
+        "needs 900 MB memory, 896 free of 1024 reserved 0, 128 MB kept for meshd"

@@ -161,7 +161,9 @@ class WorkerService:
             self._resources = {"cpu_total": float(cores), "cpu_free": round(cores * (1 - busy), 2),
                                "mem_total_mb": mem.total // 2**20, "mem_free_mb": mem.available // 2**20,
                                "enforces": sorted(limits.enforceable) if limits is not None else [],
-                               "cgroup": limits.hierarchy.version if limits is not None and limits.enforceable else 0}
+                               "cgroup": limits.hierarchy.version if limits is not None and limits.enforceable else 0,
+                               "reserved_cpu": self.ctx.config.reserve_cpu,
+                               "reserved_mem_mb": self.ctx.config.reserve_memory_mb}
             self._resources_at = now
         return self._resources
 
