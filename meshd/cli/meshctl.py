@@ -18,6 +18,7 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -34,6 +35,10 @@ ONE_SHOT_TIMEOUT_S = 60.0
 # this much longer so that report, not a bare client timeout, is what the operator sees.
 WAIT_GRACE_S = 10.0
 
+# `top --watch` refreshes this often: the CPU figures are measured between two readings,
+# which the node takes no closer than meshd.usage.MIN_INTERVAL.
+WATCH_PERIOD = 2.0
+CLEAR_SCREEN = "\x1b[H\x1b[2J"  # cursor home, clear: a refreshed table in place
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
@@ -263,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--app", metavar="A", help="only allocations of app A")
     sub.add_argument("--node", metavar="N", help="only allocations on node N")
 
+    sub = command("top", "what this site's workloads use now: CPU, memory against their limits, restarts",
+                  _build_top, _show_top)
+    sub.add_argument("--watch", "-w", action="store_true",
+                     help=f"refresh every {WATCH_PERIOD:g} s until Ctrl-C (with --json: one document a line)")
+
     sub = command("stop", "remove an app", _build_stop, _show_object)
     sub.add_argument("app", metavar="APP")
 
@@ -351,6 +361,16 @@ def _build_sites(opts: argparse.Namespace) -> Request:
 
 def _build_document(opts: argparse.Namespace) -> Request:
     return Request("document", {"since": opts.since, "brief": opts.brief, "compact": opts.compact})
+
+
+def _build_top(opts: argparse.Namespace) -> Request:
+    return Request("top", {})
+
+
+def _show_top(result: Any, opts: argparse.Namespace) -> str:
+    if isinstance(result, list):
+        return render.table(result, render.TOP_COLUMNS)
+    return _generic(result)
 
 
 def _build_metrics(opts: argparse.Namespace) -> Request:
@@ -666,19 +686,29 @@ def main(argv: list[str] | None = None) -> int:
     out = Output(json_mode=opts.json or opts.json_after)
     try:
         request: Request = opts.build(opts)
-        collected: list[str] = []
-        result = admin_call_sync(
-            socket_path(opts),
-            request.cmd,
-            request.args,
-            on_stream=_stream_handler(request.cmd, out, request.follow, collected),
-            timeout=request.timeout,
-        )
-        out.end_progress()
-        _emit_result(opts, request, result, out, collected)
-        failure = _failure(request, result)
-        if failure is not None:
-            return _error(failure)
+        watching = bool(getattr(opts, "watch", False))
+        while True:
+            collected: list[str] = []
+            result = admin_call_sync(
+                socket_path(opts),
+                request.cmd,
+                request.args,
+                on_stream=_stream_handler(request.cmd, out, request.follow, collected),
+                timeout=request.timeout,
+            )
+            out.end_progress()
+            if watching and out.json_mode:
+                out.json_line(result)
+            else:
+                if watching and sys.stdout.isatty():
+                    out.write(CLEAR_SCREEN)
+                _emit_result(opts, request, result, out, collected)
+            failure = _failure(request, result)
+            if failure is not None:
+                return _error(failure)
+            if not watching:
+                break
+            time.sleep(WATCH_PERIOD)
     except (AdminError, AdminUnavailable) as exc:
         out.end_progress()
         return _error(exc.message)

@@ -160,6 +160,19 @@ APP_COLUMNS: list[Column] = [
     ("CONFLICTS", "conflicts"),
 ]
 
+TOP_COLUMNS: list[Column] = [
+    ("NODE", "node"),
+    ("ALLOC", lambda r: r.get("alloc_id") or "-"),
+    ("APP", "app"),
+    ("STATE", lambda r: r.get("state") or (f"not answering: {r['unreachable']}" if r.get("unreachable") else None)),
+    ("CPU %", "cpu_percent"),
+    ("CPU LIMIT", "cpu_limit"),
+    ("MEMORY", with_unit("memory_mb", "MiB")),
+    ("LIMIT", with_unit("memory_limit_mb", "MiB")),
+    ("PIDS LIMIT", "pids_limit"),
+    ("RESTARTS", "restarts"),
+]
+
 ALLOC_COLUMNS: list[Column] = [
     ("ALLOC", "alloc_id"),
     ("APP", "app"),

@@ -75,6 +75,11 @@ RECOVERING = ("this member is rebuilding the site's state from its leader (its o
 REPLAYING = "this member is still replaying its Raft journal (it has just started); ask again in a moment"
 # How often `--wait` / `--follow` look at the state for news when nothing woke them.
 POLL_PERIOD = 0.1
+# `top` asks every member at once; one slower than this is shown as not answering (a member
+# on the LAN answers in milliseconds; a `top --watch` refreshes every 2 s).
+TOP_TIMEOUT = 2.0
+# Rows taken from one member's `top` answer: more allocations than a node runs.
+MAX_TOP_ROWS = 10_000
 
 
 def _actor(request: AdminRequest, ctx: NodeContext) -> str:
@@ -228,7 +233,7 @@ class AdminHandlers:
             "policy_require_tpm": self.policy_require_tpm,
             "deployments": self.deployments, "history": self.history, "rollback": self.rollback,
             "promote": self.promote, "pause": self.pause, "resume": self.resume, "cancel": self.cancel,
-            "pin": self.pin, "unpin": self.unpin, "metrics": self.metrics,
+            "pin": self.pin, "unpin": self.unpin, "metrics": self.metrics, "top": self.top,
         }
 
     async def __call__(self, request: AdminRequest, stream) -> Any:
@@ -392,6 +397,38 @@ class AdminHandlers:
                          "local": False, "connected": site in connected,
                          "addresses": list(summary.addresses) if summary else []})
         return rows
+
+    async def top(self, request: AdminRequest, stream) -> list:
+        """What the site's workloads use now, node by node: this node's from its supervisor,
+        the others' asked over the peer port at once (a member that does not answer within
+        TOP_TIMEOUT is one row saying so)."""
+        d = self.ctx
+        state = self._state()
+        own = d.identity.node_id if d.identity else ""
+        rows: list[dict] = []
+
+        async def ask(node) -> None:
+            try:
+                with trio.fail_after(TOP_TIMEOUT):
+                    answer = await d.call_member(node, {"call": "top"}, timeout=TOP_TIMEOUT)
+                found = answer.get("rows") if isinstance(answer, dict) else None
+                if not isinstance(found, list):
+                    raise peer.PeerError("not a list of rows")
+                rows.extend({**row, "node": node.name} for row in found[:MAX_TOP_ROWS] if isinstance(row, dict))
+            except (OSError, peer.PeerError, trio.TooSlowError) as e:
+                rows.append({"node": node.name, "alloc_id": None, "unreachable": str(e) or type(e).__name__})
+
+        async with trio.open_nursery() as nursery:
+            for node in state.nodes.values():
+                if node.node_id == own or node.admin in (ADMIN_LEFT, ADMIN_REVOKED) or node.site != state.site:
+                    continue
+                if node.state in ("down", "joining"):
+                    rows.append({"node": node.name, "alloc_id": None, "unreachable": f"node is {node.state}"})
+                    continue
+                nursery.start_soon(ask, node)
+            if d.supervisor is not None:
+                rows.extend({**row, "node": d.config.name} for row in d.supervisor.usage())
+        return sorted(rows, key=lambda r: (r["node"], r.get("app") or "", r.get("alloc_id") or ""))
 
     async def metrics(self, request: AdminRequest, stream) -> str:
         """This daemon's Prometheus exposition (meshd.io.metrics), as the endpoint serves it."""

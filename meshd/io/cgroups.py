@@ -39,6 +39,8 @@ from meshd.state import ResourceRequest
 log = logging.getLogger("meshd.daemon")
 
 CONTROLLERS = ("cpu", "memory", "pids")  # what `[app.resources]` limits
+# v1 counts CPU time in its own controller (v2: every group's cpu.stat): used, never limited.
+CPU_ACCOUNTING = "cpuacct"
 CGROUP_ROOT = "/sys/fs/cgroup"
 # The CFS period the CPU quota is a share of: the kernel's default, 100 ms.
 CPU_PERIOD_US = 100_000
@@ -57,7 +59,8 @@ class Hierarchy:
 
     @property
     def controllers(self) -> frozenset[str]:
-        return frozenset(c for c, _ in self.dirs)
+        """The limiting controllers it has (not the CPU accounting of v1)."""
+        return frozenset(c for c, _ in self.dirs if c in CONTROLLERS)
 
     def dir_of(self, controller: str) -> str:
         return dict(self.dirs)[controller]
@@ -88,7 +91,7 @@ def detect(mounts: str, own: str, v2_controllers: dict[str, str]) -> Hierarchy:
         if kind == "cgroup2":
             v2_mount = where
         elif kind == "cgroup":
-            for controller in CONTROLLERS:
+            for controller in CONTROLLERS + (CPU_ACCOUNTING,):
                 if controller in options and controller in own_paths and controller not in v1:
                     v1[controller] = _join(where, own_paths[controller])
     if v2_mount is not None and "" in own_paths:
@@ -96,8 +99,8 @@ def detect(mounts: str, own: str, v2_controllers: dict[str, str]) -> Hierarchy:
         if usable:
             base = _join(v2_mount, own_paths[""])
             return Hierarchy(2, tuple((c, base) for c in CONTROLLERS if c in usable))
-    if v1:
-        return Hierarchy(1, tuple((c, v1[c]) for c in CONTROLLERS if c in v1))
+    if any(c in v1 for c in CONTROLLERS):
+        return Hierarchy(1, tuple((c, v1[c]) for c in CONTROLLERS + (CPU_ACCOUNTING,) if c in v1))
     return NO_CGROUPS
 
 
@@ -130,6 +133,15 @@ def limit_files(version: int, limits: ResourceRequest, present: frozenset[str] =
     return writes
 
 
+def cpu_stat_usec(text: str) -> int | None:
+    """usage_usec from a v2 cpu.stat."""
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "usage_usec" and value.strip().isdigit():
+            return int(value)
+    return None
+
+
 def oom_kills(version: int, text: str) -> int:
     """The oom_kill count from memory.events (v2) or memory.oom_control (v1)."""
     for line in text.splitlines():
@@ -153,7 +165,8 @@ class Group:
 
     version: int
     dirs: tuple[str, ...]  # distinct directories (v2: one)
-    memory_dir: str | None  # where its oom_kill counter is, when memory is limited there
+    memory_dir: str | None  # where its oom_kill counter and memory use are
+    cpu_dir: str | None = None  # where its CPU time is counted (v2 cpu.stat, v1 cpuacct.usage)
 
     @property
     def join_paths(self) -> tuple[str, ...]:
@@ -167,6 +180,27 @@ class Group:
             return oom_kills(self.version, Path(self.memory_dir, OOM_FILE[self.version]).read_text())
         except OSError:
             return 0
+
+    def cpu_usec(self) -> int | None:
+        """CPU time its processes used, all of them, the exited ones too (microseconds)."""
+        if self.cpu_dir is None:
+            return None
+        try:
+            if self.version == 2:
+                return cpu_stat_usec(Path(self.cpu_dir, "cpu.stat").read_text())
+            return int(Path(self.cpu_dir, "cpuacct.usage").read_text()) // 1000  # nanoseconds
+        except (OSError, ValueError):
+            return None
+
+    def memory_bytes(self) -> int | None:
+        """Memory its processes use now (the kernel's charge: resident and page cache)."""
+        if self.memory_dir is None:
+            return None
+        try:
+            return int(Path(self.memory_dir, "memory.current" if self.version == 2 else "memory.usage_in_bytes")
+                       .read_text())
+        except (OSError, ValueError):
+            return None
 
     def pids(self) -> set[int]:
         found: set[int] = set()
@@ -210,6 +244,7 @@ class Cgroups:
         self.hierarchy = hierarchy
         self.node_key = node_key
         self.enforceable: frozenset[str] = frozenset()  # set by `open`
+        self.accounting: frozenset[str] = frozenset()  # v1's cpuacct, when it could be made
         self.problem = "" if hierarchy.version else "no cgroup controller is mounted"
 
     @classmethod
@@ -245,7 +280,8 @@ class Cgroups:
                             extra={"controller": controller, "reason": self.problem})
                 continue
             able.add(controller)
-        self.enforceable = frozenset(able)
+        self.enforceable = frozenset(able) & frozenset(CONTROLLERS)
+        self.accounting = frozenset(able) - frozenset(CONTROLLERS)
 
     def make(self, alloc_id: str, limits: ResourceRequest) -> Group:
         """The group of one allocation, with its limits written; CgroupError if it cannot be."""
@@ -255,7 +291,9 @@ class Cgroups:
             raise CgroupError(f"this node cannot enforce {', '.join(sorted(missing))} limits "
                               f"({self.problem or 'not offered'})")
         dirs: dict[str, str] = {}
-        for controller in sorted(wanted) or sorted(self.enforceable):  # no limits: still one group to track it
+        # A group in every hierarchy it can have, limited or not: each counts what it uses
+        # (`meshctl top`) and holds every process of it.
+        for controller in sorted(self.enforceable | self.accounting):
             dirs[controller] = os.path.join(self.base(self.hierarchy.dir_of(controller)), alloc_id)
         try:
             for directory in set(dirs.values()):
@@ -267,11 +305,22 @@ class Cgroups:
             group = Group(self.hierarchy.version, tuple(sorted(set(dirs.values()))), None)
             group.remove()
             raise CgroupError(f"cannot limit the workload's cgroup: {e.strerror or e}") from None
-        return Group(self.hierarchy.version, tuple(sorted(set(dirs.values()))), dirs.get("memory"))
+        one = sorted(set(dirs.values()))
+        cpu_dir = (one[0] if one else None) if self.hierarchy.version == 2 else dirs.get(CPU_ACCOUNTING)
+        return Group(self.hierarchy.version, tuple(one), dirs.get("memory"), cpu_dir)
+
+    def close(self) -> None:
+        """Remove this node's subtree where it is empty (the daemon stops; its next start
+        makes it again)."""
+        for _, directory in self.hierarchy.dirs:
+            try:
+                os.rmdir(self.base(directory))
+            except OSError:
+                pass
 
     def sweep(self) -> int:
         """Empty and remove the groups an earlier run of this node left; how many."""
-        swept = 0
+        swept: set[str] = set()
         for _, directory in self.hierarchy.dirs:
             base = Path(self.base(directory))
             if not base.is_dir():
@@ -280,9 +329,9 @@ class Cgroups:
                 if child.is_dir():
                     group = Group(self.hierarchy.version, (str(child),), None)
                     group.kill_all()
-                    swept += 1
+                    swept.add(child.name)
                     group.remove()  # removed now, or when the kill landed (on its next use)
-        return swept
+        return len(swept)
 
 
 def _v2_offered(mount: str, own: str) -> str:

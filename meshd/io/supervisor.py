@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
+import psutil
 import trio
 
 from meshd.io.logfiles import RotatingLog, iso_time
@@ -60,6 +61,7 @@ from meshd.restart import (
 from meshd.health import HealthWatch
 from meshd.io import cgroups
 from meshd.io.healthcheck import run_check
+from meshd.usage import CpuSampler
 from meshd.state import ALLOC_FAILED, ALLOC_PENDING, ALLOC_RUNNING, ALLOC_STOPPED, HEALTH_NONE
 
 # Reports of finished allocations kept after they were final: enough for the daemon to push
@@ -277,6 +279,24 @@ class _WorkloadProcess:
             self._exit_fd = None
 
 
+def _process_tree_usage(pid: int) -> tuple[int | None, int | None]:
+    """(CPU microseconds, resident bytes) of a process and its live descendants."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return None, None
+    usec = memory = 0
+    for proc in procs:
+        try:
+            times, info = proc.cpu_times(), proc.memory_info()
+        except psutil.Error:
+            continue
+        usec += int((times.user + times.system) * 1e6)
+        memory += info.rss
+    return usec, memory
+
+
 def remove_dirs(paths: Iterable[Path]) -> None:
     """Blocking: remove allocation directories (`Supervisor.forget` chose them)."""
     for path in paths:
@@ -313,6 +333,8 @@ class _Slot:
         self.mid_line = False  # the log's last byte is not a newline
         self.backoff_count = 0
         self.group: cgroups.Group | None = None  # its cgroup, once made (kept across restarts)
+        self.group_since = time.monotonic()  # when the CPU time its group (or process) counts began
+        self.final_seen = False  # it reached its final state
 
     @property
     def report(self) -> AllocReport:
@@ -399,6 +421,7 @@ class Supervisor:
         # What happened since this supervisor started, for the metrics (meshd.io.metrics):
         # "starts", "restarts", "oom_kills", "health_passed", "health_failed". Only ever incremented.
         self.counts: collections.Counter[str] = collections.Counter()
+        self._cpu = CpuSampler()  # CPU % between `usage` readings
 
     # --- public API ------------------------------------------------------------------
 
@@ -406,19 +429,23 @@ class Supervisor:
         """Supervise until cancelled; cancelling it stops every workload gracefully."""
         if self._nursery is not None:
             raise RuntimeError("this supervisor is already running")
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            try:
-                kill_leftover_workloads(self.data_dir)
-                if self.limits is not None:
-                    self.limits.sweep()
-                for slot in self._unlaunched:
-                    nursery.start_soon(self._supervise, slot)
-                self._unlaunched.clear()
-                task_status.started()
-                await trio.sleep_forever()
-            finally:
-                self._nursery = None
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                try:
+                    kill_leftover_workloads(self.data_dir)
+                    if self.limits is not None:
+                        self.limits.sweep()
+                    for slot in self._unlaunched:
+                        nursery.start_soon(self._supervise, slot)
+                    self._unlaunched.clear()
+                    task_status.started()
+                    await trio.sleep_forever()
+                finally:
+                    self._nursery = None
+        finally:
+            if self.limits is not None:  # every workload has ended: their groups are gone
+                self.limits.close()  # (what is still busy stays for the next start's sweep)
 
     def set_desired(self, allocs: Iterable[DesiredAlloc]) -> None:
         """Run exactly `allocs` from now on: start new ones, stop ones no longer listed.
@@ -443,6 +470,30 @@ class Supervisor:
 
     def reports(self) -> list[AllocReport]:
         return [slot.report for slot in self._slots.values()]
+
+    def usage(self) -> list[dict]:
+        """What each live allocation uses now (`meshctl top`): from its cgroup's own counters,
+        or, without cgroups, from its live processes (the time of exited ones is not seen)."""
+        now = time.monotonic()
+        rows = []
+        for slot in self._slots.values():
+            report = slot.report
+            if report.state not in (ALLOC_RUNNING, ALLOC_PENDING) or slot.final_seen:
+                continue
+            usec, memory = None, None
+            if slot.group is not None:
+                usec, memory = slot.group.cpu_usec(), slot.group.memory_bytes()
+            elif report.pid is not None:
+                usec, memory = _process_tree_usage(report.pid)
+            limits = slot.spec.limits
+            rows.append({"alloc_id": slot.spec.alloc_id, "app": slot.spec.app, "state": report.state,
+                         "pid": report.pid, "restarts": report.restarts,
+                         "cpu_percent": self._cpu.percent(slot.spec.alloc_id, usec, now, slot.group_since),
+                         "cpu_limit": limits.cpu or None,
+                         "memory_mb": round(memory / 2**20, 1) if memory is not None else None,
+                         "memory_limit_mb": limits.memory_mb or None, "pids_limit": limits.pids or None})
+        self._cpu.forget_older_than(now)
+        return rows
 
     def plain_reports(self) -> list[dict]:
         """The reports as plain dicts (what meshd.reporting takes)."""
@@ -529,6 +580,7 @@ class Supervisor:
             self.on_change()
 
     def _finish(self, slot: _Slot, state: str, exit_code: int | None, reason: str) -> None:
+        slot.final_seen = True
         self._lifecycle(slot, state, f"{state}: {reason}", exit_code=exit_code)
         if slot.group is not None:
             slot.group.kill_all()
@@ -692,6 +744,7 @@ class Supervisor:
                     raise cgroups.CgroupError("this node enforces no limits (no cgroups)")
                 return None
             slot.group = self.limits.make(slot.spec.alloc_id, slot.spec.limits)
+            slot.group_since = time.monotonic()
         return slot.group
 
     async def _wait_exit_or_interrupt(self, slot: _Slot, proc: _WorkloadProcess, watch: HealthWatch) -> str | None:

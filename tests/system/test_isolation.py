@@ -82,3 +82,43 @@ def _alloc_of(pid: str) -> str | None:
     except OSError:
         return None
     return None
+
+
+SPIN = f'''[app]
+name = "spin"
+replicas = 2
+command = ["{sys.executable}", "-c", "x = bytearray(24 * 1024 * 1024)\\nwhile True: pass"]
+[app.resources]
+cpu = 0.2
+memory_mb = 64
+'''
+
+
+def test_top_shows_what_every_nodes_workloads_use_against_their_limits(make_site, root_only):
+    import json
+    import subprocess
+
+    site = make_site()
+    site.start(2)
+    first, second = site.nodes
+    first.call("deploy", spec_toml=SPIN, wait=True, timeout=30)
+    assert {a["node"] for a in first.call("allocs", app="spin")} == {first.name, second.name}  # spread
+    time.sleep(3.0)
+    first.call("top")  # a first reading: the next is measured between the two
+    time.sleep(2.0)
+    shown = subprocess.run([sys.executable, "-m", "meshd.cli.meshctl", "--socket", first.socket, "--json", "top"],
+                           capture_output=True, text=True, timeout=30)
+    assert shown.returncode == 0, shown.stderr
+    rows = [r for r in json.loads(shown.stdout) if r.get("app") == "spin"]
+    assert {r["node"] for r in rows} == {first.name, second.name}  # the other node asked over the peer port
+    for row in rows:
+        assert 10 <= row["cpu_percent"] <= 30, row  # held near its 0.2-core quota (20 %)
+        assert 20 <= row["memory_mb"] <= 64 and row["memory_limit_mb"] == 64 and row["cpu_limit"] == 0.2, row
+        assert row["restarts"] == 0 and row["state"] == "running"
+    table = subprocess.run([sys.executable, "-m", "meshd.cli.meshctl", "--socket", first.socket, "top"],
+                           capture_output=True, text=True, timeout=30).stdout
+    assert table.splitlines()[0].split()[:3] == ["NODE", "ALLOC", "APP"] and "spin" in table
+    second.kill()
+    rows = wait_for(lambda: [r for r in first.call("top") if r["node"] == second.name and r.get("unreachable")], 20,
+                    what="the dead node shown as not answering")
+    assert rows

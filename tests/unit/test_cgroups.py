@@ -31,8 +31,8 @@ V2_OWN = "0::/system.slice/meshd.service\n"
 
 def test_v1_controllers_are_used_each_in_the_daemons_own_group():
     found = cgroups.detect(V1_MOUNTS, V1_OWN, {"/sys/fs/cgroup/unified": "hugetlb\n"})
-    assert found.version == 1
-    assert dict(found.dirs) == {"cpu": "/sys/fs/cgroup/cpu,cpuacct",
+    assert found.version == 1 and found.controllers == {"cpu", "memory", "pids"}
+    assert dict(found.dirs) == {"cpu": "/sys/fs/cgroup/cpu,cpuacct", "cpuacct": "/sys/fs/cgroup/cpu,cpuacct",
                                 "memory": "/sys/fs/cgroup/memory/system.slice/meshd.service",
                                 "pids": "/sys/fs/cgroup/pids/system.slice/meshd.service"}
 
@@ -139,3 +139,22 @@ def test_limits_a_node_cannot_enforce_refuse_to_make_a_group(real_cgroups):
     partial.enforceable = frozenset({"cpu"})
     with pytest.raises(cgroups.CgroupError, match="cannot enforce memory"):
         partial.make("x", ResourceRequest(cpu=0.5, memory_mb=64))
+
+
+def test_what_a_group_used_is_read_from_its_own_counters(real_cgroups):
+    group = real_cgroups.make("used", ResourceRequest())  # no limits: counted all the same
+    proc = run_in(group, sys.executable, "-c",
+                  "import time\nx = bytearray(40 * 1024 * 1024)\nend = time.time() + 0.6\nwhile time.time() < end: pass\n"
+                  "time.sleep(5)")
+    time.sleep(1.0)
+    assert group.memory_bytes() >= 40 * 1024 * 1024
+    assert group.cpu_usec() >= 400_000  # most of the 0.6 s it spun
+    proc.kill()
+    proc.wait()
+    time.sleep(0.2)
+    assert group.remove()
+
+
+def test_v2_cpu_time_comes_from_cpu_stat():
+    assert cgroups.cpu_stat_usec("usage_usec 123456\nuser_usec 100000\nsystem_usec 23456\n") == 123456
+    assert cgroups.cpu_stat_usec("nr_periods 0\n") is None

@@ -298,6 +298,8 @@ class PeerService:
             except (ValueError, OSError, ssl.SSLError) as e:
                 raise peer.PeerError(f"certificate not installed: {e}") from None
             return {"installed": True}
+        if call.get("call") == "top":  # what this node's workloads use (meshctl top)
+            return {"rows": self.ctx.supervisor.usage() if self.ctx.supervisor is not None else []}
         if call.get("call") == "logs":
             return await serve_local_logs(self.ctx, str(call.get("alloc", "")), bool(call.get("follow")),
                                           call.get("tail"), send_stream, lines=call.get("lines"))
