@@ -6,7 +6,9 @@ Each allocation gets a task that loops: start the command, copy its output into
 
 Invariants:
 - Every workload runs in its own session and process group (`start_new_session=True`) with
-  stdin on /dev/null and stdout+stderr on one pipe, so the log keeps their order as written.
+  stdin on /dev/null and stdout+stderr on one pipe, so the log keeps their order as written,
+  in its allocation's directory, with a clean environment (`workload_env`): nothing of the
+  daemon's own reaches it.
 - Stopping a workload means: SIGTERM to its whole process group (and to descendants that
   left the group while the workload was still alive), then SIGKILL to all of them once
   `stop_timeout` has passed. The same happens to processes a workload leaves behind when
@@ -109,17 +111,20 @@ def alloc_id_problem(alloc_id: str) -> str | None:
     return f"invalid allocation id {alloc_id!r}: use 1-128 of A-Z a-z 0-9 . _ - (not starting with . _ -)"
 
 
-# What systemd tells the daemon about its own service (meshd.io.sdnotify): a workload is not
-# the service, and must not report readiness or feed the watchdog for it.
-SERVICE_MANAGER_ENV = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"})
+
+# What a workload's environment holds besides its spec's `env` and the MESHD_* ids: the search
+# path systemd gives a service, a UTF-8 locale, and its own directory as HOME. Nothing of the
+# daemon's environment (its secrets, its service manager's sockets) reaches it.
+WORKLOAD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+WORKLOAD_LANG = "C.UTF-8"
 
 
-def workload_env(spec: DesiredAlloc, base: Mapping[str, str]) -> dict[str, str]:
-    """`base` (the daemon's environment) minus MESHD_* and the service manager's variables,
-    plus the app's env, plus ids (the allocation, the app, the site)."""
-    env = {key: value for key, value in base.items()
-           if not key.startswith("MESHD_") and key not in SERVICE_MANAGER_ENV}
-    env.update(spec.env)
+def workload_env(spec: DesiredAlloc, home: Path | str) -> dict[str, str]:
+    """A clean environment: PATH, LANG and HOME (its allocation directory), then the app's
+    env (which may set those three), then the ids (the allocation, the app, the site), which
+    nothing overrides."""
+    env = {"PATH": WORKLOAD_PATH, "LANG": WORKLOAD_LANG, "HOME": str(home)}
+    env.update({key: value for key, value in spec.env.items() if not key.startswith("MESHD_")})
     env["MESHD_ALLOC_ID"] = spec.alloc_id
     env["MESHD_APP"] = spec.app
     if spec.site:
@@ -700,7 +705,7 @@ class Supervisor:
             return _Exit(exit_code=None, uptime=0.0, cause=cause)
         ooms_before = group.oom_kills() if group is not None else 0
         try:
-            proc = _WorkloadProcess(list(spec.command), workload_env(spec, os.environ),
+            proc = _WorkloadProcess(list(spec.command), workload_env(spec, self.log_path(spec.alloc_id).parent),
                                     self.log_path(spec.alloc_id).parent,
                                     join=group.join_paths if group is not None else ())
         except (OSError, ValueError, subprocess.SubprocessError) as exc:  # ValueError: e.g. a NUL byte in an argument
@@ -758,7 +763,8 @@ class Supervisor:
                 nursery.cancel_scope.cancel()
 
             async def check_health() -> None:
-                where, env = self.log_path(slot.spec.alloc_id).parent, workload_env(slot.spec, os.environ)
+                where = self.log_path(slot.spec.alloc_id).parent
+                env = workload_env(slot.spec, where)
                 while watch.probes:
                     await trio.sleep(watch.due(trio.current_time()))
                     passed, reason = await run_check(watch.check, where, env)

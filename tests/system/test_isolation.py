@@ -41,10 +41,28 @@ def root_only():
         pytest.skip("cgroups need root here")
 
 
+ENV = '''[app]
+name = "env"
+replicas = 1
+command = ["sh", "-c", "env; exec sleep 600"]
+env = { MODE = "edge" }
+'''
+
+
 def test_a_memory_hog_and_a_fork_bomb_are_contained_and_the_daemon_serves_on(make_site, root_only):
+    from meshd.io.supervisor import WORKLOAD_PATH
+
     site = make_site()
-    site.start(1)
-    node = site.nodes[0]
+    node = site.add_node()
+    node.env = {"DAEMON_ONLY_SECRET": "s3cret"}  # in the daemon's environment, never a workload's
+    node.start()
+    site.wait_ready(node, 30)
+    node.call("deploy", spec_toml=ENV, wait=True, timeout=30)
+    [shown] = node.call("allocs", app="env")
+    said = wait_for(lambda: (lambda text: text if "MODE=edge" in text else None)(
+        node.call("logs", alloc=shown["alloc_id"], lines=100)["data"]), 10, what="the workload's env printed")
+    assert "s3cret" not in said and f"PATH={WORKLOAD_PATH}" in said
+    assert f"HOME={node.data_dir / 'allocs' / shown['alloc_id']}" in said and f"MESHD_ALLOC_ID={shown['alloc_id']}" in said
     [row] = node.call("nodes")
     assert set(row["enforces"]) == {"cpu", "memory", "pids"} and row["cgroup"] in ("v1", "v2"), row
     node.call("deploy", spec_toml=HOG, wait=False)

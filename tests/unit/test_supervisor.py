@@ -23,6 +23,7 @@ from meshd.io.supervisor import (
     REASON_NOT_STARTED,
     REASON_REMOVED,
     REASON_SHUTDOWN,
+    WORKLOAD_PATH,
     DesiredAlloc,
     Supervisor,
     output_stamped,
@@ -162,11 +163,14 @@ printf ' whole\\n'"""
     assert output_stamped(b"a\nb", mid_line=True, now=0.0).startswith(b"a\n")  # mid-line: no stamp first
 
 
-def test_workload_env_drops_meshd_and_service_manager_variables():
-    env = workload_env(alloc("a1", "true", env={"MODE": "x", "MESHD_APP": "spoof"}, app="web"),
-                       {"PATH": "/bin", "MESHD_SOCKET": "/s", "MODE": "daemon", "NOTIFY_SOCKET": "/run/n",
-                        "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"})
-    assert env == {"PATH": "/bin", "MODE": "x", "MESHD_ALLOC_ID": "a1", "MESHD_APP": "web"}
+def test_a_workload_gets_a_clean_environment_not_the_daemons(monkeypatch):
+    monkeypatch.setenv("MESHD_SOCKET", "/s")
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/n")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "daemon-only")
+    env = workload_env(alloc("a1", "true", env={"MODE": "x", "MESHD_APP": "spoof", "LANG": "de_DE.UTF-8"}, app="web"),
+                       "/var/lib/meshd/allocs/a1")
+    assert env == {"PATH": WORKLOAD_PATH, "LANG": "de_DE.UTF-8", "HOME": "/var/lib/meshd/allocs/a1", "MODE": "x",
+                   "MESHD_ALLOC_ID": "a1", "MESHD_APP": "web"}
 
 
 def test_output_is_captured_in_order_and_rotated(tmp_path):
