@@ -200,7 +200,24 @@ def resources_from_wire(raw: Any) -> NodeResources:
         cgroup=read_int(raw, "cgroup", 0, 2) if "cgroup" in raw else 0,
         reserved_cpu=read_num(raw, "reserved_cpu", 0, 4096) if "reserved_cpu" in raw else 0.0,
         reserved_mem_mb=read_int(raw, "reserved_mem_mb", 0, 2**40) if "reserved_mem_mb" in raw else 0,
+        devices=_device_counts(raw.get("devices", {})),
     )
+
+
+MAX_DEVICE_KINDS = 32  # kinds one node reports; more is not a device list
+MAX_DEVICES_OF_A_KIND = 1024
+
+
+def _device_counts(raw: Any) -> tuple[tuple[str, int], ...]:
+    if isinstance(raw, (list, tuple)):  # (kind, count) pairs, as a NodeResources holds them
+        try:
+            raw = dict(raw)
+        except (TypeError, ValueError):
+            raise Invalid("resources.devices must map kinds to counts") from None
+    if not (isinstance(raw, dict) and len(raw) <= MAX_DEVICE_KINDS
+            and all(isinstance(k, str) and 0 < len(k) <= 32 for k in raw)):
+        raise Invalid("resources.devices must map kinds to counts")
+    return tuple(sorted((kind, read_int(raw, kind, 0, MAX_DEVICES_OF_A_KIND)) for kind in raw))
 
 
 LIMIT_CONTROLLERS = ("cpu", "memory", "pids")  # what `[app.resources]` limits (meshd.io.cgroups)

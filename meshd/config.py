@@ -144,6 +144,9 @@ class NodeConfig:
     advertise: str | None = None  # None: the daemon picks the first non-loopback address
     admin_socket: str | None = None  # None: <data_dir>/admin.sock (always a str once built)
     labels: Mapping[str, str] = field(default_factory=dict)
+    # Devices beside those found at start (meshd.io.devices): kind -> their paths, e.g.
+    # {"coral": ("/dev/apex_0",)}; `--device coral=/dev/apex_0` (repeatable) or a [devices] table.
+    devices: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     join: str | None = None  # join token; None: found a new mesh unless bootstrap says join (or resume)
     bootstrap: str = DEFAULT_BOOTSTRAP  # auto | found | join: what a node with no membership does
     peers: tuple[str, ...] = ()  # static peers "ip:port"
@@ -203,6 +206,7 @@ _ALIASES: dict[str, tuple[str, bool]] = {
     "label": ("labels", False),
     "peer": ("peers", False),
     "no_mdns": ("mdns", True),
+    "device": ("devices", False),
 }
 _CLI_IGNORED = frozenset({"config"})  # the caller reads the file and passes its text
 
@@ -274,7 +278,7 @@ def resolve_config(
     if "name" not in values:
         values["name"], sources["name"] = _name_from_hostname(hostname), "the hostname"
 
-    for name in ("labels", "peers"):
+    for name in ("labels", "peers", "devices"):
         if name in values:
             try:
                 values[name] = _LIST_CONVERTERS[name](values[name])
@@ -342,7 +346,8 @@ def _cli_not_given(key: str, value: Any) -> bool:
         return True
     if key.replace("-", "_") == "no_mdns" and value is False:  # a store_true flag left off
         return True
-    if key.replace("-", "_") in ("label", "labels", "peer", "peers") and isinstance(value, (list, tuple, dict)):
+    if key.replace("-", "_") in ("label", "labels", "peer", "peers", "device", "devices") \
+            and isinstance(value, (list, tuple, dict)):
         return len(value) == 0  # argparse `append` with an empty default
     return False
 
@@ -383,7 +388,29 @@ def _peers_from(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-_LIST_CONVERTERS = {"labels": _labels_from, "peers": _peers_from}
+def _devices_from(value: Any) -> dict[str, tuple[str, ...]]:
+    """Devices as a table {kind = ["/dev/x", ...]} or a list of "kind=path" strings."""
+    if isinstance(value, Mapping):
+        out: dict[str, tuple[str, ...]] = {}
+        for kind, paths in value.items():
+            if isinstance(paths, str):
+                paths = [paths]
+            if not (isinstance(paths, (list, tuple)) and all(isinstance(p, str) for p in paths)):
+                raise ConfigError("device", f"{kind}: must be a list of device paths, got {show_value(paths)}")
+            out[str(kind)] = tuple(paths)
+        return out
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError("device", f'must be a list of "kind=path" strings or a table, got {show_value(value)}')
+    grouped: dict[str, list[str]] = {}
+    for item in value:
+        if not isinstance(item, str) or "=" not in item:
+            raise ConfigError("device", f'must be "kind=path", got {show_value(item)}')
+        kind, _, path = item.partition("=")
+        grouped.setdefault(kind, []).append(path)
+    return {kind: tuple(paths) for kind, paths in grouped.items()}
+
+
+_LIST_CONVERTERS = {"labels": _labels_from, "peers": _peers_from, "devices": _devices_from}
 
 
 def _name_from_hostname(hostname: str) -> str:
@@ -448,6 +475,7 @@ def _validate(cfg: NodeConfig) -> None:
         raise ConfigError("bootstrap", 'is "found" (found a new mesh), but a join token is given (join): '
                                        'drop join, or set bootstrap to "join"')
     set_field("peers", _check_peers(cfg.peers))
+    set_field("devices", _check_devices(cfg.devices))
     if not isinstance(cfg.mdns, bool):
         raise ConfigError("mdns", f"must be true or false, got {show_value(cfg.mdns)}")
 
@@ -516,6 +544,32 @@ def _check_advertise(value: Any) -> str:
     if address.is_unspecified or address.is_multicast:
         raise ConfigError("advertise", f"must be an address peers can reach, got {show_value(value)}")
     return value
+
+
+DEVICE_KIND_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")  # as a spec names it (meshd.spec)
+MAX_DEVICE_KINDS = 32
+MAX_DEVICES_OF_A_KIND = 64  # as many as a spec may ask for (meshd.spec.MAX_DEVICES)
+
+
+def _check_devices(value: Any) -> dict[str, tuple[str, ...]]:
+    if not isinstance(value, Mapping):
+        raise ConfigError("device", f"must be a table of kind = [paths], got {show_value(value)}")
+    if len(value) > MAX_DEVICE_KINDS:
+        raise ConfigError("device", f"at most {MAX_DEVICE_KINDS} kinds, got {len(value)}")
+    out: dict[str, tuple[str, ...]] = {}
+    for kind, paths in value.items():
+        if not isinstance(kind, str) or not DEVICE_KIND_RE.fullmatch(kind):
+            raise ConfigError("device", f"a kind is 1-32 of a-z 0-9 _ - starting with a letter, got {show_value(kind)}")
+        paths = tuple(paths) if isinstance(paths, (list, tuple)) else paths
+        if not (isinstance(paths, tuple) and 0 < len(paths) <= MAX_DEVICES_OF_A_KIND
+                and all(isinstance(p, str) and p.startswith("/dev/") and "\0" not in p and len(p) <= MAX_PATH_BYTES
+                        for p in paths)):
+            raise ConfigError("device", f"{kind}: must be 1 to {MAX_DEVICES_OF_A_KIND} paths under /dev/, "
+                                        f"got {show_value(paths)}")
+        if len(set(paths)) != len(paths):
+            raise ConfigError("device", f"{kind}: a path is given twice")
+        out[kind] = paths
+    return out
 
 
 def _check_labels(value: Any) -> dict[str, str]:

@@ -63,6 +63,9 @@ MAX_MEMORY_MB = 2**40  # 1 EiB in MiB: exact in a float (pycrdt returns ints as 
 MIN_CPU = 0.01  # cores: the kernel's smallest CPU quota, 1 ms of each 100 ms period
 MIN_MEMORY_MB = 4  # MiB: below this not even a shell gets to exec
 MAX_PIDS = 4_194_304  # the kernel's largest pid_max (2**22): any count above is no limit
+# Devices: a kind is a short name (gpu, render, coral, ...); no edge box has more of one kind.
+DEVICE_KIND_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+MAX_DEVICES = 64
 
 # Architectures as `uname -m` reports them on the devices meshd targets.
 KNOWN_ARCHES = ("x86_64", "aarch64", "armv7l", "armv6l", "riscv64", "i686", "ppc64le", "s390x")
@@ -71,7 +74,7 @@ _TOP_KEYS = ("app",)
 _APP_KEYS = ("name", "replicas", "command", "sites", "env", "constraints", "resources", "restart", "health", "update",
              "rollout")
 _CONSTRAINT_KEYS = ("arch", "labels")
-_RESOURCE_KEYS = ("cpu", "memory_mb", "pids")
+_RESOURCE_KEYS = ("cpu", "memory_mb", "pids", "devices")
 _RESTART_KEYS = ("policy",)
 _HEALTH_KEYS = ("kind", "port", "path", "command", "interval_s", "timeout_s", "failures", "grace_s")
 # What each kind of check needs (and may have) beside the timing keys.
@@ -192,6 +195,8 @@ def spec_to_dict(spec: AppSpec) -> dict[str, Any]:
         resources["memory_mb"] = spec.resources.memory_mb
     if spec.resources.pids:
         resources["pids"] = spec.resources.pids
+    if spec.resources.devices:
+        resources["devices"] = dict(spec.resources.devices)
     if resources:
         app["resources"] = resources
     app["restart"] = {"policy": spec.restart_policy}
@@ -205,8 +210,12 @@ def spec_to_dict(spec: AppSpec) -> dict[str, Any]:
                 health[key] = getattr(check, key)
         app["health"] = health
     if spec.update != UpdatePolicy():
+        def implied(key: str) -> object:  # what the parser takes when the key is left out
+            if key == "progress_deadline_s":
+                return max(UpdatePolicy().progress_deadline_s, spec.update.healthy_deadline_s)
+            return getattr(UpdatePolicy(), key)
         app["update"] = {key: getattr(spec.update, key) for key in _UPDATE_KEYS
-                         if getattr(spec.update, key) != getattr(UpdatePolicy(), key)}
+                         if getattr(spec.update, key) != implied(key)}
     if spec.rollout is not None:
         waves = []
         for wave in spec.rollout.waves:
@@ -442,7 +451,18 @@ def _resources(value: object) -> ResourceRequest:
                 f"got {show_value(raw)}",
             )
         pids = int(raw)  # type: ignore[arg-type]
-    return ResourceRequest(cpu=cpu, memory_mb=memory_mb, pids=pids)
+    devices: list[tuple[str, int]] = []
+    if "devices" in table:
+        wanted = _table(table["devices"], "app.resources.devices")
+        for kind in sorted(wanted):
+            key = f"app.resources.devices.{kind}"
+            if not isinstance(kind, str) or not DEVICE_KIND_RE.fullmatch(kind):
+                raise SpecError(key, "a device kind is 1-32 of a-z 0-9 _ - starting with a letter (gpu, coral, ...)")
+            count = wanted[kind]
+            if not _is_int(count) or not 1 <= count <= MAX_DEVICES:  # type: ignore[operator]
+                raise SpecError(key, f"must be a number of devices from 1 to {MAX_DEVICES}, got {show_value(count)}")
+            devices.append((kind, int(count)))  # type: ignore[arg-type]
+    return ResourceRequest(cpu=cpu, memory_mb=memory_mb, pids=pids, devices=tuple(devices))
 
 
 def _restart(value: object) -> str:

@@ -106,6 +106,9 @@ class ResourceRequest:
     cpu: float = 0.0  # cores: a CPU quota
     memory_mb: int = 0  # a hard memory limit
     pids: int = 0  # a process limit
+    # Devices it needs of each kind (`devices = { gpu = 1 }`), sorted by kind: placed only where
+    # that many are free, each handed to one workload at a time (meshd.io.devices).
+    devices: tuple[tuple[str, int], ...] = ()
 
     @property
     def controllers(self) -> frozenset[str]:
@@ -213,6 +216,8 @@ class NodeResources:
     # What it keeps for meshd itself (config reserve-cpu, reserve-memory-mb): never placed on.
     reserved_cpu: float = 0.0
     reserved_mem_mb: int = 0
+    # Devices it has, by kind, sorted: found at start (NVIDIA GPUs, render nodes) or configured.
+    devices: tuple[tuple[str, int], ...] = ()
 
     @property
     def placeable_cpu(self) -> float:

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--advertise", help="IP announced to peers")
     run.add_argument("--admin-socket", help="path of the local admin socket")
     run.add_argument("--label", action="append", help="k=v node label (repeatable)")
+    run.add_argument("--device", action="append", metavar="KIND=PATH",
+                     help="a device workloads may ask for, e.g. coral=/dev/apex_0 (repeatable; NVIDIA GPUs and "
+                          "/dev/dri render nodes are found on their own)")
     run.add_argument("--join", help="join token from `meshctl token create`")
     run.add_argument("--bootstrap", choices=["auto", "found", "join"],
                      help="with no membership yet: found a new mesh, join one (--join TOKEN needed), "

@@ -351,6 +351,7 @@ class AdminHandlers:
             role = "leader" if node.raft_address == leader else ("follower" if node.voter else "nonvoter")
             plain.update(role=role, cpu_free=node.resources.cpu_free, mem_free_mb=node.resources.mem_free_mb,
                          enforces=list(node.resources.enforces),  # limits it enforces, with cgroup v1/v2
+                         devices=dict(node.resources.devices),
                          cgroup=f"v{node.resources.cgroup}" if node.resources.cgroup else None,
                          allocs=sum(1 for a in state.allocs_on(node.node_id) if a.live),
                          evidence=evidence_kind(node),

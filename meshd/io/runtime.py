@@ -29,13 +29,14 @@ import trio
 from meshd import __version__, tokens
 from meshd.config import NodeConfig
 from meshd.exitcodes import EXIT_CONFIG, EXIT_ERROR, EXIT_LOCKED, EXIT_NOPERM, EXIT_PORT_IN_USE, EXIT_REVOKED
-from meshd.io import cgroups
+from meshd.io import cgroups, devices
 from meshd.io.admin import serve_admin
 from meshd.io.adminhandlers import AdminHandlers
 from meshd.io.attester import package_digest, started_digest
 from meshd.io.context import FatalStartupError, NodeContext, advertise_mismatch, local_ips
 from meshd.io.fdlimit import NEEDED, raise_fd_limit
 from meshd.io.logfiles import iso_time
+from meshd.io.devices import DeviceSet
 from meshd.io.identity import (DataDirError, DataDirLocked, Membership, check_certificates, lock_data_dir,
                                load_or_create_identity, load_ports, read_revoked_marker, save_ports)
 from meshd.io.mdns import Discovery
@@ -140,7 +141,13 @@ class Runtime:
             assert ctx.reports_changed is not None
             ctx.supervisor = Supervisor(ctx.data_dir, on_change=ctx.reports_changed.notify,
                                         log_max_bytes=ctx.config.log_max_bytes, log_keep=ctx.config.log_keep,
-                                        limits=self._open_cgroups())
+                                        limits=self._open_cgroups(),
+                                        devices=DeviceSet(devices.found(ctx.config.devices)))
+            found = ctx.supervisor.devices.devices
+            if found:
+                names = devices.nvidia_names() if any(d.kind == "gpu" for d in found) else {}
+                log.info("devices found", extra={"devices": devices.counts(found),
+                                                 **({"gpus": names} if names else {})})
             await nursery.start(ctx.supervisor.run)
             await nursery.start(serve_admin, admin_path, self.admin)
             await self._serve_metrics(nursery)

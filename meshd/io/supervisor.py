@@ -62,6 +62,7 @@ from meshd.restart import (
 )
 from meshd.health import HealthWatch
 from meshd.io import cgroups
+from meshd.io.devices import DeviceError, DeviceSet, device_env
 from meshd.io.healthcheck import run_check
 from meshd.usage import CpuSampler
 from meshd.state import ALLOC_FAILED, ALLOC_PENDING, ALLOC_RUNNING, ALLOC_STOPPED, HEALTH_NONE
@@ -405,10 +406,12 @@ class Supervisor:
         backoff_cap: float = BACKOFF_CAP,
         stable_uptime: float = STABLE_UPTIME,
         limits: cgroups.Cgroups | None = None,
+        devices: DeviceSet | None = None,
     ) -> None:
         """`limits`: this node's cgroup subtree, opened (None: workloads run unconfined, and
         one that asks for limits fails to start)."""
         self.limits = limits
+        self.devices = devices if devices is not None else DeviceSet([])  # which allocation holds which
         self.data_dir = Path(data_dir)
         self.on_change = on_change
         self.log_max_bytes = log_max_bytes
@@ -586,6 +589,7 @@ class Supervisor:
 
     def _finish(self, slot: _Slot, state: str, exit_code: int | None, reason: str) -> None:
         slot.final_seen = True
+        self.devices.release(slot.spec.alloc_id)  # its processes are gone: its devices are free
         self._lifecycle(slot, state, f"{state}: {reason}", exit_code=exit_code)
         if slot.group is not None:
             slot.group.kill_all()
@@ -704,9 +708,16 @@ class Supervisor:
             self._lifecycle(slot, "exec-failed", cause)
             return _Exit(exit_code=None, uptime=0.0, cause=cause)
         ooms_before = group.oom_kills() if group is not None else 0
+        env = workload_env(spec, self.log_path(spec.alloc_id).parent)
+        if spec.limits.devices:
+            try:
+                env.update(device_env(self.devices.take(spec.alloc_id, spec.limits.devices)))
+            except DeviceError as exc:
+                cause = f"cannot start it: {exc}"
+                self._lifecycle(slot, "exec-failed", cause)
+                return _Exit(exit_code=None, uptime=0.0, cause=cause)
         try:
-            proc = _WorkloadProcess(list(spec.command), workload_env(spec, self.log_path(spec.alloc_id).parent),
-                                    self.log_path(spec.alloc_id).parent,
+            proc = _WorkloadProcess(list(spec.command), env, self.log_path(spec.alloc_id).parent,
                                     join=group.join_paths if group is not None else ())
         except (OSError, ValueError, subprocess.SubprocessError) as exc:  # ValueError: e.g. a NUL byte in an argument
             error = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)

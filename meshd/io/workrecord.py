@@ -51,9 +51,12 @@ def _workload(raw: object) -> Workload:
     fields = (raw["alloc_id"], raw["app"], raw["restart_policy"], raw["site"])
     if not all(isinstance(f, str) for f in fields):
         raise ValueError("names")
-    limits = raw.get("limits", {})  # (a record from before limits were enforced has none)
-    if not (isinstance(limits, dict) and all(isinstance(v, (int, float)) and v >= 0 for v in limits.values())):
+    limits = dict(raw.get("limits", {}))  # (a record from before limits were enforced has none)
+    wanted = limits.pop("devices", [])
+    if not (all(isinstance(v, (int, float)) and v >= 0 for v in limits.values())
+            and all(isinstance(k, str) and isinstance(n, int) and n > 0 for k, n in wanted)):
         raise ValueError("limits")
+    limits["devices"] = tuple((k, n) for k, n in wanted)
     return Workload(alloc_id=raw["alloc_id"], app=raw["app"], command=tuple(command), env=env,
                     restart_policy=raw["restart_policy"], health=HealthCheck(**health), site=raw["site"],
                     limits=ResourceRequest(**limits))

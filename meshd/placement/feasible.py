@@ -18,8 +18,8 @@ Invariants:
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from dataclasses import dataclass
-from typing import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
 
 from meshd.state import AppSpec, NodeRecord, ResourceRequest, SiteState
 
@@ -45,6 +45,7 @@ class Reserved:
         self._cpu: dict[str, float] = defaultdict(float)
         self._mem_mb: dict[str, int] = defaultdict(int)
         self._allocs: dict[str, int] = defaultdict(int)
+        self._devices: dict[str, Counter[str]] = defaultdict(Counter)
         self._app_allocs: dict[tuple[str, str], int] = defaultdict(int)
         self.usage: dict[str, dict[str, NodeUsage]] = {}  # node -> app -> usage, see node_usage
 
@@ -54,6 +55,8 @@ class Reserved:
         self._mem_mb[node_id] += request.memory_mb
         self._allocs[node_id] += 1
         self._app_allocs[(node_id, app)] += 1
+        for kind, count in request.devices:
+            self._devices[node_id][kind] += count
 
     def cpu(self, node_id: str) -> float:
         return self._cpu.get(node_id, 0.0)
@@ -63,6 +66,9 @@ class Reserved:
 
     def allocs(self, node_id: str) -> int:
         return self._allocs.get(node_id, 0)
+
+    def devices(self, node_id: str) -> Counter[str]:
+        return self._devices.get(node_id, _NONE_RELEASED)
 
     def app_allocs(self, node_id: str, app: str) -> int:
         return self._app_allocs.get((node_id, app), 0)
@@ -91,6 +97,7 @@ class NodeUsage:
     planned_mem_mb: int  # part of mem_mb placed by the plan in progress (not yet measurable)
     allocs: int  # live allocations, any app
     app_allocs: int  # live allocations of the app being placed
+    devices: Mapping[str, int] = field(default_factory=dict)  # devices held, by kind
 
 
 def node_usage(node_id: str, state: SiteState, reserved: Reserved, app: str = "") -> NodeUsage:
@@ -110,6 +117,7 @@ def _count_usage(node_id: str, state: SiteState, reserved: Reserved, app: str) -
     released = reserved.released_on(node_id, state)
     cpu = 0.0
     mem_mb = 0
+    devices: Counter[str] = Counter(reserved.devices(node_id))
     allocs = state.allocs.live_count(node_id) - sum(released.values())
     for name, count in live.items():
         if released:
@@ -118,6 +126,8 @@ def _count_usage(node_id: str, state: SiteState, reserved: Reserved, app: str) -
         if record is not None and count:  # an alloc of a removed app has no spec left to price it by
             cpu += count * record.spec.resources.cpu
             mem_mb += count * record.spec.resources.memory_mb
+            for kind, wanted in record.spec.resources.devices:
+                devices[kind] += count * wanted
     app_allocs = live.get(app, 0) - released.get(app, 0)
     return NodeUsage(
         cpu=cpu + reserved.cpu(node_id),
@@ -125,6 +135,7 @@ def _count_usage(node_id: str, state: SiteState, reserved: Reserved, app: str) -
         planned_mem_mb=reserved.mem_mb(node_id),
         allocs=allocs + reserved.allocs(node_id),
         app_allocs=app_allocs + reserved.app_allocs(node_id, app),
+        devices=devices,
     )
 
 
@@ -193,6 +204,21 @@ def check_limits(node: NodeRecord, spec: AppSpec, state: SiteState, reserved: Re
     return f"cannot enforce {', '.join(sorted(missing))} limits ({how})"
 
 
+def check_devices(node: NodeRecord, spec: AppSpec, state: SiteState, reserved: Reserved) -> str | None:
+    """Enough devices of each kind it needs free on the node (none shared between workloads)."""
+    if not spec.resources.devices:
+        return None
+    have = dict(node.resources.devices)
+    usage = node_usage(node.node_id, state, reserved, spec.name)
+    for kind, wanted in spec.resources.devices:
+        if kind not in have:
+            return f"no {kind} device on this node"
+        free = have[kind] - usage.devices.get(kind, 0)
+        if wanted > free:
+            return f"needs {wanted} {kind}, {max(free, 0)} free of {have[kind]}"
+    return None
+
+
 def check_cpu(node: NodeRecord, spec: AppSpec, state: SiteState, reserved: Reserved) -> str | None:
     request = spec.resources.cpu
     if request <= 0:
@@ -229,6 +255,7 @@ CHECKERS: tuple[tuple[str, Checker], ...] = (
     ("arch", check_arch),
     ("labels", check_labels),
     ("limits", check_limits),
+    ("devices", check_devices),
     ("cpu", check_cpu),
     ("memory", check_memory),
 )

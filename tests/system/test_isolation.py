@@ -140,3 +140,36 @@ def test_top_shows_what_every_nodes_workloads_use_against_their_limits(make_site
     rows = wait_for(lambda: [r for r in first.call("top") if r["node"] == second.name and r.get("unreachable")], 20,
                     what="the dead node shown as not answering")
     assert rows
+
+
+CORAL = '''[app]
+name = "detector"
+replicas = 2
+command = ["sh", "-c", "echo holds=$MESHD_DEVICE_CORAL; exec sleep 600"]
+[app.resources]
+devices = { coral = 1 }
+'''
+
+
+def test_a_device_configured_on_one_node_attracts_the_app_only_there_and_is_never_shared(make_site):
+    site = make_site()
+    site.start(1)
+    plain = site.nodes[0]
+    accelerated = site.add_node(extra_args=("--device", "coral=/dev/null"))  # a stand-in device node
+    accelerated.start(join=site.token())
+    site.wait_ready(accelerated, 30)
+    rows = {r["name"]: r for r in plain.call("nodes")}
+    assert rows[accelerated.name]["devices"] == {"coral": 1} and not rows[plain.name]["devices"]
+    plan = plain.call("plan", spec_toml=CORAL)
+    assert [p["node"] for p in plan["placements"]] == [accelerated.name], plan  # one device: one replica
+    assert "no coral device on this node" in str(plan["filtered"]) + str(plan["unplaced"]), plan
+    plain.call("deploy", spec_toml=CORAL, wait=False)
+    running = wait_for(lambda: [a for a in plain.call("allocs", app="detector") if a["state"] == "running"], 20,
+                       what="one replica running")
+    assert [a["node"] for a in running] == [accelerated.name]  # only where the device is, one at a time
+    said = wait_for(lambda: (lambda t: t if "holds=" in t else None)(
+        plain.call("logs", alloc=running[0]["alloc_id"], lines=10)["data"]), 10, what="the workload told")
+    assert "holds=/dev/null" in said
+    events = [e["message"] for e in plain.call("events", kinds=["placement"], app="detector")]
+    assert any("cannot place 1 replica" in m and ("needs 1 coral, 0 free of 1" in m or "no coral device" in m)
+               for m in events), events

@@ -148,8 +148,8 @@ def test_default_config_documents_every_option() -> None:
     documented = {m.group(1) for line in text.splitlines() if (m := COMMENTED_OPTION.match(line))}
     documented |= options_set(text)
     missing = {name for name in OPTION_NAMES if name not in documented}
-    # `labels` and `peers` are documented under their repeatable spellings.
-    missing -= {"labels", "peers"} if {"label", "peer"} <= documented else set()
+    # `labels`, `peers` and `devices` are documented under their repeatable spellings.
+    missing -= {"labels", "peers", "devices"} if {"label", "peer", "device"} <= documented else set()
     assert missing == set()
 
 

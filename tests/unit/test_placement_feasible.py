@@ -195,7 +195,7 @@ def test_node_usage_counts_allocs_of_the_app_and_the_plan():
 
 
 def test_checker_order_is_fixed():
-    assert [name for name, _ in CHECKERS] == ["schedulable", "site", "arch", "labels", "limits", "cpu", "memory"]
+    assert [name for name, _ in CHECKERS] == ["schedulable", "site", "arch", "labels", "limits", "devices", "cpu", "memory"]
 
 
 # --- properties ----------------------------------------------------------------------
@@ -306,3 +306,24 @@ def test_what_a_node_keeps_for_meshd_is_never_placed_on():
     mem = make_spec(mem=900)
     assert check_node(node, mem, make_state([node], [mem]), Reserved()) == \
         "needs 900 MB memory, 896 free of 1024 reserved 0, 128 MB kept for meshd"
+
+
+def test_an_app_needing_devices_goes_only_where_enough_are_free():
+    from meshd.state import Alloc
+
+    base = make_node("n1")
+    with_two = dataclasses.replace(base, resources=dataclasses.replace(base.resources, devices=(("gpu", 2),)))
+    plain = make_node("n2")
+    gpu_app = dataclasses.replace(make_spec("vision"), resources=ResourceRequest(devices=(("gpu", 1),)))
+    state = make_state([with_two, plain], [gpu_app])
+    assert check_node(plain, gpu_app, state, Reserved()) == "no gpu device on this node"
+    assert check_node(with_two, gpu_app, state, Reserved()) is None
+    state.allocs = {f"a{i}": Alloc(alloc_id=f"a{i}", app="vision", version=1, replica=i, node_id="n1")
+                    for i in range(2)}  # both held
+    assert check_node(with_two, gpu_app, state, Reserved()) == "needs 1 gpu, 0 free of 2"
+    state.allocs = {"a0": Alloc(alloc_id="a0", app="vision", version=1, replica=0, node_id="n1")}
+    reserved = Reserved()
+    assert check_node(with_two, gpu_app, state, reserved) is None
+    reserved.add("n1", "vision", gpu_app.resources)  # the plan in progress takes the second
+    assert check_node(with_two, gpu_app, state, reserved) == "needs 1 gpu, 0 free of 2"
+    assert failing_check(with_two, gpu_app, state, reserved)[0] == "devices"

@@ -8,14 +8,15 @@ import pytest
 
 from meshd.io import workrecord
 from meshd.node.effects import Workload
-from meshd.state import HealthCheck
+from meshd.state import HealthCheck, ResourceRequest
 
 from tests.smalldisk import fill
 
 WORKLOADS = (
     Workload(alloc_id="a1", app="svc", command=("sleep", "30"), env={"K": "v"}, restart_policy="always", site="lab"),
     Workload(alloc_id="a2", app="web", command=("python3", "-m", "http.server"), env={}, restart_policy="on-failure",
-             health=HealthCheck(kind="http", port=8080, path="/ok", command=("true",), interval_s=2.0), site="lab"),
+             health=HealthCheck(kind="http", port=8080, path="/ok", command=("true",), interval_s=2.0), site="lab",
+             limits=ResourceRequest(cpu=0.5, memory_mb=64, pids=10, devices=(("gpu", 1),))),
 )
 
 

@@ -22,7 +22,7 @@ import trio
 from meshd import commands as cmds
 from meshd.commands import Ok
 from meshd.exitcodes import EXIT_REVOKED
-from meshd.io import workrecord
+from meshd.io import devices, workrecord
 from meshd.io.attester import boot_id, started_digest
 from meshd.io.context import FatalStartupError, NodeContext
 from meshd.io.identity import write_revoked_marker
@@ -158,12 +158,16 @@ class WorkerService:
             busy = psutil.cpu_percent(interval=None) / 100.0
             mem = psutil.virtual_memory()
             limits = self.ctx.supervisor.limits if self.ctx.supervisor is not None else None
+            held = self.ctx.supervisor.devices if self.ctx.supervisor is not None else None
+            if held is not None:
+                held.refresh(devices.found(self.ctx.config.devices))  # plugged in or out since
             self._resources = {"cpu_total": float(cores), "cpu_free": round(cores * (1 - busy), 2),
                                "mem_total_mb": mem.total // 2**20, "mem_free_mb": mem.available // 2**20,
                                "enforces": sorted(limits.enforceable) if limits is not None else [],
                                "cgroup": limits.hierarchy.version if limits is not None and limits.enforceable else 0,
                                "reserved_cpu": self.ctx.config.reserve_cpu,
-                               "reserved_mem_mb": self.ctx.config.reserve_memory_mb}
+                               "reserved_mem_mb": self.ctx.config.reserve_memory_mb,
+                               "devices": devices.counts(held.devices) if held is not None else {}}
             self._resources_at = now
         return self._resources
 
