@@ -138,6 +138,9 @@ NODE_COLUMNS: list[Column] = [
     ("MEM FREE", with_unit("mem_free_mb", "MiB")),
     ("ALLOCS", "allocs"),
     ("EVIDENCE", lambda r: str(r.get("evidence", "")).split(" ")[0]),
+    ("CGROUP", "cgroup"),
+    ("ENFORCES", lambda r: ",".join(r.get("enforces") or ()) or None),
+    ("DEVICES", lambda r: ",".join(f"{k}={v}" for k, v in sorted((r.get("devices") or {}).items())) or None),
     ("LABELS", "labels"),
 ]
 
