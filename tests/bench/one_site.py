@@ -42,7 +42,7 @@ TARGETS = {  # metric -> (target, unit); lower is better for all
 
 # What `pip install meshd` requires at run time; importing them is the floor of any daemon.
 REQUIRED_LIBRARIES = ("trio", "cryptography.hazmat.primitives.asymmetric.ed25519", "cryptography.fernet",
-                      "pysyncobj", "zeroconf", "psutil")
+                      "pysyncobj", "zeroconf", "psutil", "prometheus_client")
 
 IDLE_WINDOW_S = 10.0  # long enough to cover many heartbeat and Raft periods
 POLL_S = 0.02  # status polling interval while timing; small next to the targets

@@ -114,14 +114,29 @@ def test_a_bad_option_or_config_is_refused_before_anything_is_written(tmp_path, 
 def test_a_port_already_in_use_is_a_clear_error_at_start(tmp_path, taken):
     """`--listen IP:PORT` takes PORT and PORT+1 (Raft); either taken: the reason and its own
     status, not a traceback, and no Raft retrying its bind forever."""
-    with socket.socket() as holder:
+    while True:  # a held port whose neighbour below is free (for "raft", the peer port)
+        holder = socket.socket()
         holder.bind(("127.0.0.1", 0))
         held = holder.getsockname()[1]
+        if taken == "peer" or _free(held - 1):
+            break
+        holder.close()
+    with holder:
         holder.listen()
         port = held if taken == "peer" else held - 1
         done = meshd_run(tmp_path / "n", "--site", "s", "--listen", f"127.0.0.1:{port}")
     what = "peer" if taken == "peer" else "Raft"
     refused(done, exitcodes.EXIT_PORT_IN_USE, f"cannot listen on 127.0.0.1:{held} for {what} traffic")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as meshd's own check binds
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 NO_CAPABILITIES = ("setpriv", "--bounding-set=-all", "--inh-caps=-all")
