@@ -331,6 +331,14 @@ class NodeSummary(Record):
     labels: tuple[str, ...] = rule(Field(tuple, 320))  # "key=value", as placement matches them
     evidence: str = rule(Field(str, 32))  # what its admission was based on
     ts: float = rule(_TS)
+    # Its health over the last minute (meshd.fleethealth): CPU busy and memory used as the
+    # 50th and 95th percentiles, % of the node (None: no sample), restarts, OOM kills.
+    cpu_p50: int | None = rule(Field(int, optional=True), default=None, added=True)
+    cpu_p95: int | None = rule(Field(int, optional=True), default=None, added=True)
+    mem_p50: int | None = rule(Field(int, optional=True), default=None, added=True)
+    mem_p95: int | None = rule(Field(int, optional=True), default=None, added=True)
+    restarts: int = rule(Field(int), default=0, added=True)
+    oom_kills: int = rule(Field(int), default=0, added=True)
 
     @property
     def key(self) -> str:

@@ -201,6 +201,7 @@ def resources_from_wire(raw: Any) -> NodeResources:
         reserved_cpu=read_num(raw, "reserved_cpu", 0, 4096) if "reserved_cpu" in raw else 0.0,
         reserved_mem_mb=read_int(raw, "reserved_mem_mb", 0, 2**40) if "reserved_mem_mb" in raw else 0,
         devices=_device_counts(raw.get("devices", {})),
+        oom_kills=read_int(raw, "oom_kills", 0, MAX_INT) if "oom_kills" in raw else 0,
     )
 
 

@@ -48,9 +48,10 @@ from attestation.signed import AttestationError
 from crdt.schema import (AppEdit, AppSiteStatus, NodeSummary, RolloutControl, SchemaError, SignedRecord, SiteSummary,
                          winning_order)
 from crdt.schema import AuditRecord as DocAuditRecord
-from meshd import deployments, sitestate, waves
+from meshd import deployments, fleethealth, sitestate, waves
 from meshd import spec as specmod
 from meshd.commands import MAX_PURGE, Command, PurgeApps, Rollout, StopApp, SubmitApp
+from meshd.fleethealth import Health
 from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, APP_RUNNING, NodeRecord, RolloutPlan, SiteState
 
 if TYPE_CHECKING:
@@ -270,24 +271,46 @@ def evidence_kind(node: NodeRecord) -> str:
     return TPM_EVIDENCE if node.tpm_ak else SOFTWARE_EVIDENCE
 
 
-def node_summaries(state: SiteState, facts: SiteFacts, ts: float) -> list[NodeSummary]:
+def node_summaries(state: SiteState, facts: SiteFacts, ts: float,
+                   health: Callable[[str], Health] | None = None) -> list[NodeSummary]:
     """Every member the site has records of (also left and revoked ones), for other sites'
-    `nodes --site`. Resources are not included: they move all the time, and placement only
-    ever uses the site's own."""
+    `nodes --site`. Resources go as health figures over an interval (`health`, meshd.fleethealth),
+    never as raw samples: they move all the time, and placement only ever uses the site's own."""
     out = []
     for node in sorted(state.nodes.values(), key=lambda n: n.node_id):
         role = "leader" if node.name == facts.leader else ("follower" if node.voter else "nonvoter")
         labels = tuple(f"{k}={v}" for k, v in sorted(node.labels.items()))
+        figures = health(node.node_id) if health is not None else Health()
         out.append(NodeSummary(node_id=node.node_id, name=node.name, site=state.site, state=node.state,
                                address=node.address[:64], arch=node.arch[:32], role=role,
                                allocs=state.allocs.live_count(node.node_id),
-                               labels=labels, evidence=evidence_kind(node), ts=ts))
+                               labels=labels, evidence=evidence_kind(node), ts=ts,
+                               cpu_p50=figures.cpu_p50, cpu_p95=figures.cpu_p95, mem_p50=figures.mem_p50,
+                               mem_p95=figures.mem_p95, restarts=figures.restarts, oom_kills=figures.oom_kills))
     return out
+
+
+HEALTH_FIELDS = ("cpu_p50", "cpu_p95", "mem_p50", "mem_p95", "restarts", "oom_kills")
 
 
 def same_node(a: NodeSummary | None, b: NodeSummary) -> bool:
     """Equal but for the time stamp."""
     return a is not None and a.to_plain() | {"ts": 0.0} == b.to_plain() | {"ts": 0.0}
+
+
+def node_summary_due(published: NodeSummary | None, new: NodeSummary, health_age: float) -> bool:
+    """Whether `new` goes into the document: at once when what it says of the node changed or
+    it has its first health figures, changed figures only once those there are PUBLISH_PERIOD
+    old (`health_age`: seconds since this node's summary was last written)."""
+    if published is None:
+        return True
+    old, now = published.to_plain(), new.to_plain()
+    identity = lambda plain: {k: v for k, v in plain.items() if k != "ts" and k not in HEALTH_FIELDS}  # noqa: E731
+    if identity(old) != identity(now):
+        return True
+    if old.get("cpu_p50") is None and now.get("cpu_p50") is not None:
+        return True  # its first figures: at once
+    return health_age >= fleethealth.PUBLISH_PERIOD and any(old.get(k) != now.get(k) for k in HEALTH_FIELDS)
 
 
 def app_statuses(state: SiteState, ts: float, apps: Iterable[str] | None = None) -> list[AppSiteStatus]:

@@ -40,7 +40,7 @@ def resources_moved(last: Mapping[str, float], current: Mapping[str, float]) -> 
     if not last:
         return bool(current)
     if any(last.get(key) != current.get(key) for key in ("cpu_total", "mem_total_mb", "enforces", "cgroup", "reserved_cpu",
-                                                   "reserved_mem_mb", "devices")):
+                                                   "reserved_mem_mb", "devices", "oom_kills")):
         return True
     mem_step = MEM_STEP_FRACTION * float(current.get("mem_total_mb") or 1)
     return abs(float(current.get("mem_free_mb", 0)) - float(last.get("mem_free_mb", 0))) >= mem_step

@@ -218,6 +218,7 @@ class NodeResources:
     reserved_mem_mb: int = 0
     # Devices it has, by kind, sorted: found at start (NVIDIA GPUs, render nodes) or configured.
     devices: tuple[tuple[str, int], ...] = ()
+    oom_kills: int = 0  # workload runs its memory limits killed since its daemon started
 
     @property
     def placeable_cpu(self) -> float:

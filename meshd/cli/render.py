@@ -138,6 +138,9 @@ NODE_COLUMNS: list[Column] = [
     ("MEM FREE", with_unit("mem_free_mb", "MiB")),
     ("ALLOCS", "allocs"),
     ("EVIDENCE", lambda r: str(r.get("evidence", "")).split(" ")[0]),
+    # another site's members (`--site`): their health over its last minute (meshd.fleethealth)
+    ("CPU P50/95", lambda r: f"{r['cpu_p50']}/{r['cpu_p95']}%" if r.get("cpu_p50") is not None else None),
+    ("MEM P50/95", lambda r: f"{r['mem_p50']}/{r['mem_p95']}%" if r.get("mem_p50") is not None else None),
     ("CGROUP", "cgroup"),
     ("ENFORCES", lambda r: ",".join(r.get("enforces") or ()) or None),
     ("DEVICES", lambda r: ",".join(f"{k}={v}" for k, v in sorted((r.get("devices") or {}).items())) or None),

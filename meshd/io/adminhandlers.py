@@ -52,7 +52,7 @@ from meshd.io.logview import serve_local_logs
 from meshd.io.raft import CommandFailed
 from meshd.placement.plan import make_plan
 from meshd.io.mesh import REACHABLE_INTERVALS
-from meshd.meshstate import (PoliciesIn, audit_key, evidence_kind, policies_in_document, policy_conflicts,
+from meshd.meshstate import (HEALTH_FIELDS, PoliciesIn, audit_key, evidence_kind, policies_in_document, policy_conflicts,
                              revocation_key, revocations_to_take_in)
 from meshd.node import effects as fx
 from meshd.node import trust
@@ -369,7 +369,8 @@ class AdminHandlers:
                 continue
             row = summary.to_plain()
             row["labels"] = dict(label.split("=", 1) for label in summary.labels if "=" in label)
-            row.update(cpu_free=None, mem_free_mb=None, as_of_s=round(max(0.0, now - row.pop("ts")), 1))
+            row.update(cpu_free=None, mem_free_mb=None, as_of_s=round(max(0.0, now - row.pop("ts")), 1),
+                       **{name: getattr(summary, name) for name in HEALTH_FIELDS})  # over its site's last minute
             rows.append(row)
         return sorted(rows, key=lambda r: r["name"])
 

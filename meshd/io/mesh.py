@@ -53,6 +53,7 @@ from crdt.schema import AuditRecord as DocAuditRecord
 from crdt.sync import SyncSession
 from meshd import meshstate, waves
 from meshd.commands import AdoptPolicy, AdoptRevocations, Command, Ok, Refused, SubmitApp
+from meshd.fleethealth import HealthWindow
 from meshd.node import trust
 from meshd.io import peer
 from meshd.io.crdtstore import DocumentStore
@@ -146,6 +147,8 @@ class MeshSync:
         # that changed since, not every app); forgotten when this node starts leading again.
         self._published_apps = AppWatch()
         self._published_term: int | None = None
+        self.health = HealthWindow()  # members' resource samples, for their published health figures
+        self._health_written: dict[str, float] = {}  # node id -> trio time its summary was last written
         self._plans = meshstate.PlanCache()  # rollout plans of taken-in edits (meshd.waves)
         self.rollout_wake: float | None = None  # wall time a rollout's soak ends, if one waits on it
         self._links: list[_Link] = []  # live sessions (one per link is kept)
@@ -574,8 +577,13 @@ class MeshSync:
             self._published_term = term
         records += [status for status in meshstate.app_statuses(state, now, self._published_apps.changed(state))
                     if not meshstate.same_status(document.get(AppSiteStatus, status.key), status)]
-        records += [node for node in meshstate.node_summaries(state, facts, now)
-                    if not meshstate.same_node(document.get(NodeSummary, node.key), node)]
+        self.health.observe(state, trio.current_time())
+        at = trio.current_time()
+        for node in meshstate.node_summaries(state, facts, now, lambda node_id: self.health.health(state, node_id, at)):
+            if meshstate.node_summary_due(document.get(NodeSummary, node.key), node,
+                                          at - self._health_written.get(node.key, -math.inf)):
+                records.append(node)
+                self._health_written[node.key] = at
         for start in range(0, len(records), PUBLISH_BATCH):
             try:
                 await self.write(records[start:start + PUBLISH_BATCH])

@@ -48,6 +48,15 @@ def test_a_founder_token_founds_a_new_site_in_the_same_mesh(make_site):
     b2_status = b2.call("status")
     assert (b2_status["site"], b2_status["mesh_id"]) == ("beta", alpha_status["mesh_id"])
     assert sorted(n["name"] for n in b1.call("nodes", site=None)) == ["b-1", "b-2"]
+    # alpha sees beta's members with their health over beta's last minute (meshd.fleethealth),
+    # from the summaries beta's leader publishes, not from raw samples
+    def beta_health():
+        rows = a1.call("nodes", site="beta")
+        return rows if len(rows) == 2 and all(r["cpu_p50"] is not None for r in rows) else None
+    seen = wait_for(beta_health, 40, interval=0.5, what="beta's members' health seen from alpha")
+    for row in seen:
+        assert 0 <= row["cpu_p50"] <= row["cpu_p95"] <= 100 and 0 < row["mem_p50"] <= row["mem_p95"] <= 100, row
+        assert row["restarts"] == 0 and row["oom_kills"] == 0 and row["cpu_free"] is None
 
     # The founder token was single use.
     again = beta.add_node()

@@ -167,7 +167,8 @@ class WorkerService:
                                "cgroup": limits.hierarchy.version if limits is not None and limits.enforceable else 0,
                                "reserved_cpu": self.ctx.config.reserve_cpu,
                                "reserved_mem_mb": self.ctx.config.reserve_memory_mb,
-                               "devices": devices.counts(held.devices) if held is not None else {}}
+                               "devices": devices.counts(held.devices) if held is not None else {},
+                               "oom_kills": self.ctx.supervisor.counts["oom_kills"] if self.ctx.supervisor else 0}
             self._resources_at = now
         return self._resources
 
