@@ -61,6 +61,11 @@ DEFAULT_RAFT_MAX_TIMEOUT = 1.2  # seconds
 # What a node keeps out of placement for meshd itself, so workloads cannot starve it: an idle
 # daemon uses ~1 % of a core and ~65 MB resident (tests/bench/one_site.py), with bursts at
 # joins, compactions and snapshot loads; a Raspberry Pi with 1 GB keeps 128 MiB of it.
+# Who workloads run as when their spec names nobody: a dedicated unprivileged user (the meshd
+# package creates it), never root unless a spec says so. A daemon that is not root runs them
+# as itself.
+DEFAULT_WORKLOAD_USER = "meshd-workload"
+WORKLOAD_USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 DEFAULT_RESERVE_CPU = 0.1  # cores
 DEFAULT_RESERVE_MEMORY_MB = 128
 MAX_RESERVE_CPU = 1024.0  # as a spec's cpu (meshd.spec.MAX_CPU)
@@ -158,6 +163,7 @@ class NodeConfig:
     raft_max_timeout: float = DEFAULT_RAFT_MAX_TIMEOUT
     log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
     log_keep: int = DEFAULT_LOG_KEEP
+    workload_user: str = DEFAULT_WORKLOAD_USER  # who workloads run as when their spec names nobody
     reserve_cpu: float = DEFAULT_RESERVE_CPU  # cores kept out of placement for meshd itself
     reserve_memory_mb: int = DEFAULT_RESERVE_MEMORY_MB  # MiB kept out of placement for meshd itself
     reattest_interval: float = DEFAULT_REATTEST_INTERVAL
@@ -485,6 +491,8 @@ def _validate(cfg: NodeConfig) -> None:
     _check_seconds(cfg, "raft_max_timeout", MIN_RAFT_TIMEOUT, MAX_RAFT_TIMEOUT)
     _check_int(cfg, "log_max_bytes", MIN_LOG_MAX_BYTES, MAX_LOG_MAX_BYTES)
     _check_int(cfg, "log_keep", 0, MAX_LOG_KEEP)
+    if not isinstance(cfg.workload_user, str) or not WORKLOAD_USER_RE.fullmatch(cfg.workload_user):
+        raise ConfigError("workload-user", f"must be a user name, got {show_value(cfg.workload_user)}")
     _check_number(cfg, "reserve_cpu", 0.0, MAX_RESERVE_CPU, "cores")
     _check_int(cfg, "reserve_memory_mb", 0, MAX_RESERVE_MEMORY_MB)
     _check_seconds(cfg, "reattest_interval", MIN_REATTEST_INTERVAL, MAX_REATTEST_INTERVAL)

@@ -72,7 +72,7 @@ KNOWN_ARCHES = ("x86_64", "aarch64", "armv7l", "armv6l", "riscv64", "i686", "ppc
 
 _TOP_KEYS = ("app",)
 _APP_KEYS = ("name", "replicas", "command", "sites", "env", "constraints", "resources", "restart", "health", "update",
-             "rollout")
+             "rollout", "user")
 _CONSTRAINT_KEYS = ("arch", "labels")
 _RESOURCE_KEYS = ("cpu", "memory_mb", "pids", "devices")
 _RESTART_KEYS = ("policy",)
@@ -155,6 +155,7 @@ def parse_app_dict(doc: Mapping[str, Any]) -> AppSpec:
     health = _health(app["health"]) if "health" in app else HealthCheck()
     update = _update(app["update"], replicas) if "update" in app else UpdatePolicy()
     rollout = _rollout(app["rollout"], sites) if "rollout" in app else None
+    user = _user(app["user"]) if "user" in app else ""
     return AppSpec(
         name=name,
         replicas=replicas,
@@ -167,6 +168,7 @@ def parse_app_dict(doc: Mapping[str, Any]) -> AppSpec:
         health=health,
         update=update,
         rollout=rollout,
+        user=user,
     )
 
 
@@ -216,6 +218,8 @@ def spec_to_dict(spec: AppSpec) -> dict[str, Any]:
             return getattr(UpdatePolicy(), key)
         app["update"] = {key: getattr(spec.update, key) for key in _UPDATE_KEYS
                          if getattr(spec.update, key) != implied(key)}
+    if spec.user:
+        app["user"] = spec.user
     if spec.rollout is not None:
         waves = []
         for wave in spec.rollout.waves:
@@ -416,6 +420,17 @@ def _labels(value: object, key: str) -> dict[str, str]:
             raise SpecError(label_key, problem)
         labels[label] = val
     return labels
+
+
+# A POSIX user name as Debian's adduser takes it: the node must have it (meshd.io.supervisor).
+USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+
+
+def _user(value: object) -> str:
+    if not isinstance(value, str) or not USER_RE.fullmatch(value):
+        raise SpecError("app.user", f"must be a user name (1-32 of a-z 0-9 _ -, not starting with a digit or -), "
+                                    f"got {show_value(value)}")
+    return value
 
 
 def _resources(value: object) -> ResourceRequest:

@@ -191,6 +191,7 @@ class AppSpec:
     health: HealthCheck = HealthCheck()
     update: UpdatePolicy = UpdatePolicy()
     rollout: RolloutPlan | None = None  # None: every site the app names takes a change at once
+    user: str = ""  # the user its workloads run as ("": the node's workload-user, never root by default)
 
     def to_plain(self) -> dict:
         return dataclasses.asdict(self) | {

@@ -225,6 +225,12 @@ if [ "\$1" = configure ]; then
         echo "meshd: $interpreter is missing (install python$pyver)" >&2
         exit 1
     fi
+    # Workloads run as this unprivileged user unless their spec names another (workload-user).
+    if [ -z "\${DPKG_ROOT:-}" ] && ! getent passwd meshd-workload >/dev/null; then
+        adduser --system --group --no-create-home --home /nonexistent --quiet meshd-workload 2>/dev/null \
+            || useradd --system --user-group --no-create-home --home-dir /nonexistent \
+                   --shell /usr/sbin/nologin meshd-workload
+    fi
     if [ -z "\${DPKG_ROOT:-}" ] && [ -d /run/systemd/system ]; then
         systemctl daemon-reload || true
         # An upgrade restarts a running daemon; a fresh install does not start one, so

@@ -24,6 +24,8 @@ TUNING_OPTIONS = (
     ("--raft-max-timeout", float, "Raft election timeout, upper bound (s)"),
     ("--log-max-bytes", int, "rotate a workload's log at this size"),
     ("--log-keep", int, "rotated log files kept per workload"),
+    ("--workload-user", str, "who workloads run as when their spec names nobody (default meshd-workload; "
+                             "a daemon that is not root runs them as itself)"),
     ("--reserve-cpu", float, "cores kept out of placement for meshd itself (default 0.1)"),
     ("--reserve-memory-mb", int, "MiB kept out of placement for meshd itself (default 128)"),
     ("--reattest-interval", float, "seconds between re-attestations of every member"),

@@ -28,15 +28,17 @@ MAX_STATUS_LINE = 1024
 STATUS_LINE = re.compile(rb"^HTTP/\d(?:\.\d)? (\d{3})(?: |\r|\n|$)")
 
 
-async def run_check(check: HealthCheck, cwd: Path, env: Mapping[str, str]) -> tuple[bool, str]:
-    """One check of `check.kind` (not `process`, which has none)."""
+async def run_check(check: HealthCheck, cwd: Path, env: Mapping[str, str],
+                    user: tuple[int, int] | None = None) -> tuple[bool, str]:
+    """One check of `check.kind` (not `process`, which has none); an `exec` check runs as the
+    workload does (`user`: its uid and gid; None: as the daemon)."""
     with trio.move_on_after(check.timeout_s) as scope:
         if check.kind == "tcp":
             return await _tcp(check.port)
         if check.kind == "http":
             return await _http(check.port, check.path)
         if check.kind == "exec":
-            return await _exec(list(check.command), cwd, env)
+            return await _exec(list(check.command), cwd, env, user)
         return False, f"unknown check kind {check.kind!r}"
     assert scope.cancelled_caught
     return False, f"no answer within {check.timeout_s:g} s"
@@ -88,11 +90,13 @@ async def _http(port: int, path: str) -> tuple[bool, str]:
     return False, f"http {path}: status {status}"
 
 
-async def _exec(command: list[str], cwd: Path, env: Mapping[str, str]) -> tuple[bool, str]:
+async def _exec(command: list[str], cwd: Path, env: Mapping[str, str],
+                user: tuple[int, int] | None = None) -> tuple[bool, str]:
+    who = {"user": user[0], "group": user[1], "extra_groups": [user[1]]} if user is not None else {}
     try:
         proc = await trio.lowlevel.open_process(command, cwd=str(cwd), env=dict(env), stdin=subprocess.DEVNULL,
                                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                                start_new_session=True)
+                                                start_new_session=True, **who)
     except (OSError, ValueError) as e:
         return False, f"cannot execute {command[0]!r}: {getattr(e, 'strerror', None) or e}"
     try:

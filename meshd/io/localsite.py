@@ -24,6 +24,17 @@ from meshd.io.supervisor import kill_leftover_workloads
 LOOPBACK = "127.0.0.1"
 
 
+
+def _who_runs() -> str:
+    import pwd
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return "root" if os.geteuid() == 0 else "nobody"
+
+
+WHO_RUNS = _who_runs()
+
 class LocalNode:
     def __init__(self, name: str, data_dir: Path, site: str = "demo", extra_args: tuple[str, ...] = (),
                  env: dict[str, str] | None = None):
@@ -46,6 +57,8 @@ class LocalNode:
                 "--data-dir", str(self.data_dir), "--site", self.site, "--name", self.name,
                 "--listen", f"{self.ip}:0", "--advertise", self.ip,
                 "--metrics", f"{self.ip}:0",  # many daemons on one host: a port each
+                # workloads as whoever runs the site (tests, the demo), not the package's user
+                "--workload-user", WHO_RUNS,
                 *self.extra_args, *extra_args]
         if join:
             args += ["--join", join]

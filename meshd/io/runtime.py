@@ -67,6 +67,9 @@ HEAP_TRIM_FIRST = 5.0
 HEAP_TRIM_PERIOD = 300.0
 
 
+# The data dir: traversable, not listable, by others (see Runtime._take_data_dir).
+DATA_DIR_MODE = 0o711
+
 class Runtime:
     """The wiring of one daemon: a context and its services."""
 
@@ -141,7 +144,7 @@ class Runtime:
             assert ctx.reports_changed is not None
             ctx.supervisor = Supervisor(ctx.data_dir, on_change=ctx.reports_changed.notify,
                                         log_max_bytes=ctx.config.log_max_bytes, log_keep=ctx.config.log_keep,
-                                        limits=self._open_cgroups(),
+                                        workload_user=ctx.config.workload_user, limits=self._open_cgroups(),
                                         devices=DeviceSet(devices.found(ctx.config.devices)))
             found = ctx.supervisor.devices.devices
             if found:
@@ -187,11 +190,13 @@ class Runtime:
         return f"founding site {ctx.config.site} of a new mesh"
 
     def _take_data_dir(self) -> None:
-        """Create the data dir (mode 0700) and lock it for this daemon, or refuse to start."""
+        """Create the data dir and lock it for this daemon, or refuse to start. Mode 0711: nobody
+        else lists it or reads a file of it (each is 0600), but a workload running as its own
+        user reaches its allocation's directory by its path (its HOME)."""
         ctx = self.ctx
         try:
             ctx.data_dir.mkdir(parents=True, exist_ok=True)
-            os.chmod(ctx.data_dir, 0o700)
+            os.chmod(ctx.data_dir, DATA_DIR_MODE)
             self._lock_fd = lock_data_dir(ctx.data_dir)
         except DataDirLocked as e:
             raise FatalStartupError(f"data dir {ctx.data_dir} is in use by another meshd (pid {e.pid}); stop it first, "

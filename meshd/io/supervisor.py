@@ -38,6 +38,7 @@ import collections
 import ctypes
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -238,13 +239,19 @@ class _WorkloadProcess:
     loop for about a millisecond.)
     """
 
-    def __init__(self, command: list[str], env: dict[str, str], cwd: Path, join: tuple[str, ...] = ()) -> None:
-        """`join`: the cgroup.procs files the child writes itself into before it execs."""
+    def __init__(self, command: list[str], env: dict[str, str], cwd: Path, join: tuple[str, ...] = (),
+                 user: tuple[int, int] | None = None) -> None:
+        """`join`: the cgroup.procs files the child writes itself into before it execs;
+        `user`: (uid, gid) it becomes then, after joining (which needs the daemon's rights)."""
         read_end, write_end = os.pipe()
 
         def before_exec() -> None:
             _die_with_daemon()
             cgroups.join(join)  # an error here fails the start: never unconfined
+            if user is not None:  # last: nothing it does from here has the daemon's rights
+                os.setgroups([user[1]])
+                os.setgid(user[1])
+                os.setuid(user[0])
 
         try:
             self._popen = subprocess.Popen(
@@ -283,6 +290,17 @@ class _WorkloadProcess:
             trio.lowlevel.notify_closing(self._exit_fd)
             os.close(self._exit_fd)
             self._exit_fd = None
+
+
+class UserError(Exception):
+    """The user a workload must run as cannot be had here; the message says why."""
+
+
+def _own_user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
 
 
 def _process_tree_usage(pid: int) -> tuple[int | None, int | None]:
@@ -340,6 +358,7 @@ class _Slot:
         self.backoff_count = 0
         self.group: cgroups.Group | None = None  # its cgroup, once made (kept across restarts)
         self.group_since = time.monotonic()  # when the CPU time its group (or process) counts began
+        self.user: tuple[int, int] | None = None  # (uid, gid) its current run has (None: the daemon's)
         self.final_seen = False  # it reached its final state
 
     @property
@@ -405,11 +424,13 @@ class Supervisor:
         backoff_base: float = BACKOFF_BASE,
         backoff_cap: float = BACKOFF_CAP,
         stable_uptime: float = STABLE_UPTIME,
+        workload_user: str | None = None,
         limits: cgroups.Cgroups | None = None,
         devices: DeviceSet | None = None,
     ) -> None:
         """`limits`: this node's cgroup subtree, opened (None: workloads run unconfined, and
         one that asks for limits fails to start)."""
+        self.workload_user = workload_user  # who a spec that names nobody runs as (None: the daemon's user)
         self.limits = limits
         self.devices = devices if devices is not None else DeviceSet([])  # which allocation holds which
         self.data_dir = Path(data_dir)
@@ -709,6 +730,12 @@ class Supervisor:
             return _Exit(exit_code=None, uptime=0.0, cause=cause)
         ooms_before = group.oom_kills() if group is not None else 0
         env = workload_env(spec, self.log_path(spec.alloc_id).parent)
+        try:
+            user = slot.user = self._user_of(spec, self.log_path(spec.alloc_id).parent)
+        except UserError as exc:
+            cause = f"cannot start it: {exc}"
+            self._lifecycle(slot, "exec-failed", cause)
+            return _Exit(exit_code=None, uptime=0.0, cause=cause)
         if spec.limits.devices:
             try:
                 env.update(device_env(self.devices.take(spec.alloc_id, spec.limits.devices)))
@@ -718,7 +745,7 @@ class Supervisor:
                 return _Exit(exit_code=None, uptime=0.0, cause=cause)
         try:
             proc = _WorkloadProcess(list(spec.command), env, self.log_path(spec.alloc_id).parent,
-                                    join=group.join_paths if group is not None else ())
+                                    join=group.join_paths if group is not None else (), user=user)
         except (OSError, ValueError, subprocess.SubprocessError) as exc:  # ValueError: e.g. a NUL byte in an argument
             error = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             cause = f"cannot execute {spec.command[0]!r}: {error}"
@@ -751,6 +778,28 @@ class Supervisor:
             return _Exit(exit_code=proc.returncode, uptime=uptime, unhealthy=unhealthy, cause=cause)
         return _Exit(exit_code=proc.returncode, uptime=uptime, unhealthy=unhealthy)
 
+    def _user_of(self, spec: DesiredAlloc, directory: Path) -> tuple[int, int] | None:
+        """(uid, gid) the workload runs as, its directory made its own; None: as the daemon.
+        UserError when that user cannot be had here."""
+        name = spec.user or self.workload_user
+        if os.geteuid() != 0:
+            if spec.user and spec.user != _own_user():
+                raise UserError(f"cannot run as {spec.user}: this node's meshd is not root")
+            return None  # as the daemon's own user, which is not root
+        if name is None or name == "root":  # none configured (a bare supervisor), or asked for by name
+            return None
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            how = "the meshd package creates it, or set workload-user" if not spec.user else "app.user names it"
+            raise UserError(f"user {name} does not exist on this node ({how})") from None
+        try:
+            os.chmod(directory.parent, 0o711)  # allocs/: others pass through to their own, list nothing
+            os.chown(directory, entry.pw_uid, entry.pw_gid)
+        except OSError as e:
+            raise UserError(f"cannot give {directory} to {name}: {e.strerror or e}") from None
+        return entry.pw_uid, entry.pw_gid
+
     def _group(self, slot: _Slot) -> cgroups.Group | None:
         """The allocation's cgroup, made on its first start; CgroupError when its limits
         cannot be enforced here."""
@@ -778,7 +827,7 @@ class Supervisor:
                 env = workload_env(slot.spec, where)
                 while watch.probes:
                     await trio.sleep(watch.due(trio.current_time()))
-                    passed, reason = await run_check(watch.check, where, env)
+                    passed, reason = await run_check(watch.check, where, env, slot.user)
                     self.counts["health_passed" if passed else "health_failed"] += 1
                     verdict = watch.checked(passed, reason, trio.current_time())
                     if verdict.health != slot.report.health:

@@ -34,7 +34,8 @@ MAX_RECORD_BYTES = 16 * 1024 * 1024
 def _wire(workload: Workload) -> dict:
     return {"alloc_id": workload.alloc_id, "app": workload.app, "command": list(workload.command),
             "env": dict(workload.env), "restart_policy": workload.restart_policy, "site": workload.site,
-            "health": dataclasses.asdict(workload.health), "limits": dataclasses.asdict(workload.limits)}
+            "health": dataclasses.asdict(workload.health), "limits": dataclasses.asdict(workload.limits),
+            "user": workload.user}
 
 
 def _workload(raw: object) -> Workload:
@@ -59,7 +60,7 @@ def _workload(raw: object) -> Workload:
     limits["devices"] = tuple((k, n) for k, n in wanted)
     return Workload(alloc_id=raw["alloc_id"], app=raw["app"], command=tuple(command), env=env,
                     restart_policy=raw["restart_policy"], health=HealthCheck(**health), site=raw["site"],
-                    limits=ResourceRequest(**limits))
+                    limits=ResourceRequest(**limits), user=str(raw.get("user", "")))
 
 
 def encode(workloads: tuple[Workload, ...]) -> bytes:

@@ -90,6 +90,7 @@ class Workload:
     health: HealthCheck = HealthCheck()  # how its health is judged (meshd.health)
     site: str = ""  # the site it runs in (MESHD_SITE in its environment)
     limits: ResourceRequest = ResourceRequest()  # enforced while it runs (meshd.io.cgroups)
+    user: str = ""  # who it runs as ("": the node's workload-user)
 
 
 @dataclass(frozen=True)

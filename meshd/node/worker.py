@@ -81,7 +81,8 @@ class Worker:
             spec = record.spec_of(alloc.version)  # an old replica runs its own version's spec
             workloads.append(Workload(alloc_id=alloc.alloc_id, app=alloc.app, command=tuple(spec.command),
                                       env=dict(spec.env), restart_policy=spec.restart_policy,
-                                      health=spec.health, site=state.site, limits=spec.resources))
+                                      health=spec.health, site=state.site, limits=spec.resources,
+                                      user=spec.user))
         key = tuple(sorted(w.alloc_id for w in workloads))
         if key != self._running:
             self._running = key

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.system
 HOG = f'''[app]
 name = "hog"
 replicas = 1
+user = "root"  # (this interpreter lives under /root)
 command = ["{sys.executable}", "-c", "x = bytearray(512 * 1024 * 1024)"]
 [app.resources]
 memory_mb = 48
@@ -29,6 +30,7 @@ policy = "on-failure"
 BOMB = f'''[app]
 name = "bomb"
 replicas = 1
+user = "root"
 command = ["{sys.executable}", "-c", "import os, time\\nwhile True:\\n    try:\\n        if os.fork() == 0:\\n            time.sleep(120)\\n            os._exit(0)\\n    except OSError:\\n        time.sleep(0.01)"]
 [app.resources]
 pids = 32
@@ -44,16 +46,18 @@ def root_only():
 ENV = '''[app]
 name = "env"
 replicas = 1
-command = ["sh", "-c", "env; exec sleep 600"]
+command = ["sh", "-c", "echo uid=$(id -u); env; exec sleep 600"]
 env = { MODE = "edge" }
 '''
 
 
 def test_a_memory_hog_and_a_fork_bomb_are_contained_and_the_daemon_serves_on(make_site, root_only):
+    import pwd
+
     from meshd.io.supervisor import WORKLOAD_PATH
 
     site = make_site()
-    node = site.add_node()
+    node = site.add_node(extra_args=("--workload-user", "nobody"))  # as the package's unprivileged user would
     node.env = {"DAEMON_ONLY_SECRET": "s3cret"}  # in the daemon's environment, never a workload's
     node.start()
     site.wait_ready(node, 30)
@@ -62,6 +66,7 @@ def test_a_memory_hog_and_a_fork_bomb_are_contained_and_the_daemon_serves_on(mak
     said = wait_for(lambda: (lambda text: text if "MODE=edge" in text else None)(
         node.call("logs", alloc=shown["alloc_id"], lines=100)["data"]), 10, what="the workload's env printed")
     assert "s3cret" not in said and f"PATH={WORKLOAD_PATH}" in said
+    assert f"uid={pwd.getpwnam('nobody').pw_uid}" in said  # never root unless the spec says so
     assert f"HOME={node.data_dir / 'allocs' / shown['alloc_id']}" in said and f"MESHD_ALLOC_ID={shown['alloc_id']}" in said
     [row] = node.call("nodes")
     assert set(row["enforces"]) == {"cpu", "memory", "pids"} and row["cgroup"] in ("v1", "v2"), row

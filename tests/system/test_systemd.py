@@ -114,7 +114,7 @@ def test_the_daemon_founds_and_stops_within_the_units_sandbox(tmp_path, stop_dae
     notify.bind(str(tmp_path / "notify"))
     daemon = subprocess.Popen([*sandbox, sys.executable, "-m", "meshd.cli.meshd_main", "run", "--data-dir",
                                str(tmp_path / "n"), "--site", "s", "--name", "n", "--no-mdns",
-                               "--listen", "127.0.0.1:0"],
+                               "--listen", "127.0.0.1:0", "--workload-user", "nobody"],  # the package's user's stand-in
                               env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     stop_daemons(daemon)

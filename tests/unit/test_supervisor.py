@@ -581,3 +581,57 @@ def test_limits_without_cgroups_fail_the_start_and_never_run_unconfined(tmp_path
 
     run_supervisor(tmp_path, scenario)
     assert not (tmp_path / "allocs" / "a1" / "ran").exists()
+
+
+# --- who a workload runs as -------------------------------------------------------------------
+
+def as_user(alloc_id, script, user="", **options):
+    return dataclasses.replace(alloc(alloc_id, script, **options), user=user)
+
+
+@pytest.fixture
+def root_only():
+    if os.geteuid() != 0:
+        pytest.skip("running workloads as another user needs root")
+
+
+def test_a_workload_runs_as_the_workload_user_in_a_directory_of_its_own(tmp_path, root_only):
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+
+    async def scenario(sup, changes):
+        sup.set_desired([as_user("a1", "id -u > me; id -g >> me; exec sleep 60"),
+                         as_user("a2", "id -u > me; exec sleep 60", user="root")])
+        await wait_for(sup, "a1", running)
+        await wait_for(sup, "a2", running)
+        await wait_until(lambda: (tmp_path / "allocs" / "a1" / "me").exists()
+                         and (tmp_path / "allocs" / "a2" / "me").exists())
+        await trio.sleep(0.1)
+
+    run_supervisor(tmp_path, scenario, workload_user="nobody")
+    assert (tmp_path / "allocs" / "a1" / "me").read_text().split() == [str(nobody.pw_uid), str(nobody.pw_gid)]
+    assert (tmp_path / "allocs" / "a1").stat().st_uid == nobody.pw_uid  # it may write where it runs
+    assert (tmp_path / "allocs" / "a2" / "me").read_text().split() == ["0"]  # root only when the spec says so
+
+
+def test_a_user_the_node_does_not_have_fails_the_start_with_the_reason(tmp_path, root_only):
+    async def scenario(sup, changes):
+        sup.set_desired([as_user("a1", "touch ran", user="no-such-user-here")])
+        final = await wait_for(sup, "a1", lambda r: r.state == "failed")
+        assert "user no-such-user-here does not exist on this node" in final.reason
+
+    run_supervisor(tmp_path, scenario, workload_user="nobody")
+    assert not (tmp_path / "allocs" / "a1" / "ran").exists()
+
+
+def test_an_exec_health_check_runs_as_the_workload_does(tmp_path, root_only):
+    from meshd.state import HealthCheck
+    import pwd
+    check = HealthCheck(kind="exec", command=("sh", "-c", f'test "$(id -u)" = {pwd.getpwnam("nobody").pw_uid}'),
+                        interval_s=0.1, timeout_s=2.0, failures=1)
+
+    async def scenario(sup, changes):
+        sup.set_desired([dataclasses.replace(as_user("a1", "exec sleep 60"), health=check)])
+        await wait_for(sup, "a1", lambda r: r.health == "healthy")
+
+    run_supervisor(tmp_path, scenario, workload_user="nobody")
