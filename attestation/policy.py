@@ -12,6 +12,7 @@ Invariants:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -27,6 +28,9 @@ DEFAULT_EVIDENCE_MAX_AGE = 60.0
 # without RTC batteries drift, and NTP fixes them soon after boot. Never a reason to refuse
 # evidence (attestation.verifier: freshness is the nonce's).
 MAX_CLOCK_SKEW = 30.0
+# A release key is a raw Ed25519 public key in hex; a handful of pipelines sign releases.
+RELEASE_KEY = re.compile(r"[0-9a-f]{64}")
+MAX_RELEASE_KEYS = 32
 
 
 @dataclass(frozen=True)
@@ -38,12 +42,18 @@ class Policy:
     tpm_required_sites: frozenset[str] = frozenset()
     evidence_max_age: float = DEFAULT_EVIDENCE_MAX_AGE
     issued_at: float = 0.0
+    # Offline release keys (hex raw Ed25519 public keys) whose artifact manifests the mesh
+    # accepts beside the root's (meshd.artifacts): a release pipeline signs without a voter.
+    release_keys: frozenset[str] = frozenset()
 
     def to_body(self) -> dict:
-        return {"mesh_id": self.mesh_id, "serial": self.serial, "min_version": self.min_version,
+        body = {"mesh_id": self.mesh_id, "serial": self.serial, "min_version": self.min_version,
                 "allowed_digests": {v: sorted(d) for v, d in sorted(self.allowed_digests.items())},
                 "tpm_required_sites": sorted(self.tpm_required_sites), "evidence_max_age": self.evidence_max_age,
                 "issued_at": self.issued_at}
+        if self.release_keys:  # only when set: a bundle without them reads as before
+            body["release_keys"] = sorted(self.release_keys)
+        return body
 
 
 def sign_policy(root_key: Ed25519PrivateKey, policy: Policy) -> dict:
@@ -78,9 +88,13 @@ def open_policy(document: object, root_public_key: bytes) -> Policy:
         raise AttestationError("policy: evidence_max_age must be seconds in (0, 86400]")
     if isinstance(issued_at, bool) or not isinstance(issued_at, (int, float)):
         raise AttestationError("policy: issued_at must be a time")
+    release = body.get("release_keys", [])
+    if not isinstance(release, list) or len(release) > MAX_RELEASE_KEYS or not all(
+            isinstance(k, str) and RELEASE_KEY.fullmatch(k) for k in release):
+        raise AttestationError(f"policy: release_keys must be at most {MAX_RELEASE_KEYS} hex Ed25519 public keys")
     return Policy(mesh_id=mesh_id, serial=serial, min_version=min_version, allowed_digests=digests,
                   tpm_required_sites=frozenset(tpm_sites), evidence_max_age=float(max_age),
-                  issued_at=float(issued_at))
+                  issued_at=float(issued_at), release_keys=frozenset(release))
 
 
 def newer(candidate: Policy, current: Policy | None) -> bool:

@@ -22,6 +22,7 @@ Invariants:
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Mapping, Union
 
@@ -143,6 +144,19 @@ def read_digest(raw: Mapping, key: str) -> str:
     if not isinstance(value, str) or (value and (len(value) != 64 or value.strip("0123456789abcdef"))):
         raise Invalid(f"{key} must be a sha256 digest (64 lowercase hex digits)")
     return value
+
+
+# Artifacts a node reports it holds: its store's quota bounds them long before this.
+MAX_HELD_ARTIFACTS = 4096
+_ARTIFACT_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def read_artifact_digests(raw: Mapping, key: str) -> tuple[str, ...]:
+    value = raw.get(key)
+    if not isinstance(value, list) or len(value) > MAX_HELD_ARTIFACTS or not all(
+            isinstance(d, str) and _ARTIFACT_DIGEST.fullmatch(d) for d in value):
+        raise Invalid(f"{key} must be a list of at most {MAX_HELD_ARTIFACTS} sha256:<hex> digests")
+    return tuple(sorted(set(value)))
 
 
 def read_actor(raw: Mapping) -> str:
@@ -563,6 +577,7 @@ class Heartbeat(Command):
     resources: NodeResources | None = None
     boot_id: str | None = None
     software: str | None = None  # the package digest of the meshd it runs (sent with boot_id)
+    artifacts: tuple[str, ...] | None = None  # the artifacts it holds, when that changed
 
     @classmethod
     def from_wire(cls, raw: dict) -> "Heartbeat":
@@ -573,7 +588,8 @@ class Heartbeat(Command):
                    reports=tuple(AllocReport.from_wire(r) for r in reports),
                    resources=resources_from_wire(raw["resources"]) if "resources" in raw else None,
                    boot_id=read_str(raw, "boot_id", max_len=64) if "boot_id" in raw else None,
-                   software=read_digest(raw, "software") if "software" in raw else None)
+                   software=read_digest(raw, "software") if "software" in raw else None,
+                   artifacts=read_artifact_digests(raw, "artifacts") if "artifacts" in raw else None)
 
     def to_wire(self) -> dict:
         wire: dict = {"node_id": self.node_id, "seq": self.seq, "reports": [r.to_wire() for r in self.reports]}
@@ -583,6 +599,8 @@ class Heartbeat(Command):
             wire["boot_id"] = self.boot_id
         if self.software is not None:
             wire["software"] = self.software
+        if self.artifacts is not None:
+            wire["artifacts"] = list(self.artifacts)
         return wire
 
 
@@ -803,10 +821,37 @@ class RemoveNode(_NodeAdmin):
     op: ClassVar[str] = "remove_node"
 
 
+@dataclass(frozen=True)
+class AddArtifact(Command):
+    """A signed artifact manifest joins the site's catalog (meshd.artifacts.catalog)."""
+    op: ClassVar[str] = "add_artifact"
+    manifest: dict
+    actor: str = ""
+
+    @classmethod
+    def from_wire(cls, raw: dict) -> "AddArtifact":
+        return cls(manifest=read_mapping(raw, "manifest"), actor=read_actor(raw))
+
+
+@dataclass(frozen=True)
+class RemoveArtifact(Command):
+    """An artifact no kept app version pins leaves the catalog; members drop their copies."""
+    op: ClassVar[str] = "remove_artifact"
+    digest: str
+    actor: str = ""
+
+    @classmethod
+    def from_wire(cls, raw: dict) -> "RemoveArtifact":
+        digest = raw.get("digest")
+        if not isinstance(digest, str) or not _ARTIFACT_DIGEST.fullmatch(digest):
+            raise Invalid("digest must be sha256:<64 hex digits>")
+        return cls(digest=digest, actor=read_actor(raw))
+
+
 COMMANDS: dict[str, type[Command]] = {c.op: c for c in (
     Bootstrap, SetPolicy, AdoptPolicy, RevokeNode, AdoptRevocations, Attested, RotateSecret, CreateToken, AdmitNode,
     FoundSite, Heartbeat, SetLiveness, SubmitApp, StopApp, ApplyPlan, PurgeApps, Drain, Undrain, Quarantine,
-    RecordRefusal, RevokeToken, RemoveNode, Rollout, PinVersion, Checkpoint)}
+    RecordRefusal, RevokeToken, RemoveNode, Rollout, PinVersion, Checkpoint, AddArtifact, RemoveArtifact)}
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,13 @@ DEFAULT_RESERVE_CPU = 0.1  # cores
 DEFAULT_RESERVE_MEMORY_MB = 128
 MAX_RESERVE_CPU = 1024.0  # as a spec's cpu (meshd.spec.MAX_CPU)
 MAX_RESERVE_MEMORY_MB = 2**40
+# The artifact store's share of the data dir (meshd.io.artifactstore): a few models or program
+# bundles on a device with a small card. Upload: a member serving pieces to the rest of its
+# site keeps this much of its link for itself and its workloads (0: no limit).
+DEFAULT_ARTIFACT_QUOTA_MB = 10 * 1024
+MAX_ARTIFACT_QUOTA_MB = 2**30
+DEFAULT_ARTIFACT_UPLOAD_MBPS = 0.0
+MAX_ARTIFACT_UPLOAD_MBPS = 100_000.0
 # Workload logs: rotated per allocation so a chatty workload cannot fill an edge device.
 DEFAULT_LOG_MAX_BYTES = 1024 * 1024  # one log file before rotation
 DEFAULT_LOG_KEEP = 3  # rotated files kept per allocation
@@ -166,6 +173,8 @@ class NodeConfig:
     workload_user: str = DEFAULT_WORKLOAD_USER  # who workloads run as when their spec names nobody
     reserve_cpu: float = DEFAULT_RESERVE_CPU  # cores kept out of placement for meshd itself
     reserve_memory_mb: int = DEFAULT_RESERVE_MEMORY_MB  # MiB kept out of placement for meshd itself
+    artifact_quota_mb: int = DEFAULT_ARTIFACT_QUOTA_MB  # MiB the artifact store may take
+    artifact_upload_mbps: float = DEFAULT_ARTIFACT_UPLOAD_MBPS  # Mbit/s of pieces served to peers (0: no limit)
     reattest_interval: float = DEFAULT_REATTEST_INTERVAL
     sync_interval: float = DEFAULT_SYNC_INTERVAL
     stopped_app_retention: float = DEFAULT_STOPPED_APP_RETENTION
@@ -495,6 +504,8 @@ def _validate(cfg: NodeConfig) -> None:
         raise ConfigError("workload-user", f"must be a user name, got {show_value(cfg.workload_user)}")
     _check_number(cfg, "reserve_cpu", 0.0, MAX_RESERVE_CPU, "cores")
     _check_int(cfg, "reserve_memory_mb", 0, MAX_RESERVE_MEMORY_MB)
+    _check_int(cfg, "artifact_quota_mb", 1, MAX_ARTIFACT_QUOTA_MB)
+    _check_number(cfg, "artifact_upload_mbps", 0.0, MAX_ARTIFACT_UPLOAD_MBPS, "Mbit/s")
     _check_seconds(cfg, "reattest_interval", MIN_REATTEST_INTERVAL, MAX_REATTEST_INTERVAL)
     _check_seconds(cfg, "sync_interval", MIN_SYNC_INTERVAL, MAX_SYNC_INTERVAL)
     _check_seconds(cfg, "stopped_app_retention", 0.0, MAX_STOPPED_APP_RETENTION)

@@ -38,6 +38,7 @@ from crdt.schema import AppEdit, winning_order
 from meshd import commands as cmds
 from meshd.commands import CONFLICT, NOT_FOUND, NOT_MEMBER, REVOKED, STALE, TOKEN, UNTRUSTED, Ok, Refused, Result
 from meshd import rollout
+from meshd.artifacts import catalog
 from meshd.deployments import version_missing
 from meshd import spec as specmod
 from meshd.placement.plan import Plan, recheck_plan
@@ -542,7 +543,8 @@ def _heartbeat(state: SiteState, cmd: cmds.Heartbeat, ts: float) -> Ok:
     state.nodes[cmd.node_id] = replace(node, heartbeat_seq=max(node.heartbeat_seq, cmd.seq),
                                        resources=cmd.resources if cmd.resources is not None else node.resources,
                                        boot_id=cmd.boot_id if cmd.boot_id is not None else node.boot_id,
-                                       software=cmd.software if cmd.software is not None else node.software)
+                                       software=cmd.software if cmd.software is not None else node.software,
+                                       artifacts=cmd.artifacts if cmd.artifacts is not None else node.artifacts)
     for report in cmd.reports:
         _apply_report(state, node, report, ts)
     return ok()
@@ -1080,6 +1082,34 @@ def _remove_node(state: SiteState, cmd: cmds.RemoveNode, ts: float) -> Ok:
               promoted=promoted.node_id if promoted is not None else None)
 
 
+def _add_artifact(state: SiteState, cmd: cmds.AddArtifact, ts: float) -> Ok:
+    """A manifest joins the catalog when the catalog admits it (signed by a trusted key for
+    this mesh, not a replay of a removed one); the same digest again keeps the newer one."""
+    manifest = catalog.admit(state, cmd.manifest)
+    if isinstance(manifest, catalog.Refusal):
+        raise CommandRefused(manifest.reason, UNTRUSTED)
+    current = catalog.manifest_of(state, manifest.digest)
+    if current is None or manifest.pushed_at > current.pushed_at:
+        state.artifacts[manifest.digest] = dict(manifest.document)
+        _audit(state, ts, cmd.actor, "artifact-push", manifest.digest, f"{manifest.name} ({manifest.size} bytes)")
+    return ok(digest=manifest.digest, size=manifest.size, name=manifest.name)
+
+
+def _remove_artifact(state: SiteState, cmd: cmds.RemoveArtifact, ts: float) -> Ok:
+    """An artifact leaves the catalog unless a kept app version pins it; a manifest pushed
+    no later than the removed one is a replay from then on (catalog.admit)."""
+    refusal = catalog.removal_refusal(state, cmd.digest)
+    if refusal:
+        raise CommandRefused(refusal, CONFLICT)
+    document = state.artifacts.pop(cmd.digest, None)
+    if document is None:
+        return ok(digest=cmd.digest, removed=False)
+    pushed_at = document.get("body", {}).get("pushed_at", ts)
+    state.artifacts_removed[cmd.digest] = max(float(pushed_at), state.artifacts_removed.get(cmd.digest, 0.0))
+    _audit(state, ts, cmd.actor, "artifact-remove", cmd.digest)
+    return ok(digest=cmd.digest, removed=True)
+
+
 HANDLERS: dict[type, Callable[[SiteState, Any, float], Ok]] = {
     cmds.Bootstrap: _bootstrap,
     cmds.SetPolicy: _set_policy,
@@ -1106,6 +1136,8 @@ HANDLERS: dict[type, Callable[[SiteState, Any, float], Ok]] = {
     cmds.RevokeToken: _revoke_token,
     cmds.RemoveNode: _remove_node,
     cmds.Checkpoint: _checkpoint,
+    cmds.AddArtifact: _add_artifact,
+    cmds.RemoveArtifact: _remove_artifact,
 }
 assert set(HANDLERS) == set(cmds.COMMANDS.values()), "every command has exactly one handler"
 
@@ -1114,7 +1146,7 @@ def is_plain_heartbeat(command: Any) -> bool:
     """A keep-alive: a heartbeat that reports neither allocations nor resources, so it only
     moves the node's lease and nobody needs to look at the state again."""
     return (isinstance(command, dict) and command.get("op") == "heartbeat" and not command.get("reports")
-            and "resources" not in command)
+            and "resources" not in command and "artifacts" not in command)
 
 
 def node_to_plain(node: NodeRecord) -> dict:

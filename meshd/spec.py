@@ -22,7 +22,7 @@ import re
 import tomllib
 from typing import Any, Mapping
 
-from meshd.state import (HEALTH_KINDS, MAX_SOAK_S, MAX_WAVES, RESTART_POLICIES, AppSpec, Constraints, HealthCheck,
+from meshd.state import (HEALTH_KINDS, MAX_SOAK_S, MAX_WAVES, RESTART_POLICIES, AppSpec, ArtifactRef, Constraints, HealthCheck,
                          ResourceRequest, RolloutPlan, UpdatePolicy, Wave)
 
 # --- name rules ----------------------------------------------------------------------
@@ -72,7 +72,7 @@ KNOWN_ARCHES = ("x86_64", "aarch64", "armv7l", "armv6l", "riscv64", "i686", "ppc
 
 _TOP_KEYS = ("app",)
 _APP_KEYS = ("name", "replicas", "command", "sites", "env", "constraints", "resources", "restart", "health", "update",
-             "rollout", "user")
+             "rollout", "user", "artifact")
 _CONSTRAINT_KEYS = ("arch", "labels")
 _RESOURCE_KEYS = ("cpu", "memory_mb", "pids", "devices")
 _RESTART_KEYS = ("policy",)
@@ -89,6 +89,12 @@ _UPDATE_KEYS = ("max_parallel", "canary", "min_healthy_s", "healthy_deadline_s",
                 "auto_promote", "keep_versions")
 MAX_UPDATE_WAIT_S = 7 * 86400.0  # a week: a deadline or soak beyond that is a typo, not a plan
 MAX_KEEP_VERSIONS = 100  # every kept version's spec is in each member's state
+_ARTIFACT_KEYS = ("name", "file", "digest", "unpack")
+# What a workload calls an artifact: it becomes MESHD_ARTIFACT_<NAME> (upper case, - as _).
+ARTIFACT_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9_-]{0,30}[a-z0-9])?")
+ARTIFACT_NAME_RULE = "lowercase letters, digits, '_' and '-', 1 to 32 characters, not starting or ending with '_' or '-'"
+MAX_ARTIFACTS = 16  # files one app needs; a program tree or model bundle is one archive, not many files
+MAX_ARTIFACT_FILE_CHARS = 1024  # a path beside the spec
 _ROLLOUT_KEYS = ("waves", "abort_failed_percent")
 _WAVE_KEYS = ("sites", "percent", "soak_s")
 
@@ -156,6 +162,8 @@ def parse_app_dict(doc: Mapping[str, Any]) -> AppSpec:
     update = _update(app["update"], replicas) if "update" in app else UpdatePolicy()
     rollout = _rollout(app["rollout"], sites) if "rollout" in app else None
     user = _user(app["user"]) if "user" in app else ""
+    artifacts = _artifacts(app["artifact"]) if "artifact" in app else ()
+    _check_artifact_uses(command, env, artifacts)
     return AppSpec(
         name=name,
         replicas=replicas,
@@ -169,6 +177,7 @@ def parse_app_dict(doc: Mapping[str, Any]) -> AppSpec:
         update=update,
         rollout=rollout,
         user=user,
+        artifacts=artifacts,
     )
 
 
@@ -220,6 +229,9 @@ def spec_to_dict(spec: AppSpec) -> dict[str, Any]:
                          if getattr(spec.update, key) != implied(key)}
     if spec.user:
         app["user"] = spec.user
+    if spec.artifacts:
+        app["artifact"] = [{"name": a.name, **({"digest": a.digest} if a.digest else {}),
+                            **({"file": a.file} if a.file else {}), "unpack": a.unpack} for a in spec.artifacts]
     if spec.rollout is not None:
         waves = []
         for wave in spec.rollout.waves:
@@ -240,11 +252,14 @@ def spec_to_toml(spec: AppSpec) -> str:
     for key, value in app.items():
         if isinstance(value, dict) and key != "env":
             tables.append((key, value))
-        else:
+        elif key != "artifact":
             lines.append(f"{key} = {_toml_value(value)}")
     for key, table in tables:
         lines.append(f"\n[app.{key}]")
         lines.extend(f"{name} = {_toml_value(value)}" for name, value in table.items())
+    for item in app.get("artifact", []):
+        lines.append("\n[[app.artifact]]")
+        lines.extend(f"{name} = {_toml_value(value)}" for name, value in item.items())
     return "\n".join(lines) + "\n"
 
 
@@ -431,6 +446,59 @@ def _user(value: object) -> str:
         raise SpecError("app.user", f"must be a user name (1-32 of a-z 0-9 _ -, not starting with a digit or -), "
                                     f"got {show_value(value)}")
     return value
+
+
+ARTIFACT_REF_RE = re.compile(r"\$\{artifact:([^}]*)\}")
+
+
+def artifact_env_name(name: str) -> str:
+    """The environment variable that gives a workload the path of its artifact `name`."""
+    return "MESHD_ARTIFACT_" + name.upper().replace("-", "_")
+
+
+def _artifacts(value: object) -> tuple[ArtifactRef, ...]:
+    items = _list(value, "app.artifact", "tables ([[app.artifact]])")
+    if len(items) > MAX_ARTIFACTS:
+        raise SpecError("app.artifact", f"{len(items)} artifacts, at most {MAX_ARTIFACTS} allowed")
+    refs: list[ArtifactRef] = []
+    for i, item in enumerate(items):
+        where = f"app.artifact[{i}]"
+        table = _table(item, where)
+        _refuse_unknown_keys(table, where, _ARTIFACT_KEYS)
+        name = table.get("name")
+        if not isinstance(name, str) or not ARTIFACT_NAME_RE.fullmatch(name):
+            raise SpecError(f"{where}.name", f"must be {ARTIFACT_NAME_RULE}, got {show_value(name)}")
+        if any(artifact_env_name(r.name) == artifact_env_name(name) for r in refs):
+            raise SpecError(f"{where}.name", f"{name!r} is the name of another artifact of this app")
+        if ("file" in table) == ("digest" in table):
+            raise SpecError(where, "needs exactly one of file (a path beside the spec, pushed by meshctl deploy) "
+                                   "and digest (an artifact already pushed)")
+        digest = file = ""
+        if "digest" in table:
+            digest = table["digest"]
+            if not isinstance(digest, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+                raise SpecError(f"{where}.digest", f"must be sha256:<64 lowercase hex digits>, got {show_value(digest)}")
+        else:
+            file = table["file"]
+            if not isinstance(file, str) or not file or len(file) > MAX_ARTIFACT_FILE_CHARS or "\0" in file:
+                raise SpecError(f"{where}.file", f"must be a path beside the spec, got {show_value(file)}")
+        unpack = table.get("unpack", False)
+        if not isinstance(unpack, bool):
+            raise SpecError(f"{where}.unpack", f"must be true or false, got {show_value(unpack)}")
+        refs.append(ArtifactRef(name=name, digest=digest, unpack=unpack, file=file))
+    return tuple(refs)
+
+
+def _check_artifact_uses(command: tuple[str, ...], env: Mapping[str, str], artifacts: tuple[ArtifactRef, ...]) -> None:
+    """Every ${artifact:NAME} in the command and env names an artifact of the app."""
+    names = {a.name for a in artifacts}
+    places = [(f"app.command[{i}]", arg) for i, arg in enumerate(command)]
+    places += [(f"app.env.{_segment(key)}", value) for key, value in env.items()]
+    for where, text in places:
+        for used in ARTIFACT_REF_RE.findall(text):
+            if used not in names:
+                known = ", ".join(sorted(names)) or "none"
+                raise SpecError(where, f"${{artifact:{used[:40]}}} names no artifact of this app (its artifacts: {known})")
 
 
 def _resources(value: object) -> ResourceRequest:

@@ -176,6 +176,15 @@ class RolloutPlan:
 
 
 @dataclass(frozen=True)
+class ArtifactRef:
+    """A file the app's workloads need (`[[app.artifact]]`, meshd.artifacts)."""
+    name: str  # what the workload calls it: MESHD_ARTIFACT_<NAME>, ${artifact:NAME}
+    digest: str = ""  # sha256:<hex>; "" only while `file` waits to be pushed by `meshctl deploy`
+    unpack: bool = False  # an archive the workload sees unpacked into a directory
+    file: str = ""  # relative to the spec: what `meshctl deploy` pushes (never kept in a stored spec)
+
+
+@dataclass(frozen=True)
 class AppSpec:
     """A validated app as the operator wrote it (see meshd.spec for parsing)."""
 
@@ -192,6 +201,7 @@ class AppSpec:
     update: UpdatePolicy = UpdatePolicy()
     rollout: RolloutPlan | None = None  # None: every site the app names takes a change at once
     user: str = ""  # the user its workloads run as ("": the node's workload-user, never root by default)
+    artifacts: tuple[ArtifactRef, ...] = ()  # files it needs on its node before it starts
 
     def to_plain(self) -> dict:
         return dataclasses.asdict(self) | {
@@ -269,6 +279,9 @@ class NodeRecord:
     # Why the node is quarantined ("" = it is not): names the version and full digest its
     # evidence showed, so the operator can allow it (`meshctl policy allow`).
     quarantine: str = ""
+    # The artifacts it holds complete and verified (digests, sorted): where the site's
+    # members fetch them from (meshd.artifacts.catalog).
+    artifacts: tuple[str, ...] = ()
 
     @property
     def state(self) -> str:
@@ -722,6 +735,10 @@ class SiteState:
     # Set on the member whose digest differed from the leader's at a Checkpoint (why): it
     # holds another history than the site's, serves nothing from it, and rebuilds it.
     diverged: str = ""
+    # The artifact catalog (meshd.artifacts.catalog): digest -> its signed manifest, and
+    # digest -> when the manifest last removed from it was pushed (an older copy is a replay).
+    artifacts: dict[str, dict] = field(default_factory=dict)
+    artifacts_removed: dict[str, float] = field(default_factory=dict)
 
     def __setattr__(self, name: str, value: object) -> None:
         if name == "allocs" and not isinstance(value, AllocTable):
@@ -741,7 +758,7 @@ class SiteState:
         request-dedupe records (up to MAX_REMEMBERED_REQUESTS, only ever read by the state
         machine) are left out: copying them was most of a copy's cost."""
         copied = copy.copy(self)
-        for name in ("nodes", "apps", "tokens", "mesh_edits"):
+        for name in ("nodes", "apps", "tokens", "mesh_edits", "artifacts", "artifacts_removed"):
             setattr(copied, name, dict(getattr(self, name)))
         copied.allocs = self.allocs.copy()
         copied.events, copied.audit = list(self.events), list(self.audit)

@@ -17,8 +17,10 @@ import argparse
 import json
 import math
 import os
+import stat
 import sys
 import time
+import tomllib
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -55,6 +57,7 @@ class Request:
     args: dict
     timeout: float | None = ONE_SHOT_TIMEOUT_S
     follow: bool = False
+    fds: tuple[int, ...] = ()  # files passed with it (`artifact push`, `deploy` of a spec with files)
 
 
 @dataclass
@@ -250,6 +253,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--force", action="store_true",
                      help="even when it will expel every voter or every member of the site (they have no TPM)")
 
+    artifact = commands.add_parser("artifact", help="files workloads need: signed, content-addressed",
+                                   description="files workloads need: signed, content-addressed, shared inside a site")
+    artifact_commands = artifact.add_subparsers(dest="artifact_command", metavar="ACTION", required=True)
+    sub = command("push", "store a file in the mesh, signed (its digest names it)", _build_artifact_push,
+                  _show_object, parent=artifact_commands)
+    sub.add_argument("file", metavar="FILE", help="the file")
+    sub.add_argument("--name", metavar="N", help="its name (default: the file's name)")
+    sub.add_argument("--manifest", metavar="JSON", help="a manifest signed offline with a release key "
+                     "(`meshctl artifact sign`), instead of one signed by a voter")
+    command("ls", "artifacts known to this site, who holds them, what pins them", _build_artifact_ls,
+            _show_artifacts, parent=artifact_commands)
+    sub = command("rm", "forget an artifact no app version pins", _build_artifact_rm, _show_object,
+                  parent=artifact_commands)
+    sub.add_argument("digest", metavar="DIGEST", help="sha256:<hex> (or a unique prefix of its hex)")
+
     sub = command("deploy", "submit or update an app (TOML)", _build_deploy, _show_deploy)
     sub.add_argument("file", metavar="FILE", help="app spec; - reads stdin")
     sub.add_argument("--wait", action="store_true", help="show the deployment's progress until every replica "
@@ -431,15 +449,75 @@ def _read_text(path: str) -> str:
         raise CliError(f"cannot read {path}: not UTF-8 text (byte {exc.start})") from None
 
 
+def _open_file(path: str) -> int:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CliError(f"cannot push {path}: not a regular file")
+    return fd
+
+
+def _build_artifact_push(opts: argparse.Namespace) -> Request:
+    args: dict = {"name": opts.name or os.path.basename(opts.file)}
+    if opts.manifest:
+        args["manifest"] = _read_json(opts.manifest)
+    return Request("artifact_push", args, timeout=None, fds=(_open_file(opts.file),))
+
+
+def _read_json(path: str) -> Any:
+    try:
+        return json.loads(_read_text(path))
+    except ValueError as exc:
+        raise CliError(f"cannot read {path}: not JSON ({exc})") from None
+
+
+def _build_artifact_ls(opts: argparse.Namespace) -> Request:
+    return Request("artifact_ls", {})
+
+
+def _build_artifact_rm(opts: argparse.Namespace) -> Request:
+    return Request("artifact_rm", {"digest": opts.digest})
+
+
+def _spec_files(text: str, spec_path: str) -> tuple[list[str], tuple[int, ...]]:
+    """The `file = ...` of a spec's artifacts, opened (relative to the spec): the daemon
+    pushes them and pins their digests. A spec that does not parse is the daemon's to refuse."""
+    try:
+        doc = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, ValueError, RecursionError):
+        return [], ()
+    items = doc.get("app", {}).get("artifact", []) if isinstance(doc.get("app"), dict) else []
+    files = [item["file"] for item in items if isinstance(item, dict) and isinstance(item.get("file"), str)]
+    if files and spec_path == "-":
+        raise CliError("a spec with artifact files must be read from a file (they are relative to it), not stdin")
+    base = os.path.dirname(os.path.abspath(spec_path)) if spec_path != "-" else ""
+    fds = []
+    try:
+        for name in files:
+            fds.append(_open_file(os.path.join(base, name)))
+    except CliError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return files, tuple(fds)
+
+
 def _build_deploy(opts: argparse.Namespace) -> Request:
-    args = {"spec_toml": _read_text(opts.file), "wait": opts.wait, "timeout": opts.timeout}
+    text = _read_text(opts.file)
+    files, fds = _spec_files(text, opts.file)
+    args = {"spec_toml": text, "wait": opts.wait, "timeout": opts.timeout}
+    if files:
+        args["files"] = files  # the i-th passed file is the i-th of these
     if not opts.wait:
         timeout: float | None = ONE_SHOT_TIMEOUT_S
     elif opts.timeout is not None:
         timeout = opts.timeout + WAIT_GRACE_S
     else:
         timeout = None
-    return Request("deploy", args, timeout=timeout, follow=opts.wait)
+    return Request("deploy", args, timeout=None if fds else timeout, follow=opts.wait, fds=fds)
 
 
 def _build_plan(opts: argparse.Namespace) -> Request:
@@ -521,10 +599,12 @@ def _build_audit(opts: argparse.Namespace) -> Request:
 
 def _stream_handler(command: str, out: Output, follow: bool = False,
                     collected: list[str] | None = None) -> Callable[[Any], None]:
-    if command == "deploy":
+    if command in ("deploy", "artifact_push"):
 
         def on_item(item: Any) -> None:
-            if isinstance(item, Mapping):
+            if isinstance(item, Mapping) and "pushing" in item:
+                out.progress(render.push_progress(item))
+            elif isinstance(item, Mapping):
                 out.progress(render.deploy_progress(item))
 
     elif command == "logs":
@@ -591,6 +671,7 @@ _show_history = _listing(render.HISTORY_COLUMNS)
 _show_audit = _listing(render.AUDIT_COLUMNS)
 _show_revocations = _listing(render.REVOCATION_COLUMNS)
 _show_tokens = _listing(render.TOKEN_COLUMNS)
+_show_artifacts = _listing(render.ARTIFACT_COLUMNS)
 _show_event_table = _listing(render.EVENT_COLUMNS)
 
 
@@ -695,6 +776,7 @@ def main(argv: list[str] | None = None) -> int:
                 request.args,
                 on_stream=_stream_handler(request.cmd, out, request.follow, collected),
                 timeout=request.timeout,
+                fds=request.fds,
             )
             out.end_progress()
             if watching and out.json_mode:

@@ -28,6 +28,9 @@ TUNING_OPTIONS = (
                              "a daemon that is not root runs them as itself)"),
     ("--reserve-cpu", float, "cores kept out of placement for meshd itself (default 0.1)"),
     ("--reserve-memory-mb", int, "MiB kept out of placement for meshd itself (default 128)"),
+    ("--artifact-quota-mb", int, "MiB the artifact store may take in the data dir (default 10240)"),
+    ("--artifact-upload-mbps", float, "Mbit/s this node serves artifact pieces to its peers at most (default 0: "
+                                      "no limit)"),
     ("--reattest-interval", float, "seconds between re-attestations of every member"),
     ("--sync-interval", float, "seconds between state-vector exchanges of a cross-site sync session"),
     ("--stopped-app-retention", float, "seconds a stopped app stays in the site's state before it is forgotten"),

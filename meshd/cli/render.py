@@ -234,6 +234,32 @@ TOKEN_COLUMNS: list[Column] = [
     ("USED BY", lambda r: r.get("used_by") or r.get("revoked_by") and f"revoked by {r['revoked_by']}" or "-"),
 ]
 
+ARTIFACT_COLUMNS: list[Column] = [
+    ("NAME", "name"),
+    ("DIGEST", lambda r: str(r.get("digest", ""))[:19]),
+    ("SIZE", lambda r: human_bytes(r.get("size"))),
+    ("HOLDERS", "holders"),
+    ("PINNED BY", "pinned_by"),
+    ("PUSHED", lambda r: local_time(r.get("pushed_at")) if r.get("pushed_at") else "-"),
+]
+
+
+def human_bytes(size: Any) -> str:
+    if not isinstance(size, (int, float)) or isinstance(size, bool):
+        return MISSING
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{int(size)} B"
+
+
+def push_progress(item: Mapping[str, Any]) -> str:
+    """`pushing model.onnx 37 % (12.0 MB of 32.4 MB)`"""
+    done, total = item.get("done", 0), item.get("total", 0)
+    percent = 100 * done // total if isinstance(total, int) and total > 0 and isinstance(done, int) else 100
+    return f"pushing {_printable(str(item.get('pushing', '')))} {percent} % ({human_bytes(done)} of {human_bytes(total)})"
+
+
 REVOCATION_COLUMNS: list[Column] = [
     ("TIME", lambda r: local_time(r.get("at"))),
     ("NODE", lambda r: r.get("name") or r.get("node_id", "")[:SHORT_ID_CHARS]),

@@ -36,6 +36,7 @@ Invariants:
 
 from __future__ import annotations
 
+import array
 import errno
 import inspect
 import json
@@ -100,6 +101,9 @@ RESULT_PART_BYTES = ADMIN_MAX_FRAME // 2
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
 
+# Files one request may pass (an app's artifacts, meshd.spec.MAX_ARTIFACTS); more is refused.
+MAX_PASSED_FDS = 16
+
 # struct ucred as SO_PEERCRED returns it: pid, uid, gid.
 _UCRED = struct.Struct("3i")
 
@@ -110,6 +114,10 @@ class AdminRequest:
     args: dict
     peer_uid: int
     peer_pid: int
+    # Open files the client passed with the request (SCM_RIGHTS): a file it pushes, which
+    # the daemon (sandboxed, without access to the operator's home) reads through them.
+    # The server closes them when the request ends.
+    fds: tuple[int, ...] = ()
 
 
 class AdminStream(Protocol):
@@ -390,12 +398,39 @@ async def _handle_connection(
         await _reply(conn, _error(f"permission denied: uid {peer_uid} may not use meshd"))
         return
 
+    fds: list[int] = []
+    try:
+        await _handle_request(conn, handler, request_timeout, requested, peer_uid, peer_pid, fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+async def _receive(conn: trio.SocketStream, fds: list[int]) -> bytes:
+    """One read of the request, taking any files passed with it (closed by the caller)."""
+    data, ancdata, flags, _address = await conn.socket.recvmsg(
+        RECEIVE_CHUNK, socket.CMSG_SPACE(MAX_PASSED_FDS * _FD.itemsize))
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            passed = array.array("i")
+            passed.frombytes(payload[:len(payload) - len(payload) % _FD.itemsize])
+            fds.extend(passed)
+    if flags & socket.MSG_CTRUNC:
+        raise FrameError(f"more than {MAX_PASSED_FDS} files passed with one request")
+    return data
+
+
+_FD = array.array("i")
+
+
+async def _handle_request(conn: trio.SocketStream, handler: AdminHandler, request_timeout: float,
+                          requested: Callable[[bool], bool], peer_uid: int, peer_pid: int, fds: list[int]) -> None:
     decoder = FrameDecoder(ADMIN_MAX_FRAME)
     frames: list[dict] = []
     try:
         with trio.move_on_after(request_timeout) as read_scope:
             while not frames:
-                data = await conn.receive_some(RECEIVE_CHUNK)
+                data = await _receive(conn, fds)
                 if not data:
                     return  # closed before a complete request: nobody to answer
                 frames = decoder.feed(data)
@@ -419,7 +454,7 @@ async def _handle_connection(
         await _reply(conn, _error(f"{BUSY_PREFIX}streams are starting faster than {STREAM_STARTS_PER_S:g} a second; "
                                   "try again"))
         return
-    request = AdminRequest(cmd=cmd, args=args, peer_uid=peer_uid, peer_pid=peer_pid)
+    request = AdminRequest(cmd=cmd, args=args, peer_uid=peer_uid, peer_pid=peer_pid, fds=tuple(fds))
     state = _ConnectionState()
     final: list[dict] | None = None
     async with trio.open_nursery() as nursery:

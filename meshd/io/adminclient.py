@@ -15,6 +15,7 @@ Invariants:
 
 from __future__ import annotations
 
+import array
 import errno
 import socket
 import time
@@ -136,16 +137,18 @@ def admin_call_sync(
     args: dict | None = None,
     on_stream: Callable[[Any], Any] | None = None,
     timeout: float | None = None,
+    fds: tuple[int, ...] = (),
 ) -> Any:
     """Send one request to the daemon at `path` and return its result; each progress item
-    goes to `on_stream` as it arrives. Raises AdminError for the daemon's refusals (and for
+    goes to `on_stream` as it arrives. `fds`: open files passed with the request (SCM_RIGHTS),
+    for a request that reads them (`artifact push`). Raises AdminError for the daemon's refusals (and for
     no answer within `timeout` seconds), AdminUnavailable when it cannot be reached. A
     "busy" answer (meshd.io.admin's admission: nothing was done) is retried for a while."""
     give_up = time.monotonic() + (timeout if timeout is not None else FULL_QUEUE_PATIENCE_S)
     while True:
         left = None if timeout is None else max(give_up - time.monotonic(), 0.001)
         try:
-            return _call_sync(path, cmd, args, on_stream, left, timeout)
+            return _call_sync(path, cmd, args, on_stream, left, timeout, fds)
         except AdminError as exc:
             if not exc.message.startswith(BUSY_PREFIX) or time.monotonic() + BUSY_RETRY_S >= give_up:
                 raise
@@ -153,7 +156,7 @@ def admin_call_sync(
 
 
 def _call_sync(path: str, cmd: str, args: dict | None, on_stream: Callable[[Any], Any] | None,
-               timeout: float | None, said: float | None) -> Any:
+               timeout: float | None, said: float | None, fds: tuple[int, ...] = ()) -> Any:
     """One attempt within `timeout` (what is left of the caller's `said` timeout)."""
     request = encode_request(cmd, args or {})
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -166,6 +169,9 @@ def _call_sync(path: str, cmd: str, args: dict | None, on_stream: Callable[[Any]
             raise AdminUnavailable(unreachable_message(path, exc)) from None
         unsent: OSError | None = None
         try:
+            if fds:  # the files ride on the request's first byte
+                conn.sendmsg([request[:1]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                request = request[1:]
             conn.sendall(request)
         except socket.timeout:
             raise AdminError(f"no answer from meshd at {path} within {said:g} s") from None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import pwd
+import re
 import secrets
 import time
 import uuid
@@ -42,7 +43,10 @@ from meshd import deployments as deploymentsmod
 from meshd import waves
 from meshd import eventfeed, tokens
 from meshd.io import peer
+from meshd.artifacts import catalog as artifact_catalog
+from meshd.artifacts.manifest import name_problem as artifact_name_problem
 from meshd.io.admin import AdminError, AdminRequest
+from meshd.io.artifactstore import StoreError
 from meshd.io.diskspace import DiskFull, full_problem
 from meshd.io.attester import package_digest, started_digest
 from meshd import commands as cmds
@@ -73,6 +77,8 @@ MAX_WAIT_TIMEOUT = 86_400.0
 RECOVERING = ("this member is rebuilding the site's state from its leader (its own Raft data was damaged and set "
               "aside); ask another member, or again in a moment")
 REPLAYING = "this member is still replaying its Raft journal (it has just started); ask again in a moment"
+# Progress of a push reaches the CLI at most this often (a 100 MB file hashes in a second).
+PUSH_PROGRESS_PERIOD = 0.25
 # How often `--wait` / `--follow` look at the state for news when nothing woke them.
 POLL_PERIOD = 0.1
 # `top` asks every member at once; one slower than this is shown as not answering (a member
@@ -88,6 +94,12 @@ def _actor(request: AdminRequest, ctx: NodeContext) -> str:
     except (KeyError, TypeError):
         user = f"uid:{request.peer_uid}"
     return f"{user}@{ctx.config.name}"
+
+
+def _file_name(path: str) -> str:
+    """An artifact's name from a spec's file path: its last component, made to fit the rule."""
+    base = re.sub(r"[^A-Za-z0-9._+-]", "_", path.rstrip("/").rpartition("/")[2]).lstrip("._+-")
+    return base[:128] or "artifact"
 
 
 def _arg(args: dict, key: str, kind: type | tuple, default: Any = None, required: bool = False) -> Any:
@@ -234,6 +246,7 @@ class AdminHandlers:
             "deployments": self.deployments, "history": self.history, "rollback": self.rollback,
             "promote": self.promote, "pause": self.pause, "resume": self.resume, "cancel": self.cancel,
             "pin": self.pin, "unpin": self.unpin, "metrics": self.metrics, "top": self.top,
+            "artifact_push": self.artifact_push, "artifact_ls": self.artifact_ls, "artifact_rm": self.artifact_rm,
         }
 
     async def __call__(self, request: AdminRequest, stream) -> Any:
@@ -638,6 +651,89 @@ class AdminHandlers:
         except specmod.SpecError as e:
             raise AdminError(f"invalid app spec: {e}") from None
 
+    # --- artifacts -----------------------------------------------------------------------
+
+    async def artifact_push(self, request: AdminRequest, stream) -> dict:
+        """Store the file passed with the request in the mesh: this node keeps it, its manifest
+        is signed (by a voter, or offline with a release key: `manifest`), the site's catalog
+        takes it in; members fetch it from here when a workload of theirs needs it."""
+        self._require_member()
+        if len(request.fds) != 1:
+            raise AdminError("artifact push needs the file passed with the request (meshctl artifact push FILE)")
+        name = _arg(request.args, "name", str, required=True)
+        problem = artifact_name_problem(name)
+        if problem:
+            raise AdminError(f"--name: {problem}")
+        document = _arg(request.args, "manifest", dict)
+        manifest = await self._push(request, request.fds[0], name, stream, document)
+        return {"digest": manifest.digest, "size": manifest.size, "name": manifest.name}
+
+    async def _push(self, request: AdminRequest, fd: int, name: str, stream, document: dict | None = None):
+        latest: dict = {}  # the push's progress, as the store last told it
+
+        def progress(done: int, total: int) -> None:
+            latest.update(pushing=name, done=done, total=total)
+
+        async def forward() -> None:
+            sent: dict = {}
+            while True:
+                if latest and latest != sent:
+                    sent = dict(latest)
+                    await stream.send(sent)
+                await trio.sleep(PUSH_PROGRESS_PERIOD)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(forward)
+                manifest, command = await self.ctx.artifacts.push(fd, name, _actor(request, self.ctx), progress,
+                                                                  document)
+                nursery.cancel_scope.cancel()
+        except StoreError as e:
+            raise AdminError(f"artifact {name}: {e}") from None
+        await self._write(request, lambda actor: dataclasses.replace(command, actor=actor))
+        return manifest
+
+    async def artifact_ls(self, request: AdminRequest, stream) -> list:
+        return artifact_catalog.listing(self._state())
+
+    async def artifact_rm(self, request: AdminRequest, stream) -> dict:
+        """Forget an artifact no kept app version pins: out of the site's catalog, and every
+        member drops its copy. A digest may be given by a unique prefix of its hex."""
+        self._require_member()
+        ref = _arg(request.args, "digest", str, required=True)
+        state = self._state()
+        wanted = ref if ref.startswith("sha256:") else "sha256:" + ref
+        matches = [d for d in state.artifacts if d.startswith(wanted)]
+        if len(matches) != 1 or len(wanted) < len("sha256:") + 8:
+            if not matches and len(wanted) == len("sha256:") + 64:
+                return {"digest": wanted, "removed": False}
+            raise AdminError(f"{ref!r} names {'no' if not matches else 'more than one'} artifact of this site "
+                             "(give its digest, or at least 8 hex digits of it)")
+        result = await self._write(request, lambda actor: cmds.RemoveArtifact(digest=matches[0], actor=actor))
+        return {"digest": matches[0], "removed": bool(result["removed"])}
+
+    async def _push_spec_files(self, request: AdminRequest, app_spec, stream):
+        """A spec's `file = ...` artifacts, passed with the request, pushed; the spec that pins
+        their digests (what is stored). Every `digest = ...` must be known to this site."""
+        files = _arg(request.args, "files", list, default=[])
+        wanting = [a for a in app_spec.artifacts if a.file]
+        if [a.file for a in wanting] != files or len(request.fds) != len(files):
+            if wanting:
+                raise AdminError("the spec's artifact files must be passed with it: deploy it with meshctl deploy FILE, "
+                                 "which reads them beside the spec")
+            raise AdminError("files were passed, but the spec names no artifact file")
+        state = self._state()
+        for ref in app_spec.artifacts:
+            if ref.digest and ref.digest not in state.artifacts:
+                raise AdminError(f"artifact {ref.name}: {ref.digest[:19]}... is not known to this site "
+                                 "(push it first with meshctl artifact push)")
+        pinned = {}
+        for ref, fd in zip(wanting, request.fds):
+            manifest = await self._push(request, fd, _file_name(ref.file), stream)
+            pinned[ref.name] = manifest.digest
+        refs = tuple(dataclasses.replace(r, digest=pinned[r.name], file="") if r.file else r
+                     for r in app_spec.artifacts)
+        return dataclasses.replace(app_spec, artifacts=refs)
+
     @staticmethod
     def _spec_text(request: AdminRequest) -> str:
         return _arg(request.args, "spec_toml", str, required=True)
@@ -663,6 +759,11 @@ class AdminHandlers:
 
     async def deploy(self, request: AdminRequest, stream) -> dict:
         app_spec = self._parse_spec(request)
+        spec_toml = self._spec_text(request)
+        if app_spec.artifacts or request.fds:
+            self._require_member()
+            app_spec = await self._push_spec_files(request, app_spec, stream)
+            spec_toml = specmod.spec_to_toml(app_spec)  # what the mesh keeps: digests, not files
         wait = bool(_arg(request.args, "wait", bool, False))
         timeout = _arg(request.args, "timeout", (int, float), DEFAULT_WAIT_TIMEOUT)
         if (isinstance(timeout, int) and abs(timeout) > MAX_WAIT_TIMEOUT) or not 0 < float(timeout) <= MAX_WAIT_TIMEOUT:
@@ -680,7 +781,7 @@ class AdminHandlers:
             result, edit = await self._commit_edit(
                 request, lambda edit, actor: self.ctx.mesh.hold_for_wave(
                     cmds.SubmitApp(spec=app_spec, edit=edit, actor=actor)), app_spec.name,
-                spec_toml=self._spec_text(request), targets=targets, replicas=app_spec.replicas)
+                spec_toml=spec_toml, targets=targets, replicas=app_spec.replicas)
         answer = {"app": result["app"], "version": result["version"], "accepted": True, "changed": same is None,
                   "sites": list(targets), "edit_id": edit.edit_id}
         if result.get("held"):

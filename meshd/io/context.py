@@ -143,6 +143,7 @@ class NodeContext:
         self.beats: dict[str, float] = {}
         self.stopping = False
         self.mesh: Any = None  # meshd.io.mesh.MeshSync, set by the runtime
+        self.artifacts: Any = None  # meshd.io.services.artifacts.ArtifactService, set by the runtime
         self._newest_state: SiteState | None = None
         self._replayed_before = False  # has_seen_state
         self._revocations_cache: tuple[tuple, frozenset[str]] | None = None

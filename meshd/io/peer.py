@@ -13,6 +13,9 @@ Three conversations exist:
   non-voter following this node; nothing is answered. A member of this site proves who it
   is by its client certificate alone (it names the node). This is how the leader knows a
   non-voter is alive without a Raft commit per beat.
+- artifact pieces: `pieces_hello` (a digest) -> `pieces_ready`, then the connection carries
+  meshd.artifacts.piecewire's requests and raw pieces (meshd.io.artifactpeer). Like sync,
+  any member of the mesh that is not revoked may fetch: a site pulls from another.
 - document sync: `sync_hello` (the caller's site) -> `sync_ready`, then the connection carries
   crdt.sync's binary messages both ways until either side ends it (meshd.io.docsync). Any
   member of the mesh may sync, whatever its site: its client certificate must chain to the
@@ -140,6 +143,8 @@ JoinHandler = Callable[[FramedStream, dict, str], Awaitable[None]]
 SyncHandler = Callable[[FramedStream, trio.abc.Stream, tuple[str, str]], Awaitable[None]]
 # (the call, a sender of stream items, the authenticated caller's node id) -> the result
 CallHandler = Callable[[dict, Callable[[dict], Awaitable[None]], str], Awaitable[Any]]
+# (connection, the TLS stream under it, its pieces_hello) (meshd.io.artifactpeer)
+PiecesHandler = Callable[[FramedStream, trio.abc.Stream, dict], Awaitable[None]]
 # (connection, node id named by the verified member certificate)
 BeatHandler = Callable[[FramedStream, str], Awaitable[None]]
 
@@ -151,7 +156,8 @@ async def serve_peer_connection(stream: trio.SocketStream, *, on_join: JoinHandl
                                 track: Callable[[str, str], Any],
                                 on_sync: SyncHandler | None = None,
                                 sync_member: Callable[[dict | None], tuple[str, str] | None] | None = None,
-                                on_beats: BeatHandler | None = None) -> None:
+                                on_beats: BeatHandler | None = None,
+                                on_pieces: PiecesHandler | None = None) -> None:
     """One peer connection: TLS, then a join or one member call.
 
     `cert_member(peer certificate)` names the (site, node id) of the member of this site a
@@ -191,6 +197,12 @@ async def serve_peer_connection(stream: trio.SocketStream, *, on_join: JoinHandl
                 raise PeerError("beats need a valid member certificate of this site")
             with track(*named):
                 await on_beats(conn, named[1])
+        elif kind == "pieces_hello" and on_pieces is not None and sync_member is not None:
+            named = sync_member(secure.getpeercert())
+            if named is None:
+                raise PeerError("artifact pieces need the certificate of a member of this mesh that is not revoked")
+            with track(*named):
+                await on_pieces(conn, secure, hello)
         elif kind == "sync_hello" and on_sync is not None and sync_member is not None:
             named = sync_member(secure.getpeercert())
             if named is None:

@@ -45,6 +45,7 @@ from meshd.io.memory import trim_heap
 from meshd.io.mesh import MeshSync
 from meshd.io.metrics import serve_metrics
 from meshd.io.sdnotify import ping_watchdog, sd_notify, sd_status, watchdog_ping_interval
+from meshd.io.services.artifacts import ArtifactService
 from meshd.io.services.attestation import AttestationService
 from meshd.io.services.beats import BeatService
 from meshd.io.services.leader import LeaderService
@@ -84,6 +85,7 @@ class Runtime:
         self.trust = TrustService(ctx)
         self.attestation = AttestationService(ctx)
         self.beats = BeatService(ctx)
+        self.artifacts = ctx.artifacts = ArtifactService(ctx)
         self.peers = PeerService(ctx, voter_changes=self.leader.voter_changes, switch_secret=self.trust.switch_secret,
                                  become_voter=self.trust.become_voter)
         self.admin = AdminHandlers(ctx, revoke=self.trust.revoke)
@@ -104,6 +106,7 @@ class Runtime:
             raise FatalStartupError(str(e)) from None
         self._check_config_against_data_dir()
         ctx.open_wakeups()
+        self.artifacts.open()
         self._choose_ports()
         ctx.mesh.open()
         # What this process runs, measured before anything else (a few ms): the digest it
@@ -145,7 +148,8 @@ class Runtime:
             ctx.supervisor = Supervisor(ctx.data_dir, on_change=ctx.reports_changed.notify,
                                         log_max_bytes=ctx.config.log_max_bytes, log_keep=ctx.config.log_keep,
                                         workload_user=ctx.config.workload_user, limits=self._open_cgroups(),
-                                        devices=DeviceSet(devices.found(ctx.config.devices)))
+                                        devices=DeviceSet(devices.found(ctx.config.devices)),
+                                        artifacts=self.artifacts)
             found = ctx.supervisor.devices.devices
             if found:
                 names = devices.nvidia_names() if any(d.kind == "gpu" for d in found) else {}
@@ -166,7 +170,7 @@ class Runtime:
                 ctx.discovery.update_site(ctx.membership.site)
                 # zeroconf's announce waits for its own packets to go out; never on this loop.
                 nursery.start_soon(trio.to_thread.run_sync, ctx.discovery.announce)
-            for service in (self.worker, self.leader, self.attestation, self.trust, self.beats):
+            for service in (self.worker, self.leader, self.attestation, self.trust, self.beats, self.artifacts):
                 await nursery.start(service.run)
             nursery.start_soon(ctx.mesh.dial_loop)
             nursery.start_soon(ctx.mesh.leader_loop)

@@ -46,7 +46,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol
 
 import psutil
 import trio
@@ -61,12 +61,14 @@ from meshd.restart import (
     describe_exit,
     policy_problem,
 )
+from meshd.artifacts.use import with_artifacts
 from meshd.health import HealthWatch
 from meshd.io import cgroups
+from meshd.io.artifactstore import ArtifactWait
 from meshd.io.devices import DeviceError, DeviceSet, device_env
 from meshd.io.healthcheck import run_check
 from meshd.usage import CpuSampler
-from meshd.state import ALLOC_FAILED, ALLOC_PENDING, ALLOC_RUNNING, ALLOC_STOPPED, HEALTH_NONE
+from meshd.state import ALLOC_FAILED, ALLOC_PENDING, ALLOC_RUNNING, ALLOC_STOPPED, HEALTH_NONE, ArtifactRef
 
 # Reports of finished allocations kept after they were final: enough for the daemon to push
 # every final state even after a mass stop, small enough to bound memory on a small device.
@@ -90,6 +92,14 @@ REASON_NOT_STARTED = "not started: meshd is shutting down"
 
 # What to run for one allocation: the node core's Workload (meshd.node.effects), one type.
 DesiredAlloc = Workload
+
+
+class ArtifactProvider(Protocol):
+    """Where workloads' artifacts come from (meshd.io.services.artifacts)."""
+
+    async def ready(self, refs: tuple[ArtifactRef, ...], on_reason: Callable[[str], None]) -> dict[str, str]:
+        """Each artifact's path by name once all are on the node; ArtifactWait when one
+        cannot be given."""
 
 
 @dataclass(frozen=True)
@@ -427,10 +437,12 @@ class Supervisor:
         workload_user: str | None = None,
         limits: cgroups.Cgroups | None = None,
         devices: DeviceSet | None = None,
+        artifacts: "ArtifactProvider | None" = None,
     ) -> None:
         """`limits`: this node's cgroup subtree, opened (None: workloads run unconfined, and
         one that asks for limits fails to start)."""
         self.workload_user = workload_user  # who a spec that names nobody runs as (None: the daemon's user)
+        self.artifacts = artifacts  # where a workload's artifacts come from (None: one that needs any cannot start)
         self.limits = limits
         self.devices = devices if devices is not None else DeviceSet([])  # which allocation holds which
         self.data_dir = Path(data_dir)
@@ -718,10 +730,45 @@ class Supervisor:
             self._finish(slot, *final)
             slot.done.set()
 
+    async def _artifacts_of(self, slot: _Slot) -> dict[str, str] | str | None:
+        """Each artifact's path by name once the node holds them all (the allocation stays
+        pending meanwhile, with the reason), a reason it cannot start, or None when it was
+        told to stop or change first."""
+        if self.artifacts is None:
+            return "this node serves no artifacts"
+        outcome: dict[str, object] = {}
+        async with trio.open_nursery() as nursery:
+            async def fetch() -> None:
+                try:
+                    outcome["paths"] = await self.artifacts.ready(
+                        slot.spec.artifacts, lambda why: self._report(slot, state=ALLOC_PENDING, pid=None, reason=why))
+                except ArtifactWait as exc:
+                    outcome["error"] = str(exc)
+                nursery.cancel_scope.cancel()
+
+            async def interrupted() -> None:
+                await slot.wake.wait()
+                nursery.cancel_scope.cancel()
+            nursery.start_soon(fetch)
+            nursery.start_soon(interrupted)
+        if "paths" in outcome:
+            return outcome["paths"]  # type: ignore[return-value]
+        return outcome.get("error")  # type: ignore[return-value]
+
     async def _run_once(self, slot: _Slot) -> _Exit:
         """Start the workload once and return when it has ended, all of its processes too."""
         spec = slot.spec
         assert slot.log is not None
+        paths: dict[str, str] = {}
+        if spec.artifacts:
+            got = await self._artifacts_of(slot)
+            if got is None:
+                return _Exit(exit_code=None, uptime=0.0, cause="not started: its artifacts were not all on the node")
+            if isinstance(got, str):
+                cause = f"cannot start it: {got}"
+                self._lifecycle(slot, "exec-failed", cause)
+                return _Exit(exit_code=None, uptime=0.0, cause=cause)
+            paths = got
         try:
             group = self._group(slot)
         except cgroups.CgroupError as exc:
@@ -730,6 +777,7 @@ class Supervisor:
             return _Exit(exit_code=None, uptime=0.0, cause=cause)
         ooms_before = group.oom_kills() if group is not None else 0
         env = workload_env(spec, self.log_path(spec.alloc_id).parent)
+        command, env = with_artifacts(spec.command, env, paths) if paths else (list(spec.command), env)
         try:
             user = slot.user = self._user_of(spec, self.log_path(spec.alloc_id).parent)
         except UserError as exc:
@@ -744,7 +792,7 @@ class Supervisor:
                 self._lifecycle(slot, "exec-failed", cause)
                 return _Exit(exit_code=None, uptime=0.0, cause=cause)
         try:
-            proc = _WorkloadProcess(list(spec.command), env, self.log_path(spec.alloc_id).parent,
+            proc = _WorkloadProcess(command, env, self.log_path(spec.alloc_id).parent,
                                     join=group.join_paths if group is not None else (), user=user)
         except (OSError, ValueError, subprocess.SubprocessError) as exc:  # ValueError: e.g. a NUL byte in an argument
             error = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from meshd.io.identity import write_atomic
 from meshd.node.effects import Workload
-from meshd.state import HealthCheck, ResourceRequest
+from meshd.state import ArtifactRef, HealthCheck, ResourceRequest
 
 log = logging.getLogger("meshd.daemon")
 
@@ -35,7 +35,8 @@ def _wire(workload: Workload) -> dict:
     return {"alloc_id": workload.alloc_id, "app": workload.app, "command": list(workload.command),
             "env": dict(workload.env), "restart_policy": workload.restart_policy, "site": workload.site,
             "health": dataclasses.asdict(workload.health), "limits": dataclasses.asdict(workload.limits),
-            "user": workload.user}
+            "user": workload.user,
+            "artifacts": [{"name": a.name, "digest": a.digest, "unpack": a.unpack} for a in workload.artifacts]}
 
 
 def _workload(raw: object) -> Workload:
@@ -58,9 +59,11 @@ def _workload(raw: object) -> Workload:
             and all(isinstance(k, str) and isinstance(n, int) and n > 0 for k, n in wanted)):
         raise ValueError("limits")
     limits["devices"] = tuple((k, n) for k, n in wanted)
+    artifacts = tuple(ArtifactRef(name=str(a["name"]), digest=str(a["digest"]), unpack=bool(a["unpack"]))
+                      for a in raw.get("artifacts", []))
     return Workload(alloc_id=raw["alloc_id"], app=raw["app"], command=tuple(command), env=env,
                     restart_policy=raw["restart_policy"], health=HealthCheck(**health), site=raw["site"],
-                    limits=ResourceRequest(**limits), user=str(raw.get("user", "")))
+                    limits=ResourceRequest(**limits), user=str(raw.get("user", "")), artifacts=artifacts)
 
 
 def encode(workloads: tuple[Workload, ...]) -> bytes:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence, Union
 
 from meshd.commands import Command, Result
-from meshd.state import HealthCheck, NodeRecord, ResourceRequest, SiteState
+from meshd.state import ArtifactRef, HealthCheck, NodeRecord, ResourceRequest, SiteState
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,7 @@ class Workload:
     site: str = ""  # the site it runs in (MESHD_SITE in its environment)
     limits: ResourceRequest = ResourceRequest()  # enforced while it runs (meshd.io.cgroups)
     user: str = ""  # who it runs as ("": the node's workload-user)
+    artifacts: tuple[ArtifactRef, ...] = ()  # on this node and verified before it starts
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,7 @@ class Worker:
             workloads.append(Workload(alloc_id=alloc.alloc_id, app=alloc.app, command=tuple(spec.command),
                                       env=dict(spec.env), restart_policy=spec.restart_policy,
                                       health=spec.health, site=state.site, limits=spec.resources,
-                                      user=spec.user))
+                                      user=spec.user, artifacts=spec.artifacts))
         key = tuple(sorted(w.alloc_id for w in workloads))
         if key != self._running:
             self._running = key

@@ -691,3 +691,42 @@ def test_a_busy_answer_sent_before_the_request_was_read_is_still_retried(tmp_pat
         thread.join(5)
         server.close()
     assert served == ["echo"]
+
+
+class FileReader:
+    """Reads the files passed with a request (as `artifact push` does)."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    async def __call__(self, request: AdminRequest, stream: Any) -> Any:
+        self.seen.extend(request.fds)
+        return [os.pread(fd, 100, 0).decode() for fd in request.fds]
+
+
+def test_files_passed_with_a_request_reach_the_handler_and_are_closed_after(sock_path, tmp_path):
+    from meshd.io.adminclient import admin_call_sync
+    handler = FileReader()
+    paths = [tmp_path / f"f{i}" for i in range(3)]
+    for i, path in enumerate(paths):
+        path.write_text(f"content {i}")
+    opened = [os.open(p, os.O_RDONLY) for p in paths]
+
+    async def body() -> None:
+        before = len(os.listdir("/proc/self/fd"))
+        got = await trio.to_thread.run_sync(lambda: admin_call_sync(sock_path, "read", {}, fds=tuple(opened)))
+        assert got == ["content 0", "content 1", "content 2"]
+        await trio.sleep(0.05)
+        assert len(os.listdir("/proc/self/fd")) == before  # the server closed its copies
+        too_many = tuple(opened) * 6  # 18 > MAX_PASSED_FDS
+        with pytest.raises(AdminError, match="more than 16 files"):
+            await trio.to_thread.run_sync(lambda: admin_call_sync(sock_path, "read", {}, fds=too_many))
+        await trio.sleep(0.05)
+        assert len(os.listdir("/proc/self/fd")) == before
+
+    try:
+        run_with_server(sock_path, handler, body)
+    finally:
+        for fd in opened:
+            os.close(fd)
+    assert len(handler.seen) == 3

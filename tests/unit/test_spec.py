@@ -31,7 +31,7 @@ from meshd.spec import (
     spec_to_dict,
     spec_to_toml,
 )
-from meshd.state import AppSpec, Constraints, ResourceRequest, RolloutPlan, UpdatePolicy, Wave
+from meshd.state import AppSpec, ArtifactRef, Constraints, ResourceRequest, RolloutPlan, UpdatePolicy, Wave
 from meshd.state import HealthCheck as HealthSpec
 
 FULL_TOML = """
@@ -417,7 +417,17 @@ def app_specs(draw: st.DrawFn) -> AppSpec:
         restart_policy=draw(st.sampled_from(["always", "on-failure", "never"])),
         health=draw(st.just(HealthSpec()) | health_checks()),
         update=draw(st.just(UpdatePolicy()) | update_policies(replicas)),
+        artifacts=tuple(draw(st.lists(artifact_refs(), max_size=3, unique_by=lambda a: a.name))),
     )
+
+
+@st.composite
+def artifact_refs(draw: st.DrawFn) -> ArtifactRef:
+    pushed = draw(st.booleans())
+    return ArtifactRef(name=draw(st.from_regex(r"\A[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?\Z")),
+                       digest="sha256:" + draw(st.from_regex(r"\A[0-9a-f]{64}\Z")) if pushed else "",
+                       file="" if pushed else draw(st.from_regex(r"\A[a-z][a-z0-9/._-]{0,20}\Z")),
+                       unpack=draw(st.booleans()))
 
 
 @st.composite
@@ -521,3 +531,51 @@ def test_junk_toml_fragments_raise_only_spec_error(parts: list[str]) -> None:
         parse_app_toml("".join(parts))
     except SpecError as err:
         assert "\n" not in str(err)
+
+
+# --- [[app.artifact]] -----------------------------------------------------------------
+DIGEST = "sha256:" + "ab" * 32
+
+
+def test_artifacts_are_parsed_and_named_for_the_environment():
+    spec = parse_app_toml(f"""
+[app]
+name = "detector"
+command = ["/usr/bin/run", "--model", "${{artifact:model}}"]
+env = {{ BUNDLE = "${{artifact:py-libs}}/lib" }}
+[[app.artifact]]
+name = "model"
+file = "models/detector.onnx"
+[[app.artifact]]
+name = "py-libs"
+digest = "{DIGEST}"
+unpack = true
+""")
+    assert spec.artifacts == (ArtifactRef("model", file="models/detector.onnx"),
+                              ArtifactRef("py-libs", digest=DIGEST, unpack=True))
+    from meshd.spec import artifact_env_name
+    assert artifact_env_name("py-libs") == "MESHD_ARTIFACT_PY_LIBS"
+
+
+@pytest.mark.parametrize("artifact, key, reason", [
+    ('name = "m"', "app.artifact[0]", "exactly one of file"),
+    (f'name = "m"\nfile = "a"\ndigest = "{DIGEST}"', "app.artifact[0]", "exactly one of file"),
+    ('name = "M"\nfile = "a"', "app.artifact[0].name", "lowercase"),
+    ('name = "m"\ndigest = "sha256:xyz"', "app.artifact[0].digest", "64 lowercase hex"),
+    ('name = "m"\nfile = "a"\nunpack = "yes"', "app.artifact[0].unpack", "true or false"),
+    ('name = "m"\nfile = "a"\nmode = 1', "app.artifact[0].mode", "unknown key"),
+])
+def test_bad_artifacts_are_refused_with_their_key(artifact, key, reason):
+    with pytest.raises(SpecError) as e:
+        parse_app_toml(f'[app]\nname = "x"\ncommand = ["x"]\n[[app.artifact]]\n{artifact}\n')
+    assert e.value.key == key and reason in e.value.reason
+
+
+def test_a_use_of_an_unknown_artifact_is_refused():
+    with pytest.raises(SpecError) as e:
+        parse_app_toml('[app]\nname = "x"\ncommand = ["x", "${artifact:nope}"]\n'
+                       '[[app.artifact]]\nname = "m"\nfile = "a"\n')
+    assert e.value.key == "app.command[1]" and "names no artifact" in e.value.reason
+    with pytest.raises(SpecError, match="another artifact"):
+        parse_app_toml('[app]\nname = "x"\ncommand = ["x"]\n[[app.artifact]]\nname = "a-b"\nfile = "a"\n'
+                       '[[app.artifact]]\nname = "a_b"\nfile = "b"\n')

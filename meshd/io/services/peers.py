@@ -137,7 +137,7 @@ class PeerService:
                     member_secret=lambda: self.ctx.membership.site_secret if self.ctx.membership and self.ctx.raft else None,
                     is_member=self.ctx.is_member, tls=self.ctx.tls.server_context, cert_member=self.ctx.cert_member,
                     track=self._track_member, on_sync=self._serve_sync, sync_member=self.ctx.sync_member,
-                    on_beats=self._take_beats)
+                    on_beats=self._take_beats, on_pieces=self._serve_pieces)
             finally:
                 admission.release(host)
 
@@ -298,12 +298,21 @@ class PeerService:
             except (ValueError, OSError, ssl.SSLError) as e:
                 raise peer.PeerError(f"certificate not installed: {e}") from None
             return {"installed": True}
+        if call.get("call") == "sign_artifact":  # a member pushed a file; a voter signs its manifest
+            if self.ctx.artifacts is None:
+                raise peer.PeerError("this node serves no artifacts")
+            return {"manifest": self.ctx.artifacts.sign_for_member(call.get("fields"))}
         if call.get("call") == "top":  # what this node's workloads use (meshctl top)
             return {"rows": self.ctx.supervisor.usage() if self.ctx.supervisor is not None else []}
         if call.get("call") == "logs":
             return await serve_local_logs(self.ctx, str(call.get("alloc", "")), bool(call.get("follow")),
                                           call.get("tail"), send_stream, lines=call.get("lines"))
         raise peer.PeerError(f"unknown member call {call.get('call')!r}")
+
+    async def _serve_pieces(self, conn: peer.FramedStream, stream, hello: dict) -> None:
+        if self.ctx.artifacts is None or self.ctx.artifacts.store is None:
+            raise peer.PeerError("this node serves no artifacts yet")
+        await self.ctx.artifacts.serve(conn, stream, hello)
 
     @contextlib.contextmanager
     def _track_member(self, site: str, node_id: str):

@@ -1,0 +1,57 @@
+"""What this node does about artifacts, given the site's catalog and its own store: which
+to fetch and from whom, which to drop, what to tell the site it holds, and why a workload
+that needs one still waits.
+
+Invariants:
+- Pure: reads a SiteState and sets of digests; no I/O, no clock.
+- A node fetches only what a workload of its own wants (or a rollout stages on it), only
+  with a manifest the catalog holds and that opens with a key the mesh trusts now, and
+  only from members of its site that hold it complete (never from itself).
+- It drops only what the site removed from its catalog (`artifacts_removed`) and no
+  workload here wants; the quota's garbage collection (meshd.artifacts.retention) is the
+  store's, at the moment room is needed.
+- It reports its holdings exactly when the site's record of it differs from its store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from meshd.artifacts import catalog
+from meshd.artifacts.manifest import Manifest
+from meshd.state import SiteState
+
+
+@dataclass(frozen=True)
+class Fetch:
+    manifest: Manifest
+    holders: tuple[str, ...]  # node ids of site members holding it
+
+
+@dataclass(frozen=True)
+class Decision:
+    fetch: tuple[Fetch, ...] = ()
+    drop: tuple[str, ...] = ()
+    report: tuple[str, ...] | None = None  # the holdings to tell the site, when it shows others
+    waiting: tuple[tuple[str, str], ...] = ()  # (digest, why it cannot be fetched now)
+
+
+def decide(state: SiteState, node_id: str, held: frozenset[str], wanted: frozenset[str]) -> Decision:
+    fetch, waiting = [], []
+    for digest in sorted(wanted - held):
+        manifest = catalog.manifest_of(state, digest)
+        if manifest is None:
+            why = ("its manifest is no longer signed by a key the mesh trusts" if digest in state.artifacts
+                   else "not known to this site yet (push it, or wait for the site that has it)")
+            waiting.append((digest, why))
+            continue
+        holders = tuple(h for h in catalog.holder_ids(state, digest) if h != node_id)
+        if not holders:
+            waiting.append((digest, "no member of the site holds it"))
+            continue
+        fetch.append(Fetch(manifest, holders))
+    drop = tuple(sorted(d for d in held - wanted if d in state.artifacts_removed and d not in state.artifacts))
+    own = state.nodes.get(node_id)
+    holdings = tuple(sorted(held - set(drop)))
+    report = holdings if own is not None and tuple(own.artifacts) != holdings else None
+    return Decision(fetch=tuple(fetch), drop=drop, report=report, waiting=tuple(waiting))

@@ -1,0 +1,142 @@
+"""Artifacts on real daemons: a spec's file pushed by `meshctl deploy` runs on three nodes,
+each of which fetched and verified it over the peer port; a member serving wrong bytes is
+detected and the fetch completes from another; an archive that would unpack outside its
+directory never runs; what a kept version pins cannot be removed."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from meshd.io.localsite import wait_for
+
+pytestmark = pytest.mark.system
+
+MB = 1 << 20
+
+
+def meshctl(node, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    shown = subprocess.run([sys.executable, "-m", "meshd.cli.meshctl", "--socket", node.socket, *args],
+                           capture_output=True, text=True, timeout=120)
+    if check:
+        assert shown.returncode == 0, shown.stderr
+    return shown
+
+
+def checker(name: str, replicas: int, artifact: str, extra: str = "", **labels: str) -> str:
+    """An app that prints the sha256 of its artifact, then sleeps."""
+    constraint = ""
+    if labels:
+        constraint = "[app.constraints]\nlabels = { " + ", ".join(f'{k} = "{v}"' for k, v in labels.items()) + " }\n"
+    return f'''[app]
+name = "{name}"
+replicas = {replicas}
+command = ["{sys.executable}", "-c", "import hashlib, os, sys, time; p = sys.argv[1]; print('sha', hashlib.sha256(open(p, 'rb').read()).hexdigest(), os.environ['MESHD_ARTIFACT_MODEL'] == p, flush=True); time.sleep(600)", "${{artifact:model}}"]
+user = "root"
+{constraint}
+[[app.artifact]]
+name = "model"
+{artifact}
+{extra}'''
+
+
+def printed_sha(node, alloc_id: str) -> str | None:
+    text = node.call("logs", alloc=alloc_id, lines=50)["data"]
+    for line in text.splitlines():
+        if " sha " in f" {line}":
+            parts = line.split()
+            return parts[parts.index("sha") + 1] + ":" + parts[-1]
+    return None
+
+
+def test_a_spec_with_a_file_runs_on_three_nodes_each_verifying_what_it_fetched(three, tmp_path):
+    data = os.urandom(5 * MB + 123)
+    (tmp_path / "model.bin").write_bytes(data)
+    (tmp_path / "app.toml").write_text(checker("det", 3, 'file = "model.bin"'))
+    first = three.nodes[0]
+    meshctl(first, "deploy", str(tmp_path / "app.toml"))
+    wait_for(lambda: len(three.running("det", via=first)) == 3, 60, interval=0.2, what="three replicas running")
+    allocs = three.running("det", via=first)
+    assert len({a["node"] for a in allocs}) == 3  # one a node: each fetched it
+    want = hashlib.sha256(data).hexdigest() + ":True"
+    by_name = {n.name: n for n in three.nodes}
+    for alloc in allocs:
+        node = by_name[alloc["node"]]
+        assert wait_for(lambda: printed_sha(node, alloc["alloc_id"]), 20, what="the sha printed") == want
+    listing = json.loads(meshctl(first, "--json", "artifact", "ls").stdout)
+    [row] = listing
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    assert row["digest"] == digest and row["size"] == len(data) and row["name"] == "model.bin"
+    wait_for(lambda: len(json.loads(meshctl(first, "--json", "artifact", "ls").stdout)[0]["holders"]) == 3, 20,
+             what="every node told the site it holds it")
+    assert row["pinned_by"] == ["det@v1"]
+    # a pinned artifact cannot be removed
+    refused = meshctl(first, "artifact", "rm", digest, check=False)
+    assert refused.returncode != 0 and "pinned by det@v1" in refused.stderr and refused.stderr.startswith("error:")
+    # read-only to the workload, and the store's copy is the exact bytes
+    blob = by_name[allocs[0]["node"]].data_dir / "artifacts" / "blobs" / digest.removeprefix("sha256:")
+    assert blob.read_bytes() == data and oct(blob.stat().st_mode & 0o777) == "0o444"
+
+
+def _tar(entries: list[tuple[str, bytes]]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz") as tar:
+        for name, body in entries:
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    return out.getvalue()
+
+
+def test_a_lying_member_is_found_out_and_an_archive_that_escapes_never_runs(make_site, tmp_path):
+    # Pieces leave each member at 16 Mbit/s: the fetch takes seconds, so both holders are asked.
+    site = make_site(extra_args=("--artifact-upload-mbps", "16"))
+    site.found()
+    for role in ("liar", "target"):
+        site.join(extra_args=("--label", f"role={role}"))
+    origin, liar, target = site.nodes
+    data = os.urandom(4 * MB + 7)
+    (tmp_path / "model.bin").write_bytes(data)
+    pushed = json.loads(meshctl(origin, "--json", "artifact", "push", str(tmp_path / "model.bin")).stdout)
+    digest = pushed["digest"]
+    assert pushed["size"] == len(data) and digest == "sha256:" + hashlib.sha256(data).hexdigest()
+    # The liar holds a damaged copy: the origin's manifest and piece list, other bytes.
+    source, planted = origin.data_dir / "artifacts" / "blobs", liar.data_dir / "artifacts" / "blobs"
+    hex_digest = digest.removeprefix("sha256:")
+    for suffix in (".manifest", ".pieces"):
+        (planted / f"{hex_digest}{suffix}").write_bytes((source / f"{hex_digest}{suffix}").read_bytes())
+    damaged = bytearray(data)
+    for offset in range(0, len(damaged), MB):
+        damaged[offset] ^= 0xFF  # every piece
+    (planted / hex_digest).write_bytes(bytes(damaged))
+    wait_for(lambda: sorted(json.loads(meshctl(origin, "--json", "artifact", "ls").stdout)[0]["holders"])
+             == sorted([origin.name, liar.name]), 20, what="the liar telling the site it holds it")
+    (tmp_path / "app.toml").write_text(checker("det", 1, f'digest = "{digest}"', role="target"))
+    meshctl(origin, "deploy", str(tmp_path / "app.toml"))
+    wait_for(lambda: three_running(site, origin), 60, interval=0.2, what="the replica running on the target")
+    [alloc] = site.running("det", via=origin)
+    assert alloc["node"] == target.name
+    assert wait_for(lambda: printed_sha(target, alloc["alloc_id"]), 20) == hashlib.sha256(data).hexdigest() + ":True"
+    events = [e["message"] for e in target.call("events")]
+    assert any(f"{liar.name} sent a bad piece of model.bin" in m for m in events), events[-20:]
+
+    # An archive with a member outside its directory: refused at unpack, the workload never runs.
+    (tmp_path / "evil.tgz").write_bytes(_tar([("ok.txt", b"fine"), ("../../escaped", b"pwned")]))
+    (tmp_path / "evil.toml").write_text(checker("evil", 1, 'file = "evil.tgz"\nunpack = true', role="target"))
+    meshctl(origin, "deploy", str(tmp_path / "evil.toml"))
+    [bad] = wait_for(lambda: [a for a in site.allocs("evil", via=origin) if "cannot unpack" in (a.get("reason") or "")],
+                     60, interval=0.2, what="the archive refused")
+    assert "'..'" in bad["reason"] or ".." in bad["reason"]
+    assert not (target.data_dir / "artifacts" / "escaped").exists()
+    assert not list((target.data_dir / "artifacts").rglob("escaped"))
+
+
+def three_running(site, via) -> bool:
+    return len(site.running("det", via=via)) == 1
