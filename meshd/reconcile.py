@@ -131,8 +131,8 @@ def reconcile_app(state: SiteState, app: str, wall: float | None = None) -> tupl
         keep = min(group, key=_keep_order)
         stop.extend((a.alloc_id, REASON_DUPLICATE) for a in group if a is not keep and a.live)
     if missing:
-        allowed = rollout.paced_indexes(record, rollout.look(state, record, state.last_ts if wall is None else wall),
-                                        missing)
+        seen = rollout.look(state, record, state.last_ts if wall is None else wall)
+        allowed = rollout.paced_indexes(record, seen, missing, staged=not rollout.unstaged(state, record, seen))
         missing = [i for i in missing if i in allowed]
     return tuple(missing), stop
 

@@ -23,6 +23,9 @@ Invariants:
 - A deployment fails when a new replica failed for good, stayed not healthy past
   `healthy_deadline_s` since it was placed or fell ill, or no index became done for
   `progress_deadline_s`; it succeeds when every index is done and no old replica is left.
+- Indexes held by an old replica wait while a node running one lacks an artifact of the new
+  version (`unstaged`): a rollout stages its artifacts on the nodes it changes before the
+  first replica changes.
 - A revert (returning to the stable version after a failure) is not paced and has no
   canaries: its only purpose is to get the failing version out of the way.
 """
@@ -100,15 +103,28 @@ def _canary_phase(d: Deployment | None) -> bool:
     return d is not None and d.active and d.canary > 0 and not d.promoted
 
 
-def paced_indexes(record: AppRecord, seen: Look, missing: list[int]) -> set[int]:
-    """Of the indexes without a new replica (`missing`), those that may get one now."""
+def unstaged(state: SiteState, record: AppRecord, seen: Look) -> list[str]:
+    """Names of the nodes running an old replica that do not yet hold every artifact of the
+    new version (meshd.artifacts.plan.staging fetches them there first)."""
+    digests = {a.digest for a in record.spec.artifacts if a.digest}
+    if not digests:
+        return []
+    nodes = {a.node_id for group in seen.old.values() for a in group}
+    return sorted(state.nodes[n].name for n in nodes
+                  if n in state.nodes and not digests <= set(state.nodes[n].artifacts))
+
+
+def paced_indexes(record: AppRecord, seen: Look, missing: list[int], staged: bool = True) -> set[int]:
+    """Of the indexes without a new replica (`missing`), those that may get one now.
+    `staged`: every node running an old replica holds the new version's artifacts; until
+    then no old replica is replaced (a fetch over a thin link takes no replica down)."""
     d = record.deployment
     free = {i for i in missing if i not in seen.old}  # nothing running is at stake
     held = [i for i in missing if i in seen.old]
     if d is None or d.revert:
         return free | set(held)  # no deployment (a record from before them), or a revert: no pace
-    if d.version != record.version or d.state != DEPLOY_RUNNING:
-        return free  # paused, awaiting promotion, ended: held indexes wait
+    if d.version != record.version or d.state != DEPLOY_RUNNING or not staged:
+        return free  # paused, awaiting promotion, ended, artifacts not staged: held indexes wait
     if _canary_phase(d):
         return free | {i for i in held if i < d.canary}
     room = max(record.spec.update.max_parallel - seen.in_flight, 0)

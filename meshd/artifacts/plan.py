@@ -4,7 +4,8 @@ that needs one still waits.
 
 Invariants:
 - Pure: reads a SiteState and sets of digests; no I/O, no clock.
-- A node fetches only what a workload of its own wants (or a rollout stages on it), only
+- A node fetches only what a workload of its own wants, or a rollout stages on it (the new
+  version's artifacts where an old replica runs), only
   with a manifest the catalog holds and that opens with a key the mesh trusts now, and
   only from members of its site that hold it complete (never from itself).
 - It drops only what the site removed from its catalog (`artifacts_removed`) and no
@@ -36,7 +37,23 @@ class Decision:
     waiting: tuple[tuple[str, str], ...] = ()  # (digest, why it cannot be fetched now)
 
 
+def staging(state: SiteState, node_id: str) -> frozenset[str]:
+    """The artifacts of the new versions of apps whose deployment is replacing a replica on
+    this node: fetched before the replica changes (meshd.rollout.unstaged waits for them)."""
+    wanted: set[str] = set()
+    for alloc in state.allocs.on_node(node_id):
+        record = state.apps.get(alloc.app)
+        d = record.deployment if record is not None else None
+        if record is None or d is None or not d.active or not alloc.live or record.runs(alloc.version):
+            continue
+        wanted.update(a.digest for a in record.spec.artifacts if a.digest)
+    return frozenset(wanted)
+
+
 def decide(state: SiteState, node_id: str, held: frozenset[str], wanted: frozenset[str]) -> Decision:
+    """`wanted`: what this node's workloads wait for or run with; what rollouts stage here is
+    added (`staging`)."""
+    wanted = wanted | staging(state, node_id)
     fetch, waiting = [], []
     for digest in sorted(wanted - held):
         manifest = catalog.manifest_of(state, digest)

@@ -246,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--version", metavar="V", help="meshd version (default: this node's)")
     sub.add_argument("--digest", metavar="SHA256", help="package digest, as `policy show` prints it on a node "
                      "running that version (default: this node's)")
+    sub = command("release-key", "trust an offline release key's artifact manifests (--remove to stop)",
+                  _build_policy_release_key, _show_object, parent=policy_commands)
+    sub.add_argument("key", metavar="PUBLIC_KEY", help="64 hex digits, as `meshctl artifact keygen` prints them")
+    sub.add_argument("--remove", action="store_true", help="stop trusting it")
     sub = command("require-tpm", "require TPM-backed evidence from every member of a site (--off to stop)",
                   _build_policy_require_tpm, _show_object, parent=policy_commands)
     sub.add_argument("--site", metavar="S", help="the site (default: this node's)")
@@ -264,6 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
                      "(`meshctl artifact sign`), instead of one signed by a voter")
     command("ls", "artifacts known to this site, who holds them, what pins them", _build_artifact_ls,
             _show_artifacts, parent=artifact_commands)
+    sub = command("keygen", "make an offline release key (no daemon needed): prints its public key",
+                  _build_artifact_keygen, _show_object, parent=artifact_commands)
+    sub.add_argument("key_file", metavar="KEY_FILE", help="where the private key goes (0600; never overwritten)")
+    sub = command("sign", "sign a file's manifest with a release key, offline (no daemon needed)",
+                  _build_artifact_sign, _show_object, parent=artifact_commands)
+    sub.add_argument("file", metavar="FILE", help="the file")
+    sub.add_argument("--key", metavar="KEY_FILE", required=True, help="the release key (`artifact keygen`)")
+    sub.add_argument("--mesh", metavar="MESH_ID", required=True, help="the mesh it is for (`policy show`)")
+    sub.add_argument("--name", metavar="N", help="its name (default: the file's name)")
+    sub.add_argument("--out", metavar="JSON", help="where the manifest goes (default: FILE.manifest.json)")
     sub = command("rm", "forget an artifact no app version pins", _build_artifact_rm, _show_object,
                   parent=artifact_commands)
     sub.add_argument("digest", metavar="DIGEST", help="sha256:<hex> (or a unique prefix of its hex)")
@@ -472,6 +486,32 @@ def _read_json(path: str) -> Any:
         return json.loads(_read_text(path))
     except ValueError as exc:
         raise CliError(f"cannot read {path}: not JSON ({exc})") from None
+
+
+@dataclass
+class Local:
+    """A command answered here, without the daemon (offline signing)."""
+    result: Any
+
+
+def _build_artifact_keygen(opts: argparse.Namespace) -> Local:
+    from meshd.artifacts.offline import keygen, OfflineError
+    try:
+        return Local(keygen(opts.key_file))
+    except OfflineError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _build_artifact_sign(opts: argparse.Namespace) -> Local:
+    from meshd.artifacts.offline import sign_file, OfflineError
+    try:
+        return Local(sign_file(opts.file, opts.key, opts.mesh, opts.name, opts.out))
+    except OfflineError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _build_policy_release_key(opts: argparse.Namespace) -> Request:
+    return Request("policy_release_key", {"key": opts.key, "remove": opts.remove})
 
 
 def _build_artifact_ls(opts: argparse.Namespace) -> Request:
@@ -767,6 +807,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Output(json_mode=opts.json or opts.json_after)
     try:
         request: Request = opts.build(opts)
+        if isinstance(request, Local):
+            if out.json_mode:
+                out.document(request.result)
+            else:
+                out.write(opts.show(request.result, opts) + "\n")
+            return 0
         watching = bool(getattr(opts, "watch", False))
         while True:
             collected: list[str] = []

@@ -34,7 +34,7 @@ from crdt.schema import AuditRecord as DocAuditRecord
 
 from attestation.policy import MAX_CLOCK_SKEW
 from attestation.evidence import HEX_DIGEST, SOFTWARE_EVIDENCE, TPM_EVIDENCE, VERSION
-from attestation.policy import Policy, open_policy, sign_policy
+from attestation.policy import MAX_RELEASE_KEYS, RELEASE_KEY, Policy, open_policy, sign_policy
 from attestation.revocation import open_revocations
 from attestation.signed import AttestationError
 from meshd import __version__
@@ -242,7 +242,7 @@ class AdminHandlers:
             "drain": self.drain, "undrain": self.undrain, "revoke": self.revoke, "revocations": self.revocations,
             "logs": self.logs,
             "events": self.events, "audit": self.audit, "policy": self.policy, "policy_allow": self.policy_allow,
-            "policy_require_tpm": self.policy_require_tpm,
+            "policy_require_tpm": self.policy_require_tpm, "policy_release_key": self.policy_release_key,
             "deployments": self.deployments, "history": self.history, "rollback": self.rollback,
             "promote": self.promote, "pause": self.pause, "resume": self.resume, "cancel": self.cancel,
             "pin": self.pin, "unpin": self.unpin, "metrics": self.metrics, "top": self.top,
@@ -1126,7 +1126,8 @@ class AdminHandlers:
         return {"serial": policy.serial, "min_version": policy.min_version,
                 "allowed": {v: sorted(d) for v, d in sorted(policy.allowed_digests.items())},
                 "tpm_required_sites": sorted(policy.tpm_required_sites),
-                "evidence_max_age": policy.evidence_max_age,
+                "evidence_max_age": policy.evidence_max_age, "release_keys": sorted(policy.release_keys),
+                "mesh_id": policy.mesh_id,
                 "this_node": {"version": __version__, "digest": package_digest()}}
 
     async def policy_allow(self, request: AdminRequest, stream) -> dict:
@@ -1175,6 +1176,24 @@ class AdminHandlers:
         result = await self._sign_policy(request, updated)
         return {"serial": result["serial"], "site": site, "tpm_required": required,
                 "will_revoke": [n.name for n in software_only] if required else []}
+
+    async def policy_release_key(self, request: AdminRequest, stream) -> dict:
+        """Trust (or stop trusting) an offline release key for artifact manifests: a new policy
+        bundle, signed by the mesh root, names it. Manifests it signed stop opening once it is
+        taken out (catalog.manifest_of), so their artifacts are fetched no more."""
+        self._require_member()
+        key = _arg(request.args, "key", str, required=True).strip().lower()
+        if not RELEASE_KEY.fullmatch(key):
+            raise AdminError("a release key is an Ed25519 public key: 64 hex digits (meshctl artifact keygen prints it)")
+        remove = _arg(request.args, "remove", bool, default=False)
+        current = self._policy(self._state())
+        keys = current.release_keys - {key} if remove else current.release_keys | {key}
+        if not remove and len(keys) > MAX_RELEASE_KEYS:
+            raise AdminError(f"the policy names {MAX_RELEASE_KEYS} release keys already; remove one first")
+        updated = dataclasses.replace(current, serial=current.serial + 1, release_keys=frozenset(keys),
+                                      issued_at=time.time())
+        result = await self._sign_policy(request, updated)
+        return {"serial": result["serial"], "key": key, "trusted": not remove, "release_keys": sorted(keys)}
 
     async def _sign_policy(self, request: AdminRequest, updated) -> dict:
         root_key = self.ctx.root_signing_key()

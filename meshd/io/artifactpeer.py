@@ -45,8 +45,9 @@ RECEIVE_CHUNK = 256 * 1024
 
 
 async def serve_pieces(conn: peer.FramedStream, stream: trio.abc.Stream, hello: dict, store: ArtifactStore,
-                       limit: UploadLimit) -> None:
-    """Serve one fetcher the pieces of an artifact this node holds complete."""
+                       limit: UploadLimit, counts: dict[str, int]) -> None:
+    """Serve one fetcher the pieces of an artifact this node holds complete; the bytes sent
+    are added to `counts["served_bytes"]`."""
     digest = hello.get("digest")
     problem = digest_problem(digest)
     if problem:
@@ -91,6 +92,7 @@ async def serve_pieces(conn: peer.FramedStream, stream: trio.abc.Stream, hello: 
             return
         await stream.send_all(W.piece_header(index, length))
         await _send(stream, data, limit)
+        counts["served_bytes"] = counts.get("served_bytes", 0) + length
 
 
 async def _send(stream: trio.abc.Stream, data: bytes, limit: UploadLimit) -> None:

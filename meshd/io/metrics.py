@@ -137,6 +137,14 @@ class _Scrape(Collector):
         checks.add_metric(["passed"], counts.get("health_passed", 0))
         checks.add_metric(["failed"], counts.get("health_failed", 0))
         yield checks
+        served = ctx.artifacts.counts if ctx.artifacts is not None else {}
+        pieces = CounterMetricFamily("meshd_artifact_bytes", "Artifact piece bytes this node fetched from peers and "
+                                     "served to them", labels=("direction",))
+        pieces.add_metric(["fetched"], served.get("fetched_bytes", 0))
+        pieces.add_metric(["served"], served.get("served_bytes", 0))
+        yield pieces
+        yield _counter("meshd_artifact_rejected_pieces", "Artifact pieces refused: their digest or size was not "
+                       "the manifest's (a lying or damaged peer)", served.get("rejected_pieces", 0))
         yield from self._document()
 
     def _raft(self) -> Iterator:

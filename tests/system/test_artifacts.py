@@ -140,3 +140,28 @@ def test_a_lying_member_is_found_out_and_an_archive_that_escapes_never_runs(make
 
 def three_running(site, via) -> bool:
     return len(site.running("det", via=via)) == 1
+
+
+def test_an_offline_release_key_signs_once_the_policy_names_it(make_site, tmp_path):
+    site = make_site()
+    node = site.found()
+    (tmp_path / "tool.bin").write_bytes(b"#!/bin/sh\necho release\n" * 1000)
+    made = json.loads(meshctl(node, "--json", "artifact", "keygen", str(tmp_path / "release.key")).stdout)
+    assert oct((tmp_path / "release.key").stat().st_mode & 0o777) == "0o600"
+    mesh = node.call("policy")["mesh_id"]
+    signed = json.loads(meshctl(node, "--json", "artifact", "sign", str(tmp_path / "tool.bin"), "--key",
+                                str(tmp_path / "release.key"), "--mesh", mesh).stdout)
+    assert signed["signer"] == made["public_key"]
+    push = ("artifact", "push", str(tmp_path / "tool.bin"), "--manifest", signed["manifest"])
+    refused = meshctl(node, *push, check=False)
+    assert refused.returncode != 0 and "does not trust" in refused.stderr
+    meshctl(node, "policy", "release-key", made["public_key"])
+    pushed = json.loads(meshctl(node, "--json", *push).stdout)
+    assert pushed["digest"] == signed["digest"]
+    # a manifest for other bytes is refused, whoever signed it
+    (tmp_path / "other.bin").write_bytes(b"other")
+    wrong = meshctl(node, "artifact", "push", str(tmp_path / "other.bin"), "--manifest", signed["manifest"],
+                    check=False)
+    assert wrong.returncode != 0 and "describes" in wrong.stderr
+    blobs = node.data_dir / "artifacts" / "blobs"
+    assert not (blobs / hashlib.sha256(b"other").hexdigest()).exists()  # nothing kept of refused bytes

@@ -166,3 +166,21 @@ def test_a_decision_depends_only_on_the_state_and_the_wall_time():
     first = [rollout.decide(state, rec, T + 10), rollout.paced_indexes(rec, rollout.look(state, rec, T + 10), [1, 2])]
     again = [rollout.decide(state, rec, T + 10), rollout.paced_indexes(rec, rollout.look(state, rec, T + 10), [1, 2])]
     assert first == again
+
+
+def test_old_replicas_wait_until_their_nodes_hold_the_new_versions_artifacts():
+    from meshd.artifacts.plan import staging
+    from meshd.state import ArtifactRef, NodeRecord
+    digest = "sha256:" + "ab" * 32
+    rec = record(replicas=2)
+    rec = replace(rec, spec=replace(rec.spec, artifacts=(ArtifactRef("model", digest=digest),)))
+    state = site(rec, *olds(2))
+    state.nodes = {"n1": NodeRecord(node_id="n1", name="edge-1", site="s", address="a", raft_address="r",
+                                    public_key="k")}
+    seen = rollout.look(state, rec, T)
+    assert rollout.unstaged(state, rec, seen) == ["edge-1"]
+    assert staging(state, "n1") == {digest}  # what the node fetches ahead of the change
+    assert rollout.paced_indexes(rec, seen, [0, 1], staged=False) == set()
+    state.nodes["n1"] = replace(state.nodes["n1"], artifacts=(digest,))
+    assert rollout.unstaged(state, rec, seen) == []
+    assert rollout.paced_indexes(rec, seen, [0, 1], staged=True) == {0}  # max_parallel 1

@@ -315,7 +315,7 @@ class ArtifactService:
 
     async def serve(self, conn: peer.FramedStream, stream: trio.abc.Stream, hello: dict) -> None:
         assert self.store is not None
-        await serve_pieces(conn, stream, hello, self.store, self.limit)
+        await serve_pieces(conn, stream, hello, self.store, self.limit, self.counts)
 
     # --- pushing -------------------------------------------------------------------------
 
@@ -345,10 +345,12 @@ class ArtifactService:
         try:
             manifest = open_manifest(document, mesh=state.mesh_id, trusted=catalog.trusted_keys(state),
                                      digest=got.digest)
+            if manifest.size != got.size or manifest.pieces != pieces_digest(got.piece_list):
+                raise ManifestError("the manifest's size or piece list is not the file's")
         except ManifestError as e:
+            if not self.store.holds(got.digest):  # bytes no manifest vouches for are not kept
+                await trio.to_thread.run_sync(self.store.remove, got.digest)
             raise StoreError(str(e)) from None
-        if manifest.size != got.size or manifest.pieces != pieces_digest(got.piece_list):
-            raise StoreError("the manifest's size or piece list is not the file's")
         self.store.put_manifest(manifest)
         if self.news is not None:
             self.news.notify()
