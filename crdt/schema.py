@@ -403,6 +403,35 @@ class DroppedAudit(Record):
         return plain
 
 
+ARTIFACT_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+# A holder as other sites dial it: "<node id>@<ip:port>".
+HOLDER_RE = re.compile(r"^[0-9a-f]{32}@[0-9a-fA-F.:\[\]]{3,60}:[0-9]{1,5}$")
+MAX_PUBLISHED_HOLDERS = 16  # other sites pull from a few; the site's own members share the rest
+
+
+@dataclass(frozen=True)
+class ArtifactHolding(Record):
+    """An artifact as one site's leader last published it: its signed manifest (readers
+    verify it before anything else), and which members of that site hold it complete, for
+    other sites to pull from (meshd.artifacts.catalog). One per artifact and site."""
+    KIND: ClassVar[str] = "artifact holding"
+    ROOT: ClassVar[str] = "artifacts"
+    digest: str = rule(Field(str, 71, ARTIFACT_DIGEST_RE))
+    site: str = rule(_NAME)
+    manifest: str = rule(Field(str, MAX_SIGNED_BYTES))  # the signed manifest, as JSON text
+    holders: tuple[str, ...] = rule(Field(tuple, 100, HOLDER_RE))
+    ts: float = rule(_TS)
+
+    @property
+    def key(self) -> str:
+        return f"{self.digest}/{self.site}"
+
+    def to_plain(self) -> dict[str, Any]:
+        if len(self.holders) > MAX_PUBLISHED_HOLDERS:
+            raise SchemaError(f"{self.KIND}: more than {MAX_PUBLISHED_HOLDERS} holders")
+        return super().to_plain()
+
+
 RECORD_KINDS: tuple[type[Record], ...] = (AppEdit, AppSiteStatus, SiteSummary, NodeSummary, SignedRecord, AuditRecord,
-                                          DroppedAudit, RolloutControl)
+                                          DroppedAudit, RolloutControl, ArtifactHolding)
 ROOTS = tuple(kind.ROOT for kind in RECORD_KINDS)

@@ -7,7 +7,9 @@ Invariants:
 - A node fetches only what a workload of its own wants, or a rollout stages on it (the new
   version's artifacts where an old replica runs), only
   with a manifest the catalog holds and that opens with a key the mesh trusts now, and
-  only from members of its site that hold it complete (never from itself).
+  only from members of its site that hold it complete (never from itself); when none
+  does, only the site's puller (meshd.artifacts.sites.puller) fetches it from members of
+  other sites that published it, so a site pulls it over its uplink once.
 - It drops only what the site removed from its catalog (`artifacts_removed`) and no
   workload here wants; the quota's garbage collection (meshd.artifacts.retention) is the
   store's, at the moment room is needed.
@@ -18,15 +20,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from meshd.artifacts import catalog
+from typing import Sequence
+
+from crdt.schema import ArtifactHolding
+from meshd.artifacts import catalog, sites
 from meshd.artifacts.manifest import Manifest
+from meshd.artifacts.sites import Source
 from meshd.state import SiteState
 
 
 @dataclass(frozen=True)
 class Fetch:
     manifest: Manifest
-    holders: tuple[str, ...]  # node ids of site members holding it
+    sources: tuple[Source, ...]  # members holding it: of this site, or (the puller) of others
 
 
 @dataclass(frozen=True)
@@ -50,9 +56,11 @@ def staging(state: SiteState, node_id: str) -> frozenset[str]:
     return frozenset(wanted)
 
 
-def decide(state: SiteState, node_id: str, held: frozenset[str], wanted: frozenset[str]) -> Decision:
+def decide(state: SiteState, node_id: str, held: frozenset[str], wanted: frozenset[str],
+           holdings: Sequence[ArtifactHolding] = ()) -> Decision:
     """`wanted`: what this node's workloads wait for or run with; what rollouts stage here is
-    added (`staging`)."""
+    added (`staging`). `holdings`: what other sites published of their artifacts (the mesh
+    document): where this site's puller pulls from (meshd.artifacts.sites)."""
     wanted = wanted | staging(state, node_id)
     fetch, waiting = [], []
     for digest in sorted(wanted - held):
@@ -62,11 +70,20 @@ def decide(state: SiteState, node_id: str, held: frozenset[str], wanted: frozens
                    else "not known to this site yet (push it, or wait for the site that has it)")
             waiting.append((digest, why))
             continue
-        holders = tuple(h for h in catalog.holder_ids(state, digest) if h != node_id)
-        if not holders:
-            waiting.append((digest, "no member of the site holds it"))
+        local = sites.local_sources(state, digest, node_id)
+        if local:
+            fetch.append(Fetch(manifest, local))
             continue
-        fetch.append(Fetch(manifest, holders))
+        remote = sites.remote_sources(state, holdings, digest)
+        if not remote:
+            waiting.append((digest, "no member of the mesh holds it"))
+            continue
+        pulling = sites.puller(state, digest)
+        if pulling == node_id:
+            fetch.append(Fetch(manifest, remote))
+        else:
+            who = state.nodes[pulling].name if pulling in state.nodes else "a member of this site"
+            waiting.append((digest, f"{who} pulls it from site {remote[0].site}, then shares it here"))
     drop = tuple(sorted(d for d in held - wanted if d in state.artifacts_removed and d not in state.artifacts))
     own = state.nodes.get(node_id)
     holdings = tuple(sorted(held - set(drop)))

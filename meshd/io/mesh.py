@@ -47,12 +47,13 @@ from attestation.policy import rank as policy_rank
 from attestation.revocation import open_revocations, sign_revocation, sign_revocations
 from attestation.signed import AttestationError
 from crdt.document import MeshDocument
-from crdt.schema import (AppEdit, AppSiteStatus, NodeSummary, Record, RolloutControl, SchemaError, SignedRecord, SiteSummary,
+from crdt.schema import (AppEdit, AppSiteStatus, ArtifactHolding, NodeSummary, Record, RolloutControl, SchemaError, SignedRecord, SiteSummary,
                          app_status_key, rollout_control_key)
 from crdt.schema import AuditRecord as DocAuditRecord
 from crdt.sync import SyncSession
 from meshd import meshstate, waves
-from meshd.commands import AdoptPolicy, AdoptRevocations, Command, Ok, Refused, SubmitApp
+from meshd.artifacts import sites as artifact_sites
+from meshd.commands import AddArtifact, AdoptPolicy, AdoptRevocations, Command, Ok, Refused, SubmitApp
 from meshd.fleethealth import HealthWindow
 from meshd.node import trust
 from meshd.io import peer
@@ -141,6 +142,7 @@ class MeshSync:
         self.heard: dict[str, float] = {}  # site -> trio time of its last news
         self._summary_ts: dict[str, float] = {}
         self._bad_edits: set[str] = set()  # edits this site cannot run (spec it cannot parse)
+        self._bad_manifests: set[str] = set()  # digests whose published manifest the catalog refused
         self._bad_records: set[str] = set()  # signed records that do not verify (reported once)
         self._summary_written = -math.inf
         # The apps whose progress was published, as they were (a pass publishes the ones
@@ -480,6 +482,7 @@ class MeshSync:
         state = d.snapshot()  # one view for the pass: what it commits shows in the next one
         now = time.time()
         await self._take_in_trust(state)
+        await self._take_in_manifests(state)
         commands = []
         for edit in meshstate.edits_to_take_in(state, self.document.apps()):
             if edit.edit_id in self._bad_edits:
@@ -522,6 +525,20 @@ class MeshSync:
             if failed:
                 raise failed[0]
 
+    async def _take_in_manifests(self, state) -> None:
+        """Manifests of artifacts this site's apps pin, published by the sites that hold them;
+        the catalog checks each (a refused one is told once)."""
+        assert self.document is not None
+        for manifest in artifact_sites.manifests_to_take_in(state, self.document.records(ArtifactHolding)):
+            digest = str(manifest.get("body", {}).get("digest", ""))
+            if digest in self._bad_manifests:
+                continue
+            result = await self.ctx.commit(AddArtifact(manifest=manifest, actor=f"sync@{self.ctx.config.name}"))
+            if isinstance(result, Refused):
+                self._bad_manifests.add(digest)
+                self.ctx.event("artifact", f"manifest of {digest[:19]}... from the mesh document refused: "
+                                           f"{result.text}", digest=digest)
+
     def rollout(self, app: str) -> tuple[AppEdit, waves.RolloutView] | None:
         """The app's current edit and its rollout across sites as this replica shows it, when
         that edit has an `[app.rollout]`; else None."""
@@ -562,6 +579,7 @@ class MeshSync:
         records += meshstate.edits_to_publish(state, lambda edit_id: document.get(AppEdit, edit_id) is not None)
         records += meshstate.audit_to_publish(state, lambda key: document.get(DocAuditRecord, key) is not None)
         records += self._revocations_to_publish(state)
+        records += artifact_sites.holdings_to_publish(state, lambda key: document.get(ArtifactHolding, key), time.time())
         if state.policy and document.get(SignedRecord, meshstate.policy_key(state.policy)) is None:
             records.append(meshstate.policy_record(state.policy, state.site, time.time()))
         now = time.time()

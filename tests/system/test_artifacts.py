@@ -165,3 +165,40 @@ def test_an_offline_release_key_signs_once_the_policy_names_it(make_site, tmp_pa
     assert wrong.returncode != 0 and "describes" in wrong.stderr
     blobs = node.data_dir / "artifacts" / "blobs"
     assert not (blobs / hashlib.sha256(b"other").hexdigest()).exists()  # nothing kept of refused bytes
+
+
+def _served(node) -> float:
+    for line in node.call("metrics").splitlines():
+        if line.startswith('meshd_artifact_bytes_total{direction="served"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_another_site_pulls_it_once_then_shares_it_inside(make_site, tmp_path):
+    alpha = make_site("a", site="alpha", extra_args=("--no-mdns",))
+    origin = alpha.found()
+    address = origin.call("status")["address"]
+    founder = origin.call("token_create", site="beta", ttl=None, new_site=True)
+    beta = make_site("b", site="beta", extra_args=("--no-mdns", "--peer", address))
+    b1 = beta.add_node()
+    b1.start(join=founder["token"])
+    wait_for(lambda: (b1.try_call("status") or {}).get("role") == "leader", 30, what="b1 leading beta")
+    beta.wait_ready(b1)
+    for _ in range(2):
+        node = beta.add_node(("--peer", b1.call("status")["address"]))
+        node.start(join=beta.token(via=b1))
+        beta.wait_ready(node)
+    data = os.urandom(6 * MB + 3)
+    (tmp_path / "model.bin").write_bytes(data)
+    spec = checker("det", 3, 'file = "model.bin"').replace('replicas = 3', 'replicas = 3\nsites = ["beta"]')
+    (tmp_path / "app.toml").write_text(spec)
+    meshctl(origin, "deploy", str(tmp_path / "app.toml"))
+    wait_for(lambda: len(beta.running("det", via=b1)) == 3, 90, interval=0.3, what="three replicas running in beta")
+    by_name = {n.name: n for n in beta.nodes}
+    for alloc in beta.running("det", via=b1):
+        assert wait_for(lambda: printed_sha(by_name[alloc["node"]], alloc["alloc_id"]), 20) == \
+            hashlib.sha256(data).hexdigest() + ":True"
+    # beta pulled it over its "uplink" once: the origin served one copy (and a piece list)
+    assert len(data) <= _served(origin) <= 1.1 * len(data)
+    [row] = json.loads(meshctl(b1, "--json", "artifact", "ls").stdout)
+    assert sorted(row["holders"]) == sorted(by_name)

@@ -17,10 +17,10 @@ def test_a_wanted_artifact_is_fetched_from_holders_other_than_this_node():
     assert decision.fetch == () and "not known to this site" in dict(decision.waiting)[digest]
     assert add(state, doc).ok
     assert dict(plan.decide(state, ME, frozenset(), frozenset({digest})).waiting)[digest] == \
-        "no member of the site holds it"
+        "no member of the mesh holds it"
     assert sitestate.apply(state, cmd("heartbeat", node_id=OTHER, seq=2, artifacts=[digest])).ok
     [fetch] = plan.decide(state, ME, frozenset(), frozenset({digest})).fetch
-    assert fetch.manifest.digest == digest and fetch.holders == (OTHER,)
+    assert fetch.manifest.digest == digest and [x.node_id for x in fetch.sources] == [OTHER]
     assert plan.decide(state, ME, frozenset({digest}), frozenset({digest})).fetch == ()
 
 
@@ -36,3 +36,37 @@ def test_holdings_are_reported_when_they_differ_and_forgotten_ones_dropped_unles
     assert plan.decide(state, ME, frozenset({digest}), frozenset({digest})).drop == ()  # a workload has it
     decision = plan.decide(state, ME, frozenset({digest}), frozenset())
     assert decision.drop == (digest,) and decision.report == ()
+
+
+def test_one_member_pulls_from_another_site_and_the_rest_wait_for_it():
+    import json
+
+    from crdt.schema import ArtifactHolding
+    from meshd.artifacts import sites
+    state = site()
+    doc = manifest()
+    digest = doc["body"]["digest"]
+    spec = {"app": {"name": "det", "replicas": 2, "command": ["run"],
+                    "artifact": [{"name": "model", "digest": digest}]}}
+    assert sitestate.apply(state, cmd("submit_app", spec=spec, actor="op")).ok
+    # the site has the spec but not the manifest: taken in from the site that published it
+    far = ArtifactHolding(digest=digest, site="far", manifest=json.dumps(doc), holders=(f"{9:032x}@10.9.0.9:7700",),
+                          ts=1.0)
+    assert sites.manifests_to_take_in(state, [far]) == [doc]
+    assert add(state, doc).ok
+    assert sites.manifests_to_take_in(state, [far]) == []
+    placed = sitestate.apply(state, cmd("apply_plan", plan={"app": "det", "version": 1, "stops": [], "placements": [
+        {"alloc_id": "a0", "replica": 0, "node_id": ME}, {"alloc_id": "a1", "replica": 1, "node_id": OTHER}]}))
+    assert placed["placed"] == ["a0", "a1"], placed
+    pulling = sites.puller(state, digest)
+    assert pulling in (ME, OTHER) and sites.needing(state, digest) == sorted([ME, OTHER])
+    for node_id in (ME, OTHER):
+        decision = plan.decide(state, node_id, frozenset(), frozenset({digest}), [far])
+        if node_id == pulling:
+            [fetch] = decision.fetch
+            assert fetch.sources[0].site == "far" and fetch.sources[0].address == "10.9.0.9:7700"
+        else:
+            assert decision.fetch == () and "pulls it from site far" in dict(decision.waiting)[digest]
+    published = sites.holdings_to_publish(state, lambda key: None, 5.0)
+    assert [(r.digest, r.site, r.holders) for r in published] == [(digest, "s1", ())]
+    assert sites.holdings_to_publish(state, lambda key: published[0], 6.0) == []

@@ -21,10 +21,11 @@ import os
 import stat
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable
 
 import trio
 
+from crdt.schema import ArtifactHolding
 from meshd import commands as cmds
 from meshd.artifacts import catalog, pieces
 from meshd.artifacts import plan as planmod
@@ -37,6 +38,7 @@ from meshd.io.artifactpeer import PieceConnection, serve_pieces
 from meshd.io.artifactstore import ArtifactStore, ArtifactWait, StoreError
 from meshd.io.raft import CommandFailed
 from meshd.io.wakeup import Wakeup
+from meshd.artifacts.sites import Source
 from meshd.state import ArtifactRef
 
 log = logging.getLogger("meshd.artifacts")
@@ -153,7 +155,9 @@ class ArtifactService:
             state = self.ctx.snapshot()
             if self.ctx.raft is not None and not self.ctx.recovering:
                 held = await trio.to_thread.run_sync(self.store.held)
-                decision = planmod.decide(state, self.ctx.identity.node_id, held, frozenset(self._wants))
+                document = self.ctx.mesh.document if self.ctx.mesh is not None else None
+                holdings = document.records(ArtifactHolding) if document is not None else []
+                decision = planmod.decide(state, self.ctx.identity.node_id, held, frozenset(self._wants), holdings)
                 self._waiting = dict(decision.waiting)
                 for digest in decision.drop:
                     await trio.to_thread.run_sync(self.store.remove, digest)
@@ -182,7 +186,7 @@ class ArtifactService:
         manifest, entry = fetch.manifest, self._fetching[fetch.manifest.digest]
         assert self.store is not None and self.news is not None
         try:
-            await self._fetch_from(manifest, entry, fetch.holders)
+            await self._fetch_from(manifest, entry, fetch.sources)
         except StoreError as e:
             entry.reason = str(e)
             log.warning("artifact fetch refused", extra={"digest": manifest.digest, "reason": str(e)})
@@ -196,22 +200,20 @@ class ArtifactService:
             self._fetching.pop(manifest.digest, None)
             self.news.notify()
 
-    async def _fetch_from(self, manifest: Manifest, entry: _Fetching, holders: tuple[str, ...]) -> None:
+    async def _fetch_from(self, manifest: Manifest, entry: _Fetching, sources: tuple[Source, ...]) -> None:
         assert self.store is not None and self.news is not None
-        state = self.ctx.snapshot()
-        nodes = {h: state.nodes[h] for h in holders if h in state.nodes}
-        piece_list = await self._piece_list(manifest, nodes, entry)
+        piece_list = await self._piece_list(manifest, sources, entry)
         if piece_list is None:
             return
         digests = pieces.piece_digests(piece_list, manifest)
         have = await trio.to_thread.run_sync(self.store.begin_fetch, manifest, piece_list, digests)
         core = entry.core = PieceFetch(manifest, digests, have)
-        for node_id in nodes:
-            core.add_peer(node_id)
+        for source in sources:
+            core.add_peer(source.node_id)
         started, before = time.monotonic(), core.fetched_bytes
         async with trio.open_nursery() as nursery:
-            for node_id, node in nodes.items():
-                nursery.start_soon(self._fetch_peer, manifest, core, node, entry)
+            for source in sources:
+                nursery.start_soon(self._fetch_peer, manifest, core, source, entry)
         if not core.done:
             entry.reason = core.stuck(trio.current_time()) or "the holders went away"
             log.warning("artifact fetch did not complete", extra={"digest": manifest.digest, "reason": entry.reason})
@@ -220,17 +222,17 @@ class ArtifactService:
         took = time.monotonic() - started
         log.info("artifact fetched", extra={"digest": manifest.digest, "artifact": manifest.name,
                                             "bytes": core.fetched_bytes - before, "seconds": round(took, 3),
-                                            "peers": len(nodes)})
+                                            "peers": len(sources), "from_site": sources[0].site or None})
         self.ctx.event("artifact", f"fetched {manifest.name} ({manifest.size} bytes) in {took:.1f} s",
                        digest=manifest.digest)
 
-    async def _piece_list(self, manifest: Manifest, nodes: Mapping, entry: _Fetching) -> bytes | None:
+    async def _piece_list(self, manifest: Manifest, sources: tuple[Source, ...], entry: _Fetching) -> bytes | None:
         """The piece list from the first holder whose list matches the manifest."""
-        for node_id, node in nodes.items():
+        for node in sources:
             try:
                 conn = await PieceConnection.open(node.address, self._client_context(), manifest.digest,
                                                   max_body=pieces.DIGEST_BYTES * manifest.piece_count,
-                                                  expect=self.ctx.cert_names(node_id))
+                                                  expect=self._expect(node))
                 try:
                     await conn.ask_list()
                     answer = await conn.answer()
@@ -248,7 +250,14 @@ class ArtifactService:
     def _client_context(self):
         return self.ctx.tls.client_context(verify_server=True)
 
-    async def _fetch_peer(self, manifest: Manifest, core: PieceFetch, node, entry: _Fetching) -> None:
+    def _expect(self, source: Source) -> Callable[[dict | None], bool]:
+        """The server's certificate must name the member we meant (of another site: one this
+        node may connect to, neither revoked nor unknown)."""
+        if not source.site:
+            return self.ctx.cert_names(source.node_id)
+        return lambda cert: self.ctx.sync_member(cert) == (source.site, source.node_id)
+
+    async def _fetch_peer(self, manifest: Manifest, core: PieceFetch, node: Source, entry: _Fetching) -> None:
         """Fetch pieces from one holder for as long as it has some to give."""
         assert self.store is not None and self.news is not None
         node_id = node.node_id
@@ -264,7 +273,7 @@ class ArtifactService:
             asked: list[int] = []
             try:
                 conn = await PieceConnection.open(node.address, self._client_context(), manifest.digest,
-                                                  max_body=manifest.piece_size, expect=self.ctx.cert_names(node_id))
+                                                  max_body=manifest.piece_size, expect=self._expect(node))
             except (OSError, peer.PeerError, trio.TooSlowError) as e:
                 core.failed(node_id, None, str(e), trio.current_time())
                 continue
