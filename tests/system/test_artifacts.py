@@ -202,3 +202,25 @@ def test_another_site_pulls_it_once_then_shares_it_inside(make_site, tmp_path):
     assert len(data) <= _served(origin) <= 1.1 * len(data)
     [row] = json.loads(meshctl(b1, "--json", "artifact", "ls").stdout)
     assert sorted(row["holders"]) == sorted(by_name)
+
+
+def test_collection_makes_room_from_unpinned_artifacts_and_never_drops_a_kept_version(make_site, tmp_path):
+    site = make_site(extra_args=("--artifact-quota-mb", "11"))
+    node = site.found()
+    blobs = node.data_dir / "artifacts" / "blobs"
+    files = {}
+    for name in ("spare", "v1", "v2", "late"):
+        files[name] = tmp_path / f"{name}.bin"
+        files[name].write_bytes(os.urandom(4 * MB))
+    spare = json.loads(meshctl(node, "--json", "artifact", "push", str(files["spare"])).stdout)["digest"]
+    for version in ("v1", "v2"):
+        (tmp_path / "app.toml").write_text(checker("det", 1, f'file = "{version}.bin"'))
+        meshctl(node, "deploy", str(tmp_path / "app.toml"))
+        wait_for(lambda: any(a["state"] == "running" and a["version"] == int(version[1])
+                             for a in site.allocs("det", via=node)), 60, interval=0.2, what=f"{version} running")
+    kept = {hashlib.sha256(files[v].read_bytes()).hexdigest() for v in ("v1", "v2")}
+    assert {p.name for p in blobs.iterdir() if "." not in p.name} == kept  # the spare made room for v2
+    assert not (blobs / spare.removeprefix("sha256:")).exists()
+    refused = meshctl(node, "artifact", "push", str(files["late"]), check=False)
+    assert refused.returncode != 0 and "pinned by kept app versions" in refused.stderr, refused.stderr
+    assert {p.name for p in blobs.iterdir() if "." not in p.name} == kept
