@@ -571,8 +571,10 @@ def _apply_report(state: SiteState, node: NodeRecord, report: cmds.AllocReport, 
         # the node stopped what the site wants. The site replaces it (reconcile).
         desired, reason = DESIRED_STOP, f"{REASON_STOPPED_BY_NODE} ({report.reason})"[:512]
     health = report.health if new_state == ALLOC_RUNNING else HEALTH_NONE
+    # A pending allocation's reason is news of its own (why it waits: "fetching model 37 %").
     changed = (new_state, desired, report.pid, report.restarts, report.exit_code, health) != (
-        alloc.state, alloc.desired, alloc.pid, alloc.restarts, alloc.exit_code, alloc.health)
+        alloc.state, alloc.desired, alloc.pid, alloc.restarts, alloc.exit_code, alloc.health) or (
+        new_state == ALLOC_PENDING and reason != alloc.reason)
     if not changed:
         return
     updated = replace(alloc, state=new_state, desired=desired, pid=report.pid, restarts=report.restarts,

@@ -84,6 +84,11 @@ PIPE_DRAIN_TIMEOUT = 1.0
 # Pipe read size: a burst of output is copied in a few steps without holding the loop long.
 PIPE_CHUNK = 64 * 1024
 
+# Every report reaches the site as a Raft entry: a fetch's progress goes at most this often
+# (a change of what it waits for goes at once).
+REASON_REPORT_PERIOD = 3.0
+_DIGITS = re.compile(r"\d+")
+
 REASON_WAITING = "waiting to start"
 REASON_REMOVED = "no longer assigned to this node"
 REASON_SHUTDOWN = "meshd is shutting down"
@@ -370,6 +375,7 @@ class _Slot:
         self.group_since = time.monotonic()  # when the CPU time its group (or process) counts began
         self.user: tuple[int, int] | None = None  # (uid, gid) its current run has (None: the daemon's)
         self.final_seen = False  # it reached its final state
+        self.reason_at = 0.0  # time.monotonic() its pending reason was last reported
 
     @property
     def report(self) -> AllocReport:
@@ -730,6 +736,17 @@ class Supervisor:
             self._finish(slot, *final)
             slot.done.set()
 
+    def _waiting_for(self, slot: _Slot, why: str) -> None:
+        """Say why the allocation is still pending; its progress ("fetching model 37 %") at
+        most every REASON_REPORT_PERIOD, any other change of reason at once."""
+        now = time.monotonic()
+        if why == slot.report.reason:
+            return
+        if _DIGITS.sub("", why) == _DIGITS.sub("", slot.report.reason) and now - slot.reason_at < REASON_REPORT_PERIOD:
+            return
+        slot.reason_at = now
+        self._report(slot, state=ALLOC_PENDING, pid=None, reason=why)
+
     async def _artifacts_of(self, slot: _Slot) -> dict[str, str] | str | None:
         """Each artifact's path by name once the node holds them all (the allocation stays
         pending meanwhile, with the reason), a reason it cannot start, or None when it was
@@ -740,8 +757,8 @@ class Supervisor:
         async with trio.open_nursery() as nursery:
             async def fetch() -> None:
                 try:
-                    outcome["paths"] = await self.artifacts.ready(
-                        slot.spec.artifacts, lambda why: self._report(slot, state=ALLOC_PENDING, pid=None, reason=why))
+                    outcome["paths"] = await self.artifacts.ready(slot.spec.artifacts,
+                                                                  lambda why: self._waiting_for(slot, why))
                 except ArtifactWait as exc:
                     outcome["error"] = str(exc)
                 nursery.cancel_scope.cancel()

@@ -120,6 +120,11 @@ def test_a_lying_member_is_found_out_and_an_archive_that_escapes_never_runs(make
              == sorted([origin.name, liar.name]), 20, what="the liar telling the site it holds it")
     (tmp_path / "app.toml").write_text(checker("det", 1, f'digest = "{digest}"', role="target"))
     meshctl(origin, "deploy", str(tmp_path / "app.toml"))
+    # pending meanwhile, saying how far the fetch got
+    [pending] = wait_for(lambda: [a for a in site.allocs("det", via=origin) if a["state"] == "pending"
+                                  and "fetching model" in (a.get("reason") or "")], 30, interval=0.05,
+                         what="the replica pending while its artifact is fetched")
+    assert pending["reason"].startswith("fetching model ") and pending["reason"].endswith(" %"), pending
     wait_for(lambda: three_running(site, origin), 60, interval=0.2, what="the replica running on the target")
     [alloc] = site.running("det", via=origin)
     assert alloc["node"] == target.name

@@ -154,21 +154,28 @@ class ArtifactService:
         while True:
             state = self.ctx.snapshot()
             if self.ctx.raft is not None and not self.ctx.recovering:
-                held = await trio.to_thread.run_sync(self.store.held)
-                document = self.ctx.mesh.document if self.ctx.mesh is not None else None
-                holdings = document.records(ArtifactHolding) if document is not None else []
-                decision = planmod.decide(state, self.ctx.identity.node_id, held, frozenset(self._wants), holdings)
-                self._waiting = dict(decision.waiting)
-                for digest in decision.drop:
-                    await trio.to_thread.run_sync(self.store.remove, digest)
-                    log.info("artifact removed from this node (the site forgot it)", extra={"digest": digest})
-                if decision.report is not None:
-                    await self._report(decision.report)
-                for fetch in decision.fetch:
-                    if fetch.manifest.digest not in self._fetching and len(self._fetching) < MAX_FETCHES:
-                        self._fetching[fetch.manifest.digest] = _Fetching(fetch.manifest.digest, fetch.manifest.name)
-                        nursery.start_soon(self._fetch, fetch)
+                try:
+                    await self._plan_once(state, nursery)
+                except OSError as e:  # the data dir's disk: looked at again at the next pass
+                    log.warning("artifact store unreadable", extra={"reason": e.strerror or str(e)})
             await listener.wait(PLAN_PERIOD)
+
+    async def _plan_once(self, state, nursery: trio.Nursery) -> None:
+        assert self.store is not None and self.ctx.identity is not None
+        held = await trio.to_thread.run_sync(self.store.held)
+        document = self.ctx.mesh.document if self.ctx.mesh is not None else None
+        holdings = document.records(ArtifactHolding) if document is not None else []
+        decision = planmod.decide(state, self.ctx.identity.node_id, held, frozenset(self._wants), holdings)
+        self._waiting = dict(decision.waiting)
+        for digest in decision.drop:
+            await trio.to_thread.run_sync(self.store.remove, digest)
+            log.info("artifact removed from this node (the site forgot it)", extra={"digest": digest})
+        if decision.report is not None:
+            await self._report(decision.report)
+        for fetch in decision.fetch:
+            if fetch.manifest.digest not in self._fetching and len(self._fetching) < MAX_FETCHES:
+                self._fetching[fetch.manifest.digest] = _Fetching(fetch.manifest.digest, fetch.manifest.name)
+                nursery.start_soon(self._fetch, fetch)
 
     async def _report(self, holdings: tuple[str, ...]) -> None:
         """Tell the site what this node holds: a heartbeat that moves no lease (seq 0)."""
