@@ -105,7 +105,7 @@ def _canary_phase(d: Deployment | None) -> bool:
 
 def unstaged(state: SiteState, record: AppRecord, seen: Look) -> list[str]:
     """Names of the nodes running an old replica that do not yet hold every artifact of the
-    new version (meshd.artifacts.plan.staging fetches them there first)."""
+    new version (meshd.artifacts.catalog.staging fetches them there first)."""
     digests = {a.digest for a in record.spec.artifacts if a.digest}
     if not digests:
         return []

@@ -14,6 +14,9 @@ Invariants:
 - An artifact is pinned while any kept version of any app of this site's state names it
   (the running one, the history `keep_versions` keeps, pinned versions): `rm` refuses
   those, and a node's store never drops them.
+- `staging` names, for a node, the artifacts of an app's new version while its deployment
+  replaces a replica there: the node fetches them before the replica changes
+  (meshd.rollout.unstaged holds the change until they are there).
 """
 
 from __future__ import annotations
@@ -121,3 +124,16 @@ def removal_refusal(state: SiteState, digest: str) -> str | None:
 def _body(document: Mapping[str, Any]) -> Mapping[str, Any]:
     body = document.get("body") if isinstance(document, Mapping) else None
     return body if isinstance(body, Mapping) else {}
+
+
+def staging(state: SiteState, node_id: str) -> frozenset[str]:
+    """The artifacts of the new versions of apps whose deployment is replacing a replica on
+    this node: fetched before the replica changes (meshd.rollout.unstaged waits for them)."""
+    wanted: set[str] = set()
+    for alloc in state.allocs.on_node(node_id):
+        record = state.apps.get(alloc.app)
+        d = record.deployment if record is not None else None
+        if record is None or d is None or not d.active or not alloc.live or record.runs(alloc.version):
+            continue
+        wanted.update(a.digest for a in record.spec.artifacts if a.digest)
+    return frozenset(wanted)

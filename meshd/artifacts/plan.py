@@ -43,25 +43,12 @@ class Decision:
     waiting: tuple[tuple[str, str], ...] = ()  # (digest, why it cannot be fetched now)
 
 
-def staging(state: SiteState, node_id: str) -> frozenset[str]:
-    """The artifacts of the new versions of apps whose deployment is replacing a replica on
-    this node: fetched before the replica changes (meshd.rollout.unstaged waits for them)."""
-    wanted: set[str] = set()
-    for alloc in state.allocs.on_node(node_id):
-        record = state.apps.get(alloc.app)
-        d = record.deployment if record is not None else None
-        if record is None or d is None or not d.active or not alloc.live or record.runs(alloc.version):
-            continue
-        wanted.update(a.digest for a in record.spec.artifacts if a.digest)
-    return frozenset(wanted)
-
-
 def decide(state: SiteState, node_id: str, held: frozenset[str], wanted: frozenset[str],
            holdings: Sequence[ArtifactHolding] = ()) -> Decision:
     """`wanted`: what this node's workloads wait for or run with; what rollouts stage here is
-    added (`staging`). `holdings`: what other sites published of their artifacts (the mesh
+    added (`catalog.staging`). `holdings`: what other sites published of their artifacts (the mesh
     document): where this site's puller pulls from (meshd.artifacts.sites)."""
-    wanted = wanted | staging(state, node_id)
+    wanted = wanted | catalog.staging(state, node_id)
     fetch, waiting = [], []
     for digest in sorted(wanted - held):
         manifest = catalog.manifest_of(state, digest)

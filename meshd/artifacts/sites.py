@@ -87,7 +87,6 @@ def local_sources(state: SiteState, digest: str, node_id: str) -> tuple[Source, 
 
 def needing(state: SiteState, digest: str) -> list[str]:
     """Members with a live replica whose version names `digest`, or a rollout staging it."""
-    from meshd.artifacts.plan import staging
     out = set()
     for app in catalog.pins(state).get(digest, []):
         record = state.apps[app.rpartition("@")[0]]
@@ -96,7 +95,7 @@ def needing(state: SiteState, digest: str) -> list[str]:
                     a.digest == digest for a in record.spec_of(alloc.version).artifacts):
                 out.add(alloc.node_id)
     for node_id in state.nodes:
-        if digest in staging(state, node_id):
+        if digest in catalog.staging(state, node_id):
             out.add(node_id)
     return sorted(out)
 

@@ -169,7 +169,7 @@ def test_a_decision_depends_only_on_the_state_and_the_wall_time():
 
 
 def test_old_replicas_wait_until_their_nodes_hold_the_new_versions_artifacts():
-    from meshd.artifacts.plan import staging
+    from meshd.artifacts.catalog import staging
     from meshd.state import ArtifactRef, NodeRecord
     digest = "sha256:" + "ab" * 32
     rec = record(replicas=2)
