@@ -1091,6 +1091,9 @@ def _add_artifact(state: SiteState, cmd: cmds.AddArtifact, ts: float) -> Ok:
     if isinstance(manifest, catalog.Refusal):
         raise CommandRefused(manifest.reason, UNTRUSTED)
     current = catalog.manifest_of(state, manifest.digest)
+    if current is None and len(state.artifacts) >= catalog.MAX_CATALOG:
+        raise CommandRefused(f"the site knows {catalog.MAX_CATALOG} artifacts already: remove some no app pins "
+                             "(meshctl artifact rm)", CONFLICT)
     if current is None or manifest.pushed_at > current.pushed_at:
         state.artifacts[manifest.digest] = dict(manifest.document)
         _audit(state, ts, cmd.actor, "artifact-push", manifest.digest, f"{manifest.name} ({manifest.size} bytes)")
@@ -1108,6 +1111,8 @@ def _remove_artifact(state: SiteState, cmd: cmds.RemoveArtifact, ts: float) -> O
         return ok(digest=cmd.digest, removed=False)
     pushed_at = document.get("body", {}).get("pushed_at", ts)
     state.artifacts_removed[cmd.digest] = max(float(pushed_at), state.artifacts_removed.get(cmd.digest, 0.0))
+    while len(state.artifacts_removed) > catalog.MAX_REMOVED:  # the oldest removal goes first
+        del state.artifacts_removed[min(state.artifacts_removed, key=lambda d: (state.artifacts_removed[d], d))]
     _audit(state, ts, cmd.actor, "artifact-remove", cmd.digest)
     return ok(digest=cmd.digest, removed=True)
 

@@ -28,6 +28,13 @@ from attestation.signed import AttestationError
 from meshd.artifacts.manifest import Manifest, ManifestError, open_manifest
 from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, SiteState
 
+# Artifacts one site's catalog holds: every member keeps each manifest in its state (about
+# 600 bytes each); a site with more is keeping what nothing runs.
+MAX_CATALOG = 4096
+# Removals remembered against replays: older ones go first. A manifest older than a removal
+# forgotten this way could be taken in again; it still has to be signed by a trusted key.
+MAX_REMOVED = 10_000
+
 
 @dataclass(frozen=True)
 class Refusal:

@@ -87,3 +87,16 @@ def test_heartbeat_artifacts_are_checked():
     state = site()
     bad = sitestate.apply(state, cmd("heartbeat", node_id=f"{2:032x}", seq=2, artifacts=["md5:x"]))
     assert not bad.ok and "artifacts" in bad.text
+
+
+def test_the_catalog_and_its_removals_are_bounded(monkeypatch):
+    monkeypatch.setattr(catalog, "MAX_CATALOG", 2)
+    monkeypatch.setattr(catalog, "MAX_REMOVED", 1)
+    state = site()
+    first, second = manifest(b"a"), manifest(b"b")
+    assert add(state, first).ok and add(state, second).ok
+    full = add(state, manifest(b"c"))
+    assert not full.ok and full.code == CONFLICT and "artifact rm" in full.text
+    for doc in (first, second):
+        assert sitestate.apply(state, cmd("remove_artifact", digest=doc["body"]["digest"])).ok
+    assert list(state.artifacts_removed) == [second["body"]["digest"]] or len(state.artifacts_removed) == 1
