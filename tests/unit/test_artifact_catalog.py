@@ -99,4 +99,4 @@ def test_the_catalog_and_its_removals_are_bounded(monkeypatch):
     assert not full.ok and full.code == CONFLICT and "artifact rm" in full.text
     for doc in (first, second):
         assert sitestate.apply(state, cmd("remove_artifact", digest=doc["body"]["digest"])).ok
-    assert list(state.artifacts_removed) == [second["body"]["digest"]] or len(state.artifacts_removed) == 1
+    assert len(state.artifacts_removed) == 1
