@@ -9,7 +9,8 @@ Invariants:
   with a manifest the catalog holds and that opens with a key the mesh trusts now, and
   only from members of its site that hold it complete (never from itself); when none
   does, only the site's puller (meshd.artifacts.sites.puller) fetches it from members of
-  other sites that published it, so a site pulls it over its uplink once.
+  other sites that published it, so a site pulls it over its uplink once; the others fetch
+  from the puller the pieces it has verified, while it pulls the rest.
 - It drops only what the site removed from its catalog (`artifacts_removed`) and no
   workload here wants; the quota's garbage collection (meshd.artifacts.retention) is the
   store's, at the moment room is needed.
@@ -68,9 +69,12 @@ def decide(state: SiteState, node_id: str, held: frozenset[str], wanted: frozens
         pulling = sites.puller(state, digest)
         if pulling == node_id:
             fetch.append(Fetch(manifest, remote))
+        elif pulling is not None and pulling in state.nodes:
+            # from the puller, the pieces it has verified so far, while it pulls the rest
+            puller = state.nodes[pulling]
+            fetch.append(Fetch(manifest, (Source(puller.node_id, puller.address, puller.name),)))
         else:
-            who = state.nodes[pulling].name if pulling in state.nodes else "a member of this site"
-            waiting.append((digest, f"{who} pulls it from site {remote[0].site}, then shares it here"))
+            waiting.append((digest, f"a member of this site pulls it from site {remote[0].site}, then shares it"))
     drop = tuple(sorted(d for d in held - wanted if d in state.artifacts_removed and d not in state.artifacts))
     own = state.nodes.get(node_id)
     holdings = tuple(sorted(held - set(drop)))

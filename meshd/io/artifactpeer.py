@@ -3,14 +3,15 @@
 Conversation (after the peer port's mutual TLS; the caller's certificate must be a mesh
 member's, not revoked: a site pulls from another site, members share inside one):
     fetcher -> {"type": "pieces_hello", "digest": "sha256:..."}
-    server  -> {"type": "pieces_ready", "manifest": {...}, "have": "all"}
+    server  -> {"type": "pieces_ready", "manifest": {...}, "have": "all" | [piece indices]}
                or {"type": "error", "error": reason}
 then the connection carries meshd.artifacts.piecewire's requests and answers until the
 fetcher closes it.
 
 Invariants:
-- A server sends only bytes of a blob its store holds complete and verified. A request for
-  anything else is answered with a refusal, and the connection ends.
+- A server sends only verified bytes: of a blob its store holds complete, or the pieces of
+  a fetch in progress here that its PieceFetch accepted (`have`, at the time of the
+  request). A request for anything else is answered with a refusal; the connection ends.
 - Every piece sent is counted against this node's upload limit before it is sent.
 - What a fetcher receives is believed by nobody here: the service hands every piece to its
   PieceFetch, which checks it against the piece list.
@@ -44,10 +45,16 @@ ANSWER_TIMEOUT = 120.0
 RECEIVE_CHUNK = 256 * 1024
 
 
+# An artifact being fetched here: its signed manifest and the pieces verified so far (a live
+# view: it grows while the fetch goes on).
+InProgress = Callable[[str], "tuple[dict, frozenset[int]] | None"]
+
+
 async def serve_pieces(conn: peer.FramedStream, stream: trio.abc.Stream, hello: dict, store: ArtifactStore,
-                       limit: UploadLimit, counts: dict[str, int]) -> None:
-    """Serve one fetcher the pieces of an artifact this node holds complete; the bytes sent
-    are added to `counts["served_bytes"]`."""
+                       limit: UploadLimit, counts: dict[str, int], in_progress: InProgress = lambda digest: None) -> None:
+    """Serve one fetcher the pieces of an artifact this node holds complete, or the verified
+    pieces of one it is fetching (`in_progress`); the bytes sent are added to
+    `counts["served_bytes"]`."""
     digest = hello.get("digest")
     problem = digest_problem(digest)
     if problem:
@@ -55,13 +62,19 @@ async def serve_pieces(conn: peer.FramedStream, stream: trio.abc.Stream, hello: 
     assert isinstance(digest, str)
     manifest = store.manifest_document(digest) if store.holds(digest) else None
     piece_list = store.piece_list(digest)
+    partial = None
     if manifest is None or piece_list is None:
-        raise peer.PeerError(f"this node does not hold {digest[:19]}...")
+        fetching = in_progress(digest)
+        piece_list = store.partial_pieces(digest)
+        if fetching is None or piece_list is None:
+            raise peer.PeerError(f"this node does not hold {digest[:19]}...")
+        manifest, partial = fetching[0], fetching[1]
     body = manifest.get("body", {})
     piece_size, size = body.get("piece_size"), body.get("size")
     if not isinstance(piece_size, int) or not isinstance(size, int) or piece_size <= 0:
         raise peer.PeerError(f"this node's manifest of {digest[:19]}... is damaged")
-    await conn.send({"type": "pieces_ready", "manifest": manifest, "have": "all"})
+    await conn.send({"type": "pieces_ready", "manifest": manifest,
+                     "have": "all" if partial is None else sorted(partial)})
     decoder = W.RequestDecoder()
     try:
         pending = decoder.feed(conn.take_buffered())
@@ -85,8 +98,16 @@ async def serve_pieces(conn: peer.FramedStream, stream: trio.abc.Stream, hello: 
         if not 0 <= index * piece_size < size:
             await stream.send_all(W.refusal(f"there is no piece {index}"))
             return
+        if partial is not None and not store.holds(digest):
+            fetching = in_progress(digest)
+            if fetching is None or index not in fetching[1]:
+                await stream.send_all(W.refusal(f"piece {index} is not verified here yet"))
+                return
         length = min(piece_size, size - index * piece_size)
-        data = await trio.to_thread.run_sync(store.read_piece, digest, index * piece_size, length)
+        try:
+            data = await trio.to_thread.run_sync(store.read_piece, digest, index * piece_size, length)
+        except OSError:  # the fetch here just ended (its file became the blob) or the disk failed
+            data = b""
         if len(data) != length:
             await stream.send_all(W.refusal(f"piece {index} cannot be read here"))
             return

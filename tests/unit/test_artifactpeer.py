@@ -73,3 +73,36 @@ def test_what_is_not_held_is_not_offered(tmp_path):
             with pytest.raises(peer.PeerError, match=reason):
                 await serve_pieces(peer.FramedStream(server), server, hello, store, UploadLimit(0), {})
         trio.run(main)
+
+
+def test_a_fetch_in_progress_serves_only_the_pieces_it_verified(tmp_path):
+    from meshd.artifacts import pieces as P
+    from tests.unit.test_artifactstore import manifest_for
+    data = os.urandom(3 << 20)
+    piece_list = P.piece_list_of(data, 1 << 20)
+    manifest = manifest_for(data, piece_list)
+    store = ArtifactStore(tmp_path / "data")
+    store.begin_fetch(manifest, piece_list, P.piece_digests(piece_list, manifest))
+    store.write_piece(manifest.digest, 1 << 20, data[1 << 20:2 << 20])
+    have = frozenset({1})
+
+    async def main(send: bytes):
+        client, server = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as nursery:
+            async def run_server():
+                await serve_pieces(peer.FramedStream(server), server, {"digest": manifest.digest}, store,
+                                   UploadLimit(0), {}, lambda digest: (dict(manifest.document), have))
+                await server.aclose()
+            nursery.start_soon(run_server)
+            framed = peer.FramedStream(client)
+            ready = await framed.receive()
+            await client.send_all(send)
+            await client.send_eof()
+            received = framed.take_buffered()
+            while data_in := await client.receive_some(1 << 20):
+                received += data_in
+        return ready, W.AnswerDecoder(1 << 20).feed(received)
+    ready, answers = trio.run(main, W.want_list() + W.want_piece(1) + W.want_piece(2))
+    assert ready["have"] == [1] and ready["manifest"]["body"]["digest"] == manifest.digest
+    assert answers == [W.PieceList(piece_list), W.Piece(1, data[1 << 20:2 << 20]),
+                       W.Refusal("piece 2 is not verified here yet")]

@@ -50,6 +50,9 @@ PLAN_PERIOD = 2.0
 MAX_FETCHES = 4
 # How often a pending workload's reason ("fetching model 37 %") is refreshed.
 PROGRESS_PERIOD = 1.0
+# A member still fetching an artifact is asked again for the pieces it has by now this often
+# (each ask is a connection; a piece of a thin uplink takes longer than this to arrive).
+PARTIAL_REFRESH = 0.5
 # A member asked to sign a manifest answers within this (a voter signs in microseconds).
 SIGN_TIMEOUT = 10.0
 
@@ -58,6 +61,7 @@ SIGN_TIMEOUT = 10.0
 class _Fetching:
     digest: str
     name: str
+    manifest: dict  # its signed manifest, for the members that fetch from this one meanwhile
     core: PieceFetch | None = None
     reason: str = ""  # why it is not progressing, when it is not
 
@@ -174,7 +178,8 @@ class ArtifactService:
             await self._report(decision.report)
         for fetch in decision.fetch:
             if fetch.manifest.digest not in self._fetching and len(self._fetching) < MAX_FETCHES:
-                self._fetching[fetch.manifest.digest] = _Fetching(fetch.manifest.digest, fetch.manifest.name)
+                self._fetching[fetch.manifest.digest] = _Fetching(fetch.manifest.digest, fetch.manifest.name,
+                                                                  dict(fetch.manifest.document))
                 nursery.start_soon(self._fetch, fetch)
 
     async def _report(self, holdings: tuple[str, ...]) -> None:
@@ -284,6 +289,7 @@ class ArtifactService:
             except (OSError, peer.PeerError, trio.TooSlowError) as e:
                 core.failed(node_id, None, str(e), trio.current_time())
                 continue
+            core.add_peer(node_id, have=conn.have)  # a member still fetching it: what it has by now
             try:
                 while not core.done:
                     while len(asked) < MAX_IN_FLIGHT_PER_PEER:
@@ -293,6 +299,8 @@ class ArtifactService:
                         await conn.ask_piece(index)
                         asked.append(index)
                     if not asked:
+                        if conn.have is not None and len(conn.have) < core.count:
+                            break  # a member still fetching it: ask again what it has by now
                         if core.stuck(trio.current_time()) or node_id not in core.peers:
                             return
                         await listener.wait(PROGRESS_PERIOD)  # others hold the rest in flight
@@ -326,12 +334,21 @@ class ArtifactService:
             finally:
                 with trio.CancelScope(shield=True):
                     await conn.aclose()
+            if conn.have is not None and not core.done:
+                await trio.sleep(PARTIAL_REFRESH)
 
     # --- serving -------------------------------------------------------------------------
 
     async def serve(self, conn: peer.FramedStream, stream: trio.abc.Stream, hello: dict) -> None:
         assert self.store is not None
-        await serve_pieces(conn, stream, hello, self.store, self.limit, self.counts)
+        await serve_pieces(conn, stream, hello, self.store, self.limit, self.counts, self._in_progress)
+
+    def _in_progress(self, digest: str) -> tuple[dict, frozenset[int]] | None:
+        """A fetch going on here: its manifest and the pieces it verified (others fetch them)."""
+        entry = self._fetching.get(digest)
+        if entry is None or entry.core is None:
+            return None
+        return entry.manifest, frozenset(entry.core.have)
 
     # --- pushing -------------------------------------------------------------------------
 
