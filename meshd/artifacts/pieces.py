@@ -19,7 +19,9 @@ Invariants:
   peer cannot hold back the last piece. A piece accepted twice is written once.
 - A peer whose transfer breaks is asked again after RETRY_DELAY, at most MAX_FAILURES times
   in a row; `stuck` says why no piece can come when no peer is left that may be asked.
-- A peer that says which pieces it holds (a partial copy) is asked only for those.
+- A peer that says which pieces it holds (a partial copy: a member fetching it too) is asked
+  only for those. Fresh pieces are asked in order from the fetch's `start`, which members
+  fetching together choose apart, so that they hold different pieces and trade them.
 """
 
 from __future__ import annotations
@@ -90,9 +92,13 @@ class _Peer:
 
 
 class PieceFetch:
-    def __init__(self, manifest: Manifest, digests: tuple[bytes, ...], have: Iterable[int] = ()) -> None:
+    def __init__(self, manifest: Manifest, digests: tuple[bytes, ...], have: Iterable[int] = (),
+                 start: int = 0) -> None:
         """`digests`: the checked piece list (piece_digests); `have`: pieces already on disk
-        and verified (a resumed fetch)."""
+        and verified (a resumed fetch); `start`: the piece this fetch asks for first, then the
+        ones after it (members fetching together start apart, so each has pieces the others
+        lack and they trade them instead of all asking the one holder for the same)."""
+        self.start = start % max(1, manifest.piece_count)
         self.size, self.piece_size = manifest.size, manifest.piece_size
         self.count = manifest.piece_count
         self.digests = digests
@@ -158,9 +164,9 @@ class PieceFetch:
         in_flight = set().union(*(p.in_flight for p in self.peers.values()))
         candidates = [i for i in self.missing() - state.in_flight if state.have is None or i in state.have]
         fresh = [i for i in candidates if i not in in_flight]
-        # Lowest first: a fetch cut off leaves a prefix, and pieces others hold fewest copies
-        # of would matter only among partial holders, which the shell adds as they appear.
-        pick = min(fresh) if fresh else (min(candidates) if candidates else None)
+        # In order from `start`: members fetching the same artifact start at different pieces.
+        order = lambda i: (i - self.start) % self.count  # noqa: E731
+        pick = min(fresh, key=order) if fresh else (min(candidates, key=order) if candidates else None)
         if pick is not None:
             state.in_flight.add(pick)
         return pick

@@ -7,7 +7,8 @@ Invariants:
 - A node fetches only what a workload of its own wants, or a rollout stages on it (the new
   version's artifacts where an old replica runs), only
   with a manifest the catalog holds and that opens with a key the mesh trusts now, and
-  only from members of its site that hold it complete (never from itself); when none
+  only from members of its site that hold it complete or are fetching it too (a swarm:
+  each serves only the pieces it verified), never from itself; when none holds it
   does, only the site's puller (meshd.artifacts.sites.puller) fetches it from members of
   other sites that published it, so a site pulls it over its uplink once; the others fetch
   from the puller the pieces it has verified, while it pulls the rest.
@@ -44,6 +45,11 @@ class Decision:
     waiting: tuple[tuple[str, str], ...] = ()  # (digest, why it cannot be fetched now)
 
 
+def sources_of(state: SiteState, node_id: str) -> Source:
+    node = state.nodes[node_id]
+    return Source(node.node_id, node.address, node.name)
+
+
 def decide(state: SiteState, node_id: str, held: frozenset[str], wanted: frozenset[str],
            holdings: Sequence[ArtifactHolding] = ()) -> Decision:
     """`wanted`: what this node's workloads wait for or run with; what rollouts stage here is
@@ -60,7 +66,11 @@ def decide(state: SiteState, node_id: str, held: frozenset[str], wanted: frozens
             continue
         local = sites.local_sources(state, digest, node_id)
         if local:
-            fetch.append(Fetch(manifest, local))
+            # and the members fetching it too: each serves the pieces it has verified (a swarm)
+            holding = {s.node_id for s in local}
+            swarm = tuple(sources_of(state, n) for n in sites.needing(state, digest) if n != node_id
+                          and n not in holding)
+            fetch.append(Fetch(manifest, local + swarm))
             continue
         remote = sites.remote_sources(state, holdings, digest)
         if not remote:
@@ -71,8 +81,7 @@ def decide(state: SiteState, node_id: str, held: frozenset[str], wanted: frozens
             fetch.append(Fetch(manifest, remote))
         elif pulling is not None and pulling in state.nodes:
             # from the puller, the pieces it has verified so far, while it pulls the rest
-            puller = state.nodes[pulling]
-            fetch.append(Fetch(manifest, (Source(puller.node_id, puller.address, puller.name),)))
+            fetch.append(Fetch(manifest, (sources_of(state, pulling),)))
         else:
             waiting.append((digest, f"a member of this site pulls it from site {remote[0].site}, then shares it"))
     drop = tuple(sorted(d for d in held - wanted if d in state.artifacts_removed and d not in state.artifacts))

@@ -108,7 +108,7 @@ def test_any_order_and_loss_ends_with_the_exact_bytes_or_a_refusal(data):
     m = Small()
     m.size, m.piece_size, m.piece_count, m.pieces = size, piece, piece_count(size, piece), \
         pieces_digest(piece_list)
-    f = P.PieceFetch(m, P.piece_digests(piece_list, m))
+    f = P.PieceFetch(m, P.piece_digests(piece_list, m), start=data.draw(st.integers(0, 100)))
     peers = data.draw(st.lists(st.sampled_from(["honest", "liar", "flaky", "partial"]), min_size=1, max_size=4,
                                unique=True))
     partial_has = data.draw(st.sets(st.integers(0, max(0, m.piece_count - 1))))
@@ -144,3 +144,12 @@ def test_any_order_and_loss_ends_with_the_exact_bytes_or_a_refusal(data):
     else:
         assert f.stuck(now) is not None
         assert "honest" not in peers or f.peers["honest"].failures >= P.MAX_FAILURES
+
+
+def test_fetches_that_start_apart_ask_for_different_pieces():
+    a, b = P.PieceFetch(MANIFEST, P.piece_digests(PIECE_LIST, MANIFEST), start=0), \
+        P.PieceFetch(MANIFEST, P.piece_digests(PIECE_LIST, MANIFEST), start=2)
+    a.add_peer("origin")
+    b.add_peer("origin")
+    assert [a.next_piece("origin", 0), a.next_piece("origin", 0)] == [0, 1]
+    assert [b.next_piece("origin", 0), b.next_piece("origin", 0)] == [2, 3]

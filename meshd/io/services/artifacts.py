@@ -16,6 +16,7 @@ Invariants:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import stat
@@ -219,7 +220,9 @@ class ArtifactService:
             return
         digests = pieces.piece_digests(piece_list, manifest)
         have = await trio.to_thread.run_sync(self.store.begin_fetch, manifest, piece_list, digests)
-        core = entry.core = PieceFetch(manifest, digests, have)
+        start = int.from_bytes(hashlib.sha256(f"{manifest.digest}/{self.ctx.identity.node_id}".encode()).digest()[:4],
+                               "big")
+        core = entry.core = PieceFetch(manifest, digests, have, start=start)
         for source in sources:
             core.add_peer(source.node_id)
         started, before = time.monotonic(), core.fetched_bytes
