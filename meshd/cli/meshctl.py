@@ -292,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("plan", "dry run: where deploy would place an app", _build_plan, _show_plan)
     sub.add_argument("file", metavar="FILE", help="app spec; - reads stdin")
+    sub.add_argument("--what-if", metavar="CHANGE", action="append", default=[],
+                     help="answer as if this had happened: down:NODE, drain:NODE or cut:SITE (repeatable); "
+                          "shows what would move where")
 
     sub = command("apps", "every app, desired vs running", _build_apps, _show_apps)
     sub.add_argument("--all", action="store_true", help="stopped apps too")
@@ -561,7 +564,7 @@ def _build_deploy(opts: argparse.Namespace) -> Request:
 
 
 def _build_plan(opts: argparse.Namespace) -> Request:
-    return Request("plan", {"spec_toml": _read_text(opts.file)})
+    return Request("plan", {"spec_toml": _read_text(opts.file), "what_if": opts.what_if})
 
 
 def _build_apps(opts: argparse.Namespace) -> Request:

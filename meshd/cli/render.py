@@ -327,7 +327,8 @@ def plan(result: Mapping[str, Any]) -> str:
     placements = result.get("placements") or []
     filtered = result.get("filtered") or []
     unplaced = result.get("unplaced") or []
-    others = {k: v for k, v in result.items() if k not in ("placements", "filtered", "unplaced", "stops")}
+    others = {k: v for k, v in result.items() if k not in ("placements", "filtered", "unplaced", "stops", "moves",
+                                                            "notes")}
     parts = []
     if others:
         parts.append(key_values(others, order=("app", "version")))
@@ -335,6 +336,11 @@ def plan(result: Mapping[str, Any]) -> str:
     parts.append("Filtered:\n" + table(filtered, FILTERED_COLUMNS))
     if unplaced:
         parts.append("Cannot place:\n" + table(unplaced, UNPLACED_COLUMNS))
+    if "moves" in result:
+        parts.append("What would move (the site's replicas, after the what-if):\n" + table(
+            result.get("moves") or [], [("APP", "app"), ("REPLICA", "replica"), ("TO", "to"), ("REASON", "reason")]))
+    for note in result.get("notes") or []:
+        parts.append(f"note: {_printable(str(note))}")
     return "\n\n".join(parts)
 
 

@@ -40,7 +40,7 @@ from attestation.signed import AttestationError
 from meshd import __version__
 from meshd import spec as specmod
 from meshd import deployments as deploymentsmod
-from meshd import waves
+from meshd import waves, whatif
 from meshd import eventfeed, tokens
 from meshd.io import peer
 from meshd.artifacts import catalog as artifact_catalog
@@ -526,12 +526,26 @@ class AdminHandlers:
         return sorted(rows, key=lambda r: (r["app"], r["replica"], r["created_at"]))
 
     async def plan(self, request: AdminRequest, stream) -> dict:
+        """A dry run of a deploy; with `what_if` changes (meshd.whatif), on the site's state as
+        if they had happened, and what would move. Nothing is committed."""
         app_spec = self._parse_spec(request)
         state = self._state()
+        try:
+            changes = whatif.parse(_arg(request.args, "what_if", list, default=[]))
+            if changes:
+                state, notes = whatif.imagine(state, changes, time.time())
+        except whatif.WhatIfError as e:
+            raise AdminError(str(e)) from None
         current = state.apps.get(app_spec.name)
         version = (current.version + (0 if current.spec == app_spec else 1)) if current else 1
         plan = make_plan(state, app_spec, version, range(app_spec.replicas), lambda: secrets.token_hex(6))
-        return plan.to_plain()
+        answer = plan.to_plain()
+        if changes:
+            answer["what_if"] = [f"{c.kind}:{c.target}" for c in changes]
+            answer["moves"] = whatif.moves(state, lambda: secrets.token_hex(6))
+            answer["notes"] = notes + [f"site {s} takes no change of {app_spec.name} until the link returns"
+                                       for s in whatif.cut_targets(app_spec, changes)]
+        return answer
 
     async def events(self, request: AdminRequest, stream) -> list:
         follow_ = bool(_arg(request.args, "follow", bool, False))

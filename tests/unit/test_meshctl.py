@@ -171,7 +171,7 @@ COMMANDS = [
      {"spec_toml": SPEC_TOML, "wait": True, "timeout": 30.0},
      {"app": "vibration-monitor", "version": 2, "accepted": True, "running": 6, "replicas": 6},
      ["running:", "replicas:"]),
-    (["plan", "{spec}"], "plan", {"spec_toml": SPEC_TOML}, PLAN,
+    (["plan", "{spec}"], "plan", {"spec_toml": SPEC_TOML, "what_if": []}, PLAN,
      ["NODE", "REPLICA", "REASON", "arch aarch64 not in [x86_64]"]),
     (["apps"], "apps", {}, APPS, ["APP", "VERSION", "STATUS", "RUNNING/REPLICAS", "SITES", "4/6"]),
     (["apps", "--all"], "apps", {"all": True}, APPS, ["APP"]),
