@@ -498,7 +498,7 @@ class Local:
 
 
 def _build_artifact_keygen(opts: argparse.Namespace) -> Local:
-    from meshd.artifacts.offline import keygen, OfflineError
+    from meshd.io.offlinesign import keygen, OfflineError
     try:
         return Local(keygen(opts.key_file))
     except OfflineError as exc:
@@ -506,7 +506,7 @@ def _build_artifact_keygen(opts: argparse.Namespace) -> Local:
 
 
 def _build_artifact_sign(opts: argparse.Namespace) -> Local:
-    from meshd.artifacts.offline import sign_file, OfflineError
+    from meshd.io.offlinesign import sign_file, OfflineError
     try:
         return Local(sign_file(opts.file, opts.key, opts.mesh, opts.name, opts.out))
     except OfflineError as exc:

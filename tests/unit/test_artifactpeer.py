@@ -15,7 +15,7 @@ from meshd.io.artifactstore import ArtifactStore
 from tests.unit.test_artifactstore import push
 
 
-def serve(store, hello, send: bytes):
+def serve(store, hello, send: bytes, in_progress=lambda digest: None):
     """Run the server against a client that sends `send` and then closes; what it answered."""
     async def main():
         client, server = trio.testing.memory_stream_pair()
@@ -25,7 +25,8 @@ def serve(store, hello, send: bytes):
             async def run_server():
                 nonlocal failure
                 try:
-                    await serve_pieces(peer.FramedStream(server), server, hello, store, UploadLimit(0), counts)
+                    await serve_pieces(peer.FramedStream(server), server, hello, store, UploadLimit(0), counts,
+                                       in_progress)
                 except peer.PeerError as e:
                     failure = str(e)
                 await server.aclose()
@@ -85,24 +86,9 @@ def test_a_fetch_in_progress_serves_only_the_pieces_it_verified(tmp_path):
     store.begin_fetch(manifest, piece_list, P.piece_digests(piece_list, manifest))
     store.write_piece(manifest.digest, 1 << 20, data[1 << 20:2 << 20])
     have = frozenset({1})
-
-    async def main(send: bytes):
-        client, server = trio.testing.memory_stream_pair()
-        async with trio.open_nursery() as nursery:
-            async def run_server():
-                await serve_pieces(peer.FramedStream(server), server, {"digest": manifest.digest}, store,
-                                   UploadLimit(0), {}, lambda digest: (dict(manifest.document), have))
-                await server.aclose()
-            nursery.start_soon(run_server)
-            framed = peer.FramedStream(client)
-            ready = await framed.receive()
-            await client.send_all(send)
-            await client.send_eof()
-            received = framed.take_buffered()
-            while data_in := await client.receive_some(1 << 20):
-                received += data_in
-        return ready, W.AnswerDecoder(1 << 20).feed(received)
-    ready, answers = trio.run(main, W.want_list() + W.want_piece(1) + W.want_piece(2))
+    ready, received, _, _ = serve(store, {"digest": manifest.digest}, W.want_list() + W.want_piece(1) + W.want_piece(2),
+                                  lambda digest: (dict(manifest.document), have))
+    answers = W.AnswerDecoder(1 << 20).feed(received)
     assert ready["have"] == [1] and ready["manifest"]["body"]["digest"] == manifest.digest
     assert answers == [W.PieceList(piece_list), W.Piece(1, data[1 << 20:2 << 20]),
                        W.Refusal("piece 2 is not verified here yet")]

@@ -1,4 +1,5 @@
-"""Signing artifact manifests offline, with a release key, where no daemon runs (a release
+"""Signing artifact manifests offline (the I/O around meshd.artifacts.manifest: key files,
+the file's bytes, the clock), with a release key, where no daemon runs (a release
 pipeline, an operator's laptop): `meshctl artifact keygen` and `meshctl artifact sign`.
 
 The mesh trusts such a manifest once the root-signed policy names the key
