@@ -39,11 +39,28 @@ def resources_moved(last: Mapping[str, float], current: Mapping[str, float]) -> 
     """True when `current` differs from the last reported resources by a step placement sees."""
     if not last:
         return bool(current)
-    if any(last.get(key) != current.get(key) for key in ("cpu_total", "mem_total_mb", "enforces", "cgroup", "reserved_cpu",
-                                                   "reserved_mem_mb", "devices", "oom_kills")):
+    if any(last.get(key) != current.get(key) for key in ("cpu_total", "mem_total_mb", "cgroup", "reserved_cpu",
+                                                   "reserved_mem_mb", "oom_kills")):
+        return True
+    # The site's record holds these as tuples, a sample as a list and a mapping: compared by
+    # content, or every full period would look like news and commit a heartbeat for nothing.
+    if _as_set(last.get("enforces")) != _as_set(current.get("enforces")) \
+            or _as_counts(last.get("devices")) != _as_counts(current.get("devices")):
         return True
     mem_step = MEM_STEP_FRACTION * float(current.get("mem_total_mb") or 1)
     return abs(float(current.get("mem_free_mb", 0)) - float(last.get("mem_free_mb", 0))) >= mem_step
+
+
+def _as_set(value: object) -> frozenset:
+    return frozenset(value) if isinstance(value, (list, tuple, set, frozenset)) else frozenset()
+
+
+def _as_counts(value: object) -> tuple:
+    try:
+        pairs = dict(value) if isinstance(value, (list, tuple, dict)) else {}
+    except (TypeError, ValueError):
+        pairs = {}
+    return tuple(sorted((str(k), v) for k, v in pairs.items() if v))
 
 
 def reflected_in(alloc) -> Callable[[Mapping], bool]:

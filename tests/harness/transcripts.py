@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 
 from tests.harness.datadriven import split
-from tests.harness.sim import DIGEST, MODIFIED_DIGEST, SimSite, node_names
+from meshd.twin.site import DIGEST, MODIFIED_DIGEST, SimSite, node_names
 
 
 class Transcript:
@@ -86,7 +86,7 @@ class Transcript:
         self._commit(cmds.Undrain(node=args[0], actor="operator"), self.site.leader_node())
 
     def _commit(self, command, via) -> None:
-        from tests.harness.sim import describe_command, describe_result
+        from meshd.twin.site import describe_command, describe_result
         result = self.site.commit(command, via=via)
         self.site.say(f"{via.name if via else '?'}: {describe_command(command)} -> {describe_result(result)}")
 

@@ -28,6 +28,13 @@ def alloc(alloc_id, state="running", pid=10, restarts=0):
     (RES, res(mem_free_mb=550), True),
     (RES, res(cpu_total=8.0), True),  # hardware changed (a CPU came online)
     (RES, res(mem_total_mb=2000), True),
+    # the site's record (dataclasses.asdict of NodeResources) holds tuples; a sample holds a
+    # list and a mapping: the same content is no news
+    (res(enforces=("cpu", "memory"), devices=(("gpu", 1),)), res(enforces=["memory", "cpu"], devices={"gpu": 1}), False),
+    (res(enforces=(), devices=()), res(enforces=[], devices={}), False),
+    (res(enforces=("cpu",)), res(enforces=["cpu", "pids"]), True),
+    (res(devices=(("gpu", 1),)), res(devices={"gpu": 2}), True),
+    (res(devices=(("gpu", 1),)), res(devices={}), True),
 ])
 def test_resources_moved(last, current, moved):
     assert resources_moved(last, current) is moved

@@ -1,4 +1,6 @@
-"""A site of in-memory nodes running the real node core (meshd.node) on one applied log.
+"""The twin's engine: a site of in-memory nodes running the real node core (meshd.node) on
+one applied log. The transcript harness (tests/harness) and `meshd sim` (meshd.twin.run)
+both drive it; neither holds a copy of any decision.
 
 What is real: the state machine (meshd.sitestate, every command through its wire form), the
 cores (leading, worker, trust, attesting, admitting, joining), the admission verdict with
@@ -62,12 +64,24 @@ def _raw(key: Ed25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
+@dataclass(frozen=True)
+class Profile:
+    """What a simulated node is: its platform, labels and what it reports of its resources."""
+
+    arch: str = "x86_64"
+    labels: tuple[tuple[str, str], ...] = ()
+    cpu: float = 4.0
+    mem_mb: int = 4096
+    devices: tuple[tuple[str, int], ...] = ()
+
+
 @dataclass
 class SimNode:
     name: str
     index: int
     key: Ed25519PrivateKey
     site: str
+    profile: Profile = field(default_factory=Profile)
     state: SiteState = field(default_factory=SiteState)
     applied: int = 0  # log entries applied to `state`
     member: bool = False  # holds a membership (joined or founded)
@@ -109,12 +123,16 @@ class SimNode:
         return tokens.node_id_for(self.public)
 
     @property
+    def host(self) -> str:
+        return f"198.18.{self.index // 256}.{self.index % 256}"  # 198.18.0.0/15: for benchmarks, never routed
+
+    @property
     def address(self) -> str:
-        return f"198.18.0.{self.index}:7700"
+        return f"{self.host}:7700"
 
     @property
     def raft_address(self) -> str:
-        return f"198.18.0.{self.index}:7701"
+        return f"{self.host}:7701"
 
     @property
     def live(self) -> bool:
@@ -122,7 +140,8 @@ class SimNode:
 
     def plain(self) -> dict:
         return {"node_id": self.node_id, "name": self.name, "site": self.site, "address": self.address,
-                "raft_address": self.raft_address, "public_key": self.public.hex(), "arch": "x86_64", "labels": {},
+                "raft_address": self.raft_address, "public_key": self.public.hex(), "arch": self.profile.arch,
+                "labels": dict(self.profile.labels),
                 "version": VERSION, "boot_id": self.boot_id, "tpm_ak": ""}
 
     @property
@@ -139,8 +158,9 @@ class SimNode:
 
 
 class SimSite:
-    def __init__(self, site: str = "lab") -> None:
+    def __init__(self, site: str = "lab", index_base: int = 0) -> None:
         self.site = site
+        self.index_base = index_base  # node addresses of several sites in one mesh never collide
         self.now = 0.0  # monotonic seconds
         self.log: list[dict] = []
         self.truth = SiteState()  # the log applied in full: what every caught-up member holds
@@ -331,8 +351,9 @@ class SimSite:
     def report(self, node: SimNode) -> None:
         if self.leader_node() is None or not node.reachable:
             return
-        resources = {"cpu_total": 4.0, "cpu_free": 4.0, "mem_total_mb": 4096, "mem_free_mb": 4096,
-                     "enforces": ["cpu", "memory", "pids"], "cgroup": 2}
+        p = node.profile
+        resources = {"cpu_total": p.cpu, "cpu_free": p.cpu, "mem_total_mb": p.mem_mb, "mem_free_mb": p.mem_mb,
+                     "enforces": ["cpu", "memory", "pids"], "cgroup": 2, "devices": [list(d) for d in p.devices]}
         own = node.view().nodes.get(node.node_id)
         report = node.reports.due(self.now, resources, [dict(r) for r in node.running.values()],
                                   reflected_in(node.view().allocs.get),
@@ -389,10 +410,11 @@ class SimSite:
 
     # --- the site's life -------------------------------------------------------------------
 
-    def add_node(self, name: str) -> SimNode:
+    def add_node(self, name: str, profile: Profile = Profile()) -> SimNode:
         if name in self.nodes:
             raise ValueError(f"node {name} exists")
-        node = SimNode(name=name, index=len(self.nodes) + 1, key=_key(name), site=self.site)
+        node = SimNode(name=name, index=self.index_base + len(self.nodes) + 1, key=_key(name), site=self.site,
+                       profile=profile)
         node.leading = Leading(lease=LEASE, new_alloc_id=lambda: self.next_id("a"))
         self.nodes[name] = node
         return node
