@@ -49,20 +49,20 @@ from attestation.signed import AttestationError
 from crdt.document import MeshDocument
 from crdt.schema import (AppEdit, AppSiteStatus, ArtifactHolding, NodeSummary, Record, RolloutControl, SchemaError, SignedRecord, SiteSummary,
                          app_status_key, rollout_control_key)
-from crdt.schema import AuditRecord as DocAuditRecord
 from crdt.sync import SyncSession
 from meshd import meshstate, waves
 from meshd.artifacts import sites as artifact_sites
-from meshd.commands import AddArtifact, AdoptPolicy, AdoptRevocations, Command, Ok, Refused, SubmitApp
+from meshd.commands import AddArtifact, AdoptPolicy, AdoptRevocations, Ok, Refused, SubmitApp
 from meshd.fleethealth import HealthWindow
 from meshd.node import trust
+from meshd.node.meshing import Meshing, TakeIn
 from meshd.io import peer
 from meshd.io.crdtstore import DocumentStore
 from meshd.io.logthrottle import throttle
 from meshd.io.diskspace import DiskFull
 from meshd.io.docsync import DocumentHub
 from meshd.io.raft import CommandFailed
-from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, AppWatch
+from meshd.state import ADMIN_LEFT, ADMIN_REVOKED
 from meshd.wire import FrameError
 
 if TYPE_CHECKING:
@@ -141,18 +141,12 @@ class MeshSync:
         self.changed: Any = None  # Wakeup: the document changed (remote update or local write)
         self.heard: dict[str, float] = {}  # site -> trio time of its last news
         self._summary_ts: dict[str, float] = {}
-        self._bad_edits: set[str] = set()  # edits this site cannot run (spec it cannot parse)
         self._bad_manifests: set[str] = set()  # digests whose published manifest the catalog refused
         self._bad_records: set[str] = set()  # signed records that do not verify (reported once)
-        self._summary_written = -math.inf
-        # The apps whose progress was published, as they were (a pass publishes the ones
-        # that changed since, not every app); forgotten when this node starts leading again.
-        self._published_apps = AppWatch()
-        self._published_term: int | None = None
+        # What to take in from the document and publish to it for apps (meshd.node.meshing)
+        self.meshing = Meshing()
         self.health = HealthWindow()  # members' resource samples, for their published health figures
         self._health_written: dict[str, float] = {}  # node id -> trio time its summary was last written
-        self._plans = meshstate.PlanCache()  # rollout plans of taken-in edits (meshd.waves)
-        self.rollout_wake: float | None = None  # wall time a rollout's soak ends, if one waits on it
         self._links: list[_Link] = []  # live sessions (one per link is kept)
         self._link_serial = 0
         self.address_sites: dict[str, str] = {}  # static peer address -> its site, once dialled
@@ -386,8 +380,8 @@ class MeshSync:
         while True:
             # A rollout's next wave opens when a soak ends: a pass is due then, news or not.
             wait = PUBLISH_SAFETY_PERIOD
-            if self.rollout_wake is not None:
-                wait = min(wait, max(0.05, self.rollout_wake - time.time() + 0.05))
+            if self.meshing.rollout_wake is not None:
+                wait = min(wait, max(0.05, self.meshing.rollout_wake - time.time() + 0.05))
             await wait_any(changes, wait)
             if d.raft is None or d.raft.status.role != "leader":
                 continue
@@ -483,45 +477,28 @@ class MeshSync:
         now = time.time()
         await self._take_in_trust(state)
         await self._take_in_manifests(state)
-        commands = []
-        for edit in meshstate.edits_to_take_in(state, self.document.apps()):
-            if edit.edit_id in self._bad_edits:
-                continue
-            command = meshstate.take_in_command(edit)
-            if isinstance(command, str):
-                self._bad_edits.add(edit.edit_id)
-                d.event("sync", f"{edit.app} v{edit.version} from site {edit.site} cannot run here: {command}",
-                        app=edit.app, edit=edit.edit_id)
-                continue
-            if isinstance(command, SubmitApp):
-                command = meshstate.hold_for_wave(state, command, self._status_of, self._controls_of, now)
-            commands.append((edit, command))
-        moves = meshstate.rollout_moves(state, self._plans, self._status_of, self._controls_of, now)
-        self.rollout_wake = moves.wake
-        taking = {edit.app for edit, _ in commands}
-        commands += [(None, command) for command in moves.commands
-                     if (command.spec.name if isinstance(command, SubmitApp) else command.app) not in taking]
+        commands, told = self.meshing.take_in(state, self.document, now)
+        for emit in told:
+            d.event(emit.kind, emit.message, **emit.data)
         failed: list[CommandFailed] = []
 
-        async def take_in(edit: AppEdit | None, command: Command) -> None:
+        async def take_in(item: TakeIn) -> None:
             try:
-                result = await d.commit(command)
+                result = await d.commit(item.command)
             except CommandFailed as e:
                 failed.append(e)
                 return
-            if isinstance(result, Refused) and edit is None:  # a rollout move raced another change
+            if isinstance(result, Refused) and item.edit is None:  # a rollout move raced another change
                 log.info("rollout move not taken", extra={"reason": result.text})
-            elif isinstance(result, Refused):
-                self._bad_edits.add(edit.edit_id)
-                d.event("sync", f"{edit.app} v{edit.version} from site {edit.site} not taken in: {result.text}",
-                        app=edit.app, edit=edit.edit_id)
+            for emit in self.meshing.taken(item, result):
+                d.event(emit.kind, emit.message, **emit.data)
 
         # Edits of different apps are independent: many in flight at once (Raft keeps their
         # order) instead of one round trip each, so a catch-up of thousands is seconds less.
         for start in range(0, len(commands), TAKE_IN_IN_FLIGHT):
             async with trio.open_nursery() as nursery:
-                for edit, command in commands[start:start + TAKE_IN_IN_FLIGHT]:
-                    nursery.start_soon(take_in, edit, command)
+                for item in commands[start:start + TAKE_IN_IN_FLIGHT]:
+                    nursery.start_soon(take_in, item)
             if failed:
                 raise failed[0]
 
@@ -547,7 +524,7 @@ class MeshSync:
         if resolution is None or resolution.winner.stopped:
             return None
         winner = resolution.winner
-        plan = self._plans.plan(winner.edit_id, winner.spec, winner.stopped)
+        plan = self.meshing.plans.plan(winner.edit_id, winner.spec, winner.stopped)
         if plan is None:
             return None
         return winner, meshstate.rollout_view(winner, plan, self._status_of, self._controls_of, time.time())
@@ -575,26 +552,15 @@ class MeshSync:
         document = self.document
         assert document is not None
         state = d.snapshot()
-        records: list[Record] = []
-        records += meshstate.edits_to_publish(state, lambda edit_id: document.get(AppEdit, edit_id) is not None)
-        records += meshstate.audit_to_publish(state, lambda key: document.get(DocAuditRecord, key) is not None)
-        records += self._revocations_to_publish(state)
-        records += artifact_sites.holdings_to_publish(state, lambda key: document.get(ArtifactHolding, key), time.time())
-        if state.policy and document.get(SignedRecord, meshstate.policy_key(state.policy)) is None:
-            records.append(meshstate.policy_record(state.policy, state.site, time.time()))
         now = time.time()
         facts = meshstate.SiteFacts(d.config.name, self._addresses(state))
-        summary = meshstate.site_summary(state, facts, now)
-        if not meshstate.same_summary(document.get(SiteSummary, state.site), summary) \
-                or trio.current_time() - self._summary_written >= d.config.sync_interval:
-            records.append(summary)
-            self._summary_written = trio.current_time()
         term = d.raft.status.term if d.raft is not None else None
-        if term != self._published_term:
-            self._published_apps.clear()
-            self._published_term = term
-        records += [status for status in meshstate.app_statuses(state, now, self._published_apps.changed(state))
-                    if not meshstate.same_status(document.get(AppSiteStatus, status.key), status)]
+        records: list[Record] = self.meshing.publish(state, document, facts, term, now, trio.current_time(),
+                                                     d.config.sync_interval)
+        records += self._revocations_to_publish(state)
+        records += artifact_sites.holdings_to_publish(state, lambda key: document.get(ArtifactHolding, key), now)
+        if state.policy and document.get(SignedRecord, meshstate.policy_key(state.policy)) is None:
+            records.append(meshstate.policy_record(state.policy, state.site, now))
         self.health.observe(state, trio.current_time())
         at = trio.current_time()
         for node in meshstate.node_summaries(state, facts, now, lambda node_id: self.health.health(state, node_id, at)):
