@@ -1,5 +1,6 @@
 """The `meshd` command: `meshd run` (the daemon), `meshd demo` (a local three-node site) and
-`meshd digest [BUILD]` (the attestation reference digest of a build, before installing it).
+`meshd digest [BUILD]` (the attestation reference digest of a build, before installing it) and
+`meshd sim SCENARIO.toml` (a scenario on the digital twin, meshd.io.sim).
 
 Exit status: 0 on a clean stop; otherwise a one-line `error: ...` on stderr and a status that
 says what kind of failure it was (meshd.exitcodes: 78 a bad option or config, 73 a port in
@@ -78,7 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
     digest.add_argument("build", nargs="?", metavar="PACKAGE-OR-WHEEL-OR-DIR",
                         help="a .deb, a wheel, or a source tree / site-packages directory (default: this installation)")
     digest.add_argument("--json", action="store_true", help="print {version, digest, source} as JSON")
+    sim = sub.add_parser("sim", help="run a scenario on the digital twin: the real cores on a simulated fleet")
+    sim.add_argument("scenario", metavar="SCENARIO.toml", help="the scenario (docs/sim.md; examples in examples/sim/)")
+    sim.add_argument("--seed", type=int, default=None, help="seed of the run's random draws (default: the scenario's)")
+    sim.add_argument("--out", metavar="DIR", help="where timeline.jsonl, summary.json and run.svg go "
+                                                  "(default: ./SCENARIO-sim)")
+    sim.add_argument("--quiet", action="store_true", help="print the summary only, not the timeline")
+    sim.add_argument("--json", action="store_true", help="print summary.json instead of the text")
     return parser
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from meshd.io.sim import run_sim
+
+    return run_sim(args.scenario, args.seed, args.out, args.quiet, args.json)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -165,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args)
     if args.command == "digest":
         return cmd_digest(args)
+    if args.command == "sim":
+        return cmd_sim(args)
     return cmd_demo(args)
 
 

@@ -47,15 +47,14 @@ from attestation.policy import rank as policy_rank
 from attestation.revocation import open_revocations, sign_revocation, sign_revocations
 from attestation.signed import AttestationError
 from crdt.document import MeshDocument
-from crdt.schema import (AppEdit, AppSiteStatus, ArtifactHolding, NodeSummary, Record, RolloutControl, SchemaError, SignedRecord, SiteSummary,
-                         app_status_key, rollout_control_key)
+from crdt.schema import (AppEdit, AppSiteStatus, ArtifactHolding, NodeSummary, Record, RolloutControl, SchemaError, SignedRecord, SiteSummary)
 from crdt.sync import SyncSession
 from meshd import meshstate, waves
 from meshd.artifacts import sites as artifact_sites
 from meshd.commands import AddArtifact, AdoptPolicy, AdoptRevocations, Ok, Refused, SubmitApp
 from meshd.fleethealth import HealthWindow
 from meshd.node import trust
-from meshd.node.meshing import Meshing, TakeIn
+from meshd.node.meshing import Meshing, TakeIn, readers
 from meshd.io import peer
 from meshd.io.crdtstore import DocumentStore
 from meshd.io.logthrottle import throttle
@@ -539,13 +538,11 @@ class MeshSync:
 
     def _status_of(self, app: str, site: str) -> AppSiteStatus | None:
         assert self.document is not None
-        return self.document.get(AppSiteStatus, app_status_key(app, site))
+        return readers(self.document)[0](app, site)
 
     def _controls_of(self, edit_id: str, site: str) -> list[RolloutControl]:
         assert self.document is not None
-        found = (self.document.get(RolloutControl, rollout_control_key(edit_id, site, action))
-                 for action in ("pause", "cancel"))
-        return [control for control in found if control is not None]
+        return readers(self.document)[1](edit_id, site)
 
     async def _publish(self) -> None:
         d = self.ctx

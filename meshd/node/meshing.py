@@ -62,7 +62,7 @@ class Meshing:
 
     def take_in(self, state: SiteState, document: Document, wall: float) -> tuple[list[TakeIn], list[Emit]]:
         """What to commit so the site runs what the document decided, and what to tell."""
-        status_of, controls_of = _readers(document)
+        status_of, controls_of = readers(document)
         out: list[TakeIn] = []
         told: list[Emit] = []
         for edit in meshstate.edits_to_take_in(state, document.apps()):
@@ -115,7 +115,7 @@ class Meshing:
         return records
 
 
-def _readers(document: Document):
+def readers(document: Document):
     def status_of(app: str, site: str) -> AppSiteStatus | None:
         return document.get(AppSiteStatus, app_status_key(app, site))
 

@@ -86,6 +86,7 @@ class SimNode:
     applied: int = 0  # log entries applied to `state`
     member: bool = False  # holds a membership (joined or founded)
     up: bool = True  # its daemon runs
+    paused: bool = False  # its daemon is stopped (SIGSTOP, a hung disk): it neither acts nor answers
     reachable: bool = True  # the network reaches it
     replay_left: int = 0  # ticks until a restarted Raft node caught up
     revoked_notice: str | None = None
@@ -99,11 +100,13 @@ class SimNode:
     reports: ReportSchedule = field(default_factory=lambda: ReportSchedule(full_period=10.0))
     secret_epoch: int = 0
     newest: SiteState | None = None  # the newest view readers got (meshd.io.context.NodeContext.snapshot)
+    public: bytes = field(init=False)
+    node_id: str = field(init=False)
 
     def view(self) -> SiteState:
         """The state as the daemon's readers see it: never older than a view they already had."""
-        if self.newest is not None and self.state.applied < self.newest.applied:
-            return self.newest
+        if self.newest is not None and self.state.applied <= self.newest.applied:
+            return self.newest  # the same entries (or fewer, while replaying): the copy already made
         self.newest = self.state.reader_copy()
         return self.newest
 
@@ -112,15 +115,9 @@ class SimNode:
         return self.replay_left == 0
 
     def __post_init__(self) -> None:
+        self.public = _raw(self.key)
+        self.node_id = tokens.node_id_for(self.public)
         self.worker = Worker(self.node_id)
-
-    @property
-    def public(self) -> bytes:
-        return _raw(self.key)
-
-    @property
-    def node_id(self) -> str:
-        return tokens.node_id_for(self.public)
 
     @property
     def host(self) -> str:
@@ -136,7 +133,7 @@ class SimNode:
 
     @property
     def live(self) -> bool:
-        return self.up and self.expelled is None
+        return self.up and not self.paused and self.expelled is None
 
     def plain(self) -> dict:
         return {"node_id": self.node_id, "name": self.name, "site": self.site, "address": self.address,
@@ -353,7 +350,8 @@ class SimSite:
             return
         p = node.profile
         resources = {"cpu_total": p.cpu, "cpu_free": p.cpu, "mem_total_mb": p.mem_mb, "mem_free_mb": p.mem_mb,
-                     "enforces": ["cpu", "memory", "pids"], "cgroup": 2, "devices": [list(d) for d in p.devices]}
+                     "enforces": ["cpu", "memory", "pids"], "cgroup": 2, "reserved_cpu": 0.0, "reserved_mem_mb": 0,
+                     "devices": dict(p.devices), "oom_kills": 0}
         own = node.view().nodes.get(node.node_id)
         report = node.reports.due(self.now, resources, [dict(r) for r in node.running.values()],
                                   reflected_in(node.view().allocs.get),
@@ -431,7 +429,7 @@ class SimSite:
         self.say(f"{node.name} restarted")
 
     def found(self, name: str) -> None:
-        node = self.add_node(name)
+        node = self.nodes.get(name) or self.add_node(name)
         root_cert = make_root(self.root_key, MESH_ID, self.wall)
         policy = Policy(mesh_id=MESH_ID, serial=1, min_version=VERSION, allowed_digests={VERSION: frozenset({DIGEST})},
                         issued_at=self.wall)
