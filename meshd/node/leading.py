@@ -292,6 +292,12 @@ class Leading:
             wait = min(wait, DOWN_LOOK_PERIOD)
         return min(max(wait, LEASE_EPSILON), RECONCILE_SAFETY_PERIOD)
 
+    def deployment_wake(self) -> float | None:
+        """Wall time of the next deployment deadline this leader waits for, if any (the part of
+        `next_look` that does not come from leases)."""
+        wake = min(self._app_wake.values(), default=float("inf"))
+        return None if wake == float("inf") else wake
+
     @staticmethod
     def voter_change(view: LeaderView) -> AddVoter | RemoveVoter | None:
         """The one Raft configuration change to make now, if any."""

@@ -62,8 +62,13 @@ def summary_text(summary: dict) -> str:
                                                   f"converged {c['converged_after_s']:g} s later with "
                                                   f"{c['bytes_to_converge']} bytes"))
         lines.append(f"cut {'-'.join(c['between'])} at {c['at']:g} s: {healed}")
-    if summary["bytes_between_sites"]:
-        lines.append("bytes between sites: " + ", ".join(f"{k} {v}" for k, v in summary["bytes_between_sites"].items()))
+    links = summary["bytes_between_sites"]
+    if 0 < len(links) <= 6:
+        lines.append("bytes between sites: " + ", ".join(f"{k} {v}" for k, v in links.items()))
+    elif links:
+        busiest = max(links, key=lambda k: (links[k], k))
+        lines.append(f"bytes between sites: {sum(links.values())} on {len(links)} links (busiest {busiest}: "
+                     f"{links[busiest]})")
     for c in summary["conflicts"]:
         lines.append(f"conflict on {c['app']}: {c['winner_site']} won over {', '.join(c['losers'])}")
     return "\n".join(lines) + "\n"

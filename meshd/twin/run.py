@@ -39,9 +39,9 @@ from crdt.document import MeshDocument
 from meshd import commands as cmds, meshstate
 from meshd import spec as specmod
 from meshd.config import DEFAULT_RAFT_MAX_TIMEOUT, DEFAULT_RAFT_MIN_TIMEOUT, DEFAULT_SYNC_INTERVAL
-from meshd.node.leading import RECONCILE_SAFETY_PERIOD
+from meshd.node.leading import LEASE_EPSILON, RECONCILE_SAFETY_PERIOD
 from meshd.node.meshing import Meshing, readers
-from meshd.state import ADMIN_DRAINING, APP_RUNNING, AppSpec
+from meshd.state import ADMIN_DRAINING, APP_RUNNING, LIVENESS_DOWN, AppSpec
 from meshd.twin.links import Network
 from meshd.twin.scenario import Event, Scenario
 from meshd.twin.site import SimNode, SimSite, describe_command, describe_result, node_names
@@ -64,6 +64,7 @@ class Failure:
     site: str
     replicas_lost: int
     leader_lost: bool
+    before: dict[str, int] = field(default_factory=dict)  # app -> replicas running just before
     recovered_at: float | None = None
 
     def plain(self) -> dict:
@@ -192,6 +193,8 @@ class Twin:
         self._sample()
         while self.now < end - 1e-9:
             dt = tick if self.now < self.busy_until or self._busy() else self._stride(end)
+            if self.queue and self.queue[0][0] > self.now:  # land on the next event, not past it
+                dt = min(dt, self.queue[0][0] - self.now)
             dt = min(dt, end - self.now)
             self.now = round(self.now + dt, 6)
             self.steps += 1
@@ -231,11 +234,19 @@ class Twin:
         for name, site in self.sites.items():
             leader = site.leader_node()
             if leader is not None:
-                limit = min(limit, self.now + leader.leading.next_look(leader.view(), site.now))
+                view = leader.view()
+                # Every member that answers does so at every step here, so leases matter only
+                # while one that stopped answering is not marked down yet.
+                if any(not (n.live and n.reachable) and n.node_id in view.nodes
+                       and view.nodes[n.node_id].liveness != LIVENESS_DOWN for n in site.nodes.values()):
+                    limit = min(limit, self.now + leader.leading.next_look(view, site.now))
+                wake = leader.leading.deployment_wake()
+                if wake is not None:
+                    limit = min(limit, self.now + max(0.0, wake - site.wall) + LEASE_EPSILON)
             wake = self.meshing[name].rollout_wake
             if wake is not None:
                 limit = min(limit, max(self.now, wake - site.wall + self.now))
-        return max(self.scenario.tick, round(limit - self.now, 6))
+        return max(round(limit - self.now, 6), 1e-3)
 
     # --- elections -------------------------------------------------------------------------
 
@@ -316,7 +327,8 @@ class Twin:
     def _failure(self, kind: str, target: str, site: SimSite, nodes: list[SimNode]) -> None:
         lost = sum(1 for n in nodes for r in n.running.values() if r["state"] == "running")
         leader_lost = site.leader in {n.name for n in nodes}
-        self.failures.append(Failure(self.now, kind, target, site.site, lost, leader_lost))
+        before = {app: running for app, (_, running) in self._counts(site)[2].items()}
+        self.failures.append(Failure(self.now, kind, target, site.site, lost, leader_lost, before))
 
     def _later(self, event: Event, action) -> None:
         if event.duration is not None:
@@ -535,9 +547,13 @@ class Twin:
             self.series.record(f"site/{name}/running", t, running)
             for node in site.nodes.values():
                 self.series.record(f"node/{name}/{node.name}", t, self._node_state(site, node))
-            whole = running >= wanted and site.leader_node() is not None
+            led = site.leader_node() is not None
             for failure in self.failures:
-                if failure.site == name and failure.recovered_at is None and whole and t >= failure.at:
+                # Back once a leader leads and every app runs as many replicas as before (or as
+                # it wants now, if that is fewer): what the failure took is replaced.
+                if failure.site == name and failure.recovered_at is None and led and t >= failure.at and all(
+                        by_app.get(app, (0, 0))[1] >= min(count, by_app.get(app, (0, 0))[0])
+                        for app, count in failure.before.items()):
                     failure.recovered_at = t
         self.deficit_seconds += self._last_deficit * (t - self._last_t)
         self.max_deficit = max(self.max_deficit, deficit)

@@ -131,9 +131,10 @@ class Scenario:
     tick: float
     sites: tuple[SiteSpec, ...]
     links: tuple[LinkSpec, ...]
-    apps: Mapping[str, AppSpec]
+    apps: Mapping[str, AppSpec]  # by the id events use (`id`, else the app's name)
     events: tuple[Event, ...]
     nodes: Mapping[str, NodeSpec] = field(default_factory=dict)
+    groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # a [[site]] with count: its sites
 
     def site_of(self, node: str) -> str:
         return self.nodes[node].site
@@ -229,7 +230,7 @@ def bits_per_second(value: object) -> float | None:
 
 _TOP = ("sim", "site", "link", "app", "event")
 _SIM = ("name", "duration", "seed", "tick")
-_SITE = ("name", "node")
+_SITE = ("name", "count", "node")
 _NODE = ("name", "count", "arch", "cpu", "memory_mb", "devices", "labels")
 _LINK = ("between", "delay", "loss", "bandwidth")
 _ARCHES = ("x86_64", "aarch64", "armv7l", "riscv64")
@@ -261,12 +262,12 @@ def parse(text: str, read: Callable[[str], str] | None = None) -> Scenario:
     if not 0.01 <= tick <= 1.0:
         raise where.error(("sim", "tick"), "must be from 10ms to 1s (the daemon's own loops run at 0.1 s)")
 
-    sites, nodes = _sites(doc.get("site"), where)
-    links = _links(doc.get("link", []), {s.name for s in sites}, where)
-    apps = _apps(doc.get("app", []), {s.name for s in sites}, where, read)
+    sites, nodes, groups = _sites(doc.get("site"), where)
+    links = _links(doc.get("link", []), {s.name for s in sites}, groups, where)
+    apps = _apps(doc.get("app", []), {s.name for s in sites}, groups, where, read)
     events = _events(doc.get("event", []), duration, sites, nodes, links, apps, where)
     return Scenario(name=name, duration=duration, seed=seed, tick=tick, sites=sites, links=links, apps=apps,
-                    events=events, nodes=nodes)
+                    events=events, nodes=nodes, groups=groups)
 
 
 def _known(table: Mapping, path: tuple, allowed: tuple, where: _Where) -> None:
@@ -315,44 +316,56 @@ def _number(value: object, path: tuple, where: _Where, low: float, high: float, 
     return float(value)
 
 
-def _sites(value: object, where: _Where) -> tuple[tuple[SiteSpec, ...], dict[str, NodeSpec]]:
+def _sites(value: object, where: _Where) -> tuple[tuple[SiteSpec, ...], dict[str, NodeSpec],
+                                                 dict[str, tuple[str, ...]]]:
+    """The sites, their nodes, and the groups: a [[site]] with `count = N` is the sites NAME-1
+    to NAME-N, each with the nodes given, named SITE-NODE (so names stay unique)."""
     if value is None:
         raise ScenarioError("site", 0, "is required: at least one [[site]] with its [[site.node]]s")
     sites: list[SiteSpec] = []
     nodes: dict[str, NodeSpec] = {}
+    groups: dict[str, tuple[str, ...]] = {}
     tables = _array(value, ("site",), where, "site")
-    if len(tables) > MAX_SITES:
-        raise where.error(("site",), f"{len(tables)} sites, at most {MAX_SITES}")
     for i, site in enumerate(tables):
         path = ("site", i)
         _known(site, path, _SITE, where)
         if "name" not in site:
             raise where.error(path + ("name",), "is required")
         name = _name(site["name"], path + ("name",), where)
-        if any(s.name == name for s in sites):
-            raise where.error(path + ("name",), f"site {name} is named twice")
+        count = site.get("count")
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_SITES):
+            raise where.error(path + ("count",), f"must be a whole number from 1 to {MAX_SITES}, got "
+                                                 f"{specmod.show_value(count)}")
+        names = [name] if count is None else [f"{name}-{k}" for k in range(1, count + 1)]
+        if count is not None:
+            groups[name] = tuple(names)
         if "node" not in site:
             raise where.error(path + ("node",), "is required: a site has at least one [[site.node]]")
-        members: list[NodeSpec] = []
-        for j, node in enumerate(_array(site["node"], path + ("node",), where, "node or generator")):
-            npath = path + ("node", j)
-            _known(node, npath, _NODE, where)
-            for made in _generate(node, npath, name, where):
-                if made.name in nodes:
-                    raise where.error(npath + ("name",), f"node {made.name} is named twice (names are unique "
-                                                         f"across the scenario)")
-                nodes[made.name] = made
-                members.append(made)
-                if len(nodes) > MAX_NODES:
-                    raise where.error(npath + ("count",), f"more than {MAX_NODES} nodes in the scenario")
-        sites.append(SiteSpec(name=name, nodes=tuple(members)))
-    return tuple(sites), nodes
+        for site_name in names:
+            if any(s.name == site_name for s in sites) or site_name in groups and site_name != name:
+                raise where.error(path + ("name",), f"site {site_name} is named twice")
+            members: list[NodeSpec] = []
+            for j, node in enumerate(_array(site["node"], path + ("node",), where, "node or generator")):
+                npath = path + ("node", j)
+                _known(node, npath, _NODE, where)
+                for made in _generate(node, npath, site_name, where, prefix=f"{site_name}-" if count else ""):
+                    if made.name in nodes:
+                        raise where.error(npath + ("name",), f"node {made.name} is named twice (names are unique "
+                                                             f"across the scenario)")
+                    nodes[made.name] = made
+                    members.append(made)
+                    if len(nodes) > MAX_NODES:
+                        raise where.error(npath + ("count",), f"more than {MAX_NODES} nodes in the scenario")
+            sites.append(SiteSpec(name=site_name, nodes=tuple(members)))
+            if len(sites) > MAX_SITES:
+                raise where.error(path, f"more than {MAX_SITES} sites in the scenario")
+    return tuple(sites), nodes, groups
 
 
-def _generate(node: Mapping, path: tuple, site: str, where: _Where) -> list[NodeSpec]:
+def _generate(node: Mapping, path: tuple, site: str, where: _Where, prefix: str = "") -> list[NodeSpec]:
     if "name" not in node:
         raise where.error(path + ("name",), "is required")
-    base = _name(node["name"], path + ("name",), where)
+    base = prefix + _name(node["name"], path + ("name",), where)
     count = node.get("count")
     if count is not None and (isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_COUNT):
         raise where.error(path + ("count",), f"must be a whole number from 1 to {MAX_COUNT}, got "
@@ -395,37 +408,77 @@ def _pair(value: object, path: tuple, where: _Where, sites: set[str]) -> tuple[s
     return link_key(value[0], value[1])
 
 
-def _links(value: object, sites: set[str], where: _Where) -> tuple[LinkSpec, ...]:
+def _links(value: object, sites: set[str], groups: Mapping[str, tuple[str, ...]], where: _Where
+           ) -> tuple[LinkSpec, ...]:
+    """Links; a group on one side is a link to each of its sites."""
     links: dict[tuple[str, str], LinkSpec] = {}
     for i, link in enumerate(_array(value, ("link",), where, "link")):
         path = ("link", i)
         _known(link, path, _LINK, where)
         if "between" not in link:
             raise where.error(path + ("between",), "is required: the two sites it joins")
-        a, b = _pair(link["between"], path + ("between",), where, sites)
-        if (a, b) in links:
-            raise where.error(path + ("between",), f"the link between {a} and {b} is given twice")
-        delay = _duration(link.get("delay", 0.02), path + ("delay",), where)
-        if delay > 60:
-            raise where.error(path + ("delay",), "at most 60 s one way")
-        loss = _number(link.get("loss", 0.0), path + ("loss",), where, 0.0, 0.99, "a share")
-        bandwidth = None
-        if "bandwidth" in link:
-            bandwidth = bits_per_second(link["bandwidth"])
-            if bandwidth is None or bandwidth < 1000:
-                raise where.error(path + ("bandwidth",), f"must be a rate like 256kbit or 10mbit (at least 1kbit), "
-                                                        f"got {specmod.show_value(link['bandwidth'])}")
-        links[(a, b)] = LinkSpec(a=a, b=b, delay=delay, loss=loss, bandwidth=bandwidth)
+        between = link["between"]
+        pairs: list[tuple[str, str]] = []
+        if isinstance(between, list) and len(between) == 2 and all(isinstance(v, str) for v in between) \
+                and any(v in groups for v in between):
+            if all(v in groups for v in between):
+                raise where.error(path + ("between",), "at most one side may be a group of sites")
+            one, group = (between[0], between[1]) if between[1] in groups else (between[1], between[0])
+            pairs = [_pair([one, member], path + ("between",), where, sites) for member in groups[group]]
+        else:
+            pairs = [_pair(between, path + ("between",), where, sites)]
+        for a, b in pairs:
+            if (a, b) in links:
+                raise where.error(path + ("between",), f"the link between {a} and {b} is given twice")
+            links[(a, b)] = _link(link, path, where, a, b)
     return tuple(links.values())
 
 
-def _apps(value: object, sites: set[str], where: _Where, read: Callable[[str], str] | None) -> dict[str, AppSpec]:
+def _link(link: Mapping, path: tuple, where: _Where, a: str, b: str) -> LinkSpec:
+    delay = _duration(link.get("delay", 0.02), path + ("delay",), where)
+    if delay > 60:
+        raise where.error(path + ("delay",), "at most 60 s one way")
+    loss = _number(link.get("loss", 0.0), path + ("loss",), where, 0.0, 0.99, "a share")
+    bandwidth = None
+    if "bandwidth" in link:
+        bandwidth = bits_per_second(link["bandwidth"])
+        if bandwidth is None or bandwidth < 1000:
+            raise where.error(path + ("bandwidth",), f"must be a rate like 256kbit or 10mbit (at least 1kbit), "
+                                                    f"got {specmod.show_value(link['bandwidth'])}")
+    return LinkSpec(a=a, b=b, delay=delay, loss=loss, bandwidth=bandwidth)
+
+
+def _expand(names: object, groups: Mapping[str, tuple[str, ...]]) -> object:
+    """Site names with each group's name replaced by its sites (anything else as it is)."""
+    if not isinstance(names, list):
+        return names
+    out: list = []
+    for name in names:
+        out += list(groups[name]) if isinstance(name, str) and name in groups else [name]
+    return out
+
+
+def _apps(value: object, sites: set[str], groups: Mapping[str, tuple[str, ...]], where: _Where,
+          read: Callable[[str], str] | None) -> dict[str, AppSpec]:
+    """Apps by id: `id` names one spec of an app for events (two versions of one app need
+    two ids); without it the app's name. A group in `sites` or a wave's `sites` is its sites."""
     apps: dict[str, AppSpec] = {}
     tables = _array(value, ("app",), where, "app")
     if len(tables) > MAX_APPS:
         raise where.error(("app",), f"{len(tables)} apps, at most {MAX_APPS}")
     for i, table in enumerate(tables):
         path = ("app", i)
+        table = dict(table)
+        handle = table.pop("id", None)
+        if handle is not None:
+            handle = _name(handle, path + ("id",), where)
+        if "sites" in table:
+            table["sites"] = _expand(table["sites"], groups)
+        rollout = table.get("rollout")
+        if isinstance(rollout, Mapping) and isinstance(rollout.get("waves"), list):
+            table["rollout"] = {**rollout, "waves": [{**w, "sites": _expand(w["sites"], groups)}
+                                                     if isinstance(w, Mapping) and "sites" in w else w
+                                                     for w in rollout["waves"]]}
         if "file" in table:
             if len(table) != 1:
                 raise where.error(path + ("file",), "an app from a file has no other keys here")
@@ -443,12 +496,14 @@ def _apps(value: object, sites: set[str], where: _Where, read: Callable[[str], s
             except specmod.SpecError as e:
                 sub = tuple(e.key.split(".")[1:]) if e.key.startswith("app") else ()
                 raise where.error(path + sub, e.reason) from None
-        if app.name in apps:
-            raise where.error(path + ("name",), f"app {app.name} is given twice")
+        handle = handle or app.name
+        if handle in apps:
+            raise where.error(path + ("id" if "id" in table or handle != app.name else "name",),
+                              f"{handle} is given twice (two specs of one app need an id each)")
         for target in app.sites:
             if target not in sites:
                 raise where.error(path + ("sites",), f"no site {target} in the scenario")
-        apps[app.name] = app
+        apps[handle] = app
     return apps
 
 

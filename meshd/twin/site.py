@@ -301,9 +301,10 @@ class SimSite:
             if w.alloc_id not in node.running:
                 node.running[w.alloc_id] = {"alloc_id": w.alloc_id, "state": "running", "pid": 1000 + len(node.running),
                                             "restarts": 0, "exit_code": None, "reason": ""}
-                if w.health.kind == "exec" and w.health.command[:1] == ("sim-health",):
+                if w.health.kind != "process":  # a check that cannot run here: `sim-health HOW` says how it goes
+                    sim = w.health.kind == "exec" and w.health.command[:1] == ("sim-health",)
                     node.running[w.alloc_id]["health"] = "checking"
-                    node.checks[w.alloc_id] = (w.health.command[1], self.now)
+                    node.checks[w.alloc_id] = (w.health.command[1] if sim else "good", self.now)
                 started.append(w.alloc_id)
         if started or stopped:
             self.say(f"{node.name}: workloads" + (f" start {' '.join(started)}" if started else "")
