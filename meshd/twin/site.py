@@ -64,6 +64,10 @@ def _raw(key: Ed25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
+# The flags that decide whether a member applies the log as it commits (SimSite.applies).
+_APPLY_FLAGS = frozenset({"up", "paused", "expelled", "reachable", "member", "replay_left"})
+
+
 @dataclass(frozen=True)
 class Profile:
     """What a simulated node is: its platform, labels and what it reports of its resources."""
@@ -83,7 +87,6 @@ class SimNode:
     site: str
     profile: Profile = field(default_factory=Profile)
     state: SiteState = field(default_factory=SiteState)
-    applied: int = 0  # log entries applied to `state`
     member: bool = False  # holds a membership (joined or founded)
     up: bool = True  # its daemon runs
     paused: bool = False  # its daemon is stopped (SIGSTOP, a hung disk): it neither acts nor answers
@@ -102,34 +105,50 @@ class SimNode:
     newest: SiteState | None = None  # the newest view readers got (meshd.io.context.NodeContext.snapshot)
     public: bytes = field(init=False)
     node_id: str = field(init=False)
+    host: str = field(init=False)
+    address: str = field(init=False)
+    raft_address: str = field(init=False)
+    shared_view: "SharedView | None" = None  # the site's one reader copy of the shared state
+    stepped: tuple | None = None  # what the worker last stepped on (view, notice, caught up)
+    reported: tuple | None = None  # the allocation reports as of the last report that needed nothing more
+    watch: set | None = None  # its site's set of members whose flags changed (SimSite._keep_behind)
+    own: set | None = None  # its site's set of members with a state of their own (not the shared one)
 
     def view(self) -> SiteState:
         """The state as the daemon's readers see it: never older than a view they already had."""
         if self.newest is not None and self.state.applied <= self.newest.applied:
             return self.newest  # the same entries (or fewer, while replaying): the copy already made
-        self.newest = self.state.reader_copy()
+        self.newest = self.shared_view() if self.shared_view is not None and self.state is self.shared_view.state \
+            else self.state.reader_copy()
         return self.newest
 
     @property
     def caught_up(self) -> bool:
         return self.replay_left == 0
 
+    @property
+    def applied(self) -> int:
+        """Log entries applied to its state."""
+        return self.state.applied
+
+    def __setattr__(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)
+        if name in _APPLY_FLAGS:
+            watch = self.__dict__.get("watch")
+            if watch is not None:
+                watch.add(self.name)  # its site looks at whether it still applies the log
+        elif name == "state":
+            own = self.__dict__.get("own")
+            if own is not None:
+                (own.discard if value is self.shared_view.state else own.add)(self.name)
+
     def __post_init__(self) -> None:
         self.public = _raw(self.key)
         self.node_id = tokens.node_id_for(self.public)
         self.worker = Worker(self.node_id)
-
-    @property
-    def host(self) -> str:
-        return f"198.18.{self.index // 256}.{self.index % 256}"  # 198.18.0.0/15: for benchmarks, never routed
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:7700"
-
-    @property
-    def raft_address(self) -> str:
-        return f"{self.host}:7701"
+        self.host = f"198.18.{self.index // 256}.{self.index % 256}"  # 198.18.0.0/15: for benchmarks, never routed
+        self.address = f"{self.host}:7700"
+        self.raft_address = f"{self.host}:7701"
 
     @property
     def live(self) -> bool:
@@ -154,13 +173,38 @@ class SimNode:
                                               issued_at=now))
 
 
+class SharedView:
+    """One reader copy of the site's committed state, made once per applied entry count and
+    shared by every member that holds that state (in the daemon each member makes its own of
+    the same state; copies of one state are equal, so sharing one changes nothing read)."""
+
+    def __init__(self, state: SiteState) -> None:
+        self.state = state
+        self._copy: SiteState | None = None
+
+    def __call__(self) -> SiteState:
+        if self._copy is None or self._copy.applied != self.state.applied:
+            self._copy = self.state.reader_copy()
+        return self._copy
+
+
 class SimSite:
+    """Every member that is up, reachable and current holds the committed state: they share one
+    object (`truth`), applied once per entry, instead of one copy each (a 5,000-member site
+    would apply every entry 5,000 times). A member that stops applying gets its own copy
+    before the next entry, and shares again once it applied everything."""
+
     def __init__(self, site: str = "lab", index_base: int = 0) -> None:
         self.site = site
         self.index_base = index_base  # node addresses of several sites in one mesh never collide
         self.now = 0.0  # monotonic seconds
         self.log: list[dict] = []
         self.truth = SiteState()  # the log applied in full: what every caught-up member holds
+        self.truth_view = SharedView(self.truth)
+        self._watch: set[str] = set()  # members whose flags changed since the last commit
+        self._raft_index: dict[str, SimNode] = {}
+        self._own: set[str] = set()  # members holding a state of their own
+
         self.nodes: dict[str, SimNode] = {}
         self.leader: str | None = None
         self.term = 0
@@ -173,6 +217,10 @@ class SimSite:
         self._pending_changes: set = set()  # voter changes already said to wait for quorum
 
     # --- plumbing ------------------------------------------------------------------------
+
+    @property
+    def _private(self) -> list[str]:
+        return sorted(self._own)
 
     @property
     def wall(self) -> float:
@@ -198,17 +246,37 @@ class SimSite:
         return node if node is not None and node.live and node.reachable else None
 
     def has_quorum(self) -> bool:
-        voters = [n for n in self.nodes.values() if n.raft_address in self.configured]
+        if self.leader_node() is None:
+            return False
+        by_raft = self._by_raft()
+        voters = [by_raft[a] for a in self.configured if a in by_raft]
         alive = [n for n in voters if n.live and n.reachable]
-        return self.leader_node() is not None and 2 * len(alive) > len(voters)
+        return 2 * len(alive) > len(voters)
+
+    def _by_raft(self) -> dict[str, SimNode]:
+        if len(self._raft_index) != len(self.nodes):
+            self._raft_index = {n.raft_address: n for n in self.nodes.values()}
+        return self._raft_index
+
+    @staticmethod
+    def applies(node: SimNode) -> bool:
+        return node.live and node.reachable and node.member and node.replay_left == 0
 
     def sync(self, node: SimNode) -> None:
-        """The node applies the committed log up to its end, when it can."""
-        if not (node.live and node.reachable and node.member) or node.replay_left > 0:
-            return
-        while node.applied < len(self.log):
-            sitestate.apply(node.state, self.log[node.applied])
-            node.applied += 1
+        """The node applies the committed log up to its end, when it can. Its readers only see
+        the state once every entry is applied, and applying is deterministic, so it takes the
+        shared committed state: the same state its own copy would have become."""
+        if node.state is not self.truth and self.applies(node):
+            node.state = self.truth
+
+    def _keep_behind(self) -> None:
+        """Before the committed state moves on: members that cannot apply it keep their own
+        copy (only those whose flags changed since the last look can have stopped applying)."""
+        for name in self._watch:
+            node = self.nodes.get(name)
+            if node is not None and node.state is self.truth and not self.applies(node):
+                node.state = self.truth.snapshot_copy()
+        self._watch.clear()
 
     def commit(self, command: cmds.Command, via: SimNode | None = None) -> Result | None:
         """Commit through the leader; None when the site cannot commit (no leader, no quorum,
@@ -217,12 +285,13 @@ class SimSite:
         if leader is None or not self.has_quorum() or (via is not None and not (via.live and via.reachable)):
             return None
         wire = cmds.encode(command, cmds.Envelope(ts=self.wall, request_id=self.next_id("r")))
+        self._keep_behind()
         self.log.append(wire)
         result = sitestate.apply(self.truth, wire)
         for node in {leader.name: leader, **({via.name: via} if via is not None else {})}.values():
             node.replay_left = 0  # its Raft answers only once it applied the entry: it replayed up to there
-        for node in self.nodes.values():
-            self.sync(node)
+        for name in list(self._private):  # those sharing the committed state have the entry already
+            self.sync(self.nodes[name])
         return result
 
     def execute(self, node: SimNode, effects: list[fx.Effect]) -> None:
@@ -287,7 +356,8 @@ class SimSite:
         if epoch <= node.secret_epoch:
             return
         node.secret_epoch = epoch
-        node.state, node.applied, node.replay_left = SiteState(), 0, REPLAY_TICKS
+        self._keep_behind()
+        node.state, node.replay_left = SiteState(), REPLAY_TICKS
 
     def set_workloads(self, node: SimNode, effect: fx.SetWorkloads) -> None:
         wanted = {w.alloc_id for w in effect.workloads}
@@ -321,7 +391,12 @@ class SimSite:
         for node in list(self.nodes.values()):
             if not node.live or not node.member:
                 continue
-            self.execute(node, node.worker.step(node.view(), node.revoked_notice, caught_up=node.caught_up))
+            view = node.view()
+            if node.stepped is None or node.stepped[0] is not view or node.stepped[1:] != (node.revoked_notice,
+                                                                                         node.caught_up):
+                # the worker is a function of these: on the same ones it has nothing new to do
+                node.stepped = (view, node.revoked_notice, node.caught_up)
+                self.execute(node, node.worker.step(view, node.revoked_notice, caught_up=node.caught_up))
             if node.live:
                 self.check_health(node)
                 self.report(node)
@@ -347,8 +422,11 @@ class SimSite:
             self.say(f"{node.name}: {alloc_id} check: {how}")
 
     def report(self, node: SimNode) -> None:
-        if self.leader_node() is None or not node.reachable:
+        if not node.reachable or self.leader_node() is None:
             return
+        running = tuple((a, tuple(r.items())) for a, r in node.running.items()) if node.running else ()
+        if running == node.reported and not node.reports.full_due(self.now):
+            return  # nothing changed since a report that needed nothing more: none is due
         p = node.profile
         resources = {"cpu_total": p.cpu, "cpu_free": p.cpu, "mem_total_mb": p.mem_mb, "mem_free_mb": p.mem_mb,
                      "enforces": ["cpu", "memory", "pids"], "cgroup": 2, "reserved_cpu": 0.0, "reserved_mem_mb": 0,
@@ -356,11 +434,13 @@ class SimSite:
         own = node.view().nodes.get(node.node_id)
         report = node.reports.due(self.now, resources, [dict(r) for r in node.running.values()],
                                   reflected_in(node.view().allocs.get),
-                                  lambda r: own is not None and not resources_moved(dataclasses.asdict(own.resources), r))
+                                  lambda r: own is not None and not resources_moved(vars(own.resources), r))
         if report is None:
+            node.reported = running
             return
         if not report.needed:
             node.reports.sent(self.now, report)
+            node.reported = running
             return
         node.seq += 1
         command = cmds.Heartbeat(node_id=node.node_id, seq=node.seq,
@@ -370,6 +450,7 @@ class SimSite:
         result = self.commit(command, via=node)
         if isinstance(result, Ok):
             node.reports.sent(self.now, report)
+            node.reported = running
 
     def contacts(self) -> tuple[tuple[str, float], ...]:
         """Raft heartbeat answers: every reachable voter answers at once."""
@@ -413,7 +494,8 @@ class SimSite:
         if name in self.nodes:
             raise ValueError(f"node {name} exists")
         node = SimNode(name=name, index=self.index_base + len(self.nodes) + 1, key=_key(name), site=self.site,
-                       profile=profile)
+                       profile=profile, shared_view=self.truth_view, watch=self._watch, own=self._own)
+        self._own.add(name)  # it starts with a state of its own (empty until it is a member)
         node.leading = Leading(lease=LEASE, new_alloc_id=lambda: self.next_id("a"))
         self.nodes[name] = node
         return node
@@ -422,10 +504,11 @@ class SimSite:
         """The daemon starts again on its data dir: a new process (fresh cores, nothing
         running), the state rebuilt from its journal (the entries it had applied)."""
         node = self.node(name)
-        node.up, node.state = True, SiteState()
-        for wire in self.log[:node.applied]:  # its own journal: no peer needed
+        journal, node.up, node.state = node.applied, True, SiteState()
+        for wire in self.log[:journal]:  # its own journal: no peer needed
             sitestate.apply(node.state, wire)
         node.worker, node.reports = Worker(node.node_id), ReportSchedule(full_period=10.0)
+        node.stepped = node.reported = None  # a new process: its cores start from nothing
         node.leading = Leading(lease=LEASE, new_alloc_id=lambda: self.next_id("a"))
         self.say(f"{node.name} restarted")
 
