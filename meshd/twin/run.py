@@ -507,15 +507,17 @@ class Twin:
     # --- measurements ----------------------------------------------------------------------
 
     def _counts(self, site: SimSite) -> tuple[int, int, dict[str, tuple[int, int]]]:
-        """(replicas wanted, replicas running, by app): running as processes on the nodes."""
+        """(replicas wanted, replicas running, by app): running as processes on the members the
+        site reaches (those it can count on; a cut-off member's go on, as duplicates once
+        replaced)."""
         truth = site.truth
         by_app: dict[str, list[int]] = {}
         for name, record in truth.apps.items():
             if record.status == APP_RUNNING:
                 by_app[name] = [record.spec.replicas, 0]
         for node in site.nodes.values():
-            if not node.up:
-                continue
+            if not (node.live and node.reachable):
+                continue  # a paused or cut-off member's workloads run, but its site cannot count on them
             for alloc_id, report in node.running.items():
                 alloc = truth.allocs.get(alloc_id)
                 if report["state"] == "running" and alloc is not None and alloc.app in by_app:
