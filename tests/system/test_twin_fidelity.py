@@ -2,9 +2,10 @@
 two hosts cut off and healed) run for real in the lab (tests.lab: namespaces, real daemons,
 mDNS, real processes) and on the twin (meshd.twin, `meshd sim`), on the same schedule.
 
-What must match: the outcome (how many replicas each failure took and the site replaced,
-and at the end the number of replicas per host, sorted: node ids differ between the two, so
-which host wins a tie may too), and every recovery time within FACTOR of the lab's.
+What must match: the outcome (the replicas the kill took, that every failure's replicas were
+replaced, and at the end the number of replicas per host, sorted: node ids differ between the
+two, so which of two equal hosts wins a tie may too), and every recovery time within FACTOR
+of the lab's.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ REPLICAS = 10
 KILL_AT, RESTART_AT, PARTITION_AT, HEAL_AT, END_AT = 15.0, 30.0, 45.0, 65.0, 85.0
 # The twin's recoveries are the cores' own timeouts (lease, election); the lab adds process
 # starts, Raft round trips and this test's polling (every 0.05 s). Measured on this machine:
-# the lab took 1.0-1.6x the twin's times; a factor of 3 either way leaves room for a loaded CI.
+# the lab took 0.97 s and 1.12 s where the twin said 1.2 s and 1.2 s (0.8-0.95x); a factor
+# of 3 either way leaves room for a loaded CI machine.
 FACTOR = 3.0
 
 
@@ -112,9 +114,11 @@ def test_the_twin_predicts_the_lab(make_lab, tmp_path):
 
     print(f"lab: recovered after kill {real['kill']:.2f} s, after partition {real['partition']:.2f} s; "
           f"twin: {failures['kill']['recovered_after_s']} s, {failures['partition']['recovered_after_s']} s")
-    assert failures["kill"]["replicas_lost"] == lost["kill"] == REPLICAS // 5
-    assert failures["partition"]["replicas_lost"] == lost["partition"]
-    assert twin_final == final_lab == processes
+    assert failures["kill"]["replicas_lost"] == lost["kill"] == REPLICAS // 5  # spread evenly: 2 per host
+    # Which hosts took the killed host's replicas is a tie between equal hosts, broken by node
+    # id: the cut-off pair held 4 or 5 of them. Both sides replaced what they lost, and end alike:
+    assert failures["partition"]["replicas_lost"] in (4, 5) and lost["partition"] in (4, 5)
+    assert twin_final == final_lab == processes  # the majority's three hosts run all ten, evenly
     assert summary["sites"]["lab"]["apps"]["web"]["running"] == REPLICAS
     for kind in ("kill", "partition"):
         predicted = failures[kind]["recovered_after_s"]
