@@ -102,6 +102,10 @@ class MeshDocument:
         self._resolutions: dict[str, AppResolution] = {}
         self._unresolved: set[str] = set()
         self._subscriptions = [self._maps[root].observe(self._observer(root)) for root in ROOTS]
+        # (state vector, the document's delete set encoded as an update since it), as the last
+        # `apply` left it; None once anything changed since. A site hears most updates twice or
+        # more (relayed by several sites), and each such echo would encode the delete set twice.
+        self._deletions: tuple[bytes, bytes] | None = None
 
     def _observer(self, root: str):
         # The callback holds the root's dirty entries, never the document: pycrdt keeps it in
@@ -136,6 +140,7 @@ class MeshDocument:
         if not plains and not deletes:
             return EMPTY_UPDATE
         made: list[bytes] = []
+        self._deletions = None
         subscription = self.doc.observe(lambda event: made.append(event.update))
         try:
             with self.doc.transaction():
@@ -317,13 +322,26 @@ class MeshDocument:
         try:
             _, deleted = check_update(update)  # before pycrdt: it trusts the counts an update declares
             before = self.doc.get_state()
-            deletions_before = self.doc.get_update(before) if deleted else b""
+            deletions_before = b""
+            if deleted:
+                cached = self._deletions
+                deletions_before = cached[1] if cached is not None and cached[0] == before \
+                    else self.doc.get_update(before)
             self.doc.apply_update(update)
             after = self.doc.get_state()
-            return after != before or (deleted > 0 and self.doc.get_update(after) != deletions_before)
+            if after != before:
+                self._deletions = None
+                return True
+            if not deleted:
+                return False
+            deletions_after = self.doc.get_update(after)
+            self._deletions = (after, deletions_after)
+            return deletions_after != deletions_before
         except UpdateRejected as e:
+            self._deletions = None
             raise SyncError(f"malformed update: {e.reason}") from None
         except ValueError as e:
+            self._deletions = None
             raise SyncError(f"malformed update: {e}") from None
 
     def full_update(self) -> bytes:

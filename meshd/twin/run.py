@@ -66,6 +66,7 @@ class Failure:
     leader_lost: bool
     before: dict[str, int] = field(default_factory=dict)  # app -> replicas running just before
     recovered_at: float | None = None
+    short: bool = False  # the site ran fewer replicas than before since the failure
 
     def plain(self) -> dict:
         return {"at": _r(self.at), "kind": self.kind, "target": self.target, "site": self.site,
@@ -141,6 +142,7 @@ class Twin:
         self._last_t = 0.0
         self._mesh_seen: dict[str, tuple[int, float]] = {}  # site -> (log length, time) at its last pass
         self._edit_serial = 0
+        self._sampled: dict[str, tuple[tuple, int]] = {}  # site -> (what its last sample saw, its deficit)
         self.steps = 0
 
     # --- the timeline ----------------------------------------------------------------------
@@ -543,7 +545,15 @@ class Twin:
         t = self.now
         deficit = 0
         for name, site in self.sites.items():
+            # What is sampled changes only with the log, the leader, or something said (every
+            # start, stop, check, failure and heal is): otherwise the last sample stands.
+            key = (len(site.log), site.leader, len(self.timeline))
+            if self._sampled.get(name, (None,))[0] == key and not any(
+                    f.site == name and f.recovered_at is None for f in self.failures):
+                deficit += self._sampled[name][1]
+                continue
             wanted, running, by_app = self._counts(site)
+            self._sampled[name] = (key, wanted - running)
             deficit += wanted - running
             self.series.record(f"site/{name}/wanted", t, wanted)
             self.series.record(f"site/{name}/running", t, running)
@@ -551,12 +561,17 @@ class Twin:
                 self.series.record(f"node/{name}/{node.name}", t, self._node_state(site, node))
             led = site.leader_node() is not None
             for failure in self.failures:
+                if failure.site != name or failure.recovered_at is not None:
+                    continue
                 # Back once a leader leads and every app runs as many replicas as before (or as
-                # it wants now, if that is fewer): what the failure took is replaced.
-                if failure.site == name and failure.recovered_at is None and led and t >= failure.at and all(
-                        by_app.get(app, (0, 0))[1] >= min(count, by_app.get(app, (0, 0))[0])
-                        for app, count in failure.before.items()):
-                    failure.recovered_at = t
+                # it wants now, if that is fewer): what the failure took is replaced. A failure
+                # that took nothing within QUIET_AFTER (a revoked node leaves a tick later) took
+                # nothing at all.
+                whole = led and all(by_app.get(app, (0, 0))[1] >= min(count, by_app.get(app, (0, 0))[0])
+                                    for app, count in failure.before.items())
+                failure.short = failure.short or not whole
+                if whole and (failure.short or t >= failure.at + QUIET_AFTER):
+                    failure.recovered_at = t if failure.short else failure.at
         self.deficit_seconds += self._last_deficit * (t - self._last_t)
         self.max_deficit = max(self.max_deficit, deficit)
         self._last_deficit, self._last_t = deficit, t
@@ -604,19 +619,22 @@ class Twin:
                     unplaced.append({"site": name, "app": app, "missing": wanted - running, "reasons": why})
             sites[name] = {"nodes": len(site.nodes), "leader": site.leader if site.leader_node() else None,
                            "term": site.term, "apps": apps}
-        conflicts = []
+        found: dict[tuple[str, str], dict] = {}  # (app, winning edit) -> the conflict, with where it is seen
         for name, document in self.documents.items():
             for app, resolution in document.apps().items():
                 if resolution.losers:
-                    conflicts.append({"seen_in": name, "app": app, "winner": resolution.winner.edit_id,
-                                      "winner_site": resolution.winner.site,
-                                      "losers": sorted(e.site for e in resolution.losers)})
+                    conflict = found.setdefault((app, resolution.winner.edit_id), {
+                        "app": app, "winner": resolution.winner.edit_id, "winner_site": resolution.winner.site,
+                        "losers": sorted(e.site for e in resolution.losers), "seen_in": []})
+                    conflict["seen_in"].append(name)
+        conflicts = [found[key] for key in sorted(found)]
         return {
             "scenario": self.scenario.name, "seed": self.seed, "duration_s": _r(self.scenario.duration),
             "steps": self.steps, "placed": placed, "unplaced": unplaced, "sites": sites,
             "failures": [f.plain() for f in self.failures],
             "cuts": [c.plain() for c in self.cuts],
-            "below_wanted": {"replica_seconds": _r(self.deficit_seconds), "max": self.max_deficit},
+            "below_wanted": {"replica_seconds": _r(self.deficit_seconds), "max": self.max_deficit,
+                             "series": [[_r(t), v] for t, v in self.series.points.get("deficit", [])]},
             "bytes_between_sites": self.network.bytes_between(),
             "conflicts": conflicts,
         }

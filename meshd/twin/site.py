@@ -384,22 +384,29 @@ class SimSite:
 
     def tick(self, dt: float = TICK) -> None:
         self.now = round(self.now + dt, 6)
-        for node in self.nodes.values():
+        for name in sorted(self._own):  # those sharing the committed state are current already
+            node = self.nodes[name]
             if node.live and node.member and node.replay_left > 0 and node.reachable:
                 node.replay_left -= 1
             self.sync(node)
+        led = self.leader_node() is not None
         for node in list(self.nodes.values()):
-            if not node.live or not node.member:
+            if not (node.up and not node.paused and node.expelled is None and node.member):  # live members
                 continue
             view = node.view()
-            if node.stepped is None or node.stepped[0] is not view or node.stepped[1:] != (node.revoked_notice,
-                                                                                         node.caught_up):
+            stepped = node.stepped
+            if stepped is None or stepped[0] is not view or stepped[1] != node.revoked_notice \
+                    or stepped[2] != node.caught_up:
                 # the worker is a function of these: on the same ones it has nothing new to do
                 node.stepped = (view, node.revoked_notice, node.caught_up)
                 self.execute(node, node.worker.step(view, node.revoked_notice, caught_up=node.caught_up))
+                led = self.leader_node() is not None
             if node.live:
-                self.check_health(node)
-                self.report(node)
+                if node.checks:
+                    self.check_health(node)
+                if led and node.reachable:
+                    self.report(node)
+                    led = self.leader_node() is not None
         leader = self.leader_node()
         if leader is not None:
             self.lead(leader)

@@ -228,3 +228,83 @@ def test_the_factory_example_runs_as_its_comment_says():
     assert summary["sites"]["factory"]["apps"]["plc-gateway"]["nodes"] == ["gateway"]  # the serial adapter
     [kill] = summary["failures"]
     assert kill["leader_lost"] and kill["recovered_after_s"] is not None
+
+
+def test_revoke_reboot_offline_and_a_failing_version_reverted():
+    twin = run(textwrap.dedent("""\
+        [sim]
+        duration = "2m"
+        [[site]]
+        name = "f"
+        [[site.node]]
+        name = "n"
+        count = 4
+        [[app]]
+        name = "web"
+        replicas = 3
+        command = ["web"]
+        [[app]]
+        id = "web-bad"
+        name = "web"
+        replicas = 3
+        command = ["web", "--v2"]
+        [app.health]
+        kind = "exec"
+        command = ["sim-health", "bad"]
+        [app.update]
+        healthy_deadline_s = 10
+        [[event]]
+        at = 5
+        do = "deploy"
+        app = "web"
+        [[event]]
+        at = 20
+        do = "revoke"
+        node = "n-3"
+        reason = "stolen"
+        [[event]]
+        at = 40
+        do = "reboot"
+        node = "n-2"
+        for = "10s"
+        offline = true
+        [[event]]
+        at = 60
+        do = "deploy"
+        app = "web-bad"
+        [[event]]
+        at = 100
+        do = "heal"
+        """))
+    text = [e["text"] for e in twin.timeline]
+    assert any(t.startswith("n-3: expelled: this node was revoked from site f") and "stolen" in t for t in text)
+    failures = {f["kind"]: f for f in twin.summary()["failures"]}
+    assert failures["revoke"]["replicas_lost"] == 1 and 0 < failures["revoke"]["recovered_after_s"] < 2
+    assert failures["reboot"]["replicas_lost"] == 1 and failures["reboot"]["recovered_after_s"] is not None
+    # back from the reboot with its network down, it runs what its journal says, and stops the
+    # replica the site replaced once the network returns
+    restarted = text.index("n-2 restarted")
+    assert text[restarted + 1] == "n-2: workloads start a02"
+    assert any(e["text"] == "n-2: workloads stop a02" and e["t"] > 100 for e in twin.timeline)
+    assert any("rollout web v2 fail" in t for t in text)  # the failing version is reverted ...
+    record = twin.sites["f"].truth.apps["web"]
+    assert record.spec.command == ("web",)  # ... to the first one
+    assert twin.summary()["sites"]["f"]["apps"]["web"]["running"] == 3
+
+
+def test_two_edits_made_apart_meet_as_one_winner_everywhere_and_the_conflict_is_told():
+    twin = run(TWO_SITES + textwrap.dedent("""
+        [[event]]
+        at = "40m"
+        do = "scale"
+        app = "telemetry"
+        replicas = 3
+        via = "farm"
+        """))
+    [conflict] = twin.summary()["conflicts"]
+    assert conflict["app"] == "telemetry" and conflict["seen_in"] == ["hq", "farm"]
+    assert {conflict["winner_site"], *conflict["losers"]} == {"hq", "farm"}
+    winners = {name: doc.app("telemetry").winner.edit_id for name, doc in twin.documents.items()}
+    assert len(set(winners.values())) == 1  # every replica picks the same winner
+    wanted = 4 if conflict["winner_site"] == "hq" else 3
+    assert twin.summary()["sites"]["farm"]["apps"]["telemetry"]["running"] == wanted
