@@ -39,7 +39,7 @@ from pycrdt import Doc, Map
 
 from crdt.epoch import ZERO_EPOCH, Epoch
 from crdt.schema import RECORD_KINDS, ROOTS, AppEdit, Record, SchemaError, winning_order
-from crdt.updatecheck import UpdateRejected, check_update, decode_state_vector
+from crdt.updatecheck import UpdateRejected, check_update_reach, decode_state_vector
 
 # The update of a transaction that changed nothing (no structs, an empty delete set).
 EMPTY_UPDATE = b"\x00\x00"
@@ -320,17 +320,20 @@ class MeshDocument:
         if len(update) > MAX_UPDATE_BYTES:
             raise SyncError(f"update of {len(update)} bytes is over the {MAX_UPDATE_BYTES} limit")
         try:
-            _, deleted = check_update(update)  # before pycrdt: it trusts the counts an update declares
+            # before pycrdt: it trusts the counts an update declares
+            _, deleted, reach = check_update_reach(update)
             before = self.doc.get_state()
             deletions_before = b""
-            if deleted:
+            ours = decode_state_vector(before) if deleted and reach else {}
+            brings = bool(deleted) and any(clock > ours.get(client, 0) for client, clock in reach.items())
+            if deleted and not brings:  # (one that surely brings items moves the state vector: no compare)
                 cached = self._deletions
                 deletions_before = cached[1] if cached is not None and cached[0] == before \
                     else self.doc.get_update(before)
             self.doc.apply_update(update)
             after = self.doc.get_state()
-            if after != before:
-                self._deletions = None
+            if after != before or brings:  # brings, yet the vector stayed: items held back for a
+                self._deletions = None    # missing parent; a change for all we know (stored once more)
                 return True
             if not deleted:
                 return False

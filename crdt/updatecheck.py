@@ -197,15 +197,27 @@ def _struct(data: bytes, at: int) -> int:
 
 def check_update(update: bytes) -> tuple[int, int]:
     """Walk the update; returns (structs, deleted ranges) it carries."""
+    structs, ranges, _ = check_update_reach(update)
+    return structs, ranges
+
+
+def check_update_reach(update: bytes) -> tuple[int, int, dict[int, int]]:
+    """As check_update, and for each client whose items it carries a clock its items surely
+    reach: the first one's clock plus their number (each item is one clock or more). A
+    replica whose clock for that client is below it gains items from the update."""
     data = bytes(update)
     structs = ranges = 0
+    reach: dict[int, int] = {}
     n_clients, at = _count(data, 0, "clients")
     for _ in range(n_clients):
         n_structs, at = _count(data, at, "structs")
-        at = _pair(data, at)  # client, clock
+        client, at = _varuint(data, at)
+        clock, at = _varuint(data, at)
         for _ in range(n_structs):
             at = _struct(data, at)
         structs += n_structs
+        if n_structs:
+            reach[client] = max(reach.get(client, 0), clock + n_structs)
     n_clients, at = _count(data, at, "delete-set clients")
     for _ in range(n_clients):
         at = _varuint(data, at)[1]
@@ -215,7 +227,7 @@ def check_update(update: bytes) -> tuple[int, int]:
         ranges += n_ranges
     if at < len(data):
         raise UpdateRejected(f"{len(data) - at} bytes after the end of the update")
-    return structs, ranges
+    return structs, ranges, reach
 
 
 def check_state_vector(state_vector: bytes) -> None:
