@@ -5,7 +5,8 @@ The picture reads without the text: per site (up to MAX_PANELS sites), replicas 
 against replicas wanted over time, and one lane per node coloured by its state (leader, up,
 draining, cut off, paused, down, revoked), with every failure marked where it happened and
 every cut between sites shaded until it healed. A fleet of more sites is drawn as one chart of
-the whole fleet and one strip per site, coloured by the share of its replicas running.
+the whole fleet and one strip per site, coloured by the share of its replicas running (upper
+half) and the share on the newest version it took in (lower half: how far a rollout came).
 
 Invariants:
 - Pure and deterministic: the same run gives the same bytes (no clock, no random, numbers
@@ -30,6 +31,7 @@ STRIP_H = 12
 COLOURS = {"leader": "#1b7f3b", "up": "#5cb85c", "draining": "#f0ad4e", "cut off": "#9b59b6", "paused": "#5bc0de",
            "down": "#d9534f", "revoked": "#333333"}
 FAILURE_COLOUR = "#c0392b"
+NEWEST_COLOUR = "#2ca02c"
 CUT_COLOUR = "#f5cba7"
 
 
@@ -114,7 +116,8 @@ def _steps(points: list[tuple[float, object]], end: float) -> list[tuple[float, 
     return [(t, points[i + 1][0] if i + 1 < len(points) else end, v) for i, (t, v) in enumerate(points)]
 
 
-def _chart(c: _Canvas, title: str, running: list, wanted: list, end: float, marks: list, cuts: list) -> None:
+def _chart(c: _Canvas, title: str, running: list, wanted: list, end: float, marks: list, cuts: list,
+           newest: list | None = None) -> None:
     top = c.y
     c.text(10, top + 14, title, size=13)
     peak = max([float(v) for _, v in running + wanted] + [1.0])
@@ -124,8 +127,12 @@ def _chart(c: _Canvas, title: str, running: list, wanted: list, end: float, mark
           f'stroke="#ddd"/>')
     for start, stop in cuts:
         c.rect(c.x(start), top + 10, c.x(stop), CHART_H - 20, CUT_COLOUR, "cut off from another site")
-    for label, series, style in (("wanted", wanted, 'stroke="#888" stroke-dasharray="5,3"'),
-                                 ("running", running, 'stroke="#1f77b4" stroke-width="2"')):
+    lines = [("wanted", wanted, 'stroke="#888" stroke-dasharray="5,3"'),
+             ("running", running, 'stroke="#1f77b4" stroke-width="2"')]
+    if newest is not None and newest != running:  # only when a newer edit is not everywhere at once
+        lines.append(("on the newest version", newest, f'stroke="{NEWEST_COLOUR}" stroke-width="1.5" '
+                                                       f'stroke-dasharray="2,2"'))
+    for label, series, style in lines:
         path = []
         for start, stop, v in _steps(series, end):
             path.append(f"{'M' if not path else 'L'}{c.x(start):.1f},{y(v):.1f} L{c.x(stop):.1f},{y(v):.1f}")
@@ -165,22 +172,24 @@ def _axis(c: _Canvas, end: float) -> None:
 
 
 def _legend(c: _Canvas) -> None:
-    x = LEFT
+    """Node states, then the chart's lines and marks, wrapped to the page's width."""
+    items: list[tuple[str, str]] = []  # (label, the mark's SVG at x=0, y=0)
     for state, colour in COLOURS.items():
-        c.rect(x, c.y, x + 10, 10, colour)
-        c.text(x + 14, c.y + 9, state, size=10)
-        x += 24 + 7 * len(state)
-    c.add(f'<line x1="{x}" y1="{c.y + 5}" x2="{x + 18}" y2="{c.y + 5}" stroke="#1f77b4" stroke-width="2"/>')
-    c.text(x + 22, c.y + 9, "running", size=10)
-    x += 80
-    c.add(f'<line x1="{x}" y1="{c.y + 5}" x2="{x + 18}" y2="{c.y + 5}" stroke="#888" stroke-dasharray="5,3"/>')
-    c.text(x + 22, c.y + 9, "wanted", size=10)
-    x += 76
-    c.add(f'<line x1="{x + 8}" y1="{c.y}" x2="{x + 8}" y2="{c.y + 10}" stroke="{FAILURE_COLOUR}" stroke-width="1.5"/>')
-    c.text(x + 14, c.y + 9, "failure", size=10)
-    x += 62
-    c.rect(x, c.y, x + 10, 10, CUT_COLOUR)
-    c.text(x + 14, c.y + 9, "cut from other sites", size=10)
+        items.append((state, f'<rect x="0" y="0" width="10" height="10" fill="{colour}"/>'))
+    items += [("running", '<line x1="0" y1="5" x2="18" y2="5" stroke="#1f77b4" stroke-width="2"/>'),
+              ("wanted", '<line x1="0" y1="5" x2="18" y2="5" stroke="#888" stroke-dasharray="5,3"/>'),
+              ("newest version", f'<line x1="0" y1="5" x2="18" y2="5" stroke="{NEWEST_COLOUR}" stroke-width="1.5" '
+                                 f'stroke-dasharray="2,2"/>'),
+              ("failure", f'<line x1="8" y1="0" x2="8" y2="10" stroke="{FAILURE_COLOUR}" stroke-width="1.5"/>'),
+              ("cut from other sites", f'<rect x="0" y="0" width="18" height="10" fill="{CUT_COLOUR}"/>')]
+    x = LEFT
+    for label, mark in items:
+        width = 30 + 6 * len(label)
+        if x + width > WIDTH - RIGHT:
+            x, c.y = LEFT, c.y + 16
+        c.add(f'<g transform="translate({x},{c.y})">{mark}</g>')
+        c.text(x + 22, c.y + 9, label, size=10)
+        x += width
     c.y += 22
 
 
@@ -202,21 +211,26 @@ def picture(twin: Twin) -> str:
     if len(names) <= MAX_PANELS:
         for site in names:
             _chart(c, f"site {site}", series.get(f"site/{site}/running", []), series.get(f"site/{site}/wanted", []),
-                   end, marks_of.get(site, []), cuts_of.get(site, []))
+                   end, marks_of.get(site, []), cuts_of.get(site, []), series.get(f"site/{site}/newest", []))
             _lanes(c, twin, site, end)
     else:
-        running, wanted = _fleet(twin, names)
+        running, wanted, newest = _fleet(twin, names)
         _chart(c, f"the fleet ({len(names)} sites)", running, wanted, end,
-               [m for site in names for m in marks_of.get(site, [])], [])
+               [m for site in names for m in marks_of.get(site, [])], [], newest)
         c.y += 6
-        c.text(LEFT, c.y + 10, "each site: share of wanted replicas running (green: all, red: none)", size=10,
-               colour="#666")
+        c.text(LEFT, c.y + 10, "each site, share of wanted replicas: upper half running, lower half on the newest "
+                               "version (green: all, red: none)", size=10, colour="#666")
         c.y += 14
+        half = (STRIP_H - 2) / 2
         for site in names:
             c.text(LEFT - 6, c.y + STRIP_H - 2, site, size=9, anchor="end")
-            share = _share(series.get(f"site/{site}/running", []), series.get(f"site/{site}/wanted", []))
-            for start, stop, value in _steps(share, end):
-                c.rect(c.x(start), c.y, c.x(stop), STRIP_H - 2, _shade(float(value)), f"{site}: {value:.0%} running")
+            wanted_of = series.get(f"site/{site}/wanted", [])
+            for row, (key, what) in enumerate((("running", "running"), ("newest", "on the newest version"))):
+                share = _share(series.get(f"site/{site}/{key}", []), wanted_of)
+                for start, stop, value in _steps(share, end):
+                    c.add(f'<rect x="{c.x(start):.1f}" y="{c.y + row * half:.1f}" '
+                          f'width="{max(c.x(stop) - c.x(start), 0.5):.1f}" height="{half:.1f}" '
+                          f'fill="{_shade(float(value))}"><title>{escape(site)}: {value:.0%} {what}</title></rect>')
             for a, b in cuts_of.get(site, []):
                 c.add(f'<rect x="{c.x(a):.1f}" y="{c.y:.1f}" width="{max(c.x(b) - c.x(a), 0.5):.1f}" '
                       f'height="{STRIP_H - 2}" fill="none" stroke="#9b59b6"><title>cut off</title></rect>')
@@ -244,10 +258,11 @@ def _merge(series: list[list]) -> list[tuple[float, float]]:
     return out
 
 
-def _fleet(twin: Twin, names: list[str]) -> tuple[list, list]:
+def _fleet(twin: Twin, names: list[str]) -> tuple[list, list, list]:
     points = twin.series.points
-    return (_merge([points.get(f"site/{s}/running", []) for s in names]),
-            _merge([points.get(f"site/{s}/wanted", []) for s in names]))
+    running, wanted, newest = (_merge([points.get(f"site/{s}/{key}", []) for s in names])
+                               for key in ("running", "wanted", "newest"))
+    return running, wanted, newest
 
 
 def _share(running: list, wanted: list) -> list[tuple[float, float]]:

@@ -329,7 +329,7 @@ class Twin:
     def _failure(self, kind: str, target: str, site: SimSite, nodes: list[SimNode]) -> None:
         lost = sum(1 for n in nodes for r in n.running.values() if r["state"] == "running")
         leader_lost = site.leader in {n.name for n in nodes}
-        before = {app: running for app, (_, running) in self._counts(site)[2].items()}
+        before = {app: counts[1] for app, counts in self._counts(site)[2].items()}
         self.failures.append(Failure(self.now, kind, target, site.site, lost, leader_lost, before))
 
     def _later(self, event: Event, action) -> None:
@@ -508,15 +508,20 @@ class Twin:
 
     # --- measurements ----------------------------------------------------------------------
 
-    def _counts(self, site: SimSite) -> tuple[int, int, dict[str, tuple[int, int]]]:
-        """(replicas wanted, replicas running, by app): running as processes on the members the
-        site reaches (those it can count on; a cut-off member's go on, as duplicates once
-        replaced)."""
+    def _counts(self, site: SimSite) -> tuple[int, int, dict[str, tuple[int, int, int]]]:
+        """(replicas wanted, replicas running, by app (wanted, running, on the newest edit)):
+        running as processes on the members the site reaches (those it can count on; a
+        cut-off member's go on, as duplicates once replaced). On the newest edit: of the
+        current version of the edit the site took in last (none while that edit is held for
+        its rollout wave): how far a rollout has come here."""
         truth = site.truth
         by_app: dict[str, list[int]] = {}
+        current: dict[str, int] = {}
         for name, record in truth.apps.items():
             if record.status == APP_RUNNING:
-                by_app[name] = [record.spec.replicas, 0]
+                by_app[name] = [record.spec.replicas, 0, 0]
+                taken = truth.mesh_edits.get(name, {}).get("edit_id", record.edit_id)
+                current[name] = record.version if taken == record.edit_id else -1
         for node in site.nodes.values():
             if not (node.live and node.reachable):
                 continue  # a paused or cut-off member's workloads run, but its site cannot count on them
@@ -524,8 +529,9 @@ class Twin:
                 alloc = truth.allocs.get(alloc_id)
                 if report["state"] == "running" and alloc is not None and alloc.app in by_app:
                     by_app[alloc.app][1] += 1
-        counts = {app: (w, min(r, w)) for app, (w, r) in by_app.items()}
-        return sum(w for w, _ in counts.values()), sum(r for _, r in counts.values()), counts
+                    by_app[alloc.app][2] += alloc.version == current[alloc.app]
+        counts = {app: (w, min(r, w), min(n, w)) for app, (w, r, n) in by_app.items()}
+        return sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values()), counts
 
     def _node_state(self, site: SimSite, node: SimNode) -> str:
         if node.expelled is not None:
@@ -557,6 +563,7 @@ class Twin:
             deficit += wanted - running
             self.series.record(f"site/{name}/wanted", t, wanted)
             self.series.record(f"site/{name}/running", t, running)
+            self.series.record(f"site/{name}/newest", t, sum(c[2] for c in by_app.values()))
             for node in site.nodes.values():
                 self.series.record(f"node/{name}/{node.name}", t, self._node_state(site, node))
             led = site.leader_node() is not None
@@ -607,7 +614,7 @@ class Twin:
                 if move["to"] is None:
                     reasons.setdefault(move["app"], []).append(f"replica {move['replica']}: {move['reason']}")
             apps = {}
-            for app, (wanted, running) in sorted(by_app.items()):
+            for app, (wanted, running, _) in sorted(by_app.items()):
                 placed += running
                 where = sorted({n.name for n in site.nodes.values() if n.up for a, r in n.running.items()
                                 if r["state"] == "running" and (alloc := truth.allocs.get(a)) is not None

@@ -72,7 +72,8 @@ def test_a_fleet_of_many_sites_is_drawn_as_strips_and_the_files_are_valid():
         """)
     root = ET.fromstring(report.picture(twin))
     assert any(t.text == "the fleet (10 sites)" for t in root.iter(f"{SVG}text"))
-    assert any((t.text or "").startswith("s-10: 100%") for t in root.iter(f"{SVG}title"))
+    titles = [t.text or "" for t in root.iter(f"{SVG}title")]
+    assert "s-1: 100% running" in titles and "s-1: 100% on the newest version" in titles
     lines = report.timeline_jsonl(twin).splitlines()
     assert [json.loads(line) for line in lines] == twin.timeline
     assert json.loads(report.summary_json(twin)) == twin.summary()
