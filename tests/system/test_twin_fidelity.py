@@ -86,6 +86,13 @@ def test_the_twin_predicts_the_lab(make_lab, tmp_path):
     real["kill"] = time.monotonic() - killed
     at(RESTART_AT)
     lab.restart(victim)
+
+    def victim_ready() -> bool:
+        rows = lab.meshctl_json(leader, "nodes")
+        return any(r["name"] == victim and r["state"] == "ready" for r in rows)
+    # The twin's restart is back at once; a daemon takes seconds (more on a loaded machine).
+    # The scenario's premise is that it is back before the cut: wait for it if need be.
+    wait_for(victim_ready, 60, interval=0.2, what=f"{victim} ready again after its restart")
     at(PARTITION_AT)
     before = running_by_host(lab, leader)
     lost["partition"] = sum(before[h] for h in minority)
