@@ -60,6 +60,10 @@ class Transit:
 class Network:
     def __init__(self, links: tuple[LinkSpec, ...], documents: dict[str, MeshDocument], rng: random.Random) -> None:
         self.links = {spec.key: Link(spec) for spec in links}
+        self._of: dict[str, list[Link]] = {}  # site -> its links, in the scenario's order
+        for link in self.links.values():
+            for site in (link.spec.a, link.spec.b):
+                self._of.setdefault(site, []).append(link)
         self.documents = documents
         self.rng = rng
         self.in_flight: list[Transit] = []
@@ -68,7 +72,7 @@ class Network:
         self.refused: list[tuple[str, str]] = []  # (site, reason): malformed messages (a bug, never expected)
 
     def of(self, site: str) -> list[Link]:
-        return [link for link in self.links.values() if site in (link.spec.a, link.spec.b)]
+        return self._of.get(site, [])
 
     # --- sessions --------------------------------------------------------------------------
 

@@ -339,8 +339,7 @@ class Twin:
     def _do_kill(self, event: Event) -> None:
         site, node = self._node(event.node)
         self._failure("kill", node.name, site, [node])
-        node.up = False
-        node.running.clear()  # its workloads die with it (they get SIGKILL when meshd dies)
+        site.kill(node.name)
         self.say(site.site, f"{node.name} killed")
 
     def _do_restart(self, event: Event) -> None:
@@ -367,8 +366,7 @@ class Twin:
     def _do_reboot(self, event: Event) -> None:
         site, node = self._node(event.node)
         self._failure("reboot", node.name, site, [node])
-        node.up = False
-        node.running.clear()
+        site.kill(node.name)
         if event.offline:
             node.reachable = False
         self.say(site.site, f"{node.name} rebooting" + (" with its network down" if event.offline else ""))
@@ -385,18 +383,16 @@ class Twin:
             node.reachable = False
         self.say(site.site, f"{' '.join(event.nodes)} cut off from the rest of the site")
 
-        def heal() -> None:
-            for node in nodes:
-                node.reachable = True
-            self.say(site.site, f"{' '.join(event.nodes)} reachable again")
-        self._later(event, heal)
+        self._later(event, lambda: self._reconnect(site, event.nodes))
+
+    def _reconnect(self, site: SimSite, names: tuple[str, ...]) -> None:
+        for name in names:
+            site.nodes[name].reachable = True
+        self.say(site.site, f"{' '.join(names)} reachable again")
 
     def _do_heal(self, event: Event) -> None:
         if event.nodes:
-            site = self.sites[self.scenario.site_of(event.nodes[0])]
-            for name in event.nodes:
-                site.nodes[name].reachable = True
-            self.say(site.site, f"{' '.join(event.nodes)} reachable again")
+            self._reconnect(self.sites[self.scenario.site_of(event.nodes[0])], event.nodes)
         if event.between is not None:
             self._heal_link(event.between)
         if not event.nodes and event.between is None:  # everything

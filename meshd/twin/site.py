@@ -204,7 +204,6 @@ class SimSite:
         self._watch: set[str] = set()  # members whose flags changed since the last commit
         self._raft_index: dict[str, SimNode] = {}
         self._own: set[str] = set()  # members holding a state of their own
-
         self.nodes: dict[str, SimNode] = {}
         self.leader: str | None = None
         self.term = 0
@@ -217,10 +216,6 @@ class SimSite:
         self._pending_changes: set = set()  # voter changes already said to wait for quorum
 
     # --- plumbing ------------------------------------------------------------------------
-
-    @property
-    def _private(self) -> list[str]:
-        return sorted(self._own)
 
     @property
     def wall(self) -> float:
@@ -290,7 +285,7 @@ class SimSite:
         result = sitestate.apply(self.truth, wire)
         for node in {leader.name: leader, **({via.name: via} if via is not None else {})}.values():
             node.replay_left = 0  # its Raft answers only once it applied the entry: it replayed up to there
-        for name in list(self._private):  # those sharing the committed state have the entry already
+        for name in sorted(self._own):  # those sharing the committed state have the entry already
             self.sync(self.nodes[name])
         return result
 
@@ -505,6 +500,13 @@ class SimSite:
         self._own.add(name)  # it starts with a state of its own (empty until it is a member)
         node.leading = Leading(lease=LEASE, new_alloc_id=lambda: self.next_id("a"))
         self.nodes[name] = node
+        return node
+
+    def kill(self, name: str) -> SimNode:
+        """The daemon dies (SIGKILL); its workloads die with it (they get SIGKILL when meshd dies)."""
+        node = self.node(name)
+        node.up = False
+        node.running.clear()
         return node
 
     def restart(self, name: str) -> None:

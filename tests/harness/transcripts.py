@@ -91,9 +91,7 @@ class Transcript:
         self.site.say(f"{via.name if via else '?'}: {describe_command(command)} -> {describe_result(result)}")
 
     def do_kill(self, args, kw) -> None:
-        node = self.site.node(args[0])
-        node.up = False
-        node.running.clear()  # its workloads die with it (they get SIGKILL when meshd dies)
+        node = self.site.kill(args[0])
         self.site.say(f"{node.name} killed")
 
     def do_restart(self, args, kw) -> None:
