@@ -39,6 +39,7 @@ from meshd.config import NodeConfig
 from meshd.exitcodes import EXIT_ERROR, EXIT_PORT_IN_USE
 from meshd.io import peer
 from meshd.io.attester import boot_id, node_evidence, started_digest
+from meshd.io.beatlines import BeatLines
 from meshd.io.identity import WAY_BACK, Identity, Membership
 from meshd.io.mdns import Discovery
 from meshd.io.metrics import DaemonMetrics
@@ -140,7 +141,7 @@ class NodeContext:
         self.revoked_notice: str | None = None  # a root-signed revocation naming us arrived
         # node id -> when its last beat reached us (time.monotonic): non-voters' liveness, read
         # while this node leads (meshd.io.services.peers takes them, .beats sends ours)
-        self.beats: dict[str, float] = {}
+        self.beats = BeatLines()  # non-voters' beat connections, while this node leads
         self.stopping = False
         self.mesh: Any = None  # meshd.io.mesh.MeshSync, set by the runtime
         self.artifacts: Any = None  # meshd.io.services.artifacts.ArtifactService, set by the runtime

@@ -61,6 +61,7 @@ from meshd.io.logthrottle import throttle
 from meshd.io.diskspace import DiskFull
 from meshd.io.docsync import DocumentHub
 from meshd.io.raft import CommandFailed
+from meshd.io.wakeup import sleep_slot
 from meshd.state import ADMIN_LEFT, ADMIN_REVOKED
 from meshd.wire import FrameError
 
@@ -107,11 +108,16 @@ SESSION_SETTLE = 0.1
 DIAL_TIMEOUT = 5.0
 
 
-async def wait_any(listeners: list, timeout: float) -> None:
-    """Return when any Wakeup listener is notified, or after `timeout`."""
+async def wait_any(listeners: list, timeout: float, *, slot: bool = False) -> None:
+    """Return when any Wakeup listener is notified, or after `timeout` (with `slot`: at the
+    next slot of that period, meshd.io.wakeup.next_slot)."""
+    deadline = trio.current_time() + timeout
     async with trio.open_nursery() as nursery:
         async def one(listener) -> None:
-            await listener.wait(timeout)
+            if slot:
+                await listener.wait_slot(timeout)
+            else:
+                await listener.wait_until(deadline)
             nursery.cancel_scope.cancel()
         for listener in listeners:
             nursery.start_soon(one, listener)
@@ -339,7 +345,7 @@ class MeshSync:
                 for key, addresses in wanted.items():
                     if key not in running or running[key].cancel_called:
                         running[key] = await nursery.start(self._keep_session, key, addresses)
-                await wait_any(changes, DIAL_CHECK_PERIOD)
+                await wait_any(changes, DIAL_CHECK_PERIOD, slot=True)
 
     async def _keep_session(self, key: str, addresses: list[str], task_status=trio.TASK_STATUS_IGNORED) -> None:
         with trio.CancelScope() as scope:
@@ -354,7 +360,7 @@ class MeshSync:
                     addresses = self._targets().get(key, addresses)
                 elif key.startswith("peer:") and self.address_sites.get(addresses[0]) in self.connected_sites() - {
                         self.ctx.membership.site}:
-                    await trio.sleep(DIAL_CHECK_PERIOD)  # that site is synced through another route
+                    await sleep_slot(DIAL_CHECK_PERIOD)  # that site is synced through another route
                     continue
                 for address in addresses:
                     try:
@@ -378,10 +384,12 @@ class MeshSync:
         changes = [d.state_changed.listener(), self.changed.listener()]
         while True:
             # A rollout's next wave opens when a soak ends: a pass is due then, news or not.
-            wait = PUBLISH_SAFETY_PERIOD
+            wait, slot = PUBLISH_SAFETY_PERIOD, True
             if self.meshing.rollout_wake is not None:
-                wait = min(wait, max(0.05, self.meshing.rollout_wake - time.time() + 0.05))
-            await wait_any(changes, wait)
+                wake = max(0.05, self.meshing.rollout_wake - time.time() + 0.05)
+                if wake < wait:
+                    wait, slot = wake, False
+            await wait_any(changes, wait, slot=slot)
             if d.raft is None or d.raft.status.role != "leader":
                 continue
             try:

@@ -37,13 +37,17 @@ import hashlib
 import hmac
 import logging
 import os
+import select
+import socket
 import ssl
+import struct
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import trio
 
 from meshd import tokens
 from meshd.io.logthrottle import throttle
+from meshd.io.wakeup import sleep_slot
 from meshd.wire import PEER_MAX_FRAME, FrameDecoder, FrameError, encode_frame
 
 # Junk, failed handshakes and refused conversations are logged per connection: throttled, so a
@@ -112,6 +116,10 @@ class FramedStream:
                 self._pending.extend(self._decoder.feed(data))
         return self._pending.pop(0)
 
+    def has_frame(self) -> bool:
+        """A whole frame is already here: `receive` returns it without reading."""
+        return bool(self._pending)
+
     def take_buffered(self) -> bytes:
         """The bytes received after the last frame: the start of what follows in another
         codec (the document sync after `sync_ready`)."""
@@ -125,6 +133,51 @@ class FramedStream:
                 await self.stream.aclose()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the peer went away mid-close (TLS close_notify): nothing left to do
+
+
+# Linux `struct tcp_info` (linux/tcp.h): the bytes asked for, and where `tcpi_last_data_recv`
+# (milliseconds since the last data segment arrived, at the kernel's jiffy resolution) sits;
+# the layout is fixed ABI since Linux 2.6.
+TCP_INFO_SIZE = 104
+TCP_INFO_LAST_DATA_RECV = 52
+
+
+class Arrivals:
+    """What the kernel knows of one TCP connection's incoming side, asked without waiting on
+    it: whether bytes are waiting to be read, and how long ago data last arrived. This lets a
+    reader come to the connection on its own schedule (the leader reads non-voters' beats at
+    shared instants, meshd.io.services.peers) and still date the news to its arrival."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        inner = getattr(stream, "transport_stream", stream)  # a TLS stream: the socket under it
+        self._socket = getattr(inner, "socket", None)
+        self._poll = None
+        if self._socket is not None:
+            self._poll = select.poll()
+            self._poll.register(self._socket.fileno(), select.POLLIN)
+
+    def readable(self) -> bool:
+        """Bytes (or the end of the stream) are waiting: a read now does not wait for the peer.
+        True where the stream has no socket to ask (the caller then reads, and may wait)."""
+        if self._poll is None:
+            return True
+        try:
+            return bool(self._poll.poll(0))
+        except OSError:
+            return True  # let the read find the error
+
+    def last_data_age(self) -> float | None:
+        """Seconds since data last arrived on the connection (TCP_INFO), None where the
+        platform does not say."""
+        if self._socket is None or not hasattr(socket, "TCP_INFO"):
+            return None
+        try:
+            info = self._socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_SIZE)
+        except OSError:
+            return None
+        if len(info) < TCP_INFO_LAST_DATA_RECV + 4:
+            return None
+        return struct.unpack_from("I", info, TCP_INFO_LAST_DATA_RECV)[0] / 1000.0
 
 
 def member_key(site_secret: str) -> bytes:
@@ -346,7 +399,7 @@ async def send_beats(address: str, context: ssl.SSLContext, *, period: float, ke
         await conn.send({"type": "beat_hello"})
         while keep_on():
             await conn.send({"type": "beat"})
-            await trio.sleep(period)
+            await sleep_slot(period)  # with the loop's other periodic waits (meshd.io.wakeup)
     finally:
         await conn.aclose()
 

@@ -123,9 +123,12 @@ ELECTION_WAKE_SLACK = 0.001
 # The longest a connected non-voter goes without a message from the leader while nothing
 # happens. Heartbeats to voters keep elections away (every heartbeat interval); a non-voter
 # has no election to hold off, so this only bounds how stale its view of the leader's term
-# can look. Each heartbeat costs the leader an encrypted message and its answer per
-# non-voter: 7 non-voters at a 0.2 s heartbeat were most of an idle leader's Raft thread.
-NONVOTER_HEARTBEAT_PERIOD = 1.0
+# (and its `meshd_raft_leader_last_contact_seconds`) can look; it learns of a new leader from
+# that leader's first message, and of a lost one from its connection. Each heartbeat costs
+# the leader an encrypted message and its answer per non-voter, each waking a sleeping
+# process: 7 non-voters at a 0.2 s heartbeat were most of an idle leader's Raft thread, and
+# still a sixth of it at one a second.
+NONVOTER_HEARTBEAT_PERIOD = 3.0
 
 # Terms: a site holds at most about one election a second (the election timeout), so even
 # a member cut off for thirty years, electing itself all along, is fewer than 10**9 terms

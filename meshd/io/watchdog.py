@@ -33,6 +33,7 @@ from typing import Callable
 import trio
 
 from meshd.exitcodes import EXIT_SOFTWARE
+from meshd.io.wakeup import sleep_slot
 
 log = logging.getLogger("meshd.watchdog")
 
@@ -101,7 +102,7 @@ class LoopWatchdog:
             while True:
                 with self._lock:
                     self._clock.feed(time.monotonic())
-                await trio.sleep(FEED_PERIOD)
+                await sleep_slot(FEED_PERIOD)
         finally:
             self._stopping.set()
 

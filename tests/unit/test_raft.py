@@ -19,7 +19,8 @@ from pysyncobj import FAIL_REASON
 from pysyncobj.monotonic import monotonic as raft_clock
 
 from meshd import commands as cmds
-from meshd.io.raft import NONVOTER_HEARTBEAT_PERIOD, RaftNode, SiteRaft, make_conf
+from meshd.io import raft as raft_module
+from meshd.io.raft import RaftNode, SiteRaft, make_conf
 from meshd.io import snapshots
 from meshd.io.ports import free_port
 from meshd.io.snapshots import SnapshotStore
@@ -28,6 +29,15 @@ from meshd.io.snapshots import SnapshotStore
 ELECTION_TIMEOUT = 30.0
 APPEND_PERIOD = 0.05  # pysyncobj's heartbeat period: 20 a second to each voter
 STEP_TIMEOUT = 10.0  # upper bound of any one wait (each takes a few ticks on an idle machine)
+
+# The non-voter heartbeat period these tests run with: the mechanism at a third of the
+# daemon's period, so that a window of three periods stays short.
+NONVOTER_HEARTBEAT_PERIOD = 1.0
+
+
+@pytest.fixture(autouse=True)
+def _short_nonvoter_period(monkeypatch):
+    monkeypatch.setattr(raft_module, "NONVOTER_HEARTBEAT_PERIOD", NONVOTER_HEARTBEAT_PERIOD)
 
 
 class CountingRaft(SiteRaft):

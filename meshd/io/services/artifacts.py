@@ -163,7 +163,7 @@ class ArtifactService:
                     await self._plan_once(state, nursery)
                 except OSError as e:  # the data dir's disk: looked at again at the next pass
                     log.warning("artifact store unreadable", extra={"reason": e.strerror or str(e)})
-            await listener.wait(PLAN_PERIOD)
+            await listener.wait_slot(PLAN_PERIOD)
 
     async def _plan_once(self, state, nursery: trio.Nursery) -> None:
         assert self.store is not None and self.ctx.identity is not None

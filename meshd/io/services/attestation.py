@@ -42,7 +42,7 @@ class AttestationService:
         changes = ctx.state_changed.listener()
         task_status.started()
         while True:
-            await changes.wait(ATTEST_CHECK_PERIOD)
+            await changes.wait_slot(ATTEST_CHECK_PERIOD)
             if ctx.raft is None or ctx.raft.status.role != "leader":
                 continue
             term = ctx.raft.status.term  # its outcome is this leader's decision, fenced by this term

@@ -61,7 +61,7 @@ class BeatService:
         while True:
             leader = self._leader()
             if leader is None:
-                await changes.wait(IDLE_LOOK_PERIOD)
+                await changes.wait_slot(IDLE_LOOK_PERIOD)
                 continue
             raft_address = leader.raft_address
 

@@ -32,6 +32,7 @@ from attestation.tpm import TpmError
 from meshd import admission, tokens
 from meshd.commands import Refused
 from meshd.io import peer
+from meshd.io.beatlines import BEAT_SILENCE
 from meshd.io.context import NodeContext
 from meshd.io.logview import serve_local_logs
 from meshd.io.raft import CommandFailed
@@ -45,9 +46,6 @@ log = logging.getLogger("meshd.daemon")
 
 # Cutting connections follows every state change; this often also without one, as a safety net.
 CUT_SAFETY_PERIOD = 5.0
-# A beat connection silent this long is dropped (the sender beats several times a lease; a
-# dead one is noticed by its lease long before, this only frees the socket).
-BEAT_SILENCE = 10.0
 # Refused peer connections (a flood) are logged at most this often, with their count.
 REFUSED_REPORT_PERIOD = 10.0
 
@@ -90,7 +88,7 @@ class PeerService:
         assert self.ctx.state_changed is not None
         changes = self.ctx.state_changed.listener()
         while True:
-            await changes.wait(CUT_SAFETY_PERIOD)
+            await changes.wait_slot(CUT_SAFETY_PERIOD)
             self._cut_revoked(self.ctx.snapshot())
 
     def _refused(self, target: str, source: str, reason: str) -> None:
@@ -336,15 +334,11 @@ class PeerService:
 
     async def _take_beats(self, conn: peer.FramedStream, node_id: str) -> None:
         """A non-voter's beats: each one is a contact the leader counts for its lease (the
-        leader service reads `ctx.beats`). Silence past BEAT_SILENCE ends the connection."""
+        leader service reads `ctx.beats`, meshd.io.beatlines)."""
         ctx = self.ctx
         if not ctx.is_member(node_id):
             raise peer.PeerError("beats are taken from current members only")
-        while True:
-            message = await conn.receive(timeout=max(BEAT_SILENCE, ctx.config.lease))
-            if message.get("type") != "beat":
-                raise peer.PeerError(f"expected beat, got {message.get('type')!r}")
-            ctx.beats[node_id] = time.monotonic()
+        await ctx.beats.take(conn, node_id, silence=max(BEAT_SILENCE, ctx.config.lease))
 
     async def _serve_sync(self, conn: peer.FramedStream, stream: trio.abc.Stream, named: tuple[str, str]) -> None:
         if self.ctx.raft is None or self.ctx.mesh.hub is None:

@@ -23,6 +23,7 @@ import trio
 from meshd.commands import Refused, Result
 from meshd.io.context import NodeContext
 from meshd.io.tls import member_of
+from meshd.io.wakeup import sleep_slot
 from meshd.node import effects as fx
 from meshd.node import trust
 from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, NodeRecord
@@ -147,7 +148,7 @@ class TrustService:
         assert ctx.identity is not None and ctx.membership is not None
         leaderless_since: float | None = None
         while True:
-            await trio.sleep(SECRET_CHECK_PERIOD)
+            await sleep_slot(SECRET_CHECK_PERIOD)
             if ctx.raft is None or not ctx.partitioned:
                 leaderless_since = None
                 continue

@@ -85,7 +85,7 @@ class WorkerService:
                                              caught_up=ctx.raft is not None and ctx.raft.replayed,
                                              recovering=ctx.recovering))
             self._save_partners(state)
-            await changes.wait(SUPERVISE_SAFETY_PERIOD)
+            await changes.wait_slot(SUPERVISE_SAFETY_PERIOD)
 
     async def _set_workloads(self, effect: fx.SetWorkloads) -> None:
         assert self.ctx.supervisor is not None
@@ -138,7 +138,7 @@ class WorkerService:
                         ctx.counted(command, None)
                     await trio.sleep(REPORT_RETRY_DELAY)
                     continue
-            await news.wait(REPORT_CHECK_PERIOD)
+            await news.wait_slot(REPORT_CHECK_PERIOD)
 
     def _site_has(self, state: SiteState) -> Callable[[Mapping[str, float]], bool]:
         """Whether the site's record of this node shows these resources (within a step), this
