@@ -65,6 +65,20 @@ def _hex(digest: str) -> str:
     return digest.removeprefix("sha256:")
 
 
+# A listing is remembered once the directory's last change is this much older than it: well
+# past any filesystem's timestamp granularity (a jiffy, up to 10 ms; FAT's 2 s is not a data dir).
+HELD_MARK_SETTLE = 1.0
+
+
+def _mark(directory: Path) -> tuple[int, int, int] | None:
+    """What changes when an entry of `directory` is added, renamed or removed."""
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+
+
 class ArtifactStore:
     def __init__(self, data_dir: Path, quota: int = DEFAULT_QUOTA_BYTES,
                  pinned: Callable[[], frozenset[str]] = frozenset) -> None:
@@ -78,6 +92,7 @@ class ArtifactStore:
         for leftover in (self.root / "incoming").iterdir():
             _remove(leftover)
         self._used: dict[str, float] = {}
+        self._held: tuple[tuple[int, int, int], frozenset[str]] | None = None  # (mark, listing): held_unchanged
 
     # --- what is held --------------------------------------------------------------------
 
@@ -85,8 +100,23 @@ class ArtifactStore:
         return self.blob(digest).is_file() and self._manifest_path(digest).is_file()
 
     def held(self) -> frozenset[str]:
-        return frozenset("sha256:" + p.name for p in (self.root / "blobs").iterdir()
-                         if "." not in p.name and (p.parent / f"{p.name}.manifest").is_file())
+        """The artifacts held whole (blob and manifest), from a listing of the store."""
+        blobs = self.root / "blobs"
+        mark = _mark(blobs)
+        listing = frozenset("sha256:" + p.name for p in blobs.iterdir()
+                            if "." not in p.name and (p.parent / f"{p.name}.manifest").is_file())
+        # Kept only for a listing the directory's time of change surely covers: that time has
+        # the filesystem's coarse granularity, and a change within the same tick as the listing
+        # would not move it.
+        self._held = (mark, listing) if mark is not None and time.time() - mark[0] / 1e9 > HELD_MARK_SETTLE else None
+        return listing
+
+    def held_unchanged(self) -> frozenset[str] | None:
+        """`held()` as the last listing found it, if the store has not changed since (one stat,
+        cheap on the trio thread), else None: list it again."""
+        if self._held is not None and _mark(self.root / "blobs") == self._held[0]:
+            return self._held[1]
+        return None
 
     def blob(self, digest: str) -> Path:
         return self.root / "blobs" / _hex(digest)

@@ -97,3 +97,25 @@ def test_a_fetch_whose_bytes_do_not_match_never_becomes_a_blob(tmp_path):
     with pytest.raises(StoreError, match="do not match"):
         store.finish_fetch(manifest)
     assert not store.holds(manifest.digest) and not list((store.root / "partial").iterdir())
+
+
+def _settle(store):
+    """The blobs directory as if last changed a while ago (past any timestamp granularity)."""
+    past = os.stat(store.root / "blobs").st_mtime - 10
+    os.utime(store.root / "blobs", (past, past))
+
+
+def test_the_listing_of_held_artifacts_is_reused_until_the_store_changes(tmp_path):
+    store = ArtifactStore(tmp_path / "data")
+    a = push(store, tmp_path, b"a" * 1000, "a.bin")
+    assert store.held_unchanged() is None  # never listed
+    assert store.held() == {a.digest}
+    assert store.held_unchanged() is None  # the directory changed just now: not trusted yet
+    _settle(store)
+    assert store.held() == {a.digest} and store.held_unchanged() == {a.digest}
+    b = push(store, tmp_path, b"b" * 1000, "b.bin")
+    assert store.held_unchanged() is None  # a new blob: listed again
+    _settle(store)
+    assert store.held() == {a.digest, b.digest} == store.held_unchanged()
+    store.remove(a.digest)
+    assert store.held_unchanged() is None and store.held() == {b.digest}

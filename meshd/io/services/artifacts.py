@@ -167,7 +167,9 @@ class ArtifactService:
 
     async def _plan_once(self, state, nursery: trio.Nursery) -> None:
         assert self.store is not None and self.ctx.identity is not None
-        held = await trio.to_thread.run_sync(self.store.held)
+        held = self.store.held_unchanged()  # a listing, on a thread, only when the store changed
+        if held is None:
+            held = await trio.to_thread.run_sync(self.store.held)
         document = self.ctx.mesh.document if self.ctx.mesh is not None else None
         holdings = document.records(ArtifactHolding) if document is not None else []
         decision = planmod.decide(state, self.ctx.identity.node_id, held, frozenset(self._wants), holdings)
