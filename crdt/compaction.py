@@ -68,7 +68,9 @@ DEFAULT_RETENTION = 30 * 86400.0
 # compaction due: each compaction is a full state transfer to every peer (a few MB), so a
 # 30-day retention compacts for expiry about every 3 days, not every few minutes.
 EXPIRY_SLACK_SHARE = 0.1
-# ... but at least this long, so a short retention (tests, labs) does not rebuild constantly.
+# ... but at least this long, or the retention itself when that is shorter: an hour's slack
+# keeps a retention of hours from rebuilding every few minutes, and an operator who keeps only
+# minutes of history (a small board, a lab) gets a document of minutes, not of an hour more.
 MIN_EXPIRY_SLACK = 3600.0
 # History (update bytes taken since the epoch began) that makes a compaction due, at least
 # this much and at least the size the epoch began with: the document stays within about twice
@@ -266,7 +268,7 @@ def adopt(ours: Iterable[Record], full_update: bytes, *, epoch: Epoch, now: floa
 
 
 def expiry_slack(retention: float) -> float:
-    return max(MIN_EXPIRY_SLACK, retention * EXPIRY_SLACK_SHARE)
+    return max(min(MIN_EXPIRY_SLACK, retention), retention * EXPIRY_SLACK_SHARE)
 
 
 def oldest_expiring(records: Iterable[Record], *, retention: float) -> float | None:

@@ -75,6 +75,9 @@ MIN_SILENCE = 10.0
 # (crdt.compaction.compaction_due): the look is a pass over the records (milliseconds); due
 # means history of megabytes or records days past the retention, neither urgent to the minute.
 COMPACTION_CHECK_PERIOD = 600.0
+# ... or a quarter of the retention when that is shorter (records then expire within minutes),
+# but no more often than this: the look is not free on a small board.
+MIN_COMPACTION_CHECK_PERIOD = 30.0
 # Refused epochs remembered: one hostile peer can announce a new one at every session, and
 # then costs a refused document each; more than a few distinct ones are not a mistake.
 REFUSED_EPOCHS_KEPT = 64
@@ -250,10 +253,11 @@ class DocumentHub:
         if self.on_epoch_change is not None:
             self.on_epoch_change()
 
-    async def compaction_loop(self, may_compact: Callable[[], bool],
-                              period: float = COMPACTION_CHECK_PERIOD) -> None:
+    async def compaction_loop(self, may_compact: Callable[[], bool], period: float | None = None) -> None:
         """Compact whenever crdt.compaction says it is due and `may_compact()` (this node
         leads its site: followers take their leader's epoch)."""
+        if period is None:
+            period = min(COMPACTION_CHECK_PERIOD, max(MIN_COMPACTION_CHECK_PERIOD, self.retention / 4))
         while True:
             await trio.sleep(period * (0.75 + secrets.randbelow(500) / 1000))  # sites not in step
             if not may_compact() or self._switching.locked():

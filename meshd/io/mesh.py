@@ -82,8 +82,12 @@ DIAL_FAST_FOR = 600.0
 DIAL_BACKOFF_SLOW = 2.0
 # A session that lasted this long was a working link: the next dial starts from the first backoff.
 STABLE_SESSION = 10.0
-# Which sessions to keep is looked at on every change of role or document, and this often anyway.
-DIAL_CHECK_PERIOD = 1.0
+# Which sessions to keep is looked at on every change of role or document, and this often anyway
+# (a safety net: each look wakes the idle loop).
+DIAL_CHECK_PERIOD = 5.0
+# A peer's site that is synced through another route is looked at again this often: when that
+# route goes, this session takes over within it.
+ROUTE_CHECK_PERIOD = 1.0
 # The leader looks for edits to take in and records to publish on every change, and this often anyway.
 PUBLISH_SAFETY_PERIOD = 5.0
 # Records parsed between two looks at other work: a 10,000-change catch-up is 20,000 records
@@ -360,7 +364,7 @@ class MeshSync:
                     addresses = self._targets().get(key, addresses)
                 elif key.startswith("peer:") and self.address_sites.get(addresses[0]) in self.connected_sites() - {
                         self.ctx.membership.site}:
-                    await sleep_slot(DIAL_CHECK_PERIOD)  # that site is synced through another route
+                    await sleep_slot(ROUTE_CHECK_PERIOD)  # that site is synced through another route
                     continue
                 for address in addresses:
                     try:

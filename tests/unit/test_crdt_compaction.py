@@ -440,3 +440,10 @@ def test_a_replica_of_epoch_zero_and_a_compacted_one_speak_epoch_messages_only_w
     assert compacted.peer_epoch == ZERO_EPOCH
     assert compacted.push(b"\x00\x00") == []  # it cannot apply our updates
     assert compacted.receive(Message(UPDATE, b"\x00\x00"), now=1.0) == ([], None) and compacted.ignored == 1
+
+
+def test_the_expiry_slack_is_a_tenth_of_a_long_retention_an_hour_of_a_shorter_one_and_no_more_than_a_short_one():
+    assert compaction.expiry_slack(30 * DAY) == 3 * DAY
+    assert compaction.expiry_slack(DAY) == 0.1 * DAY
+    assert compaction.expiry_slack(6 * 3600.0) == 3600.0
+    assert compaction.expiry_slack(300.0) == 300.0  # minutes of history: minutes of slack

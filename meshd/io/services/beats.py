@@ -32,9 +32,10 @@ BEATS_PER_LEASE = 3
 # After a beat connection failed (the leader restarting, a cut), try again this soon: short
 # next to the lease, long enough not to spin on a dead address.
 BEAT_RETRY_DELAY = 0.2
-# While this node has nothing to beat for, it looks again on every state or role change, and
-# this often without one.
-IDLE_LOOK_PERIOD = 1.0
+# While this node has nothing to beat for, it looks again on every state or role change (a
+# new leader is a role change), and this often without one: a safety net, not the way news
+# comes (every voter and the leader wait here for good).
+IDLE_LOOK_PERIOD = 5.0
 
 
 class BeatService:

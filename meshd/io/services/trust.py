@@ -32,7 +32,7 @@ log = logging.getLogger("meshd.daemon")
 
 # Raft secret: a member with no Raft leader for SECRET_FETCH_AFTER (looked at every
 # SECRET_CHECK_PERIOD) asks the others whether the secret was rotated while it was away.
-SECRET_CHECK_PERIOD = 1.0
+SECRET_CHECK_PERIOD = 2.0  # a few looks within SECRET_FETCH_AFTER; each wakes the idle loop
 SECRET_FETCH_AFTER = 5.0
 
 
