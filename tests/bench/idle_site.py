@@ -1,14 +1,17 @@
 """Idle site benchmark: CPU of every daemon of an idle 12-member site (5 voters, 7 non-voters),
 target <= 1 % of a core per daemon.
 
-    python3 -m tests.bench.idle_site [--members 12] [--window 20] [--json bench-results/idle_site.json]
+    python3 -m tests.bench.idle_site [--members 12] [--window 20] [--windows 1] [--settle 5]
+        [--json bench-results/idle_site.json]
     python3 -m tests.bench.idle_site --members 3,5,8,12   # the growth curve, in one run
 
 One site of real `meshd run` processes on loopback (joins by mDNS, no workloads) grows to each
 size of `--members` in turn (a member joins only once the previous one is `ready`). At each
 size, once every member is ready and a settling pause has passed, each daemon's CPU is
 measured from psutil cpu_times deltas (user + system, the daemon process only) over an idle
-window of `--window` seconds, with its RSS at the end. Rows per size (`m<N>_...`):
+window of `--window` seconds, with its RSS at the end; `--windows K` measures K windows in a
+row, and the medians are then over every daemon of a role and every window (one noisy window
+on a shared machine moves them less). Rows per size (`m<N>_...`):
 - `leader_cpu_pct`: the Raft leader; `voter_cpu_pct`: the other voters (followers);
   `nonvoter_cpu_pct`: the non-voters (members past the fifth replicate without voting);
   `cpu_pct`: every daemon; `worst_cpu_pct`: the busiest daemon (the 1 % target is per daemon,
@@ -110,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--members", default="12", help="a size or a comma list, e.g. 3,5,8,12 (grown in order)")
     parser.add_argument("--window", type=float, default=DEFAULT_WINDOW_S, help="idle CPU window per size, seconds")
+    parser.add_argument("--windows", type=int, default=1, help="windows measured in a row at each size")
+    parser.add_argument("--settle", type=float, default=SETTLE_S, help="pause after the last join, seconds")
     parser.add_argument("--json", default="bench-results/idle_site.json")
     args = parser.parse_args(argv)
     sizes = sorted({int(x) for x in args.members.split(",") if x.strip()})
@@ -126,14 +131,15 @@ def main(argv: list[str] | None = None) -> int:
             for size in sizes:
                 t0 = time.monotonic()
                 site.grow(size, timeout=JOIN_TIMEOUT_S)
-                log(f"{size} members ready ({time.monotonic() - t0:.1f} s of joins); settling {SETTLE_S:g} s")
-                time.sleep(SETTLE_S)
-                if not check_alive(site, problems):
-                    break
-                step = measure(site, size, args.window, samples)
-                steps.append(step)
-                log(f"{size} members: roles {step['roles']}, cpu % " +
-                    ", ".join(f"{k}={v['cpu_pct']:.2f}" for k, v in step["per_node"].items()))
+                log(f"{size} members ready ({time.monotonic() - t0:.1f} s of joins); settling {args.settle:g} s")
+                time.sleep(args.settle)
+                for _ in range(max(1, args.windows)):
+                    if not check_alive(site, problems):
+                        break
+                    step = measure(site, size, args.window, samples)
+                    steps.append(step)
+                    log(f"{size} members: roles {step['roles']}, cpu % " +
+                        ", ".join(f"{k}={v['cpu_pct']:.2f}" for k, v in step["per_node"].items()))
         except KeyboardInterrupt:  # Ctrl-C: stop the site, still report what was measured
             problems.add("interrupted")
         except Exception as exc:  # a site that would not form: report it rather than a bare traceback
@@ -145,11 +151,13 @@ def main(argv: list[str] | None = None) -> int:
             log("stopping the daemons")
             stop_site(site, problems, STOP_TIMEOUT_S)
             scan_logs(site, problems, samples)
-    print(f"idle_site: sizes {sizes}, window {args.window:g} s per size")
+    print(f"idle_site: sizes {sizes}, {max(1, args.windows)} window(s) of {args.window:g} s per size, "
+          f"after {args.settle:g} s of settling")
     for step in steps:
         print(f"  {step['members']} members: roles {step['roles']}"
               + ("  (roles changed during the window)" if step["roles_changed_in_window"] else ""))
-    report("idle_site", args.json, 1, samples, targets, sizes=sizes, window_s=args.window, steps=steps,
+    report("idle_site", args.json, 1, samples, targets, sizes=sizes, window_s=args.window,
+           windows=max(1, args.windows), settle_s=args.settle, steps=steps,
            problems=problems.items)
     if problems.items:
         print(f"\n{len(problems.items)} problem(s); the first lines of each (all in the JSON):")
