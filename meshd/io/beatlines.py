@@ -8,8 +8,8 @@ by one shared slot (meshd.io.wakeup), instead of the leader's loop waking for ev
 every non-voter (21 a second at 12 members, each costing more than the beat it carried).
 
 Invariants:
-- A connection counts only once its first frame, read at once, was a beat (`verified`); a
-  frame that is not a beat, the end of the stream, or BEAT_SILENCE without one ends the line,
+- A connection counts only once its first frame, read at once, was a beat; a frame that is
+  not a beat, the end of the stream, or BEAT_SILENCE without one ends the line,
   and with it the node's contacts through it.
 - Bytes count from their arrival until the next drain reads and checks them: at most one
   DRAIN_PERIOD of data that is not yet known to be a beat (only a party inside the TCP
@@ -39,9 +39,7 @@ MAX_FRAMES_PER_DRAIN = 16
 
 
 class BeatLine:
-    def __init__(self, node_id: str, conn: peer.FramedStream) -> None:
-        self.node_id = node_id
-        self.conn = conn
+    def __init__(self, conn: peer.FramedStream) -> None:
         self.arrivals = peer.Arrivals(conn.stream)
         self.read_at = time.monotonic()  # the last beat read (monotonic)
 
@@ -68,7 +66,7 @@ class BeatLines:
         """Serve one beat connection until it ends; raises peer.PeerError with the reason."""
         message = await conn.receive(timeout=silence)
         _check(message)
-        line = BeatLine(node_id, conn)
+        line = BeatLine(conn)
         self._lines[node_id] = line
         try:
             while True:

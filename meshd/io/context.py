@@ -139,9 +139,9 @@ class NodeContext:
         self.state_changed: Wakeup | None = None  # the replicated state changed (made on the trio loop)
         self.reports_changed: Wakeup | None = None  # this node's allocation reports changed
         self.revoked_notice: str | None = None  # a root-signed revocation naming us arrived
-        # node id -> when its last beat reached us (time.monotonic): non-voters' liveness, read
+        # Non-voters' beat connections and when each last carried a beat: their liveness, read
         # while this node leads (meshd.io.services.peers takes them, .beats sends ours)
-        self.beats = BeatLines()  # non-voters' beat connections, while this node leads
+        self.beats = BeatLines()
         self.stopping = False
         self.mesh: Any = None  # meshd.io.mesh.MeshSync, set by the runtime
         self.artifacts: Any = None  # meshd.io.services.artifacts.ArtifactService, set by the runtime

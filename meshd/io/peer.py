@@ -146,7 +146,7 @@ class Arrivals:
     """What the kernel knows of one TCP connection's incoming side, asked without waiting on
     it: whether bytes are waiting to be read, and how long ago data last arrived. This lets a
     reader come to the connection on its own schedule (the leader reads non-voters' beats at
-    shared instants, meshd.io.services.peers) and still date the news to its arrival."""
+    shared instants, meshd.io.beatlines) and still date the news to its arrival."""
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         inner = getattr(stream, "transport_stream", stream)  # a TLS stream: the socket under it

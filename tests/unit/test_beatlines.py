@@ -16,7 +16,7 @@ from meshd.wire import encode_frame
 BEAT = encode_frame({"type": "beat"})
 
 
-async def _pair(nursery):
+async def _pair():
     """(the server's FramedStream, the client's raw trio stream) over loopback TCP."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
@@ -28,16 +28,15 @@ async def _pair(nursery):
 
 def test_arrivals_date_data_before_it_is_read():
     async def main():
-        async with trio.open_nursery() as nursery:
-            conn, client = await _pair(nursery)
-            arrivals = peer.Arrivals(conn.stream)
-            assert not arrivals.readable()
-            await client.send_all(BEAT)
-            await trio.sleep(0.3)
-            assert arrivals.readable()
-            age = arrivals.last_data_age()
-            assert age is not None and 0.25 <= age <= 0.45
-            await client.aclose()
+        conn, client = await _pair()
+        arrivals = peer.Arrivals(conn.stream)
+        assert not arrivals.readable()
+        await client.send_all(BEAT)
+        await trio.sleep(0.3)
+        assert arrivals.readable()
+        age = arrivals.last_data_age()
+        assert age is not None and 0.25 <= age <= 0.45
+        await client.aclose()
 
     trio.run(main)
 
@@ -48,7 +47,7 @@ def test_a_beat_counts_from_its_arrival_not_from_the_drain_that_reads_it(monkeyp
     async def main():
         lines = BeatLines()
         async with trio.open_nursery() as nursery:
-            conn, client = await _pair(nursery)
+            conn, client = await _pair()
             await client.send_all(BEAT)
             nursery.start_soon(lines.take, conn, "n1")
             await trio.sleep(0.2)
@@ -71,7 +70,7 @@ def test_a_line_ends_on_a_frame_that_is_not_a_beat(monkeypatch):
     async def main():
         lines = BeatLines()
         async with trio.open_nursery() as nursery:
-            conn, client = await _pair(nursery)
+            conn, client = await _pair()
             await client.send_all(BEAT)
 
             async def serve():
@@ -91,12 +90,11 @@ def test_a_line_ends_on_a_frame_that_is_not_a_beat(monkeypatch):
 def test_the_first_frame_must_be_a_beat():
     async def main():
         lines = BeatLines()
-        async with trio.open_nursery() as nursery:
-            conn, client = await _pair(nursery)
-            await client.send_all(encode_frame({"type": "call"}))
-            with pytest.raises(peer.PeerError):
-                await lines.take(conn, "n1")
-            assert lines.items() == []
+        conn, client = await _pair()
+        await client.send_all(encode_frame({"type": "call"}))
+        with pytest.raises(peer.PeerError):
+            await lines.take(conn, "n1")
+        assert lines.items() == []
 
     trio.run(main)
 
@@ -106,12 +104,11 @@ def test_silence_ends_a_line(monkeypatch):
 
     async def main():
         lines = BeatLines()
-        async with trio.open_nursery() as nursery:
-            conn, client = await _pair(nursery)
-            await client.send_all(BEAT)
-            with trio.fail_after(3), pytest.raises(peer.PeerError, match="no beat for 0.3 s"):
-                await lines.take(conn, "n1", silence=0.3)
-            assert lines.items() == []
+        conn, client = await _pair()
+        await client.send_all(BEAT)
+        with trio.fail_after(3), pytest.raises(peer.PeerError, match="no beat for 0.3 s"):
+            await lines.take(conn, "n1", silence=0.3)
+        assert lines.items() == []
 
     trio.run(main)
 
@@ -123,8 +120,8 @@ def test_a_newer_connection_of_a_node_takes_over(monkeypatch):
         lines = BeatLines()
         ended = []
         async with trio.open_nursery() as nursery:
-            old, old_client = await _pair(nursery)
-            new, new_client = await _pair(nursery)
+            old, old_client = await _pair()
+            new, new_client = await _pair()
             await old_client.send_all(BEAT)
             await new_client.send_all(BEAT)
 
