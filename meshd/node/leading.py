@@ -131,7 +131,9 @@ class Leading:
     _seen_nodes: dict[str, NodeRecord] = field(default_factory=dict)
     _unplaced: set[str] = field(default_factory=set)  # apps whose last plan left replicas unplaced
     _pending: set[str] = field(default_factory=set)  # changed apps a pass left for the next (PASS_ALLOCS)
-    # app -> (the record a move was asked on, the move): not asked again on that very record
+    # app -> (the record a move was asked on, the move): not asked again on that very record.
+    # Only apps with a move outstanding: it holds their records (with every spec of their
+    # history), so an entry goes when its deployment wants no move or the app goes.
     _moved: dict[str, tuple[object, rollout.Move]] = field(default_factory=dict)
     _wall: float = 0.0  # the wall time of the last pass
     _awake_since: float = float("-inf")  # the last freeze of Raft it took into account (LeaderView)
@@ -197,6 +199,7 @@ class Leading:
             d = record.deployment
             if d is None or not d.active:
                 self._app_wake.pop(name, None)
+                self._moved.pop(name, None)
                 continue
             if self._app_wake.get(name, float("-inf")) <= wall:
                 rolling.add(name)  # a deadline of its came (or it is new here): reconcile it too
@@ -204,6 +207,7 @@ class Leading:
             self._app_wake[name] = verdict.wake if verdict.wake is not None else float("inf")
             move = verdict.move
             if move is None:
+                self._moved.pop(name, None)  # no move wanted: none outstanding to remember
                 continue
             moving.add(name)
             asked = self._moved.get(name)
@@ -212,6 +216,10 @@ class Leading:
             self._moved[name] = (record, move)
             effects.append(Commit(Rollout(app=name, version=move.version, action=move.action, reason=move.reason,
                                           actor="meshd (site leader)")))
+        for kept in (self._moved, self._app_wake):
+            if len(kept) > len(state.apps):  # apps forgotten without a pass seeing them end
+                for name in kept.keys() - state.apps.keys():
+                    del kept[name]
         self._wall = wall
         return effects, rolling, moving
 

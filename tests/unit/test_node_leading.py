@@ -290,3 +290,39 @@ def test_the_leader_checkpoints_its_history_digest_when_the_log_moved_at_most_on
     sitestate.apply(state, cmd("rotate_secret"), entry=b"two")
     assert checkpoints(2.0 + CHECKPOINT_PERIOD / 2) == []  # news, but within the period
     assert len(checkpoints(2.0 + CHECKPOINT_PERIOD)) == 1
+
+
+def test_the_leader_remembers_a_deployment_move_only_while_it_is_outstanding():
+    """A churning site (deploy, succeed, stop, forget, all day) leaves nothing behind in the
+    leader's core: a remembered move holds its app's record and every spec of its history."""
+    from meshd.commands import PurgeApps
+    state = founded(1)
+    core = leading()
+    core.step(alive(state, 0.0), now=0.0)
+    for i in range(5):
+        name = f"app{i}"
+        deploy(state, name, 1)
+        _commit_all(state, core.step(alive(state, 1.0), now=1.0))  # the plan
+        [alloc] = [a for a in state.allocs.values() if a.app == name]
+        assert sitestate.apply(state, cmd("heartbeat", ts=T0 + 1, node_id=ONE, seq=10 + i, reports=[
+            {"alloc_id": alloc.alloc_id, "state": "running", "restarts": 0, "health": "healthy"}])).ok
+        [move] = [e for e in core.step(view(state, contacts=alive(state, 2.0).contacts, wall=T0 + 60),
+                                  now=2.0) if isinstance(e, Commit)]
+        assert move.command.op == "rollout" and name in core._moved  # asked: not asked again meanwhile
+        _commit_all(state, [move], ts=T0 + 60)
+        core.step(alive(state, 3.0), now=3.0)
+        assert name not in core._moved and name not in core._app_wake  # it ended: nothing kept of it
+        assert sitestate.apply(state, cmd("stop_app", app=name)).ok
+        core.step(alive(state, 4.0), now=4.0)
+    # A move outstanding when its app is forgotten goes with it.
+    deploy(state, "late", 1)
+    _commit_all(state, core.step(alive(state, 5.0), now=5.0))
+    core._moved["late"] = (state.apps["late"], None)  # as if a move had been asked on it
+    assert sitestate.apply(state, cmd("stop_app", app="late")).ok
+    assert sitestate.apply(state, cmd("heartbeat", ts=T0 + 7, node_id=ONE, seq=99, reports=[
+        {"alloc_id": a.alloc_id, "state": "stopped", "restarts": 0} for a in state.allocs.values()])).ok
+    assert sitestate.apply(state, encode(PurgeApps(apps=tuple(state.apps), retention=0.0),
+                                         Envelope(ts=T0 + 10_000))).ok
+    assert state.apps == {}
+    core.step(alive(state, 6.0), now=6.0)
+    assert core._moved == {} and core._app_wake == {}
