@@ -805,6 +805,26 @@ MAX_PURGE = 500
 
 
 @dataclass(frozen=True)
+class TrimAudit(Command):
+    """The leader's: forget the site's own audit records numbered `upto_seq` or less once the
+    mesh document holds them (or has summed them up) and they are older than `retention`, the
+    document retention as the proposer counted it. The document is the audit's durable record
+    (with its own retention); the site keeps only what it has not published, and the newest
+    record, from which publishing goes on."""
+    op: ClassVar[str] = "trim_audit"
+    upto_seq: int
+    retention: float
+
+    @classmethod
+    def from_wire(cls, raw: dict) -> "TrimAudit":
+        return cls(upto_seq=read_int(raw, "upto_seq", 1),
+                   retention=read_num(raw, "retention", 0.0, 10 * 365 * 86400.0))
+
+    def to_wire(self) -> dict:
+        return {"upto_seq": self.upto_seq, "retention": self.retention}
+
+
+@dataclass(frozen=True)
 class Drain(_NodeAdmin):
     op: ClassVar[str] = "drain"
 
@@ -850,7 +870,7 @@ class RemoveArtifact(Command):
 
 COMMANDS: dict[str, type[Command]] = {c.op: c for c in (
     Bootstrap, SetPolicy, AdoptPolicy, RevokeNode, AdoptRevocations, Attested, RotateSecret, CreateToken, AdmitNode,
-    FoundSite, Heartbeat, SetLiveness, SubmitApp, StopApp, ApplyPlan, PurgeApps, Drain, Undrain, Quarantine,
+    FoundSite, Heartbeat, SetLiveness, SubmitApp, StopApp, ApplyPlan, PurgeApps, TrimAudit, Drain, Undrain, Quarantine,
     RecordRefusal, RevokeToken, RemoveNode, Rollout, PinVersion, Checkpoint, AddArtifact, RemoveArtifact)}
 
 

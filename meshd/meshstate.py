@@ -50,7 +50,7 @@ from crdt.schema import (AppEdit, AppSiteStatus, NodeSummary, RolloutControl, Sc
 from crdt.schema import AuditRecord as DocAuditRecord
 from meshd import deployments, fleethealth, sitestate, waves
 from meshd import spec as specmod
-from meshd.commands import MAX_PURGE, Command, PurgeApps, Rollout, StopApp, SubmitApp
+from meshd.commands import MAX_PURGE, Command, PurgeApps, Rollout, StopApp, SubmitApp, TrimAudit
 from meshd.fleethealth import Health
 from meshd.state import ADMIN_LEFT, ADMIN_REVOKED, APP_RUNNING, NodeRecord, RolloutPlan, SiteState
 
@@ -338,6 +338,30 @@ def apps_to_purge(state: SiteState, ts: float, retention: float, has_edit: Calla
            if sitestate.purge_refusal(state, name, ts, retention) is None
            and has_edit(state.apps[name].edit_id or state.mesh_edits.get(name, {}).get("edit_id", ""))]
     return PurgeApps(apps=tuple(due[:MAX_PURGE]), retention=retention) if due else None
+
+
+# The site's audit is trimmed in steps of at least this many records: one small command a
+# hundred records, not one a record (a busy site writes a few a second).
+TRIM_AUDIT_BATCH = 100
+
+
+def audit_to_trim(state: SiteState, ts: float, retention: float, has_audit: Callable[[str], bool],
+                  summed_upto: int) -> TrimAudit | None:
+    """The trim of the site's oldest audit records (sitestate's trim_audit), or None: those
+    older than the document `retention` that the document holds or has summed up (numbered
+    `summed_upto` or less, crdt.schema.DroppedAudit), from the oldest on, stopping at the first
+    that is neither (published in order: it and what follows may not be in the document yet),
+    and never the newest."""
+    upto = count = 0
+    for record in state.audit[:-1]:
+        if record.seq <= 0:
+            continue  # written before records were numbered: never published, never trimmed
+        if record.ts > ts - retention:
+            break
+        if record.seq > summed_upto and not has_audit(audit_key(state.site, record.seq)):
+            break
+        upto, count = record.seq, count + 1
+    return TrimAudit(upto_seq=upto, retention=retention) if count >= TRIM_AUDIT_BATCH else None
 
 
 def same_summary(a: SiteSummary | None, b: SiteSummary) -> bool:

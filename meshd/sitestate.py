@@ -92,6 +92,15 @@ MAX_VOTERS = 5
 # Retried commands arrive within seconds of the original; ten thousand remembered request
 # ids cover minutes of the busiest site while keeping snapshots small.
 MAX_REMEMBERED_REQUESTS = 10_000
+# A request id is forgotten sooner once the site's clock (last_ts) is this far past the
+# command: a retry comes within about 35 s of the first try (meshd.io.context.commit's
+# retry_until, the admin's WRITE_RETRY_WINDOW), and ten minutes leave room for an entry that
+# commits late (a leader regaining quorum). So a quiet or steady site keeps minutes of them,
+# not 10,000 however long that took to fill.
+REQUEST_MEMORY_S = 600.0
+# ... but the newest this many stay whatever the clocks say: a member whose clock runs ahead
+# moves the site's clock forward, and must not make it forget the retries of the last moments.
+MIN_REMEMBERED_REQUESTS = 1_000
 # Bounded histories keep the replicated snapshot small; the cross-site audit log is the
 # durable record, these are for `meshctl events` / `audit` on the site.
 MAX_EVENTS = 2_000
@@ -144,9 +153,18 @@ def ok(**fields: Any) -> Ok:
 
 def _remember(state: SiteState, request_id: str, result: Result) -> None:
     state.applied_requests[request_id] = result.to_wire()
-    state.applied_order.append(request_id)
-    while len(state.applied_order) > MAX_REMEMBERED_REQUESTS:
-        state.applied_requests.pop(state.applied_order.pop(0), None)
+    order, at = state.applied_order, state.applied_at
+    if len(at) < len(order):  # remembered by a meshd that did not date them: as of now
+        at[:0] = [state.last_ts] * (len(order) - len(at))
+    order.append(request_id)
+    at.append(state.last_ts)
+    held, drop, old = len(order), 0, state.last_ts - REQUEST_MEMORY_S
+    while held - drop > MAX_REMEMBERED_REQUESTS or (held - drop > MIN_REMEMBERED_REQUESTS and at[drop] < old):
+        drop += 1
+    if drop:
+        for forgotten in order[:drop]:
+            state.applied_requests.pop(forgotten, None)
+        del order[:drop], at[:drop]
 
 
 def _event(state: SiteState, ts: float, kind: str, message: str, /, **data: Any) -> None:
@@ -1007,6 +1025,20 @@ def purge_refusal(state: SiteState, app: str, ts: float, retention: float) -> st
     return None
 
 
+def _trim_audit(state: SiteState, cmd: cmds.TrimAudit, ts: float) -> Ok:
+    """Drop the audit records the command names that are old enough by the command's own
+    clock (a proposer's clock ahead cannot take younger ones); never the newest."""
+    if not state.audit:
+        return ok(trimmed=0)
+    newest = state.audit[-1]
+    cutoff = ts - cmd.retention
+    kept = [r for r in state.audit[:-1] if not (0 < r.seq <= cmd.upto_seq and r.ts <= cutoff)]
+    trimmed = len(state.audit) - 1 - len(kept)
+    if trimmed:
+        state.audit = kept + [newest]
+    return ok(trimmed=trimmed)
+
+
 def _purge_apps(state: SiteState, cmd: cmds.PurgeApps, ts: float) -> Ok:
     purged, kept = [], []
     for app in dict.fromkeys(cmd.apps):
@@ -1135,6 +1167,7 @@ HANDLERS: dict[type, Callable[[SiteState, Any, float], Ok]] = {
     cmds.SubmitApp: _submit_app,
     cmds.StopApp: _stop_app,
     cmds.PurgeApps: _purge_apps,
+    cmds.TrimAudit: _trim_audit,
     cmds.ApplyPlan: _apply_plan,
     cmds.Drain: _set_drain,
     cmds.Undrain: _set_drain,

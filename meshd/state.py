@@ -704,6 +704,7 @@ class SiteState:
     # first outcome unknown after a failover) is answered, not applied twice.
     applied_requests: dict[str, dict] = field(default_factory=dict)
     applied_order: list[str] = field(default_factory=list)
+    applied_at: list[float] = field(default_factory=list)  # last_ts when each was remembered
     last_ts: float = 0.0  # highest command timestamp applied
     # The mesh trust root (attestation): the root's raw Ed25519 public key (hex), its CA
     # certificate (PEM), the signed policy bundle and the signed revocation list in force.
@@ -762,7 +763,7 @@ class SiteState:
             setattr(copied, name, dict(getattr(self, name)))
         copied.allocs = self.allocs.copy()
         copied.events, copied.audit = list(self.events), list(self.audit)
-        copied.applied_requests, copied.applied_order = {}, []
+        copied.applied_requests, copied.applied_order, copied.applied_at = {}, [], []
         return copied
 
     def snapshot_copy(self) -> "SiteState":
@@ -770,6 +771,7 @@ class SiteState:
         later commands leave alone (for a Raft snapshot written on another thread)."""
         copied = self.reader_copy()
         copied.applied_requests, copied.applied_order = dict(self.applied_requests), list(self.applied_order)
+        copied.applied_at = list(self.applied_at)
         return copied
 
     # --- read helpers used by placement, reconcile and the admin layer ---------------

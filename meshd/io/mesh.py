@@ -47,7 +47,9 @@ from attestation.policy import rank as policy_rank
 from attestation.revocation import open_revocations, sign_revocation, sign_revocations
 from attestation.signed import AttestationError
 from crdt.document import MeshDocument
-from crdt.schema import (AppEdit, AppSiteStatus, ArtifactHolding, NodeSummary, Record, RolloutControl, SchemaError, SignedRecord, SiteSummary)
+from crdt.schema import (AppEdit, AppSiteStatus, ArtifactHolding, DroppedAudit, NodeSummary, Record, RolloutControl, SchemaError,
+                         SignedRecord, SiteSummary)
+from crdt.schema import AuditRecord as DocAuditRecord
 from crdt.sync import SyncSession
 from meshd import meshstate, waves
 from meshd.artifacts import sites as artifact_sites
@@ -587,7 +589,9 @@ class MeshSync:
                 break
 
     async def _purge(self) -> None:
-        """Forget the stopped apps whose retention ran out (meshstate.apps_to_purge decides)."""
+        """Forget the stopped apps whose retention ran out (meshstate.apps_to_purge decides),
+        and the site's audit records the document holds once they are older than its retention
+        (meshstate.audit_to_trim)."""
         document = self.document
         assert document is not None
         command = meshstate.apps_to_purge(self.ctx.snapshot(), time.time(), self.ctx.config.stopped_app_retention,
@@ -596,6 +600,17 @@ class MeshSync:
             result = await self.ctx.commit(command)
             if isinstance(result, Ok) and result.fields.get("purged"):
                 log.info("stopped apps forgotten", extra={"apps": len(result.fields["purged"])})
+        state = self.ctx.snapshot()
+        summed = document.get(DroppedAudit, state.site)
+        trim = meshstate.audit_to_trim(state, time.time(), self.ctx.config.document_retention,
+                                       lambda key: document.get(DocAuditRecord, key) is not None,
+                                       summed.upto_seq if summed is not None else 0)
+        if trim is not None:
+            result = await self.ctx.commit(trim)
+            if isinstance(result, Refused):
+                log.warning("site audit not trimmed", extra={"reason": result.text})
+            elif result.fields.get("trimmed"):
+                log.info("published site audit forgotten", extra={"records": result.fields["trimmed"]})
 
     def _addresses(self, state) -> tuple[str, ...]:
         """Peer addresses other sites may dial: this leader first, then ready members."""

@@ -42,6 +42,7 @@ EXAMPLES = [
     cmds.ApplyPlan(app="svc", version=2, placements=(Placement("x2", "svc", 2, 0, "a" * 32),),
                    stops=(("x1", "replaced by version 2"),)),
     cmds.PurgeApps(apps=("old", "older"), retention=86400.0),
+    cmds.TrimAudit(upto_seq=120, retention=86400.0),
     cmds.Drain(node="n1", actor="op"),
     cmds.Undrain(node="n1", actor="op"),
     cmds.Quarantine(node_id="a" * 32, reason="meshd 0.2.0 with package digest " + "e" * 64 + " is not in the policy",

@@ -19,6 +19,7 @@ from attestation.revocation import RevocationList, sign_revocation
 from crdt.document import MeshDocument
 from crdt.schema import AppEdit, SignedRecord
 from meshd import meshstate, sitestate
+from meshd.commands import Envelope, TrimAudit, encode
 from meshd.state import DESIRED_STOP, SiteState
 
 from tests.unit.test_sitestate import T0, cmd, founded
@@ -580,3 +581,54 @@ def test_pause_holds_the_next_wave_and_cancel_returns_every_site():
     assert [fleet.runs(s) for s in ROLLOUT_SITES] == ["one", "one", "one"]
     north = fleet.states["north"].apps["det"]
     assert [d.state for d in north.deployments[-2:]] == ["cancelled", "running"] and north.deployments[-1].revert
+
+
+# --- meshstate: the site's audit, once published and old ------------------------------------
+
+def _audited(n: int) -> SiteState:
+    """A site whose audit holds `n` records more than founding left, one a second from T0."""
+    state = founded()
+    for i in range(n):
+        assert sitestate.apply(state, cmd("drain" if i % 2 == 0 else "undrain", ts=T0 + i, node="n1", actor="op")).ok
+    return state
+
+
+def test_the_site_audit_is_trimmed_once_published_and_older_than_the_retention_never_the_newest():
+    from meshd.meshstate import TRIM_AUDIT_BATCH
+    state = _audited(3 * TRIM_AUDIT_BATCH)
+    published = {meshstate.audit_key("s1", r.seq) for r in state.audit}
+    now, retention = T0 + 3 * TRIM_AUDIT_BATCH + 1000, 1000.0 + TRIM_AUDIT_BATCH
+    # only those older than the retention: the first hundred-odd of them
+    trim = meshstate.audit_to_trim(state, now, retention, published.__contains__, 0)
+    old = [r for r in state.audit if r.ts <= now - retention]
+    assert trim is not None and trim.upto_seq == old[-1].seq and trim.retention == retention
+    # nothing published: nothing trimmed; published up to a point: trimmed up to it
+    assert meshstate.audit_to_trim(state, now, 0.0, lambda _: False, 0) is None
+    upto = state.audit[150].seq
+    part = {meshstate.audit_key("s1", r.seq) for r in state.audit if r.seq <= upto}
+    assert meshstate.audit_to_trim(state, now, 0.0, part.__contains__, 0).upto_seq == upto
+    # ... or summed up by the document's compaction (gone from it, counted in DroppedAudit)
+    assert meshstate.audit_to_trim(state, now, 0.0, lambda _: False, upto).upto_seq == upto
+    # fewer than a batch due: not worth a command yet
+    assert meshstate.audit_to_trim(state, now, now - (T0 + TRIM_AUDIT_BATCH // 2), published.__contains__, 0) is None
+    # everything due and published: all but the newest, from which publishing goes on
+    everything = meshstate.audit_to_trim(state, now, 0.0, published.__contains__, 0)
+    newest = state.audit[-1]
+    assert everything.upto_seq == state.audit[-2].seq
+    before = len(state.audit)
+    assert sitestate.apply(state, encode(everything, Envelope(ts=now))).fields == {"trimmed": before - 1}
+    assert state.audit == [newest]
+    assert meshstate.audit_to_publish(state, published.__contains__) == []
+
+
+def test_a_trim_takes_only_records_old_enough_by_its_own_clock():
+    state = _audited(10)
+    seqs = [r.seq for r in state.audit]
+    # a proposer whose clock ran ahead names them all; the site's copy keeps the young ones
+    trim = TrimAudit(upto_seq=seqs[-1], retention=5.0)
+    result = sitestate.apply(state, encode(trim, Envelope(ts=T0 + 9.5)))
+    assert [r.ts for r in state.audit] == [T0 + 5, T0 + 6, T0 + 7, T0 + 8, T0 + 9]
+    assert result.fields["trimmed"] == len(seqs) - 5
+    assert sitestate.apply(state, cmd("trim_audit", upto_seq=0, retention=1.0)).code == "malformed"
+    assert sitestate.apply(state, cmd("trim_audit", upto_seq=5, retention=-1)).code == "malformed"
+    assert len(state.audit) == 5  # a malformed trim changed nothing

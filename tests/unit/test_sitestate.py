@@ -126,6 +126,27 @@ def test_request_id_makes_commands_idempotent():
     assert state.apps["web"].spec.replicas == 2 and state.apps["web"].version == 1
 
 
+def test_request_ids_are_remembered_for_minutes_and_the_newest_thousand_whatever_the_clocks():
+    state = founded()
+    memory, least = sitestate.REQUEST_MEMORY_S, sitestate.MIN_REMEMBERED_REQUESTS
+    for i in range(3000):  # 2 a second: 1,500 s of them
+        assert sitestate.apply(state, cmd("drain" if i % 2 else "undrain", ts=T0 + i / 2, node="n1", actor="op",
+                                          request_id=f"r{i}")).ok
+    held = [int(r[1:]) for r in state.applied_order]
+    assert held == list(range(3000 - len(held), 3000)) and set(state.applied_requests) == set(state.applied_order)
+    assert len(held) == 2 * memory + 1  # the last ten minutes, not 10,000
+    # a retry within them is answered; one of a forgotten request is applied again
+    assert sitestate.apply(state, cmd("undrain", ts=T0 + 1500, node="n1", actor="op", request_id="r2999")).ok
+    assert state.applied_order[-1] == "r2999"
+    # a member's clock an hour ahead cannot make the site forget the newest thousand
+    sitestate.apply(state, cmd("drain", ts=T0 + 1500 + 3600, node="n1", actor="op", request_id="ahead"))
+    assert len(state.applied_order) == least and state.applied_order[-2] == "r2999"
+    # request ids a meshd remembered without dating them are dated as of the next command
+    state.applied_at = []
+    sitestate.apply(state, cmd("undrain", ts=T0 + 1500 + 3601, node="n1", actor="op", request_id="next"))
+    assert len(state.applied_at) == len(state.applied_order) == least + 1  # none older than the newest
+
+
 def test_redeploying_the_same_spec_keeps_the_version_and_a_change_bumps_it():
     state = founded()
     assert sitestate.apply(state, cmd("submit_app", spec=APP))["version"] == 1
@@ -270,7 +291,7 @@ def test_a_site_under_churn_keeps_a_bounded_state():
     leader placing, nodes reporting, stopped apps purged after a ten-minute retention: every
     part of the state stays bounded by what runs and by its fixed limits, not by what ran."""
     from meshd.commands import Envelope, encode
-    from meshd.meshstate import apps_to_purge
+    from meshd.meshstate import TRIM_AUDIT_BATCH, apps_to_purge, audit_to_trim
     from meshd.node.effects import Commit
     from meshd.node.leading import LeaderView, Leading
 
@@ -300,17 +321,22 @@ def test_a_site_under_churn_keeps_a_bounded_state():
         purge = apps_to_purge(state, ts, retention, lambda edit_id: True)
         if purge is not None:
             sitestate.apply(state, encode(purge, Envelope(ts=ts)))
+        trim = audit_to_trim(state, ts, retention, lambda key: True, 0)  # the document holds it all
+        if trim is not None:
+            assert sitestate.apply(state, encode(trim, Envelope(ts=ts))).ok
         if second % 600 == 599:
             sizes.append((len(state.apps), len(state.allocs), len(state.mesh_edits), len(state.events),
                           len(state.audit), len(state.applied_requests), len(state.allocs._stamps),
                           len(pickle.dumps(state))))
     apps, allocs, _, events, audit, requests, stamps, _ = sizes[-1]
     assert apps <= retention + 10 and allocs <= 2 * apps and stamps <= apps
-    assert events <= sitestate.MAX_EVENTS and audit <= sitestate.MAX_AUDIT
-    assert requests <= sitestate.MAX_REMEMBERED_REQUESTS
-    # once the capped histories are full (audit and request ids at 2 a second: 5,000 s),
-    # nothing grows any more: the last ten minutes left the snapshot within 1 %
-    assert sizes[-2][:-1] == sizes[-1][:-1] and sizes[-1][-1] <= 1.01 * sizes[-2][-1]
+    assert events <= sitestate.MAX_EVENTS
+    # the audit follows the retention (2 records a second), request ids their ten minutes
+    assert audit <= 2 * retention + TRIM_AUDIT_BATCH + 2
+    assert requests <= 2 * sitestate.REQUEST_MEMORY_S + 2
+    # nothing grows once the events' cap is full (a thousand seconds here): the last hour
+    # left the state as it was, and the snapshot within 1 %
+    assert len({size[:-1] for size in sizes[-6:]}) == 1 and sizes[-1][-1] <= 1.01 * sizes[-6][-1]
 
 
 def test_snapshot_round_trips_through_pickle():
