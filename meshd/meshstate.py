@@ -352,12 +352,17 @@ def audit_to_trim(state: SiteState, ts: float, retention: float, has_audit: Call
     `summed_upto` or less, crdt.schema.DroppedAudit), from the oldest on, stopping at the first
     that is neither (published in order: it and what follows may not be in the document yet),
     and never the newest."""
-    upto = count = 0
-    for record in state.audit[:-1]:
-        if record.seq <= 0:
-            continue  # written before records were numbered: never published, never trimmed
+    audit, due = state.audit, []
+    for at in range(len(audit) - 1):  # by age first: a pass with nothing due asks the document nothing
+        record = audit[at]
         if record.ts > ts - retention:
             break
+        if record.seq > 0:  # one written before records were numbered was never published: kept
+            due.append(record)
+    if len(due) < TRIM_AUDIT_BATCH:
+        return None
+    upto = count = 0
+    for record in due:
         if record.seq > summed_upto and not has_audit(audit_key(state.site, record.seq)):
             break
         upto, count = record.seq, count + 1
