@@ -15,12 +15,15 @@ After `--warmup-minutes` (longer than the retention, so the first forgotten apps
 it) every daemon's RSS is sampled once a minute until `--minutes`; the figure is each
 daemon's growth from the first sample after warm-up to the last (target: within 2 MB), with
 the slope per hour and the site's allocation count and document size at the end for
-context. Prints a table and writes every sample to JSON.
+context. Each compaction of the document (one a retention) makes a sawtooth of several MB,
+so two more figures look past it: the least-squares trend through every sample, and the
+growth from the median of the first five samples to that of the last five. Prints a table and writes every sample to JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -34,6 +37,12 @@ from tests.bench.report import report
 TARGETS = {
     "rss_growth_mb": (2.0, "MB"),  # each daemon: last sample - first sample after warm-up
     "rss_slope_mb_per_h": (None, "MB/h"),
+    # the least-squares line through every sample after warm-up: the trend under the sawtooth
+    # of compactions (one a retention), which the first and last sample alone can miss or inflate
+    "rss_trend_mb_per_h": (None, "MB/h"),
+    # median of the last WINDOW samples minus median of the first WINDOW: growth across whole
+    # sawtooth periods at the default retention (300 s, 5 samples)
+    "rss_window_growth_mb": (None, "MB"),
     "rss_mb": (None, "MB"),
     "site_allocs": (None, "count"),  # at the end, the leader's view
     "site_apps": (None, "count"),
@@ -45,7 +54,18 @@ SITE_SIZE = 3
 SAMPLE_PERIOD_S = 60.0  # RSS moves slowly; a minute keeps the sampling itself out of the figure
 # Stops trail deploys by this many apps: that many run at any time.
 DEFAULT_KEEP = 20
+WINDOW = 5  # samples per window of rss_window_growth_mb
 REQUEST_TIMEOUT_S = 30.0  # one admin request; a slow one is counted, not waited for forever
+
+
+def trend(points: list[tuple[float, float]]) -> float:
+    """The least-squares slope of (t, value) points, per second (0 for fewer than two)."""
+    if len(points) < 2:
+        return 0.0
+    mt = statistics.fmean(t for t, _ in points)
+    mv = statistics.fmean(v for _, v in points)
+    spread = sum((t - mt) ** 2 for t, _ in points)
+    return sum((t - mt) * (v - mv) for t, v in points) / spread if spread else 0.0
 
 
 def app_toml(name: str) -> str:
@@ -102,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
                 (t0, first), (t1, last) = points[0], points[-1]
                 samples["rss_growth_mb"].append(last - first)
                 samples["rss_slope_mb_per_h"].append((last - first) / max(t1 - t0, 1) * 3600)
+                samples["rss_trend_mb_per_h"].append(trend(points) * 3600)
+                values = [v for _, v in points]
+                samples["rss_window_growth_mb"].append(statistics.median(values[-WINDOW:])
+                                                       - statistics.median(values[:WINDOW]))
                 samples["rss_mb"].append(last)
             leader = site.wait_leader()
             samples["site_allocs"].append(float(len(leader.call("allocs", timeout=REQUEST_TIMEOUT_S))))
