@@ -43,6 +43,7 @@ def test_a_snapshot_loads_back_as_the_same_state_with_its_dedupe_records_and_ind
     assert meta == META
     assert loaded.allocs == state.allocs and loaded.nodes == state.nodes and loaded.apps == state.apps
     assert loaded.applied_requests == state.applied_requests and loaded.applied_order == state.applied_order
+    assert loaded.applied_at == state.applied_at and len(state.applied_at) == len(state.applied_order) > 0
     assert loaded.applied == state.applied
     node = next(iter(state.nodes))
     assert loaded.allocs.live_count(node) == state.allocs.live_count(node) == 5_000
