@@ -367,6 +367,8 @@ class Leading:
                                                    state=ALLOC_PENDING)
             for alloc_id, _ in kept_stops:
                 working.allocs[alloc_id] = replace(working.allocs[alloc_id], desired=DESIRED_STOP)
+        for app_name in apps - self._unplaced:  # placed in full now, or gone: said again if it recurs
+            self._unplaced_reported.pop(app_name, None)
         return effects
 
 

@@ -187,6 +187,7 @@ def test_an_app_left_unplaced_is_placed_when_another_frees_room_or_a_node_grows(
     assert sitestate.apply(state, cmd("stop_app", app="big")).ok  # only "big" changed
     _commit_all(state, core.step(alive(state, 4.0), now=4.0))
     assert [a.app for a in state.allocs.values() if a.live] == ["late"]
+    assert core._unplaced_reported == {}  # placed: nothing kept of what was said of it
 
     state = founded(1)
     core = leading()
