@@ -793,7 +793,7 @@ class PurgeApps(Command):
         if not isinstance(apps, list) or not 1 <= len(apps) <= MAX_PURGE or not all(
                 isinstance(a, str) and 0 < len(a) <= 63 for a in apps):
             raise Invalid(f"apps must be a list of 1 to {MAX_PURGE} app names")
-        return cls(apps=tuple(apps), retention=read_num(raw, "retention", 0.0, 10 * 365 * 86400.0))
+        return cls(apps=tuple(apps), retention=read_num(raw, "retention", 0.0, MAX_RETENTION))
 
     def to_wire(self) -> dict:
         return {"apps": list(self.apps), "retention": self.retention}
@@ -802,6 +802,9 @@ class PurgeApps(Command):
 # A purge names at most this many apps: one command stays a small log entry; a backlog goes
 # in several passes.
 MAX_PURGE = 500
+# A retention a leader's command carries (purge, audit trim): ten years, more than any
+# operator's setting (meshd.config bounds those), so a junk value is refused, not obeyed.
+MAX_RETENTION = 10 * 365 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -818,7 +821,7 @@ class TrimAudit(Command):
     @classmethod
     def from_wire(cls, raw: dict) -> "TrimAudit":
         return cls(upto_seq=read_int(raw, "upto_seq", 1),
-                   retention=read_num(raw, "retention", 0.0, 10 * 365 * 86400.0))
+                   retention=read_num(raw, "retention", 0.0, MAX_RETENTION))
 
     def to_wire(self) -> dict:
         return {"upto_seq": self.upto_seq, "retention": self.retention}
