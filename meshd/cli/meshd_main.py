@@ -116,9 +116,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
 
-    from meshd.io.memory import limit_malloc_arenas
+    from meshd.io.memory import tune_malloc
 
-    limit_malloc_arenas()  # before any thread starts
+    tune_malloc()  # before any thread starts
     import trio
 
     from meshd.io.runtime import FatalStartupError, Runtime, setup_logging
