@@ -3,14 +3,14 @@ once, even with smaller live blocks cut after it (glibc left alone keeps it in t
 
 from __future__ import annotations
 
-import ctypes.util
+import platform
 import subprocess
 import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(ctypes.util.find_library("c") is None or sys.platform != "linux",
-                                reason="glibc's malloc settings: Linux only")
+pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc",
+                                reason="these are glibc's malloc settings; this C library is not glibc")
 
 # 200 blocks of 300 KB, each followed by a small block that stays live, then the large ones
 # freed. The first large block freed alone is what makes glibc raise its mmap threshold.
